@@ -1,0 +1,309 @@
+// StreamAnalyzer: decodes a whole stream into a report of every record (what `livemig analyze`
+// prints): sections with offsets and footers, commands with PACKAGED contents, RAM blocks
+// rebuilt in memory with their sha256 and page-record counts, and the VMDESCRIPTION.
+
+import { createHash } from 'node:crypto';
+import { constants as bufferConstants } from 'node:buffer';
+import type { CommandInfo } from './command.ts';
+import { ErrorCode, ProtocolError } from './errors.ts';
+import type { RamBlockInfo } from './ram.ts';
+import { type DeviceLayout, NEED_MORE, type RamSectionStats, StreamDecoder, type StreamDecoderOptions } from './stream-decoder.ts';
+import { deviceDataLength, parseVmdescription } from './vmdesc.ts';
+import type { SectionKind } from './constants.ts';
+
+export interface SectionReport {
+  record: 'section';
+  type: SectionKind;
+  sectionId: number;
+  idstr: string;
+  /** START/FULL only (null for PART/END, whose header does not carry them). */
+  instanceId: number | null;
+  versionId: number | null;
+  offset: number;
+  dataOffset: number;
+  dataLength: number;
+  footerOffset: number;
+  end: number;
+  depth: number;
+  ram?: RamSectionStats & { blocks?: RamBlockInfo[]; memSizeOffset?: number };
+  dataSha256?: string;
+  layout?: 'declared' | 'footer-scan';
+}
+
+export interface CommandReport {
+  record: 'command';
+  offset: number;
+  depth: number;
+  cmd: number;
+  name: string;
+  length: number;
+  payloadHex: string;
+  pingValue?: number;
+  hostPageSizeSummary?: number;
+  targetPageSize?: number;
+  discard?: { block: string; ranges: [number, number][] };
+  blobLength?: number;
+  block?: string;
+  /** PACKAGED: the records of the blob. */
+  package?: RecordReport[];
+}
+
+export interface EofReport {
+  record: 'eof';
+  offset: number;
+  depth: number;
+}
+
+export type RecordReport = SectionReport | CommandReport | EofReport;
+
+export interface RamBlockReport {
+  idstr: string;
+  length: number;
+  gpa?: number;
+  sha256: string;
+  zeroPages: number;
+  normalPages: number;
+  xbzrlePages: number;
+  compressedPages: number;
+}
+
+export interface AnalysisReport {
+  magic: 'QEVM';
+  version: number;
+  machine: string | null;
+  configuration: {
+    offset: number;
+    end: number;
+    subsections: { offset: number; name: string; version: number }[];
+    capabilities?: string[];
+    uuid?: string;
+  } | null;
+  /** Every record in stream order; PACKAGED contents nested under their command. */
+  records: RecordReport[];
+  /** Every section in stream order, packaged ones included (depth 1). */
+  sections: SectionReport[];
+  /** Every command in stream order, packaged ones included (depth 1). */
+  commands: CommandReport[];
+  ramBlocks: RamBlockReport[];
+  eofOffset: number | null;
+  vmdescription: {
+    offset: number;
+    length: number;
+    pageSize: number;
+    devices: string[];
+    /** Device sections whose length disagrees with what the VMDESCRIPTION describes. */
+    layoutMismatches: { offset: number; idstr: string; dataLength: number; described: number }[];
+    json: unknown;
+  } | null;
+  streamSize: number;
+  postcopy: boolean;
+}
+
+export interface AnalyzerOptions {
+  deviceLayout?: DeviceLayout;
+  /** Rebuild RAM to hash it (default true). Without it sha256 is of nothing and is left empty. */
+  keepRam?: boolean;
+  /** Largest total RAM to rebuild, bytes (default 64 GiB). */
+  maxRamBytes?: number;
+  decoder?: Omit<StreamDecoderOptions, 'ram' | 'deviceLayout' | 'maxRamBytes'>;
+}
+
+export class StreamAnalyzer {
+  private readonly decoder: StreamDecoder;
+  private memory: (Buffer | undefined)[] = [];
+  private readonly report: AnalysisReport = {
+    magic: 'QEVM',
+    version: 0,
+    machine: null,
+    configuration: null,
+    records: [],
+    sections: [],
+    commands: [],
+    ramBlocks: [],
+    eofOffset: null,
+    vmdescription: null,
+    streamSize: 0,
+    postcopy: false,
+  };
+  private packageList: RecordReport[] | undefined;
+  private pendingBlocks: { blocks: RamBlockInfo[]; offset: number } | undefined;
+
+  constructor(options: AnalyzerOptions = {}) {
+    const keep = options.keepRam ?? true;
+    const decoderOptions: StreamDecoderOptions = {
+      ...options.decoder,
+      maxRamBytes: options.maxRamBytes ?? 64 * 2 ** 30,
+      ram: {
+        attachBlocks: (blocks, streamOffset) => {
+          this.memory = blocks.map((b) => {
+            if (!keep) return undefined;
+            if (b.length > bufferConstants.MAX_LENGTH) {
+              throw new ProtocolError(ErrorCode.LIMIT_EXCEEDED, `block of ${b.length} bytes is larger than one buffer can hold`, {
+                streamOffset,
+                block: b.idstr,
+              });
+            }
+            return Buffer.alloc(b.length);
+          });
+          return this.memory;
+        },
+      },
+    };
+    if (options.deviceLayout !== undefined) decoderOptions.deviceLayout = options.deviceLayout;
+    this.decoder = new StreamDecoder(decoderOptions);
+  }
+
+  push(chunk: Uint8Array): void {
+    this.report.streamSize += chunk.byteLength;
+    this.decoder.push(chunk);
+    this.drain();
+  }
+
+  /** End of input: the finished report (throws the decoder's error on bad or short input). */
+  end(): AnalysisReport {
+    this.drain();
+    this.decoder.end();
+    const rep = this.report;
+    rep.postcopy = this.decoder.postcopyState > 0;
+    rep.ramBlocks = this.decoder.blockStats().map((s, i) => {
+      const info = this.decoder.ramBlocks[i]!;
+      const out: RamBlockReport = {
+        idstr: s.idstr,
+        length: s.length,
+        sha256: this.memory[i] === undefined ? '' : createHash('sha256').update(this.memory[i]!).digest('hex'),
+        zeroPages: s.zeroPages,
+        normalPages: s.normalPages,
+        xbzrlePages: s.xbzrlePages,
+        compressedPages: s.compressedPages,
+      };
+      if (info.gpa !== undefined) out.gpa = info.gpa;
+      return out;
+    });
+    return rep;
+  }
+
+  /** Rebuilt contents of a block (after end()). */
+  blockMemory(index: number): Buffer | undefined {
+    return this.memory[index];
+  }
+
+  private add(rec: RecordReport): void {
+    (this.packageList ?? this.report.records).push(rec);
+  }
+
+  private drain(): void {
+    const rep = this.report;
+    for (let ev = this.decoder.next(); ev !== NEED_MORE; ev = this.decoder.next()) {
+      switch (ev.kind) {
+        case 'header':
+          rep.version = ev.version;
+          break;
+        case 'configuration': {
+          rep.machine = ev.machineType;
+          const c: NonNullable<AnalysisReport['configuration']> = { offset: ev.offset, end: ev.end, subsections: ev.subsections };
+          if (ev.capabilities !== undefined) c.capabilities = ev.capabilities;
+          if (ev.uuid !== undefined) c.uuid = ev.uuid;
+          rep.configuration = c;
+          break;
+        }
+        case 'sectionStart':
+          break;
+        case 'ramBlocks':
+          this.pendingBlocks = { blocks: ev.blocks, offset: ev.offset };
+          break;
+        case 'sectionEnd': {
+          const s: SectionReport = {
+            record: 'section',
+            type: ev.sectionKind,
+            sectionId: ev.sectionId,
+            idstr: ev.idstr,
+            instanceId: ev.sectionKind === 'start' || ev.sectionKind === 'full' ? ev.instanceId : null,
+            versionId: ev.sectionKind === 'start' || ev.sectionKind === 'full' ? ev.versionId : null,
+            offset: ev.offset,
+            dataOffset: ev.dataOffset,
+            dataLength: ev.dataLength,
+            footerOffset: ev.footerOffset,
+            end: ev.end,
+            depth: ev.depth,
+          };
+          if (ev.ram !== undefined) {
+            s.ram = { ...ev.ram };
+            if (this.pendingBlocks !== undefined) {
+              s.ram.blocks = this.pendingBlocks.blocks;
+              s.ram.memSizeOffset = this.pendingBlocks.offset;
+              this.pendingBlocks = undefined;
+            }
+          }
+          if (ev.data !== undefined) s.dataSha256 = createHash('sha256').update(ev.data).digest('hex');
+          if (ev.layout !== undefined) s.layout = ev.layout;
+          rep.sections.push(s);
+          this.add(s);
+          break;
+        }
+        case 'command': {
+          const c = commandReport(ev.command, ev.offset, ev.depth);
+          rep.commands.push(c);
+          this.add(c);
+          if (c.package !== undefined) this.packageList = c.package;
+          break;
+        }
+        case 'packageEnd':
+          this.packageList = undefined;
+          break;
+        case 'eof':
+          this.add({ record: 'eof', offset: ev.offset, depth: ev.depth });
+          if (ev.depth === 0) rep.eofOffset = ev.offset;
+          break;
+        case 'vmdescription': {
+          const desc = parseVmdescription(ev.json, ev.offset);
+          rep.vmdescription = {
+            offset: ev.offset,
+            length: ev.length,
+            pageSize: desc.page_size,
+            devices: desc.devices.map((d) => `${d.name}/${d.instance_id}`),
+            layoutMismatches: this.checkLayouts(desc.devices),
+            json: desc,
+          };
+          break;
+        }
+      }
+    }
+  }
+
+  /** Compare each FULL device section's length with the VMDESCRIPTION's field sizes. */
+  private checkLayouts(devices: { name: string; instance_id: number }[]): NonNullable<AnalysisReport['vmdescription']>['layoutMismatches'] {
+    const out: NonNullable<AnalysisReport['vmdescription']>['layoutMismatches'] = [];
+    const full = this.report.sections.filter((s) => s.type === 'full' && s.ram === undefined && s.depth === 0);
+    const used = new Set<number>();
+    for (const s of full) {
+      const i = devices.findIndex((d, j) => !used.has(j) && d.name === s.idstr && d.instance_id === s.instanceId);
+      if (i < 0) continue;
+      used.add(i);
+      const described = deviceDataLength(devices[i] as Parameters<typeof deviceDataLength>[0]);
+      if (described !== s.dataLength) out.push({ offset: s.offset, idstr: s.idstr, dataLength: s.dataLength, described });
+    }
+    return out;
+  }
+}
+
+function commandReport(c: CommandInfo, offset: number, depth: number): CommandReport {
+  const r: CommandReport = {
+    record: 'command',
+    offset,
+    depth,
+    cmd: c.cmd,
+    name: c.name,
+    length: c.length,
+    payloadHex: c.payload.toString('hex'),
+  };
+  if (c.pingValue !== undefined) r.pingValue = c.pingValue;
+  if (c.hostPageSizeSummary !== undefined) r.hostPageSizeSummary = c.hostPageSizeSummary;
+  if (c.targetPageSize !== undefined) r.targetPageSize = c.targetPageSize;
+  if (c.discard !== undefined) r.discard = { block: c.discard.block, ranges: c.discard.ranges.map((x) => [x.start, x.length]) };
+  if (c.blobLength !== undefined) {
+    r.blobLength = c.blobLength;
+    r.package = [];
+  }
+  if (c.block !== undefined) r.block = c.block;
+  return r;
+}

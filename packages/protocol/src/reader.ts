@@ -1,0 +1,188 @@
+// ByteReader: an incremental view over a list of received chunks.
+//
+//   chunks:  [ consumed | head ........ ][ next ........ ][ last .... ]
+//                       ^headPos
+//   peeks are relative to the next unread byte (k = 0); nothing is consumed until skip(n).
+//
+// Decoders peek a whole record, check that it is all here (`available`), and only then skip it,
+// so a short read keeps no partial state and any chunking gives identical results. Values are
+// read straight out of the head chunk through one cached DataView; only a value that straddles
+// two chunks takes the slow, byte-at-a-time path.
+
+const EMPTY = Buffer.alloc(0);
+/** Compact the chunk list once this many exhausted chunks have piled up at its front. */
+const COMPACT_AFTER = 32;
+
+export class ByteReader {
+  private chunks: Buffer[] = [];
+  private head = 0;
+  private headBuf: Buffer = EMPTY;
+  private headView: DataView = new DataView(EMPTY.buffer, 0, 0);
+  private headPos = 0;
+  /** Unread bytes buffered. */
+  available = 0;
+  /** Stream offset of the next unread byte (bytes consumed since the start). */
+  streamOffset = 0;
+  /** Set by span(): where the returned buffer's bytes start. */
+  spanOffset = 0;
+
+  constructor(startOffset = 0) {
+    this.streamOffset = startOffset;
+  }
+
+  push(chunk: Uint8Array): void {
+    if (chunk.byteLength === 0) return;
+    const buf = Buffer.isBuffer(chunk) ? chunk : Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength);
+    this.chunks.push(buf);
+    this.available += buf.length;
+    if (this.headBuf.length - this.headPos === 0) this.advanceHead();
+  }
+
+  /** Peek the byte k positions ahead (caller ensures k < available). */
+  u8(k: number): number {
+    const i = this.headPos + k;
+    if (i < this.headBuf.length) return this.headBuf[i]!;
+    return this.slowU8(k);
+  }
+
+  be16(k: number): number {
+    const i = this.headPos + k;
+    if (i + 2 <= this.headBuf.length) return this.headView.getUint16(i);
+    return (this.slowU8(k) << 8) | this.slowU8(k + 1);
+  }
+
+  be32(k: number): number {
+    const i = this.headPos + k;
+    if (i + 4 <= this.headBuf.length) return this.headView.getUint32(i);
+    return this.slowU8(k) * 0x1000000 + ((this.slowU8(k + 1) << 16) | (this.slowU8(k + 2) << 8) | this.slowU8(k + 3));
+  }
+
+  /** be64 as a number, or -1 when it is 2^53 or more (not exactly representable). */
+  be64(k: number): number {
+    const hi = this.be32(k);
+    if (hi >= 0x200000) return -1;
+    return hi * 0x100000000 + this.be32(k + 4);
+  }
+
+  /** Peek n bytes at k as a latin1 string (names are ASCII in practice). */
+  latin1(k: number, n: number): string {
+    const i = this.headPos + k;
+    if (i + n <= this.headBuf.length) return this.headBuf.toString('latin1', i, i + n);
+    let s = '';
+    for (let j = 0; j < n; j++) s += String.fromCharCode(this.slowU8(k + j));
+    return s;
+  }
+
+  /** Copy n bytes starting k ahead into dst at dstOffset. */
+  copyTo(k: number, n: number, dst: Uint8Array, dstOffset: number): void {
+    let i = this.headPos + k;
+    if (i + n <= this.headBuf.length) {
+      this.headBuf.copy(dst, dstOffset, i, i + n);
+      return;
+    }
+    let c = this.head;
+    let buf = this.chunks[c]!;
+    while (i >= buf.length) {
+      i -= buf.length;
+      buf = this.chunks[++c]!;
+    }
+    while (n > 0) {
+      const take = Math.min(n, buf.length - i);
+      buf.copy(dst, dstOffset, i, i + take);
+      dstOffset += take;
+      n -= take;
+      i = 0;
+      if (n > 0) buf = this.chunks[++c]!;
+    }
+  }
+
+  /** A fresh Buffer holding a copy of n bytes at k (for small values kept beyond this chunk). */
+  copyOut(k: number, n: number): Buffer {
+    const out = Buffer.allocUnsafeSlow(n);
+    this.copyTo(k, n, out, 0);
+    return out;
+  }
+
+  /**
+   * n contiguous bytes at k without a copy when they lie in the head chunk, else copied into
+   * `scratch` (length ≥ n). The bytes start at `this.spanOffset` in the returned buffer.
+   */
+  span(k: number, n: number, scratch: Buffer): Buffer {
+    const i = this.headPos + k;
+    if (i + n <= this.headBuf.length) {
+      this.spanOffset = i;
+      return this.headBuf;
+    }
+    this.copyTo(k, n, scratch, 0);
+    this.spanOffset = 0;
+    return scratch;
+  }
+
+  /** Relative position (≥ from) of the next `byte` among the buffered bytes, or -1. */
+  indexOf(byte: number, from: number): number {
+    let base = 0;
+    let i = this.headPos;
+    for (let c = this.head; c < this.chunks.length; c++) {
+      const buf = c === this.head ? this.headBuf : this.chunks[c]!;
+      const start = c === this.head ? i : 0;
+      const len = buf.length - start;
+      if (from < base + len) {
+        const at = buf.indexOf(byte, start + Math.max(0, from - base));
+        if (at >= 0) return base + (at - start);
+      }
+      base += len;
+      i = 0;
+    }
+    return -1;
+  }
+
+  skip(n: number): void {
+    this.available -= n;
+    this.streamOffset += n;
+    let left = this.headBuf.length - this.headPos;
+    while (n >= left && n > 0) {
+      n -= left;
+      this.headPos = this.headBuf.length;
+      if (!this.advanceHead()) break;
+      left = this.headBuf.length;
+    }
+    this.headPos += n;
+    if (this.headPos === this.headBuf.length) this.advanceHead();
+  }
+
+  private slowU8(k: number): number {
+    let i = this.headPos + k;
+    for (let c = this.head; c < this.chunks.length; c++) {
+      const buf = this.chunks[c]!;
+      if (i < buf.length) return buf[i]!;
+      i -= buf.length;
+    }
+    throw new RangeError(`ByteReader: peek ${k} past the ${this.available} buffered bytes`);
+  }
+
+  /** Move to the next chunk once the head is exhausted; false when none is buffered. */
+  private advanceHead(): boolean {
+    // The head may be a chunk that is still in the list (exhausted) or EMPTY before the first push.
+    if (this.chunks.length > 0 && this.chunks[this.head] === this.headBuf && this.headBuf !== EMPTY) {
+      if (this.head + 1 >= this.chunks.length) {
+        // Nothing after it: drop everything and wait for the next push.
+        this.chunks.length = 0;
+        this.head = 0;
+        this.headBuf = EMPTY;
+        this.headPos = 0;
+        return false;
+      }
+      this.head++;
+    }
+    const next = this.chunks[this.head];
+    if (next === undefined) return false;
+    this.headBuf = next;
+    this.headPos = 0;
+    this.headView = new DataView(next.buffer, next.byteOffset, next.byteLength);
+    if (this.head >= COMPACT_AFTER) {
+      this.chunks.splice(0, this.head);
+      this.head = 0;
+    }
+    return true;
+  }
+}

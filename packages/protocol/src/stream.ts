@@ -1,0 +1,84 @@
+// Stream framing encoders (wire-format.md §§2, 3, 10).
+//
+//   be32 magic "QEVM" | be32 version 3
+//   u8 0x07 | be32 name_len | name | [u8 0x05 cstr "configuration/…" be32 ver fields]*
+//   u8 0x01|0x04 | be32 section_id | cstr idstr | be32 instance_id | be32 version_id | data | footer
+//   u8 0x02|0x03 | be32 section_id | data | footer
+//   footer: u8 0x7e | be32 section_id
+//   u8 0x00 (EOF) | u8 0x06 be32 len json (VMDESCRIPTION, only after the final EOF)
+
+import { QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION, RecordType, type SectionKind } from './constants.ts';
+import { ErrorCode, MigrationError } from './errors.ts';
+import type { BatchWriter } from './writer.ts';
+
+export const STREAM_HEADER_LENGTH = 8;
+export const FOOTER_LENGTH = 5;
+
+export interface ConfigurationInfo {
+  machineType: string;
+  /** configuration/capabilities: validated capabilities that are on (e.g. "x-ignore-shared"). */
+  capabilities?: string[];
+  /** configuration/uuid: 16 bytes, as a lowercase hex string with dashes. */
+  uuid?: string;
+  /** configuration/target-page-bits, when the target's page bits exceed its minimum. */
+  targetPageBits?: number;
+}
+
+export function writeStreamHeader(w: BatchWriter, version = QEMU_VM_FILE_VERSION): void {
+  w.be32(QEMU_VM_FILE_MAGIC).be32(version);
+}
+
+export function writeConfiguration(w: BatchWriter, config: ConfigurationInfo): void {
+  const name = Buffer.from(config.machineType, 'latin1');
+  w.u8(RecordType.CONFIGURATION).be32(name.length).bytes(name);
+  if (config.targetPageBits !== undefined) {
+    w.u8(RecordType.SUBSECTION).cstr('configuration/target-page-bits').be32(1).be32(config.targetPageBits);
+  }
+  if (config.capabilities !== undefined && config.capabilities.length > 0) {
+    w.u8(RecordType.SUBSECTION).cstr('configuration/capabilities').be32(1).be32(config.capabilities.length);
+    for (const c of config.capabilities) w.cstr(c);
+  }
+  if (config.uuid !== undefined) {
+    const bytes = Buffer.from(config.uuid.replaceAll('-', ''), 'hex');
+    if (bytes.length !== 16) throw new MigrationError(ErrorCode.INVALID_ARGUMENT, `uuid "${config.uuid}" is not 16 bytes`);
+    w.u8(RecordType.SUBSECTION).cstr('configuration/uuid').be32(1).bytes(bytes);
+  }
+}
+
+const SECTION_TYPE: Record<SectionKind, number> = {
+  start: RecordType.SECTION_START,
+  part: RecordType.SECTION_PART,
+  end: RecordType.SECTION_END,
+  full: RecordType.SECTION_FULL,
+};
+
+export interface SectionHeader {
+  kind: SectionKind;
+  sectionId: number;
+  /** START/FULL only. */
+  idstr?: string;
+  instanceId?: number;
+  versionId?: number;
+}
+
+export function writeSectionHeader(w: BatchWriter, h: SectionHeader): void {
+  w.u8(SECTION_TYPE[h.kind]).be32(h.sectionId);
+  if (h.kind === 'start' || h.kind === 'full') {
+    if (h.idstr === undefined) throw new MigrationError(ErrorCode.INVALID_ARGUMENT, `${h.kind} section needs an idstr`);
+    w.cstr(h.idstr).be32(h.instanceId ?? 0).be32(h.versionId ?? 1);
+  }
+}
+
+export function writeSectionFooter(w: BatchWriter, sectionId: number): void {
+  w.u8(RecordType.SECTION_FOOTER).be32(sectionId);
+}
+
+export function writeEof(w: BatchWriter): void {
+  w.u8(RecordType.EOF);
+}
+
+/** VMDESCRIPTION: QEMU's compact JSON style (", " and ": "), no terminator. */
+export function writeVmdescription(w: BatchWriter, json: string | Uint8Array): void {
+  const bytes = typeof json === 'string' ? Buffer.from(json, 'utf8') : json;
+  w.u8(RecordType.VMDESCRIPTION).be32(bytes.length).bytes(bytes);
+}

@@ -1,0 +1,141 @@
+// VMDESCRIPTION JSON (wire-format.md §10): the layout of every FULL device section, written
+// once after the final EOF of a precopy stream.
+//
+//   u8 0x06 | be32 len | json[len]          json = { page_size, devices: [DEVICE…] }
+//   DEVICE := { name, instance_id, vmsd_name, version, fields: [FIELD…], subsections?: [VMSD…] }
+//   FIELD  := { name, type, size, array_len? | index?, struct? }
+//
+// A reader sizes a device section as the sum of its field sizes (× array_len) plus, per
+// subsection, 1 + 1 + name length + 4 header bytes and the subsection's own contents.
+
+import { ErrorCode, ProtocolError } from './errors.ts';
+
+export interface VmdescField {
+  name: string;
+  type: string;
+  size: number;
+  array_len?: number;
+  index?: number;
+  struct?: VmdescVmsd;
+}
+
+export interface VmdescVmsd {
+  vmsd_name: string;
+  version: number;
+  fields?: VmdescField[];
+  subsections?: VmdescVmsd[];
+}
+
+export interface VmdescDevice extends Partial<VmdescVmsd> {
+  name: string;
+  instance_id: number;
+  size?: number;
+  fields?: VmdescField[];
+}
+
+export interface Vmdescription {
+  page_size: number;
+  devices: VmdescDevice[];
+  configuration?: VmdescVmsd;
+}
+
+/** Parse and shape-check a VMDESCRIPTION JSON text. */
+export function parseVmdescription(json: string, streamOffset: number): Vmdescription {
+  let value: unknown;
+  try {
+    value = JSON.parse(json);
+  } catch (cause) {
+    throw new ProtocolError(ErrorCode.BAD_VMDESCRIPTION, `VMDESCRIPTION is not valid JSON: ${(cause as Error).message}`, {
+      streamOffset,
+      cause,
+    });
+  }
+  if (
+    typeof value !== 'object' ||
+    value === null ||
+    typeof (value as Vmdescription).page_size !== 'number' ||
+    !Array.isArray((value as Vmdescription).devices)
+  ) {
+    throw new ProtocolError(ErrorCode.BAD_VMDESCRIPTION, 'VMDESCRIPTION lacks "page_size" or "devices"', { streamOffset });
+  }
+  const desc = value as Vmdescription;
+  for (const d of desc.devices) {
+    if (typeof d !== 'object' || d === null || typeof d.name !== 'string' || typeof d.instance_id !== 'number') {
+      throw new ProtocolError(ErrorCode.BAD_VMDESCRIPTION, 'VMDESCRIPTION device entry lacks "name" or "instance_id"', {
+        streamOffset,
+      });
+    }
+  }
+  return desc;
+}
+
+function fieldsSize(fields: readonly VmdescField[] | undefined): number {
+  let n = 0;
+  for (const f of fields ?? []) {
+    if (typeof f.size !== 'number' || f.size < 0) throw new TypeError(`field "${f.name}" has no size`);
+    n += f.size * (f.array_len ?? 1);
+  }
+  return n;
+}
+
+function subsectionsSize(subs: readonly VmdescVmsd[] | undefined): number {
+  let n = 0;
+  for (const s of subs ?? []) {
+    n += 1 + 1 + s.vmsd_name.length + 4 + fieldsSize(s.fields) + subsectionsSize(s.subsections);
+  }
+  return n;
+}
+
+/** Bytes of section data (without header and footer) that a described device occupies. */
+export function deviceDataLength(device: VmdescDevice): number {
+  return fieldsSize(device.fields) + subsectionsSize(device.subsections);
+}
+
+/**
+ * Per-section data lengths from a VMDESCRIPTION, handed out in stream order: the n-th FULL
+ * section of (idstr, instance) gets the n-th description of that device.
+ */
+export class VmdescLayouts {
+  private readonly queues = new Map<string, number[]>();
+
+  constructor(desc: Vmdescription) {
+    for (const d of desc.devices) {
+      const key = `${d.name}\u0000${d.instance_id}`;
+      let q = this.queues.get(key);
+      if (q === undefined) this.queues.set(key, (q = []));
+      q.push(deviceDataLength(d));
+    }
+  }
+
+  /** Data length of the next FULL section of this device, or undefined when not described. */
+  take(idstr: string, instanceId: number): number | undefined {
+    return this.queues.get(`${idstr}\u0000${instanceId}`)?.shift();
+  }
+}
+
+/**
+ * Find the VMDESCRIPTION record at the end of a stream file, given its last bytes. The record
+ * is `00 (EOF) 06 be32 len {json…}` and its length runs exactly to the end of the file, which
+ * pins it down without guessing. Returns its stream offset and JSON text, or undefined.
+ */
+export function findVmdescription(tail: Uint8Array, tailStreamOffset: number): { offset: number; json: string } | undefined {
+  const end = tail.length;
+  for (let p = end - 6; p >= 1; p--) {
+    if (tail[p] !== 0x06 || tail[p + 5] !== 0x7b /* { */ || tail[p - 1] !== 0x00) continue;
+    const len = ((tail[p + 1]! << 24) >>> 0) + ((tail[p + 2]! << 16) | (tail[p + 3]! << 8) | tail[p + 4]!);
+    if (p + 5 + len !== end) continue;
+    return { offset: tailStreamOffset + p, json: Buffer.from(tail.buffer, tail.byteOffset + p + 5, len).toString('utf8') };
+  }
+  return undefined;
+}
+
+/** JSON in QEMU's compact style: ", " between members and ": " after keys, no newlines. */
+export function toQemuJson(value: unknown): string {
+  if (Array.isArray(value)) return `[${value.map(toQemuJson).join(', ')}]`;
+  if (typeof value === 'object' && value !== null) {
+    const parts: string[] = [];
+    for (const [k, v] of Object.entries(value)) if (v !== undefined) parts.push(`${JSON.stringify(k)}: ${toQemuJson(v)}`);
+    return `{${parts.join(', ')}}`;
+  }
+  return JSON.stringify(value);
+}

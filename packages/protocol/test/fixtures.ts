@@ -1,0 +1,47 @@
+// Access to the real QEMU 7.2 streams in ../shared/fixtures/qemu-7.2 (beside the checkout).
+// Outside CI a missing shared/ skips the fixture tests; under CI=true it fails them loudly.
+
+import { existsSync, readFileSync, readdirSync } from 'node:fs';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { gunzipSync } from 'node:zlib';
+
+const here = dirname(fileURLToPath(import.meta.url));
+export const repoRoot = resolve(here, '../../..');
+export const sharedDir = resolve(process.env['LIVEMIG_SHARED'] ?? join(repoRoot, '..', 'shared'));
+export const fixtureDir = join(sharedDir, 'fixtures', 'qemu-7.2');
+
+/** undefined when the fixtures are present; else the reason (throws under CI). */
+export function fixturesMissing(): string | undefined {
+  if (existsSync(join(fixtureDir, 'README.md'))) return undefined;
+  const why = `QEMU 7.2 fixtures not found at ${fixtureDir} (set LIVEMIG_SHARED to the shared/ folder)`;
+  if (process.env['CI'] === 'true') throw new Error(why);
+  return why;
+}
+
+export interface Fixture {
+  name: string;
+  manifest: any;
+  stream: Buffer;
+  /** The file as stored (gzip for .gz). */
+  path: string;
+  returnPath?: Buffer;
+}
+
+export function fixtureNames(): string[] {
+  if (fixturesMissing() !== undefined) return [];
+  return readdirSync(fixtureDir)
+    .filter((f) => f.endsWith('.json'))
+    .map((f) => f.slice(0, -5))
+    .sort();
+}
+
+export function loadFixture(name: string): Fixture {
+  const manifest = JSON.parse(readFileSync(join(fixtureDir, `${name}.json`), 'utf8'));
+  const path = join(fixtureDir, manifest.stream_file as string);
+  const raw = readFileSync(path);
+  const stream = manifest.stream_gzip === true || path.endsWith('.gz') ? gunzipSync(raw) : raw;
+  const f: Fixture = { name, manifest, stream, path };
+  if (typeof manifest.return_path_file === 'string') f.returnPath = readFileSync(join(fixtureDir, manifest.return_path_file));
+  return f;
+}
