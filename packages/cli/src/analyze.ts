@@ -1,0 +1,267 @@
+// `livemig analyze`: read a migration stream file (or stdin, gzip or not), decode it with the
+// protocol core and print what is in it.
+//
+// A file is read twice: first its tail, for the VMDESCRIPTION that sizes every device section
+// exactly; then from the start. Standard input is read once and device sections are found by
+// their footers (and cross-checked against the VMDESCRIPTION when it arrives at the end).
+
+import { createReadStream } from 'node:fs';
+import { mkdir, open, stat, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import type { Readable } from 'node:stream';
+import { createGunzip } from 'node:zlib';
+import {
+  type AnalysisReport,
+  findVmdescription,
+  parseVmdescription,
+  type RecordReport,
+  StreamAnalyzer,
+  VmdescLayouts,
+} from '@livemig/protocol';
+
+/** VMDESCRIPTION of at most this many bytes is looked for at the end of a file. */
+const TAIL_BYTES = 16 * 1024 * 1024 + 16;
+const READ_CHUNK = 1024 * 1024;
+const GZIP_MAGIC = [0x1f, 0x8b] as const;
+
+export interface AnalyzeOptions {
+  /** File path, or '-' for standard input. */
+  input: string;
+  stdin?: Readable;
+  /** Called with bytes read so far and the total (when known), at most a few times a second. */
+  onProgress?: (done: number, total: number | undefined) => void;
+}
+
+export interface AnalyzeResult {
+  report: AnalysisReport;
+  analyzer: StreamAnalyzer;
+  gzip: boolean;
+}
+
+async function isGzipFile(path: string): Promise<boolean> {
+  const fh = await open(path, 'r');
+  try {
+    const b = Buffer.alloc(2);
+    const { bytesRead } = await fh.read(b, 0, 2, 0);
+    return bytesRead === 2 && b[0] === GZIP_MAGIC[0] && b[1] === GZIP_MAGIC[1];
+  } finally {
+    await fh.close();
+  }
+}
+
+/** The decompressed stream's last `TAIL_BYTES` and its total length. */
+async function readTail(path: string, gzip: boolean): Promise<{ tail: Buffer; tailOffset: number }> {
+  if (!gzip) {
+    const size = (await stat(path)).size;
+    const n = Math.min(size, TAIL_BYTES);
+    const fh = await open(path, 'r');
+    try {
+      const tail = Buffer.alloc(n);
+      await fh.read(tail, 0, n, size - n);
+      return { tail, tailOffset: size - n };
+    } finally {
+      await fh.close();
+    }
+  }
+  // gzip cannot seek: decompress once, keeping only a rolling window of the last bytes.
+  const parts: Buffer[] = [];
+  let kept = 0;
+  let total = 0;
+  for await (const chunk of createReadStream(path, { highWaterMark: READ_CHUNK }).pipe(createGunzip()) as AsyncIterable<Buffer>) {
+    parts.push(chunk);
+    kept += chunk.length;
+    total += chunk.length;
+    while (parts.length > 1 && kept - parts[0]!.length >= TAIL_BYTES) kept -= parts.shift()!.length;
+  }
+  let tail = Buffer.concat(parts);
+  if (tail.length > TAIL_BYTES) tail = tail.subarray(tail.length - TAIL_BYTES);
+  return { tail, tailOffset: total - tail.length };
+}
+
+/** Wrap a byte source so that gzip input is decompressed (detected by its magic). */
+async function* maybeGunzip(source: AsyncIterable<Buffer>, onGzip: () => void): AsyncGenerator<Buffer> {
+  const it = source[Symbol.asyncIterator]();
+  const first = await it.next();
+  if (first.done === true) return;
+  const head = first.value;
+  const rest = { [Symbol.asyncIterator]: () => it };
+  if (head.length >= 2 && head[0] === GZIP_MAGIC[0] && head[1] === GZIP_MAGIC[1]) {
+    onGzip();
+    const gunzip = createGunzip();
+    const feed = (async () => {
+      try {
+        gunzip.write(head);
+        for await (const c of rest) if (!gunzip.write(c)) await new Promise((r) => gunzip.once('drain', r));
+        gunzip.end();
+      } catch (err) {
+        gunzip.destroy(err as Error);
+      }
+    })();
+    yield* gunzip as AsyncIterable<Buffer>;
+    await feed;
+    return;
+  }
+  yield head;
+  yield* rest;
+}
+
+export async function analyzeInput(options: AnalyzeOptions): Promise<AnalyzeResult> {
+  const fromStdin = options.input === '-';
+  let layouts: VmdescLayouts | undefined;
+  let total: number | undefined;
+  if (!fromStdin) {
+    const gz = await isGzipFile(options.input);
+    const { tail, tailOffset } = await readTail(options.input, gz);
+    const found = findVmdescription(tail, tailOffset);
+    if (found !== undefined) {
+      try {
+        layouts = new VmdescLayouts(parseVmdescription(found.json, found.offset));
+      } catch {
+        // A bad description is reported when the decoder reaches it; until then walk by footers.
+      }
+    }
+    if (!gz) total = (await stat(options.input)).size;
+  }
+  const analyzer = new StreamAnalyzer(
+    layouts === undefined ? {} : { deviceLayout: (s) => layouts!.take(s.idstr, s.instanceId) },
+  );
+  const source: AsyncIterable<Buffer> = fromStdin
+    ? ((options.stdin ?? process.stdin) as AsyncIterable<Buffer>)
+    : (createReadStream(options.input, { highWaterMark: READ_CHUNK }) as AsyncIterable<Buffer>);
+  let gzip = false;
+  let done = 0;
+  let lastReport = 0;
+  for await (const chunk of maybeGunzip(source, () => (gzip = true))) {
+    analyzer.push(chunk);
+    done += chunk.length;
+    if (options.onProgress !== undefined) {
+      const now = Date.now();
+      if (now - lastReport > 200) {
+        lastReport = now;
+        options.onProgress(done, gzip ? undefined : total);
+      }
+    }
+  }
+  return { report: analyzer.end(), analyzer, gzip };
+}
+
+/** File name for a block: its idstr with anything but [A-Za-z0-9._@-] percent-encoded ("/rom@etc/acpi/tables" → "%2From@etc%2Facpi%2Ftables"). */
+export function blockFileName(idstr: string): string {
+  return idstr.replace(/[^A-Za-z0-9._@-]/g, (c) => `%${c.charCodeAt(0).toString(16).toUpperCase().padStart(2, '0')}`);
+}
+
+export async function extractBlocks(result: AnalyzeResult, dir: string): Promise<string[]> {
+  await mkdir(dir, { recursive: true });
+  const written: string[] = [];
+  for (const [i, b] of result.report.ramBlocks.entries()) {
+    const mem = result.analyzer.blockMemory(i);
+    if (mem === undefined) continue;
+    const path = join(dir, blockFileName(b.idstr));
+    await writeFile(path, mem);
+    written.push(path);
+  }
+  return written;
+}
+
+/** The --json document: the report with the VMDESCRIPTION's full JSON left out of the summary. */
+export function jsonReport(report: AnalysisReport): unknown {
+  return {
+    magic: report.magic,
+    version: report.version,
+    machine: report.machine,
+    configuration: report.configuration,
+    streamSize: report.streamSize,
+    postcopy: report.postcopy,
+    sections: report.sections.map((s) => {
+      const { record: _record, ...rest } = s;
+      return rest;
+    }),
+    commands: report.commands.map((c) => {
+      const { record: _record, package: pkg, ...rest } = c;
+      return pkg === undefined ? rest : { ...rest, package: pkg.map((r) => ({ ...r })) };
+    }),
+    records: report.records,
+    ramBlocks: report.ramBlocks,
+    eofOffset: report.eofOffset,
+    vmdescription: report.vmdescription,
+  };
+}
+
+// ---- human output ---------------------------------------------------------------------------
+
+function size(bytes: number): string {
+  if (bytes >= 2 ** 30 && bytes % 2 ** 30 === 0) return `${bytes / 2 ** 30} GiB`;
+  if (bytes >= 2 ** 20 && bytes % 2 ** 20 === 0) return `${bytes / 2 ** 20} MiB`;
+  if (bytes >= 2 ** 10 && bytes % 2 ** 10 === 0) return `${bytes / 2 ** 10} KiB`;
+  return `${bytes} B`;
+}
+
+function pad(s: string | number, n: number): string {
+  return String(s).padEnd(n);
+}
+
+function describeRecord(r: RecordReport, indent: string, lines: string[]): void {
+  const at = pad(r.offset, 10);
+  if (r.record === 'eof') {
+    lines.push(`${indent}${at} EOF`);
+    return;
+  }
+  if (r.record === 'command') {
+    let detail = '';
+    if (r.pingValue !== undefined) detail = ` ${r.pingValue}`;
+    else if (r.hostPageSizeSummary !== undefined) detail = ` host page sizes 0x${r.hostPageSizeSummary.toString(16)}, target page ${r.targetPageSize}`;
+    else if (r.discard !== undefined) {
+      const pages = r.discard.ranges.reduce((a, [, l]) => a + l / 4096, 0);
+      detail = ` "${r.discard.block}" ${r.discard.ranges.length} range(s), ${pages} pages`;
+    } else if (r.blobLength !== undefined) detail = ` ${r.blobLength}-byte blob:`;
+    else if (r.block !== undefined) detail = ` "${r.block}"`;
+    lines.push(`${indent}${at} COMMAND ${r.name}${detail}`);
+    for (const inner of r.package ?? []) describeRecord(inner, indent + '  ', lines);
+    return;
+  }
+  const head = `${indent}${at} ${pad(r.type.toUpperCase(), 6)} section ${pad(r.sectionId, 3)} "${r.idstr}"`;
+  const ids = r.instanceId === null ? '' : ` instance ${r.instanceId} version ${r.versionId}`;
+  if (r.ram !== undefined) {
+    const x = r.ram;
+    const pages = `${x.normal} pages, ${x.zero} zero, ${x.xbzrle} xbzrle${x.compressed > 0 ? `, ${x.compressed} compressed` : ''}`;
+    lines.push(`${head}${ids}  ${r.dataLength} bytes: ${pages}`);
+    if (x.blocks !== undefined) {
+      lines.push(`${indent}${' '.repeat(11)}block list: ${x.blocks.map((b) => `${b.idstr} (${size(b.length)})`).join(', ')}`);
+    }
+  } else {
+    lines.push(`${head}${ids}  ${r.dataLength} bytes${r.layout === 'footer-scan' ? ' (found by footer)' : ''}`);
+  }
+}
+
+export function humanReport(report: AnalysisReport, name: string): string {
+  const lines: string[] = [];
+  lines.push(`${name}: QEVM stream version ${report.version}, ${report.streamSize} bytes${report.postcopy ? ', postcopy' : ''}`);
+  if (report.configuration !== null) {
+    const c = report.configuration;
+    const extra: string[] = [];
+    if (c.capabilities !== undefined) extra.push(`capabilities ${c.capabilities.join(', ')}`);
+    if (c.uuid !== undefined) extra.push(`uuid ${c.uuid}`);
+    lines.push(`machine: ${report.machine}${extra.length > 0 ? ` (${extra.join('; ')})` : ''}`);
+  } else {
+    lines.push('machine: (no configuration record)');
+  }
+  lines.push('');
+  lines.push(`${pad('offset', 10)} record`);
+  for (const r of report.records) describeRecord(r, '', lines);
+  if (report.vmdescription !== null) {
+    const v = report.vmdescription;
+    lines.push(`${pad(v.offset, 10)} VMDESCRIPTION ${v.length} bytes: page size ${v.pageSize}, ${v.devices.length} devices`);
+    for (const m of v.layoutMismatches) {
+      lines.push(`  warning: section at ${m.offset} "${m.idstr}" has ${m.dataLength} bytes, described as ${m.described}`);
+    }
+  }
+  lines.push('');
+  lines.push('RAM blocks:');
+  const w = Math.max(6, ...report.ramBlocks.map((b) => b.idstr.length));
+  for (const b of report.ramBlocks) {
+    lines.push(
+      `  ${pad(b.idstr, w)}  ${pad(size(b.length), 9)} ${pad(`${b.length / 4096} pages:`, 13)} ${b.normalPages} normal, ${b.zeroPages} zero, ${b.xbzrlePages} xbzrle${b.compressedPages > 0 ? `, ${b.compressedPages} compressed` : ''}  sha256 ${b.sha256}`,
+    );
+  }
+  return lines.join('\n') + '\n';
+}

@@ -1,0 +1,110 @@
+#!/usr/bin/env node
+// The `livemig` command.
+
+import { parseArgs } from 'node:util';
+import { analyzeInput, extractBlocks, humanReport, jsonReport } from './analyze.ts';
+
+const USAGE = `usage: livemig <command> [options]
+
+commands:
+  analyze <file|-> [--json] [--extract <dir>]
+      Decode a QEMU migration stream (QEMU_VM_FILE v3, as written by QEMU's
+      "migrate exec:cat > FILE" or by livemig) and print every record: header,
+      machine type, sections with their stream offsets, commands (PACKAGED
+      contents included), RAM blocks with page-record counts and the sha256 of
+      each block's reconstructed contents (pages never sent count as zeros).
+      gzip-compressed input is detected and read transparently; "-" reads
+      standard input. Device sections are sized by the stream's VMDESCRIPTION
+      when reading a file, else found by their section footers.
+        --json           one JSON document on stdout
+        --extract <dir>  write each RAM block's bytes to <dir>/<idstr>, with
+                         characters other than [A-Za-z0-9._@-] %-encoded
+      exit status: 0 decoded, 1 usage or I/O error, 2 malformed stream
+      (one line on stderr naming what was wrong and its byte offset; with
+      --json also {"error":{"code","message","offset"}} on stdout)
+
+  help    this text
+`;
+
+function fail(message: string, json: boolean, code: string, status: number, offset?: number, where = ''): number {
+  process.stderr.write(`livemig: ${where}${message}\n`);
+  if (json) process.stdout.write(JSON.stringify({ error: { code, message, offset: offset ?? null } }) + '\n');
+  return status;
+}
+
+async function analyzeCommand(argv: string[]): Promise<number> {
+  let values: { json?: boolean; extract?: string; help?: boolean };
+  let positionals: string[];
+  try {
+    ({ values, positionals } = parseArgs({
+      args: argv,
+      allowPositionals: true,
+      options: { json: { type: 'boolean' }, extract: { type: 'string' }, help: { type: 'boolean', short: 'h' } },
+    }));
+  } catch (err) {
+    return fail(`analyze: ${(err as Error).message}\n${USAGE}`, false, 'LM_ERR_USAGE', 1);
+  }
+  if (values.help === true) {
+    process.stdout.write(USAGE);
+    return 0;
+  }
+  const json = values.json === true;
+  if (positionals.length !== 1) return fail(`analyze: expected one file (or -), got ${positionals.length}\n${USAGE}`, json, 'LM_ERR_USAGE', 1);
+  const input = positionals[0]!;
+  const showProgress = !json && process.stderr.isTTY === true;
+  try {
+    const result = await analyzeInput({
+      input,
+      ...(showProgress
+        ? {
+            onProgress: (done: number, total: number | undefined) => {
+              const pct = total === undefined ? '' : ` (${((100 * done) / total).toFixed(0)} %)`;
+              process.stderr.write(`\ranalyzing: ${(done / 2 ** 20).toFixed(0)} MiB${pct}   `);
+            },
+          }
+        : {}),
+    });
+    if (showProgress) process.stderr.write('\r\x1b[K');
+    if (values.extract !== undefined) {
+      const files = await extractBlocks(result, values.extract);
+      if (!json) process.stderr.write(`extracted ${files.length} block(s) to ${values.extract}\n`);
+    }
+    process.stdout.write(json ? JSON.stringify(jsonReport(result.report)) + '\n' : humanReport(result.report, input));
+    return 0;
+  } catch (err) {
+    if (showProgress) process.stderr.write('\r\x1b[K');
+    const e = err as { code?: unknown; message?: string; streamOffset?: number; errno?: number };
+    const code = typeof e.code === 'string' ? e.code : 'LM_ERR_INTERNAL';
+    if (code.startsWith('LM_ERR_')) return fail(e.message ?? code, json, code, 2, e.streamOffset, `${input}: ${code}: `);
+    if (code.startsWith('Z_')) return fail(`bad gzip data: ${e.message}`, json, code, 2, undefined, `${input}: `);
+    if (e.errno !== undefined) return fail(e.message ?? code, json, code, 1, undefined, `${input}: `);
+    throw err;
+  }
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const [command, ...rest] = argv;
+  switch (command) {
+    case 'analyze':
+      return analyzeCommand(rest);
+    case undefined:
+    case 'help':
+    case '--help':
+    case '-h':
+      process.stdout.write(USAGE);
+      return command === undefined ? 1 : 0;
+    default:
+      process.stderr.write(`livemig: unknown command "${command}"\n${USAGE}`);
+      return 1;
+  }
+}
+
+main(process.argv.slice(2)).then(
+  (status) => {
+    process.exitCode = status;
+  },
+  (err: unknown) => {
+    process.stderr.write(`livemig: internal error: ${(err as Error).stack ?? String(err)}\n`);
+    process.exitCode = 70;
+  },
+);
