@@ -107,6 +107,17 @@ export const RP_MSG_NAMES: readonly string[] = [
   'SWITCHOVER_ACK',
 ];
 
+/**
+ * livemig's own return-path message type ("LM"), sent only to a source that announced itself
+ * with LIVEMIG_HELLO_PING (a QEMU source would reject an unknown type). Payload: msgpack.
+ */
+export const RP_LIVEMIG_EXT = 0x4c4d;
+/**
+ * The PING value a livemig source sends after PING(1): a QEMU destination just echoes it in a
+ * PONG, a livemig destination learns it may use RP_LIVEMIG_EXT and echoes it too.
+ */
+export const LIVEMIG_HELLO_PING = 0x4c4d4731;
+
 /** A QEMU source rejects any return-path message longer than its 512-byte receive buffer. */
 export const RP_MAX_PAYLOAD = 512;
 /** The trailer after a RECV_BITMAP bitmap. */

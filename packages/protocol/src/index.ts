@@ -25,3 +25,4 @@ export * from './bitmap.ts';
 export * from './return-path.ts';
 export * from './stream-decoder.ts';
 export * from './analysis.ts';
+export * from './migration-config.ts';

@@ -83,10 +83,14 @@ export class RamRecordWriter {
     w.u8(0);
   }
 
-  /** A normal page: copies TARGET_PAGE_SIZE bytes from `src` at `srcOffset`. */
-  page(w: BatchWriter, block: string, pageOffset: number, src: Uint8Array, srcOffset: number): void {
+  /**
+   * A normal page of TARGET_PAGE_SIZE bytes from `src` at `srcOffset`: copied into the batch, or
+   * with `byReference` queued as a view of `src` (zero copy; see BatchWriter.view).
+   */
+  page(w: BatchWriter, block: string, pageOffset: number, src: Uint8Array, srcOffset: number, byReference = false): void {
     this.word(w, block, pageOffset, RamFlag.PAGE);
-    w.copyFrom(src, srcOffset, TARGET_PAGE_SIZE);
+    if (byReference && Buffer.isBuffer(src)) w.view(src, srcOffset, TARGET_PAGE_SIZE);
+    else w.copyFrom(src, srcOffset, TARGET_PAGE_SIZE);
   }
 
   /** An XBZRLE record of already-encoded bytes. */

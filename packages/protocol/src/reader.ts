@@ -38,6 +38,19 @@ export class ByteReader {
     if (this.headBuf.length - this.headPos === 0) this.advanceHead();
   }
 
+  /** Replace the buffered chunks by one private copy of the unread bytes (chunk memory may then be reused). */
+  retainUnread(): void {
+    const n = this.available;
+    const copy = Buffer.allocUnsafeSlow(n);
+    if (n > 0) this.copyTo(0, n, copy, 0);
+    this.chunks = [];
+    this.head = 0;
+    this.headBuf = EMPTY;
+    this.headPos = 0;
+    this.available = 0;
+    if (n > 0) this.push(copy);
+  }
+
   /** Peek the byte k positions ahead (caller ensures k < available). */
   u8(k: number): number {
     const i = this.headPos + k;
@@ -75,6 +88,9 @@ export class ByteReader {
 
   /** Copy n bytes starting k ahead into dst at dstOffset. */
   copyTo(k: number, n: number, dst: Uint8Array, dstOffset: number): void {
+    // Nothing to copy; k may then equal `available` (an empty payload ending the buffered bytes),
+    // where the chunk walk below would run off the list.
+    if (n === 0) return;
     let i = this.headPos + k;
     if (i + n <= this.headBuf.length) {
       this.headBuf.copy(dst, dstOffset, i, i + n);

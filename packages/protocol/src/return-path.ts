@@ -12,6 +12,7 @@ import {
   MIGRATION_RESUME_ACK_VALUE,
   RECV_BITMAP_END_MARK_HI,
   RECV_BITMAP_END_MARK_LO,
+  RP_LIVEMIG_EXT,
   RP_MAX_PAYLOAD,
   RP_MSG_NAMES,
   RpMsg,
@@ -39,6 +40,8 @@ export interface ReturnPathMessage {
   block?: string;
   /** RECV_BITMAP: the little-endian received-pages bitmap (a copy). */
   bitmap?: Buffer;
+  /** RP_LIVEMIG_EXT: the payload (a copy). */
+  payload?: Buffer;
 }
 
 /** Fixed payload lengths by type; -1 = variable. */
@@ -55,6 +58,8 @@ export interface ReturnPathDecoderOptions {
   bitmapBytes?: (block: string) => number | undefined;
   /** Upper bound on a RECV_BITMAP body when bitmapBytes gives no answer (default 64 MiB = 2 TiB of RAM). */
   maxBitmapBytes?: number;
+  /** Accept livemig's RP_LIVEMIG_EXT messages (only after announcing LIVEMIG_HELLO_PING). */
+  livemigExtensions?: boolean;
 }
 
 export const NEED_MORE_RP: unique symbol = Symbol('need more return-path bytes');
@@ -67,11 +72,14 @@ export class ReturnPathDecoder {
   private readonly bitmapBytes: ((block: string) => number | undefined) | undefined;
   private lastBlock: string | undefined;
   private failure: ProtocolError | undefined;
+  /** Accept RP_LIVEMIG_EXT (may be switched on once the hello was sent). */
+  livemigExtensions: boolean;
 
   constructor(options: ReturnPathDecoderOptions = {}) {
     this.maxType = options.maxType ?? RpMsg.SWITCHOVER_ACK;
     this.maxBitmapBytes = options.maxBitmapBytes ?? 64 * 1024 * 1024;
     this.bitmapBytes = options.bitmapBytes;
+    this.livemigExtensions = options.livemigExtensions ?? false;
   }
 
   get streamOffset(): number {
@@ -113,6 +121,15 @@ export class ReturnPathDecoder {
     const offset = r.streamOffset;
     const type = r.be16(0);
     const len = r.be16(2);
+    if (type === RP_LIVEMIG_EXT && this.livemigExtensions) {
+      if (len > RP_MAX_PAYLOAD) {
+        throw new ProtocolError(ErrorCode.RP_LENGTH, `return-path livemig extension has length ${len}`, { streamOffset: offset });
+      }
+      if (r.available < RP_HEADER_LENGTH + len) return NEED_MORE_RP;
+      const payload = r.copyOut(RP_HEADER_LENGTH, len);
+      r.skip(RP_HEADER_LENGTH + len);
+      return { type, name: 'LIVEMIG_EXT', offset, length: len, payload };
+    }
     if (type === RpMsg.INVALID || type >= this.maxType) {
       throw new ProtocolError(ErrorCode.UNKNOWN_RP_MESSAGE, `unknown return-path message type ${type}`, { streamOffset: offset });
     }
@@ -240,6 +257,14 @@ export function writeRpRecvBitmap(w: BatchWriter, block: string, bitmap: Uint8Ar
 
 export function writeRpResumeAck(w: BatchWriter): void {
   rpHeader(w, RpMsg.RESUME_ACK, 4).be32(MIGRATION_RESUME_ACK_VALUE);
+}
+
+/** livemig's extension message (payload ≤ 512 bytes); only to a source that sent LIVEMIG_HELLO_PING. */
+export function writeRpLivemigExt(w: BatchWriter, payload: Uint8Array): void {
+  if (payload.length > RP_MAX_PAYLOAD) {
+    throw new MigrationError(ErrorCode.INVALID_ARGUMENT, `livemig extension payload of ${payload.length} bytes exceeds ${RP_MAX_PAYLOAD}`);
+  }
+  rpHeader(w, RP_LIVEMIG_EXT, payload.length).bytes(payload);
 }
 
 export function writeRpSwitchoverAck(w: BatchWriter): void {

@@ -122,9 +122,10 @@ export interface BlockStats {
 
 /**
  * Length of a device section's data when its layout is known (a VMDESCRIPTION, or a device of
- * ours); undefined: find the footer by scanning.
+ * ours); 'be32-prefixed': the data is a be32 length and that many bytes (livemig's own
+ * variable-size devices); undefined: find the footer by scanning.
  */
-export type DeviceLayout = (section: SectionIdentity) => number | undefined;
+export type DeviceLayout = (section: SectionIdentity) => number | 'be32-prefixed' | undefined;
 
 export interface StreamDecoderOptions {
   ram?: RamTarget;
@@ -175,6 +176,8 @@ interface OpenSection extends SectionIdentity {
   isRam: boolean;
   stats: RamSectionStats | undefined;
   declaredLength: number | undefined;
+  /** The data starts with its own be32 length (declaredLength is set once that is read). */
+  prefixed: boolean;
   layout: 'declared' | 'footer-scan';
   scanFrom: number;
 }
@@ -283,6 +286,14 @@ export class StreamDecoder {
   push(chunk: Uint8Array): void {
     if (this.failure !== undefined) throw this.failure;
     this.r.push(chunk);
+  }
+
+  /**
+   * Copy the buffered, undecoded bytes out of the pushed chunks, so that the caller may reuse
+   * their memory (a socket's static read buffer). Call after next() returned NEED_MORE.
+   */
+  retainUnread(): void {
+    this.r.retainUnread();
   }
 
   /** The next event, or NEED_MORE when the buffered bytes hold no complete record. */
@@ -558,8 +569,11 @@ export class StreamDecoder {
   private openSection(kind: SectionKind, id: SectionIdentity, offset: number, isRam: boolean): DecoderEvent {
     const dataOffset = this.r.streamOffset;
     let declared: number | undefined;
+    let prefixed = false;
     if (!isRam) {
-      declared = this.deviceLayout?.(id);
+      const layout = this.deviceLayout?.(id);
+      if (layout === 'be32-prefixed') prefixed = true;
+      else declared = layout;
       if (declared !== undefined && declared > this.maxSectionBytes) {
         throw new ProtocolError(
           ErrorCode.LIMIT_EXCEEDED,
@@ -576,7 +590,8 @@ export class StreamDecoder {
       isRam,
       stats: isRam ? EMPTY_STATS() : undefined,
       declaredLength: declared,
-      layout: declared === undefined ? 'footer-scan' : 'declared',
+      prefixed,
+      layout: declared === undefined && !prefixed ? 'footer-scan' : 'declared',
       scanFrom: 0,
     };
     this.state = isRam ? S.RAM : S.DEVICE;
@@ -867,6 +882,14 @@ export class StreamDecoder {
   private readDeviceData(): NeedMore | null {
     const c = this.cur!;
     const r = this.r;
+    if (c.prefixed && c.declaredLength === undefined) {
+      if (!this.need(4)) return NEED_MORE;
+      const len = r.be32(0);
+      if (len > this.maxSectionBytes - 4) {
+        this.fail(ErrorCode.LIMIT_EXCEEDED, `device section data of ${len} bytes exceeds the ${this.maxSectionBytes}-byte limit`);
+      }
+      c.declaredLength = 4 + len;
+    }
     if (c.declaredLength !== undefined) {
       if (!this.need(c.declaredLength)) return NEED_MORE;
       this.state = S.FOOTER;

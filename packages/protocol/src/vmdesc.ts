@@ -65,30 +65,47 @@ export function parseVmdescription(json: string, streamOffset: number): Vmdescri
         streamOffset,
       });
     }
+    deviceDataLength(d, streamOffset); // shape-checks fields and subsections
   }
   return desc;
 }
 
-function fieldsSize(fields: readonly VmdescField[] | undefined): number {
+function badShape(message: string, streamOffset: number | undefined): never {
+  throw new ProtocolError(ErrorCode.BAD_VMDESCRIPTION, `VMDESCRIPTION ${message}`, streamOffset === undefined ? {} : { streamOffset });
+}
+
+const isCount = (v: unknown): v is number => Number.isSafeInteger(v) && (v as number) >= 0;
+
+function fieldsSize(fields: readonly VmdescField[] | undefined, streamOffset: number | undefined): number {
+  if (fields === undefined) return 0;
+  if (!Array.isArray(fields)) badShape('"fields" is not an array', streamOffset);
   let n = 0;
-  for (const f of fields ?? []) {
-    if (typeof f.size !== 'number' || f.size < 0) throw new TypeError(`field "${f.name}" has no size`);
+  for (const f of fields) {
+    if (typeof f !== 'object' || f === null || !isCount(f.size) || !isCount(f.array_len ?? 1)) {
+      badShape(`field "${(f as VmdescField | null)?.name}" has no valid "size" or "array_len"`, streamOffset);
+    }
     n += f.size * (f.array_len ?? 1);
   }
   return n;
 }
 
-function subsectionsSize(subs: readonly VmdescVmsd[] | undefined): number {
+function subsectionsSize(subs: readonly VmdescVmsd[] | undefined, streamOffset: number | undefined): number {
+  if (subs === undefined) return 0;
+  if (!Array.isArray(subs)) badShape('"subsections" is not an array', streamOffset);
   let n = 0;
-  for (const s of subs ?? []) {
-    n += 1 + 1 + s.vmsd_name.length + 4 + fieldsSize(s.fields) + subsectionsSize(s.subsections);
+  for (const s of subs) {
+    if (typeof s !== 'object' || s === null || typeof s.vmsd_name !== 'string') badShape('subsection lacks "vmsd_name"', streamOffset);
+    n += 1 + 1 + s.vmsd_name.length + 4 + fieldsSize(s.fields, streamOffset) + subsectionsSize(s.subsections, streamOffset);
   }
   return n;
 }
 
-/** Bytes of section data (without header and footer) that a described device occupies. */
-export function deviceDataLength(device: VmdescDevice): number {
-  return fieldsSize(device.fields) + subsectionsSize(device.subsections);
+/**
+ * Bytes of section data (without header and footer) that a described device occupies. Throws
+ * LM_ERR_BAD_VMDESCRIPTION (at `streamOffset`, if given) when sizes or nesting are malformed.
+ */
+export function deviceDataLength(device: VmdescDevice, streamOffset?: number): number {
+  return fieldsSize(device.fields, streamOffset) + subsectionsSize(device.subsections, streamOffset);
 }
 
 /**

@@ -23,19 +23,22 @@ const INLINE_MAX = 16 * 1024;
 export class BatchWriter {
   private readonly slabSize: number;
   private slab: Buffer;
-  private view: DataView;
+  private dataView: DataView;
   private start = 0;
   private pos = 0;
   private out: Buffer[] = [];
   private pool: Buffer[] = [];
+  /** Full slabs sealed since the last flush(): their tail is still pending, so not reusable yet. */
   private inFlight: Buffer[] = [];
+  /** Full slabs whose every byte has been handed out by flush(): reusable after release(). */
+  private flushed: Buffer[] = [];
   /** Bytes encoded since creation (flushed or not). */
   totalBytes = 0;
 
   constructor(options: BatchWriterOptions = {}) {
     this.slabSize = options.slabSize ?? DEFAULT_SLAB;
     this.slab = Buffer.allocUnsafeSlow(this.slabSize);
-    this.view = new DataView(this.slab.buffer, this.slab.byteOffset, this.slab.byteLength);
+    this.dataView = new DataView(this.slab.buffer, this.slab.byteOffset, this.slab.byteLength);
   }
 
   /** Bytes encoded but not yet flushed. */
@@ -53,7 +56,7 @@ export class BatchWriter {
     const size = Math.max(this.slabSize, n);
     const reused = size === this.slabSize ? this.pool.pop() : undefined;
     this.slab = reused ?? Buffer.allocUnsafeSlow(size);
-    this.view = new DataView(this.slab.buffer, this.slab.byteOffset, this.slab.byteLength);
+    this.dataView = new DataView(this.slab.buffer, this.slab.byteOffset, this.slab.byteLength);
     this.start = 0;
     this.pos = 0;
   }
@@ -74,7 +77,7 @@ export class BatchWriter {
 
   be16(v: number): this {
     this.ensure(2);
-    this.view.setUint16(this.pos, v);
+    this.dataView.setUint16(this.pos, v);
     this.pos += 2;
     this.totalBytes += 2;
     return this;
@@ -82,7 +85,7 @@ export class BatchWriter {
 
   be32(v: number): this {
     this.ensure(4);
-    this.view.setUint32(this.pos, v >>> 0);
+    this.dataView.setUint32(this.pos, v >>> 0);
     this.pos += 4;
     this.totalBytes += 4;
     return this;
@@ -94,8 +97,8 @@ export class BatchWriter {
       throw new MigrationError(ErrorCode.INVALID_ARGUMENT, `be64 value ${v} is not a non-negative safe integer`);
     }
     this.ensure(8);
-    this.view.setUint32(this.pos, Math.floor(v / 0x100000000));
-    this.view.setUint32(this.pos + 4, v >>> 0);
+    this.dataView.setUint32(this.pos, Math.floor(v / 0x100000000));
+    this.dataView.setUint32(this.pos + 4, v >>> 0);
     this.pos += 8;
     this.totalBytes += 8;
     return this;
@@ -130,6 +133,18 @@ export class BatchWriter {
     return this;
   }
 
+  /**
+   * Queue `length` bytes of `src` by reference (zero copy): what goes out is what src holds when
+   * the batch is written, not now. Use it for guest pages when nothing depends on the exact
+   * bytes sent (a later guest write re-dirties the page anyway).
+   */
+  view(src: Buffer, offset: number, length: number): this {
+    this.seal();
+    this.out.push(src.subarray(offset, offset + length));
+    this.totalBytes += length;
+    return this;
+  }
+
   /** Copy exactly `length` bytes from src (a guest page) into the batch. */
   copyFrom(src: Uint8Array, offset: number, length: number): this {
     this.ensure(length);
@@ -148,6 +163,8 @@ export class BatchWriter {
     this.seal();
     const out = this.out;
     this.out = [];
+    for (const s of this.inFlight) this.flushed.push(s);
+    this.inFlight = [];
     return out;
   }
 
@@ -159,7 +176,7 @@ export class BatchWriter {
 
   /** The previously flushed Buffers have been written: their slabs may be reused. */
   release(): void {
-    for (const s of this.inFlight) if (s.length === this.slabSize && this.pool.length < 8) this.pool.push(s);
-    this.inFlight = [];
+    for (const s of this.flushed) if (s.length === this.slabSize && this.pool.length < 8) this.pool.push(s);
+    this.flushed = [];
   }
 }

@@ -1,0 +1,186 @@
+#!/usr/bin/env node
+// livemig-destination: wait for a migrating guest and run it.
+
+import { parseArgs } from 'node:util';
+import { Guest } from '@livemig/guest';
+import {
+  GUEST_HELP,
+  guestFromFlags,
+  migrationEvent,
+  MigrationSettings,
+  GUEST_OPTIONS,
+  QmpCommandError,
+  registerMachineCommands,
+} from '@livemig/machine';
+import { createLogger, type Logger, parseAddress, QmpServer, toSocketAddress } from '@livemig/runtime';
+import { IncomingMigration } from './incoming.ts';
+
+const HELP = `usage: livemig-destination --incoming ADDR [-S] [guest flags] [--qmp ADDR]
+
+Waits for a migration stream (from livemig-source or QEMU) and runs the guest it carries.
+RAM is allocated and touched (prefaulted) before listening, so the transfer does not pay for
+first-touch page faults. Exits with status 1 if the incoming migration fails.
+
+  --incoming ADDR   tcp:HOST:PORT (port 0: any free port, see query-migrate) | unix:PATH |
+                    defer (wait for QMP migrate-incoming)
+  -S, --paused      keep the guest paused after the migration until QMP cont
+  --capabilities L  capabilities to turn on first, comma-separated (e.g. events,postcopy-ram)
+
+${GUEST_HELP}
+
+QMP commands: migrate-incoming, query-migrate (status, socket-address, error-desc),
+migrate-set-capabilities, query-migrate-capabilities, migrate-set-parameters,
+query-migrate-parameters, stop, cont, query-status, x-query-guest-digest, quit.
+Events: MIGRATION (with capability "events"), RESUME, STOP.
+`;
+
+const EXTRA = {
+  incoming: { type: 'string' },
+  paused: { type: 'boolean', short: 'S' },
+  capabilities: { type: 'string' },
+} as const;
+
+class DestinationProcess {
+  readonly guest: Guest;
+  readonly settings = new MigrationSettings();
+  readonly log: Logger;
+  incoming: IncomingMigration | undefined;
+  qmp: QmpServer | undefined;
+  private readonly autostart: boolean;
+  private readonly machineType: string;
+  private prefaulted: Promise<void>;
+
+  constructor(guest: Guest, machineType: string, autostart: boolean, log: Logger) {
+    this.guest = guest;
+    this.machineType = machineType;
+    this.autostart = autostart;
+    this.log = log;
+    const t0 = performance.now();
+    this.prefaulted = guest.prefault().then(() => {
+      log.info({ ms: Math.round(performance.now() - t0), bytes: guest.ram.totalBytes }, 'guest RAM prefaulted');
+    });
+  }
+
+  async listen(uri: string): Promise<string> {
+    if (this.incoming !== undefined) throw new QmpCommandError('The incoming migration has already been started');
+    const address = parseAddress(uri);
+    if (address.transport !== 'tcp' && address.transport !== 'unix') {
+      throw new QmpCommandError(`incoming migration over ${address.transport}: is not supported (use tcp: or unix:)`);
+    }
+    const incoming = new IncomingMigration({
+      guest: this.guest,
+      capabilities: { ...this.settings.capabilities },
+      autostart: this.autostart,
+      machineType: this.machineType,
+      log: this.log.child({ component: 'incoming' }),
+      events: {
+        status: (s) => {
+          if (this.qmp !== undefined) migrationEvent(this.qmp, this.settings, s);
+        },
+        resume: () => this.qmp?.emitEvent('RESUME'),
+      },
+    });
+    this.incoming = incoming;
+    await this.prefaulted;
+    const bound = await incoming.listen(uri);
+    void incoming.done.then(() => {
+      if (incoming.status === 'failed') {
+        // QEMU's destination exits when the incoming migration fails; give the RP and QMP a moment.
+        setTimeout(() => void this.shutdown(1), 200).unref();
+      }
+    });
+    return bound;
+  }
+
+  queryMigrate(): Record<string, unknown> {
+    const m = this.incoming;
+    if (m === undefined) return {};
+    const out: Record<string, unknown> = { status: m.status };
+    if (m.listeningAddress !== undefined && (m.status === 'setup' || m.status === 'none')) {
+      out['socket-address'] = toSocketAddress(parseAddress(m.listeningAddress));
+    }
+    if (m.status === 'failed' && m.errorDesc !== undefined) out['error-desc'] = m.errorDesc;
+    return out;
+  }
+
+  async serveQmp(address: string): Promise<void> {
+    const qmp = await QmpServer.listen(address, { logger: this.log.child({ component: 'qmp' }) });
+    this.qmp = qmp;
+    registerMachineCommands(qmp, this.guest, this.settings, {
+      migrationRunning: () => this.incoming !== undefined && this.incoming.status !== 'completed' && this.incoming.status !== 'failed',
+      quit: () => void this.shutdown(0),
+    });
+    qmp.register('migrate-incoming', async (args) => {
+      const uri = args['uri'];
+      if (typeof uri !== 'string') throw new QmpCommandError("Parameter 'uri' is missing");
+      await this.listen(uri);
+      return {};
+    });
+    qmp.register('query-migrate', () => this.queryMigrate());
+    this.log.info({ qmp: qmp.addressText }, 'QMP listening');
+  }
+
+  async shutdown(status: number): Promise<never> {
+    await this.qmp?.close().catch(() => {});
+    await this.guest.destroy().catch(() => {});
+    process.exit(status);
+  }
+}
+
+async function main(argv: string[]): Promise<void> {
+  let values;
+  try {
+    values = parseArgs({ args: argv, options: { ...GUEST_OPTIONS, ...EXTRA }, strict: true }).values;
+  } catch (err) {
+    process.stderr.write(`livemig-destination: ${(err as Error).message}\n\n${HELP}`);
+    process.exit(2);
+  }
+  if (values.help === true) {
+    process.stdout.write(HELP);
+    return;
+  }
+  if (values.incoming === undefined) {
+    process.stderr.write(`livemig-destination: --incoming is required\n\n${HELP}`);
+    process.exit(2);
+  }
+  let flags;
+  try {
+    flags = guestFromFlags(values);
+    if (values.incoming !== 'defer') parseAddress(values.incoming);
+  } catch (err) {
+    process.stderr.write(`livemig-destination: ${(err as Error).message}\n`);
+    process.exit(2);
+  }
+  const log = createLogger('livemig-destination', flags.logLevel === undefined ? {} : { level: flags.logLevel as 'info' });
+  const guest = new Guest(flags.guest);
+  const proc = new DestinationProcess(guest, flags.machineType, values.paused !== true, log);
+  if (values.capabilities !== undefined) {
+    const { applyCapabilities } = await import('@livemig/protocol');
+    try {
+      proc.settings.capabilities = applyCapabilities(
+        proc.settings.capabilities,
+        values.capabilities.split(',').filter((c) => c.length > 0).map((capability) => ({ capability, state: true })),
+      );
+    } catch (err) {
+      process.stderr.write(`livemig-destination: ${(err as Error).message}\n`);
+      process.exit(2);
+    }
+  }
+  process.on('SIGINT', () => void proc.shutdown(130));
+  process.on('SIGTERM', () => void proc.shutdown(143));
+  if (flags.qmp !== undefined) await proc.serveQmp(flags.qmp);
+  if (values.incoming !== 'defer') {
+    try {
+      const bound = await proc.listen(values.incoming);
+      log.info({ incoming: bound }, 'listening for the migration');
+    } catch (err) {
+      log.error({ err }, `cannot listen on ${values.incoming}: ${(err as Error).message}`);
+      await proc.shutdown(1);
+    }
+  }
+}
+
+main(process.argv.slice(2)).catch((err: unknown) => {
+  process.stderr.write(`livemig-destination: ${(err as Error).stack ?? String(err)}\n`);
+  process.exit(70);
+});

@@ -1,0 +1,78 @@
+// Layout of the shared control words between the main thread and the vCPU workers.
+//
+//   control (Int32Array on SAB): [RUN][THROTTLE][ · ][ · ][ · ][ · ][ · ][ · ][ACK vcpu0][ACK vcpu1]…
+//   state (Float64Array on SAB): per vCPU, STATE_SLOTS numbers: position, passes, rng, writes
+
+export const RUN = 0;
+export const THROTTLE = 1;
+export const ACK_BASE = 8;
+
+export const RunState = { STOPPED: 0, RUNNING: 1, EXIT: 2 } as const;
+export const AckState = { PAUSED: 0, RUNNING: 1, EXITED: 2 } as const;
+
+export const STATE_SLOTS = 8;
+export const S_POSITION = 0;
+export const S_PASSES = 1;
+export const S_RNG = 2;
+export const S_WRITES = 3;
+
+export function controlWords(vcpus: number): number {
+  return ACK_BASE + vcpus;
+}
+
+export type Workload =
+  | { kind: 'idle' }
+  /** One byte per page incremented in address order, forever (QEMU's test guest), paced. */
+  | { kind: 'incrementer'; pagesPerSecond: number }
+  /** Random 8-byte writes anywhere in the main block at a set page rate. */
+  | { kind: 'random'; pagesPerSecond: number }
+  /** Random 8-byte writes inside the first hotBytes of the main block. */
+  | { kind: 'hotset'; hotBytes: number; pagesPerSecond: number };
+
+/** Default incrementer pace: 100 MB/s of dirtied pages, a busy but migratable guest. */
+export const DEFAULT_INCREMENTER_MBPS = 100;
+
+function rate(mbps: string, what: string): number {
+  if (mbps === 'max') return Infinity;
+  const v = Number(mbps);
+  if (!Number.isFinite(v) || v < 0) throw new RangeError(`${what}: "${mbps}" is not a rate in MB/s (or "max")`);
+  return (v * 1e6) / 4096;
+}
+
+/** Parse --workload: idle | incrementer[:<MB/s>|:max] | random:<MB/s> | hotset:<MiB>:<MB/s>. */
+export function parseWorkload(text: string): Workload {
+  const [kind, a, b, ...rest] = text.split(':');
+  if (rest.length > 0) throw new RangeError(`workload "${text}" has too many fields`);
+  switch (kind) {
+    case 'idle':
+      if (a !== undefined) break;
+      return { kind: 'idle' };
+    case 'incrementer':
+      if (b !== undefined) break;
+      return { kind: 'incrementer', pagesPerSecond: rate(a ?? String(DEFAULT_INCREMENTER_MBPS), 'incrementer') };
+    case 'random':
+      if (a === undefined || b !== undefined) break;
+      return { kind: 'random', pagesPerSecond: rate(a, 'random') };
+    case 'hotset': {
+      if (a === undefined || b === undefined) break;
+      const mib = Number(a);
+      if (!Number.isFinite(mib) || mib <= 0) throw new RangeError(`hotset: "${a}" is not a size in MiB`);
+      return { kind: 'hotset', hotBytes: Math.round(mib * 2 ** 20), pagesPerSecond: rate(b, 'hotset') };
+    }
+  }
+  throw new RangeError(`unknown workload "${text}" (idle | incrementer[:<MB/s>] | random:<MB/s> | hotset:<MiB>:<MB/s>)`);
+}
+
+export function formatWorkload(w: Workload): string {
+  const mbps = (pps: number): string => (pps === Infinity ? 'max' : String(Math.round((pps * 4096) / 1e6)));
+  switch (w.kind) {
+    case 'idle':
+      return 'idle';
+    case 'incrementer':
+      return `incrementer:${mbps(w.pagesPerSecond)}`;
+    case 'random':
+      return `random:${mbps(w.pagesPerSecond)}`;
+    case 'hotset':
+      return `hotset:${w.hotBytes / 2 ** 20}:${mbps(w.pagesPerSecond)}`;
+  }
+}

@@ -1,0 +1,245 @@
+// The guest: RAM blocks, vCPUs running a workload, devices, a clock and a run state, with the
+// digest that proves a migration consistent (block hashes + the incrementer pattern check).
+
+import { Worker } from 'node:worker_threads';
+import { createHash } from 'node:crypto';
+import { TARGET_PAGE_SIZE } from '@livemig/protocol';
+import { formatWorkload, type Workload } from './control.ts';
+import { AppDevice, type Device, GlobalStateDevice, GuestClock, TimerDevice, VcpuDevice } from './devices.ts';
+import { type BlockConfig, GuestRam, parseSize } from './ram.ts';
+import { VcpuSet } from './vcpus.ts';
+
+export type Fill = 'zero' | 'random' | 'mixed';
+
+export interface GuestConfig {
+  /** RAM blocks; the first is the main block the workload runs on. */
+  blocks: BlockConfig[];
+  vcpus: number;
+  workload: Workload;
+  /** Initial RAM contents (source): all zero, random, or half zero pages and half random. */
+  fill: Fill;
+  /** Devices beyond QEMU's timer + globalstate: per-vCPU state and the application device. */
+  livemigDevices: boolean;
+}
+
+/** QEMU-style run states reported by query-status. */
+export type GuestRunState = 'prelaunch' | 'running' | 'paused' | 'inmigrate' | 'postmigrate' | 'finish-migrate';
+
+export interface GuestDigest {
+  blocks: { idstr: string; length: number; sha256: string }[];
+  pattern: { consistent: boolean | null; boundary: number | null; badPages: number[] };
+  devices: { clockNs: string; runstate: string; appSha256: string | null; vcpus: { position: number; passes: number }[] };
+}
+
+/** Default second block: small, like a video RAM next to the main RAM. */
+export const SECOND_BLOCK: BlockConfig = { idstr: 'vga.vram', length: 4 * 2 ** 20 };
+
+export function defaultBlocks(memoryBytes: number): BlockConfig[] {
+  return [{ idstr: 'pc.ram', length: memoryBytes }, SECOND_BLOCK];
+}
+
+/** Parse --block NAME:SIZE (repeatable) or derive blocks from --memory. */
+export function parseBlocks(memory: string | undefined, blocks: readonly string[]): BlockConfig[] {
+  if (blocks.length === 0) return defaultBlocks(parseSize(memory ?? '256M'));
+  return blocks.map((spec) => {
+    const at = spec.lastIndexOf(':');
+    if (at <= 0) throw new RangeError(`--block "${spec}" is not NAME:SIZE`);
+    return { idstr: spec.slice(0, at), length: parseSize(spec.slice(at + 1)) };
+  });
+}
+
+function xorshiftFill(words: Uint32Array, seed: number): void {
+  let x = seed >>> 0 || 1;
+  for (let i = 0; i < words.length; i++) {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    words[i] = x >>> 0;
+  }
+}
+
+export class Guest {
+  readonly config: GuestConfig;
+  readonly ram: GuestRam;
+  readonly vcpus: VcpuSet;
+  readonly clock = new GuestClock();
+  readonly globalState = new GlobalStateDevice();
+  readonly app: AppDevice | undefined;
+  readonly devices: Device[];
+  private state: GuestRunState = 'prelaunch';
+  private appTimer: NodeJS.Timeout | undefined;
+
+  constructor(config: GuestConfig) {
+    if (config.blocks.length === 0) throw new RangeError('a guest needs at least one RAM block');
+    if (!Number.isInteger(config.vcpus) || config.vcpus < 1 || config.vcpus > 64) throw new RangeError(`--vcpus ${config.vcpus} is outside 1–64`);
+    this.config = config;
+    this.ram = new GuestRam(config.blocks);
+    this.vcpus = new VcpuSet(config.vcpus, this.ram.blocks[0]!, config.workload);
+    this.devices = [new TimerDevice(this.clock)];
+    if (config.livemigDevices) {
+      for (let i = 0; i < config.vcpus; i++) this.devices.push(new VcpuDevice(i, this.vcpus));
+      this.app = new AppDevice({
+        kind: 'livemig-demo-app',
+        bootedAt: new Date(),
+        requests: 0,
+        recent: [] as { at: number; n: number }[],
+        tags: new Set(['demo', formatWorkload(config.workload)]),
+        sessions: new Map([['admin', { since: Date.now(), roles: ['root'] }]]),
+      });
+      this.devices.push(this.app);
+    } else {
+      this.app = undefined;
+    }
+    this.devices.push(this.globalState);
+  }
+
+  get runState(): GuestRunState {
+    return this.state;
+  }
+
+  /** Set by the migration code: inmigrate, postmigrate, finish-migrate. */
+  setRunState(s: GuestRunState): void {
+    this.state = s;
+  }
+
+  get running(): boolean {
+    return this.state === 'running';
+  }
+
+  /** Fill RAM with the configured initial contents (source side, before the first run). */
+  fillInitial(): void {
+    const fill = this.config.fill;
+    for (const [i, b] of this.ram.blocks.entries()) {
+      if (fill === 'zero') continue;
+      const words = new Uint32Array(b.memory);
+      xorshiftFill(words, 0x2545f491 + i);
+      if (fill === 'mixed') {
+        // Every other pair of pages is zero, so zero-page detection has work to do.
+        for (let p = 2; p < b.pageCount; p += 4) b.bytes.fill(0, p * TARGET_PAGE_SIZE, Math.min(b.pageCount, p + 2) * TARGET_PAGE_SIZE);
+      }
+    }
+    if (this.config.workload.kind === 'incrementer') {
+      // The incrementer owns byte 0 of every page of the main block: it starts uniform.
+      const main = this.ram.blocks[0]!;
+      for (let p = 0; p < main.pageCount; p++) main.bytes[p * TARGET_PAGE_SIZE] = 0;
+    }
+  }
+
+  /**
+   * Touch every page of RAM (destination, while it waits for the stream): first touch of fresh
+   * memory is ~10× slower than a copy here, so the transfer must not pay for it. Runs in a
+   * worker; RAM must not be written until it resolves.
+   */
+  prefault(): Promise<void> {
+    const memories = this.ram.blocks.map((b) => b.memory);
+    const code = `
+      const { workerData } = require('node:worker_threads');
+      for (const m of workerData) { const a = new Int32Array(m); for (let i = 0; i < a.length; i += 1024) Atomics.add(a, i, 0); }`;
+    return new Promise((resolve, reject) => {
+      const w = new Worker(code, { eval: true, workerData: memories });
+      w.once('error', reject);
+      w.once('exit', () => resolve());
+    });
+  }
+
+  async start(): Promise<void> {
+    await this.vcpus.cont();
+    this.clock.resume();
+    this.state = 'running';
+    if (this.app !== undefined && this.appTimer === undefined) {
+      // The application keeps working while the guest runs: its state changes under migration.
+      this.appTimer = setInterval(() => this.tickApp(), 100);
+      this.appTimer.unref();
+    }
+  }
+
+  async stop(next: GuestRunState = 'paused'): Promise<void> {
+    if (this.appTimer !== undefined) {
+      clearInterval(this.appTimer);
+      this.appTimer = undefined;
+    }
+    if (this.state === 'running') this.globalState.runstate = 'running';
+    await this.vcpus.stop();
+    this.clock.pause();
+    this.state = next;
+  }
+
+  private tickApp(): void {
+    const s = this.app!.state as { requests: number; recent: { at: number; n: number }[] };
+    s.requests++;
+    s.recent.push({ at: Date.now(), n: s.requests });
+    if (s.recent.length > 16) s.recent.shift();
+  }
+
+  async destroy(): Promise<void> {
+    if (this.appTimer !== undefined) clearInterval(this.appTimer);
+    await this.vcpus.exit();
+  }
+
+  /** Block hashes (computed in a worker, off the event loop), pattern check and device state. */
+  async digest(): Promise<GuestDigest> {
+    const hashes = await hashBlocks(this.ram.blocks.map((b) => b.memory));
+    const vcpus = Array.from({ length: this.config.vcpus }, (_, i) => {
+      const s = this.vcpus.readState(i);
+      return { position: s.position, passes: s.passes };
+    });
+    return {
+      blocks: this.ram.blocks.map((b, i) => ({ idstr: b.idstr, length: b.length, sha256: hashes[i]! })),
+      pattern:
+        this.config.workload.kind === 'incrementer'
+          ? checkIncrementer(this.ram.blocks[0]!.bytes, this.ram.blocks[0]!.pageCount, this.config.vcpus)
+          : { consistent: null, boundary: null, badPages: [] },
+      devices: {
+        clockNs: this.clock.nowNs().toString(),
+        runstate: this.globalState.loaded ?? this.globalState.runstate,
+        appSha256: this.app === undefined ? null : createHash('sha256').update(this.app.encodeState()).digest('hex'),
+        vcpus,
+      },
+    };
+  }
+}
+
+/** sha256 of each SharedArrayBuffer, in a worker thread. */
+export function hashBlocks(memories: SharedArrayBuffer[]): Promise<string[]> {
+  const code = `
+    const { workerData, parentPort } = require('node:worker_threads');
+    const { createHash } = require('node:crypto');
+    parentPort.postMessage(workerData.map((m) => createHash('sha256').update(new Uint8Array(m)).digest('hex')));`;
+  return new Promise((resolve, reject) => {
+    const w = new Worker(code, { eval: true, workerData: memories });
+    w.once('message', (m: string[]) => resolve(m));
+    w.once('error', reject);
+  });
+}
+
+/**
+ * QEMU's test-guest check: byte 0 of every page, in address order, equals the first page's
+ * value up to one step-down-by-one boundary (per vCPU slice). A stale, lost or torn page
+ * breaks it without any reference copy.
+ */
+export function checkIncrementer(
+  bytes: Uint8Array,
+  pageCount: number,
+  vcpus: number,
+): { consistent: boolean; boundary: number | null; badPages: number[] } {
+  const bad: number[] = [];
+  let boundary: number | null = null;
+  for (let v = 0; v < vcpus; v++) {
+    const first = Math.floor((v * pageCount) / vcpus);
+    const end = Math.floor(((v + 1) * pageCount) / vcpus);
+    let sliceBoundary: number | null = null;
+    for (let p = first + 1; p < end; p++) {
+      const prev = bytes[(p - 1) * TARGET_PAGE_SIZE]!;
+      const cur = bytes[p * TARGET_PAGE_SIZE]!;
+      if (cur === prev) continue;
+      if (cur === ((prev - 1) & 0xff) && sliceBoundary === null) {
+        sliceBoundary = p;
+        continue;
+      }
+      if (bad.length < 10) bad.push(p);
+      else break;
+    }
+    if (v === 0) boundary = sliceBoundary;
+  }
+  return { consistent: bad.length === 0, boundary, badPages: bad };
+}

@@ -1,0 +1,11 @@
+/**
+ * @packageDocumentation
+ * The migrated guest, shared by the source and destination processes: RAM blocks on
+ * SharedArrayBuffer with a KVM-style dirty log, vCPU worker threads running a workload, and
+ * devices with vmstate (timer, globalstate, per-vCPU state, an msgpackr application device).
+ */
+export * from './control.ts';
+export * from './ram.ts';
+export * from './vcpus.ts';
+export * from './devices.ts';
+export * from './guest.ts';

@@ -1,0 +1,117 @@
+// Guest RAM: named blocks on SharedArrayBuffer, each with a dirty log that vCPU workers mark and
+// the migration side syncs, like KVM's dirty bitmap (KVM_GET_DIRTY_LOG clears what it returns).
+//
+//   bytes    [ page 0 | page 1 | … ]                      SharedArrayBuffer, shared with workers
+//   dirtyLog [ w0: pages 0–31 | w1: pages 32–63 | … ]     Int32Array on SAB, bit p&31 of word p>>5
+//
+// A vCPU writes the page first and sets its bit after (Atomics.or). sync() swaps each non-zero
+// word with 0 (Atomics.exchange) and ORs it into the migration bitmap, so a write that races with
+// the sync is either in this sync or sets the bit again for the next: no write is ever lost.
+
+import { TARGET_PAGE_SIZE } from '@livemig/protocol';
+
+export interface BlockConfig {
+  idstr: string;
+  /** Bytes, a multiple of the page size. */
+  length: number;
+}
+
+export interface GuestBlock {
+  idstr: string;
+  length: number;
+  pageCount: number;
+  /** Offset of the block in the guest's flat RAM address space (blocks laid out in order). */
+  globalOffset: number;
+  memory: SharedArrayBuffer;
+  bytes: Uint8Array;
+  dirtyMemory: SharedArrayBuffer;
+  dirtyLog: Int32Array;
+}
+
+/** Words of 32 pages needed for a block. */
+export function bitmapWords(pageCount: number): number {
+  return Math.ceil(pageCount / 32);
+}
+
+export class GuestRam {
+  readonly blocks: GuestBlock[];
+  readonly totalBytes: number;
+
+  constructor(configs: readonly BlockConfig[]) {
+    let global = 0;
+    this.blocks = configs.map((c) => {
+      if (c.length <= 0 || c.length % TARGET_PAGE_SIZE !== 0) {
+        throw new RangeError(`RAM block "${c.idstr}" length ${c.length} is not a positive multiple of ${TARGET_PAGE_SIZE}`);
+      }
+      const pageCount = c.length / TARGET_PAGE_SIZE;
+      const memory = new SharedArrayBuffer(c.length);
+      const dirtyMemory = new SharedArrayBuffer(bitmapWords(pageCount) * 4);
+      const b: GuestBlock = {
+        idstr: c.idstr,
+        length: c.length,
+        pageCount,
+        globalOffset: global,
+        memory,
+        bytes: new Uint8Array(memory),
+        dirtyMemory,
+        dirtyLog: new Int32Array(dirtyMemory),
+      };
+      global += c.length;
+      return b;
+    });
+    this.totalBytes = global;
+  }
+
+  block(idstr: string): GuestBlock | undefined {
+    return this.blocks.find((b) => b.idstr === idstr);
+  }
+
+  /** A Buffer view of a block's memory (no copy). */
+  view(index: number): Buffer {
+    const b = this.blocks[index]!;
+    return Buffer.from(b.memory, 0, b.length);
+  }
+
+  /** Mark a page dirty from the main thread (device DMA, tests). */
+  markDirty(blockIndex: number, page: number): void {
+    Atomics.or(this.blocks[blockIndex]!.dirtyLog, page >> 5, 1 << (page & 31));
+  }
+
+  /** Forget every logged write (start of dirty logging). */
+  clearDirtyLog(): void {
+    for (const b of this.blocks) for (let w = 0; w < b.dirtyLog.length; w++) if (b.dirtyLog[w] !== 0) Atomics.store(b.dirtyLog, w, 0);
+  }
+
+  /**
+   * Fetch and clear a block's dirty log, ORing it into `bitmap` (one bit per page, same layout).
+   * Returns how many pages became dirty in `bitmap` that were not dirty before.
+   */
+  syncDirty(blockIndex: number, bitmap: Uint32Array): number {
+    const log = this.blocks[blockIndex]!.dirtyLog;
+    let added = 0;
+    for (let w = 0; w < log.length; w++) {
+      if (log[w] === 0) continue;
+      const bits = Atomics.exchange(log, w, 0) >>> 0;
+      const fresh = (bits & ~bitmap[w]!) >>> 0;
+      if (fresh !== 0) {
+        added += popcount(fresh);
+        bitmap[w] = (bitmap[w]! | fresh) >>> 0;
+      }
+    }
+    return added;
+  }
+}
+
+export function popcount(x: number): number {
+  x -= (x >>> 1) & 0x55555555;
+  x = (x & 0x33333333) + ((x >>> 2) & 0x33333333);
+  return (((x + (x >>> 4)) & 0x0f0f0f0f) * 0x01010101) >>> 24;
+}
+
+/** Parse a size like 256M, 1G, 4096, 64K (binary units). */
+export function parseSize(text: string): number {
+  const m = /^(\d+)([KMGT]?)i?B?$/i.exec(text.trim());
+  if (m === null) throw new RangeError(`"${text}" is not a size (e.g. 256M, 1G)`);
+  const unit = { '': 1, K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40 }[m[2]!.toUpperCase() as '' | 'K' | 'M' | 'G' | 'T'];
+  return Number(m[1]) * unit;
+}

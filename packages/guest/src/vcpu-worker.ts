@@ -1,0 +1,121 @@
+// A vCPU: a worker thread that runs the guest workload on the main RAM block, marks every page it
+// writes in the dirty log, and obeys stop / continue / throttle from the control words.
+
+import { workerData } from 'node:worker_threads';
+import { ACK_BASE, AckState, RUN, RunState, S_PASSES, S_POSITION, S_RNG, S_WRITES, STATE_SLOTS, THROTTLE, type Workload } from './control.ts';
+
+export interface VcpuWorkerData {
+  index: number;
+  vcpus: number;
+  memory: SharedArrayBuffer;
+  dirtyMemory: SharedArrayBuffer;
+  pageCount: number;
+  control: SharedArrayBuffer;
+  state: SharedArrayBuffer;
+  workload: Workload;
+}
+
+const PAGE = 4096;
+const d = workerData as VcpuWorkerData;
+const bytes = new Uint8Array(d.memory);
+const words = new Uint32Array(d.memory);
+const dirty = new Int32Array(d.dirtyMemory);
+const control = new Int32Array(d.control);
+const state = new Float64Array(d.state, d.index * STATE_SLOTS * 8, STATE_SLOTS);
+const first = Math.floor((d.index * d.pageCount) / d.vcpus);
+const sliceLength = Math.floor(((d.index + 1) * d.pageCount) / d.vcpus) - first;
+const w = d.workload;
+const rate = w.kind === 'idle' ? 0 : w.pagesPerSecond;
+/** Largest batch between control checks; also the burst after a pause. */
+const MAX_BATCH = 4096;
+
+let position = state[S_POSITION]!;
+let passes = state[S_PASSES]!;
+let rng = state[S_RNG]! >>> 0 || 0x9e3779b9 ^ (d.index + 1);
+let writes = state[S_WRITES]!;
+const hotPages = w.kind === 'hotset' ? Math.max(1, Math.min(sliceLength, Math.floor(w.hotBytes / PAGE))) : sliceLength;
+
+function nextRandom(): number {
+  rng ^= rng << 13;
+  rng ^= rng >>> 17;
+  rng ^= rng << 5;
+  rng >>>= 0;
+  return rng;
+}
+
+function markDirty(page: number): void {
+  Atomics.or(dirty, page >> 5, 1 << (page & 31));
+}
+
+function work(n: number): void {
+  if (sliceLength <= 0) return;
+  if (w.kind === 'incrementer') {
+    for (let i = 0; i < n; i++) {
+      const page = first + position;
+      const at = page * PAGE;
+      bytes[at] = (bytes[at]! + 1) & 0xff;
+      markDirty(page);
+      if (++position === sliceLength) {
+        position = 0;
+        passes++;
+      }
+    }
+  } else {
+    const range = w.kind === 'hotset' ? hotPages : sliceLength;
+    for (let i = 0; i < n; i++) {
+      const page = first + (nextRandom() % range);
+      const word = (page * PAGE) / 4 + ((nextRandom() & 0x1ff) << 1);
+      words[word] = writes;
+      words[word + 1] = rng;
+      markDirty(page);
+    }
+  }
+  writes += n;
+  state[S_POSITION] = position;
+  state[S_PASSES] = passes;
+  state[S_RNG] = rng;
+  state[S_WRITES] = writes;
+}
+
+function ack(s: number): void {
+  Atomics.store(control, ACK_BASE + d.index, s);
+  Atomics.notify(control, ACK_BASE + d.index);
+}
+
+let credit = 0;
+let last = performance.now();
+let runSince = last;
+for (;;) {
+  const run = Atomics.load(control, RUN);
+  if (run !== RunState.RUNNING) {
+    ack(run === RunState.EXIT ? AckState.EXITED : AckState.PAUSED);
+    if (run === RunState.EXIT) break;
+    Atomics.wait(control, RUN, run);
+    credit = 0;
+    last = runSince = performance.now();
+    continue;
+  }
+  if (Atomics.load(control, ACK_BASE + d.index) !== AckState.RUNNING) ack(AckState.RUNNING);
+  if (rate === 0) {
+    Atomics.wait(control, RUN, RunState.RUNNING);
+    continue;
+  }
+  const now = performance.now();
+  credit = rate === Infinity ? MAX_BATCH : Math.min(credit + ((now - last) * rate) / 1000, MAX_BATCH);
+  last = now;
+  const n = Math.floor(credit);
+  if (n > 0) {
+    work(n);
+    credit -= n;
+  }
+  const throttle = Atomics.load(control, THROTTLE);
+  if (throttle > 0 && now - runSince >= 10) {
+    // Run 10 ms out of every 10 / (1 − p) ms, as QEMU's CPU throttle does.
+    const p = Math.min(throttle, 99) / 100;
+    Atomics.wait(control, RUN, RunState.RUNNING, (10 * p) / (1 - p));
+    last = runSince = performance.now();
+    credit = 0;
+  } else if (rate !== Infinity && n < MAX_BATCH) {
+    Atomics.wait(control, RUN, RunState.RUNNING, 1);
+  }
+}

@@ -1,0 +1,141 @@
+// The guest's vCPUs: worker threads running the workload, stopped, continued and throttled
+// through shared control words (no message round trips on the hot path).
+
+import { Worker } from 'node:worker_threads';
+import { fileURLToPath } from 'node:url';
+import {
+  ACK_BASE,
+  AckState,
+  controlWords,
+  RUN,
+  RunState,
+  S_PASSES,
+  S_POSITION,
+  S_RNG,
+  S_WRITES,
+  STATE_SLOTS,
+  THROTTLE,
+  type Workload,
+} from './control.ts';
+import type { GuestBlock } from './ram.ts';
+import type { VcpuWorkerData } from './vcpu-worker.ts';
+
+/** Atomics.waitAsync (Node 20 has it; the es2023 lib does not declare it). */
+const waitAsync = (
+  Atomics as unknown as {
+    waitAsync(a: Int32Array, i: number, v: number, t: number): { async: boolean; value: Promise<string> | string };
+  }
+).waitAsync;
+
+/** The compiled worker (src/ and dist/ are both one level below the package root). */
+const WORKER_URL = new URL('../dist/vcpu-worker.js', import.meta.url);
+
+export interface VcpuState {
+  /** Page index inside the vCPU's slice where the incrementer goes next. */
+  position: number;
+  passes: number;
+  rng: number;
+  writes: number;
+}
+
+export class VcpuSet {
+  readonly count: number;
+  readonly control: Int32Array;
+  private readonly stateArray: Float64Array;
+  private readonly workers: Worker[] = [];
+  private readonly block: GuestBlock;
+  readonly workload: Workload;
+  private started = false;
+
+  constructor(count: number, block: GuestBlock, workload: Workload) {
+    this.count = count;
+    this.block = block;
+    this.workload = workload;
+    this.control = new Int32Array(new SharedArrayBuffer(controlWords(count) * 4));
+    this.stateArray = new Float64Array(new SharedArrayBuffer(count * STATE_SLOTS * 8));
+  }
+
+  /** True while the vCPUs are meant to run. */
+  get running(): boolean {
+    return Atomics.load(this.control, RUN) === RunState.RUNNING;
+  }
+
+  get throttlePercent(): number {
+    return Atomics.load(this.control, THROTTLE);
+  }
+
+  setThrottle(percent: number): void {
+    Atomics.store(this.control, THROTTLE, Math.max(0, Math.min(99, Math.round(percent))));
+  }
+
+  readState(index: number): VcpuState {
+    const s = this.stateArray.subarray(index * STATE_SLOTS, (index + 1) * STATE_SLOTS);
+    return { position: s[S_POSITION]!, passes: s[S_PASSES]!, rng: s[S_RNG]!, writes: s[S_WRITES]! };
+  }
+
+  writeState(index: number, v: VcpuState): void {
+    const s = this.stateArray.subarray(index * STATE_SLOTS, (index + 1) * STATE_SLOTS);
+    s[S_POSITION] = v.position;
+    s[S_PASSES] = v.passes;
+    s[S_RNG] = v.rng;
+    s[S_WRITES] = v.writes;
+  }
+
+  private spawn(): void {
+    if (this.started) return;
+    this.started = true;
+    for (let i = 0; i < this.count; i++) {
+      const data: VcpuWorkerData = {
+        index: i,
+        vcpus: this.count,
+        memory: this.block.memory,
+        dirtyMemory: this.block.dirtyMemory,
+        pageCount: this.block.pageCount,
+        control: this.control.buffer as SharedArrayBuffer,
+        state: this.stateArray.buffer as SharedArrayBuffer,
+        workload: this.workload,
+      };
+      const w = new Worker(fileURLToPath(WORKER_URL), { workerData: data });
+      w.on('error', (err) => {
+        process.emitWarning(`vCPU ${i} failed: ${err.message}`);
+      });
+      this.workers.push(w);
+    }
+  }
+
+  /** Start or continue the vCPUs; resolves once every one is running. */
+  async cont(): Promise<void> {
+    this.spawn();
+    Atomics.store(this.control, RUN, RunState.RUNNING);
+    Atomics.notify(this.control, RUN);
+    await this.waitAcks(AckState.RUNNING);
+  }
+
+  /** Stop the vCPUs; resolves once every one has finished its last write and parked. */
+  async stop(): Promise<void> {
+    Atomics.store(this.control, RUN, RunState.STOPPED);
+    Atomics.notify(this.control, RUN);
+    if (this.started) await this.waitAcks(AckState.PAUSED);
+  }
+
+  async exit(): Promise<void> {
+    Atomics.store(this.control, RUN, RunState.EXIT);
+    Atomics.notify(this.control, RUN);
+    await Promise.all(this.workers.map((w) => w.terminate()));
+    this.workers.length = 0;
+  }
+
+  private async waitAcks(want: number): Promise<void> {
+    for (let i = 0; i < this.count; i++) {
+      const slot = ACK_BASE + i;
+      for (;;) {
+        const cur = Atomics.load(this.control, slot);
+        if (cur === want) break;
+        if (cur === AckState.EXITED) throw new Error(`vCPU ${i} has exited`);
+        const r = waitAsync(this.control, slot, cur, 5000);
+        const result = r.async ? await r.value : r.value;
+        if (result === 'timed-out') throw new Error(`vCPU ${i} did not ${want === AckState.PAUSED ? 'stop' : 'start'} within 5 s`);
+      }
+    }
+  }
+}

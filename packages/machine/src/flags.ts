@@ -1,0 +1,72 @@
+// Command-line flags every livemig process shares: the guest's shape and the control socket.
+// Both sides of a migration must be started with the same guest flags.
+
+import type { ParseArgsConfig } from 'node:util';
+import { type Fill, type GuestConfig, parseBlocks, parseWorkload } from '@livemig/guest';
+
+export const DEFAULT_MACHINE = 'livemig-pc';
+
+export const GUEST_OPTIONS = {
+  machine: { type: 'string' },
+  memory: { type: 'string', short: 'm' },
+  block: { type: 'string', multiple: true },
+  vcpus: { type: 'string' },
+  workload: { type: 'string' },
+  fill: { type: 'string' },
+  'qemu-devices-only': { type: 'boolean' },
+  qmp: { type: 'string' },
+  'log-level': { type: 'string' },
+  help: { type: 'boolean', short: 'h' },
+} as const satisfies ParseArgsConfig['options'];
+
+export const GUEST_HELP = `guest (the same on both sides of a migration):
+  --machine TYPE        machine type sent/expected in the stream (default ${DEFAULT_MACHINE})
+  -m, --memory SIZE     main RAM block "pc.ram" (e.g. 256M, 1G, 4G; default 256M), plus a
+                        4 MiB second block "vga.vram"
+  --block NAME:SIZE     RAM blocks exactly as given instead (repeatable; the first is the
+                        one the workload runs on), e.g. --block m0:16M for QEMU's -machine none
+  --vcpus N             vCPU worker threads (default 1); each runs the workload on its own
+                        slice of the main block
+  --workload W          idle (default) | incrementer[:MB/s|:max] (one byte per page in address
+                        order, forever; default 100 MB/s per vCPU) | random:MB/s |
+                        hotset:MiB:MB/s (random writes inside the first MiB)
+  --fill F              initial RAM contents on the source: mixed (default; half the pages
+                        zero, half random) | random | zero
+  --qemu-devices-only   only QEMU's timer and globalstate devices (no per-vCPU or app state)
+control:
+  --qmp ADDR            QMP control socket: unix:PATH or tcp:HOST:PORT (port 0: any free port)
+  --log-level L         trace|debug|info|warn|error|silent (default info; env LIVEMIG_LOG_LEVEL)`;
+
+export class UsageError extends Error {
+  readonly code = 'LM_ERR_USAGE';
+}
+
+export interface GuestFlags {
+  machineType: string;
+  guest: GuestConfig;
+  qmp: string | undefined;
+  logLevel: string | undefined;
+}
+
+export function guestFromFlags(values: Record<string, unknown>): GuestFlags {
+  try {
+    const vcpus = values['vcpus'] === undefined ? 1 : Number(values['vcpus']);
+    if (!Number.isInteger(vcpus) || vcpus < 1 || vcpus > 64) throw new RangeError(`--vcpus "${String(values['vcpus'])}" is not a whole number from 1 to 64`);
+    const fill = (values['fill'] as string | undefined) ?? 'mixed';
+    if (!['zero', 'random', 'mixed'].includes(fill)) throw new RangeError(`--fill "${fill}" is not zero, random or mixed`);
+    return {
+      machineType: (values['machine'] as string | undefined) ?? DEFAULT_MACHINE,
+      guest: {
+        blocks: parseBlocks(values['memory'] as string | undefined, (values['block'] as string[] | undefined) ?? []),
+        vcpus,
+        workload: parseWorkload((values['workload'] as string | undefined) ?? 'idle'),
+        fill: fill as Fill,
+        livemigDevices: values['qemu-devices-only'] !== true,
+      },
+      qmp: values['qmp'] as string | undefined,
+      logLevel: values['log-level'] as string | undefined,
+    };
+  } catch (err) {
+    throw new UsageError((err as Error).message);
+  }
+}

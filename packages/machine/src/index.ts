@@ -1,0 +1,3 @@
+export * from './flags.ts';
+export * from './qmp-common.ts';
+export * from './progress.ts';

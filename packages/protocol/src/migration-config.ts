@@ -1,0 +1,193 @@
+// Migration capabilities and parameters as QMP speaks them (wire-format.md §11.3, §11.4):
+// QEMU 7.2's names, order and defaults, with QEMU's validation ranges.
+
+export const CAPABILITIES = [
+  'xbzrle',
+  'rdma-pin-all',
+  'auto-converge',
+  'zero-blocks',
+  'compress',
+  'events',
+  'postcopy-ram',
+  'x-colo',
+  'release-ram',
+  'block',
+  'return-path',
+  'pause-before-switchover',
+  'multifd',
+  'dirty-bitmaps',
+  'postcopy-blocktime',
+  'late-block-activate',
+  'x-ignore-shared',
+  'validate-uuid',
+  'background-snapshot',
+  'zero-copy-send',
+  'postcopy-preempt',
+] as const;
+
+export type Capability = (typeof CAPABILITIES)[number];
+
+/** Capabilities livemig implements; setting another one on is refused with a clear error. */
+export const SUPPORTED_CAPABILITIES: ReadonlySet<Capability> = new Set<Capability>([
+  'xbzrle',
+  'auto-converge',
+  'events',
+  'return-path',
+  'postcopy-ram',
+  'postcopy-blocktime',
+  'postcopy-preempt',
+  'late-block-activate',
+  'validate-uuid',
+  'pause-before-switchover',
+]);
+
+export type Capabilities = Record<Capability, boolean>;
+
+export function defaultCapabilities(): Capabilities {
+  return Object.fromEntries(CAPABILITIES.map((c) => [c, false])) as Capabilities;
+}
+
+export interface MigrationParameters {
+  'announce-initial': number;
+  'announce-max': number;
+  'announce-rounds': number;
+  'announce-step': number;
+  'compress-level': number;
+  'compress-threads': number;
+  'compress-wait-thread': boolean;
+  'decompress-threads': number;
+  'throttle-trigger-threshold': number;
+  'cpu-throttle-initial': number;
+  'cpu-throttle-increment': number;
+  'cpu-throttle-tailslow': boolean;
+  'tls-creds': string;
+  'tls-hostname': string;
+  'tls-authz': string;
+  /** Bytes per second; 0 = unlimited. */
+  'max-bandwidth': number;
+  /** Milliseconds. */
+  'downtime-limit': number;
+  'x-checkpoint-delay': number;
+  'block-incremental': boolean;
+  'multifd-channels': number;
+  /** Bytes, a power of two ≥ one page. */
+  'xbzrle-cache-size': number;
+  /** Bytes per second in postcopy; 0 = unlimited. */
+  'max-postcopy-bandwidth': number;
+  'max-cpu-throttle': number;
+  'multifd-compression': string;
+  'multifd-zlib-level': number;
+  'multifd-zstd-level': number;
+}
+
+export function defaultParameters(): MigrationParameters {
+  return {
+    'announce-initial': 50,
+    'announce-max': 550,
+    'announce-rounds': 5,
+    'announce-step': 100,
+    'compress-level': 1,
+    'compress-threads': 8,
+    'compress-wait-thread': true,
+    'decompress-threads': 2,
+    'throttle-trigger-threshold': 50,
+    'cpu-throttle-initial': 20,
+    'cpu-throttle-increment': 10,
+    'cpu-throttle-tailslow': false,
+    'tls-creds': '',
+    'tls-hostname': '',
+    'tls-authz': '',
+    'max-bandwidth': 134217728,
+    'downtime-limit': 300,
+    'x-checkpoint-delay': 20000,
+    'block-incremental': false,
+    'multifd-channels': 2,
+    'xbzrle-cache-size': 67108864,
+    'max-postcopy-bandwidth': 0,
+    'max-cpu-throttle': 99,
+    'multifd-compression': 'none',
+    'multifd-zlib-level': 1,
+    'multifd-zstd-level': 1,
+  };
+}
+
+/** An invalid QMP argument; the message is what QEMU users expect to read. */
+export class ParameterError extends Error {
+  readonly code = 'LM_ERR_BAD_PARAMETER';
+}
+
+type Range = readonly [number, number];
+const INT_RANGES: Partial<Record<keyof MigrationParameters, Range>> = {
+  'announce-initial': [1, 100000],
+  'announce-max': [1, 100000],
+  'announce-rounds': [1, 1000],
+  'announce-step': [1, 10000],
+  'compress-level': [0, 9],
+  'compress-threads': [1, 255],
+  'decompress-threads': [1, 255],
+  'throttle-trigger-threshold': [1, 100],
+  'cpu-throttle-initial': [1, 99],
+  'cpu-throttle-increment': [1, 99],
+  'max-bandwidth': [0, Number.MAX_SAFE_INTEGER],
+  'downtime-limit': [0, 2000000],
+  'x-checkpoint-delay': [0, Number.MAX_SAFE_INTEGER],
+  'multifd-channels': [1, 255],
+  'xbzrle-cache-size': [4096, Number.MAX_SAFE_INTEGER],
+  'max-postcopy-bandwidth': [0, Number.MAX_SAFE_INTEGER],
+  'max-cpu-throttle': [1, 99],
+  'multifd-zlib-level': [0, 9],
+  'multifd-zstd-level': [0, 20],
+};
+
+/**
+ * Apply `migrate-set-parameters` arguments to a copy of `current`, validated as QEMU does.
+ * Returns the new parameters; throws ParameterError naming the first bad one.
+ */
+export function applyParameters(current: MigrationParameters, args: Record<string, unknown>): MigrationParameters {
+  const next = { ...current } as Record<string, unknown>;
+  for (const [name, value] of Object.entries(args)) {
+    if (!(name in current)) throw new ParameterError(`Parameter '${name}' is unexpected`);
+    const want = typeof (current as unknown as Record<string, unknown>)[name];
+    if (typeof value !== want || (want === 'number' && !Number.isInteger(value))) {
+      throw new ParameterError(`Parameter '${name}' expects ${want === 'number' ? 'an integer' : want}`);
+    }
+    const range = INT_RANGES[name as keyof MigrationParameters];
+    if (range !== undefined && ((value as number) < range[0] || (value as number) > range[1])) {
+      throw new ParameterError(`Parameter '${name}' expects a value between ${range[0]} and ${range[1]}`);
+    }
+    next[name] = value;
+  }
+  const p = next as unknown as MigrationParameters;
+  const cache = p['xbzrle-cache-size'];
+  if (!Number.isInteger(Math.log2(cache))) {
+    throw new ParameterError(`Parameter 'xbzrle-cache-size' expects a power of two no less than the target page size`);
+  }
+  if (p['max-cpu-throttle'] < p['cpu-throttle-initial']) {
+    throw new ParameterError(`Parameter 'max-cpu-throttle' expects a value between cpu-throttle-initial (${p['cpu-throttle-initial']}) and 99`);
+  }
+  return p;
+}
+
+/**
+ * Apply `migrate-set-capabilities` arguments; throws ParameterError for unknown names,
+ * unsupported capabilities turned on, and QEMU's incompatible combinations.
+ */
+export function applyCapabilities(current: Capabilities, list: unknown): Capabilities {
+  if (!Array.isArray(list)) throw new ParameterError("Parameter 'capabilities' expects an array");
+  const next = { ...current };
+  for (const item of list) {
+    const { capability, state } = (item ?? {}) as { capability?: unknown; state?: unknown };
+    if (typeof capability !== 'string' || !(CAPABILITIES as readonly string[]).includes(capability)) {
+      throw new ParameterError(`Parameter 'capability' does not accept value '${String(capability)}'`);
+    }
+    if (typeof state !== 'boolean') throw new ParameterError(`Parameter 'state' expects a boolean`);
+    if (state && !SUPPORTED_CAPABILITIES.has(capability as Capability)) {
+      throw new ParameterError(`Capability '${capability}' is not supported by livemig`);
+    }
+    next[capability as Capability] = state;
+  }
+  if (next['postcopy-preempt'] && !next['postcopy-ram']) {
+    throw new ParameterError('Postcopy preempt requires postcopy-ram');
+  }
+  return next;
+}

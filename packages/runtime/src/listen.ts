@@ -1,0 +1,79 @@
+// Binding a net.Server to a `tcp:` or `unix:` address, shared by the QMP server and the
+// migration listener, and reading back what was actually bound (port 0 → the kernel's pick).
+
+import { lstat, unlink } from 'node:fs/promises';
+import type { Server } from 'node:net';
+import { formatAddress, toAddress, type MigrationAddress } from './address.ts';
+import { ChannelError, RuntimeErrorCode } from './errors.ts';
+
+/**
+ * Listen on `tcp:HOST:PORT` (empty HOST = every local address, PORT 0 = any free port) or
+ * `unix:PATH` (a stale socket file at PATH is removed first, as QEMU does). Resolves with the
+ * bound address; rejects with ChannelError LM_ERR_CHANNEL_OPEN (or LM_ERR_UNSUPPORTED_TRANSPORT
+ * for other transports).
+ */
+export async function listenServer(server: Server, address: string | MigrationAddress): Promise<MigrationAddress> {
+  const addr = toAddress(address);
+  if (addr.transport === 'unix') {
+    await removeStaleSocket(addr.path);
+  } else if (addr.transport !== 'tcp') {
+    throw new ChannelError(
+      RuntimeErrorCode.UNSUPPORTED_TRANSPORT,
+      `cannot listen on ${formatAddress(addr)}: only tcp: and unix: addresses accept connections`,
+    );
+  }
+  await new Promise<void>((resolve, reject) => {
+    const onError = (err: Error): void => {
+      reject(
+        new ChannelError(RuntimeErrorCode.CHANNEL_OPEN, `cannot listen on ${formatAddress(addr)}: ${err.message}`, {
+          cause: err,
+        }),
+      );
+    };
+    server.once('error', onError);
+    const onListening = (): void => {
+      server.off('error', onError);
+      resolve();
+    };
+    if (addr.transport === 'unix') server.listen({ path: addr.path }, onListening);
+    else if (addr.host === '') server.listen({ port: addr.port }, onListening);
+    else server.listen({ port: addr.port, host: addr.host }, onListening);
+  });
+  return boundAddress(server, addr);
+}
+
+/** The address a listening server is bound to, in MigrationAddress form. */
+export function boundAddress(server: Server, requested?: MigrationAddress): MigrationAddress {
+  const a = server.address();
+  if (a === null) throw new ChannelError(RuntimeErrorCode.INVALID_ARGUMENT, 'server is not listening');
+  if (typeof a === 'string') return { transport: 'unix', path: a };
+  if (requested?.transport === 'unix') return requested;
+  return { transport: 'tcp', host: a.address, port: a.port };
+}
+
+async function removeStaleSocket(path: string): Promise<void> {
+  let isSocket: boolean;
+  try {
+    isSocket = (await lstat(path)).isSocket();
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
+    throw new ChannelError(RuntimeErrorCode.CHANNEL_OPEN, `cannot listen on unix:${path}: ${(err as Error).message}`, {
+      cause: err,
+    });
+  }
+  // Only ever remove a socket: a regular file at that path is far more likely a typo than stale.
+  if (!isSocket) {
+    throw new ChannelError(RuntimeErrorCode.CHANNEL_OPEN, `cannot listen on unix:${path}: the path exists and is not a socket`);
+  }
+  try {
+    await unlink(path);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') {
+      throw new ChannelError(
+        RuntimeErrorCode.CHANNEL_OPEN,
+        `cannot remove stale socket unix:${path}: ${(err as Error).message}`,
+        { cause: err },
+      );
+    }
+  }
+}

@@ -1,0 +1,286 @@
+#!/usr/bin/env node
+// livemig-source: run a guest and migrate it out when told to (QMP `migrate`, or --migrate).
+
+import { parseArgs } from 'node:util';
+import { Guest } from '@livemig/guest';
+import {
+  GUEST_HELP,
+  guestFromFlags,
+  migrationEvent,
+  MigrationSettings,
+  GUEST_OPTIONS,
+  progressLine,
+  QmpCommandError,
+  registerMachineCommands,
+  TtyProgress,
+  UsageError,
+} from '@livemig/machine';
+import { applyCapabilities, applyParameters, TARGET_PAGE_SIZE } from '@livemig/protocol';
+import { connectChannel, createLogger, type Logger, parseAddress, QmpServer } from '@livemig/runtime';
+import { OutgoingMigration } from './migration.ts';
+
+const HELP = `usage: livemig-source [guest flags] [--qmp ADDR] [--migrate URI] [options]
+
+Runs a guest (RAM blocks, vCPU threads running a workload, devices) and migrates it to a
+livemig-destination or a QEMU destination in QEMU's migration stream format.
+
+migration:
+  --migrate URI            migrate at start: tcp:HOST:PORT | unix:PATH | fd:N | exec:CMD | file:PATH
+  --capabilities LIST      capabilities to turn on first, comma-separated (e.g. return-path,events,xbzrle)
+  --parameters LIST        parameters to set first, NAME=VALUE comma-separated
+                           (e.g. max-bandwidth=0,downtime-limit=300; max-bandwidth 0 = unlimited)
+  --exit-after-migrate     exit when the migration ends: status 0 if completed, 1 otherwise
+  -S, --paused             do not start the guest (QEMU's -S); QMP cont starts it
+
+${GUEST_HELP}
+
+QMP commands: migrate, migrate_cancel, query-migrate, migrate-set-capabilities,
+query-migrate-capabilities, migrate-set-parameters, query-migrate-parameters, stop, cont,
+query-status, x-query-guest-digest, quit. Events: MIGRATION, MIGRATION_PASS (with capability
+"events"), STOP, RESUME.
+`;
+
+const EXTRA = {
+  migrate: { type: 'string' },
+  capabilities: { type: 'string' },
+  parameters: { type: 'string' },
+  'exit-after-migrate': { type: 'boolean' },
+  paused: { type: 'boolean', short: 'S' },
+} as const;
+
+function parseParameterList(text: string): Record<string, unknown> {
+  const out: Record<string, unknown> = {};
+  for (const item of text.split(',').filter((s) => s.length > 0)) {
+    const eq = item.indexOf('=');
+    if (eq <= 0) throw new UsageError(`--parameters item "${item}" is not NAME=VALUE`);
+    const v = item.slice(eq + 1);
+    out[item.slice(0, eq)] = v === 'true' ? true : v === 'false' ? false : /^-?\d+$/.test(v) ? Number(v) : v;
+  }
+  return out;
+}
+
+class SourceProcess {
+  readonly guest: Guest;
+  readonly settings = new MigrationSettings();
+  readonly log: Logger;
+  readonly machineType: string;
+  migration: OutgoingMigration | undefined;
+  /** A migrate whose channel is still connecting, or failed to. */
+  connecting: { status: string; errorDesc: string | undefined } | undefined;
+  qmp: QmpServer | undefined;
+  private readonly progress = new TtyProgress();
+  private progressTimer: NodeJS.Timeout | undefined;
+
+  constructor(guest: Guest, machineType: string, log: Logger) {
+    this.guest = guest;
+    this.machineType = machineType;
+    this.log = log;
+  }
+
+  running(): boolean {
+    if (this.connecting?.status === 'setup') return true;
+    const s = this.migration?.status;
+    return s === 'setup' || s === 'active' || s === 'cancelling';
+  }
+
+  event(name: string, data?: Record<string, unknown>): void {
+    this.qmp?.emitEvent(name, data);
+  }
+
+  /**
+   * Start a migration. Like QEMU's, it returns at once: connecting happens in the background and
+   * a destination that is not there shows as status "failed" with its error-desc.
+   */
+  migrate(uri: string): Promise<OutgoingMigration | undefined> {
+    if (typeof uri !== 'string') throw new QmpCommandError("Parameter 'uri' is missing");
+    if (this.running()) throw new QmpCommandError('There is a migration process in progress');
+    const address = parseAddress(uri);
+    if (address.transport === 'defer') throw new QmpCommandError("'defer' is only for the destination (migrate-incoming)");
+    const settings = this.settings;
+    const log = this.log.child({ component: 'migration' });
+    const emitStatus = (status: string): void => {
+      if (this.qmp !== undefined) migrationEvent(this.qmp, settings, status);
+    };
+    emitStatus('setup');
+    this.migration = undefined;
+    const attempt = { status: 'setup', errorDesc: undefined as string | undefined };
+    this.connecting = attempt;
+    return connectChannel(address).then(
+      (channel) => {
+        this.connecting = undefined;
+        const m = new OutgoingMigration({
+          guest: this.guest,
+          capabilities: { ...settings.capabilities },
+          parameters: { ...settings.parameters },
+          channel,
+          machineType: this.machineType,
+          log,
+          events: {
+            status: (s) => {
+              if (s !== 'setup') emitStatus(s);
+            },
+            pass: (pass) => {
+              if (settings.capabilities.events) this.event('MIGRATION_PASS', { pass });
+            },
+            stop: () => this.event('STOP'),
+            resume: () => this.event('RESUME'),
+          },
+        });
+        this.migration = m;
+        const on = Object.entries(settings.capabilities).filter(([, v]) => v).map(([k]) => k);
+        log.info({ uri, capabilities: on, maxBandwidth: settings.parameters['max-bandwidth'] }, 'migration started');
+        this.showProgress(m);
+        return m;
+      },
+      (err: Error) => {
+        attempt.status = 'failed';
+        attempt.errorDesc = `Failed to connect to '${uri}': ${err.message}`;
+        emitStatus('failed');
+        log.warn({}, attempt.errorDesc);
+        return undefined;
+      },
+    );
+  }
+
+  private showProgress(m: OutgoingMigration): void {
+    if (!this.progress.enabled) return;
+    clearInterval(this.progressTimer);
+    this.progressTimer = setInterval(() => {
+      const r = m.ramInfo();
+      this.progress.update(
+        progressLine({ status: m.status, transferred: r.transferred, total: r.total, remaining: r.remaining, mbps: r.mbps, passes: r['dirty-sync-count'] }),
+      );
+    }, 200);
+    void m.done.finally(() => {
+      clearInterval(this.progressTimer);
+      this.progress.done();
+    });
+  }
+
+  queryMigrate(): Record<string, unknown> {
+    const c = this.connecting;
+    if (c !== undefined) return c.status === 'failed' ? { status: 'failed', 'error-desc': c.errorDesc } : { status: c.status };
+    const m = this.migration;
+    if (m === undefined) return {};
+    const out: Record<string, unknown> = { status: m.status };
+    if (m.status === 'setup' || m.status === 'cancelled') return out;
+    if (m.status === 'failed') {
+      out['error-desc'] = m.errorDesc ?? 'unknown error';
+      return out;
+    }
+    const now = performance.now();
+    out['total-time'] = Math.round(m.status === 'completed' ? m.totalTime : now - m.startTime);
+    out['setup-time'] = Math.round(m.setupTime);
+    if (m.status === 'completed') out['downtime'] = Math.round(m.downtime);
+    else out['expected-downtime'] = Math.round(m.expectedDowntime);
+    out['ram'] = m.ramInfo();
+    if (m.ram.xbzrle !== undefined) {
+      const c = m.ram.xbzrle;
+      const s = m.ram.stats;
+      out['xbzrle-cache'] = {
+        'cache-size': c.sizeBytes,
+        bytes: s.xbzrleBytes,
+        pages: s.xbzrlePages,
+        'cache-miss': c.cacheMiss,
+        'cache-miss-rate': c.lookups > 0 ? c.cacheMiss / c.lookups : 0,
+        'encoding-rate': s.xbzrleBytes > 0 ? (s.xbzrlePages * TARGET_PAGE_SIZE) / s.xbzrleBytes : 0,
+        overflow: s.xbzrleOverflow,
+      };
+    }
+    if (m.throttlePercent > 0) out['cpu-throttle-percentage'] = m.throttlePercent;
+    return out;
+  }
+
+  async serveQmp(address: string): Promise<void> {
+    const qmp = await QmpServer.listen(address, { logger: this.log.child({ component: 'qmp' }) });
+    this.qmp = qmp;
+    registerMachineCommands(qmp, this.guest, this.settings, {
+      migrationRunning: () => this.running(),
+      parametersChanged: (p) => {
+        if (this.running()) this.migration!.setMaxBandwidth(p['max-bandwidth']);
+      },
+      quit: () => void this.shutdown(0),
+    });
+    qmp.register('migrate', async (args) => {
+      if (args['resume'] === true) throw new QmpCommandError('migrate with resume=true needs a paused postcopy migration, and there is none');
+      if (args['blk'] === true || args['inc'] === true) throw new QmpCommandError('block migration is not supported');
+      void this.migrate(args['uri'] as string);
+      return {};
+    });
+    qmp.register('migrate_cancel', () => {
+      this.migration?.cancel();
+      return {};
+    });
+    qmp.register('query-migrate', () => this.queryMigrate());
+    this.log.info({ qmp: qmp.addressText }, 'QMP listening');
+  }
+
+  async shutdown(status: number): Promise<never> {
+    this.migration?.cancel();
+    await this.qmp?.close().catch(() => {});
+    await this.guest.destroy().catch(() => {});
+    process.exit(status);
+  }
+}
+
+async function main(argv: string[]): Promise<void> {
+  let values;
+  try {
+    values = parseArgs({ args: argv, options: { ...GUEST_OPTIONS, ...EXTRA }, strict: true }).values;
+  } catch (err) {
+    process.stderr.write(`livemig-source: ${(err as Error).message}\n\n${HELP}`);
+    process.exit(2);
+  }
+  if (values.help === true) {
+    process.stdout.write(HELP);
+    return;
+  }
+  let flags;
+  try {
+    flags = guestFromFlags(values);
+  } catch (err) {
+    process.stderr.write(`livemig-source: ${(err as Error).message}\n`);
+    process.exit(2);
+  }
+  const log = createLogger('livemig-source', flags.logLevel === undefined ? {} : { level: flags.logLevel as 'info' });
+  const guest = new Guest(flags.guest);
+  guest.fillInitial();
+  const proc = new SourceProcess(guest, flags.machineType, log);
+  try {
+    if (values.capabilities !== undefined) {
+      const list = values.capabilities.split(',').filter((c) => c.length > 0).map((capability) => ({ capability, state: true }));
+      proc.settings.capabilities = applyCapabilities(proc.settings.capabilities, list);
+    }
+    if (values.parameters !== undefined) proc.settings.parameters = applyParameters(proc.settings.parameters, parseParameterList(values.parameters));
+  } catch (err) {
+    process.stderr.write(`livemig-source: ${(err as Error).message}\n`);
+    process.exit(2);
+  }
+  process.on('SIGINT', () => void proc.shutdown(130));
+  process.on('SIGTERM', () => void proc.shutdown(143));
+  if (flags.qmp !== undefined) await proc.serveQmp(flags.qmp);
+  if (values.paused !== true) await guest.start();
+  log.info(
+    { blocks: guest.ram.blocks.map((b) => `${b.idstr}:${b.length}`), vcpus: flags.guest.vcpus, workload: values.workload ?? 'idle', running: guest.running },
+    'guest ready',
+  );
+  if (values.migrate !== undefined) {
+    let m: OutgoingMigration | undefined;
+    try {
+      m = await proc.migrate(values.migrate);
+    } catch (err) {
+      log.error({ err }, (err as Error).message);
+    }
+    if (m === undefined) {
+      if (values['exit-after-migrate'] === true) await proc.shutdown(1);
+      return;
+    }
+    await m.done;
+    if (values['exit-after-migrate'] === true) await proc.shutdown(m.status === 'completed' ? 0 : 1);
+  }
+}
+
+main(process.argv.slice(2)).catch((err: unknown) => {
+  process.stderr.write(`livemig-source: ${(err as Error).stack ?? String(err)}\n`);
+  process.exit(70);
+});

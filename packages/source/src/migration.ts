@@ -1,0 +1,472 @@
+// The outgoing migration (QEMU's migration thread): setup, precopy iterations under the rate
+// limit, switchover when what is left fits the downtime limit, then the return path's verdict.
+//
+//   none → setup → active ──────────────→ completed        (cancelled / failed from any of them)
+//            │       │ PART sections      ▲
+//            │       └─ stop vCPUs, END + FULL sections, EOF, VMDESCRIPTION, SHUT(0) on the RP
+//            └─ header, configuration, OPEN_RETURN_PATH, PING(1), START sections
+//
+// Decisions (switchover, throttle) are the pure functions of convergence.ts; this file owns the
+// channel, timers and the guest's run state.
+
+import { setTimeout as sleep } from 'node:timers/promises';
+import type { Duplex } from 'node:stream';
+import { Packr } from 'msgpackr';
+import {
+  BatchWriter,
+  type Capabilities,
+  LIVEMIG_HELLO_PING,
+  MigCmd,
+  type MigrationParameters,
+  NEED_MORE_RP,
+  RP_LIVEMIG_EXT,
+  ReturnPathDecoder,
+  RpMsg,
+  TARGET_PAGE_SIZE,
+  toQemuJson,
+  type VmdescDevice,
+  writeCommand,
+  writeEof,
+  writeEos,
+  writePing,
+  writeSectionFooter,
+  writeSectionHeader,
+  writeStreamHeader,
+  writeConfiguration,
+  writeVmdescription,
+} from '@livemig/protocol';
+import type { Guest } from '@livemig/guest';
+import { AutoConverge, BandwidthMeter, decideNext } from './convergence.ts';
+import { RamSaver } from './ram-saver.ts';
+import { RateLimiter } from './rate-limiter.ts';
+import { StreamOut } from './stream-out.ts';
+
+export type MigrationStatus = 'none' | 'setup' | 'active' | 'cancelling' | 'cancelled' | 'completed' | 'failed';
+
+/** Bytes encoded before each write to the channel (one writev). */
+const BATCH_BYTES = 256 * 1024;
+/** QEMU's MAX_WAIT: one PART section spends at most this long sending. */
+const MAX_ITERATION_MS = 50;
+/** The section id of "ram" in our streams (QEMU registers it as 2 too). */
+const RAM_SECTION_ID = 2;
+
+const extPackr = new Packr({ useRecords: false });
+
+export interface MigrationEvents {
+  status(status: MigrationStatus): void;
+  pass(pass: number): void;
+  stop(): void;
+  resume(): void;
+}
+
+export interface OutgoingOptions {
+  guest: Guest;
+  capabilities: Capabilities;
+  parameters: MigrationParameters;
+  /** The connected channel. */
+  channel: Duplex;
+  /** Machine type sent in the configuration record. */
+  machineType: string;
+  events: MigrationEvents;
+  log: { info(obj: object, msg?: string): void; warn(obj: object, msg?: string): void };
+  now?: () => number;
+}
+
+export interface MigrationInfoRam {
+  transferred: number;
+  remaining: number;
+  total: number;
+  duplicate: number;
+  skipped: number;
+  normal: number;
+  'normal-bytes': number;
+  'dirty-pages-rate': number;
+  mbps: number;
+  'dirty-sync-count': number;
+  'postcopy-requests': number;
+  'page-size': number;
+  'multifd-bytes': number;
+  'pages-per-second': number;
+  'precopy-bytes': number;
+  'downtime-bytes': number;
+  'postcopy-bytes': number;
+  'dirty-sync-missed-zero-copy': number;
+}
+
+export class OutgoingMigration {
+  status: MigrationStatus = 'setup';
+  errorDesc: string | undefined;
+  readonly startTime: number;
+  setupTime = 0;
+  totalTime = 0;
+  downtime = 0;
+  expectedDowntime = 0;
+  private readonly o: OutgoingOptions;
+  private readonly now: () => number;
+  private readonly out: StreamOut;
+  private readonly w = new BatchWriter();
+  readonly ram: RamSaver;
+  private readonly limiter: RateLimiter;
+  private readonly meter: BandwidthMeter;
+  private readonly converge: AutoConverge;
+  private readonly rp: ReturnPathDecoder | undefined;
+  private shutStatus: number | undefined;
+  private shutWaiter: (() => void) | undefined;
+  private destinationError: { code?: string; message?: string; offset?: number } | undefined;
+  private cancelRequested = false;
+  private readonly abort = new AbortController();
+  private wasRunning = false;
+  private stopTime = 0;
+  private precopyBytes = 0;
+  private downtimeBytes = 0;
+  private dirtyRate = 0;
+  private pagesPerSecond = 0;
+  private lastSyncTime: number;
+  private readonly sectionLengths: VmdescDevice[] = [];
+  /** Resolves when the migration has reached a final state. */
+  readonly done: Promise<void>;
+
+  constructor(options: OutgoingOptions) {
+    this.o = options;
+    this.now = options.now ?? (() => performance.now());
+    this.startTime = this.now();
+    this.lastSyncTime = this.startTime;
+    this.out = new StreamOut(options.channel);
+    const p = options.parameters;
+    this.ram = new RamSaver(options.guest, { xbzrleCacheBytes: options.capabilities.xbzrle ? p['xbzrle-cache-size'] : 0 });
+    this.limiter = new RateLimiter(p['max-bandwidth'], this.startTime);
+    this.meter = new BandwidthMeter(this.startTime);
+    this.converge = new AutoConverge(this.startTime);
+    const returnPath = options.capabilities['return-path'] || options.capabilities['postcopy-ram'];
+    this.rp = returnPath ? new ReturnPathDecoder({ livemigExtensions: true }) : undefined;
+    this.done = this.run();
+  }
+
+  /** Bytes written to the channel so far. */
+  get transferred(): number {
+    return this.out.written;
+  }
+
+  get throttlePercent(): number {
+    return this.converge.percent;
+  }
+
+  /** Change max-bandwidth while running (takes effect at once). */
+  setMaxBandwidth(bytesPerSecond: number): void {
+    this.limiter.setRate(bytesPerSecond, this.now());
+  }
+
+  cancel(): void {
+    if (this.status === 'completed' || this.status === 'failed' || this.status === 'cancelled') return;
+    this.cancelRequested = true;
+    this.setStatus('cancelling');
+    this.abort.abort();
+    this.out.fail(new Error('migration cancelled'));
+    this.o.channel.destroy();
+  }
+
+  private setStatus(s: MigrationStatus): void {
+    if (this.status === s) return;
+    this.status = s;
+    this.o.events.status(s);
+  }
+
+  ramInfo(): MigrationInfoRam {
+    const s = this.ram.stats;
+    const elapsed = Math.max(1, this.now() - this.startTime) / 1000;
+    return {
+      transferred: this.out.written,
+      remaining: this.ram.pendingBytes(),
+      total: this.o.guest.ram.totalBytes,
+      duplicate: s.duplicate,
+      skipped: 0,
+      normal: s.normal,
+      'normal-bytes': s.normal * TARGET_PAGE_SIZE,
+      'dirty-pages-rate': Math.round(this.dirtyRate),
+      mbps: this.meter.mbps > 0 ? this.meter.mbps : (this.out.written * 8) / elapsed / 1e6,
+      'dirty-sync-count': s.dirtySyncCount,
+      'postcopy-requests': 0,
+      'page-size': TARGET_PAGE_SIZE,
+      'multifd-bytes': 0,
+      'pages-per-second': Math.round(this.pagesPerSecond),
+      'precopy-bytes': this.precopyBytes,
+      'downtime-bytes': this.downtimeBytes,
+      'postcopy-bytes': 0,
+      'dirty-sync-missed-zero-copy': 0,
+    };
+  }
+
+  // ---- the migration thread --------------------------------------------------------------------
+
+  private async run(): Promise<void> {
+    const guest = this.o.guest;
+    this.wasRunning = guest.running;
+    this.o.events.status('setup');
+    try {
+      if (this.rp !== undefined) this.startReturnPath();
+      await this.setup();
+      this.setupTime = this.now() - this.startTime;
+      this.setStatus('active');
+      await this.iterate();
+      await this.complete();
+      this.totalTime = this.now() - this.startTime;
+      guest.setRunState('postmigrate');
+      this.setStatus('completed');
+      this.o.log.info(
+        { totalMs: Math.round(this.totalTime), downtimeMs: Math.round(this.downtime), bytes: this.out.written, passes: this.ram.stats.dirtySyncCount },
+        'migration completed',
+      );
+    } catch (err) {
+      await this.recover(err as Error);
+    } finally {
+      this.o.guest.vcpus.setThrottle(0);
+    }
+  }
+
+  /** Failure or cancel: the source guest runs on as before, with its memory untouched. */
+  private async recover(err: Error): Promise<void> {
+    this.totalTime = this.now() - this.startTime;
+    this.o.channel.destroy();
+    const guest = this.o.guest;
+    if (this.wasRunning && !guest.running) {
+      await guest.start();
+      this.o.events.resume();
+    } else if (!guest.running && guest.runState === 'finish-migrate') {
+      guest.setRunState('paused');
+    }
+    if (this.cancelRequested) {
+      this.setStatus('cancelled');
+      this.o.log.info({}, 'migration cancelled');
+      return;
+    }
+    this.errorDesc = this.describeFailure(err);
+    this.setStatus('failed');
+    this.o.log.warn({ err: { message: err.message, code: (err as { code?: string }).code } }, `migration failed: ${this.errorDesc}`);
+  }
+
+  private describeFailure(err: Error): string {
+    const d = this.destinationError;
+    if (d !== undefined) return `destination failed: ${d.message ?? 'unknown error'}${d.code !== undefined ? ` [${d.code}]` : ''}`;
+    if (this.shutStatus !== undefined && this.shutStatus !== 0) return `destination failed: it reported status ${this.shutStatus} on the return path`;
+    return err.message;
+  }
+
+  private async flush(): Promise<void> {
+    const bufs = this.w.flush();
+    await this.out.write(bufs);
+  }
+
+  private async setup(): Promise<void> {
+    const w = this.w;
+    const caps = this.o.capabilities;
+    writeStreamHeader(w);
+    writeConfiguration(w, { machineType: this.o.machineType });
+    if (this.rp !== undefined) {
+      writeCommand(w, MigCmd.OPEN_RETURN_PATH);
+      writePing(w, 1);
+      // Harmless to a QEMU destination (it echoes it); tells a livemig one it may send its
+      // error details before SHUT.
+      writePing(w, LIVEMIG_HELLO_PING);
+    }
+    if (caps['postcopy-ram']) throw new Error('postcopy-ram is not supported by this source yet');
+    writeSectionHeader(w, { kind: 'start', sectionId: RAM_SECTION_ID, idstr: 'ram', instanceId: 0, versionId: 4 });
+    this.ram.setup(w);
+    writeEos(w);
+    writeSectionFooter(w, RAM_SECTION_ID);
+    await this.flush();
+    this.o.events.pass(1);
+  }
+
+  /** Exact pending (a dirty sync), with the bookkeeping each sync does. */
+  private syncDirty(): void {
+    const now = this.now();
+    const added = this.ram.sync();
+    const elapsed = (now - this.lastSyncTime) / 1000;
+    if (elapsed > 0) this.dirtyRate = added / elapsed;
+    this.lastSyncTime = now;
+    this.converge.addDirty(added);
+    this.o.events.pass(this.ram.stats.dirtySyncCount);
+    const p = this.o.parameters;
+    const next = this.converge.onSync(
+      now,
+      this.out.written,
+      TARGET_PAGE_SIZE,
+      {
+        throttleTriggerThreshold: p['throttle-trigger-threshold'],
+        cpuThrottleInitial: p['cpu-throttle-initial'],
+        cpuThrottleIncrement: p['cpu-throttle-increment'],
+        maxCpuThrottle: p['max-cpu-throttle'],
+        cpuThrottleTailslow: p['cpu-throttle-tailslow'],
+      },
+      this.o.capabilities['auto-converge'],
+    );
+    if (next !== undefined) {
+      this.o.guest.vcpus.setThrottle(next);
+      this.o.log.info({ percent: next }, 'auto-converge: vCPU throttle raised');
+    }
+  }
+
+  private checkCancelled(): void {
+    if (this.cancelRequested) throw new Error('migration cancelled');
+    if (this.out.error !== undefined) throw this.out.error;
+    if (this.shutStatus !== undefined && this.shutStatus !== 0) throw new Error('destination failed');
+  }
+
+  private async iterate(): Promise<void> {
+    for (;;) {
+      this.checkCancelled();
+      let pending = this.ram.pendingBytes();
+      if (pending < this.meter.threshold) {
+        this.syncDirty();
+        pending = this.ram.pendingBytes();
+      }
+      this.expectedDowntime = this.meter.expectedDowntime(pending);
+      const step = decideNext({
+        pendingBytes: pending,
+        thresholdBytes: this.meter.threshold,
+        mustPrecopyBytes: pending,
+        postcopyRequested: false,
+        inPostcopy: false,
+      });
+      if (step === 'complete') return;
+      await this.partSection();
+    }
+  }
+
+  /** One PART section: pages until the rate limit, 50 ms, or no dirty page is left. */
+  private async partSection(): Promise<void> {
+    const w = this.w;
+    const started = this.now();
+    writeSectionHeader(w, { kind: 'part', sectionId: RAM_SECTION_ID });
+    const deadline = (): boolean => this.now() - started >= MAX_ITERATION_MS;
+    let pagesBefore = this.ram.stats.normal + this.ram.stats.duplicate + this.ram.stats.xbzrlePages;
+    for (;;) {
+      this.checkCancelled();
+      const allowance = this.limiter.allowance(this.now());
+      if (allowance < Math.min(BATCH_BYTES, this.limiter.burstBytes) && !this.limiter.unlimited) {
+        // Over the line: end this section here and sleep until a batch fits.
+        break;
+      }
+      const before = w.totalBytes;
+      const empty = this.ram.iterate(w, Math.min(BATCH_BYTES, allowance), deadline);
+      const bytes = w.totalBytes - before;
+      this.limiter.consume(bytes);
+      this.meter.add(bytes);
+      this.precopyBytes += bytes;
+      await this.flush();
+      if (empty || deadline()) break;
+    }
+    writeEos(w);
+    writeSectionFooter(w, RAM_SECTION_ID);
+    await this.flush();
+    const now = this.now();
+    const pagesAfter = this.ram.stats.normal + this.ram.stats.duplicate + this.ram.stats.xbzrlePages;
+    if (now > started) this.pagesPerSecond = ((pagesAfter - pagesBefore) * 1000) / (now - started);
+    pagesBefore = pagesAfter;
+    this.meter.update(now, this.o.parameters['downtime-limit']);
+    const wait = this.limiter.delayFor(Math.min(BATCH_BYTES, this.limiter.burstBytes), now);
+    if (wait > 0) await sleep(wait, undefined, { signal: this.abort.signal }).catch(() => {});
+  }
+
+  private async complete(): Promise<void> {
+    const guest = this.o.guest;
+    const w = this.w;
+    // Stop-and-copy: the guest pauses, everything left goes out unthrottled.
+    this.stopTime = this.now();
+    if (guest.running) {
+      await guest.stop('finish-migrate');
+      this.o.events.stop();
+    } else {
+      guest.setRunState('finish-migrate');
+    }
+    this.checkCancelled();
+    this.syncDirty();
+    const startBytes = this.out.written;
+    writeSectionHeader(w, { kind: 'end', sectionId: RAM_SECTION_ID });
+    for (;;) {
+      this.checkCancelled();
+      const empty = this.ram.iterate(w, BATCH_BYTES, undefined, true);
+      await this.flush();
+      if (empty) break;
+    }
+    writeEos(w);
+    writeSectionFooter(w, RAM_SECTION_ID);
+    // Devices: one FULL section each, described in the VMDESCRIPTION.
+    let sectionId = 100;
+    for (const dev of guest.devices) {
+      const data = dev.save();
+      writeSectionHeader(w, { kind: 'full', sectionId, idstr: dev.idstr, instanceId: dev.instanceId, versionId: dev.versionId });
+      w.bytes(data);
+      writeSectionFooter(w, sectionId);
+      this.sectionLengths.push(dev.describe(data.length));
+      sectionId++;
+    }
+    writeEof(w);
+    writeVmdescription(w, toQemuJson({ page_size: TARGET_PAGE_SIZE, devices: this.sectionLengths }));
+    await this.flush();
+    this.downtimeBytes = this.out.written - startBytes;
+    if (this.rp !== undefined) {
+      await this.waitForShut();
+    } else {
+      await this.out.end();
+    }
+    this.downtime = this.now() - this.stopTime;
+    this.o.channel.destroy();
+  }
+
+  // ---- return path ------------------------------------------------------------------------------
+
+  private startReturnPath(): void {
+    const rp = this.rp!;
+    this.o.channel.on('data', (chunk: Buffer) => {
+      try {
+        rp.push(chunk);
+        for (let m = rp.next(); m !== NEED_MORE_RP; m = rp.next()) {
+          switch (m.type) {
+            case RpMsg.SHUT:
+              this.shutStatus = m.value!;
+              this.shutWaiter?.();
+              break;
+            case RpMsg.PONG:
+              break;
+            case RP_LIVEMIG_EXT:
+              this.onExtension(m.payload!);
+              break;
+            default:
+              throw new Error(`unexpected return-path message ${m.name} in precopy`);
+          }
+        }
+      } catch (err) {
+        this.out.fail(new Error(`return path: ${(err as Error).message}`));
+      }
+    });
+  }
+
+  private onExtension(payload: Buffer): void {
+    try {
+      const msg = extPackr.unpack(payload) as { kind?: string; code?: string; message?: string; offset?: number };
+      if (msg.kind === 'error') this.destinationError = msg;
+    } catch {
+      // An extension we cannot read is ignored, as QEMU ignores what it does not need.
+    }
+  }
+
+  private waitForShut(): Promise<void> {
+    return new Promise((resolve, reject) => {
+      const check = (): boolean => {
+        if (this.shutStatus === undefined) return false;
+        this.shutWaiter = undefined;
+        if (this.shutStatus === 0) resolve();
+        else reject(new Error(`destination reported status ${this.shutStatus}`));
+        return true;
+      };
+      if (check()) return;
+      this.shutWaiter = () => void check();
+      void this.out.failed().then((err) => {
+        if (!check()) reject(new Error(`the return path closed before the destination confirmed: ${err.message}`));
+      });
+    });
+  }
+}
+
+export { extPackr as livemigExtPackr };

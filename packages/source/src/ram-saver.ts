@@ -1,0 +1,192 @@
+// RAM as the biggest iterative device (QEMU's SaveVMHandlers for "ram"): the migration bitmap,
+// the scan, and page records for each dirty page.
+//
+//   migration bitmap (one per block, 1 bit per page): 1 = must be sent
+//   setup: all ones; sync(): OR in the guest's dirty log (fetch-and-clear)
+//   scan:  cursor (block, page) → next set bit → clear it → ZERO | XBZRLE | PAGE record
+//
+// The bit is cleared before the page is read, as QEMU does: a guest write after that sets
+// the dirty log again and the page goes out once more.
+
+import { type BatchWriter, RamRecordWriter, TARGET_PAGE_SIZE, writeMemSize } from '@livemig/protocol';
+import type { Guest } from '@livemig/guest';
+import { XbzrleCache } from './xbzrle-cache.ts';
+
+const ZERO_PAGE = Buffer.alloc(TARGET_PAGE_SIZE);
+/** Check the clock every this many pages (QEMU: 64) for the 50 ms iteration cap. */
+const TIME_CHECK_PAGES = 64;
+
+export interface RamStats {
+  /** Zero pages sent (QEMU's "duplicate"). */
+  duplicate: number;
+  normal: number;
+  xbzrlePages: number;
+  xbzrleBytes: number;
+  xbzrleOverflow: number;
+  /** Pages found unchanged against the cache (nothing sent). */
+  xbzrleUnchanged: number;
+  /** Full passes over RAM completed by the scan. */
+  rounds: number;
+  dirtySyncCount: number;
+}
+
+export interface RamSaverOptions {
+  /** xbzrle capability: cache size in bytes, or 0 for off. */
+  xbzrleCacheBytes: number;
+}
+
+export class RamSaver {
+  private readonly guest: Guest;
+  private readonly views: Buffer[];
+  readonly bitmaps: Uint32Array[];
+  /** Pages set in the migration bitmaps. */
+  dirtyPages = 0;
+  private cursorBlock = 0;
+  private cursorPage = 0;
+  private readonly rec = new RamRecordWriter();
+  readonly xbzrle: XbzrleCache | undefined;
+  private readonly scratch = Buffer.alloc(TARGET_PAGE_SIZE);
+  readonly stats: RamStats = {
+    duplicate: 0,
+    normal: 0,
+    xbzrlePages: 0,
+    xbzrleBytes: 0,
+    xbzrleOverflow: 0,
+    xbzrleUnchanged: 0,
+    rounds: 0,
+    dirtySyncCount: 0,
+  };
+  readonly totalPages: number;
+
+  constructor(guest: Guest, options: RamSaverOptions) {
+    this.guest = guest;
+    this.views = guest.ram.blocks.map((_, i) => guest.ram.view(i));
+    this.bitmaps = guest.ram.blocks.map((b) => new Uint32Array(Math.ceil(b.pageCount / 32)));
+    this.totalPages = guest.ram.blocks.reduce((a, b) => a + b.pageCount, 0);
+    this.xbzrle = options.xbzrleCacheBytes > 0 ? new XbzrleCache(options.xbzrleCacheBytes) : undefined;
+  }
+
+  /** START data: the block list. Starts dirty logging with every page dirty (sync 1). */
+  setup(w: BatchWriter): void {
+    writeMemSize(
+      w,
+      this.guest.ram.blocks.map((b) => ({ idstr: b.idstr, length: b.length })),
+    );
+    this.guest.ram.clearDirtyLog();
+    for (const [i, b] of this.guest.ram.blocks.entries()) {
+      const bm = this.bitmaps[i]!;
+      bm.fill(0xffffffff);
+      const tail = b.pageCount & 31;
+      if (tail !== 0) bm[bm.length - 1] = (2 ** tail - 1) >>> 0;
+    }
+    this.dirtyPages = this.totalPages;
+    this.rec.forgetBlock();
+    this.stats.dirtySyncCount = 1;
+  }
+
+  pendingBytes(): number {
+    return this.dirtyPages * TARGET_PAGE_SIZE;
+  }
+
+  /** Merge the guest's dirty log into the migration bitmap; returns pages newly dirty. */
+  sync(): number {
+    let added = 0;
+    for (let i = 0; i < this.bitmaps.length; i++) added += this.guest.ram.syncDirty(i, this.bitmaps[i]!);
+    this.dirtyPages += added;
+    this.stats.dirtySyncCount++;
+    return added;
+  }
+
+  private get xbzrleActive(): boolean {
+    return this.xbzrle !== undefined && this.stats.rounds > 0;
+  }
+
+  /**
+   * Send dirty pages until `maxBytes` were encoded, `deadline()` says stop (checked every 64
+   * pages), or none is left. Returns true when no dirty page is left.
+   */
+  iterate(w: BatchWriter, maxBytes: number, deadline?: () => boolean, final = false): boolean {
+    const start = w.totalBytes;
+    let sinceCheck = 0;
+    while (this.dirtyPages > 0) {
+      if (w.totalBytes - start >= maxBytes) return false;
+      if (deadline !== undefined && ++sinceCheck >= TIME_CHECK_PAGES) {
+        sinceCheck = 0;
+        if (deadline()) return false;
+      }
+      if (!this.findDirty()) break;
+      this.sendPage(w, this.cursorBlock, this.cursorPage, final);
+    }
+    return this.dirtyPages === 0;
+  }
+
+  /** Move the cursor to the next dirty page (wrapping), clearing its bit; false if none. */
+  private findDirty(): boolean {
+    const nBlocks = this.bitmaps.length;
+    for (let visited = 0; visited <= nBlocks; visited++) {
+      const bm = this.bitmaps[this.cursorBlock]!;
+      let w = this.cursorPage >>> 5;
+      let word = bm[w]! & (~0 << (this.cursorPage & 31));
+      while (word === 0 && ++w < bm.length) word = bm[w]!;
+      if (word !== 0) {
+        const bit = 31 - Math.clz32(word & -word);
+        bm[w] = (bm[w]! & ~(1 << bit)) >>> 0;
+        this.cursorPage = (w << 5) + bit;
+        this.dirtyPages--;
+        return true;
+      }
+      // Block exhausted: on to the next; a wrap to block 0 completes a round.
+      this.cursorPage = 0;
+      this.cursorBlock++;
+      if (this.cursorBlock === nBlocks) {
+        this.cursorBlock = 0;
+        this.stats.rounds++;
+      }
+    }
+    return false;
+  }
+
+  private sendPage(w: BatchWriter, blockIndex: number, page: number, final: boolean): void {
+    const block = this.guest.ram.blocks[blockIndex]!;
+    const mem = this.views[blockIndex]!;
+    const off = page * TARGET_PAGE_SIZE;
+    const idstr = block.idstr;
+    if (ZERO_PAGE.compare(mem, off, off + TARGET_PAGE_SIZE) === 0) {
+      this.rec.zeroPage(w, idstr, off);
+      this.stats.duplicate++;
+      if (this.xbzrleActive) this.xbzrle!.insertZero(block.globalOffset + off, this.stats.dirtySyncCount);
+      return;
+    }
+    if (!this.xbzrleActive) {
+      // Zero copy: the batch references guest RAM (what goes out is what RAM holds at write time).
+      this.rec.page(w, idstr, off, mem, off, true);
+      this.stats.normal++;
+      return;
+    }
+    // XBZRLE: work on a snapshot of the page so the cache equals exactly what was sent.
+    const cache = this.xbzrle!;
+    const addr = block.globalOffset + off;
+    mem.copy(this.scratch, 0, off, off + TARGET_PAGE_SIZE);
+    const slot = cache.lookup(addr, this.stats.dirtySyncCount);
+    if (slot < 0) {
+      if (!final) cache.insert(addr, this.scratch, 0, this.stats.dirtySyncCount);
+      this.rec.page(w, idstr, off, this.scratch, 0);
+      this.stats.normal++;
+      return;
+    }
+    const before = w.totalBytes;
+    const result = this.rec.deltaPage(w, idstr, off, cache.data, slot * TARGET_PAGE_SIZE, this.scratch, 0);
+    if (result === 'unchanged') {
+      this.stats.xbzrleUnchanged++;
+      return;
+    }
+    if (!final) this.scratch.copy(cache.data, slot * TARGET_PAGE_SIZE);
+    if (result === 'xbzrle') {
+      this.stats.xbzrlePages++;
+      this.stats.xbzrleBytes += w.totalBytes - before;
+    } else {
+      this.stats.xbzrleOverflow++;
+      this.stats.normal++;
+    }
+  }
+}
