@@ -3,6 +3,7 @@
 
 import { parseArgs } from 'node:util';
 import { analyzeInput, extractBlocks, humanReport, jsonReport } from './analyze.ts';
+import { runDemo } from './demo.ts';
 
 const USAGE = `usage: livemig <command> [options]
 
@@ -22,6 +23,17 @@ commands:
       exit status: 0 decoded, 1 usage or I/O error, 2 malformed stream
       (one line on stderr naming what was wrong and its byte offset; with
       --json also {"error":{"code","message","offset"}} on stdout)
+
+  demo [--memory SIZE] [--workload W] [--vcpus N] [--transport tcp|unix]
+       [--max-bandwidth BYTES_PER_S] [--downtime-limit MS]
+      The main job: start a livemig-destination and a livemig-source as two
+      processes on loopback, migrate a running guest (default: 1G running the
+      incrementer workload, unlimited bandwidth, 300 ms downtime limit) with a
+      live progress bar, print the summary (total time, downtime, bytes,
+      throughput, passes) and verify the result: the paused destination's
+      memory equals the stopped source's block by block (sha256), and once
+      continued the destination guest runs on with a consistent pattern.
+      exit status 0 when verified, 1 otherwise.
 
   help    this text
 `;
@@ -82,11 +94,57 @@ async function analyzeCommand(argv: string[]): Promise<number> {
   }
 }
 
+async function demoCommand(argv: string[]): Promise<number> {
+  let values;
+  try {
+    values = parseArgs({
+      args: argv,
+      options: {
+        memory: { type: 'string', short: 'm' },
+        workload: { type: 'string' },
+        vcpus: { type: 'string' },
+        transport: { type: 'string' },
+        'max-bandwidth': { type: 'string' },
+        'downtime-limit': { type: 'string' },
+        help: { type: 'boolean', short: 'h' },
+      },
+    }).values;
+  } catch (err) {
+    return fail(`demo: ${(err as Error).message}\n${USAGE}`, false, 'LM_ERR_USAGE', 1);
+  }
+  if (values.help === true) {
+    process.stdout.write(USAGE);
+    return 0;
+  }
+  const transport = values.transport ?? 'tcp';
+  if (transport !== 'tcp' && transport !== 'unix') return fail(`demo: --transport must be tcp or unix`, false, 'LM_ERR_USAGE', 1);
+  const num = (v: string | undefined, d: number, what: string): number => {
+    const n = v === undefined ? d : Number(v);
+    if (!Number.isInteger(n) || n < 0) throw new Error(`demo: ${what} "${v}" is not a whole number`);
+    return n;
+  };
+  try {
+    return await runDemo({
+      memory: values.memory ?? '1G',
+      workload: values.workload ?? 'incrementer',
+      vcpus: num(values.vcpus, 1, '--vcpus'),
+      transport,
+      maxBandwidth: num(values['max-bandwidth'], 0, '--max-bandwidth'),
+      downtimeLimitMs: num(values['downtime-limit'], 300, '--downtime-limit'),
+      out: process.stdout,
+    });
+  } catch (err) {
+    return fail((err as Error).message, false, 'LM_ERR_DEMO', 1);
+  }
+}
+
 export async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
   switch (command) {
     case 'analyze':
       return analyzeCommand(rest);
+    case 'demo':
+      return demoCommand(rest);
     case undefined:
     case 'help':
     case '--help':
