@@ -80,6 +80,8 @@ export class IncomingMigration {
     this.decoder = new StreamDecoder({
       ram: { attachBlocks: (blocks, offset) => this.attachBlocks(blocks, offset) },
       deviceLayout: (s) => this.devices.get(`${s.idstr}\u0000${s.instanceId}`)?.layout,
+      // Guest RAM is fresh (never run) until the stream has been loaded.
+      zeroedMemory: true,
     });
     this.done = new Promise((resolve) => (this.resolveDone = resolve));
   }
@@ -118,6 +120,8 @@ export class IncomingMigration {
     this.socket = socket;
     this.firstByteAt = performance.now();
     this.o.guest.setRunState('inmigrate');
+    // The stream writes RAM behind the dirty log: from now on any page may be non-zero.
+    this.o.guest.ram.markAllWritten();
     this.setStatus('active');
     socket.on('end', () => this.onEnd());
     socket.on('error', (err) => this.fail(new Error(`migration connection failed: ${err.message}`)));

@@ -56,7 +56,7 @@ class DestinationProcess {
     this.autostart = autostart;
     this.log = log;
     const t0 = performance.now();
-    this.prefaulted = guest.prefault().then(() => {
+    this.prefaulted = guest.prefault('write').then(() => {
       log.info({ ms: Math.round(performance.now() - t0), bytes: guest.ram.totalBytes }, 'guest RAM prefaulted');
     });
   }

@@ -75,6 +75,9 @@ export class Guest {
     this.config = config;
     this.ram = new GuestRam(config.blocks);
     this.vcpus = new VcpuSet(config.vcpus, this.ram.blocks[0]!, config.workload);
+    // Threads start now, parked: starting the guest later (the destination, at the end of a
+    // migration's downtime) must not wait for threads to boot.
+    this.vcpus.spawn();
     this.devices = [new TimerDevice(this.clock)];
     if (config.livemigDevices) {
       for (let i = 0; i < config.vcpus; i++) this.devices.push(new VcpuDevice(i, this.vcpus));
@@ -113,6 +116,7 @@ export class Guest {
       if (fill === 'zero') continue;
       const words = new Uint32Array(b.memory);
       xorshiftFill(words, 0x2545f491 + i);
+      this.ram.markAllWritten(i);
       if (fill === 'mixed') {
         // Every other pair of pages is zero, so zero-page detection has work to do.
         for (let p = 2; p < b.pageCount; p += 4) b.bytes.fill(0, p * TARGET_PAGE_SIZE, Math.min(b.pageCount, p + 2) * TARGET_PAGE_SIZE);
@@ -121,22 +125,29 @@ export class Guest {
     if (this.config.workload.kind === 'incrementer') {
       // The incrementer owns byte 0 of every page of the main block: it starts uniform.
       const main = this.ram.blocks[0]!;
-      for (let p = 0; p < main.pageCount; p++) main.bytes[p * TARGET_PAGE_SIZE] = 0;
+      for (let p = 0; p < main.pageCount; p++) if (main.bytes[p * TARGET_PAGE_SIZE] !== 0) main.bytes[p * TARGET_PAGE_SIZE] = 0;
     }
   }
 
   /**
-   * Touch every page of RAM (destination, while it waits for the stream): first touch of fresh
-   * memory is ~10× slower than a copy here, so the transfer must not pay for it. Runs in a
-   * worker; RAM must not be written until it resolves.
+   * Touch every page of RAM, in a worker. 'write' (destination, while it waits for the stream)
+   * allocates it: first touch of fresh memory is ~10× slower than a copy here, so the transfer
+   * must not pay for it, and RAM must not be written until this resolves. 'read' (source) only
+   * maps never-written pages (to the kernel's zero page), as a booted guest's RAM is mapped, so
+   * that the first migration pass does not pay a page fault per page either.
    */
-  prefault(): Promise<void> {
+  prefault(mode: 'read' | 'write'): Promise<void> {
     const memories = this.ram.blocks.map((b) => b.memory);
     const code = `
       const { workerData } = require('node:worker_threads');
-      for (const m of workerData) { const a = new Int32Array(m); for (let i = 0; i < a.length; i += 1024) Atomics.add(a, i, 0); }`;
+      let sum = 0;
+      for (const m of workerData.memories) {
+        const a = new Int32Array(m);
+        if (workerData.write) for (let i = 0; i < a.length; i += 1024) Atomics.add(a, i, 0);
+        else for (let i = 0; i < a.length; i += 1024) sum += a[i];
+      }`;
     return new Promise((resolve, reject) => {
-      const w = new Worker(code, { eval: true, workerData: memories });
+      const w = new Worker(code, { eval: true, workerData: { memories, write: mode === 'write' } });
       w.once('error', reject);
       w.once('exit', () => resolve());
     });

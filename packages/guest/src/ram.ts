@@ -26,6 +26,12 @@ export interface GuestBlock {
   bytes: Uint8Array;
   dirtyMemory: SharedArrayBuffer;
   dirtyLog: Int32Array;
+  /**
+   * Pages that may hold non-zero bytes (main thread only): a page whose bit is clear has never
+   * been written since the block was allocated zeroed, so it is known zero without reading it.
+   * Every writer sets it: the initial fill, an incoming migration, and each dirty-log sync.
+   */
+  written: Uint32Array;
 }
 
 /** Words of 32 pages needed for a block. */
@@ -55,6 +61,7 @@ export class GuestRam {
         bytes: new Uint8Array(memory),
         dirtyMemory,
         dirtyLog: new Int32Array(dirtyMemory),
+        written: new Uint32Array(bitmapWords(pageCount)),
       };
       global += c.length;
       return b;
@@ -77,9 +84,29 @@ export class GuestRam {
     Atomics.or(this.blocks[blockIndex]!.dirtyLog, page >> 5, 1 << (page & 31));
   }
 
-  /** Forget every logged write (start of dirty logging). */
+  /** Forget every logged write (start of dirty logging); they stay noted in `written`. */
   clearDirtyLog(): void {
-    for (const b of this.blocks) for (let w = 0; w < b.dirtyLog.length; w++) if (b.dirtyLog[w] !== 0) Atomics.store(b.dirtyLog, w, 0);
+    for (const b of this.blocks) {
+      for (let w = 0; w < b.dirtyLog.length; w++) {
+        if (b.dirtyLog[w] !== 0) b.written[w] = (b.written[w]! | Atomics.exchange(b.dirtyLog, w, 0)) >>> 0;
+      }
+    }
+  }
+
+  /** Note that a whole block may now hold anything (e.g. it was loaded by a migration). */
+  markAllWritten(blockIndex?: number): void {
+    for (const [i, b] of this.blocks.entries()) if (blockIndex === undefined || blockIndex === i) b.written.fill(0xffffffff);
+  }
+
+  /** Note one page as possibly non-zero (a main-thread write). */
+  noteWritten(blockIndex: number, page: number): void {
+    const b = this.blocks[blockIndex]!;
+    b.written[page >> 5] = (b.written[page >> 5]! | (1 << (page & 31))) >>> 0;
+  }
+
+  /** False only for a page never written since allocation (so certainly all zero). */
+  mayBeNonZero(blockIndex: number, page: number): boolean {
+    return (this.blocks[blockIndex]!.written[page >> 5]! & (1 << (page & 31))) !== 0;
   }
 
   /**
@@ -87,11 +114,14 @@ export class GuestRam {
    * Returns how many pages became dirty in `bitmap` that were not dirty before.
    */
   syncDirty(blockIndex: number, bitmap: Uint32Array): number {
-    const log = this.blocks[blockIndex]!.dirtyLog;
+    const b = this.blocks[blockIndex]!;
+    const log = b.dirtyLog;
+    const written = b.written;
     let added = 0;
     for (let w = 0; w < log.length; w++) {
       if (log[w] === 0) continue;
       const bits = Atomics.exchange(log, w, 0) >>> 0;
+      written[w] = (written[w]! | bits) >>> 0;
       const fresh = (bits & ~bitmap[w]!) >>> 0;
       if (fresh !== 0) {
         added += popcount(fresh);

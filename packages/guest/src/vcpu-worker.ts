@@ -29,10 +29,18 @@ const rate = w.kind === 'idle' ? 0 : w.pagesPerSecond;
 /** Largest batch between control checks; also the burst after a pause. */
 const MAX_BATCH = 4096;
 
-let position = state[S_POSITION]!;
-let passes = state[S_PASSES]!;
-let rng = state[S_RNG]! >>> 0 || 0x9e3779b9 ^ (d.index + 1);
-let writes = state[S_WRITES]!;
+let position = 0;
+let passes = 0;
+let rng = 0;
+let writes = 0;
+/** Take the vCPU state from shared memory: a migration may have loaded it while we were parked. */
+function loadState(): void {
+  position = state[S_POSITION]!;
+  passes = state[S_PASSES]!;
+  rng = state[S_RNG]! >>> 0 || (0x9e3779b9 ^ (d.index + 1)) >>> 0;
+  writes = state[S_WRITES]!;
+}
+loadState();
 const hotPages = w.kind === 'hotset' ? Math.max(1, Math.min(sliceLength, Math.floor(w.hotBytes / PAGE))) : sliceLength;
 
 function nextRandom(): number {
@@ -91,6 +99,7 @@ for (;;) {
     ack(run === RunState.EXIT ? AckState.EXITED : AckState.PAUSED);
     if (run === RunState.EXIT) break;
     Atomics.wait(control, RUN, run);
+    loadState();
     credit = 0;
     last = runSince = performance.now();
     continue;

@@ -81,7 +81,8 @@ export class VcpuSet {
     s[S_WRITES] = v.writes;
   }
 
-  private spawn(): void {
+  /** Start the worker threads, parked until cont(). */
+  spawn(): void {
     if (this.started) return;
     this.started = true;
     for (let i = 0; i < this.count; i++) {

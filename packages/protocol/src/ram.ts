@@ -83,6 +83,18 @@ export class RamRecordWriter {
     w.u8(0);
   }
 
+  /** ZERO records for `count` consecutive pages from `firstOffset` (one block named at most once). */
+  zeroPages(w: BatchWriter, block: string, firstOffset: number, count: number): void {
+    if (count <= 0) return;
+    this.zeroPage(w, block, firstOffset);
+    const flags = RamFlag.ZERO + (this.alwaysName ? 0 : RamFlag.CONTINUE);
+    for (let i = 1; i < count; i++) {
+      const off = firstOffset + i * TARGET_PAGE_SIZE;
+      if (this.alwaysName) w.be64(off + flags).cstr(block).u8(0);
+      else w.be64(off + flags).u8(0);
+    }
+  }
+
   /**
    * A normal page of TARGET_PAGE_SIZE bytes from `src` at `srcOffset`: copied into the batch, or
    * with `byReference` queued as a view of `src` (zero copy; see BatchWriter.view).

@@ -153,6 +153,11 @@ export interface StreamDecoderOptions {
   resume?: { postcopyState: PostcopyStateValue; sections: readonly SectionIdentity[]; blocks: readonly RamBlockInfo[] };
   /** Offset of the first byte pushed (for a resumed channel). Default 0. */
   startOffset?: number;
+  /**
+   * The memory attachBlocks returns is all zero to begin with (a fresh destination): a ZERO
+   * record for a page this stream never wrote is then skipped instead of clearing 4 KiB.
+   */
+  zeroedMemory?: boolean;
 }
 
 /** Decoder states. */
@@ -219,6 +224,9 @@ export class StreamDecoder {
   private blocks: RamBlockInfo[] = [];
   private blockIndex = new Map<string, number>();
   private memory: (Uint8Array | undefined)[] = [];
+  /** With zeroedMemory: per block, one bit per page this stream wrote non-zero bytes to. */
+  private written: (Uint32Array | undefined)[] = [];
+  private readonly zeroedMemory: boolean;
   private stats: BlockStats[] = [];
   /** Index of the block named last on this channel; -1 before any. */
   private lastBlock = -1;
@@ -242,6 +250,7 @@ export class StreamDecoder {
     this.maxSections = options.maxSections ?? 65536;
     this.maxCommand = options.maxCommand ?? MIG_CMD_MAX_7_2;
     this.ignoreShared = options.ignoreShared ?? false;
+    this.zeroedMemory = options.zeroedMemory ?? false;
     if (options.resume !== undefined) {
       this.state = S.RECORD;
       this.postcopyState = options.resume.postcopyState;
@@ -752,6 +761,24 @@ export class StreamDecoder {
       }
       const mem = this.memory[block];
       const bs = this.stats[block]!;
+      const written = this.written[block];
+      if (written !== undefined) {
+        const page = pageOffset / TARGET_PAGE_SIZE;
+        const bit = 1 << (page & 31);
+        if (type === RamFlag.ZERO && r.u8(k) === 0 && (written[page >>> 5]! & bit) === 0) {
+          // Still zero since the start: nothing to clear.
+          stats.zero++;
+          bs.zeroPages++;
+          if (named) {
+            stats.named++;
+            this.lastBlock = block;
+          } else stats.continued++;
+          r.skip(total);
+          if (placed !== undefined) placed.call(this.ram, block, pageOffset);
+          continue;
+        }
+        written[page >>> 5] = written[page >>> 5]! | bit;
+      }
       switch (type) {
         case RamFlag.ZERO:
           if (mem !== undefined) mem.fill(r.u8(k), pageOffset, pageOffset + TARGET_PAGE_SIZE);
@@ -874,6 +901,9 @@ export class StreamDecoder {
     this.blocks = blocks;
     this.blockIndex = new Map(blocks.map((b, i) => [b.idstr, i]));
     this.memory = blocks.map((_, i) => memory[i]);
+    this.written = blocks.map((b, i) =>
+      this.zeroedMemory && memory[i] !== undefined ? new Uint32Array(Math.ceil(b.length / TARGET_PAGE_SIZE / 32)) : undefined,
+    );
     this.stats = blocks.map((b) => ({ idstr: b.idstr, length: b.length, zeroPages: 0, normalPages: 0, xbzrlePages: 0, compressedPages: 0 }));
     this.lastBlock = -1;
   }

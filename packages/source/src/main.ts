@@ -245,6 +245,7 @@ async function main(argv: string[]): Promise<void> {
   const log = createLogger('livemig-source', flags.logLevel === undefined ? {} : { level: flags.logLevel as 'info' });
   const guest = new Guest(flags.guest);
   guest.fillInitial();
+  await guest.prefault('read');
   const proc = new SourceProcess(guest, flags.machineType, log);
   try {
     if (values.capabilities !== undefined) {

@@ -68,7 +68,7 @@ export interface OutgoingOptions {
   /** Machine type sent in the configuration record. */
   machineType: string;
   events: MigrationEvents;
-  log: { info(obj: object, msg?: string): void; warn(obj: object, msg?: string): void };
+  log: { info(obj: object, msg?: string): void; warn(obj: object, msg?: string): void; debug(obj: object, msg?: string): void };
   now?: () => number;
 }
 
@@ -286,6 +286,10 @@ export class OutgoingMigration {
     this.lastSyncTime = now;
     this.converge.addDirty(added);
     this.o.events.pass(this.ram.stats.dirtySyncCount);
+    this.o.log.debug(
+      { pass: this.ram.stats.dirtySyncCount, newlyDirty: added, pending: this.ram.pendingBytes(), sent: this.out.written, thresholdBytes: Math.round(this.meter.threshold), ms: Math.round(now - this.startTime) },
+      'dirty sync',
+    );
     const p = this.o.parameters;
     const next = this.converge.onSync(
       now,
@@ -405,6 +409,7 @@ export class OutgoingMigration {
     writeVmdescription(w, toQemuJson({ page_size: TARGET_PAGE_SIZE, devices: this.sectionLengths }));
     await this.flush();
     this.downtimeBytes = this.out.written - startBytes;
+    this.o.log.debug({ ms: Math.round(this.now() - this.startTime), stopMs: Math.round(this.now() - this.stopTime), downtimeBytes: this.downtimeBytes }, 'final state sent');
     if (this.rp !== undefined) {
       await this.waitForShut();
     } else {

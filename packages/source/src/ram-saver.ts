@@ -115,6 +115,19 @@ export class RamSaver {
         if (deadline()) return false;
       }
       if (!this.findDirty()) break;
+      const run = this.knownZeroRun();
+      if (run > 0) {
+        // Never-written pages: ZERO records straight from the bitmaps, memory untouched.
+        const block = this.guest.ram.blocks[this.cursorBlock]!;
+        this.rec.zeroPages(w, block.idstr, this.cursorPage * TARGET_PAGE_SIZE, run);
+        this.stats.duplicate += run;
+        this.cursorPage += run - 1;
+        if (this.xbzrleActive) {
+          for (let i = 0; i < run; i++) this.xbzrle!.insertZero(block.globalOffset + (this.cursorPage - i) * TARGET_PAGE_SIZE, this.stats.dirtySyncCount);
+        }
+        sinceCheck += run;
+        continue;
+      }
       this.sendPage(w, this.cursorBlock, this.cursorPage, final);
     }
     return this.dirtyPages === 0;
@@ -146,12 +159,37 @@ export class RamSaver {
     return false;
   }
 
+  /**
+   * If the page under the cursor was never written, take it and the never-written dirty pages
+   * right after it in the same bitmap word (clearing their bits); returns how many (0: not one).
+   */
+  private knownZeroRun(): number {
+    const block = this.guest.ram.blocks[this.cursorBlock]!;
+    const page = this.cursorPage;
+    const w = page >>> 5;
+    const unwritten = ~block.written[w]!;
+    if ((unwritten & (1 << (page & 31))) === 0) return 0;
+    const bm = this.bitmaps[this.cursorBlock]!;
+    // Bits above `page` that are dirty and unwritten, as a run starting at page + 1.
+    const candidates = ((bm[w]! & unwritten) >>> 0) >>> (page & 31);
+    let n = 1;
+    while ((page & 31) + n < 32 && ((candidates >>> n) & 1) === 1) n++;
+    if (n > 1) {
+      const mask = (2 ** (n - 1) - 1) * 2 ** ((page & 31) + 1);
+      bm[w] = (bm[w]! & ~mask) >>> 0;
+      this.dirtyPages -= n - 1;
+    }
+    return n;
+  }
+
   private sendPage(w: BatchWriter, blockIndex: number, page: number, final: boolean): void {
     const block = this.guest.ram.blocks[blockIndex]!;
     const mem = this.views[blockIndex]!;
     const off = page * TARGET_PAGE_SIZE;
     const idstr = block.idstr;
-    if (ZERO_PAGE.compare(mem, off, off + TARGET_PAGE_SIZE) === 0) {
+    // A page never written since allocation is zero without reading it (no fault, no memcmp).
+    const knownZero = (block.written[page >>> 5]! & (1 << (page & 31))) === 0;
+    if (knownZero || ZERO_PAGE.compare(mem, off, off + TARGET_PAGE_SIZE) === 0) {
       this.rec.zeroPage(w, idstr, off);
       this.stats.duplicate++;
       if (this.xbzrleActive) this.xbzrle!.insertZero(block.globalOffset + off, this.stats.dirtySyncCount);
