@@ -11,8 +11,8 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { QmpClient } from '@livemig/runtime';
 
-const SOURCE_MAIN = fileURLToPath(new URL('../../source/dist/main.js', import.meta.url));
-const DESTINATION_MAIN = fileURLToPath(new URL('../../destination/dist/main.js', import.meta.url));
+export const SOURCE_MAIN = fileURLToPath(new URL('../../source/dist/main.js', import.meta.url));
+export const DESTINATION_MAIN = fileURLToPath(new URL('../../destination/dist/main.js', import.meta.url));
 
 export interface DemoOptions {
   memory: string;
@@ -28,15 +28,18 @@ export interface DemoOptions {
 interface Digest {
   blocks: { idstr: string; length: number; sha256: string }[];
   pattern: { consistent: boolean | null; boundary: number | null; badPages: number[] };
+  devices: { clockNs: string; appSha256: string | null; vfioSha256: string | null; vcpus: { position: number }[] };
 }
 
-interface Child {
+export interface Child {
   name: string;
   proc: ChildProcess;
+  /** The last lines it printed (for error messages). */
   log: string[];
 }
 
-function start(name: string, main: string, args: string[]): Child {
+/** Start a livemig process (SOURCE_MAIN or DESTINATION_MAIN) with its output kept for errors. */
+export function startProcess(name: string, main: string, args: string[]): Child {
   const proc = spawn(process.execPath, [main, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, LIVEMIG_LOG_LEVEL: 'warn' } });
   const child: Child = { name, proc, log: [] };
   const keep = (b: Buffer): void => {
@@ -48,7 +51,8 @@ function start(name: string, main: string, args: string[]): Child {
   return child;
 }
 
-async function connectQmp(child: Child, address: string, timeoutMs: number): Promise<QmpClient> {
+/** Connect to a child's QMP socket once it accepts (bounded). */
+export async function connectQmp(child: Child, address: string, timeoutMs: number): Promise<QmpClient> {
   const until = Date.now() + timeoutMs;
   for (;;) {
     if (child.proc.exitCode !== null) throw new Error(`${child.name} exited (${child.proc.exitCode}):\n${child.log.join('')}`);
@@ -58,6 +62,18 @@ async function connectQmp(child: Child, address: string, timeoutMs: number): Pro
       if (Date.now() > until) throw new Error(`${child.name}: no QMP on ${address} within ${timeoutMs} ms: ${(err as Error).message}`);
       await sleep(50);
     }
+  }
+}
+
+/** The destination listens once its RAM is prefaulted: its address from query-migrate. */
+export async function incomingAddress(dq: QmpClient, timeoutMs: number): Promise<string> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const info = (await dq.execute('query-migrate')) as { 'socket-address'?: { type: string; host?: string; port?: string; path?: string }[] };
+    const a = info['socket-address']?.[0];
+    if (a !== undefined) return a.type === 'inet' ? `tcp:${a.host}:${a.port}` : `unix:${a.path}`;
+    if (Date.now() > deadline) throw new Error(`the destination did not start listening within ${timeoutMs} ms`);
+    await sleep(100);
   }
 }
 
@@ -79,23 +95,14 @@ export async function runDemo(o: DemoOptions): Promise<number> {
     const guest = ['-m', o.memory, '--workload', o.workload, '--vcpus', String(o.vcpus)];
     const incoming = o.transport === 'tcp' ? 'tcp:127.0.0.1:0' : `unix:${join(dir, 'migration.sock')}`;
     say(`livemig demo: ${o.memory} guest, ${o.vcpus} vCPU(s) running "${o.workload}", migrated over ${o.transport} loopback between two processes`);
-    const dst = start('destination', DESTINATION_MAIN, ['--incoming', incoming, '-S', '--qmp', `unix:${join(dir, 'dst.qmp')}`, ...guest]);
-    const src = start('source', SOURCE_MAIN, ['--qmp', `unix:${join(dir, 'src.qmp')}`, ...guest]);
+    const dst = startProcess('destination', DESTINATION_MAIN, ['--incoming', incoming, '-S', '--qmp', `unix:${join(dir, 'dst.qmp')}`, ...guest]);
+    const src = startProcess('source', SOURCE_MAIN, ['--qmp', `unix:${join(dir, 'src.qmp')}`, ...guest]);
     children.push(dst, src);
     const dq = await connectQmp(dst, `unix:${join(dir, 'dst.qmp')}`, 30_000);
     const sq = await connectQmp(src, `unix:${join(dir, 'src.qmp')}`, 30_000);
     clients.push(dq, sq);
 
-    // The destination listens once its RAM is prefaulted: wait for its address.
-    let uri: string | undefined;
-    const listenDeadline = Date.now() + 120_000;
-    while (uri === undefined) {
-      const info = (await dq.execute('query-migrate')) as { 'socket-address'?: { type: string; host?: string; port?: string; path?: string }[] };
-      const a = info['socket-address']?.[0];
-      if (a !== undefined) uri = a.type === 'inet' ? `tcp:${a.host}:${a.port}` : `unix:${a.path}`;
-      else if (Date.now() > listenDeadline) throw new Error('the destination did not start listening within 120 s');
-      else await sleep(100);
-    }
+    const uri = await incomingAddress(dq, 120_000);
     say(`destination pid ${dst.proc.pid} listening on ${uri} (RAM prefaulted); source pid ${src.proc.pid} running the guest`);
     await sleep(500); // let the workload dirty some memory first
 
@@ -160,6 +167,16 @@ export async function runDemo(o: DemoOptions): Promise<number> {
     for (const [i, b] of sd!.blocks.entries()) {
       say(`  ${b.idstr.padEnd(10)} source ${b.sha256.slice(0, 16)}…  destination ${dd!.blocks[i]?.sha256.slice(0, 16)}…  ${b.sha256 === dd!.blocks[i]?.sha256 ? 'equal' : 'DIFFERENT'}`);
     }
+    const sdev = sd!.devices;
+    const ddev = dd!.devices;
+    const devicesSame =
+      sdev.appSha256 === ddev.appSha256 &&
+      sdev.vfioSha256 === ddev.vfioSha256 &&
+      sdev.clockNs === ddev.clockNs &&
+      JSON.stringify(sdev.vcpus) === JSON.stringify(ddev.vcpus);
+    say(
+      `  devices: app state ${sdev.appSha256 === ddev.appSha256 ? 'equal' : 'DIFFERENT'}, VFIO-style device memory ${sdev.vfioSha256 === ddev.vfioSha256 ? 'equal' : 'DIFFERENT'}, guest clock ${sdev.clockNs === ddev.clockNs ? `continuous (${(Number(sdev.clockNs) / 1e9).toFixed(3)} s)` : 'DIFFERENT'}, vCPU state ${JSON.stringify(sdev.vcpus) === JSON.stringify(ddev.vcpus) ? 'equal' : 'DIFFERENT'}`,
+    );
     const patternBefore = dd!.pattern;
     if (patternBefore.consistent !== null) {
       say(`  incrementer pattern on the destination: ${patternBefore.consistent ? `consistent (boundary at page ${patternBefore.boundary})` : `BROKEN at pages ${patternBefore.badPages.join(', ')}`}`);
@@ -172,7 +189,7 @@ export async function runDemo(o: DemoOptions): Promise<number> {
     const changed = after.blocks[0]!.sha256 !== dd!.blocks[0]!.sha256 || o.workload === 'idle';
     const consistentAfter = after.pattern.consistent !== false;
     say(`  after cont, 1 s of running on the destination: memory ${o.workload === 'idle' ? 'idle guest' : changed ? 'kept changing' : 'DID NOT CHANGE'}, pattern ${after.pattern.consistent === null ? 'n/a' : consistentAfter ? 'consistent' : 'BROKEN'}`);
-    const ok = same && patternBefore.consistent !== false && changed && consistentAfter;
+    const ok = same && devicesSame && patternBefore.consistent !== false && changed && consistentAfter;
     say('');
     say(ok ? 'VERDICT: PASS — the destination holds exactly the source guest and runs on' : 'VERDICT: FAIL');
     return ok ? 0 : 1;

@@ -157,6 +157,12 @@ export async function main(argv: string[]): Promise<number> {
   }
 }
 
+// `livemig analyze … | head` closes our stdout early: that is not an error worth a stack trace.
+process.stdout.on('error', (err: NodeJS.ErrnoException) => {
+  if (err.code === 'EPIPE') process.exit(process.exitCode ?? 0);
+  throw err;
+});
+
 main(process.argv.slice(2)).then(
   (status) => {
     process.exitCode = status;

@@ -24,7 +24,7 @@ import {
   writeRpPong,
   writeRpShut,
 } from '@livemig/protocol';
-import type { Device, Guest } from '@livemig/guest';
+import type { Guest } from '@livemig/guest';
 import { listenChannel, type ChannelListener } from '@livemig/runtime';
 
 export type IncomingStatus = 'none' | 'setup' | 'active' | 'completed' | 'failed';
@@ -61,7 +61,8 @@ export class IncomingMigration {
   private listener: ChannelListener | undefined;
   private socket: net.Socket | undefined;
   private readonly decoder: StreamDecoder;
-  private readonly devices = new Map<string, Device>();
+  /** Every non-RAM section we accept: FULL devices and iterative loaders, by idstr + instance. */
+  private readonly devices = new Map<string, { layout: number | 'be32-prefixed'; load(data: Buffer, versionId: number): void }>();
   private rpOpen = false;
   private peerIsLivemig = false;
   private sawEof = false;
@@ -77,6 +78,10 @@ export class IncomingMigration {
   constructor(options: IncomingOptions) {
     this.o = options;
     for (const d of options.guest.devices) this.devices.set(`${d.idstr}\u0000${d.instanceId}`, d);
+    const vfio = options.guest.vfio;
+    if (vfio !== undefined) {
+      this.devices.set(`${vfio.idstr}\u0000${vfio.instanceId}`, { layout: vfio.layout, load: (data, v) => vfio.loadState(data, v) });
+    }
     this.decoder = new StreamDecoder({
       ram: { attachBlocks: (blocks, offset) => this.attachBlocks(blocks, offset) },
       deviceLayout: (s) => this.devices.get(`${s.idstr}\u0000${s.instanceId}`)?.layout,

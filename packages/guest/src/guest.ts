@@ -8,6 +8,7 @@ import { formatWorkload, type Workload } from './control.ts';
 import { AppDevice, type Device, GlobalStateDevice, GuestClock, TimerDevice, VcpuDevice } from './devices.ts';
 import { type BlockConfig, GuestRam, parseSize } from './ram.ts';
 import { VcpuSet } from './vcpus.ts';
+import { VfioDevice } from './vfio-device.ts';
 
 export type Fill = 'zero' | 'random' | 'mixed';
 
@@ -28,7 +29,13 @@ export type GuestRunState = 'prelaunch' | 'running' | 'paused' | 'inmigrate' | '
 export interface GuestDigest {
   blocks: { idstr: string; length: number; sha256: string }[];
   pattern: { consistent: boolean | null; boundary: number | null; badPages: number[] };
-  devices: { clockNs: string; runstate: string; appSha256: string | null; vcpus: { position: number; passes: number }[] };
+  devices: {
+    clockNs: string;
+    runstate: string;
+    appSha256: string | null;
+    vfioSha256: string | null;
+    vcpus: { position: number; passes: number }[];
+  };
 }
 
 /** Default second block: small, like a video RAM next to the main RAM. */
@@ -65,6 +72,8 @@ export class Guest {
   readonly clock = new GuestClock();
   readonly globalState = new GlobalStateDevice();
   readonly app: AppDevice | undefined;
+  /** The VFIO-style device with its own pre-copy data (livemig devices only). */
+  readonly vfio: VfioDevice | undefined;
   readonly devices: Device[];
   private state: GuestRunState = 'prelaunch';
   private appTimer: NodeJS.Timeout | undefined;
@@ -90,8 +99,10 @@ export class Guest {
         sessions: new Map([['admin', { since: Date.now(), roles: ['root'] }]]),
       });
       this.devices.push(this.app);
+      this.vfio = new VfioDevice();
     } else {
       this.app = undefined;
+      this.vfio = undefined;
     }
     this.devices.push(this.globalState);
   }
@@ -156,6 +167,7 @@ export class Guest {
   async start(): Promise<void> {
     await this.vcpus.cont();
     this.clock.resume();
+    this.vfio?.start();
     this.state = 'running';
     if (this.app !== undefined && this.appTimer === undefined) {
       // The application keeps working while the guest runs: its state changes under migration.
@@ -171,6 +183,7 @@ export class Guest {
     }
     if (this.state === 'running') this.globalState.runstate = 'running';
     await this.vcpus.stop();
+    this.vfio?.stop();
     this.clock.pause();
     this.state = next;
   }
@@ -184,6 +197,7 @@ export class Guest {
 
   async destroy(): Promise<void> {
     if (this.appTimer !== undefined) clearInterval(this.appTimer);
+    this.vfio?.stop();
     await this.vcpus.exit();
   }
 
@@ -204,6 +218,7 @@ export class Guest {
         clockNs: this.clock.nowNs().toString(),
         runstate: this.globalState.loaded ?? this.globalState.runstate,
         appSha256: this.app === undefined ? null : createHash('sha256').update(this.app.encodeState()).digest('hex'),
+        vfioSha256: this.vfio === undefined ? null : this.vfio.digest(),
         vcpus,
       },
     };

@@ -9,3 +9,5 @@ export * from './ram.ts';
 export * from './vcpus.ts';
 export * from './devices.ts';
 export * from './guest.ts';
+export * from './iterative.ts';
+export * from './vfio-device.ts';

@@ -25,6 +25,17 @@ export class ByteReader {
   streamOffset = 0;
   /** Set by span(): where the returned buffer's bytes start. */
   spanOffset = 0;
+  // locate()'s memo: chunk `memoChunk` starts at stream offset `memoStart`. It stays valid while
+  // the head chunk (object, index, start offset) is the one it was taken under, so peeks and
+  // scans far ahead walk the chunk list once, not once per call (a footer scan over thousands of
+  // small chunks was quadratic).
+  private memoChunk = -1;
+  private memoStart = 0;
+  private memoHead: Buffer = EMPTY;
+  private memoHeadIndex = -1;
+  private memoHeadStart = -1;
+  /** Set by locate(): stream offset of the located chunk's first byte. */
+  private locStart = 0;
 
   constructor(startOffset = 0) {
     this.streamOffset = startOffset;
@@ -136,18 +147,19 @@ export class ByteReader {
 
   /** Relative position (≥ from) of the next `byte` among the buffered bytes, or -1. */
   indexOf(byte: number, from: number): number {
-    let base = 0;
-    let i = this.headPos;
-    for (let c = this.head; c < this.chunks.length; c++) {
-      const buf = c === this.head ? this.headBuf : this.chunks[c]!;
-      const start = c === this.head ? i : 0;
-      const len = buf.length - start;
-      if (from < base + len) {
-        const at = buf.indexOf(byte, start + Math.max(0, from - base));
-        if (at >= 0) return base + (at - start);
+    let c = this.locate(Math.max(0, from));
+    if (c < 0) return -1;
+    let start = this.locStart;
+    const target = this.streamOffset + Math.max(0, from);
+    for (; c < this.chunks.length; c++) {
+      const buf = this.chunks[c]!;
+      const at = buf.indexOf(byte, Math.max(0, target - start));
+      if (at >= 0) {
+        this.remember(c, start);
+        return start + at - this.streamOffset;
       }
-      base += len;
-      i = 0;
+      if (c + 1 === this.chunks.length) this.remember(c, start);
+      start += buf.length;
     }
     return -1;
   }
@@ -167,13 +179,45 @@ export class ByteReader {
   }
 
   private slowU8(k: number): number {
-    let i = this.headPos + k;
-    for (let c = this.head; c < this.chunks.length; c++) {
-      const buf = this.chunks[c]!;
-      if (i < buf.length) return buf[i]!;
-      i -= buf.length;
+    const c = this.locate(k);
+    if (c < 0) throw new RangeError(`ByteReader: peek ${k} past the ${this.available} buffered bytes`);
+    return this.chunks[c]![this.streamOffset + k - this.locStart]!;
+  }
+
+  /** Index of the chunk holding the byte k ahead (its start in locStart), or -1 past the buffered bytes. */
+  private locate(k: number): number {
+    const target = this.streamOffset + k;
+    const headStart = this.streamOffset - this.headPos;
+    let c = this.head;
+    let start = headStart;
+    if (
+      this.memoHead === this.headBuf &&
+      this.memoHeadIndex === this.head &&
+      this.memoHeadStart === headStart &&
+      this.memoStart <= target &&
+      this.memoChunk < this.chunks.length
+    ) {
+      c = this.memoChunk;
+      start = this.memoStart;
     }
-    throw new RangeError(`ByteReader: peek ${k} past the ${this.available} buffered bytes`);
+    for (; c < this.chunks.length; c++) {
+      const len = this.chunks[c]!.length;
+      if (target < start + len) {
+        this.remember(c, start);
+        this.locStart = start;
+        return c;
+      }
+      start += len;
+    }
+    return -1;
+  }
+
+  private remember(c: number, start: number): void {
+    this.memoChunk = c;
+    this.memoStart = start;
+    this.memoHead = this.headBuf;
+    this.memoHeadIndex = this.head;
+    this.memoHeadStart = this.streamOffset - this.headPos;
   }
 
   /** Move to the next chunk once the head is exhausted; false when none is buffered. */

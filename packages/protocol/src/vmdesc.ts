@@ -37,6 +37,12 @@ export interface Vmdescription {
   page_size: number;
   devices: VmdescDevice[];
   configuration?: VmdescVmsd;
+  /**
+   * livemig's addition (readers ignore keys they do not know): devices whose every section's
+   * data is a be32 length and that many bytes, iterative ones included, which QEMU's format
+   * leaves undescribed.
+   */
+  livemig?: { prefixed?: { name: string; instance_id: number }[] };
 }
 
 /** Parse and shape-check a VMDESCRIPTION JSON text. */
@@ -114,8 +120,11 @@ export function deviceDataLength(device: VmdescDevice, streamOffset?: number): n
  */
 export class VmdescLayouts {
   private readonly queues = new Map<string, number[]>();
+  private readonly prefixed = new Set<string>();
 
   constructor(desc: Vmdescription) {
+    const extra = desc.livemig?.prefixed;
+    if (Array.isArray(extra)) for (const d of extra) this.prefixed.add(`${d?.name}\u0000${d?.instance_id}`);
     for (const d of desc.devices) {
       const key = `${d.name}\u0000${d.instance_id}`;
       let q = this.queues.get(key);
@@ -124,9 +133,14 @@ export class VmdescLayouts {
     }
   }
 
-  /** Data length of the next FULL section of this device, or undefined when not described. */
-  take(idstr: string, instanceId: number): number | undefined {
-    return this.queues.get(`${idstr}\u0000${instanceId}`)?.shift();
+  /**
+   * Data length of the next section of this device: a FULL section's from its description,
+   * 'be32-prefixed' for livemig's self-sized devices, undefined when not described.
+   */
+  take(idstr: string, instanceId: number): number | 'be32-prefixed' | undefined {
+    const key = `${idstr}\u0000${instanceId}`;
+    if (this.prefixed.has(key)) return 'be32-prefixed';
+    return this.queues.get(key)?.shift();
   }
 }
 

@@ -242,9 +242,12 @@ class ExecChannel extends SinkDuplex {
   }
 
   override _destroy(err: Error | null, cb: (err: Error | null) => void): void {
+    // SIGTERM to the shell, as QEMU does on cancel; our ends of all three pipes close so a
+    // grandchild that keeps them open cannot keep this process alive.
     if (this.child.exitCode === null && this.child.signalCode === null) this.child.kill('SIGTERM');
     this.child.stdin?.destroy();
     this.child.stdout?.destroy();
+    this.child.stderr?.destroy();
     cb(err);
   }
 

@@ -36,7 +36,7 @@ async function withClient<R>(server: QmpServer, fn: (client: QmpClient) => Promi
 }
 
 function qmpError(err: unknown): QmpError {
-  assert.ok(err instanceof Error);
+  assert.ok(err instanceof Error, `expected an Error, got ${JSON.stringify(err)}`);
   return err as QmpError;
 }
 

@@ -35,7 +35,7 @@ import {
   writeConfiguration,
   writeVmdescription,
 } from '@livemig/protocol';
-import type { Guest } from '@livemig/guest';
+import type { Guest, IterativeDevice } from '@livemig/guest';
 import { AutoConverge, BandwidthMeter, decideNext } from './convergence.ts';
 import { RamSaver } from './ram-saver.ts';
 import { RateLimiter } from './rate-limiter.ts';
@@ -44,11 +44,13 @@ import { StreamOut } from './stream-out.ts';
 export type MigrationStatus = 'none' | 'setup' | 'active' | 'cancelling' | 'cancelled' | 'completed' | 'failed';
 
 /** Bytes encoded before each write to the channel (one writev). */
-const BATCH_BYTES = 256 * 1024;
+const BATCH_BYTES = 1024 * 1024;
 /** QEMU's MAX_WAIT: one PART section spends at most this long sending. */
 const MAX_ITERATION_MS = 50;
-/** The section id of "ram" in our streams (QEMU registers it as 2 too). */
+/** The section id of "ram" in our streams (QEMU registers it as 2 too); other iterative devices follow. */
 const RAM_SECTION_ID = 2;
+/** Bytes one PART section of a non-RAM iterative device may carry. */
+const DEVICE_PART_BYTES = 1024 * 1024;
 
 const extPackr = new Packr({ useRecords: false });
 
@@ -106,6 +108,8 @@ export class OutgoingMigration {
   private readonly out: StreamOut;
   private readonly w = new BatchWriter();
   readonly ram: RamSaver;
+  /** Iterative devices besides RAM, with their section ids. */
+  private readonly others: { dev: IterativeDevice; sectionId: number }[];
   private readonly limiter: RateLimiter;
   private readonly meter: BandwidthMeter;
   private readonly converge: AutoConverge;
@@ -134,6 +138,7 @@ export class OutgoingMigration {
     this.out = new StreamOut(options.channel);
     const p = options.parameters;
     this.ram = new RamSaver(options.guest, { xbzrleCacheBytes: options.capabilities.xbzrle ? p['xbzrle-cache-size'] : 0 });
+    this.others = (options.guest.vfio === undefined ? [] : [options.guest.vfio]).map((dev, i) => ({ dev, sectionId: RAM_SECTION_ID + 1 + i }));
     this.limiter = new RateLimiter(p['max-bandwidth'], this.startTime);
     this.meter = new BandwidthMeter(this.startTime);
     this.converge = new AutoConverge(this.startTime);
@@ -176,7 +181,7 @@ export class OutgoingMigration {
     const elapsed = Math.max(1, this.now() - this.startTime) / 1000;
     return {
       transferred: this.out.written,
-      remaining: this.ram.pendingBytes(),
+      remaining: this.pending(),
       total: this.o.guest.ram.totalBytes,
       duplicate: s.duplicate,
       skipped: 0,
@@ -220,6 +225,8 @@ export class OutgoingMigration {
       await this.recover(err as Error);
     } finally {
       this.o.guest.vcpus.setThrottle(0);
+      this.ram.cleanup();
+      for (const { dev } of this.others) dev.cleanup();
     }
   }
 
@@ -270,24 +277,44 @@ export class OutgoingMigration {
     }
     if (caps['postcopy-ram']) throw new Error('postcopy-ram is not supported by this source yet');
     writeSectionHeader(w, { kind: 'start', sectionId: RAM_SECTION_ID, idstr: 'ram', instanceId: 0, versionId: 4 });
-    this.ram.setup(w);
+    this.ram.saveSetup(w);
     writeEos(w);
     writeSectionFooter(w, RAM_SECTION_ID);
+    for (const { dev, sectionId } of this.others) {
+      writeSectionHeader(w, { kind: 'start', sectionId, idstr: dev.idstr, instanceId: dev.instanceId, versionId: dev.versionId });
+      dev.saveSetup(w);
+      writeSectionFooter(w, sectionId);
+    }
     await this.flush();
     this.o.events.pass(1);
   }
 
-  /** Exact pending (a dirty sync), with the bookkeeping each sync does. */
-  private syncDirty(): void {
+  /** What every iterative device still has to send, cheaply estimated. */
+  private pending(): number {
+    let n = this.ram.pendingEstimate();
+    for (const { dev } of this.others) n += dev.pendingEstimate();
+    return n;
+  }
+
+  /** Exact pending of every device (RAM: a dirty sync, with the bookkeeping each sync does). */
+  private pendingExact(): number {
+    let n = this.syncDirty();
+    for (const { dev } of this.others) n += dev.pendingExact();
+    return n;
+  }
+
+  /** Sync RAM's dirty log; returns RAM's exact pending bytes. */
+  private syncDirty(): number {
     const now = this.now();
-    const added = this.ram.sync();
+    const pending = this.ram.pendingExact();
+    const added = this.ram.lastSyncAdded;
     const elapsed = (now - this.lastSyncTime) / 1000;
     if (elapsed > 0) this.dirtyRate = added / elapsed;
     this.lastSyncTime = now;
     this.converge.addDirty(added);
     this.o.events.pass(this.ram.stats.dirtySyncCount);
     this.o.log.debug(
-      { pass: this.ram.stats.dirtySyncCount, newlyDirty: added, pending: this.ram.pendingBytes(), sent: this.out.written, thresholdBytes: Math.round(this.meter.threshold), ms: Math.round(now - this.startTime) },
+      { pass: this.ram.stats.dirtySyncCount, newlyDirty: added, pending, sent: this.out.written, thresholdBytes: Math.round(this.meter.threshold), ms: Math.round(now - this.startTime) },
       'dirty sync',
     );
     const p = this.o.parameters;
@@ -308,6 +335,7 @@ export class OutgoingMigration {
       this.o.guest.vcpus.setThrottle(next);
       this.o.log.info({ percent: next }, 'auto-converge: vCPU throttle raised');
     }
+    return pending;
   }
 
   private checkCancelled(): void {
@@ -319,11 +347,9 @@ export class OutgoingMigration {
   private async iterate(): Promise<void> {
     for (;;) {
       this.checkCancelled();
-      let pending = this.ram.pendingBytes();
-      if (pending < this.meter.threshold) {
-        this.syncDirty();
-        pending = this.ram.pendingBytes();
-      }
+      let pending = this.pending();
+      // The exact figure costs a dirty sync: ask for it only when the estimate says we may be done.
+      if (pending < this.meter.threshold) pending = this.pendingExact();
       this.expectedDowntime = this.meter.expectedDowntime(pending);
       const step = decideNext({
         pendingBytes: pending,
@@ -334,6 +360,27 @@ export class OutgoingMigration {
       });
       if (step === 'complete') return;
       await this.partSection();
+      await this.devicePartSections();
+    }
+  }
+
+  /** One PART section per other iterative device, under the same rate limit. */
+  private async devicePartSections(): Promise<void> {
+    const w = this.w;
+    for (const { dev, sectionId } of this.others) {
+      if (dev.pendingEstimate() === 0) continue;
+      this.checkCancelled();
+      const allowance = this.limiter.allowance(this.now());
+      if (allowance <= 0) return;
+      const before = w.totalBytes;
+      writeSectionHeader(w, { kind: 'part', sectionId });
+      dev.saveIterate(w, Math.min(DEVICE_PART_BYTES, allowance));
+      writeSectionFooter(w, sectionId);
+      const bytes = w.totalBytes - before;
+      this.limiter.consume(bytes);
+      this.meter.add(bytes);
+      this.precopyBytes += bytes;
+      await this.flush();
     }
   }
 
@@ -352,7 +399,7 @@ export class OutgoingMigration {
         break;
       }
       const before = w.totalBytes;
-      const empty = this.ram.iterate(w, Math.min(BATCH_BYTES, allowance), deadline);
+      const empty = this.ram.saveIterate(w, Math.min(BATCH_BYTES, allowance), deadline);
       const bytes = w.totalBytes - before;
       this.limiter.consume(bytes);
       this.meter.add(bytes);
@@ -389,12 +436,17 @@ export class OutgoingMigration {
     writeSectionHeader(w, { kind: 'end', sectionId: RAM_SECTION_ID });
     for (;;) {
       this.checkCancelled();
-      const empty = this.ram.iterate(w, BATCH_BYTES, undefined, true);
+      const empty = this.ram.saveComplete(w, BATCH_BYTES);
       await this.flush();
       if (empty) break;
     }
     writeEos(w);
     writeSectionFooter(w, RAM_SECTION_ID);
+    for (const { dev, sectionId } of this.others) {
+      writeSectionHeader(w, { kind: 'end', sectionId });
+      while (!dev.saveComplete(w, BATCH_BYTES)) await this.flush();
+      writeSectionFooter(w, sectionId);
+    }
     // Devices: one FULL section each, described in the VMDESCRIPTION.
     let sectionId = 100;
     for (const dev of guest.devices) {
@@ -406,7 +458,12 @@ export class OutgoingMigration {
       sectionId++;
     }
     writeEof(w);
-    writeVmdescription(w, toQemuJson({ page_size: TARGET_PAGE_SIZE, devices: this.sectionLengths }));
+    const prefixed = [...this.others.map((o) => o.dev), ...guest.devices]
+      .filter((d) => d.layout === 'be32-prefixed')
+      .map((d) => ({ name: d.idstr, instance_id: d.instanceId }));
+    const desc: Record<string, unknown> = { page_size: TARGET_PAGE_SIZE, devices: this.sectionLengths };
+    if (prefixed.length > 0) desc['livemig'] = { prefixed };
+    writeVmdescription(w, toQemuJson(desc));
     await this.flush();
     this.downtimeBytes = this.out.written - startBytes;
     this.o.log.debug({ ms: Math.round(this.now() - this.startTime), stopMs: Math.round(this.now() - this.stopTime), downtimeBytes: this.downtimeBytes }, 'final state sent');

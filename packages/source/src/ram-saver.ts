@@ -9,7 +9,7 @@
 // the dirty log again and the page goes out once more.
 
 import { type BatchWriter, RamRecordWriter, TARGET_PAGE_SIZE, writeMemSize } from '@livemig/protocol';
-import type { Guest } from '@livemig/guest';
+import type { Guest, IterativeDevice } from '@livemig/guest';
 import { XbzrleCache } from './xbzrle-cache.ts';
 
 const ZERO_PAGE = Buffer.alloc(TARGET_PAGE_SIZE);
@@ -35,7 +35,14 @@ export interface RamSaverOptions {
   xbzrleCacheBytes: number;
 }
 
-export class RamSaver {
+export class RamSaver implements IterativeDevice {
+  readonly idstr = 'ram';
+  readonly instanceId = 0;
+  readonly versionId = 4;
+  /** RAM data is parsed by the stream decoder, not sized. */
+  readonly layout = 0;
+  /** Pages newly dirtied found by the last sync. */
+  lastSyncAdded = 0;
   private readonly guest: Guest;
   private readonly views: Buffer[];
   readonly bitmaps: Uint32Array[];
@@ -67,7 +74,7 @@ export class RamSaver {
   }
 
   /** START data: the block list. Starts dirty logging with every page dirty (sync 1). */
-  setup(w: BatchWriter): void {
+  saveSetup(w: BatchWriter): void {
     writeMemSize(
       w,
       this.guest.ram.blocks.map((b) => ({ idstr: b.idstr, length: b.length })),
@@ -84,8 +91,14 @@ export class RamSaver {
     this.stats.dirtySyncCount = 1;
   }
 
-  pendingBytes(): number {
+  pendingEstimate(): number {
     return this.dirtyPages * TARGET_PAGE_SIZE;
+  }
+
+  /** Syncs the dirty log first (QEMU's migration_bitmap_sync), then counts. */
+  pendingExact(): number {
+    this.sync();
+    return this.pendingEstimate();
   }
 
   /** Merge the guest's dirty log into the migration bitmap; returns pages newly dirty. */
@@ -94,7 +107,21 @@ export class RamSaver {
     for (let i = 0; i < this.bitmaps.length; i++) added += this.guest.ram.syncDirty(i, this.bitmaps[i]!);
     this.dirtyPages += added;
     this.stats.dirtySyncCount++;
+    this.lastSyncAdded = added;
     return added;
+  }
+
+  saveIterate(w: BatchWriter, maxBytes: number, deadline?: () => boolean): boolean {
+    return this.iterate(w, maxBytes, deadline);
+  }
+
+  /** Guest stopped: every dirty page, no cache insertion (QEMU's last stage). */
+  saveComplete(w: BatchWriter, maxBytes: number): boolean {
+    return this.iterate(w, maxBytes, undefined, true);
+  }
+
+  cleanup(): void {
+    // Dirty logging simply stops being read; the log keeps accumulating for the next attempt.
   }
 
   private get xbzrleActive(): boolean {
@@ -105,7 +132,7 @@ export class RamSaver {
    * Send dirty pages until `maxBytes` were encoded, `deadline()` says stop (checked every 64
    * pages), or none is left. Returns true when no dirty page is left.
    */
-  iterate(w: BatchWriter, maxBytes: number, deadline?: () => boolean, final = false): boolean {
+  private iterate(w: BatchWriter, maxBytes: number, deadline?: () => boolean, final = false): boolean {
     const start = w.totalBytes;
     let sinceCheck = 0;
     while (this.dirtyPages > 0) {
