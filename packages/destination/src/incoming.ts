@@ -22,12 +22,13 @@ import {
   StreamDecoder,
   writeRpLivemigExt,
   writeRpPong,
+  writeRpReqPages,
   writeRpShut,
 } from '@livemig/protocol';
 import type { Guest } from '@livemig/guest';
 import { listenChannel, type ChannelListener } from '@livemig/runtime';
 
-export type IncomingStatus = 'none' | 'setup' | 'active' | 'completed' | 'failed';
+export type IncomingStatus = 'none' | 'setup' | 'active' | 'postcopy-active' | 'completed' | 'failed';
 
 const READ_BUFFER_BYTES = 1024 * 1024;
 const extPackr = new Packr({ useRecords: false });
@@ -66,6 +67,16 @@ export class IncomingMigration {
   private rpOpen = false;
   private peerIsLivemig = false;
   private sawEof = false;
+  /** Stream block index → guest block index. */
+  private blockMap: number[] = [];
+  private postcopyAdvised = false;
+  private discardSeen = false;
+  /** POSTCOPY_LISTEN seen: pages arriving now wake vCPUs waiting for them. */
+  private listening = false;
+  private lastRequestedBlock = -1;
+  /** Pages requested and not received yet (main block), so one page makes one request. */
+  private readonly requested = new Set<number>();
+  private faultLoopRunning = false;
   private finished = false;
   private readonly readBuffer = Buffer.allocUnsafeSlow(READ_BUFFER_BYTES);
   private resolveDone!: () => void;
@@ -83,7 +94,12 @@ export class IncomingMigration {
       this.devices.set(`${vfio.idstr}\u0000${vfio.instanceId}`, { layout: vfio.layout, load: (data, v) => vfio.loadState(data, v) });
     }
     this.decoder = new StreamDecoder({
-      ram: { attachBlocks: (blocks, offset) => this.attachBlocks(blocks, offset) },
+      ram: {
+        attachBlocks: (blocks, offset) => this.attachBlocks(blocks, offset),
+        pagePlaced: (block, pageOffset) => {
+          if (this.listening) this.onPagePlaced(block, pageOffset);
+        },
+      },
       deviceLayout: (s) => this.devices.get(`${s.idstr}\u0000${s.instanceId}`)?.layout,
       // Guest RAM is fresh (never run) until the stream has been loaded.
       zeroedMemory: true,
@@ -137,6 +153,7 @@ export class IncomingMigration {
 
   private attachBlocks(blocks: readonly RamBlockInfo[], streamOffset: number): Buffer[] {
     const ram = this.o.guest.ram;
+    this.blockMap = [];
     return blocks.map((b) => {
       const index = ram.blocks.findIndex((x) => x.idstr === b.idstr);
       if (index < 0) {
@@ -154,8 +171,58 @@ export class IncomingMigration {
           { streamOffset, block: b.idstr },
         );
       }
+      this.blockMap.push(index);
       return ram.view(index);
     });
+  }
+
+  private onPagePlaced(streamBlock: number, pageOffset: number): void {
+    const block = this.blockMap[streamBlock]!;
+    const page = pageOffset / 4096;
+    this.o.guest.ram.markReceived(block, page);
+    if (block === 0) this.requested.delete(page);
+  }
+
+  /** Postcopy: turn vCPU faults into page requests on the return path, one per missing page. */
+  private async serveFaults(): Promise<void> {
+    if (this.faultLoopRunning) return;
+    this.faultLoopRunning = true;
+    const guest = this.o.guest;
+    const pages = new Uint32Array(256);
+    const main = guest.ram.blocks[0]!;
+    while (this.listening && !this.finished) {
+      await guest.vcpus.waitForFault(200);
+      const n = guest.vcpus.drainFaults(pages);
+      if (n === 0) continue;
+      const w = new BatchWriter({ slabSize: 4096 });
+      for (let i = 0; i < n; i++) {
+        const page = pages[i]!;
+        if (guest.ram.isReceived(0, page) || this.requested.has(page)) continue;
+        this.requested.add(page);
+        // The first request, and any after one for another block, names its block.
+        writeRpReqPages(w, page * 4096, 4096, this.lastRequestedBlock === 0 ? undefined : main.idstr);
+        this.lastRequestedBlock = 0;
+      }
+      if (w.totalBytes > 0 && this.rpOpen && this.socket !== undefined && !this.socket.destroyed) this.socket.write(w.flushConcat());
+    }
+    this.faultLoopRunning = false;
+  }
+
+  /** Postcopy figures for query-migrate (QEMU's names; the histogram as in QEMU 10.1). */
+  postcopyInfo(): Record<string, unknown> | undefined {
+    if (!this.postcopyAdvised || !this.discardSeen && !this.listening && this.status !== 'completed') return undefined;
+    const v = this.o.guest.vcpus;
+    const per = Array.from({ length: v.count }, (_, i) => v.blockTime(i));
+    const buckets = Array.from(v.latency);
+    const faults = per.reduce((a, b) => a + b.faults, 0);
+    const blocked = per.reduce((a, b) => a + b.blockedMs, 0);
+    return {
+      'postcopy-blocktime': Math.round(blocked),
+      'postcopy-vcpu-blocktime': per.map((p) => Math.round(p.blockedMs)),
+      'postcopy-latency': faults > 0 ? Math.round((blocked * 1e6) / faults) : 0,
+      'postcopy-latency-dist': buckets.slice(0, buckets.findLastIndex((b) => b > 0) + 1),
+      'postcopy-faults': faults,
+    };
   }
 
   /** onread callback: the bytes are valid only during this call. */
@@ -218,7 +285,11 @@ export class IncomingMigration {
         this.onCommand(ev);
         break;
       case 'eof':
-        if (ev.depth === 0) this.sawEof = true;
+        if (ev.depth === 0) {
+          this.sawEof = true;
+          // Postcopy streams end at EOF (no VMDESCRIPTION); every page has arrived.
+          if (this.listening) void this.finish();
+        }
         break;
       case 'vmdescription':
         void this.finish();
@@ -245,7 +316,57 @@ export class IncomingMigration {
             streamOffset: ev.offset,
           });
         }
+        if (c.length === 0 && this.o.capabilities['postcopy-ram']) {
+          throw new ConfigError(ErrorCode.CONFIG_MISMATCH, 'this destination has postcopy-ram on but the source does not', { streamOffset: ev.offset });
+        }
+        if (c.hostPageSizeSummary !== undefined && c.hostPageSizeSummary !== 4096) {
+          throw new ConfigError(ErrorCode.CONFIG_MISMATCH, `host page size summary 0x${c.hostPageSizeSummary.toString(16)} differs from ours (0x1000)`, {
+            streamOffset: ev.offset,
+          });
+        }
+        this.postcopyAdvised = c.length === 16;
         break;
+      case MigCmd.POSTCOPY_RAM_DISCARD: {
+        const d = c.discard!;
+        const guestIndex = this.o.guest.ram.blocks.findIndex((b) => b.idstr === d.block);
+        const block = this.o.guest.ram.blocks[guestIndex];
+        if (block === undefined) {
+          throw new ConfigError(ErrorCode.CONFIG_MISMATCH, `POSTCOPY_RAM_DISCARD for unknown block "${d.block}"`, { streamOffset: ev.offset, block: d.block });
+        }
+        if (!this.discardSeen) {
+          // Everything the precopy phase delivered is here; the discards name what is not.
+          this.o.guest.ram.markAllReceived();
+          this.discardSeen = true;
+        }
+        for (const r of d.ranges) {
+          if (r.start + r.length > block.length) {
+            throw new ConfigError(ErrorCode.CONFIG_MISMATCH, `discard range 0x${r.start.toString(16)}+0x${r.length.toString(16)} is outside "${d.block}"`, {
+              streamOffset: ev.offset,
+              block: d.block,
+            });
+          }
+          this.o.guest.ram.clearReceived(guestIndex, r.start / 4096, r.length / 4096);
+        }
+        break;
+      }
+      case MigCmd.POSTCOPY_LISTEN:
+        if (!this.discardSeen) this.o.guest.ram.markAllReceived();
+        this.discardSeen = true;
+        this.listening = true;
+        this.o.guest.vcpus.setPostcopy(true);
+        this.setStatus('postcopy-active');
+        void this.serveFaults();
+        break;
+      case MigCmd.POSTCOPY_RUN: {
+        const guest = this.o.guest;
+        const sourceWasRunning = guest.globalState.loaded === undefined || guest.globalState.loaded === 'running';
+        guest.setRunState('paused');
+        if (this.o.autostart && sourceWasRunning) {
+          void guest.start().then(() => this.o.events.resume());
+        }
+        break;
+      }
+      case MigCmd.PACKAGED:
       case MigCmd.POSTCOPY_RESUME:
         break;
       default:
@@ -281,11 +402,18 @@ export class IncomingMigration {
     this.finished = true;
     const guest = this.o.guest;
     this.loadedAt = performance.now();
-    const sourceWasRunning = guest.globalState.loaded === undefined || guest.globalState.loaded === 'running';
-    guest.setRunState('paused');
-    if (this.o.autostart && sourceWasRunning) {
-      await guest.start();
-      this.o.events.resume();
+    if (this.listening) {
+      // Postcopy: the guest has been running since RUN; all pages are here now.
+      guest.ram.markAllReceived();
+      guest.vcpus.setPostcopy(false);
+      this.listening = false;
+    } else {
+      const sourceWasRunning = guest.globalState.loaded === undefined || guest.globalState.loaded === 'running';
+      guest.setRunState('paused');
+      if (this.o.autostart && sourceWasRunning) {
+        await guest.start();
+        this.o.events.resume();
+      }
     }
     this.setStatus('completed');
     this.o.log.info({ bytes: this.bytesReceived, running: guest.running }, 'incoming migration completed');

@@ -100,6 +100,8 @@ class DestinationProcess {
       out['socket-address'] = toSocketAddress(parseAddress(m.listeningAddress));
     }
     if (m.status === 'failed' && m.errorDesc !== undefined) out['error-desc'] = m.errorDesc;
+    const pc = m.postcopyInfo();
+    if (pc !== undefined) Object.assign(out, pc);
     return out;
   }
 

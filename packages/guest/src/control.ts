@@ -5,6 +5,8 @@
 
 export const RUN = 0;
 export const THROTTLE = 1;
+/** 1 while pages may be missing (postcopy): vCPUs check the received bitmap before each access. */
+export const POSTCOPY = 2;
 export const ACK_BASE = 8;
 
 export const RunState = { STOPPED: 0, RUNNING: 1, EXIT: 2 } as const;
@@ -15,6 +17,26 @@ export const S_POSITION = 0;
 export const S_PASSES = 1;
 export const S_RNG = 2;
 export const S_WRITES = 3;
+/** Postcopy: ns this vCPU spent blocked on missing pages, and how many faults it took. */
+export const S_BLOCKED_NS = 4;
+export const S_FAULTS = 5;
+
+/**
+ * The fault ring, vCPU workers → main thread (Int32Array on SAB):
+ *   [HEAD consumer index][TAIL producer index][ · ×6][slot 0][slot 1]…   slot = page index or EMPTY
+ * Each entry is a 32-bit page index inside the main block: the 64-bit guest address compressed
+ * to an offset from the block base shifted right by the page bits (DPDK's pointer compression),
+ * half the size of an address. A vCPU has at most one fault outstanding, so FAULT_RING_SLOTS
+ * ≥ 64 vCPUs never overflows.
+ */
+export const RING_HEAD = 0;
+export const RING_TAIL = 1;
+export const RING_BASE = 8;
+export const FAULT_RING_SLOTS = 128;
+export const RING_EMPTY = -1;
+
+/** Fault latency histogram: bucket i counts waits of [2^i, 2^(i+1)) µs (bucket 0 also < 1 µs). */
+export const LATENCY_BUCKETS = 32;
 
 export function controlWords(vcpus: number): number {
   return ACK_BASE + vcpus;

@@ -32,6 +32,12 @@ export interface GuestBlock {
    * Every writer sets it: the initial fill, an incoming migration, and each dirty-log sync.
    */
   written: Uint32Array;
+  /**
+   * Postcopy: pages the destination holds (Int32Array on SAB, same layout as the dirty log).
+   * vCPUs wait on a word until the page's bit is set.
+   */
+  receivedMemory: SharedArrayBuffer;
+  received: Int32Array;
 }
 
 /** Words of 32 pages needed for a block. */
@@ -62,7 +68,10 @@ export class GuestRam {
         dirtyMemory,
         dirtyLog: new Int32Array(dirtyMemory),
         written: new Uint32Array(bitmapWords(pageCount)),
+        receivedMemory: new SharedArrayBuffer(bitmapWords(pageCount) * 4),
+        received: new Int32Array(0),
       };
+      b.received = new Int32Array(b.receivedMemory);
       global += c.length;
       return b;
     });
@@ -89,6 +98,36 @@ export class GuestRam {
     for (const b of this.blocks) {
       for (let w = 0; w < b.dirtyLog.length; w++) {
         if (b.dirtyLog[w] !== 0) b.written[w] = (b.written[w]! | Atomics.exchange(b.dirtyLog, w, 0)) >>> 0;
+      }
+    }
+  }
+
+  /** A page has been placed: set its received bit and wake any vCPU waiting for it. */
+  markReceived(blockIndex: number, page: number): void {
+    const r = this.blocks[blockIndex]!.received;
+    const w = page >> 5;
+    const bit = 1 << (page & 31);
+    if ((r[w]! & bit) !== 0) return;
+    Atomics.or(r, w, bit);
+    Atomics.notify(r, w);
+  }
+
+  isReceived(blockIndex: number, page: number): boolean {
+    return (Atomics.load(this.blocks[blockIndex]!.received, page >> 5) & (1 << (page & 31))) !== 0;
+  }
+
+  /** Postcopy discard: these pages must come again; vCPUs touching them will fault. */
+  clearReceived(blockIndex: number, firstPage: number, count: number): void {
+    const r = this.blocks[blockIndex]!.received;
+    for (let p = firstPage; p < firstPage + count; p++) Atomics.and(r, p >> 5, ~(1 << (p & 31)));
+  }
+
+  /** Mark every page of every block received (the precopy phase delivered what was not discarded). */
+  markAllReceived(): void {
+    for (const b of this.blocks) {
+      for (let w = 0; w < b.received.length; w++) {
+        Atomics.store(b.received, w, -1);
+        Atomics.notify(b.received, w);
       }
     }
   }

@@ -2,7 +2,26 @@
 // writes in the dirty log, and obeys stop / continue / throttle from the control words.
 
 import { workerData } from 'node:worker_threads';
-import { ACK_BASE, AckState, RUN, RunState, S_PASSES, S_POSITION, S_RNG, S_WRITES, STATE_SLOTS, THROTTLE, type Workload } from './control.ts';
+import {
+  ACK_BASE,
+  AckState,
+  LATENCY_BUCKETS,
+  POSTCOPY,
+  RING_BASE,
+  RING_TAIL,
+  RUN,
+  RunState,
+  FAULT_RING_SLOTS,
+  S_BLOCKED_NS,
+  S_FAULTS,
+  S_PASSES,
+  S_POSITION,
+  S_RNG,
+  S_WRITES,
+  STATE_SLOTS,
+  THROTTLE,
+  type Workload,
+} from './control.ts';
 
 export interface VcpuWorkerData {
   index: number;
@@ -13,6 +32,10 @@ export interface VcpuWorkerData {
   control: SharedArrayBuffer;
   state: SharedArrayBuffer;
   workload: Workload;
+  /** Postcopy: the main block's received-pages bitmap, the fault ring and the latency histogram. */
+  receivedMemory: SharedArrayBuffer;
+  faultRing: SharedArrayBuffer;
+  latency: SharedArrayBuffer;
 }
 
 const PAGE = 4096;
@@ -21,6 +44,9 @@ const bytes = new Uint8Array(d.memory);
 const words = new Uint32Array(d.memory);
 const dirty = new Int32Array(d.dirtyMemory);
 const control = new Int32Array(d.control);
+const received = new Int32Array(d.receivedMemory);
+const ring = new Int32Array(d.faultRing);
+const latency = new Int32Array(d.latency);
 const state = new Float64Array(d.state, d.index * STATE_SLOTS * 8, STATE_SLOTS);
 const first = Math.floor((d.index * d.pageCount) / d.vcpus);
 const sliceLength = Math.floor(((d.index + 1) * d.pageCount) / d.vcpus) - first;
@@ -55,11 +81,38 @@ function markDirty(page: number): void {
   Atomics.or(dirty, page >> 5, 1 << (page & 31));
 }
 
+/**
+ * Postcopy, as userfaultfd behaves: touching a page that has not arrived blocks this vCPU (and
+ * only it) until the main thread has placed the page and set its received bit.
+ */
+function touch(page: number): void {
+  const w = page >> 5;
+  const bit = 1 << (page & 31);
+  let v = Atomics.load(received, w);
+  if ((v & bit) !== 0) return;
+  const t0 = performance.now();
+  const slot = Atomics.add(ring, RING_TAIL, 1) & (FAULT_RING_SLOTS - 1);
+  Atomics.store(ring, RING_BASE + slot, page);
+  Atomics.notify(ring, RING_TAIL);
+  while ((v & bit) === 0) {
+    Atomics.wait(received, w, v, 1000);
+    v = Atomics.load(received, w);
+    if (Atomics.load(control, RUN) === RunState.EXIT) return;
+  }
+  const us = (performance.now() - t0) * 1000;
+  state[S_BLOCKED_NS] = state[S_BLOCKED_NS]! + us * 1000;
+  state[S_FAULTS] = state[S_FAULTS]! + 1;
+  const bucket = us < 1 ? 0 : Math.min(LATENCY_BUCKETS - 1, Math.floor(Math.log2(us)));
+  Atomics.add(latency, bucket, 1);
+}
+
 function work(n: number): void {
   if (sliceLength <= 0) return;
+  const postcopy = Atomics.load(control, POSTCOPY) === 1;
   if (w.kind === 'incrementer') {
     for (let i = 0; i < n; i++) {
       const page = first + position;
+      if (postcopy) touch(page);
       const at = page * PAGE;
       bytes[at] = (bytes[at]! + 1) & 0xff;
       markDirty(page);
@@ -72,6 +125,7 @@ function work(n: number): void {
     const range = w.kind === 'hotset' ? hotPages : sliceLength;
     for (let i = 0; i < n; i++) {
       const page = first + (nextRandom() % range);
+      if (postcopy) touch(page);
       const word = (page * PAGE) / 4 + ((nextRandom() & 0x1ff) << 1);
       words[word] = writes;
       words[word + 1] = rng;

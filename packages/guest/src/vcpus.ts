@@ -7,6 +7,15 @@ import {
   ACK_BASE,
   AckState,
   controlWords,
+  FAULT_RING_SLOTS,
+  LATENCY_BUCKETS,
+  POSTCOPY,
+  RING_BASE,
+  RING_EMPTY,
+  RING_HEAD,
+  RING_TAIL,
+  S_BLOCKED_NS,
+  S_FAULTS,
   RUN,
   RunState,
   S_PASSES,
@@ -38,10 +47,20 @@ export interface VcpuState {
   writes: number;
 }
 
+export interface VcpuBlockTime {
+  /** Milliseconds blocked on missing pages (postcopy). */
+  blockedMs: number;
+  faults: number;
+}
+
 export class VcpuSet {
   readonly count: number;
   readonly control: Int32Array;
   private readonly stateArray: Float64Array;
+  /** Faulted pages, vCPUs → main thread (see control.ts). */
+  readonly faultRing: Int32Array;
+  /** Fault latency histogram, power-of-2 µs buckets. */
+  readonly latency: Int32Array;
   private readonly workers: Worker[] = [];
   private readonly block: GuestBlock;
   readonly workload: Workload;
@@ -53,6 +72,47 @@ export class VcpuSet {
     this.workload = workload;
     this.control = new Int32Array(new SharedArrayBuffer(controlWords(count) * 4));
     this.stateArray = new Float64Array(new SharedArrayBuffer(count * STATE_SLOTS * 8));
+    this.faultRing = new Int32Array(new SharedArrayBuffer((RING_BASE + FAULT_RING_SLOTS) * 4)).fill(RING_EMPTY, RING_BASE);
+    this.latency = new Int32Array(new SharedArrayBuffer(LATENCY_BUCKETS * 4));
+  }
+
+  /** Postcopy fault mode on/off: vCPUs check the received bitmap before each page access. */
+  setPostcopy(on: boolean): void {
+    Atomics.store(this.control, POSTCOPY, on ? 1 : 0);
+  }
+
+  blockTime(index: number): VcpuBlockTime {
+    const s = this.stateArray.subarray(index * STATE_SLOTS, (index + 1) * STATE_SLOTS);
+    return { blockedMs: s[S_BLOCKED_NS]! / 1e6, faults: s[S_FAULTS]! };
+  }
+
+  /**
+   * Take the faults queued since the last call (page indices in the main block), in order.
+   * Returns how many were written into `out`.
+   */
+  drainFaults(out: Uint32Array): number {
+    const ring = this.faultRing;
+    let head = Atomics.load(ring, RING_HEAD);
+    const tail = Atomics.load(ring, RING_TAIL);
+    let n = 0;
+    while (head !== tail && n < out.length) {
+      const slot = RING_BASE + (head & (FAULT_RING_SLOTS - 1));
+      const page = Atomics.load(ring, slot);
+      if (page === RING_EMPTY) break; // reserved, not written yet: next time
+      out[n++] = page;
+      Atomics.store(ring, slot, RING_EMPTY);
+      head = (head + 1) | 0;
+    }
+    Atomics.store(ring, RING_HEAD, head);
+    return n;
+  }
+
+  /** Resolves when a vCPU queues a fault (or after `timeoutMs`). */
+  async waitForFault(timeoutMs: number): Promise<void> {
+    const tail = Atomics.load(this.faultRing, RING_TAIL);
+    if (tail !== Atomics.load(this.faultRing, RING_HEAD)) return;
+    const r = waitAsync(this.faultRing, RING_TAIL, tail, timeoutMs);
+    if (r.async) await r.value;
   }
 
   /** True while the vCPUs are meant to run. */
@@ -95,6 +155,9 @@ export class VcpuSet {
         control: this.control.buffer as SharedArrayBuffer,
         state: this.stateArray.buffer as SharedArrayBuffer,
         workload: this.workload,
+        receivedMemory: this.block.receivedMemory,
+        faultRing: this.faultRing.buffer as SharedArrayBuffer,
+        latency: this.latency.buffer as SharedArrayBuffer,
       };
       const w = new Worker(fileURLToPath(WORKER_URL), { workerData: data });
       w.on('error', (err) => {

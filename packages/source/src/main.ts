@@ -34,7 +34,7 @@ migration:
 
 ${GUEST_HELP}
 
-QMP commands: migrate, migrate_cancel, query-migrate, migrate-set-capabilities,
+QMP commands: migrate, migrate_cancel, migrate-start-postcopy, query-migrate, migrate-set-capabilities,
 query-migrate-capabilities, migrate-set-parameters, query-migrate-parameters, stop, cont,
 query-status, x-query-guest-digest, quit. Events: MIGRATION, MIGRATION_PASS (with capability
 "events"), STOP, RESUME.
@@ -65,6 +65,8 @@ class SourceProcess {
   readonly log: Logger;
   readonly machineType: string;
   migration: OutgoingMigration | undefined;
+  /** migrate-start-postcopy came (possibly while still connecting). */
+  postcopyWanted = false;
   /** A migrate whose channel is still connecting, or failed to. */
   connecting: { status: string; errorDesc: string | undefined } | undefined;
   qmp: QmpServer | undefined;
@@ -80,7 +82,7 @@ class SourceProcess {
   running(): boolean {
     if (this.connecting?.status === 'setup') return true;
     const s = this.migration?.status;
-    return s === 'setup' || s === 'active' || s === 'cancelling';
+    return s === 'setup' || s === 'active' || s === 'postcopy-active' || s === 'cancelling';
   }
 
   event(name: string, data?: Record<string, unknown>): void {
@@ -103,6 +105,7 @@ class SourceProcess {
     };
     emitStatus('setup');
     this.migration = undefined;
+    this.postcopyWanted = false;
     const attempt = { status: 'setup', errorDesc: undefined as string | undefined };
     this.connecting = attempt;
     return connectChannel(address).then(
@@ -127,6 +130,7 @@ class SourceProcess {
           },
         });
         this.migration = m;
+        if (this.postcopyWanted) m.requestPostcopy();
         const on = Object.entries(settings.capabilities).filter(([, v]) => v).map(([k]) => k);
         log.info({ uri, capabilities: on, maxBandwidth: settings.parameters['max-bandwidth'] }, 'migration started');
         this.showProgress(m);
@@ -212,6 +216,17 @@ class SourceProcess {
       return {};
     });
     qmp.register('query-migrate', () => this.queryMigrate());
+    qmp.register('migrate-start-postcopy', () => {
+      if (!this.settings.capabilities['postcopy-ram']) {
+        throw new QmpCommandError('Enable postcopy with migrate_set_capability before the start of migration');
+      }
+      if (this.migration === undefined && this.connecting === undefined) {
+        throw new QmpCommandError('Postcopy must be started after migration has been started');
+      }
+      this.postcopyWanted = true;
+      this.migration?.requestPostcopy();
+      return {};
+    });
     this.log.info({ qmp: qmp.addressText }, 'QMP listening');
   }
 

@@ -26,6 +26,9 @@ import {
   toQemuJson,
   type VmdescDevice,
   writeCommand,
+  writePackaged,
+  writePostcopyAdvise,
+  writeRamDiscard,
   writeEof,
   writeEos,
   writePing,
@@ -41,7 +44,7 @@ import { RamSaver } from './ram-saver.ts';
 import { RateLimiter } from './rate-limiter.ts';
 import { StreamOut } from './stream-out.ts';
 
-export type MigrationStatus = 'none' | 'setup' | 'active' | 'cancelling' | 'cancelled' | 'completed' | 'failed';
+export type MigrationStatus = 'none' | 'setup' | 'active' | 'postcopy-active' | 'cancelling' | 'cancelled' | 'completed' | 'failed';
 
 /** Bytes encoded before each write to the channel (one writev). */
 const BATCH_BYTES = 1024 * 1024;
@@ -127,6 +130,14 @@ export class OutgoingMigration {
   private pagesPerSecond = 0;
   private lastSyncTime: number;
   private readonly sectionLengths: VmdescDevice[] = [];
+  private postcopyRequested = false;
+  private inPostcopy = false;
+  /** Postcopy page requests not served yet: [block index, page index] pairs, in arrival order. */
+  private requests: number[] = [];
+  private requestCount = 0;
+  private postcopyBytes = 0;
+  private wake: (() => void) | undefined;
+  private pongAt = new Map<number, number>();
   /** Resolves when the migration has reached a final state. */
   readonly done: Promise<void>;
 
@@ -161,6 +172,12 @@ export class OutgoingMigration {
     this.limiter.setRate(bytesPerSecond, this.now());
   }
 
+  /** migrate-start-postcopy: switch to postcopy as soon as what must go in precopy is sent. */
+  requestPostcopy(): void {
+    this.postcopyRequested = true;
+    this.wake?.();
+  }
+
   cancel(): void {
     if (this.status === 'completed' || this.status === 'failed' || this.status === 'cancelled') return;
     this.cancelRequested = true;
@@ -190,13 +207,13 @@ export class OutgoingMigration {
       'dirty-pages-rate': Math.round(this.dirtyRate),
       mbps: this.meter.mbps > 0 ? this.meter.mbps : (this.out.written * 8) / elapsed / 1e6,
       'dirty-sync-count': s.dirtySyncCount,
-      'postcopy-requests': 0,
+      'postcopy-requests': this.requestCount,
       'page-size': TARGET_PAGE_SIZE,
       'multifd-bytes': 0,
       'pages-per-second': Math.round(this.pagesPerSecond),
       'precopy-bytes': this.precopyBytes,
       'downtime-bytes': this.downtimeBytes,
-      'postcopy-bytes': 0,
+      'postcopy-bytes': this.postcopyBytes,
       'dirty-sync-missed-zero-copy': 0,
     };
   }
@@ -212,8 +229,8 @@ export class OutgoingMigration {
       await this.setup();
       this.setupTime = this.now() - this.startTime;
       this.setStatus('active');
-      await this.iterate();
-      await this.complete();
+      if ((await this.iterate()) === 'postcopy') await this.postcopy();
+      else await this.complete();
       this.totalTime = this.now() - this.startTime;
       guest.setRunState('postmigrate');
       this.setStatus('completed');
@@ -275,7 +292,7 @@ export class OutgoingMigration {
       // error details before SHUT.
       writePing(w, LIVEMIG_HELLO_PING);
     }
-    if (caps['postcopy-ram']) throw new Error('postcopy-ram is not supported by this source yet');
+    if (caps['postcopy-ram']) writePostcopyAdvise(w, { hostPageSizeSummary: TARGET_PAGE_SIZE, targetPageSize: TARGET_PAGE_SIZE });
     writeSectionHeader(w, { kind: 'start', sectionId: RAM_SECTION_ID, idstr: 'ram', instanceId: 0, versionId: 4 });
     this.ram.saveSetup(w);
     writeEos(w);
@@ -344,21 +361,27 @@ export class OutgoingMigration {
     if (this.shutStatus !== undefined && this.shutStatus !== 0) throw new Error('destination failed');
   }
 
-  private async iterate(): Promise<void> {
+  private async iterate(): Promise<'complete' | 'postcopy'> {
     for (;;) {
       this.checkCancelled();
       let pending = this.pending();
       // The exact figure costs a dirty sync: ask for it only when the estimate says we may be done.
       if (pending < this.meter.threshold) pending = this.pendingExact();
       this.expectedDowntime = this.meter.expectedDowntime(pending);
+      // With postcopy-ram, RAM may go after the switch; other iterative devices must go before.
+      let mustPrecopy = pending;
+      if (this.o.capabilities['postcopy-ram']) {
+        mustPrecopy = 0;
+        for (const { dev } of this.others) mustPrecopy += dev.pendingEstimate();
+      }
       const step = decideNext({
         pendingBytes: pending,
         thresholdBytes: this.meter.threshold,
-        mustPrecopyBytes: pending,
-        postcopyRequested: false,
+        mustPrecopyBytes: mustPrecopy,
+        postcopyRequested: this.postcopyRequested,
         inPostcopy: false,
       });
-      if (step === 'complete') return;
+      if (step !== 'iterate') return step;
       await this.partSection();
       await this.devicePartSections();
     }
@@ -476,6 +499,124 @@ export class OutgoingMigration {
     this.o.channel.destroy();
   }
 
+  // ---- postcopy ---------------------------------------------------------------------------------
+
+  /**
+   * Postcopy (wire-format.md §7.2): stop the guest, END what cannot go later, discard the dirty
+   * ranges, send the device state in a PACKAGED blob ending with RUN, then the rest of RAM in the
+   * background while requested pages jump the queue (and the rate limit).
+   */
+  private async postcopy(): Promise<void> {
+    const guest = this.o.guest;
+    const w = this.w;
+    this.stopTime = this.now();
+    if (guest.running) {
+      await guest.stop('finish-migrate');
+      this.o.events.stop();
+    } else guest.setRunState('finish-migrate');
+    this.inPostcopy = true;
+    this.setStatus('postcopy-active');
+    for (const { dev, sectionId } of this.others) {
+      writeSectionHeader(w, { kind: 'end', sectionId });
+      while (!dev.saveComplete(w, BATCH_BYTES)) await this.flush();
+      writeSectionFooter(w, sectionId);
+    }
+    this.syncDirty();
+    this.ram.disableXbzrle();
+    for (const [i, b] of guest.ram.blocks.entries()) {
+      const ranges = this.ram.dirtyRanges(i);
+      if (ranges.length > 0) writeRamDiscard(w, b.idstr, ranges);
+    }
+    this.ram.forgetBlock();
+    this.limiter.setRate(this.o.parameters['max-postcopy-bandwidth'], this.now());
+    writePing(w, 2);
+    // The package: the destination parses it whole, starts listening for pages, loads devices, runs.
+    const pkg = new BatchWriter({ slabSize: 64 * 1024 });
+    writeCommand(pkg, MigCmd.POSTCOPY_LISTEN);
+    let sectionId = 100;
+    for (const dev of guest.devices) {
+      writeSectionHeader(pkg, { kind: 'full', sectionId, idstr: dev.idstr, instanceId: dev.instanceId, versionId: dev.versionId });
+      pkg.bytes(dev.save());
+      writeSectionFooter(pkg, sectionId++);
+    }
+    writePing(pkg, 3);
+    writeCommand(pkg, MigCmd.POSTCOPY_RUN);
+    const blob = pkg.flushConcat();
+    writePackaged(w, blob.length);
+    w.bytes(blob);
+    writePing(w, 4);
+    await this.flush();
+    this.o.log.info({ ms: Math.round(this.now() - this.startTime), dirtyPages: this.ram.dirtyPages }, 'postcopy started');
+
+    // Background pages and requested pages until none is left.
+    for (;;) {
+      this.checkCancelled();
+      const started = this.now();
+      const deadline = (): boolean => this.now() - started >= MAX_ITERATION_MS;
+      writeSectionHeader(w, { kind: 'part', sectionId: RAM_SECTION_ID });
+      const before = w.totalBytes;
+      this.serveRequests(w);
+      const allowance = this.limiter.allowance(this.now());
+      if (this.ram.dirtyPages > 0 && allowance > 0) {
+        // Small batches: a request arriving meanwhile waits at most one batch.
+        this.ram.saveIterate(w, Math.min(BATCH_BYTES / 4, allowance), deadline);
+      }
+      writeEos(w);
+      writeSectionFooter(w, RAM_SECTION_ID);
+      const bytes = w.totalBytes - before;
+      this.limiter.consume(bytes);
+      this.postcopyBytes += bytes;
+      await this.flush();
+      if (this.ram.dirtyPages === 0 && this.requests.length === 0) break;
+      const wait = this.requests.length > 0 ? 0 : this.limiter.delayFor(BATCH_BYTES / 4, this.now());
+      if (wait > 0) await this.sleepOrWake(wait);
+    }
+    writeSectionHeader(w, { kind: 'end', sectionId: RAM_SECTION_ID });
+    writeEos(w);
+    writeSectionFooter(w, RAM_SECTION_ID);
+    writeEof(w);
+    await this.flush();
+    await this.waitForShut();
+    const pong4 = this.pongAt.get(4);
+    // Downtime: source stopped → the destination had run RUN (it answers PING 4 after it).
+    this.downtime = (pong4 ?? this.now()) - this.stopTime;
+    this.o.channel.destroy();
+  }
+
+  /** Send every queued requested page that is still to be sent. */
+  private serveRequests(w: BatchWriter): void {
+    const q = this.requests;
+    for (let i = 0; i < q.length; i += 2) this.ram.sendRequested(w, q[i]!, q[i + 1]!);
+    q.length = 0;
+  }
+
+  private sleepOrWake(ms: number): Promise<void> {
+    return new Promise((resolve) => {
+      const t = setTimeout(done, ms);
+      function done(): void {
+        clearTimeout(t);
+        resolve();
+      }
+      this.wake = () => {
+        this.wake = undefined;
+        done();
+      };
+    });
+  }
+
+  private onPageRequest(block: string, start: number, length: number): void {
+    const blocks = this.o.guest.ram.blocks;
+    const index = blocks.findIndex((b) => b.idstr === block);
+    const b = blocks[index];
+    if (b === undefined || start + length > b.length) {
+      throw new Error(`page request for ${b === undefined ? `unknown block "${block}"` : `0x${start.toString(16)}+0x${length.toString(16)} outside "${block}"`}`);
+    }
+    if (!this.inPostcopy) throw new Error('page request before postcopy started');
+    for (let p = start / TARGET_PAGE_SIZE; p < (start + length) / TARGET_PAGE_SIZE; p++) this.requests.push(index, p);
+    this.requestCount++;
+    this.wake?.();
+  }
+
   // ---- return path ------------------------------------------------------------------------------
 
   private startReturnPath(): void {
@@ -490,6 +631,11 @@ export class OutgoingMigration {
               this.shutWaiter?.();
               break;
             case RpMsg.PONG:
+              if (!this.pongAt.has(m.value!)) this.pongAt.set(m.value!, this.now());
+              break;
+            case RpMsg.REQ_PAGES_ID:
+            case RpMsg.REQ_PAGES:
+              this.onPageRequest(m.block!, m.start!, m.pageLength!);
               break;
             case RP_LIVEMIG_EXT:
               this.onExtension(m.payload!);

@@ -124,8 +124,10 @@ export class RamSaver implements IterativeDevice {
     // Dirty logging simply stops being read; the log keeps accumulating for the next attempt.
   }
 
+  private xbzrleOff = false;
+
   private get xbzrleActive(): boolean {
-    return this.xbzrle !== undefined && this.stats.rounds > 0;
+    return this.xbzrle !== undefined && this.stats.rounds > 0 && !this.xbzrleOff;
   }
 
   /**
@@ -184,6 +186,50 @@ export class RamSaver implements IterativeDevice {
       }
     }
     return false;
+  }
+
+  /**
+   * Postcopy: send a requested page if it is still to be sent (else the request is dropped, as
+   * QEMU does), and move the background scan there (locality). Returns true when it was sent.
+   */
+  sendRequested(w: BatchWriter, blockIndex: number, page: number): boolean {
+    const bm = this.bitmaps[blockIndex]!;
+    const wi = page >>> 5;
+    const bit = 1 << (page & 31);
+    if ((bm[wi]! & bit) === 0) return false;
+    bm[wi] = (bm[wi]! & ~bit) >>> 0;
+    this.dirtyPages--;
+    this.cursorBlock = blockIndex;
+    this.cursorPage = page;
+    this.sendPage(w, blockIndex, page, true);
+    return true;
+  }
+
+  /** Postcopy start: every block's still-dirty ranges, as [start byte, length] for DISCARD. */
+  dirtyRanges(blockIndex: number): { start: number; length: number }[] {
+    const bm = this.bitmaps[blockIndex]!;
+    const pages = this.guest.ram.blocks[blockIndex]!.pageCount;
+    const out: { start: number; length: number }[] = [];
+    let runStart = -1;
+    for (let p = 0; p <= pages; p++) {
+      const dirty = p < pages && (bm[p >>> 5]! & (1 << (p & 31))) !== 0;
+      if (dirty && runStart < 0) runStart = p;
+      else if (!dirty && runStart >= 0) {
+        out.push({ start: runStart * TARGET_PAGE_SIZE, length: (p - runStart) * TARGET_PAGE_SIZE });
+        runStart = -1;
+      }
+    }
+    return out;
+  }
+
+  /** Postcopy start and recovery: the next record names its block. */
+  forgetBlock(): void {
+    this.rec.forgetBlock();
+  }
+
+  /** Turn XBZRLE off (postcopy never uses it). */
+  disableXbzrle(): void {
+    this.xbzrleOff = true;
   }
 
   /**
