@@ -1,2 +1,11 @@
-// `pnpm bench`: every benchmark, each printing its figure next to a ceiling measured in the same run.
-await import('../packages/protocol/bench/decode.bench.ts');
+// `pnpm bench`: every benchmark, each printing its figure next to a ceiling measured in the same
+// run. `pnpm bench decode` or `pnpm bench migration` runs one group.
+
+const only = process.argv.slice(2);
+const want = (name: string): boolean => only.length === 0 || only.includes(name);
+
+if (want('decode')) await import('../packages/protocol/bench/decode.bench.ts');
+if (want('migration')) {
+  const { migrationBench } = await import('./migration.bench.ts');
+  await migrationBench();
+}
