@@ -193,7 +193,11 @@ export class IncomingMigration {
     while (this.listening && !this.finished) {
       await guest.vcpus.waitForFault(200);
       const n = guest.vcpus.drainFaults(pages);
-      if (n === 0) continue;
+      if (n === 0) {
+        // A fault slot reserved but not written yet: let I/O run before looking again.
+        await new Promise((r) => setImmediate(r));
+        continue;
+      }
       const w = new BatchWriter({ slabSize: 4096 });
       for (let i = 0; i < n; i++) {
         const page = pages[i]!;

@@ -49,7 +49,9 @@ export type Workload =
   /** Random 8-byte writes anywhere in the main block at a set page rate. */
   | { kind: 'random'; pagesPerSecond: number }
   /** Random 8-byte writes inside the first hotBytes of the main block. */
-  | { kind: 'hotset'; hotBytes: number; pagesPerSecond: number };
+  | { kind: 'hotset'; hotBytes: number; pagesPerSecond: number }
+  /** Reads every page in address order, writing nothing (pulls pages in postcopy; memory stays as sent). */
+  | { kind: 'scan'; pagesPerSecond: number };
 
 /** Default incrementer pace: 100 MB/s of dirtied pages, a busy but migratable guest. */
 export const DEFAULT_INCREMENTER_MBPS = 100;
@@ -61,7 +63,7 @@ function rate(mbps: string, what: string): number {
   return (v * 1e6) / 4096;
 }
 
-/** Parse --workload: idle | incrementer[:<MB/s>|:max] | random:<MB/s> | hotset:<MiB>:<MB/s>. */
+/** Parse --workload: idle | incrementer[:<MB/s>|:max] | random:<MB/s> | hotset:<MiB>:<MB/s> | scan[:<MB/s>]. */
 export function parseWorkload(text: string): Workload {
   const [kind, a, b, ...rest] = text.split(':');
   if (rest.length > 0) throw new RangeError(`workload "${text}" has too many fields`);
@@ -72,6 +74,9 @@ export function parseWorkload(text: string): Workload {
     case 'incrementer':
       if (b !== undefined) break;
       return { kind: 'incrementer', pagesPerSecond: rate(a ?? String(DEFAULT_INCREMENTER_MBPS), 'incrementer') };
+    case 'scan':
+      if (b !== undefined) break;
+      return { kind: 'scan', pagesPerSecond: rate(a ?? String(DEFAULT_INCREMENTER_MBPS), 'scan') };
     case 'random':
       if (a === undefined || b !== undefined) break;
       return { kind: 'random', pagesPerSecond: rate(a, 'random') };
@@ -82,7 +87,7 @@ export function parseWorkload(text: string): Workload {
       return { kind: 'hotset', hotBytes: Math.round(mib * 2 ** 20), pagesPerSecond: rate(b, 'hotset') };
     }
   }
-  throw new RangeError(`unknown workload "${text}" (idle | incrementer[:<MB/s>] | random:<MB/s> | hotset:<MiB>:<MB/s>)`);
+  throw new RangeError(`unknown workload "${text}" (idle | incrementer[:<MB/s>] | random:<MB/s> | hotset:<MiB>:<MB/s> | scan[:<MB/s>])`);
 }
 
 export function formatWorkload(w: Workload): string {
@@ -96,5 +101,7 @@ export function formatWorkload(w: Workload): string {
       return `random:${mbps(w.pagesPerSecond)}`;
     case 'hotset':
       return `hotset:${w.hotBytes / 2 ** 20}:${mbps(w.pagesPerSecond)}`;
+    case 'scan':
+      return `scan:${mbps(w.pagesPerSecond)}`;
   }
 }

@@ -121,6 +121,19 @@ function work(n: number): void {
         passes++;
       }
     }
+  } else if (w.kind === 'scan') {
+    // Read one word per page, in order; the sum lands in S_RNG so the reads cannot be skipped.
+    let sum = rng;
+    for (let i = 0; i < n; i++) {
+      const page = first + position;
+      if (postcopy) touch(page);
+      sum = (sum + words[(page * PAGE) / 4]!) >>> 0;
+      if (++position === sliceLength) {
+        position = 0;
+        passes++;
+      }
+    }
+    rng = sum;
   } else {
     const range = w.kind === 'hotset' ? hotPages : sliceLength;
     for (let i = 0; i < n; i++) {

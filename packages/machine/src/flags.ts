@@ -29,7 +29,8 @@ export const GUEST_HELP = `guest (the same on both sides of a migration):
                         slice of the main block
   --workload W          idle (default) | incrementer[:MB/s|:max] (one byte per page in address
                         order, forever; default 100 MB/s per vCPU) | random:MB/s |
-                        hotset:MiB:MB/s (random writes inside the first MiB)
+                        hotset:MiB:MB/s (random writes inside the first MiB) |
+                        scan[:MB/s] (reads every page in order, writes nothing)
   --fill F              initial RAM contents on the source: mixed (default; half the pages
                         zero, half random) | random | zero
   --qemu-devices-only   only QEMU's timer and globalstate devices (no per-vCPU or app state)
