@@ -18,17 +18,29 @@ import {
   LIVEMIG_HELLO_PING,
   MigCmd,
   NEED_MORE,
+  PostcopyState,
+  recvBitmapBytes,
   type RamBlockInfo,
   StreamDecoder,
   writeRpLivemigExt,
   writeRpPong,
+  writeRpRecvBitmap,
   writeRpReqPages,
+  writeRpResumeAck,
   writeRpShut,
 } from '@livemig/protocol';
 import type { Guest } from '@livemig/guest';
 import { listenChannel, type ChannelListener } from '@livemig/runtime';
 
-export type IncomingStatus = 'none' | 'setup' | 'active' | 'postcopy-active' | 'completed' | 'failed';
+export type IncomingStatus =
+  | 'none'
+  | 'setup'
+  | 'active'
+  | 'postcopy-active'
+  | 'postcopy-paused'
+  | 'postcopy-recover'
+  | 'completed'
+  | 'failed';
 
 const READ_BUFFER_BYTES = 1024 * 1024;
 const extPackr = new Packr({ useRecords: false });
@@ -61,7 +73,7 @@ export class IncomingMigration {
   private readonly o: IncomingOptions;
   private listener: ChannelListener | undefined;
   private socket: net.Socket | undefined;
-  private readonly decoder: StreamDecoder;
+  private decoder: StreamDecoder;
   /** Every non-RAM section we accept: FULL devices and iterative loaders, by idstr + instance. */
   private readonly devices = new Map<string, { layout: number | 'be32-prefixed'; load(data: Buffer, versionId: number): void }>();
   private rpOpen = false;
@@ -93,7 +105,12 @@ export class IncomingMigration {
     if (vfio !== undefined) {
       this.devices.set(`${vfio.idstr}\u0000${vfio.instanceId}`, { layout: vfio.layout, load: (data, v) => vfio.loadState(data, v) });
     }
-    this.decoder = new StreamDecoder({
+    this.decoder = this.makeDecoder();    this.done = new Promise((resolve) => (this.resolveDone = resolve));
+  }
+
+  /** A decoder for the first connection, or for a postcopy recovery channel (no header). */
+  private makeDecoder(resume?: StreamDecoder): StreamDecoder {
+    const options: ConstructorParameters<typeof StreamDecoder>[0] = {
       ram: {
         attachBlocks: (blocks, offset) => this.attachBlocks(blocks, offset),
         pagePlaced: (block, pageOffset) => {
@@ -102,9 +119,13 @@ export class IncomingMigration {
       },
       deviceLayout: (s) => this.devices.get(`${s.idstr}\u0000${s.instanceId}`)?.layout,
       // Guest RAM is fresh (never run) until the stream has been loaded.
-      zeroedMemory: true,
-    });
-    this.done = new Promise((resolve) => (this.resolveDone = resolve));
+      zeroedMemory: resume === undefined,
+    };
+    if (resume !== undefined) {
+      options.resume = { postcopyState: PostcopyState.RUNNING, sections: resume.knownSections(), blocks: resume.ramBlocks };
+      options.startOffset = 0;
+    }
+    return new StreamDecoder(options);
   }
 
   get listeningAddress(): string | undefined {
@@ -144,11 +165,103 @@ export class IncomingMigration {
     // The stream writes RAM behind the dirty log: from now on any page may be non-zero.
     this.o.guest.ram.markAllWritten();
     this.setStatus('active');
-    socket.on('end', () => this.onEnd());
-    socket.on('error', (err) => this.fail(new Error(`migration connection failed: ${err.message}`)));
-    socket.on('close', () => {
-      if (!this.finished) this.fail(new Error(`the source closed the connection at stream offset ${this.bytesReceived}`));
+    this.watch(socket);
+  }
+
+  private watch(socket: net.Socket): void {
+    socket.on('end', () => {
+      if (this.socket === socket) this.onEnd();
     });
+    socket.on('error', (err) => {
+      if (this.socket === socket) this.linkLost(new Error(`migration connection failed: ${err.message}`));
+    });
+    socket.on('close', () => {
+      if (this.socket === socket && !this.finished) this.linkLost(new Error(`the source closed the connection at stream offset ${this.bytesReceived}`));
+    });
+  }
+
+  /**
+   * The channel broke. Before postcopy runs that is a failure; once the guest runs here it is a
+   * pause: vCPUs wait for missing pages until migrate-recover brings a new channel.
+   */
+  private linkLost(err: Error): void {
+    if (this.finished) return;
+    if (!this.listening) {
+      this.fail(err);
+      return;
+    }
+    if (this.status === 'postcopy-paused') return;
+    this.socket?.destroy();
+    this.socket = undefined;
+    this.rpOpen = false;
+    this.setStatus('postcopy-paused');
+    this.o.log.warn({ reason: err.message }, 'postcopy paused: waiting for migrate-recover');
+  }
+
+  /** migrate-pause: break the link on purpose. */
+  pause(): void {
+    if (this.status !== 'postcopy-active' && this.status !== 'postcopy-recover') {
+      throw new Error(`migrate-pause needs a postcopy migration (status is ${this.status})`);
+    }
+    this.linkLost(new Error('paused by migrate-pause'));
+  }
+
+  /** migrate-recover: listen for the source's recovery channel. */
+  async recover(uri: string): Promise<string> {
+    if (this.status !== 'postcopy-paused') throw new Error(`migrate-recover needs a paused postcopy migration (status is ${this.status})`);
+    const listener = await listenChannel(uri, {
+      allowHalfOpen: true,
+      onread: { buffer: this.readBuffer, callback: (n) => this.onBytes(n) },
+    });
+    this.o.events.status('setup');
+    listener.accepted.then(
+      (socket) => {
+        if (this.status !== 'postcopy-paused') {
+          socket.destroy();
+          return;
+        }
+        // A new stream without header: records straight away, in the state we were in.
+        this.decoder = this.makeDecoder(this.decoder);
+        this.socket = socket;
+        this.rpOpen = true;
+        this.lastRequestedBlock = -1;
+        this.setStatus('postcopy-recover');
+        this.watch(socket);
+      },
+      () => {},
+    );
+    return listener.addressText;
+  }
+
+  /** RECV_BITMAP: which pages of a block we hold (our bitmap words are its little-endian bytes). */
+  private sendReceivedBitmap(name: string, offset: number): void {
+    const ram = this.o.guest.ram;
+    const b = ram.blocks.find((x) => x.idstr === name);
+    if (b === undefined) throw new ConfigError(ErrorCode.CONFIG_MISMATCH, `RECV_BITMAP for unknown block "${name}"`, { streamOffset: offset, block: name });
+    const size = recvBitmapBytes(b.pageCount);
+    const bytes = Buffer.alloc(size);
+    Buffer.from(b.receivedMemory).copy(bytes, 0, 0, Math.min(size, b.receivedMemory.byteLength));
+    // Bits past the last page stay zero, as QEMU's do.
+    for (let p = b.pageCount; p < size * 8; p++) bytes[p >> 3] = bytes[p >> 3]! & ~(1 << (p & 7));
+    this.sendRp((w) => writeRpRecvBitmap(w, name, bytes));
+  }
+
+  /** POSTCOPY_RESUME: back to postcopy-active; ask again for every page still awaited. */
+  private resumed(): void {
+    if (this.status !== 'postcopy-recover') return; // QEMU ignores it elsewhere
+    this.setStatus('postcopy-active');
+    this.sendRp((w) => writeRpResumeAck(w));
+    const main = this.o.guest.ram.blocks[0]!;
+    const w = new BatchWriter({ slabSize: 4096 });
+    let first = true;
+    for (const page of this.requested) {
+      if (this.o.guest.ram.isReceived(0, page)) continue;
+      writeRpReqPages(w, page * 4096, 4096, first ? main.idstr : undefined);
+      first = false;
+    }
+    this.lastRequestedBlock = first ? -1 : 0;
+    if (!first && this.socket !== undefined) this.socket.write(w.flushConcat());
+    this.o.log.info({ outstanding: this.requested.size }, 'postcopy resumed');
   }
 
   private attachBlocks(blocks: readonly RamBlockInfo[], streamOffset: number): Buffer[] {
@@ -370,8 +483,13 @@ export class IncomingMigration {
         }
         break;
       }
-      case MigCmd.PACKAGED:
+      case MigCmd.RECV_BITMAP:
+        this.sendReceivedBitmap(c.block!, ev.offset);
+        break;
       case MigCmd.POSTCOPY_RESUME:
+        this.resumed();
+        break;
+      case MigCmd.PACKAGED:
         break;
       default:
         throw new ConfigError(ErrorCode.UNEXPECTED_COMMAND, `command ${c.name} is not supported by this destination`, { streamOffset: ev.offset });
@@ -388,6 +506,11 @@ export class IncomingMigration {
   /** The source half-closed (or ended) its side. */
   private onEnd(): void {
     if (this.finished) return;
+    if (this.listening) {
+      // Postcopy: a closed link is a pause, not the end (the final EOF ends it).
+      this.linkLost(new Error(`the source closed the connection at stream offset ${this.bytesReceived}`));
+      return;
+    }
     if (this.sawEof && this.decoder.bufferedBytes === 0) {
       // EOF without a VMDESCRIPTION (postcopy, or a source that sends none): complete.
       void this.finish();

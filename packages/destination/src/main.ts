@@ -28,7 +28,8 @@ first-touch page faults. Exits with status 1 if the incoming migration fails.
 
 ${GUEST_HELP}
 
-QMP commands: migrate-incoming, query-migrate (status, socket-address, error-desc),
+QMP commands: migrate-incoming, migrate-recover, migrate-pause, query-migrate (status,
+socket-address, error-desc, postcopy blocktime and fault latency),
 migrate-set-capabilities, query-migrate-capabilities, migrate-set-parameters,
 query-migrate-parameters, stop, cont, query-status, x-query-guest-digest, quit.
 Events: MIGRATION (with capability "events"), RESUME, STOP.
@@ -119,6 +120,34 @@ class DestinationProcess {
       return {};
     });
     qmp.register('query-migrate', () => this.queryMigrate());
+    qmp.register(
+      'migrate-recover',
+      async (args) => {
+        const uri = args['uri'];
+        if (typeof uri !== 'string') throw new QmpCommandError("Parameter 'uri' is missing");
+        if (this.incoming === undefined) throw new QmpCommandError('migrate-recover needs a paused postcopy migration, and there is none');
+        try {
+          await this.incoming.recover(uri);
+        } catch (err) {
+          throw new QmpCommandError((err as Error).message);
+        }
+        return {};
+      },
+      { allowOob: true },
+    );
+    qmp.register(
+      'migrate-pause',
+      () => {
+        if (this.incoming === undefined) throw new QmpCommandError('migrate-pause needs a postcopy migration, and there is none');
+        try {
+          this.incoming.pause();
+        } catch (err) {
+          throw new QmpCommandError((err as Error).message);
+        }
+        return {};
+      },
+      { allowOob: true },
+    );
     this.log.info({ qmp: qmp.addressText }, 'QMP listening');
   }
 

@@ -85,34 +85,41 @@ function markDirty(page: number): void {
  * Postcopy, as userfaultfd behaves: touching a page that has not arrived blocks this vCPU (and
  * only it) until the main thread has placed the page and set its received bit.
  */
-function touch(page: number): void {
+function touch(page: number): boolean {
   const w = page >> 5;
   const bit = 1 << (page & 31);
   let v = Atomics.load(received, w);
-  if ((v & bit) !== 0) return;
+  if ((v & bit) !== 0) return true;
   const t0 = performance.now();
   const slot = Atomics.add(ring, RING_TAIL, 1) & (FAULT_RING_SLOTS - 1);
   Atomics.store(ring, RING_BASE + slot, page);
   Atomics.notify(ring, RING_TAIL);
   while ((v & bit) === 0) {
-    Atomics.wait(received, w, v, 1000);
+    Atomics.wait(received, w, v, 100);
     v = Atomics.load(received, w);
-    if (Atomics.load(control, RUN) === RunState.EXIT) return;
+    const run = Atomics.load(control, RUN);
+    if (run === RunState.EXIT) return false;
+    // Stopped while waiting (a paused postcopy, say): report parked, keep waiting for the page.
+    if (run === RunState.STOPPED && Atomics.load(control, ACK_BASE + d.index) !== AckState.PAUSED) ack(AckState.PAUSED);
   }
   const us = (performance.now() - t0) * 1000;
   state[S_BLOCKED_NS] = state[S_BLOCKED_NS]! + us * 1000;
   state[S_FAULTS] = state[S_FAULTS]! + 1;
   const bucket = us < 1 ? 0 : Math.min(LATENCY_BUCKETS - 1, Math.floor(Math.log2(us)));
   Atomics.add(latency, bucket, 1);
+  // Stopped meanwhile: do not write; the main loop parks and the access is redone after cont.
+  return Atomics.load(control, RUN) === RunState.RUNNING;
 }
 
 function work(n: number): void {
   if (sliceLength <= 0) return;
   const postcopy = Atomics.load(control, POSTCOPY) === 1;
+  // Accesses done; a postcopy wait that ends with the vCPU stopped cuts the batch short.
+  let done = 0;
   if (w.kind === 'incrementer') {
-    for (let i = 0; i < n; i++) {
+    for (; done < n; done++) {
       const page = first + position;
-      if (postcopy) touch(page);
+      if (postcopy && !touch(page)) break;
       const at = page * PAGE;
       bytes[at] = (bytes[at]! + 1) & 0xff;
       markDirty(page);
@@ -124,9 +131,9 @@ function work(n: number): void {
   } else if (w.kind === 'scan') {
     // Read one word per page, in order; the sum lands in S_RNG so the reads cannot be skipped.
     let sum = rng;
-    for (let i = 0; i < n; i++) {
+    for (; done < n; done++) {
       const page = first + position;
-      if (postcopy) touch(page);
+      if (postcopy && !touch(page)) break;
       sum = (sum + words[(page * PAGE) / 4]!) >>> 0;
       if (++position === sliceLength) {
         position = 0;
@@ -136,16 +143,16 @@ function work(n: number): void {
     rng = sum;
   } else {
     const range = w.kind === 'hotset' ? hotPages : sliceLength;
-    for (let i = 0; i < n; i++) {
+    for (; done < n; done++) {
       const page = first + (nextRandom() % range);
-      if (postcopy) touch(page);
+      if (postcopy && !touch(page)) break;
       const word = (page * PAGE) / 4 + ((nextRandom() & 0x1ff) << 1);
-      words[word] = writes;
+      words[word] = writes + done;
       words[word + 1] = rng;
       markDirty(page);
     }
   }
-  writes += n;
+  writes += done;
   state[S_POSITION] = position;
   state[S_PASSES] = passes;
   state[S_RNG] = rng;

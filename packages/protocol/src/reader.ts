@@ -12,6 +12,8 @@
 const EMPTY = Buffer.alloc(0);
 /** Compact the chunk list once this many exhausted chunks have piled up at its front. */
 const COMPACT_AFTER = 32;
+/** retainUnread() copies into slabs of at least this size. */
+const RETAIN_SLAB = 64 * 1024;
 
 export class ByteReader {
   private chunks: Buffer[] = [];
@@ -36,6 +38,11 @@ export class ByteReader {
   private memoHeadStart = -1;
   /** Set by locate(): stream offset of the located chunk's first byte. */
   private locStart = 0;
+  /** Memory retainUnread() copies borrowed chunks into; `tailFill` bytes of it are used. */
+  private tail: Buffer = EMPTY;
+  private tailFill = 0;
+  /** ArrayBuffers of the copies retainUnread() made (chunks that are ours, not the caller's). */
+  private readonly owned = new WeakSet<ArrayBufferLike>();
 
   constructor(startOffset = 0) {
     this.streamOffset = startOffset;
@@ -49,17 +56,43 @@ export class ByteReader {
     if (this.headBuf.length - this.headPos === 0) this.advanceHead();
   }
 
-  /** Replace the buffered chunks by one private copy of the unread bytes (chunk memory may then be reused). */
+  /** Copy the unread bytes still in pushed chunks into memory of our own (the caller may then reuse that chunk memory). */
   retainUnread(): void {
-    const n = this.available;
-    const copy = Buffer.allocUnsafeSlow(n);
-    if (n > 0) this.copyTo(0, n, copy, 0);
-    this.chunks = [];
-    this.head = 0;
-    this.headBuf = EMPTY;
-    this.headPos = 0;
-    this.available = 0;
-    if (n > 0) this.push(copy);
+    // Only the chunks pushed since the last call are borrowed; the ones before are copies we own
+    // already. Copying all unread bytes on every call was quadratic while a large record (a
+    // device section or VMDESCRIPTION of up to 16 MiB) arrived in many small reads.
+    let f = this.chunks.length;
+    while (f > this.head && !this.owned.has(this.chunks[f - 1]!.buffer)) f--;
+    if (f === this.chunks.length) return;
+    const from = f === this.head ? this.headPos : 0;
+    let n = -from;
+    for (let c = f; c < this.chunks.length; c++) n += this.chunks[c]!.length;
+    const prev = f > this.head ? this.chunks[f - 1]! : undefined;
+    const tail = this.tail;
+    // Append to the previous copy when it ends where the tail's free space begins, else start a new chunk.
+    const append = prev !== undefined && prev.buffer === tail.buffer && prev.byteOffset + prev.length === tail.byteOffset + this.tailFill && this.tailFill + n <= tail.length;
+    if (!append && this.tailFill + n > tail.length) {
+      this.tail = Buffer.allocUnsafeSlow(Math.max(RETAIN_SLAB, n));
+      this.owned.add(this.tail.buffer);
+      this.tailFill = 0;
+    }
+    const start = append ? prev!.byteOffset - this.tail.byteOffset : this.tailFill;
+    let w = this.tailFill;
+    for (let c = f; c < this.chunks.length; c++) {
+      const src = this.chunks[c]!;
+      w += src.copy(this.tail, w, c === f ? from : 0);
+    }
+    this.tailFill = w;
+    const copy = this.tail.subarray(start, w);
+    this.chunks.length = append ? f - 1 : f;
+    this.chunks.push(copy);
+    this.memoHeadIndex = -1; // chunk boundaries changed
+    if (this.chunks.length - 1 === this.head) {
+      // The head itself was replaced (by its copy, or by the extended previous copy).
+      if (!append) this.headPos = 0;
+      this.headBuf = copy;
+      this.headView = new DataView(copy.buffer, copy.byteOffset, copy.byteLength);
+    }
   }
 
   /** Peek the byte k positions ahead (caller ensures k < available). */
@@ -190,15 +223,11 @@ export class ByteReader {
     const headStart = this.streamOffset - this.headPos;
     let c = this.head;
     let start = headStart;
-    if (
-      this.memoHead === this.headBuf &&
-      this.memoHeadIndex === this.head &&
-      this.memoHeadStart === headStart &&
-      this.memoStart <= target &&
-      this.memoChunk < this.chunks.length
-    ) {
+    if (this.memoHead === this.headBuf && this.memoHeadIndex === this.head && this.memoHeadStart === headStart && this.memoChunk < this.chunks.length) {
       c = this.memoChunk;
       start = this.memoStart;
+      // Peeks step back a little at times (a scan resumes just after the candidate it peeked past).
+      while (start > target) start -= this.chunks[--c]!.length;
     }
     for (; c < this.chunks.length; c++) {
       const len = this.chunks[c]!.length;

@@ -369,7 +369,9 @@ export class StreamDecoder {
           return this.readAfterEof();
         case S.DONE:
           if (this.r.available > 0) {
-            throw new ProtocolError(ErrorCode.TRAILING_DATA, `${this.r.available} bytes after the end of the stream`, {
+            // The message names the first byte, not a count, so it is the same in any chunking.
+            const first = this.r.u8(0).toString(16).padStart(2, '0');
+            throw new ProtocolError(ErrorCode.TRAILING_DATA, `byte 0x${first} after the end of the stream (after EOF and VMDESCRIPTION)`, {
               streamOffset: this.r.streamOffset,
             });
           }

@@ -34,7 +34,8 @@ migration:
 
 ${GUEST_HELP}
 
-QMP commands: migrate, migrate_cancel, migrate-start-postcopy, query-migrate, migrate-set-capabilities,
+QMP commands: migrate (resume=true after a postcopy pause), migrate_cancel, migrate-start-postcopy,
+migrate-pause, query-migrate, migrate-set-capabilities,
 query-migrate-capabilities, migrate-set-parameters, query-migrate-parameters, stop, cont,
 query-status, x-query-guest-digest, quit. Events: MIGRATION, MIGRATION_PASS (with capability
 "events"), STOP, RESUME.
@@ -82,7 +83,7 @@ class SourceProcess {
   running(): boolean {
     if (this.connecting?.status === 'setup') return true;
     const s = this.migration?.status;
-    return s === 'setup' || s === 'active' || s === 'postcopy-active' || s === 'cancelling';
+    return s === 'setup' || s === 'active' || s === 'postcopy-active' || s === 'postcopy-paused' || s === 'postcopy-recover' || s === 'cancelling';
   }
 
   event(name: string, data?: Record<string, unknown>): void {
@@ -201,12 +202,30 @@ class SourceProcess {
     registerMachineCommands(qmp, this.guest, this.settings, {
       migrationRunning: () => this.running(),
       parametersChanged: (p) => {
-        if (this.running()) this.migration!.setMaxBandwidth(p['max-bandwidth']);
+        // While still connecting there is no migration yet: it copies the settings when it starts.
+        if (this.connecting === undefined && this.running()) this.migration?.setParameters(p);
       },
       quit: () => void this.shutdown(0),
     });
     qmp.register('migrate', async (args) => {
-      if (args['resume'] === true) throw new QmpCommandError('migrate with resume=true needs a paused postcopy migration, and there is none');
+      if (args['resume'] === true) {
+        const m = this.migration;
+        if (m === undefined || !m.paused) throw new QmpCommandError('migrate with resume=true needs a paused postcopy migration, and there is none');
+        const uri = args['uri'];
+        if (typeof uri !== 'string') throw new QmpCommandError("Parameter 'uri' is missing");
+        // Connect in the background, as migrate does; a failure leaves the migration paused.
+        void connectChannel(parseAddress(uri)).then(
+          (channel) => {
+            try {
+              m.resume(channel);
+            } catch (err) {
+              this.log.warn({}, (err as Error).message);
+            }
+          },
+          (err: Error) => this.log.warn({ uri }, `resume: cannot connect to ${uri}: ${err.message}`),
+        );
+        return {};
+      }
       if (args['blk'] === true || args['inc'] === true) throw new QmpCommandError('block migration is not supported');
       void this.migrate(args['uri'] as string);
       return {};
@@ -216,6 +235,20 @@ class SourceProcess {
       return {};
     });
     qmp.register('query-migrate', () => this.queryMigrate());
+    qmp.register(
+      'migrate-pause',
+      () => {
+        const m = this.migration;
+        if (m === undefined) throw new QmpCommandError('migrate-pause needs a postcopy migration, and there is none');
+        try {
+          m.pause();
+        } catch (err) {
+          throw new QmpCommandError((err as Error).message);
+        }
+        return {};
+      },
+      { allowOob: true },
+    );
     qmp.register('migrate-start-postcopy', () => {
       if (!this.settings.capabilities['postcopy-ram']) {
         throw new QmpCommandError('Enable postcopy with migrate_set_capability before the start of migration');

@@ -29,6 +29,7 @@ import {
   writePackaged,
   writePostcopyAdvise,
   writeRamDiscard,
+  writeRecvBitmapRequest,
   writeEof,
   writeEos,
   writePing,
@@ -42,9 +43,20 @@ import type { Guest, IterativeDevice } from '@livemig/guest';
 import { AutoConverge, BandwidthMeter, decideNext } from './convergence.ts';
 import { RamSaver } from './ram-saver.ts';
 import { RateLimiter } from './rate-limiter.ts';
+import { recvBitmapBytes } from '@livemig/protocol';
 import { StreamOut } from './stream-out.ts';
 
-export type MigrationStatus = 'none' | 'setup' | 'active' | 'postcopy-active' | 'cancelling' | 'cancelled' | 'completed' | 'failed';
+export type MigrationStatus =
+  | 'none'
+  | 'setup'
+  | 'active'
+  | 'postcopy-active'
+  | 'postcopy-paused'
+  | 'postcopy-recover'
+  | 'cancelling'
+  | 'cancelled'
+  | 'completed'
+  | 'failed';
 
 /** Bytes encoded before each write to the channel (one writev). */
 const BATCH_BYTES = 1024 * 1024;
@@ -108,7 +120,9 @@ export class OutgoingMigration {
   expectedDowntime = 0;
   private readonly o: OutgoingOptions;
   private readonly now: () => number;
-  private readonly out: StreamOut;
+  private out: StreamOut;
+  /** The channel in use (a new one after a postcopy recovery). */
+  private channel: Duplex;
   private readonly w = new BatchWriter();
   readonly ram: RamSaver;
   /** Iterative devices besides RAM, with their section ids. */
@@ -116,7 +130,7 @@ export class OutgoingMigration {
   private readonly limiter: RateLimiter;
   private readonly meter: BandwidthMeter;
   private readonly converge: AutoConverge;
-  private readonly rp: ReturnPathDecoder | undefined;
+  private rp: ReturnPathDecoder | undefined;
   private shutStatus: number | undefined;
   private shutWaiter: (() => void) | undefined;
   private destinationError: { code?: string; message?: string; offset?: number } | undefined;
@@ -146,6 +160,7 @@ export class OutgoingMigration {
     this.now = options.now ?? (() => performance.now());
     this.startTime = this.now();
     this.lastSyncTime = this.startTime;
+    this.channel = options.channel;
     this.out = new StreamOut(options.channel);
     const p = options.parameters;
     this.ram = new RamSaver(options.guest, { xbzrleCacheBytes: options.capabilities.xbzrle ? p['xbzrle-cache-size'] : 0 });
@@ -154,7 +169,7 @@ export class OutgoingMigration {
     this.meter = new BandwidthMeter(this.startTime);
     this.converge = new AutoConverge(this.startTime);
     const returnPath = options.capabilities['return-path'] || options.capabilities['postcopy-ram'];
-    this.rp = returnPath ? new ReturnPathDecoder({ livemigExtensions: true }) : undefined;
+    this.rp = returnPath ? this.newReturnPathDecoder() : undefined;
     this.done = this.run();
   }
 
@@ -172,6 +187,15 @@ export class OutgoingMigration {
     this.limiter.setRate(bytesPerSecond, this.now());
   }
 
+  /**
+   * migrate-set-parameters while running. QEMU reads downtime-limit, the cpu-throttle parameters
+   * and the bandwidth limits live, so the running migration takes the new values at once.
+   */
+  setParameters(p: MigrationParameters): void {
+    Object.assign(this.o.parameters, p);
+    this.setMaxBandwidth(this.inPostcopy ? p['max-postcopy-bandwidth'] : p['max-bandwidth']);
+  }
+
   /** migrate-start-postcopy: switch to postcopy as soon as what must go in precopy is sent. */
   requestPostcopy(): void {
     this.postcopyRequested = true;
@@ -182,9 +206,11 @@ export class OutgoingMigration {
     if (this.status === 'completed' || this.status === 'failed' || this.status === 'cancelled') return;
     this.cancelRequested = true;
     this.setStatus('cancelling');
+    this.cancelWaiter?.();
+    this.wake?.();
     this.abort.abort();
     this.out.fail(new Error('migration cancelled'));
-    this.o.channel.destroy();
+    this.channel.destroy();
   }
 
   private setStatus(s: MigrationStatus): void {
@@ -250,9 +276,10 @@ export class OutgoingMigration {
   /** Failure or cancel: the source guest runs on as before, with its memory untouched. */
   private async recover(err: Error): Promise<void> {
     this.totalTime = this.now() - this.startTime;
-    this.o.channel.destroy();
+    this.channel.destroy();
     const guest = this.o.guest;
-    if (this.wasRunning && !guest.running) {
+    // Once postcopy has started the destination owns the guest: never run it here again.
+    if (this.wasRunning && !guest.running && !this.inPostcopy) {
       await guest.start();
       this.o.events.resume();
     } else if (!guest.running && guest.runState === 'finish-migrate') {
@@ -496,7 +523,7 @@ export class OutgoingMigration {
       await this.out.end();
     }
     this.downtime = this.now() - this.stopTime;
-    this.o.channel.destroy();
+    this.channel.destroy();
   }
 
   // ---- postcopy ---------------------------------------------------------------------------------
@@ -548,14 +575,21 @@ export class OutgoingMigration {
     await this.flush();
     this.o.log.info({ ms: Math.round(this.now() - this.startTime), dirtyPages: this.ram.dirtyPages }, 'postcopy started');
 
-    // Background pages and requested pages until none is left.
+    // Background pages and requested pages until none is left. A broken link pauses (the
+    // destination guest runs on, waiting for what it lacks) until `migrate resume=true`.
     for (;;) {
+      if (this.out.error !== undefined && !this.cancelRequested) {
+        await this.pauseUntilResumed(this.out.error);
+        continue;
+      }
       this.checkCancelled();
       const started = this.now();
       const deadline = (): boolean => this.now() - started >= MAX_ITERATION_MS;
       writeSectionHeader(w, { kind: 'part', sectionId: RAM_SECTION_ID });
       const before = w.totalBytes;
       this.serveRequests(w);
+      // Requested pages bypass the limit; only background pages count against it.
+      const background = w.totalBytes;
       const allowance = this.limiter.allowance(this.now());
       if (this.ram.dirtyPages > 0 && allowance > 0) {
         // Small batches: a request arriving meanwhile waits at most one batch.
@@ -563,10 +597,15 @@ export class OutgoingMigration {
       }
       writeEos(w);
       writeSectionFooter(w, RAM_SECTION_ID);
-      const bytes = w.totalBytes - before;
-      this.limiter.consume(bytes);
-      this.postcopyBytes += bytes;
-      await this.flush();
+      this.limiter.consume(w.totalBytes - background);
+      this.postcopyBytes += w.totalBytes - before;
+      try {
+        await this.flush();
+      } catch {
+        // Lost with the link: the destination's received bitmap will say what to send again.
+        this.w.flush();
+        continue;
+      }
       if (this.ram.dirtyPages === 0 && this.requests.length === 0) break;
       const wait = this.requests.length > 0 ? 0 : this.limiter.delayFor(BATCH_BYTES / 4, this.now());
       if (wait > 0) await this.sleepOrWake(wait);
@@ -577,10 +616,116 @@ export class OutgoingMigration {
     writeEof(w);
     await this.flush();
     await this.waitForShut();
+    this.inPostcopy = false;
     const pong4 = this.pongAt.get(4);
     // Downtime: source stopped → the destination had run RUN (it answers PING 4 after it).
     this.downtime = (pong4 ?? this.now()) - this.stopTime;
-    this.o.channel.destroy();
+    this.channel.destroy();
+  }
+
+  // ---- postcopy recovery (wire-format.md §7.3) ---------------------------------------------------
+
+  private recovery: { bitmap(block: string, bits: Buffer): void; acked(): void } | undefined;
+  private resumeWith: ((channel: Duplex) => void) | undefined;
+
+  /** migrate-pause: break the link on purpose; both sides go to postcopy-paused. */
+  pause(): void {
+    if (this.status !== 'postcopy-active' && this.status !== 'postcopy-recover') {
+      throw new Error(`migrate-pause needs a postcopy migration (status is ${this.status})`);
+    }
+    this.channel.destroy();
+    this.out.fail(new Error('paused by migrate-pause'));
+    this.wake?.();
+  }
+
+  /** migrate resume=true: carry on over a freshly connected channel. */
+  resume(channel: Duplex): void {
+    if (this.status !== 'postcopy-paused' || this.resumeWith === undefined) {
+      channel.destroy();
+      throw new Error(`migrate with resume=true needs a paused postcopy migration (status is ${this.status})`);
+    }
+    this.resumeWith(channel);
+  }
+
+  get paused(): boolean {
+    return this.status === 'postcopy-paused';
+  }
+
+  /** Wait in postcopy-paused for a new channel, then run the recovery handshake; repeat on failure. */
+  private async pauseUntilResumed(cause: Error): Promise<void> {
+    for (;;) {
+      this.channel.destroy();
+      this.setStatus('postcopy-paused');
+      this.o.log.warn({ reason: cause.message }, 'postcopy paused: waiting for migrate resume=true');
+      const channel = await new Promise<Duplex | undefined>((resolve) => {
+        this.resumeWith = resolve;
+        this.cancelWaiter = () => resolve(undefined);
+      });
+      this.resumeWith = undefined;
+      this.cancelWaiter = undefined;
+      if (channel === undefined) throw new Error('migration cancelled');
+      try {
+        await this.resumeOver(channel);
+        return;
+      } catch (err) {
+        cause = err as Error;
+      }
+    }
+  }
+
+  private cancelWaiter: (() => void) | undefined;
+
+  /**
+   * Recovery over a new channel: RECV_BITMAP for every block, dirty := not received, then
+   * POSTCOPY_RESUME and wait for RESUME_ACK. The stream carries no header this time.
+   */
+  private async resumeOver(channel: Duplex): Promise<void> {
+    this.setStatus('postcopy-recover');
+    this.channel = channel;
+    this.out = new StreamOut(channel);
+    this.w.flush();
+    this.rp = this.newReturnPathDecoder();
+    this.startReturnPath();
+    this.requests.length = 0;
+    const blocks = this.o.guest.ram.blocks;
+    const pending = new Map<string, number>(blocks.map((b, i) => [b.idstr, i]));
+    const done = new Promise<void>((resolve, reject) => {
+      let bitmapsLeft = blocks.length;
+      let acked = false;
+      this.recovery = {
+        bitmap: (name, bits) => {
+          const i = pending.get(name);
+          if (i === undefined) {
+            reject(new Error(`RECV_BITMAP for unknown or repeated block "${name}"`));
+            return;
+          }
+          pending.delete(name);
+          this.ram.setDirtyFromReceived(i, bits);
+          if (--bitmapsLeft === 0) {
+            const w = this.w;
+            this.ram.forgetBlock();
+            writeCommand(w, MigCmd.POSTCOPY_RESUME);
+            void this.flush().catch(reject);
+          }
+        },
+        acked: () => {
+          if (bitmapsLeft !== 0 || acked) {
+            reject(new Error('RESUME_ACK before every RECV_BITMAP arrived'));
+            return;
+          }
+          acked = true;
+          resolve();
+        },
+      };
+      void this.out.failed().then(reject);
+    });
+    for (const b of blocks) writeRecvBitmapRequest(this.w, b.idstr);
+    await this.flush();
+    await done;
+    this.recovery = undefined;
+    this.limiter.setRate(this.o.parameters['max-postcopy-bandwidth'], this.now());
+    this.setStatus('postcopy-active');
+    this.o.log.info({ dirtyPages: this.ram.dirtyPages }, 'postcopy resumed');
   }
 
   /** Send every queued requested page that is still to be sent. */
@@ -591,6 +736,7 @@ export class OutgoingMigration {
   }
 
   private sleepOrWake(ms: number): Promise<void> {
+    void this.out.failed().then(() => this.wake?.());
     return new Promise((resolve) => {
       const t = setTimeout(done, ms);
       function done(): void {
@@ -619,9 +765,20 @@ export class OutgoingMigration {
 
   // ---- return path ------------------------------------------------------------------------------
 
+  private newReturnPathDecoder(): ReturnPathDecoder {
+    const blocks = this.o.guest.ram.blocks;
+    return new ReturnPathDecoder({
+      livemigExtensions: true,
+      bitmapBytes: (name) => {
+        const b = blocks.find((x) => x.idstr === name);
+        return b === undefined ? undefined : recvBitmapBytes(b.pageCount);
+      },
+    });
+  }
+
   private startReturnPath(): void {
     const rp = this.rp!;
-    this.o.channel.on('data', (chunk: Buffer) => {
+    this.channel.on('data', (chunk: Buffer) => {
       try {
         rp.push(chunk);
         for (let m = rp.next(); m !== NEED_MORE_RP; m = rp.next()) {
@@ -640,8 +797,16 @@ export class OutgoingMigration {
             case RP_LIVEMIG_EXT:
               this.onExtension(m.payload!);
               break;
+            case RpMsg.RECV_BITMAP:
+              if (this.status !== 'postcopy-recover') throw new Error('RECV_BITMAP outside postcopy recovery');
+              this.recovery?.bitmap(m.block!, m.bitmap!);
+              break;
+            case RpMsg.RESUME_ACK:
+              if (this.status !== 'postcopy-recover') throw new Error('RESUME_ACK outside postcopy recovery');
+              this.recovery?.acked();
+              break;
             default:
-              throw new Error(`unexpected return-path message ${m.name} in precopy`);
+              throw new Error(`unexpected return-path message ${m.name}`);
           }
         }
       } catch (err) {

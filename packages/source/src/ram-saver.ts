@@ -11,6 +11,7 @@
 import { type BatchWriter, RamRecordWriter, TARGET_PAGE_SIZE, writeMemSize } from '@livemig/protocol';
 import type { Guest, IterativeDevice } from '@livemig/guest';
 import { XbzrleCache } from './xbzrle-cache.ts';
+import { popcount as popcount32 } from '@livemig/guest';
 
 const ZERO_PAGE = Buffer.alloc(TARGET_PAGE_SIZE);
 /** Check the clock every this many pages (QEMU: 64) for the 50 ms iteration cap. */
@@ -220,6 +221,26 @@ export class RamSaver implements IterativeDevice {
       }
     }
     return out;
+  }
+
+  /**
+   * Postcopy recovery: the destination's received bitmap (little endian, page i = byte i >> 3,
+   * bit i & 7) becomes the migration bitmap's complement: whatever it lacks is sent again.
+   */
+  setDirtyFromReceived(blockIndex: number, received: Uint8Array): void {
+    const bm = this.bitmaps[blockIndex]!;
+    const pages = this.guest.ram.blocks[blockIndex]!.pageCount;
+    let before = 0;
+    for (let w = 0; w < bm.length; w++) before += popcount32(bm[w]!);
+    for (let p = 0; p < pages; p++) {
+      const has = (received[p >> 3]! & (1 << (p & 7))) !== 0;
+      const w = p >>> 5;
+      const bit = 1 << (p & 31);
+      bm[w] = has ? (bm[w]! & ~bit) >>> 0 : (bm[w]! | bit) >>> 0;
+    }
+    let after = 0;
+    for (let w = 0; w < bm.length; w++) after += popcount32(bm[w]!);
+    this.dirtyPages += after - before;
   }
 
   /** Postcopy start and recovery: the next record names its block. */

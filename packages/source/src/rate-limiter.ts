@@ -39,7 +39,14 @@ export class RateLimiter {
   /** Bytes that may be sent now without passing the line. */
   allowance(nowMs: number): number {
     if (this.unlimited) return Infinity;
-    return (this.bytesPerSecond * (nowMs - this.epochMs)) / 1000 + this.burstBytes - this.sentSinceEpoch;
+    const allowance = (this.bytesPerSecond * (nowMs - this.epochMs)) / 1000 + this.burstBytes - this.sentSinceEpoch;
+    // Time not used for sending (blocked on a stalled peer) banks at most one QEMU window
+    // (100 ms of the rate, at least one burst): QEMU's per-window budget does not carry over.
+    const cap = Math.max(this.burstBytes, this.bytesPerSecond / 10);
+    if (allowance <= cap) return allowance;
+    this.epochMs = nowMs;
+    this.sentSinceEpoch = this.burstBytes - cap;
+    return cap;
   }
 
   /** Milliseconds to wait before `bytes` more may go (0: now). */
