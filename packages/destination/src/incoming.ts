@@ -15,6 +15,8 @@ import {
   ConfigError,
   type DecoderEvent,
   ErrorCode,
+  KEEPALIVE_INTERVAL_MS,
+  KEEPALIVE_TIMEOUT_MS,
   LIVEMIG_HELLO_PING,
   MigCmd,
   NEED_MORE,
@@ -89,6 +91,9 @@ export class IncomingMigration {
   /** Pages requested and not received yet (main block), so one page makes one request. */
   private readonly requested = new Set<number>();
   private faultLoopRunning = false;
+  /** When the current channel last brought bytes (postcopy keepalive). */
+  private lastByteAt = 0;
+  private keepalive: NodeJS.Timeout | undefined;
   private finished = false;
   private readonly readBuffer = Buffer.allocUnsafeSlow(READ_BUFFER_BYTES);
   private resolveDone!: () => void;
@@ -198,6 +203,24 @@ export class IncomingMigration {
     this.o.log.warn({ reason: err.message }, 'postcopy paused: waiting for migrate-recover');
   }
 
+  /**
+   * A livemig source PINGs at least every 500 ms while postcopy runs: silence for 3 s means the
+   * link is gone even though TCP has not noticed. (A QEMU source sends no keepalive.)
+   */
+  private startKeepalive(): void {
+    this.lastByteAt = performance.now();
+    this.keepalive = setInterval(() => {
+      if (this.finished) {
+        clearInterval(this.keepalive);
+        return;
+      }
+      if (!this.peerIsLivemig || this.status !== 'postcopy-active') return;
+      const silent = performance.now() - this.lastByteAt;
+      if (silent > KEEPALIVE_TIMEOUT_MS) this.linkLost(new Error(`no data from the source for ${Math.round(silent)} ms: link presumed broken`));
+    }, KEEPALIVE_INTERVAL_MS);
+    this.keepalive.unref();
+  }
+
   /** migrate-pause: break the link on purpose. */
   pause(): void {
     if (this.status !== 'postcopy-active' && this.status !== 'postcopy-recover') {
@@ -225,6 +248,7 @@ export class IncomingMigration {
         this.socket = socket;
         this.rpOpen = true;
         this.lastRequestedBlock = -1;
+        this.lastByteAt = performance.now();
         this.setStatus('postcopy-recover');
         this.watch(socket);
       },
@@ -345,6 +369,7 @@ export class IncomingMigration {
   /** onread callback: the bytes are valid only during this call. */
   private onBytes(n: number): boolean {
     if (this.finished) return false;
+    this.lastByteAt = performance.now();
     try {
       this.decoder.push(this.readBuffer.subarray(0, n));
       for (let ev = this.decoder.next(); ev !== NEED_MORE; ev = this.decoder.next()) {
@@ -470,6 +495,7 @@ export class IncomingMigration {
         if (!this.discardSeen) this.o.guest.ram.markAllReceived();
         this.discardSeen = true;
         this.listening = true;
+        this.startKeepalive();
         this.o.guest.vcpus.setPostcopy(true);
         this.setStatus('postcopy-active');
         void this.serveFaults();

@@ -118,6 +118,16 @@ export const RP_LIVEMIG_EXT = 0x4c4d;
  */
 export const LIVEMIG_HELLO_PING = 0x4c4d4731;
 
+/**
+ * Postcopy keepalive (livemig): the source PINGs with values KEEPALIVE_PING_BASE + n every
+ * KEEPALIVE_INTERVAL_MS; every PONG (or any return-path byte) proves the link. A QEMU
+ * destination just answers them. Silence for KEEPALIVE_TIMEOUT_MS on either side means the link
+ * is gone (TCP alone takes minutes to say so) and postcopy pauses.
+ */
+export const KEEPALIVE_PING_BASE = 0x4c4b0000;
+export const KEEPALIVE_INTERVAL_MS = 500;
+export const KEEPALIVE_TIMEOUT_MS = 3000;
+
 /** A QEMU source rejects any return-path message longer than its 512-byte receive buffer. */
 export const RP_MAX_PAYLOAD = 512;
 /** The trailer after a RECV_BITMAP bitmap. */

@@ -15,6 +15,9 @@ import { Packr } from 'msgpackr';
 import {
   BatchWriter,
   type Capabilities,
+  KEEPALIVE_INTERVAL_MS,
+  KEEPALIVE_PING_BASE,
+  KEEPALIVE_TIMEOUT_MS,
   LIVEMIG_HELLO_PING,
   MigCmd,
   type MigrationParameters,
@@ -577,6 +580,39 @@ export class OutgoingMigration {
 
     // Background pages and requested pages until none is left. A broken link pauses (the
     // destination guest runs on, waiting for what it lacks) until `migrate resume=true`.
+    this.startKeepalive();
+    try {
+      await this.postcopyLoop();
+    } finally {
+      clearInterval(this.keepalive);
+    }
+  }
+
+  private keepalive: NodeJS.Timeout | undefined;
+  private keepaliveDue = false;
+  private keepaliveCount = 0;
+  private lastRpAt = 0;
+
+  /** Keepalive PINGs while postcopy runs, and a link with no answer for 3 s is declared broken. */
+  private startKeepalive(): void {
+    this.lastRpAt = this.now();
+    this.keepalive = setInterval(() => {
+      if (this.status !== 'postcopy-active' && this.status !== 'postcopy-recover') return;
+      this.keepaliveDue = true;
+      this.wake?.();
+      const silent = this.now() - this.lastRpAt;
+      if (silent > KEEPALIVE_TIMEOUT_MS) {
+        this.o.log.warn({ silentMs: Math.round(silent) }, 'no word from the destination: the link is presumed broken');
+        this.out.fail(new Error(`no return-path traffic for ${Math.round(silent)} ms: link presumed broken`));
+        this.channel.destroy();
+        this.wake?.();
+      }
+    }, KEEPALIVE_INTERVAL_MS);
+    this.keepalive.unref();
+  }
+
+  private async postcopyLoop(): Promise<void> {
+    const w = this.w;
     for (;;) {
       if (this.out.error !== undefined && !this.cancelRequested) {
         await this.pauseUntilResumed(this.out.error);
@@ -585,6 +621,10 @@ export class OutgoingMigration {
       this.checkCancelled();
       const started = this.now();
       const deadline = (): boolean => this.now() - started >= MAX_ITERATION_MS;
+      if (this.keepaliveDue) {
+        this.keepaliveDue = false;
+        writePing(w, (KEEPALIVE_PING_BASE + (this.keepaliveCount++ & 0xffff)) >>> 0);
+      }
       writeSectionHeader(w, { kind: 'part', sectionId: RAM_SECTION_ID });
       const before = w.totalBytes;
       this.serveRequests(w);
@@ -607,7 +647,7 @@ export class OutgoingMigration {
         continue;
       }
       if (this.ram.dirtyPages === 0 && this.requests.length === 0) break;
-      const wait = this.requests.length > 0 ? 0 : this.limiter.delayFor(BATCH_BYTES / 4, this.now());
+      const wait = this.requests.length > 0 || this.keepaliveDue ? 0 : this.limiter.delayFor(BATCH_BYTES / 4, this.now());
       if (wait > 0) await this.sleepOrWake(wait);
     }
     writeSectionHeader(w, { kind: 'end', sectionId: RAM_SECTION_ID });
@@ -779,6 +819,7 @@ export class OutgoingMigration {
   private startReturnPath(): void {
     const rp = this.rp!;
     this.channel.on('data', (chunk: Buffer) => {
+      this.lastRpAt = this.now();
       try {
         rp.push(chunk);
         for (let m = rp.next(); m !== NEED_MORE_RP; m = rp.next()) {
@@ -788,7 +829,7 @@ export class OutgoingMigration {
               this.shutWaiter?.();
               break;
             case RpMsg.PONG:
-              if (!this.pongAt.has(m.value!)) this.pongAt.set(m.value!, this.now());
+              if (m.value! <= 4 && !this.pongAt.has(m.value!)) this.pongAt.set(m.value!, this.now());
               break;
             case RpMsg.REQ_PAGES_ID:
             case RpMsg.REQ_PAGES:
