@@ -7,7 +7,7 @@
 // Reads use Node's static-buffer mode (onread with one reused 1 MiB buffer): the decoder copies
 // each page once from that buffer into guest RAM and keeps only a straddling record's bytes.
 
-import type net from 'node:net';
+import net from 'node:net';
 import { Packr } from 'msgpackr';
 import {
   BatchWriter,
@@ -23,6 +23,7 @@ import {
   PostcopyState,
   recvBitmapBytes,
   type RamBlockInfo,
+  type RamTarget,
   StreamDecoder,
   writeRpLivemigExt,
   writeRpPong,
@@ -32,7 +33,7 @@ import {
   writeRpShut,
 } from '@livemig/protocol';
 import type { Guest } from '@livemig/guest';
-import { listenChannel, type ChannelListener } from '@livemig/runtime';
+import { adoptWithOnread, formatAddress, listenChannel, listenServer, type ChannelListener } from '@livemig/runtime';
 
 export type IncomingStatus =
   | 'none'
@@ -116,12 +117,7 @@ export class IncomingMigration {
   /** A decoder for the first connection, or for a postcopy recovery channel (no header). */
   private makeDecoder(resume?: StreamDecoder): StreamDecoder {
     const options: ConstructorParameters<typeof StreamDecoder>[0] = {
-      ram: {
-        attachBlocks: (blocks, offset) => this.attachBlocks(blocks, offset),
-        pagePlaced: (block, pageOffset) => {
-          if (this.listening) this.onPagePlaced(block, pageOffset);
-        },
-      },
+      ram: this.ramTarget(),
       deviceLayout: (s) => this.devices.get(`${s.idstr}\u0000${s.instanceId}`)?.layout,
       // Guest RAM is fresh (never run) until the stream has been loaded.
       zeroedMemory: resume === undefined,
@@ -133,7 +129,19 @@ export class IncomingMigration {
     return new StreamDecoder(options);
   }
 
+  private ramTarget(): RamTarget {
+    return {
+      attachBlocks: (blocks, offset) => this.attachBlocks(blocks, offset),
+      pagePlaced: (block, pageOffset) => {
+        if (this.listening) this.onPagePlaced(block, pageOffset);
+      },
+      // Postcopy: never overwrite a page the guest already has (and may have changed since).
+      acceptPage: (block, pageOffset) => !this.listening || !this.o.guest.ram.isReceived(this.blockMap[block]!, pageOffset / 4096),
+    };
+  }
+
   get listeningAddress(): string | undefined {
+    if (this.listenedOn !== undefined) return this.listenedOn;
     return this.listener?.addressText;
   }
 
@@ -144,6 +152,7 @@ export class IncomingMigration {
   /** Listen on tcp: or unix:; returns the bound address (port 0 resolved). */
   async listen(address: string): Promise<string> {
     if (this.listener !== undefined || this.status !== 'none') throw new Error('an incoming migration was already started');
+    if (this.o.capabilities['postcopy-preempt']) return this.listenWithPreempt(address);
     this.listener = await listenChannel(address, {
       allowHalfOpen: true,
       onread: { buffer: this.readBuffer, callback: (n) => this.onBytes(n) },
@@ -155,6 +164,70 @@ export class IncomingMigration {
       (err: Error) => this.fail(err),
     );
     return this.listener.addressText;
+  }
+
+  // ---- postcopy preempt channel (wire-format.md §7.5) ---------------------------------------------
+
+  private preemptDecoder: StreamDecoder | undefined;
+  private preemptSocket: net.Socket | undefined;
+  private readonly preemptBuffer = Buffer.allocUnsafeSlow(256 * 1024);
+
+  /**
+   * With postcopy-preempt the source opens two connections to the same address: the first is the
+   * main channel, the second carries requested pages only (bare RAM records), so they never queue
+   * behind background pages.
+   */
+  private async listenWithPreempt(address: string): Promise<string> {
+    const server = net.createServer({ pauseOnConnect: true, allowHalfOpen: true });
+    const bound = await listenServer(server, address);
+    let count = 0;
+    server.on('connection', (raw) => {
+      count++;
+      if (count === 1) {
+        const socket = adoptWithOnread(raw, { buffer: this.readBuffer, callback: (n) => this.onBytes(n) }, { allowHalfOpen: true });
+        if (bound.transport === 'tcp') socket.setNoDelay(true);
+        this.onConnection(socket);
+      } else if (count === 2) {
+        const socket = adoptWithOnread(raw, { buffer: this.preemptBuffer, callback: (n) => this.onPreemptBytes(n) }, { allowHalfOpen: true });
+        if (bound.transport === 'tcp') socket.setNoDelay(true);
+        this.preemptSocket = socket;
+        socket.on('error', () => {});
+        server.close();
+      } else raw.destroy();
+    });
+    const text = formatAddress(bound);
+    this.preemptServer = server;
+    this.o.events.status('setup');
+    this.listenedOn = text;
+    this.o.log.info({ address: text, preempt: true }, 'waiting for the incoming migration');
+    return text;
+  }
+
+  private preemptServer: net.Server | undefined;
+  private listenedOn: string | undefined;
+
+  /** Bytes on the preempt channel: bare RAM records, decoded once the block list is known. */
+  private onPreemptBytes(n: number): boolean {
+    if (this.finished) return false;
+    try {
+      if (this.preemptDecoder === undefined) {
+        this.preemptDecoder = new StreamDecoder({
+          ram: this.ramTarget(),
+          bareRam: true,
+          resume: { postcopyState: PostcopyState.RUNNING, sections: [], blocks: this.decoder.ramBlocks },
+        });
+      }
+      const d = this.preemptDecoder;
+      d.push(this.preemptBuffer.subarray(0, n));
+      for (let ev = d.next(); ev !== NEED_MORE; ev = d.next()) {
+        if (ev.kind === 'eof') return false;
+      }
+      d.retainUnread();
+      return true;
+    } catch (err) {
+      this.linkLost(new Error(`preempt channel: ${(err as Error).message}`));
+      return false;
+    }
   }
 
   private setStatus(s: IncomingStatus): void {
@@ -198,6 +271,10 @@ export class IncomingMigration {
     if (this.status === 'postcopy-paused') return;
     this.socket?.destroy();
     this.socket = undefined;
+    // The preempt channel goes with the main one; after recovery requested pages use the main channel.
+    this.preemptSocket?.destroy();
+    this.preemptSocket = undefined;
+    this.preemptDecoder = undefined;
     this.rpOpen = false;
     this.setStatus('postcopy-paused');
     this.o.log.warn({ reason: err.message }, 'postcopy paused: waiting for migrate-recover');
@@ -572,6 +649,8 @@ export class IncomingMigration {
     this.o.log.info({ bytes: this.bytesReceived, running: guest.running }, 'incoming migration completed');
     this.sendRp((w) => writeRpShut(w, 0));
     this.socket?.end();
+    this.preemptSocket?.destroy();
+    this.preemptServer?.close();
     this.resolveDone();
   }
 
@@ -590,6 +669,8 @@ export class IncomingMigration {
     }
     this.sendRp((w) => writeRpShut(w, 1));
     this.socket?.end();
+    this.preemptSocket?.destroy();
+    this.preemptServer?.close();
     void this.listener?.close();
     this.resolveDone();
   }

@@ -49,6 +49,11 @@ export interface RamTarget {
   attachBlocks(blocks: readonly RamBlockInfo[], streamOffset: number): readonly (Uint8Array | undefined)[];
   /** A page was written (called once per ZERO/PAGE/XBZRLE/COMPRESS record). */
   pagePlaced?(blockIndex: number, pageOffset: number): void;
+  /**
+   * Whether to write this page at all (postcopy: a page the guest already has and may have
+   * changed since must not be overwritten by a late copy). Called before each page is placed.
+   */
+  acceptPage?(blockIndex: number, pageOffset: number): boolean;
 }
 
 export interface SectionIdentity {
@@ -154,6 +159,11 @@ export interface StreamDecoderOptions {
   /** Offset of the first byte pushed (for a resumed channel). Default 0. */
   startOffset?: number;
   /**
+   * A postcopy preempt channel: bare RAM records (no header, sections or footers) for the blocks
+   * of `resume`, ended by one EOS.
+   */
+  bareRam?: boolean;
+  /**
    * The memory attachBlocks returns is all zero to begin with (a fresh destination): a ZERO
    * record for a page this stream never wrote is then skipped instead of clearing 4 KiB.
    */
@@ -227,6 +237,7 @@ export class StreamDecoder {
   /** With zeroedMemory: per block, one bit per page this stream wrote non-zero bytes to. */
   private written: (Uint32Array | undefined)[] = [];
   private readonly zeroedMemory: boolean;
+  private readonly bareRam: boolean;
   private stats: BlockStats[] = [];
   /** Index of the block named last on this channel; -1 before any. */
   private lastBlock = -1;
@@ -251,11 +262,30 @@ export class StreamDecoder {
     this.maxCommand = options.maxCommand ?? MIG_CMD_MAX_7_2;
     this.ignoreShared = options.ignoreShared ?? false;
     this.zeroedMemory = options.zeroedMemory ?? false;
+    this.bareRam = options.bareRam ?? false;
     if (options.resume !== undefined) {
       this.state = S.RECORD;
       this.postcopyState = options.resume.postcopyState;
       for (const s of options.resume.sections) this.sections.set(s.sectionId, s);
       this.installBlocks(options.resume.blocks.map((b) => ({ ...b })), options.startOffset ?? 0);
+      if (this.bareRam) {
+        this.cur = {
+          sectionId: -1,
+          idstr: 'ram',
+          instanceId: 0,
+          versionId: 4,
+          sectionKind: 'part',
+          offset: 0,
+          dataOffset: 0,
+          isRam: true,
+          stats: EMPTY_STATS(),
+          declaredLength: undefined,
+          prefixed: false,
+          layout: 'declared',
+          scanFrom: 0,
+        };
+        this.state = S.RAM;
+      }
     }
   }
 
@@ -678,6 +708,7 @@ export class StreamDecoder {
     const r = this.r;
     const stats = this.cur!.stats!;
     const placed = this.ram?.pagePlaced;
+    const accept = this.ram?.acceptPage;
     const listening = this.postcopyState >= PostcopyState.LISTENING;
     for (;;) {
       if (!this.need(8)) return NEED_MORE;
@@ -689,6 +720,11 @@ export class StreamDecoder {
       if (type === RamFlag.EOS) {
         stats.eosOffset = r.streamOffset;
         r.skip(8);
+        if (this.bareRam) {
+          // A preempt channel ends with its EOS.
+          this.state = S.DONE;
+          return { kind: 'eof', offset: stats.eosOffset, depth: 0 };
+        }
         this.state = S.FOOTER;
         return null;
       }
@@ -761,8 +797,9 @@ export class StreamDecoder {
           { block: info.idstr, pageOffset },
         );
       }
-      const mem = this.memory[block];
+      let mem = this.memory[block];
       const bs = this.stats[block]!;
+      if (accept !== undefined && mem !== undefined && !accept.call(this.ram, block, pageOffset)) mem = undefined;
       const written = this.written[block];
       if (written !== undefined) {
         const page = pageOffset / TARGET_PAGE_SIZE;

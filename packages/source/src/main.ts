@@ -109,14 +109,30 @@ class SourceProcess {
     this.postcopyWanted = false;
     const attempt = { status: 'setup', errorDesc: undefined as string | undefined };
     this.connecting = attempt;
-    return connectChannel(address).then(
-      (channel) => {
+    const preempt = settings.capabilities['postcopy-preempt'];
+    if (preempt && address.transport !== 'tcp' && address.transport !== 'unix') {
+      throw new QmpCommandError('postcopy-preempt needs a tcp: or unix: migration address');
+    }
+    // With postcopy-preempt a second connection follows the first (QEMU 7.2 opens it at start).
+    const connect = async (): Promise<[Awaited<ReturnType<typeof connectChannel>>, Awaited<ReturnType<typeof connectChannel>> | undefined]> => {
+      const main = await connectChannel(address);
+      if (!preempt) return [main, undefined];
+      try {
+        return [main, await connectChannel(address)];
+      } catch (err) {
+        main.destroy();
+        throw err;
+      }
+    };
+    return connect().then(
+      ([channel, preemptChannel]) => {
         this.connecting = undefined;
         const m = new OutgoingMigration({
           guest: this.guest,
           capabilities: { ...settings.capabilities },
           parameters: { ...settings.parameters },
           channel,
+          ...(preemptChannel === undefined ? {} : { preempt: preemptChannel }),
           machineType: this.machineType,
           log,
           events: {

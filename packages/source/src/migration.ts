@@ -46,6 +46,7 @@ import type { Guest, IterativeDevice } from '@livemig/guest';
 import { AutoConverge, BandwidthMeter, decideNext } from './convergence.ts';
 import { RamSaver } from './ram-saver.ts';
 import { RateLimiter } from './rate-limiter.ts';
+import { RamRecordWriter } from '@livemig/protocol';
 import { recvBitmapBytes } from '@livemig/protocol';
 import { StreamOut } from './stream-out.ts';
 
@@ -85,6 +86,8 @@ export interface OutgoingOptions {
   parameters: MigrationParameters;
   /** The connected channel. */
   channel: Duplex;
+  /** With postcopy-preempt: a second connection that carries only requested pages. */
+  preempt?: Duplex;
   /** Machine type sent in the configuration record. */
   machineType: string;
   events: MigrationEvents;
@@ -165,6 +168,9 @@ export class OutgoingMigration {
     this.lastSyncTime = this.startTime;
     this.channel = options.channel;
     this.out = new StreamOut(options.channel);
+    if (options.preempt !== undefined) {
+      this.preempt = { out: new StreamOut(options.preempt), w: new BatchWriter({ slabSize: 64 * 1024 }), rec: new RamRecordWriter() };
+    }
     const p = options.parameters;
     this.ram = new RamSaver(options.guest, { xbzrleCacheBytes: options.capabilities.xbzrle ? p['xbzrle-cache-size'] : 0 });
     this.others = (options.guest.vfio === undefined ? [] : [options.guest.vfio]).map((dev, i) => ({ dev, sectionId: RAM_SECTION_ID + 1 + i }));
@@ -226,7 +232,7 @@ export class OutgoingMigration {
     const s = this.ram.stats;
     const elapsed = Math.max(1, this.now() - this.startTime) / 1000;
     return {
-      transferred: this.out.written,
+      transferred: this.out.written + this.preemptBytes,
       remaining: this.pending(),
       total: this.o.guest.ram.totalBytes,
       duplicate: s.duplicate,
@@ -280,6 +286,7 @@ export class OutgoingMigration {
   private async recover(err: Error): Promise<void> {
     this.totalTime = this.now() - this.startTime;
     this.channel.destroy();
+    this.preempt?.out.stream.destroy();
     const guest = this.o.guest;
     // Once postcopy has started the destination owns the guest: never run it here again.
     if (this.wasRunning && !guest.running && !this.inPostcopy) {
@@ -655,8 +662,14 @@ export class OutgoingMigration {
     writeSectionFooter(w, RAM_SECTION_ID);
     writeEof(w);
     await this.flush();
+    if (this.preempt !== undefined && this.preempt.out.error === undefined) {
+      // QEMU 7.2's preempt channel ends with an EOS word.
+      this.preempt.w.be64(0x10);
+      await this.preempt.out.write(this.preempt.w.flush()).catch(() => {});
+    }
     await this.waitForShut();
     this.inPostcopy = false;
+    this.preempt?.out.stream.destroy();
     const pong4 = this.pongAt.get(4);
     // Downtime: source stopped → the destination had run RUN (it answers PING 4 after it).
     this.downtime = (pong4 ?? this.now()) - this.stopTime;
@@ -693,6 +706,9 @@ export class OutgoingMigration {
 
   /** Wait in postcopy-paused for a new channel, then run the recovery handshake; repeat on failure. */
   private async pauseUntilResumed(cause: Error): Promise<void> {
+    this.preempt?.out.stream.destroy();
+    this.preemptWrittenBefore += this.preempt?.out.written ?? 0;
+    this.preempt = undefined;
     for (;;) {
       this.channel.destroy();
       this.setStatus('postcopy-paused');
@@ -768,9 +784,29 @@ export class OutgoingMigration {
     this.o.log.info({ dirtyPages: this.ram.dirtyPages }, 'postcopy resumed');
   }
 
-  /** Send every queued requested page that is still to be sent. */
+  /** Bytes written to the preempt channel(s). */
+  private get preemptBytes(): number {
+    return this.preemptWrittenBefore + (this.preempt?.out.written ?? 0);
+  }
+  private preemptWrittenBefore = 0;
+
+  /** The preempt channel while it works (dropped on a pause: requests then use the main channel). */
+  private preempt: { out: StreamOut; w: BatchWriter; rec: RamRecordWriter } | undefined;
+
+  /**
+   * Send every queued requested page that is still to be sent: on the preempt channel when there
+   * is one (flushed at once, so it never waits behind background pages), else in `w`.
+   */
   private serveRequests(w: BatchWriter): void {
     const q = this.requests;
+    if (q.length === 0) return;
+    const p = this.preempt;
+    if (p !== undefined && p.out.error === undefined) {
+      for (let i = 0; i < q.length; i += 2) this.ram.sendRequested(p.w, q[i]!, q[i + 1]!, p.rec);
+      q.length = 0;
+      void p.out.write(p.w.flush()).catch(() => {});
+      return;
+    }
     for (let i = 0; i < q.length; i += 2) this.ram.sendRequested(w, q[i]!, q[i + 1]!);
     q.length = 0;
   }
@@ -800,6 +836,8 @@ export class OutgoingMigration {
     if (!this.inPostcopy) throw new Error('page request before postcopy started');
     for (let p = start / TARGET_PAGE_SIZE; p < (start + length) / TARGET_PAGE_SIZE; p++) this.requests.push(index, p);
     this.requestCount++;
+    // With a preempt channel the page goes out right away, from the return-path handler itself.
+    if (this.preempt !== undefined && this.status === 'postcopy-active') this.serveRequests(this.w);
     this.wake?.();
   }
 

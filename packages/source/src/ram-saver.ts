@@ -193,7 +193,7 @@ export class RamSaver implements IterativeDevice {
    * Postcopy: send a requested page if it is still to be sent (else the request is dropped, as
    * QEMU does), and move the background scan there (locality). Returns true when it was sent.
    */
-  sendRequested(w: BatchWriter, blockIndex: number, page: number): boolean {
+  sendRequested(w: BatchWriter, blockIndex: number, page: number, rec: RamRecordWriter = this.rec): boolean {
     const bm = this.bitmaps[blockIndex]!;
     const wi = page >>> 5;
     const bit = 1 << (page & 31);
@@ -202,7 +202,7 @@ export class RamSaver implements IterativeDevice {
     this.dirtyPages--;
     this.cursorBlock = blockIndex;
     this.cursorPage = page;
-    this.sendPage(w, blockIndex, page, true);
+    this.sendPage(w, blockIndex, page, true, rec);
     return true;
   }
 
@@ -276,7 +276,7 @@ export class RamSaver implements IterativeDevice {
     return n;
   }
 
-  private sendPage(w: BatchWriter, blockIndex: number, page: number, final: boolean): void {
+  private sendPage(w: BatchWriter, blockIndex: number, page: number, final: boolean, rec: RamRecordWriter = this.rec): void {
     const block = this.guest.ram.blocks[blockIndex]!;
     const mem = this.views[blockIndex]!;
     const off = page * TARGET_PAGE_SIZE;
@@ -284,14 +284,14 @@ export class RamSaver implements IterativeDevice {
     // A page never written since allocation is zero without reading it (no fault, no memcmp).
     const knownZero = (block.written[page >>> 5]! & (1 << (page & 31))) === 0;
     if (knownZero || ZERO_PAGE.compare(mem, off, off + TARGET_PAGE_SIZE) === 0) {
-      this.rec.zeroPage(w, idstr, off);
+      rec.zeroPage(w, idstr, off);
       this.stats.duplicate++;
       if (this.xbzrleActive) this.xbzrle!.insertZero(block.globalOffset + off, this.stats.dirtySyncCount);
       return;
     }
     if (!this.xbzrleActive) {
       // Zero copy: the batch references guest RAM (what goes out is what RAM holds at write time).
-      this.rec.page(w, idstr, off, mem, off, true);
+      rec.page(w, idstr, off, mem, off, true);
       this.stats.normal++;
       return;
     }
@@ -302,12 +302,12 @@ export class RamSaver implements IterativeDevice {
     const slot = cache.lookup(addr, this.stats.dirtySyncCount);
     if (slot < 0) {
       if (!final) cache.insert(addr, this.scratch, 0, this.stats.dirtySyncCount);
-      this.rec.page(w, idstr, off, this.scratch, 0);
+      rec.page(w, idstr, off, this.scratch, 0);
       this.stats.normal++;
       return;
     }
     const before = w.totalBytes;
-    const result = this.rec.deltaPage(w, idstr, off, cache.data, slot * TARGET_PAGE_SIZE, this.scratch, 0);
+    const result = rec.deltaPage(w, idstr, off, cache.data, slot * TARGET_PAGE_SIZE, this.scratch, 0);
     if (result === 'unchanged') {
       this.stats.xbzrleUnchanged++;
       return;
