@@ -1,5 +1,5 @@
 // `pnpm bench`: every benchmark, each printing its figure next to a ceiling measured in the same
-// run. `pnpm bench decode` or `pnpm bench migration` runs one group.
+// run. `pnpm bench decode`, `pnpm bench migration` or `pnpm bench postcopy` runs one group.
 
 const only = process.argv.slice(2);
 const want = (name: string): boolean => only.length === 0 || only.includes(name);
@@ -8,4 +8,8 @@ if (want('decode')) await import('../packages/protocol/bench/decode.bench.ts');
 if (want('migration')) {
   const { migrationBench } = await import('./migration.bench.ts');
   await migrationBench();
+}
+if (want('postcopy')) {
+  const { postcopyBench } = await import('./postcopy.bench.ts');
+  await postcopyBench();
 }

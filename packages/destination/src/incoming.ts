@@ -94,6 +94,7 @@ export class IncomingMigration {
   private faultLoopRunning = false;
   /** When the current channel last brought bytes (postcopy keepalive). */
   private lastByteAt = 0;
+  private runAt = 0;
   private keepalive: NodeJS.Timeout | undefined;
   private finished = false;
   private readonly readBuffer = Buffer.allocUnsafeSlow(READ_BUFFER_BYTES);
@@ -440,6 +441,8 @@ export class IncomingMigration {
       'postcopy-latency': faults > 0 ? Math.round((blocked * 1e6) / faults) : 0,
       'postcopy-latency-dist': buckets.slice(0, buckets.findLastIndex((b) => b > 0) + 1),
       'postcopy-faults': faults,
+      // livemig: how long the guest has run in postcopy (RUN until completion), for blocktime shares.
+      'x-postcopy-run-time': Math.round((this.loadedAt > 0 ? this.loadedAt : performance.now()) - this.runAt),
     };
   }
 
@@ -455,6 +458,15 @@ export class IncomingMigration {
       }
       // Keep only the undecoded tail: the read buffer is reused by the next read.
       this.decoder.retainUnread();
+      if (this.listening && this.socket !== undefined) {
+        // Postcopy: libuv would read up to 32 buffers in a row; one per loop turn keeps the
+        // fault path (page requests, the preempt channel) waiting at most one read.
+        const socket = this.socket;
+        setImmediate(() => {
+          if (this.socket === socket && !this.finished) socket.resume();
+        });
+        return false;
+      }
       return true;
     } catch (err) {
       this.fail(err as Error);
@@ -578,6 +590,7 @@ export class IncomingMigration {
         void this.serveFaults();
         break;
       case MigCmd.POSTCOPY_RUN: {
+        this.runAt = performance.now();
         const guest = this.o.guest;
         const sourceWasRunning = guest.globalState.loaded === undefined || guest.globalState.loaded === 'running';
         guest.setRunState('paused');

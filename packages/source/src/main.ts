@@ -323,8 +323,10 @@ async function main(argv: string[]): Promise<void> {
   }
   process.on('SIGINT', () => void proc.shutdown(130));
   process.on('SIGTERM', () => void proc.shutdown(143));
-  if (flags.qmp !== undefined) await proc.serveQmp(flags.qmp);
+  // As QEMU: without -S the guest is running before QMP is served (query-status never says
+  // prelaunch to a client of a source started without -S).
   if (values.paused !== true) await guest.start();
+  if (flags.qmp !== undefined) await proc.serveQmp(flags.qmp);
   log.info(
     { blocks: guest.ram.blocks.map((b) => `${b.idstr}:${b.length}`), vcpus: flags.guest.vcpus, workload: values.workload ?? 'idle', running: guest.running },
     'guest ready',

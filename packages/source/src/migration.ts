@@ -73,6 +73,11 @@ const DEVICE_PART_BYTES = 1024 * 1024;
 
 const extPackr = new Packr({ useRecords: false });
 
+/** One turn of the event loop (about a microsecond when idle). */
+function yieldToIo(): Promise<void> {
+  return new Promise((resolve) => setImmediate(resolve));
+}
+
 export interface MigrationEvents {
   status(status: MigrationStatus): void;
   pass(pass: number): void;
@@ -466,6 +471,7 @@ export class OutgoingMigration {
       this.precopyBytes += bytes;
       await this.flush();
       if (empty || deadline()) break;
+      await yieldToIo();
     }
     writeEos(w);
     writeSectionFooter(w, RAM_SECTION_ID);
@@ -653,6 +659,9 @@ export class OutgoingMigration {
         this.w.flush();
         continue;
       }
+      // A socket that takes every batch at once never makes us wait for 'drain': give the
+      // return path (page requests) and QMP their turn at each batch.
+      await yieldToIo();
       if (this.ram.dirtyPages === 0 && this.requests.length === 0) break;
       const wait = this.requests.length > 0 || this.keepaliveDue ? 0 : this.limiter.delayFor(BATCH_BYTES / 4, this.now());
       if (wait > 0) await this.sleepOrWake(wait);
