@@ -1,0 +1,362 @@
+// End-to-end harness: real livemig-source / livemig-destination processes (the built dist, run
+// with this very node), each with its own QMP socket in a short per-test temp dir.
+//
+//   await withHarness(async (h) => {
+//     const dst = await h.destination({ incoming: 'tcp', paused: true, guest: ['-m', '64M'] });
+//     const src = await h.source({ guest: ['-m', '64M'] });
+//     await src.qmp.execute('migrate', { uri: dst.incomingUri });
+//   });
+//
+// Every wait is bounded. Whatever happens in the body, every child is killed by pid at the end
+// (SIGTERM, then SIGKILL after a bounded grace) and the temp dir removed; a failure carries the
+// tail of each child's output.
+
+import { type ChildProcess, execFile, spawn } from 'node:child_process';
+import { mkdtemp, rm } from 'node:fs/promises';
+import net from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { fileURLToPath } from 'node:url';
+import { QmpClient, type QmpEvent } from '@livemig/runtime';
+
+export const SOURCE_MAIN = fileURLToPath(new URL('../../packages/source/dist/main.js', import.meta.url));
+export const DESTINATION_MAIN = fileURLToPath(new URL('../../packages/destination/dist/main.js', import.meta.url));
+export const CLI_MAIN = fileURLToPath(new URL('../../packages/cli/dist/main.js', import.meta.url));
+
+/** Bound on a child's QMP socket starting to accept (it prefaults guest RAM first). */
+const QMP_START_MS = 30_000;
+/** Bound on one QMP reply. */
+const QMP_REPLY_MS = 30_000;
+/** SIGTERM grace before SIGKILL at cleanup, and the bound on exit after SIGKILL. */
+const TERM_GRACE_MS = 3_000;
+const KILL_WAIT_MS = 3_000;
+/** Output kept per child for failure messages. */
+const OUTPUT_KEEP_BYTES = 64 * 1024;
+/** Output shown per child in a failure message. */
+const OUTPUT_SHOW_BYTES = 6 * 1024;
+
+/** Every child started here and not yet seen to exit: killed if this process exits first. */
+const live = new Set<ChildProcess>();
+process.once('exit', () => {
+  for (const proc of live) {
+    try {
+      if (proc.pid !== undefined) process.kill(proc.pid, 'SIGKILL');
+    } catch {
+      // already gone
+    }
+  }
+});
+
+export interface ExitStatus {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+}
+
+/** A running livemig process with a connected QMP client and every event it emitted so far. */
+export class Child {
+  readonly name: string;
+  readonly proc: ChildProcess;
+  readonly qmpAddress: string;
+  /** Set once the QMP socket accepted (see Harness.source / destination). */
+  qmp!: QmpClient;
+  /** Every QMP event received, in arrival order (recorded from the moment QMP connected). */
+  readonly events: QmpEvent[] = [];
+  readonly exited: Promise<ExitStatus>;
+  #output = '';
+
+  constructor(name: string, proc: ChildProcess, qmpAddress: string) {
+    this.name = name;
+    this.proc = proc;
+    this.qmpAddress = qmpAddress;
+    const keep = (chunk: Buffer): void => {
+      this.#output += chunk.toString('utf8');
+      if (this.#output.length > OUTPUT_KEEP_BYTES) this.#output = this.#output.slice(-OUTPUT_KEEP_BYTES);
+    };
+    proc.stdout?.on('data', keep);
+    proc.stderr?.on('data', keep);
+    this.exited = new Promise((resolve) => {
+      if (proc.exitCode !== null || proc.signalCode !== null) resolve({ code: proc.exitCode, signal: proc.signalCode });
+      else {
+        live.add(proc);
+        proc.once('exit', (code, signal) => {
+          live.delete(proc);
+          resolve({ code, signal });
+        });
+      }
+    });
+  }
+
+  get pid(): number {
+    return this.proc.pid ?? -1;
+  }
+
+  get alive(): boolean {
+    return this.proc.exitCode === null && this.proc.signalCode === null;
+  }
+
+  /** What the process printed (stdout and stderr interleaved; the last 64 KiB). */
+  output(): string {
+    return this.#output;
+  }
+
+  /** Wait for the process to exit, at most `timeoutMs`. */
+  async waitForExit(timeoutMs = 15_000): Promise<ExitStatus> {
+    return within(this.exited, `${this.name} (pid ${this.pid}) to exit`, timeoutMs);
+  }
+
+  /**
+   * The first recorded event called `name` matching `predicate` (already received or arriving
+   * within `timeoutMs`).
+   */
+  async waitForEvent(name: string, predicate: (e: QmpEvent) => boolean = () => true, timeoutMs = 60_000): Promise<QmpEvent> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const found = this.events.find((e) => e.event === name && predicate(e));
+      if (found !== undefined) return found;
+      if (Date.now() > deadline) {
+        throw new Error(`${this.name}: no ${name} event matching within ${timeoutMs} ms; got ${JSON.stringify(this.events.map((e) => [e.event, e.data]))}`);
+      }
+      await sleep(20);
+    }
+  }
+
+  /** The `status` of every MIGRATION event so far, in order. */
+  migrationEvents(): string[] {
+    return this.events.filter((e) => e.event === 'MIGRATION').map((e) => String(e.data?.['status']));
+  }
+
+  /** Run a QMP command (bounded). */
+  execute<T = unknown>(command: string, args?: Record<string, unknown>, timeoutMs = QMP_REPLY_MS): Promise<T> {
+    return this.qmp.execute<T>(command, args, { timeoutMs });
+  }
+}
+
+export interface SourceOptions {
+  /** Guest flags (-m, --workload, --vcpus, --fill, --block). */
+  guest: string[];
+  /** Extra source flags (--capabilities, --parameters, -S, --migrate, ...). */
+  args?: string[];
+  name?: string;
+  /** Extra stdio entries after stdin/stdout/stderr: entry i becomes fd 3 + i in the child. */
+  extraStdio?: Array<'pipe' | 'ignore' | 'inherit' | net.Socket | number | null>;
+}
+
+export interface DestinationOptions {
+  /** 'tcp' (127.0.0.1, port 0), 'unix' (a socket in the temp dir), 'defer' or a full address. */
+  incoming: 'tcp' | 'unix' | 'defer' | (string & {});
+  /** -S: stay paused after the migration until QMP cont. */
+  paused?: boolean;
+  guest: string[];
+  capabilities?: string[];
+  args?: string[];
+  name?: string;
+}
+
+export class Harness {
+  readonly dir: string;
+  readonly children: Child[] = [];
+  #count = 0;
+
+  private constructor(dir: string) {
+    this.dir = dir;
+  }
+
+  static async create(): Promise<Harness> {
+    // unix socket paths must fit a sockaddr_un (107 bytes): keep the dir short.
+    let base = tmpdir();
+    if (Buffer.byteLength(base) > 40) base = '/tmp';
+    return new Harness(await mkdtemp(join(base, 'lm-e2e-')));
+  }
+
+  /** A path in this test's temp dir (asserted short enough for a unix socket). */
+  path(name: string): string {
+    const p = join(this.dir, name);
+    if (Buffer.byteLength(p) >= 100) throw new Error(`socket path too long for sockaddr_un: ${p}`);
+    return p;
+  }
+
+  #unique(name: string): string {
+    this.#count++;
+    return this.children.some((c) => c.name === name) ? `${name}${this.#count}` : name;
+  }
+
+  async #start(name: string, main: string, args: string[], extraStdio: NonNullable<SourceOptions['extraStdio']> = []): Promise<Child> {
+    const qmpAddress = `unix:${this.path(`${name}.qmp`)}`;
+    const proc = spawn(process.execPath, [main, ...args, '--qmp', qmpAddress], {
+      stdio: ['ignore', 'pipe', 'pipe', ...extraStdio],
+      env: { ...process.env, LIVEMIG_LOG_LEVEL: process.env['LIVEMIG_LOG_LEVEL'] ?? 'info' },
+    });
+    const child = new Child(name, proc, qmpAddress);
+    this.children.push(child);
+    child.qmp = await connectQmp(child, QMP_START_MS);
+    // Record every event; waits poll child.events (so no event is consumed by another wait).
+    void (async () => {
+      for await (const e of child.qmp.events({ idleTimeoutMs: Infinity })) child.events.push(e);
+    })().catch(() => {});
+    return child;
+  }
+
+  /** Start a livemig-source; resolves once its QMP accepts. */
+  async source(o: SourceOptions): Promise<Child> {
+    return this.#start(this.#unique(o.name ?? 'src'), SOURCE_MAIN, [...o.guest, ...(o.args ?? [])], o.extraStdio);
+  }
+
+  /**
+   * Start a livemig-destination; resolves once its QMP accepts and (unless defer) it listens,
+   * with `incomingUri` the address to migrate to (from query-migrate's socket-address).
+   */
+  async destination(o: DestinationOptions): Promise<Child & { incomingUri: string }> {
+    const name = this.#unique(o.name ?? 'dst');
+    const incoming = o.incoming === 'tcp' ? 'tcp:127.0.0.1:0' : o.incoming === 'unix' ? `unix:${this.path(`${name}.mig`)}` : o.incoming;
+    const args = ['--incoming', incoming, ...o.guest];
+    if (o.paused === true) args.push('-S');
+    if (o.capabilities !== undefined && o.capabilities.length > 0) args.push('--capabilities', o.capabilities.join(','));
+    args.push(...(o.args ?? []));
+    const child = (await this.#start(name, DESTINATION_MAIN, args)) as Child & { incomingUri: string };
+    child.incomingUri = incoming === 'defer' ? 'defer' : await listeningAddress(child, 60_000);
+    return child;
+  }
+
+  /** The tail of every child's output, for failure messages. */
+  report(): string {
+    return this.children
+      .map((c) => {
+        const out = c.output();
+        const tail = out.length > OUTPUT_SHOW_BYTES ? `…${out.slice(-OUTPUT_SHOW_BYTES)}` : out;
+        const state = c.alive ? 'running' : `exited code=${c.proc.exitCode} signal=${c.proc.signalCode}`;
+        return `--- ${c.name} (pid ${c.pid}, ${state}) ---\n${tail.trimEnd()}`;
+      })
+      .join('\n');
+  }
+
+  /** Close QMP, then SIGTERM every live child by pid, SIGKILL after the grace; remove the dir. */
+  async cleanup(): Promise<void> {
+    await Promise.all(this.children.map((c) => (c.qmp === undefined ? undefined : within(c.qmp.close(), 'QMP close', 2000).catch(() => {}))));
+    await Promise.all(
+      this.children.map(async (c) => {
+        if (!c.alive) return;
+        try {
+          process.kill(c.pid, 'SIGTERM');
+        } catch {
+          return; // already gone
+        }
+        const exited = await within(c.exited, 'exit after SIGTERM', TERM_GRACE_MS).then(
+          () => true,
+          () => false,
+        );
+        if (exited) return;
+        try {
+          process.kill(c.pid, 'SIGKILL');
+        } catch {
+          return;
+        }
+        await within(c.exited, 'exit after SIGKILL', KILL_WAIT_MS).catch(() => {});
+      }),
+    );
+    await rm(this.dir, { recursive: true, force: true }).catch(() => {});
+  }
+}
+
+/**
+ * Run `body` with a fresh harness; children are killed and the temp dir removed whatever
+ * happens. A failure is rethrown with the children's output appended.
+ */
+export async function withHarness(body: (h: Harness) => Promise<void>): Promise<void> {
+  const h = await Harness.create();
+  try {
+    await body(h);
+  } catch (err) {
+    const e = err as Error;
+    throw new Error(`${e.message}\n\n${h.report()}`, { cause: err });
+  } finally {
+    await h.cleanup();
+  }
+}
+
+/** Poll-connect to a child's QMP socket until it accepts (bounded); fails early if it exits. */
+export async function connectQmp(child: Child, timeoutMs: number): Promise<QmpClient> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    if (!child.alive) throw new Error(`${child.name} exited (code ${child.proc.exitCode}, signal ${child.proc.signalCode}) before its QMP socket accepted`);
+    try {
+      return await QmpClient.connect(child.qmpAddress, { timeoutMs: 5_000 });
+    } catch (err) {
+      if (Date.now() > deadline) throw new Error(`${child.name}: QMP ${child.qmpAddress} did not accept within ${timeoutMs} ms: ${(err as Error).message}`);
+      await sleep(50);
+    }
+  }
+}
+
+interface SocketAddressEntry {
+  type: string;
+  host?: string;
+  port?: string;
+  path?: string;
+}
+
+/** The destination's bound listening address, from query-migrate's socket-address (bounded). */
+export async function listeningAddress(dst: Child, timeoutMs = 60_000): Promise<string> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const info = await dst.execute<{ status?: string; 'socket-address'?: SocketAddressEntry[] }>('query-migrate');
+    const a = info['socket-address']?.[0];
+    if (a !== undefined) {
+      if (a.type === 'inet') return `tcp:${a.host}:${a.port}`;
+      if (a.type === 'unix') return `unix:${a.path}`;
+      throw new Error(`${dst.name}: unexpected socket-address ${JSON.stringify(a)}`);
+    }
+    if (!dst.alive) throw new Error(`${dst.name} exited before listening`);
+    if (Date.now() > deadline) throw new Error(`${dst.name} did not report a listening socket-address within ${timeoutMs} ms (last: ${JSON.stringify(info)})`);
+    await sleep(50);
+  }
+}
+
+/** Reject after `ms` with a message naming what was awaited. */
+export function within<T>(promise: Promise<T>, what: string, ms: number): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  return Promise.race([
+    promise,
+    new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms);
+    }),
+  ]).finally(() => clearTimeout(timer));
+}
+
+/** A TCP port on 127.0.0.1 that nothing listens on (bound, then released). */
+export async function unusedPort(): Promise<number> {
+  const server = net.createServer();
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(0, '127.0.0.1', () => resolve());
+  });
+  const port = (server.address() as net.AddressInfo).port;
+  await new Promise<void>((resolve) => server.close(() => resolve()));
+  return port;
+}
+
+export interface AnalyzeReport {
+  ramBlocks: { idstr: string; length: number; sha256: string; normalPages: number; zeroPages: number; xbzrlePages: number }[];
+  [key: string]: unknown;
+}
+
+/** `livemig analyze FILE --json` (bounded); resolves with the exit code, the report and stderr. */
+export function analyzeFile(file: string, timeoutMs = 60_000): Promise<{ code: number; report: AnalyzeReport | undefined; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    execFile(
+      process.execPath,
+      [CLI_MAIN, 'analyze', file, '--json'],
+      { timeout: timeoutMs, killSignal: 'SIGKILL', maxBuffer: 64 * 2 ** 20 },
+      (err, stdout, stderr) => {
+        const code = err === null ? 0 : typeof (err as { code?: unknown }).code === 'number' ? ((err as { code: number }).code) : -1;
+        let report: AnalyzeReport | undefined;
+        try {
+          report = JSON.parse(stdout) as AnalyzeReport;
+        } catch {
+          report = undefined;
+        }
+        resolve({ code, report, stdout, stderr });
+      },
+    );
+  });
+}
