@@ -746,6 +746,8 @@ export class OutgoingMigration {
    */
   private async resumeOver(channel: Duplex): Promise<void> {
     this.setStatus('postcopy-recover');
+    // The keepalive measures silence on this channel, not since the last word on the old one.
+    this.lastRpAt = this.now();
     this.channel = channel;
     this.out = new StreamOut(channel);
     this.w.flush();
@@ -904,11 +906,33 @@ export class OutgoingMigration {
   }
 
   private onExtension(payload: Buffer): void {
+    if (payload[0] === 0x01) {
+      this.onRequestBatch(payload);
+      return;
+    }
     try {
-      const msg = extPackr.unpack(payload) as { kind?: string; code?: string; message?: string; offset?: number };
+      const msg = extPackr.unpack(payload) as {
+        kind?: string;
+        code?: string;
+        message?: string;
+        offset?: number;
+      };
       if (msg.kind === 'error') this.destinationError = msg;
     } catch {
       // An extension we cannot read is ignored, as QEMU ignores what it does not need.
+    }
+  }
+
+  /** A batch of page requests in compressed page indices (see the destination's encodeRequestBatch). */
+  private onRequestBatch(p: Buffer): void {
+    const width = p[1] === 32 ? 4 : p[1] === 16 ? 2 : 0;
+    const n = p[2] ?? 0;
+    if (width === 0 || p.length < 3 + n + 4 || (p.length - 7 - n) % width !== 0) throw new Error('malformed page-request batch');
+    const block = p.toString('latin1', 3, 3 + n);
+    const base = p.readUInt32BE(3 + n);
+    for (let at = 7 + n; at < p.length; at += width) {
+      const page = base + (width === 2 ? p.readUInt16LE(at) : p.readUInt32LE(at));
+      this.onPageRequest(block, page * TARGET_PAGE_SIZE, TARGET_PAGE_SIZE);
     }
   }
 
