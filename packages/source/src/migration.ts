@@ -154,7 +154,6 @@ export class OutgoingMigration {
   private dirtyRate = 0;
   private pagesPerSecond = 0;
   private lastSyncTime: number;
-  private readonly sectionLengths: VmdescDevice[] = [];
   private postcopyRequested = false;
   private inPostcopy = false;
   /** Postcopy page requests not served yet: [block index, page index] pairs, in arrival order. */
@@ -485,10 +484,9 @@ export class OutgoingMigration {
     if (wait > 0) await sleep(wait, undefined, { signal: this.abort.signal }).catch(() => {});
   }
 
-  private async complete(): Promise<void> {
+  /** The switchover: stop the guest (STOP event) and start counting downtime. */
+  private async stopGuest(): Promise<void> {
     const guest = this.o.guest;
-    const w = this.w;
-    // Stop-and-copy: the guest pauses, everything left goes out unthrottled.
     this.stopTime = this.now();
     if (guest.running) {
       await guest.stop('finish-migrate');
@@ -496,6 +494,37 @@ export class OutgoingMigration {
     } else {
       guest.setRunState('finish-migrate');
     }
+  }
+
+  /** END sections of the iterative devices other than RAM (everything they still hold). */
+  private async endOtherDevices(): Promise<void> {
+    const w = this.w;
+    for (const { dev, sectionId } of this.others) {
+      writeSectionHeader(w, { kind: 'end', sectionId });
+      while (!dev.saveComplete(w, BATCH_BYTES)) await this.flush();
+      writeSectionFooter(w, sectionId);
+    }
+  }
+
+  /** One FULL section per non-iterative device into `w`; returns their VMDESCRIPTION entries. */
+  private writeDeviceSections(w: BatchWriter): VmdescDevice[] {
+    const described: VmdescDevice[] = [];
+    let sectionId = 100;
+    for (const dev of this.o.guest.devices) {
+      const data = dev.save();
+      writeSectionHeader(w, { kind: 'full', sectionId, idstr: dev.idstr, instanceId: dev.instanceId, versionId: dev.versionId });
+      w.bytes(data);
+      writeSectionFooter(w, sectionId++);
+      described.push(dev.describe(data.length));
+    }
+    return described;
+  }
+
+  private async complete(): Promise<void> {
+    const guest = this.o.guest;
+    const w = this.w;
+    // Stop-and-copy: the guest pauses, everything left goes out unthrottled.
+    await this.stopGuest();
     this.checkCancelled();
     this.syncDirty();
     const startBytes = this.out.written;
@@ -508,26 +537,14 @@ export class OutgoingMigration {
     }
     writeEos(w);
     writeSectionFooter(w, RAM_SECTION_ID);
-    for (const { dev, sectionId } of this.others) {
-      writeSectionHeader(w, { kind: 'end', sectionId });
-      while (!dev.saveComplete(w, BATCH_BYTES)) await this.flush();
-      writeSectionFooter(w, sectionId);
-    }
+    await this.endOtherDevices();
     // Devices: one FULL section each, described in the VMDESCRIPTION.
-    let sectionId = 100;
-    for (const dev of guest.devices) {
-      const data = dev.save();
-      writeSectionHeader(w, { kind: 'full', sectionId, idstr: dev.idstr, instanceId: dev.instanceId, versionId: dev.versionId });
-      w.bytes(data);
-      writeSectionFooter(w, sectionId);
-      this.sectionLengths.push(dev.describe(data.length));
-      sectionId++;
-    }
+    const described = this.writeDeviceSections(w);
     writeEof(w);
     const prefixed = [...this.others.map((o) => o.dev), ...guest.devices]
       .filter((d) => d.layout === 'be32-prefixed')
       .map((d) => ({ name: d.idstr, instance_id: d.instanceId }));
-    const desc: Record<string, unknown> = { page_size: TARGET_PAGE_SIZE, devices: this.sectionLengths };
+    const desc: Record<string, unknown> = { page_size: TARGET_PAGE_SIZE, devices: described };
     if (prefixed.length > 0) desc['livemig'] = { prefixed };
     writeVmdescription(w, toQemuJson(desc));
     await this.flush();
@@ -552,18 +569,10 @@ export class OutgoingMigration {
   private async postcopy(): Promise<void> {
     const guest = this.o.guest;
     const w = this.w;
-    this.stopTime = this.now();
-    if (guest.running) {
-      await guest.stop('finish-migrate');
-      this.o.events.stop();
-    } else guest.setRunState('finish-migrate');
+    await this.stopGuest();
     this.inPostcopy = true;
     this.setStatus('postcopy-active');
-    for (const { dev, sectionId } of this.others) {
-      writeSectionHeader(w, { kind: 'end', sectionId });
-      while (!dev.saveComplete(w, BATCH_BYTES)) await this.flush();
-      writeSectionFooter(w, sectionId);
-    }
+    await this.endOtherDevices();
     this.syncDirty();
     this.ram.disableXbzrle();
     for (const [i, b] of guest.ram.blocks.entries()) {
@@ -576,12 +585,7 @@ export class OutgoingMigration {
     // The package: the destination parses it whole, starts listening for pages, loads devices, runs.
     const pkg = new BatchWriter({ slabSize: 64 * 1024 });
     writeCommand(pkg, MigCmd.POSTCOPY_LISTEN);
-    let sectionId = 100;
-    for (const dev of guest.devices) {
-      writeSectionHeader(pkg, { kind: 'full', sectionId, idstr: dev.idstr, instanceId: dev.instanceId, versionId: dev.versionId });
-      pkg.bytes(dev.save());
-      writeSectionFooter(pkg, sectionId++);
-    }
+    this.writeDeviceSections(pkg);
     writePing(pkg, 3);
     writeCommand(pkg, MigCmd.POSTCOPY_RUN);
     const blob = pkg.flushConcat();
