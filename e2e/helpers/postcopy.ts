@@ -1,0 +1,256 @@
+// Postcopy helpers for e2e/postcopy.test.ts (wire-format.md §§7.2–7.3, 8): a postcopy pair of
+// livemig processes, bounded waits on both sides, recovery, and an in-process TCP proxy that can
+// freeze a link without closing it (what a dead router or a pulled cable looks like to TCP).
+
+import assert from 'node:assert/strict';
+import net from 'node:net';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { digest, type GuestDigest, type MigrationInfo, MiB, queryStatus, setCapabilities, waitForMigration, waitForStatus } from './migration.ts';
+import { type Child, type Harness, unusedPort, within } from './processes.ts';
+
+/** Destination query-migrate in postcopy: QEMU's blocktime figures plus livemig's fault latency. */
+export interface DestinationPostcopyInfo extends MigrationInfo {
+  'postcopy-blocktime'?: number;
+  'postcopy-vcpu-blocktime'?: number[];
+  /** Mean fault latency, ns. */
+  'postcopy-latency'?: number;
+  /** Fault latency histogram: bucket i counts faults of [2^i, 2^(i+1)) µs. */
+  'postcopy-latency-dist'?: number[];
+  'postcopy-faults'?: number;
+}
+
+/**
+ * Parameters under which precopy does not converge (a 1 ms downtime-limit) and the background
+ * postcopy transfer is slow enough for the destination's vCPUs to fault on pages not yet sent.
+ */
+export const SLOW_POSTCOPY = {
+  'max-bandwidth': 16 * MiB,
+  'downtime-limit': 1,
+  'max-postcopy-bandwidth': 4 * MiB,
+} as const;
+
+export interface PostcopyPairOptions {
+  /** Guest flags for both sides (-m, --workload, ...). */
+  guest: string[];
+  /** Destination -S: the guest stays paused after the switchover (nothing faults). */
+  paused?: boolean;
+  /** Source parameters set over QMP before migrating (default SLOW_POSTCOPY). */
+  parameters?: Record<string, number>;
+}
+
+/**
+ * A destination listening on tcp:127.0.0.1:0 with --capabilities postcopy-ram,events, and a
+ * source with the same capabilities and `parameters` set over QMP (as QEMU's tests set them).
+ */
+export async function postcopyPair(h: Harness, o: PostcopyPairOptions): Promise<{ src: Child; dst: Child & { incomingUri: string } }> {
+  const dst = await h.destination({ incoming: 'tcp', paused: o.paused === true, guest: o.guest, capabilities: ['postcopy-ram', 'events'] });
+  const src = await h.source({ guest: o.guest });
+  await setCapabilities(src, ['postcopy-ram', 'events']);
+  await src.execute('migrate-set-parameters', o.parameters ?? SLOW_POSTCOPY);
+  return { src, dst };
+}
+
+/**
+ * migrate to `uri`, let precopy send for `precopyMs` (at least one byte must have gone), then
+ * migrate-start-postcopy; resolves once both sides report postcopy-active.
+ */
+export async function migrateIntoPostcopy(src: Child, dst: Child, uri: string, { precopyMs = 500 }: { precopyMs?: number } = {}): Promise<void> {
+  await src.execute('migrate', { uri });
+  await waitForMigration(src, (i) => i.status === 'active' && (i.ram?.transferred ?? 0) > 0, 'precopy active with bytes sent', { timeoutMs: 15_000 });
+  await sleep(precopyMs);
+  assert.equal((await src.execute<MigrationInfo>('query-migrate')).status, 'active', 'precopy alone has not converged');
+  assert.deepEqual(await src.execute('migrate-start-postcopy'), {});
+  await waitForStatus(src, ['postcopy-active', 'completed'], { timeoutMs: 15_000 });
+  await waitForStatus(dst, ['postcopy-active', 'completed'], { timeoutMs: 15_000 });
+}
+
+/** Both sides in postcopy-paused within `timeoutMs` (measured from the call). */
+export async function waitBothPaused(src: Child, dst: Child, timeoutMs = 6_000): Promise<{ src: MigrationInfo; dst: MigrationInfo }> {
+  const [s, d] = await Promise.all([
+    waitForStatus(src, 'postcopy-paused', { timeoutMs }),
+    waitForStatus(dst, 'postcopy-paused', { timeoutMs }),
+  ]);
+  return { src: s, dst: d };
+}
+
+/**
+ * Recovery over a fresh port (or `via`, e.g. a proxy in front of that port): destination
+ * migrate-recover (exec-oob, as management tools send it), source migrate resume=true.
+ * Returns the destination's recovery address.
+ */
+export async function recover(src: Child, dst: Child, { via }: { via?: (recoverUri: string) => Promise<string> } = {}): Promise<string> {
+  const recoverUri = `tcp:127.0.0.1:${await unusedPort()}`;
+  assert.deepEqual(await dst.qmp.execute('migrate-recover', { uri: recoverUri }, { oob: true, timeoutMs: 10_000 }), {});
+  const resumeUri = via === undefined ? recoverUri : await via(recoverUri);
+  assert.deepEqual(await src.execute('migrate', { uri: resumeUri, resume: true }), {});
+  return recoverUri;
+}
+
+/** The `n`-th MIGRATION event with `status` on `c` (bounded; events are recorded, so no race). */
+export async function waitForNthMigrationEvent(c: Child, status: string, n: number, timeoutMs = 6_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const seen = c.migrationEvents().filter((s) => s === status).length;
+    if (seen >= n) return;
+    if (Date.now() > deadline) throw new Error(`${c.name}: ${seen} of ${n} MIGRATION ${status} events within ${timeoutMs} ms: ${JSON.stringify(c.migrationEvents())}`);
+    await sleep(20);
+  }
+}
+
+/** Both sides completed (bounded); returns the final query-migrate of each. */
+export async function waitBothCompleted(src: Child, dst: Child, timeoutMs = 60_000): Promise<{ src: MigrationInfo; dst: DestinationPostcopyInfo }> {
+  const s = await waitForStatus(src, 'completed', { timeoutMs });
+  const d = await waitForStatus(dst, 'completed', { timeoutMs: 10_000 });
+  return { src: s, dst: d as DestinationPostcopyInfo };
+}
+
+/**
+ * `stop` the destination guest, then its incrementer pattern must be consistent: every page
+ * holds what an uninterrupted run would have written (no page lost, none stale).
+ */
+export async function stopAndCheckPattern(dst: Child): Promise<GuestDigest> {
+  await dst.execute('stop');
+  assert.equal(await queryStatus(dst), 'paused');
+  const d = await digest(dst);
+  assert.equal(d.pattern.consistent, true, `incrementer pattern on the destination: ${JSON.stringify(d.pattern)}`);
+  return d;
+}
+
+/** `p` rejects with a QMP error reply of class `qmpClass` whose desc matches `desc`. */
+export async function assertQmpError(p: Promise<unknown>, desc: RegExp, qmpClass = 'GenericError'): Promise<void> {
+  await assert.rejects(p, (err: Error & { qmpClass?: string; desc?: string }) => {
+    assert.equal(err.qmpClass, qmpClass, `error class of ${err.message}`);
+    assert.match(err.desc ?? '', desc);
+    return true;
+  });
+}
+
+interface ProxyPair {
+  client: net.Socket;
+  upstream: net.Socket;
+}
+
+/**
+ * A TCP proxy on 127.0.0.1:0 forwarding every accepted connection to `target`
+ * (tcp:HOST:PORT), both directions, with backpressure.
+ *
+ *   freeze()        stop forwarding and pause both sockets of every connection *without closing
+ *                   them*: neither end sees an error or EOF, TCP just goes quiet.
+ *   dropReplies()   keep forwarding client → target, drop everything target → client.
+ *   delayReplies(ms) deliver target → client `ms` late.
+ *   cut()           destroy both sockets of every connection (each end sees the close).
+ *   close()         cut() and stop listening (call it in finally).
+ */
+export class TcpProxy {
+  readonly #server: net.Server;
+  readonly #target: { host: string; port: number };
+  readonly pairs: ProxyPair[] = [];
+  #frozen = false;
+  #dropReplies = false;
+  #delayReplies = 0;
+  /** Bytes forwarded client → target and target → client. */
+  forwarded = { up: 0, down: 0 };
+
+  private constructor(server: net.Server, target: { host: string; port: number }) {
+    this.#server = server;
+    this.#target = target;
+  }
+
+  static async start(target: string): Promise<TcpProxy> {
+    const m = /^tcp:([^:]+):(\d+)$/.exec(target);
+    if (m === null) throw new Error(`TcpProxy: not a tcp:HOST:PORT address: ${target}`);
+    const server = net.createServer();
+    const proxy = new TcpProxy(server, { host: m[1]!, port: Number(m[2]) });
+    server.on('connection', (c) => proxy.#accept(c));
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(0, '127.0.0.1', () => resolve());
+    });
+    return proxy;
+  }
+
+  get port(): number {
+    return (this.#server.address() as net.AddressInfo).port;
+  }
+
+  get uri(): string {
+    return `tcp:127.0.0.1:${this.port}`;
+  }
+
+  #accept(client: net.Socket): void {
+    const upstream = net.connect(this.#target.port, this.#target.host);
+    this.pairs.push({ client, upstream });
+    const forward = (from: net.Socket, to: net.Socket, dir: 'up' | 'down'): void => {
+      from.on('data', (chunk: Buffer) => {
+        if (this.#frozen || (dir === 'down' && this.#dropReplies)) return;
+        this.forwarded[dir] += chunk.length;
+        if (dir === 'down' && this.#delayReplies > 0) {
+          // Same delay for every chunk: timers fire in order, so the byte order holds.
+          setTimeout(() => {
+            if (!this.#frozen && !to.destroyed) to.write(chunk);
+          }, this.#delayReplies);
+          return;
+        }
+        if (!to.write(chunk)) from.pause();
+      });
+      to.on('drain', () => {
+        if (!this.#frozen) from.resume();
+      });
+    };
+    if (this.#frozen) {
+      client.pause();
+      upstream.pause();
+    }
+    forward(client, upstream, 'up');
+    forward(upstream, client, 'down');
+    for (const s of [client, upstream]) s.on('error', () => {});
+    // A close is passed on as an end (what was already forwarded is still delivered first),
+    // after the reply delay for the target's close; a frozen link passes nothing on.
+    client.on('close', () => {
+      if (!this.#frozen) upstream.end();
+    });
+    upstream.on('close', () => {
+      if (this.#frozen) return;
+      if (this.#delayReplies > 0) setTimeout(() => client.end(), this.#delayReplies);
+      else client.end();
+    });
+  }
+
+  /** Resolves once `n` connections were accepted (bounded). */
+  async waitForConnections(n = 1, timeoutMs = 10_000): Promise<void> {
+    const deadline = Date.now() + timeoutMs;
+    while (this.pairs.length < n) {
+      if (Date.now() > deadline) throw new Error(`TcpProxy: ${this.pairs.length} of ${n} connections within ${timeoutMs} ms`);
+      await sleep(10);
+    }
+  }
+
+  freeze(): void {
+    this.#frozen = true;
+    for (const { client, upstream } of this.pairs) {
+      client.pause();
+      upstream.pause();
+    }
+  }
+
+  dropReplies(): void {
+    this.#dropReplies = true;
+  }
+
+  /** Deliver everything target → client `ms` late (a slow return path). */
+  delayReplies(ms: number): void {
+    this.#delayReplies = ms;
+  }
+
+  cut(): void {
+    for (const { client, upstream } of this.pairs) {
+      client.destroy();
+      upstream.destroy();
+    }
+  }
+
+  async close(): Promise<void> {
+    this.cut();
+    await within(new Promise<void>((resolve) => this.#server.close(() => resolve())), 'TcpProxy close', 2_000).catch(() => {});
+  }
+}
