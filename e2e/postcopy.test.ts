@@ -74,6 +74,25 @@ test('postcopy with the destination guest running: its vCPU faults pull pages on
     assert.ok(dst.events.some((e) => e.event === 'RESUME'), 'destination RESUME (guest started by POSTCOPY_RUN)');
   }));
 
+test('postcopy with postcopy-preempt: requested pages come on the second connection; faults pull pages, the pattern is consistent', T, (t) =>
+  withHarness(async (h) => {
+    const { src, dst } = await postcopyPair(h, { guest: GUEST, preempt: true });
+    await sleep(300);
+    await migrateIntoPostcopy(src, dst, dst.incomingUri);
+    const { src: s, dst: d } = await waitBothCompleted(src, dst);
+    const ram = s.ram!;
+    const faults = d['postcopy-faults'] ?? 0;
+    assert.ok((ram['postcopy-requests'] ?? 0) > 0, `source ram.postcopy-requests ${ram['postcopy-requests']} > 0`);
+    assert.ok(faults > 0, `destination postcopy-faults ${faults} > 0`);
+    // Requested pages came on the preempt connection.
+    const viaPreempt = d['x-postcopy-preempt-pages'] ?? 0;
+    assert.ok(viaPreempt > 0, `pages placed from the preempt channel: ${viaPreempt}`);
+    assert.equal(ram.remaining, 0);
+    log(t, `preempt: postcopy-requests ${ram['postcopy-requests']}, faults ${faults}, mean latency ${((d['postcopy-latency'] ?? 0) / 1000).toFixed(0)} µs, dist ${JSON.stringify(d['postcopy-latency-dist'])}`);
+    assert.equal(await queryStatus(src), 'postmigrate');
+    await stopAndCheckPattern(dst);
+  }));
+
 test('postcopy into a paused destination (-S): nothing faults; it holds the stopped source\'s RAM', T, () =>
   withHarness(async (h) => {
     // Nothing faults, so the background transfer may run at full speed.

@@ -17,6 +17,8 @@ export interface DestinationPostcopyInfo extends MigrationInfo {
   /** Fault latency histogram: bucket i counts faults of [2^i, 2^(i+1)) µs. */
   'postcopy-latency-dist'?: number[];
   'postcopy-faults'?: number;
+  /** livemig: pages placed from the preempt channel. */
+  'x-postcopy-preempt-pages'?: number;
 }
 
 /**
@@ -36,6 +38,8 @@ export interface PostcopyPairOptions {
   paused?: boolean;
   /** Source parameters set over QMP before migrating (default SLOW_POSTCOPY). */
   parameters?: Record<string, number>;
+  /** Capability postcopy-preempt on both sides (requested pages on a second connection). */
+  preempt?: boolean;
 }
 
 /**
@@ -43,9 +47,10 @@ export interface PostcopyPairOptions {
  * source with the same capabilities and `parameters` set over QMP (as QEMU's tests set them).
  */
 export async function postcopyPair(h: Harness, o: PostcopyPairOptions): Promise<{ src: Child; dst: Child & { incomingUri: string } }> {
-  const dst = await h.destination({ incoming: 'tcp', paused: o.paused === true, guest: o.guest, capabilities: ['postcopy-ram', 'events'] });
+  const caps = o.preempt === true ? ['postcopy-ram', 'postcopy-preempt', 'events'] : ['postcopy-ram', 'events'];
+  const dst = await h.destination({ incoming: 'tcp', paused: o.paused === true, guest: o.guest, capabilities: caps });
   const src = await h.source({ guest: o.guest });
-  await setCapabilities(src, ['postcopy-ram', 'events']);
+  await setCapabilities(src, caps);
   await src.execute('migrate-set-parameters', o.parameters ?? SLOW_POSTCOPY);
   return { src, dst };
 }

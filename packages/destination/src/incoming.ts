@@ -242,6 +242,13 @@ export class IncomingMigration {
   }
 
   private preemptServer: net.Server | undefined;
+  /** Pages that came on preempt channels (earlier ones, before a recovery, included). */
+  private preemptPagesBefore = 0;
+
+  private preemptPages(): number {
+    const stats = this.preemptDecoder?.blockStats() ?? [];
+    return this.preemptPagesBefore + stats.reduce((a, b) => a + b.normalPages + b.zeroPages, 0);
+  }
   private listenedOn: string | undefined;
 
   /** Bytes on the preempt channel: bare RAM records, decoded once the block list is known. */
@@ -312,6 +319,7 @@ export class IncomingMigration {
     // The preempt channel goes with the main one; after recovery requested pages use the main channel.
     this.preemptSocket?.destroy();
     this.preemptSocket = undefined;
+    this.preemptPagesBefore = this.preemptPages();
     this.preemptDecoder = undefined;
     this.rpOpen = false;
     this.setStatus('postcopy-paused');
@@ -491,6 +499,7 @@ export class IncomingMigration {
       'postcopy-latency-dist': buckets.slice(0, buckets.findLastIndex((b) => b > 0) + 1),
       'postcopy-faults': faults,
       'x-postcopy-request-pages': this.requestedPages,
+      'x-postcopy-preempt-pages': this.preemptPages(),
       'x-postcopy-request-bytes': this.requestBytes,
       // livemig: how long the guest has run in postcopy (RUN until completion), for blocktime shares.
       'x-postcopy-run-time': Math.round((this.loadedAt > 0 ? this.loadedAt : performance.now()) - this.runAt),
