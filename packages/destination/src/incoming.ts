@@ -138,6 +138,9 @@ export class IncomingMigration {
   private resolveDone!: () => void;
   /** Resolves when the migration reached completed or failed. */
   readonly done: Promise<void>;
+  /** Resolves when the main connection arrives (or the migration ends without one). */
+  readonly connected: Promise<void>;
+  private resolveConnected!: () => void;
   /** Time the stream's first byte arrived and when the guest was started (ms, performance.now()). */
   firstByteAt = 0;
   loadedAt = 0;
@@ -150,6 +153,8 @@ export class IncomingMigration {
       this.devices.set(`${vfio.idstr}\u0000${vfio.instanceId}`, { layout: vfio.layout, load: (data, v) => vfio.loadState(data, v) });
     }
     this.decoder = this.makeDecoder();    this.done = new Promise((resolve) => (this.resolveDone = resolve));
+    this.connected = new Promise((resolve) => (this.resolveConnected = resolve));
+    void this.done.then(() => this.resolveConnected());
   }
 
   /** A decoder for the first connection, or for a postcopy recovery channel (no header). */
@@ -282,6 +287,7 @@ export class IncomingMigration {
   }
 
   private onConnection(socket: net.Socket): void {
+    this.resolveConnected();
     this.socket = socket;
     this.firstByteAt = performance.now();
     this.o.guest.setRunState('inmigrate');

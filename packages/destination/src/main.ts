@@ -83,6 +83,9 @@ class DestinationProcess {
     });
     this.incoming = incoming;
     await this.prefaulted;
+    // Until the stream arrives, keep the prefaulted RAM from going cold.
+    const stopWarm = this.guest.keepWarm();
+    void incoming.connected.then(stopWarm, stopWarm);
     const bound = await incoming.listen(uri);
     void incoming.done.then(() => {
       if (incoming.status === 'failed') {

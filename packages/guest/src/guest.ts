@@ -164,6 +164,30 @@ export class Guest {
     });
   }
 
+  /**
+   * Keep RAM resident while waiting for a migration: this machine hands memory that stays
+   * untouched for a few seconds back to the host, and touching it again costs a fault per page.
+   * A worker reads one word per page every `periodMs`; call the returned function to stop it.
+   */
+  keepWarm(periodMs = 1000): () => void {
+    const memories = this.ram.blocks.map((b) => b.memory);
+    const stop = new Int32Array(new SharedArrayBuffer(4));
+    const code = `
+      const { workerData } = require('node:worker_threads');
+      const stop = new Int32Array(workerData.stop);
+      let sum = 0;
+      while (Atomics.load(stop, 0) === 0) {
+        for (const m of workerData.memories) { const a = new Int32Array(m); for (let i = 0; i < a.length; i += 1024) sum += a[i]; }
+        Atomics.wait(stop, 0, 0, workerData.periodMs);
+      }`;
+    const w = new Worker(code, { eval: true, workerData: { memories, stop: stop.buffer, periodMs } });
+    w.unref();
+    return () => {
+      Atomics.store(stop, 0, 1);
+      Atomics.notify(stop, 0);
+    };
+  }
+
   async start(): Promise<void> {
     await this.vcpus.cont();
     this.clock.resume();

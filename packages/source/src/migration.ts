@@ -470,6 +470,7 @@ export class OutgoingMigration {
       this.precopyBytes += bytes;
       await this.flush();
       if (empty || deadline()) break;
+      // A socket that takes every batch at once never makes us wait: let QMP and the return path in.
       await yieldToIo();
     }
     writeEos(w);
