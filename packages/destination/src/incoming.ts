@@ -172,15 +172,20 @@ export class IncomingMigration {
     return new StreamDecoder(options);
   }
 
+  /**
+   * Where the decoders put pages. The per-page callbacks are only installed when postcopy starts
+   * listening, so precopy pays nothing for them.
+   */
+  private readonly target: RamTarget = { attachBlocks: (blocks, offset) => this.attachBlocks(blocks, offset) };
+
   private ramTarget(): RamTarget {
-    return {
-      attachBlocks: (blocks, offset) => this.attachBlocks(blocks, offset),
-      pagePlaced: (block, pageOffset) => {
-        if (this.listening) this.onPagePlaced(block, pageOffset);
-      },
-      // Postcopy: never overwrite a page the guest already has (and may have changed since).
-      acceptPage: (block, pageOffset) => !this.listening || !this.o.guest.ram.isReceived(this.blockMap[block]!, pageOffset / 4096),
-    };
+    return this.target;
+  }
+
+  private installPostcopyCallbacks(): void {
+    this.target.pagePlaced = (block, pageOffset) => this.onPagePlaced(block, pageOffset);
+    // Postcopy: never overwrite a page the guest already has (and may have changed since).
+    this.target.acceptPage = (block, pageOffset) => !this.o.guest.ram.isReceived(this.blockMap[block]!, pageOffset / 4096);
   }
 
   get listeningAddress(): string | undefined {
@@ -650,6 +655,7 @@ export class IncomingMigration {
         if (!this.discardSeen) this.o.guest.ram.markAllReceived();
         this.discardSeen = true;
         this.listening = true;
+        this.installPostcopyCallbacks();
         this.startKeepalive();
         this.o.guest.vcpus.setPostcopy(true);
         this.setStatus('postcopy-active');

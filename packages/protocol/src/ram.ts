@@ -87,12 +87,11 @@ export class RamRecordWriter {
   zeroPages(w: BatchWriter, block: string, firstOffset: number, count: number): void {
     if (count <= 0) return;
     this.zeroPage(w, block, firstOffset);
-    const flags = RamFlag.ZERO + (this.alwaysName ? 0 : RamFlag.CONTINUE);
-    for (let i = 1; i < count; i++) {
-      const off = firstOffset + i * TARGET_PAGE_SIZE;
-      if (this.alwaysName) w.be64(off + flags).cstr(block).u8(0);
-      else w.be64(off + flags).u8(0);
+    if (this.alwaysName) {
+      for (let i = 1; i < count; i++) w.be64(firstOffset + i * TARGET_PAGE_SIZE + RamFlag.ZERO).cstr(block).u8(0);
+      return;
     }
+    w.be64u8Run(firstOffset + TARGET_PAGE_SIZE + RamFlag.ZERO + RamFlag.CONTINUE, TARGET_PAGE_SIZE, count - 1, 0);
   }
 
   /**

@@ -104,6 +104,31 @@ export class BatchWriter {
     return this;
   }
 
+  /**
+   * `count` records of one be64 word and one byte: word = first + i × step (all safe, below
+   * 2^53), the byte fixed. One bounds check for the lot (runs of ZERO page records).
+   */
+  be64u8Run(first: number, step: number, count: number, byte: number): this {
+    const last = first + (count - 1) * step;
+    if (count <= 0) return this;
+    if (!Number.isSafeInteger(first) || !Number.isSafeInteger(last) || first < 0 || last < 0) {
+      throw new MigrationError(ErrorCode.INVALID_ARGUMENT, `be64 run ${first}..${last} is not of non-negative safe integers`);
+    }
+    this.ensure(9 * count);
+    const v = this.dataView;
+    const slab = this.slab;
+    let p = this.pos;
+    for (let i = 0, word = first; i < count; i++, word += step) {
+      v.setUint32(p, Math.floor(word / 0x100000000));
+      v.setUint32(p + 4, word >>> 0);
+      slab[p + 8] = byte;
+      p += 9;
+    }
+    this.pos = p;
+    this.totalBytes += 9 * count;
+    return this;
+  }
+
   /** Counted string: u8 length + latin1 bytes (1–255 bytes). */
   cstr(s: string): this {
     const n = s.length;
