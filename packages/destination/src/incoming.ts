@@ -19,6 +19,7 @@ import {
   KEEPALIVE_TIMEOUT_MS,
   LIVEMIG_HELLO_PING,
   MigCmd,
+  type MigrationStatus,
   NEED_MORE,
   PostcopyState,
   recvBitmapBytes,
@@ -35,15 +36,11 @@ import {
 import type { Guest } from '@livemig/guest';
 import { adoptWithOnread, formatAddress, listenChannel, listenServer, type ChannelListener } from '@livemig/runtime';
 
-export type IncomingStatus =
-  | 'none'
-  | 'setup'
-  | 'active'
-  | 'postcopy-active'
-  | 'postcopy-paused'
-  | 'postcopy-recover'
-  | 'completed'
-  | 'failed';
+/** The statuses a livemig destination goes through (QEMU's names). */
+export type IncomingStatus = Extract<
+  MigrationStatus,
+  'none' | 'setup' | 'active' | 'postcopy-active' | 'postcopy-paused' | 'postcopy-recover' | 'completed' | 'failed'
+>;
 
 const READ_BUFFER_BYTES = 1024 * 1024;
 const extPackr = new Packr({ useRecords: false });

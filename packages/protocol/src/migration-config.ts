@@ -1,6 +1,23 @@
 // Migration capabilities and parameters as QMP speaks them (wire-format.md §11.3, §11.4):
 // QEMU 7.2's names, order and defaults, with QEMU's validation ranges.
 
+/** QAPI MigrationStatus (wire-format.md §8): the strings query-migrate and MIGRATION events use. */
+export type MigrationStatus =
+  | 'none'
+  | 'setup'
+  | 'cancelling'
+  | 'cancelled'
+  | 'active'
+  | 'postcopy-active'
+  | 'postcopy-paused'
+  | 'postcopy-recover'
+  | 'completed'
+  | 'failed'
+  | 'colo'
+  | 'pre-switchover'
+  | 'device'
+  | 'wait-unplug';
+
 export const CAPABILITIES = [
   'xbzrle',
   'rdma-pin-all',

@@ -21,6 +21,9 @@ import {
   LIVEMIG_HELLO_PING,
   MigCmd,
   type MigrationParameters,
+  type MigrationStatus as QmpMigrationStatus,
+  RamRecordWriter,
+  recvBitmapBytes,
   NEED_MORE_RP,
   RP_LIVEMIG_EXT,
   ReturnPathDecoder,
@@ -46,21 +49,13 @@ import type { Guest, IterativeDevice } from '@livemig/guest';
 import { AutoConverge, BandwidthMeter, decideNext } from './convergence.ts';
 import { RamSaver } from './ram-saver.ts';
 import { RateLimiter } from './rate-limiter.ts';
-import { RamRecordWriter } from '@livemig/protocol';
-import { recvBitmapBytes } from '@livemig/protocol';
 import { StreamOut } from './stream-out.ts';
 
-export type MigrationStatus =
-  | 'none'
-  | 'setup'
-  | 'active'
-  | 'postcopy-active'
-  | 'postcopy-paused'
-  | 'postcopy-recover'
-  | 'cancelling'
-  | 'cancelled'
-  | 'completed'
-  | 'failed';
+/** The statuses a livemig source goes through (QEMU's names). */
+export type MigrationStatus = Extract<
+  QmpMigrationStatus,
+  'none' | 'setup' | 'active' | 'postcopy-active' | 'postcopy-paused' | 'postcopy-recover' | 'cancelling' | 'cancelled' | 'completed' | 'failed'
+>;
 
 /** Bytes encoded before each write to the channel (one writev). */
 const BATCH_BYTES = 1024 * 1024;
