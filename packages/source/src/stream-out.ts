@@ -1,5 +1,6 @@
-// Socket glue for the outgoing stream: one cork/writev per batch, backpressure honoured with one
-// awaited 'drain' per batch, and the stream's failure surfaced as one error.
+// Socket glue for the outgoing stream: one cork/writev per batch, backpressure honoured by
+// waiting for an earlier batch's write to complete (one batch in flight while the next is
+// encoded), and the stream's failure surfaced as one error.
 
 import type { Duplex } from 'node:stream';
 
@@ -13,11 +14,12 @@ export class StreamOut {
   written = 0;
   private failure: Error | undefined;
   private readonly waiters = new Set<(err?: Error) => void>();
-  private drainWaiter: (() => void) | undefined;
+  /** Settles with the failure, once (shared by every wait that races against it). */
+  private readonly failure$: Promise<Error>;
 
   constructor(stream: Duplex) {
     this.stream = stream;
-    stream.on('drain', () => this.drainWaiter?.());
+    this.failure$ = new Promise((resolve) => this.waiters.add((e) => resolve(e!)));
     stream.on('error', (err: Error) => this.fail(err));
     stream.on('close', () => this.fail(new StreamClosedError('the migration channel was closed')));
   }
@@ -30,42 +32,51 @@ export class StreamOut {
   fail(err: Error): void {
     if (this.failure !== undefined) return;
     this.failure = err;
-    this.drainWaiter?.();
     for (const w of this.waiters) w(err);
     this.waiters.clear();
   }
 
   /** Wait until the stream fails (or forever, if it does not): for racing against other waits. */
   failed(): Promise<Error> {
-    if (this.failure !== undefined) return Promise.resolve(this.failure);
-    return new Promise((resolve) => this.waiters.add((e) => resolve(e!)));
+    return this.failure$;
   }
 
-  /** Write a batch as one writev; resolves when the stream can take more. */
-  async write(buffers: readonly Buffer[]): Promise<void> {
+  /** Batches handed to the stream and not yet written out, oldest first. */
+  private readonly inFlight: Promise<void>[] = [];
+
+  /**
+   * Write a batch as one writev. Resolves once at most `maxInFlight` batches are still queued:
+   * with one batch in flight the next is encoded while the kernel drains this one, instead of
+   * the two taking turns.
+   */
+  async write(buffers: readonly Buffer[], maxInFlight = 1): Promise<void> {
     if (this.failure !== undefined) throw this.failure;
     if (buffers.length === 0) return;
     const s = this.stream;
-    let ok = true;
+    let done!: () => void;
+    const written = new Promise<void>((resolve) => (done = resolve));
     s.cork();
-    for (const b of buffers) {
-      ok = s.write(b);
+    const last = buffers.length - 1;
+    for (let i = 0; i <= last; i++) {
+      const b = buffers[i]!;
+      if (i === last) s.write(b, () => done());
+      else s.write(b);
       this.written += b.length;
     }
-    // Uncork on the next tick would batch more, but one batch is already ~256 KiB.
     s.uncork();
-    if (!ok) await this.drain();
+    this.inFlight.push(written);
+    while (this.inFlight.length > maxInFlight) {
+      const oldest = this.inFlight.shift()!;
+      await Promise.race([oldest, this.failed()]);
+      if (this.failure !== undefined) throw this.failure;
+    }
     if (this.failure !== undefined) throw this.failure;
   }
 
-  private drain(): Promise<void> {
-    if (this.failure !== undefined || !this.stream.writableNeedDrain) return Promise.resolve();
-    return new Promise((resolve) => {
-      this.drainWaiter = () => {
-        this.drainWaiter = undefined;
-        resolve();
-      };
-    });
+  /** Wait until everything handed over has been written (or the stream failed). */
+  async settle(): Promise<void> {
+    while (this.inFlight.length > 0) await Promise.race([this.inFlight.shift()!, this.failed()]);
+    if (this.failure !== undefined) throw this.failure;
   }
 
   /** Finish our side and wait until everything was flushed (file: and exec: channels). */
