@@ -526,9 +526,9 @@ export class IncomingMigration {
       }
       // Keep only the undecoded tail: the read buffer is reused by the next read.
       this.decoder.retainUnread();
-      if (this.listening && this.socket !== undefined) {
-        // Postcopy: libuv would read up to 32 buffers in a row; one per loop turn keeps the
-        // fault path (page requests, the preempt channel) waiting at most one read.
+      if (this.listening && this.socket !== undefined && (this.requested.size > 0 || this.o.guest.vcpus.faultsPending())) {
+        // Postcopy: libuv reads up to 32 buffers in a row; while a vCPU waits for a page, let
+        // the fault path (its page request, the preempt channel) in after every read.
         const socket = this.socket;
         setImmediate(() => {
           if (this.socket === socket && !this.finished) socket.resume();

@@ -107,6 +107,11 @@ export class VcpuSet {
     return n;
   }
 
+  /** A vCPU has queued a fault not yet drained (two shared-memory loads). */
+  faultsPending(): boolean {
+    return Atomics.load(this.faultRing, RING_TAIL) !== Atomics.load(this.faultRing, RING_HEAD);
+  }
+
   /** Resolves when a vCPU queues a fault (or after `timeoutMs`). */
   async waitForFault(timeoutMs: number): Promise<void> {
     const tail = Atomics.load(this.faultRing, RING_TAIL);
