@@ -3,12 +3,15 @@
 
 import { parseArgs } from 'node:util';
 import { Guest } from '@livemig/guest';
+import { applyCapabilities } from '@livemig/protocol';
 import {
+  capabilitiesOn,
   GUEST_HELP,
   guestFromFlags,
   migrationEvent,
   MigrationSettings,
   GUEST_OPTIONS,
+  orExitWithUsage,
   QmpCommandError,
   registerMachineCommands,
 } from '@livemig/machine';
@@ -162,53 +165,37 @@ class DestinationProcess {
 }
 
 async function main(argv: string[]): Promise<void> {
-  let values;
-  try {
-    values = parseArgs({ args: argv, options: { ...GUEST_OPTIONS, ...EXTRA }, strict: true }).values;
-  } catch (err) {
-    process.stderr.write(`livemig-destination: ${(err as Error).message}\n\n${HELP}`);
-    process.exit(2);
-  }
+  const program = 'livemig-destination';
+  const values = orExitWithUsage(program, () => parseArgs({ args: argv, options: { ...GUEST_OPTIONS, ...EXTRA }, strict: true }).values, HELP);
   if (values.help === true) {
     process.stdout.write(HELP);
     return;
   }
   if (values.incoming === undefined) {
-    process.stderr.write(`livemig-destination: --incoming is required\n\n${HELP}`);
+    process.stderr.write(`${program}: --incoming is required\n\n${HELP}`);
     process.exit(2);
   }
-  let flags;
-  try {
-    flags = guestFromFlags(values);
-    if (values.incoming !== 'defer') parseAddress(values.incoming);
-  } catch (err) {
-    process.stderr.write(`livemig-destination: ${(err as Error).message}\n`);
-    process.exit(2);
-  }
-  const log = createLogger('livemig-destination', flags.logLevel === undefined ? {} : { level: flags.logLevel as 'info' });
+  const incoming = values.incoming;
+  const flags = orExitWithUsage(program, () => {
+    if (incoming !== 'defer') parseAddress(incoming);
+    return guestFromFlags(values);
+  });
+  const log = createLogger(program, flags.logLevel === undefined ? {} : { level: flags.logLevel as 'info' });
   const guest = new Guest(flags.guest);
   const proc = new DestinationProcess(guest, flags.machineType, values.paused !== true, log);
   if (values.capabilities !== undefined) {
-    const { applyCapabilities } = await import('@livemig/protocol');
-    try {
-      proc.settings.capabilities = applyCapabilities(
-        proc.settings.capabilities,
-        values.capabilities.split(',').filter((c) => c.length > 0).map((capability) => ({ capability, state: true })),
-      );
-    } catch (err) {
-      process.stderr.write(`livemig-destination: ${(err as Error).message}\n`);
-      process.exit(2);
-    }
+    const list = values.capabilities;
+    proc.settings.capabilities = orExitWithUsage(program, () => applyCapabilities(proc.settings.capabilities, capabilitiesOn(list)));
   }
   process.on('SIGINT', () => void proc.shutdown(130));
   process.on('SIGTERM', () => void proc.shutdown(143));
   if (flags.qmp !== undefined) await proc.serveQmp(flags.qmp);
-  if (values.incoming !== 'defer') {
+  if (incoming !== 'defer') {
     try {
-      const bound = await proc.listen(values.incoming);
+      const bound = await proc.listen(incoming);
       log.info({ incoming: bound }, 'listening for the migration');
     } catch (err) {
-      log.error({ err }, `cannot listen on ${values.incoming}: ${(err as Error).message}`);
+      log.error({ err }, `cannot listen on ${incoming}: ${(err as Error).message}`);
       await proc.shutdown(1);
     }
   }

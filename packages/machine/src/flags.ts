@@ -71,3 +71,24 @@ export function guestFromFlags(values: Record<string, unknown>): GuestFlags {
     throw new UsageError((err as Error).message);
   }
 }
+
+/**
+ * Run `parse`; when it throws, print "program: message" (and the usage text, if given) to stderr
+ * and exit with status 2, as both processes do for a command line they cannot use.
+ */
+export function orExitWithUsage<T>(program: string, parse: () => T, usage?: string): T {
+  try {
+    return parse();
+  } catch (err) {
+    process.stderr.write(`${program}: ${(err as Error).message}\n${usage === undefined ? '' : `\n${usage}`}`);
+    process.exit(2);
+  }
+}
+
+/** `--capabilities a,b` as migrate-set-capabilities arguments turning each one on. */
+export function capabilitiesOn(list: string): { capability: string; state: true }[] {
+  return list
+    .split(',')
+    .filter((c) => c.length > 0)
+    .map((capability) => ({ capability, state: true }));
+}

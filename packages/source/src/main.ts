@@ -8,7 +8,9 @@ import {
   guestFromFlags,
   migrationEvent,
   MigrationSettings,
+  capabilitiesOn,
   GUEST_OPTIONS,
+  orExitWithUsage,
   progressLine,
   QmpCommandError,
   registerMachineCommands,
@@ -288,39 +290,22 @@ class SourceProcess {
 }
 
 async function main(argv: string[]): Promise<void> {
-  let values;
-  try {
-    values = parseArgs({ args: argv, options: { ...GUEST_OPTIONS, ...EXTRA }, strict: true }).values;
-  } catch (err) {
-    process.stderr.write(`livemig-source: ${(err as Error).message}\n\n${HELP}`);
-    process.exit(2);
-  }
+  const program = 'livemig-source';
+  const values = orExitWithUsage(program, () => parseArgs({ args: argv, options: { ...GUEST_OPTIONS, ...EXTRA }, strict: true }).values, HELP);
   if (values.help === true) {
     process.stdout.write(HELP);
     return;
   }
-  let flags;
-  try {
-    flags = guestFromFlags(values);
-  } catch (err) {
-    process.stderr.write(`livemig-source: ${(err as Error).message}\n`);
-    process.exit(2);
-  }
-  const log = createLogger('livemig-source', flags.logLevel === undefined ? {} : { level: flags.logLevel as 'info' });
+  const flags = orExitWithUsage(program, () => guestFromFlags(values));
+  const log = createLogger(program, flags.logLevel === undefined ? {} : { level: flags.logLevel as 'info' });
   const guest = new Guest(flags.guest);
   guest.fillInitial();
   await guest.prefault('read');
   const proc = new SourceProcess(guest, flags.machineType, log);
-  try {
-    if (values.capabilities !== undefined) {
-      const list = values.capabilities.split(',').filter((c) => c.length > 0).map((capability) => ({ capability, state: true }));
-      proc.settings.capabilities = applyCapabilities(proc.settings.capabilities, list);
-    }
+  orExitWithUsage(program, () => {
+    if (values.capabilities !== undefined) proc.settings.capabilities = applyCapabilities(proc.settings.capabilities, capabilitiesOn(values.capabilities));
     if (values.parameters !== undefined) proc.settings.parameters = applyParameters(proc.settings.parameters, parseParameterList(values.parameters));
-  } catch (err) {
-    process.stderr.write(`livemig-source: ${(err as Error).message}\n`);
-    process.exit(2);
-  }
+  });
   process.on('SIGINT', () => void proc.shutdown(130));
   process.on('SIGTERM', () => void proc.shutdown(143));
   // As QEMU: without -S the guest is running before QMP is served (query-status never says
