@@ -61,6 +61,8 @@ export const ErrorCode = {
   BAD_RP_PAYLOAD: 'LM_ERR_BAD_RP_PAYLOAD',
   /** The configuration of the two sides does not match (machine type, RAM block list). */
   CONFIG_MISMATCH: 'LM_ERR_CONFIG_MISMATCH',
+  /** Malformed multifd init packet or packet (magic, version, page counts, block, offsets, compression). */
+  BAD_MULTIFD: 'LM_ERR_BAD_MULTIFD',
   /** An invalid argument given to an encoder (a caller bug, not bad input). */
   INVALID_ARGUMENT: 'LM_ERR_INVALID_ARGUMENT',
 } as const;

@@ -26,3 +26,4 @@ export * from './return-path.ts';
 export * from './stream-decoder.ts';
 export * from './analysis.ts';
 export * from './migration-config.ts';
+export * from './multifd.ts';

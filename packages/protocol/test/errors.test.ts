@@ -14,6 +14,10 @@ import {
   ErrorCode,
   type ErrorCodeValue,
   MigCmd,
+  MULTIFD_FLAG_SYNC,
+  MULTIFD_INIT_LENGTH,
+  MULTIFD_PACKET_HEADER_LENGTH,
+  MultifdReceiver,
   NEED_MORE,
   NEED_MORE_RP,
   parseVmdescription,
@@ -26,6 +30,8 @@ import {
   StreamDecoder,
   type StreamDecoderOptions,
   writeCommand,
+  writeMultifdInit,
+  writeMultifdPacketHeader,
   writeConfiguration,
   writeEof,
   writeEos,
@@ -55,7 +61,7 @@ interface Coded {
 }
 
 /** Where the bytes go. */
-type Sink = 'decoder' | 'analyzer' | 'rp';
+type Sink = 'decoder' | 'analyzer' | 'rp' | 'multifd';
 
 interface Case {
   name: string;
@@ -95,6 +101,20 @@ function run(c: Case, oneByteAtATime: boolean): Coded {
           const a = new StreamAnalyzer();
           for (const ch of chunks) a.push(ch);
           a.end();
+          break;
+        }
+        case 'multifd': {
+          // One channel into a 64 KiB block "pc.ram", each chunk read into the buffer it offers.
+          const recv = new MultifdReceiver((name) => (name === 'pc.ram' ? Buffer.alloc(65536) : undefined));
+          for (const ch of chunks) {
+            for (let at = 0; at < ch.length; ) {
+              const dst = recv.nextBuffer();
+              const n = Math.min(dst.length, ch.length - at);
+              dst.set(ch.subarray(at, at + n));
+              at += n;
+              recv.advance(n);
+            }
+          }
           break;
         }
         case 'rp': {
@@ -575,6 +595,18 @@ const CASES: Record<ErrorCodeValue, Case[]> = {
       };
     })(),
   ],
+  LM_ERR_BAD_MULTIFD: [
+    { name: 'init packet with magic 0x11223345', sink: 'multifd', bytes: Buffer.concat([Buffer.from('11223345', 'hex'), Buffer.alloc(60)]), at: 0, message: /multifd init packet with magic 0x11223345 \(0x11223344 expected\)/ },
+    { name: 'init packet version 2', sink: 'multifd', bytes: Buffer.concat([Buffer.from('1122334400000002', 'hex'), Buffer.alloc(56)]), at: 4, message: /multifd init packet version 2 \(1 expected\)/ },
+    { name: 'packet with magic 0', sink: 'multifd', bytes: multifdStream((h) => h.writeUInt32BE(0, 0)), at: 64, message: /multifd channel 0: packet with magic 0x00000000/ },
+    { name: 'packet version 3', sink: 'multifd', bytes: multifdStream((h) => h.writeUInt32BE(3, 4)), at: 68, message: /packet version 3 \(1 expected\)/ },
+    { name: 'zlib-compressed packet', sink: 'multifd', bytes: multifdStream((h) => h.writeUInt32BE(0x2, 8)), at: 72, message: /compressed packet \(flags 0x2\); only multifd-compression "none" is supported/ },
+    { name: '129 pages allocated', sink: 'multifd', bytes: multifdStream((h) => h.writeUInt32BE(129, 12)), at: 76, message: /packet with 129 pages allocated \(at most 128\)/ },
+    { name: 'more pages used than allocated', sink: 'multifd', bytes: multifdStream((h) => h.writeUInt32BE(64, 12)), at: 80, message: /packet with 100 pages but 64 allocated/ },
+    { name: 'a block this guest lacks', sink: 'multifd', bytes: multifdStream((h) => h.write('pc.rom\0', 64, 'latin1')), at: 128, message: /packet for unknown block "pc.rom"/, fields: { block: 'pc.rom' } },
+    { name: 'a page offset past the block', sink: 'multifd', bytes: multifdStream((h) => h.writeUInt32BE(65536, 320 + 8 * 99 + 4)), at: 64 + 320 + 8 * 99, message: /page offset 0x10000 is not a page inside the block \(65536 bytes\)/, fields: { block: 'pc.ram' } },
+    { name: 'an unaligned page offset', sink: 'multifd', bytes: multifdStream((h) => h.writeUInt32BE(100, 320 + 4)), at: 64 + 320, message: /page offset 0x64 is not a page inside the block/ },
+  ],
   LM_ERR_INVALID_ARGUMENT: [
     { name: 'an empty counted string', call: () => new BatchWriter().cstr(''), message: /counted string "" must be 1–255 bytes long/ },
     { name: 'be64 of -1', call: () => new BatchWriter().be64(-1), message: /be64 value -1 is not a non-negative safe integer/ },
@@ -584,6 +616,17 @@ const CASES: Record<ErrorCodeValue, Case[]> = {
     { name: 'a discard for a block with an empty name', call: () => writeRamDiscard(new BatchWriter(), '', [{ start: 0, length: 4096 }]), message: /counted string "" must be 1–255 bytes long/ },
   ],
 };
+
+/** A multifd channel: init, then a 100-page packet header for "pc.ram" that `edit` spoils. */
+function multifdStream(edit: (header: Buffer) => void): Buffer {
+  const init = Buffer.alloc(MULTIFD_INIT_LENGTH);
+  writeMultifdInit(init, { uuid: new Uint8Array(16), channelId: 0 });
+  const h = Buffer.alloc(MULTIFD_PACKET_HEADER_LENGTH);
+  const offsets = Array.from({ length: 100 }, (_, i) => (i % 16) * 4096);
+  writeMultifdPacketHeader(h, { flags: MULTIFD_FLAG_SYNC, packetNum: 1, block: 'pc.ram' }, offsets, 100);
+  edit(h);
+  return Buffer.concat([init, h]);
+}
 
 /** Header, then a RAM START section whose MEM_SIZE record `body` writes (error at the record). */
 function memSizeStream(body: (w: BatchWriter) => void): { bytes: Buffer; at: number } {

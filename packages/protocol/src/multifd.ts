@@ -1,0 +1,280 @@
+// Multifd channels (wire-format.md §7.6, QEMU 7.2 layout): extra connections that carry RAM pages
+// in packets, while the main channel keeps sections, ZERO records and EOS.
+//
+//   init (64 B, once per channel): be32 magic 0x11223344 | be32 version 1 | uuid[16] | u8 channel id
+//                                  | 7 + 32 reserved bytes
+//   packet: be32 magic | be32 version | be32 flags (bit 0 SYNC) | be32 pages_alloc | be32 normal_pages
+//           | be32 next_packet_size | be64 packet_num | 32 reserved | char ramblock[256]
+//           | be64 offset[pages_alloc]                       (320 + 8 × pages_alloc bytes)
+//           then normal_pages raw pages, in offset order
+//
+// Each RAM section ends with a SYNC packet on every channel; the destination does not read past
+// the main channel's RAM EOS until every channel has delivered that section's SYNC, so a page
+// re-sent in a later pass never lands before its older copy.
+//
+// MultifdReceiver is the destination's side without I/O: it names the buffer the next read
+// should fill (its own header scratch, or guest RAM itself for runs of contiguous pages, so the
+// kernel copies page data straight into place) and is told how many bytes arrived.
+
+import { TARGET_PAGE_SIZE } from './constants.ts';
+import { ErrorCode, MigrationError, ProtocolError } from './errors.ts';
+
+export const MULTIFD_MAGIC = 0x11223344;
+export const MULTIFD_VERSION = 1;
+export const MULTIFD_FLAG_SYNC = 0x1;
+/** Bits 1–3 of flags name a compression method (zlib 0x2, zstd 0x4); livemig speaks 'none' only. */
+export const MULTIFD_FLAG_COMPRESSION_MASK = 0xe;
+export const MULTIFD_INIT_LENGTH = 64;
+/** The fixed part of a packet, before the offset array. */
+export const MULTIFD_PACKET_FIXED_LENGTH = 320;
+/** QEMU's MULTIFD_PACKET_SIZE (512 KiB) in target pages: the pages_alloc of every packet. */
+export const MULTIFD_PAGES_PER_PACKET = (512 * 1024) / TARGET_PAGE_SIZE;
+export const MULTIFD_PACKET_HEADER_LENGTH = MULTIFD_PACKET_FIXED_LENGTH + 8 * MULTIFD_PAGES_PER_PACKET;
+const RAMBLOCK_FIELD = 256;
+const RAMBLOCK_AT = 64;
+
+export interface MultifdInit {
+  uuid: Uint8Array;
+  channelId: number;
+}
+
+export function writeMultifdInit(dst: Uint8Array, init: MultifdInit): void {
+  if (init.uuid.length !== 16) throw new MigrationError(ErrorCode.INVALID_ARGUMENT, 'multifd uuid must be 16 bytes');
+  if (!Number.isInteger(init.channelId) || init.channelId < 0 || init.channelId > 255) {
+    throw new MigrationError(ErrorCode.INVALID_ARGUMENT, `multifd channel id ${init.channelId} is not a byte`);
+  }
+  const v = new DataView(dst.buffer, dst.byteOffset, MULTIFD_INIT_LENGTH);
+  dst.fill(0, 0, MULTIFD_INIT_LENGTH);
+  v.setUint32(0, MULTIFD_MAGIC);
+  v.setUint32(4, MULTIFD_VERSION);
+  dst.set(init.uuid, 8);
+  dst[24] = init.channelId;
+}
+
+export function readMultifdInit(src: Uint8Array): MultifdInit {
+  if (src.length < MULTIFD_INIT_LENGTH) throw new ProtocolError(ErrorCode.TRUNCATED, `multifd init packet of ${src.length} bytes (64 expected)`);
+  const v = new DataView(src.buffer, src.byteOffset, MULTIFD_INIT_LENGTH);
+  const magic = v.getUint32(0);
+  if (magic !== MULTIFD_MAGIC) {
+    throw new ProtocolError(ErrorCode.BAD_MULTIFD, `multifd init packet with magic 0x${magic.toString(16).padStart(8, '0')} (0x11223344 expected)`, { streamOffset: 0 });
+  }
+  const version = v.getUint32(4);
+  if (version !== MULTIFD_VERSION) {
+    throw new ProtocolError(ErrorCode.BAD_MULTIFD, `multifd init packet version ${version} (1 expected)`, { streamOffset: 4 });
+  }
+  return { uuid: Uint8Array.from(src.subarray(8, 24)), channelId: src[24]! };
+}
+
+export interface MultifdPacketHeader {
+  flags: number;
+  pagesAlloc: number;
+  normalPages: number;
+  nextPacketSize: number;
+  packetNum: number;
+  /** Block name; empty in a packet without pages. */
+  block: string;
+}
+
+/**
+ * Encodes a packet header into `dst` (MULTIFD_PACKET_HEADER_LENGTH bytes). `offsets` holds the
+ * byte offsets of the packet's pages inside `block`, in the order their data follows.
+ */
+export function writeMultifdPacketHeader(
+  dst: Uint8Array,
+  h: { flags: number; packetNum: number; block: string },
+  offsets: ArrayLike<number>,
+  pageCount: number,
+): void {
+  if (pageCount > MULTIFD_PAGES_PER_PACKET) {
+    throw new MigrationError(ErrorCode.INVALID_ARGUMENT, `${pageCount} pages in one multifd packet (at most ${MULTIFD_PAGES_PER_PACKET})`);
+  }
+  if (h.block.length >= RAMBLOCK_FIELD) throw new MigrationError(ErrorCode.INVALID_ARGUMENT, `block name "${h.block}" is too long for a multifd packet`);
+  const v = new DataView(dst.buffer, dst.byteOffset, MULTIFD_PACKET_HEADER_LENGTH);
+  v.setUint32(0, MULTIFD_MAGIC);
+  v.setUint32(4, MULTIFD_VERSION);
+  v.setUint32(8, h.flags);
+  v.setUint32(12, MULTIFD_PAGES_PER_PACKET);
+  v.setUint32(16, pageCount);
+  v.setUint32(20, 0);
+  v.setUint32(24, Math.floor(h.packetNum / 2 ** 32));
+  v.setUint32(28, h.packetNum >>> 0);
+  dst.fill(0, 32, RAMBLOCK_AT + RAMBLOCK_FIELD);
+  for (let i = 0; i < h.block.length; i++) dst[RAMBLOCK_AT + i] = h.block.charCodeAt(i) & 0xff;
+  let at = MULTIFD_PACKET_FIXED_LENGTH;
+  for (let i = 0; i < pageCount; i++, at += 8) {
+    const o = offsets[i]!;
+    v.setUint32(at, Math.floor(o / 2 ** 32));
+    v.setUint32(at + 4, o >>> 0);
+  }
+  dst.fill(0, at, MULTIFD_PACKET_HEADER_LENGTH);
+}
+
+/** Where a multifd receiver may put pages: the named block's memory, or undefined if unknown. */
+export type MultifdBlockResolver = (name: string) => Uint8Array | undefined;
+
+export type MultifdEvent =
+  | { kind: 'init'; init: MultifdInit }
+  | { kind: 'packet'; block: string; pages: number; sync: boolean; packetNum: number };
+
+/** Runs shorter than this many pages on average are read into scratch and copied instead. */
+const DIRECT_RUN_PAGES = 8;
+
+const Phase = {
+  INIT: 0,
+  HEADER: 1,
+  /** Reading a run of contiguous pages straight into RAM. */
+  DIRECT: 2,
+  /** Reading scattered pages into scratch, copied out when the packet is complete. */
+  SCATTER: 3,
+} as const;
+type PhaseValue = (typeof Phase)[keyof typeof Phase];
+
+/**
+ * One multifd channel's reader (sans-IO). Call `nextBuffer()` for where the next read must land,
+ * then `advance(n)` with the bytes read there; it returns an event when one completed.
+ */
+export class MultifdReceiver {
+  /** Bytes consumed on this channel (for error offsets). */
+  streamOffset = 0;
+  /** Pages placed in guest RAM, SYNC packets seen. */
+  pages = 0;
+  syncs = 0;
+  channelId = -1;
+  private phase: PhaseValue = Phase.INIT;
+  private fill = 0;
+  private readonly header = Buffer.alloc(MULTIFD_PACKET_HEADER_LENGTH);
+  private readonly headerView = new DataView(this.header.buffer, this.header.byteOffset, this.header.byteLength);
+  private readonly scratch = Buffer.allocUnsafeSlow(MULTIFD_PAGES_PER_PACKET * TARGET_PAGE_SIZE);
+  private readonly resolve: MultifdBlockResolver;
+  private readonly offsets = new Float64Array(MULTIFD_PAGES_PER_PACKET);
+  private mem: Uint8Array = new Uint8Array(0);
+  private cur: MultifdPacketHeader = { flags: 0, pagesAlloc: 0, normalPages: 0, nextPacketSize: 0, packetNum: 0, block: '' };
+  // DIRECT: the run being read is pages [runStart, runEnd) of the packet.
+  private runStart = 0;
+  private runEnd = 0;
+
+  constructor(resolve: MultifdBlockResolver) {
+    this.resolve = resolve;
+  }
+
+  /** True between packets (an EOF here is a clean end of the channel). */
+  get atPacketBoundary(): boolean {
+    return this.phase === Phase.HEADER && this.fill === 0;
+  }
+
+  /** The buffer the next read must fill (a view: reads may stop short of its end). */
+  nextBuffer(): Uint8Array {
+    switch (this.phase) {
+      case Phase.INIT:
+        return this.header.subarray(this.fill, MULTIFD_INIT_LENGTH);
+      case Phase.HEADER:
+        return this.header.subarray(this.fill);
+      case Phase.DIRECT: {
+        const start = this.offsets[this.runStart]! + this.fill;
+        return this.mem.subarray(start, this.offsets[this.runStart]! + (this.runEnd - this.runStart) * TARGET_PAGE_SIZE);
+      }
+      case Phase.SCATTER:
+        return this.scratch.subarray(this.fill, this.cur.normalPages * TARGET_PAGE_SIZE);
+    }
+  }
+
+  /** `n` bytes were read into the last nextBuffer(). */
+  advance(n: number): MultifdEvent | null {
+    this.streamOffset += n;
+    this.fill += n;
+    switch (this.phase) {
+      case Phase.INIT: {
+        if (this.fill < MULTIFD_INIT_LENGTH) return null;
+        const init = readMultifdInit(this.header);
+        this.channelId = init.channelId;
+        this.phase = Phase.HEADER;
+        this.fill = 0;
+        return { kind: 'init', init };
+      }
+      case Phase.HEADER:
+        if (this.fill < MULTIFD_PACKET_HEADER_LENGTH) return null;
+        this.fill = 0;
+        return this.parseHeader();
+      case Phase.DIRECT: {
+        if (this.fill < (this.runEnd - this.runStart) * TARGET_PAGE_SIZE) return null;
+        this.fill = 0;
+        if (this.runEnd < this.cur.normalPages) {
+          this.nextRun(this.runEnd);
+          return null;
+        }
+        return this.packetDone();
+      }
+      case Phase.SCATTER: {
+        if (this.fill < this.cur.normalPages * TARGET_PAGE_SIZE) return null;
+        this.fill = 0;
+        for (let i = 0; i < this.cur.normalPages; i++) {
+          this.scratch.copy(this.mem, this.offsets[i]!, i * TARGET_PAGE_SIZE, (i + 1) * TARGET_PAGE_SIZE);
+        }
+        return this.packetDone();
+      }
+    }
+  }
+
+  private fail(message: string, at: number, block?: string): never {
+    const ctx: { streamOffset: number; block?: string } = { streamOffset: this.streamOffset - MULTIFD_PACKET_HEADER_LENGTH + at };
+    if (block !== undefined) ctx.block = block;
+    throw new ProtocolError(ErrorCode.BAD_MULTIFD, `multifd channel ${this.channelId}: ${message}`, ctx);
+  }
+
+  private parseHeader(): MultifdEvent | null {
+    const v = this.headerView;
+    const magic = v.getUint32(0);
+    if (magic !== MULTIFD_MAGIC) this.fail(`packet with magic 0x${magic.toString(16).padStart(8, '0')} (0x11223344 expected)`, 0);
+    const version = v.getUint32(4);
+    if (version !== MULTIFD_VERSION) this.fail(`packet version ${version} (1 expected)`, 4);
+    const flags = v.getUint32(8);
+    if ((flags & MULTIFD_FLAG_COMPRESSION_MASK) !== 0) this.fail(`compressed packet (flags 0x${flags.toString(16)}); only multifd-compression "none" is supported`, 8);
+    const pagesAlloc = v.getUint32(12);
+    if (pagesAlloc > MULTIFD_PAGES_PER_PACKET) this.fail(`packet with ${pagesAlloc} pages allocated (at most ${MULTIFD_PAGES_PER_PACKET})`, 12);
+    const normalPages = v.getUint32(16);
+    if (normalPages > pagesAlloc) this.fail(`packet with ${normalPages} pages but ${pagesAlloc} allocated`, 16);
+    const packetNum = v.getUint32(24) * 2 ** 32 + v.getUint32(28);
+    // As QEMU does, the name ends at the first NUL or at 255 bytes.
+    let end = RAMBLOCK_AT;
+    while (end < RAMBLOCK_AT + RAMBLOCK_FIELD - 1 && this.header[end] !== 0) end++;
+    const block = this.header.toString('latin1', RAMBLOCK_AT, end);
+    this.cur = { flags, pagesAlloc, normalPages, nextPacketSize: v.getUint32(20), packetNum, block };
+    if (normalPages === 0) return this.packetDone();
+    const mem = this.resolve(block);
+    if (mem === undefined) this.fail(`packet for unknown block "${block}"`, RAMBLOCK_AT, block);
+    this.mem = mem;
+    // Validate every offset before a byte lands in guest RAM.
+    let runs = 1;
+    for (let i = 0, at = MULTIFD_PACKET_FIXED_LENGTH; i < normalPages; i++, at += 8) {
+      const hi = v.getUint32(at);
+      const lo = v.getUint32(at + 4);
+      const offset = hi * 2 ** 32 + lo;
+      if (lo % TARGET_PAGE_SIZE !== 0 || offset > mem.length - TARGET_PAGE_SIZE) {
+        this.fail(`page offset 0x${offset.toString(16)} is not a page inside the block (${mem.length} bytes)`, at, block);
+      }
+      this.offsets[i] = offset;
+      if (i > 0 && offset !== this.offsets[i - 1]! + TARGET_PAGE_SIZE) runs++;
+    }
+    if (normalPages / runs >= DIRECT_RUN_PAGES) this.nextRun(0);
+    else this.phase = Phase.SCATTER;
+    return null;
+  }
+
+  private nextRun(from: number): void {
+    let end = from + 1;
+    while (end < this.cur.normalPages && this.offsets[end] === this.offsets[end - 1]! + TARGET_PAGE_SIZE) end++;
+    this.runStart = from;
+    this.runEnd = end;
+    this.phase = Phase.DIRECT;
+  }
+
+  private packetDone(): MultifdEvent {
+    this.phase = Phase.HEADER;
+    this.fill = 0;
+    const c = this.cur;
+    const sync = (c.flags & MULTIFD_FLAG_SYNC) !== 0;
+    this.pages += c.normalPages;
+    if (sync) this.syncs++;
+    return { kind: 'packet', block: c.block, pages: c.normalPages, sync, packetNum: c.packetNum };
+  }
+}
