@@ -1,10 +1,15 @@
 // `pnpm bench`: every benchmark, each printing its figure next to a ceiling measured in the same
-// run. `pnpm bench decode`, `pnpm bench migration` or `pnpm bench postcopy` runs one group.
+// run. `pnpm bench decode`, `pnpm bench migration` or `pnpm bench postcopy` runs one group;
+// `pnpm bench throughput` runs the first migration figure alone.
 
 const only = process.argv.slice(2);
 const want = (name: string): boolean => only.length === 0 || only.includes(name);
 
 if (want('decode')) await import('../packages/protocol/bench/decode.bench.ts');
+if (only.includes('throughput')) {
+  const { throughputBench } = await import('./migration.bench.ts');
+  await throughputBench();
+}
 if (want('migration')) {
   const { migrationBench } = await import('./migration.bench.ts');
   await migrationBench();

@@ -17,6 +17,7 @@ import {
   ErrorCode,
   KEEPALIVE_INTERVAL_MS,
   KEEPALIVE_TIMEOUT_MS,
+  MultifdReceiver,
   LIVEMIG_HELLO_PING,
   MigCmd,
   type MigrationStatus,
@@ -86,6 +87,8 @@ export interface IncomingOptions {
   autostart: boolean;
   /** Machine type we accept in the configuration record. */
   machineType: string;
+  /** Parameter multifd-channels: how many multifd connections follow the main one (capability multifd). */
+  multifdChannels?: number;
   events: { status(s: IncomingStatus): void; resume(): void };
   log: { info(obj: object, msg?: string): void; warn(obj: object, msg?: string): void };
 }
@@ -198,6 +201,7 @@ export class IncomingMigration {
   async listen(address: string): Promise<string> {
     if (this.listener !== undefined || this.status !== 'none') throw new Error('an incoming migration was already started');
     if (this.o.capabilities['postcopy-preempt']) return this.listenWithPreempt(address);
+    if (this.o.capabilities.multifd) return this.listenWithMultifd(address);
     this.listener = await listenChannel(address, {
       allowHalfOpen: true,
       onread: { buffer: this.readBuffer, callback: (n) => this.onBytes(n) },
@@ -249,6 +253,120 @@ export class IncomingMigration {
   }
 
   private preemptServer: net.Server | undefined;
+
+  // ---- multifd channels (wire-format.md §7.6) ------------------------------------------------------
+
+  private readonly multifd: { recv: MultifdReceiver; socket: net.Socket; ended: boolean }[] = [];
+  /** RAM sections the main channel has ended: each needs a SYNC packet from every channel. */
+  private ramSectionsEnded = 0;
+  /** The main channel stopped at a RAM section end until the channels' SYNCs arrive. */
+  private waitingForSync = false;
+
+  /**
+   * With multifd the first connection is the main channel (as a QEMU 7.2 destination assumes);
+   * the next `multifd-channels` connections each start with an init packet naming their id.
+   * Page data is read straight into guest RAM.
+   */
+  private async listenWithMultifd(address: string): Promise<string> {
+    const server = net.createServer({ pauseOnConnect: true, allowHalfOpen: true });
+    const bound = await listenServer(server, address);
+    const expected = this.o.multifdChannels ?? 2;
+    const seen = new Set<number>();
+    let count = 0;
+    const blocks = new Map(this.o.guest.ram.blocks.map((b, i) => [b.idstr, this.o.guest.ram.view(i)]));
+    server.on('connection', (raw) => {
+      count++;
+      if (count === 1) {
+        const socket = adoptWithOnread(raw, { buffer: this.readBuffer, callback: (n) => this.onBytes(n) }, { allowHalfOpen: true });
+        if (bound.transport === 'tcp') socket.setNoDelay(true);
+        this.onConnection(socket);
+        return;
+      }
+      // Connections beyond multifd-channels are read too: their init packet names the
+      // mismatch (a channel id this side does not expect), which beats a refused connection.
+      if (count > 256) {
+        raw.destroy();
+        return;
+      }
+      const recv = new MultifdReceiver((name) => blocks.get(name));
+      const channel = { recv, socket: undefined as unknown as net.Socket, ended: false };
+      const socket = adoptWithOnread(
+        raw,
+        {
+          buffer: () => recv.nextBuffer(),
+          callback: (n) => this.onMultifdBytes(channel, seen, expected, n),
+        },
+        { allowHalfOpen: true },
+      );
+      channel.socket = socket;
+      this.multifd.push(channel);
+      socket.on('end', () => {
+        channel.ended = true;
+        if (!this.finished && !recv.atPacketBoundary) this.fail(new Error(`multifd channel ${recv.channelId} closed in the middle of a packet`));
+        else this.checkSync();
+      });
+      socket.on('error', (err) => this.fail(new Error(`multifd channel ${recv.channelId}: ${err.message}`)));
+    });
+    const text = formatAddress(bound);
+    this.preemptServer = server;
+    this.o.events.status('setup');
+    this.listenedOn = text;
+    this.o.log.info({ address: text, multifdChannels: expected }, 'waiting for the incoming migration');
+    return text;
+  }
+
+  private onMultifdBytes(channel: { recv: MultifdReceiver }, seen: Set<number>, expected: number, n: number): boolean {
+    if (this.finished) return false;
+    try {
+      const ev = channel.recv.advance(n);
+      if (ev === null) return true;
+      if (ev.kind === 'init') {
+        const id = ev.init.channelId;
+        if (id >= expected) throw new ConfigError(ErrorCode.BAD_MULTIFD, `multifd channel id ${id}, but multifd-channels is ${expected} here`);
+        if (seen.has(id)) throw new ConfigError(ErrorCode.BAD_MULTIFD, `multifd channel id ${id} connected twice`);
+        if (ev.init.uuid.some((b) => b !== 0)) throw new ConfigError(ErrorCode.BAD_MULTIFD, `multifd channel ${id} names a UUID other than this guest's (all zeros)`);
+        seen.add(id);
+      } else if (ev.sync) this.checkSync();
+      return true;
+    } catch (err) {
+      this.failSoon(err as Error);
+      return false;
+    }
+  }
+
+  /**
+   * A multifd channel failed. If the main channel has not yet said the source is livemig (its
+   * hello comes first on that channel), give it a moment, so the reason can go back to the source.
+   */
+  private failSoon(err: Error): void {
+    if (this.peerIsLivemig || this.finished) this.fail(err);
+    else setTimeout(() => this.fail(err), 100).unref();
+  }
+
+  /** Whether every channel has delivered the SYNC of each RAM section the main channel ended. */
+  private syncsComplete(): boolean {
+    const need = this.ramSectionsEnded;
+    if (this.multifd.length < (this.o.multifdChannels ?? 2)) return need === 0;
+    return this.multifd.every((c) => c.recv.syncs >= need);
+  }
+
+  private checkSync(): void {
+    if (!this.waitingForSync || this.finished) return;
+    if (!this.syncsComplete()) {
+      const stuck = this.multifd.find((c) => c.ended && c.recv.syncs < this.ramSectionsEnded);
+      if (stuck !== undefined) this.fail(new Error(`multifd channel ${stuck.recv.channelId} ended before the SYNC of RAM section ${this.ramSectionsEnded}`));
+      return;
+    }
+    this.waitingForSync = false;
+    try {
+      if (this.drainEvents() && this.socket !== undefined) {
+        this.decoder.retainUnread();
+        this.socket.resume();
+      }
+    } catch (err) {
+      this.fail(err as Error);
+    }
+  }
   /** Pages that came on preempt channels (earlier ones, before a recovery, included). */
   private preemptPagesBefore = 0;
 
@@ -520,12 +638,10 @@ export class IncomingMigration {
     this.lastByteAt = performance.now();
     try {
       this.decoder.push(this.readBuffer.subarray(0, n));
-      for (let ev = this.decoder.next(); ev !== NEED_MORE; ev = this.decoder.next()) {
-        this.onEvent(ev);
-        if (this.finished) return false;
-      }
+      const drained = this.drainEvents();
       // Keep only the undecoded tail: the read buffer is reused by the next read.
       this.decoder.retainUnread();
+      if (!drained) return false;
       if (this.listening && this.socket !== undefined && (this.requested.size > 0 || this.o.guest.vcpus.faultsPending())) {
         // Postcopy: libuv reads up to 32 buffers in a row; while a vCPU waits for a page, let
         // the fault path (its page request, the preempt channel) in after every read.
@@ -540,6 +656,19 @@ export class IncomingMigration {
       this.fail(err as Error);
       return false;
     }
+  }
+
+  /**
+   * Handle the decoder's events until it needs bytes (true) or must stop: finished, or (multifd)
+   * a RAM section ended whose pages are still coming on the channels (false: pause the socket).
+   */
+  private drainEvents(): boolean {
+    for (let ev = this.decoder.next(); ev !== NEED_MORE; ev = this.decoder.next()) {
+      this.onEvent(ev);
+      if (this.finished) return false;
+      if (this.waitingForSync) return false;
+    }
+    return true;
   }
 
   private onEvent(ev: DecoderEvent): void {
@@ -567,6 +696,11 @@ export class IncomingMigration {
         break;
       }
       case 'sectionEnd':
+        if (this.o.capabilities.multifd && ev.idstr === 'ram' && ev.instanceId === 0) {
+          // Pages sent before this EOS travel on the channels: read on only when all are in.
+          this.ramSectionsEnded++;
+          if (!this.syncsComplete()) this.waitingForSync = true;
+        }
         if (ev.data !== undefined) {
           const dev = this.devices.get(`${ev.idstr}\u0000${ev.instanceId}`)!;
           try {
@@ -733,6 +867,7 @@ export class IncomingMigration {
     this.socket?.end();
     this.preemptSocket?.destroy();
     this.preemptServer?.close();
+    for (const c of this.multifd) c.socket.destroy();
     this.resolveDone();
   }
 
@@ -753,6 +888,7 @@ export class IncomingMigration {
     this.socket?.end();
     this.preemptSocket?.destroy();
     this.preemptServer?.close();
+    for (const c of this.multifd) c.socket.destroy();
     void this.listener?.close();
     this.resolveDone();
   }

@@ -3,9 +3,10 @@
 
 import { parseArgs } from 'node:util';
 import { Guest } from '@livemig/guest';
-import { applyCapabilities } from '@livemig/protocol';
+import { applyCapabilities, applyParameters } from '@livemig/protocol';
 import {
   capabilitiesOn,
+  parameterList,
   GUEST_HELP,
   guestFromFlags,
   migrationEvent,
@@ -28,6 +29,7 @@ first-touch page faults. Exits with status 1 if the incoming migration fails.
                     defer (wait for QMP migrate-incoming)
   -S, --paused      keep the guest paused after the migration until QMP cont
   --capabilities L  capabilities to turn on first, comma-separated (e.g. events,postcopy-ram)
+  --parameters L    parameters to set first, NAME=VALUE comma-separated (e.g. multifd-channels=4)
 
 ${GUEST_HELP}
 
@@ -42,6 +44,7 @@ const EXTRA = {
   incoming: { type: 'string' },
   paused: { type: 'boolean', short: 'S' },
   capabilities: { type: 'string' },
+  parameters: { type: 'string' },
 } as const;
 
 class DestinationProcess {
@@ -74,6 +77,7 @@ class DestinationProcess {
     const incoming = new IncomingMigration({
       guest: this.guest,
       capabilities: { ...this.settings.capabilities },
+      multifdChannels: this.settings.parameters['multifd-channels'],
       autostart: this.autostart,
       machineType: this.machineType,
       log: this.log.child({ component: 'incoming' }),
@@ -183,10 +187,10 @@ async function main(argv: string[]): Promise<void> {
   const log = createLogger(program, flags.logLevel === undefined ? {} : { level: flags.logLevel as 'info' });
   const guest = new Guest(flags.guest);
   const proc = new DestinationProcess(guest, flags.machineType, values.paused !== true, log);
-  if (values.capabilities !== undefined) {
-    const list = values.capabilities;
-    proc.settings.capabilities = orExitWithUsage(program, () => applyCapabilities(proc.settings.capabilities, capabilitiesOn(list)));
-  }
+  orExitWithUsage(program, () => {
+    if (values.capabilities !== undefined) proc.settings.capabilities = applyCapabilities(proc.settings.capabilities, capabilitiesOn(values.capabilities));
+    if (values.parameters !== undefined) proc.settings.parameters = applyParameters(proc.settings.parameters, parameterList(values.parameters));
+  });
   process.on('SIGINT', () => void proc.shutdown(130));
   process.on('SIGTERM', () => void proc.shutdown(143));
   if (flags.qmp !== undefined) await proc.serveQmp(flags.qmp);

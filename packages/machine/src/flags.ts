@@ -86,6 +86,18 @@ export function orExitWithUsage<T>(program: string, parse: () => T, usage?: stri
 }
 
 /** `--capabilities a,b` as migrate-set-capabilities arguments turning each one on. */
+/** A --parameters list, "NAME=VALUE,…", as migrate-set-parameters arguments (numbers and booleans typed). */
+export function parameterList(text: string): Record<string, unknown> {
+  const out: Record<string, unknown> = {};
+  for (const item of text.split(',').filter((s) => s.length > 0)) {
+    const eq = item.indexOf('=');
+    if (eq <= 0) throw new UsageError(`--parameters item "${item}" is not NAME=VALUE`);
+    const v = item.slice(eq + 1);
+    out[item.slice(0, eq)] = v === 'true' ? true : v === 'false' ? false : /^-?\d+$/.test(v) ? Number(v) : v;
+  }
+  return out;
+}
+
 export function capabilitiesOn(list: string): { capability: string; state: true }[] {
   return list
     .split(',')

@@ -56,6 +56,7 @@ export const SUPPORTED_CAPABILITIES: ReadonlySet<Capability> = new Set<Capabilit
   'late-block-activate',
   'validate-uuid',
   'pause-before-switchover',
+  'multifd',
 ]);
 
 export type Capabilities = Record<Capability, boolean>;

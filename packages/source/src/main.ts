@@ -9,13 +9,13 @@ import {
   migrationEvent,
   MigrationSettings,
   capabilitiesOn,
+  parameterList,
   GUEST_OPTIONS,
   orExitWithUsage,
   progressLine,
   QmpCommandError,
   registerMachineCommands,
   TtyProgress,
-  UsageError,
 } from '@livemig/machine';
 import { applyCapabilities, applyParameters, TARGET_PAGE_SIZE } from '@livemig/protocol';
 import { connectChannel, createLogger, type Logger, parseAddress, QmpServer } from '@livemig/runtime';
@@ -50,17 +50,6 @@ const EXTRA = {
   'exit-after-migrate': { type: 'boolean' },
   paused: { type: 'boolean', short: 'S' },
 } as const;
-
-function parseParameterList(text: string): Record<string, unknown> {
-  const out: Record<string, unknown> = {};
-  for (const item of text.split(',').filter((s) => s.length > 0)) {
-    const eq = item.indexOf('=');
-    if (eq <= 0) throw new UsageError(`--parameters item "${item}" is not NAME=VALUE`);
-    const v = item.slice(eq + 1);
-    out[item.slice(0, eq)] = v === 'true' ? true : v === 'false' ? false : /^-?\d+$/.test(v) ? Number(v) : v;
-  }
-  return out;
-}
 
 class SourceProcess {
   readonly guest: Guest;
@@ -102,6 +91,19 @@ class SourceProcess {
     const address = parseAddress(uri);
     if (address.transport === 'defer') throw new QmpCommandError("'defer' is only for the destination (migrate-incoming)");
     const settings = this.settings;
+    // Refusals come before anything starts: the next migrate or set-capabilities must not be blocked.
+    const preempt = settings.capabilities['postcopy-preempt'];
+    if (preempt && address.transport !== 'tcp' && address.transport !== 'unix') {
+      throw new QmpCommandError('postcopy-preempt needs a tcp: or unix: migration address');
+    }
+    const multifd = settings.capabilities.multifd;
+    if (multifd) {
+      if (address.transport !== 'tcp' && address.transport !== 'unix') throw new QmpCommandError('multifd is not supported by current protocol');
+      if (settings.capabilities['postcopy-ram']) throw new QmpCommandError('livemig does not support multifd together with postcopy-ram');
+      if (settings.parameters['multifd-compression'] !== 'none') {
+        throw new QmpCommandError(`multifd-compression '${settings.parameters['multifd-compression']}' is not supported by livemig (use 'none')`);
+      }
+    }
     const log = this.log.child({ component: 'migration' });
     const emitStatus = (status: string): void => {
       if (this.qmp !== undefined) migrationEvent(this.qmp, settings, status);
@@ -111,23 +113,35 @@ class SourceProcess {
     this.postcopyWanted = false;
     const attempt = { status: 'setup', errorDesc: undefined as string | undefined };
     this.connecting = attempt;
-    const preempt = settings.capabilities['postcopy-preempt'];
-    if (preempt && address.transport !== 'tcp' && address.transport !== 'unix') {
-      throw new QmpCommandError('postcopy-preempt needs a tcp: or unix: migration address');
-    }
-    // With postcopy-preempt a second connection follows the first (QEMU 7.2 opens it at start).
-    const connect = async (): Promise<[Awaited<ReturnType<typeof connectChannel>>, Awaited<ReturnType<typeof connectChannel>> | undefined]> => {
+    type Channel = Awaited<ReturnType<typeof connectChannel>>;
+    // Extra connections follow the main one, which must be accepted first (a QEMU 7.2
+    // destination takes the first connection as the main channel): the preempt channel
+    // (QEMU 7.2 opens it at start), or the multifd channels in channel-id order.
+    const connect = async (): Promise<[Channel, Channel | undefined, Channel[]]> => {
       const main = await connectChannel(address);
-      if (!preempt) return [main, undefined];
+      const extra: Channel[] = [];
       try {
-        return [main, await connectChannel(address)];
+        const count = preempt ? 1 : multifd ? settings.parameters['multifd-channels'] : 0;
+        for (let i = 0; i < count; i++) {
+          extra.push(
+            await connectChannel(address).catch((err: Error) => {
+              throw new Error(
+                preempt
+                  ? `postcopy-preempt channel: ${err.message}`
+                  : `multifd channel ${i} of ${count}: ${err.message} (is the destination set for multifd with multifd-channels=${count}?)`,
+              );
+            }),
+          );
+        }
       } catch (err) {
         main.destroy();
+        for (const c of extra) c.destroy();
         throw err;
       }
+      return preempt ? [main, extra[0], []] : [main, undefined, extra];
     };
     return connect().then(
-      ([channel, preemptChannel]) => {
+      ([channel, preemptChannel, multifdChannels]) => {
         this.connecting = undefined;
         const m = new OutgoingMigration({
           guest: this.guest,
@@ -135,6 +149,7 @@ class SourceProcess {
           parameters: { ...settings.parameters },
           channel,
           ...(preemptChannel === undefined ? {} : { preempt: preemptChannel }),
+          ...(multifdChannels.length === 0 ? {} : { multifd: multifdChannels }),
           machineType: this.machineType,
           log,
           events: {
@@ -304,7 +319,7 @@ async function main(argv: string[]): Promise<void> {
   const proc = new SourceProcess(guest, flags.machineType, log);
   orExitWithUsage(program, () => {
     if (values.capabilities !== undefined) proc.settings.capabilities = applyCapabilities(proc.settings.capabilities, capabilitiesOn(values.capabilities));
-    if (values.parameters !== undefined) proc.settings.parameters = applyParameters(proc.settings.parameters, parseParameterList(values.parameters));
+    if (values.parameters !== undefined) proc.settings.parameters = applyParameters(proc.settings.parameters, parameterList(values.parameters));
   });
   process.on('SIGINT', () => void proc.shutdown(130));
   process.on('SIGTERM', () => void proc.shutdown(143));

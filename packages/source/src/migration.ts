@@ -49,6 +49,7 @@ import type { Guest, IterativeDevice } from '@livemig/guest';
 import { AutoConverge, BandwidthMeter, decideNext } from './convergence.ts';
 import { RamSaver } from './ram-saver.ts';
 import { RateLimiter } from './rate-limiter.ts';
+import { MultifdSender } from './multifd-sender.ts';
 import { StreamOut } from './stream-out.ts';
 
 /** The statuses a livemig source goes through (QEMU's names). */
@@ -88,6 +89,8 @@ export interface OutgoingOptions {
   channel: Duplex;
   /** With postcopy-preempt: a second connection that carries only requested pages. */
   preempt?: Duplex;
+  /** With multifd: the multifd channels (connected after the main one), in channel-id order. */
+  multifd?: readonly Duplex[];
   /** Machine type sent in the configuration record. */
   machineType: string;
   events: MigrationEvents;
@@ -171,7 +174,11 @@ export class OutgoingMigration {
       this.preempt = { out: new StreamOut(options.preempt), w: new BatchWriter({ slabSize: 64 * 1024 }), rec: new RamRecordWriter() };
     }
     const p = options.parameters;
-    this.ram = new RamSaver(options.guest, { xbzrleCacheBytes: options.capabilities.xbzrle ? p['xbzrle-cache-size'] : 0 });
+    if (options.multifd !== undefined && options.multifd.length > 0) this.multifd = new MultifdSender(options.multifd);
+    this.ram = new RamSaver(options.guest, {
+      xbzrleCacheBytes: options.capabilities.xbzrle ? p['xbzrle-cache-size'] : 0,
+      ...(this.multifd === undefined ? {} : { multifd: this.multifd }),
+    });
     this.others = (options.guest.vfio === undefined ? [] : [options.guest.vfio]).map((dev, i) => ({ dev, sectionId: RAM_SECTION_ID + 1 + i }));
     this.limiter = new RateLimiter(p['max-bandwidth'], this.startTime);
     this.meter = new BandwidthMeter(this.startTime);
@@ -181,9 +188,15 @@ export class OutgoingMigration {
     this.done = this.run();
   }
 
-  /** Bytes written to the channel so far. */
+  /** Bytes written to the channels so far. */
   get transferred(): number {
-    return this.out.written;
+    return this.out.written + this.multifdBytes;
+  }
+
+  private readonly multifd: MultifdSender | undefined;
+
+  private get multifdBytes(): number {
+    return this.multifd?.written ?? 0;
   }
 
   get throttlePercent(): number {
@@ -219,6 +232,7 @@ export class OutgoingMigration {
     this.abort.abort();
     this.out.fail(new Error('migration cancelled'));
     this.channel.destroy();
+    this.multifd?.destroy();
   }
 
   private setStatus(s: MigrationStatus): void {
@@ -231,7 +245,7 @@ export class OutgoingMigration {
     const s = this.ram.stats;
     const elapsed = Math.max(1, this.now() - this.startTime) / 1000;
     return {
-      transferred: this.out.written + this.preemptBytes,
+      transferred: this.out.written + this.preemptBytes + this.multifdBytes,
       remaining: this.pending(),
       total: this.o.guest.ram.totalBytes,
       duplicate: s.duplicate,
@@ -239,11 +253,11 @@ export class OutgoingMigration {
       normal: s.normal,
       'normal-bytes': s.normal * TARGET_PAGE_SIZE,
       'dirty-pages-rate': Math.round(this.dirtyRate),
-      mbps: this.meter.mbps > 0 ? this.meter.mbps : (this.out.written * 8) / elapsed / 1e6,
+      mbps: this.meter.mbps > 0 ? this.meter.mbps : (this.transferred * 8) / elapsed / 1e6,
       'dirty-sync-count': s.dirtySyncCount,
       'postcopy-requests': this.requestCount,
       'page-size': TARGET_PAGE_SIZE,
-      'multifd-bytes': 0,
+      'multifd-bytes': this.multifdBytes,
       'pages-per-second': Math.round(this.pagesPerSecond),
       'precopy-bytes': this.precopyBytes,
       'downtime-bytes': this.downtimeBytes,
@@ -269,7 +283,7 @@ export class OutgoingMigration {
       guest.setRunState('postmigrate');
       this.setStatus('completed');
       this.o.log.info(
-        { totalMs: Math.round(this.totalTime), downtimeMs: Math.round(this.downtime), bytes: this.out.written, passes: this.ram.stats.dirtySyncCount },
+        { totalMs: Math.round(this.totalTime), downtimeMs: Math.round(this.downtime), bytes: this.transferred, passes: this.ram.stats.dirtySyncCount },
         'migration completed',
       );
     } catch (err) {
@@ -285,6 +299,7 @@ export class OutgoingMigration {
   private async recover(err: Error): Promise<void> {
     this.totalTime = this.now() - this.startTime;
     this.channel.destroy();
+    this.multifd?.destroy();
     this.preempt?.out.stream.destroy();
     const guest = this.o.guest;
     // Once postcopy has started the destination owns the guest: never run it here again.
@@ -313,7 +328,16 @@ export class OutgoingMigration {
 
   private async flush(): Promise<void> {
     const bufs = this.w.flush();
-    await this.out.write(bufs);
+    if (this.multifd === undefined) {
+      await this.out.write(bufs);
+      return;
+    }
+    await Promise.all([this.out.write(bufs), this.multifd.flush()]);
+  }
+
+  /** End of a RAM section: with multifd, every channel gets its SYNC packet before the EOS. */
+  private async multifdSync(): Promise<void> {
+    if (this.multifd !== undefined) await this.multifd.sync();
   }
 
   private async setup(): Promise<void> {
@@ -331,6 +355,7 @@ export class OutgoingMigration {
     if (caps['postcopy-ram']) writePostcopyAdvise(w, { hostPageSizeSummary: TARGET_PAGE_SIZE, targetPageSize: TARGET_PAGE_SIZE });
     writeSectionHeader(w, { kind: 'start', sectionId: RAM_SECTION_ID, idstr: 'ram', instanceId: 0, versionId: 4 });
     this.ram.saveSetup(w);
+    await this.multifdSync();
     writeEos(w);
     writeSectionFooter(w, RAM_SECTION_ID);
     for (const { dev, sectionId } of this.others) {
@@ -367,13 +392,13 @@ export class OutgoingMigration {
     this.converge.addDirty(added);
     this.o.events.pass(this.ram.stats.dirtySyncCount);
     this.o.log.debug(
-      { pass: this.ram.stats.dirtySyncCount, newlyDirty: added, pending, sent: this.out.written, thresholdBytes: Math.round(this.meter.threshold), ms: Math.round(now - this.startTime) },
+      { pass: this.ram.stats.dirtySyncCount, newlyDirty: added, pending, sent: this.transferred, thresholdBytes: Math.round(this.meter.threshold), ms: Math.round(now - this.startTime) },
       'dirty sync',
     );
     const p = this.o.parameters;
     const next = this.converge.onSync(
       now,
-      this.out.written,
+      this.transferred,
       TARGET_PAGE_SIZE,
       {
         throttleTriggerThreshold: p['throttle-trigger-threshold'],
@@ -394,6 +419,8 @@ export class OutgoingMigration {
   private checkCancelled(): void {
     if (this.cancelRequested) throw new Error('migration cancelled');
     if (this.out.error !== undefined) throw this.out.error;
+    const multifdError = this.multifd?.error;
+    if (multifdError !== undefined) throw new Error(`multifd channel: ${multifdError.message}`);
     if (this.shutStatus !== undefined && this.shutStatus !== 0) throw new Error('destination failed');
   }
 
@@ -457,9 +484,9 @@ export class OutgoingMigration {
         // Over the line: end this section here and sleep until a batch fits.
         break;
       }
-      const before = w.totalBytes;
+      const before = this.ram.encodedBytes(w);
       const empty = this.ram.saveIterate(w, Math.min(BATCH_BYTES, allowance), deadline);
-      const bytes = w.totalBytes - before;
+      const bytes = this.ram.encodedBytes(w) - before;
       this.limiter.consume(bytes);
       this.meter.add(bytes);
       this.precopyBytes += bytes;
@@ -468,6 +495,7 @@ export class OutgoingMigration {
       // A socket that takes every batch at once never makes us wait: let QMP and the return path in.
       await yieldToIo();
     }
+    await this.multifdSync();
     writeEos(w);
     writeSectionFooter(w, RAM_SECTION_ID);
     await this.flush();
@@ -523,7 +551,7 @@ export class OutgoingMigration {
     await this.stopGuest();
     this.checkCancelled();
     this.syncDirty();
-    const startBytes = this.out.written;
+    const startBytes = this.transferred;
     writeSectionHeader(w, { kind: 'end', sectionId: RAM_SECTION_ID });
     for (;;) {
       this.checkCancelled();
@@ -531,6 +559,7 @@ export class OutgoingMigration {
       await this.flush();
       if (empty) break;
     }
+    await this.multifdSync();
     writeEos(w);
     writeSectionFooter(w, RAM_SECTION_ID);
     await this.endOtherDevices();
@@ -544,15 +573,16 @@ export class OutgoingMigration {
     if (prefixed.length > 0) desc['livemig'] = { prefixed };
     writeVmdescription(w, toQemuJson(desc));
     await this.flush();
-    this.downtimeBytes = this.out.written - startBytes;
+    this.downtimeBytes = this.transferred - startBytes;
     this.o.log.debug({ ms: Math.round(this.now() - this.startTime), stopMs: Math.round(this.now() - this.stopTime), downtimeBytes: this.downtimeBytes }, 'final state sent');
     if (this.rp !== undefined) {
       await this.waitForShut();
     } else {
-      await this.out.end();
+      await Promise.all([this.out.end(), this.multifd?.end()]);
     }
     this.downtime = this.now() - this.stopTime;
     this.channel.destroy();
+    this.multifd?.destroy();
   }
 
   // ---- postcopy ---------------------------------------------------------------------------------

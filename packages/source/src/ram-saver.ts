@@ -10,6 +10,7 @@
 
 import { type BatchWriter, RamRecordWriter, TARGET_PAGE_SIZE, writeMemSize } from '@livemig/protocol';
 import type { Guest, IterativeDevice } from '@livemig/guest';
+import type { MultifdSender } from './multifd-sender.ts';
 import { XbzrleCache } from './xbzrle-cache.ts';
 import { popcount as popcount32 } from '@livemig/guest';
 
@@ -34,6 +35,8 @@ export interface RamStats {
 export interface RamSaverOptions {
   /** xbzrle capability: cache size in bytes, or 0 for off. */
   xbzrleCacheBytes: number;
+  /** Capability multifd: normal pages go to these channels (ZERO records stay on the main one). */
+  multifd?: MultifdSender;
 }
 
 export class RamSaver implements IterativeDevice {
@@ -65,9 +68,11 @@ export class RamSaver implements IterativeDevice {
     dirtySyncCount: 0,
   };
   readonly totalPages: number;
+  private readonly multifd: MultifdSender | undefined;
 
   constructor(guest: Guest, options: RamSaverOptions) {
     this.guest = guest;
+    this.multifd = options.multifd;
     this.views = guest.ram.blocks.map((_, i) => guest.ram.view(i));
     this.bitmaps = guest.ram.blocks.map((b) => new Uint32Array(Math.ceil(b.pageCount / 32)));
     this.totalPages = guest.ram.blocks.reduce((a, b) => a + b.pageCount, 0);
@@ -128,7 +133,8 @@ export class RamSaver implements IterativeDevice {
   private xbzrleOff = false;
 
   private get xbzrleActive(): boolean {
-    return this.xbzrle !== undefined && this.stats.rounds > 0 && !this.xbzrleOff;
+    // As in QEMU, multifd takes the normal pages before XBZRLE could.
+    return this.xbzrle !== undefined && this.stats.rounds > 0 && !this.xbzrleOff && this.multifd === undefined;
   }
 
   /**
@@ -136,10 +142,10 @@ export class RamSaver implements IterativeDevice {
    * pages), or none is left. Returns true when no dirty page is left.
    */
   private iterate(w: BatchWriter, maxBytes: number, deadline?: () => boolean, final = false): boolean {
-    const start = w.totalBytes;
+    const start = this.encodedBytes(w);
     let sinceCheck = 0;
     while (this.dirtyPages > 0) {
-      if (w.totalBytes - start >= maxBytes) return false;
+      if (this.encodedBytes(w) - start >= maxBytes) return false;
       if (deadline !== undefined && ++sinceCheck >= TIME_CHECK_PAGES) {
         sinceCheck = 0;
         if (deadline()) return false;
@@ -161,6 +167,11 @@ export class RamSaver implements IterativeDevice {
       this.sendPage(w, this.cursorBlock, this.cursorPage, final);
     }
     return this.dirtyPages === 0;
+  }
+
+  /** Bytes encoded so far: the main channel's and the multifd channels'. */
+  encodedBytes(w: BatchWriter): number {
+    return w.totalBytes + (this.multifd?.queuedBytes ?? 0);
   }
 
   /** Move the cursor to the next dirty page (wrapping), clearing its bit; false if none. */
@@ -300,6 +311,11 @@ export class RamSaver implements IterativeDevice {
       rec.zeroPage(w, idstr, off);
       this.stats.duplicate++;
       if (this.xbzrleActive) this.xbzrle!.insertZero(block.globalOffset + off, this.stats.dirtySyncCount);
+      return;
+    }
+    if (this.multifd !== undefined && rec === this.rec) {
+      this.multifd.queuePage(idstr, mem, off);
+      this.stats.normal++;
       return;
     }
     if (!this.xbzrleActive) {

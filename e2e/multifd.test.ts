@@ -1,0 +1,95 @@
+// End-to-end multifd (wire-format.md §7.6): pages travel on extra connections in QEMU 7.2's packet
+// format and land straight in the destination's guest RAM; each RAM section's SYNC keeps a page
+// re-sent in a later pass from being overtaken by its older copy.
+
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { assertSameRam, digest, MiB, queryMigrate, queryStatus, waitForStatus } from './helpers/migration.ts';
+import { withHarness } from './helpers/processes.ts';
+
+const T = { timeout: 120_000 };
+
+for (const transport of ['tcp', 'unix'] as const) {
+  test(`multifd over ${transport}, 3 channels, a dirtying guest over several passes: the paused destination holds the stopped source's RAM and runs on`, T, () =>
+    withHarness(async (h) => {
+      const guest = ['-m', '64M', '--workload', 'incrementer:20'];
+      const dst = await h.destination({
+        incoming: transport,
+        paused: true,
+        guest,
+        capabilities: ['multifd'],
+        args: ['--parameters', 'multifd-channels=3'],
+      });
+      const src = await h.source({
+        guest,
+        // Throttled, so the pages dirtied meanwhile are sent again in later passes.
+        args: ['--capabilities', 'return-path,multifd', '--parameters', `multifd-channels=3,max-bandwidth=${64 * MiB},downtime-limit=50`],
+      });
+      await sleep(300);
+      await src.execute('migrate', { uri: dst.incomingUri });
+      const info = await waitForStatus(src, 'completed');
+      const ram = info.ram!;
+      assert.ok(ram['dirty-sync-count'] >= 3, `dirty-sync-count ${ram['dirty-sync-count']} ≥ 3: pages were re-sent after a SYNC`);
+      const guestPages = (64 + 4) * 256;
+      assert.ok(ram.normal + ram.duplicate > guestPages, `pages sent (${ram.normal} normal, ${ram.duplicate} zero) exceed the guest's ${guestPages}: some went twice`);
+      // Normal pages go on the channels: headers (1344 B per ≤ 128 pages) + page data.
+      const pageBytes = ram.normal * 4096;
+      assert.ok(ram['multifd-bytes'] >= pageBytes && ram['multifd-bytes'] < pageBytes * 1.05, `multifd-bytes ${ram['multifd-bytes']} for ${ram.normal} normal pages`);
+      // The main channel keeps sections, ZERO records and device state, but no page data.
+      assert.ok(ram.transferred - ram['multifd-bytes'] < pageBytes / 4, `the main channel carried ${ram.transferred - ram['multifd-bytes']} bytes`);
+
+      await waitForStatus(dst, 'completed', { timeoutMs: 10_000 });
+      assert.equal(await queryStatus(dst), 'paused');
+      const { destination } = await assertSameRam(src, dst);
+      assert.equal(destination.pattern.consistent, true, `pattern ${JSON.stringify(destination.pattern)}`);
+
+      await dst.execute('cont');
+      await sleep(800);
+      await dst.execute('stop');
+      const after = await digest(dst);
+      assert.notEqual(after.blocks[0]!.sha256, destination.blocks[0]!.sha256, 'the destination guest ran on');
+      assert.equal(after.pattern.consistent, true, `pattern after running on: ${JSON.stringify(after.pattern)}`);
+    }));
+}
+
+test('multifd: a source with more channels than the destination expects fails with the reason, and its guest runs on', T, () =>
+  withHarness(async (h) => {
+    const guest = ['-m', '32M', '--workload', 'incrementer'];
+    const dst = await h.destination({ incoming: 'tcp', guest, capabilities: ['multifd'], args: ['--parameters', 'multifd-channels=2'] });
+    const src = await h.source({ guest, args: ['--capabilities', 'return-path,multifd', '--parameters', 'multifd-channels=4'] });
+    const before = await digest(src);
+    await src.execute('migrate', { uri: dst.incomingUri });
+    const info = await waitForStatus(src, ['failed', 'completed'], { timeoutMs: 30_000 });
+    assert.equal(info.status, 'failed');
+    assert.match(info['error-desc'] ?? '', /destination failed: multifd channel id [23], but multifd-channels is 2 here \[LM_ERR_BAD_MULTIFD\]/, `error-desc: ${info['error-desc']}`);
+    assert.equal(await queryStatus(src), 'running');
+    await sleep(300);
+    const after = await digest(src);
+    assert.notEqual(after.blocks[0]!.sha256, before.blocks[0]!.sha256, 'the source guest keeps running');
+    const exit = await dst.waitForExit(10_000);
+    assert.notEqual(exit.code, 0, 'the destination exits non-zero, as QEMU does after a failed incoming migration');
+  }));
+
+test('multifd: a destination without the capability refuses the extra connections; the source fails cleanly and runs on', T, () =>
+  withHarness(async (h) => {
+    const guest = ['-m', '32M', '--workload', 'incrementer'];
+    const dst = await h.destination({ incoming: 'unix', guest });
+    const src = await h.source({ guest, args: ['--capabilities', 'return-path,multifd'] });
+    await src.execute('migrate', { uri: dst.incomingUri });
+    const info = await waitForStatus(src, ['failed', 'completed'], { timeoutMs: 30_000 });
+    assert.equal(info.status, 'failed', 'never completes with pages the destination did not read');
+    assert.equal(await queryStatus(src), 'running');
+    assert.notEqual((await queryMigrate(dst)).status, 'completed');
+  }));
+
+test('multifd is refused with postcopy-ram and with a compression method, naming why', T, () =>
+  withHarness(async (h) => {
+    const src = await h.source({ guest: ['-m', '32M'], args: ['--capabilities', 'multifd,postcopy-ram'] });
+    await assert.rejects(src.execute('migrate', { uri: 'tcp:127.0.0.1:1' }), /multifd together with postcopy-ram/);
+    await src.execute('migrate-set-capabilities', { capabilities: [{ capability: 'postcopy-ram', state: false }] });
+    await src.execute('migrate-set-parameters', { 'multifd-compression': 'zlib' });
+    await assert.rejects(src.execute('migrate', { uri: 'tcp:127.0.0.1:1' }), /multifd-compression 'zlib' is not supported/);
+    await assert.rejects(src.execute('migrate', { uri: `exec:cat > ${h.path('x')}` }), /multifd is not supported by current protocol/);
+    assert.equal(await queryStatus(src), 'running');
+  }));
