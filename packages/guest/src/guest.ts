@@ -84,6 +84,7 @@ export class Guest {
     this.config = config;
     this.ram = new GuestRam(config.blocks);
     this.vcpus = new VcpuSet(config.vcpus, this.ram.blocks[0]!, config.workload);
+    this.ram.waiterSlots = config.vcpus;
     // Threads start now, parked: starting the guest later (the destination, at the end of a
     // migration's downtime) must not wait for threads to boot.
     this.vcpus.spawn();

@@ -34,6 +34,8 @@ export interface VcpuWorkerData {
   workload: Workload;
   /** Postcopy: the main block's received-pages bitmap, the fault ring and the latency histogram. */
   receivedMemory: SharedArrayBuffer;
+  /** Per vCPU: the page this vCPU waits for, plus one (0: not waiting). */
+  waitingMemory: SharedArrayBuffer;
   faultRing: SharedArrayBuffer;
   latency: SharedArrayBuffer;
 }
@@ -45,6 +47,7 @@ const words = new Uint32Array(d.memory);
 const dirty = new Int32Array(d.dirtyMemory);
 const control = new Int32Array(d.control);
 const received = new Int32Array(d.receivedMemory);
+const waiting = new Int32Array(d.waitingMemory);
 const ring = new Int32Array(d.faultRing);
 const latency = new Int32Array(d.latency);
 const state = new Float64Array(d.state, d.index * STATE_SLOTS * 8, STATE_SLOTS);
@@ -94,14 +97,21 @@ function touch(page: number): boolean {
   const slot = Atomics.add(ring, RING_TAIL, 1) & (FAULT_RING_SLOTS - 1);
   Atomics.store(ring, RING_BASE + slot, page);
   Atomics.notify(ring, RING_TAIL);
+  // Say which page we wait for, then look again: the main thread wakes us only for that page.
+  Atomics.store(waiting, d.index, page + 1);
+  v = Atomics.load(received, w);
   while ((v & bit) === 0) {
     Atomics.wait(received, w, v, 100);
     v = Atomics.load(received, w);
     const run = Atomics.load(control, RUN);
-    if (run === RunState.EXIT) return false;
+    if (run === RunState.EXIT) {
+      Atomics.store(waiting, d.index, 0);
+      return false;
+    }
     // Stopped while waiting (a paused postcopy, say): report parked, keep waiting for the page.
     if (run === RunState.STOPPED && Atomics.load(control, ACK_BASE + d.index) !== AckState.PAUSED) ack(AckState.PAUSED);
   }
+  Atomics.store(waiting, d.index, 0);
   const us = (performance.now() - t0) * 1000;
   state[S_BLOCKED_NS] = state[S_BLOCKED_NS]! + us * 1000;
   state[S_FAULTS] = state[S_FAULTS]! + 1;

@@ -161,6 +161,7 @@ export class VcpuSet {
         state: this.stateArray.buffer as SharedArrayBuffer,
         workload: this.workload,
         receivedMemory: this.block.receivedMemory,
+        waitingMemory: this.block.waitingMemory,
         faultRing: this.faultRing.buffer as SharedArrayBuffer,
         latency: this.latency.buffer as SharedArrayBuffer,
       };
