@@ -114,24 +114,6 @@ export class GuestRam {
     }
   }
 
-  /** A page has been placed: set its received bit and wake any vCPU waiting for it. */
-  markReceived(blockIndex: number, page: number): void {
-    const r = this.blocks[blockIndex]!.received;
-    const w = page >> 5;
-    const bit = 1 << (page & 31);
-    if ((r[w]! & bit) !== 0) return;
-    Atomics.or(r, w, bit);
-    // Sequentially consistent: a vCPU publishes its page before re-reading the bitmap, we set the
-    // bit before reading the slots, so either it sees the bit or we see it waiting.
-    const waiting = this.blocks[blockIndex]!.waiting;
-    for (let i = 0; i < this.waiterSlots; i++) {
-      if (Atomics.load(waiting, i) === page + 1) {
-        Atomics.notify(r, w);
-        return;
-      }
-    }
-  }
-
   /**
    * Set a page's received bit without waking anyone: for placing many pages in a row, followed
    * by one wakeWaiters() (a wake per page costs a futex call per page for an in-order guest).
