@@ -39,7 +39,7 @@ export interface GuestBlock {
   receivedMemory: SharedArrayBuffer;
   received: Int32Array;
   /**
-   * Postcopy: per vCPU, the page it waits for plus one (0: not waiting). markReceived wakes a
+   * Postcopy: per vCPU, the page it waits for plus one (0: not waiting). wakeWaiters wakes a
    * vCPU only for the page it waits for: Atomics.notify costs ~2–3 µs a call, waiter or not.
    */
   waitingMemory: SharedArrayBuffer;
@@ -124,7 +124,11 @@ export class GuestRam {
     if ((r[page >> 5]! & bit) === 0) Atomics.or(r, page >> 5, bit);
   }
 
-  /** Wake every vCPU whose page has arrived (after setReceived). */
+  /**
+   * Wake every vCPU whose page has arrived (after setReceived). No wake-up is lost: a vCPU
+   * publishes its page before it re-reads the bitmap and sleeps, and we read the slots after
+   * setting the bits (sequentially consistent atomics), so either it sees its bit or we see it.
+   */
   wakeWaiters(blockIndex: number): void {
     const b = this.blocks[blockIndex]!;
     for (let i = 0; i < this.waiterSlots; i++) {
@@ -133,7 +137,7 @@ export class GuestRam {
     }
   }
 
-  /** How many vCPU slots markReceived checks (the VcpuSet sets its vCPU count). */
+  /** How many vCPU slots wakeWaiters checks (the guest sets its vCPU count). */
   waiterSlots = MAX_WAITERS;
 
   isReceived(blockIndex: number, page: number): boolean {
