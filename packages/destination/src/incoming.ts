@@ -234,37 +234,58 @@ export class IncomingMigration {
   private readonly preemptBuffer = Buffer.allocUnsafeSlow(256 * 1024);
 
   /**
+   * Listen for a main channel and the extra connections that follow it to the same address: the
+   * first connection is the main channel (as a QEMU 7.2 destination assumes); `onExtra` gets each
+   * later one (its 1-based position among the extras).
+   */
+  private async listenWithExtraChannels(
+    address: string,
+    logFields: Record<string, unknown>,
+    onExtra: (raw: net.Socket, extra: number, server: net.Server, tcp: boolean) => void,
+  ): Promise<string> {
+    const server = net.createServer({ pauseOnConnect: true, allowHalfOpen: true });
+    const bound = await listenServer(server, address);
+    const tcp = bound.transport === 'tcp';
+    let count = 0;
+    server.on('connection', (raw) => {
+      count++;
+      if (count > 1) {
+        onExtra(raw, count - 1, server, tcp);
+        return;
+      }
+      const socket = adoptWithOnread(raw, { buffer: this.nextReadBuffer, callback: (n) => this.onBytes(n) }, { allowHalfOpen: true });
+      if (tcp) socket.setNoDelay(true);
+      this.onConnection(socket);
+    });
+    const text = formatAddress(bound);
+    this.channelServer = server;
+    this.o.events.status('setup');
+    this.listenedOn = text;
+    this.o.log.info({ address: text, ...logFields }, 'waiting for the incoming migration');
+    return text;
+  }
+
+  /**
    * With postcopy-preempt the source opens two connections to the same address: the first is the
    * main channel, the second carries requested pages only (bare RAM records), so they never queue
    * behind background pages.
    */
-  private async listenWithPreempt(address: string): Promise<string> {
-    const server = net.createServer({ pauseOnConnect: true, allowHalfOpen: true });
-    const bound = await listenServer(server, address);
-    let count = 0;
-    server.on('connection', (raw) => {
-      count++;
-      if (count === 1) {
-        const socket = adoptWithOnread(raw, { buffer: this.nextReadBuffer, callback: (n) => this.onBytes(n) }, { allowHalfOpen: true });
-        if (bound.transport === 'tcp') socket.setNoDelay(true);
-        this.onConnection(socket);
-      } else if (count === 2) {
-        const socket = adoptWithOnread(raw, { buffer: this.preemptBuffer, callback: (n) => this.onPreemptBytes(n) }, { allowHalfOpen: true });
-        if (bound.transport === 'tcp') socket.setNoDelay(true);
-        this.preemptSocket = socket;
-        socket.on('error', () => {});
-        server.close();
-      } else raw.destroy();
+  private listenWithPreempt(address: string): Promise<string> {
+    return this.listenWithExtraChannels(address, { preempt: true }, (raw, extra, server, tcp) => {
+      if (extra > 1) {
+        raw.destroy();
+        return;
+      }
+      const socket = adoptWithOnread(raw, { buffer: this.preemptBuffer, callback: (n) => this.onPreemptBytes(n) }, { allowHalfOpen: true });
+      if (tcp) socket.setNoDelay(true);
+      this.preemptSocket = socket;
+      socket.on('error', () => {});
+      server.close();
     });
-    const text = formatAddress(bound);
-    this.preemptServer = server;
-    this.o.events.status('setup');
-    this.listenedOn = text;
-    this.o.log.info({ address: text, preempt: true }, 'waiting for the incoming migration');
-    return text;
   }
 
-  private preemptServer: net.Server | undefined;
+  /** The listener of a migration with extra channels (preempt or multifd). */
+  private channelServer: net.Server | undefined;
 
   // ---- multifd channels (wire-format.md §7.6) ------------------------------------------------------
 
@@ -279,24 +300,14 @@ export class IncomingMigration {
    * the next `multifd-channels` connections each start with an init packet naming their id.
    * Page data is read straight into guest RAM.
    */
-  private async listenWithMultifd(address: string): Promise<string> {
-    const server = net.createServer({ pauseOnConnect: true, allowHalfOpen: true });
-    const bound = await listenServer(server, address);
+  private listenWithMultifd(address: string): Promise<string> {
     const expected = this.o.multifdChannels ?? 2;
     const seen = new Set<number>();
-    let count = 0;
     const blocks = new Map(this.o.guest.ram.blocks.map((b, i) => [b.idstr, this.o.guest.ram.view(i)]));
-    server.on('connection', (raw) => {
-      count++;
-      if (count === 1) {
-        const socket = adoptWithOnread(raw, { buffer: this.nextReadBuffer, callback: (n) => this.onBytes(n) }, { allowHalfOpen: true });
-        if (bound.transport === 'tcp') socket.setNoDelay(true);
-        this.onConnection(socket);
-        return;
-      }
+    return this.listenWithExtraChannels(address, { multifdChannels: expected }, (raw, extra) => {
       // Connections beyond multifd-channels are read too: their init packet names the
       // mismatch (a channel id this side does not expect), which beats a refused connection.
-      if (count > 256) {
+      if (extra > 255) {
         raw.destroy();
         return;
       }
@@ -304,10 +315,7 @@ export class IncomingMigration {
       const channel = { recv, socket: undefined as unknown as net.Socket, ended: false };
       const socket = adoptWithOnread(
         raw,
-        {
-          buffer: () => recv.nextBuffer(),
-          callback: (n) => this.onMultifdBytes(channel, seen, expected, n),
-        },
+        { buffer: () => recv.nextBuffer(), callback: (n) => this.onMultifdBytes(channel, seen, expected, n) },
         { allowHalfOpen: true },
       );
       channel.socket = socket;
@@ -319,12 +327,6 @@ export class IncomingMigration {
       });
       socket.on('error', (err) => this.fail(new Error(`multifd channel ${recv.channelId}: ${err.message}`)));
     });
-    const text = formatAddress(bound);
-    this.preemptServer = server;
-    this.o.events.status('setup');
-    this.listenedOn = text;
-    this.o.log.info({ address: text, multifdChannels: expected }, 'waiting for the incoming migration');
-    return text;
   }
 
   private onMultifdBytes(channel: { recv: MultifdReceiver }, seen: Set<number>, expected: number, n: number): boolean {
@@ -884,7 +886,7 @@ export class IncomingMigration {
     this.sendRp((w) => writeRpShut(w, 0));
     this.socket?.end();
     this.preemptSocket?.destroy();
-    this.preemptServer?.close();
+    this.channelServer?.close();
     for (const c of this.multifd) c.socket.destroy();
     this.resolveDone();
   }
@@ -905,7 +907,7 @@ export class IncomingMigration {
     this.sendRp((w) => writeRpShut(w, 1));
     this.socket?.end();
     this.preemptSocket?.destroy();
-    this.preemptServer?.close();
+    this.channelServer?.close();
     for (const c of this.multifd) c.socket.destroy();
     void this.listener?.close();
     this.resolveDone();
