@@ -93,3 +93,34 @@ test('multifd is refused with postcopy-ram and with a compression method, naming
     await assert.rejects(src.execute('migrate', { uri: `exec:cat > ${h.path('x')}` }), /multifd is not supported by current protocol/);
     assert.equal(await queryStatus(src), 'running');
   }));
+
+test('multifd: max-bandwidth holds for the channels too; a cancel leaves the source running, and a new multifd migration to a fresh destination completes', T, () =>
+  withHarness(async (h) => {
+    const guest = ['-m', '128M', '--workload', 'incrementer:20'];
+    const first = await h.destination({ incoming: 'tcp', guest, capabilities: ['multifd'], name: 'dst1' });
+    const rate = 32 * MiB;
+    const src = await h.source({ guest, args: ['--capabilities', 'return-path,multifd', '--parameters', `max-bandwidth=${rate}`] });
+    await src.execute('migrate', { uri: first.incomingUri });
+    await waitForStatus(src, 'active', { timeoutMs: 10_000 });
+    const a = await queryMigrate(src);
+    await sleep(1500);
+    const b = await queryMigrate(src);
+    const seconds = (b['total-time']! - a['total-time']!) / 1000;
+    const rateSeen = (b.ram!.transferred - a.ram!.transferred) / seconds;
+    assert.ok(Math.abs(rateSeen / rate - 1) < 0.15, `transfer rate ${(rateSeen / MiB).toFixed(1)} MiB/s under max-bandwidth 32 MiB/s`);
+    assert.ok(b.ram!['multifd-bytes'] > rate / 2, `the pages went over multifd (${b.ram!['multifd-bytes']} B)`);
+
+    await src.execute('migrate_cancel');
+    await waitForStatus(src, 'cancelled', { timeoutMs: 10_000 });
+    assert.equal(await queryStatus(src), 'running');
+    const exit = await first.waitForExit(10_000);
+    assert.notEqual(exit.code, 0, 'the first destination gives up');
+
+    const second = await h.destination({ incoming: 'tcp', paused: true, guest, capabilities: ['multifd'], name: 'dst2' });
+    await src.execute('migrate-set-parameters', { 'max-bandwidth': 0 });
+    await src.execute('migrate', { uri: second.incomingUri });
+    await waitForStatus(src, 'completed');
+    await waitForStatus(second, 'completed', { timeoutMs: 10_000 });
+    const { destination } = await assertSameRam(src, second);
+    assert.equal(destination.pattern.consistent, true, `pattern ${JSON.stringify(destination.pattern)}`);
+  }));
