@@ -22,6 +22,8 @@ export interface DemoOptions {
   /** Bytes per second; 0 = unlimited. */
   maxBandwidth: number;
   downtimeLimitMs: number;
+  /** multifd channels (0: one stream, QEMU's default). */
+  multifdChannels: number;
   out: NodeJS.WriteStream;
 }
 
@@ -94,8 +96,12 @@ export async function runDemo(o: DemoOptions): Promise<number> {
   try {
     const guest = ['-m', o.memory, '--workload', o.workload, '--vcpus', String(o.vcpus)];
     const incoming = o.transport === 'tcp' ? 'tcp:127.0.0.1:0' : `unix:${join(dir, 'migration.sock')}`;
-    say(`livemig demo: ${o.memory} guest, ${o.vcpus} vCPU(s) running "${o.workload}", migrated over ${o.transport} loopback between two processes`);
-    const dst = startProcess('destination', DESTINATION_MAIN, ['--incoming', incoming, '-S', '--qmp', `unix:${join(dir, 'dst.qmp')}`, ...guest]);
+    const multifd = o.multifdChannels > 0 ? ['--capabilities', 'multifd', '--parameters', `multifd-channels=${o.multifdChannels}`] : [];
+    say(
+      `livemig demo: ${o.memory} guest, ${o.vcpus} vCPU(s) running "${o.workload}", migrated over ${o.transport} loopback between two processes` +
+        (o.multifdChannels > 0 ? ` (multifd, ${o.multifdChannels} channel${o.multifdChannels > 1 ? 's' : ''})` : ''),
+    );
+    const dst = startProcess('destination', DESTINATION_MAIN, ['--incoming', incoming, '-S', '--qmp', `unix:${join(dir, 'dst.qmp')}`, ...multifd, ...guest]);
     const src = startProcess('source', SOURCE_MAIN, ['--qmp', `unix:${join(dir, 'src.qmp')}`, ...guest]);
     children.push(dst, src);
     const dq = await connectQmp(dst, `unix:${join(dir, 'dst.qmp')}`, 30_000);
@@ -110,9 +116,14 @@ export async function runDemo(o: DemoOptions): Promise<number> {
       capabilities: [
         { capability: 'return-path', state: true },
         { capability: 'events', state: true },
+        ...(o.multifdChannels > 0 ? [{ capability: 'multifd', state: true }] : []),
       ],
     });
-    await sq.execute('migrate-set-parameters', { 'max-bandwidth': o.maxBandwidth, 'downtime-limit': o.downtimeLimitMs });
+    await sq.execute('migrate-set-parameters', {
+      'max-bandwidth': o.maxBandwidth,
+      'downtime-limit': o.downtimeLimitMs,
+      ...(o.multifdChannels > 0 ? { 'multifd-channels': o.multifdChannels } : {}),
+    });
     await sq.execute('migrate', { uri });
 
     type Info = {
@@ -121,7 +132,7 @@ export async function runDemo(o: DemoOptions): Promise<number> {
       'setup-time'?: number;
       downtime?: number;
       'error-desc'?: string;
-      ram?: { transferred: number; remaining: number; total: number; mbps: number; 'dirty-sync-count': number; duplicate: number; normal: number };
+      ram?: { transferred: number; remaining: number; total: number; mbps: number; 'dirty-sync-count': number; duplicate: number; normal: number; 'multifd-bytes': number };
     };
     let info: Info;
     const tty = o.out.isTTY === true;
@@ -154,6 +165,7 @@ export async function runDemo(o: DemoOptions): Promise<number> {
     say(`  total time        ${info['total-time']} ms (setup ${info['setup-time']} ms)`);
     say(`  downtime          ${info.downtime} ms (source stopped → destination loaded and confirmed)`);
     say(`  transferred       ${gib(r.transferred)} for ${gib(r.total)} of RAM (${r.normal} pages, ${r.duplicate} zero pages)`);
+    if (o.multifdChannels > 0) say(`  multifd           ${gib(r['multifd-bytes'])} of it on ${o.multifdChannels} channel(s), read straight into guest RAM`);
     say(`  throughput        ${seconds > 0 ? (r.transferred / 2 ** 30 / seconds).toFixed(2) : '-'} GiB/s average`);
     say(`  passes            ${r['dirty-sync-count']} dirty-bitmap syncs`);
 
