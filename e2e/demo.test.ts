@@ -1,0 +1,47 @@
+// The README's main job (`pnpm start` = `livemig demo`), run as users run it: a real process that
+// starts a destination and a source, migrates, prints the summary and the verdict. Small guests
+// here (the default 1 GiB belongs to the manual run); one stream over tcp, multifd over unix.
+
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { test } from 'node:test';
+import { CLI_MAIN } from './helpers/processes.ts';
+
+/** Run the demo in its own process group; the whole group is killed if it overstays. */
+function demo(args: string[], timeoutMs = 90_000): Promise<{ code: number | null; out: string }> {
+  const child = spawn(process.execPath, [CLI_MAIN, 'demo', ...args], { stdio: ['ignore', 'pipe', 'pipe'], detached: true });
+  let out = '';
+  child.stdout.on('data', (d: Buffer) => (out += d.toString()));
+  child.stderr.on('data', (d: Buffer) => (out += d.toString()));
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => {
+      try {
+        process.kill(-child.pid!, 'SIGKILL');
+      } catch {
+        // already gone
+      }
+    }, timeoutMs);
+    child.on('exit', (code) => {
+      clearTimeout(timer);
+      resolve({ code, out });
+    });
+  });
+}
+
+for (const { name, args } of [
+  { name: 'one stream over tcp', args: ['--memory', '128M'] },
+  { name: 'multifd (2 channels) over unix', args: ['--memory', '128M', '--transport', 'unix', '--multifd', '2'] },
+]) {
+  test(`livemig demo, ${name}: progress, summary and a verified PASS, exit 0`, { timeout: 120_000 }, async () => {
+    const { code, out } = await demo(args);
+    assert.equal(code, 0, out);
+    assert.match(out, /livemig demo: 128M guest, 1 vCPU\(s\) running "incrementer"/);
+    assert.match(out, /\[[#-]{30}\] (active|completed)/, 'progress lines');
+    assert.match(out, /total time +\d+ ms/);
+    assert.match(out, /pc\.ram +source [0-9a-f]{16}… +destination [0-9a-f]{16}… +equal/);
+    assert.match(out, /incrementer pattern on the destination: consistent/);
+    assert.match(out, /after cont, 1 s of running on the destination: memory kept changing, pattern consistent/);
+    assert.match(out, /VERDICT: PASS/);
+    if (args.includes('--multifd')) assert.match(out, /multifd +0\.\d\d GiB of it on 2 channel\(s\)/);
+  });
+}
