@@ -45,6 +45,8 @@ export type IncomingStatus = Extract<
 
 const READ_BUFFER_BYTES = 1024 * 1024;
 const FAULT_READ_BYTES = 64 * 1024;
+/** A faulted page at most this far ahead of the background stream's position is coming soon anyway (8 MiB). */
+const NEAR_PAGES = 2048;
 const extPackr = new Packr({ useRecords: false });
 
 /**
@@ -143,10 +145,24 @@ export class IncomingMigration {
    * page, reads shrink to FAULT_READ_BYTES so the event loop gets to the fault path (its request,
    * the page on the preempt channel) after ~50 µs of background decoding, not a megabyte's worth.
    */
-  private readonly nextReadBuffer = (): Buffer =>
-    this.listening && this.preemptSocket !== undefined && (this.requested.size > 0 || this.o.guest.vcpus.faultsPending())
-      ? this.readSlice
-      : this.readBuffer;
+  private readonly nextReadBuffer = (): Buffer => (this.listening && this.preemptSocket !== undefined && this.faultIsUrgent() ? this.readSlice : this.readBuffer);
+
+  /** Page (main block) the main channel placed last: where the background stream is. */
+  private mainHead = -1;
+  private placingFromMain = false;
+
+  /**
+   * Postcopy: a vCPU waits for a page that the background stream will not bring within the next
+   * NEAR_PAGES pages. Then the fault path must get its turn quickly (smaller reads, a yield after
+   * each). A guest touching memory in order waits just ahead of the stream: nothing to hurry there,
+   * and full-speed background reads are what it needs.
+   */
+  private faultIsUrgent(): boolean {
+    const lo = this.mainHead + 1;
+    const hi = lo + NEAR_PAGES;
+    for (const p of this.requested) if (p < lo || p >= hi) return true;
+    return !this.o.guest.vcpus.faultsWithin(lo, hi);
+  }
   private resolveDone!: () => void;
   /** Resolves when the migration reached completed or failed. */
   readonly done: Promise<void>;
@@ -585,7 +601,10 @@ export class IncomingMigration {
     const page = pageOffset / 4096;
     // vCPUs are woken once per read (wakeWaiters), not per page.
     this.o.guest.ram.setReceived(block, page);
-    if (block === 0) this.requested.delete(page);
+    if (block === 0) {
+      this.requested.delete(page);
+      if (this.placingFromMain) this.mainHead = page;
+    }
   }
 
   /** Postcopy: turn vCPU faults into page requests on the return path, one per missing page. */
@@ -657,12 +676,18 @@ export class IncomingMigration {
     this.lastByteAt = performance.now();
     try {
       this.decoder.push(this.readBuffer.subarray(0, n));
-      const drained = this.drainEvents();
+      let drained: boolean;
+      this.placingFromMain = true;
+      try {
+        drained = this.drainEvents();
+      } finally {
+        this.placingFromMain = false;
+      }
       if (this.listening) this.o.guest.ram.wakeWaiters(0);
       // Keep only the undecoded tail: the read buffer is reused by the next read.
       this.decoder.retainUnread();
       if (!drained) return false;
-      if (this.listening && this.socket !== undefined && (this.requested.size > 0 || this.o.guest.vcpus.faultsPending())) {
+      if (this.listening && this.socket !== undefined && this.faultIsUrgent()) {
         // Postcopy: libuv reads up to 32 buffers in a row; while a vCPU waits for a page, let
         // the fault path (its page request, the preempt channel) in after every read.
         const socket = this.socket;

@@ -107,6 +107,20 @@ export class VcpuSet {
     return n;
   }
 
+  /**
+   * Whether every fault queued and not yet drained is for a page in [lo, hi) (true when none is
+   * queued). A slot reserved but not yet written counts as outside.
+   */
+  faultsWithin(lo: number, hi: number): boolean {
+    const ring = this.faultRing;
+    const tail = Atomics.load(ring, RING_TAIL);
+    for (let head = Atomics.load(ring, RING_HEAD); head !== tail; head = (head + 1) | 0) {
+      const page = Atomics.load(ring, RING_BASE + (head & (FAULT_RING_SLOTS - 1)));
+      if (page === RING_EMPTY || page < lo || page >= hi) return false;
+    }
+    return true;
+  }
+
   /** A vCPU has queued a fault not yet drained (two shared-memory loads). */
   faultsPending(): boolean {
     return Atomics.load(this.faultRing, RING_TAIL) !== Atomics.load(this.faultRing, RING_HEAD);
