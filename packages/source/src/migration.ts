@@ -843,7 +843,10 @@ export class OutgoingMigration {
     if (q.length === 0) return;
     const p = this.preempt;
     if (p !== undefined && p.out.error === undefined) {
-      for (let i = 0; i < q.length; i += 2) this.ram.sendRequested(p.w, q[i]!, q[i + 1]!, p.rec);
+      for (let i = 0; i < q.length; i += 2) {
+        // Already sent: it still waits in the main channel's queue, so it goes again here.
+        if (!this.ram.sendRequested(p.w, q[i]!, q[i + 1]!, p.rec)) this.ram.resendPage(p.w, q[i]!, q[i + 1]!, p.rec);
+      }
       q.length = 0;
       void p.out.write(p.w.flush()).catch(() => {});
       return;

@@ -217,6 +217,15 @@ export class RamSaver implements IterativeDevice {
     return true;
   }
 
+  /**
+   * Postcopy with a preempt channel: send a page that already went out on the main channel
+   * again. The destination asking for it means it is still queued there (socket buffers hold
+   * megabytes); the copy that arrives second is dropped by the destination. Bitmap untouched.
+   */
+  resendPage(w: BatchWriter, blockIndex: number, page: number, rec: RamRecordWriter): void {
+    this.sendPage(w, blockIndex, page, true, rec);
+  }
+
   /** Postcopy start: every block's still-dirty ranges, as [start byte, length] for DISCARD. */
   dirtyRanges(blockIndex: number): { start: number; length: number }[] {
     const bm = this.bitmaps[blockIndex]!;
