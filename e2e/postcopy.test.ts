@@ -171,6 +171,25 @@ for (const side of ['source', 'destination'] as const) {
     }));
 }
 
+test('postcopy-preempt recovery: after migrate-pause and recovery, requested pages come on a new preempt connection', T, (t) =>
+  withHarness(async (h) => {
+    const { src, dst } = await postcopyPair(h, { guest: GUEST, preempt: true });
+    await migrateIntoPostcopy(src, dst, dst.incomingUri);
+    await sleep(500); // faults in flight
+    assert.deepEqual(await dst.qmp.execute('migrate-pause', undefined, { oob: true, timeoutMs: 5_000 }), {});
+    await waitBothPaused(src, dst);
+    const before = (await queryMigrate(dst))['x-postcopy-preempt-pages'] as number;
+    assert.ok(before > 0, `pages on the first preempt connection: ${before}`);
+
+    await recover(src, dst);
+    await waitForStatus(dst, 'postcopy-active', { timeoutMs: 10_000 });
+    const { dst: d } = await waitBothCompleted(src, dst);
+    const after = d['x-postcopy-preempt-pages'] ?? 0;
+    log(t, `preempt pages: ${before} before the pause, ${after} in all`);
+    assert.ok(after > before, `requested pages came on the new preempt connection (${before} → ${after})`);
+    await stopAndCheckPattern(dst);
+  }));
+
 test('postcopy recovery after a silent link break (a proxy stops forwarding, nothing closes): keepalive pauses both sides; direct recovery completes', T, (t) =>
   withHarness(async (h) => {
     const { src, dst } = await postcopyPair(h, { guest: GUEST });

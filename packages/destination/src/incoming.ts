@@ -251,12 +251,12 @@ export class IncomingMigration {
 
   /**
    * Listen for a main channel and the extra connections that follow it to the same address: the
-   * first connection is the main channel (as a QEMU 7.2 destination assumes); `onExtra` gets each
-   * later one (its 1-based position among the extras).
+   * first connection is the main channel (as a QEMU 7.2 destination assumes) and goes to
+   * `onMain`; `onExtra` gets each later one (its 1-based position among the extras).
    */
   private async listenWithExtraChannels(
     address: string,
-    logFields: Record<string, unknown>,
+    onMain: (socket: net.Socket) => void,
     onExtra: (raw: net.Socket, extra: number, server: net.Server, tcp: boolean) => void,
   ): Promise<string> {
     const server = net.createServer({ pauseOnConnect: true, allowHalfOpen: true });
@@ -271,10 +271,15 @@ export class IncomingMigration {
       }
       const socket = adoptWithOnread(raw, { buffer: this.nextReadBuffer, callback: (n) => this.onBytes(n) }, { allowHalfOpen: true });
       if (tcp) socket.setNoDelay(true);
-      this.onConnection(socket);
+      onMain(socket);
     });
-    const text = formatAddress(bound);
+    this.channelServer?.close();
     this.channelServer = server;
+    return formatAddress(bound);
+  }
+
+  private async listenFirstTime(address: string, logFields: Record<string, unknown>, onExtra: Parameters<IncomingMigration['listenWithExtraChannels']>[2]): Promise<string> {
+    const text = await this.listenWithExtraChannels(address, (socket) => this.onConnection(socket), onExtra);
     this.o.events.status('setup');
     this.listenedOn = text;
     this.o.log.info({ address: text, ...logFields }, 'waiting for the incoming migration');
@@ -284,20 +289,22 @@ export class IncomingMigration {
   /**
    * With postcopy-preempt the source opens two connections to the same address: the first is the
    * main channel, the second carries requested pages only (bare RAM records), so they never queue
-   * behind background pages.
+   * behind background pages. A postcopy recovery opens both again.
    */
   private listenWithPreempt(address: string): Promise<string> {
-    return this.listenWithExtraChannels(address, { preempt: true }, (raw, extra, server, tcp) => {
-      if (extra > 1) {
-        raw.destroy();
-        return;
-      }
-      const socket = adoptWithOnread(raw, { buffer: this.preemptBuffer, callback: (n) => this.onPreemptBytes(n) }, { allowHalfOpen: true });
-      if (tcp) socket.setNoDelay(true);
-      this.preemptSocket = socket;
-      socket.on('error', () => {});
-      server.close();
-    });
+    return this.listenFirstTime(address, { preempt: true }, (raw, extra, server, tcp) => this.acceptPreempt(raw, extra, server, tcp));
+  }
+
+  private acceptPreempt(raw: net.Socket, extra: number, server: net.Server, tcp: boolean): void {
+    if (extra > 1 || this.finished) {
+      raw.destroy();
+      return;
+    }
+    const socket = adoptWithOnread(raw, { buffer: this.preemptBuffer, callback: (n) => this.onPreemptBytes(n) }, { allowHalfOpen: true });
+    if (tcp) socket.setNoDelay(true);
+    this.preemptSocket = socket;
+    socket.on('error', () => {});
+    server.close();
   }
 
   /** The listener of a migration with extra channels (preempt or multifd). */
@@ -320,7 +327,7 @@ export class IncomingMigration {
     const expected = this.o.multifdChannels ?? 2;
     const seen = new Set<number>();
     const blocks = new Map(this.o.guest.ram.blocks.map((b, i) => [b.idstr, this.o.guest.ram.view(i)]));
-    return this.listenWithExtraChannels(address, { multifdChannels: expected }, (raw, extra) => {
+    return this.listenFirstTime(address, { multifdChannels: expected }, (raw, extra) => {
       // Connections beyond multifd-channels are read too: their init packet names the
       // mismatch (a channel id this side does not expect), which beats a refused connection.
       if (extra > 255) {
@@ -476,7 +483,7 @@ export class IncomingMigration {
     if (this.status === 'postcopy-paused') return;
     this.socket?.destroy();
     this.socket = undefined;
-    // The preempt channel goes with the main one; after recovery requested pages use the main channel.
+    // The preempt channel goes with the main one; a recovery brings a new one.
     this.preemptSocket?.destroy();
     this.preemptSocket = undefined;
     this.preemptPagesBefore = this.preemptPages();
@@ -512,32 +519,36 @@ export class IncomingMigration {
     this.linkLost(new Error('paused by migrate-pause'));
   }
 
-  /** migrate-recover: listen for the source's recovery channel. */
+  /** migrate-recover: listen for the source's recovery channel (and, with preempt, a new preempt channel). */
   async recover(uri: string): Promise<string> {
     if (this.status !== 'postcopy-paused') throw new Error(`migrate-recover needs a paused postcopy migration (status is ${this.status})`);
-    const listener = await listenChannel(uri, {
-      allowHalfOpen: true,
-      onread: { buffer: this.nextReadBuffer, callback: (n) => this.onBytes(n) },
-    });
+    const onMain = (socket: net.Socket): void => {
+      if (this.status !== 'postcopy-paused') {
+        socket.destroy();
+        return;
+      }
+      // A new stream without header: records straight away, in the state we were in.
+      this.decoder = this.makeDecoder(this.decoder);
+      this.socket = socket;
+      this.rpOpen = true;
+      this.lastRequestedBlock = -1;
+      this.lastByteAt = performance.now();
+      this.setStatus('postcopy-recover');
+      this.watch(socket);
+    };
+    let address: string;
+    if (this.o.capabilities['postcopy-preempt']) {
+      address = await this.listenWithExtraChannels(uri, onMain, (raw, extra, server, tcp) => this.acceptPreempt(raw, extra, server, tcp));
+    } else {
+      const listener = await listenChannel(uri, {
+        allowHalfOpen: true,
+        onread: { buffer: this.nextReadBuffer, callback: (n) => this.onBytes(n) },
+      });
+      listener.accepted.then(onMain, () => {});
+      address = listener.addressText;
+    }
     this.o.events.status('setup');
-    listener.accepted.then(
-      (socket) => {
-        if (this.status !== 'postcopy-paused') {
-          socket.destroy();
-          return;
-        }
-        // A new stream without header: records straight away, in the state we were in.
-        this.decoder = this.makeDecoder(this.decoder);
-        this.socket = socket;
-        this.rpOpen = true;
-        this.lastRequestedBlock = -1;
-        this.lastByteAt = performance.now();
-        this.setStatus('postcopy-recover');
-        this.watch(socket);
-      },
-      () => {},
-    );
-    return listener.addressText;
+    return address;
   }
 
   /** RECV_BITMAP: which pages of a block we hold (our bitmap words are its little-endian bytes). */

@@ -247,10 +247,20 @@ class SourceProcess {
         const uri = args['uri'];
         if (typeof uri !== 'string') throw new QmpCommandError("Parameter 'uri' is missing");
         // Connect in the background, as migrate does; a failure leaves the migration paused.
-        void connectChannel(parseAddress(uri)).then(
-          (channel) => {
+        // With postcopy-preempt a new preempt channel follows the main one, as at the start.
+        const address = parseAddress(uri);
+        const preempt = this.settings.capabilities['postcopy-preempt'] && (address.transport === 'tcp' || address.transport === 'unix');
+        void connectChannel(address).then(
+          async (channel) => {
+            let preemptChannel: Awaited<ReturnType<typeof connectChannel>> | undefined;
+            if (preempt) {
+              preemptChannel = await connectChannel(address).catch((err: Error) => {
+                this.log.warn({ uri }, `resume: no new preempt channel (${err.message}); requested pages use the main channel`);
+                return undefined;
+              });
+            }
             try {
-              m.resume(channel);
+              m.resume(channel, preemptChannel);
             } catch (err) {
               this.log.warn({}, (err as Error).message);
             }

@@ -718,7 +718,7 @@ export class OutgoingMigration {
   // ---- postcopy recovery (wire-format.md §7.3) ---------------------------------------------------
 
   private recovery: { bitmap(block: string, bits: Buffer): void; acked(): void } | undefined;
-  private resumeWith: ((channel: Duplex) => void) | undefined;
+  private resumeWith: ((channels: { channel: Duplex; preempt: Duplex | undefined }) => void) | undefined;
 
   /** migrate-pause: break the link on purpose; both sides go to postcopy-paused. */
   pause(): void {
@@ -730,13 +730,14 @@ export class OutgoingMigration {
     this.wake?.();
   }
 
-  /** migrate resume=true: carry on over a freshly connected channel. */
-  resume(channel: Duplex): void {
+  /** migrate resume=true: carry on over a freshly connected channel (and a new preempt channel, with postcopy-preempt). */
+  resume(channel: Duplex, preempt?: Duplex): void {
     if (this.status !== 'postcopy-paused' || this.resumeWith === undefined) {
       channel.destroy();
+      preempt?.destroy();
       throw new Error(`migrate with resume=true needs a paused postcopy migration (status is ${this.status})`);
     }
-    this.resumeWith(channel);
+    this.resumeWith({ channel, preempt });
   }
 
   get paused(): boolean {
@@ -752,17 +753,22 @@ export class OutgoingMigration {
       this.channel.destroy();
       this.setStatus('postcopy-paused');
       this.o.log.warn({ reason: cause.message }, 'postcopy paused: waiting for migrate resume=true');
-      const channel = await new Promise<Duplex | undefined>((resolve) => {
+      const channels = await new Promise<{ channel: Duplex; preempt: Duplex | undefined } | undefined>((resolve) => {
         this.resumeWith = resolve;
         this.cancelWaiter = () => resolve(undefined);
       });
       this.resumeWith = undefined;
       this.cancelWaiter = undefined;
-      if (channel === undefined) throw new Error('migration cancelled');
+      if (channels === undefined) throw new Error('migration cancelled');
       try {
-        await this.resumeOver(channel);
+        await this.resumeOver(channels.channel);
+        if (channels.preempt !== undefined) {
+          // Requested pages jump the queue again, on the new preempt channel.
+          this.preempt = { out: new StreamOut(channels.preempt), w: new BatchWriter({ slabSize: 64 * 1024 }), rec: new RamRecordWriter() };
+        }
         return;
       } catch (err) {
+        channels.preempt?.destroy();
         cause = err as Error;
       }
     }
@@ -831,7 +837,7 @@ export class OutgoingMigration {
   }
   private preemptWrittenBefore = 0;
 
-  /** The preempt channel while it works (dropped on a pause: requests then use the main channel). */
+  /** The preempt channel while it works (dropped on a pause; a recovery brings a new one). */
   private preempt: { out: StreamOut; w: BatchWriter; rec: RamRecordWriter } | undefined;
 
   /**
