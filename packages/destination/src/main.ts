@@ -28,7 +28,8 @@ first-touch page faults. Exits with status 1 if the incoming migration fails.
   --incoming ADDR   tcp:HOST:PORT (port 0: any free port, see query-migrate) | unix:PATH |
                     defer (wait for QMP migrate-incoming)
   -S, --paused      keep the guest paused after the migration until QMP cont
-  --capabilities L  capabilities to turn on first, comma-separated (e.g. events,postcopy-ram)
+  --capabilities L  capabilities to turn on first, comma-separated (e.g. events,postcopy-ram,
+                    postcopy-preempt, or multifd: pages on extra connections, read into RAM)
   --parameters L    parameters to set first, NAME=VALUE comma-separated (e.g. multifd-channels=4)
 
 ${GUEST_HELP}

@@ -28,9 +28,11 @@ livemig-destination or a QEMU destination in QEMU's migration stream format.
 
 migration:
   --migrate URI            migrate at start: tcp:HOST:PORT | unix:PATH | fd:N | exec:CMD | file:PATH
-  --capabilities LIST      capabilities to turn on first, comma-separated (e.g. return-path,events,xbzrle)
+  --capabilities LIST      capabilities to turn on first, comma-separated: return-path, events,
+                           xbzrle, auto-converge, postcopy-ram, postcopy-preempt, multifd, ...
   --parameters LIST        parameters to set first, NAME=VALUE comma-separated
-                           (e.g. max-bandwidth=0,downtime-limit=300; max-bandwidth 0 = unlimited)
+                           (e.g. max-bandwidth=0,downtime-limit=300; max-bandwidth 0 = unlimited;
+                           multifd-channels=2: the destination needs multifd with the same count)
   --exit-after-migrate     exit when the migration ends: status 0 if completed, 1 otherwise
   -S, --paused             do not start the guest (QEMU's -S); QMP cont starts it
 
