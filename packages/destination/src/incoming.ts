@@ -313,6 +313,8 @@ export class IncomingMigration {
   // ---- multifd channels (wire-format.md §7.6) ------------------------------------------------------
 
   private readonly multifd: { recv: MultifdReceiver; socket: net.Socket; ended: boolean }[] = [];
+  /** Connections beyond what multifd-channels allows, left unread until the migration ends. */
+  private readonly heldConnections: net.Socket[] = [];
   /** RAM sections the main channel has ended: each needs a SYNC packet from every channel. */
   private ramSectionsEnded = 0;
   /** The main channel stopped at a RAM section end until the channels' SYNCs arrive. */
@@ -328,10 +330,13 @@ export class IncomingMigration {
     const seen = new Set<number>();
     const blocks = new Map(this.o.guest.ram.blocks.map((b, i) => [b.idstr, this.o.guest.ram.view(i)]));
     return this.listenFirstTime(address, { multifdChannels: expected }, (raw, extra) => {
-      // Connections beyond multifd-channels are read too: their init packet names the
-      // mismatch (a channel id this side does not expect), which beats a refused connection.
-      if (extra > 255) {
-        raw.destroy();
+      // One connection beyond multifd-channels is read too: its init packet names the mismatch
+      // (a channel id this side does not expect), and that reason goes back to the source. More
+      // are held unread until the end (closing them first would let the source fail on a reset
+      // before the reason arrives); past 256 they are closed at once.
+      if (extra > expected + 1) {
+        if (this.heldConnections.length < 256 && !this.finished) this.heldConnections.push(raw);
+        else raw.destroy();
         return;
       }
       const recv = new MultifdReceiver((name) => blocks.get(name));
@@ -924,6 +929,7 @@ export class IncomingMigration {
     this.preemptSocket?.destroy();
     this.channelServer?.close();
     for (const c of this.multifd) c.socket.destroy();
+    for (const c of this.heldConnections) c.destroy();
     this.resolveDone();
   }
 
@@ -945,6 +951,7 @@ export class IncomingMigration {
     this.preemptSocket?.destroy();
     this.channelServer?.close();
     for (const c of this.multifd) c.socket.destroy();
+    for (const c of this.heldConnections) c.destroy();
     void this.listener?.close();
     this.resolveDone();
   }

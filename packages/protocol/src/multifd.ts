@@ -144,7 +144,8 @@ export class MultifdReceiver {
   private fill = 0;
   private readonly header = Buffer.alloc(MULTIFD_PACKET_HEADER_LENGTH);
   private readonly headerView = new DataView(this.header.buffer, this.header.byteOffset, this.header.byteLength);
-  private readonly scratch = Buffer.allocUnsafeSlow(MULTIFD_PAGES_PER_PACKET * TARGET_PAGE_SIZE);
+  /** For packets of scattered pages only (allocated on the first one). */
+  private scratch: Buffer = Buffer.alloc(0);
   private readonly resolve: MultifdBlockResolver;
   private readonly offsets = new Float64Array(MULTIFD_PAGES_PER_PACKET);
   private mem: Uint8Array = new Uint8Array(0);
@@ -256,7 +257,10 @@ export class MultifdReceiver {
       if (i > 0 && offset !== this.offsets[i - 1]! + TARGET_PAGE_SIZE) runs++;
     }
     if (normalPages / runs >= DIRECT_RUN_PAGES) this.nextRun(0);
-    else this.phase = Phase.SCATTER;
+    else {
+      if (this.scratch.length === 0) this.scratch = Buffer.allocUnsafeSlow(MULTIFD_PAGES_PER_PACKET * TARGET_PAGE_SIZE);
+      this.phase = Phase.SCATTER;
+    }
     return null;
   }
 
