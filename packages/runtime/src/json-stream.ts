@@ -8,6 +8,8 @@
 // The scan is byte-wise: every structural character is ASCII, so multi-byte UTF-8 never matters
 // until the finished value is decoded. Like QEMU's parser we also accept single-quoted strings.
 
+import type { Duplex } from 'node:stream';
+
 /** The longest message accepted by default: QEMU's own parser limit is in the same range. */
 export const DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024;
 // QEMU's json-parser gives up beyond this nesting (MAX_NESTING in json-streamer.c).
@@ -231,4 +233,26 @@ function singleToDoubleQuotes(text: string): string {
 export function encodeQmpLine(value: unknown): string {
   const json = JSON.stringify(value);
   return `${json.replace(/[\u007f-\uffff]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`)}\r\n`;
+}
+
+/** How long a closing QMP peer may take to read what is left before its socket is destroyed. */
+export const CLOSE_GRACE_MS = 1000;
+
+/**
+ * End a QMP connection: our side ends now, the socket is destroyed if the peer has not closed
+ * within `graceMs`; resolves once it is closed.
+ */
+export function endGracefully(stream: Duplex, graceMs = CLOSE_GRACE_MS): Promise<void> {
+  return new Promise<void>((resolve) => {
+    if (stream.destroyed) {
+      resolve();
+      return;
+    }
+    const timer = setTimeout(() => stream.destroy(), graceMs);
+    stream.once('close', () => {
+      clearTimeout(timer);
+      resolve();
+    });
+    stream.end();
+  });
 }

@@ -12,7 +12,7 @@ import type { Duplex } from 'node:stream';
 import { formatAddress, toAddress, type MigrationAddress } from './address.ts';
 import { connectChannel } from './channel.ts';
 import { QmpError, RuntimeErrorCode } from './errors.ts';
-import { DEFAULT_MAX_MESSAGE_BYTES, JsonStreamSplitter } from './json-stream.ts';
+import { DEFAULT_MAX_MESSAGE_BYTES, endGracefully, JsonStreamSplitter } from './json-stream.ts';
 
 export interface QmpClientOptions {
   /** Default bound for connect, execute and event waits (ms). Default 30 000. */
@@ -68,7 +68,6 @@ interface IteratorWaiter {
 
 const DEFAULT_TIMEOUT_MS = 30_000;
 const DEFAULT_MAX_BUFFERED_EVENTS = 1024;
-const CLOSE_GRACE_MS = 1000;
 
 export class QmpClient {
   readonly greeting: QmpGreeting;
@@ -274,20 +273,10 @@ export class QmpClient {
 
   /** Close the connection; pending commands and waits reject with LM_ERR_QMP_CLOSED. */
   close(): Promise<void> {
-    this.#closePromise ??= new Promise<void>((resolve) => {
-      const stream = this.#stream;
+    if (this.#closePromise === undefined) {
       this.#shutDown(new QmpError(RuntimeErrorCode.QMP_CLOSED, 'QMP client closed'));
-      if (stream.destroyed) {
-        resolve();
-        return;
-      }
-      const timer = setTimeout(() => stream.destroy(), CLOSE_GRACE_MS);
-      stream.once('close', () => {
-        clearTimeout(timer);
-        resolve();
-      });
-      stream.end();
-    });
+      this.#closePromise = endGracefully(this.#stream);
+    }
     return this.#closePromise;
   }
 

@@ -17,7 +17,7 @@ import PQueue from 'p-queue';
 import type { Logger } from 'pino';
 import { formatAddress, type MigrationAddress } from './address.ts';
 import { RuntimeError, RuntimeErrorCode } from './errors.ts';
-import { DEFAULT_MAX_MESSAGE_BYTES, encodeQmpLine, JsonStreamSplitter } from './json-stream.ts';
+import { CLOSE_GRACE_MS, DEFAULT_MAX_MESSAGE_BYTES, encodeQmpLine, endGracefully, JsonStreamSplitter } from './json-stream.ts';
 import { listenServer } from './listen.ts';
 
 export interface QmpVersion {
@@ -70,8 +70,6 @@ const DEFAULT_QEMU_VERSION: QmpVersion = { major: 7, minor: 2, micro: 0 };
 const DEFAULT_MAX_OUTPUT_BYTES = 16 * 1024 * 1024;
 // QEMU stops reading a monitor with this many requests queued (QMP_REQ_QUEUE_LEN_MAX).
 const MAX_QUEUED_REQUESTS = 8;
-// How long close() lets a client finish reading before its socket is destroyed.
-const CLOSE_GRACE_MS = 1000;
 const REQUEST_KEYS = new Set(['execute', 'exec-oob', 'arguments', 'id']);
 
 let runtimeVersion: string | undefined;
@@ -227,24 +225,11 @@ export class QmpServer {
       server === undefined || !server.listening
         ? Promise.resolve()
         : new Promise<void>((resolve) => server.close(() => resolve()));
-    const clients = [...this.#sessions].map(
-      (session) =>
-        new Promise<void>((resolve) => {
-          const socket = session.socket;
-          session.splitter?.stop();
-          session.queue.clear();
-          if (socket.destroyed) {
-            resolve();
-            return;
-          }
-          const timer = setTimeout(() => socket.destroy(), CLOSE_GRACE_MS);
-          socket.once('close', () => {
-            clearTimeout(timer);
-            resolve();
-          });
-          socket.end();
-        }),
-    );
+    const clients = [...this.#sessions].map((session) => {
+      session.splitter?.stop();
+      session.queue.clear();
+      return endGracefully(session.socket);
+    });
     await Promise.all([listenerClosed, ...clients]);
   }
 
