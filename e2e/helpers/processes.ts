@@ -19,6 +19,7 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { QmpClient, type QmpEvent } from '@livemig/runtime';
+import { within } from '../../packages/runtime/test/helpers.ts';
 
 export const SOURCE_MAIN = fileURLToPath(new URL('../../packages/source/dist/main.js', import.meta.url));
 export const DESTINATION_MAIN = fileURLToPath(new URL('../../packages/destination/dist/main.js', import.meta.url));
@@ -312,16 +313,8 @@ export async function listeningAddress(dst: Child, timeoutMs = 60_000): Promise<
   }
 }
 
-/** Reject after `ms` with a message naming what was awaited. */
-export function within<T>(promise: Promise<T>, what: string, ms: number): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  return Promise.race([
-    promise,
-    new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms);
-    }),
-  ]).finally(() => clearTimeout(timer));
-}
+// Bounded waits: the runtime tests' helper (it names what was awaited when it times out).
+export { within };
 
 /** A TCP port on 127.0.0.1 that nothing listens on (bound, then released). */
 export async function unusedPort(): Promise<number> {
