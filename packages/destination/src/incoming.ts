@@ -44,6 +44,8 @@ export type IncomingStatus = Extract<
 >;
 
 const READ_BUFFER_BYTES = 1024 * 1024;
+/** Takes a connection that followed the main channel (`extra`: 1 for the first such). */
+type ExtraChannelHandler = (raw: net.Socket, extra: number, server: net.Server, tcp: boolean) => void;
 const FAULT_READ_BYTES = 64 * 1024;
 /** A faulted page at most this far ahead of the background stream's position is coming soon anyway (8 MiB). */
 const NEAR_PAGES = 2048;
@@ -257,7 +259,7 @@ export class IncomingMigration {
   private async listenWithExtraChannels(
     address: string,
     onMain: (socket: net.Socket) => void,
-    onExtra: (raw: net.Socket, extra: number, server: net.Server, tcp: boolean) => void,
+    onExtra: ExtraChannelHandler,
   ): Promise<string> {
     const server = net.createServer({ pauseOnConnect: true, allowHalfOpen: true });
     const bound = await listenServer(server, address);
@@ -278,7 +280,7 @@ export class IncomingMigration {
     return formatAddress(bound);
   }
 
-  private async listenFirstTime(address: string, logFields: Record<string, unknown>, onExtra: Parameters<IncomingMigration['listenWithExtraChannels']>[2]): Promise<string> {
+  private async listenFirstTime(address: string, logFields: Record<string, unknown>, onExtra: ExtraChannelHandler): Promise<string> {
     const text = await this.listenWithExtraChannels(address, (socket) => this.onConnection(socket), onExtra);
     this.o.events.status('setup');
     this.listenedOn = text;
@@ -924,13 +926,18 @@ export class IncomingMigration {
     }
     this.setStatus('completed');
     this.o.log.info({ bytes: this.bytesReceived, running: guest.running }, 'incoming migration completed');
-    this.sendRp((w) => writeRpShut(w, 0));
+    this.shutDown(0);
+    this.resolveDone();
+  }
+
+  /** SHUT with `status` on the return path, then close every connection and the listener of extra ones. */
+  private shutDown(status: number): void {
+    this.sendRp((w) => writeRpShut(w, status));
     this.socket?.end();
     this.preemptSocket?.destroy();
     this.channelServer?.close();
     for (const c of this.multifd) c.socket.destroy();
     for (const c of this.heldConnections) c.destroy();
-    this.resolveDone();
   }
 
   fail(err: Error): void {
@@ -946,12 +953,7 @@ export class IncomingMigration {
       if (payload.length > 512) payload = extPackr.pack({ kind: 'error', code: d.code, message: d.message.slice(0, 400), offset: d.offset });
       this.sendRp((w) => writeRpLivemigExt(w, payload));
     }
-    this.sendRp((w) => writeRpShut(w, 1));
-    this.socket?.end();
-    this.preemptSocket?.destroy();
-    this.channelServer?.close();
-    for (const c of this.multifd) c.socket.destroy();
-    for (const c of this.heldConnections) c.destroy();
+    this.shutDown(1);
     void this.listener?.close();
     this.resolveDone();
   }
