@@ -87,6 +87,23 @@ describe('ByteReader peeks', () => {
     assert.equal(out[0], 10);
   });
 
+  it('copyTo into shared memory gives the same bytes at every source and target alignment', () => {
+    // Misaligned pages into a SharedArrayBuffer take the bounce-buffer path; aligned ones do not.
+    const bytes = Buffer.alloc(3 * 4096 + 16);
+    for (let i = 0; i < bytes.length; i++) bytes[i] = (i * 131 + 7) & 0xff;
+    const shared = new Uint8Array(new SharedArrayBuffer(2 * 4096 + 16));
+    for (let src = 0; src < 8; src++) {
+      for (const [dstOffset, n] of [[0, 4096], [4096, 4096], [3, 4096], [5, 1], [4101, 4096], [0, 5000]] as const) {
+        shared.fill(0xee);
+        const r = readerOf(bytes, []);
+        r.copyTo(src, n, shared, dstOffset);
+        assert.deepEqual(Buffer.from(shared.buffer, dstOffset, n), bytes.subarray(src, src + n), `source +${src}, target +${dstOffset}, ${n} bytes`);
+        if (dstOffset > 0) assert.equal(shared[dstOffset - 1], 0xee);
+        if (dstOffset + n < shared.length) assert.equal(shared[dstOffset + n], 0xee);
+      }
+    }
+  });
+
   it('a zero-length copy right at the end of the buffered bytes is empty, not a crash', () => {
     // An empty command payload whose header ends the last chunk asks for copyOut(5, 0).
     for (const r of [readerOf(Buffer.from('0800010000', 'hex'), [2]), readerOf(Buffer.from('0800010000', 'hex'), [5])]) {
