@@ -59,6 +59,8 @@ const rate = w.kind === 'idle' ? 0 : w.pagesPerSecond;
 const MAX_BATCH = 4096;
 
 let position = 0;
+/** Milliseconds blocked on postcopy faults since the pace credit was last computed. */
+let blockedSinceCredit = 0;
 let passes = 0;
 let rng = 0;
 let writes = 0;
@@ -113,6 +115,7 @@ function touch(page: number): boolean {
   }
   Atomics.store(waiting, d.index, 0);
   const us = (performance.now() - t0) * 1000;
+  blockedSinceCredit += us / 1000;
   state[S_BLOCKED_NS] = state[S_BLOCKED_NS]! + us * 1000;
   state[S_FAULTS] = state[S_FAULTS]! + 1;
   const bucket = us < 1 ? 0 : Math.min(LATENCY_BUCKETS - 1, Math.floor(Math.log2(us)));
@@ -194,8 +197,11 @@ for (;;) {
     continue;
   }
   const now = performance.now();
-  credit = rate === Infinity ? MAX_BATCH : Math.min(credit + ((now - last) * rate) / 1000, MAX_BATCH);
+  // Time blocked on a missing page earns no credit: a stalled CPU does not run faster afterwards
+  // to make up for it, it just runs later.
+  credit = rate === Infinity ? MAX_BATCH : Math.min(credit + (Math.max(0, now - last - blockedSinceCredit) * rate) / 1000, MAX_BATCH);
   last = now;
+  blockedSinceCredit = 0;
   const n = Math.floor(credit);
   if (n > 0) {
     work(n);
