@@ -54,3 +54,31 @@ test('a faulted vCPU sleeps while other pages arrive and wakes within millisecon
     await vcpus.exit();
   }
 });
+
+test('a paced vCPU earns no credit while blocked: after a stall it runs on at its pace, not in a catch-up burst', { timeout: 30_000 }, async () => {
+  const pages = 4096;
+  const ram = new GuestRam([{ idstr: 'm', length: pages * 4096 }]);
+  ram.waiterSlots = 1;
+  // 4.096 MB/s: one page a millisecond.
+  const vcpus = new VcpuSet(1, ram.blocks[0]!, parseWorkload('incrementer:4.096'));
+  vcpus.setPostcopy(true);
+  try {
+    await vcpus.cont();
+    await vcpus.waitForFault(5_000);
+    const stalledMs = 500;
+    await sleep(stalledMs);
+    assert.equal(vcpus.readState(0).position, 0, 'blocked on page 0');
+    ram.markAllReceived();
+    const t0 = performance.now();
+    ram.wakeWaiters(0);
+    await sleep(50);
+    const ran = performance.now() - t0;
+    const touched = vcpus.readState(0).position;
+    // Credit for the stall would let it touch ~500 pages at once; its pace allows ~1 per ms.
+    assert.ok(touched >= 1, 'it runs again');
+    assert.ok(touched < ran + 150, `${touched} pages touched in ${ran.toFixed(0)} ms after a ${stalledMs} ms stall`);
+  } finally {
+    ram.markAllReceived();
+    await vcpus.exit();
+  }
+});
