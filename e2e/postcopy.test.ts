@@ -214,6 +214,29 @@ test('postcopy recovery after a silent link break (a proxy stops forwarding, not
     }
   }));
 
+test('a link cut just before the end of the stream, with the source waiting for SHUT: both sides pause instead of failing; recovery completes', T, (t) =>
+  withHarness(async (h) => {
+    const { src, dst } = await postcopyPair(h, { guest: GUEST, parameters: { ...SLOW_POSTCOPY, 'max-postcopy-bandwidth': 32 * MiB } });
+    const proxy = await TcpProxy.start(dst.incomingUri);
+    try {
+      // The last 19 bytes of a postcopy stream: RAM's END section header, its EOS, its footer, EOF.
+      // The source writes them all and waits for SHUT; the destination never gets them.
+      proxy.cutBefore(Buffer.from('0300000002' + '0000000000000010' + '7e00000002' + '00', 'hex'));
+      await migrateIntoPostcopy(src, dst, proxy.uri);
+      const paused = await waitBothPaused(src, dst, 30_000);
+      log(t, `paused after ${paused.src.ram?.transferred ?? 0} bytes; the destination lacked the stream's end`);
+      assert.equal(await queryStatus(dst), 'running', 'the destination guest stays up while paused');
+      assert.equal(await queryStatus(src), 'finish-migrate', 'the source guest is never restarted after the switchover');
+
+      await recover(src, dst);
+      await waitBothCompleted(src, dst);
+      await stopAndCheckPattern(dst);
+      assertSubsequence(src.migrationEvents(), ['postcopy-active', 'postcopy-paused', 'postcopy-recover', 'postcopy-active', 'completed'], 'source MIGRATION events');
+    } finally {
+      await proxy.close();
+    }
+  }));
+
 test('double failure: recovery attempts that break during the handshake (connection cut; link frozen + migrate-pause in postcopy-recover) return both sides to postcopy-paused; a further recovery completes', T, () =>
   withHarness(async (h) => {
     const { src, dst } = await postcopyPair(h, { guest: GUEST });

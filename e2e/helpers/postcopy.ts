@@ -144,6 +144,8 @@ interface ProxyPair {
  *   dropReplies()   keep forwarding client → target, drop everything target → client.
  *   delayReplies(ms) deliver target → client `ms` late.
  *   cut()           destroy both sockets of every connection (each end sees the close).
+ *   cutBefore(b)    forward client → target up to the first occurrence of the bytes `b`, then
+ *                   cut(): the client has written `b` and more, the target never sees it.
  *   close()         cut() and stop listening (call it in finally).
  */
 export class TcpProxy {
@@ -153,6 +155,9 @@ export class TcpProxy {
   #frozen = false;
   #dropReplies = false;
   #delayReplies = 0;
+  /** cutBefore(): the byte pattern, the last bytes seen client → target (a match may straddle chunks). */
+  #cutPattern: Buffer | undefined;
+  #upTail = Buffer.alloc(0);
   /** Bytes forwarded client → target and target → client. */
   forwarded = { up: 0, down: 0 };
 
@@ -188,6 +193,20 @@ export class TcpProxy {
     const forward = (from: net.Socket, to: net.Socket, dir: 'up' | 'down'): void => {
       from.on('data', (chunk: Buffer) => {
         if (this.#frozen || (dir === 'down' && this.#dropReplies)) return;
+        if (dir === 'up' && this.#cutPattern !== undefined) {
+          const pattern = this.#cutPattern;
+          const seen = Buffer.concat([this.#upTail, chunk]);
+          const at = seen.indexOf(pattern);
+          if (at >= 0) {
+            // Deliver what came before the pattern, then break every connection.
+            this.#frozen = true;
+            const before = chunk.subarray(0, Math.max(0, at - this.#upTail.length));
+            this.forwarded.up += before.length;
+            to.write(before, () => this.cut());
+            return;
+          }
+          this.#upTail = seen.subarray(Math.max(0, seen.length - pattern.length + 1));
+        }
         this.forwarded[dir] += chunk.length;
         if (dir === 'down' && this.#delayReplies > 0) {
           // Same delay for every chunk: timers fire in order, so the byte order holds.
@@ -245,6 +264,10 @@ export class TcpProxy {
   /** Deliver everything target → client `ms` late (a slow return path). */
   delayReplies(ms: number): void {
     this.#delayReplies = ms;
+  }
+
+  cutBefore(pattern: Buffer): void {
+    this.#cutPattern = pattern;
   }
 
   cut(): void {

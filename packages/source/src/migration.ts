@@ -694,27 +694,50 @@ export class OutgoingMigration {
       // A socket that takes every batch at once never makes us wait for 'drain': give the
       // return path (page requests) and QMP their turn at each batch.
       await yieldToIo();
-      if (this.ram.dirtyPages === 0 && this.requests.length === 0) break;
+      // Everything went out: end the stream. A link that breaks before the destination's SHUT
+      // pauses like any other (the stream's end may not have arrived): after the recovery the
+      // destination's received bitmap says what to send again, then the end goes once more.
+      if (this.ram.dirtyPages === 0 && this.requests.length === 0 && (await this.endPostcopyStream())) break;
       const wait = this.requests.length > 0 || this.keepaliveDue ? 0 : this.limiter.delayFor(BATCH_BYTES / 4, this.now());
       if (wait > 0) await this.sleepOrWake(wait);
     }
-    writeSectionHeader(w, { kind: 'end', sectionId: RAM_SECTION_ID });
-    writeEos(w);
-    writeSectionFooter(w, RAM_SECTION_ID);
-    writeEof(w);
-    await this.flush();
-    if (this.preempt !== undefined && this.preempt.out.error === undefined) {
-      // QEMU 7.2's preempt channel ends with an EOS word.
-      this.preempt.w.be64(0x10);
-      await this.preempt.out.write(this.preempt.w.flush()).catch(() => {});
-    }
-    await this.waitForShut();
     this.inPostcopy = false;
     this.preempt?.out.stream.destroy();
     const pong4 = this.pongAt.get(4);
     // Downtime: source stopped → the destination had run RUN (it answers PING 4 after it).
     this.downtime = (pong4 ?? this.now()) - this.stopTime;
     this.channel.destroy();
+  }
+
+  /**
+   * The end of a postcopy stream: RAM's END section, EOF (and EOS on the preempt channel), then
+   * the destination's SHUT. True once SHUT(0) came; false if the link broke first (the caller
+   * pauses until a recovery); throws on a SHUT with a failure status.
+   */
+  private async endPostcopyStream(): Promise<boolean> {
+    const w = this.w;
+    writeSectionHeader(w, { kind: 'end', sectionId: RAM_SECTION_ID });
+    writeEos(w);
+    writeSectionFooter(w, RAM_SECTION_ID);
+    writeEof(w);
+    try {
+      await this.flush();
+    } catch {
+      this.w.flush();
+      return false;
+    }
+    if (this.preempt !== undefined && this.preempt.out.error === undefined) {
+      // QEMU 7.2's preempt channel ends with an EOS word.
+      this.preempt.w.be64(0x10);
+      await this.preempt.out.write(this.preempt.w.flush()).catch(() => {});
+    }
+    try {
+      await this.waitForShut();
+      return true;
+    } catch (err) {
+      if (this.shutStatus !== undefined) throw err;
+      return false;
+    }
   }
 
   // ---- postcopy recovery (wire-format.md §7.3) ---------------------------------------------------
