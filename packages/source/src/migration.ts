@@ -675,10 +675,8 @@ export class OutgoingMigration {
       const background = w.totalBytes;
       const allowance = this.limiter.allowance(this.now());
       if (this.ram.dirtyPages > 0 && allowance > 0) {
-        // Without a preempt channel a request arriving meanwhile waits behind this batch: keep it
-        // small. With one, requests go out from the return-path handler and never wait for it.
-        const batch = this.preempt !== undefined ? BATCH_BYTES : BATCH_BYTES / 4;
-        this.ram.saveIterate(w, Math.min(batch, allowance), deadline);
+        // Small batches: a request arriving meanwhile waits at most one batch.
+        this.ram.saveIterate(w, Math.min(BATCH_BYTES / 4, allowance), deadline);
       }
       writeEos(w);
       writeSectionFooter(w, RAM_SECTION_ID);
