@@ -36,6 +36,14 @@ function assertSubsequence(seq: string[], sub: string[], what: string): void {
   assert.equal(i, sub.length, `${what}: ${JSON.stringify(sub)} in order within ${JSON.stringify(seq)}`);
 }
 
+/** A direct recovery from postcopy-paused that completes: a consistent pattern, the source's events in order. */
+async function recoverToCompletion(src: Child, dst: Child): Promise<void> {
+  await recover(src, dst);
+  await waitBothCompleted(src, dst);
+  await stopAndCheckPattern(dst);
+  assertSubsequence(src.migrationEvents(), ['postcopy-active', 'postcopy-paused', 'postcopy-recover', 'postcopy-active', 'completed'], 'source MIGRATION events');
+}
+
 async function waitMigrationEvent(c: Child, status: string, timeoutMs = 5_000): Promise<void> {
   await c.waitForEvent('MIGRATION', (e) => e.data?.['status'] === status, timeoutMs);
 }
@@ -205,10 +213,7 @@ test('postcopy recovery after a silent link break (a proxy stops forwarding, not
       log(t, `both sides postcopy-paused ${ms.toFixed(0)} ms after the freeze`);
       assert.equal(await queryStatus(dst), 'running', 'the destination guest stays up while paused');
 
-      await recover(src, dst);
-      await waitBothCompleted(src, dst);
-      await stopAndCheckPattern(dst);
-      assertSubsequence(src.migrationEvents(), ['postcopy-active', 'postcopy-paused', 'postcopy-recover', 'postcopy-active', 'completed'], 'source MIGRATION events');
+      await recoverToCompletion(src, dst);
     } finally {
       await proxy.close();
     }
@@ -228,10 +233,7 @@ test('a link cut just before the end of the stream, with the source waiting for 
       assert.equal(await queryStatus(dst), 'running', 'the destination guest stays up while paused');
       assert.equal(await queryStatus(src), 'finish-migrate', 'the source guest is never restarted after the switchover');
 
-      await recover(src, dst);
-      await waitBothCompleted(src, dst);
-      await stopAndCheckPattern(dst);
-      assertSubsequence(src.migrationEvents(), ['postcopy-active', 'postcopy-paused', 'postcopy-recover', 'postcopy-active', 'completed'], 'source MIGRATION events');
+      await recoverToCompletion(src, dst);
     } finally {
       await proxy.close();
     }
