@@ -625,45 +625,54 @@ export class IncomingMigration {
     }
   }
 
-  /** Postcopy: turn vCPU faults into page requests on the return path, one per missing page. */
+  /**
+   * Postcopy: vCPU faults become page requests on the return path. This loop wakes when a vCPU
+   * queues a fault; a main-channel read that finds one queued sends its request at once instead
+   * (the wake-up would wait for the event loop's next turn).
+   */
   private async serveFaults(): Promise<void> {
     if (this.faultLoopRunning) return;
     this.faultLoopRunning = true;
-    const guest = this.o.guest;
-    const pages = new Uint32Array(256);
-    const main = guest.ram.blocks[0]!;
     while (this.listening && !this.finished) {
-      await guest.vcpus.waitForFault(200);
-      const n = guest.vcpus.drainFaults(pages);
-      if (n === 0) {
-        // A fault slot reserved but not written yet: let I/O run before looking again.
-        await new Promise((r) => setImmediate(r));
-        continue;
-      }
-      const w = new BatchWriter({ slabSize: 4096 });
-      const fresh: number[] = [];
-      for (let i = 0; i < n; i++) {
-        const page = pages[i]!;
-        if (guest.ram.isReceived(0, page) || this.requested.has(page)) continue;
-        this.requested.add(page);
-        fresh.push(page);
-      }
-      if (fresh.length >= 2 && this.peerIsLivemig) {
-        // Several faults at once, to a livemig source: one message of compressed page indices.
-        this.requestBytes += encodeRequestBatch(w, main.idstr, fresh);
-      } else {
-        for (const page of fresh) {
-          const before = w.totalBytes;
-          // The first request, and any after one for another block, names its block.
-          writeRpReqPages(w, page * 4096, 4096, this.lastRequestedBlock === 0 ? undefined : main.idstr);
-          this.lastRequestedBlock = 0;
-          this.requestBytes += w.totalBytes - before;
-        }
-      }
-      this.requestedPages += fresh.length;
-      if (w.totalBytes > 0 && this.rpOpen && this.socket !== undefined && !this.socket.destroyed) this.socket.write(w.flushConcat());
+      await this.o.guest.vcpus.waitForFault(200);
+      // A fault slot reserved but not written yet: let I/O run before looking again.
+      if (this.requestFaultedPages() === 0) await new Promise((r) => setImmediate(r));
     }
     this.faultLoopRunning = false;
+  }
+
+  private readonly faultedPages = new Uint32Array(256);
+
+  /** Drain the vCPUs' fault ring and request each page not received nor requested yet; returns how many faults were drained. */
+  private requestFaultedPages(): number {
+    const guest = this.o.guest;
+    const pages = this.faultedPages;
+    const n = guest.vcpus.drainFaults(pages);
+    if (n === 0) return 0;
+    const main = guest.ram.blocks[0]!;
+    const w = new BatchWriter({ slabSize: 4096 });
+    const fresh: number[] = [];
+    for (let i = 0; i < n; i++) {
+      const page = pages[i]!;
+      if (guest.ram.isReceived(0, page) || this.requested.has(page)) continue;
+      this.requested.add(page);
+      fresh.push(page);
+    }
+    if (fresh.length >= 2 && this.peerIsLivemig) {
+      // Several faults at once, to a livemig source: one message of compressed page indices.
+      this.requestBytes += encodeRequestBatch(w, main.idstr, fresh);
+    } else {
+      for (const page of fresh) {
+        const before = w.totalBytes;
+        // The first request, and any after one for another block, names its block.
+        writeRpReqPages(w, page * 4096, 4096, this.lastRequestedBlock === 0 ? undefined : main.idstr);
+        this.lastRequestedBlock = 0;
+        this.requestBytes += w.totalBytes - before;
+      }
+    }
+    this.requestedPages += fresh.length;
+    if (w.totalBytes > 0 && this.rpOpen && this.socket !== undefined && !this.socket.destroyed) this.socket.write(w.flushConcat());
+    return n;
   }
 
   /** Postcopy figures for query-migrate (QEMU's names; the histogram as in QEMU 10.1). */
@@ -701,7 +710,10 @@ export class IncomingMigration {
       } finally {
         this.placingFromMain = false;
       }
-      if (this.listening) this.o.guest.ram.wakeWaiters(0);
+      if (this.listening) {
+        this.o.guest.ram.wakeWaiters(0);
+        if (this.o.guest.vcpus.faultsPending()) this.requestFaultedPages();
+      }
       // Keep only the undecoded tail: the read buffer is reused by the next read.
       this.decoder.retainUnread();
       if (!drained) return false;
