@@ -133,6 +133,18 @@ export class ByteReader {
     return s;
   }
 
+  /** copyTo's last target and whether it is shared memory (targets are a few RAM views, reused). */
+  private sharedTarget: Uint8Array | undefined;
+  private sharedTargetIs = false;
+
+  private isShared(dst: Uint8Array): boolean {
+    if (dst !== this.sharedTarget) {
+      this.sharedTarget = dst;
+      this.sharedTargetIs = dst.buffer instanceof SharedArrayBuffer;
+    }
+    return this.sharedTargetIs;
+  }
+
   /** Copy n bytes starting k ahead into dst at dstOffset. */
   copyTo(k: number, n: number, dst: Uint8Array, dstOffset: number): void {
     // Nothing to copy; k may then equal `available` (an empty payload ending the buffered bytes),
@@ -141,7 +153,7 @@ export class ByteReader {
     let i = this.headPos + k;
     if (i + n <= this.headBuf.length) {
       const src = this.headBuf;
-      if (((src.byteOffset + i - dst.byteOffset - dstOffset) & 7) !== 0 && n <= BOUNCE_BYTES && dst.buffer instanceof SharedArrayBuffer) {
+      if (n <= BOUNCE_BYTES && this.isShared(dst) && ((src.byteOffset + i - dst.byteOffset - dstOffset) & 7) !== 0) {
         // V8 copies into shared memory word by word only when source and target are equally
         // aligned, byte by byte otherwise (1.5 µs a page here). A plain memmove into an aligned
         // bounce buffer first, then the word copy: 0.45 µs.
