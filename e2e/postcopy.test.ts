@@ -82,7 +82,7 @@ test('postcopy with the destination guest running: its vCPU faults pull pages on
     assert.ok(dst.events.some((e) => e.event === 'RESUME'), 'destination RESUME (guest started by POSTCOPY_RUN)');
   }));
 
-test('postcopy with postcopy-preempt: requested pages come on the second connection; faults pull pages, the pattern is consistent', T, (t) =>
+test('postcopy with postcopy-preempt: the destination\'s fault thread asks on the second connection and the source\'s page server answers there; faults pull pages, the pattern is consistent', T, (t) =>
   withHarness(async (h) => {
     const { src, dst } = await postcopyPair(h, { guest: GUEST, preempt: true });
     await sleep(300);
@@ -95,6 +95,9 @@ test('postcopy with postcopy-preempt: requested pages come on the second connect
     // Requested pages came on the preempt connection.
     const viaPreempt = d['x-postcopy-preempt-pages'] ?? 0;
     assert.ok(viaPreempt > 0, `pages placed from the preempt channel: ${viaPreempt}`);
+    // Between livemig peers the requests went that way too (not on the return path).
+    const asked = ram['x-postcopy-preempt-requests'] ?? 0;
+    assert.ok(asked > 0 && asked === ram['postcopy-requests'], `requests on the preempt channel: ${asked} of ${ram['postcopy-requests']}`);
     assert.equal(ram.remaining, 0);
     log(t, `preempt: postcopy-requests ${ram['postcopy-requests']}, faults ${faults}, mean latency ${((d['postcopy-latency'] ?? 0) / 1000).toFixed(0)} µs, dist ${JSON.stringify(d['postcopy-latency-dist'])}`);
     assert.equal(await queryStatus(src), 'postmigrate');

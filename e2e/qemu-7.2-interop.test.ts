@@ -58,16 +58,18 @@ for (const { transport, returnPath } of [
   );
 }
 
-test('QEMU source → livemig destination, postcopy: a scanning vCPU faults, pages are pulled from QEMU (REQ_PAGES), RAM equals the image', opts, (t) =>
+for (const preempt of [false, true]) {
+test(`QEMU source → livemig destination, postcopy${preempt ? ' with postcopy-preempt (pages on the second connection, placed by our main thread)' : ''}: a scanning vCPU faults, pages are pulled from QEMU (REQ_PAGES), RAM equals the image`, opts, (t) =>
   withHarness(async (h) => {
     const img = h.path('m0.img');
     await writeRamImage(img, IMAGE);
     const qemu = await startQemu(h, 'qemu-src', qemuM0({ file: img }, SIZE));
+    const caps = preempt ? ['events', 'postcopy-ram', 'postcopy-preempt'] : ['events', 'postcopy-ram'];
     // No -S: the QEMU runstate must be running, or the destination (correctly) does not start the guest.
-    const dst = await h.destination({ incoming: 'tcp', guest: [...M0_GUEST, '--workload', 'scan:50'], capabilities: ['events', 'postcopy-ram'] });
+    const dst = await h.destination({ incoming: 'tcp', guest: [...M0_GUEST, '--workload', 'scan:50'], capabilities: caps });
     await qemu.execute('cont');
     assert.equal(await queryStatus(qemu), 'running');
-    await setCapabilities(qemu, ['events', 'postcopy-ram']);
+    await setCapabilities(qemu, caps);
     await qemu.execute('migrate-set-parameters', { 'max-bandwidth': 1048576, 'max-postcopy-bandwidth': 2097152 });
 
     await qemu.execute('migrate', { uri: dst.incomingUri });
@@ -96,12 +98,17 @@ test('QEMU source → livemig destination, postcopy: a scanning vCPU faults, pag
         `postcopy-latency-dist [2^i µs buckets] ${JSON.stringify(dist)}; QEMU postcopy-requests ${requests}, total-time ${q['total-time']} ms`,
     );
 
+    if (preempt) {
+      const placed = (d as { 'x-postcopy-preempt-pages'?: number })['x-postcopy-preempt-pages'] ?? 0;
+      assert.ok(placed >= 1, `pages placed from QEMU's preempt channel: ${placed}`);
+    }
     assert.equal(await queryStatus(dst), 'running', 'destination guest runs after postcopy');
     await dst.execute('stop');
     const dg = await digest(dst);
     assert.equal(dg.blocks[0]!.sha256, IMAGE_SHA, 'destination m0 = the QEMU RAM image');
   }),
 );
+}
 
 // ─── livemig source → QEMU destination ──────────────────────────────────────────────────────
 
@@ -193,18 +200,23 @@ for (const { transport, channels } of [
 // unacknowledged PONG 4), so a REQ_PAGES written then waits for our kernel's delayed ACK while
 // the rate-limited source has nothing to send. livemig answers a request within ~1 ms of reading
 // it. Both pmemsave figures are recorded.
-for (const transport of ['tcp', 'unix'] as const) {
-  test(`livemig source → QEMU destination, postcopy over ${transport}: QEMU's pmemsave of unsent pages makes QEMU request them from livemig; RAM equals the source`, opts, (t) =>
+for (const { transport, preempt } of [
+  { transport: 'tcp', preempt: false },
+  { transport: 'unix', preempt: false },
+  { transport: 'tcp', preempt: true },
+] as const) {
+  test(`livemig source → QEMU destination, postcopy over ${transport}${preempt ? ' with postcopy-preempt (requests from the return path, pages from our page server thread)' : ''}: QEMU's pmemsave of unsent pages makes QEMU request them from livemig; RAM equals the source`, opts, (t) =>
     withHarness(async (h) => {
       // Postcopy destinations need anonymous/memfd RAM (userfaultfd on a regular file fails in 7.2).
       const qemu = await startQemu(h, 'qemu-dst', [...qemuM0('memfd', SIZE), '-S', '-incoming', 'defer']);
-      await setCapabilities(qemu, ['events', 'postcopy-ram']);
+      const caps = preempt ? ['events', 'postcopy-ram', 'postcopy-preempt'] : ['events', 'postcopy-ram'];
+      await setCapabilities(qemu, caps);
       await qemu.execute('migrate-incoming', { uri: transport === 'tcp' ? 'tcp:127.0.0.1:0' : `unix:${h.path('qemu.mig')}` });
       const uri = await listeningAddress(qemu, 10_000);
 
       const src = await h.source({
         guest: [...M0_GUEST, '-S', '--fill', 'mixed'],
-        args: ['--capabilities', 'events,postcopy-ram', '--parameters', 'max-bandwidth=2097152,max-postcopy-bandwidth=1048576'],
+        args: ['--capabilities', caps.join(','), '--parameters', 'max-bandwidth=2097152,max-postcopy-bandwidth=1048576'],
       });
       const before = await digest(src);
       await src.execute('migrate', { uri });

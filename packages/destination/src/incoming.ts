@@ -9,6 +9,7 @@
 
 import net from 'node:net';
 import { Packr } from 'msgpackr';
+import { FaultThread } from './fault-thread.ts';
 import {
   BatchWriter,
   type Capabilities,
@@ -27,6 +28,7 @@ import {
   type RamBlockInfo,
   type RamTarget,
   StreamDecoder,
+  encodeRequestBatch,
   writeRpLivemigExt,
   writeRpPong,
   writeRpRecvBitmap,
@@ -35,7 +37,7 @@ import {
   writeRpShut,
 } from '@livemig/protocol';
 import type { Guest } from '@livemig/guest';
-import { adoptWithOnread, formatAddress, listenChannel, listenServer, type ChannelListener } from '@livemig/runtime';
+import { adoptWithOnread, detachFd, formatAddress, listenChannel, listenServer, type ChannelListener } from '@livemig/runtime';
 
 /** The statuses a livemig destination goes through (QEMU's names). */
 export type IncomingStatus = Extract<
@@ -49,41 +51,9 @@ type ExtraChannelHandler = (raw: net.Socket, extra: number, server: net.Server, 
 const FAULT_READ_BYTES = 64 * 1024;
 /** A faulted page at most this far ahead of the background stream's position is coming soon anyway (8 MiB). */
 const NEAR_PAGES = 2048;
+/** At the end of a postcopy, how long the fault thread may take to finish its channel (EOS). */
+const FAULT_THREAD_END_MS = 5_000;
 const extPackr = new Packr({ useRecords: false });
-
-/**
- * Batched page requests between livemig peers, in one RP_LIVEMIG_EXT message of compressed page
- * indices (DPDK-style pointer compression: offsets in pages from the lowest page, 16 bits each
- * when they fit, else 32):
- *   u8 0x01 (page-request batch) | u8 width 16|32 | cstr block | be32 base page | offsets (LE)
- * 2 bytes a page after an 11-byte header, instead of a 16-byte REQ_PAGES each. msgpack payloads
- * (our other extensions) never start with 0x01. Returns the bytes written.
- */
-function encodeRequestBatch(w: BatchWriter, block: string, pages: number[]): number {
-  const before = w.totalBytes;
-  const perMessage = Math.floor((512 - 7 - block.length) / 4);
-  for (let i = 0; i < pages.length; ) {
-    const chunk = pages.slice(i, i + perMessage);
-    i += chunk.length;
-    const base = Math.min(...chunk);
-    const width = Math.max(...chunk) - base > 0xffff ? 4 : 2;
-    const payload = Buffer.alloc(2 + 1 + block.length + 4 + width * chunk.length);
-    payload[0] = 0x01;
-    payload[1] = width * 8;
-    payload[2] = block.length;
-    payload.write(block, 3, 'latin1');
-    let at = 3 + block.length;
-    payload.writeUInt32BE(base, at);
-    at += 4;
-    for (const p of chunk) {
-      if (width === 2) payload.writeUInt16LE(p - base, at);
-      else payload.writeUInt32LE(p - base, at);
-      at += width;
-    }
-    writeRpLivemigExt(w, payload);
-  }
-  return w.totalBytes - before;
-}
 
 export interface IncomingOptions {
   guest: Guest;
@@ -160,6 +130,8 @@ export class IncomingMigration {
    * and full-speed background reads are what it needs.
    */
   private faultIsUrgent(): boolean {
+    // A fault thread serves faults without this thread's event loop.
+    if (this.faultThreadMode) return false;
     const lo = this.mainHead + 1;
     const hi = lo + NEAR_PAGES;
     for (const p of this.requested) if (p < lo || p >= hi) return true;
@@ -214,8 +186,9 @@ export class IncomingMigration {
 
   private installPostcopyCallbacks(): void {
     this.target.pagePlaced = (block, pageOffset) => this.onPagePlaced(block, pageOffset);
-    // Postcopy: never overwrite a page the guest already has (and may have changed since).
-    this.target.acceptPage = (block, pageOffset) => !this.o.guest.ram.isReceived(this.blockMap[block]!, pageOffset / 4096);
+    // Postcopy: never overwrite a page the guest already has (and may have changed since), nor
+    // one the fault thread is placing.
+    this.target.acceptPage = (block, pageOffset) => this.o.guest.ram.claim(this.blockMap[block]!, pageOffset / 4096);
   }
 
   get listeningAddress(): string | undefined {
@@ -294,6 +267,9 @@ export class IncomingMigration {
    * behind background pages. A postcopy recovery opens both again.
    */
   private listenWithPreempt(address: string): Promise<string> {
+    this.faultThread = new FaultThread(this.o.guest, (reason) => {
+      if (this.faultThreadAttached) this.linkLost(new Error(reason));
+    });
     return this.listenFirstTime(address, { preempt: true }, (raw, extra, server, tcp) => this.acceptPreempt(raw, extra, server, tcp));
   }
 
@@ -302,10 +278,7 @@ export class IncomingMigration {
       raw.destroy();
       return;
     }
-    const socket = adoptWithOnread(raw, { buffer: this.preemptBuffer, callback: (n) => this.onPreemptBytes(n) }, { allowHalfOpen: true });
-    if (tcp) socket.setNoDelay(true);
-    this.preemptSocket = socket;
-    socket.on('error', () => {});
+    this.takePreempt(raw, tcp);
     server.close();
   }
 
@@ -415,9 +388,69 @@ export class IncomingMigration {
   private preemptPagesBefore = 0;
 
   private preemptPages(): number {
-    const stats = this.preemptDecoder?.blockStats() ?? [];
-    return this.preemptPagesBefore + stats.reduce((a, b) => a + b.normalPages + b.zeroPages, 0);
+    return this.preemptPagesBefore + this.preemptDecoderPages() + (this.faultThread?.preemptPages ?? 0);
   }
+
+  /** Pages the main thread placed from the current preempt channel (without a fault thread). */
+  private preemptDecoderPages(): number {
+    const stats = this.preemptDecoder?.blockStats() ?? [];
+    return stats.reduce((a, b) => a + b.normalPages + b.zeroPages, 0);
+  }
+
+  /**
+   * Postcopy with a livemig source and a preempt channel: the fault thread owns that channel,
+   * turns faults into requests on it and places the pages that come back (fault-worker.ts). The
+   * main thread then only decodes the background stream: a fault never waits for its event loop.
+   * It boots when the migration starts listening, so no fault waits for it.
+   */
+  private faultThread: FaultThread | undefined;
+  /** Whether faults go through the fault thread (decided when postcopy starts listening). */
+  private faultThreadMode = false;
+  /** The fault thread owns a connection now. */
+  private faultThreadAttached = false;
+  /** The fault thread letting go of a broken connection: its claims are released when this resolves. */
+  private faultThreadDetaching: Promise<void> = Promise.resolve();
+  /** A preempt connection accepted before postcopy listens, taken on then. */
+  private pendingPreempt: { raw: net.Socket; tcp: boolean } | undefined;
+
+  /** Take on an accepted preempt connection: now if postcopy listens, else at LISTEN. */
+  private takePreempt(raw: net.Socket, tcp: boolean): void {
+    if (!this.listening) {
+      this.pendingPreempt = { raw, tcp };
+      return;
+    }
+    if (this.faultThreadMode && this.faultThread !== undefined) {
+      const { fd, pending } = detachFd(raw);
+      this.faultThread.attach(fd, tcp, pending, this.decoder.ramBlocks);
+      this.faultThreadAttached = true;
+      return;
+    }
+    const socket = adoptWithOnread(raw, { buffer: this.preemptBuffer, callback: (n) => this.onPreemptBytes(n) }, { allowHalfOpen: true });
+    if (tcp) socket.setNoDelay(true);
+    this.preemptSocket = socket;
+    socket.on('error', () => {});
+  }
+
+  /** End the fault thread; its figures stay in the totals. */
+  private retireFaultThread(): void {
+    const t = this.faultThread;
+    if (t === undefined) return;
+    this.faultThread = undefined;
+    this.faultThreadAttached = false;
+    this.preemptPagesBefore += t.preemptPages;
+    this.requestedPages += t.requestedPages;
+    this.requestBytes += t.requestBytes;
+    void t.stop();
+  }
+
+  /** The fault thread lets go of its connection; then pages it claimed and did not place are free again. */
+  private detachFaultThread(): Promise<void> {
+    if (!this.faultThreadAttached || this.faultThread === undefined) return this.faultThreadDetaching;
+    this.faultThreadAttached = false;
+    this.faultThreadDetaching = this.faultThread.detach().then(() => this.o.guest.ram.releaseClaims());
+    return this.faultThreadDetaching;
+  }
+
   private listenedOn: string | undefined;
 
   /** Bytes on the preempt channel: bare RAM records, decoded once the block list is known. */
@@ -493,7 +526,8 @@ export class IncomingMigration {
     // The preempt channel goes with the main one; a recovery brings a new one.
     this.preemptSocket?.destroy();
     this.preemptSocket = undefined;
-    this.preemptPagesBefore = this.preemptPages();
+    void this.detachFaultThread();
+    this.preemptPagesBefore += this.preemptDecoderPages();
     this.preemptDecoder = undefined;
     this.rpOpen = false;
     this.setStatus('postcopy-paused');
@@ -529,6 +563,8 @@ export class IncomingMigration {
   /** migrate-recover: listen for the source's recovery channel (and, with preempt, a new preempt channel). */
   async recover(uri: string): Promise<string> {
     if (this.status !== 'postcopy-paused') throw new Error(`migrate-recover needs a paused postcopy migration (status is ${this.status})`);
+    // The fault thread must have let go of the broken link (and its claims be released) before pages come again.
+    await this.faultThreadDetaching;
     const onMain = (socket: net.Socket): void => {
       if (this.status !== 'postcopy-paused') {
         socket.destroy();
@@ -689,9 +725,9 @@ export class IncomingMigration {
       'postcopy-latency': faults > 0 ? Math.round((blocked * 1e6) / faults) : 0,
       'postcopy-latency-dist': buckets.slice(0, buckets.findLastIndex((b) => b > 0) + 1),
       'postcopy-faults': faults,
-      'x-postcopy-request-pages': this.requestedPages,
+      'x-postcopy-request-pages': this.requestedPages + (this.faultThread?.requestedPages ?? 0),
       'x-postcopy-preempt-pages': this.preemptPages(),
-      'x-postcopy-request-bytes': this.requestBytes,
+      'x-postcopy-request-bytes': this.requestBytes + (this.faultThread?.requestBytes ?? 0),
       // livemig: how long the guest has run in postcopy (RUN until completion), for blocktime shares.
       'x-postcopy-run-time': Math.round((this.loadedAt > 0 ? this.loadedAt : performance.now()) - this.runAt),
     };
@@ -712,7 +748,7 @@ export class IncomingMigration {
       }
       if (this.listening) {
         this.o.guest.ram.wakeWaiters(0);
-        if (this.o.guest.vcpus.faultsPending()) this.requestFaultedPages();
+        if (!this.faultThreadMode && this.o.guest.vcpus.faultsPending()) this.requestFaultedPages();
       }
       // Keep only the undecoded tail: the read buffer is reused by the next read.
       this.decoder.retainUnread();
@@ -865,7 +901,15 @@ export class IncomingMigration {
         this.startKeepalive();
         this.o.guest.vcpus.setPostcopy(true);
         this.setStatus('postcopy-active');
-        void this.serveFaults();
+        // A livemig source reads page requests on its preempt channel: the fault thread serves them.
+        this.faultThreadMode = this.peerIsLivemig && this.faultThread !== undefined;
+        if (!this.faultThreadMode) this.retireFaultThread();
+        if (this.pendingPreempt !== undefined) {
+          const p = this.pendingPreempt;
+          this.pendingPreempt = undefined;
+          this.takePreempt(p.raw, p.tcp);
+        }
+        if (!this.faultThreadMode) void this.serveFaults();
         break;
       case MigCmd.POSTCOPY_RUN: {
         this.runAt = performance.now();
@@ -924,6 +968,12 @@ export class IncomingMigration {
     const guest = this.o.guest;
     this.loadedAt = performance.now();
     if (this.listening) {
+      if (this.faultThreadAttached && this.faultThread !== undefined) {
+        // Pages it is placing must be in place first: it ends with the preempt channel's EOS,
+        // which the source sends right after EOF.
+        await this.faultThread.ended(FAULT_THREAD_END_MS);
+        await this.detachFaultThread();
+      }
       // Postcopy: the guest has been running since RUN; all pages are here now.
       guest.ram.markAllReceived();
       guest.vcpus.setPostcopy(false);
@@ -947,6 +997,8 @@ export class IncomingMigration {
     this.sendRp((w) => writeRpShut(w, status));
     this.socket?.end();
     this.preemptSocket?.destroy();
+    this.retireFaultThread();
+    this.pendingPreempt?.raw.destroy();
     this.channelServer?.close();
     for (const c of this.multifd) c.socket.destroy();
     for (const c of this.heldConnections) c.destroy();

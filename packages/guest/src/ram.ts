@@ -44,6 +44,33 @@ export interface GuestBlock {
    */
   waitingMemory: SharedArrayBuffer;
   waiting: Int32Array;
+  /**
+   * Postcopy: pages some thread has taken on to place (see claimPage). Two threads place pages
+   * (the background stream, the fault channel); a page is written by the first to claim it.
+   */
+  claimedMemory: SharedArrayBuffer;
+  claimed: Int32Array;
+}
+
+/**
+ * Claim a page for placing: true for exactly one caller, and only while the page has not been
+ * received. The loser must not write it: the guest may already have changed the winner's copy.
+ */
+export function claimPage(claimed: Int32Array, received: Int32Array, page: number): boolean {
+  const bit = 1 << (page & 31);
+  return (Atomics.or(claimed, page >> 5, bit) & bit) === 0 && (Atomics.load(received, page >> 5) & bit) === 0;
+}
+
+/**
+ * Wake every vCPU whose page has arrived (after its received bit was set). No wake-up is lost:
+ * a vCPU publishes its page before it re-reads the bitmap and sleeps, and this reads the slots
+ * after the bits were set (sequentially consistent atomics), so either it sees its bit or we see it.
+ */
+export function wakeArrived(received: Int32Array, waiting: Int32Array, slots: number): void {
+  for (let i = 0; i < slots; i++) {
+    const p = Atomics.load(waiting, i) - 1;
+    if (p >= 0 && (Atomics.load(received, p >> 5) & (1 << (p & 31))) !== 0) Atomics.notify(received, p >> 5);
+  }
 }
 
 /** vCPUs a block can have waiting (the --vcpus limit). */
@@ -81,9 +108,12 @@ export class GuestRam {
         received: new Int32Array(0),
         waitingMemory: new SharedArrayBuffer(MAX_WAITERS * 4),
         waiting: new Int32Array(0),
+        claimedMemory: new SharedArrayBuffer(bitmapWords(pageCount) * 4),
+        claimed: new Int32Array(0),
       };
       b.received = new Int32Array(b.receivedMemory);
       b.waiting = new Int32Array(b.waitingMemory);
+      b.claimed = new Int32Array(b.claimedMemory);
       global += c.length;
       return b;
     });
@@ -124,17 +154,24 @@ export class GuestRam {
     if ((r[page >> 5]! & bit) === 0) Atomics.or(r, page >> 5, bit);
   }
 
-  /**
-   * Wake every vCPU whose page has arrived (after setReceived). No wake-up is lost: a vCPU
-   * publishes its page before it re-reads the bitmap and sleeps, and we read the slots after
-   * setting the bits (sequentially consistent atomics), so either it sees its bit or we see it.
-   */
+  /** Wake every vCPU whose page has arrived (after setReceived; see wakeArrived). */
   wakeWaiters(blockIndex: number): void {
     const b = this.blocks[blockIndex]!;
-    for (let i = 0; i < this.waiterSlots; i++) {
-      const p = Atomics.load(b.waiting, i) - 1;
-      if (p >= 0 && (Atomics.load(b.received, p >> 5) & (1 << (p & 31))) !== 0) Atomics.notify(b.received, p >> 5);
-    }
+    wakeArrived(b.received, b.waiting, this.waiterSlots);
+  }
+
+  /**
+   * Forget claims on pages not received: a thread that claimed pages stopped (its connection
+   * broke), and what it had not placed must be placeable again. Call with no placer running.
+   */
+  releaseClaims(): void {
+    for (const b of this.blocks) for (let w = 0; w < b.claimed.length; w++) Atomics.store(b.claimed, w, Atomics.load(b.received, w));
+  }
+
+  /** Claim a page for placing (postcopy; see claimPage). */
+  claim(blockIndex: number, page: number): boolean {
+    const b = this.blocks[blockIndex]!;
+    return claimPage(b.claimed, b.received, page);
   }
 
   /** How many vCPU slots wakeWaiters checks (the guest sets its vCPU count). */

@@ -39,6 +39,34 @@ const waitAsync = (
 /** The compiled worker (src/ and dist/ are both one level below the package root). */
 const WORKER_URL = new URL('../dist/vcpu-worker.js', import.meta.url);
 
+/**
+ * Take the faults queued since the last call (page indices in the main block), in order, from a
+ * fault ring (see control.ts; one consumer at a time). Returns how many were written into `out`.
+ */
+export function drainFaultRing(ring: Int32Array, out: Uint32Array): number {
+  let head = Atomics.load(ring, RING_HEAD);
+  const tail = Atomics.load(ring, RING_TAIL);
+  let n = 0;
+  while (head !== tail && n < out.length) {
+    const slot = RING_BASE + (head & (FAULT_RING_SLOTS - 1));
+    const page = Atomics.load(ring, slot);
+    if (page === RING_EMPTY) break; // reserved, not written yet: next time
+    out[n++] = page;
+    Atomics.store(ring, slot, RING_EMPTY);
+    head = (head + 1) | 0;
+  }
+  Atomics.store(ring, RING_HEAD, head);
+  return n;
+}
+
+/** Resolves when a fault is queued in the ring (or after `timeoutMs`). */
+export async function waitForFaultRing(ring: Int32Array, timeoutMs: number): Promise<void> {
+  const tail = Atomics.load(ring, RING_TAIL);
+  if (tail !== Atomics.load(ring, RING_HEAD)) return;
+  const r = waitAsync(ring, RING_TAIL, tail, timeoutMs);
+  if (r.async) await r.value;
+}
+
 export interface VcpuState {
   /** Page index inside the vCPU's slice where the incrementer goes next. */
   position: number;
@@ -91,20 +119,7 @@ export class VcpuSet {
    * Returns how many were written into `out`.
    */
   drainFaults(out: Uint32Array): number {
-    const ring = this.faultRing;
-    let head = Atomics.load(ring, RING_HEAD);
-    const tail = Atomics.load(ring, RING_TAIL);
-    let n = 0;
-    while (head !== tail && n < out.length) {
-      const slot = RING_BASE + (head & (FAULT_RING_SLOTS - 1));
-      const page = Atomics.load(ring, slot);
-      if (page === RING_EMPTY) break; // reserved, not written yet: next time
-      out[n++] = page;
-      Atomics.store(ring, slot, RING_EMPTY);
-      head = (head + 1) | 0;
-    }
-    Atomics.store(ring, RING_HEAD, head);
-    return n;
+    return drainFaultRing(this.faultRing, out);
   }
 
   /**
@@ -127,11 +142,8 @@ export class VcpuSet {
   }
 
   /** Resolves when a vCPU queues a fault (or after `timeoutMs`). */
-  async waitForFault(timeoutMs: number): Promise<void> {
-    const tail = Atomics.load(this.faultRing, RING_TAIL);
-    if (tail !== Atomics.load(this.faultRing, RING_HEAD)) return;
-    const r = waitAsync(this.faultRing, RING_TAIL, tail, timeoutMs);
-    if (r.async) await r.value;
+  waitForFault(timeoutMs: number): Promise<void> {
+    return waitForFaultRing(this.faultRing, timeoutMs);
   }
 
   /** True while the vCPUs are meant to run. */

@@ -82,3 +82,46 @@ test('a paced vCPU earns no credit while blocked: after a stall it runs on at it
     await vcpus.exit();
   }
 });
+
+test('claimPage: two threads placing the same pages each win a page at most once, and never a page already received', { timeout: 30_000 }, async () => {
+  const pages = 1 << 16;
+  const ram = new GuestRam([{ idstr: 'm', length: pages * 4096 }]);
+  const b = ram.blocks[0]!;
+  // Every 7th page was received before: nobody may claim it.
+  for (let p = 0; p < pages; p += 7) ram.setReceived(0, p);
+  // The workers run the shipped claimPage (the compiled module).
+  const code = `
+    const { workerData, parentPort } = require('node:worker_threads');
+    import(workerData.ram).then(({ claimPage }) => {
+      const claimed = new Int32Array(workerData.claimed), received = new Int32Array(workerData.received);
+      const won = new Uint8Array(workerData.pages);
+      for (let p = 0; p < workerData.pages; p++) if (claimPage(claimed, received, p)) won[p] = 1;
+      parentPort.postMessage(won);
+    });`;
+  const { Worker } = await import('node:worker_threads');
+  const ramModule = new URL('../dist/ram.js', import.meta.url).href;
+  const run = (): Promise<Uint8Array> =>
+    new Promise((resolve, reject) => {
+      const w = new Worker(code, { eval: true, workerData: { claimed: b.claimedMemory, received: b.receivedMemory, pages, ram: ramModule } });
+      w.once('message', resolve);
+      w.once('error', reject);
+    });
+  const probe = new GuestRam([{ idstr: 'p', length: 64 * 4096 }]);
+  probe.setReceived(0, 3);
+  assert.equal(probe.claim(0, 3), false, 'a received page cannot be claimed');
+  assert.equal(probe.claim(0, 4), true, 'a missing page can be claimed once');
+  assert.equal(probe.claim(0, 4), false, 'and not twice');
+  probe.releaseClaims();
+  assert.equal(probe.claim(0, 4), true, 'released (not received): claimable again');
+
+  const [a, c] = await Promise.all([run(), run(), ram.claim(0, 1)]);
+  let both = 0;
+  let none = 0;
+  for (let p = 0; p < pages; p++) {
+    const n = a[p]! + c[p]! + (p === 1 ? 1 : 0);
+    if (n > 1) both++;
+    if (p % 7 === 0 ? n !== 0 : n !== 1) none++;
+  }
+  assert.equal(both, 0, 'no page claimed twice');
+  assert.equal(none, 0, 'every missing page claimed exactly once, no received one');
+});

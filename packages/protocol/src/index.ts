@@ -27,3 +27,4 @@ export * from './stream-decoder.ts';
 export * from './analysis.ts';
 export * from './migration-config.ts';
 export * from './multifd.ts';
+export * from './request-batch.ts';

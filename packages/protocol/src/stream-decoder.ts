@@ -47,7 +47,7 @@ export interface RamTarget {
    * refuse the list.
    */
   attachBlocks(blocks: readonly RamBlockInfo[], streamOffset: number): readonly (Uint8Array | undefined)[];
-  /** A page was written (called once per ZERO/PAGE/XBZRLE/COMPRESS record). */
+  /** A page was written (called once per ZERO/PAGE/XBZRLE/COMPRESS record that acceptPage did not refuse). */
   pagePlaced?(blockIndex: number, pageOffset: number): void;
   /**
    * Whether to write this page at all (postcopy: a page the guest already has and may have
@@ -799,7 +799,12 @@ export class StreamDecoder {
       }
       let mem = this.memory[block];
       const bs = this.stats[block]!;
-      if (accept !== undefined && mem !== undefined && !accept.call(this.ram, block, pageOffset)) mem = undefined;
+      // A page refused (postcopy: another thread placed it, or is placing it) is not reported placed.
+      let accepted = true;
+      if (accept !== undefined && mem !== undefined && !accept.call(this.ram, block, pageOffset)) {
+        mem = undefined;
+        accepted = false;
+      }
       const written = this.written[block];
       if (written !== undefined) {
         const page = pageOffset / TARGET_PAGE_SIZE;
@@ -813,7 +818,7 @@ export class StreamDecoder {
             this.lastBlock = block;
           } else stats.continued++;
           r.skip(total);
-          if (placed !== undefined) placed.call(this.ram, block, pageOffset);
+          if (placed !== undefined && accepted) placed.call(this.ram, block, pageOffset);
           continue;
         }
         written[page >>> 5] = written[page >>> 5]! | bit;
@@ -879,7 +884,7 @@ export class StreamDecoder {
         stats.continued++;
       }
       r.skip(total);
-      if (placed !== undefined) placed.call(this.ram, block, pageOffset);
+      if (placed !== undefined && accepted) placed.call(this.ram, block, pageOffset);
     }
   }
 

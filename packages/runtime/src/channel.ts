@@ -448,6 +448,30 @@ export function acceptWithOnread(
 }
 
 /**
+ * Take a connected socket's file descriptor away from this thread, for a worker thread to own
+ * (`new net.Socket({ fd })` there). Reading stops; bytes already read but not consumed (a socket
+ * without a 'data' listener keeps them) are returned, to be handled before what the fd brings.
+ * The handle is left orphaned, never closed here: the worker closes the descriptor. Relies on
+ * the private `_handle` (Node 20).
+ */
+export function detachFd(socket: net.Socket): { fd: number; pending: Buffer } {
+  const s = socket as net.Socket & { _handle: { fd?: number; readStop?(): number } | null };
+  const handle = s._handle;
+  const fd = handle?.fd;
+  if (handle === null || typeof fd !== 'number' || fd < 0) {
+    throw new ChannelError(RuntimeErrorCode.INVALID_ARGUMENT, 'socket has no file descriptor to hand over (closed, or not a Unix socket or TCP connection)');
+  }
+  handle.readStop?.();
+  // Without its handle the socket cannot start reading again (read() below would otherwise), and
+  // destroy() only does the bookkeeping (a server's connection count).
+  s._handle = null;
+  const chunks: Buffer[] = [];
+  for (let c = socket.read() as Buffer | null; c !== null; c = socket.read() as Buffer | null) chunks.push(c);
+  s.destroy();
+  return { fd, pending: Buffer.concat(chunks) };
+}
+
+/**
  * Re-wrap a paused, freshly accepted socket so it reads in static-buffer mode. Node only takes
  * `onread` at construction, so the libuv handle moves to a new net.Socket (works on Node 20; it
  * relies on the private `_handle`). Writes on the result go out on the same connection.

@@ -34,6 +34,7 @@ export {
 export {
   acceptWithOnread,
   adoptWithOnread,
+  detachFd,
   connectChannel,
   listenChannel,
   type ChannelListener,

@@ -342,3 +342,59 @@ describe('static-buffer (onread) reads', () => {
     assert.equal(code(err), 'LM_ERR_INVALID_ARGUMENT');
   });
 });
+
+describe('detachFd: a connection handed to a worker thread', () => {
+  it('the worker owns it both ways; bytes this thread had read already come back as pending; this thread reads nothing more', T, async () => {
+    const { Worker } = await import('node:worker_threads');
+    const { detachFd } = await import('../src/index.ts');
+    const server = net.createServer();
+    await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+    const port = (server.address() as net.AddressInfo).port;
+    const accepted = new Promise<net.Socket>((r) => server.once('connection', r));
+    const client = net.connect(port, '127.0.0.1');
+    const peer = await within(accepted, 'accept');
+    try {
+      // The client connection reads 'early' into its buffer (no 'data' listener: it stays there).
+      peer.write('early');
+      await within(
+        new Promise<void>((r) => {
+          const check = (): void => void (client.readableLength >= 5 ? r() : setTimeout(check, 5));
+          check();
+        }),
+        'early bytes buffered',
+      );
+      let readHere = 0;
+      const { fd, pending } = detachFd(client);
+      client.on('data', (c: Buffer) => (readHere += c.length));
+      assert.equal(pending.toString(), 'early');
+      // The worker echoes what it reads, upper-cased, and reports how much it got.
+      const w = new Worker(
+        `const net = require('node:net'); const { workerData, parentPort } = require('node:worker_threads');
+         const s = new net.Socket({ fd: workerData.fd, readable: true, writable: true });
+         let got = 0;
+         s.on('data', (d) => { got += d.length; s.write(d.toString().toUpperCase()); if (got >= 5) { parentPort.postMessage(got); } });`,
+        { eval: true, workerData: { fd } },
+      );
+      const echoed = new Promise<string>((r) => peer.once('data', (d: Buffer) => r(d.toString())));
+      peer.write('later');
+      assert.equal(await within(new Promise((r) => w.once('message', r)), 'worker read'), 5);
+      assert.equal(await within(echoed, 'echo'), 'LATER');
+      await delay(50);
+      assert.equal(readHere, 0, 'the detached socket read nothing more in this thread');
+      // The worker's exit closes the descriptor: the peer sees the end.
+      const ended = new Promise((r) => peer.once('end', r));
+      peer.resume();
+      await w.terminate();
+      await within(ended, 'peer end');
+    } finally {
+      peer.destroy();
+      server.close();
+    }
+  });
+
+  it('refuses a socket without a descriptor', T, async () => {
+    const { detachFd } = await import('../src/index.ts');
+    const s = new net.Socket();
+    assert.throws(() => detachFd(s), (err: Error) => code(err) === 'LM_ERR_INVALID_ARGUMENT' || /file descriptor/.test(err.message));
+  });
+});

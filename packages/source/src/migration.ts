@@ -9,6 +9,7 @@
 // Decisions (switchover, throttle) are the pure functions of convergence.ts; this file owns the
 // channel, timers and the guest's run state.
 
+import net from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Duplex } from 'node:stream';
 import { Packr } from 'msgpackr';
@@ -36,6 +37,8 @@ import {
   writePostcopyAdvise,
   writeRamDiscard,
   writeRecvBitmapRequest,
+  decodeRequestBatch,
+  REQUEST_BATCH_KIND,
   writeEof,
   writeEos,
   writePing,
@@ -46,10 +49,12 @@ import {
   writeVmdescription,
 } from '@livemig/protocol';
 import type { Guest, IterativeDevice } from '@livemig/guest';
+import { detachFd } from '@livemig/runtime';
 import { AutoConverge, BandwidthMeter, decideNext } from './convergence.ts';
 import { RamSaver } from './ram-saver.ts';
 import { RateLimiter } from './rate-limiter.ts';
 import { MultifdSender } from './multifd-sender.ts';
+import { PageServer } from './page-server.ts';
 import { StreamOut } from './stream-out.ts';
 
 /** The statuses a livemig source goes through (QEMU's names). */
@@ -110,6 +115,8 @@ export interface MigrationInfoRam {
   mbps: number;
   'dirty-sync-count': number;
   'postcopy-requests': number;
+  /** livemig: page requests a livemig destination made on the preempt channel (part of postcopy-requests). */
+  'x-postcopy-preempt-requests': number;
   'page-size': number;
   'multifd-bytes': number;
   'pages-per-second': number;
@@ -171,6 +178,7 @@ export class OutgoingMigration {
     this.channel = options.channel;
     this.out = new StreamOut(options.channel);
     if (options.preempt !== undefined) {
+      this.pageServer = new PageServer(options.guest, (reason) => this.onPreemptLost(reason));
       this.preempt = { out: new StreamOut(options.preempt), w: new BatchWriter({ slabSize: 64 * 1024 }), rec: new RamRecordWriter() };
     }
     const p = options.parameters;
@@ -255,7 +263,8 @@ export class OutgoingMigration {
       'dirty-pages-rate': Math.round(this.dirtyRate),
       mbps: this.meter.mbps > 0 ? this.meter.mbps : (this.transferred * 8) / elapsed / 1e6,
       'dirty-sync-count': s.dirtySyncCount,
-      'postcopy-requests': this.requestCount,
+      'postcopy-requests': this.requestCount + (this.pageServer?.requests ?? 0),
+      'x-postcopy-preempt-requests': this.pageServer?.requests ?? 0,
       'page-size': TARGET_PAGE_SIZE,
       'multifd-bytes': this.multifdBytes,
       'pages-per-second': Math.round(this.pagesPerSecond),
@@ -290,6 +299,7 @@ export class OutgoingMigration {
       await this.recover(err as Error);
     } finally {
       this.o.guest.vcpus.setThrottle(0);
+      void this.pageServer?.stop();
       this.ram.cleanup();
       for (const { dev } of this.others) dev.cleanup();
     }
@@ -598,6 +608,8 @@ export class OutgoingMigration {
     await this.stopGuest();
     this.inPostcopy = true;
     this.setStatus('postcopy-active');
+    // Before the destination can ask for anything (it listens once it has the package).
+    this.startPageServer();
     await this.endOtherDevices();
     this.syncDirty();
     this.ram.disableXbzrle();
@@ -668,6 +680,7 @@ export class OutgoingMigration {
         this.keepaliveDue = false;
         writePing(w, (KEEPALIVE_PING_BASE + (this.keepaliveCount++ & 0xffff)) >>> 0);
       }
+      this.pageServer?.drainServed((block, page) => this.ram.takeRequested(block, page));
       writeSectionHeader(w, { kind: 'part', sectionId: RAM_SECTION_ID });
       const before = w.totalBytes;
       this.serveRequests(w);
@@ -729,6 +742,7 @@ export class OutgoingMigration {
       this.preempt.w.be64(0x10);
       await this.preempt.out.write(this.preempt.w.flush()).catch(() => {});
     }
+    await this.stopPageServer(true);
     try {
       await this.waitForShut();
       return true;
@@ -769,6 +783,7 @@ export class OutgoingMigration {
 
   /** Wait in postcopy-paused for a new channel, then run the recovery handshake; repeat on failure. */
   private async pauseUntilResumed(cause: Error): Promise<void> {
+    await this.stopPageServer(false);
     this.preempt?.out.stream.destroy();
     this.preemptWrittenBefore += this.preempt?.out.written ?? 0;
     this.preempt = undefined;
@@ -788,6 +803,7 @@ export class OutgoingMigration {
         if (channels.preempt !== undefined) {
           // Requested pages jump the queue again, on the new preempt channel.
           this.preempt = { out: new StreamOut(channels.preempt), w: new BatchWriter({ slabSize: 64 * 1024 }), rec: new RamRecordWriter() };
+          this.startPageServer();
         }
         return;
       } catch (err) {
@@ -856,12 +872,46 @@ export class OutgoingMigration {
 
   /** Bytes written to the preempt channel(s). */
   private get preemptBytes(): number {
-    return this.preemptWrittenBefore + (this.preempt?.out.written ?? 0);
+    return this.preemptWrittenBefore + (this.preempt?.out.written ?? 0) + (this.pageServer?.bytes ?? 0);
   }
   private preemptWrittenBefore = 0;
 
   /** The preempt channel while it works (dropped on a pause; a recovery brings a new one). */
   private preempt: { out: StreamOut; w: BatchWriter; rec: RamRecordWriter } | undefined;
+
+  /**
+   * In postcopy the preempt channel belongs to a page server thread: requests a livemig
+   * destination writes on that channel are answered there without this thread's event loop, and
+   * requests from the return path are handed to it. It boots with the migration.
+   */
+  private readonly pageServer: PageServer | undefined;
+
+  /** Postcopy (and each recovery): hand the preempt channel (a socket) to the page server. */
+  private startPageServer(): void {
+    const p = this.preempt;
+    if (this.pageServer === undefined || p === undefined || p.out.error !== undefined || !(p.out.stream instanceof net.Socket)) return;
+    const socket = p.out.stream;
+    this.preemptWrittenBefore += p.out.written;
+    this.preempt = undefined;
+    const { fd, pending } = detachFd(socket);
+    this.pageServer.attach(fd, socket.remoteFamily !== undefined, pending);
+  }
+
+  /** The page server lets go of its connection: after EOS at the end, or at once when the link broke. */
+  private async stopPageServer(end: boolean): Promise<void> {
+    const server = this.pageServer;
+    if (server === undefined || !server.attached) return;
+    if (end) await server.end();
+    else await server.detach();
+  }
+
+  /** The preempt channel broke: pause, as for a break of the main channel. */
+  private onPreemptLost(reason: string): void {
+    this.o.log.warn({ reason }, 'the preempt channel broke');
+    this.out.fail(new Error(reason));
+    this.channel.destroy();
+    this.wake?.();
+  }
 
   /**
    * Send every queued requested page that is still to be sent: on the preempt channel when there
@@ -870,6 +920,12 @@ export class OutgoingMigration {
   private serveRequests(w: BatchWriter): void {
     const q = this.requests;
     if (q.length === 0) return;
+    if (this.pageServer?.attached === true) {
+      // As QEMU: a page already sent is not sent again (a QEMU destination fails on a second copy).
+      for (let i = 0; i < q.length; i += 2) if (this.ram.takeRequested(q[i]!, q[i + 1]!)) this.pageServer.forwardRequest(q[i]!, q[i + 1]!);
+      q.length = 0;
+      return;
+    }
     const p = this.preempt;
     if (p !== undefined && p.out.error === undefined) {
       for (let i = 0; i < q.length; i += 2) {
@@ -910,7 +966,7 @@ export class OutgoingMigration {
     for (let p = start / TARGET_PAGE_SIZE; p < (start + length) / TARGET_PAGE_SIZE; p++) this.requests.push(index, p);
     this.requestCount++;
     // With a preempt channel the page goes out right away, from the return-path handler itself.
-    if (this.preempt !== undefined && this.status === 'postcopy-active') this.serveRequests(this.w);
+    if ((this.preempt !== undefined || this.pageServer?.attached === true) && this.status === 'postcopy-active') this.serveRequests(this.w);
     this.wake?.();
   }
 
@@ -968,7 +1024,7 @@ export class OutgoingMigration {
   }
 
   private onExtension(payload: Buffer): void {
-    if (payload[0] === 0x01) {
+    if (payload[0] === REQUEST_BATCH_KIND) {
       this.onRequestBatch(payload);
       return;
     }
@@ -985,17 +1041,9 @@ export class OutgoingMigration {
     }
   }
 
-  /** A batch of page requests in compressed page indices (see the destination's encodeRequestBatch). */
+  /** A batch of page requests in compressed page indices (see encodeRequestBatch). */
   private onRequestBatch(p: Buffer): void {
-    const width = p[1] === 32 ? 4 : p[1] === 16 ? 2 : 0;
-    const n = p[2] ?? 0;
-    if (width === 0 || p.length < 3 + n + 4 || (p.length - 7 - n) % width !== 0) throw new Error('malformed page-request batch');
-    const block = p.toString('latin1', 3, 3 + n);
-    const base = p.readUInt32BE(3 + n);
-    for (let at = 7 + n; at < p.length; at += width) {
-      const page = base + (width === 2 ? p.readUInt16LE(at) : p.readUInt32LE(at));
-      this.onPageRequest(block, page * TARGET_PAGE_SIZE, TARGET_PAGE_SIZE);
-    }
+    decodeRequestBatch(p, (block, page) => this.onPageRequest(block, page * TARGET_PAGE_SIZE, TARGET_PAGE_SIZE));
   }
 
   private waitForShut(): Promise<void> {

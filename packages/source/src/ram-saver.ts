@@ -218,6 +218,24 @@ export class RamSaver implements IterativeDevice {
   }
 
   /**
+   * Postcopy: a requested page goes out elsewhere (the page server, page-server.ts). Clear its
+   * bit so the background does not send it again, and move the scan there (locality), as for a
+   * request served here. Returns false when it had gone already.
+   */
+  takeRequested(blockIndex: number, page: number): boolean {
+    const bm = this.bitmaps[blockIndex];
+    if (bm === undefined || page >= this.guest.ram.blocks[blockIndex]!.pageCount) return false;
+    this.cursorBlock = blockIndex;
+    this.cursorPage = page;
+    const wi = page >>> 5;
+    const bit = 1 << (page & 31);
+    if ((bm[wi]! & bit) === 0) return false;
+    bm[wi] = (bm[wi]! & ~bit) >>> 0;
+    this.dirtyPages--;
+    return true;
+  }
+
+  /**
    * Postcopy with a preempt channel: send a page that already went out on the main channel
    * again. The destination asking for it means it is still queued there (socket buffers hold
    * megabytes); the copy that arrives second is dropped by the destination. Bitmap untouched.

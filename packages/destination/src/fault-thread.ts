@@ -1,0 +1,113 @@
+// The main thread's handle on the postcopy fault thread (fault-worker.ts). The thread boots when
+// a preempt connection arrives and takes connections over by file descriptor: attach() when
+// postcopy listens (and after each recovery), detach() when the link breaks.
+
+import { fileURLToPath } from 'node:url';
+import { Worker } from 'node:worker_threads';
+import type { Guest } from '@livemig/guest';
+import type { RamBlockInfo } from '@livemig/protocol';
+
+export interface FaultWorkerData {
+  /** This guest's blocks; vCPUs fault on the first. */
+  blocks: { idstr: string; memory: SharedArrayBuffer; received: SharedArrayBuffer; claimed: SharedArrayBuffer; waiting: SharedArrayBuffer }[];
+  waiterSlots: number;
+  faultRing: SharedArrayBuffer;
+  /** Float64Array of FaultCounter slots. */
+  counters: SharedArrayBuffer;
+}
+
+/** Slots of FaultWorkerData.counters. */
+export const FaultCounter = { PREEMPT_PAGES: 0, REQUESTED_PAGES: 1, REQUEST_BYTES: 2, SLOTS: 3 } as const;
+
+/** Main thread → fault thread. */
+export type FaultThreadCommand =
+  /** Own this connection (a detached file descriptor); records name the stream's blocks. */
+  | { kind: 'attach'; fd: number; tcp: boolean; pending: Uint8Array; streamBlocks: RamBlockInfo[] }
+  /** Close the connection; answered by 'detached'. */
+  | { kind: 'detach' };
+
+/** Fault thread → main thread: the connection ended (EOS: every page on it is placed) or broke; a detach is done. */
+export type FaultWorkerMessage = { kind: 'eof' } | { kind: 'closed'; reason: string } | { kind: 'detached' };
+
+/** The compiled worker (src/ and dist/ are both one level below the package root). */
+const WORKER_URL = new URL('../dist/fault-worker.js', import.meta.url);
+
+export class FaultThread {
+  private readonly worker: Worker;
+  private readonly counters = new Float64Array(new SharedArrayBuffer(FaultCounter.SLOTS * 8));
+  private exited = false;
+  private readonly waiters = new Set<(m: FaultWorkerMessage | undefined) => void>();
+
+  /** `onClosed`: the attached connection broke (not after a detach). */
+  constructor(guest: Guest, onClosed: (reason: string) => void) {
+    const data: FaultWorkerData = {
+      blocks: guest.ram.blocks.map((b) => ({ idstr: b.idstr, memory: b.memory, received: b.receivedMemory, claimed: b.claimedMemory, waiting: b.waitingMemory })),
+      waiterSlots: guest.ram.waiterSlots,
+      faultRing: guest.vcpus.faultRing.buffer as SharedArrayBuffer,
+      counters: this.counters.buffer as SharedArrayBuffer,
+    };
+    this.worker = new Worker(fileURLToPath(WORKER_URL), { workerData: data });
+    this.worker.unref();
+    this.worker.on('message', (m: FaultWorkerMessage) => {
+      for (const w of this.waiters) w(m);
+      if (m.kind === 'closed') onClosed(m.reason);
+    });
+    this.worker.on('error', (err) => onClosed(`fault thread failed: ${err.message}`));
+    this.worker.on('exit', () => {
+      this.exited = true;
+      for (const w of this.waiters) w(undefined);
+    });
+  }
+
+  get preemptPages(): number {
+    return this.counters[FaultCounter.PREEMPT_PAGES]!;
+  }
+
+  get requestedPages(): number {
+    return this.counters[FaultCounter.REQUESTED_PAGES]!;
+  }
+
+  get requestBytes(): number {
+    return this.counters[FaultCounter.REQUEST_BYTES]!;
+  }
+
+  /** Own this connection (`pending`: bytes it brought already). */
+  attach(fd: number, tcp: boolean, pending: Uint8Array, streamBlocks: readonly RamBlockInfo[]): void {
+    const m: FaultThreadCommand = { kind: 'attach', fd, tcp, pending, streamBlocks: streamBlocks.map((b) => ({ idstr: b.idstr, length: b.length })) };
+    this.worker.postMessage(m);
+  }
+
+  /** Resolves with the first message of one of `kinds` (or when the thread exits, or after `timeoutMs`). */
+  private until(kinds: FaultWorkerMessage['kind'][], timeoutMs: number): Promise<void> {
+    if (this.exited) return Promise.resolve();
+    return new Promise((resolve) => {
+      const done = (m: FaultWorkerMessage | undefined): void => {
+        if (m !== undefined && !kinds.includes(m.kind)) return;
+        this.waiters.delete(done);
+        clearTimeout(timer);
+        resolve();
+      };
+      const timer = setTimeout(() => done(undefined), timeoutMs);
+      this.waiters.add(done);
+    });
+  }
+
+  /** Resolves once the attached connection ended (EOS) or broke (bounded by `timeoutMs`). */
+  ended(timeoutMs: number): Promise<void> {
+    return this.until(['eof', 'closed'], timeoutMs);
+  }
+
+  /**
+   * Close the connection. Resolves once the thread has let go of it: pages it claimed are placed
+   * by then (placement is synchronous), so the claims left may be released.
+   */
+  async detach(): Promise<void> {
+    const detached = this.until(['detached'], 5_000);
+    this.worker.postMessage({ kind: 'detach' } satisfies FaultThreadCommand);
+    await detached;
+  }
+
+  async stop(): Promise<void> {
+    await this.worker.terminate();
+  }
+}

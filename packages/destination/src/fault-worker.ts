@@ -1,0 +1,153 @@
+// The destination's postcopy fault thread (livemig source with postcopy-preempt): it owns the
+// preempt connection. vCPU faults become page requests written on that connection, and the pages
+// that come back on it are placed and their vCPUs woken, all without the main thread, which is
+// busy with the background stream (on a loaded machine each event-loop hop there costs ms).
+// The thread starts with the migration and takes a connection when postcopy listens (and a new
+// one after each recovery), so no fault waits for a thread to boot.
+
+import net from 'node:net';
+import { parentPort, workerData } from 'node:worker_threads';
+import { claimPage, drainFaultRing, waitForFaultRing, wakeArrived } from '@livemig/guest';
+import { BatchWriter, encodeRequestBatch, NEED_MORE, PostcopyState, type RamTarget, StreamDecoder, writeRpReqPages } from '@livemig/protocol';
+import { FaultCounter, type FaultThreadCommand, type FaultWorkerData, type FaultWorkerMessage } from './fault-thread.ts';
+
+const d = workerData as FaultWorkerData;
+const port = parentPort!;
+const local = d.blocks.map((b) => ({
+  idstr: b.idstr,
+  bytes: new Uint8Array(b.memory),
+  received: new Int32Array(b.received),
+  claimed: new Int32Array(b.claimed),
+  waiting: new Int32Array(b.waiting),
+}));
+const main = local[0]!;
+const counters = new Float64Array(d.counters);
+const ring = new Int32Array(d.faultRing);
+let streamToLocal: number[] = [];
+
+const target: RamTarget = {
+  attachBlocks(blocks) {
+    streamToLocal = blocks.map((b) => local.findIndex((l) => l.idstr === b.idstr));
+    return streamToLocal.map((i) => (i >= 0 ? local[i]!.bytes : undefined));
+  },
+  acceptPage(block, pageOffset) {
+    const l = local[streamToLocal[block]!]!;
+    return claimPage(l.claimed, l.received, pageOffset / 4096);
+  },
+  pagePlaced(block, pageOffset) {
+    const l = local[streamToLocal[block]!]!;
+    const page = pageOffset / 4096;
+    Atomics.or(l.received, page >> 5, 1 << (page & 31));
+    counters[FaultCounter.PREEMPT_PAGES]!++;
+  },
+};
+
+/** The connection in use, with its decoder and the requests made on it. */
+interface Link {
+  socket: net.Socket;
+  decoder: StreamDecoder;
+  /** Pages requested and not yet received (duplicate faults on one page make one request). */
+  requested: Set<number>;
+  named: boolean;
+  done: boolean;
+}
+let link: Link | undefined;
+
+function post(m: FaultWorkerMessage): void {
+  port.postMessage(m);
+}
+
+function lost(l: Link, reason: string): void {
+  if (l.done) return;
+  l.done = true;
+  l.socket.destroy();
+  post({ kind: 'closed', reason });
+}
+
+function attach(m: Extract<FaultThreadCommand, { kind: 'attach' }>): void {
+  const socket = new net.Socket({ fd: m.fd, readable: true, writable: true, allowHalfOpen: true });
+  if (m.tcp) socket.setNoDelay(true);
+  const decoder = new StreamDecoder({ ram: target, bareRam: true, resume: { postcopyState: PostcopyState.RUNNING, sections: [], blocks: m.streamBlocks } });
+  const l: Link = { socket, decoder, requested: new Set(), named: false, done: false };
+  link = l;
+  const onData = (chunk: Buffer): void => {
+    if (l.done) return;
+    try {
+      decoder.push(chunk);
+      for (let ev = decoder.next(); ev !== NEED_MORE; ev = decoder.next()) {
+        if (ev.kind === 'eof') {
+          // Every page of this channel is placed.
+          l.done = true;
+          post({ kind: 'eof' });
+        }
+      }
+      decoder.retainUnread();
+      for (const b of local) wakeArrived(b.received, b.waiting, d.waiterSlots);
+    } catch (err) {
+      lost(l, `preempt channel: ${(err as Error).message}`);
+    }
+  };
+  if (m.pending.byteLength > 0) onData(Buffer.from(m.pending.buffer, m.pending.byteOffset, m.pending.byteLength));
+  socket.on('data', onData);
+  socket.on('error', (err) => lost(l, `preempt channel failed: ${err.message}`));
+  socket.on('close', () => lost(l, 'the source closed the preempt channel'));
+  // After a recovery the requests in flight are lost: ask again for every page a vCPU waits for.
+  const waitingNow: number[] = [];
+  for (let i = 0; i < d.waiterSlots; i++) {
+    const p = Atomics.load(main.waiting, i) - 1;
+    if (p >= 0) waitingNow.push(p);
+  }
+  request(waitingNow);
+}
+
+port.on('message', (m: FaultThreadCommand) => {
+  if (m.kind === 'attach') attach(m);
+  else if (m.kind === 'detach') {
+    // Placement is synchronous in a data event: between events nothing is half placed.
+    if (link !== undefined) {
+      link.done = true;
+      link.socket.destroy();
+      link = undefined;
+    }
+    post({ kind: 'detached' });
+  }
+});
+
+function isReceived(page: number): boolean {
+  return (Atomics.load(main.received, page >> 5) & (1 << (page & 31))) !== 0;
+}
+
+function request(pages: Iterable<number>): void {
+  const l = link;
+  if (l === undefined || l.done) return;
+  const fresh: number[] = [];
+  for (const page of pages) {
+    if (isReceived(page) || l.requested.has(page)) continue;
+    l.requested.add(page);
+    fresh.push(page);
+  }
+  if (fresh.length === 0) return;
+  const w = new BatchWriter({ slabSize: 4096 });
+  if (fresh.length >= 2) encodeRequestBatch(w, main.idstr, fresh);
+  else {
+    writeRpReqPages(w, fresh[0]! * 4096, 4096, l.named ? undefined : main.idstr);
+    l.named = true;
+  }
+  counters[FaultCounter.REQUESTED_PAGES]! += fresh.length;
+  counters[FaultCounter.REQUEST_BYTES]! += w.totalBytes;
+  l.socket.write(w.flushConcat());
+}
+
+const faulted = new Uint32Array(256);
+for (;;) {
+  await waitForFaultRing(ring, 200);
+  // Faults wait in the ring while no connection is attached (a pause): the next one asks.
+  if (link === undefined || link.done) {
+    await new Promise((r) => setTimeout(r, 5));
+    continue;
+  }
+  const n = drainFaultRing(ring, faulted);
+  if (n === 0) await new Promise((r) => setImmediate(r)); // a slot reserved, not written yet
+  else request(faulted.subarray(0, n));
+  for (const p of link?.requested ?? []) if (isReceived(p)) link!.requested.delete(p);
+}
