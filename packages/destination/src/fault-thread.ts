@@ -36,6 +36,8 @@ export class FaultThread {
   private readonly worker: Worker;
   private readonly counters = new Float64Array(new SharedArrayBuffer(FaultCounter.SLOTS * 8));
   private exited = false;
+  /** The attached connection ended (EOS) or broke: set by the thread's message, cleared by attach(). */
+  private linkEnded = false;
   private readonly waiters = new Set<(m: FaultWorkerMessage | undefined) => void>();
 
   /** `onClosed`: the attached connection broke (not after a detach). */
@@ -49,6 +51,7 @@ export class FaultThread {
     this.worker = new Worker(fileURLToPath(WORKER_URL), { workerData: data });
     this.worker.unref();
     this.worker.on('message', (m: FaultWorkerMessage) => {
+      if (m.kind === 'eof' || m.kind === 'closed') this.linkEnded = true;
       for (const w of this.waiters) w(m);
       if (m.kind === 'closed') onClosed(m.reason);
     });
@@ -73,6 +76,7 @@ export class FaultThread {
 
   /** Own this connection (`pending`: bytes it brought already). */
   attach(fd: number, tcp: boolean, pending: Uint8Array, streamBlocks: readonly RamBlockInfo[]): void {
+    this.linkEnded = false;
     const m: FaultThreadCommand = { kind: 'attach', fd, tcp, pending, streamBlocks: streamBlocks.map((b) => ({ idstr: b.idstr, length: b.length })) };
     this.worker.postMessage(m);
   }
@@ -94,6 +98,8 @@ export class FaultThread {
 
   /** Resolves once the attached connection ended (EOS) or broke (bounded by `timeoutMs`). */
   ended(timeoutMs: number): Promise<void> {
+    // The end may have come already (the preempt channel's EOS can beat the main channel's EOF).
+    if (this.linkEnded) return Promise.resolve();
     return this.until(['eof', 'closed'], timeoutMs);
   }
 

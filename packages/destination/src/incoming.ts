@@ -51,8 +51,11 @@ type ExtraChannelHandler = (raw: net.Socket, extra: number, server: net.Server, 
 const FAULT_READ_BYTES = 64 * 1024;
 /** A faulted page at most this far ahead of the background stream's position is coming soon anyway (8 MiB). */
 const NEAR_PAGES = 2048;
-/** At the end of a postcopy, how long the fault thread may take to finish its channel (EOS). */
-const FAULT_THREAD_END_MS = 5_000;
+/**
+ * At the end of a postcopy, how long the fault thread may take to finish its channel (EOS, sent
+ * right after EOF): well under the source's keepalive timeout, which runs while it waits for SHUT.
+ */
+const FAULT_THREAD_END_MS = 1_000;
 const extPackr = new Packr({ useRecords: false });
 
 export interface IncomingOptions {
