@@ -7,11 +7,13 @@
 
 import net from 'node:net';
 import { parentPort, workerData } from 'node:worker_threads';
-import { claimPage, drainFaultRing, waitForFaultRing, wakeArrived } from '@livemig/guest';
+import { claimPage, drainFaultRing, raiseThreadPriority, waitForFaultRing, wakeArrived } from '@livemig/guest';
 import { BatchWriter, encodeRequestBatch, NEED_MORE, PostcopyState, type RamTarget, StreamDecoder, writeRpReqPages } from '@livemig/protocol';
 import { FaultCounter, type FaultThreadCommand, type FaultWorkerData, type FaultWorkerMessage } from './fault-thread.ts';
 
 const d = workerData as FaultWorkerData;
+// Latency first: run ahead of the busy main thread when the process may (see raiseThreadPriority).
+raiseThreadPriority();
 const port = parentPort!;
 const local = d.blocks.map((b) => ({
   idstr: b.idstr,

@@ -1,6 +1,7 @@
 // The guest's vCPUs: worker threads running the workload, stopped, continued and throttled
 // through shared control words (no message round trips on the hot path).
 
+import { setPriority } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import { fileURLToPath } from 'node:url';
 import {
@@ -233,5 +234,22 @@ export class VcpuSet {
         if (result === 'timed-out') throw new Error(`vCPU ${i} did not ${want === AckState.PAUSED ? 'stop' : 'start'} within 5 s`);
       }
     }
+  }
+}
+
+/** The nice value latency-critical threads ask for (postcopy's fault and page server threads). */
+export const LATENCY_NICE = -10;
+
+/**
+ * Ask for LATENCY_NICE for the calling thread (on Linux a thread has its own nice value), so it
+ * runs ahead of a busy main thread. Only a privileged process (CAP_SYS_NICE) gets it; returns
+ * whether it did. Elsewhere the thread keeps the normal priority.
+ */
+export function raiseThreadPriority(): boolean {
+  try {
+    setPriority(0, LATENCY_NICE);
+    return true;
+  } catch {
+    return false;
   }
 }

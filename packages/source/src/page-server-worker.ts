@@ -15,9 +15,12 @@ import {
   RpMsg,
   TARGET_PAGE_SIZE,
 } from '@livemig/protocol';
+import { raiseThreadPriority } from '@livemig/guest';
 import { type PageServerCommand, type PageServerData, type PageServerMessage, Ring, ringDrain, ringPush, ServerCounter } from './page-server.ts';
 
 const d = workerData as PageServerData;
+// Latency first: run ahead of the busy main thread when the process may (see raiseThreadPriority).
+raiseThreadPriority();
 const port = parentPort!;
 const blocks = d.blocks.map((b) => ({ idstr: b.idstr, length: b.length, bytes: Buffer.from(b.memory, 0, b.length) }));
 const byName = new Map(blocks.map((b, i) => [b.idstr, i]));
