@@ -5,10 +5,10 @@
 // The thread starts with the migration and takes a connection when postcopy listens (and a new
 // one after each recovery), so no fault waits for a thread to boot.
 
-import net from 'node:net';
 import { parentPort, workerData } from 'node:worker_threads';
 import { claimPage, drainFaultRing, raiseThreadPriority, waitForFaultRing, wakeArrived } from '@livemig/guest';
 import { BatchWriter, encodeRequestBatch, NEED_MORE, PostcopyState, type RamTarget, StreamDecoder, writeRpReqPages } from '@livemig/protocol';
+import { WorkerConnection } from '@livemig/runtime';
 import { FaultCounter, type FaultThreadCommand, type FaultWorkerData, type FaultWorkerMessage } from './fault-thread.ts';
 
 const d = workerData as FaultWorkerData;
@@ -44,14 +44,12 @@ const target: RamTarget = {
   },
 };
 
-/** The connection in use, with its decoder and the requests made on it. */
+/** The connection in use, with the requests made on it. */
 interface Link {
-  socket: net.Socket;
-  decoder: StreamDecoder;
+  conn: WorkerConnection;
   /** Pages requested and not yet received (duplicate faults on one page make one request). */
   requested: Set<number>;
   named: boolean;
-  done: boolean;
 }
 let link: Link | undefined;
 
@@ -59,40 +57,27 @@ function post(m: FaultWorkerMessage): void {
   port.postMessage(m);
 }
 
-function lost(l: Link, reason: string): void {
-  if (l.done) return;
-  l.done = true;
-  l.socket.destroy();
-  post({ kind: 'closed', reason });
-}
-
 function attach(m: Extract<FaultThreadCommand, { kind: 'attach' }>): void {
-  const socket = new net.Socket({ fd: m.fd, readable: true, writable: true, allowHalfOpen: true });
-  if (m.tcp) socket.setNoDelay(true);
   const decoder = new StreamDecoder({ ram: target, bareRam: true, resume: { postcopyState: PostcopyState.RUNNING, sections: [], blocks: m.streamBlocks } });
-  const l: Link = { socket, decoder, requested: new Set(), named: false, done: false };
-  link = l;
-  const onData = (chunk: Buffer): void => {
-    if (l.done) return;
-    try {
+  const conn: WorkerConnection = new WorkerConnection(
+    m,
+    'preempt channel',
+    (chunk) => {
       decoder.push(chunk);
       for (let ev = decoder.next(); ev !== NEED_MORE; ev = decoder.next()) {
         if (ev.kind === 'eof') {
-          // Every page of this channel is placed.
-          l.done = true;
+          // Every page of this channel is placed; the source closes it.
+          conn.done = true;
           post({ kind: 'eof' });
         }
       }
       decoder.retainUnread();
       for (const b of local) wakeArrived(b.received, b.waiting, d.waiterSlots);
-    } catch (err) {
-      lost(l, `preempt channel: ${(err as Error).message}`);
-    }
-  };
-  if (m.pending.byteLength > 0) onData(Buffer.from(m.pending.buffer, m.pending.byteOffset, m.pending.byteLength));
-  socket.on('data', onData);
-  socket.on('error', (err) => lost(l, `preempt channel failed: ${err.message}`));
-  socket.on('close', () => lost(l, 'the source closed the preempt channel'));
+    },
+    (reason) => post({ kind: 'closed', reason }),
+  );
+  link = { conn, requested: new Set(), named: false };
+  conn.start();
   // After a recovery the requests in flight are lost: ask again for every page a vCPU waits for.
   const waitingNow: number[] = [];
   for (let i = 0; i < d.waiterSlots; i++) {
@@ -106,11 +91,8 @@ port.on('message', (m: FaultThreadCommand) => {
   if (m.kind === 'attach') attach(m);
   else if (m.kind === 'detach') {
     // Placement is synchronous in a data event: between events nothing is half placed.
-    if (link !== undefined) {
-      link.done = true;
-      link.socket.destroy();
-      link = undefined;
-    }
+    link?.conn.close();
+    link = undefined;
     post({ kind: 'detached' });
   }
 });
@@ -121,7 +103,7 @@ function isReceived(page: number): boolean {
 
 function request(pages: Iterable<number>): void {
   const l = link;
-  if (l === undefined || l.done) return;
+  if (l === undefined || l.conn.done) return;
   const fresh: number[] = [];
   for (const page of pages) {
     if (isReceived(page) || l.requested.has(page)) continue;
@@ -137,14 +119,14 @@ function request(pages: Iterable<number>): void {
   }
   counters[FaultCounter.REQUESTED_PAGES]! += fresh.length;
   counters[FaultCounter.REQUEST_BYTES]! += w.totalBytes;
-  l.socket.write(w.flushConcat());
+  l.conn.socket.write(w.flushConcat());
 }
 
 const faulted = new Uint32Array(256);
 for (;;) {
   await waitForFaultRing(ring, 200);
   // Faults wait in the ring while no connection is attached (a pause): the next one asks.
-  if (link === undefined || link.done) {
+  if (link === undefined || link.conn.done) {
     await new Promise((r) => setTimeout(r, 5));
     continue;
   }

@@ -42,6 +42,7 @@ export {
   type ListenChannelOptions,
   type OnreadOptions,
 } from './channel.ts';
+export { type HandedConnection, WorkerConnection } from './worker-connection.ts';
 export {
   AddressError,
   ChannelError,

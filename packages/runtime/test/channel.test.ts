@@ -398,3 +398,44 @@ describe('detachFd: a connection handed to a worker thread', () => {
     assert.throws(() => detachFd(s), (err: Error) => code(err) === 'LM_ERR_INVALID_ARGUMENT' || /file descriptor/.test(err.message));
   });
 });
+
+describe('WorkerConnection', () => {
+  it('delivers the pending bytes first, then what arrives; reports a loss once; an onData error is a loss naming the connection', T, async () => {
+    const { detachFd, WorkerConnection } = await import('../src/index.ts');
+    const server = net.createServer();
+    await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+    const accepted = new Promise<net.Socket>((r) => server.once('connection', r));
+    const client = net.connect((server.address() as net.AddressInfo).port, '127.0.0.1');
+    const peer = await within(accepted, 'accept');
+    try {
+      peer.write('one');
+      await within(
+        new Promise<void>((r) => {
+          const check = (): void => void (client.readableLength >= 3 ? r() : setTimeout(check, 5));
+          check();
+        }),
+        'bytes buffered',
+      );
+      const handed = { ...detachFd(client), tcp: true };
+      const got: string[] = [];
+      const losses: string[] = [];
+      const conn = new WorkerConnection(handed, 'test channel', (c) => {
+        got.push(c.toString());
+        if (c.toString().includes('bad')) throw new Error('cannot parse');
+      }, (reason) => losses.push(reason));
+      conn.start();
+      assert.deepEqual(got, ['one'], 'pending bytes at start()');
+      peer.write('two');
+      await within(new Promise<void>((r) => { const check = (): void => void (got.length >= 2 ? r() : setTimeout(check, 5)); check(); }), 'second chunk');
+      assert.equal(got.join(''), 'onetwo');
+      peer.write('bad');
+      await within(new Promise<void>((r) => { const check = (): void => void (losses.length >= 1 ? r() : setTimeout(check, 5)); check(); }), 'loss');
+      await delay(50);
+      assert.deepEqual(losses, ['test channel: cannot parse'], 'one loss, naming the channel and the cause');
+      assert.equal(conn.done, true);
+    } finally {
+      peer.destroy();
+      server.close();
+    }
+  });
+});

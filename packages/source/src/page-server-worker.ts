@@ -2,7 +2,6 @@
 // preempt connection (from a livemig destination) or from the main thread (the return path),
 // and each page goes out on the preempt connection at once, read from the stopped guest's RAM.
 
-import net from 'node:net';
 import { parentPort, workerData } from 'node:worker_threads';
 import {
   BatchWriter,
@@ -16,6 +15,7 @@ import {
   TARGET_PAGE_SIZE,
 } from '@livemig/protocol';
 import { raiseThreadPriority } from '@livemig/guest';
+import { WorkerConnection } from '@livemig/runtime';
 import { type PageServerCommand, type PageServerData, type PageServerMessage, Ring, ringDrain, ringPush, ServerCounter } from './page-server.ts';
 
 const d = workerData as PageServerData;
@@ -29,23 +29,14 @@ const served = new Int32Array(d.served);
 const counters = new Float64Array(d.counters);
 
 interface Link {
-  socket: net.Socket;
+  conn: WorkerConnection;
   w: BatchWriter;
   rec: RamRecordWriter;
-  rp: ReturnPathDecoder;
-  done: boolean;
 }
 let link: Link | undefined;
 
 function post(m: PageServerMessage): void {
   port.postMessage(m);
-}
-
-function lost(l: Link, reason: string): void {
-  if (l.done) return;
-  l.done = true;
-  l.socket.destroy();
-  post({ kind: 'closed', reason });
 }
 
 function serve(l: Link, block: number, page: number): void {
@@ -55,50 +46,52 @@ function serve(l: Link, block: number, page: number): void {
   l.rec.page(l.w, b.idstr, page * TARGET_PAGE_SIZE, b.bytes, page * TARGET_PAGE_SIZE, true);
 }
 
-function flush(l: Link): void {
-  if (l.w.totalBytes === 0 || l.done) return;
-  const bufs = l.w.flush();
-  l.socket.cork();
-  for (const b of bufs) {
-    counters[ServerCounter.BYTES]! += b.length;
-    l.socket.write(b);
+/** Write what was encoded, as one writev; `written` is called once it is handed over (or failed). */
+function flush(l: Link, written?: () => void): void {
+  if (l.w.totalBytes === 0) {
+    written?.();
+    return;
   }
-  l.socket.uncork();
+  const bufs = l.w.flush();
+  const s = l.conn.socket;
+  s.cork();
+  for (let i = 0; i < bufs.length; i++) {
+    counters[ServerCounter.BYTES]! += bufs[i]!.length;
+    if (i === bufs.length - 1 && written !== undefined) s.write(bufs[i]!, () => written());
+    else s.write(bufs[i]!);
+  }
+  s.uncork();
 }
 
 function attach(m: Extract<PageServerCommand, { kind: 'attach' }>): void {
-  const socket = new net.Socket({ fd: m.fd, readable: true, writable: true, allowHalfOpen: true });
-  if (m.tcp) socket.setNoDelay(true);
-  const l: Link = { socket, w: new BatchWriter({ slabSize: 64 * 1024 }), rec: new RamRecordWriter(), rp: new ReturnPathDecoder({ livemigExtensions: true }), done: false };
-  link = l;
+  const rp = new ReturnPathDecoder({ livemigExtensions: true });
   const requestedHere = (name: string, page: number): void => {
     const block = byName.get(name);
     if (block === undefined) throw new Error(`page request for unknown block "${name}"`);
     serve(l, block, page);
     ringPush(served, block, page);
   };
-  const onData = (chunk: Buffer): void => {
-    if (l.done) return;
-    try {
-      l.rp.push(chunk);
-      for (let m = l.rp.next(); m !== NEED_MORE_RP; m = l.rp.next()) {
-        if (m.type === RpMsg.REQ_PAGES || m.type === RpMsg.REQ_PAGES_ID) {
+  const conn = new WorkerConnection(
+    m,
+    'preempt channel',
+    (chunk) => {
+      rp.push(chunk);
+      for (let r = rp.next(); r !== NEED_MORE_RP; r = rp.next()) {
+        if (r.type === RpMsg.REQ_PAGES || r.type === RpMsg.REQ_PAGES_ID) {
           counters[ServerCounter.REQUESTS]!++;
-          for (let p = m.start! / TARGET_PAGE_SIZE; p < (m.start! + m.pageLength!) / TARGET_PAGE_SIZE; p++) requestedHere(m.block!, p);
-        } else if (m.type === RP_LIVEMIG_EXT && m.payload![0] === REQUEST_BATCH_KIND) {
+          for (let p = r.start! / TARGET_PAGE_SIZE; p < (r.start! + r.pageLength!) / TARGET_PAGE_SIZE; p++) requestedHere(r.block!, p);
+        } else if (r.type === RP_LIVEMIG_EXT && r.payload![0] === REQUEST_BATCH_KIND) {
           counters[ServerCounter.REQUESTS]!++;
-          decodeRequestBatch(m.payload!, requestedHere);
-        } else throw new Error(`unexpected message ${m.name} on the preempt channel`);
+          decodeRequestBatch(r.payload!, requestedHere);
+        } else throw new Error(`unexpected message ${r.name} on the preempt channel`);
       }
       flush(l);
-    } catch (err) {
-      lost(l, `preempt channel: ${(err as Error).message}`);
-    }
-  };
-  if (m.pending.byteLength > 0) onData(Buffer.from(m.pending.buffer, m.pending.byteOffset, m.pending.byteLength));
-  socket.on('data', onData);
-  socket.on('error', (err) => lost(l, `preempt channel failed: ${err.message}`));
-  socket.on('close', () => lost(l, 'the destination closed the preempt channel'));
+    },
+    (reason) => post({ kind: 'closed', reason }),
+  );
+  const l: Link = { conn, w: new BatchWriter({ slabSize: 64 * 1024 }), rec: new RamRecordWriter() };
+  link = l;
+  conn.start();
 }
 
 port.on('message', (m: PageServerCommand) => {
@@ -108,23 +101,21 @@ port.on('message', (m: PageServerCommand) => {
   }
   const l = link;
   link = undefined;
-  if (l === undefined || l.done) {
+  if (l === undefined || l.conn.done) {
     post({ kind: m.kind === 'end' ? 'ended' : 'detached' });
     return;
   }
-  l.done = true;
   if (m.kind === 'detach') {
-    l.socket.destroy();
+    l.conn.close();
     post({ kind: 'detached' });
     return;
   }
-  // QEMU 7.2's preempt channel ends with an EOS word.
+  // QEMU 7.2's preempt channel ends with an EOS word; then our side closes.
+  l.conn.done = true;
   l.w.be64(0x10);
-  l.done = false;
-  flush(l);
-  l.done = true;
-  l.socket.end(() => post({ kind: 'ended' }));
-  setTimeout(() => l.socket.destroy(), 5_000).unref();
+  flush(l, () => post({ kind: 'ended' }));
+  l.conn.socket.end();
+  setTimeout(() => l.conn.socket.destroy(), 5_000).unref();
 });
 
 // Requests from the main thread (the return path), served on the attached connection.
@@ -132,10 +123,10 @@ const waitAsync = (Atomics as unknown as { waitAsync(a: Int32Array, i: number, v
   .waitAsync;
 for (;;) {
   const tail = Atomics.load(forward, Ring.TAIL);
-  if (tail === Atomics.load(forward, Ring.HEAD) || link === undefined || link.done) {
+  if (tail === Atomics.load(forward, Ring.HEAD) || link === undefined || link.conn.done) {
     const r = waitAsync(forward, Ring.TAIL, tail, 200);
     if (r.async) await r.value;
-    if (link === undefined || link.done) await new Promise((r) => setTimeout(r, 5));
+    if (link === undefined || link.conn.done) await new Promise((r) => setTimeout(r, 5));
     continue;
   }
   const l = link;
@@ -143,6 +134,6 @@ for (;;) {
     ringDrain(forward, (block, page) => serve(l, block, page));
     flush(l);
   } catch (err) {
-    lost(l, (err as Error).message);
+    l.conn.lose((err as Error).message);
   }
 }

@@ -1,0 +1,67 @@
+// A connection a worker thread owns, taken over by file descriptor from the thread that
+// accepted or opened it (see detachFd): bytes that thread had read already come first.
+
+import net from 'node:net';
+
+export interface HandedConnection {
+  fd: number;
+  tcp: boolean;
+  /** Bytes read before the hand-over, handled before anything the descriptor brings. */
+  pending: Uint8Array;
+}
+
+export class WorkerConnection {
+  readonly socket: net.Socket;
+  /** Ended, lost or closed: no more reading or writing. */
+  done = false;
+  private readonly onLost: (reason: string) => void;
+
+  private readonly handed: HandedConnection;
+  private readonly what: string;
+  private readonly onData: (chunk: Buffer) => void;
+
+  /**
+   * `onData` gets every chunk (the pending bytes first) once start() is called; `onLost` once,
+   * when the connection breaks or `onData` throws (`what` names it in the reason), not after close().
+   */
+  constructor(handed: HandedConnection, what: string, onData: (chunk: Buffer) => void, onLost: (reason: string) => void) {
+    this.handed = handed;
+    this.what = what;
+    this.onData = onData;
+    this.onLost = onLost;
+    const socket = new net.Socket({ fd: handed.fd, readable: true, writable: true, allowHalfOpen: true });
+    this.socket = socket;
+    if (handed.tcp) socket.setNoDelay(true);
+    socket.on('error', (err) => this.lose(`${what} failed: ${err.message}`));
+    socket.on('close', () => this.lose(`${what} was closed by the peer`));
+  }
+
+  /** Deliver the pending bytes, then what arrives (call it once the caller's state refers to this). */
+  start(): void {
+    const data = (chunk: Buffer): void => {
+      if (this.done) return;
+      try {
+        this.onData(chunk);
+      } catch (err) {
+        this.lose(`${this.what}: ${(err as Error).message}`);
+      }
+    };
+    const p = this.handed.pending;
+    if (p.byteLength > 0) data(Buffer.from(p.buffer, p.byteOffset, p.byteLength));
+    this.socket.on('data', data);
+  }
+
+  /** The connection broke: close it and report `reason` (once). */
+  lose(reason: string): void {
+    if (this.done) return;
+    this.done = true;
+    this.socket.destroy();
+    this.onLost(reason);
+  }
+
+  /** Close it on purpose (nothing is reported). */
+  close(): void {
+    this.done = true;
+    this.socket.destroy();
+  }
+}
