@@ -18,15 +18,21 @@ async function until(cond: () => boolean, ms: number): Promise<number> {
   return performance.now() - t0;
 }
 
-test('a faulted vCPU sleeps while other pages arrive and wakes within milliseconds once its own page is set', { timeout: 30_000 }, async () => {
-  const ram = new GuestRam([{ idstr: 'm', length: PAGES * 4096 }]);
+/** One vCPU in postcopy fault mode, running `workload` until its first fault (on page 0). */
+async function faultedVcpu(pages: number, workload: string): Promise<{ ram: GuestRam; vcpus: VcpuSet }> {
+  const ram = new GuestRam([{ idstr: 'm', length: pages * 4096 }]);
   ram.waiterSlots = 1;
-  const vcpus = new VcpuSet(1, ram.blocks[0]!, parseWorkload('incrementer'));
+  const vcpus = new VcpuSet(1, ram.blocks[0]!, parseWorkload(workload));
   vcpus.setPostcopy(true);
+  await vcpus.cont();
+  await vcpus.waitForFault(5_000);
+  return { ram, vcpus };
+}
+
+test('a faulted vCPU sleeps while other pages arrive and wakes within milliseconds once its own page is set', { timeout: 30_000 }, async () => {
+  // The incrementer starts at page 0: it faults there and waits.
+  const { ram, vcpus } = await faultedVcpu(PAGES, 'incrementer');
   try {
-    await vcpus.cont();
-    // The incrementer starts at page 0: it faults there and waits.
-    await vcpus.waitForFault(5_000);
     const faults = new Uint32Array(16);
     assert.equal(vcpus.drainFaults(faults), 1);
     const page = faults[0]!;
@@ -56,15 +62,9 @@ test('a faulted vCPU sleeps while other pages arrive and wakes within millisecon
 });
 
 test('a paced vCPU earns no credit while blocked: after a stall it runs on at its pace, not in a catch-up burst', { timeout: 30_000 }, async () => {
-  const pages = 4096;
-  const ram = new GuestRam([{ idstr: 'm', length: pages * 4096 }]);
-  ram.waiterSlots = 1;
   // 4.096 MB/s: one page a millisecond.
-  const vcpus = new VcpuSet(1, ram.blocks[0]!, parseWorkload('incrementer:4.096'));
-  vcpus.setPostcopy(true);
+  const { ram, vcpus } = await faultedVcpu(4096, 'incrementer:4.096');
   try {
-    await vcpus.cont();
-    await vcpus.waitForFault(5_000);
     const stalledMs = 500;
     await sleep(stalledMs);
     assert.equal(vcpus.readState(0).position, 0, 'blocked on page 0');

@@ -24,6 +24,17 @@ function readAll(stream: Duplex): Promise<Buffer> {
   return within(finished(stream, { writable: false }).then(() => Buffer.concat(chunks)), 'stream end');
 }
 
+/** Resolves once `cond()` holds (polled every 5 ms, bounded by within()). */
+function until(cond: () => boolean, what: string): Promise<void> {
+  return within(
+    new Promise<void>((r) => {
+      const check = (): void => void (cond() ? r() : setTimeout(check, 5));
+      check();
+    }),
+    what,
+  );
+}
+
 /** The error the stream is destroyed with. */
 function errorOf(stream: Duplex): Promise<Error> {
   return within(new Promise((resolve) => stream.once('error', resolve)), 'stream error');
@@ -356,13 +367,7 @@ describe('detachFd: a connection handed to a worker thread', () => {
     try {
       // The client connection reads 'early' into its buffer (no 'data' listener: it stays there).
       peer.write('early');
-      await within(
-        new Promise<void>((r) => {
-          const check = (): void => void (client.readableLength >= 5 ? r() : setTimeout(check, 5));
-          check();
-        }),
-        'early bytes buffered',
-      );
+      await until(() => client.readableLength >= 5, 'early bytes buffered');
       let readHere = 0;
       const { fd, pending } = detachFd(client);
       client.on('data', (c: Buffer) => (readHere += c.length));
@@ -409,13 +414,7 @@ describe('WorkerConnection', () => {
     const peer = await within(accepted, 'accept');
     try {
       peer.write('one');
-      await within(
-        new Promise<void>((r) => {
-          const check = (): void => void (client.readableLength >= 3 ? r() : setTimeout(check, 5));
-          check();
-        }),
-        'bytes buffered',
-      );
+      await until(() => client.readableLength >= 3, 'bytes buffered');
       const handed = { ...detachFd(client), tcp: true };
       const got: string[] = [];
       const losses: string[] = [];
@@ -426,10 +425,10 @@ describe('WorkerConnection', () => {
       conn.start();
       assert.deepEqual(got, ['one'], 'pending bytes at start()');
       peer.write('two');
-      await within(new Promise<void>((r) => { const check = (): void => void (got.length >= 2 ? r() : setTimeout(check, 5)); check(); }), 'second chunk');
+      await until(() => got.length >= 2, 'second chunk');
       assert.equal(got.join(''), 'onetwo');
       peer.write('bad');
-      await within(new Promise<void>((r) => { const check = (): void => void (losses.length >= 1 ? r() : setTimeout(check, 5)); check(); }), 'loss');
+      await until(() => losses.length >= 1, 'loss');
       await delay(50);
       assert.deepEqual(losses, ['test channel: cannot parse'], 'one loss, naming the channel and the cause');
       assert.equal(conn.done, true);
