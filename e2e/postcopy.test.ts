@@ -201,13 +201,14 @@ test('postcopy-preempt recovery: after migrate-pause and recovery, requested pag
     await stopAndCheckPattern(dst);
   }));
 
-test('postcopy recovery after a silent link break (a proxy stops forwarding, nothing closes): keepalive pauses both sides; direct recovery completes', T, (t) =>
+for (const preempt of [false, true]) {
+test(`postcopy recovery after a silent link break (a proxy stops forwarding, nothing closes)${preempt ? ', with postcopy-preempt (the fault and page server threads let go of their frozen connection)' : ''}: keepalive pauses both sides; direct recovery completes`, T, (t) =>
   withHarness(async (h) => {
-    const { src, dst } = await postcopyPair(h, { guest: GUEST });
+    const { src, dst } = await postcopyPair(h, { guest: GUEST, preempt });
     const proxy = await TcpProxy.start(dst.incomingUri);
     try {
       await migrateIntoPostcopy(src, dst, proxy.uri);
-      assert.equal(proxy.pairs.length, 1, 'the migration went through the proxy');
+      assert.equal(proxy.pairs.length, preempt ? 2 : 1, 'the migration went through the proxy');
       await sleep(500);
       proxy.freeze();
       const frozenAt = performance.now();
@@ -221,6 +222,7 @@ test('postcopy recovery after a silent link break (a proxy stops forwarding, not
       await proxy.close();
     }
   }));
+}
 
 test('a link cut just before the end of the stream, with the source waiting for SHUT: both sides pause instead of failing; recovery completes', T, (t) =>
   withHarness(async (h) => {
