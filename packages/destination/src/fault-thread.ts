@@ -35,7 +35,8 @@ const WORKER_URL = new URL('../dist/fault-worker.js', import.meta.url);
 export class FaultThread {
   private readonly worker: Worker;
   private readonly counters = new Float64Array(new SharedArrayBuffer(FaultCounter.SLOTS * 8));
-  private exited = false;
+  /** The thread has ended (stopped, or it failed): a new one is needed. */
+  exited = false;
   /** The attached connection ended (EOS) or broke: set by the thread's message, cleared by attach(). */
   private linkEnded = false;
   private readonly waiters = new Set<(m: FaultWorkerMessage | undefined) => void>();

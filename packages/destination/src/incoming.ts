@@ -270,9 +270,7 @@ export class IncomingMigration {
    * behind background pages. A postcopy recovery opens both again.
    */
   private listenWithPreempt(address: string): Promise<string> {
-    this.faultThread = new FaultThread(this.o.guest, (reason) => {
-      if (this.faultThreadAttached) this.linkLost(new Error(reason));
-    });
+    this.faultThread = this.newFaultThread();
     return this.listenFirstTime(address, { preempt: true }, (raw, extra, server, tcp) => this.acceptPreempt(raw, extra, server, tcp));
   }
 
@@ -423,6 +421,8 @@ export class IncomingMigration {
       return;
     }
     if (this.faultThreadMode && this.faultThread !== undefined) {
+      // A thread that failed (its error paused the migration) is replaced for the new connection.
+      if (this.faultThread.exited) this.faultThread = this.newFaultThread();
       const { fd, pending } = detachFd(raw);
       this.faultThread.attach(fd, tcp, pending, this.decoder.ramBlocks);
       this.faultThreadAttached = true;
@@ -432,6 +432,12 @@ export class IncomingMigration {
     if (tcp) socket.setNoDelay(true);
     this.preemptSocket = socket;
     socket.on('error', () => {});
+  }
+
+  private newFaultThread(): FaultThread {
+    return new FaultThread(this.o.guest, (reason) => {
+      if (this.faultThreadAttached) this.linkLost(new Error(reason));
+    });
   }
 
   /** End the fault thread; its figures stay in the totals. */

@@ -263,8 +263,8 @@ export class OutgoingMigration {
       'dirty-pages-rate': Math.round(this.dirtyRate),
       mbps: this.meter.mbps > 0 ? this.meter.mbps : (this.transferred * 8) / elapsed / 1e6,
       'dirty-sync-count': s.dirtySyncCount,
-      'postcopy-requests': this.requestCount + (this.pageServer?.requests ?? 0),
-      'x-postcopy-preempt-requests': this.pageServer?.requests ?? 0,
+      'postcopy-requests': this.requestCount + this.pageServerBefore.requests + (this.pageServer?.requests ?? 0),
+      'x-postcopy-preempt-requests': this.pageServerBefore.requests + (this.pageServer?.requests ?? 0),
       'page-size': TARGET_PAGE_SIZE,
       'multifd-bytes': this.multifdBytes,
       'pages-per-second': Math.round(this.pagesPerSecond),
@@ -872,7 +872,7 @@ export class OutgoingMigration {
 
   /** Bytes written to the preempt channel(s). */
   private get preemptBytes(): number {
-    return this.preemptWrittenBefore + (this.preempt?.out.written ?? 0) + (this.pageServer?.bytes ?? 0);
+    return this.preemptWrittenBefore + (this.preempt?.out.written ?? 0) + this.pageServerBefore.bytes + (this.pageServer?.bytes ?? 0);
   }
   private preemptWrittenBefore = 0;
 
@@ -884,7 +884,7 @@ export class OutgoingMigration {
    * destination writes on that channel are answered there without this thread's event loop, and
    * requests from the return path are handed to it. It boots with the migration.
    */
-  private readonly pageServer: PageServer | undefined;
+  private pageServer: PageServer | undefined;
 
   /** Postcopy (and each recovery): hand the preempt channel (a socket) to the page server. */
   private startPageServer(): void {
@@ -893,9 +893,18 @@ export class OutgoingMigration {
     const socket = p.out.stream;
     this.preemptWrittenBefore += p.out.written;
     this.preempt = undefined;
+    // A thread that failed (its error paused the migration) is replaced for the new connection.
+    if (this.pageServer.exited) {
+      this.pageServerBefore.bytes += this.pageServer.bytes;
+      this.pageServerBefore.requests += this.pageServer.requests;
+      this.pageServer = new PageServer(this.o.guest, (reason) => this.onPreemptLost(reason));
+    }
     const { fd, pending } = detachFd(socket);
     this.pageServer.attach(fd, socket.remoteFamily !== undefined, pending);
   }
+
+  /** Figures of page server threads that failed and were replaced. */
+  private readonly pageServerBefore = { bytes: 0, requests: 0 };
 
   /** The page server lets go of its connection: after EOS at the end, or at once when the link broke. */
   private async stopPageServer(end: boolean): Promise<void> {

@@ -66,7 +66,8 @@ export class PageServer {
   private readonly forward = new Int32Array(new SharedArrayBuffer((Ring.BASE + 2 * Ring.PAIRS) * 4));
   private readonly served = new Int32Array(new SharedArrayBuffer((Ring.BASE + 2 * Ring.PAIRS) * 4));
   private readonly counters = new Float64Array(new SharedArrayBuffer(ServerCounter.SLOTS * 8));
-  private exited = false;
+  /** The thread has ended (stopped, or it failed): a new one is needed. */
+  exited = false;
   private readonly waiters = new Set<(m: PageServerMessage | undefined) => void>();
   /** Requests the ring could not take (full): sent on the next forward. */
   private readonly overflow: number[] = [];
