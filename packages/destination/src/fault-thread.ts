@@ -53,6 +53,7 @@ export class FaultThread {
     this.worker.unref();
     this.worker.on('message', (m: FaultWorkerMessage) => {
       if (m.kind === 'eof' || m.kind === 'closed') this.linkEnded = true;
+      if (m.kind === 'detached') this.detachAnswered = true;
       for (const w of this.waiters) w(m);
       if (m.kind === 'closed') onClosed(m.reason);
     });
@@ -109,10 +110,18 @@ export class FaultThread {
    * by then (placement is synchronous), so the claims left may be released.
    */
   async detach(): Promise<void> {
-    const detached = this.until(['detached'], 5_000);
+    let answered = false;
+    const detached = this.until(['detached'], 5_000).then(() => void (answered = this.exited || this.detachAnswered));
+    this.detachAnswered = false;
     this.worker.postMessage({ kind: 'detach' } satisfies FaultThreadCommand);
     await detached;
+    // No answer: the thread is stuck, perhaps amid a page. It is ended, so nothing it claimed is
+    // written after the claims are released (and a new thread takes the next connection).
+    if (!answered) await this.stop();
   }
+
+  /** A 'detached' answer came since the last detach(). */
+  private detachAnswered = false;
 
   async stop(): Promise<void> {
     await this.worker.terminate();
