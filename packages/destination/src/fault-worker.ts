@@ -6,8 +6,8 @@
 // one after each recovery), so no fault waits for a thread to boot.
 
 import { parentPort, workerData } from 'node:worker_threads';
-import { claimPage, drainFaultRing, raiseThreadPriority, waitForFaultRing, wakeArrived } from '@livemig/guest';
-import { BatchWriter, encodeRequestBatch, NEED_MORE, PostcopyState, type RamTarget, StreamDecoder, writeRpReqPages } from '@livemig/protocol';
+import { claimPage, drainFaultRing, isPageReceived, raiseThreadPriority, setPageReceived, waitForFaultRing, wakeArrived } from '@livemig/guest';
+import { BatchWriter, NEED_MORE, PostcopyState, type RamTarget, type RequestNaming, StreamDecoder, writePageRequests } from '@livemig/protocol';
 import { WorkerConnection } from '@livemig/runtime';
 import { FaultCounter, type FaultThreadCommand, type FaultWorkerData, type FaultWorkerMessage } from './fault-thread.ts';
 
@@ -38,8 +38,7 @@ const target: RamTarget = {
   },
   pagePlaced(block, pageOffset) {
     const l = local[streamToLocal[block]!]!;
-    const page = pageOffset / 4096;
-    Atomics.or(l.received, page >> 5, 1 << (page & 31));
+    setPageReceived(l.received, pageOffset / 4096);
     counters[FaultCounter.PREEMPT_PAGES]!++;
   },
 };
@@ -49,7 +48,7 @@ interface Link {
   conn: WorkerConnection;
   /** Pages requested and not yet received (duplicate faults on one page make one request). */
   requested: Set<number>;
-  named: boolean;
+  naming: RequestNaming;
 }
 let link: Link | undefined;
 
@@ -76,7 +75,7 @@ function attach(m: Extract<FaultThreadCommand, { kind: 'attach' }>): void {
     },
     (reason) => post({ kind: 'closed', reason }),
   );
-  link = { conn, requested: new Set(), named: false };
+  link = { conn, requested: new Set(), naming: { named: false } };
   conn.start();
   // After a recovery the requests in flight are lost: ask again for every page a vCPU waits for.
   const waitingNow: number[] = [];
@@ -97,9 +96,7 @@ port.on('message', (m: FaultThreadCommand) => {
   }
 });
 
-function isReceived(page: number): boolean {
-  return (Atomics.load(main.received, page >> 5) & (1 << (page & 31))) !== 0;
-}
+const isReceived = (page: number): boolean => isPageReceived(main.received, page);
 
 function request(pages: Iterable<number>): void {
   const l = link;
@@ -112,13 +109,8 @@ function request(pages: Iterable<number>): void {
   }
   if (fresh.length === 0) return;
   const w = new BatchWriter({ slabSize: 4096 });
-  if (fresh.length >= 2) encodeRequestBatch(w, main.idstr, fresh);
-  else {
-    writeRpReqPages(w, fresh[0]! * 4096, 4096, l.named ? undefined : main.idstr);
-    l.named = true;
-  }
+  counters[FaultCounter.REQUEST_BYTES]! += writePageRequests(w, main.idstr, fresh, true, l.naming);
   counters[FaultCounter.REQUESTED_PAGES]! += fresh.length;
-  counters[FaultCounter.REQUEST_BYTES]! += w.totalBytes;
   l.conn.socket.write(w.flushConcat());
 }
 

@@ -28,11 +28,11 @@ import {
   type RamBlockInfo,
   type RamTarget,
   StreamDecoder,
-  encodeRequestBatch,
+  type RequestNaming,
+  writePageRequests,
   writeRpLivemigExt,
   writeRpPong,
   writeRpRecvBitmap,
-  writeRpReqPages,
   writeRpResumeAck,
   writeRpShut,
 } from '@livemig/protocol';
@@ -100,7 +100,8 @@ export class IncomingMigration {
   private discardSeen = false;
   /** POSTCOPY_LISTEN seen: pages arriving now wake vCPUs waiting for them. */
   private listening = false;
-  private lastRequestedBlock = -1;
+  /** REQ_PAGES naming on the current main channel. */
+  private readonly rpNaming: RequestNaming = { named: false };
   /** Pages requested and not received yet (main block), so one page makes one request. */
   private readonly requested = new Set<number>();
   private faultLoopRunning = false;
@@ -583,7 +584,7 @@ export class IncomingMigration {
       this.decoder = this.makeDecoder(this.decoder);
       this.socket = socket;
       this.rpOpen = true;
-      this.lastRequestedBlock = -1;
+      this.rpNaming.named = false;
       this.lastByteAt = performance.now();
       this.setStatus('postcopy-recover');
       this.watch(socket);
@@ -621,16 +622,13 @@ export class IncomingMigration {
     if (this.status !== 'postcopy-recover') return; // QEMU ignores it elsewhere
     this.setStatus('postcopy-active');
     this.sendRp((w) => writeRpResumeAck(w));
-    const main = this.o.guest.ram.blocks[0]!;
-    const w = new BatchWriter({ slabSize: 4096 });
-    let first = true;
-    for (const page of this.requested) {
-      if (this.o.guest.ram.isReceived(0, page)) continue;
-      writeRpReqPages(w, page * 4096, 4096, first ? main.idstr : undefined);
-      first = false;
+    const awaited = [...this.requested].filter((page) => !this.o.guest.ram.isReceived(0, page));
+    this.rpNaming.named = false;
+    if (awaited.length > 0 && this.socket !== undefined) {
+      const w = new BatchWriter({ slabSize: 4096 });
+      writePageRequests(w, this.o.guest.ram.blocks[0]!.idstr, awaited, false, this.rpNaming);
+      this.socket.write(w.flushConcat());
     }
-    this.lastRequestedBlock = first ? -1 : 0;
-    if (!first && this.socket !== undefined) this.socket.write(w.flushConcat());
     this.o.log.info({ outstanding: this.requested.size }, 'postcopy resumed');
   }
 
@@ -703,18 +701,8 @@ export class IncomingMigration {
       this.requested.add(page);
       fresh.push(page);
     }
-    if (fresh.length >= 2 && this.peerIsLivemig) {
-      // Several faults at once, to a livemig source: one message of compressed page indices.
-      this.requestBytes += encodeRequestBatch(w, main.idstr, fresh);
-    } else {
-      for (const page of fresh) {
-        const before = w.totalBytes;
-        // The first request, and any after one for another block, names its block.
-        writeRpReqPages(w, page * 4096, 4096, this.lastRequestedBlock === 0 ? undefined : main.idstr);
-        this.lastRequestedBlock = 0;
-        this.requestBytes += w.totalBytes - before;
-      }
-    }
+    // Several faults at once, to a livemig source: one message of compressed page indices.
+    this.requestBytes += writePageRequests(w, main.idstr, fresh, this.peerIsLivemig, this.rpNaming);
     this.requestedPages += fresh.length;
     if (w.totalBytes > 0 && this.rpOpen && this.socket !== undefined && !this.socket.destroyed) this.socket.write(w.flushConcat());
     return n;

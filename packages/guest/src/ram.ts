@@ -52,13 +52,24 @@ export interface GuestBlock {
   claimed: Int32Array;
 }
 
+/** Set a page's bit in a received bitmap (no wake-up; see wakeArrived). */
+export function setPageReceived(received: Int32Array, page: number): void {
+  const bit = 1 << (page & 31);
+  if ((received[page >> 5]! & bit) === 0) Atomics.or(received, page >> 5, bit);
+}
+
+/** Whether a page's bit is set in a received bitmap (postcopy). */
+export function isPageReceived(received: Int32Array, page: number): boolean {
+  return (Atomics.load(received, page >> 5) & (1 << (page & 31))) !== 0;
+}
+
 /**
  * Claim a page for placing: true for exactly one caller, and only while the page has not been
  * received. The loser must not write it: the guest may already have changed the winner's copy.
  */
 export function claimPage(claimed: Int32Array, received: Int32Array, page: number): boolean {
   const bit = 1 << (page & 31);
-  return (Atomics.or(claimed, page >> 5, bit) & bit) === 0 && (Atomics.load(received, page >> 5) & bit) === 0;
+  return (Atomics.or(claimed, page >> 5, bit) & bit) === 0 && !isPageReceived(received, page);
 }
 
 /**
@@ -149,9 +160,7 @@ export class GuestRam {
    * by one wakeWaiters() (a wake per page costs a futex call per page for an in-order guest).
    */
   setReceived(blockIndex: number, page: number): void {
-    const r = this.blocks[blockIndex]!.received;
-    const bit = 1 << (page & 31);
-    if ((r[page >> 5]! & bit) === 0) Atomics.or(r, page >> 5, bit);
+    setPageReceived(this.blocks[blockIndex]!.received, page);
   }
 
   /** Wake every vCPU whose page has arrived (after setReceived; see wakeArrived). */
@@ -178,7 +187,7 @@ export class GuestRam {
   waiterSlots = MAX_WAITERS;
 
   isReceived(blockIndex: number, page: number): boolean {
-    return (Atomics.load(this.blocks[blockIndex]!.received, page >> 5) & (1 << (page & 31))) !== 0;
+    return isPageReceived(this.blocks[blockIndex]!.received, page);
   }
 
   /** Postcopy discard: these pages must come again; vCPUs touching them will fault. */

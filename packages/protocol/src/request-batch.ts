@@ -1,6 +1,7 @@
 // Batched page requests between livemig peers (a return-path extension), encoded and decoded.
 
-import { writeRpLivemigExt } from './return-path.ts';
+import { TARGET_PAGE_SIZE } from './constants.ts';
+import { writeRpLivemigExt, writeRpReqPages } from './return-path.ts';
 import type { BatchWriter } from './writer.ts';
 
 /**
@@ -11,7 +12,7 @@ import type { BatchWriter } from './writer.ts';
  * 2 bytes a page after an 11-byte header, instead of a 16-byte REQ_PAGES each. msgpack payloads
  * (our other extensions) never start with 0x01. Returns the bytes written.
  */
-export function encodeRequestBatch(w: BatchWriter, block: string, pages: number[]): number {
+export function encodeRequestBatch(w: BatchWriter, block: string, pages: readonly number[]): number {
   const before = w.totalBytes;
   const perMessage = Math.floor((512 - 7 - block.length) / 4);
   for (let i = 0; i < pages.length; ) {
@@ -49,4 +50,24 @@ export function decodeRequestBatch(p: Uint8Array, onPage: (block: string, page: 
   const block = b.toString('latin1', 3, 3 + n);
   const base = b.readUInt32BE(3 + n);
   for (let at = 7 + n; at < b.length; at += width) onPage(block, base + (width === 2 ? b.readUInt16LE(at) : b.readUInt32LE(at)));
+}
+
+/** Whether REQ_PAGES on one connection has named its block yet (then the next ones need not). */
+export interface RequestNaming {
+  named: boolean;
+}
+
+/**
+ * Page requests for `pages` of block `block` on one connection: one page-request batch when
+ * `batch` (a livemig peer) and there are several, else a REQ_PAGES each, the first on the
+ * connection naming its block. Returns the bytes written.
+ */
+export function writePageRequests(w: BatchWriter, block: string, pages: readonly number[], batch: boolean, naming: RequestNaming): number {
+  if (batch && pages.length >= 2) return encodeRequestBatch(w, block, pages);
+  const before = w.totalBytes;
+  for (const page of pages) {
+    writeRpReqPages(w, page * TARGET_PAGE_SIZE, TARGET_PAGE_SIZE, naming.named ? undefined : block);
+    naming.named = true;
+  }
+  return w.totalBytes - before;
 }
