@@ -2,9 +2,8 @@
 // a preempt connection arrives and takes connections over by file descriptor: attach() when
 // postcopy listens (and after each recovery), detach() when the link breaks.
 
-import { fileURLToPath } from 'node:url';
-import { Worker } from 'node:worker_threads';
 import type { Guest } from '@livemig/guest';
+import { CommandThread } from '@livemig/runtime';
 import type { RamBlockInfo } from '@livemig/protocol';
 
 export interface FaultWorkerData {
@@ -33,15 +32,12 @@ export type FaultWorkerMessage = { kind: 'eof' } | { kind: 'closed'; reason: str
 const WORKER_URL = new URL('../dist/fault-worker.js', import.meta.url);
 
 export class FaultThread {
-  private readonly worker: Worker;
+  private readonly thread: CommandThread<FaultThreadCommand, FaultWorkerMessage>;
   private readonly counters = new Float64Array(new SharedArrayBuffer(FaultCounter.SLOTS * 8));
-  /** The thread has ended (stopped, or it failed): a new one is needed. */
-  exited = false;
   /** The attached connection ended (EOS) or broke: set by the thread's message, cleared by attach(). */
   private linkEnded = false;
-  private readonly waiters = new Set<(m: FaultWorkerMessage | undefined) => void>();
 
-  /** `onClosed`: the attached connection broke (not after a detach). */
+  /** `onClosed`: the attached connection broke (not after a detach), or the thread failed. */
   constructor(guest: Guest, onClosed: (reason: string) => void) {
     const data: FaultWorkerData = {
       blocks: guest.ram.blocks.map((b) => ({ idstr: b.idstr, memory: b.memory, received: b.receivedMemory, claimed: b.claimedMemory, waiting: b.waitingMemory })),
@@ -49,19 +45,20 @@ export class FaultThread {
       faultRing: guest.vcpus.faultRing.buffer as SharedArrayBuffer,
       counters: this.counters.buffer as SharedArrayBuffer,
     };
-    this.worker = new Worker(fileURLToPath(WORKER_URL), { workerData: data });
-    this.worker.unref();
-    this.worker.on('message', (m: FaultWorkerMessage) => {
-      if (m.kind === 'eof' || m.kind === 'closed') this.linkEnded = true;
-      if (m.kind === 'detached') this.detachAnswered = true;
-      for (const w of this.waiters) w(m);
-      if (m.kind === 'closed') onClosed(m.reason);
-    });
-    this.worker.on('error', (err) => onClosed(`fault thread failed: ${err.message}`));
-    this.worker.on('exit', () => {
-      this.exited = true;
-      for (const w of this.waiters) w(undefined);
-    });
+    this.thread = new CommandThread(
+      WORKER_URL,
+      data,
+      (m) => {
+        if (m.kind === 'eof' || m.kind === 'closed') this.linkEnded = true;
+        if (m.kind === 'closed') onClosed(m.reason);
+      },
+      (err) => onClosed(`fault thread failed: ${err.message}`),
+    );
+  }
+
+  /** The thread has ended (stopped, or it failed): a new one is needed. */
+  get exited(): boolean {
+    return this.thread.exited;
   }
 
   get preemptPages(): number {
@@ -79,30 +76,13 @@ export class FaultThread {
   /** Own this connection (`pending`: bytes it brought already). */
   attach(fd: number, tcp: boolean, pending: Uint8Array, streamBlocks: readonly RamBlockInfo[]): void {
     this.linkEnded = false;
-    const m: FaultThreadCommand = { kind: 'attach', fd, tcp, pending, streamBlocks: streamBlocks.map((b) => ({ idstr: b.idstr, length: b.length })) };
-    this.worker.postMessage(m);
-  }
-
-  /** Resolves with the first message of one of `kinds` (or when the thread exits, or after `timeoutMs`). */
-  private until(kinds: FaultWorkerMessage['kind'][], timeoutMs: number): Promise<void> {
-    if (this.exited) return Promise.resolve();
-    return new Promise((resolve) => {
-      const done = (m: FaultWorkerMessage | undefined): void => {
-        if (m !== undefined && !kinds.includes(m.kind)) return;
-        this.waiters.delete(done);
-        clearTimeout(timer);
-        resolve();
-      };
-      const timer = setTimeout(() => done(undefined), timeoutMs);
-      this.waiters.add(done);
-    });
+    this.thread.post({ kind: 'attach', fd, tcp, pending, streamBlocks: streamBlocks.map((b) => ({ idstr: b.idstr, length: b.length })) });
   }
 
   /** Resolves once the attached connection ended (EOS) or broke (bounded by `timeoutMs`). */
-  ended(timeoutMs: number): Promise<void> {
+  async ended(timeoutMs: number): Promise<void> {
     // The end may have come already (the preempt channel's EOS can beat the main channel's EOF).
-    if (this.linkEnded) return Promise.resolve();
-    return this.until(['eof', 'closed'], timeoutMs);
+    if (!this.linkEnded) await this.thread.waitFor(['eof', 'closed'], timeoutMs);
   }
 
   /**
@@ -110,20 +90,13 @@ export class FaultThread {
    * by then (placement is synchronous), so the claims left may be released.
    */
   async detach(): Promise<void> {
-    let answered = false;
-    const detached = this.until(['detached'], 5_000).then(() => void (answered = this.exited || this.detachAnswered));
-    this.detachAnswered = false;
-    this.worker.postMessage({ kind: 'detach' } satisfies FaultThreadCommand);
-    await detached;
+    if (this.thread.exited) return;
     // No answer: the thread is stuck, perhaps amid a page. It is ended, so nothing it claimed is
     // written after the claims are released (and a new thread takes the next connection).
-    if (!answered) await this.stop();
+    if (!(await this.thread.ask({ kind: 'detach' }, 'detached', 5_000))) await this.stop();
   }
 
-  /** A 'detached' answer came since the last detach(). */
-  private detachAnswered = false;
-
-  async stop(): Promise<void> {
-    await this.worker.terminate();
+  stop(): Promise<void> {
+    return this.thread.stop();
   }
 }

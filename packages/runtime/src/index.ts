@@ -43,6 +43,7 @@ export {
   type OnreadOptions,
 } from './channel.ts';
 export { type HandedConnection, WorkerConnection } from './worker-connection.ts';
+export { CommandThread } from './command-thread.ts';
 export {
   AddressError,
   ChannelError,

@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import type { Duplex } from 'node:stream';
 import { finished } from 'node:stream/promises';
 import { describe, it } from 'node:test';
-import { fileURLToPath } from 'node:url';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 import { acceptWithOnread, connectChannel, listenChannel } from '../src/index.ts';
 import { delay, withTempDir, within } from './helpers.ts';
 
@@ -437,4 +437,23 @@ describe('WorkerConnection', () => {
       server.close();
     }
   });
+});
+
+describe('CommandThread', () => {
+  it('ask() is true on the answer, false when none comes in time or the thread has ended; onMessage sees every message', T, () =>
+    withTempDir(async (dir) => {
+      const { CommandThread } = await import('../src/index.ts');
+      const file = join(dir, 'echo-worker.mjs');
+      // Answers 'ping' with 'pong'; ignores 'mute'.
+      await writeFile(file, `import { parentPort } from 'node:worker_threads';
+        parentPort.on('message', (m) => { if (m.kind === 'ping') parentPort.postMessage({ kind: 'pong' }); });`);
+      const seen: string[] = [];
+      const t = new CommandThread<{ kind: string }, { kind: string }>(pathToFileURL(file), null, (m) => seen.push(m.kind), () => {});
+      assert.equal(await t.ask({ kind: 'ping' }, 'pong', 5_000), true);
+      assert.deepEqual(seen, ['pong']);
+      assert.equal(await t.ask({ kind: 'mute' }, 'pong', 100), false, 'no answer within the bound');
+      await t.stop();
+      assert.equal(t.exited, true);
+      assert.equal(await t.ask({ kind: 'ping' }, 'pong', 5_000), false, 'an ended thread answers nothing, at once');
+    }));
 });

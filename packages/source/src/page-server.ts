@@ -2,9 +2,8 @@
 // owns the preempt connection and answers page requests on it from guest RAM, so a request never
 // waits for the main thread, which is busy sending background pages.
 
-import { fileURLToPath } from 'node:url';
-import { Worker } from 'node:worker_threads';
 import type { Guest } from '@livemig/guest';
+import { CommandThread } from '@livemig/runtime';
 
 export interface PageServerData {
   blocks: { idstr: string; memory: SharedArrayBuffer; length: number }[];
@@ -62,13 +61,10 @@ const WORKER_URL = new URL('../dist/page-server-worker.js', import.meta.url);
  * preempt connection when postcopy starts: attach(), then end() or detach().
  */
 export class PageServer {
-  private readonly worker: Worker;
+  private readonly thread: CommandThread<PageServerCommand, PageServerMessage>;
   private readonly forward = new Int32Array(new SharedArrayBuffer((Ring.BASE + 2 * Ring.PAIRS) * 4));
   private readonly served = new Int32Array(new SharedArrayBuffer((Ring.BASE + 2 * Ring.PAIRS) * 4));
   private readonly counters = new Float64Array(new SharedArrayBuffer(ServerCounter.SLOTS * 8));
-  /** The thread has ended (stopped, or it failed): a new one is needed. */
-  exited = false;
-  private readonly waiters = new Set<(m: PageServerMessage | undefined) => void>();
   /** Requests the ring could not take (full): sent on the next forward. */
   private readonly overflow: number[] = [];
   /** A connection is attached. */
@@ -82,30 +78,29 @@ export class PageServer {
       served: this.served.buffer as SharedArrayBuffer,
       counters: this.counters.buffer as SharedArrayBuffer,
     };
-    this.worker = new Worker(fileURLToPath(WORKER_URL), { workerData: data });
-    this.worker.unref();
-    this.worker.on('message', (m: PageServerMessage) => {
-      for (const w of this.waiters) w(m);
-      if (m.kind === 'closed' && this.attached) {
-        this.attached = false;
-        onClosed(m.reason);
-      }
-    });
-    this.worker.on('error', (err) => {
-      if (this.attached) {
-        this.attached = false;
-        onClosed(`page server failed: ${err.message}`);
-      }
-    });
-    this.worker.on('exit', () => {
-      this.exited = true;
-      for (const w of this.waiters) w(undefined);
-    });
+    const closed = (reason: string): void => {
+      if (!this.attached) return;
+      this.attached = false;
+      onClosed(reason);
+    };
+    this.thread = new CommandThread(
+      WORKER_URL,
+      data,
+      (m) => {
+        if (m.kind === 'closed') closed(m.reason);
+      },
+      (err) => closed(`page server failed: ${err.message}`),
+    );
+  }
+
+  /** The thread has ended (stopped, or it failed): a new one is needed. */
+  get exited(): boolean {
+    return this.thread.exited;
   }
 
   attach(fd: number, tcp: boolean, pending: Uint8Array): void {
     this.attached = true;
-    this.worker.postMessage({ kind: 'attach', fd, tcp, pending } satisfies PageServerCommand);
+    this.thread.post({ kind: 'attach', fd, tcp, pending });
   }
 
   /** Serve a page requested on the return path. */
@@ -129,34 +124,19 @@ export class PageServer {
     return this.counters[ServerCounter.REQUESTS]!;
   }
 
-  private request(command: PageServerCommand, answer: PageServerMessage['kind'], timeoutMs: number): Promise<void> {
-    this.attached = false;
-    if (this.exited) return Promise.resolve();
-    const done = new Promise<void>((resolve) => {
-      const waiter = (m: PageServerMessage | undefined): void => {
-        if (m !== undefined && m.kind !== answer) return;
-        this.waiters.delete(waiter);
-        clearTimeout(timer);
-        resolve();
-      };
-      const timer = setTimeout(() => waiter(undefined), timeoutMs);
-      this.waiters.add(waiter);
-    });
-    this.worker.postMessage(command);
-    return done;
-  }
-
   /** The end of postcopy: EOS on the preempt channel, then close it (bounded). */
-  end(timeoutMs = 5_000): Promise<void> {
-    return this.request({ kind: 'end' }, 'ended', timeoutMs);
+  async end(timeoutMs = 5_000): Promise<void> {
+    this.attached = false;
+    await this.thread.ask({ kind: 'end' }, 'ended', timeoutMs);
   }
 
   /** The link broke: close the connection (a recovery attaches a new one). */
-  detach(): Promise<void> {
-    return this.request({ kind: 'detach' }, 'detached', 5_000);
+  async detach(): Promise<void> {
+    this.attached = false;
+    await this.thread.ask({ kind: 'detach' }, 'detached', 5_000);
   }
 
-  async stop(): Promise<void> {
-    await this.worker.terminate();
+  stop(): Promise<void> {
+    return this.thread.stop();
   }
 }
