@@ -99,6 +99,11 @@ export class PageServer {
   }
 
   attach(fd: number, tcp: boolean, pending: Uint8Array): void {
+    // Requests handed over before a link broke and not served then are dropped, not served on
+    // this connection: the recovery sends those pages again (a QEMU destination fails on a
+    // second copy). The thread drains the ring only while attached, so it is not draining now.
+    ringDrain(this.forward, () => {});
+    this.overflow.length = 0;
     this.attached = true;
     this.thread.post({ kind: 'attach', fd, tcp, pending });
   }
