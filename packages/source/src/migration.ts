@@ -23,7 +23,6 @@ import {
   MigCmd,
   type MigrationParameters,
   type MigrationStatus as QmpMigrationStatus,
-  RamRecordWriter,
   recvBitmapBytes,
   NEED_MORE_RP,
   RP_LIVEMIG_EXT,
@@ -179,7 +178,7 @@ export class OutgoingMigration {
     this.out = new StreamOut(options.channel);
     if (options.preempt !== undefined) {
       this.pageServer = new PageServer(options.guest, (reason) => this.onPreemptLost(reason));
-      this.preempt = { out: new StreamOut(options.preempt), w: new BatchWriter({ slabSize: 64 * 1024 }), rec: new RamRecordWriter() };
+      this.holdPreempt(options.preempt);
     }
     const p = options.parameters;
     if (options.multifd !== undefined && options.multifd.length > 0) this.multifd = new MultifdSender(options.multifd);
@@ -310,7 +309,7 @@ export class OutgoingMigration {
     this.totalTime = this.now() - this.startTime;
     this.channel.destroy();
     this.multifd?.destroy();
-    this.preempt?.out.stream.destroy();
+    this.preempt?.destroy();
     const guest = this.o.guest;
     // Once postcopy has started the destination owns the guest: never run it here again.
     if (this.wasRunning && !guest.running && !this.inPostcopy) {
@@ -713,7 +712,6 @@ export class OutgoingMigration {
       if (wait > 0) await this.sleepOrWake(wait);
     }
     this.inPostcopy = false;
-    this.preempt?.out.stream.destroy();
     const pong4 = this.pongAt.get(4);
     // Downtime: source stopped → the destination had run RUN (it answers PING 4 after it).
     this.downtime = (pong4 ?? this.now()) - this.stopTime;
@@ -721,7 +719,7 @@ export class OutgoingMigration {
   }
 
   /**
-   * The end of a postcopy stream: RAM's END section, EOF (and EOS on the preempt channel), then
+   * The end of a postcopy stream: RAM's END section, EOF (and the page server's EOS on the preempt channel), then
    * the destination's SHUT. True once SHUT(0) came; false if the link broke first (the caller
    * pauses until a recovery); throws on a SHUT with a failure status.
    */
@@ -736,11 +734,6 @@ export class OutgoingMigration {
     } catch {
       this.w.flush();
       return false;
-    }
-    if (this.preempt !== undefined && this.preempt.out.error === undefined) {
-      // QEMU 7.2's preempt channel ends with an EOS word.
-      this.preempt.w.be64(0x10);
-      await this.preempt.out.write(this.preempt.w.flush()).catch(() => {});
     }
     await this.stopPageServer(true);
     try {
@@ -784,9 +777,6 @@ export class OutgoingMigration {
   /** Wait in postcopy-paused for a new channel, then run the recovery handshake; repeat on failure. */
   private async pauseUntilResumed(cause: Error): Promise<void> {
     await this.stopPageServer(false);
-    this.preempt?.out.stream.destroy();
-    this.preemptWrittenBefore += this.preempt?.out.written ?? 0;
-    this.preempt = undefined;
     for (;;) {
       this.channel.destroy();
       this.setStatus('postcopy-paused');
@@ -802,7 +792,7 @@ export class OutgoingMigration {
         await this.resumeOver(channels.channel);
         if (channels.preempt !== undefined) {
           // Requested pages jump the queue again, on the new preempt channel.
-          this.preempt = { out: new StreamOut(channels.preempt), w: new BatchWriter({ slabSize: 64 * 1024 }), rec: new RamRecordWriter() };
+          this.holdPreempt(channels.preempt);
           this.startPageServer();
         }
         return;
@@ -872,12 +862,20 @@ export class OutgoingMigration {
 
   /** Bytes written to the preempt channel(s). */
   private get preemptBytes(): number {
-    return this.preemptWrittenBefore + (this.preempt?.out.written ?? 0) + this.pageServerBefore.bytes + (this.pageServer?.bytes ?? 0);
+    return this.pageServerBefore.bytes + (this.pageServer?.bytes ?? 0);
   }
-  private preemptWrittenBefore = 0;
 
-  /** The preempt channel while it works (dropped on a pause; a recovery brings a new one). */
-  private preempt: { out: StreamOut; w: BatchWriter; rec: RamRecordWriter } | undefined;
+  /**
+   * The preempt channel until postcopy starts (or a recovery resumes) and hands it to the page
+   * server. Nothing goes on it before that.
+   */
+  private preempt: Duplex | undefined;
+
+  private holdPreempt(channel: Duplex): void {
+    // A failure before postcopy shows as a destroyed channel then (requests use the main channel).
+    channel.on('error', () => {});
+    this.preempt = channel;
+  }
 
   /**
    * In postcopy the preempt channel belongs to a page server thread: requests a livemig
@@ -888,11 +886,13 @@ export class OutgoingMigration {
 
   /** Postcopy (and each recovery): hand the preempt channel (a socket) to the page server. */
   private startPageServer(): void {
-    const p = this.preempt;
-    if (this.pageServer === undefined || p === undefined || p.out.error !== undefined || !(p.out.stream instanceof net.Socket)) return;
-    const socket = p.out.stream;
-    this.preemptWrittenBefore += p.out.written;
+    const socket = this.preempt;
     this.preempt = undefined;
+    if (socket === undefined || this.pageServer === undefined) return;
+    if (!(socket instanceof net.Socket) || socket.destroyed) {
+      socket.destroy();
+      return;
+    }
     // A thread that failed (its error paused the migration) is replaced for the new connection.
     if (this.pageServer.exited) {
       this.pageServerBefore.bytes += this.pageServer.bytes;
@@ -923,8 +923,8 @@ export class OutgoingMigration {
   }
 
   /**
-   * Send every queued requested page that is still to be sent: on the preempt channel when there
-   * is one (flushed at once, so it never waits behind background pages), else in `w`.
+   * Send every queued requested page that is still to be sent: through the page server when it
+   * has the preempt channel (at once, never behind background pages), else in `w`.
    */
   private serveRequests(w: BatchWriter): void {
     const q = this.requests;
@@ -933,16 +933,6 @@ export class OutgoingMigration {
       // As QEMU: a page already sent is not sent again (a QEMU destination fails on a second copy).
       for (let i = 0; i < q.length; i += 2) if (this.ram.takeRequested(q[i]!, q[i + 1]!)) this.pageServer.forwardRequest(q[i]!, q[i + 1]!);
       q.length = 0;
-      return;
-    }
-    const p = this.preempt;
-    if (p !== undefined && p.out.error === undefined) {
-      for (let i = 0; i < q.length; i += 2) {
-        // Already sent: it still waits in the main channel's queue, so it goes again here.
-        if (!this.ram.sendRequested(p.w, q[i]!, q[i + 1]!, p.rec)) this.ram.resendPage(p.w, q[i]!, q[i + 1]!, p.rec);
-      }
-      q.length = 0;
-      void p.out.write(p.w.flush()).catch(() => {});
       return;
     }
     for (let i = 0; i < q.length; i += 2) this.ram.sendRequested(w, q[i]!, q[i + 1]!);
@@ -975,7 +965,7 @@ export class OutgoingMigration {
     for (let p = start / TARGET_PAGE_SIZE; p < (start + length) / TARGET_PAGE_SIZE; p++) this.requests.push(index, p);
     this.requestCount++;
     // With a preempt channel the page goes out right away, from the return-path handler itself.
-    if ((this.preempt !== undefined || this.pageServer?.attached === true) && this.status === 'postcopy-active') this.serveRequests(this.w);
+    if (this.pageServer?.attached === true && this.status === 'postcopy-active') this.serveRequests(this.w);
     this.wake?.();
   }
 

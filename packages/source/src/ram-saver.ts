@@ -204,16 +204,11 @@ export class RamSaver implements IterativeDevice {
    * Postcopy: send a requested page if it is still to be sent (else the request is dropped, as
    * QEMU does), and move the background scan there (locality). Returns true when it was sent.
    */
-  sendRequested(w: BatchWriter, blockIndex: number, page: number, rec: RamRecordWriter = this.rec): boolean {
-    const bm = this.bitmaps[blockIndex]!;
-    const wi = page >>> 5;
-    const bit = 1 << (page & 31);
-    if ((bm[wi]! & bit) === 0) return false;
-    bm[wi] = (bm[wi]! & ~bit) >>> 0;
-    this.dirtyPages--;
+  sendRequested(w: BatchWriter, blockIndex: number, page: number): boolean {
+    if (!this.takeDirty(blockIndex, page)) return false;
     this.cursorBlock = blockIndex;
     this.cursorPage = page;
-    this.sendPage(w, blockIndex, page, true, rec);
+    this.sendPage(w, blockIndex, page, true);
     return true;
   }
 
@@ -227,21 +222,18 @@ export class RamSaver implements IterativeDevice {
     if (bm === undefined || page >= this.guest.ram.blocks[blockIndex]!.pageCount) return false;
     this.cursorBlock = blockIndex;
     this.cursorPage = page;
+    return this.takeDirty(blockIndex, page);
+  }
+
+  /** Clear a page's bit in the migration bitmap; false if it was clear (the page went already). */
+  private takeDirty(blockIndex: number, page: number): boolean {
+    const bm = this.bitmaps[blockIndex]!;
     const wi = page >>> 5;
     const bit = 1 << (page & 31);
     if ((bm[wi]! & bit) === 0) return false;
     bm[wi] = (bm[wi]! & ~bit) >>> 0;
     this.dirtyPages--;
     return true;
-  }
-
-  /**
-   * Postcopy with a preempt channel: send a page that already went out on the main channel
-   * again. The destination asking for it means it is still queued there (socket buffers hold
-   * megabytes); the copy that arrives second is dropped by the destination. Bitmap untouched.
-   */
-  resendPage(w: BatchWriter, blockIndex: number, page: number, rec: RamRecordWriter): void {
-    this.sendPage(w, blockIndex, page, true, rec);
   }
 
   /** Postcopy start: every block's still-dirty ranges, as [start byte, length] for DISCARD. */
@@ -327,7 +319,8 @@ export class RamSaver implements IterativeDevice {
     return n;
   }
 
-  private sendPage(w: BatchWriter, blockIndex: number, page: number, final: boolean, rec: RamRecordWriter = this.rec): void {
+  private sendPage(w: BatchWriter, blockIndex: number, page: number, final: boolean): void {
+    const rec = this.rec;
     const block = this.guest.ram.blocks[blockIndex]!;
     const mem = this.views[blockIndex]!;
     const off = page * TARGET_PAGE_SIZE;
@@ -340,7 +333,7 @@ export class RamSaver implements IterativeDevice {
       if (this.xbzrleActive) this.xbzrle!.insertZero(block.globalOffset + off, this.stats.dirtySyncCount);
       return;
     }
-    if (this.multifd !== undefined && rec === this.rec) {
+    if (this.multifd !== undefined) {
       this.multifd.queuePage(idstr, mem, off);
       this.stats.normal++;
       return;
