@@ -80,7 +80,7 @@ export function claimPage(claimed: Int32Array, received: Int32Array, page: numbe
 export function wakeArrived(received: Int32Array, waiting: Int32Array, slots: number): void {
   for (let i = 0; i < slots; i++) {
     const p = Atomics.load(waiting, i) - 1;
-    if (p >= 0 && (Atomics.load(received, p >> 5) & (1 << (p & 31))) !== 0) Atomics.notify(received, p >> 5);
+    if (p >= 0 && isPageReceived(received, p)) Atomics.notify(received, p >> 5);
   }
 }
 
