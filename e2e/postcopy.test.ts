@@ -82,7 +82,7 @@ test('postcopy with the destination guest running: its vCPU faults pull pages on
     assert.ok(dst.events.some((e) => e.event === 'RESUME'), 'destination RESUME (guest started by POSTCOPY_RUN)');
   }));
 
-test('postcopy with postcopy-preempt: the destination\'s fault thread asks on the second connection and the source\'s page server answers there; faults pull pages, the pattern is consistent', T, (t) =>
+test('postcopy with postcopy-preempt: the destination\'s vCPUs ask on the second connection themselves and the source\'s page server answers there; faults pull pages, the pattern is consistent', T, (t) =>
   withHarness(async (h) => {
     const { src, dst } = await postcopyPair(h, { guest: GUEST, preempt: true });
     await sleep(300);
@@ -98,6 +98,8 @@ test('postcopy with postcopy-preempt: the destination\'s fault thread asks on th
     // Between livemig peers the requests went that way too (not on the return path).
     const asked = ram['x-postcopy-preempt-requests'] ?? 0;
     assert.ok(asked > 0 && asked === ram['postcopy-requests'], `requests on the preempt channel: ${asked} of ${ram['postcopy-requests']}`);
+    // One page a request, each asked for once: as many as the destination wrote.
+    assert.equal(d['x-postcopy-request-pages'], asked, 'pages the destination asked for');
     assert.equal(ram.remaining, 0);
     log(t, `preempt: postcopy-requests ${ram['postcopy-requests']}, faults ${faults}, mean latency ${((d['postcopy-latency'] ?? 0) / 1000).toFixed(0)} µs, dist ${JSON.stringify(d['postcopy-latency-dist'])}`);
     assert.equal(await queryStatus(src), 'postmigrate');

@@ -19,6 +19,8 @@ export interface DestinationPostcopyInfo extends MigrationInfo {
   'postcopy-faults'?: number;
   /** livemig: pages placed from the preempt channel. */
   'x-postcopy-preempt-pages'?: number;
+  /** livemig: pages this side asked for. */
+  'x-postcopy-request-pages'?: number;
 }
 
 /**

@@ -2,7 +2,7 @@
 // a preempt connection arrives and takes connections over by file descriptor: attach() when
 // postcopy listens (and after each recovery), detach() when the link breaks.
 
-import type { Guest } from '@livemig/guest';
+import { type Guest, LINE_WRITE_TIMEOUT_MS, RequestLine } from '@livemig/guest';
 import { CommandThread } from '@livemig/runtime';
 import type { RamBlockInfo } from '@livemig/protocol';
 
@@ -11,12 +11,15 @@ export interface FaultWorkerData {
   blocks: { idstr: string; memory: SharedArrayBuffer; received: SharedArrayBuffer; claimed: SharedArrayBuffer; waiting: SharedArrayBuffer }[];
   waiterSlots: number;
   faultRing: SharedArrayBuffer;
+  /** The vCPUs' request line (guest's request-line.ts), which this thread owns, and its bitmap. */
+  requestLine: SharedArrayBuffer;
+  requested: SharedArrayBuffer;
   /** Float64Array of FaultCounter slots. */
   counters: SharedArrayBuffer;
 }
 
 /** Slots of FaultWorkerData.counters. */
-export const FaultCounter = { PREEMPT_PAGES: 0, REQUESTED_PAGES: 1, REQUEST_BYTES: 2, SLOTS: 3 } as const;
+export const FaultCounter = { PREEMPT_PAGES: 0, SLOTS: 1 } as const;
 
 /** Main thread → fault thread. */
 export type FaultThreadCommand =
@@ -34,6 +37,7 @@ const WORKER_URL = new URL('../dist/fault-worker.js', import.meta.url);
 export class FaultThread {
   private readonly thread: CommandThread<FaultThreadCommand, FaultWorkerMessage>;
   private readonly counters = new Float64Array(new SharedArrayBuffer(FaultCounter.SLOTS * 8));
+  private readonly requestLine: SharedArrayBuffer;
   /** The attached connection ended (EOS) or broke: set by the thread's message, cleared by attach(). */
   private linkEnded = false;
 
@@ -43,8 +47,12 @@ export class FaultThread {
       blocks: guest.ram.blocks.map((b) => ({ idstr: b.idstr, memory: b.memory, received: b.receivedMemory, claimed: b.claimedMemory, waiting: b.waitingMemory })),
       waiterSlots: guest.ram.waiterSlots,
       faultRing: guest.vcpus.faultRing.buffer as SharedArrayBuffer,
+      requestLine: guest.vcpus.requestLine,
+      requested: guest.vcpus.requestedMemory,
       counters: this.counters.buffer as SharedArrayBuffer,
     };
+    this.requestLine = guest.vcpus.requestLine;
+    RequestLine.reopen(this.requestLine);
     this.thread = new CommandThread(
       WORKER_URL,
       data,
@@ -65,13 +73,6 @@ export class FaultThread {
     return this.counters[FaultCounter.PREEMPT_PAGES]!;
   }
 
-  get requestedPages(): number {
-    return this.counters[FaultCounter.REQUESTED_PAGES]!;
-  }
-
-  get requestBytes(): number {
-    return this.counters[FaultCounter.REQUEST_BYTES]!;
-  }
 
   /** Own this connection (`pending`: bytes it brought already). */
   attach(fd: number, tcp: boolean, pending: Uint8Array, streamBlocks: readonly RamBlockInfo[]): void {
@@ -96,7 +97,11 @@ export class FaultThread {
     if (!(await this.thread.ask({ kind: 'detach' }, 'detached', 5_000))) await this.stop();
   }
 
-  stop(): Promise<void> {
-    return this.thread.stop();
+  async stop(): Promise<void> {
+    // The thread's end closes its connection's descriptor, which vCPUs may be writing requests
+    // to: the request line is shut first (a vCPU mid-request lets go within bounds).
+    const deadline = Date.now() + 2 * LINE_WRITE_TIMEOUT_MS;
+    while (!RequestLine.shut(this.requestLine) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 2));
+    await this.thread.stop();
   }
 }

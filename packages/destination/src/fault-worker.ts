@@ -1,13 +1,16 @@
 // The destination's postcopy fault thread (livemig source with postcopy-preempt): it owns the
-// preempt connection. vCPU faults become page requests written on that connection, and the pages
-// that come back on it are placed and their vCPUs woken, all without the main thread, which is
-// busy with the background stream (on a loaded machine each event-loop hop there costs ms).
+// preempt connection. vCPUs write their page requests on it themselves, through the request line
+// this thread publishes (guest's request-line.ts); the thread asks only for what they could not
+// (faults queued in the ring while the line was busy or closed, and after a recovery every page a
+// vCPU waits for). The pages that come back are placed and their vCPUs woken here, all without
+// the main thread, which is busy with the background stream (on a loaded machine each event-loop
+// hop there costs ms).
 // The thread starts with the migration and takes a connection when postcopy listens (and a new
 // one after each recovery), so no fault waits for a thread to boot.
 
 import { parentPort, workerData } from 'node:worker_threads';
-import { claimPage, drainFaultRing, isPageReceived, raiseThreadPriority, setPageReceived, waitForFaultRing, wakeArrived } from '@livemig/guest';
-import { BatchWriter, NEED_MORE, PostcopyState, type RamTarget, type RequestNaming, StreamDecoder, writePageRequests } from '@livemig/protocol';
+import { claimPage, drainFaultRing, LINE_OWNER, LINE_WRITE_TIMEOUT_MS, LineFailure, raiseThreadPriority, RequestLine, setPageReceived, waitForFaultRing, wakeArrived } from '@livemig/guest';
+import { BatchWriter, NEED_MORE, PostcopyState, type RamTarget, StreamDecoder, TARGET_PAGE_SIZE, writeRpReqPages } from '@livemig/protocol';
 import { WorkerConnection } from '@livemig/runtime';
 import { FaultCounter, type FaultThreadCommand, type FaultWorkerData, type FaultWorkerMessage } from './fault-thread.ts';
 
@@ -43,14 +46,21 @@ const target: RamTarget = {
   },
 };
 
-/** The connection in use, with the requests made on it. */
-interface Link {
-  conn: WorkerConnection;
-  /** Pages requested and not yet received (duplicate faults on one page make one request). */
-  requested: Set<number>;
-  naming: RequestNaming;
+/** The connection in use. */
+let link: WorkerConnection | undefined;
+/** Requests go out on the request line: vCPUs write their own, this thread those it must make. */
+const line = new RequestLine(d.requestLine, d.requested, main.received.buffer as SharedArrayBuffer, LINE_OWNER);
+
+/** A single-page request for page 0 of the main block, naming the block or not (the line's templates). */
+function requestTemplate(naming: boolean): Uint8Array {
+  const w = new BatchWriter({ slabSize: 512 });
+  writeRpReqPages(w, 0, TARGET_PAGE_SIZE, naming ? main.idstr : undefined);
+  return w.flushConcat();
 }
-let link: Link | undefined;
+const NAMING_TEMPLATE = requestTemplate(true);
+const PLAIN_TEMPLATE = requestTemplate(false);
+/** Where a request's big-endian 64-bit start address is (after the 2-byte type and 2-byte length). */
+const REQUEST_ADDRESS_OFFSET = 4;
 
 function post(m: FaultWorkerMessage): void {
   port.postMessage(m);
@@ -75,7 +85,10 @@ function attach(m: Extract<FaultThreadCommand, { kind: 'attach' }>): void {
     },
     (reason) => post({ kind: 'closed', reason }),
   );
-  link = { conn, requested: new Set(), naming: { named: false } };
+  link = conn;
+  line.publish(m.fd, NAMING_TEMPLATE, PLAIN_TEMPLATE, REQUEST_ADDRESS_OFFSET);
+  // No request reaches the descriptor once it is closed, whoever closes it.
+  conn.onClosing = () => line.retract();
   conn.start();
   // After a recovery the requests in flight are lost: ask again for every page a vCPU waits for.
   const waitingNow: number[] = [];
@@ -90,40 +103,34 @@ port.on('message', (m: FaultThreadCommand) => {
   if (m.kind === 'attach') attach(m);
   else if (m.kind === 'detach') {
     // Placement is synchronous in a data event: between events nothing is half placed.
-    link?.conn.close();
+    link?.close();
     link = undefined;
     post({ kind: 'detached' });
   }
 });
 
-const isReceived = (page: number): boolean => isPageReceived(main.received, page);
-
 function request(pages: Iterable<number>): void {
-  const l = link;
-  if (l === undefined || l.conn.done) return;
-  const fresh: number[] = [];
-  for (const page of pages) {
-    if (isReceived(page) || l.requested.has(page)) continue;
-    l.requested.add(page);
-    fresh.push(page);
-  }
-  if (fresh.length === 0) return;
-  const w = new BatchWriter({ slabSize: 4096 });
-  counters[FaultCounter.REQUEST_BYTES]! += writePageRequests(w, main.idstr, fresh, true, l.naming);
-  counters[FaultCounter.REQUESTED_PAGES]! += fresh.length;
-  l.conn.socket.write(w.flushConcat());
+  for (const page of pages) line.requestPage(page);
 }
 
 const faulted = new Uint32Array(256);
 for (;;) {
   await waitForFaultRing(ring, 200);
+  // A writer gave the line up (the connection took no bytes, or failed): the link is broken.
+  const failure = line.failure;
+  if (link !== undefined && !link.done && failure !== LineFailure.NONE) {
+    link.lose(
+      failure === LineFailure.STALLED
+        ? `preempt channel: took no page request for ${LINE_WRITE_TIMEOUT_MS} ms`
+        : 'preempt channel: a page request could not be written',
+    );
+  }
   // Faults wait in the ring while no connection is attached (a pause): the next one asks.
-  if (link === undefined || link.conn.done) {
+  if (link === undefined || link.done) {
     await new Promise((r) => setTimeout(r, 5));
     continue;
   }
   const n = drainFaultRing(ring, faulted);
   if (n === 0) await new Promise((r) => setImmediate(r)); // a slot reserved, not written yet
   else request(faulted.subarray(0, n));
-  for (const p of link?.requested ?? []) if (isReceived(p)) link!.requested.delete(p);
 }

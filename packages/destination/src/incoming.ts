@@ -36,7 +36,7 @@ import {
   writeRpResumeAck,
   writeRpShut,
 } from '@livemig/protocol';
-import type { Guest } from '@livemig/guest';
+import { type Guest, RequestLine } from '@livemig/guest';
 import { adoptWithOnread, detachFd, formatAddress, listenChannel, listenServer, type ChannelListener } from '@livemig/runtime';
 
 /** The statuses a livemig destination goes through (QEMU's names). */
@@ -448,8 +448,6 @@ export class IncomingMigration {
     this.faultThread = undefined;
     this.faultThreadAttached = false;
     this.preemptPagesBefore += t.preemptPages;
-    this.requestedPages += t.requestedPages;
-    this.requestBytes += t.requestBytes;
     void t.stop();
   }
 
@@ -716,15 +714,17 @@ export class IncomingMigration {
     const buckets = Array.from(v.latency);
     const faults = per.reduce((a, b) => a + b.faults, 0);
     const blocked = per.reduce((a, b) => a + b.blockedMs, 0);
+    // Requests the vCPUs wrote themselves (see guest's request-line.ts), with their fault thread's.
+    const lineRequests = RequestLine.written(v.requestLine);
     return {
       'postcopy-blocktime': Math.round(blocked),
       'postcopy-vcpu-blocktime': per.map((p) => Math.round(p.blockedMs)),
       'postcopy-latency': faults > 0 ? Math.round((blocked * 1e6) / faults) : 0,
       'postcopy-latency-dist': buckets.slice(0, buckets.findLastIndex((b) => b > 0) + 1),
       'postcopy-faults': faults,
-      'x-postcopy-request-pages': this.requestedPages + (this.faultThread?.requestedPages ?? 0),
+      'x-postcopy-request-pages': this.requestedPages + lineRequests.requests,
       'x-postcopy-preempt-pages': this.preemptPages(),
-      'x-postcopy-request-bytes': this.requestBytes + (this.faultThread?.requestBytes ?? 0),
+      'x-postcopy-request-bytes': this.requestBytes + lineRequests.bytes,
       // livemig: how long the guest has run in postcopy (RUN until completion), for blocktime shares.
       'x-postcopy-run-time': Math.round((this.loadedAt > 0 ? this.loadedAt : performance.now()) - this.runAt),
     };

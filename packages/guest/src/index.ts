@@ -7,6 +7,7 @@
 export * from './control.ts';
 export * from './ram.ts';
 export * from './vcpus.ts';
+export * from './request-line.ts';
 export * from './devices.ts';
 export * from './guest.ts';
 export * from './iterative.ts';

@@ -22,6 +22,7 @@ import {
   THROTTLE,
   type Workload,
 } from './control.ts';
+import { LineResult, RequestLine } from './request-line.ts';
 
 export interface VcpuWorkerData {
   index: number;
@@ -37,12 +38,16 @@ export interface VcpuWorkerData {
   /** Per vCPU: the page this vCPU waits for, plus one (0: not waiting). */
   waitingMemory: SharedArrayBuffer;
   faultRing: SharedArrayBuffer;
+  /** Postcopy: the fault request line (see request-line.ts) and its requested-pages bitmap. */
+  requestLine: SharedArrayBuffer;
+  requestedMemory: SharedArrayBuffer;
   latency: SharedArrayBuffer;
 }
 
 const PAGE = 4096;
 const d = workerData as VcpuWorkerData;
 const bytes = new Uint8Array(d.memory);
+const line = new RequestLine(d.requestLine, d.requestedMemory, d.receivedMemory, d.index);
 const words = new Uint32Array(d.memory);
 const dirty = new Int32Array(d.dirtyMemory);
 const control = new Int32Array(d.control);
@@ -96,11 +101,15 @@ function touch(page: number): boolean {
   let v = Atomics.load(received, w);
   if ((v & bit) !== 0) return true;
   const t0 = performance.now();
-  const slot = Atomics.add(ring, RING_TAIL, 1) & (FAULT_RING_SLOTS - 1);
-  Atomics.store(ring, RING_BASE + slot, page);
-  Atomics.notify(ring, RING_TAIL);
-  // Say which page we wait for, then look again: the main thread wakes us only for that page.
+  // Say which page we wait for (whoever places it wakes us only for that page, and a new
+  // connection asks for it again), then ask: on the request line when it is open, which saves a
+  // hop through another thread, else through the fault ring.
   Atomics.store(waiting, d.index, page + 1);
+  if (line.requestPage(page) === LineResult.UNAVAILABLE) {
+    const slot = Atomics.add(ring, RING_TAIL, 1) & (FAULT_RING_SLOTS - 1);
+    Atomics.store(ring, RING_BASE + slot, page);
+    Atomics.notify(ring, RING_TAIL);
+  }
   v = Atomics.load(received, w);
   while ((v & bit) === 0) {
     Atomics.wait(received, w, v, 100);

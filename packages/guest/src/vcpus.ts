@@ -27,7 +27,8 @@ import {
   THROTTLE,
   type Workload,
 } from './control.ts';
-import type { GuestBlock } from './ram.ts';
+import { bitmapWords, type GuestBlock } from './ram.ts';
+import { createRequestLine } from './request-line.ts';
 import type { VcpuWorkerData } from './vcpu-worker.ts';
 
 /** Atomics.waitAsync (Node 20 has it; the es2023 lib does not declare it). */
@@ -88,6 +89,10 @@ export class VcpuSet {
   private readonly stateArray: Float64Array;
   /** Faulted pages, vCPUs → main thread (see control.ts). */
   readonly faultRing: Int32Array;
+  /** Postcopy: the fault request line vCPUs write their page requests on (see request-line.ts). */
+  readonly requestLine: SharedArrayBuffer;
+  /** Its requested-pages bitmap (main block). */
+  readonly requestedMemory: SharedArrayBuffer;
   /** Fault latency histogram, power-of-2 µs buckets. */
   readonly latency: Int32Array;
   private readonly workers: Worker[] = [];
@@ -103,6 +108,8 @@ export class VcpuSet {
     this.stateArray = new Float64Array(new SharedArrayBuffer(count * STATE_SLOTS * 8));
     this.faultRing = new Int32Array(new SharedArrayBuffer((RING_BASE + FAULT_RING_SLOTS) * 4)).fill(RING_EMPTY, RING_BASE);
     this.latency = new Int32Array(new SharedArrayBuffer(LATENCY_BUCKETS * 4));
+    this.requestLine = createRequestLine();
+    this.requestedMemory = new SharedArrayBuffer(bitmapWords(block.pageCount) * 4);
   }
 
   /** Postcopy fault mode on/off: vCPUs check the received bitmap before each page access. */
@@ -190,6 +197,8 @@ export class VcpuSet {
         receivedMemory: this.block.receivedMemory,
         waitingMemory: this.block.waitingMemory,
         faultRing: this.faultRing.buffer as SharedArrayBuffer,
+        requestLine: this.requestLine,
+        requestedMemory: this.requestedMemory,
         latency: this.latency.buffer as SharedArrayBuffer,
       };
       const w = new Worker(fileURLToPath(WORKER_URL), { workerData: data });

@@ -14,6 +14,8 @@ export class WorkerConnection {
   readonly socket: net.Socket;
   /** Ended, lost or closed: no more reading or writing. */
   done = false;
+  /** Called once, just before the descriptor is closed (whatever closes it). */
+  onClosing: (() => void) | undefined;
   private readonly onLost: (reason: string) => void;
 
   private readonly handed: HandedConnection;
@@ -32,6 +34,15 @@ export class WorkerConnection {
     const socket = new net.Socket({ fd: handed.fd, readable: true, writable: true, allowHalfOpen: true });
     this.socket = socket;
     if (handed.tcp) socket.setNoDelay(true);
+    // Every way the descriptor gets closed goes through _destroy, including Node's own after a
+    // read error, which runs before any 'error' listener would.
+    const destroy = socket._destroy.bind(socket);
+    socket._destroy = (err, cb) => {
+      const closing = this.onClosing;
+      this.onClosing = undefined;
+      closing?.();
+      destroy(err, cb);
+    };
     socket.on('error', (err) => this.lose(`${what} failed: ${err.message}`));
     socket.on('close', () => this.lose(`${what} was closed by the peer`));
   }

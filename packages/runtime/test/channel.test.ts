@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { closeSync, openSync } from 'node:fs';
+import { closeSync, fstatSync, openSync } from 'node:fs';
 import { readFile, stat, writeFile } from 'node:fs/promises';
 import net from 'node:net';
 import { join } from 'node:path';
@@ -437,6 +437,38 @@ describe('WorkerConnection', () => {
       server.close();
     }
   });
+});
+
+describe('WorkerConnection.onClosing', () => {
+  for (const how of ['close()', 'a peer reset (Node destroys the socket itself)'] as const) {
+    it(`runs once, while the descriptor is still open, before ${how} closes it`, T, async () => {
+      const { detachFd, WorkerConnection } = await import('../src/index.ts');
+      const server = net.createServer();
+      await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+      const accepted = new Promise<net.Socket>((r) => server.once('connection', r));
+      const client = net.connect((server.address() as net.AddressInfo).port, '127.0.0.1');
+      const peer = await within(accepted, 'accept');
+      try {
+        await until(() => !client.connecting, 'connected');
+        const handed = { ...detachFd(client), tcp: true };
+        const events: string[] = [];
+        const conn = new WorkerConnection(handed, 'test channel', () => {}, () => events.push('lost'));
+        conn.onClosing = () => {
+          // Still this connection's descriptor: a write on it reaches the peer's socket.
+          events.push(`closing, open: ${fstatSync(handed.fd).isSocket()}`);
+        };
+        conn.start();
+        if (how === 'close()') conn.close();
+        else peer.resetAndDestroy();
+        await until(() => events.length >= (how === 'close()' ? 1 : 2), 'closing');
+        await delay(50);
+        assert.deepEqual(events, how === 'close()' ? ['closing, open: true'] : ['closing, open: true', 'lost']);
+      } finally {
+        peer.destroy();
+        server.close();
+      }
+    });
+  }
 });
 
 describe('CommandThread', () => {
