@@ -2,8 +2,10 @@
 //   1. fault latency p50 / p99 while background pages saturate the link, without and with the
 //      preempt channel (goal with preempt: p50 ≤ 2× RTT, p99 ≤ 1 ms on loopback);
 //   2. the share of the postcopy phase that vCPUs spend blocked, for a guest that touches every page.
+// Both with preempt are also run with --realtime-postcopy (SCHED_FIFO fault path; root only).
 
 import { spawn } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
@@ -48,6 +50,17 @@ async function tcpRtt(rounds = 2000): Promise<{ p50: number; p99: number }> {
   }
 }
 
+/** Whether this process may raise scheduling priorities (root, or CAP_SYS_NICE in its effective set). */
+function isPrivileged(): boolean {
+  if (process.getuid?.() === 0) return true;
+  try {
+    const eff = /CapEff:\s*([0-9a-f]+)/.exec(readFileSync('/proc/self/status', 'utf8'))?.[1];
+    return eff !== undefined && (BigInt(`0x${eff}`) & (1n << 23n)) !== 0n;
+  } catch {
+    return false;
+  }
+}
+
 /** p-quantile (µs) from a power-of-2 µs histogram: the upper edge of the bucket it falls in. */
 function quantile(dist: number[], q: number): number {
   const total = dist.reduce((a, b) => a + b, 0);
@@ -82,14 +95,15 @@ interface PostcopyRun {
   latencyNs: number;
 }
 
-async function postcopyOnce(workload: string, preempt: boolean, memory = '256M'): Promise<PostcopyRun> {
+async function postcopyOnce(workload: string, preempt: boolean, memory = '256M', realtime = false): Promise<PostcopyRun> {
   const dir = await mkdtemp(join(tmpdir(), 'livemig-bench-'));
   const children: Child[] = [];
   const clients: QmpClient[] = [];
   const caps = preempt ? 'postcopy-ram,postcopy-preempt' : 'postcopy-ram';
   try {
-    const dst = startProcess('destination', DESTINATION_MAIN, ['--incoming', 'tcp:127.0.0.1:0', '--capabilities', caps, '--qmp', `unix:${join(dir, 'd')}`, '-m', memory, '--fill', 'random', '--workload', workload]);
-    const src = startProcess('source', SOURCE_MAIN, ['--qmp', `unix:${join(dir, 's')}`, '-m', memory, '--fill', 'random', '--workload', workload]);
+    const rt = realtime ? ['--realtime-postcopy'] : [];
+    const dst = startProcess('destination', DESTINATION_MAIN, ['--incoming', 'tcp:127.0.0.1:0', '--capabilities', caps, '--qmp', `unix:${join(dir, 'd')}`, '-m', memory, '--fill', 'random', '--workload', workload, ...rt]);
+    const src = startProcess('source', SOURCE_MAIN, ['--qmp', `unix:${join(dir, 's')}`, '-m', memory, '--fill', 'random', '--workload', workload, ...rt]);
     children.push(dst, src);
     const dq = await connectQmp(dst, `unix:${join(dir, 'd')}`, 60_000);
     const sq = await connectQmp(src, `unix:${join(dir, 's')}`, 60_000);
@@ -141,19 +155,29 @@ export async function postcopyBench(): Promise<void> {
   console.log('\npostcopy over tcp loopback (fresh processes per run)');
   const rtt = await tcpRtt();
   console.log(`  plain TCP round trip (64 B ping-pong between two processes): p50 ${rtt.p50.toFixed(0)} µs, p99 ${rtt.p99.toFixed(0)} µs`);
-  for (const preempt of [false, true]) {
-    const r = await postcopyOnce('random:100', preempt);
+  const runs = [
+    { preempt: false, realtime: false, label: 'without preempt' },
+    { preempt: true, realtime: false, label: 'with preempt' },
+    // Only a privileged process gets SCHED_FIFO; elsewhere this row equals the one above.
+    { preempt: true, realtime: true, label: `with preempt and --realtime-postcopy${isPrivileged() ? '' : ' (refused here: not privileged)'}` },
+  ];
+  for (const { preempt, realtime, label } of runs) {
+    const r = await postcopyOnce('random:100', preempt, '256M', realtime);
     console.log(
-      `  fault latency, background pages unthrottled, ${preempt ? 'with' : 'without'} preempt: ${r.faults} faults, ` +
+      `  fault latency, background pages unthrottled, ${label}: ${r.faults} faults, ` +
         `p50 ≤ ${quantile(r.dist, 0.5)} µs (≈ ${quantileEstimate(r.dist, 0.5).toFixed(0)} µs inside its bucket, ${(quantileEstimate(r.dist, 0.5) / rtt.p50).toFixed(1)}× RTT), ` +
-        `p90 ≤ ${quantile(r.dist, 0.9)} µs, p99 ≤ ${quantile(r.dist, 0.99)} µs, mean ${(r.latencyNs / 1000).toFixed(0)} µs` +
+        `p90 ≤ ${quantile(r.dist, 0.9)} µs, p99 ≤ ${quantile(r.dist, 0.99)} µs, mean ${(r.latencyNs / 1000).toFixed(0)} µs, ` +
+        `postcopy phase ${r.postcopyMs.toFixed(0)} ms` +
         (preempt ? '   (goal: p50 ≤ 2× RTT, p99 ≤ 1000 µs)' : ''),
     );
   }
-  for (const workload of ['incrementer:max', 'incrementer:400']) {
-    const touch = await postcopyOnce(workload, true, '128M');
-    console.log(
-      `  vCPU blocked share, guest touching every page in order (${workload}, preempt): ${((100 * touch.blockedMs) / touch.postcopyMs).toFixed(1)} % of a ${touch.postcopyMs.toFixed(0)} ms postcopy phase (${touch.faults} faults; QEMU 7.2 here: 31–35 %)`,
-    );
+  for (const realtime of [false, true]) {
+    for (const workload of ['incrementer:max', 'incrementer:400']) {
+      const touch = await postcopyOnce(workload, true, '128M', realtime);
+      console.log(
+        `  vCPU blocked share, guest touching every page in order (${workload}, preempt${realtime ? ', --realtime-postcopy' : ''}): ` +
+          `${((100 * touch.blockedMs) / touch.postcopyMs).toFixed(1)} % of a ${touch.postcopyMs.toFixed(0)} ms postcopy phase (${touch.faults} faults; QEMU 7.2 here: 31–35 %)`,
+      );
+    }
   }
 }

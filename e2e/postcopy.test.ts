@@ -11,6 +11,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { assertSameRam, MiB, queryMigrate, queryStatus, setCapabilities, waitForMigration, waitForStatus } from './helpers/migration.ts';
 import {
   assertQmpError,
+  fifoThreads,
   migrateIntoPostcopy,
   postcopyPair,
   recover,
@@ -103,6 +104,37 @@ test('postcopy with postcopy-preempt: the destination\'s vCPUs ask on the second
     assert.equal(ram.remaining, 0);
     log(t, `preempt: postcopy-requests ${ram['postcopy-requests']}, faults ${faults}, mean latency ${((d['postcopy-latency'] ?? 0) / 1000).toFixed(0)} µs, dist ${JSON.stringify(d['postcopy-latency-dist'])}`);
     assert.equal(await queryStatus(src), 'postmigrate');
+    await stopAndCheckPattern(dst);
+  }));
+
+test('--realtime-postcopy: in postcopy the destination\'s vCPUs (priority 1) and fault thread (2) and the source\'s page server (2) run under SCHED_FIFO; afterwards no destination thread does, and the pattern is consistent', {
+  ...T,
+  skip: process.getuid?.() === 0 ? false : 'needs root (SCHED_FIFO needs CAP_SYS_NICE)',
+}, (t) =>
+  withHarness(async (h) => {
+    const { src, dst } = await postcopyPair(h, { guest: GUEST, preempt: true, args: ['--realtime-postcopy'] });
+    // Before postcopy nothing runs under real time on the destination.
+    await sleep(300);
+    assert.deepEqual(fifoThreads(dst.pid).filter((x) => x.priority === 1), [], 'no real-time vCPU before postcopy');
+    await migrateIntoPostcopy(src, dst, dst.incomingUri);
+    let seen = { dst: [] as { tid: number; priority: number }[], src: [] as { tid: number; priority: number }[] };
+    const deadline = performance.now() + 10_000;
+    for (;;) {
+      seen = { dst: fifoThreads(dst.pid), src: fifoThreads(src.pid) };
+      const done = (await queryMigrate(dst)).status === 'completed';
+      if (seen.dst.some((x) => x.priority === 1) || done || performance.now() > deadline) break;
+      await sleep(20);
+    }
+    const priorities = seen.dst.map((x) => x.priority).sort();
+    assert.deepEqual(priorities, [1, 2], `destination SCHED_FIFO threads in postcopy (one vCPU, the fault thread): ${JSON.stringify(seen.dst)}`);
+    assert.deepEqual(seen.src.map((x) => x.priority), [2], `source SCHED_FIFO threads in postcopy (the page server): ${JSON.stringify(seen.src)}`);
+    const { dst: d } = await waitBothCompleted(src, dst);
+    assert.ok((d['postcopy-faults'] ?? 0) > 0, 'vCPU faults pulled pages');
+    // The vCPU goes back to the normal policy at its next step; the fault thread has ended.
+    const after = performance.now() + 5_000;
+    while (fifoThreads(dst.pid).length > 0 && performance.now() < after) await sleep(20);
+    assert.deepEqual(fifoThreads(dst.pid), [], 'no destination thread under SCHED_FIFO after postcopy');
+    log(t, `realtime: faults ${d['postcopy-faults']}, mean latency ${((d['postcopy-latency'] ?? 0) / 1000).toFixed(0)} µs, dist ${JSON.stringify(d['postcopy-latency-dist'])}`);
     await stopAndCheckPattern(dst);
   }));
 

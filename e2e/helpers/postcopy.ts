@@ -3,6 +3,7 @@
 // freeze a link without closing it (what a dead router or a pulled cable looks like to TCP).
 
 import assert from 'node:assert/strict';
+import { readdirSync, readFileSync } from 'node:fs';
 import net from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { digest, type GuestDigest, type MigrationInfo, MiB, queryStatus, setCapabilities, waitForMigration, waitForStatus } from './migration.ts';
@@ -42,6 +43,8 @@ export interface PostcopyPairOptions {
   parameters?: Record<string, number>;
   /** Capability postcopy-preempt on both sides (requested pages on a second connection). */
   preempt?: boolean;
+  /** More flags for both processes (after the guest flags). */
+  args?: string[];
 }
 
 /**
@@ -50,8 +53,9 @@ export interface PostcopyPairOptions {
  */
 export async function postcopyPair(h: Harness, o: PostcopyPairOptions): Promise<{ src: Child; dst: Child & { incomingUri: string } }> {
   const caps = o.preempt === true ? ['postcopy-ram', 'postcopy-preempt', 'events'] : ['postcopy-ram', 'events'];
-  const dst = await h.destination({ incoming: 'tcp', paused: o.paused === true, guest: o.guest, capabilities: caps });
-  const src = await h.source({ guest: o.guest });
+  const args = o.args ?? [];
+  const dst = await h.destination({ incoming: 'tcp', paused: o.paused === true, guest: o.guest, capabilities: caps, args });
+  const src = await h.source({ guest: o.guest, args });
   await setCapabilities(src, caps);
   await src.execute('migrate-set-parameters', o.parameters ?? SLOW_POSTCOPY);
   return { src, dst };
@@ -283,4 +287,26 @@ export class TcpProxy {
     this.cut();
     await within(new Promise<void>((resolve) => this.#server.close(() => resolve())), 'TcpProxy close', 2_000).catch(() => {});
   }
+}
+
+/**
+ * The threads of process `pid` under SCHED_FIFO, with their real-time priorities, from
+ * /proc/PID/task/TID/stat (fields 40 and 41: rt_priority, policy).
+ */
+export function fifoThreads(pid: number): { tid: number; priority: number }[] {
+  const out: { tid: number; priority: number }[] = [];
+  for (const tid of readdirSync(`/proc/${pid}/task`)) {
+    let stat: string;
+    try {
+      stat = readFileSync(`/proc/${pid}/task/${tid}/stat`, 'utf8');
+    } catch {
+      continue; // the thread ended meanwhile
+    }
+    // Fields after the command name (which may hold spaces), from field 3 on.
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    const priority = Number(fields[40 - 3]);
+    const policy = Number(fields[41 - 3]);
+    if (policy === 1) out.push({ tid: Number(tid), priority });
+  }
+  return out;
 }

@@ -16,10 +16,12 @@ export interface FaultWorkerData {
   requested: SharedArrayBuffer;
   /** Float64Array of FaultCounter slots. */
   counters: SharedArrayBuffer;
+  /** Run under SCHED_FIFO (--realtime-postcopy). */
+  realtime: boolean;
 }
 
 /** Slots of FaultWorkerData.counters. */
-export const FaultCounter = { PREEMPT_PAGES: 0, SLOTS: 1 } as const;
+export const FaultCounter = { PREEMPT_PAGES: 0, REALTIME_REFUSED: 1, SLOTS: 2 } as const;
 
 /** Main thread → fault thread. */
 export type FaultThreadCommand =
@@ -42,7 +44,7 @@ export class FaultThread {
   private linkEnded = false;
 
   /** `onClosed`: the attached connection broke (not after a detach), or the thread failed. */
-  constructor(guest: Guest, onClosed: (reason: string) => void) {
+  constructor(guest: Guest, realtime: boolean, onClosed: (reason: string) => void) {
     const data: FaultWorkerData = {
       blocks: guest.ram.blocks.map((b) => ({ idstr: b.idstr, memory: b.memory, received: b.receivedMemory, claimed: b.claimedMemory, waiting: b.waitingMemory })),
       waiterSlots: guest.ram.waiterSlots,
@@ -50,6 +52,7 @@ export class FaultThread {
       requestLine: guest.vcpus.requestLine,
       requested: guest.vcpus.requestedMemory,
       counters: this.counters.buffer as SharedArrayBuffer,
+      realtime,
     };
     this.requestLine = guest.vcpus.requestLine;
     RequestLine.reopen(this.requestLine);
@@ -67,6 +70,11 @@ export class FaultThread {
   /** The thread has ended (stopped, or it failed): a new one is needed. */
   get exited(): boolean {
     return this.thread.exited;
+  }
+
+  /** It asked for real-time priority and was refused. */
+  get realtimeRefused(): boolean {
+    return this.counters[FaultCounter.REALTIME_REFUSED] === 1;
   }
 
   get preemptPages(): number {

@@ -16,7 +16,7 @@ import { FaultCounter, type FaultThreadCommand, type FaultWorkerData, type Fault
 
 const d = workerData as FaultWorkerData;
 // Latency first: run ahead of the busy main thread when the process may (see raiseThreadPriority).
-raiseThreadPriority();
+if (!raiseThreadPriority(d.realtime) && d.realtime) new Float64Array(d.counters)[FaultCounter.REALTIME_REFUSED] = 1;
 const port = parentPort!;
 const local = d.blocks.map((b) => ({
   idstr: b.idstr,

@@ -36,7 +36,7 @@ import {
   writeRpResumeAck,
   writeRpShut,
 } from '@livemig/protocol';
-import { type Guest, RequestLine } from '@livemig/guest';
+import { type Guest, REALTIME_VCPU_PRIORITY, RequestLine } from '@livemig/guest';
 import { adoptWithOnread, detachFd, formatAddress, listenChannel, listenServer, type ChannelListener } from '@livemig/runtime';
 
 /** The statuses a livemig destination goes through (QEMU's names). */
@@ -67,6 +67,8 @@ export interface IncomingOptions {
   machineType: string;
   /** Parameter multifd-channels: how many multifd connections follow the main one (capability multifd). */
   multifdChannels?: number;
+  /** Postcopy's fault path (vCPUs in postcopy, the fault thread) under SCHED_FIFO. */
+  realtimePostcopy?: boolean;
   events: { status(s: IncomingStatus): void; resume(): void };
   log: { info(obj: object, msg?: string): void; warn(obj: object, msg?: string): void };
 }
@@ -436,7 +438,7 @@ export class IncomingMigration {
   }
 
   private newFaultThread(): FaultThread {
-    return new FaultThread(this.o.guest, (reason) => {
+    return new FaultThread(this.o.guest, this.o.realtimePostcopy === true, (reason) => {
       if (this.faultThreadAttached) this.linkLost(new Error(reason));
     });
   }
@@ -449,6 +451,16 @@ export class IncomingMigration {
     this.faultThreadAttached = false;
     this.preemptPagesBefore += t.preemptPages;
     void t.stop();
+  }
+
+  /** Postcopy is over: vCPUs go back to the normal policy; a refused real-time priority is told once. */
+  private endRealtime(): void {
+    if (this.o.realtimePostcopy !== true) return;
+    this.o.guest.vcpus.setRealtime(0);
+    const refused = [this.o.guest.vcpus.realtimeRefused ? 'vCPUs' : '', this.faultThread?.realtimeRefused === true ? 'the fault thread' : ''].filter((w) => w !== '');
+    if (refused.length > 0) {
+      this.o.log.warn({ refused }, `--realtime-postcopy: ${refused.join(' and ')} could not run under SCHED_FIFO (it needs CAP_SYS_NICE), so they ran at the normal policy`);
+    }
   }
 
   /** The fault thread lets go of its connection; then pages it claimed and did not place are free again. */
@@ -897,6 +909,7 @@ export class IncomingMigration {
         this.installPostcopyCallbacks();
         this.startKeepalive();
         this.o.guest.vcpus.setPostcopy(true);
+        if (this.o.realtimePostcopy === true) this.o.guest.vcpus.setRealtime(REALTIME_VCPU_PRIORITY);
         this.setStatus('postcopy-active');
         // A livemig source reads page requests on its preempt channel: the fault thread serves them.
         this.faultThreadMode = this.peerIsLivemig && this.faultThread !== undefined;
@@ -974,6 +987,7 @@ export class IncomingMigration {
       // Postcopy: the guest has been running since RUN; all pages are here now.
       guest.ram.markAllReceived();
       guest.vcpus.setPostcopy(false);
+      this.endRealtime();
       this.listening = false;
     } else {
       const sourceWasRunning = guest.globalState.loaded === undefined || guest.globalState.loaded === 'running';
@@ -1007,6 +1021,7 @@ export class IncomingMigration {
     const d = describe(err);
     this.errorDesc = d.message;
     this.o.guest.setRunState('paused');
+    this.endRealtime();
     this.setStatus('failed');
     this.o.log.warn({ err: d }, `incoming migration failed: ${d.message}`);
     if (this.peerIsLivemig) {

@@ -1,12 +1,16 @@
 // Layout of the shared control words between the main thread and the vCPU workers.
 //
-//   control (Int32Array on SAB): [RUN][THROTTLE][ · ][ · ][ · ][ · ][ · ][ · ][ACK vcpu0][ACK vcpu1]…
+//   control (Int32Array on SAB): [RUN][THROTTLE][POSTCOPY][REALTIME][REALTIME_REFUSED][ · ][ · ][ · ][ACK vcpu0][ACK vcpu1]…
 //   state (Float64Array on SAB): per vCPU, STATE_SLOTS numbers: position, passes, rng, writes
 
 export const RUN = 0;
 export const THROTTLE = 1;
 /** 1 while pages may be missing (postcopy): vCPUs check the received bitmap before each access. */
 export const POSTCOPY = 2;
+/** SCHED_FIFO priority vCPUs put themselves under (0: the normal policy); see setThreadRealtime. */
+export const REALTIME = 3;
+/** Set to 1 by a vCPU that was refused the real-time priority. */
+export const REALTIME_REFUSED = 4;
 export const ACK_BASE = 8;
 
 export const RunState = { STOPPED: 0, RUNNING: 1, EXIT: 2 } as const;

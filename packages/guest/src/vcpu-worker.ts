@@ -7,6 +7,8 @@ import {
   AckState,
   LATENCY_BUCKETS,
   POSTCOPY,
+  REALTIME,
+  REALTIME_REFUSED,
   RING_BASE,
   RING_TAIL,
   RUN,
@@ -23,6 +25,7 @@ import {
   type Workload,
 } from './control.ts';
 import { LineResult, RequestLine } from './request-line.ts';
+import { setThreadRealtime } from './vcpus.ts';
 
 export interface VcpuWorkerData {
   index: number;
@@ -187,6 +190,8 @@ function ack(s: number): void {
 }
 
 let credit = 0;
+/** The SCHED_FIFO priority this thread runs at (0: the normal policy). */
+let realtimeNow = 0;
 let last = performance.now();
 let runSince = last;
 for (;;) {
@@ -201,6 +206,11 @@ for (;;) {
     continue;
   }
   if (Atomics.load(control, ACK_BASE + d.index) !== AckState.RUNNING) ack(AckState.RUNNING);
+  const realtime = Atomics.load(control, REALTIME);
+  if (realtime !== realtimeNow) {
+    if (!setThreadRealtime(realtime) && realtime > 0) Atomics.store(control, REALTIME_REFUSED, 1);
+    realtimeNow = realtime;
+  }
   if (rate === 0) {
     Atomics.wait(control, RUN, RunState.RUNNING);
     continue;

@@ -1,6 +1,8 @@
 // The guest's vCPUs: worker threads running the workload, stopped, continued and throttled
 // through shared control words (no message round trips on the hot path).
 
+import { execFileSync } from 'node:child_process';
+import { readlinkSync } from 'node:fs';
 import { setPriority } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import { fileURLToPath } from 'node:url';
@@ -15,6 +17,8 @@ import {
   RING_EMPTY,
   RING_HEAD,
   RING_TAIL,
+  REALTIME,
+  REALTIME_REFUSED,
   S_BLOCKED_NS,
   S_FAULTS,
   RUN,
@@ -110,6 +114,19 @@ export class VcpuSet {
     this.latency = new Int32Array(new SharedArrayBuffer(LATENCY_BUCKETS * 4));
     this.requestLine = createRequestLine();
     this.requestedMemory = new SharedArrayBuffer(bitmapWords(block.pageCount) * 4);
+  }
+
+  /**
+   * The SCHED_FIFO priority vCPUs run at from their next step (0: the normal policy): each one
+   * changes its own policy (see setThreadRealtime).
+   */
+  setRealtime(priority: number): void {
+    Atomics.store(this.control, REALTIME, priority);
+  }
+
+  /** A vCPU asked for real time and was refused. */
+  get realtimeRefused(): boolean {
+    return Atomics.load(this.control, REALTIME_REFUSED) === 1;
   }
 
   /** Postcopy fault mode on/off: vCPUs check the received bitmap before each page access. */
@@ -250,13 +267,40 @@ export class VcpuSet {
 export const LATENCY_NICE = -10;
 
 /**
- * Ask for LATENCY_NICE for the calling thread (on Linux a thread has its own nice value), so it
- * runs ahead of a busy main thread. Only a privileged process (CAP_SYS_NICE) gets it; returns
- * whether it did. Elsewhere the thread keeps the normal priority.
+ * SCHED_FIFO priorities under --realtime-postcopy. The fault and page server threads outrank the
+ * vCPUs, so a vCPU that runs flat out never keeps them from serving its next fault.
  */
-export function raiseThreadPriority(): boolean {
+export const REALTIME_SERVICE_PRIORITY = 2;
+export const REALTIME_VCPU_PRIORITY = 1;
+
+/**
+ * Ask for LATENCY_NICE for the calling thread (on Linux a thread has its own nice value), so it
+ * runs ahead of a busy main thread, and with `realtime` for SCHED_FIFO at
+ * REALTIME_SERVICE_PRIORITY. Only a privileged process (CAP_SYS_NICE) gets either; returns
+ * whether what was asked for took effect. Elsewhere the thread keeps the normal priority.
+ */
+export function raiseThreadPriority(realtime = false): boolean {
+  let ok = true;
   try {
     setPriority(0, LATENCY_NICE);
+  } catch {
+    ok = false;
+  }
+  if (realtime) ok = setThreadRealtime(REALTIME_SERVICE_PRIORITY);
+  return ok;
+}
+
+/**
+ * Put the calling thread under SCHED_FIFO at `priority`, or back under the normal policy
+ * (`priority` 0). Node has no sched_setscheduler, so chrt (util-linux) does it for the thread's
+ * id, once per change. Real time needs CAP_SYS_NICE (or an RLIMIT_RTPRIO allowance); going back
+ * never does. Returns whether it took effect.
+ */
+export function setThreadRealtime(priority: number): boolean {
+  try {
+    const tid = readlinkSync('/proc/thread-self').split('/').pop()!;
+    const args = priority > 0 ? ['--fifo', '--pid', String(priority), tid] : ['--other', '--pid', '0', tid];
+    execFileSync('chrt', args, { stdio: 'ignore', timeout: 5_000 });
     return true;
   } catch {
     return false;

@@ -35,6 +35,9 @@ migration:
                            multifd-channels=2: the destination needs multifd with the same count)
   --exit-after-migrate     exit when the migration ends: status 0 if completed, 1 otherwise
   -S, --paused             do not start the guest (QEMU's -S); QMP cont starts it
+  --realtime-postcopy      with postcopy-preempt, run the page server thread (which answers page
+                           requests) under SCHED_FIFO, priority 2. Needs CAP_SYS_NICE (e.g. root);
+                           without it a warning is logged and nothing changes
 
 ${GUEST_HELP}
 
@@ -51,6 +54,7 @@ const EXTRA = {
   parameters: { type: 'string' },
   'exit-after-migrate': { type: 'boolean' },
   paused: { type: 'boolean', short: 'S' },
+  'realtime-postcopy': { type: 'boolean' },
 } as const;
 
 class SourceProcess {
@@ -61,6 +65,8 @@ class SourceProcess {
   migration: OutgoingMigration | undefined;
   /** migrate-start-postcopy came (possibly while still connecting). */
   postcopyWanted = false;
+  /** --realtime-postcopy */
+  realtimePostcopy = false;
   /** A migrate whose channel is still connecting, or failed to. */
   connecting: { status: string; errorDesc: string | undefined } | undefined;
   qmp: QmpServer | undefined;
@@ -153,6 +159,7 @@ class SourceProcess {
           ...(preemptChannel === undefined ? {} : { preempt: preemptChannel }),
           ...(multifdChannels.length === 0 ? {} : { multifd: multifdChannels }),
           machineType: this.machineType,
+          realtimePostcopy: this.realtimePostcopy,
           log,
           events: {
             status: (s) => {
@@ -329,6 +336,7 @@ async function main(argv: string[]): Promise<void> {
   guest.fillInitial();
   await guest.prefault('read');
   const proc = new SourceProcess(guest, flags.machineType, log);
+  proc.realtimePostcopy = values['realtime-postcopy'] === true;
   orExitWithUsage(program, () => {
     if (values.capabilities !== undefined) proc.settings.capabilities = applyCapabilities(proc.settings.capabilities, capabilitiesOn(values.capabilities));
     if (values.parameters !== undefined) proc.settings.parameters = applyParameters(proc.settings.parameters, parameterList(values.parameters));

@@ -97,6 +97,8 @@ export interface OutgoingOptions {
   multifd?: readonly Duplex[];
   /** Machine type sent in the configuration record. */
   machineType: string;
+  /** The page server thread under SCHED_FIFO (--realtime-postcopy). */
+  realtimePostcopy?: boolean;
   events: MigrationEvents;
   log: { info(obj: object, msg?: string): void; warn(obj: object, msg?: string): void; debug(obj: object, msg?: string): void };
   now?: () => number;
@@ -177,7 +179,7 @@ export class OutgoingMigration {
     this.channel = options.channel;
     this.out = new StreamOut(options.channel);
     if (options.preempt !== undefined) {
-      this.pageServer = new PageServer(options.guest, (reason) => this.onPreemptLost(reason));
+      this.pageServer = new PageServer(options.guest, options.realtimePostcopy === true, (reason) => this.onPreemptLost(reason));
       this.holdPreempt(options.preempt);
     }
     const p = options.parameters;
@@ -897,11 +899,17 @@ export class OutgoingMigration {
     if (this.pageServer.exited) {
       this.pageServerBefore.bytes += this.pageServer.bytes;
       this.pageServerBefore.requests += this.pageServer.requests;
-      this.pageServer = new PageServer(this.o.guest, (reason) => this.onPreemptLost(reason));
+      this.pageServer = new PageServer(this.o.guest, this.o.realtimePostcopy === true, (reason) => this.onPreemptLost(reason));
     }
     const { fd, pending } = detachFd(socket);
     this.pageServer.attach(fd, socket.remoteFamily !== undefined, pending);
+    if (this.pageServer.realtimeRefused && !this.realtimeRefusalTold) {
+      this.realtimeRefusalTold = true;
+      this.o.log.warn({}, '--realtime-postcopy: the page server could not run under SCHED_FIFO (it needs CAP_SYS_NICE), so it runs at the normal policy');
+    }
   }
+
+  private realtimeRefusalTold = false;
 
   /** Figures of page server threads that failed and were replaced. */
   private readonly pageServerBefore = { bytes: 0, requests: 0 };

@@ -20,7 +20,7 @@ import { type PageServerCommand, type PageServerData, type PageServerMessage, Ri
 
 const d = workerData as PageServerData;
 // Latency first: run ahead of the busy main thread when the process may (see raiseThreadPriority).
-raiseThreadPriority();
+if (!raiseThreadPriority(d.realtime) && d.realtime) new Float64Array(d.counters)[ServerCounter.REALTIME_REFUSED] = 1;
 const port = parentPort!;
 const blocks = d.blocks.map((b) => ({ idstr: b.idstr, length: b.length, bytes: Buffer.from(b.memory, 0, b.length) }));
 const byName = new Map(blocks.map((b, i) => [b.idstr, i]));

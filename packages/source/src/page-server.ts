@@ -13,11 +13,13 @@ export interface PageServerData {
   served: SharedArrayBuffer;
   /** Float64Array of ServerCounter slots. */
   counters: SharedArrayBuffer;
+  /** Run under SCHED_FIFO (--realtime-postcopy). */
+  realtime: boolean;
 }
 
 /** A single-producer single-consumer ring of [block, page] pairs in an Int32Array. */
 export const Ring = { HEAD: 0, TAIL: 1, BASE: 2, PAIRS: 1024 } as const;
-export const ServerCounter = { PAGES: 0, BYTES: 1, REQUESTS: 2, SLOTS: 3 } as const;
+export const ServerCounter = { PAGES: 0, BYTES: 1, REQUESTS: 2, REALTIME_REFUSED: 3, SLOTS: 4 } as const;
 
 /** Main thread → page server. */
 export type PageServerCommand =
@@ -71,12 +73,13 @@ export class PageServer {
   attached = false;
 
   /** `onClosed`: the attached connection broke. */
-  constructor(guest: Guest, onClosed: (reason: string) => void) {
+  constructor(guest: Guest, realtime: boolean, onClosed: (reason: string) => void) {
     const data: PageServerData = {
       blocks: guest.ram.blocks.map((b) => ({ idstr: b.idstr, memory: b.memory, length: b.length })),
       forward: this.forward.buffer as SharedArrayBuffer,
       served: this.served.buffer as SharedArrayBuffer,
       counters: this.counters.buffer as SharedArrayBuffer,
+      realtime,
     };
     const closed = (reason: string): void => {
       if (!this.attached) return;
@@ -91,6 +94,11 @@ export class PageServer {
       },
       (err) => closed(`page server failed: ${err.message}`),
     );
+  }
+
+  /** It asked for real-time priority and was refused (known once it has booted). */
+  get realtimeRefused(): boolean {
+    return this.counters[ServerCounter.REALTIME_REFUSED] === 1;
   }
 
   /** The thread has ended (stopped, or it failed): a new one is needed. */
