@@ -354,16 +354,21 @@ describe('static-buffer (onread) reads', () => {
   });
 });
 
+/** A loopback TCP connection: the listening server, the connecting end and the accepted end. */
+async function tcpPair(): Promise<{ server: net.Server; client: net.Socket; peer: net.Socket }> {
+  const server = net.createServer();
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  const accepted = new Promise<net.Socket>((r) => server.once('connection', r));
+  const client = net.connect((server.address() as net.AddressInfo).port, '127.0.0.1');
+  const peer = await within(accepted, 'accept');
+  return { server, client, peer };
+}
+
 describe('detachFd: a connection handed to a worker thread', () => {
   it('the worker owns it both ways; bytes this thread had read already come back as pending; this thread reads nothing more', T, async () => {
     const { Worker } = await import('node:worker_threads');
     const { detachFd } = await import('../src/index.ts');
-    const server = net.createServer();
-    await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
-    const port = (server.address() as net.AddressInfo).port;
-    const accepted = new Promise<net.Socket>((r) => server.once('connection', r));
-    const client = net.connect(port, '127.0.0.1');
-    const peer = await within(accepted, 'accept');
+    const { server, client, peer } = await tcpPair();
     try {
       // The client connection reads 'early' into its buffer (no 'data' listener: it stays there).
       peer.write('early');
@@ -407,11 +412,7 @@ describe('detachFd: a connection handed to a worker thread', () => {
 describe('WorkerConnection', () => {
   it('delivers the pending bytes first, then what arrives; reports a loss once; an onData error is a loss naming the connection', T, async () => {
     const { detachFd, WorkerConnection } = await import('../src/index.ts');
-    const server = net.createServer();
-    await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
-    const accepted = new Promise<net.Socket>((r) => server.once('connection', r));
-    const client = net.connect((server.address() as net.AddressInfo).port, '127.0.0.1');
-    const peer = await within(accepted, 'accept');
+    const { server, client, peer } = await tcpPair();
     try {
       peer.write('one');
       await until(() => client.readableLength >= 3, 'bytes buffered');
@@ -443,11 +444,7 @@ describe('WorkerConnection.onClosing', () => {
   for (const how of ['close()', 'a peer reset (Node destroys the socket itself)'] as const) {
     it(`runs once, while the descriptor is still open, before ${how} closes it`, T, async () => {
       const { detachFd, WorkerConnection } = await import('../src/index.ts');
-      const server = net.createServer();
-      await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
-      const accepted = new Promise<net.Socket>((r) => server.once('connection', r));
-      const client = net.connect((server.address() as net.AddressInfo).port, '127.0.0.1');
-      const peer = await within(accepted, 'accept');
+      const { server, client, peer } = await tcpPair();
       try {
         await until(() => !client.connecting, 'connected');
         const handed = { ...detachFd(client), tcp: true };
