@@ -176,7 +176,8 @@ export class RequestLine {
   static reopen(line: SharedArrayBuffer): void {
     const words = new Int32Array(line, 0, HEADER_WORDS);
     Atomics.store(words, FD, -1);
-    Atomics.store(words, LOCK, 0);
+    // An owner that was ended may have held the lock; a vCPU that holds it lets go by itself.
+    if (Atomics.compareExchange(words, LOCK, LINE_OWNER + 1, 0) === LINE_OWNER + 1) Atomics.notify(words, LOCK);
     Atomics.store(words, SHUT, 0);
   }
 
