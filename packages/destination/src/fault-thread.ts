@@ -81,7 +81,6 @@ export class FaultThread {
     return this.counters[FaultCounter.PREEMPT_PAGES]!;
   }
 
-
   /** Own this connection (`pending`: bytes it brought already). */
   attach(fd: number, tcp: boolean, pending: Uint8Array, streamBlocks: readonly RamBlockInfo[]): void {
     this.linkEnded = false;

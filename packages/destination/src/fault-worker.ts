@@ -37,11 +37,11 @@ const target: RamTarget = {
   },
   acceptPage(block, pageOffset) {
     const l = local[streamToLocal[block]!]!;
-    return claimPage(l.claimed, l.received, pageOffset / 4096);
+    return claimPage(l.claimed, l.received, pageOffset / TARGET_PAGE_SIZE);
   },
   pagePlaced(block, pageOffset) {
     const l = local[streamToLocal[block]!]!;
-    setPageReceived(l.received, pageOffset / 4096);
+    setPageReceived(l.received, pageOffset / TARGET_PAGE_SIZE);
     counters[FaultCounter.PREEMPT_PAGES]!++;
   },
 };

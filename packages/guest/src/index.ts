@@ -8,6 +8,8 @@ export * from './control.ts';
 export * from './ram.ts';
 export * from './vcpus.ts';
 export * from './request-line.ts';
+export * from './threads.ts';
+export * from './page-bitmap.ts';
 export * from './devices.ts';
 export * from './guest.ts';
 export * from './iterative.ts';

@@ -14,6 +14,7 @@
 //   requested (Int32Array on SAB): one bit per page of the main block, cleared on each publish.
 
 import { writeSync } from 'node:fs';
+import { isPageReceived } from './page-bitmap.ts';
 
 const LOCK = 0;
 const FD = 1;
@@ -26,6 +27,8 @@ const REQUESTS = 7;
 const BYTES = 8;
 const SHUT = 9;
 const HEADER_WORDS = 16;
+/** The guest page size (protocol's TARGET_PAGE_SIZE; vCPU threads load this module without protocol). */
+const PAGE_BYTES = 4096;
 /** Room for each template (a request naming a 255-byte block fits). */
 const TEMPLATE_MAX = 320;
 
@@ -103,14 +106,14 @@ export class RequestLine {
     try {
       const fd = Atomics.load(this.words, FD);
       if (fd < 0 || Atomics.load(this.words, SHUT) === 1) return LineResult.UNAVAILABLE;
+      if (isPageReceived(this.received, page)) return LineResult.DUPLICATE;
       const bit = 1 << (page & 31);
-      if ((Atomics.load(this.received, page >> 5) & bit) !== 0) return LineResult.DUPLICATE;
       if ((Atomics.or(this.requested, page >> 5, bit) & bit) !== 0) return LineResult.DUPLICATE;
       const named = Atomics.load(this.words, NAMED) === 1;
       const len = Atomics.load(this.words, named ? PLAIN_LEN : NAMING_LEN);
       this.scratch.set((named ? this.plain : this.naming).subarray(0, len));
       const at = Atomics.load(this.words, ADDR_OFFSET);
-      const address = page * 4096;
+      const address = page * PAGE_BYTES;
       this.scratchView.setUint32(at, Math.floor(address / 2 ** 32));
       this.scratchView.setUint32(at + 4, address >>> 0);
       const failure = this.write(fd, len);

@@ -25,7 +25,7 @@ import {
   type Workload,
 } from './control.ts';
 import { LineResult, RequestLine } from './request-line.ts';
-import { setThreadRealtime } from './vcpus.ts';
+import { setThreadRealtime } from './threads.ts';
 
 export interface VcpuWorkerData {
   index: number;

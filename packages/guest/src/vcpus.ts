@@ -1,9 +1,6 @@
 // The guest's vCPUs: worker threads running the workload, stopped, continued and throttled
 // through shared control words (no message round trips on the hot path).
 
-import { execFileSync } from 'node:child_process';
-import { readlinkSync } from 'node:fs';
-import { setPriority } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import { fileURLToPath } from 'node:url';
 import {
@@ -33,14 +30,8 @@ import {
 } from './control.ts';
 import { bitmapWords, type GuestBlock } from './ram.ts';
 import { createRequestLine } from './request-line.ts';
+import { waitOnWord } from './threads.ts';
 import type { VcpuWorkerData } from './vcpu-worker.ts';
-
-/** Atomics.waitAsync (Node 20 has it; the es2023 lib does not declare it). */
-const waitAsync = (
-  Atomics as unknown as {
-    waitAsync(a: Int32Array, i: number, v: number, t: number): { async: boolean; value: Promise<string> | string };
-  }
-).waitAsync;
 
 /** The compiled worker (src/ and dist/ are both one level below the package root). */
 const WORKER_URL = new URL('../dist/vcpu-worker.js', import.meta.url);
@@ -69,8 +60,7 @@ export function drainFaultRing(ring: Int32Array, out: Uint32Array): number {
 export async function waitForFaultRing(ring: Int32Array, timeoutMs: number): Promise<void> {
   const tail = Atomics.load(ring, RING_TAIL);
   if (tail !== Atomics.load(ring, RING_HEAD)) return;
-  const r = waitAsync(ring, RING_TAIL, tail, timeoutMs);
-  if (r.async) await r.value;
+  await waitOnWord(ring, RING_TAIL, tail, timeoutMs);
 }
 
 export interface VcpuState {
@@ -255,54 +245,8 @@ export class VcpuSet {
         const cur = Atomics.load(this.control, slot);
         if (cur === want) break;
         if (cur === AckState.EXITED) throw new Error(`vCPU ${i} has exited`);
-        const r = waitAsync(this.control, slot, cur, 5000);
-        const result = r.async ? await r.value : r.value;
-        if (result === 'timed-out') throw new Error(`vCPU ${i} did not ${want === AckState.PAUSED ? 'stop' : 'start'} within 5 s`);
+        if ((await waitOnWord(this.control, slot, cur, 5000)) === 'timed-out') throw new Error(`vCPU ${i} did not ${want === AckState.PAUSED ? 'stop' : 'start'} within 5 s`);
       }
     }
-  }
-}
-
-/** The nice value latency-critical threads ask for (postcopy's fault and page server threads). */
-export const LATENCY_NICE = -10;
-
-/**
- * SCHED_FIFO priorities under --realtime-postcopy. The fault and page server threads outrank the
- * vCPUs, so a vCPU that runs flat out never keeps them from serving its next fault.
- */
-export const REALTIME_SERVICE_PRIORITY = 2;
-export const REALTIME_VCPU_PRIORITY = 1;
-
-/**
- * Ask for LATENCY_NICE for the calling thread (on Linux a thread has its own nice value), so it
- * runs ahead of a busy main thread, and with `realtime` for SCHED_FIFO at
- * REALTIME_SERVICE_PRIORITY. Only a privileged process (CAP_SYS_NICE) gets either; returns
- * whether what was asked for took effect. Elsewhere the thread keeps the normal priority.
- */
-export function raiseThreadPriority(realtime = false): boolean {
-  let ok = true;
-  try {
-    setPriority(0, LATENCY_NICE);
-  } catch {
-    ok = false;
-  }
-  if (realtime) ok = setThreadRealtime(REALTIME_SERVICE_PRIORITY);
-  return ok;
-}
-
-/**
- * Put the calling thread under SCHED_FIFO at `priority`, or back under the normal policy
- * (`priority` 0). Node has no sched_setscheduler, so chrt (util-linux) does it for the thread's
- * id, once per change. Real time needs CAP_SYS_NICE (or an RLIMIT_RTPRIO allowance); going back
- * never does. Returns whether it took effect.
- */
-export function setThreadRealtime(priority: number): boolean {
-  try {
-    const tid = readlinkSync('/proc/thread-self').split('/').pop()!;
-    const args = priority > 0 ? ['--fifo', '--pid', String(priority), tid] : ['--other', '--pid', '0', tid];
-    execFileSync('chrt', args, { stdio: 'ignore', timeout: 5_000 });
-    return true;
-  } catch {
-    return false;
   }
 }

@@ -99,7 +99,7 @@ test('claimPage: two threads placing the same pages each win a page at most once
       parentPort.postMessage(won);
     });`;
   const { Worker } = await import('node:worker_threads');
-  const ramModule = new URL('../dist/ram.js', import.meta.url).href;
+  const ramModule = new URL('../dist/page-bitmap.js', import.meta.url).href;
   const run = (): Promise<Uint8Array> =>
     new Promise((resolve, reject) => {
       const w = new Worker(code, { eval: true, workerData: { claimed: b.claimedMemory, received: b.receivedMemory, pages, ram: ramModule } });

@@ -14,7 +14,7 @@ import {
   RpMsg,
   TARGET_PAGE_SIZE,
 } from '@livemig/protocol';
-import { raiseThreadPriority } from '@livemig/guest';
+import { raiseThreadPriority, waitOnWord } from '@livemig/guest';
 import { WorkerConnection } from '@livemig/runtime';
 import { type PageServerCommand, type PageServerData, type PageServerMessage, Ring, ringDrain, ringPush, ServerCounter } from './page-server.ts';
 
@@ -119,13 +119,10 @@ port.on('message', (m: PageServerCommand) => {
 });
 
 // Requests from the main thread (the return path), served on the attached connection.
-const waitAsync = (Atomics as unknown as { waitAsync(a: Int32Array, i: number, v: number, t: number): { async: boolean; value: Promise<string> | string } })
-  .waitAsync;
 for (;;) {
   const tail = Atomics.load(forward, Ring.TAIL);
   if (tail === Atomics.load(forward, Ring.HEAD) || link === undefined || link.conn.done) {
-    const r = waitAsync(forward, Ring.TAIL, tail, 200);
-    if (r.async) await r.value;
+    await waitOnWord(forward, Ring.TAIL, tail, 200);
     if (link === undefined || link.conn.done) await new Promise((r) => setTimeout(r, 5));
     continue;
   }
