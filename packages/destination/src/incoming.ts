@@ -56,6 +56,8 @@ const NEAR_PAGES = 2048;
  * right after EOF): well under the source's keepalive timeout, which runs while it waits for SHUT.
  */
 const FAULT_THREAD_END_MS = 1_000;
+/** How long the extra connections of a failed migration stay open after their FIN (see shutDown). */
+const FAILED_CHANNEL_LINGER_MS = 1_000;
 const extPackr = new Packr({ useRecords: false });
 
 export interface IncomingOptions {
@@ -1011,8 +1013,19 @@ export class IncomingMigration {
     this.retireFaultThread();
     this.pendingPreempt?.raw.destroy();
     this.channelServer?.close();
-    for (const c of this.multifd) c.socket.destroy();
-    for (const c of this.heldConnections) c.destroy();
+    if (status === 0) {
+      for (const c of this.multifd) c.socket.destroy();
+      for (const c of this.heldConnections) c.destroy();
+      return;
+    }
+    // After a failure the source may still be writing: closing a connection with unread bytes
+    // resets it, and that reset can reach the source before the reason sent on the return path.
+    // End them (FIN) and close them a moment later.
+    const rest = [...this.multifd.map((c) => c.socket), ...this.heldConnections];
+    for (const c of rest) c.end();
+    setTimeout(() => {
+      for (const c of rest) c.destroy();
+    }, FAILED_CHANNEL_LINGER_MS).unref();
   }
 
   fail(err: Error): void {

@@ -66,6 +66,8 @@ export type MigrationStatus = Extract<
 const BATCH_BYTES = 1024 * 1024;
 /** QEMU's MAX_WAIT: one PART section spends at most this long sending. */
 const MAX_ITERATION_MS = 50;
+/** How long a failure on a reset connection waits for the destination's reason on the return path. */
+const DESTINATION_REASON_WAIT_MS = 500;
 /** The section id of "ram" in our streams (QEMU registers it as 2 too); other iterative devices follow. */
 const RAM_SECTION_ID = 2;
 /** Bytes one PART section of a non-RAM iterative device may carry. */
@@ -151,6 +153,8 @@ export class OutgoingMigration {
   private shutStatus: number | undefined;
   private shutWaiter: (() => void) | undefined;
   private destinationError: { code?: string; message?: string; offset?: number } | undefined;
+  /** Set while a failure waits for the destination's reason (awaitDestinationReason). */
+  private reasonWaiter: (() => void) | undefined;
   private cancelRequested = false;
   private readonly abort = new AbortController();
   private wasRunning = false;
@@ -309,6 +313,7 @@ export class OutgoingMigration {
   /** Failure or cancel: the source guest runs on as before, with its memory untouched. */
   private async recover(err: Error): Promise<void> {
     this.totalTime = this.now() - this.startTime;
+    if (!this.cancelRequested) await this.awaitDestinationReason(err);
     this.channel.destroy();
     this.multifd?.destroy();
     this.preempt?.destroy();
@@ -328,6 +333,29 @@ export class OutgoingMigration {
     this.errorDesc = this.describeFailure(err);
     this.setStatus('failed');
     this.o.log.warn({ err: { message: err.message, code: (err as { code?: string }).code } }, `migration failed: ${this.errorDesc}`);
+  }
+
+  /**
+   * A connection the destination reset usually means the destination failed, and its reason is on
+   * the return path, written before the reset; the reset of another channel can outrun it here.
+   * Read on, briefly, until the reason arrives or the return path ends.
+   */
+  private async awaitDestinationReason(err: Error): Promise<void> {
+    const channel = this.channel;
+    const code = (err as { code?: string }).code;
+    const transport = code === 'ECONNRESET' || code === 'EPIPE' || /ECONNRESET|EPIPE|closed/.test(err.message);
+    if (this.rp === undefined || !transport || this.destinationError !== undefined || channel.destroyed || channel.readableEnded) return;
+    await new Promise<void>((resolve) => {
+      const finish = (): void => {
+        clearTimeout(timer);
+        this.reasonWaiter = undefined;
+        channel.off('end', finish).off('close', finish).off('error', finish);
+        resolve();
+      };
+      const timer = setTimeout(finish, DESTINATION_REASON_WAIT_MS);
+      this.reasonWaiter = finish;
+      channel.on('end', finish).on('close', finish).on('error', finish);
+    });
   }
 
   private describeFailure(err: Error): string {
@@ -1042,7 +1070,10 @@ export class OutgoingMigration {
         message?: string;
         offset?: number;
       };
-      if (msg.kind === 'error') this.destinationError = msg;
+      if (msg.kind === 'error') {
+        this.destinationError = msg;
+        this.reasonWaiter?.();
+      }
     } catch {
       // An extension we cannot read is ignored, as QEMU ignores what it does not need.
     }
