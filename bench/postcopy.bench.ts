@@ -3,14 +3,17 @@
 //      preempt channel (goal with preempt: p50 ≤ 2× RTT, p99 ≤ 1 ms on loopback);
 //   2. the share of the postcopy phase that vCPUs spend blocked, for a guest that touches every page.
 // Both with preempt are also run with --realtime-postcopy (SCHED_FIFO fault path; root only).
+// Next to the round trip: how often this machine takes a CPU away for over a millisecond, which
+// bounds the p99 from below.
 
 import { spawn } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import net from 'node:net';
-import { tmpdir } from 'node:os';
+import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { Worker } from 'node:worker_threads';
 import type { QmpClient } from '@livemig/runtime';
 import { type Child, connectQmp, DESTINATION_MAIN, incomingAddress, SOURCE_MAIN, startProcess } from '../packages/cli/src/demo.ts';
 
@@ -48,6 +51,33 @@ async function tcpRtt(rounds = 2000): Promise<{ p50: number; p99: number }> {
   } finally {
     echo.kill('SIGKILL');
   }
+}
+
+/**
+ * How often a thread that never sleeps loses its CPU for more than 1 ms: one spinner per CPU for
+ * `ms`, each noting the gaps in its own clock. A fault's path crosses threads on every CPU, so a
+ * stall rate like this one sets a floor under the fault latency's p99 that no code here can lower.
+ */
+async function cpuStalls(ms = 3000): Promise<{ perSecond: number; longestMs: number; stalledShare: number }> {
+  const code =
+    'const { parentPort, workerData } = require("node:worker_threads");' +
+    'const end = process.hrtime.bigint() + BigInt(workerData) * 1000000n; let last = process.hrtime.bigint(); let n = 0, longest = 0, total = 0;' +
+    'for (;;) { const now = process.hrtime.bigint(); if (now > end) break; const gap = Number(now - last) / 1e6;' +
+    ' if (gap > 1) { n++; total += gap; if (gap > longest) longest = gap; } last = now; }' +
+    'parentPort.postMessage({ n, longest, total });';
+  const cpus = availableParallelism();
+  const results = await Promise.all(
+    Array.from({ length: cpus }, () => {
+      const w = new Worker(code, { eval: true, workerData: ms });
+      return new Promise<{ n: number; longest: number; total: number }>((resolve, reject) => w.once('message', resolve).once('error', reject));
+    }),
+  );
+  const seconds = (ms / 1000) * cpus;
+  return {
+    perSecond: results.reduce((a, r) => a + r.n, 0) / seconds,
+    longestMs: Math.max(...results.map((r) => r.longest)),
+    stalledShare: results.reduce((a, r) => a + r.total, 0) / (ms * cpus),
+  };
 }
 
 /** Whether this process may raise scheduling priorities (root, or CAP_SYS_NICE in its effective set). */
@@ -155,6 +185,11 @@ export async function postcopyBench(): Promise<void> {
   console.log('\npostcopy over tcp loopback (fresh processes per run)');
   const rtt = await tcpRtt();
   console.log(`  plain TCP round trip (64 B ping-pong between two processes): p50 ${rtt.p50.toFixed(0)} µs, p99 ${rtt.p99.toFixed(0)} µs`);
+  const stalls = await cpuStalls();
+  console.log(
+    `  CPU stalls (a spinning thread on each of ${availableParallelism()} CPUs, 3 s): ${stalls.perSecond.toFixed(1)} per CPU-second over 1 ms, ` +
+      `longest ${stalls.longestMs.toFixed(1)} ms, ${(stalls.stalledShare * 100).toFixed(2)} % of the time`,
+  );
   const runs = [
     { preempt: false, realtime: false, label: 'without preempt' },
     { preempt: true, realtime: false, label: 'with preempt' },
