@@ -90,6 +90,14 @@ export class ReturnPathDecoder {
     this.r.push(chunk);
   }
 
+  /**
+   * Copy the undecoded bytes out of the pushed chunks, so that the caller may reuse their memory
+   * (a connection's one read buffer). Call after next() returned NEED_MORE_RP.
+   */
+  retainUnread(): void {
+    this.r.retainUnread();
+  }
+
   /** Forget the block of the last request (a new connection after recovery). */
   forgetBlock(): void {
     this.lastBlock = undefined;

@@ -840,6 +840,23 @@ describe('return path round trip through ReturnPathDecoder', () => {
     }
   });
 
+  it('decodes through one reused read buffer when retainUnread() follows each drain', () => {
+    for (const chunk of [1, 3, 7, 64]) {
+      const d = new ReturnPathDecoder({ maxType: 8, bitmapBytes: (b) => (b === PC ? 16 : undefined) });
+      const readBuffer = Buffer.alloc(chunk);
+      const out: ReturnPathMessage[] = [];
+      for (let at = 0; at < bytes.length; at += chunk) {
+        const n = bytes.copy(readBuffer, 0, at, at + chunk);
+        d.push(readBuffer.subarray(0, n));
+        for (let m = d.next(); m !== NEED_MORE_RP; m = d.next()) out.push(m);
+        d.retainUnread();
+        readBuffer.fill(0xee); // the next read overwrites it
+      }
+      d.end();
+      assert.deepEqual(out, expected, `reads of ${chunk} bytes`);
+    }
+  });
+
   it('the received bitmap reads back page by page', () => {
     const msgs = decodeRp(bytes, bytes.length, { maxType: 8 });
     const got = new PageBitmap(100, msgs[4]!.bitmap);

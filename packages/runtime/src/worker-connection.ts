@@ -3,6 +3,9 @@
 
 import net from 'node:net';
 
+/** The size of a worker connection's read buffer: a read takes at most this much. */
+const READ_BUFFER_BYTES = 256 * 1024;
+
 export interface HandedConnection {
   fd: number;
   tcp: boolean;
@@ -25,13 +28,31 @@ export class WorkerConnection {
   /**
    * `onData` gets every chunk (the pending bytes first) once start() is called; `onLost` once,
    * when the connection breaks or `onData` throws (`what` names it in the reason), not after close().
+   * A chunk is valid only during the call: its memory is the connection's one read buffer, reused
+   * by the next read (a decoder keeps what it has not decoded with retainUnread()).
    */
   constructor(handed: HandedConnection, what: string, onData: (chunk: Buffer) => void, onLost: (reason: string) => void) {
     this.handed = handed;
     this.what = what;
     this.onData = onData;
     this.onLost = onLost;
-    const socket = new net.Socket({ fd: handed.fd, readable: true, writable: true, allowHalfOpen: true });
+    // One read buffer for the connection's life: Node's own reads take a fresh 64 KiB allocation
+    // each, which a worker's malloc arena gets from the kernel anew (page faults, zeroing) for
+    // every small read: a page request, a requested page.
+    const socket = new net.Socket({
+      fd: handed.fd,
+      readable: true,
+      writable: true,
+      allowHalfOpen: true,
+      pauseOnCreate: true,
+      onread: {
+        buffer: Buffer.allocUnsafeSlow(READ_BUFFER_BYTES),
+        callback: (n: number, buf: Uint8Array) => {
+          this.deliver(Buffer.from(buf.buffer, buf.byteOffset, n));
+          return !this.done;
+        },
+      },
+    } as net.SocketConstructorOpts);
     this.socket = socket;
     if (handed.tcp) socket.setNoDelay(true);
     // Every way the descriptor gets closed goes through _destroy, including Node's own after a
@@ -49,17 +70,18 @@ export class WorkerConnection {
 
   /** Deliver the pending bytes, then what arrives (call it once the caller's state refers to this). */
   start(): void {
-    const data = (chunk: Buffer): void => {
-      if (this.done) return;
-      try {
-        this.onData(chunk);
-      } catch (err) {
-        this.lose(`${this.what}: ${(err as Error).message}`);
-      }
-    };
     const p = this.handed.pending;
-    if (p.byteLength > 0) data(Buffer.from(p.buffer, p.byteOffset, p.byteLength));
-    this.socket.on('data', data);
+    if (p.byteLength > 0) this.deliver(Buffer.from(p.buffer, p.byteOffset, p.byteLength));
+    if (!this.done) this.socket.resume();
+  }
+
+  private deliver(chunk: Buffer): void {
+    if (this.done) return;
+    try {
+      this.onData(chunk);
+    } catch (err) {
+      this.lose(`${this.what}: ${(err as Error).message}`);
+    }
   }
 
   /** The connection broke: close it and report `reason` (once). */

@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import { closeSync, fstatSync, openSync } from 'node:fs';
 import { readFile, stat, writeFile } from 'node:fs/promises';
 import net from 'node:net';
@@ -433,6 +434,39 @@ describe('WorkerConnection', () => {
       await delay(50);
       assert.deepEqual(losses, ['test channel: cannot parse'], 'one loss, naming the channel and the cause');
       assert.equal(conn.done, true);
+    } finally {
+      peer.destroy();
+      server.close();
+    }
+  });
+});
+
+describe('WorkerConnection reads', () => {
+  it('the pending bytes, then those that arrived between the hand-over and start(), then the rest: 4 MiB arrive intact through its one read buffer', T, async () => {
+    const { detachFd, WorkerConnection } = await import('../src/index.ts');
+    const { server, client, peer } = await tcpPair();
+    try {
+      const data = randomBytes(4 * 1024 * 1024);
+      peer.write(data.subarray(0, 1000));
+      await until(() => client.readableLength >= 1000, 'bytes buffered');
+      const handed = { ...detachFd(client), tcp: true };
+      const chunks: Buffer[] = [];
+      let reused = false;
+      let last: Buffer | undefined;
+      const conn = new WorkerConnection(handed, 'test channel', (c) => {
+        if (last !== undefined && c.buffer === last.buffer) reused = true;
+        last = c;
+        chunks.push(Buffer.from(c)); // a chunk is valid only during the call
+      }, () => {});
+      peer.write(data.subarray(1000, 2000));
+      await delay(100);
+      assert.equal(chunks.length, 0, 'nothing is delivered before start()');
+      conn.start();
+      peer.write(data.subarray(2000));
+      await until(() => chunks.reduce((a, c) => a + c.length, 0) >= data.length, 'all bytes');
+      assert.ok(Buffer.concat(chunks).equals(data), 'the bytes arrive whole and in order');
+      assert.ok(reused, 'reads share one buffer');
+      conn.close();
     } finally {
       peer.destroy();
       server.close();

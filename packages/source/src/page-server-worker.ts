@@ -85,6 +85,7 @@ function attach(m: Extract<PageServerCommand, { kind: 'attach' }>): void {
           decodeRequestBatch(r.payload!, requestedHere);
         } else throw new Error(`unexpected message ${r.name} on the preempt channel`);
       }
+      rp.retainUnread();
       flush(l);
     },
     (reason) => post({ kind: 'closed', reason }),
