@@ -34,10 +34,12 @@ first-touch page faults. Exits with status 1 if the incoming migration fails.
   --realtime-postcopy
                     in postcopy, run the fault path under SCHED_FIFO: vCPUs (priority 1) until
                     the last page is in, and the fault thread (priority 2); use it on the source
-                    too. Faults are then served within a millisecond even while the background
+                    too. The slowest faults then wait less for a CPU while the background
                     stream keeps every core busy, but that stream gets less CPU, so postcopy
-                    lasts longer, and a vCPU that runs flat out may take 95 % of a core. Needs
-                    CAP_SYS_NICE (e.g. root); without it a warning is logged and nothing changes
+                    lasts longer (2-4x on 2 cores), and a vCPU that runs flat out may take 95 %
+                    of a core; whether it pays depends on the machine (pnpm bench postcopy
+                    measures both ways). Needs CAP_SYS_NICE (e.g. root); without it a warning
+                    is logged and nothing changes
 
 ${GUEST_HELP}
 
