@@ -1,6 +1,7 @@
 // A connection a worker thread owns, taken over by file descriptor from the thread that
 // accepted or opened it (see detachFd): bytes that thread had read already come first.
 
+import { writevSync } from 'node:fs';
 import net from 'node:net';
 
 /** The size of a worker connection's read buffer: a read takes at most this much. */
@@ -82,6 +83,38 @@ export class WorkerConnection {
     } catch (err) {
       this.lose(`${this.what}: ${(err as Error).message}`);
     }
+  }
+
+  /**
+   * Write `bufs` in order: while nothing is queued in the socket, straight to the descriptor (one
+   * writev, none of the stream's machinery on a latency path), and what the kernel does not take
+   * now through the socket after it. `written` is called once all is handed over (or failed).
+   */
+  write(bufs: Uint8Array[], written?: () => void): void {
+    const s = this.socket;
+    let first = 0;
+    if (s.writableLength === 0 && !s.destroyed && bufs.length > 0) {
+      let n = 0;
+      try {
+        n = writevSync(this.handed.fd, bufs);
+      } catch (err) {
+        // EAGAIN: the send buffer is full, the socket waits for room. Anything else: the socket's
+        // own write below fails the same way and reports it.
+        if ((err as NodeJS.ErrnoException).code !== 'EAGAIN') n = 0;
+      }
+      while (first < bufs.length && n >= bufs[first]!.length) n -= bufs[first++]!.length;
+      if (first === bufs.length) {
+        written?.();
+        return;
+      }
+      if (n > 0) bufs[first] = bufs[first]!.subarray(n);
+    }
+    s.cork();
+    for (let i = first; i < bufs.length; i++) {
+      if (i === bufs.length - 1 && written !== undefined) s.write(bufs[i]!, () => written());
+      else s.write(bufs[i]!);
+    }
+    s.uncork();
   }
 
   /** The connection broke: close it and report `reason` (once). */

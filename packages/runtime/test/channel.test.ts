@@ -474,6 +474,43 @@ describe('WorkerConnection reads', () => {
   });
 });
 
+describe('WorkerConnection writes', () => {
+  it('write(): 16 MiB in 1000 writes to a peer that reads late arrive whole and in order, past a full send buffer; each callback once', T, async () => {
+    const { detachFd, WorkerConnection } = await import('../src/index.ts');
+    const { server, client, peer } = await tcpPair();
+    try {
+      if (client.connecting) await within(new Promise((r) => client.once('connect', r)), 'connect');
+      const conn = new WorkerConnection({ ...detachFd(client), tcp: true }, 'test channel', () => {}, () => {});
+      conn.start();
+      peer.pause(); // nothing is read until all is written: the send buffer fills
+      const data = randomBytes(16 * 1024 * 1024);
+      const piece = data.length / 1000;
+      let callbacks = 0;
+      let queuedAtSomePoint = false;
+      for (let i = 0; i < 1000; i++) {
+        const at = i * piece;
+        // Two buffers a write, as a page record goes: a header and the page.
+        conn.write([data.subarray(at, at + 10), data.subarray(at + 10, at + piece)], () => callbacks++);
+        if (conn.socket.writableLength > 0) queuedAtSomePoint = true;
+      }
+      assert.ok(queuedAtSomePoint, 'the send buffer filled, so later writes went through the socket');
+      const received: Buffer[] = [];
+      let got = 0;
+      peer.on('data', (c: Buffer) => {
+        received.push(c);
+        got += c.length;
+      });
+      peer.resume();
+      await until(() => got >= data.length && callbacks === 1000, 'all bytes and callbacks');
+      assert.ok(Buffer.concat(received).equals(data), 'the bytes arrive whole and in order');
+      conn.close();
+    } finally {
+      peer.destroy();
+      server.close();
+    }
+  });
+});
+
 describe('WorkerConnection.onClosing', () => {
   for (const how of ['close()', 'a peer reset (Node destroys the socket itself)'] as const) {
     it(`runs once, while the descriptor is still open, before ${how} closes it`, T, async () => {

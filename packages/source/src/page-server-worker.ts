@@ -52,15 +52,8 @@ function flush(l: Link, written?: () => void): void {
     written?.();
     return;
   }
-  const bufs = l.w.flush();
-  const s = l.conn.socket;
-  s.cork();
-  for (let i = 0; i < bufs.length; i++) {
-    counters[ServerCounter.BYTES]! += bufs[i]!.length;
-    if (i === bufs.length - 1 && written !== undefined) s.write(bufs[i]!, () => written());
-    else s.write(bufs[i]!);
-  }
-  s.uncork();
+  counters[ServerCounter.BYTES]! += l.w.totalBytes;
+  l.conn.write(l.w.flush(), written);
 }
 
 function attach(m: Extract<PageServerCommand, { kind: 'attach' }>): void {
