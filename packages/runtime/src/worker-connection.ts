@@ -97,10 +97,9 @@ export class WorkerConnection {
       let n = 0;
       try {
         n = writevSync(this.handed.fd, bufs);
-      } catch (err) {
-        // EAGAIN: the send buffer is full, the socket waits for room. Anything else: the socket's
-        // own write below fails the same way and reports it.
-        if ((err as NodeJS.ErrnoException).code !== 'EAGAIN') n = 0;
+      } catch {
+        // EAGAIN: the send buffer is full, and the socket waits for room. Anything else: the
+        // socket's own write below fails the same way and reports it.
       }
       while (first < bufs.length && n >= bufs[first]!.length) n -= bufs[first++]!.length;
       if (first === bufs.length) {
