@@ -1013,18 +1013,17 @@ export class IncomingMigration {
     this.retireFaultThread();
     this.pendingPreempt?.raw.destroy();
     this.channelServer?.close();
+    const extra = [...this.multifd.map((c) => c.socket), ...this.heldConnections];
     if (status === 0) {
-      for (const c of this.multifd) c.socket.destroy();
-      for (const c of this.heldConnections) c.destroy();
+      for (const c of extra) c.destroy();
       return;
     }
     // After a failure the source may still be writing: closing a connection with unread bytes
     // resets it, and that reset can reach the source before the reason sent on the return path.
     // End them (FIN) and close them a moment later.
-    const rest = [...this.multifd.map((c) => c.socket), ...this.heldConnections];
-    for (const c of rest) c.end();
+    for (const c of extra) c.end();
     setTimeout(() => {
-      for (const c of rest) c.destroy();
+      for (const c of extra) c.destroy();
     }, FAILED_CHANNEL_LINGER_MS).unref();
   }
 

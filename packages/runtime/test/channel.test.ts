@@ -362,6 +362,8 @@ async function tcpPair(): Promise<{ server: net.Server; client: net.Socket; peer
   const accepted = new Promise<net.Socket>((r) => server.once('connection', r));
   const client = net.connect((server.address() as net.AddressInfo).port, '127.0.0.1');
   const peer = await within(accepted, 'accept');
+  // Connected on both ends: a socket still connecting cannot be handed over by descriptor.
+  if (client.connecting) await within(new Promise((r) => client.once('connect', r)), 'connect');
   return { server, client, peer };
 }
 
@@ -479,7 +481,6 @@ describe('WorkerConnection writes', () => {
     const { detachFd, WorkerConnection } = await import('../src/index.ts');
     const { server, client, peer } = await tcpPair();
     try {
-      if (client.connecting) await within(new Promise((r) => client.once('connect', r)), 'connect');
       const conn = new WorkerConnection({ ...detachFd(client), tcp: true }, 'test channel', () => {}, () => {});
       conn.start();
       peer.pause(); // nothing is read until all is written: the send buffer fills
