@@ -65,6 +65,18 @@ export const ErrorCode = {
   BAD_MULTIFD: 'LM_ERR_BAD_MULTIFD',
   /** An invalid argument given to an encoder (a caller bug, not bad input). */
   INVALID_ARGUMENT: 'LM_ERR_INVALID_ARGUMENT',
+  /** An event (QMP command, return-path message, stream command, channel event) not legal in the migration's current state. */
+  WRONG_STATE: 'LM_ERR_WRONG_STATE',
+  /** The migration was cancelled (migrate_cancel, or the process shutting down). */
+  CANCELLED: 'LM_ERR_CANCELLED',
+  /** A migration connection closed, was reset or failed while the migration needed it. */
+  CHANNEL_LOST: 'LM_ERR_CHANNEL_LOST',
+  /** The peer sent nothing for longer than the keepalive timeout: the link is presumed broken. */
+  PEER_SILENT: 'LM_ERR_PEER_SILENT',
+  /** The destination reported that it failed (SHUT with a non-zero status, or livemig's error message). */
+  DESTINATION_FAILED: 'LM_ERR_DESTINATION_FAILED',
+  /** An exception without a code reached the top of a migration: a bug in livemig, reported as such. */
+  INTERNAL: 'LM_ERR_INTERNAL',
 } as const;
 
 export type ErrorCodeValue = (typeof ErrorCode)[keyof typeof ErrorCode];
@@ -122,6 +134,96 @@ export class ProtocolError extends MigrationError {
 
 /** The two sides are configured differently (block list, machine type). */
 export class ConfigError extends ProtocolError {}
+
+/**
+ * An event that the migration's state machine does not accept in its current state (a QMP
+ * command, a return-path message or stream command, a channel event). `state` is QEMU's status
+ * name, `event` the event's name.
+ */
+export class StateError extends MigrationError {
+  readonly state: string;
+  readonly event: string;
+  constructor(state: string, event: string, message?: string) {
+    super(ErrorCode.WRONG_STATE, message ?? `${event} is not allowed while the migration is ${state}`);
+    this.state = state;
+    this.event = event;
+  }
+
+  override toJSON(): Record<string, unknown> {
+    return { ...super.toJSON(), state: this.state, event: this.event };
+  }
+}
+
+/** The migration was cancelled. */
+export class CancelledError extends MigrationError {
+  constructor(message = 'migration cancelled') {
+    super(ErrorCode.CANCELLED, message);
+  }
+}
+
+/** Which migration connection a transport failure happened on. */
+export type ChannelRole = 'main' | 'return-path' | 'preempt' | 'multifd';
+
+/**
+ * A migration connection failed: closed, reset, or silent past the keepalive timeout
+ * (`LM_ERR_CHANNEL_LOST` or `LM_ERR_PEER_SILENT`). `errno` is the system error code (ECONNRESET,
+ * EPIPE …) when there was one: callers test it, never the message.
+ */
+export class TransportError extends MigrationError {
+  readonly channel: ChannelRole;
+  readonly errno: string | undefined;
+  constructor(code: 'LM_ERR_CHANNEL_LOST' | 'LM_ERR_PEER_SILENT', channel: ChannelRole, message: string, options: { errno?: string; cause?: unknown } = {}) {
+    super(code, message, options.cause === undefined ? undefined : { cause: options.cause });
+    this.channel = channel;
+    this.errno = options.errno;
+  }
+
+  /** A closed or failed connection, from a stream's 'error' (with its errno) or 'close'. */
+  static lost(channel: ChannelRole, message: string, cause?: unknown): TransportError {
+    const errno = (cause as { code?: unknown } | undefined)?.code;
+    return new TransportError(ErrorCode.CHANNEL_LOST, channel, message, typeof errno === 'string' ? { cause, errno } : { cause });
+  }
+
+  override toJSON(): Record<string, unknown> {
+    const out = { ...super.toJSON(), channel: this.channel };
+    return this.errno === undefined ? out : { ...out, errno: this.errno };
+  }
+}
+
+/** The destination said it failed; `remoteCode` and `remoteOffset` are its own error's, when it sent them. */
+export class DestinationFailedError extends MigrationError {
+  readonly remoteCode: string | undefined;
+  readonly remoteOffset: number | undefined;
+  readonly shutStatus: number | undefined;
+  constructor(message: string, detail: { remoteCode?: string; remoteOffset?: number; shutStatus?: number } = {}) {
+    super(ErrorCode.DESTINATION_FAILED, message);
+    this.remoteCode = detail.remoteCode;
+    this.remoteOffset = detail.remoteOffset;
+    this.shutStatus = detail.shutStatus;
+  }
+
+  override toJSON(): Record<string, unknown> {
+    const out: Record<string, unknown> = { ...super.toJSON() };
+    if (this.remoteCode !== undefined) out['remoteCode'] = this.remoteCode;
+    if (this.remoteOffset !== undefined) out['remoteOffset'] = this.remoteOffset;
+    if (this.shutStatus !== undefined) out['shutStatus'] = this.shutStatus;
+    return out;
+  }
+}
+
+/** Wraps an exception that has no code of ours (a bug) so it is still reported with one. */
+export class InternalError extends MigrationError {
+  constructor(cause: unknown) {
+    super(ErrorCode.INTERNAL, `internal error: ${(cause as Error | undefined)?.message ?? String(cause)}`, { cause });
+  }
+}
+
+/** `err` itself when it carries one of our `LM_ERR_*` codes, else an InternalError wrapping it. */
+export function coded(err: unknown): Error & { code: string } {
+  const code = (err as { code?: unknown } | null)?.code;
+  if (err instanceof Error && typeof code === 'string' && code.startsWith('LM_ERR_')) return err as Error & { code: string };
+  return new InternalError(err);
+}
 
 function withPlace(message: string, context: ErrorContext): string {
   const where: string[] = [];
