@@ -8,7 +8,6 @@
 // each page once from that buffer into guest RAM and keeps only a straddling record's bytes.
 
 import net from 'node:net';
-import { Packr } from 'msgpackr';
 import { FaultThread } from './fault-thread.ts';
 import {
   BatchWriter,
@@ -30,6 +29,7 @@ import {
   StreamDecoder,
   type RequestNaming,
   writePageRequests,
+  encodeLivemigError,
   writeRpLivemigExt,
   writeRpPong,
   writeRpRecvBitmap,
@@ -58,7 +58,6 @@ const NEAR_PAGES = 2048;
 const FAULT_THREAD_END_MS = 1_000;
 /** How long the extra connections of a failed migration stay open after their FIN (see shutDown). */
 const FAILED_CHANNEL_LINGER_MS = 1_000;
-const extPackr = new Packr({ useRecords: false });
 
 export interface IncomingOptions {
   guest: Guest;
@@ -1037,8 +1036,7 @@ export class IncomingMigration {
     this.setStatus('failed');
     this.o.log.warn({ err: d }, `incoming migration failed: ${d.message}`);
     if (this.peerIsLivemig) {
-      let payload = extPackr.pack({ kind: 'error', ...d });
-      if (payload.length > 512) payload = extPackr.pack({ kind: 'error', code: d.code, message: d.message.slice(0, 400), offset: d.offset });
+      const payload = encodeLivemigError(d);
       this.sendRp((w) => writeRpLivemigExt(w, payload));
     }
     this.shutDown(1);

@@ -28,3 +28,4 @@ export * from './analysis.ts';
 export * from './migration-config.ts';
 export * from './multifd.ts';
 export * from './request-batch.ts';
+export * from './livemig-ext.ts';

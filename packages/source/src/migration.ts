@@ -12,7 +12,6 @@
 import net from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Duplex } from 'node:stream';
-import { Packr } from 'msgpackr';
 import {
   BatchWriter,
   type Capabilities,
@@ -36,8 +35,8 @@ import {
   writePostcopyAdvise,
   writeRamDiscard,
   writeRecvBitmapRequest,
+  decodeLivemigExt,
   decodeRequestBatch,
-  REQUEST_BATCH_KIND,
   writeEof,
   writeEos,
   writePing,
@@ -72,8 +71,6 @@ const DESTINATION_REASON_WAIT_MS = 500;
 const RAM_SECTION_ID = 2;
 /** Bytes one PART section of a non-RAM iterative device may carry. */
 const DEVICE_PART_BYTES = 1024 * 1024;
-
-const extPackr = new Packr({ useRecords: false });
 
 /** One turn of the event loop (about a microsecond when idle). */
 function yieldToIo(): Promise<void> {
@@ -1059,24 +1056,14 @@ export class OutgoingMigration {
   }
 
   private onExtension(payload: Buffer): void {
-    if (payload[0] === REQUEST_BATCH_KIND) {
+    const msg = decodeLivemigExt(payload);
+    if (msg.kind === 'request-batch') {
       this.onRequestBatch(payload);
-      return;
+    } else if (msg.kind === 'error') {
+      this.destinationError = msg;
+      this.reasonWaiter?.();
     }
-    try {
-      const msg = extPackr.unpack(payload) as {
-        kind?: string;
-        code?: string;
-        message?: string;
-        offset?: number;
-      };
-      if (msg.kind === 'error') {
-        this.destinationError = msg;
-        this.reasonWaiter?.();
-      }
-    } catch {
-      // An extension we cannot read is ignored, as QEMU ignores what it does not need.
-    }
+    // An extension we cannot read is ignored, as QEMU ignores what it does not need.
   }
 
   /** A batch of page requests in compressed page indices (see encodeRequestBatch). */
@@ -1102,4 +1089,3 @@ export class OutgoingMigration {
   }
 }
 
-export { extPackr as livemigExtPackr };
