@@ -160,6 +160,7 @@ class SourceProcess {
           ...(multifdChannels.length === 0 ? {} : { multifd: multifdChannels }),
           machineType: this.machineType,
           realtimePostcopy: this.realtimePostcopy,
+          postcopyRequested: this.postcopyWanted,
           log,
           events: {
             status: (s) => {
@@ -173,7 +174,6 @@ class SourceProcess {
           },
         });
         this.migration = m;
-        if (this.postcopyWanted) m.requestPostcopy();
         const on = Object.entries(settings.capabilities).filter(([, v]) => v).map(([k]) => k);
         log.info({ uri, capabilities: on, maxBandwidth: settings.parameters['max-bandwidth'] }, 'migration started');
         this.showProgress(m);

@@ -39,7 +39,7 @@ export class MultifdSender {
     // QEMU compares the UUID with its own (-uuid, all zeros by default); livemig guests have none.
     const uuid = new Uint8Array(16);
     this.channels = streams.map((s, channelId) => {
-      const out = new StreamOut(s);
+      const out = new StreamOut(s, 'multifd');
       const init = Buffer.alloc(MULTIFD_INIT_LENGTH);
       writeMultifdInit(init, { uuid, channelId });
       this.queuedBytes += init.length;

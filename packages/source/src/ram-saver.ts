@@ -45,8 +45,6 @@ export class RamSaver implements IterativeDevice {
   readonly versionId = 4;
   /** RAM data is parsed by the stream decoder, not sized. */
   readonly layout = 0;
-  /** Pages newly dirtied found by the last sync. */
-  lastSyncAdded = 0;
   private readonly guest: Guest;
   private readonly views: Buffer[];
   readonly bitmaps: Uint32Array[];
@@ -113,7 +111,6 @@ export class RamSaver implements IterativeDevice {
     for (let i = 0; i < this.bitmaps.length; i++) added += this.guest.ram.syncDirty(i, this.bitmaps[i]!);
     this.dirtyPages += added;
     this.stats.dirtySyncCount++;
-    this.lastSyncAdded = added;
     return added;
   }
 

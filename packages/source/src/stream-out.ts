@@ -3,10 +3,7 @@
 // encoded), and the stream's failure surfaced as one error.
 
 import type { Duplex } from 'node:stream';
-
-export class StreamClosedError extends Error {
-  readonly code = 'LM_ERR_CHANNEL_CLOSED';
-}
+import { type ChannelRole, TransportError } from '@livemig/protocol';
 
 export class StreamOut {
   readonly stream: Duplex;
@@ -17,12 +14,19 @@ export class StreamOut {
   /** Settles with the failure, once (shared by every wait that races against it). */
   private readonly failure$: Promise<Error>;
 
-  constructor(stream: Duplex) {
+  /** `role` names the connection in the errors it reports. */
+  constructor(stream: Duplex, role: ChannelRole) {
     this.stream = stream;
     this.failure$ = new Promise((resolve) => this.waiters.add((e) => resolve(e!)));
-    stream.on('error', (err: Error) => this.fail(err));
-    stream.on('close', () => this.fail(new StreamClosedError('the migration channel was closed')));
+    stream.on('error', (err: Error) => this.fail(TransportError.lost(role, `the ${role} channel failed: ${err.message}`, err)));
+    stream.on('close', () => {
+      // A stream we ended and that wrote everything (file:, exec:) closes as it should.
+      if (!stream.writableFinished) this.fail(TransportError.lost(role, `the ${role} channel was closed`));
+    });
+    this.role = role;
   }
+
+  private readonly role: ChannelRole;
 
   get error(): Error | undefined {
     return this.failure;
@@ -84,7 +88,7 @@ export class StreamOut {
     if (this.failure !== undefined) throw this.failure;
     await new Promise<void>((resolve, reject) => {
       this.stream.end(() => resolve());
-      this.waiters.add((err) => reject(err ?? new StreamClosedError('channel closed before it was flushed')));
+      this.waiters.add((err) => reject(err ?? TransportError.lost(this.role, `the ${this.role} channel closed before it was flushed`)));
     });
   }
 }

@@ -1,0 +1,632 @@
+// The source machine: every (state, event) pair with its outcome, scenarios with an injected
+// clock, and the diagram in docs/state-machines/source.md checked against the machine.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import {
+  DESTINATION_REASON_WAIT_MS,
+  ErrorCode,
+  initialSourceState,
+  KEEPALIVE_TIMEOUT_MS,
+  reportedStatus,
+  SOURCE_EVENT_TYPES,
+  SOURCE_STATUSES,
+  type SourceAction,
+  type SourceEvent,
+  type SourceState,
+  sourceStep,
+  TransportError,
+} from '../src/index.ts';
+import { describeStep, EVENTS, STATES, T0 } from './source-machine.samples.ts';
+
+/**
+ * Expected outcome of each event in each sample state: `next-status[.phase] actions…`, or
+ * `x CODE` for a refusal. A sample state or event without its row fails the first test.
+ */
+const TABLE: Record<string, Record<string, string>> = {
+  'setup': {
+    'setupSent': 'active.iterating emitStatus(active)',
+    'switchoverStarted': 'x LM_ERR_WRONG_STATE',
+    'finalStateSent': 'x LM_ERR_WRONG_STATE',
+    'postcopyStarted': 'x LM_ERR_WRONG_STATE',
+    'postcopyStreamEnded': 'x LM_ERR_WRONG_STATE',
+    'faulted': 'failing startReasonTimer',
+    'returnPathHeard': 'setup',
+    'shutReceived(0)': 'x LM_ERR_WRONG_STATE',
+    'shutReceived(1)': 'failing stopKeepalive stopPostcopyPaging closeChannels restoreGuest(run)',
+    'pongReceived(4)': 'setup',
+    'destinationReported': 'setup',
+    'pageRequested': 'x LM_ERR_WRONG_STATE',
+    'recvBitmapReceived': 'x LM_ERR_WRONG_STATE',
+    'resumeAckReceived': 'x LM_ERR_WRONG_STATE',
+    'postcopyRequested': 'setup',
+    'cancelRequested': 'cancelling emitStatus(cancelling) stopKeepalive stopPostcopyPaging closeChannels restoreGuest(run)',
+    'pauseRequested': 'x LM_ERR_WRONG_STATE',
+    'resumeRequested': 'x LM_ERR_WRONG_STATE',
+    'keepaliveTicked': 'x LM_ERR_WRONG_STATE',
+    'reasonTimerFired': 'x LM_ERR_WRONG_STATE',
+    'guestRestored': 'x LM_ERR_WRONG_STATE',
+  },
+  'active': {
+    'setupSent': 'x LM_ERR_WRONG_STATE',
+    'switchoverStarted': 'active.stop-copy',
+    'finalStateSent': 'x LM_ERR_WRONG_STATE',
+    'postcopyStarted': 'postcopy-active emitStatus(postcopy-active) startPostcopyPaging startKeepalive',
+    'postcopyStreamEnded': 'x LM_ERR_WRONG_STATE',
+    'faulted': 'failing startReasonTimer',
+    'returnPathHeard': 'active.iterating',
+    'shutReceived(0)': 'x LM_ERR_WRONG_STATE',
+    'shutReceived(1)': 'failing stopKeepalive stopPostcopyPaging closeChannels restoreGuest(run)',
+    'pongReceived(4)': 'active.iterating',
+    'destinationReported': 'active.iterating',
+    'pageRequested': 'x LM_ERR_WRONG_STATE',
+    'recvBitmapReceived': 'x LM_ERR_WRONG_STATE',
+    'resumeAckReceived': 'x LM_ERR_WRONG_STATE',
+    'postcopyRequested': 'active.iterating',
+    'cancelRequested': 'cancelling emitStatus(cancelling) stopKeepalive stopPostcopyPaging closeChannels restoreGuest(run)',
+    'pauseRequested': 'x LM_ERR_WRONG_STATE',
+    'resumeRequested': 'x LM_ERR_WRONG_STATE',
+    'keepaliveTicked': 'x LM_ERR_WRONG_STATE',
+    'reasonTimerFired': 'x LM_ERR_WRONG_STATE',
+    'guestRestored': 'x LM_ERR_WRONG_STATE',
+  },
+  'active.stop-copy': {
+    'setupSent': 'x LM_ERR_WRONG_STATE',
+    'switchoverStarted': 'x LM_ERR_WRONG_STATE',
+    'finalStateSent': 'active.awaiting-shut',
+    'postcopyStarted': 'postcopy-active emitStatus(postcopy-active) startPostcopyPaging startKeepalive',
+    'postcopyStreamEnded': 'x LM_ERR_WRONG_STATE',
+    'faulted': 'failing startReasonTimer',
+    'returnPathHeard': 'active.stop-copy',
+    'shutReceived(0)': 'x LM_ERR_WRONG_STATE',
+    'shutReceived(1)': 'failing stopKeepalive stopPostcopyPaging closeChannels restoreGuest(run)',
+    'pongReceived(4)': 'active.stop-copy',
+    'destinationReported': 'active.stop-copy',
+    'pageRequested': 'x LM_ERR_WRONG_STATE',
+    'recvBitmapReceived': 'x LM_ERR_WRONG_STATE',
+    'resumeAckReceived': 'x LM_ERR_WRONG_STATE',
+    'postcopyRequested': 'active.stop-copy',
+    'cancelRequested': 'cancelling emitStatus(cancelling) stopKeepalive stopPostcopyPaging closeChannels restoreGuest(run)',
+    'pauseRequested': 'x LM_ERR_WRONG_STATE',
+    'resumeRequested': 'x LM_ERR_WRONG_STATE',
+    'keepaliveTicked': 'x LM_ERR_WRONG_STATE',
+    'reasonTimerFired': 'x LM_ERR_WRONG_STATE',
+    'guestRestored': 'x LM_ERR_WRONG_STATE',
+  },
+  'active.awaiting-shut': {
+    'setupSent': 'x LM_ERR_WRONG_STATE',
+    'switchoverStarted': 'x LM_ERR_WRONG_STATE',
+    'finalStateSent': 'x LM_ERR_WRONG_STATE',
+    'postcopyStarted': 'x LM_ERR_WRONG_STATE',
+    'postcopyStreamEnded': 'x LM_ERR_WRONG_STATE',
+    'faulted': 'failing startReasonTimer',
+    'returnPathHeard': 'active.awaiting-shut',
+    'shutReceived(0)': 'completed stopKeepalive closeChannels cleanUp emitStatus(completed)',
+    'shutReceived(1)': 'failing stopKeepalive stopPostcopyPaging closeChannels restoreGuest(run)',
+    'pongReceived(4)': 'active.awaiting-shut',
+    'destinationReported': 'active.awaiting-shut',
+    'pageRequested': 'x LM_ERR_WRONG_STATE',
+    'recvBitmapReceived': 'x LM_ERR_WRONG_STATE',
+    'resumeAckReceived': 'x LM_ERR_WRONG_STATE',
+    'postcopyRequested': 'active.awaiting-shut',
+    'cancelRequested': 'cancelling emitStatus(cancelling) stopKeepalive stopPostcopyPaging closeChannels restoreGuest(run)',
+    'pauseRequested': 'x LM_ERR_WRONG_STATE',
+    'resumeRequested': 'x LM_ERR_WRONG_STATE',
+    'keepaliveTicked': 'x LM_ERR_WRONG_STATE',
+    'reasonTimerFired': 'x LM_ERR_WRONG_STATE',
+    'guestRestored': 'x LM_ERR_WRONG_STATE',
+  },
+  'postcopy-active': {
+    'setupSent': 'x LM_ERR_WRONG_STATE',
+    'switchoverStarted': 'x LM_ERR_WRONG_STATE',
+    'finalStateSent': 'x LM_ERR_WRONG_STATE',
+    'postcopyStarted': 'x LM_ERR_WRONG_STATE',
+    'postcopyStreamEnded': 'postcopy-active.ending',
+    'faulted': 'postcopy-paused stopPostcopyPaging closeChannels emitStatus(postcopy-paused)',
+    'returnPathHeard': 'postcopy-active',
+    'shutReceived(0)': 'x LM_ERR_WRONG_STATE',
+    'shutReceived(1)': 'failing stopKeepalive stopPostcopyPaging closeChannels restoreGuest(paused)',
+    'pongReceived(4)': 'postcopy-active',
+    'destinationReported': 'postcopy-active',
+    'pageRequested': 'postcopy-active servePages',
+    'recvBitmapReceived': 'x LM_ERR_WRONG_STATE',
+    'resumeAckReceived': 'x LM_ERR_WRONG_STATE',
+    'postcopyRequested': 'postcopy-active',
+    'cancelRequested': 'cancelling emitStatus(cancelling) stopKeepalive stopPostcopyPaging closeChannels restoreGuest(paused)',
+    'pauseRequested': 'postcopy-paused stopPostcopyPaging closeChannels emitStatus(postcopy-paused)',
+    'resumeRequested': 'x LM_ERR_WRONG_STATE',
+    'keepaliveTicked': 'postcopy-active sendKeepalivePing',
+    'reasonTimerFired': 'x LM_ERR_WRONG_STATE',
+    'guestRestored': 'x LM_ERR_WRONG_STATE',
+  },
+  'postcopy-active.ending': {
+    'setupSent': 'x LM_ERR_WRONG_STATE',
+    'switchoverStarted': 'x LM_ERR_WRONG_STATE',
+    'finalStateSent': 'x LM_ERR_WRONG_STATE',
+    'postcopyStarted': 'x LM_ERR_WRONG_STATE',
+    'postcopyStreamEnded': 'x LM_ERR_WRONG_STATE',
+    'faulted': 'postcopy-paused stopPostcopyPaging closeChannels emitStatus(postcopy-paused)',
+    'returnPathHeard': 'postcopy-active.ending',
+    'shutReceived(0)': 'completed stopKeepalive closeChannels cleanUp emitStatus(completed)',
+    'shutReceived(1)': 'failing stopKeepalive stopPostcopyPaging closeChannels restoreGuest(paused)',
+    'pongReceived(4)': 'postcopy-active.ending',
+    'destinationReported': 'postcopy-active.ending',
+    'pageRequested': 'postcopy-active.ending servePages',
+    'recvBitmapReceived': 'x LM_ERR_WRONG_STATE',
+    'resumeAckReceived': 'x LM_ERR_WRONG_STATE',
+    'postcopyRequested': 'postcopy-active.ending',
+    'cancelRequested': 'cancelling emitStatus(cancelling) stopKeepalive stopPostcopyPaging closeChannels restoreGuest(paused)',
+    'pauseRequested': 'postcopy-paused stopPostcopyPaging closeChannels emitStatus(postcopy-paused)',
+    'resumeRequested': 'x LM_ERR_WRONG_STATE',
+    'keepaliveTicked': 'postcopy-active.ending sendKeepalivePing',
+    'reasonTimerFired': 'x LM_ERR_WRONG_STATE',
+    'guestRestored': 'x LM_ERR_WRONG_STATE',
+  },
+  'postcopy-active.silent': {
+    'setupSent': 'x LM_ERR_WRONG_STATE',
+    'switchoverStarted': 'x LM_ERR_WRONG_STATE',
+    'finalStateSent': 'x LM_ERR_WRONG_STATE',
+    'postcopyStarted': 'x LM_ERR_WRONG_STATE',
+    'postcopyStreamEnded': 'postcopy-active.ending',
+    'faulted': 'postcopy-paused stopPostcopyPaging closeChannels emitStatus(postcopy-paused)',
+    'returnPathHeard': 'postcopy-active',
+    'shutReceived(0)': 'x LM_ERR_WRONG_STATE',
+    'shutReceived(1)': 'failing stopKeepalive stopPostcopyPaging closeChannels restoreGuest(paused)',
+    'pongReceived(4)': 'postcopy-active',
+    'destinationReported': 'postcopy-active',
+    'pageRequested': 'postcopy-active servePages',
+    'recvBitmapReceived': 'x LM_ERR_WRONG_STATE',
+    'resumeAckReceived': 'x LM_ERR_WRONG_STATE',
+    'postcopyRequested': 'postcopy-active',
+    'cancelRequested': 'cancelling emitStatus(cancelling) stopKeepalive stopPostcopyPaging closeChannels restoreGuest(paused)',
+    'pauseRequested': 'postcopy-paused stopPostcopyPaging closeChannels emitStatus(postcopy-paused)',
+    'resumeRequested': 'x LM_ERR_WRONG_STATE',
+    'keepaliveTicked': 'postcopy-paused stopPostcopyPaging closeChannels emitStatus(postcopy-paused)',
+    'reasonTimerFired': 'x LM_ERR_WRONG_STATE',
+    'guestRestored': 'x LM_ERR_WRONG_STATE',
+  },
+  'postcopy-paused': {
+    'setupSent': 'x LM_ERR_WRONG_STATE',
+    'switchoverStarted': 'x LM_ERR_WRONG_STATE',
+    'finalStateSent': 'x LM_ERR_WRONG_STATE',
+    'postcopyStarted': 'x LM_ERR_WRONG_STATE',
+    'postcopyStreamEnded': 'x LM_ERR_WRONG_STATE',
+    'faulted': 'postcopy-paused',
+    'returnPathHeard': 'postcopy-paused',
+    'shutReceived(0)': 'x LM_ERR_WRONG_STATE',
+    'shutReceived(1)': 'postcopy-paused',
+    'pongReceived(4)': 'postcopy-paused',
+    'destinationReported': 'postcopy-paused',
+    'pageRequested': 'x LM_ERR_WRONG_STATE',
+    'recvBitmapReceived': 'x LM_ERR_WRONG_STATE',
+    'resumeAckReceived': 'x LM_ERR_WRONG_STATE',
+    'postcopyRequested': 'postcopy-paused',
+    'cancelRequested': 'cancelling emitStatus(cancelling) stopKeepalive stopPostcopyPaging closeChannels restoreGuest(paused)',
+    'pauseRequested': 'x LM_ERR_WRONG_STATE',
+    'resumeRequested': 'postcopy-recover emitStatus(postcopy-recover) requestReceivedBitmaps',
+    'keepaliveTicked': 'postcopy-paused',
+    'reasonTimerFired': 'x LM_ERR_WRONG_STATE',
+    'guestRestored': 'x LM_ERR_WRONG_STATE',
+  },
+  'postcopy-recover': {
+    'setupSent': 'x LM_ERR_WRONG_STATE',
+    'switchoverStarted': 'x LM_ERR_WRONG_STATE',
+    'finalStateSent': 'x LM_ERR_WRONG_STATE',
+    'postcopyStarted': 'x LM_ERR_WRONG_STATE',
+    'postcopyStreamEnded': 'x LM_ERR_WRONG_STATE',
+    'faulted': 'postcopy-paused stopPostcopyPaging closeChannels emitStatus(postcopy-paused)',
+    'returnPathHeard': 'postcopy-recover',
+    'shutReceived(0)': 'x LM_ERR_WRONG_STATE',
+    'shutReceived(1)': 'failing stopKeepalive stopPostcopyPaging closeChannels restoreGuest(paused)',
+    'pongReceived(4)': 'postcopy-recover',
+    'destinationReported': 'postcopy-recover',
+    'pageRequested': 'postcopy-recover servePages',
+    'recvBitmapReceived': 'postcopy-recover applyReceivedBitmap',
+    'resumeAckReceived': 'postcopy-paused stopPostcopyPaging closeChannels emitStatus(postcopy-paused)',
+    'postcopyRequested': 'postcopy-recover',
+    'cancelRequested': 'cancelling emitStatus(cancelling) stopKeepalive stopPostcopyPaging closeChannels restoreGuest(paused)',
+    'pauseRequested': 'postcopy-paused stopPostcopyPaging closeChannels emitStatus(postcopy-paused)',
+    'resumeRequested': 'x LM_ERR_WRONG_STATE',
+    'keepaliveTicked': 'postcopy-recover sendKeepalivePing',
+    'reasonTimerFired': 'x LM_ERR_WRONG_STATE',
+    'guestRestored': 'x LM_ERR_WRONG_STATE',
+  },
+  'postcopy-recover.bitmaps-in': {
+    'setupSent': 'x LM_ERR_WRONG_STATE',
+    'switchoverStarted': 'x LM_ERR_WRONG_STATE',
+    'finalStateSent': 'x LM_ERR_WRONG_STATE',
+    'postcopyStarted': 'x LM_ERR_WRONG_STATE',
+    'postcopyStreamEnded': 'x LM_ERR_WRONG_STATE',
+    'faulted': 'postcopy-paused stopPostcopyPaging closeChannels emitStatus(postcopy-paused)',
+    'returnPathHeard': 'postcopy-recover',
+    'shutReceived(0)': 'x LM_ERR_WRONG_STATE',
+    'shutReceived(1)': 'failing stopKeepalive stopPostcopyPaging closeChannels restoreGuest(paused)',
+    'pongReceived(4)': 'postcopy-recover',
+    'destinationReported': 'postcopy-recover',
+    'pageRequested': 'postcopy-recover servePages',
+    'recvBitmapReceived': 'postcopy-paused stopPostcopyPaging closeChannels emitStatus(postcopy-paused)',
+    'resumeAckReceived': 'postcopy-active emitStatus(postcopy-active) startPostcopyPaging',
+    'postcopyRequested': 'postcopy-recover',
+    'cancelRequested': 'cancelling emitStatus(cancelling) stopKeepalive stopPostcopyPaging closeChannels restoreGuest(paused)',
+    'pauseRequested': 'postcopy-paused stopPostcopyPaging closeChannels emitStatus(postcopy-paused)',
+    'resumeRequested': 'x LM_ERR_WRONG_STATE',
+    'keepaliveTicked': 'postcopy-recover sendKeepalivePing',
+    'reasonTimerFired': 'x LM_ERR_WRONG_STATE',
+    'guestRestored': 'x LM_ERR_WRONG_STATE',
+  },
+  'postcopy-recover.silent': {
+    'setupSent': 'x LM_ERR_WRONG_STATE',
+    'switchoverStarted': 'x LM_ERR_WRONG_STATE',
+    'finalStateSent': 'x LM_ERR_WRONG_STATE',
+    'postcopyStarted': 'x LM_ERR_WRONG_STATE',
+    'postcopyStreamEnded': 'x LM_ERR_WRONG_STATE',
+    'faulted': 'postcopy-paused stopPostcopyPaging closeChannels emitStatus(postcopy-paused)',
+    'returnPathHeard': 'postcopy-recover',
+    'shutReceived(0)': 'x LM_ERR_WRONG_STATE',
+    'shutReceived(1)': 'failing stopKeepalive stopPostcopyPaging closeChannels restoreGuest(paused)',
+    'pongReceived(4)': 'postcopy-recover',
+    'destinationReported': 'postcopy-recover',
+    'pageRequested': 'postcopy-recover servePages',
+    'recvBitmapReceived': 'postcopy-recover applyReceivedBitmap sendPostcopyResume',
+    'resumeAckReceived': 'postcopy-paused stopPostcopyPaging closeChannels emitStatus(postcopy-paused)',
+    'postcopyRequested': 'postcopy-recover',
+    'cancelRequested': 'cancelling emitStatus(cancelling) stopKeepalive stopPostcopyPaging closeChannels restoreGuest(paused)',
+    'pauseRequested': 'postcopy-paused stopPostcopyPaging closeChannels emitStatus(postcopy-paused)',
+    'resumeRequested': 'x LM_ERR_WRONG_STATE',
+    'keepaliveTicked': 'postcopy-paused stopPostcopyPaging closeChannels emitStatus(postcopy-paused)',
+    'reasonTimerFired': 'x LM_ERR_WRONG_STATE',
+    'guestRestored': 'x LM_ERR_WRONG_STATE',
+  },
+  'failing.awaiting-reason': {
+    'setupSent': 'x LM_ERR_WRONG_STATE',
+    'switchoverStarted': 'x LM_ERR_WRONG_STATE',
+    'finalStateSent': 'x LM_ERR_WRONG_STATE',
+    'postcopyStarted': 'x LM_ERR_WRONG_STATE',
+    'postcopyStreamEnded': 'x LM_ERR_WRONG_STATE',
+    'faulted': 'failing stopKeepalive stopPostcopyPaging closeChannels restoreGuest(run)',
+    'returnPathHeard': 'failing',
+    'shutReceived(0)': 'x LM_ERR_WRONG_STATE',
+    'shutReceived(1)': 'failing stopKeepalive stopPostcopyPaging closeChannels restoreGuest(run)',
+    'pongReceived(4)': 'failing',
+    'destinationReported': 'failing stopKeepalive stopPostcopyPaging closeChannels restoreGuest(run)',
+    'pageRequested': 'x LM_ERR_WRONG_STATE',
+    'recvBitmapReceived': 'x LM_ERR_WRONG_STATE',
+    'resumeAckReceived': 'x LM_ERR_WRONG_STATE',
+    'postcopyRequested': 'failing',
+    'cancelRequested': 'failing',
+    'pauseRequested': 'x LM_ERR_WRONG_STATE',
+    'resumeRequested': 'x LM_ERR_WRONG_STATE',
+    'keepaliveTicked': 'x LM_ERR_WRONG_STATE',
+    'reasonTimerFired': 'failing stopKeepalive stopPostcopyPaging closeChannels restoreGuest(run)',
+    'guestRestored': 'x LM_ERR_WRONG_STATE',
+  },
+  'failing.restoring': {
+    'setupSent': 'x LM_ERR_WRONG_STATE',
+    'switchoverStarted': 'x LM_ERR_WRONG_STATE',
+    'finalStateSent': 'x LM_ERR_WRONG_STATE',
+    'postcopyStarted': 'x LM_ERR_WRONG_STATE',
+    'postcopyStreamEnded': 'x LM_ERR_WRONG_STATE',
+    'faulted': 'failing',
+    'returnPathHeard': 'failing',
+    'shutReceived(0)': 'x LM_ERR_WRONG_STATE',
+    'shutReceived(1)': 'failing',
+    'pongReceived(4)': 'failing',
+    'destinationReported': 'failing',
+    'pageRequested': 'x LM_ERR_WRONG_STATE',
+    'recvBitmapReceived': 'x LM_ERR_WRONG_STATE',
+    'resumeAckReceived': 'x LM_ERR_WRONG_STATE',
+    'postcopyRequested': 'failing',
+    'cancelRequested': 'failing',
+    'pauseRequested': 'x LM_ERR_WRONG_STATE',
+    'resumeRequested': 'x LM_ERR_WRONG_STATE',
+    'keepaliveTicked': 'x LM_ERR_WRONG_STATE',
+    'reasonTimerFired': 'failing',
+    'guestRestored': 'failed cleanUp emitStatus(failed)',
+  },
+  'cancelling': {
+    'setupSent': 'x LM_ERR_WRONG_STATE',
+    'switchoverStarted': 'x LM_ERR_WRONG_STATE',
+    'finalStateSent': 'x LM_ERR_WRONG_STATE',
+    'postcopyStarted': 'x LM_ERR_WRONG_STATE',
+    'postcopyStreamEnded': 'x LM_ERR_WRONG_STATE',
+    'faulted': 'cancelling',
+    'returnPathHeard': 'cancelling',
+    'shutReceived(0)': 'x LM_ERR_WRONG_STATE',
+    'shutReceived(1)': 'cancelling',
+    'pongReceived(4)': 'cancelling',
+    'destinationReported': 'cancelling',
+    'pageRequested': 'x LM_ERR_WRONG_STATE',
+    'recvBitmapReceived': 'x LM_ERR_WRONG_STATE',
+    'resumeAckReceived': 'x LM_ERR_WRONG_STATE',
+    'postcopyRequested': 'cancelling',
+    'cancelRequested': 'cancelling',
+    'pauseRequested': 'x LM_ERR_WRONG_STATE',
+    'resumeRequested': 'x LM_ERR_WRONG_STATE',
+    'keepaliveTicked': 'x LM_ERR_WRONG_STATE',
+    'reasonTimerFired': 'cancelling',
+    'guestRestored': 'cancelled cleanUp emitStatus(cancelled)',
+  },
+  'completed': {
+    'setupSent': 'x LM_ERR_WRONG_STATE',
+    'switchoverStarted': 'x LM_ERR_WRONG_STATE',
+    'finalStateSent': 'x LM_ERR_WRONG_STATE',
+    'postcopyStarted': 'x LM_ERR_WRONG_STATE',
+    'postcopyStreamEnded': 'x LM_ERR_WRONG_STATE',
+    'faulted': 'completed',
+    'returnPathHeard': 'completed',
+    'shutReceived(0)': 'x LM_ERR_WRONG_STATE',
+    'shutReceived(1)': 'completed',
+    'pongReceived(4)': 'completed',
+    'destinationReported': 'completed',
+    'pageRequested': 'x LM_ERR_WRONG_STATE',
+    'recvBitmapReceived': 'x LM_ERR_WRONG_STATE',
+    'resumeAckReceived': 'x LM_ERR_WRONG_STATE',
+    'postcopyRequested': 'completed',
+    'cancelRequested': 'completed',
+    'pauseRequested': 'x LM_ERR_WRONG_STATE',
+    'resumeRequested': 'x LM_ERR_WRONG_STATE',
+    'keepaliveTicked': 'x LM_ERR_WRONG_STATE',
+    'reasonTimerFired': 'x LM_ERR_WRONG_STATE',
+    'guestRestored': 'x LM_ERR_WRONG_STATE',
+  },
+  'cancelled': {
+    'setupSent': 'x LM_ERR_WRONG_STATE',
+    'switchoverStarted': 'x LM_ERR_WRONG_STATE',
+    'finalStateSent': 'x LM_ERR_WRONG_STATE',
+    'postcopyStarted': 'x LM_ERR_WRONG_STATE',
+    'postcopyStreamEnded': 'x LM_ERR_WRONG_STATE',
+    'faulted': 'cancelled',
+    'returnPathHeard': 'cancelled',
+    'shutReceived(0)': 'x LM_ERR_WRONG_STATE',
+    'shutReceived(1)': 'cancelled',
+    'pongReceived(4)': 'cancelled',
+    'destinationReported': 'cancelled',
+    'pageRequested': 'x LM_ERR_WRONG_STATE',
+    'recvBitmapReceived': 'x LM_ERR_WRONG_STATE',
+    'resumeAckReceived': 'x LM_ERR_WRONG_STATE',
+    'postcopyRequested': 'cancelled',
+    'cancelRequested': 'cancelled',
+    'pauseRequested': 'x LM_ERR_WRONG_STATE',
+    'resumeRequested': 'x LM_ERR_WRONG_STATE',
+    'keepaliveTicked': 'x LM_ERR_WRONG_STATE',
+    'reasonTimerFired': 'cancelled',
+    'guestRestored': 'x LM_ERR_WRONG_STATE',
+  },
+  'failed': {
+    'setupSent': 'x LM_ERR_WRONG_STATE',
+    'switchoverStarted': 'x LM_ERR_WRONG_STATE',
+    'finalStateSent': 'x LM_ERR_WRONG_STATE',
+    'postcopyStarted': 'x LM_ERR_WRONG_STATE',
+    'postcopyStreamEnded': 'x LM_ERR_WRONG_STATE',
+    'faulted': 'failed',
+    'returnPathHeard': 'failed',
+    'shutReceived(0)': 'x LM_ERR_WRONG_STATE',
+    'shutReceived(1)': 'failed',
+    'pongReceived(4)': 'failed',
+    'destinationReported': 'failed',
+    'pageRequested': 'x LM_ERR_WRONG_STATE',
+    'recvBitmapReceived': 'x LM_ERR_WRONG_STATE',
+    'resumeAckReceived': 'x LM_ERR_WRONG_STATE',
+    'postcopyRequested': 'failed',
+    'cancelRequested': 'failed',
+    'pauseRequested': 'x LM_ERR_WRONG_STATE',
+    'resumeRequested': 'x LM_ERR_WRONG_STATE',
+    'keepaliveTicked': 'x LM_ERR_WRONG_STATE',
+    'reasonTimerFired': 'failed',
+    'guestRestored': 'x LM_ERR_WRONG_STATE',
+  },
+};
+
+test('source machine: every (state, event) pair has its outcome, legal ones with their actions, illegal ones LM_ERR_WRONG_STATE', () => {
+  assert.deepEqual(new Set(Object.keys(TABLE)), new Set(Object.keys(STATES)), 'a row per sample state');
+  assert.deepEqual(new Set(Object.values(STATES).map((s) => s.status)), new Set(SOURCE_STATUSES), 'a sample state per status');
+  assert.deepEqual(new Set(Object.values(EVENTS).map((e) => e.type)), new Set(SOURCE_EVENT_TYPES), 'a sample event per event type');
+  for (const [stateName, state] of Object.entries(STATES)) {
+    const row = TABLE[stateName]!;
+    assert.deepEqual(new Set(Object.keys(row)), new Set(Object.keys(EVENTS)), `row "${stateName}" names every event`);
+    for (const [eventName, event] of Object.entries(EVENTS)) {
+      assert.equal(describeStep(() => sourceStep(state, event, T0 + 100)), row[eventName], `${stateName} + ${eventName}`);
+    }
+  }
+});
+
+test('source machine: a refusal names the status and the event', () => {
+  try {
+    sourceStep(STATES['setup']!, { type: 'resumeAckReceived' }, T0);
+    assert.fail('refused');
+  } catch (err) {
+    const e = err as { code: string; state: string; event: string };
+    assert.equal(e.code, ErrorCode.WRONG_STATE);
+    assert.equal(e.state, 'setup');
+    assert.equal(e.event, 'resumeAckReceived');
+  }
+  assert.throws(() => sourceStep(STATES['active']!, { type: 'pauseRequested' }, T0), /migrate-pause needs a postcopy migration \(status is active\)/);
+  // `failing` is shown as the status it failed from.
+  assert.throws(() => sourceStep(STATES['failing.restoring']!, { type: 'setupSent' }, T0), (e: { state?: string }) => e.state === 'active');
+});
+
+/** Run events from `state`, collecting every action; the clock is whatever each event says. */
+function run(state: SourceState, steps: [SourceEvent, number][]): { state: SourceState; actions: SourceAction[] } {
+  const actions: SourceAction[] = [];
+  for (const [event, now] of steps) {
+    const t = sourceStep(state, event, now);
+    state = t.state;
+    actions.push(...t.actions);
+  }
+  return { state, actions };
+}
+
+const blocks = [
+  { idstr: 'pc.ram', length: 64 * 4096 },
+  { idstr: 'vga.vram', length: 16 * 4096 },
+];
+
+test('precopy with a return path: setup → active → stop-copy → SHUT(0) completes; the guest stays stopped', () => {
+  const r = run(initialSourceState({ returnPath: true, guestWasRunning: true, blocks }), [
+    [{ type: 'setupSent' }, 1],
+    [{ type: 'switchoverStarted' }, 2],
+    [{ type: 'finalStateSent' }, 3],
+    [{ type: 'shutReceived', status: 0 }, 4],
+  ]);
+  assert.equal(r.state.status, 'completed');
+  assert.deepEqual(
+    r.actions.filter((a) => a.type === 'emitStatus').map((a) => (a as { status: string }).status),
+    ['active', 'completed'],
+  );
+  assert.equal(r.actions.some((a) => a.type === 'restoreGuest'), false);
+});
+
+test('precopy without a return path: the stream written out is the end', () => {
+  const r = run(initialSourceState({ returnPath: false, guestWasRunning: true, blocks }), [
+    [{ type: 'setupSent' }, 1],
+    [{ type: 'switchoverStarted' }, 2],
+    [{ type: 'finalStateSent' }, 3],
+  ]);
+  assert.equal(r.state.status, 'completed');
+});
+
+test('a reset waits up to 500 ms for the destination\'s reason; the reason ends the wait and becomes the error', () => {
+  const reset = TransportError.lost('multifd', 'the multifd channel failed: read ECONNRESET', Object.assign(new Error('x'), { code: 'ECONNRESET' }));
+  let r = run(STATES['active']!, [[{ type: 'faulted', error: reset }, 1000]]);
+  assert.equal(r.state.status, 'failing');
+  assert.equal(reportedStatus(r.state), 'active', 'query-migrate still says active while the reason may come');
+  assert.deepEqual(r.actions, [{ type: 'startReasonTimer', ms: DESTINATION_REASON_WAIT_MS }]);
+  r = run(r.state, [
+    [{ type: 'destinationReported', report: { code: 'LM_ERR_CONFIG_MISMATCH', message: 'RAM block "pc.ram" is 64 MiB here', offset: 99 } }, 1100],
+    [{ type: 'shutReceived', status: 1 }, 1101],
+    [{ type: 'guestRestored' }, 1102],
+  ]);
+  assert.equal(r.state.status, 'failed');
+  if (r.state.status === 'failed') {
+    const e = r.state.error as unknown as { code: string; remoteCode: string; remoteOffset: number; shutStatus: number; message: string };
+    assert.equal(e.code, ErrorCode.DESTINATION_FAILED);
+    assert.equal(e.remoteCode, 'LM_ERR_CONFIG_MISMATCH');
+    assert.equal(e.remoteOffset, 99);
+    assert.equal(e.shutStatus, 1);
+    assert.equal(e.message, 'destination failed: RAM block "pc.ram" is 64 MiB here [LM_ERR_CONFIG_MISMATCH]');
+  }
+  assert.deepEqual(
+    r.actions.map((a) => a.type),
+    ['stopKeepalive', 'stopPostcopyPaging', 'closeChannels', 'restoreGuest', 'cleanUp', 'emitStatus'],
+  );
+});
+
+test('a failure with no reason coming: the timer ends the wait and the original error stays', () => {
+  const reset = TransportError.lost('main', 'the main channel failed: write EPIPE', Object.assign(new Error('x'), { code: 'EPIPE' }));
+  const r = run(STATES['active.awaiting-shut']!, [
+    [{ type: 'faulted', error: reset }, 0],
+    [{ type: 'reasonTimerFired' }, DESTINATION_REASON_WAIT_MS],
+    [{ type: 'guestRestored' }, DESTINATION_REASON_WAIT_MS + 1],
+  ]);
+  assert.equal(r.state.status === 'failed' && r.state.error, reset);
+  assert.deepEqual(r.actions.find((a) => a.type === 'restoreGuest'), { type: 'restoreGuest', run: true });
+});
+
+test('the return path ending cuts the wait short; a failure that is not a reset does not wait', () => {
+  const reset = TransportError.lost('multifd', 'reset', Object.assign(new Error('x'), { code: 'ECONNRESET' }));
+  const rpGone = TransportError.lost('return-path', 'the main channel was closed');
+  const r = run(STATES['active']!, [
+    [{ type: 'faulted', error: reset }, 0],
+    [{ type: 'faulted', error: rpGone }, 5],
+  ]);
+  assert.equal(r.state.status === 'failing' && r.state.reasonUntil, undefined);
+  assert.ok(r.actions.some((a) => a.type === 'restoreGuest'));
+  const noWait = sourceStep(STATES['active']!, { type: 'faulted', error: rpGone }, 0);
+  assert.equal(noWait.actions.some((a) => a.type === 'startReasonTimer'), false);
+});
+
+test('cancel before postcopy runs the source guest again; after postcopy started it never does', () => {
+  for (const [name, run] of [
+    ['setup', true],
+    ['active.stop-copy', true],
+    ['postcopy-active', false],
+    ['postcopy-paused', false],
+  ] as const) {
+    const t = sourceStep(STATES[name]!, { type: 'cancelRequested' }, 0);
+    assert.deepEqual(t.actions.find((a) => a.type === 'restoreGuest'), { type: 'restoreGuest', run }, name);
+  }
+  const notRunning = initialSourceState({ returnPath: true, guestWasRunning: false, blocks });
+  assert.deepEqual(sourceStep(notRunning, { type: 'cancelRequested' }, 0).actions.find((a) => a.type === 'restoreGuest'), { type: 'restoreGuest', run: false });
+});
+
+test('postcopy keepalive: a tick pings; silence past the timeout pauses with LM_ERR_PEER_SILENT', () => {
+  const started = run(STATES['active']!, [[{ type: 'postcopyStarted' }, 0]]);
+  assert.deepEqual(sourceStep(started.state, { type: 'keepaliveTicked' }, KEEPALIVE_TIMEOUT_MS).actions, [{ type: 'sendKeepalivePing' }]);
+  const heard = sourceStep(started.state, { type: 'returnPathHeard' }, 2000).state;
+  assert.deepEqual(sourceStep(heard, { type: 'keepaliveTicked' }, 2000 + KEEPALIVE_TIMEOUT_MS).actions, [{ type: 'sendKeepalivePing' }]);
+  const silent = sourceStep(heard, { type: 'keepaliveTicked' }, 2001 + KEEPALIVE_TIMEOUT_MS);
+  assert.equal(silent.state.status, 'postcopy-paused');
+  if (silent.state.status === 'postcopy-paused') {
+    assert.equal(silent.state.reason.code, ErrorCode.PEER_SILENT);
+    assert.match(silent.state.reason.message, /no return-path traffic for 3001 ms/);
+  }
+});
+
+test('postcopy recovery: RECV_BITMAP for each block, then RESUME, then RESUME_ACK runs postcopy again', () => {
+  const r = run(STATES['postcopy-paused']!, [
+    [{ type: 'resumeRequested' }, 0],
+    [{ type: 'recvBitmapReceived', block: 'vga.vram', bitmap: new Uint8Array(8) }, 1],
+    [{ type: 'recvBitmapReceived', block: 'pc.ram', bitmap: new Uint8Array(8) }, 2],
+    [{ type: 'resumeAckReceived' }, 3],
+  ]);
+  assert.equal(r.state.status, 'postcopy-active');
+  assert.deepEqual(
+    r.actions.map((a) => a.type),
+    ['emitStatus', 'requestReceivedBitmaps', 'applyReceivedBitmap', 'applyReceivedBitmap', 'sendPostcopyResume', 'emitStatus', 'startPostcopyPaging'],
+  );
+  assert.deepEqual(r.actions[1], { type: 'requestReceivedBitmaps', blocks: ['pc.ram', 'vga.vram'] });
+  // A repeated bitmap breaks the recovery: paused again, waiting for another resume.
+  const twice = run(STATES['postcopy-paused']!, [
+    [{ type: 'resumeRequested' }, 0],
+    [{ type: 'recvBitmapReceived', block: 'pc.ram', bitmap: new Uint8Array(8) }, 1],
+    [{ type: 'recvBitmapReceived', block: 'pc.ram', bitmap: new Uint8Array(8) }, 2],
+  ]);
+  assert.equal(twice.state.status === 'postcopy-paused' && twice.state.reason.code, ErrorCode.UNKNOWN_BLOCK);
+});
+
+test('page requests are checked against the block list: unknown block, outside it, unaligned', () => {
+  const s = STATES['postcopy-active']!;
+  assert.deepEqual(sourceStep(s, { type: 'pageRequested', block: 'vga.vram', start: 4096, length: 12288 }, 0).actions, [
+    { type: 'servePages', blockIndex: 1, firstPage: 1, pageCount: 3 },
+  ]);
+  const code = (e: SourceEvent): string | undefined => {
+    try {
+      sourceStep(s, e, 0);
+      return undefined;
+    } catch (err) {
+      return (err as { code: string }).code;
+    }
+  };
+  assert.equal(code({ type: 'pageRequested', block: 'nope', start: 0, length: 4096 }), ErrorCode.UNKNOWN_BLOCK);
+  assert.equal(code({ type: 'pageRequested', block: 'vga.vram', start: 15 * 4096, length: 8192 }), ErrorCode.ILLEGAL_RAM_OFFSET);
+  assert.equal(code({ type: 'pageRequested', block: 'pc.ram', start: 100, length: 4096 }), ErrorCode.ILLEGAL_RAM_OFFSET);
+});
+
+test('PONG 4 after POSTCOPY_RUN is remembered once: the end of postcopy\'s downtime', () => {
+  const r = run(STATES['postcopy-active']!, [
+    [{ type: 'pongReceived', value: 3 }, 5],
+    [{ type: 'pongReceived', value: 4 }, 7],
+    [{ type: 'pongReceived', value: 4 }, 9],
+  ]);
+  assert.equal(r.state.runConfirmedAt, 7);
+});
+
+test('docs/state-machines/source.md: its diagram has exactly the status changes the machine makes', () => {
+  const doc = readFileSync(new URL('../../../docs/state-machines/source.md', import.meta.url), 'utf8');
+  const mermaid = /```mermaid\n([\s\S]*?)```/.exec(doc)?.[1] ?? '';
+  const drawn = new Set(
+    [...mermaid.matchAll(/^\s*([\w-]+|\[\*\])\s*-->\s*([\w-]+|\[\*\])\s*:\s*(\w+)/gm)].filter((m) => m[1] !== '[*]' && m[2] !== '[*]').map((m) => `${m[1]} --> ${m[2]} : ${m[3]}`),
+  );
+  const made = new Set<string>();
+  for (const state of Object.values(STATES)) {
+    for (const event of Object.values(EVENTS)) {
+      try {
+        const next = sourceStep(state, event, T0 + 100).state;
+        if (next.status !== state.status) made.add(`${state.status.replaceAll('-', '_')} --> ${next.status.replaceAll('-', '_')} : ${event.type}`);
+      } catch {
+        // refused: no edge
+      }
+    }
+  }
+  assert.deepEqual([...drawn].sort(), [...made].sort());
+});

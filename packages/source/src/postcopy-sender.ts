@@ -1,0 +1,298 @@
+// The migration thread after the switchover to postcopy (wire-format.md §7.2–§7.5): the guest
+// stops here and runs on the destination, which asks for the pages it faults on while the rest
+// of RAM follows in the background. Requested pages jump the queue (and the rate limit): on the
+// preempt connection a page server thread answers them (page-server.ts), else they go first in
+// the next batch on the main channel. A broken link pauses; `migrate resume=true` recovers
+// (RECV_BITMAP per block, POSTCOPY_RESUME, RESUME_ACK), all driven by the source machine.
+
+import net from 'node:net';
+import type { Duplex } from 'node:stream';
+import {
+  BatchWriter,
+  KEEPALIVE_PING_BASE,
+  MigCmd,
+  TransportError,
+  writeCommand,
+  writeEof,
+  writeEos,
+  writePackaged,
+  writePing,
+  writeRamDiscard,
+  writeRecvBitmapRequest,
+  writeSectionFooter,
+  writeSectionHeader,
+} from '@livemig/protocol';
+import { detachFd } from '@livemig/runtime';
+import type { OutgoingMigration } from './migration.ts';
+import { RAM_SECTION_ID } from './migration.ts';
+import { PageServer } from './page-server.ts';
+import { BATCH_BYTES, MAX_ITERATION_MS, yieldToIo } from './precopy.ts';
+
+/** The package's writer: device state of a small guest fits one slab. */
+const PACKAGE_SLAB_BYTES = 64 * 1024;
+/** Background batches are small: a request arriving meanwhile waits at most one batch. */
+const BACKGROUND_BATCH_BYTES = BATCH_BYTES / 4;
+
+export class PostcopySender {
+  private readonly m: OutgoingMigration;
+  /** Requested pages not served yet: [block index, page index] pairs, in arrival order. */
+  private readonly requests: number[] = [];
+  private requestCount = 0;
+  private postcopyBytes = 0;
+  private keepalivePings = 0;
+  private keepaliveCount = 0;
+  /** The preempt connection until postcopy starts (or a recovery resumes) and the page server takes it. */
+  private preempt: Duplex | undefined;
+  /** Answers requests on the preempt connection in its own thread; it boots with the migration. */
+  private pageServer: PageServer | undefined;
+  /** The page server letting go of a connection: the next one is attached after it. */
+  private pageServerIdle: Promise<void> = Promise.resolve();
+  /** Figures of page server threads that failed and were replaced. */
+  private readonly before = { bytes: 0, requests: 0 };
+  private realtimeRefusalTold = false;
+
+  constructor(m: OutgoingMigration, preempt: Duplex | undefined) {
+    this.m = m;
+    if (preempt !== undefined) {
+      this.pageServer = this.newPageServer();
+      this.holdPreempt(preempt);
+    }
+  }
+
+  /** The switchover to postcopy, then background and requested pages until none is left. */
+  async run(): Promise<void> {
+    const m = this.m;
+    const w = m.w;
+    await m.precopy.stopGuest();
+    m.expect('active');
+    // postcopy-active: the page server takes the preempt connection before the destination can ask.
+    m.dispatch({ type: 'postcopyStarted' });
+    await m.precopy.endOtherDevices();
+    m.precopy.syncDirty();
+    m.ram.disableXbzrle();
+    for (const [i, b] of m.guest.ram.blocks.entries()) {
+      const ranges = m.ram.dirtyRanges(i);
+      if (ranges.length > 0) writeRamDiscard(w, b.idstr, ranges);
+    }
+    m.ram.forgetBlock();
+    writePing(w, 2);
+    // The package: the destination parses it whole, starts listening for pages, loads devices, runs.
+    const pkg = new BatchWriter({ slabSize: PACKAGE_SLAB_BYTES });
+    writeCommand(pkg, MigCmd.POSTCOPY_LISTEN);
+    m.precopy.writeDeviceSections(pkg);
+    writePing(pkg, 3);
+    writeCommand(pkg, MigCmd.POSTCOPY_RUN);
+    const blob = pkg.flushConcat();
+    writePackaged(w, blob.length);
+    w.bytes(blob);
+    writePing(w, 4);
+    await m.flush();
+    m.o.log.info({ ms: Math.round(m.now() - m.startTime), dirtyPages: m.ram.dirtyPages }, 'postcopy started');
+    await this.loop();
+  }
+
+  /**
+   * Until the destination confirms the end: a batch while postcopy-active; while paused or
+   * recovering, wait for the machine. Returns when the migration has left postcopy.
+   */
+  private async loop(): Promise<void> {
+    const m = this.m;
+    for (;;) {
+      const status = m.state.status;
+      if (status === 'postcopy-paused' || status === 'postcopy-recover') {
+        await m.watch.next();
+        continue;
+      }
+      if (status !== 'postcopy-active') return;
+      try {
+        if (await this.batch()) return;
+      } catch (err) {
+        // A write that failed with the link: the machine pauses (the fault came from the
+        // channel); the recovery's received bitmaps say what to send again.
+        m.w.flush();
+        if (m.state.status === 'postcopy-active') throw err;
+      }
+    }
+  }
+
+  /** One batch: keepalive PING, requested pages, background pages. True once the destination confirmed the end. */
+  private async batch(): Promise<boolean> {
+    const m = this.m;
+    const w = m.w;
+    const started = m.now();
+    const deadline = (): boolean => m.now() - started >= MAX_ITERATION_MS;
+    for (; this.keepalivePings > 0; this.keepalivePings--) writePing(w, (KEEPALIVE_PING_BASE + (this.keepaliveCount++ & 0xffff)) >>> 0);
+    this.pageServer?.drainServed((block, page) => m.ram.takeRequested(block, page));
+    writeSectionHeader(w, { kind: 'part', sectionId: RAM_SECTION_ID });
+    const before = w.totalBytes;
+    this.serveRequests(w);
+    // Requested pages bypass the limit; only background pages count against it.
+    const background = w.totalBytes;
+    const allowance = m.limiter.allowance(m.now());
+    if (m.ram.dirtyPages > 0 && allowance > 0) m.ram.saveIterate(w, Math.min(BACKGROUND_BATCH_BYTES, allowance), deadline);
+    writeEos(w);
+    writeSectionFooter(w, RAM_SECTION_ID);
+    m.limiter.consume(w.totalBytes - background);
+    this.postcopyBytes += w.totalBytes - before;
+    await m.flush();
+    // A socket that takes every batch at once never makes us wait for 'drain': give the
+    // return path (page requests) and QMP their turn at each batch.
+    await yieldToIo();
+    if (m.ram.dirtyPages === 0 && this.requests.length === 0 && m.state.status === 'postcopy-active') return this.endStream();
+    const wait = this.requests.length > 0 || this.keepalivePings > 0 ? 0 : m.limiter.delayFor(BACKGROUND_BATCH_BYTES, m.now());
+    // Any step of the machine (a request, a keepalive, a pause) ends the wait.
+    if (wait > 0) await m.watch.next(wait);
+    return false;
+  }
+
+  /**
+   * The end of the stream: RAM's END section, EOF, the page server's EOS on the preempt channel,
+   * then the destination's SHUT. True once the migration completed; false if the link broke first
+   * (after the recovery the received bitmaps say what to send again, then the end goes once more).
+   */
+  private async endStream(): Promise<boolean> {
+    const m = this.m;
+    const w = m.w;
+    m.dispatch({ type: 'postcopyStreamEnded' });
+    writeSectionHeader(w, { kind: 'end', sectionId: RAM_SECTION_ID });
+    writeEos(w);
+    writeSectionFooter(w, RAM_SECTION_ID);
+    writeEof(w);
+    await m.flush();
+    const server = this.pageServer;
+    if (server?.attached === true) await server.end();
+    await m.watch.until(() => m.state.status !== 'postcopy-active' || !m.state.ending);
+    return m.state.status !== 'postcopy-paused' && m.state.status !== 'postcopy-recover' && m.state.status !== 'postcopy-active';
+  }
+
+  // ---- requested pages --------------------------------------------------------------------------
+
+  /** The machine accepted a page request: queue it; with the page server attached it goes at once. */
+  queue(blockIndex: number, firstPage: number, pageCount: number): void {
+    for (let p = firstPage; p < firstPage + pageCount; p++) this.requests.push(blockIndex, p);
+    this.requestCount++;
+    if (this.pageServer?.attached === true && this.m.state.status === 'postcopy-active') this.serveRequests(this.m.w);
+  }
+
+  /**
+   * Send every queued requested page that is still to be sent: through the page server when it
+   * has the preempt channel (at once, never behind background pages), else in `w`.
+   */
+  private serveRequests(w: BatchWriter): void {
+    const q = this.requests;
+    if (q.length === 0) return;
+    const ram = this.m.ram;
+    if (this.pageServer?.attached === true) {
+      // As QEMU: a page already sent is not sent again (a QEMU destination fails on a second copy).
+      for (let i = 0; i < q.length; i += 2) if (ram.takeRequested(q[i]!, q[i + 1]!)) this.pageServer.forwardRequest(q[i]!, q[i + 1]!);
+    } else {
+      for (let i = 0; i < q.length; i += 2) ram.sendRequested(w, q[i]!, q[i + 1]!);
+    }
+    q.length = 0;
+  }
+
+  keepalivePingDue(): void {
+    this.keepalivePings++;
+  }
+
+  // ---- recovery ---------------------------------------------------------------------------------
+
+  /** A recovery's first step, on the new main channel: RECV_BITMAP requests for every block. */
+  recover(blocks: readonly string[], preempt: Duplex | undefined): void {
+    const m = this.m;
+    this.requests.length = 0;
+    if (preempt !== undefined) this.holdPreempt(preempt);
+    for (const b of blocks) writeRecvBitmapRequest(m.w, b);
+    void m.flush().catch(() => {});
+  }
+
+  /** A block's received bitmap: dirty := not received. */
+  applyReceivedBitmap(block: string, bitmap: Uint8Array): void {
+    const i = this.m.guest.ram.blocks.findIndex((b) => b.idstr === block);
+    this.m.ram.setDirtyFromReceived(i, bitmap);
+  }
+
+  /** Every bitmap is in: POSTCOPY_RESUME (the stream carries on from a fresh block context). */
+  sendResume(): void {
+    const m = this.m;
+    m.ram.forgetBlock();
+    writeCommand(m.w, MigCmd.POSTCOPY_RESUME);
+    void m.flush().catch(() => {});
+  }
+
+  // ---- the page server --------------------------------------------------------------------------
+
+  private newPageServer(): PageServer {
+    return new PageServer(this.m.guest, this.m.o.realtimePostcopy === true, (reason) => this.preemptLost(reason));
+  }
+
+  private holdPreempt(channel: Duplex): void {
+    // A failure before postcopy shows as a destroyed channel then (requests use the main channel).
+    channel.on('error', () => {});
+    this.preempt = channel;
+  }
+
+  /** The preempt channel broke: pause, as for a break of the main channel. */
+  private preemptLost(reason: string): void {
+    this.m.o.log.warn({ reason }, 'the preempt channel broke');
+    this.m.dispatch({ type: 'faulted', error: TransportError.lost('preempt', `the preempt channel broke: ${reason}`) });
+  }
+
+  /** Postcopy runs (again): postcopy's bandwidth; the page server takes the preempt connection. */
+  startPaging(): void {
+    const m = this.m;
+    m.limiter.setRate(m.o.parameters['max-postcopy-bandwidth'], m.now());
+    const socket = this.preempt;
+    this.preempt = undefined;
+    if (socket === undefined || this.pageServer === undefined) return;
+    if (!(socket instanceof net.Socket) || socket.destroyed) {
+      socket.destroy();
+      return;
+    }
+    const attach = (): void => {
+      if (socket.destroyed || this.pageServer === undefined) return;
+      // A thread that failed (its error paused the migration) is replaced for the new connection.
+      if (this.pageServer.exited) {
+        this.before.bytes += this.pageServer.bytes;
+        this.before.requests += this.pageServer.requests;
+        this.pageServer = this.newPageServer();
+      }
+      const { fd, pending } = detachFd(socket);
+      this.pageServer.attach(fd, socket.remoteFamily !== undefined, pending);
+      if (this.pageServer.realtimeRefused && !this.realtimeRefusalTold) {
+        this.realtimeRefusalTold = true;
+        m.o.log.warn({}, '--realtime-postcopy: the page server could not run under SCHED_FIFO (it needs CAP_SYS_NICE), so it runs at the normal policy');
+      }
+    };
+    // A recovery: the thread must have let go of the broken connection first.
+    void this.pageServerIdle.then(attach);
+  }
+
+  /** The link broke or was paused: the page server lets go of its connection. */
+  stopPaging(): void {
+    const server = this.pageServer;
+    if (server === undefined || !server.attached) return;
+    this.pageServerIdle = server.detach().catch(() => {});
+  }
+
+  /** Close the preempt connection if it is still held here. */
+  closePreempt(): void {
+    this.preempt?.destroy();
+    this.preempt = undefined;
+  }
+
+  dispose(): void {
+    this.closePreempt();
+    void this.pageServer?.stop();
+  }
+
+  figures(): { requests: number; preemptRequests: number; preemptBytes: number; postcopyBytes: number } {
+    const preemptRequests = this.before.requests + (this.pageServer?.requests ?? 0);
+    return {
+      requests: this.requestCount + preemptRequests,
+      preemptRequests,
+      preemptBytes: this.before.bytes + (this.pageServer?.bytes ?? 0),
+      postcopyBytes: this.postcopyBytes,
+    };
+  }
+}

@@ -1,0 +1,312 @@
+// The migration thread before the switchover (QEMU's migration thread, wire-format.md §7.1, §9):
+// setup, PART sections under the rate limit until what is left fits the downtime limit, then
+// stop-and-copy. It tells the machine what it has done (setupSent, switchoverStarted,
+// finalStateSent) and stops as soon as the machine has moved elsewhere (cancel, failure).
+//
+//   setup:  header, configuration, OPEN_RETURN_PATH, PING(1), START sections
+//   active: PART sections (RAM, then other iterative devices) … decideNext says switch over
+//   stop:   guest stopped, END sections, FULL device sections, EOF, VMDESCRIPTION
+
+import {
+  BatchWriter,
+  LIVEMIG_HELLO_PING,
+  MigCmd,
+  TARGET_PAGE_SIZE,
+  toQemuJson,
+  type VmdescDevice,
+  writeCommand,
+  writeConfiguration,
+  writeEof,
+  writeEos,
+  writePing,
+  writePostcopyAdvise,
+  writeSectionFooter,
+  writeSectionHeader,
+  writeStreamHeader,
+  writeVmdescription,
+} from '@livemig/protocol';
+import { decideNext } from './convergence.ts';
+import { type OutgoingMigration, RAM_SECTION_ID } from './migration.ts';
+
+/** Bytes encoded before each write to the channel (one writev). */
+export const BATCH_BYTES = 1024 * 1024;
+/** QEMU's MAX_WAIT: one PART section spends at most this long sending. */
+export const MAX_ITERATION_MS = 50;
+/** Bytes one PART section of a non-RAM iterative device may carry. */
+const DEVICE_PART_BYTES = 1024 * 1024;
+/** Section ids of the non-iterative devices' FULL sections. */
+const FIRST_DEVICE_SECTION_ID = 100;
+
+/** One turn of the event loop (about a microsecond when idle). */
+export function yieldToIo(): Promise<void> {
+  return new Promise((resolve) => setImmediate(resolve));
+}
+
+export class Precopy {
+  private readonly m: OutgoingMigration;
+  /** Pages newly dirty per second, at the last sync. */
+  dirtyRate = 0;
+  pagesPerSecond = 0;
+  precopyBytes = 0;
+  downtimeBytes = 0;
+  private lastSyncTime: number;
+
+  constructor(m: OutgoingMigration) {
+    this.m = m;
+    this.lastSyncTime = m.startTime;
+  }
+
+  async setup(): Promise<void> {
+    const m = this.m;
+    const w = m.w;
+    writeStreamHeader(w);
+    writeConfiguration(w, { machineType: m.o.machineType });
+    if (m.state.returnPath) {
+      writeCommand(w, MigCmd.OPEN_RETURN_PATH);
+      writePing(w, 1);
+      // Harmless to a QEMU destination (it echoes it); tells a livemig one it may send its
+      // error details before SHUT.
+      writePing(w, LIVEMIG_HELLO_PING);
+    }
+    if (m.o.capabilities['postcopy-ram']) writePostcopyAdvise(w, { hostPageSizeSummary: TARGET_PAGE_SIZE, targetPageSize: TARGET_PAGE_SIZE });
+    writeSectionHeader(w, { kind: 'start', sectionId: RAM_SECTION_ID, idstr: 'ram', instanceId: 0, versionId: 4 });
+    m.ram.saveSetup(w);
+    await this.multifdSync();
+    writeEos(w);
+    writeSectionFooter(w, RAM_SECTION_ID);
+    for (const { dev, sectionId } of m.others) {
+      writeSectionHeader(w, { kind: 'start', sectionId, idstr: dev.idstr, instanceId: dev.instanceId, versionId: dev.versionId });
+      dev.saveSetup(w);
+      writeSectionFooter(w, sectionId);
+    }
+    await m.flush();
+    m.o.events.pass(1);
+  }
+
+  /** End of a RAM section: with multifd, every channel gets its SYNC packet before the EOS. */
+  async multifdSync(): Promise<void> {
+    if (this.m.multifd !== undefined) await this.m.multifd.sync();
+  }
+
+  /** What every iterative device still has to send, cheaply estimated. */
+  pending(): number {
+    let n = this.m.ram.pendingEstimate();
+    for (const { dev } of this.m.others) n += dev.pendingEstimate();
+    return n;
+  }
+
+  /** Exact pending of every device (RAM: a dirty sync, with the bookkeeping each sync does). */
+  private pendingExact(): number {
+    let n = this.syncDirty();
+    for (const { dev } of this.m.others) n += dev.pendingExact();
+    return n;
+  }
+
+  /** Sync RAM's dirty log (dirty rate, auto-converge, MIGRATION_PASS); returns RAM's pending bytes. */
+  syncDirty(): number {
+    const m = this.m;
+    const now = m.now();
+    const added = m.ram.sync();
+    const pending = m.ram.pendingEstimate();
+    const elapsed = (now - this.lastSyncTime) / 1000;
+    if (elapsed > 0) this.dirtyRate = added / elapsed;
+    this.lastSyncTime = now;
+    m.converge.addDirty(added);
+    m.o.events.pass(m.ram.stats.dirtySyncCount);
+    m.o.log.debug(
+      { pass: m.ram.stats.dirtySyncCount, newlyDirty: added, pending, sent: m.transferred, thresholdBytes: Math.round(m.meter.threshold), ms: Math.round(now - m.startTime) },
+      'dirty sync',
+    );
+    const p = m.o.parameters;
+    const next = m.converge.onSync(
+      now,
+      m.transferred,
+      TARGET_PAGE_SIZE,
+      {
+        throttleTriggerThreshold: p['throttle-trigger-threshold'],
+        cpuThrottleInitial: p['cpu-throttle-initial'],
+        cpuThrottleIncrement: p['cpu-throttle-increment'],
+        maxCpuThrottle: p['max-cpu-throttle'],
+        cpuThrottleTailslow: p['cpu-throttle-tailslow'],
+      },
+      m.o.capabilities['auto-converge'],
+    );
+    if (next !== undefined) {
+      m.guest.vcpus.setThrottle(next);
+      m.o.log.info({ percent: next }, 'auto-converge: vCPU throttle raised');
+    }
+    return pending;
+  }
+
+  /** PART sections until decideNext says to switch over; returns how. */
+  async iterate(): Promise<'complete' | 'postcopy'> {
+    const m = this.m;
+    for (;;) {
+      m.expect('active');
+      let pending = this.pending();
+      // The exact figure costs a dirty sync: ask for it only when the estimate says we may be done.
+      if (pending < m.meter.threshold) pending = this.pendingExact();
+      m.expectedDowntime = m.meter.expectedDowntime(pending);
+      // With postcopy-ram, RAM may go after the switch; other iterative devices must go before.
+      let mustPrecopy = pending;
+      if (m.o.capabilities['postcopy-ram']) {
+        mustPrecopy = 0;
+        for (const { dev } of m.others) mustPrecopy += dev.pendingEstimate();
+      }
+      const step = decideNext({
+        pendingBytes: pending,
+        thresholdBytes: m.meter.threshold,
+        mustPrecopyBytes: mustPrecopy,
+        postcopyRequested: m.state.postcopyRequested,
+        inPostcopy: false,
+      });
+      if (step !== 'iterate') return step;
+      await this.partSection();
+      await this.devicePartSections();
+    }
+  }
+
+  /** One PART section per other iterative device, under the same rate limit. */
+  private async devicePartSections(): Promise<void> {
+    const m = this.m;
+    const w = m.w;
+    for (const { dev, sectionId } of m.others) {
+      if (dev.pendingEstimate() === 0) continue;
+      m.expect('active');
+      const allowance = m.limiter.allowance(m.now());
+      if (allowance <= 0) return;
+      const before = w.totalBytes;
+      writeSectionHeader(w, { kind: 'part', sectionId });
+      dev.saveIterate(w, Math.min(DEVICE_PART_BYTES, allowance));
+      writeSectionFooter(w, sectionId);
+      const bytes = w.totalBytes - before;
+      m.limiter.consume(bytes);
+      m.meter.add(bytes);
+      this.precopyBytes += bytes;
+      await m.flush();
+    }
+  }
+
+  /** One PART section: pages until the rate limit, 50 ms, or no dirty page is left. */
+  private async partSection(): Promise<void> {
+    const m = this.m;
+    const w = m.w;
+    const started = m.now();
+    writeSectionHeader(w, { kind: 'part', sectionId: RAM_SECTION_ID });
+    const deadline = (): boolean => m.now() - started >= MAX_ITERATION_MS;
+    const pagesBefore = this.pagesSent();
+    for (;;) {
+      m.expect('active');
+      const allowance = m.limiter.allowance(m.now());
+      // Over the line: end this section here and sleep until a batch fits.
+      if (allowance < Math.min(BATCH_BYTES, m.limiter.burstBytes) && !m.limiter.unlimited) break;
+      const before = m.ram.encodedBytes(w);
+      const empty = m.ram.saveIterate(w, Math.min(BATCH_BYTES, allowance), deadline);
+      const bytes = m.ram.encodedBytes(w) - before;
+      m.limiter.consume(bytes);
+      m.meter.add(bytes);
+      this.precopyBytes += bytes;
+      await m.flush();
+      if (empty || deadline()) break;
+      // A socket that takes every batch at once never makes us wait: let QMP and the return path in.
+      await yieldToIo();
+    }
+    await this.multifdSync();
+    writeEos(w);
+    writeSectionFooter(w, RAM_SECTION_ID);
+    await m.flush();
+    const now = m.now();
+    if (now > started) this.pagesPerSecond = ((this.pagesSent() - pagesBefore) * 1000) / (now - started);
+    m.meter.update(now, m.o.parameters['downtime-limit']);
+    await this.sleepWhileActive(m.limiter.delayFor(Math.min(BATCH_BYTES, m.limiter.burstBytes), now));
+  }
+
+  private pagesSent(): number {
+    const s = this.m.ram.stats;
+    return s.normal + s.duplicate + s.xbzrlePages;
+  }
+
+  /** The rate limit's pause, cut short only when the machine leaves `active` (a cancel, a failure). */
+  private async sleepWhileActive(ms: number): Promise<void> {
+    const m = this.m;
+    const until = m.now() + ms;
+    while (m.state.status === 'active' && m.now() < until) await m.watch.next(until - m.now());
+  }
+
+  /** The switchover: stop the guest (STOP event) and start counting downtime. */
+  async stopGuest(): Promise<void> {
+    const m = this.m;
+    m.stopTime = m.now();
+    if (m.guest.running) {
+      await m.guest.stop('finish-migrate');
+      m.o.events.stop();
+    } else {
+      m.guest.setRunState('finish-migrate');
+    }
+  }
+
+  /** END sections of the iterative devices other than RAM (everything they still hold). */
+  async endOtherDevices(): Promise<void> {
+    const m = this.m;
+    for (const { dev, sectionId } of m.others) {
+      writeSectionHeader(m.w, { kind: 'end', sectionId });
+      while (!dev.saveComplete(m.w, BATCH_BYTES)) await m.flush();
+      writeSectionFooter(m.w, sectionId);
+    }
+  }
+
+  /** One FULL section per non-iterative device into `w`; returns their VMDESCRIPTION entries. */
+  writeDeviceSections(w: BatchWriter): VmdescDevice[] {
+    const described: VmdescDevice[] = [];
+    let sectionId = FIRST_DEVICE_SECTION_ID;
+    for (const dev of this.m.guest.devices) {
+      const data = dev.save();
+      writeSectionHeader(w, { kind: 'full', sectionId, idstr: dev.idstr, instanceId: dev.instanceId, versionId: dev.versionId });
+      w.bytes(data);
+      writeSectionFooter(w, sectionId++);
+      described.push(dev.describe(data.length));
+    }
+    return described;
+  }
+
+  /** Stop-and-copy: the guest pauses, everything left goes out unthrottled, then the destination confirms. */
+  async complete(): Promise<void> {
+    const m = this.m;
+    const w = m.w;
+    await this.stopGuest();
+    m.expect('active');
+    m.dispatch({ type: 'switchoverStarted' });
+    this.syncDirty();
+    const startBytes = m.transferred;
+    writeSectionHeader(w, { kind: 'end', sectionId: RAM_SECTION_ID });
+    for (;;) {
+      m.expect('active');
+      const empty = m.ram.saveComplete(w, BATCH_BYTES);
+      await m.flush();
+      if (empty) break;
+    }
+    await this.multifdSync();
+    writeEos(w);
+    writeSectionFooter(w, RAM_SECTION_ID);
+    await this.endOtherDevices();
+    const described = this.writeDeviceSections(w);
+    writeEof(w);
+    const prefixed = [...m.others.map((o) => o.dev), ...m.guest.devices]
+      .filter((d) => d.layout === 'be32-prefixed')
+      .map((d) => ({ name: d.idstr, instance_id: d.instanceId }));
+    const desc: Record<string, unknown> = { page_size: TARGET_PAGE_SIZE, devices: described };
+    if (prefixed.length > 0) desc['livemig'] = { prefixed };
+    writeVmdescription(w, toQemuJson(desc));
+    m.expect('active');
+    // With a return path the destination's SHUT completes the migration; it may come as soon
+    // as these last bytes are out, so the machine waits for it from here on.
+    if (m.state.returnPath) m.dispatch({ type: 'finalStateSent' });
+    await m.flush();
+    this.downtimeBytes = m.transferred - startBytes;
+    m.o.log.debug({ ms: Math.round(m.now() - m.startTime), stopMs: Math.round(m.now() - m.stopTime), downtimeBytes: this.downtimeBytes }, 'final state sent');
+    if (!m.state.returnPath) {
+      await Promise.all([m.out.end(), m.multifd?.end()]);
+      m.dispatch({ type: 'finalStateSent' });
+    }
+  }
+}
