@@ -18,7 +18,7 @@ import {
   TtyProgress,
 } from '@livemig/machine';
 import { applyCapabilities, applyParameters, TARGET_PAGE_SIZE } from '@livemig/protocol';
-import { connectChannel, createLogger, type Logger, parseAddress, QmpServer } from '@livemig/runtime';
+import { ChannelError, connectChannel, createLogger, type Logger, parseAddress, QmpServer, RuntimeErrorCode } from '@livemig/runtime';
 import { OutgoingMigration } from './migration.ts';
 
 const HELP = `usage: livemig-source [guest flags] [--qmp ADDR] [--migrate URI] [options]
@@ -133,10 +133,12 @@ class SourceProcess {
         for (let i = 0; i < count; i++) {
           extra.push(
             await connectChannel(address).catch((err: Error) => {
-              throw new Error(
+              throw new ChannelError(
+                RuntimeErrorCode.CHANNEL_OPEN,
                 preempt
                   ? `postcopy-preempt channel: ${err.message}`
                   : `multifd channel ${i} of ${count}: ${err.message} (is the destination set for multifd with multifd-channels=${count}?)`,
+                { cause: err },
               );
             }),
           );
