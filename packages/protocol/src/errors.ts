@@ -203,12 +203,15 @@ export class DestinationFailedError extends MigrationError {
   }
 
   override toJSON(): Record<string, unknown> {
-    const out: Record<string, unknown> = { ...super.toJSON() };
-    if (this.remoteCode !== undefined) out['remoteCode'] = this.remoteCode;
-    if (this.remoteOffset !== undefined) out['remoteOffset'] = this.remoteOffset;
-    if (this.shutStatus !== undefined) out['shutStatus'] = this.shutStatus;
-    return out;
+    return withDefined(super.toJSON(), { remoteCode: this.remoteCode, remoteOffset: this.remoteOffset, shutStatus: this.shutStatus });
   }
+}
+
+/** `base` plus those of `fields` that are set. */
+function withDefined(base: Record<string, unknown>, fields: Record<string, unknown>): Record<string, unknown> {
+  const out = { ...base };
+  for (const [k, v] of Object.entries(fields)) if (v !== undefined) out[k] = v;
+  return out;
 }
 
 /** Wraps an exception that has no code of ours (a bug) so it is still reported with one. */
