@@ -9,6 +9,7 @@
 // a view of guest RAM) → flush() hands the batch to StreamOut as one writev.
 
 import type { Duplex } from 'node:stream';
+import { setTimeout as sleep } from 'node:timers/promises';
 import {
   BatchWriter,
   type Capabilities,
@@ -43,6 +44,9 @@ export type MigrationStatus = Extract<
   QmpMigrationStatus,
   'none' | 'setup' | 'active' | 'postcopy-active' | 'postcopy-paused' | 'postcopy-recover' | 'cancelling' | 'cancelled' | 'completed' | 'failed'
 >;
+
+/** Bound on waiting for the migration thread to stop before the guest is given back. */
+const THREAD_STOP_WAIT_MS = 5_000;
 
 /** The section id of "ram" in our streams (QEMU registers it as 2 too); other iterative devices follow. */
 export const RAM_SECTION_ID = 2;
@@ -137,6 +141,8 @@ export class OutgoingMigration {
   private keepaliveTimer: NodeJS.Timeout | undefined;
   private reasonTimer: NodeJS.Timeout | undefined;
   private resolveDone!: () => void;
+  /** The migration thread (precopy.ts, postcopy-sender.ts): settles once it has stopped. */
+  private readonly thread: Promise<void>;
   /** Resolves when the migration has reached a final state. */
   readonly done: Promise<void>;
 
@@ -165,7 +171,7 @@ export class OutgoingMigration {
     this.precopy = new Precopy(this);
     this.postcopy = new PostcopySender(this, options.preempt);
     this.done = new Promise((resolve) => (this.resolveDone = resolve));
-    void this.run();
+    this.thread = this.run();
   }
 
   /** What query-migrate reports. */
@@ -294,6 +300,9 @@ export class OutgoingMigration {
   private async restoreGuest(run: boolean): Promise<void> {
     const guest = this.guest;
     try {
+      // The thread may be stopping the guest for the switchover right now: let it finish first
+      // (it stops at its next step; a stuck write is cut by closeChannels).
+      await Promise.race([this.thread, sleep(THREAD_STOP_WAIT_MS, undefined, { ref: false })]);
       if (run && !guest.running) {
         await guest.start();
         this.o.events.resume();
