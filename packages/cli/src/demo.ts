@@ -14,6 +14,18 @@ import { QmpClient } from '@livemig/runtime';
 export const SOURCE_MAIN = fileURLToPath(new URL('../../source/dist/main.js', import.meta.url));
 export const DESTINATION_MAIN = fileURLToPath(new URL('../../destination/dist/main.js', import.meta.url));
 
+/**
+ * The demo could not run its migration: a child process exited, its QMP socket or the
+ * destination's listener did not come up in time, or the migration did not end within 10 minutes.
+ */
+export class DemoError extends Error {
+  readonly code = 'LM_ERR_DEMO';
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, options?.cause === undefined ? undefined : { cause: options.cause });
+    this.name = 'DemoError';
+  }
+}
+
 export interface DemoOptions {
   memory: string;
   workload: string;
@@ -57,11 +69,11 @@ export function startProcess(name: string, main: string, args: string[]): Child 
 export async function connectQmp(child: Child, address: string, timeoutMs: number): Promise<QmpClient> {
   const until = Date.now() + timeoutMs;
   for (;;) {
-    if (child.proc.exitCode !== null) throw new Error(`${child.name} exited (${child.proc.exitCode}):\n${child.log.join('')}`);
+    if (child.proc.exitCode !== null) throw new DemoError(`${child.name} exited (${child.proc.exitCode}):\n${child.log.join('')}`);
     try {
       return await QmpClient.connect(address, { timeoutMs: 10_000 });
     } catch (err) {
-      if (Date.now() > until) throw new Error(`${child.name}: no QMP on ${address} within ${timeoutMs} ms: ${(err as Error).message}`);
+      if (Date.now() > until) throw new DemoError(`${child.name}: no QMP on ${address} within ${timeoutMs} ms: ${(err as Error).message}`, { cause: err });
       await sleep(50);
     }
   }
@@ -74,7 +86,7 @@ export async function incomingAddress(dq: QmpClient, timeoutMs: number): Promise
     const info = (await dq.execute('query-migrate')) as { 'socket-address'?: { type: string; host?: string; port?: string; path?: string }[] };
     const a = info['socket-address']?.[0];
     if (a !== undefined) return a.type === 'inet' ? `tcp:${a.host}:${a.port}` : `unix:${a.path}`;
-    if (Date.now() > deadline) throw new Error(`the destination did not start listening within ${timeoutMs} ms`);
+    if (Date.now() > deadline) throw new DemoError(`the destination did not start listening within ${timeoutMs} ms`);
     await sleep(100);
   }
 }
@@ -150,7 +162,7 @@ export async function runDemo(o: DemoOptions): Promise<number> {
         }
       }
       if (info.status === 'completed' || info.status === 'failed' || info.status === 'cancelled') break;
-      if (Date.now() > deadline) throw new Error('the migration did not finish within 10 minutes');
+      if (Date.now() > deadline) throw new DemoError('the migration did not finish within 10 minutes');
       await sleep(100);
     }
     if (tty) o.out.write('\n');

@@ -121,24 +121,32 @@ async function demoCommand(argv: string[]): Promise<number> {
   }
   const transport = values.transport ?? 'tcp';
   if (transport !== 'tcp' && transport !== 'unix') return fail(`demo: --transport must be tcp or unix`, false, 'LM_ERR_USAGE', 1);
-  const num = (v: string | undefined, d: number, what: string): number => {
-    const n = v === undefined ? d : Number(v);
-    if (!Number.isInteger(n) || n < 0) throw new Error(`demo: ${what} "${v}" is not a whole number`);
-    return n;
+  const numbers: Record<string, [string | undefined, number]> = {
+    '--vcpus': [values.vcpus, 1],
+    '--max-bandwidth': [values['max-bandwidth'], 0],
+    '--downtime-limit': [values['downtime-limit'], 300],
+    '--multifd': [values.multifd, 0],
   };
+  const n: Record<string, number> = {};
+  for (const [flag, [text, fallback]] of Object.entries(numbers)) {
+    const v = text === undefined ? fallback : Number(text);
+    if (!Number.isInteger(v) || v < 0) return fail(`demo: ${flag} "${text}" is not a whole number\n${USAGE}`, false, 'LM_ERR_USAGE', 1);
+    n[flag] = v;
+  }
   try {
     return await runDemo({
       memory: values.memory ?? '1G',
       workload: values.workload ?? 'incrementer',
-      vcpus: num(values.vcpus, 1, '--vcpus'),
+      vcpus: n['--vcpus']!,
       transport,
-      maxBandwidth: num(values['max-bandwidth'], 0, '--max-bandwidth'),
-      downtimeLimitMs: num(values['downtime-limit'], 300, '--downtime-limit'),
-      multifdChannels: num(values.multifd, 0, '--multifd'),
+      maxBandwidth: n['--max-bandwidth']!,
+      downtimeLimitMs: n['--downtime-limit']!,
+      multifdChannels: n['--multifd']!,
       out: process.stdout,
     });
   } catch (err) {
-    return fail((err as Error).message, false, 'LM_ERR_DEMO', 1);
+    const code = (err as { code?: unknown }).code;
+    return fail((err as Error).message, false, typeof code === 'string' && code.startsWith('LM_ERR_') ? code : 'LM_ERR_INTERNAL', 1);
   }
 }
 

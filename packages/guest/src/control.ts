@@ -3,6 +3,8 @@
 //   control (Int32Array on SAB): [RUN][THROTTLE][POSTCOPY][REALTIME][REALTIME_REFUSED][ · ][ · ][ · ][ACK vcpu0][ACK vcpu1]…
 //   state (Float64Array on SAB): per vCPU, STATE_SLOTS numbers: position, passes, rng, writes
 
+import { GuestConfigError } from './errors.ts';
+
 export const RUN = 0;
 export const THROTTLE = 1;
 /** 1 while pages may be missing (postcopy): vCPUs check the received bitmap before each access. */
@@ -63,14 +65,14 @@ export const DEFAULT_INCREMENTER_MBPS = 100;
 function rate(mbps: string, what: string): number {
   if (mbps === 'max') return Infinity;
   const v = Number(mbps);
-  if (!Number.isFinite(v) || v < 0) throw new RangeError(`${what}: "${mbps}" is not a rate in MB/s (or "max")`);
+  if (!Number.isFinite(v) || v < 0) throw new GuestConfigError(`${what}: "${mbps}" is not a rate in MB/s (or "max")`);
   return (v * 1e6) / 4096;
 }
 
 /** Parse --workload: idle | incrementer[:<MB/s>|:max] | random:<MB/s> | hotset:<MiB>:<MB/s> | scan[:<MB/s>]. */
 export function parseWorkload(text: string): Workload {
   const [kind, a, b, ...rest] = text.split(':');
-  if (rest.length > 0) throw new RangeError(`workload "${text}" has too many fields`);
+  if (rest.length > 0) throw new GuestConfigError(`workload "${text}" has too many fields`);
   switch (kind) {
     case 'idle':
       if (a !== undefined) break;
@@ -87,11 +89,11 @@ export function parseWorkload(text: string): Workload {
     case 'hotset': {
       if (a === undefined || b === undefined) break;
       const mib = Number(a);
-      if (!Number.isFinite(mib) || mib <= 0) throw new RangeError(`hotset: "${a}" is not a size in MiB`);
+      if (!Number.isFinite(mib) || mib <= 0) throw new GuestConfigError(`hotset: "${a}" is not a size in MiB`);
       return { kind: 'hotset', hotBytes: Math.round(mib * 2 ** 20), pagesPerSecond: rate(b, 'hotset') };
     }
   }
-  throw new RangeError(`unknown workload "${text}" (idle | incrementer[:<MB/s>] | random:<MB/s> | hotset:<MiB>:<MB/s> | scan[:<MB/s>])`);
+  throw new GuestConfigError(`unknown workload "${text}" (idle | incrementer[:<MB/s>] | random:<MB/s> | hotset:<MiB>:<MB/s> | scan[:<MB/s>])`);
 }
 
 export function formatWorkload(w: Workload): string {

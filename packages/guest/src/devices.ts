@@ -9,10 +9,11 @@
 import { Packr } from 'msgpackr';
 import type { VmdescDevice } from '@livemig/protocol';
 import type { VcpuSet } from './vcpus.ts';
+import { GuestErrorCode } from './errors.ts';
 
 /** Thrown by a device that cannot load what it was sent; `device` names it. */
 export class DeviceLoadError extends Error {
-  readonly code = 'LM_ERR_DEVICE_LOAD';
+  readonly code = GuestErrorCode.DEVICE_LOAD;
   readonly device: string;
   constructor(device: string, message: string) {
     super(`device "${device}": ${message}`);

@@ -9,6 +9,7 @@ import { AppDevice, type Device, GlobalStateDevice, GuestClock, TimerDevice, Vcp
 import { type BlockConfig, GuestRam, parseSize } from './ram.ts';
 import { VcpuSet } from './vcpus.ts';
 import { VfioDevice } from './vfio-device.ts';
+import { GuestConfigError } from './errors.ts';
 
 export type Fill = 'zero' | 'random' | 'mixed';
 
@@ -50,7 +51,7 @@ export function parseBlocks(memory: string | undefined, blocks: readonly string[
   if (blocks.length === 0) return defaultBlocks(parseSize(memory ?? '256M'));
   return blocks.map((spec) => {
     const at = spec.lastIndexOf(':');
-    if (at <= 0) throw new RangeError(`--block "${spec}" is not NAME:SIZE`);
+    if (at <= 0) throw new GuestConfigError(`--block "${spec}" is not NAME:SIZE`);
     return { idstr: spec.slice(0, at), length: parseSize(spec.slice(at + 1)) };
   });
 }
@@ -79,8 +80,8 @@ export class Guest {
   private appTimer: NodeJS.Timeout | undefined;
 
   constructor(config: GuestConfig) {
-    if (config.blocks.length === 0) throw new RangeError('a guest needs at least one RAM block');
-    if (!Number.isInteger(config.vcpus) || config.vcpus < 1 || config.vcpus > 64) throw new RangeError(`--vcpus ${config.vcpus} is outside 1–64`);
+    if (config.blocks.length === 0) throw new GuestConfigError('a guest needs at least one RAM block');
+    if (!Number.isInteger(config.vcpus) || config.vcpus < 1 || config.vcpus > 64) throw new GuestConfigError(`--vcpus ${config.vcpus} is outside 1–64`);
     this.config = config;
     this.ram = new GuestRam(config.blocks);
     this.vcpus = new VcpuSet(config.vcpus, this.ram.blocks[0]!, config.workload);

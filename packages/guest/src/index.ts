@@ -4,6 +4,7 @@
  * SharedArrayBuffer with a KVM-style dirty log, vCPU worker threads running a workload, and
  * devices with vmstate (timer, globalstate, per-vCPU state, an msgpackr application device).
  */
+export * from './errors.ts';
 export * from './control.ts';
 export * from './ram.ts';
 export * from './vcpus.ts';

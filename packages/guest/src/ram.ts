@@ -9,6 +9,7 @@
 // the sync is either in this sync or sets the bit again for the next: no write is ever lost.
 
 import { TARGET_PAGE_SIZE } from '@livemig/protocol';
+import { GuestConfigError } from './errors.ts';
 import { claimPage, isPageReceived, setPageReceived, wakeArrived } from './page-bitmap.ts';
 
 export interface BlockConfig {
@@ -69,7 +70,7 @@ export class GuestRam {
     let global = 0;
     this.blocks = configs.map((c) => {
       if (c.length <= 0 || c.length % TARGET_PAGE_SIZE !== 0) {
-        throw new RangeError(`RAM block "${c.idstr}" length ${c.length} is not a positive multiple of ${TARGET_PAGE_SIZE}`);
+        throw new GuestConfigError(`RAM block "${c.idstr}" length ${c.length} is not a positive multiple of ${TARGET_PAGE_SIZE}`);
       }
       const pageCount = c.length / TARGET_PAGE_SIZE;
       const memory = new SharedArrayBuffer(c.length);
@@ -223,7 +224,7 @@ export function popcount(x: number): number {
 /** Parse a size like 256M, 1G, 4096, 64K (binary units). */
 export function parseSize(text: string): number {
   const m = /^(\d+)([KMGT]?)i?B?$/i.exec(text.trim());
-  if (m === null) throw new RangeError(`"${text}" is not a size (e.g. 256M, 1G)`);
+  if (m === null) throw new GuestConfigError(`"${text}" is not a size (e.g. 256M, 1G)`);
   const unit = { '': 1, K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40 }[m[2]!.toUpperCase() as '' | 'K' | 'M' | 'G' | 'T'];
   return Number(m[1]) * unit;
 }

@@ -32,6 +32,7 @@ import { bitmapWords, type GuestBlock } from './ram.ts';
 import { createRequestLine } from './request-line.ts';
 import { waitOnWord } from './threads.ts';
 import type { VcpuWorkerData } from './vcpu-worker.ts';
+import { VcpuError } from './errors.ts';
 
 /** The compiled worker (src/ and dist/ are both one level below the package root). */
 const WORKER_URL = new URL('../dist/vcpu-worker.js', import.meta.url);
@@ -244,8 +245,8 @@ export class VcpuSet {
       for (;;) {
         const cur = Atomics.load(this.control, slot);
         if (cur === want) break;
-        if (cur === AckState.EXITED) throw new Error(`vCPU ${i} has exited`);
-        if ((await waitOnWord(this.control, slot, cur, 5000)) === 'timed-out') throw new Error(`vCPU ${i} did not ${want === AckState.PAUSED ? 'stop' : 'start'} within 5 s`);
+        if (cur === AckState.EXITED) throw new VcpuError(i, `vCPU ${i} has exited`);
+        if ((await waitOnWord(this.control, slot, cur, 5000)) === 'timed-out') throw new VcpuError(i, `vCPU ${i} did not ${want === AckState.PAUSED ? 'stop' : 'start'} within 5 s`);
       }
     }
   }

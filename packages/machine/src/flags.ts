@@ -2,7 +2,7 @@
 // Both sides of a migration must be started with the same guest flags.
 
 import type { ParseArgsConfig } from 'node:util';
-import { type Fill, type GuestConfig, parseBlocks, parseWorkload } from '@livemig/guest';
+import { type Fill, type GuestConfig, GuestErrorCode, parseBlocks, parseWorkload } from '@livemig/guest';
 
 export const DEFAULT_MACHINE = 'livemig-pc';
 
@@ -38,8 +38,13 @@ control:
   --qmp ADDR            QMP control socket: unix:PATH or tcp:HOST:PORT (port 0: any free port)
   --log-level L         trace|debug|info|warn|error|silent (default info; env LIVEMIG_LOG_LEVEL)`;
 
+/** A command line that cannot be used; the message is what the user reads before the usage text. */
 export class UsageError extends Error {
   readonly code = 'LM_ERR_USAGE';
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, options?.cause === undefined ? undefined : { cause: options.cause });
+    this.name = 'UsageError';
+  }
 }
 
 export interface GuestFlags {
@@ -52,9 +57,9 @@ export interface GuestFlags {
 export function guestFromFlags(values: Record<string, unknown>): GuestFlags {
   try {
     const vcpus = values['vcpus'] === undefined ? 1 : Number(values['vcpus']);
-    if (!Number.isInteger(vcpus) || vcpus < 1 || vcpus > 64) throw new RangeError(`--vcpus "${String(values['vcpus'])}" is not a whole number from 1 to 64`);
+    if (!Number.isInteger(vcpus) || vcpus < 1 || vcpus > 64) throw new UsageError(`--vcpus "${String(values['vcpus'])}" is not a whole number from 1 to 64`);
     const fill = (values['fill'] as string | undefined) ?? 'mixed';
-    if (!['zero', 'random', 'mixed'].includes(fill)) throw new RangeError(`--fill "${fill}" is not zero, random or mixed`);
+    if (!['zero', 'random', 'mixed'].includes(fill)) throw new UsageError(`--fill "${fill}" is not zero, random or mixed`);
     return {
       machineType: (values['machine'] as string | undefined) ?? DEFAULT_MACHINE,
       guest: {
@@ -68,7 +73,9 @@ export function guestFromFlags(values: Record<string, unknown>): GuestFlags {
       logLevel: values['log-level'] as string | undefined,
     };
   } catch (err) {
-    throw new UsageError((err as Error).message);
+    // The guest's LM_ERR_BAD_GUEST_CONFIG, from text off the command line: a usage error here.
+    if ((err as { code?: unknown }).code === GuestErrorCode.BAD_GUEST_CONFIG) throw new UsageError((err as Error).message, { cause: err });
+    throw err;
   }
 }
 

@@ -11,7 +11,7 @@ import {
   type MigrationParameters,
 } from '@livemig/protocol';
 import type { Guest } from '@livemig/guest';
-import type { QmpServer } from '@livemig/runtime';
+import { QmpError, RuntimeErrorCode, type QmpServer } from '@livemig/runtime';
 
 /** Capabilities and parameters of one process, as migrate-set-* left them. */
 export class MigrationSettings {
@@ -27,12 +27,13 @@ export interface MachineHooks {
   quit(): void;
 }
 
-/** An error reply with QEMU's class. */
-export class QmpCommandError extends Error {
-  readonly qmpClass: string;
+/**
+ * A command handler's refusal, sent back as a QMP error reply with QEMU's class and the message
+ * as `desc` (LM_ERR_QMP_ERROR_REPLY, as the client side sees it).
+ */
+export class QmpCommandError extends QmpError {
   constructor(message: string, qmpClass = 'GenericError') {
-    super(message);
-    this.qmpClass = qmpClass;
+    super(RuntimeErrorCode.QMP_ERROR_REPLY, message, { qmpClass, desc: message });
   }
 }
 

@@ -1,6 +1,7 @@
 // Batched page requests between livemig peers (a return-path extension), encoded and decoded.
 
 import { TARGET_PAGE_SIZE } from './constants.ts';
+import { ErrorCode, ProtocolError } from './errors.ts';
 import { writeRpLivemigExt, writeRpReqPages } from './return-path.ts';
 import type { BatchWriter } from './writer.ts';
 
@@ -41,12 +42,14 @@ export function encodeRequestBatch(w: BatchWriter, block: string, pages: readonl
 /** The extension payload's first byte for a page-request batch. */
 export const REQUEST_BATCH_KIND = 0x01;
 
-/** Decode a page-request batch payload: `onPage(block, page)` for each page, in order. Throws on a malformed one. */
+/** Decode a page-request batch payload: `onPage(block, page)` for each page, in order. Throws LM_ERR_BAD_RP_PAYLOAD on a malformed one. */
 export function decodeRequestBatch(p: Uint8Array, onPage: (block: string, page: number) => void): void {
   const b = Buffer.from(p.buffer, p.byteOffset, p.byteLength);
   const width = b[1] === 32 ? 4 : b[1] === 16 ? 2 : 0;
   const n = b[2] ?? 0;
-  if (b[0] !== REQUEST_BATCH_KIND || width === 0 || b.length < 3 + n + 4 || (b.length - 7 - n) % width !== 0) throw new Error('malformed page-request batch');
+  if (b[0] !== REQUEST_BATCH_KIND || width === 0 || b.length < 3 + n + 4 || (b.length - 7 - n) % width !== 0) {
+    throw new ProtocolError(ErrorCode.BAD_RP_PAYLOAD, `malformed page-request batch (${b.length} bytes, width byte ${b[1] ?? 'missing'})`);
+  }
   const block = b.toString('latin1', 3, 3 + n);
   const base = b.readUInt32BE(3 + n);
   for (let at = 7 + n; at < b.length; at += width) onPage(block, base + (width === 2 ? b.readUInt16LE(at) : b.readUInt32LE(at)));

@@ -8,6 +8,13 @@
 // Page bytes are copied into the slab (one memcpy, ~370 ns/page here) so the batch holds what
 // RAM held *now*: a later guest write cannot tear what was already encoded, and nothing is
 // allocated per page. Payloads larger than INLINE_MAX are referenced, not copied.
+//
+// Slab reuse: the writer keeps no flushed slab alive by itself (only the current slab and a small
+// pool), so a caller that never says anything just lets the garbage collector take the slabs
+// once its writes are done. A caller that hands each batch back with recycle() once its write
+// callback has fired gets its full slabs reused, and allocates none in the steady state. Only
+// the caller knows when a socket is done with a (zero-copy) batch, so reuse is never guessed
+// from flush() counts.
 
 import { ErrorCode, MigrationError } from './errors.ts';
 
@@ -19,6 +26,17 @@ export interface BatchWriterOptions {
 const DEFAULT_SLAB = 256 * 1024;
 /** Payloads at least this long are queued by reference instead of copied. */
 const INLINE_MAX = 16 * 1024;
+/** Free slabs kept for reuse: a 1 MiB batch in flight plus one being encoded, in 256 KiB slabs. */
+const POOL_MAX = 16;
+
+/** What the writer knows of one of its standard-size slabs. */
+interface Slab {
+  readonly buf: Buffer;
+  /** Pieces of this slab handed out by flush() (or pending) and not recycled yet. */
+  pieces: number;
+  /** No longer the current slab: nothing more will be encoded into it until it is reused. */
+  sealed: boolean;
+}
 
 export class BatchWriter {
   private readonly slabSize: number;
@@ -27,18 +45,53 @@ export class BatchWriter {
   private start = 0;
   private pos = 0;
   private out: Buffer[] = [];
+  private current: Slab | undefined;
   private pool: Buffer[] = [];
-  /** Full slabs sealed since the last flush(): their tail is still pending, so not reusable yet. */
-  private inFlight: Buffer[] = [];
-  /** Full slabs whose every byte has been handed out by flush(): reusable after release(). */
-  private flushed: Buffer[] = [];
+  /**
+   * Slabs by their ArrayBuffer (each slab has its own): recycle() finds a piece's slab even
+   * after a transport has cut the piece shorter. Weak, so slabs nobody recycles are collected.
+   */
+  private readonly slabs = new WeakMap<ArrayBufferLike, Slab>();
+  private allocated = 0;
   /** Bytes encoded since creation (flushed or not). */
   totalBytes = 0;
 
   constructor(options: BatchWriterOptions = {}) {
     this.slabSize = options.slabSize ?? DEFAULT_SLAB;
-    this.slab = Buffer.allocUnsafeSlow(this.slabSize);
+    this.slab = this.take(this.slabSize);
     this.dataView = new DataView(this.slab.buffer, this.slab.byteOffset, this.slab.byteLength);
+  }
+
+  /** Slabs allocated since creation (reused ones not counted): stays flat when batches are recycled. */
+  get slabsAllocated(): number {
+    return this.allocated;
+  }
+
+  /** Free slabs waiting to be reused. */
+  get slabsPooled(): number {
+    return this.pool.length;
+  }
+
+  /** A slab of at least `size` bytes: from the pool when it is the standard size, else new. */
+  private take(size: number): Buffer {
+    let buf = size === this.slabSize ? this.pool.pop() : undefined;
+    if (buf === undefined) {
+      buf = Buffer.allocUnsafeSlow(size);
+      this.allocated++;
+    }
+    if (size === this.slabSize) {
+      const slab: Slab = { buf, pieces: 0, sealed: false };
+      this.slabs.set(buf.buffer, slab);
+      this.current = slab;
+    } else {
+      this.current = undefined;
+    }
+    return buf;
+  }
+
+  private toPool(slab: Slab): void {
+    this.slabs.delete(slab.buf.buffer);
+    if (this.pool.length < POOL_MAX) this.pool.push(slab.buf);
   }
 
   /** Bytes encoded but not yet flushed. */
@@ -52,10 +105,12 @@ export class BatchWriter {
   private ensure(n: number): void {
     if (this.pos + n <= this.slab.length) return;
     this.seal();
-    this.inFlight.push(this.slab);
-    const size = Math.max(this.slabSize, n);
-    const reused = size === this.slabSize ? this.pool.pop() : undefined;
-    this.slab = reused ?? Buffer.allocUnsafeSlow(size);
+    const full = this.current;
+    if (full !== undefined) {
+      full.sealed = true;
+      if (full.pieces === 0) this.toPool(full);
+    }
+    this.slab = this.take(Math.max(this.slabSize, n));
     this.dataView = new DataView(this.slab.buffer, this.slab.byteOffset, this.slab.byteLength);
     this.start = 0;
     this.pos = 0;
@@ -65,6 +120,7 @@ export class BatchWriter {
     if (this.pos > this.start) {
       this.out.push(this.slab.subarray(this.start, this.pos));
       this.start = this.pos;
+      if (this.current !== undefined) this.current.pieces++;
     }
   }
 
@@ -181,27 +237,44 @@ export class BatchWriter {
   }
 
   /**
-   * Take everything encoded so far. The returned Buffers stay valid until release() is called;
-   * call it once they have been written out so their slabs can be reused.
+   * Take everything encoded so far. The returned Buffers stay valid (their slabs are not reused)
+   * until they are given back with recycle(); a batch never recycled is left to the GC.
    */
   flush(): Buffer[] {
     this.seal();
     const out = this.out;
     this.out = [];
-    for (const s of this.inFlight) this.flushed.push(s);
-    this.inFlight = [];
     return out;
   }
 
   /** Everything encoded so far as one Buffer (tests and small messages). */
   flushConcat(): Buffer {
     const parts = this.flush();
-    return parts.length === 1 ? Buffer.from(parts[0]!) : Buffer.concat(parts);
+    const joined = parts.length === 1 ? Buffer.from(parts[0]!) : Buffer.concat(parts);
+    this.recycle(parts); // copied: the slabs are free again
+    return joined;
   }
 
-  /** The previously flushed Buffers have been written: their slabs may be reused. */
-  release(): void {
-    for (const s of this.flushed) if (s.length === this.slabSize && this.pool.length < 8) this.pool.push(s);
-    this.flushed = [];
+  /**
+   * A batch returned by flush() has been written out (its last write callback fired): its slabs
+   * may be reused. Give back the same array flush() returned, once; a transport may have
+   * replaced an element by a shorter view of it. Buffers that are not ours are ignored.
+   */
+  recycle(batch: readonly Uint8Array[]): void {
+    for (const b of batch) {
+      const slab = this.slabs.get(b.buffer);
+      if (slab === undefined) continue;
+      if (slab.pieces === 0) {
+        throw new MigrationError(ErrorCode.INVALID_ARGUMENT, 'recycle() of a batch that was already recycled');
+      }
+      slab.pieces--;
+      if (slab.pieces > 0) continue;
+      if (slab.sealed) this.toPool(slab);
+      else if (slab === this.current && this.start === this.pos) {
+        // Nothing of the current slab is out or pending: encode from its start again.
+        this.start = 0;
+        this.pos = 0;
+      }
+    }
   }
 }

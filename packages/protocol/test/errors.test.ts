@@ -10,7 +10,11 @@ import { describe, it } from 'node:test';
 import { deflateSync } from 'node:zlib';
 import {
   BatchWriter,
+  CancelledError,
+  coded,
   ConfigError,
+  decodeRequestBatch,
+  DestinationFailedError,
   ErrorCode,
   type ErrorCodeValue,
   MigCmd,
@@ -27,8 +31,10 @@ import {
   type ReturnPathDecoderOptions,
   RpMsg,
   StreamAnalyzer,
+  StateError,
   StreamDecoder,
   type StreamDecoderOptions,
+  TransportError,
   writeCommand,
   writeMultifdInit,
   writeMultifdPacketHeader,
@@ -558,6 +564,7 @@ const CASES: Record<ErrorCodeValue, Case[]> = {
     { name: 'REQ_PAGES_ID whose length disagrees with its name', sink: 'rp', bytes: rp('0003 0010 0000000000000000 00001000 02 6d30 00'), at: 0, message: /REQ_PAGES_ID length 16 is not 13 \+ name length 2/ },
   ],
   LM_ERR_BAD_RP_PAYLOAD: [
+    { name: 'a page-request batch with width 8', call: () => decodeRequestBatch(Buffer.from([0x01, 8, 1, 0x6d, 0, 0, 0, 0]), () => {}), message: /malformed page-request batch \(8 bytes, width byte 8\)/ },
     { name: 'REQ_PAGES with no block named before', sink: 'rp', bytes: bytes((w) => writeRpReqPages(w, 0, 4096)), at: 0, message: /REQ_PAGES with no earlier REQ_PAGES_ID naming a block/ },
     { name: 'RESUME_ACK 2', sink: 'rp', bytes: rp('0006 0004 00000002'), at: 0, message: /RESUME_ACK value 2 \(expected 1\)/ },
     { name: 'an unaligned page request', sink: 'rp', bytes: bytes((w) => writeRpReqPages(w, 100, 4096, 'm0')), at: 0, message: /page request start 100 \/ length 4096 is not page aligned/, fields: { block: 'm0' } },
@@ -614,7 +621,38 @@ const CASES: Record<ErrorCodeValue, Case[]> = {
     { name: 'an unaligned page offset', call: () => new RamRecordWriter().zeroPage(new BatchWriter(), 'm0', 100), message: /page offset 100 is not page aligned/ },
     { name: 'a 7-byte received bitmap', call: () => writeRpRecvBitmap(new BatchWriter(), 'm0', Buffer.alloc(7)), message: /received bitmap size must be a multiple of 8/ },
     { name: 'a discard for a block with an empty name', call: () => writeRamDiscard(new BatchWriter(), '', [{ start: 0, length: 4096 }]), message: /counted string "" must be 1–255 bytes long/ },
+    {
+      name: 'a batch recycled twice',
+      call: () => {
+        const w = new BatchWriter();
+        const batch = w.u8(1).flush();
+        w.recycle(batch);
+        w.recycle(batch);
+      },
+      message: /already recycled/,
+    },
   ],
+  // Raised by the source's and destination's migrations; the cases build them as those do.
+  LM_ERR_WRONG_STATE: [
+    { name: 'migrate-recover while active', call: () => { throw new StateError('active', 'migrate-recover'); }, message: /^migrate-recover is not allowed while the migration is active$/ },
+  ],
+  LM_ERR_CANCELLED: [{ name: 'migrate_cancel', call: () => { throw new CancelledError(); }, message: /^migration cancelled$/ }],
+  LM_ERR_CHANNEL_LOST: [
+    {
+      name: "a stream's ECONNRESET",
+      call: () => {
+        throw TransportError.lost('main', 'the migration channel failed: read ECONNRESET', Object.assign(new Error('read ECONNRESET'), { code: 'ECONNRESET' }));
+      },
+      message: /ECONNRESET/,
+    },
+  ],
+  LM_ERR_PEER_SILENT: [
+    { name: 'no word on the return path for 10 s', call: () => { throw new TransportError('LM_ERR_PEER_SILENT', 'return-path', 'nothing from the destination for 10000 ms'); }, message: /10000 ms/ },
+  ],
+  LM_ERR_DESTINATION_FAILED: [
+    { name: 'SHUT(1)', call: () => { throw new DestinationFailedError('destination failed: it reported status 1 on the return path', { shutStatus: 1 }); }, message: /status 1/ },
+  ],
+  LM_ERR_INTERNAL: [{ name: 'a TypeError reaching the top', call: () => { throw coded(new TypeError('x is not a function')); }, message: /^internal error: x is not a function$/ }],
 };
 
 /** A multifd channel: init, then a 100-page packet header for "pc.ram" that `edit` spoils. */
@@ -670,6 +708,39 @@ describe('every error code is produced by a test', () => {
       }
     });
   }
+});
+
+describe('migration error classes', () => {
+  it('StateError names the state and the event', () => {
+    const e = new StateError('postcopy-active', 'migrate-start-postcopy');
+    assert.deepEqual([e.code, e.name, e.state, e.event], ['LM_ERR_WRONG_STATE', 'StateError', 'postcopy-active', 'migrate-start-postcopy']);
+    assert.deepEqual(JSON.parse(JSON.stringify(e)), { name: 'StateError', code: 'LM_ERR_WRONG_STATE', message: e.message, state: 'postcopy-active', event: 'migrate-start-postcopy' });
+  });
+
+  it('TransportError.lost takes errno from the cause, and has none for a plain close', () => {
+    const reset = TransportError.lost('preempt', 'lost', Object.assign(new Error('write EPIPE'), { code: 'EPIPE' }));
+    assert.deepEqual([reset.code, reset.channel, reset.errno], ['LM_ERR_CHANNEL_LOST', 'preempt', 'EPIPE']);
+    assert.equal((reset.cause as Error).message, 'write EPIPE');
+    assert.deepEqual(JSON.parse(JSON.stringify(reset)), { name: 'TransportError', code: 'LM_ERR_CHANNEL_LOST', message: 'lost', channel: 'preempt', errno: 'EPIPE' });
+    const closed = TransportError.lost('multifd', 'closed');
+    assert.equal(closed.errno, undefined);
+    assert.equal('errno' in JSON.parse(JSON.stringify(closed)), false);
+  });
+
+  it("DestinationFailedError carries the destination's own code and offset", () => {
+    const e = new DestinationFailedError('destination failed', { remoteCode: 'LM_ERR_CONFIG_MISMATCH', remoteOffset: 4242 });
+    assert.deepEqual([e.code, e.remoteCode, e.remoteOffset, e.shutStatus], ['LM_ERR_DESTINATION_FAILED', 'LM_ERR_CONFIG_MISMATCH', 4242, undefined]);
+    assert.deepEqual(JSON.parse(JSON.stringify(e)), { name: 'DestinationFailedError', code: 'LM_ERR_DESTINATION_FAILED', message: 'destination failed', remoteCode: 'LM_ERR_CONFIG_MISMATCH', remoteOffset: 4242 });
+  });
+
+  it('coded() keeps an error of ours and wraps anything else as LM_ERR_INTERNAL', () => {
+    const ours = new CancelledError();
+    assert.equal(coded(ours), ours);
+    const foreign = Object.assign(new Error('boom'), { code: 'ENOENT' });
+    const wrapped = coded(foreign);
+    assert.deepEqual([wrapped.code, wrapped.name, (wrapped as Error).cause], ['LM_ERR_INTERNAL', 'InternalError', foreign]);
+    assert.equal(coded('a string').message, 'internal error: a string');
+  });
 });
 
 describe('coded errors', () => {

@@ -4,7 +4,15 @@
 
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
+import { setFlagsFromString } from 'node:v8';
+import { runInNewContext } from 'node:vm';
 import { BatchWriter, ByteReader } from '../src/index.ts';
+
+/** A full GC without --expose-gc on the command line (the flag takes effect for new contexts). */
+function collectGarbage(): void {
+  setFlagsFromString('--expose-gc');
+  (runInNewContext('gc') as () => void)();
+}
 
 /** A reader holding `bytes` split into the given chunk lengths (the rest in a last chunk). */
 function readerOf(bytes: Buffer, cuts: number[]): ByteReader {
@@ -273,43 +281,127 @@ describe('BatchWriter', () => {
     assert.ok(out.every((b) => b === 5));
   });
 
-  it('release() lets full slabs be reused, and flushed data stays intact until then', () => {
+  it('recycle() lets full slabs be reused, and flushed data stays intact until then', () => {
     const w = new BatchWriter({ slabSize: 16 });
     for (let i = 0; i < 32; i++) w.u8(i); // fills slab A, slab B
     w.u8(0x20); // slab C current
     const first = w.flush();
     const firstCopy = Buffer.concat(first);
-    // More records before release: full slabs come from fresh memory, not from A or B.
+    // More records before the first batch is written: full slabs come from fresh memory, not from A or B.
     for (let i = 0; i < 40; i++) w.u8(0x80 + i);
     assert.deepEqual(Buffer.concat(first), firstCopy, 'in-flight buffers not overwritten');
     const second = w.flush();
-    w.release(); // both batches written
-    const slabsOfFirst = new Set(first.map((b) => b.buffer));
-    // Fill again: the writer may now reuse the released slabs.
+    w.recycle(first);
+    w.recycle(second); // both batches written
+    const allocated = w.slabsAllocated;
+    const slabsBefore = new Set([...first, ...second].map((b) => b.buffer));
     for (let i = 0; i < 64; i++) w.u8(0xc0 + i);
     const third = w.flush();
-    assert.ok(
-      third.some((b) => slabsOfFirst.has(b.buffer)) || third.some((b) => second.some((s) => s.buffer === b.buffer)),
-      'a released slab was reused',
-    );
+    assert.ok(third.some((b) => slabsBefore.has(b.buffer)), 'a recycled slab was reused');
+    assert.equal(w.slabsAllocated, allocated, 'no new slab while recycled ones are pooled');
     assert.deepEqual(
       Buffer.concat(third),
       Buffer.from(Array.from({ length: 64 }, (_, i) => 0xc0 + i)),
     );
   });
 
-  it('release() after encoding more does not recycle a slab whose tail is still pending', () => {
-    // flush → encode the next batch → release the first: the slab that filled up during the
+  it('recycle() after encoding more does not recycle a slab whose tail is still pending', () => {
+    // flush → encode the next batch → recycle the first: the slab that filled up during the
     // second batch holds unflushed bytes and must not be handed out again.
     const w = new BatchWriter({ slabSize: 16 });
     w.u8(0xa0).u8(0xa1).u8(0xa2);
-    w.flush();
+    const first = w.flush();
     for (let i = 0; i < 20; i++) w.u8(i);
-    w.release();
+    w.recycle(first);
     for (let i = 0; i < 20; i++) w.u8(0xff);
     const out = Buffer.concat(w.flush());
     const expected = Buffer.concat([Buffer.from(Array.from({ length: 20 }, (_, i) => i)), Buffer.alloc(20, 0xff)]);
     assert.deepEqual(out, expected);
+  });
+
+  it('a slab is reused only once every batch that holds a piece of it is recycled', () => {
+    const w = new BatchWriter({ slabSize: 16 });
+    w.u8(1).u8(2);
+    const a = w.flush(); // slab S, bytes 0..2
+    for (let i = 0; i < 14; i++) w.u8(3);
+    const b = w.flush(); // slab S, bytes 2..16 (S is now full)
+    const bCopy = Buffer.concat(b);
+    w.recycle(a);
+    for (let i = 0; i < 40; i++) w.u8(0x55); // S sealed, still out in b: must not be reused
+    assert.deepEqual(Buffer.concat(b), bCopy, 'b still holds what was encoded');
+    assert.equal(w.slabsPooled, 0);
+    w.recycle(b);
+    assert.equal(w.slabsPooled, 1, 'S is free once b is back');
+  });
+
+  it('recycle() ignores buffers that are not its slabs and pieces a transport cut shorter', () => {
+    const w = new BatchWriter({ slabSize: 16 });
+    const page = Buffer.alloc(4096, 9);
+    for (let i = 0; i < 20; i++) w.u8(i);
+    w.view(page, 0, 4096);
+    w.u8(0xee);
+    const batch = w.flush();
+    batch[0] = batch[0]!.subarray(5); // as WorkerConnection.write does after a partial writev
+    w.recycle(batch);
+    assert.equal(w.slabsPooled, 1, 'the full first slab came back; the page view was ignored');
+    assert.ok(page.every((x) => x === 9));
+  });
+
+  it('recycle() of the same batch twice is refused (it would free slabs still in flight)', () => {
+    const w = new BatchWriter({ slabSize: 16 });
+    w.u8(1);
+    const a = w.flush();
+    w.recycle(a);
+    assert.throws(() => w.recycle(a), { code: 'LM_ERR_INVALID_ARGUMENT' });
+  });
+
+  it('keeps no flushed slab alive by itself, and allocates none in a long run when batches are recycled', async () => {
+    // 100,000 flushes of mixed records, one batch in flight while the next is encoded (the
+    // source's StreamOut): each batch is recycled after the next one is flushed.
+    const page = Buffer.alloc(4096, 7);
+    const ram = Buffer.alloc(16 * 4096, 3);
+    const encode = (w: BatchWriter, i: number): void => {
+      for (let p = 0; p < 4; p++) {
+        w.be64(((i * 4 + p) % 1024) * 4096 + 0x08);
+        if (p === 0) w.view(ram, p * 4096, 4096);
+        else w.copyFrom(page, 0, 4096);
+      }
+      w.cstr('pc.ram').bytes(page, 0, 100).be32(i).u8(0x10);
+    };
+    const recycled = new BatchWriter({ slabSize: 64 * 1024 });
+    let previous: Buffer[] = [];
+    let checked = 0;
+    for (let i = 0; i < 100_000; i++) {
+      encode(recycled, i);
+      const batch = recycled.flush();
+      if (i % 9973 === 0) {
+        // What was flushed is exactly what was encoded (recycling never tore a batch).
+        const mirror = new BatchWriter({ slabSize: 64 * 1024 });
+        encode(mirror, i);
+        assert.deepEqual(Buffer.concat(batch), mirror.flushConcat());
+        checked++;
+      }
+      recycled.recycle(previous);
+      previous = batch;
+    }
+    assert.equal(checked, 11);
+    // ~1.2 GiB went through 64 KiB slabs; two batches (~24 KiB each) never need more than a few.
+    assert.ok(recycled.slabsAllocated <= 4, `slabs allocated: ${recycled.slabsAllocated}`);
+
+    // A caller that never recycles: slabs are allocated as bytes go through, but the writer
+    // holds none of them once flushed (only its current slab), so the GC takes them.
+    const dropped = new BatchWriter({ slabSize: 64 * 1024 });
+    const refs: WeakRef<ArrayBufferLike>[] = [];
+    for (let i = 0; i < 2_000; i++) {
+      encode(dropped, i);
+      for (const b of dropped.flush()) if (b.buffer !== ram.buffer) refs.push(new WeakRef(b.buffer));
+    }
+    assert.ok(dropped.slabsAllocated > 100, `slabs allocated: ${dropped.slabsAllocated}`);
+    assert.equal(dropped.slabsPooled, 0);
+    await new Promise((resolve) => setImmediate(resolve)); // WeakRefs read in this job stay alive until it ends
+    collectGarbage();
+    const alive = new Set(refs.map((r) => r.deref()).filter((b) => b !== undefined));
+    assert.ok(alive.size <= 1, `${alive.size} flushed slabs still reachable`);
   });
 
   it('flushConcat joins everything into one Buffer that owns its bytes', () => {
@@ -320,8 +412,7 @@ describe('BatchWriter', () => {
     const w2 = new BatchWriter();
     w2.be16(0x1234);
     const one = w2.flushConcat();
-    w2.release();
-    w2.be16(0xffff); // the same slab continues; the concatenated copy must not change
+    w2.be16(0xffff); // the same slab is reused; the concatenated copy must not change
     assert.equal(one.toString('hex'), '1234');
     assert.equal(new BatchWriter().flushConcat().length, 0);
   });

@@ -1,0 +1,33 @@
+// Error codes of the guest model. Same rules as @livemig/protocol's errors.ts: callers match on
+// `err.code`; codes are never renamed or reused; docs/errors.md lists each.
+
+export const GuestErrorCode = {
+  /** A device could not load its section's data (DeviceLoadError). */
+  DEVICE_LOAD: 'LM_ERR_DEVICE_LOAD',
+  /** A guest configuration that cannot be built: RAM blocks, sizes, vCPU count, workload text. */
+  BAD_GUEST_CONFIG: 'LM_ERR_BAD_GUEST_CONFIG',
+  /** A vCPU worker thread exited, or did not acknowledge a stop or start in time. */
+  VCPU_FAILED: 'LM_ERR_VCPU_FAILED',
+} as const;
+
+export type GuestErrorCodeValue = (typeof GuestErrorCode)[keyof typeof GuestErrorCode];
+
+/** A guest configuration (command-line text or a GuestConfig) that cannot be used; the message says which part. */
+export class GuestConfigError extends Error {
+  readonly code = GuestErrorCode.BAD_GUEST_CONFIG;
+  constructor(message: string) {
+    super(message);
+    this.name = 'GuestConfigError';
+  }
+}
+
+/** A vCPU worker stopped answering (it exited, or missed the 5 s acknowledgement). `vcpu` is its index. */
+export class VcpuError extends Error {
+  readonly code = GuestErrorCode.VCPU_FAILED;
+  readonly vcpu: number;
+  constructor(vcpu: number, message: string) {
+    super(message);
+    this.name = 'VcpuError';
+    this.vcpu = vcpu;
+  }
+}
