@@ -20,11 +20,11 @@ import {
 import { describeStep, EVENTS, STATES, T0 } from './source-machine.samples.ts';
 
 /**
- * Expected outcome of each event in each sample state (test/vectors/source-machine.json):
+ * Expected outcome of each event in each sample state (tes./source-machine.table.json):
  * `next-status[.phase] actions…`, or `x CODE` for a refusal. A sample state or event without its
  * entry fails the first test.
  */
-const TABLE = (JSON.parse(readFileSync(new URL('./vectors/source-machine.json', import.meta.url), 'utf8')) as { table: Record<string, Record<string, string>> }).table;
+const TABLE = (JSON.parse(readFileSync(new URL('./source-machine.table.json', import.meta.url), 'utf8')) as { table: Record<string, Record<string, string>> }).table;
 
 test('source machine: every (state, event) pair has its outcome, legal ones with their actions, illegal ones LM_ERR_WRONG_STATE', () => {
   assert.deepEqual(new Set(Object.keys(TABLE)), new Set(Object.keys(STATES)), 'a row per sample state');
