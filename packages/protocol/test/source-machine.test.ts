@@ -20,7 +20,7 @@ import {
 import { describeStep, EVENTS, STATES, T0 } from './source-machine.samples.ts';
 
 /**
- * Expected outcome of each event in each sample state (tes./source-machine.table.json):
+ * Expected outcome of each event in each sample state (test/source-machine.table.json):
  * `next-status[.phase] actions…`, or `x CODE` for a refusal. A sample state or event without its
  * entry fails the first test.
  */

@@ -128,11 +128,15 @@ class SourceProcess {
     const connect = async (): Promise<[Channel, Channel | undefined, Channel[]]> => {
       const main = await connectChannel(address);
       const extra: Channel[] = [];
+      // Until the migration takes them, a reset of a connected channel must not go unheard (an
+      // 'error' without a listener ends the process); the migration sees it as a destroyed channel.
+      const hold = (c: Channel): Channel => c.on('error', () => {});
+      hold(main);
       try {
         const count = preempt ? 1 : multifd ? settings.parameters['multifd-channels'] : 0;
         for (let i = 0; i < count; i++) {
           extra.push(
-            await connectChannel(address).catch((err: Error) => {
+            await connectChannel(address).then(hold, (err: Error) => {
               throw new ChannelError(
                 RuntimeErrorCode.CHANNEL_OPEN,
                 preempt

@@ -364,11 +364,10 @@ export class OutgoingMigration {
   /** Write the batch to the main channel (and the multifd channels' queued packets). */
   async flush(): Promise<void> {
     const bufs = this.w.flush();
-    if (this.multifd === undefined) {
-      await this.out.write(bufs);
-      return;
-    }
-    await Promise.all([this.out.write(bufs), this.multifd.flush()]);
+    const w = this.w;
+    // Once written, the batch's slabs go back to the writer's pool (its memory stays flat).
+    const written = this.out.write(bufs, 1, () => w.recycle(bufs));
+    await (this.multifd === undefined ? written : Promise.all([written, this.multifd.flush()]));
   }
 
   // ---- QMP --------------------------------------------------------------------------------------

@@ -6,6 +6,9 @@ import { parentPort, workerData } from 'node:worker_threads';
 import {
   BatchWriter,
   decodeRequestBatch,
+  ErrorCode,
+  ProtocolError,
+  StateError,
   NEED_MORE_RP,
   RamRecordWriter,
   REQUEST_BATCH_KIND,
@@ -41,7 +44,7 @@ function post(m: PageServerMessage): void {
 
 function serve(l: Link, block: number, page: number): void {
   const b = blocks[block];
-  if (b === undefined || (page + 1) * TARGET_PAGE_SIZE > b.length) throw new Error(`page request for page ${page} outside block ${block}`);
+  if (b === undefined || (page + 1) * TARGET_PAGE_SIZE > b.length) throw new ProtocolError(ErrorCode.ILLEGAL_RAM_OFFSET, `page request for page ${page} outside block ${block}`, { pageOffset: page * TARGET_PAGE_SIZE });
   // The guest is stopped: what RAM holds now is what goes (a view, no copy).
   l.rec.page(l.w, b.idstr, page * TARGET_PAGE_SIZE, b.bytes, page * TARGET_PAGE_SIZE, true);
 }
@@ -53,14 +56,19 @@ function flush(l: Link, written?: () => void): void {
     return;
   }
   counters[ServerCounter.BYTES]! += l.w.totalBytes;
-  l.conn.write(l.w.flush(), written);
+  const batch = l.w.flush();
+  // Once the kernel has the batch (or the connection is gone) its slabs serve the next one.
+  l.conn.write(batch, () => {
+    l.w.recycle(batch);
+    written?.();
+  });
 }
 
 function attach(m: Extract<PageServerCommand, { kind: 'attach' }>): void {
   const rp = new ReturnPathDecoder({ livemigExtensions: true });
   const requestedHere = (name: string, page: number): void => {
     const block = byName.get(name);
-    if (block === undefined) throw new Error(`page request for unknown block "${name}"`);
+    if (block === undefined) throw new ProtocolError(ErrorCode.UNKNOWN_BLOCK, `page request for unknown block "${name}"`, { block: name });
     serve(l, block, page);
     ringPush(served, block, page);
   };
@@ -76,7 +84,7 @@ function attach(m: Extract<PageServerCommand, { kind: 'attach' }>): void {
         } else if (r.type === RP_LIVEMIG_EXT && r.payload![0] === REQUEST_BATCH_KIND) {
           counters[ServerCounter.REQUESTS]!++;
           decodeRequestBatch(r.payload!, requestedHere);
-        } else throw new Error(`unexpected message ${r.name} on the preempt channel`);
+        } else throw new StateError('postcopy-active', r.name, `unexpected message ${r.name} on the preempt channel`);
       }
       rp.retainUnread();
       flush(l);

@@ -24,6 +24,7 @@ export class StreamOut {
       if (!stream.writableFinished) this.fail(TransportError.lost(role, `the ${role} channel was closed`));
     });
     this.role = role;
+    if (stream.destroyed) this.fail(TransportError.lost(role, `the ${role} channel was closed`));
   }
 
   private readonly role: ChannelRole;
@@ -51,24 +52,30 @@ export class StreamOut {
   /**
    * Write a batch as one writev. Resolves once at most `maxInFlight` batches are still queued:
    * with one batch in flight the next is encoded while the kernel drains this one, instead of
-   * the two taking turns.
+   * the two taking turns. `written` runs once the kernel has taken the whole batch (not after a
+   * failure): then its memory may be reused (BatchWriter.recycle).
    */
-  async write(buffers: readonly Buffer[], maxInFlight = 1): Promise<void> {
+  async write(buffers: readonly Buffer[], maxInFlight = 1, written?: () => void): Promise<void> {
     if (this.failure !== undefined) throw this.failure;
     if (buffers.length === 0) return;
     const s = this.stream;
     let done!: () => void;
-    const written = new Promise<void>((resolve) => (done = resolve));
+    const taken = new Promise<void>((resolve) => (done = resolve));
     s.cork();
     const last = buffers.length - 1;
     for (let i = 0; i <= last; i++) {
       const b = buffers[i]!;
-      if (i === last) s.write(b, () => done());
+      if (i === last) {
+        s.write(b, (err) => {
+          done();
+          if (err == null) written?.();
+        });
+      }
       else s.write(b);
       this.written += b.length;
     }
     s.uncork();
-    this.inFlight.push(written);
+    this.inFlight.push(taken);
     while (this.inFlight.length > maxInFlight) {
       const oldest = this.inFlight.shift()!;
       await Promise.race([oldest, this.failed()]);
