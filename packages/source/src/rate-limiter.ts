@@ -49,10 +49,14 @@ export class RateLimiter {
     return cap;
   }
 
-  /** Milliseconds to wait before `bytes` more may go (0: now). */
+  /**
+   * Milliseconds to wait before `bytes` more may go (0: now). More than the allowance can ever
+   * bank (one window) is waited for as that much: the wait would otherwise never reach 0.
+   */
   delayFor(bytes: number, nowMs: number): number {
     if (this.unlimited) return 0;
-    const short = bytes - this.allowance(nowMs);
+    const most = Math.max(this.burstBytes, this.bytesPerSecond / 10);
+    const short = Math.min(bytes, most) - this.allowance(nowMs);
     return short <= 0 ? 0 : (short * 1000) / this.bytesPerSecond;
   }
 

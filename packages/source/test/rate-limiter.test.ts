@@ -112,4 +112,12 @@ describe('RateLimiter', () => {
     l.setRate(1 * MB, 10_000);
     assert.equal(l.allowance(10_000), BURST);
   });
+
+  it('delayFor a request larger than one window reaches 0: waiting as told lets it go', () => {
+    const l = new RateLimiter(1_000_000, 0);
+    l.consume(BURST);
+    let t = 0;
+    for (let i = 0; i < 3 && l.delayFor(1 << 20, t) > 0; i++) t += l.delayFor(1 << 20, t);
+    assert.equal(l.delayFor(1 << 20, t), 0, `still ${l.delayFor(1 << 20, t)} ms at t=${t}`);
+  });
 });
