@@ -202,6 +202,24 @@ test('cancel matrix: with no migration, while active, after completion; re-migra
     assert.equal(await queryStatus(src), 'postmigrate');
   }));
 
+test('migrate_cancel in the same write as migrate (channels still connecting): cancelled, nothing migrates, the guest runs on', T, () =>
+  withHarness(async (h) => {
+    const guest = ['-m', '64M', '--workload', 'incrementer'];
+    const dst = await h.destination({ incoming: 'tcp', guest });
+    const src = await h.source({ guest, args: ['--capabilities', 'events,return-path'] });
+    const [migrated, cancelled] = await Promise.all([src.execute('migrate', { uri: dst.incomingUri }), src.execute('migrate_cancel')]);
+    assert.deepEqual([migrated, cancelled], [{}, {}]);
+    await waitForStatus(src, 'cancelled', { timeoutMs: 10_000 });
+    await src.waitForEvent('MIGRATION', (e) => e.data?.['status'] === 'cancelled', 5_000);
+    assert.deepEqual(src.migrationEvents(), ['setup', 'cancelling', 'cancelled']);
+    assert.equal(await queryStatus(src), 'running', 'the source guest runs on');
+    // Still cancelled a moment later: the migration did not go ahead behind the cancel.
+    await sleep(1000);
+    assert.equal((await queryMigrate(src)).status, 'cancelled');
+    const exit = await dst.waitForExit(15_000);
+    assert.notEqual(exit.code, 0, `the destination saw its connection closed before a stream: ${JSON.stringify(exit)}`);
+  }));
+
 test('destination config mismatch (-m differs): the destination\'s error comes back on the return path, it exits, the source runs on', T, () =>
   withHarness(async (h) => {
     const dst = await h.destination({ incoming: 'tcp', guest: ['-m', '128M'] });

@@ -57,6 +57,13 @@ const EXTRA = {
   'realtime-postcopy': { type: 'boolean' },
 } as const;
 
+/** A `migrate` whose channels are still connecting (or failed to, or were cancelled meanwhile). */
+interface ConnectAttempt {
+  status: 'setup' | 'cancelling' | 'cancelled' | 'failed';
+  errorDesc: string | undefined;
+  cancel(): void;
+}
+
 class SourceProcess {
   readonly guest: Guest;
   readonly settings = new MigrationSettings();
@@ -68,7 +75,7 @@ class SourceProcess {
   /** --realtime-postcopy */
   realtimePostcopy = false;
   /** A migrate whose channel is still connecting, or failed to. */
-  connecting: { status: string; errorDesc: string | undefined } | undefined;
+  connecting: ConnectAttempt | undefined;
   qmp: QmpServer | undefined;
   private readonly progress = new TtyProgress();
   private progressTimer: NodeJS.Timeout | undefined;
@@ -80,7 +87,7 @@ class SourceProcess {
   }
 
   running(): boolean {
-    if (this.connecting?.status === 'setup') return true;
+    if (this.connecting?.status === 'setup' || this.connecting?.status === 'cancelling') return true;
     const s = this.migration?.status;
     return s === 'setup' || s === 'active' || s === 'postcopy-active' || s === 'postcopy-paused' || s === 'postcopy-recover' || s === 'cancelling';
   }
@@ -119,7 +126,16 @@ class SourceProcess {
     emitStatus('setup');
     this.migration = undefined;
     this.postcopyWanted = false;
-    const attempt = { status: 'setup', errorDesc: undefined as string | undefined };
+    const attempt: ConnectAttempt = {
+      status: 'setup',
+      errorDesc: undefined,
+      // migrate_cancel before the channels are connected: they are closed as soon as they are.
+      cancel: () => {
+        if (attempt.status !== 'setup') return;
+        attempt.status = 'cancelling';
+        emitStatus('cancelling');
+      },
+    };
     this.connecting = attempt;
     type Channel = Awaited<ReturnType<typeof connectChannel>>;
     // Extra connections follow the main one, which must be accepted first (a QEMU 7.2
@@ -156,6 +172,13 @@ class SourceProcess {
     };
     return connect().then(
       ([channel, preemptChannel, multifdChannels]) => {
+        if (attempt.status === 'cancelling') {
+          for (const c of [channel, preemptChannel, ...multifdChannels]) c?.destroy();
+          attempt.status = 'cancelled';
+          emitStatus('cancelled');
+          log.info({}, 'migration cancelled before its channels were connected');
+          return undefined;
+        }
         this.connecting = undefined;
         const m = new OutgoingMigration({
           guest: this.guest,
@@ -186,6 +209,11 @@ class SourceProcess {
         return m;
       },
       (err: Error) => {
+        if (attempt.status === 'cancelling') {
+          attempt.status = 'cancelled';
+          emitStatus('cancelled');
+          return undefined;
+        }
         attempt.status = 'failed';
         attempt.errorDesc = `Failed to connect to '${uri}': ${err.message}`;
         emitStatus('failed');
@@ -212,7 +240,7 @@ class SourceProcess {
 
   queryMigrate(): Record<string, unknown> {
     const c = this.connecting;
-    if (c !== undefined) return c.status === 'failed' ? { status: 'failed', 'error-desc': c.errorDesc } : { status: c.status };
+    if (c !== undefined) return c.status === 'failed' ? { status: 'failed', 'error-desc': c.errorDesc ?? 'unknown error' } : { status: c.status };
     const m = this.migration;
     if (m === undefined) return {};
     const out: Record<string, unknown> = { status: m.status };
@@ -289,7 +317,8 @@ class SourceProcess {
       return {};
     });
     qmp.register('migrate_cancel', () => {
-      this.migration?.cancel();
+      if (this.connecting !== undefined) this.connecting.cancel();
+      else this.migration?.cancel();
       return {};
     });
     qmp.register('query-migrate', () => this.queryMigrate());
