@@ -29,3 +29,4 @@ export * from './migration-config.ts';
 export * from './multifd.ts';
 export * from './request-batch.ts';
 export * from './livemig-ext.ts';
+export * from './destination-machine.ts';

@@ -168,6 +168,11 @@ export interface StreamDecoderOptions {
    * record for a page this stream never wrote is then skipped instead of clearing 4 KiB.
    */
   zeroedMemory?: boolean;
+  /**
+   * Call the target's acceptPage/pagePlaced only once this stream's postcopy state is LISTENING
+   * (a destination: precopy pays nothing per page for them). Default false: for every page.
+   */
+  postcopyPageHooks?: boolean;
 }
 
 /** Decoder states. */
@@ -238,6 +243,7 @@ export class StreamDecoder {
   private written: (Uint32Array | undefined)[] = [];
   private readonly zeroedMemory: boolean;
   private readonly bareRam: boolean;
+  private readonly postcopyPageHooks: boolean;
   private stats: BlockStats[] = [];
   /** Index of the block named last on this channel; -1 before any. */
   private lastBlock = -1;
@@ -263,6 +269,7 @@ export class StreamDecoder {
     this.ignoreShared = options.ignoreShared ?? false;
     this.zeroedMemory = options.zeroedMemory ?? false;
     this.bareRam = options.bareRam ?? false;
+    this.postcopyPageHooks = options.postcopyPageHooks ?? false;
     if (options.resume !== undefined) {
       this.state = S.RECORD;
       this.postcopyState = options.resume.postcopyState;
@@ -707,9 +714,10 @@ export class StreamDecoder {
   private readRamRecords(): DecoderEvent | NeedMore | null {
     const r = this.r;
     const stats = this.cur!.stats!;
-    const placed = this.ram?.pagePlaced;
-    const accept = this.ram?.acceptPage;
     const listening = this.postcopyState >= PostcopyState.LISTENING;
+    const hooks = listening || !this.postcopyPageHooks;
+    const placed = hooks ? this.ram?.pagePlaced : undefined;
+    const accept = hooks ? this.ram?.acceptPage : undefined;
     for (;;) {
       if (!this.need(8)) return NEED_MORE;
       const hi = r.be32(0);
