@@ -17,7 +17,7 @@ import {
   TransportError,
   writePageRequests,
 } from '@livemig/protocol';
-import { type Guest, REALTIME_VCPU_PRIORITY } from '@livemig/guest';
+import { type Guest, REALTIME_VCPU_PRIORITY, RequestLine } from '@livemig/guest';
 import { adoptWithOnread, detachFd } from '@livemig/runtime';
 
 /** A faulted page at most this far ahead of the background stream's position is coming soon anyway (8 MiB). */
@@ -286,8 +286,31 @@ export class PostcopyFaults implements PageLedger {
     void t.stop();
   }
 
+  /** Postcopy figures for query-migrate (QEMU's names; the histogram as in QEMU 10.1); `runTimeMs`: RUN until completion (or now). */
+  figures(runTimeMs: number): Record<string, unknown> {
+    const v = this.o.guest.vcpus;
+    const per = Array.from({ length: v.count }, (_, i) => v.blockTime(i));
+    const buckets = Array.from(v.latency);
+    const faults = per.reduce((a, b) => a + b.faults, 0);
+    const blocked = per.reduce((a, b) => a + b.blockedMs, 0);
+    // Requests the vCPUs wrote themselves (see guest's request-line.ts), with their fault thread's.
+    const lineRequests = RequestLine.written(v.requestLine);
+    return {
+      'postcopy-blocktime': Math.round(blocked),
+      'postcopy-vcpu-blocktime': per.map((p) => Math.round(p.blockedMs)),
+      'postcopy-latency': faults > 0 ? Math.round((blocked * 1e6) / faults) : 0,
+      'postcopy-latency-dist': buckets.slice(0, buckets.findLastIndex((b) => b > 0) + 1),
+      'postcopy-faults': faults,
+      'x-postcopy-request-pages': this.requestedPages + lineRequests.requests,
+      'x-postcopy-preempt-pages': this.preemptPages(),
+      'x-postcopy-request-bytes': this.requestBytes + lineRequests.bytes,
+      // livemig: how long the guest has run in postcopy, for blocktime shares.
+      'x-postcopy-run-time': Math.round(runTimeMs),
+    };
+  }
+
   /** Pages that came on preempt channels (earlier ones, before a recovery, included). */
-  preemptPages(): number {
+  private preemptPages(): number {
     return this.preemptPagesBefore + this.preemptDecoderPages() + (this.thread?.preemptPages ?? 0);
   }
 

@@ -137,7 +137,10 @@ export type DestinationEvent =
   | { type: 'faultThreadEnded'; reason: string }
   /** QMP migrate-pause. */
   | { type: 'pauseRequested' }
-  /** QMP migrate-recover. */
+  /**
+   * QMP migrate-recover, once the recovery listener is up (the adapter first tries the step on
+   * the current state, so a refused command opens no listener).
+   */
   | { type: 'recoverRequested' }
   | { type: 'recoveryAccepted' }
   /** The adapter placed the last pages and started the guest (after a `finish` action). */
@@ -208,8 +211,6 @@ export type DestinationAction =
   | { type: 'finish'; postcopy: boolean; awaitFaultThread: boolean }
   /** Postcopy link lost: close the main and preempt connections, the fault thread lets go; vCPUs keep waiting. */
   | { type: 'dropLink'; reason: MigrationError }
-  /** migrate-recover: listen for the recovery connection (and a new preempt one). */
-  | { type: 'listenForRecovery' }
   /** Read the recovery connection: a stream without header, in the postcopy state we were in. */
   | { type: 'adoptRecoveryChannel' }
   | { type: 'complete' }
@@ -484,10 +485,8 @@ export function destinationStep(state: DestinationState, event: DestinationEvent
         case 'pauseRequested':
           return refusePause(state);
         case 'recoverRequested':
-          return {
-            state: { ...state, recoveryListening: true },
-            actions: [{ type: 'listenForRecovery' }, { type: 'emitStatus', status: 'setup' }],
-          };
+          // QEMU sends the setup event again for the recovery listener; the status stays postcopy-paused.
+          return { state: { ...state, recoveryListening: true }, actions: [{ type: 'emitStatus', status: 'setup' }] };
         case 'recoveryAccepted': {
           if (!state.recoveryListening) return illegal();
           const next: DestinationState = {
