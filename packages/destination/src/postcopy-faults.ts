@@ -10,10 +10,9 @@ import {
   BatchWriter,
   type FaultPath,
   NEED_MORE,
-  PostcopyState,
+  RamRecordDecoder,
   type RamBlockInfo,
   type RequestNaming,
-  StreamDecoder,
   TransportError,
   writePageRequests,
 } from '@livemig/protocol';
@@ -69,7 +68,7 @@ export class PostcopyFaults implements PageLedger {
   private heldPreempt: { raw: net.Socket; tcp: boolean } | undefined;
   /** The preempt connection read on the main thread (no fault thread). */
   private preemptSocket: net.Socket | undefined;
-  private preemptDecoder: StreamDecoder | undefined;
+  private preemptDecoder: RamRecordDecoder | undefined;
   private readonly preemptBuffer = Buffer.allocUnsafeSlow(PREEMPT_READ_BYTES);
   private readonly preemptTarget: GuestRamTarget;
   /** Pages that came on preempt channels before the current one. */
@@ -139,18 +138,13 @@ export class PostcopyFaults implements PageLedger {
   /** Bytes on the preempt channel: bare RAM records for the background stream's blocks. */
   private onPreemptBytes(n: number, streamBlocks: readonly RamBlockInfo[]): boolean {
     try {
-      this.preemptDecoder ??= new StreamDecoder({
-        ram: this.preemptTarget,
-        bareRam: true,
-        resume: { postcopyState: PostcopyState.RUNNING, sections: [], blocks: streamBlocks },
-      });
+      this.preemptDecoder ??= RamRecordDecoder.forPreemptChannel(this.preemptTarget, streamBlocks);
       const d = this.preemptDecoder;
       d.push(this.preemptBuffer.subarray(0, n));
-      for (let ev = d.next(); ev !== NEED_MORE; ev = d.next()) {
-        if (ev.kind === 'eof') {
-          this.o.guest.ram.wakeWaiters(0);
-          return false;
-        }
+      if (d.next() !== NEED_MORE) {
+        // Its EOS: every page of this channel is placed.
+        this.o.guest.ram.wakeWaiters(0);
+        return false;
       }
       this.o.guest.ram.wakeWaiters(0);
       d.retainUnread();

@@ -23,6 +23,8 @@ export * from './stream.ts';
 export * from './vmdesc.ts';
 export * from './bitmap.ts';
 export * from './return-path.ts';
+export * from './ram-record-decoder.ts';
+export * from './stream-events.ts';
 export * from './stream-decoder.ts';
 export * from './analysis.ts';
 export * from './migration-config.ts';
