@@ -76,10 +76,6 @@ export class IncomingMigration {
   /** Time the stream's first byte arrived and when the guest was started (ms, performance.now()). */
   firstByteAt = 0;
   loadedAt = 0;
-  /** Resolves when the migration reached completed or failed. */
-  readonly done: Promise<void>;
-  /** Resolves when the main connection arrives (or the migration ends without one). */
-  readonly connected: Promise<void>;
 
   private state: DestinationState;
   private readonly o: IncomingOptions;
@@ -89,8 +85,6 @@ export class IncomingMigration {
   private readonly loader: StreamLoader;
   private keepalive: NodeJS.Timeout | undefined;
   private runAt = 0;
-  private resolveDone!: () => void;
-  private resolveConnected!: () => void;
   /** Depth guard: actions never feed the machine synchronously (see dispatch). */
   private dispatching = false;
 
@@ -133,9 +127,6 @@ export class IncomingMigration {
         listenerFailed: (err) => this.safely({ type: 'channelLost', error: err }),
       },
     });
-    this.done = new Promise((resolve) => (this.resolveDone = resolve));
-    this.connected = new Promise((resolve) => (this.resolveConnected = resolve));
-    void this.done.then(() => this.resolveConnected());
   }
 
   /** QEMU's status, as query-migrate reports it. */
@@ -228,7 +219,6 @@ export class IncomingMigration {
         this.o.events.status(a.status);
         return;
       case 'beginLoad':
-        this.resolveConnected();
         this.firstByteAt = performance.now();
         guest.setRunState('inmigrate');
         // The stream writes RAM behind the dirty log: from now on any page may be non-zero.
@@ -298,7 +288,6 @@ export class IncomingMigration {
         return;
       case 'complete':
         this.o.log.info({ bytes: this.bytesReceived, running: guest.running }, 'incoming migration completed');
-        this.resolveDone();
         return;
       case 'fail': {
         const d = describe(a.error);
@@ -306,7 +295,6 @@ export class IncomingMigration {
         guest.setRunState('paused');
         this.faults.endRealtime();
         this.o.log.warn({ err: d }, `incoming migration failed: ${d.message}`);
-        this.resolveDone();
         return;
       }
       case 'closeChannels':
