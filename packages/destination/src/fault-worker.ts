@@ -10,7 +10,7 @@
 
 import { parentPort, workerData } from 'node:worker_threads';
 import { claimPage, drainFaultRing, LINE_OWNER, LINE_WRITE_TIMEOUT_MS, LineFailure, raiseThreadPriority, RequestLine, setPageReceived, waitForFaultRing, wakeArrived } from '@livemig/guest';
-import { BatchWriter, NEED_MORE, PostcopyState, type RamTarget, StreamDecoder, TARGET_PAGE_SIZE, writeRpReqPages } from '@livemig/protocol';
+import { BatchWriter, NEED_MORE, RamRecordDecoder, type RamTarget, TARGET_PAGE_SIZE, writeRpReqPages } from '@livemig/protocol';
 import { WorkerConnection } from '@livemig/runtime';
 import { FaultCounter, type FaultThreadCommand, type FaultWorkerData, type FaultWorkerMessage } from './fault-thread.ts';
 
@@ -67,18 +67,16 @@ function post(m: FaultWorkerMessage): void {
 }
 
 function attach(m: Extract<FaultThreadCommand, { kind: 'attach' }>): void {
-  const decoder = new StreamDecoder({ ram: target, bareRam: true, resume: { postcopyState: PostcopyState.RUNNING, sections: [], blocks: m.streamBlocks } });
+  const decoder = RamRecordDecoder.forPreemptChannel(target, m.streamBlocks);
   const conn: WorkerConnection = new WorkerConnection(
     m,
     'preempt channel',
     (chunk) => {
       decoder.push(chunk);
-      for (let ev = decoder.next(); ev !== NEED_MORE; ev = decoder.next()) {
-        if (ev.kind === 'eof') {
-          // Every page of this channel is placed; the source closes it.
-          conn.done = true;
-          post({ kind: 'eof' });
-        }
+      if (decoder.next() !== NEED_MORE) {
+        // Its EOS: every page of this channel is placed; the source closes it.
+        conn.done = true;
+        post({ kind: 'eof' });
       }
       decoder.retainUnread();
       for (const b of local) wakeArrived(b.received, b.waiting, d.waiterSlots);

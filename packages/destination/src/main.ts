@@ -87,6 +87,8 @@ class DestinationProcess {
     if (address.transport !== 'tcp' && address.transport !== 'unix') {
       throw new QmpCommandError(`incoming migration over ${address.transport}: is not supported (use tcp: or unix:)`);
     }
+    // Until the stream arrives, keep the prefaulted RAM from going cold.
+    let stopWarm: (() => void) | undefined;
     const incoming = new IncomingMigration({
       guest: this.guest,
       capabilities: { ...this.settings.capabilities },
@@ -98,23 +100,18 @@ class DestinationProcess {
       events: {
         status: (s) => {
           if (this.qmp !== undefined) migrationEvent(this.qmp, this.settings, s);
+          // The connection came (active), or the migration ended without one.
+          if (s !== 'setup') stopWarm?.();
+          // QEMU's destination exits when the incoming migration fails; give the RP and QMP a moment.
+          if (s === 'failed') setTimeout(() => void this.shutdown(1), 200).unref();
         },
         resume: () => this.qmp?.emitEvent('RESUME'),
       },
     });
     this.incoming = incoming;
     await this.prefaulted;
-    // Until the stream arrives, keep the prefaulted RAM from going cold.
-    const stopWarm = this.guest.keepWarm();
-    void incoming.connected.then(stopWarm, stopWarm);
-    const bound = await incoming.listen(uri);
-    void incoming.done.then(() => {
-      if (incoming.status === 'failed') {
-        // QEMU's destination exits when the incoming migration fails; give the RP and QMP a moment.
-        setTimeout(() => void this.shutdown(1), 200).unref();
-      }
-    });
-    return bound;
+    stopWarm = this.guest.keepWarm();
+    return incoming.listen(uri);
   }
 
   queryMigrate(): Record<string, unknown> {

@@ -7,7 +7,9 @@ import { constants as bufferConstants } from 'node:buffer';
 import type { CommandInfo } from './command.ts';
 import { ErrorCode, ProtocolError } from './errors.ts';
 import type { RamBlockInfo } from './ram.ts';
-import { type DeviceLayout, NEED_MORE, type RamSectionStats, StreamDecoder, type StreamDecoderOptions } from './stream-decoder.ts';
+import { NEED_MORE, type RamSectionStats } from './ram-record-decoder.ts';
+import { StreamDecoder } from './stream-decoder.ts';
+import type { DeviceLayout, StreamDecoderOptions } from './stream-events.ts';
 import { deviceDataLength, parseVmdescription } from './vmdesc.ts';
 import type { SectionKind } from './constants.ts';
 

@@ -12,7 +12,7 @@
 // Statuses are QEMU's MigrationStatus names, so query-migrate reports them as they are. One state
 // is livemig's own: `failing`, the short wrap-up of a failure (waiting for the destination's
 // reason, then running the source guest again); query-migrate shows the status it failed from
-// (reportedStatus), so a client that sees `failed` finds the source guest running already.
+// (sourceReportedStatus), so a client that sees `failed` finds the source guest running already.
 
 import { KEEPALIVE_TIMEOUT_MS } from './constants.ts';
 import {
@@ -199,12 +199,12 @@ export function initialSourceState(options: {
 }
 
 /** What query-migrate and MIGRATION events call a state (`failing` shows the status it failed from). */
-export function reportedStatus(state: SourceState): MigrationStatus {
+export function sourceReportedStatus(state: SourceState): MigrationStatus {
   return state.status === 'failing' ? state.from : state.status;
 }
 
 /** Whether the migration has ended (completed, failed or cancelled). */
-export function isFinal(state: SourceState): boolean {
+export function isSourceFinal(state: SourceState): boolean {
   return state.status === 'completed' || state.status === 'failed' || state.status === 'cancelled';
 }
 
@@ -220,7 +220,7 @@ const same = (state: SourceState): SourceTransition => ({ state, actions: [] });
 export function sourceStep(state: SourceState, event: SourceEvent, now: number): SourceTransition {
   const s = state;
   const illegal = (): never => {
-    throw new StateError(reportedStatus(s), event.type);
+    throw new StateError(sourceReportedStatus(s), event.type);
   };
   switch (event.type) {
     case 'setupSent':
@@ -260,11 +260,11 @@ export function sourceStep(state: SourceState, event: SourceEvent, now: number):
 
     case 'pongReceived':
       // PING 4 follows POSTCOPY_RUN: its PONG says the destination runs the guest.
-      if (event.value === 4 && s.runConfirmedAt === undefined && !isFinal(s)) return same({ ...s, runConfirmedAt: now });
+      if (event.value === 4 && s.runConfirmedAt === undefined && !isSourceFinal(s)) return same({ ...s, runConfirmedAt: now });
       return same(s);
 
     case 'destinationReported': {
-      if (isFinal(s)) return same(s);
+      if (isSourceFinal(s)) return same(s);
       const next = { ...s, destinationReport: event.report };
       // The reason a failure was waiting for.
       if (next.status === 'failing' && next.reasonUntil !== undefined) return restore(next);
@@ -316,7 +316,7 @@ export function sourceStep(state: SourceState, event: SourceEvent, now: number):
       return same(s);
 
     case 'cancelRequested':
-      if (isFinal(s) || s.status === 'cancelling' || s.status === 'failing') return same(s);
+      if (isSourceFinal(s) || s.status === 'cancelling' || s.status === 'failing') return same(s);
       return {
         state: { ...common(s), status: 'cancelling', postcopyStarted: postcopyBegun(s) },
         actions: [
@@ -331,13 +331,13 @@ export function sourceStep(state: SourceState, event: SourceEvent, now: number):
 
     case 'pauseRequested':
       if (s.status !== 'postcopy-active' && s.status !== 'postcopy-recover') {
-        throw new StateError(reportedStatus(s), event.type, `migrate-pause needs a postcopy migration (status is ${reportedStatus(s)})`);
+        throw new StateError(sourceReportedStatus(s), event.type, `migrate-pause needs a postcopy migration (status is ${sourceReportedStatus(s)})`);
       }
       return pause(s, new TransportError(ErrorCode.CHANNEL_LOST, 'main', 'paused by migrate-pause'));
 
     case 'resumeRequested':
       if (s.status !== 'postcopy-paused') {
-        throw new StateError(reportedStatus(s), event.type, `migrate with resume=true needs a paused postcopy migration (status is ${reportedStatus(s)})`);
+        throw new StateError(sourceReportedStatus(s), event.type, `migrate with resume=true needs a paused postcopy migration (status is ${sourceReportedStatus(s)})`);
       }
       return {
         state: { ...common(s), status: 'postcopy-recover', lastHeardAt: now, bitmapsAwaited: s.blocks.map((b) => b.idstr) },
@@ -435,7 +435,7 @@ function faulted(s: SourceState, error: MigrationError, now: number): SourceTran
 function shutReceived(s: SourceState, shutStatus: number, now: number): SourceTransition {
   if (shutStatus === 0) {
     if ((s.status === 'active' && s.phase === 'awaiting-shut') || (s.status === 'postcopy-active' && s.ending)) return complete(s);
-    throw new StateError(reportedStatus(s), 'shutReceived', `the destination sent SHUT(0) while the migration is ${reportedStatus(s)}`);
+    throw new StateError(sourceReportedStatus(s), 'shutReceived', `the destination sent SHUT(0) while the migration is ${sourceReportedStatus(s)}`);
   }
   switch (s.status) {
     case 'setup':

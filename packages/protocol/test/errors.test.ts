@@ -15,6 +15,13 @@ import {
   ConfigError,
   decodeRequestBatch,
   DestinationFailedError,
+  type DestinationEvent,
+  type DestinationState,
+  destinationStep,
+  initialDestinationState,
+  KEEPALIVE_TIMEOUT_MS,
+  LIVEMIG_HELLO_PING,
+  TransportError,
   ErrorCode,
   type ErrorCodeValue,
   MigCmd,
@@ -632,28 +639,46 @@ const CASES: Record<ErrorCodeValue, Case[]> = {
       message: /already recycled/,
     },
   ],
-  // Raised by the source's and destination's migrations; the cases build them as those do.
+  // The destination machine's own refusals and verdicts (destination-machine.test.ts has them all).
   LM_ERR_WRONG_STATE: [
-    { name: 'migrate-recover while active', call: () => { throw new StateError('active', 'migrate-recover'); }, message: /^migrate-recover is not allowed while the migration is active$/ },
+    { name: 'a stream command before any connection', call: () => destinationStep(setupState(), { type: 'runReceived', streamOffset: 0 }, 0), message: /runReceived is not allowed while the migration is setup/ },
+    { name: 'migrate-pause in precopy', call: () => destinationStep(activeState(), { type: 'pauseRequested' }, 0), message: /migrate-pause needs a postcopy migration \(status is active\)/ },
   ],
-  LM_ERR_CANCELLED: [{ name: 'migrate_cancel', call: () => { throw new CancelledError(); }, message: /^migration cancelled$/ }],
   LM_ERR_CHANNEL_LOST: [
-    {
-      name: "a stream's ECONNRESET",
-      call: () => {
-        throw TransportError.lost('main', 'the migration channel failed: read ECONNRESET', Object.assign(new Error('read ECONNRESET'), { code: 'ECONNRESET' }));
-      },
-      message: /ECONNRESET/,
-    },
+    { name: 'the source ends the stream before EOF', call: () => machineVerdict(activeState(), { type: 'sourceEnded', streamOffset: 77 }), message: /the source ended the stream at offset 77 before EOF/ },
+    { name: 'a stream error carries its errno', call: () => { throw TransportError.lost('main', 'migration connection failed', Object.assign(new Error('read ECONNRESET'), { code: 'ECONNRESET' })); }, message: /migration connection failed/, fields: {} },
   ],
   LM_ERR_PEER_SILENT: [
-    { name: 'no word on the return path for 10 s', call: () => { throw new TransportError('LM_ERR_PEER_SILENT', 'return-path', 'nothing from the destination for 10000 ms'); }, message: /10000 ms/ },
+    { name: 'a livemig source silent past the keepalive timeout in postcopy', call: () => machineVerdict(postcopyState(), { type: 'keepaliveTicked', lastByteAtMs: 0 }, KEEPALIVE_TIMEOUT_MS + 1), message: /no data from the source for 3001 ms: link presumed broken/ },
   ],
+  LM_ERR_CANCELLED: [{ name: 'the default message', call: () => { throw new CancelledError(); }, message: /^migration cancelled$/ }],
   LM_ERR_DESTINATION_FAILED: [
-    { name: 'SHUT(1)', call: () => { throw new DestinationFailedError('destination failed: it reported status 1 on the return path', { shutStatus: 1 }); }, message: /status 1/ },
+    { name: 'a SHUT with status 1', call: () => { throw new DestinationFailedError('destination failed: SHUT(1)', { shutStatus: 1 }); }, message: /destination failed/ },
   ],
-  LM_ERR_INTERNAL: [{ name: 'a TypeError reaching the top', call: () => { throw coded(new TypeError('x is not a function')); }, message: /^internal error: x is not a function$/ }],
+  LM_ERR_INTERNAL: [{ name: 'coded() of an exception without a code', call: () => { throw coded(new TypeError('x is not a function')); }, message: /^internal error: x is not a function$/ }],
 };
+
+const MACHINE_CONFIG = { postcopyRam: true, preempt: true, multifd: false };
+function setupState(): DestinationState {
+  return destinationStep(initialDestinationState(MACHINE_CONFIG), { type: 'listenStarted' }, 0).state;
+}
+function activeState(): DestinationState {
+  return destinationStep(setupState(), { type: 'connectionAccepted' }, 0).state;
+}
+function postcopyState(): DestinationState {
+  let s = activeState();
+  s = destinationStep(s, { type: 'returnPathOpened', streamOffset: 0 }, 0).state;
+  s = destinationStep(s, { type: 'pingReceived', streamOffset: 0, value: LIVEMIG_HELLO_PING, livemigHello: true }, 0).state;
+  s = destinationStep(s, { type: 'postcopyAdviseReceived', streamOffset: 0, postcopyRam: true }, 0).state;
+  return destinationStep(s, { type: 'listenReceived', streamOffset: 0 }, 0).state;
+}
+/** The error the machine fails or pauses with after `event` (thrown, so the table's run() sees it). */
+function machineVerdict(state: DestinationState, event: DestinationEvent, now = 0): never {
+  const { state: next, actions } = destinationStep(state, event, now);
+  if (next.status === 'failed') throw next.error;
+  for (const a of actions) if (a.type === 'dropLink') throw a.reason;
+  assert.fail(`${event.type} neither failed nor paused the migration`);
+}
 
 /** A multifd channel: init, then a 100-page packet header for "pc.ram" that `edit` spoils. */
 function multifdStream(edit: (header: Buffer) => void): Buffer {

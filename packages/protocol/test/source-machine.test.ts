@@ -8,7 +8,7 @@ import {
   ErrorCode,
   initialSourceState,
   KEEPALIVE_TIMEOUT_MS,
-  reportedStatus,
+  sourceReportedStatus,
   SOURCE_EVENT_TYPES,
   SOURCE_STATUSES,
   type SourceAction,
@@ -98,7 +98,7 @@ test('a reset waits up to 500 ms for the destination\'s reason; the reason ends 
   const reset = TransportError.lost('multifd', 'the multifd channel failed: read ECONNRESET', Object.assign(new Error('x'), { code: 'ECONNRESET' }));
   let r = run(STATES['active']!, [[{ type: 'faulted', error: reset }, 1000]]);
   assert.equal(r.state.status, 'failing');
-  assert.equal(reportedStatus(r.state), 'active', 'query-migrate still says active while the reason may come');
+  assert.equal(sourceReportedStatus(r.state), 'active', 'query-migrate still says active while the reason may come');
   assert.deepEqual(r.actions, [{ type: 'startReasonTimer', ms: DESTINATION_REASON_WAIT_MS }]);
   r = run(r.state, [
     [{ type: 'destinationReported', report: { code: 'LM_ERR_CONFIG_MISMATCH', message: 'RAM block "pc.ram" is 64 MiB here', offset: 99 } }, 1100],

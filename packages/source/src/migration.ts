@@ -14,13 +14,13 @@ import {
   BatchWriter,
   type Capabilities,
   coded,
-  isFinal,
+  isSourceFinal,
   initialSourceState,
   KEEPALIVE_INTERVAL_MS,
   type MigrationError,
   type MigrationParameters,
   type MigrationStatus as QmpMigrationStatus,
-  reportedStatus,
+  sourceReportedStatus,
   type SourceAction,
   type SourceEvent,
   type SourceState,
@@ -176,7 +176,7 @@ export class OutgoingMigration {
 
   /** What query-migrate reports. */
   get status(): MigrationStatus {
-    return reportedStatus(this.state) as MigrationStatus;
+    return sourceReportedStatus(this.state) as MigrationStatus;
   }
 
   get errorDesc(): string | undefined {
@@ -408,7 +408,7 @@ export class OutgoingMigration {
   }
 
   get ended(): boolean {
-    return isFinal(this.state);
+    return isSourceFinal(this.state);
   }
 
   ramInfo(): MigrationInfoRam {

@@ -1,0 +1,148 @@
+// The byte pump of the main channel: socket reads (Node's static-buffer mode, one reused 1 MiB
+// buffer) → StreamDecoder → guest RAM, one copy per page. Decoder events go to the incoming
+// adapter one by one; it says after each whether to decode on (the machine's readsStream).
+
+import type net from 'node:net';
+import type { MainReader } from './channels.ts';
+import type { PostcopyFaults } from './postcopy-faults.ts';
+import type { StreamLoader } from './stream-loader.ts';
+import { coded, type DecoderEvent, type FaultPath, type MigrationError, NEED_MORE, PostcopyState, StreamDecoder, type StreamDecoderOptions } from '@livemig/protocol';
+
+const READ_BUFFER_BYTES = 1024 * 1024;
+/** Main-channel reads while a vCPU waits for a page far from the background stream (postcopy). */
+const FAULT_READ_BYTES = 64 * 1024;
+
+export interface MainStreamHooks {
+  /** Whether the machine takes the main channel's bytes at all (not once the stream is complete). */
+  takesBytes(): boolean;
+  /** Whether to decode on (not while finishing, waiting for multifd SYNCs, paused or ended). */
+  readsStream(): boolean;
+  /** Where postcopy faults go, once postcopy listens. */
+  faultPath(): FaultPath | undefined;
+  event(ev: DecoderEvent): void;
+  failed(err: unknown): void;
+  /** The main connection now. */
+  socket(): net.Socket | undefined;
+}
+
+export class MainStream implements MainReader {
+  /** When the main channel last brought bytes (the keepalive's measurement, ms). */
+  lastByteAtMs = 0;
+  private decoder: StreamDecoder;
+  private readonly faults: PostcopyFaults;
+  private readonly loader: StreamLoader;
+  private readonly hooks: MainStreamHooks;
+  private readonly readBuffer = Buffer.allocUnsafeSlow(READ_BUFFER_BYTES);
+  /** The start of readBuffer: where reads go while a vCPU waits for a page (postcopy). */
+  private readonly readSlice = this.readBuffer.subarray(0, FAULT_READ_BYTES);
+
+  constructor(faults: PostcopyFaults, loader: StreamLoader, hooks: MainStreamHooks) {
+    this.faults = faults;
+    this.loader = loader;
+    this.hooks = hooks;
+    this.decoder = this.makeDecoder();
+  }
+
+  get bytesReceived(): number {
+    return this.decoder.streamOffset + this.decoder.bufferedBytes;
+  }
+
+  get ramBlocks(): StreamDecoder['ramBlocks'] {
+    return this.decoder.ramBlocks;
+  }
+
+  /** A postcopy recovery channel: a new stream without header, in the state we were in. */
+  restartForRecovery(): void {
+    this.decoder = this.makeDecoder(this.decoder);
+    this.lastByteAtMs = performance.now();
+  }
+
+  /** A decoder for the first connection, or for a postcopy recovery channel. */
+  private makeDecoder(resume?: StreamDecoder): StreamDecoder {
+    const options: StreamDecoderOptions = {
+      ram: this.faults.mainTarget(),
+      postcopyPageHooks: true,
+      deviceLayout: (s) => this.loader.deviceLayout(s),
+      // Guest RAM is fresh (never run) until the stream has been loaded.
+      zeroedMemory: resume === undefined,
+    };
+    if (resume !== undefined) {
+      options.resume = { postcopyState: PostcopyState.RUNNING, sections: resume.knownSections(), blocks: resume.ramBlocks };
+      options.startOffset = 0;
+    }
+    return new StreamDecoder(options);
+  }
+
+  /**
+   * Where the main channel's next read lands. With a preempt channel read here, while a vCPU waits
+   * for a page, reads shrink to FAULT_READ_BYTES so the event loop gets to the fault path (its
+   * request, the preempt channel) after ~50 µs of background decoding, not a megabyte's worth.
+   */
+  readonly buffer = (): Buffer => (this.urgentFault() ? this.readSlice : this.readBuffer);
+
+  private urgentFault(): boolean {
+    const faults = this.hooks.faultPath();
+    return faults !== undefined && this.faults.readsPreemptHere && this.faults.urgent(faults);
+  }
+
+  /** onread callback: the bytes are valid only during this call. */
+  readonly callback = (n: number): boolean => {
+    if (!this.hooks.takesBytes()) return false;
+    this.lastByteAtMs = performance.now();
+    try {
+      this.decoder.push(this.readBuffer.subarray(0, n));
+      const drained = this.drainEvents();
+      const faults = this.hooks.faultPath();
+      if (faults !== undefined) this.faults.afterRead(faults);
+      // Keep only the undecoded tail: the read buffer is reused by the next read.
+      this.decoder.retainUnread();
+      if (!drained) return false;
+      const socket = this.hooks.socket();
+      if (socket !== undefined && this.urgentFault()) {
+        // Postcopy: libuv reads up to 32 buffers in a row; while a vCPU waits for a page, let
+        // the fault path (its page request, the preempt channel) in after every read.
+        setImmediate(() => {
+          if (this.hooks.socket() === socket && this.hooks.readsStream()) socket.resume();
+        });
+        return false;
+      }
+      return true;
+    } catch (err) {
+      this.hooks.failed(err);
+      return false;
+    }
+  };
+
+  /** Handle the decoder's events until it needs bytes (true) or the machine stops reading (false: pause the socket). */
+  private drainEvents(): boolean {
+    if (!this.hooks.readsStream()) return false;
+    for (let ev = this.decoder.next(); ev !== NEED_MORE; ev = this.decoder.next()) {
+      this.hooks.event(ev);
+      if (!this.hooks.readsStream()) return false;
+    }
+    return true;
+  }
+
+  /** Multifd: the channels' SYNCs are in; decode what is buffered and read on. */
+  resumeReading(): void {
+    try {
+      const socket = this.hooks.socket();
+      if (this.drainEvents() && socket !== undefined) {
+        this.decoder.retainUnread();
+        socket.resume();
+      }
+    } catch (err) {
+      this.hooks.failed(err);
+    }
+  }
+
+  /** The source ended its side: undefined when the stream was complete, else the decoder's reason. */
+  end(): MigrationError | undefined {
+    try {
+      this.decoder.end();
+      return undefined;
+    } catch (err) {
+      return coded(err) as MigrationError;
+    }
+  }
+}

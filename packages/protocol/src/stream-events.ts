@@ -1,0 +1,99 @@
+// What a StreamDecoder reports (wire-format.md §§2–6, 10): its events, the section and
+// configuration records they carry, and its options.
+
+import type { CommandInfo } from './command.ts';
+import type { PostcopyStateValue, SectionKind } from './constants.ts';
+import type { RamBlockInfo } from './ram.ts';
+import type { RamBlocksEvent, RamSectionStats, RamTarget } from './ram-record-decoder.ts';
+
+export interface SectionIdentity {
+  sectionId: number;
+  idstr: string;
+  instanceId: number;
+  versionId: number;
+}
+
+export interface SectionRecord extends SectionIdentity {
+  sectionKind: SectionKind;
+  /** Offset of the type byte. */
+  offset: number;
+  dataOffset: number;
+  dataLength: number;
+  /** Offset of the footer, or -1 when the stream has no footers. */
+  footerOffset: number;
+  /** Offset after the footer. */
+  end: number;
+  depth: number;
+  /** RAM sections: record counts. */
+  ram?: RamSectionStats;
+  /** Device sections: a copy of the data. */
+  data?: Buffer;
+  /** How a device section's length was found. */
+  layout?: 'declared' | 'footer-scan';
+}
+
+export interface ConfigurationRecord {
+  offset: number;
+  end: number;
+  machineType: string;
+  subsections: { offset: number; name: string; version: number }[];
+  capabilities?: string[];
+  uuid?: string;
+  targetPageBits?: number;
+}
+
+export type DecoderEvent =
+  | { kind: 'header'; offset: number; version: number }
+  | ({ kind: 'configuration' } & ConfigurationRecord)
+  | { kind: 'sectionStart'; section: SectionIdentity; sectionKind: SectionKind; offset: number; dataOffset: number; depth: number }
+  | RamBlocksEvent
+  | ({ kind: 'sectionEnd' } & SectionRecord)
+  | { kind: 'command'; offset: number; depth: number; command: CommandInfo }
+  | { kind: 'packageEnd'; offset: number; reason: 'eof' | 'run' | 'exhausted' }
+  | { kind: 'eof'; offset: number; depth: number }
+  | { kind: 'vmdescription'; offset: number; length: number; json: string };
+
+/**
+ * Length of a device section's data when its layout is known (a VMDESCRIPTION, or a device of
+ * ours); 'be32-prefixed': the data is a be32 length and that many bytes (livemig's own
+ * variable-size devices); undefined: find the footer by scanning.
+ */
+export type DeviceLayout = (section: SectionIdentity) => number | 'be32-prefixed' | undefined;
+
+export interface StreamDecoderOptions {
+  ram?: RamTarget;
+  deviceLayout?: DeviceLayout;
+  /** Sections carry footers (machine types newer than 2.3). Default true. */
+  expectFooters?: boolean;
+  /** Largest device section data accepted, bytes. Default 16 MiB. */
+  maxSectionBytes?: number;
+  /** Largest VMDESCRIPTION accepted, bytes. Default 16 MiB. */
+  maxVmdescBytes?: number;
+  /** Largest total RAM a block list may announce, bytes. Default 1 TiB. */
+  maxRamBytes?: number;
+  /** Most RAM blocks in a block list. Default 1024. */
+  maxRamBlocks?: number;
+  /** Most distinct sections. Default 65536. */
+  maxSections?: number;
+  /** First command number refused: 11 for QEMU 7.2 (default), 12 to accept SWITCHOVER_START. */
+  maxCommand?: number;
+  /** Capability x-ignore-shared (else learned from the configuration record). */
+  ignoreShared?: boolean;
+  /**
+   * Start without header and configuration (a postcopy recovery channel), in this postcopy
+   * state, with these already known sections and blocks.
+   */
+  resume?: { postcopyState: PostcopyStateValue; sections: readonly SectionIdentity[]; blocks: readonly RamBlockInfo[] };
+  /** Offset of the first byte pushed (for a resumed channel). Default 0. */
+  startOffset?: number;
+  /**
+   * The memory attachBlocks returns is all zero to begin with (a fresh destination): a ZERO
+   * record for a page this stream never wrote is then skipped instead of clearing 4 KiB.
+   */
+  zeroedMemory?: boolean;
+  /**
+   * Call the target's acceptPage/pagePlaced only once this stream's postcopy state is LISTENING
+   * (a destination: precopy pays nothing per page for them). Default false: for every page.
+   */
+  postcopyPageHooks?: boolean;
+}
