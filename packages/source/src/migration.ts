@@ -140,7 +140,6 @@ export class OutgoingMigration {
   private resumeChannels: { channel: Duplex; preempt: Duplex | undefined } | undefined;
   private keepaliveTimer: NodeJS.Timeout | undefined;
   private reasonTimer: NodeJS.Timeout | undefined;
-  private resolveDone!: () => void;
   /** The migration thread (precopy.ts, postcopy-sender.ts): settles once it has stopped. */
   private readonly thread: Promise<void>;
   /** Resolves when the migration has reached a final state. */
@@ -170,7 +169,7 @@ export class OutgoingMigration {
     this.returnPath = returnPath ? new ReturnPathReader(blocks, (e) => this.dispatch(e)) : undefined;
     this.precopy = new Precopy(this);
     this.postcopy = new PostcopySender(this, options.preempt);
-    this.done = new Promise((resolve) => (this.resolveDone = resolve));
+    this.done = this.watch.until(() => isSourceFinal(this.state));
     this.thread = this.run();
   }
 
@@ -333,7 +332,6 @@ export class OutgoingMigration {
         'migration completed',
       );
     }
-    this.resolveDone();
   }
 
   // ---- the migration thread ---------------------------------------------------------------------
