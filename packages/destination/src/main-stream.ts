@@ -98,7 +98,8 @@ export class MainStream implements MainReader {
       this.decoder.retainUnread();
       if (!drained) return false;
       const socket = this.hooks.socket();
-      if (socket !== undefined && this.urgentFault()) {
+      // (With or without a preempt channel: the yield is for the fault path's request too.)
+      if (socket !== undefined && faults !== undefined && this.faults.urgent(faults)) {
         // Postcopy: libuv reads up to 32 buffers in a row; while a vCPU waits for a page, let
         // the fault path (its page request, the preempt channel) in after every read.
         setImmediate(() => {
