@@ -26,16 +26,36 @@ export function destinationStep(state: DestinationState, event: DestinationEvent
   };
   const stay = (): DestinationStep => ({ state, actions: [] });
 
+  // Events that mean the same in every state that takes them.
+  switch (event.type) {
+    case 'pauseRequested':
+      if (state.status !== 'postcopy-active' && state.status !== 'postcopy-recover') return refusePause(state);
+      break;
+    case 'recoverRequested':
+      if (state.status !== 'postcopy-paused') return refuseRecover(state);
+      break;
+    case 'returnPathOpened':
+      if (readsStreamNow(state)) return { state: { ...state, returnPath: true }, actions: [] };
+      break;
+    case 'pingReceived':
+      if (readsStreamNow(state)) return ping(state, event);
+      break;
+    case 'ramSectionEnded':
+      if (readsStreamNow(state)) return awaitSync(state, event.channelsSynced);
+      break;
+    case 'multifdSynced':
+      if (readsStreamNow(state)) return synced(state, illegal);
+      break;
+    default:
+      break;
+  }
+
   switch (state.status) {
     // ---- before the stream ------------------------------------------------------------------
     case 'none':
       switch (event.type) {
         case 'listenStarted':
           return { state: { status: 'setup', config: state.config }, actions: [{ type: 'emitStatus', status: 'setup' }] };
-        case 'pauseRequested':
-          return refusePause(state);
-        case 'recoverRequested':
-          return refuseRecover(state);
         default:
           return illegal();
       }
@@ -65,10 +85,6 @@ export function destinationStep(state: DestinationState, event: DestinationEvent
         // A fault thread (started with the listener) that holds no connection: a new one is made when needed.
         case 'faultThreadEnded':
           return stay();
-        case 'pauseRequested':
-          return refusePause(state);
-        case 'recoverRequested':
-          return refuseRecover(state);
         default:
           return illegal();
       }
@@ -76,10 +92,6 @@ export function destinationStep(state: DestinationState, event: DestinationEvent
     // ---- precopy --------------------------------------------------------------------------
     case 'active':
       switch (event.type) {
-        case 'returnPathOpened':
-          return { state: { ...state, returnPath: true }, actions: [] };
-        case 'pingReceived':
-          return ping(state, event);
         case 'postcopyAdviseReceived':
           if (state.postcopy !== 'none') return illegal();
           return { state: { ...state, postcopy: 'advised', postcopyRamAdvised: event.postcopyRam }, actions: [] };
@@ -120,10 +132,6 @@ export function destinationStep(state: DestinationState, event: DestinationEvent
           return { state: { ...state, eofSeen: true }, actions: [] };
         case 'vmdescriptionReceived':
           return finishPrecopy(state);
-        case 'ramSectionEnded':
-          return awaitSync(state, event.channelsSynced);
-        case 'multifdSynced':
-          return synced(state, illegal);
         case 'sourceEnded':
           if (state.finishing) return stay();
           // EOF without a VMDESCRIPTION (a source that sends none) completes the stream.
@@ -141,10 +149,6 @@ export function destinationStep(state: DestinationState, event: DestinationEvent
           return complete(state, state.postcopyRamAdvised);
         case 'loadFailed':
           return fail(state, event.error);
-        case 'pauseRequested':
-          return refusePause(state);
-        case 'recoverRequested':
-          return refuseRecover(state);
         default:
           return illegal();
       }
@@ -153,10 +157,6 @@ export function destinationStep(state: DestinationState, event: DestinationEvent
     case 'postcopy-active':
     case 'postcopy-recover':
       switch (event.type) {
-        case 'returnPathOpened':
-          return { state: { ...state, returnPath: true }, actions: [] };
-        case 'pingReceived':
-          return ping(state, event);
         case 'runReceived':
           if (state.status !== 'postcopy-active' || state.running) return illegal();
           return { state: { ...state, running: true }, actions: [{ type: 'startGuestInPostcopy' }] };
@@ -177,10 +177,6 @@ export function destinationStep(state: DestinationState, event: DestinationEvent
             state: { ...state, finishing: true },
             actions: [{ type: 'finish', postcopy: true, awaitFaultThread: state.faults === 'fault-thread' && state.preempt === 'taken' }],
           };
-        case 'ramSectionEnded':
-          return awaitSync(state, event.channelsSynced);
-        case 'multifdSynced':
-          return synced(state, illegal);
         case 'sourceEnded':
           if (state.finishing) return stay();
           // A closed link is a pause, not the end (the final EOF ends it).
@@ -206,8 +202,6 @@ export function destinationStep(state: DestinationState, event: DestinationEvent
         case 'pauseRequested':
           if (state.finishing) return refusePause(state);
           return pause(state, TransportError.lost('main', 'paused by migrate-pause'));
-        case 'recoverRequested':
-          return refuseRecover(state);
         case 'loadFinished':
           if (!state.finishing) return illegal();
           return complete(state, true);
@@ -225,8 +219,6 @@ export function destinationStep(state: DestinationState, event: DestinationEvent
         case 'keepaliveTicked':
         case 'faultThreadEnded':
           return stay();
-        case 'pauseRequested':
-          return refusePause(state);
         case 'recoverRequested':
           // QEMU sends the setup event again for the recovery listener; the status stays postcopy-paused.
           return { state: { ...state, recoveryListening: true }, actions: [{ type: 'emitStatus', status: 'setup' }] };
@@ -270,10 +262,6 @@ export function destinationStep(state: DestinationState, event: DestinationEvent
         case 'faultThreadEnded':
         case 'loadFailed':
           return stay();
-        case 'pauseRequested':
-          return refusePause(state);
-        case 'recoverRequested':
-          return refuseRecover(state);
         default:
           return illegal();
       }
@@ -281,6 +269,11 @@ export function destinationStep(state: DestinationState, event: DestinationEvent
 }
 
 type StreamState = Extract<DestinationState, { status: 'active' | 'postcopy-active' | 'postcopy-recover' }>;
+
+/** A state in which the main channel's stream is being read. */
+function readsStreamNow(state: DestinationState): state is StreamState {
+  return state.status === 'active' || state.status === 'postcopy-active' || state.status === 'postcopy-recover';
+}
 
 function ping(state: StreamState, event: Extract<DestinationEvent, { type: 'pingReceived' }>): DestinationStep {
   if (!state.returnPath) {

@@ -11,6 +11,7 @@
 // into the block memory the RamTarget handed over, and counted per block. A StreamDecoder reads
 // RAM sections through one of these (sharing its ByteReader); a preempt channel uses one alone.
 
+import { failAt, haveBytes, recordPlace } from './record-place.ts';
 import { inflateSync } from 'node:zlib';
 import { ENCODING_FLAG_XBZRLE, RamFlag, TARGET_PAGE_SIZE } from './constants.ts';
 import { ErrorCode, type ErrorCodeValue, ProtocolError } from './errors.ts';
@@ -188,23 +189,11 @@ export class RamRecordDecoder {
 
   /** True when n bytes (relative) are buffered; throws if a package would be overrun. */
   private need(n: number): boolean {
-    if (this.r.streamOffset + n > this.packageEnd) {
-      throw new ProtocolError(
-        ErrorCode.PACKAGE_OVERRUN,
-        `record runs past the end of its PACKAGED blob (blob ends at ${this.packageEnd})`,
-        this.context(this.r.streamOffset),
-      );
-    }
-    return this.r.available >= n;
-  }
-
-  private context(streamOffset: number): { streamOffset: number; sectionId?: number; idstr?: string } {
-    const c = this.section;
-    return c === undefined ? { streamOffset } : { streamOffset, sectionId: c.sectionId, idstr: c.idstr };
+    return haveBytes(this.r, n, this.packageEnd, this.section);
   }
 
   private fail(code: ErrorCodeValue, message: string, relOffset = 0, extra: { block?: string; pageOffset?: number } = {}): never {
-    throw new ProtocolError(code, message, { ...this.context(this.r.streamOffset + relOffset), ...extra });
+    return failAt(code, message, this.r, this.section, relOffset, extra);
   }
 
   /**
@@ -360,7 +349,7 @@ export class RamRecordDecoder {
             page = inflateSync(src.subarray(r.spanOffset, r.spanOffset + clen), { maxOutputLength: TARGET_PAGE_SIZE });
           } catch (cause) {
             throw new ProtocolError(ErrorCode.BAD_COMPRESSED_PAGE, `compressed page does not inflate: ${(cause as Error).message}`, {
-              ...this.context(r.streamOffset + k + 4),
+              ...recordPlace(r.streamOffset + k + 4, this.section),
               block: info.idstr,
               pageOffset,
               cause,

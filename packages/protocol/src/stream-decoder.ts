@@ -14,6 +14,7 @@
 // copies each page once, from the receive chunk straight into the block memory the RamTarget
 // handed it, and counts records per block. Page data is never turned into events.
 
+import { failAt, haveBytes, recordPlace } from './record-place.ts';
 import { checkCommandHeader, decodeCommand, COMMAND_HEADER_LENGTH } from './command.ts';
 import {
   MIG_CMD_MAX_7_2,
@@ -171,7 +172,7 @@ export class StreamDecoder {
     this.failure = new ProtocolError(
       ErrorCode.TRUNCATED,
       `stream ended inside ${where} (${this.r.available} bytes of it buffered)`,
-      this.context(this.r.streamOffset),
+      recordPlace(this.r.streamOffset, this.cur),
     );
     throw this.failure;
   }
@@ -236,23 +237,11 @@ export class StreamDecoder {
 
   /** True when n bytes (relative) are buffered; throws if a package would be overrun. */
   private need(n: number): boolean {
-    if (this.r.streamOffset + n > this.packageEnd) {
-      throw new ProtocolError(
-        ErrorCode.PACKAGE_OVERRUN,
-        `record runs past the end of its PACKAGED blob (blob ends at ${this.packageEnd})`,
-        this.context(this.r.streamOffset),
-      );
-    }
-    return this.r.available >= n;
-  }
-
-  private context(streamOffset: number): { streamOffset: number; sectionId?: number; idstr?: string } {
-    const c = this.cur;
-    return c === undefined ? { streamOffset } : { streamOffset, sectionId: c.sectionId, idstr: c.idstr };
+    return haveBytes(this.r, n, this.packageEnd, this.cur);
   }
 
   private fail(code: ErrorCodeValue, message: string, relOffset = 0, extra: { block?: string; pageOffset?: number } = {}): never {
-    throw new ProtocolError(code, message, { ...this.context(this.r.streamOffset + relOffset), ...extra });
+    return failAt(code, message, this.r, this.cur, relOffset, extra);
   }
 
   private describeState(): string {
