@@ -1,4 +1,4 @@
-// Real QEMU (qemu-system-x86_64, 7.2 on Debian 12) as the other end of a livemig migration.
+// Real QEMU (qemu-system-x86_64: 7.2 on Debian 12, or 10.0 unpacked beside it) as the other end of a livemig migration.
 // Recipes: ../shared/spec/qemu-interop.md. QEMU runs with `-machine none` (no vCPU: a running
 // TCG guest is no RAM oracle) and one RAM block "m0", driven over its own QMP socket with the
 // same QmpClient the livemig processes use. A QEMU process is a Child of the test's Harness, so
@@ -15,6 +15,10 @@ import type { MigrationInfo } from './migration.ts';
 import { Child, connectQmp, type Harness } from './processes.ts';
 
 export const QEMU_BINARY = process.env['LIVEMIG_QEMU'] ?? 'qemu-system-x86_64';
+/** A QEMU unpacked beside the system's (QEMU 10.0: .ci/install-qemu-10.0) needs its firmware folder (`-L`). */
+const QEMU_DATA_DIR = process.env['LIVEMIG_QEMU_DATA'];
+/** How test names call this QEMU ("QEMU 7.2", "QEMU 10.0"). */
+export const QEMU_LABEL = process.env['LIVEMIG_QEMU_LABEL'] ?? 'QEMU 7.2';
 /** Bound on QEMU's QMP socket accepting after spawn. */
 const QEMU_START_MS = 15_000;
 
@@ -47,7 +51,7 @@ export function qemuSkip(): string | false {
 export function requireQemu(): string {
   const v = qemuVersion();
   if (v === null) {
-    throw new Error(`${QEMU_MISSING}${process.env['CI'] === 'true' ? ' (CI=true: the QEMU interop tests require it; .ci/run installs qemu-system-x86)' : ''}`);
+    throw new Error(`${QEMU_MISSING}${process.env['CI'] === 'true' ? ' (CI=true: the QEMU interop tests require it; .ci/run installs QEMU 7.2 and 10.0)' : ''}`);
   }
   return v;
 }
@@ -69,7 +73,8 @@ export function qemuM0(backend: { file: string } | 'memfd', size: number): strin
 export async function startQemu(h: Harness, name: string, args: string[]): Promise<Child> {
   requireQemu();
   const qmpPath = h.path(`${name}.qmp`);
-  const proc = spawn(QEMU_BINARY, ['-nodefaults', '-display', 'none', ...args, '-qmp', `unix:${qmpPath},server=on,wait=off`], {
+  const data = QEMU_DATA_DIR === undefined ? [] : ['-L', QEMU_DATA_DIR];
+  const proc = spawn(QEMU_BINARY, [...data, '-nodefaults', '-display', 'none', ...args, '-qmp', `unix:${qmpPath},server=on,wait=off`], {
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   const child = new Child(name, proc, `unix:${qmpPath}`);

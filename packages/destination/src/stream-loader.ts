@@ -115,6 +115,10 @@ export class StreamLoader {
         return { type: 'resumeReceived', streamOffset };
       case MigCmd.PACKAGED:
         return undefined; // its records follow as events of their own
+      case MigCmd.SWITCHOVER_START:
+        // QEMU 10.0: the source has stopped its guest and the final state follows. Nothing to do
+        // here until devices that prepare for the switchover exist (QEMU uses it for vfio).
+        return undefined;
       default:
         throw new ConfigError(ErrorCode.UNEXPECTED_COMMAND, `command ${c.name} is not supported by this destination`, { streamOffset });
     }
