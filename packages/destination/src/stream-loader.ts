@@ -25,6 +25,11 @@ export class StreamLoader {
   private readonly config: DestinationConfig;
   /** Every non-RAM section we accept: FULL devices and iterative loaders, by idstr + instance. */
   private readonly devices = new Map<string, Device>();
+  /**
+   * Where the multifd channels' SYNCs belong, as the source's dialect shows it: at each RAM
+   * section end (QEMU 7.2, and older machine types), or at each MULTIFD_FLUSH record.
+   */
+  private multifdSyncAt: 'section-end' | 'flush' = 'section-end';
 
   constructor(guest: Guest, machineType: string, config: DestinationConfig) {
     this.guest = guest;
@@ -68,10 +73,16 @@ export class StreamLoader {
       }
       case 'sectionEnd':
         if (ev.data !== undefined) this.loadDevice(ev);
-        if (this.config.multifd && ev.idstr === 'ram' && ev.instanceId === 0) {
+        if (this.config.multifd && this.multifdSyncAt === 'section-end' && ev.idstr === 'ram' && ev.instanceId === 0) {
           return { type: 'ramSectionEnded', streamOffset: ev.offset, channelsSynced: channelsSynced(ramSectionsEnded + 1) };
         }
         return undefined;
+      case 'multifdFlush':
+        // A source that flushes once per round (QEMU 8.0+ machine types) syncs its channels here
+        // and not at section ends: from the first flush on, only flushes are sync points.
+        if (!this.config.multifd) return undefined;
+        this.multifdSyncAt = 'flush';
+        return { type: 'ramSectionEnded', streamOffset: ev.offset, channelsSynced: channelsSynced(ramSectionsEnded + 1) };
       case 'command':
         return this.commandEvent(ev);
       case 'eof':

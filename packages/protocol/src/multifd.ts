@@ -4,9 +4,11 @@
 //   init (64 B, once per channel): be32 magic 0x11223344 | be32 version 1 | uuid[16] | u8 channel id
 //                                  | 7 + 32 reserved bytes
 //   packet: be32 magic | be32 version | be32 flags (bit 0 SYNC) | be32 pages_alloc | be32 normal_pages
-//           | be32 next_packet_size | be64 packet_num | 32 reserved | char ramblock[256]
+//           | be32 next_packet_size | be64 packet_num | be32 zero_pages (9.0+; 7.2: reserved, 0)
+//           | 28 reserved | char ramblock[256]
 //           | be64 offset[pages_alloc]                       (320 + 8 × pages_alloc bytes)
-//           then normal_pages raw pages, in offset order
+//             (normal pages' offsets, then zero pages' offsets)
+//           then normal_pages raw pages, in offset order; zero pages carry no data
 //
 // Each RAM section ends with a SYNC packet on every channel; the destination does not read past
 // the main channel's RAM EOS until every channel has delivered that section's SYNC, so a page
@@ -18,6 +20,8 @@
 
 import { TARGET_PAGE_SIZE } from './constants.ts';
 import { ErrorCode, MigrationError, ProtocolError } from './errors.ts';
+
+const ZERO_PAGE = Buffer.alloc(TARGET_PAGE_SIZE);
 
 export const MULTIFD_MAGIC = 0x11223344;
 export const MULTIFD_VERSION = 1;
@@ -138,6 +142,8 @@ export class MultifdReceiver {
   streamOffset = 0;
   /** Pages placed in guest RAM, SYNC packets seen. */
   pages = 0;
+  /** Zero pages listed in packets (QEMU 9.0+ sources), placed without data. */
+  zeroPages = 0;
   syncs = 0;
   channelId = -1;
   private phase: PhaseValue = Phase.INIT;
@@ -235,18 +241,21 @@ export class MultifdReceiver {
     const normalPages = v.getUint32(16);
     if (normalPages > pagesAlloc) this.fail(`packet with ${normalPages} pages but ${pagesAlloc} allocated`, 16);
     const packetNum = v.getUint32(24) * 2 ** 32 + v.getUint32(28);
+    // QEMU 9.0+ detects zero pages in the channel and lists them after the normal ones.
+    const zeroPages = v.getUint32(32);
+    if (normalPages + zeroPages > pagesAlloc) this.fail(`packet with ${normalPages} normal and ${zeroPages} zero pages but ${pagesAlloc} allocated`, 32);
     // As QEMU does, the name ends at the first NUL or at 255 bytes.
     let end = RAMBLOCK_AT;
     while (end < RAMBLOCK_AT + RAMBLOCK_FIELD - 1 && this.header[end] !== 0) end++;
     const block = this.header.toString('latin1', RAMBLOCK_AT, end);
     this.cur = { flags, pagesAlloc, normalPages, nextPacketSize: v.getUint32(20), packetNum, block };
-    if (normalPages === 0) return this.packetDone();
+    if (normalPages + zeroPages === 0) return this.packetDone();
     const mem = this.resolve(block);
     if (mem === undefined) this.fail(`packet for unknown block "${block}"`, RAMBLOCK_AT, block);
     this.mem = mem;
     // Validate every offset before a byte lands in guest RAM.
     let runs = 1;
-    for (let i = 0, at = MULTIFD_PACKET_FIXED_LENGTH; i < normalPages; i++, at += 8) {
+    for (let i = 0, at = MULTIFD_PACKET_FIXED_LENGTH; i < normalPages + zeroPages; i++, at += 8) {
       const hi = v.getUint32(at);
       const lo = v.getUint32(at + 4);
       const offset = hi * 2 ** 32 + lo;
@@ -254,8 +263,15 @@ export class MultifdReceiver {
         this.fail(`page offset 0x${offset.toString(16)} is not a page inside the block (${mem.length} bytes)`, at, block);
       }
       this.offsets[i] = offset;
-      if (i > 0 && offset !== this.offsets[i - 1]! + TARGET_PAGE_SIZE) runs++;
+      if (i > 0 && i < normalPages && offset !== this.offsets[i - 1]! + TARGET_PAGE_SIZE) runs++;
     }
+    for (let i = normalPages; i < normalPages + zeroPages; i++) {
+      const off = this.offsets[i]!;
+      // A page that is zero already (fresh RAM) is only read, not written.
+      if (ZERO_PAGE.compare(mem, off, off + TARGET_PAGE_SIZE) !== 0) mem.fill(0, off, off + TARGET_PAGE_SIZE);
+    }
+    this.zeroPages += zeroPages;
+    if (normalPages === 0) return this.packetDone();
     if (normalPages / runs >= DIRECT_RUN_PAGES) this.nextRun(0);
     else {
       if (this.scratch.length === 0) this.scratch = Buffer.allocUnsafeSlow(MULTIFD_PAGES_PER_PACKET * TARGET_PAGE_SIZE);

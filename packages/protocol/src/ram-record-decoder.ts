@@ -62,6 +62,11 @@ export interface BlockStats {
 }
 
 export type RamBlocksEvent = { kind: 'ramBlocks'; offset: number; total: number; blocks: RamBlockInfo[] };
+/**
+ * RAM_SAVE_FLAG_MULTIFD_FLUSH (QEMU 8.0+ sources flushing multifd once per round): every multifd
+ * channel's next SYNC belongs here, and the section's EOS no longer waits for one.
+ */
+export type MultifdFlushEvent = { kind: 'multifdFlush'; offset: number };
 
 /** readRecords() consumed the EOS that ends a RAM section (or a preempt channel). */
 export const RAM_EOS: unique symbol = Symbol('RAM EOS');
@@ -103,6 +108,8 @@ export class RamRecordDecoder {
   packageEnd = Infinity;
   /** The section being read, for error messages. */
   section: { sectionId: number; idstr: string } | undefined;
+  /** MULTIFD_FLUSH records read so far: a source that sends them syncs multifd once per round, not per section. */
+  multifdFlushes = 0;
 
   private blocks: RamBlockInfo[] = [];
   private blockIndex = new Map<string, number>();
@@ -201,7 +208,7 @@ export class RamRecordDecoder {
    * event), counting them in `stats`. `listening`: postcopy listens (only ZERO and PAGE records,
    * and the target's page hooks run).
    */
-  readRecords(stats: RamSectionStats, listening: boolean): RamBlocksEvent | RamEos | NeedMore {
+  readRecords(stats: RamSectionStats, listening: boolean): RamBlocksEvent | MultifdFlushEvent | RamEos | NeedMore {
     const r = this.r;
     const hooks = listening || !this.postcopyPageHooks;
     const placed = hooks ? this.ram?.pagePlaced : undefined;
@@ -233,11 +240,14 @@ export class RamRecordDecoder {
         case RamFlag.MEM_SIZE:
           if (listening) this.badFlag(flags, 'once postcopy is listening');
           return this.readMemSize(pageOffset, hi);
-        case RamFlag.MULTIFD_FLUSH:
+        case RamFlag.MULTIFD_FLUSH: {
           if (listening) this.badFlag(flags, 'once postcopy is listening');
+          const offset = r.streamOffset;
           r.skip(8);
           stats.multifdFlush++;
-          continue;
+          this.multifdFlushes++;
+          return { kind: 'multifdFlush', offset };
+        }
         default:
           this.badFlag(flags, '');
       }

@@ -4,7 +4,7 @@
 import type { CommandInfo } from './command.ts';
 import type { PostcopyStateValue, SectionKind } from './constants.ts';
 import type { RamBlockInfo } from './ram.ts';
-import type { RamBlocksEvent, RamSectionStats, RamTarget } from './ram-record-decoder.ts';
+import type { MultifdFlushEvent, RamBlocksEvent, RamSectionStats, RamTarget } from './ram-record-decoder.ts';
 
 export interface SectionIdentity {
   sectionId: number;
@@ -47,6 +47,7 @@ export type DecoderEvent =
   | ({ kind: 'configuration' } & ConfigurationRecord)
   | { kind: 'sectionStart'; section: SectionIdentity; sectionKind: SectionKind; offset: number; dataOffset: number; depth: number }
   | RamBlocksEvent
+  | MultifdFlushEvent
   | ({ kind: 'sectionEnd' } & SectionRecord)
   | { kind: 'command'; offset: number; depth: number; command: CommandInfo }
   | { kind: 'packageEnd'; offset: number; reason: 'eof' | 'run' | 'exhausted' }

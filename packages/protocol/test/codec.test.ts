@@ -446,6 +446,7 @@ function buildStream(): Built {
   // A 7.2 receiver fills a ZERO page with its fill byte; our writer always sends 0.
   mark('zeroFill');
   w.be64(0x3000 + 0x02 + 0x20).u8(0x5a);
+  mark('flush');
   writeMultifdFlush(w);
   ramTail('part2');
 
@@ -530,6 +531,7 @@ describe('a whole stream round trip through StreamDecoder', () => {
       data: s.timerData, layout: 'footer-scan',
     },
     { kind: 'sectionStart', section: { sectionId: 2, idstr: 'ram', instanceId: 0, versionId: 4 }, sectionKind: 'part', offset: A('part2'), dataOffset: A('part2') + 5, depth: 0 },
+    { kind: 'multifdFlush', offset: A('flush') },
     {
       kind: 'sectionEnd', sectionId: 2, idstr: 'ram', instanceId: 0, versionId: 4, sectionKind: 'part',
       offset: A('part2'), dataOffset: A('part2') + 5, dataLength: A('part2.footer') - A('part2') - 5,

@@ -165,3 +165,35 @@ describe('MultifdReceiver on hostile bytes', () => {
     }
   });
 });
+
+describe('MultifdReceiver, QEMU 9.0+ packets', () => {
+  it('zero pages listed after the normal ones (be32 zero_pages at byte 32) are zeroed in RAM, with no data on the wire', () => {
+    const mem = Buffer.alloc(8 * PAGE, 0xab);
+    const src = Buffer.alloc(8 * PAGE, 0x5c);
+    const h = Buffer.alloc(MULTIFD_PACKET_HEADER_LENGTH);
+    // Two normal pages (1, 2), then three zero pages (4, 6, 0).
+    writeMultifdPacketHeader(h, { flags: 0, packetNum: 9, block: 'm0' }, [PAGE, 2 * PAGE], 2);
+    h.writeUInt32BE(3, 32);
+    for (const [i, page] of [4, 6, 0].entries()) h.writeBigUInt64BE(BigInt(page * PAGE), 320 + 8 * (2 + i));
+    const wire = Buffer.concat([init(0), h, src.subarray(PAGE, 3 * PAGE)]);
+    const recv = new MultifdReceiver((name) => (name === 'm0' ? mem : undefined));
+    const events = feed(recv, wire, () => 777);
+    assert.deepEqual(events.map((e) => e.kind), ['init', 'packet']);
+    assert.equal(recv.pages, 2);
+    assert.equal(recv.zeroPages, 3);
+    for (let p = 0; p < 8; p++) {
+      const want = p === 1 || p === 2 ? 0x5c : p === 0 || p === 4 || p === 6 ? 0 : 0xab;
+      assert.ok(mem.subarray(p * PAGE, (p + 1) * PAGE).every((b) => b === want), `page ${p} holds 0x${want.toString(16)}`);
+    }
+  });
+
+  it('more normal and zero pages than allocated is refused before RAM is touched', () => {
+    const mem = Buffer.alloc(8 * PAGE, 0xab);
+    const h = Buffer.alloc(MULTIFD_PACKET_HEADER_LENGTH);
+    writeMultifdPacketHeader(h, { flags: 0, packetNum: 1, block: 'm0' }, [0], 1);
+    h.writeUInt32BE(128, 32);
+    const recv = new MultifdReceiver(() => mem);
+    assert.throws(() => feed(recv, Buffer.concat([init(0), h]), () => 4096), (err: { code?: string; message?: string }) => err.code === 'LM_ERR_BAD_MULTIFD' && /1 normal and 128 zero pages but 128 allocated/.test(err.message ?? ''));
+    assert.ok(mem.every((b) => b === 0xab));
+  });
+});
