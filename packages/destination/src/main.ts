@@ -46,8 +46,9 @@ ${GUEST_HELP}
 QMP commands: migrate-incoming, migrate-recover, migrate-pause, query-migrate (status,
 socket-address, error-desc, postcopy blocktime and fault latency),
 migrate-set-capabilities, query-migrate-capabilities, migrate-set-parameters,
-query-migrate-parameters, stop, cont, query-status, x-query-guest-digest, quit.
-Events: MIGRATION (with capability "events"), RESUME, STOP.
+query-migrate-parameters, stop, cont, query-status, x-query-guest-digest, quit; introspection
+as QEMU's: query-commands, query-events, query-name, query-version, query-qmp-schema.
+Events: MIGRATION (with capability "events"), RESUME, STOP, SHUTDOWN (on quit).
 `;
 
 const EXTRA = {
@@ -127,8 +128,8 @@ class DestinationProcess {
     return out;
   }
 
-  async serveQmp(address: string): Promise<void> {
-    const qmp = await QmpServer.listen(address, { logger: this.log.child({ component: 'qmp' }) });
+  async serveQmp(address: string, name?: string): Promise<void> {
+    const qmp = await QmpServer.listen(address, { logger: this.log.child({ component: 'qmp' }), ...(name === undefined ? {} : { name }) });
     this.qmp = qmp;
     registerMachineCommands(qmp, this.guest, this.settings, {
       migrationRunning: () => this.incoming !== undefined && this.incoming.status !== 'completed' && this.incoming.status !== 'failed',
@@ -139,8 +140,8 @@ class DestinationProcess {
       if (typeof uri !== 'string') throw new QmpCommandError("Parameter 'uri' is missing");
       await this.listen(uri);
       return {};
-    });
-    qmp.register('query-migrate', () => this.queryMigrate());
+    }, { args: { uri: 'str' }, returns: {} });
+    qmp.register('query-migrate', () => this.queryMigrate(), { args: {}, returns: 'any' });
     qmp.register(
       'migrate-recover',
       async (args) => {
@@ -154,7 +155,7 @@ class DestinationProcess {
         }
         return {};
       },
-      { allowOob: true },
+      { allowOob: true, args: { uri: 'str' }, returns: {} },
     );
     qmp.register(
       'migrate-pause',
@@ -167,7 +168,7 @@ class DestinationProcess {
         }
         return {};
       },
-      { allowOob: true },
+      { allowOob: true, args: {}, returns: {} },
     );
     this.log.info({ qmp: qmp.addressText }, 'QMP listening');
   }
@@ -205,7 +206,7 @@ async function main(argv: string[]): Promise<void> {
   });
   process.on('SIGINT', () => void proc.shutdown(130));
   process.on('SIGTERM', () => void proc.shutdown(143));
-  if (flags.qmp !== undefined) await proc.serveQmp(flags.qmp);
+  if (flags.qmp !== undefined) await proc.serveQmp(flags.qmp, flags.name);
   if (incoming !== 'defer') {
     try {
       const bound = await proc.listen(incoming);

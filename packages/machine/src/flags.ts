@@ -15,6 +15,7 @@ export const GUEST_OPTIONS = {
   fill: { type: 'string' },
   'qemu-devices-only': { type: 'boolean' },
   qmp: { type: 'string' },
+  name: { type: 'string' },
   'log-level': { type: 'string' },
   help: { type: 'boolean', short: 'h' },
 } as const satisfies ParseArgsConfig['options'];
@@ -36,6 +37,7 @@ export const GUEST_HELP = `guest (the same on both sides of a migration):
   --qemu-devices-only   only QEMU's timer and globalstate devices (no per-vCPU or app state)
 control:
   --qmp ADDR            QMP control socket: unix:PATH or tcp:HOST:PORT (port 0: any free port)
+  --name NAME           a name for this process, as QEMU's -name (QMP query-name answers it)
   --log-level L         trace|debug|info|warn|error|silent (default info; env LIVEMIG_LOG_LEVEL)`;
 
 /** A command line that cannot be used; the message is what the user reads before the usage text. */
@@ -51,6 +53,8 @@ export interface GuestFlags {
   machineType: string;
   guest: GuestConfig;
   qmp: string | undefined;
+  /** --name: what QMP query-name answers. */
+  name: string | undefined;
   logLevel: string | undefined;
 }
 
@@ -70,6 +74,7 @@ export function guestFromFlags(values: Record<string, unknown>): GuestFlags {
         livemigDevices: values['qemu-devices-only'] !== true,
       },
       qmp: values['qmp'] as string | undefined,
+      name: values['name'] as string | undefined,
       logLevel: values['log-level'] as string | undefined,
     };
   } catch (err) {

@@ -70,3 +70,14 @@ export {
   type QmpServerOptions,
   type QmpVersion,
 } from './qmp-server.ts';
+export {
+  qmpEnum,
+  qmpSchema,
+  QMP_ENUM_VALUES,
+  type QmpBuiltin,
+  type QmpCommandDescription,
+  type QmpEnum,
+  type QmpEventDescription,
+  type QmpMembers,
+  type QmpType,
+} from './qmp-schema.ts';

@@ -44,8 +44,9 @@ ${GUEST_HELP}
 QMP commands: migrate (resume=true after a postcopy pause), migrate_cancel, migrate-start-postcopy,
 migrate-pause, query-migrate, migrate-set-capabilities,
 query-migrate-capabilities, migrate-set-parameters, query-migrate-parameters, stop, cont,
-query-status, x-query-guest-digest, quit. Events: MIGRATION, MIGRATION_PASS (with capability
-"events"), STOP, RESUME.
+query-status, x-query-guest-digest, quit; introspection as QEMU's: query-commands, query-events,
+query-name, query-version, query-qmp-schema. Events: MIGRATION, MIGRATION_PASS (with capability
+"events"), STOP, RESUME, SHUTDOWN (on quit).
 `;
 
 const EXTRA = {
@@ -272,9 +273,10 @@ class SourceProcess {
     return out;
   }
 
-  async serveQmp(address: string): Promise<void> {
-    const qmp = await QmpServer.listen(address, { logger: this.log.child({ component: 'qmp' }) });
+  async serveQmp(address: string, name?: string): Promise<void> {
+    const qmp = await QmpServer.listen(address, { logger: this.log.child({ component: 'qmp' }), ...(name === undefined ? {} : { name }) });
     this.qmp = qmp;
+    qmp.declareEvent('MIGRATION_PASS', { pass: 'int' });
     registerMachineCommands(qmp, this.guest, this.settings, {
       migrationRunning: () => this.running(),
       parametersChanged: (p) => {
@@ -315,13 +317,13 @@ class SourceProcess {
       if (args['blk'] === true || args['inc'] === true) throw new QmpCommandError('block migration is not supported');
       void this.migrate(args['uri'] as string);
       return {};
-    });
+    }, { args: { uri: 'str', '*blk': 'bool', '*inc': 'bool', '*detach': 'bool', '*resume': 'bool' }, returns: {} });
     qmp.register('migrate_cancel', () => {
       if (this.connecting !== undefined) this.connecting.cancel();
       else this.migration?.cancel();
       return {};
-    });
-    qmp.register('query-migrate', () => this.queryMigrate());
+    }, { args: {}, returns: {} });
+    qmp.register('query-migrate', () => this.queryMigrate(), { args: {}, returns: 'any' });
     qmp.register(
       'migrate-pause',
       () => {
@@ -334,7 +336,7 @@ class SourceProcess {
         }
         return {};
       },
-      { allowOob: true },
+      { allowOob: true, args: {}, returns: {} },
     );
     qmp.register('migrate-start-postcopy', () => {
       if (!this.settings.capabilities['postcopy-ram']) {
@@ -346,7 +348,7 @@ class SourceProcess {
       this.postcopyWanted = true;
       this.migration?.requestPostcopy();
       return {};
-    });
+    }, { args: {}, returns: {} });
     this.log.info({ qmp: qmp.addressText }, 'QMP listening');
   }
 
@@ -381,7 +383,7 @@ async function main(argv: string[]): Promise<void> {
   // As QEMU: without -S the guest is running before QMP is served (query-status never says
   // prelaunch to a client of a source started without -S).
   if (values.paused !== true) await guest.start();
-  if (flags.qmp !== undefined) await proc.serveQmp(flags.qmp);
+  if (flags.qmp !== undefined) await proc.serveQmp(flags.qmp, flags.name);
   log.info(
     { blocks: guest.ram.blocks.map((b) => `${b.idstr}:${b.length}`), vcpus: flags.guest.vcpus, workload: values.workload ?? 'idle', running: guest.running },
     'guest ready',
