@@ -4,6 +4,7 @@
 // with a consistent incrementer pattern.
 
 import { type ChildProcess, spawn } from 'node:child_process';
+import { rmSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -105,6 +106,16 @@ export async function runDemo(o: DemoOptions): Promise<number> {
   const dir = await mkdtemp(join(tmpdir(), 'livemig-demo-'));
   const children: Child[] = [];
   const clients: QmpClient[] = [];
+  // Ctrl-C (or a kill) ends the demo with 128 + the signal's number, as a shell reports it, after
+  // stopping both processes: an interrupted demo did not verify anything, so it must not exit 0.
+  const onSignal = (signal: NodeJS.Signals): void => {
+    process.stderr.write(`\nlivemig demo: interrupted by ${signal}; stopping the source and the destination\n`);
+    for (const c of children) if (c.proc.exitCode === null) c.proc.kill('SIGTERM');
+    rmSync(dir, { recursive: true, force: true });
+    process.exit(signal === 'SIGINT' ? 130 : 143);
+  };
+  process.once('SIGINT', onSignal);
+  process.once('SIGTERM', onSignal);
   try {
     const guest = ['-m', o.memory, '--workload', o.workload, '--vcpus', String(o.vcpus)];
     const incoming = o.transport === 'tcp' ? 'tcp:127.0.0.1:0' : `unix:${join(dir, 'migration.sock')}`;
@@ -218,6 +229,8 @@ export async function runDemo(o: DemoOptions): Promise<number> {
     say(ok ? 'VERDICT: PASS — the destination holds exactly the source guest and runs on' : 'VERDICT: FAIL');
     return ok ? 0 : 1;
   } finally {
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
     for (const c of clients) await c.close().catch(() => {});
     for (const c of children) {
       if (c.proc.exitCode === null) c.proc.kill('SIGKILL');

@@ -85,16 +85,31 @@ export function guestFromFlags(values: Record<string, unknown>): GuestFlags {
 }
 
 /**
- * Run `parse`; when it throws, print "program: message" (and the usage text, if given) to stderr
+ * Run `parse`; when it throws, print one line "program: message (see program --help)" to stderr
  * and exit with status 2, as both processes do for a command line they cannot use.
  */
-export function orExitWithUsage<T>(program: string, parse: () => T, usage?: string): T {
+export function orExitWithUsage<T>(program: string, parse: () => T): T {
   try {
     return parse();
   } catch (err) {
-    process.stderr.write(`${program}: ${(err as Error).message}\n${usage === undefined ? '' : `\n${usage}`}`);
-    process.exit(2);
+    return exitWithUsage(program, err);
   }
+}
+
+/** orExitWithUsage for a check that awaits (an address probed before anything is prepared). */
+export async function orExitWithUsageAsync<T>(program: string, check: () => Promise<T>): Promise<T> {
+  try {
+    return await check();
+  } catch (err) {
+    return exitWithUsage(program, err);
+  }
+}
+
+function exitWithUsage(program: string, err: unknown): never {
+  // One line: what was wrong (the message names the flag) and where to read more.
+  const message = String((err as Error).message).replace(/\s*\n\s*/g, ' ');
+  process.stderr.write(`${program}: ${message} (see ${program} --help)\n`);
+  process.exit(2);
 }
 
 /** `--capabilities a,b` as migrate-set-capabilities arguments turning each one on. */

@@ -11,14 +11,29 @@ import {
   capabilitiesOn,
   parameterList,
   GUEST_OPTIONS,
+  addressForFlag,
+  checkListenable,
+  EXIT_MIGRATION_FAILED,
+  fatalLine,
   orExitWithUsage,
+  orExitWithUsageAsync,
+  UsageError,
   progressLine,
   QmpCommandError,
   registerMachineCommands,
   TtyProgress,
 } from '@livemig/machine';
 import { applyCapabilities, applyParameters, TARGET_PAGE_SIZE } from '@livemig/protocol';
-import { ChannelError, connectChannel, createLogger, type Logger, parseAddress, QmpServer, RuntimeErrorCode } from '@livemig/runtime';
+import {
+  ChannelError,
+  connectChannel,
+  createLogger,
+  type Logger,
+  type MigrationAddress,
+  parseAddress,
+  QmpServer,
+  RuntimeErrorCode,
+} from '@livemig/runtime';
 import { OutgoingMigration } from './migration.ts';
 
 const HELP = `usage: livemig-source [guest flags] [--qmp ADDR] [--migrate URI] [options]
@@ -41,6 +56,9 @@ migration:
 
 ${GUEST_HELP}
 
+exit status: 0 done, 1 the migration failed (--exit-after-migrate), 2 a flag or address that
+cannot be used (checked before the guest is prepared), 70 an internal error, 130/143 a signal.
+
 QMP commands: migrate (resume=true after a postcopy pause), migrate_cancel, migrate-start-postcopy,
 migrate-pause, query-migrate, migrate-set-capabilities,
 query-migrate-capabilities, migrate-set-parameters, query-migrate-parameters, stop, cont,
@@ -57,6 +75,40 @@ const EXTRA = {
   paused: { type: 'boolean', short: 'S' },
   'realtime-postcopy': { type: 'boolean' },
 } as const;
+
+/** Where a migration can go (`defer` is the destination's). */
+const OUTGOING_TRANSPORTS = ['tcp', 'unix', 'fd', 'exec', 'file'] as const;
+
+/**
+ * What `migrate` refuses before anything starts, for these settings (QMP migrate and --migrate,
+ * which checks it before the guest is prepared).
+ */
+function refuseMigrate(address: MigrationAddress, settings: MigrationSettings): void {
+  if (address.transport === 'defer') throw new QmpCommandError("'defer' is only for the destination (migrate-incoming)");
+  if (settings.capabilities['postcopy-preempt'] && address.transport !== 'tcp' && address.transport !== 'unix') {
+    throw new QmpCommandError('postcopy-preempt needs a tcp: or unix: migration address');
+  }
+  if (settings.capabilities.multifd) {
+    if (address.transport !== 'tcp' && address.transport !== 'unix') throw new QmpCommandError('multifd is not supported by current protocol');
+    if (settings.capabilities['postcopy-ram']) throw new QmpCommandError('livemig does not support multifd together with postcopy-ram');
+    if (settings.parameters['multifd-compression'] !== 'none') {
+      throw new QmpCommandError(`multifd-compression '${settings.parameters['multifd-compression']}' is not supported by livemig (use 'none')`);
+    }
+  }
+}
+
+/** Why a connection failed, in a few words and what to check (the errno stays for searching). */
+function connectFailure(err: Error): string {
+  const errno = ((err.cause as NodeJS.ErrnoException | undefined)?.code ?? '') as string;
+  const hints: Record<string, string> = {
+    ECONNREFUSED: 'connection refused (ECONNREFUSED): is a destination listening there?',
+    ENOENT: 'no such socket (ENOENT): is a destination listening there?',
+    EHOSTUNREACH: 'host unreachable (EHOSTUNREACH)',
+    ENOTFOUND: 'the host name does not resolve (ENOTFOUND)',
+    ETIMEDOUT: 'timed out (ETIMEDOUT)',
+  };
+  return hints[errno] ?? err.message;
+}
 
 /** A `migrate` whose channels are still connecting (or failed to, or were cancelled meanwhile). */
 interface ConnectAttempt {
@@ -99,27 +151,18 @@ class SourceProcess {
 
   /**
    * Start a migration. Like QEMU's, it returns at once: connecting happens in the background and
-   * a destination that is not there shows as status "failed" with its error-desc.
+   * a destination that is not there shows as status "failed" with its error-desc. A failure to
+   * connect is logged once, at `failureLevel` (info when a QMP client asked: it reads error-desc).
    */
-  migrate(uri: string): Promise<OutgoingMigration | undefined> {
+  migrate(uri: string, failureLevel: 'info' | 'error' = 'info'): Promise<OutgoingMigration | undefined> {
     if (typeof uri !== 'string') throw new QmpCommandError("Parameter 'uri' is missing");
     if (this.running()) throw new QmpCommandError('There is a migration process in progress');
     const address = parseAddress(uri);
-    if (address.transport === 'defer') throw new QmpCommandError("'defer' is only for the destination (migrate-incoming)");
     const settings = this.settings;
     // Refusals come before anything starts: the next migrate or set-capabilities must not be blocked.
+    refuseMigrate(address, settings);
     const preempt = settings.capabilities['postcopy-preempt'];
-    if (preempt && address.transport !== 'tcp' && address.transport !== 'unix') {
-      throw new QmpCommandError('postcopy-preempt needs a tcp: or unix: migration address');
-    }
     const multifd = settings.capabilities.multifd;
-    if (multifd) {
-      if (address.transport !== 'tcp' && address.transport !== 'unix') throw new QmpCommandError('multifd is not supported by current protocol');
-      if (settings.capabilities['postcopy-ram']) throw new QmpCommandError('livemig does not support multifd together with postcopy-ram');
-      if (settings.parameters['multifd-compression'] !== 'none') {
-        throw new QmpCommandError(`multifd-compression '${settings.parameters['multifd-compression']}' is not supported by livemig (use 'none')`);
-      }
-    }
     const log = this.log.child({ component: 'migration' });
     const emitStatus = (status: string): void => {
       if (this.qmp !== undefined) migrationEvent(this.qmp, settings, status);
@@ -216,9 +259,9 @@ class SourceProcess {
           return undefined;
         }
         attempt.status = 'failed';
-        attempt.errorDesc = `Failed to connect to '${uri}': ${err.message}`;
+        attempt.errorDesc = `Failed to connect to '${uri}': ${connectFailure(err)}`;
         emitStatus('failed');
-        log.warn({}, attempt.errorDesc);
+        log[failureLevel]({ code: (err as { code?: unknown }).code }, attempt.errorDesc);
         return undefined;
       },
     );
@@ -362,22 +405,46 @@ class SourceProcess {
 
 async function main(argv: string[]): Promise<void> {
   const program = 'livemig-source';
-  const values = orExitWithUsage(program, () => parseArgs({ args: argv, options: { ...GUEST_OPTIONS, ...EXTRA }, strict: true }).values, HELP);
+  const values = orExitWithUsage(program, () => parseArgs({ args: argv, options: { ...GUEST_OPTIONS, ...EXTRA }, strict: true }).values);
   if (values.help === true) {
     process.stdout.write(HELP);
     return;
   }
-  const flags = orExitWithUsage(program, () => guestFromFlags(values));
+  // Every flag and address is checked before the guest's RAM is filled and prefaulted (seconds
+  // for a big guest): a mistake is one line at once, exit status 2.
+  const settings = new MigrationSettings();
+  const flags = orExitWithUsage(program, () => {
+    const f = guestFromFlags(values);
+    if (values.capabilities !== undefined) settings.capabilities = applyCapabilities(settings.capabilities, capabilitiesOn(values.capabilities));
+    if (values.parameters !== undefined) {
+      try {
+        settings.parameters = applyParameters(settings.parameters, parameterList(values.parameters));
+      } catch (err) {
+        throw new UsageError(`--parameters: ${(err as Error).message}`, { cause: err });
+      }
+    }
+    if (values.migrate !== undefined) {
+      try {
+        refuseMigrate(addressForFlag('--migrate', values.migrate, OUTGOING_TRANSPORTS), settings);
+      } catch (err) {
+        if ((err as { code?: unknown }).code === 'LM_ERR_USAGE') throw err;
+        throw new Error(`--migrate ${values.migrate}: ${(err as Error).message}`, { cause: err });
+      }
+    }
+    return f;
+  });
+  if (flags.qmp !== undefined) {
+    const qmpAddress = orExitWithUsage(program, () => addressForFlag('--qmp', flags.qmp!, ['tcp', 'unix']));
+    await orExitWithUsageAsync(program, () => checkListenable('--qmp', qmpAddress));
+  }
   const log = createLogger(program, flags.logLevel === undefined ? {} : { level: flags.logLevel as 'info' });
   const guest = new Guest(flags.guest);
   guest.fillInitial();
   await guest.prefault('read');
   const proc = new SourceProcess(guest, flags.machineType, log);
   proc.realtimePostcopy = values['realtime-postcopy'] === true;
-  orExitWithUsage(program, () => {
-    if (values.capabilities !== undefined) proc.settings.capabilities = applyCapabilities(proc.settings.capabilities, capabilitiesOn(values.capabilities));
-    if (values.parameters !== undefined) proc.settings.parameters = applyParameters(proc.settings.parameters, parameterList(values.parameters));
-  });
+  proc.settings.capabilities = settings.capabilities;
+  proc.settings.parameters = settings.parameters;
   process.on('SIGINT', () => void proc.shutdown(130));
   process.on('SIGTERM', () => void proc.shutdown(143));
   // As QEMU: without -S the guest is running before QMP is served (query-status never says
@@ -389,22 +456,20 @@ async function main(argv: string[]): Promise<void> {
     'guest ready',
   );
   if (values.migrate !== undefined) {
-    let m: OutgoingMigration | undefined;
-    try {
-      m = await proc.migrate(values.migrate);
-    } catch (err) {
-      log.error({ err }, (err as Error).message);
-    }
+    // Checked above, so only a failure to connect is left: logged once, as an error.
+    const m = await proc.migrate(values.migrate, 'error');
     if (m === undefined) {
-      if (values['exit-after-migrate'] === true) await proc.shutdown(1);
+      if (values['exit-after-migrate'] === true) await proc.shutdown(EXIT_MIGRATION_FAILED);
       return;
     }
     await m.done;
-    if (values['exit-after-migrate'] === true) await proc.shutdown(m.status === 'completed' ? 0 : 1);
+    if (values['exit-after-migrate'] === true) await proc.shutdown(m.status === 'completed' ? 0 : EXIT_MIGRATION_FAILED);
   }
 }
 
 main(process.argv.slice(2)).catch((err: unknown) => {
-  process.stderr.write(`livemig-source: ${(err as Error).stack ?? String(err)}\n`);
-  process.exit(70);
+  // A coded error (an address in use, a refused connection) is one line; anything else a bug.
+  const { line, status } = fatalLine('livemig-source', err);
+  process.stderr.write(line);
+  process.exit(status);
 });
