@@ -54,7 +54,7 @@ export {
 } from './errors.ts';
 export { DEFAULT_MAX_MESSAGE_BYTES, encodeQmpLine, JsonStreamSplitter, type JsonStreamHandlers } from './json-stream.ts';
 export { boundAddress, listenServer } from './listen.ts';
-export { createLogger, type Logger, type LoggerOptions, type LogLevel } from './log.ts';
+export { createLogger, setStatusLine, type Logger, type LoggerOptions, type LogLevel, type StatusLine } from './log.ts';
 export {
   QmpClient,
   type QmpClientOptions,

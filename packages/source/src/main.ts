@@ -18,6 +18,8 @@ import {
   orExitWithUsage,
   orExitWithUsageAsync,
   UsageError,
+  type Progress,
+  ProgressModel,
   progressLine,
   QmpCommandError,
   registerMachineCommands,
@@ -28,6 +30,7 @@ import {
   ChannelError,
   connectChannel,
   createLogger,
+  setStatusLine,
   type Logger,
   type MigrationAddress,
   parseAddress,
@@ -132,6 +135,8 @@ class SourceProcess {
   qmp: QmpServer | undefined;
   private readonly progress = new TtyProgress();
   private progressTimer: NodeJS.Timeout | undefined;
+  /** The current migration's progress (query-migrate's x-progress and the terminal bar). */
+  private progressModel = new ProgressModel();
 
   constructor(guest: Guest, machineType: string, log: Logger) {
     this.guest = guest;
@@ -247,6 +252,7 @@ class SourceProcess {
           },
         });
         this.migration = m;
+        this.progressModel = new ProgressModel();
         const on = Object.entries(settings.capabilities).filter(([, v]) => v).map(([k]) => k);
         log.info({ uri, capabilities: on, maxBandwidth: settings.parameters['max-bandwidth'] }, 'migration started');
         this.showProgress(m);
@@ -267,18 +273,40 @@ class SourceProcess {
     );
   }
 
+  /** The progress model fed with the migration's figures now (README "Progress"). */
+  progressOf(m: OutgoingMigration): Progress {
+    const r = m.ramInfo();
+    return this.progressModel.update({
+      status: m.status,
+      transferredBytes: r.transferred,
+      remainingBytes: r.remaining,
+      totalBytes: r.total,
+      bytesPerSecond: (r.mbps * 1e6) / 8,
+      dirtyBytesPerSecond: r['dirty-pages-rate'] * r['page-size'],
+    });
+  }
+
   private showProgress(m: OutgoingMigration): void {
     if (!this.progress.enabled) return;
     clearInterval(this.progressTimer);
+    setStatusLine(this.progress);
     this.progressTimer = setInterval(() => {
       const r = m.ramInfo();
       this.progress.update(
-        progressLine({ status: m.status, transferred: r.transferred, total: r.total, remaining: r.remaining, mbps: r.mbps, passes: r['dirty-sync-count'] }),
+        progressLine({
+          status: m.status,
+          progress: this.progressOf(m),
+          transferredBytes: r.transferred,
+          remainingBytes: r.remaining,
+          bytesPerSecond: (r.mbps * 1e6) / 8,
+          passes: r['dirty-sync-count'],
+        }),
       );
     }, 200);
     void m.done.finally(() => {
       clearInterval(this.progressTimer);
       this.progress.done();
+      setStatusLine(undefined);
     });
   }
 
@@ -288,7 +316,10 @@ class SourceProcess {
     const m = this.migration;
     if (m === undefined) return {};
     const out: Record<string, unknown> = { status: m.status };
-    if (m.status === 'setup' || m.status === 'cancelled') return out;
+    // livemig's field: the one progress model (README "Progress"), a fraction that never goes back.
+    const p = this.progressOf(m);
+    const progress = { fraction: p.fraction, 'eta-ms': p.etaMs, basis: p.basis };
+    if (m.status === 'setup' || m.status === 'cancelled') return { ...out, 'x-progress': progress };
     if (m.status === 'failed') {
       out['error-desc'] = m.errorDesc ?? 'unknown error';
       return out;
@@ -313,6 +344,7 @@ class SourceProcess {
       };
     }
     if (m.throttlePercent > 0) out['cpu-throttle-percentage'] = m.throttlePercent;
+    out['x-progress'] = progress;
     return out;
   }
 
