@@ -116,6 +116,17 @@ test('quit: SHUTDOWN {guest:false, reason:"host-qmp-quit"} (before the reply, as
   }),
 );
 
+test('SIGTERM: SHUTDOWN {guest:false, reason:"host-signal"}, as QEMU, then exit 143', T, () =>
+  withHarness(async (h) => {
+    for (const c of [await h.source({ guest: GUEST }), await h.destination({ incoming: 'defer', guest: GUEST })]) {
+      process.kill(c.pid, 'SIGTERM');
+      const e = await c.waitForEvent('SHUTDOWN', undefined, 15_000);
+      assert.deepEqual(e.data, { guest: false, reason: 'host-signal' });
+      assert.deepEqual(await c.waitForExit(), { code: 143, signal: null });
+    }
+  }),
+);
+
 test('the same shapes from a real QEMU 7.2: query-name, query-version, SHUTDOWN, and the arguments of the commands both have', { ...T, skip: qemuSkip() }, () =>
   withHarness(async (h) => {
     const qemu = await startQemu(h, 'qemu', ['-machine', 'none', '-name', 'guest-a']);

@@ -18,6 +18,7 @@ import {
   fatalLine,
   orExitWithUsage,
   orExitWithUsageAsync,
+  shutdownEvent,
   UsageError,
   QmpCommandError,
   registerMachineCommands,
@@ -57,7 +58,7 @@ socket-address, error-desc, postcopy blocktime and fault latency),
 migrate-set-capabilities, query-migrate-capabilities, migrate-set-parameters,
 query-migrate-parameters, stop, cont, query-status, x-query-guest-digest, quit; introspection
 as QEMU's: query-commands, query-events, query-name, query-version, query-qmp-schema.
-Events: MIGRATION (with capability "events"), RESUME, STOP, SHUTDOWN (on quit).
+Events: MIGRATION (with capability "events"), RESUME, STOP, SHUTDOWN (on quit, SIGINT, SIGTERM).
 `;
 
 const EXTRA = {
@@ -224,8 +225,13 @@ async function main(argv: string[]): Promise<void> {
   proc.realtimePostcopy = values['realtime-postcopy'] === true;
   proc.settings.capabilities = settings.capabilities;
   proc.settings.parameters = settings.parameters;
-  process.on('SIGINT', () => void proc.shutdown(130));
-  process.on('SIGTERM', () => void proc.shutdown(143));
+  // As QEMU: a signal is a SHUTDOWN (reason host-signal) for the QMP clients, then the exit.
+  const onSignal = (status: number): void => {
+    if (proc.qmp !== undefined) shutdownEvent(proc.qmp, 'host-signal');
+    void proc.shutdown(status);
+  };
+  process.on('SIGINT', () => onSignal(130));
+  process.on('SIGTERM', () => onSignal(143));
   if (flags.qmp !== undefined) await proc.serveQmp(flags.qmp, flags.name);
   if (incoming.address.transport !== 'defer') {
     try {

@@ -110,7 +110,7 @@ export function registerMachineCommands(server: QmpServer, guest: Guest, setting
 
   server.register('quit', () => {
     // As QEMU 7.2 does: SHUTDOWN goes out before the reply; the process ends after the reply.
-    server.emitEvent('SHUTDOWN', { guest: false, reason: 'host-qmp-quit' });
+    shutdownEvent(server, 'host-qmp-quit');
     setImmediate(() => hooks.quit());
     return {};
   }, none);
@@ -136,6 +136,11 @@ export function registerMachineCommands(server: QmpServer, guest: Guest, setting
     hooks.parametersChanged?.(settings.parameters);
     return {};
   }, { args: parameters, returns: {} });
+}
+
+/** SHUTDOWN as QEMU 7.2 sends it when the host ends it (quit: host-qmp-quit; SIGINT/SIGTERM: host-signal). */
+export function shutdownEvent(server: QmpServer, reason: 'host-qmp-quit' | 'host-signal'): void {
+  server.emitEvent('SHUTDOWN', { guest: false, reason });
 }
 
 /** Emit MIGRATION {status} when capability "events" is on, as QEMU does. */

@@ -17,6 +17,7 @@ import {
   fatalLine,
   orExitWithUsage,
   orExitWithUsageAsync,
+  shutdownEvent,
   UsageError,
   type Progress,
   ProgressModel,
@@ -67,7 +68,7 @@ migrate-pause, query-migrate, migrate-set-capabilities,
 query-migrate-capabilities, migrate-set-parameters, query-migrate-parameters, stop, cont,
 query-status, x-query-guest-digest, quit; introspection as QEMU's: query-commands, query-events,
 query-name, query-version, query-qmp-schema. Events: MIGRATION, MIGRATION_PASS (with capability
-"events"), STOP, RESUME, SHUTDOWN (on quit).
+"events"), STOP, RESUME, SHUTDOWN (on quit, SIGINT, SIGTERM).
 `;
 
 const EXTRA = {
@@ -477,8 +478,13 @@ async function main(argv: string[]): Promise<void> {
   proc.realtimePostcopy = values['realtime-postcopy'] === true;
   proc.settings.capabilities = settings.capabilities;
   proc.settings.parameters = settings.parameters;
-  process.on('SIGINT', () => void proc.shutdown(130));
-  process.on('SIGTERM', () => void proc.shutdown(143));
+  // As QEMU: a signal is a SHUTDOWN (reason host-signal) for the QMP clients, then the exit.
+  const onSignal = (status: number): void => {
+    if (proc.qmp !== undefined) shutdownEvent(proc.qmp, 'host-signal');
+    void proc.shutdown(status);
+  };
+  process.on('SIGINT', () => onSignal(130));
+  process.on('SIGTERM', () => onSignal(143));
   // As QEMU: without -S the guest is running before QMP is served (query-status never says
   // prelaunch to a client of a source started without -S).
   if (values.paused !== true) await guest.start();
