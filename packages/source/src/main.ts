@@ -472,8 +472,12 @@ async function main(argv: string[]): Promise<void> {
   }
   const log = createLogger(program, flags.logLevel === undefined ? {} : { level: flags.logLevel as 'info' });
   const guest = new Guest(flags.guest);
+  // Seconds for a big guest: say what is going on (the demo shows it as its preparation phase).
+  const preparingSince = performance.now();
+  log.info({ bytes: guest.ram.totalBytes }, `preparing guest RAM (${(guest.ram.totalBytes / 2 ** 30).toFixed(2)} GiB): filling and prefaulting`);
   guest.fillInitial();
   await guest.prefault('read');
+  log.info({ ms: Math.round(performance.now() - preparingSince) }, 'guest RAM prepared');
   const proc = new SourceProcess(guest, flags.machineType, log);
   proc.realtimePostcopy = values['realtime-postcopy'] === true;
   proc.settings.capabilities = settings.capabilities;
