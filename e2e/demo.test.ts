@@ -36,7 +36,10 @@ for (const { name, args } of [
     const { code, out } = await demo(args);
     assert.equal(code, 0, out);
     assert.match(out, /livemig demo: 128M guest, 1 vCPU\(s\) running "incrementer"/);
-    assert.match(out, /\[[#-]{30}\] (active|completed)/, 'progress lines');
+    assert.match(out, /\[[#.]{30}\] +\d+ %  (active|completed) +sent \d+\.\d\d GiB, [0-9.]+ GiB dirty, [0-9.]+ GiB\/s, pass \d+, ETA/, 'progress lines, in GiB and GiB\/s');
+    assert.match(out, /preparing: source filling 128M of guest RAM, destination prefaulting 128M/);
+    assert.match(out, /prepared in \d+\.\d s/);
+    assert.doesNotMatch(out, /GB\/s|Mbit/, 'one unit family');
     assert.match(out, /total time +\d+ ms/);
     assert.match(out, /pc\.ram +source [0-9a-f]{16}… +destination [0-9a-f]{16}… +equal/);
     assert.match(out, /incrementer pattern on the destination: consistent/);

@@ -4,11 +4,13 @@
 // with a consistent incrementer pattern.
 
 import { type ChildProcess, spawn } from 'node:child_process';
+import { rmSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
+import { formatGiB, formatGiBps, preparingLine, type Progress, progressLine, TtyProgress } from '@livemig/machine';
 import { QmpClient } from '@livemig/runtime';
 
 export const SOURCE_MAIN = fileURLToPath(new URL('../../source/dist/main.js', import.meta.url));
@@ -91,20 +93,25 @@ export async function incomingAddress(dq: QmpClient, timeoutMs: number): Promise
   }
 }
 
-function gib(n: number): string {
-  return `${(n / 2 ** 30).toFixed(2)} GiB`;
-}
-
-function bar(done: number, width = 30): string {
-  const n = Math.round(Math.min(1, Math.max(0, done)) * width);
-  return `[${'#'.repeat(n)}${'-'.repeat(width - n)}]`;
-}
+const gib = formatGiB;
 
 export async function runDemo(o: DemoOptions): Promise<number> {
-  const say = (s: string): void => void o.out.write(`${s}\n`);
+  // The bar lives on stderr (redrawn in place on a terminal); lines on stdout are printed above it.
+  const bar = new TtyProgress(process.stderr);
+  const say = (s: string): void => bar.print(o.out, s);
   const dir = await mkdtemp(join(tmpdir(), 'livemig-demo-'));
   const children: Child[] = [];
   const clients: QmpClient[] = [];
+  // Ctrl-C (or a kill) ends the demo with 128 + the signal's number, as a shell reports it, after
+  // stopping both processes: an interrupted demo did not verify anything, so it must not exit 0.
+  const onSignal = (signal: NodeJS.Signals): void => {
+    process.stderr.write(`\nlivemig demo: interrupted by ${signal}; stopping the source and the destination\n`);
+    for (const c of children) if (c.proc.exitCode === null) c.proc.kill('SIGTERM');
+    rmSync(dir, { recursive: true, force: true });
+    process.exit(signal === 'SIGINT' ? 130 : 143);
+  };
+  process.once('SIGINT', onSignal);
+  process.once('SIGTERM', onSignal);
   try {
     const guest = ['-m', o.memory, '--workload', o.workload, '--vcpus', String(o.vcpus)];
     const incoming = o.transport === 'tcp' ? 'tcp:127.0.0.1:0' : `unix:${join(dir, 'migration.sock')}`;
@@ -116,11 +123,27 @@ export async function runDemo(o: DemoOptions): Promise<number> {
     const dst = startProcess('destination', DESTINATION_MAIN, ['--incoming', incoming, '-S', '--qmp', `unix:${join(dir, 'dst.qmp')}`, ...multifd, ...guest]);
     const src = startProcess('source', SOURCE_MAIN, ['--qmp', `unix:${join(dir, 'src.qmp')}`, ...guest]);
     children.push(dst, src);
-    const dq = await connectQmp(dst, `unix:${join(dir, 'dst.qmp')}`, 30_000);
-    const sq = await connectQmp(src, `unix:${join(dir, 'src.qmp')}`, 30_000);
-    clients.push(dq, sq);
-
-    const uri = await incomingAddress(dq, 120_000);
+    // Preparing (the source fills and touches its RAM, the destination prefaults its own) takes
+    // seconds for a big guest: say so, with the time it has taken, instead of a silent screen.
+    const preparingSince = Date.now();
+    const preparing = `source filling ${o.memory} of guest RAM, destination prefaulting ${o.memory}`;
+    if (bar.enabled) bar.update(preparingLine(preparing, 0));
+    else process.stderr.write(`${preparingLine(preparing, 0)}\n`);
+    const preparingTimer = setInterval(() => bar.update(preparingLine(preparing, Date.now() - preparingSince)), 250);
+    let dq: QmpClient;
+    let sq: QmpClient;
+    let uri: string;
+    try {
+      dq = await connectQmp(dst, `unix:${join(dir, 'dst.qmp')}`, 30_000);
+      clients.push(dq);
+      sq = await connectQmp(src, `unix:${join(dir, 'src.qmp')}`, 120_000);
+      clients.push(sq);
+      uri = await incomingAddress(dq, 120_000);
+    } finally {
+      clearInterval(preparingTimer);
+      bar.done();
+    }
+    say(`prepared in ${((Date.now() - preparingSince) / 1000).toFixed(1)} s`);
     say(`destination pid ${dst.proc.pid} listening on ${uri} (RAM prefaulted); source pid ${src.proc.pid} running the guest`);
     await sleep(500); // let the workload dirty some memory first
 
@@ -145,19 +168,30 @@ export async function runDemo(o: DemoOptions): Promise<number> {
       downtime?: number;
       'error-desc'?: string;
       ram?: { transferred: number; remaining: number; total: number; mbps: number; 'dirty-sync-count': number; duplicate: number; normal: number; 'multifd-bytes': number };
+      'x-progress'?: { fraction: number; 'eta-ms': number | null; basis: Progress['basis'] };
     };
     let info: Info;
-    const tty = o.out.isTTY === true;
     let lastLine = 0;
+    let finalLine = '';
     const deadline = Date.now() + 600_000;
     for (;;) {
       info = (await sq.execute('query-migrate')) as Info;
       const r = info.ram;
-      if (r !== undefined) {
-        const line = `${bar(1 - r.remaining / r.total)} ${info.status.padEnd(9)} sent ${gib(r.transferred)}  dirty ${gib(r.remaining)}  ${(r.mbps / 8 / 1024).toFixed(2)} GB/s  pass ${r['dirty-sync-count']}`;
-        if (tty) o.out.write(`\r\x1b[K${line}`);
-        else if (Date.now() - lastLine >= 1000) {
-          say(line);
+      const x = info['x-progress'];
+      if (r !== undefined && x !== undefined) {
+        // The source's own progress model (query-migrate's x-progress), so the bar never goes back.
+        const line = progressLine({
+          status: info.status,
+          progress: { fraction: x.fraction, etaMs: x['eta-ms'], basis: x.basis },
+          transferredBytes: r.transferred,
+          remainingBytes: r.remaining,
+          bytesPerSecond: (r.mbps * 1e6) / 8,
+          passes: r['dirty-sync-count'],
+        });
+        finalLine = line;
+        if (bar.enabled) bar.update(line);
+        else if (Date.now() - lastLine >= 1000 || info.status === 'completed') {
+          process.stderr.write(`${line}\n`);
           lastLine = Date.now();
         }
       }
@@ -165,7 +199,9 @@ export async function runDemo(o: DemoOptions): Promise<number> {
       if (Date.now() > deadline) throw new DemoError('the migration did not finish within 10 minutes');
       await sleep(100);
     }
-    if (tty) o.out.write('\n');
+    // The last bar stays on screen as a line of its own.
+    bar.done();
+    if (bar.enabled && finalLine !== '') process.stderr.write(`${finalLine}\n`);
     if (info.status !== 'completed') {
       say(`migration ${info.status}: ${info['error-desc'] ?? ''}`);
       return 1;
@@ -178,7 +214,7 @@ export async function runDemo(o: DemoOptions): Promise<number> {
     say(`  downtime          ${info.downtime} ms (source stopped → destination loaded and confirmed)`);
     say(`  transferred       ${gib(r.transferred)} for ${gib(r.total)} of RAM (${r.normal} pages, ${r.duplicate} zero pages)`);
     if (o.multifdChannels > 0) say(`  multifd           ${gib(r['multifd-bytes'])} of it on ${o.multifdChannels} channel(s), read straight into guest RAM`);
-    say(`  throughput        ${seconds > 0 ? (r.transferred / 2 ** 30 / seconds).toFixed(2) : '-'} GiB/s average`);
+    say(`  throughput        ${seconds > 0 ? formatGiBps(r.transferred / seconds) : '-'} average`);
     say(`  passes            ${r['dirty-sync-count']} dirty-bitmap syncs`);
 
     // Verification 1: the paused destination holds exactly the stopped source's memory.
@@ -218,6 +254,8 @@ export async function runDemo(o: DemoOptions): Promise<number> {
     say(ok ? 'VERDICT: PASS — the destination holds exactly the source guest and runs on' : 'VERDICT: FAIL');
     return ok ? 0 : 1;
   } finally {
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
     for (const c of clients) await c.close().catch(() => {});
     for (const c of children) {
       if (c.proc.exitCode === null) c.proc.kill('SIGKILL');

@@ -56,14 +56,14 @@ async function analyzeCommand(argv: string[]): Promise<number> {
       options: { json: { type: 'boolean' }, extract: { type: 'string' }, help: { type: 'boolean', short: 'h' } },
     }));
   } catch (err) {
-    return fail(`analyze: ${(err as Error).message}\n${USAGE}`, false, 'LM_ERR_USAGE', 1);
+    return fail(`analyze: ${(err as Error).message} (see livemig help)`, false, 'LM_ERR_USAGE', 1);
   }
   if (values.help === true) {
     process.stdout.write(USAGE);
     return 0;
   }
   const json = values.json === true;
-  if (positionals.length !== 1) return fail(`analyze: expected one file (or -), got ${positionals.length}\n${USAGE}`, json, 'LM_ERR_USAGE', 1);
+  if (positionals.length !== 1) return fail(`analyze: expected one file (or -), got ${positionals.length} (see livemig help)`, json, 'LM_ERR_USAGE', 1);
   const input = positionals[0]!;
   const showProgress = !json && process.stderr.isTTY === true;
   try {
@@ -113,14 +113,14 @@ async function demoCommand(argv: string[]): Promise<number> {
       },
     }).values;
   } catch (err) {
-    return fail(`demo: ${(err as Error).message}\n${USAGE}`, false, 'LM_ERR_USAGE', 1);
+    return fail(`demo: ${(err as Error).message} (see livemig help)`, false, 'LM_ERR_USAGE', 1);
   }
   if (values.help === true) {
     process.stdout.write(USAGE);
     return 0;
   }
   const transport = values.transport ?? 'tcp';
-  if (transport !== 'tcp' && transport !== 'unix') return fail(`demo: --transport must be tcp or unix`, false, 'LM_ERR_USAGE', 1);
+  if (transport !== 'tcp' && transport !== 'unix') return fail(`demo: --transport must be tcp or unix (see livemig help)`, false, 'LM_ERR_USAGE', 1);
   const numbers: Record<string, [string | undefined, number]> = {
     '--vcpus': [values.vcpus, 1],
     '--max-bandwidth': [values['max-bandwidth'], 0],
@@ -130,7 +130,7 @@ async function demoCommand(argv: string[]): Promise<number> {
   const n: Record<string, number> = {};
   for (const [flag, [text, fallback]] of Object.entries(numbers)) {
     const v = text === undefined ? fallback : Number(text);
-    if (!Number.isInteger(v) || v < 0) return fail(`demo: ${flag} "${text}" is not a whole number\n${USAGE}`, false, 'LM_ERR_USAGE', 1);
+    if (!Number.isInteger(v) || v < 0) return fail(`demo: ${flag} "${text}" is not a whole number (see livemig help)`, false, 'LM_ERR_USAGE', 1);
     n[flag] = v;
   }
   try {
@@ -164,7 +164,7 @@ export async function main(argv: string[]): Promise<number> {
       process.stdout.write(USAGE);
       return command === undefined ? 1 : 0;
     default:
-      process.stderr.write(`livemig: unknown command "${command}"\n${USAGE}`);
+      process.stderr.write(`livemig: unknown command "${command}" (see livemig help)`);
       return 1;
   }
 }

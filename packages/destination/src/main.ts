@@ -12,7 +12,14 @@ import {
   migrationEvent,
   MigrationSettings,
   GUEST_OPTIONS,
+  addressForFlag,
+  checkListenable,
+  EXIT_USAGE,
+  fatalLine,
   orExitWithUsage,
+  orExitWithUsageAsync,
+  shutdownEvent,
+  UsageError,
   QmpCommandError,
   registerMachineCommands,
 } from '@livemig/machine';
@@ -43,11 +50,15 @@ first-touch page faults. Exits with status 1 if the incoming migration fails.
 
 ${GUEST_HELP}
 
+exit status: 0 done (quit), 1 the incoming migration failed, 2 a flag or address that cannot be
+used (checked before guest RAM is prepared), 70 an internal error, 130/143 a signal.
+
 QMP commands: migrate-incoming, migrate-recover, migrate-pause, query-migrate (status,
 socket-address, error-desc, postcopy blocktime and fault latency),
 migrate-set-capabilities, query-migrate-capabilities, migrate-set-parameters,
-query-migrate-parameters, stop, cont, query-status, x-query-guest-digest, quit.
-Events: MIGRATION (with capability "events"), RESUME, STOP.
+query-migrate-parameters, stop, cont, query-status, x-query-guest-digest, quit; introspection
+as QEMU's: query-commands, query-events, query-name, query-version, query-qmp-schema.
+Events: MIGRATION (with capability "events"), RESUME, STOP, SHUTDOWN (on quit, SIGINT, SIGTERM).
 `;
 
 const EXTRA = {
@@ -127,8 +138,8 @@ class DestinationProcess {
     return out;
   }
 
-  async serveQmp(address: string): Promise<void> {
-    const qmp = await QmpServer.listen(address, { logger: this.log.child({ component: 'qmp' }) });
+  async serveQmp(address: string, name?: string): Promise<void> {
+    const qmp = await QmpServer.listen(address, { logger: this.log.child({ component: 'qmp' }), ...(name === undefined ? {} : { name }) });
     this.qmp = qmp;
     registerMachineCommands(qmp, this.guest, this.settings, {
       migrationRunning: () => this.incoming !== undefined && this.incoming.status !== 'completed' && this.incoming.status !== 'failed',
@@ -139,8 +150,8 @@ class DestinationProcess {
       if (typeof uri !== 'string') throw new QmpCommandError("Parameter 'uri' is missing");
       await this.listen(uri);
       return {};
-    });
-    qmp.register('query-migrate', () => this.queryMigrate());
+    }, { args: { uri: 'str' }, returns: {} });
+    qmp.register('query-migrate', () => this.queryMigrate(), { args: {}, returns: 'any' });
     qmp.register(
       'migrate-recover',
       async (args) => {
@@ -154,7 +165,7 @@ class DestinationProcess {
         }
         return {};
       },
-      { allowOob: true },
+      { allowOob: true, args: { uri: 'str' }, returns: {} },
     );
     qmp.register(
       'migrate-pause',
@@ -167,7 +178,7 @@ class DestinationProcess {
         }
         return {};
       },
-      { allowOob: true },
+      { allowOob: true, args: {}, returns: {} },
     );
     this.log.info({ qmp: qmp.addressText }, 'QMP listening');
   }
@@ -181,43 +192,62 @@ class DestinationProcess {
 
 async function main(argv: string[]): Promise<void> {
   const program = 'livemig-destination';
-  const values = orExitWithUsage(program, () => parseArgs({ args: argv, options: { ...GUEST_OPTIONS, ...EXTRA }, strict: true }).values, HELP);
+  const values = orExitWithUsage(program, () => parseArgs({ args: argv, options: { ...GUEST_OPTIONS, ...EXTRA }, strict: true }).values);
   if (values.help === true) {
     process.stdout.write(HELP);
     return;
   }
-  if (values.incoming === undefined) {
-    process.stderr.write(`${program}: --incoming is required\n\n${HELP}`);
-    process.exit(2);
-  }
-  const incoming = values.incoming;
-  const flags = orExitWithUsage(program, () => {
-    if (incoming !== 'defer') parseAddress(incoming);
-    return guestFromFlags(values);
+  // Every flag and address is checked before the guest's RAM is allocated and prefaulted
+  // (seconds for a big guest): a mistake is one line at once, exit status 2.
+  const settings = new MigrationSettings();
+  const { flags, incoming } = orExitWithUsage(program, () => {
+    if (values.incoming === undefined) throw new UsageError('--incoming is required (tcp:HOST:PORT, unix:PATH or defer)');
+    const address = addressForFlag('--incoming', values.incoming, ['tcp', 'unix', 'defer']);
+    const f = guestFromFlags(values);
+    if (values.capabilities !== undefined) settings.capabilities = applyCapabilities(settings.capabilities, capabilitiesOn(values.capabilities));
+    if (values.parameters !== undefined) {
+      try {
+        settings.parameters = applyParameters(settings.parameters, parameterList(values.parameters));
+      } catch (err) {
+        throw new UsageError(`--parameters: ${(err as Error).message}`, { cause: err });
+      }
+    }
+    return { flags: f, incoming: { text: values.incoming, address } };
   });
+  if (incoming.address.transport !== 'defer') await orExitWithUsageAsync(program, () => checkListenable('--incoming', incoming.address));
+  if (flags.qmp !== undefined) {
+    const qmpAddress = orExitWithUsage(program, () => addressForFlag('--qmp', flags.qmp!, ['tcp', 'unix']));
+    await orExitWithUsageAsync(program, () => checkListenable('--qmp', qmpAddress));
+  }
   const log = createLogger(program, flags.logLevel === undefined ? {} : { level: flags.logLevel as 'info' });
   const guest = new Guest(flags.guest);
   const proc = new DestinationProcess(guest, flags.machineType, values.paused !== true, log);
   proc.realtimePostcopy = values['realtime-postcopy'] === true;
-  orExitWithUsage(program, () => {
-    if (values.capabilities !== undefined) proc.settings.capabilities = applyCapabilities(proc.settings.capabilities, capabilitiesOn(values.capabilities));
-    if (values.parameters !== undefined) proc.settings.parameters = applyParameters(proc.settings.parameters, parameterList(values.parameters));
-  });
-  process.on('SIGINT', () => void proc.shutdown(130));
-  process.on('SIGTERM', () => void proc.shutdown(143));
-  if (flags.qmp !== undefined) await proc.serveQmp(flags.qmp);
-  if (incoming !== 'defer') {
+  proc.settings.capabilities = settings.capabilities;
+  proc.settings.parameters = settings.parameters;
+  // As QEMU: a signal is a SHUTDOWN (reason host-signal) for the QMP clients, then the exit.
+  const onSignal = (status: number): void => {
+    if (proc.qmp !== undefined) shutdownEvent(proc.qmp, 'host-signal');
+    void proc.shutdown(status);
+  };
+  process.on('SIGINT', () => onSignal(130));
+  process.on('SIGTERM', () => onSignal(143));
+  if (flags.qmp !== undefined) await proc.serveQmp(flags.qmp, flags.name);
+  if (incoming.address.transport !== 'defer') {
     try {
-      const bound = await proc.listen(incoming);
+      const bound = await proc.listen(incoming.text);
       log.info({ incoming: bound }, 'listening for the migration');
     } catch (err) {
-      log.error({ err }, `cannot listen on ${incoming}: ${(err as Error).message}`);
-      await proc.shutdown(1);
+      // Checked above; something took the address since. One line, as for the check.
+      process.stderr.write(`${program}: --incoming ${incoming.text}: ${(err as Error).message}\n`);
+      await proc.shutdown(EXIT_USAGE);
     }
   }
 }
 
 main(process.argv.slice(2)).catch((err: unknown) => {
-  process.stderr.write(`livemig-destination: ${(err as Error).stack ?? String(err)}\n`);
-  process.exit(70);
+  // A coded error (an address in use) is one line; anything else is a bug, with its stack.
+  const { line, status } = fatalLine('livemig-destination', err);
+  process.stderr.write(line);
+  process.exit(status);
 });

@@ -15,6 +15,7 @@ export const GUEST_OPTIONS = {
   fill: { type: 'string' },
   'qemu-devices-only': { type: 'boolean' },
   qmp: { type: 'string' },
+  name: { type: 'string' },
   'log-level': { type: 'string' },
   help: { type: 'boolean', short: 'h' },
 } as const satisfies ParseArgsConfig['options'];
@@ -36,6 +37,7 @@ export const GUEST_HELP = `guest (the same on both sides of a migration):
   --qemu-devices-only   only QEMU's timer and globalstate devices (no per-vCPU or app state)
 control:
   --qmp ADDR            QMP control socket: unix:PATH or tcp:HOST:PORT (port 0: any free port)
+  --name NAME           a name for this process, as QEMU's -name (QMP query-name answers it)
   --log-level L         trace|debug|info|warn|error|silent (default info; env LIVEMIG_LOG_LEVEL)`;
 
 /** A command line that cannot be used; the message is what the user reads before the usage text. */
@@ -51,6 +53,8 @@ export interface GuestFlags {
   machineType: string;
   guest: GuestConfig;
   qmp: string | undefined;
+  /** --name: what QMP query-name answers. */
+  name: string | undefined;
   logLevel: string | undefined;
 }
 
@@ -70,6 +74,7 @@ export function guestFromFlags(values: Record<string, unknown>): GuestFlags {
         livemigDevices: values['qemu-devices-only'] !== true,
       },
       qmp: values['qmp'] as string | undefined,
+      name: values['name'] as string | undefined,
       logLevel: values['log-level'] as string | undefined,
     };
   } catch (err) {
@@ -80,16 +85,31 @@ export function guestFromFlags(values: Record<string, unknown>): GuestFlags {
 }
 
 /**
- * Run `parse`; when it throws, print "program: message" (and the usage text, if given) to stderr
+ * Run `parse`; when it throws, print one line "program: message (see program --help)" to stderr
  * and exit with status 2, as both processes do for a command line they cannot use.
  */
-export function orExitWithUsage<T>(program: string, parse: () => T, usage?: string): T {
+export function orExitWithUsage<T>(program: string, parse: () => T): T {
   try {
     return parse();
   } catch (err) {
-    process.stderr.write(`${program}: ${(err as Error).message}\n${usage === undefined ? '' : `\n${usage}`}`);
-    process.exit(2);
+    return exitWithUsage(program, err);
   }
+}
+
+/** orExitWithUsage for a check that awaits (an address probed before anything is prepared). */
+export async function orExitWithUsageAsync<T>(program: string, check: () => Promise<T>): Promise<T> {
+  try {
+    return await check();
+  } catch (err) {
+    return exitWithUsage(program, err);
+  }
+}
+
+function exitWithUsage(program: string, err: unknown): never {
+  // One line: what was wrong (the message names the flag) and where to read more.
+  const message = String((err as Error).message).replace(/\s*\n\s*/g, ' ');
+  process.stderr.write(`${program}: ${message} (see ${program} --help)\n`);
+  process.exit(2);
 }
 
 /** `--capabilities a,b` as migrate-set-capabilities arguments turning each one on. */

@@ -1,5 +1,7 @@
 // QMP commands both livemig processes answer: run state, guest digest, capabilities and
-// parameters (QEMU's names, order, defaults and validation), quit.
+// parameters (QEMU's names, order, defaults and validation), quit. Each is registered with its
+// arguments (QAPI-style), which the server checks and query-qmp-schema shows; the events both
+// processes send are declared here too.
 
 import {
   applyCapabilities,
@@ -11,7 +13,48 @@ import {
   type MigrationParameters,
 } from '@livemig/protocol';
 import type { Guest } from '@livemig/guest';
-import { QmpError, RuntimeErrorCode, type QmpServer } from '@livemig/runtime';
+import { QmpError, qmpEnum, type QmpMembers, RuntimeErrorCode, type QmpServer } from '@livemig/runtime';
+
+/** QAPI MigrationStatus, as the MIGRATION event's data names it. */
+const MIGRATION_STATUSES = [
+  'none',
+  'setup',
+  'cancelling',
+  'cancelled',
+  'active',
+  'postcopy-active',
+  'postcopy-paused',
+  'postcopy-recover',
+  'completed',
+  'failed',
+  'colo',
+  'pre-switchover',
+  'device',
+  'wait-unplug',
+] as const;
+
+/** QAPI ShutdownCause (QEMU 7.2), for SHUTDOWN's `reason`. */
+const SHUTDOWN_CAUSES = [
+  'none',
+  'host-error',
+  'host-qmp-quit',
+  'host-qmp-system-reset',
+  'host-signal',
+  'host-ui',
+  'guest-shutdown',
+  'guest-reset',
+  'guest-panic',
+  'subsystem-reset',
+] as const;
+
+/** migrate-set-parameters' arguments: every parameter, optional, typed from its default. */
+function parameterMembers(): QmpMembers {
+  const members: Record<string, 'int' | 'bool' | 'str'> = {};
+  for (const [name, value] of Object.entries(defaultParameters())) {
+    members[`*${name}`] = typeof value === 'number' ? 'int' : typeof value === 'boolean' ? 'bool' : 'str';
+  }
+  return members;
+}
 
 /** Capabilities and parameters of one process, as migrate-set-* left them. */
 export class MigrationSettings {
@@ -38,14 +81,23 @@ export class QmpCommandError extends QmpError {
 }
 
 export function registerMachineCommands(server: QmpServer, guest: Guest, settings: MigrationSettings, hooks: MachineHooks): void {
-  server.register('query-status', () => ({ status: guest.runState, running: guest.running, singlestep: false }));
+  server.declareEvent('STOP');
+  server.declareEvent('RESUME');
+  server.declareEvent('SHUTDOWN', { guest: 'bool', reason: qmpEnum(SHUTDOWN_CAUSES) });
+  server.declareEvent('MIGRATION', { status: qmpEnum(MIGRATION_STATUSES) });
+  const none = { args: {}, returns: {} };
+
+  server.register('query-status', () => ({ status: guest.runState, running: guest.running, singlestep: false }), {
+    args: {},
+    returns: { status: 'str', running: 'bool', singlestep: 'bool' },
+  });
 
   server.register('stop', async () => {
     if (!guest.running) return {};
     await guest.stop('paused');
     server.emitEvent('STOP');
     return {};
-  });
+  }, none);
 
   server.register('cont', async () => {
     if (guest.runState === 'inmigrate') throw new QmpCommandError('Migration is not finalized yet: the guest starts when it completes');
@@ -54,32 +106,41 @@ export function registerMachineCommands(server: QmpServer, guest: Guest, setting
     await guest.start();
     server.emitEvent('RESUME');
     return {};
-  });
+  }, none);
 
   server.register('quit', () => {
+    // As QEMU 7.2 does: SHUTDOWN goes out before the reply; the process ends after the reply.
+    shutdownEvent(server, 'host-qmp-quit');
     setImmediate(() => hooks.quit());
     return {};
-  });
+  }, none);
 
-  server.register('x-query-guest-digest', () => guest.digest());
+  server.register('x-query-guest-digest', () => guest.digest(), { args: {}, returns: 'any' });
 
+  const capabilityStatus = { capability: qmpEnum(CAPABILITIES), state: 'bool' } as const;
   server.register('query-migrate-capabilities', () =>
     CAPABILITIES.map((capability) => ({ capability, state: settings.capabilities[capability] })),
-  );
+  { args: {}, returns: [capabilityStatus] });
 
   server.register('migrate-set-capabilities', (args) => {
     if (hooks.migrationRunning()) throw new QmpCommandError("There's a migration process in progress");
     settings.capabilities = applyCapabilities(settings.capabilities, args['capabilities']);
     return {};
-  });
+  }, { args: { capabilities: [capabilityStatus] }, returns: {} });
 
-  server.register('query-migrate-parameters', () => ({ ...settings.parameters }));
+  const parameters = parameterMembers();
+  server.register('query-migrate-parameters', () => ({ ...settings.parameters }), { args: {}, returns: parameters });
 
   server.register('migrate-set-parameters', (args) => {
     settings.parameters = applyParameters(settings.parameters, args);
     hooks.parametersChanged?.(settings.parameters);
     return {};
-  });
+  }, { args: parameters, returns: {} });
+}
+
+/** SHUTDOWN as QEMU 7.2 sends it when the host ends it (quit: host-qmp-quit; SIGINT/SIGTERM: host-signal). */
+export function shutdownEvent(server: QmpServer, reason: 'host-qmp-quit' | 'host-signal'): void {
+  server.emitEvent('SHUTDOWN', { guest: false, reason });
 }
 
 /** Emit MIGRATION {status} when capability "events" is on, as QEMU does. */

@@ -54,7 +54,7 @@ export {
 } from './errors.ts';
 export { DEFAULT_MAX_MESSAGE_BYTES, encodeQmpLine, JsonStreamSplitter, type JsonStreamHandlers } from './json-stream.ts';
 export { boundAddress, listenServer } from './listen.ts';
-export { createLogger, type Logger, type LoggerOptions, type LogLevel } from './log.ts';
+export { createLogger, setStatusLine, type Logger, type LoggerOptions, type LogLevel, type StatusLine } from './log.ts';
 export {
   QmpClient,
   type QmpClientOptions,
@@ -70,3 +70,14 @@ export {
   type QmpServerOptions,
   type QmpVersion,
 } from './qmp-server.ts';
+export {
+  qmpEnum,
+  qmpSchema,
+  QMP_ENUM_VALUES,
+  type QmpBuiltin,
+  type QmpCommandDescription,
+  type QmpEnum,
+  type QmpEventDescription,
+  type QmpMembers,
+  type QmpType,
+} from './qmp-schema.ts';

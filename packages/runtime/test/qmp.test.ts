@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import net from 'node:net';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
-import { QmpClient, QmpError, QmpServer, type QmpEvent, type QmpServerOptions } from '../src/index.ts';
+import { QmpClient, QmpError, qmpEnum, QmpServer, type QmpEvent, type QmpServerOptions } from '../src/index.ts';
 import { delay, RawQmp, WAIT_MS, withTempDir, within } from './helpers.ts';
 
 type Kind = 'unix' | 'tcp';
@@ -138,7 +138,10 @@ for (const kind of ['unix', 'tcp'] as const) {
           assert.deepEqual(await client.execute('query-commands'), [
             { name: 'qmp_capabilities' },
             { name: 'query-commands' },
+            { name: 'query-events' },
             { name: 'query-version' },
+            { name: 'query-name' },
+            { name: 'query-qmp-schema' },
             { name: 'echo' },
             { name: 'nothing' },
           ]);
@@ -466,6 +469,67 @@ for (const kind of ['unix', 'tcp'] as const) {
     });
   });
 }
+
+describe('QMP introspection', () => {
+  it('query-name, query-events and a schema in QEMU\'s SchemaInfo shape from the registrations', T, () =>
+    withServer(
+      'unix',
+      async (server) => {
+        server.register('go', () => ({}), { args: { uri: 'str', '*fast': 'bool', '*tags': ['str'] }, returns: {}, allowOob: true });
+        server.register('loose', (args) => args);
+        server.declareEvent('DONE', { status: qmpEnum(['ok', 'bad']), '*count': 'int' });
+        server.declareEvent('PING');
+        await withClient(server, async (client) => {
+          assert.deepEqual(await client.execute('query-name'), { name: 'vm1' });
+          assert.deepEqual(await client.execute('query-events'), [{ name: 'DONE' }, { name: 'PING' }]);
+          const schema = (await client.execute('query-qmp-schema')) as Record<string, unknown>[];
+          const byName = new Map(schema.map((e) => [e['name'], e]));
+          assert.deepEqual(byName.get('0'), { name: '0', 'meta-type': 'object', members: [] }, 'the empty object is "0", as in QEMU');
+          const go = byName.get('go')!;
+          assert.deepEqual({ ...go, 'arg-type': 'T' }, { name: 'go', 'meta-type': 'command', 'arg-type': 'T', 'ret-type': '0', 'allow-oob': true });
+          assert.deepEqual(byName.get(go['arg-type'] as string), {
+            name: go['arg-type'],
+            'meta-type': 'object',
+            members: [
+              { name: 'uri', type: 'str' },
+              { name: 'fast', type: 'bool', default: null },
+              { name: 'tags', type: '[str]', default: null },
+            ],
+          });
+          assert.deepEqual(byName.get('[str]'), { name: '[str]', 'meta-type': 'array', 'element-type': 'str' });
+          assert.deepEqual(byName.get('str'), { name: 'str', 'meta-type': 'builtin', 'json-type': 'string' });
+          assert.equal(byName.get('loose')!['arg-type'], 'any', 'an undescribed command takes anything');
+          const done = byName.get('DONE')!;
+          assert.equal(done['meta-type'], 'event');
+          const data = byName.get(done['arg-type'] as string) as { members: { name: string; type: string }[] };
+          assert.deepEqual(byName.get(data.members[0]!.type), { name: data.members[0]!.type, 'meta-type': 'enum', members: [{ name: 'ok' }, { name: 'bad' }], values: ['ok', 'bad'] });
+          assert.equal(byName.get('PING')!['arg-type'], '0');
+          for (const name of ['qmp_capabilities', 'query-commands', 'query-events', 'query-name', 'query-version', 'query-qmp-schema']) {
+            assert.equal(byName.get(name)?.['meta-type'], 'command', name);
+          }
+          // The server checks what it describes, before the handler runs, with QEMU's messages.
+          const desc = (name: string, args: Record<string, unknown>): Promise<unknown> =>
+            client.execute(name, args).then(
+              () => 'accepted',
+              (e: unknown) => (e as QmpError).desc,
+            );
+          assert.equal(await desc('go', {}), "Parameter 'uri' is missing");
+          assert.equal(await desc('go', { uri: 1 }), "Invalid parameter type for 'uri', expected: string");
+          assert.equal(await desc('go', { uri: 'x', fast: 'yes' }), "Invalid parameter type for 'fast', expected: boolean");
+          assert.equal(await desc('go', { uri: 'x', slow: true }), "Parameter 'slow' is unexpected");
+          assert.equal(await desc('go', { uri: 'x', fast: true, tags: ['a'] }), 'accepted');
+          assert.equal(await desc('query-name', { x: 1 }), "Parameter 'x' is unexpected");
+          assert.deepEqual(await client.execute('loose', { any: 'thing' }), { any: 'thing' });
+        });
+      },
+      { name: 'vm1' },
+    ),
+  );
+
+  it('query-name without a name is {}', T, () =>
+    withServer('tcp', (server) => withClient(server, async (client) => assert.deepEqual(await client.execute('query-name'), {}))),
+  );
+});
 
 describe('QMP misc', () => {
   it('register() refuses duplicates and built-in names', () => {

@@ -11,14 +11,33 @@ import {
   capabilitiesOn,
   parameterList,
   GUEST_OPTIONS,
+  addressForFlag,
+  checkListenable,
+  EXIT_MIGRATION_FAILED,
+  fatalLine,
   orExitWithUsage,
+  orExitWithUsageAsync,
+  shutdownEvent,
+  UsageError,
+  type Progress,
+  ProgressModel,
   progressLine,
   QmpCommandError,
   registerMachineCommands,
   TtyProgress,
 } from '@livemig/machine';
 import { applyCapabilities, applyParameters, TARGET_PAGE_SIZE } from '@livemig/protocol';
-import { ChannelError, connectChannel, createLogger, type Logger, parseAddress, QmpServer, RuntimeErrorCode } from '@livemig/runtime';
+import {
+  ChannelError,
+  connectChannel,
+  createLogger,
+  setStatusLine,
+  type Logger,
+  type MigrationAddress,
+  parseAddress,
+  QmpServer,
+  RuntimeErrorCode,
+} from '@livemig/runtime';
 import { OutgoingMigration } from './migration.ts';
 
 const HELP = `usage: livemig-source [guest flags] [--qmp ADDR] [--migrate URI] [options]
@@ -41,11 +60,15 @@ migration:
 
 ${GUEST_HELP}
 
+exit status: 0 done, 1 the migration failed (--exit-after-migrate), 2 a flag or address that
+cannot be used (checked before the guest is prepared), 70 an internal error, 130/143 a signal.
+
 QMP commands: migrate (resume=true after a postcopy pause), migrate_cancel, migrate-start-postcopy,
 migrate-pause, query-migrate, migrate-set-capabilities,
 query-migrate-capabilities, migrate-set-parameters, query-migrate-parameters, stop, cont,
-query-status, x-query-guest-digest, quit. Events: MIGRATION, MIGRATION_PASS (with capability
-"events"), STOP, RESUME.
+query-status, x-query-guest-digest, quit; introspection as QEMU's: query-commands, query-events,
+query-name, query-version, query-qmp-schema. Events: MIGRATION, MIGRATION_PASS (with capability
+"events"), STOP, RESUME, SHUTDOWN (on quit, SIGINT, SIGTERM).
 `;
 
 const EXTRA = {
@@ -56,6 +79,40 @@ const EXTRA = {
   paused: { type: 'boolean', short: 'S' },
   'realtime-postcopy': { type: 'boolean' },
 } as const;
+
+/** Where a migration can go (`defer` is the destination's). */
+const OUTGOING_TRANSPORTS = ['tcp', 'unix', 'fd', 'exec', 'file'] as const;
+
+/**
+ * What `migrate` refuses before anything starts, for these settings (QMP migrate and --migrate,
+ * which checks it before the guest is prepared).
+ */
+function refuseMigrate(address: MigrationAddress, settings: MigrationSettings): void {
+  if (address.transport === 'defer') throw new QmpCommandError("'defer' is only for the destination (migrate-incoming)");
+  if (settings.capabilities['postcopy-preempt'] && address.transport !== 'tcp' && address.transport !== 'unix') {
+    throw new QmpCommandError('postcopy-preempt needs a tcp: or unix: migration address');
+  }
+  if (settings.capabilities.multifd) {
+    if (address.transport !== 'tcp' && address.transport !== 'unix') throw new QmpCommandError('multifd is not supported by current protocol');
+    if (settings.capabilities['postcopy-ram']) throw new QmpCommandError('livemig does not support multifd together with postcopy-ram');
+    if (settings.parameters['multifd-compression'] !== 'none') {
+      throw new QmpCommandError(`multifd-compression '${settings.parameters['multifd-compression']}' is not supported by livemig (use 'none')`);
+    }
+  }
+}
+
+/** Why a connection failed, in a few words and what to check (the errno stays for searching). */
+function connectFailure(err: Error): string {
+  const errno = ((err.cause as NodeJS.ErrnoException | undefined)?.code ?? '') as string;
+  const hints: Record<string, string> = {
+    ECONNREFUSED: 'connection refused (ECONNREFUSED): is a destination listening there?',
+    ENOENT: 'no such socket (ENOENT): is a destination listening there?',
+    EHOSTUNREACH: 'host unreachable (EHOSTUNREACH)',
+    ENOTFOUND: 'the host name does not resolve (ENOTFOUND)',
+    ETIMEDOUT: 'timed out (ETIMEDOUT)',
+  };
+  return hints[errno] ?? err.message;
+}
 
 /** A `migrate` whose channels are still connecting (or failed to, or were cancelled meanwhile). */
 interface ConnectAttempt {
@@ -79,6 +136,8 @@ class SourceProcess {
   qmp: QmpServer | undefined;
   private readonly progress = new TtyProgress();
   private progressTimer: NodeJS.Timeout | undefined;
+  /** The current migration's progress (query-migrate's x-progress and the terminal bar). */
+  private progressModel = new ProgressModel();
 
   constructor(guest: Guest, machineType: string, log: Logger) {
     this.guest = guest;
@@ -98,27 +157,18 @@ class SourceProcess {
 
   /**
    * Start a migration. Like QEMU's, it returns at once: connecting happens in the background and
-   * a destination that is not there shows as status "failed" with its error-desc.
+   * a destination that is not there shows as status "failed" with its error-desc. A failure to
+   * connect is logged once, at `failureLevel` (info when a QMP client asked: it reads error-desc).
    */
-  migrate(uri: string): Promise<OutgoingMigration | undefined> {
+  migrate(uri: string, failureLevel: 'info' | 'error' = 'info'): Promise<OutgoingMigration | undefined> {
     if (typeof uri !== 'string') throw new QmpCommandError("Parameter 'uri' is missing");
     if (this.running()) throw new QmpCommandError('There is a migration process in progress');
     const address = parseAddress(uri);
-    if (address.transport === 'defer') throw new QmpCommandError("'defer' is only for the destination (migrate-incoming)");
     const settings = this.settings;
     // Refusals come before anything starts: the next migrate or set-capabilities must not be blocked.
+    refuseMigrate(address, settings);
     const preempt = settings.capabilities['postcopy-preempt'];
-    if (preempt && address.transport !== 'tcp' && address.transport !== 'unix') {
-      throw new QmpCommandError('postcopy-preempt needs a tcp: or unix: migration address');
-    }
     const multifd = settings.capabilities.multifd;
-    if (multifd) {
-      if (address.transport !== 'tcp' && address.transport !== 'unix') throw new QmpCommandError('multifd is not supported by current protocol');
-      if (settings.capabilities['postcopy-ram']) throw new QmpCommandError('livemig does not support multifd together with postcopy-ram');
-      if (settings.parameters['multifd-compression'] !== 'none') {
-        throw new QmpCommandError(`multifd-compression '${settings.parameters['multifd-compression']}' is not supported by livemig (use 'none')`);
-      }
-    }
     const log = this.log.child({ component: 'migration' });
     const emitStatus = (status: string): void => {
       if (this.qmp !== undefined) migrationEvent(this.qmp, settings, status);
@@ -203,6 +253,7 @@ class SourceProcess {
           },
         });
         this.migration = m;
+        this.progressModel = new ProgressModel();
         const on = Object.entries(settings.capabilities).filter(([, v]) => v).map(([k]) => k);
         log.info({ uri, capabilities: on, maxBandwidth: settings.parameters['max-bandwidth'] }, 'migration started');
         this.showProgress(m);
@@ -215,26 +266,48 @@ class SourceProcess {
           return undefined;
         }
         attempt.status = 'failed';
-        attempt.errorDesc = `Failed to connect to '${uri}': ${err.message}`;
+        attempt.errorDesc = `Failed to connect to '${uri}': ${connectFailure(err)}`;
         emitStatus('failed');
-        log.warn({}, attempt.errorDesc);
+        log[failureLevel]({ code: (err as { code?: unknown }).code }, attempt.errorDesc);
         return undefined;
       },
     );
   }
 
+  /** The progress model fed with the migration's figures now (README "Progress"). */
+  progressOf(m: OutgoingMigration): Progress {
+    const r = m.ramInfo();
+    return this.progressModel.update({
+      status: m.status,
+      transferredBytes: r.transferred,
+      remainingBytes: r.remaining,
+      totalBytes: r.total,
+      bytesPerSecond: (r.mbps * 1e6) / 8,
+      dirtyBytesPerSecond: r['dirty-pages-rate'] * r['page-size'],
+    });
+  }
+
   private showProgress(m: OutgoingMigration): void {
     if (!this.progress.enabled) return;
     clearInterval(this.progressTimer);
+    setStatusLine(this.progress);
     this.progressTimer = setInterval(() => {
       const r = m.ramInfo();
       this.progress.update(
-        progressLine({ status: m.status, transferred: r.transferred, total: r.total, remaining: r.remaining, mbps: r.mbps, passes: r['dirty-sync-count'] }),
+        progressLine({
+          status: m.status,
+          progress: this.progressOf(m),
+          transferredBytes: r.transferred,
+          remainingBytes: r.remaining,
+          bytesPerSecond: (r.mbps * 1e6) / 8,
+          passes: r['dirty-sync-count'],
+        }),
       );
     }, 200);
     void m.done.finally(() => {
       clearInterval(this.progressTimer);
       this.progress.done();
+      setStatusLine(undefined);
     });
   }
 
@@ -244,7 +317,10 @@ class SourceProcess {
     const m = this.migration;
     if (m === undefined) return {};
     const out: Record<string, unknown> = { status: m.status };
-    if (m.status === 'setup' || m.status === 'cancelled') return out;
+    // livemig's field: the one progress model (README "Progress"), a fraction that never goes back.
+    const p = this.progressOf(m);
+    const progress = { fraction: p.fraction, 'eta-ms': p.etaMs, basis: p.basis };
+    if (m.status === 'setup' || m.status === 'cancelled') return { ...out, 'x-progress': progress };
     if (m.status === 'failed') {
       out['error-desc'] = m.errorDesc ?? 'unknown error';
       return out;
@@ -269,12 +345,14 @@ class SourceProcess {
       };
     }
     if (m.throttlePercent > 0) out['cpu-throttle-percentage'] = m.throttlePercent;
+    out['x-progress'] = progress;
     return out;
   }
 
-  async serveQmp(address: string): Promise<void> {
-    const qmp = await QmpServer.listen(address, { logger: this.log.child({ component: 'qmp' }) });
+  async serveQmp(address: string, name?: string): Promise<void> {
+    const qmp = await QmpServer.listen(address, { logger: this.log.child({ component: 'qmp' }), ...(name === undefined ? {} : { name }) });
     this.qmp = qmp;
+    qmp.declareEvent('MIGRATION_PASS', { pass: 'int' });
     registerMachineCommands(qmp, this.guest, this.settings, {
       migrationRunning: () => this.running(),
       parametersChanged: (p) => {
@@ -315,13 +393,13 @@ class SourceProcess {
       if (args['blk'] === true || args['inc'] === true) throw new QmpCommandError('block migration is not supported');
       void this.migrate(args['uri'] as string);
       return {};
-    });
+    }, { args: { uri: 'str', '*blk': 'bool', '*inc': 'bool', '*detach': 'bool', '*resume': 'bool' }, returns: {} });
     qmp.register('migrate_cancel', () => {
       if (this.connecting !== undefined) this.connecting.cancel();
       else this.migration?.cancel();
       return {};
-    });
-    qmp.register('query-migrate', () => this.queryMigrate());
+    }, { args: {}, returns: {} });
+    qmp.register('query-migrate', () => this.queryMigrate(), { args: {}, returns: 'any' });
     qmp.register(
       'migrate-pause',
       () => {
@@ -334,7 +412,7 @@ class SourceProcess {
         }
         return {};
       },
-      { allowOob: true },
+      { allowOob: true, args: {}, returns: {} },
     );
     qmp.register('migrate-start-postcopy', () => {
       if (!this.settings.capabilities['postcopy-ram']) {
@@ -346,7 +424,7 @@ class SourceProcess {
       this.postcopyWanted = true;
       this.migration?.requestPostcopy();
       return {};
-    });
+    }, { args: {}, returns: {} });
     this.log.info({ qmp: qmp.addressText }, 'QMP listening');
   }
 
@@ -360,49 +438,80 @@ class SourceProcess {
 
 async function main(argv: string[]): Promise<void> {
   const program = 'livemig-source';
-  const values = orExitWithUsage(program, () => parseArgs({ args: argv, options: { ...GUEST_OPTIONS, ...EXTRA }, strict: true }).values, HELP);
+  const values = orExitWithUsage(program, () => parseArgs({ args: argv, options: { ...GUEST_OPTIONS, ...EXTRA }, strict: true }).values);
   if (values.help === true) {
     process.stdout.write(HELP);
     return;
   }
-  const flags = orExitWithUsage(program, () => guestFromFlags(values));
+  // Every flag and address is checked before the guest's RAM is filled and prefaulted (seconds
+  // for a big guest): a mistake is one line at once, exit status 2.
+  const settings = new MigrationSettings();
+  const flags = orExitWithUsage(program, () => {
+    const f = guestFromFlags(values);
+    if (values.capabilities !== undefined) settings.capabilities = applyCapabilities(settings.capabilities, capabilitiesOn(values.capabilities));
+    if (values.parameters !== undefined) {
+      try {
+        settings.parameters = applyParameters(settings.parameters, parameterList(values.parameters));
+      } catch (err) {
+        throw new UsageError(`--parameters: ${(err as Error).message}`, { cause: err });
+      }
+    }
+    if (values.migrate !== undefined) {
+      try {
+        refuseMigrate(addressForFlag('--migrate', values.migrate, OUTGOING_TRANSPORTS), settings);
+      } catch (err) {
+        if ((err as { code?: unknown }).code === 'LM_ERR_USAGE') throw err;
+        throw new Error(`--migrate ${values.migrate}: ${(err as Error).message}`, { cause: err });
+      }
+    }
+    return f;
+  });
+  if (flags.qmp !== undefined) {
+    const qmpAddress = orExitWithUsage(program, () => addressForFlag('--qmp', flags.qmp!, ['tcp', 'unix']));
+    await orExitWithUsageAsync(program, () => checkListenable('--qmp', qmpAddress));
+  }
   const log = createLogger(program, flags.logLevel === undefined ? {} : { level: flags.logLevel as 'info' });
   const guest = new Guest(flags.guest);
+  // Seconds for a big guest: say what is going on (the demo shows it as its preparation phase).
+  const preparingSince = performance.now();
+  log.info({ bytes: guest.ram.totalBytes }, `preparing guest RAM (${(guest.ram.totalBytes / 2 ** 30).toFixed(2)} GiB): filling and prefaulting`);
   guest.fillInitial();
   await guest.prefault('read');
+  log.info({ ms: Math.round(performance.now() - preparingSince) }, 'guest RAM prepared');
   const proc = new SourceProcess(guest, flags.machineType, log);
   proc.realtimePostcopy = values['realtime-postcopy'] === true;
-  orExitWithUsage(program, () => {
-    if (values.capabilities !== undefined) proc.settings.capabilities = applyCapabilities(proc.settings.capabilities, capabilitiesOn(values.capabilities));
-    if (values.parameters !== undefined) proc.settings.parameters = applyParameters(proc.settings.parameters, parameterList(values.parameters));
-  });
-  process.on('SIGINT', () => void proc.shutdown(130));
-  process.on('SIGTERM', () => void proc.shutdown(143));
+  proc.settings.capabilities = settings.capabilities;
+  proc.settings.parameters = settings.parameters;
+  // As QEMU: a signal is a SHUTDOWN (reason host-signal) for the QMP clients, then the exit.
+  const onSignal = (status: number): void => {
+    if (proc.qmp !== undefined) shutdownEvent(proc.qmp, 'host-signal');
+    void proc.shutdown(status);
+  };
+  process.on('SIGINT', () => onSignal(130));
+  process.on('SIGTERM', () => onSignal(143));
   // As QEMU: without -S the guest is running before QMP is served (query-status never says
   // prelaunch to a client of a source started without -S).
   if (values.paused !== true) await guest.start();
-  if (flags.qmp !== undefined) await proc.serveQmp(flags.qmp);
+  if (flags.qmp !== undefined) await proc.serveQmp(flags.qmp, flags.name);
   log.info(
     { blocks: guest.ram.blocks.map((b) => `${b.idstr}:${b.length}`), vcpus: flags.guest.vcpus, workload: values.workload ?? 'idle', running: guest.running },
     'guest ready',
   );
   if (values.migrate !== undefined) {
-    let m: OutgoingMigration | undefined;
-    try {
-      m = await proc.migrate(values.migrate);
-    } catch (err) {
-      log.error({ err }, (err as Error).message);
-    }
+    // Checked above, so only a failure to connect is left: logged once, as an error.
+    const m = await proc.migrate(values.migrate, 'error');
     if (m === undefined) {
-      if (values['exit-after-migrate'] === true) await proc.shutdown(1);
+      if (values['exit-after-migrate'] === true) await proc.shutdown(EXIT_MIGRATION_FAILED);
       return;
     }
     await m.done;
-    if (values['exit-after-migrate'] === true) await proc.shutdown(m.status === 'completed' ? 0 : 1);
+    if (values['exit-after-migrate'] === true) await proc.shutdown(m.status === 'completed' ? 0 : EXIT_MIGRATION_FAILED);
   }
 }
 
 main(process.argv.slice(2)).catch((err: unknown) => {
-  process.stderr.write(`livemig-source: ${(err as Error).stack ?? String(err)}\n`);
-  process.exit(70);
+  // A coded error (an address in use, a refused connection) is one line; anything else a bug.
+  const { line, status } = fatalLine('livemig-source', err);
+  process.stderr.write(line);
+  process.exit(status);
 });
