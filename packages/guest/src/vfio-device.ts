@@ -12,12 +12,12 @@ import { createHash } from 'node:crypto';
 import type { BatchWriter } from '@livemig/protocol';
 import { DeviceLoadError } from './devices.ts';
 import type { IterativeDevice, IterativeLoader } from './iterative.ts';
+import { VFIO_REGISTER_BYTES } from './vfio-v1-region.ts';
 
 const KIND_SETUP = 1;
 const KIND_CHUNKS = 2;
 const KIND_FINAL = 3;
 const END_OF_CHUNKS = 0xffffffff;
-export const VFIO_REGISTER_BYTES = 256;
 
 export class VfioDevice implements IterativeDevice, IterativeLoader {
   readonly idstr = 'livemig/vfio';
