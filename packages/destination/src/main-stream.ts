@@ -62,7 +62,7 @@ export class MainStream implements MainReader {
     const options: StreamDecoderOptions = {
       ram: this.faults.mainTarget(),
       postcopyPageHooks: true,
-      deviceLayout: (s) => this.loader.deviceLayout(s),
+      deviceLayout: (s, kind) => this.loader.deviceLayout(s, kind),
       // Guest RAM is fresh (never run) until the stream has been loaded.
       zeroedMemory: resume === undefined,
     };
