@@ -123,7 +123,7 @@ export async function analyzeInput(options: AnalyzeOptions): Promise<AnalyzeResu
     if (!gz) total = (await stat(options.input)).size;
   }
   const analyzer = new StreamAnalyzer(
-    layouts === undefined ? {} : { deviceLayout: (s) => layouts!.take(s.idstr, s.instanceId) },
+    layouts === undefined ? {} : { deviceLayout: (s, kind) => layouts!.take(s.idstr, s.instanceId, kind) },
   );
   const source: AsyncIterable<Buffer> = fromStdin
     ? ((options.stdin ?? process.stdin) as AsyncIterable<Buffer>)
@@ -184,6 +184,7 @@ export function jsonReport(report: AnalysisReport): unknown {
     ramBlocks: report.ramBlocks,
     eofOffset: report.eofOffset,
     vmdescription: report.vmdescription,
+    vfioDevices: report.vfioDevices,
   };
 }
 
@@ -228,6 +229,10 @@ function describeRecord(r: RecordReport, indent: string, lines: string[]): void 
     if (x.blocks !== undefined) {
       lines.push(`${indent}${' '.repeat(11)}block list: ${x.blocks.map((b) => `${b.idstr} (${size(b.length)})`).join(', ')}`);
     }
+  } else if (r.vfio !== undefined) {
+    const v = r.vfio;
+    const what = v.phase === 'setup' ? '' : v.phase === 'config' ? `, ${v.configBytes} config bytes` : `, ${v.dataFrames} data frame(s), ${v.dataBytes} device bytes`;
+    lines.push(`${head}${ids}  ${r.dataLength} bytes: vfio ${v.phase}${what}`);
   } else {
     lines.push(`${head}${ids}  ${r.dataLength} bytes${r.layout === 'footer-scan' ? ' (found by footer)' : ''}`);
   }
@@ -254,6 +259,14 @@ export function humanReport(report: AnalysisReport, name: string): string {
     for (const m of v.layoutMismatches) {
       lines.push(`  warning: section at ${m.offset} "${m.idstr}" has ${m.dataLength} bytes, described as ${m.described}`);
     }
+  }
+  for (const d of report.vfioDevices) {
+    lines.push('');
+    lines.push(`VFIO device "${d.idstr}" (section ${d.sectionId}):`);
+    lines.push(`  setup     ${d.setupSections} section(s)`);
+    lines.push(`  pre-copy  ${d.precopyIterations} iteration(s) with data in ${d.iterateSections} PART section(s), ${d.precopyBytes} bytes`);
+    lines.push(`  stop-copy ${d.completeSections} END section(s), ${d.stopCopyFrames} data frame(s), ${d.stopCopyBytes} bytes`);
+    lines.push(`  config    ${d.configBytes} bytes`);
   }
   lines.push('');
   lines.push('RAM blocks:');

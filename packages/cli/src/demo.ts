@@ -235,7 +235,7 @@ export async function runDemo(o: DemoOptions): Promise<number> {
       sdev.clockNs === ddev.clockNs &&
       JSON.stringify(sdev.vcpus) === JSON.stringify(ddev.vcpus);
     say(
-      `  devices: app state ${sdev.appSha256 === ddev.appSha256 ? 'equal' : 'DIFFERENT'}, VFIO-style device memory ${sdev.vfioSha256 === ddev.vfioSha256 ? 'equal' : 'DIFFERENT'}, guest clock ${sdev.clockNs === ddev.clockNs ? `continuous (${(Number(sdev.clockNs) / 1e9).toFixed(3)} s)` : 'DIFFERENT'}, vCPU state ${JSON.stringify(sdev.vcpus) === JSON.stringify(ddev.vcpus) ? 'equal' : 'DIFFERENT'}`,
+      `  devices: app state ${sdev.appSha256 === ddev.appSha256 ? 'equal' : 'DIFFERENT'}, VFIO device memory and registers ${sdev.vfioSha256 === ddev.vfioSha256 ? 'equal' : 'DIFFERENT'}, guest clock ${sdev.clockNs === ddev.clockNs ? `continuous (${(Number(sdev.clockNs) / 1e9).toFixed(3)} s)` : 'DIFFERENT'}, vCPU state ${JSON.stringify(sdev.vcpus) === JSON.stringify(ddev.vcpus) ? 'equal' : 'DIFFERENT'}`,
     );
     const patternBefore = dd!.pattern;
     if (patternBefore.consistent !== null) {

@@ -64,7 +64,7 @@ export class MainStream implements MainReader {
       postcopyPageHooks: true,
       // QEMU 10.0 sources send SWITCHOVER_START (command 11) before the final state.
       maxCommand: MigCmd.SWITCHOVER_START + 1,
-      deviceLayout: (s) => this.loader.deviceLayout(s),
+      deviceLayout: (s, kind) => this.loader.deviceLayout(s, kind),
       // Guest RAM is fresh (never run) until the stream has been loaded.
       zeroedMemory: resume === undefined,
     };

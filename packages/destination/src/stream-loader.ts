@@ -13,11 +13,13 @@ import {
   MigCmd,
   recvBitmapBytes,
   type SectionIdentity,
+  type SectionKind,
+  type SectionLayout,
   TARGET_PAGE_SIZE,
 } from '@livemig/protocol';
 import type { Guest } from '@livemig/guest';
 
-type Device = { layout: number | 'be32-prefixed'; load(data: Buffer, versionId: number): void };
+type Device = { layout: SectionLayout; load(data: Buffer, versionId: number): void };
 
 export class StreamLoader {
   private readonly guest: Guest;
@@ -41,7 +43,8 @@ export class StreamLoader {
   }
 
   /** The data length of a device section of ours (the decoder's deviceLayout). */
-  deviceLayout(s: SectionIdentity): number | 'be32-prefixed' | undefined {
+  deviceLayout(s: SectionIdentity, kind: SectionKind): SectionLayout | undefined {
+    void kind;
     return this.devices.get(`${s.idstr}\u0000${s.instanceId}`)?.layout;
   }
 

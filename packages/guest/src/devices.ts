@@ -15,8 +15,8 @@ import { GuestErrorCode } from './errors.ts';
 export class DeviceLoadError extends Error {
   readonly code = GuestErrorCode.DEVICE_LOAD;
   readonly device: string;
-  constructor(device: string, message: string) {
-    super(`device "${device}": ${message}`);
+  constructor(device: string, message: string, cause?: unknown) {
+    super(`device "${device}": ${message}`, cause === undefined ? undefined : { cause });
     this.name = 'DeviceLoadError';
     this.device = device;
   }

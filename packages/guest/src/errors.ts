@@ -8,6 +8,16 @@ export const GuestErrorCode = {
   BAD_GUEST_CONFIG: 'LM_ERR_BAD_GUEST_CONFIG',
   /** A vCPU worker thread exited, or did not acknowledge a stop or start in time. */
   VCPU_FAILED: 'LM_ERR_VCPU_FAILED',
+  /** VFIO v1 region: a device_state write of an invalid value (101b, 111b) or of the error state (110b). EINVAL. */
+  VFIO_INVALID_STATE: 'LM_ERR_VFIO_INVALID_STATE',
+  /** VFIO v1 region: a device_state write the device does not take from its current state. EINVAL. */
+  VFIO_BAD_TRANSITION: 'LM_ERR_VFIO_BAD_TRANSITION',
+  /** VFIO v1 region: a register or data access out of the save or resume sequence, or in a state where it means nothing. EINVAL. */
+  VFIO_SEQUENCE: 'LM_ERR_VFIO_SEQUENCE',
+  /** VFIO v1 region: an access past data_size or the data area, of the wrong width, or a write to a read-only field. EINVAL. */
+  VFIO_OUT_OF_RANGE: 'LM_ERR_VFIO_OUT_OF_RANGE',
+  /** VFIO v1 region: the device is in the error state (or just entered it on resume data it cannot apply); only a reset leaves it. EIO. */
+  VFIO_DEVICE_ERROR: 'LM_ERR_VFIO_DEVICE_ERROR',
 } as const;
 
 export type GuestErrorCodeValue = (typeof GuestErrorCode)[keyof typeof GuestErrorCode];

@@ -35,6 +35,8 @@ export interface GuestDigest {
     runstate: string;
     appSha256: string | null;
     vfioSha256: string | null;
+    /** The VFIO device's memory and register file apart, and its v1 device_state. */
+    vfio: { memorySha256: string; registersSha256: string; deviceState: number } | null;
     vcpus: { position: number; passes: number }[];
   };
 }
@@ -73,7 +75,7 @@ export class Guest {
   readonly clock = new GuestClock();
   readonly globalState = new GlobalStateDevice();
   readonly app: AppDevice | undefined;
-  /** The VFIO-style device with its own pre-copy data (livemig devices only). */
+  /** The VFIO device behind a v1 migration region (livemig devices only). */
   readonly vfio: VfioDevice | undefined;
   readonly devices: Device[];
   private state: GuestRunState = 'prelaunch';
@@ -245,6 +247,14 @@ export class Guest {
         runstate: this.globalState.loaded ?? this.globalState.runstate,
         appSha256: this.app === undefined ? null : createHash('sha256').update(this.app.encodeState()).digest('hex'),
         vfioSha256: this.vfio === undefined ? null : this.vfio.digest(),
+        vfio:
+          this.vfio === undefined
+            ? null
+            : {
+                memorySha256: createHash('sha256').update(this.vfio.memory).digest('hex'),
+                registersSha256: createHash('sha256').update(this.vfio.registers).digest('hex'),
+                deviceState: this.vfio.region.deviceState,
+              },
         vcpus,
       },
     };

@@ -2,7 +2,8 @@
  * @packageDocumentation
  * The migrated guest, shared by the source and destination processes: RAM blocks on
  * SharedArrayBuffer with a KVM-style dirty log, vCPU worker threads running a workload, and
- * devices with vmstate (timer, globalstate, per-vCPU state, an msgpackr application device).
+ * devices with vmstate (timer, globalstate, per-vCPU state, an msgpackr application device), and
+ * a VFIO device behind a v1 migration region (VfioV1Region) with QEMU's side on top (VfioDevice).
  */
 export * from './errors.ts';
 export * from './control.ts';
@@ -14,4 +15,5 @@ export * from './page-bitmap.ts';
 export * from './devices.ts';
 export * from './guest.ts';
 export * from './iterative.ts';
+export * from './vfio-v1-region.ts';
 export * from './vfio-device.ts';

@@ -1,18 +1,18 @@
 // Iterative devices: QEMU's SaveVMHandlers for devices whose state is too big to send at once
-// and changes while the guest runs. RAM is the biggest; a VFIO-style device with its own
-// pre-copy data is the other kind.
+// and changes while the guest runs. RAM is the biggest; a VFIO device behind a v1 migration
+// region is the other kind.
 //
 //   source:      saveSetup → (pendingEstimate → [pendingExact] → saveIterate)* → saveComplete → cleanup
 //   destination: loadState(data of START / PART / END, versionId)   (RAM: the stream decoder)
 
-import type { BatchWriter } from '@livemig/protocol';
+import type { BatchWriter, SectionLayout } from '@livemig/protocol';
 
 export interface IterativeDevice {
   readonly idstr: string;
   readonly instanceId: number;
   readonly versionId: number;
   /** How the destination decoder sizes this device's section data. */
-  readonly layout: number | 'be32-prefixed';
+  readonly layout: SectionLayout;
   /** START section data; begins tracking changes. */
   saveSetup(w: BatchWriter): void;
   /** Bytes still to send, cheap (no sync): asked every loop turn. */
@@ -25,13 +25,19 @@ export interface IterativeDevice {
   saveComplete(w: BatchWriter, maxBytes: number): boolean;
   /** Stop tracking (migration ended either way). */
   cleanup(): void;
+  /**
+   * QEMU's save_state: a FULL section under this device's section id, after the END sections,
+   * with the guest stopped (a VFIO device's config). `stateLength` bytes.
+   */
+  saveState?(w: BatchWriter): void;
+  readonly stateLength?: number;
 }
 
 /** The destination side of an iterative device other than RAM. */
 export interface IterativeLoader {
   readonly idstr: string;
   readonly instanceId: number;
-  readonly layout: number | 'be32-prefixed';
+  readonly layout: SectionLayout;
   /** Load one START / PART / END section's data. */
   loadState(data: Buffer, versionId: number): void;
 }

@@ -1,174 +1,224 @@
-// A VFIO-style device: device-owned memory (think of a GPU's or a NIC's), dirtied by the device
-// itself while the guest runs, migrated with its own pre-copy data in the START / PART / END
-// sections of an iterative device, plus a register file sent last.
+// QEMU's side of a VFIO device (hw/vfio/migration.c of QEMU 7.2, migration region v1), as an
+// iterative migration device: it drives a VfioV1Region only through its registers and data area,
+// and frames what it reads the way QEMU does (vfio-framing.ts), so a livemig stream carries this
+// device as a QEMU stream carries a vfio-pci device.
 //
-//   section data := be32 length | body
-//   body         := u8 kind | ...
-//     kind 1 (setup)   be32 regionBytes | be32 chunkBytes
-//     kind 2 (chunks)  { be32 chunk index | chunk bytes }*         (PART, and END before kind 3)
-//     kind 3 (final)   { be32 chunk index | chunk bytes }* then 0xffffffff | registers[256]
+//   source:  saveSetup     _RUNNING → _SAVING|_RUNNING; SETUP | END                   (START)
+//            saveIterate   one buffer: DATA | size | data | END  (DATA | 0 | END when none)  (PART)
+//            guest stops   _SAVING|_RUNNING → _SAVING        (QEMU's vm state change handler)
+//            saveComplete  buffers until pending_bytes is 0, END; then _STOP            (END)
+//            saveState     CONFIG | register file | END                               (FULL, same section id)
+//            cleanup       drop _SAVING (a cancel or failure leaves the device running again)
+//   dest:    setup frame   → _RESUMING; data frames → data_offset, data, data_size; config → registers
+//            guest starts  → _RUNNING (from _RESUMING, or from a save that failed)
 
 import { createHash } from 'node:crypto';
-import type { BatchWriter } from '@livemig/protocol';
+import {
+  type BatchWriter,
+  readVfioSection,
+  sizeOfVfioConfig,
+  type VfioFrameHandler,
+  writeVfioConfig,
+  writeVfioDataHeader,
+  writeVfioEndOfState,
+  writeVfioSetup,
+} from '@livemig/protocol';
 import { DeviceLoadError } from './devices.ts';
 import type { IterativeDevice, IterativeLoader } from './iterative.ts';
+import { VFIO_REGISTER_BYTES, VfioMigInfo, VfioV1Region, type VfioV1RegionOptions, VfioV1State, vfioV1StateIsError } from './vfio-v1-region.ts';
 
-const KIND_SETUP = 1;
-const KIND_CHUNKS = 2;
-const KIND_FINAL = 3;
-const END_OF_CHUNKS = 0xffffffff;
-export const VFIO_REGISTER_BYTES = 256;
+/** What query-migrate shows of the device (livemig's `x-vfio`). */
+export interface VfioMigrationStats {
+  /** Device data bytes sent (QEMU's `vfio.transferred`: the DATA payloads). */
+  transferredBytes: number;
+  /** PART sections that carried device data while the device ran. */
+  precopyIterations: number;
+  precopyBytes: number;
+  /** Device data sent with the device stopped (the END section). */
+  stopCopyBytes: number;
+  /** Register file bytes (the FULL config section). */
+  configBytes: number;
+}
 
 export class VfioDevice implements IterativeDevice, IterativeLoader {
   readonly idstr = 'livemig/vfio';
   readonly instanceId = 0;
   readonly versionId = 1;
-  readonly layout = 'be32-prefixed' as const;
-  readonly region: Buffer;
-  readonly registers = Buffer.alloc(VFIO_REGISTER_BYTES);
-  readonly chunkBytes: number;
-  private readonly dirty: Uint8Array;
-  private dirtyCount = 0;
-  private tracking = false;
-  private cursor = 0;
-  private rng = 0x1234567;
+  readonly layout = { framing: 'vfio', configBytes: VFIO_REGISTER_BYTES } as const;
+  readonly region: VfioV1Region;
+  readonly stats: VfioMigrationStats = { transferredBytes: 0, precopyIterations: 0, precopyBytes: 0, stopCopyBytes: 0, configBytes: 0 };
+  /** QEMU's data_buffer: one device buffer at a time, reused (no allocation per buffer). */
+  private readonly buffer: Buffer;
+  /** pending_bytes as last read: the cheap estimate. */
+  private pendingBytes = 0;
   private timer: NodeJS.Timeout | undefined;
+  private readonly onData: VfioFrameHandler = { onData: (src, offset, length) => this.resumeBuffer(src, offset, length), onConfig: (src, offset, length) => this.loadConfig(src, offset, length) };
 
-  constructor(regionBytes = 4 * 2 ** 20, chunkBytes = 16 * 1024) {
-    this.region = Buffer.alloc(regionBytes);
-    this.chunkBytes = chunkBytes;
-    this.dirty = new Uint8Array(Math.ceil(regionBytes / chunkBytes));
-    // One typed-array pass (a Buffer method call per word cost ~30 ms at every start).
-    const words = new Uint32Array(this.region.buffer, this.region.byteOffset, this.region.length / 4);
-    for (let i = 0; i < words.length; i++) words[i] = this.next();
-    this.registers.fill(0x5a);
+  constructor(options: VfioV1RegionOptions = {}) {
+    this.region = new VfioV1Region(options);
+    this.buffer = Buffer.allocUnsafe(this.region.dataAreaBytes);
   }
 
-  private next(): number {
-    this.rng ^= this.rng << 13;
-    this.rng ^= this.rng >>> 17;
-    this.rng ^= this.rng << 5;
-    this.rng >>>= 0;
-    return this.rng;
+  /** Device memory (the region's), for digests and tests. */
+  get memory(): Buffer {
+    return this.region.memory;
   }
 
-  /** The device works while the guest runs: a scattered write every 20 ms (≤ 0.8 MB/s of dirty chunks). */
+  get registers(): Buffer {
+    return this.region.registers;
+  }
+
+  /** In the error state: the vCPUs may still start and stop; the device stays as it is until reset. */
+  private get broken(): boolean {
+    return vfioV1StateIsError(this.state);
+  }
+
+  private get state(): number {
+    return this.region.read(VfioMigInfo.DEVICE_STATE, 4);
+  }
+
+  /** QEMU's vfio_migration_set_state(mask, value): keep the bits in `mask`, then set `value`. */
+  private setState(mask: number, value: number): void {
+    this.region.write(VfioMigInfo.DEVICE_STATE, 4, (this.state & mask) | value);
+  }
+
+  /**
+   * The guest runs: the device is _RUNNING and nothing else (QEMU 7.2 clears _RESUMING after a
+   * resume and _SAVING after a failed save the same way); it works (≤ 0.8 MB/s of dirty chunks).
+   */
   start(): void {
+    if (!this.broken) this.setState(0, VfioV1State.RUNNING);
     if (this.timer !== undefined) return;
-    this.timer = setInterval(() => {
-      const at = (this.next() % (this.region.length / 4)) * 4;
-      this.region.writeUInt32LE(this.next(), at);
-      this.markDirty(Math.floor(at / this.chunkBytes));
-      this.registers.writeUInt32LE(this.registers.readUInt32LE(0) + 1, 0);
-    }, 20);
+    this.timer = setInterval(() => this.region.tick(), 20);
     this.timer.unref();
   }
 
+  /** The guest stops: clear _RUNNING (a pre-copying device goes to stop-and-copy). */
   stop(): void {
     clearInterval(this.timer);
     this.timer = undefined;
+    if (!this.broken) this.setState(~VfioV1State.RUNNING & VfioV1State.MASK, 0);
   }
 
-  private markDirty(chunk: number): void {
-    if (this.tracking && this.dirty[chunk] === 0) {
-      this.dirty[chunk] = 1;
-      this.dirtyCount++;
-    }
+  private readPending(): number {
+    this.pendingBytes = this.region.read(VfioMigInfo.PENDING_BYTES, 8);
+    return this.pendingBytes;
   }
 
   saveSetup(w: BatchWriter): void {
-    this.tracking = true;
-    this.dirty.fill(1);
-    this.dirtyCount = this.dirty.length;
-    this.cursor = 0;
-    w.be32(9).u8(KIND_SETUP).be32(this.region.length).be32(this.chunkBytes);
+    this.setState(VfioV1State.MASK, VfioV1State.SAVING);
+    Object.assign(this.stats, { transferredBytes: 0, precopyIterations: 0, precopyBytes: 0, stopCopyBytes: 0, configBytes: 0 });
+    this.readPending();
+    writeVfioSetup(w);
   }
 
   pendingEstimate(): number {
-    return this.dirtyCount * this.chunkBytes;
+    return this.pendingBytes;
   }
 
+  /**
+   * QEMU's state_pending split: the estimate is the last pending_bytes read; the exact figure
+   * reads the register again, but only when it can matter (the device is stopped, so nothing
+   * more will come, or the estimate is down to about one buffer).
+   */
   pendingExact(): number {
-    return this.pendingEstimate();
+    const running = (this.state & VfioV1State.RUNNING) !== 0;
+    if (!running || this.pendingBytes <= this.region.dataAreaBytes) return this.readPending();
+    return this.pendingBytes;
   }
 
-  /** Write dirty chunks as one framed body; returns true when none is left. */
-  private writeChunks(w: BatchWriter, kind: number, maxBytes: number, deadline?: () => boolean): boolean {
-    // The length prefix covers what follows; count first, then write.
-    const chunks: number[] = [];
-    let bytes = 0;
-    for (let seen = 0; seen < this.dirty.length && this.dirtyCount > 0; seen++) {
-      if (bytes >= maxBytes || deadline?.() === true) break;
-      const c = this.cursor;
-      this.cursor = (this.cursor + 1) % this.dirty.length;
-      if (this.dirty[c] === 0) continue;
-      this.dirty[c] = 0;
-      this.dirtyCount--;
-      chunks.push(c);
-      bytes += 4 + this.chunkLength(c);
+  /** One device buffer: read data_offset, data_size, the data; DATA | size | data. Returns its size. */
+  private saveBuffer(w: BatchWriter): number {
+    const offset = this.region.read(VfioMigInfo.DATA_OFFSET, 8);
+    const size = this.region.read(VfioMigInfo.DATA_SIZE, 8);
+    writeVfioDataHeader(w, size);
+    if (size > 0) {
+      this.region.readData(offset, this.buffer, 0, size);
+      w.copyFrom(this.buffer, 0, size);
     }
-    const final = kind === KIND_FINAL;
-    w.be32(1 + bytes + (final ? 4 + VFIO_REGISTER_BYTES : 0)).u8(kind);
-    for (const c of chunks) {
-      const at = c * this.chunkBytes;
-      w.be32(c).copyFrom(this.region, at, this.chunkLength(c));
-    }
-    if (final) w.be32(END_OF_CHUNKS).copyFrom(this.registers, 0, VFIO_REGISTER_BYTES);
-    return this.dirtyCount === 0;
+    this.stats.transferredBytes += size;
+    return size;
   }
 
-  private chunkLength(c: number): number {
-    return Math.min(this.chunkBytes, this.region.length - c * this.chunkBytes);
-  }
-
-  saveIterate(w: BatchWriter, maxBytes: number, deadline?: () => boolean): boolean {
-    return this.writeChunks(w, KIND_CHUNKS, maxBytes, deadline);
-  }
-
-  saveComplete(w: BatchWriter, maxBytes: number): boolean {
-    // Everything goes in the one END section: the registers must come after the last chunk.
+  /** QEMU 7.2 sends at most one buffer per iteration; `maxBytes` is at least one data area here. */
+  saveIterate(w: BatchWriter, maxBytes: number): boolean {
     void maxBytes;
-    return this.writeChunks(w, KIND_FINAL, Infinity);
+    if (this.pendingBytes === 0 && this.readPending() === 0) {
+      writeVfioDataHeader(w, 0);
+      writeVfioEndOfState(w);
+      return true;
+    }
+    const size = this.saveBuffer(w);
+    writeVfioEndOfState(w);
+    if (size > 0) {
+      this.stats.precopyIterations++;
+      this.stats.precopyBytes += size;
+    }
+    // Step f: the buffer is taken, and the new figure is the estimate.
+    return this.readPending() === 0;
+  }
+
+  /** Stop-and-copy: buffers until pending_bytes is 0, then END and _STOP. Call until true. */
+  saveComplete(w: BatchWriter, maxBytes: number): boolean {
+    if ((this.state & VfioV1State.RUNNING) !== 0) this.setState(~VfioV1State.RUNNING & VfioV1State.MASK, VfioV1State.SAVING);
+    let sent = 0;
+    while (this.readPending() > 0) {
+      if (sent >= maxBytes) return false;
+      const size = this.saveBuffer(w);
+      this.stats.stopCopyBytes += size;
+      sent += size;
+      if (size === 0) break;
+    }
+    writeVfioEndOfState(w);
+    this.setState(~VfioV1State.SAVING & VfioV1State.MASK, 0);
+    return true;
+  }
+
+  /** The config section (QEMU's save_state): the register file. */
+  saveState(w: BatchWriter): void {
+    writeVfioConfig(w, this.region.registers);
+    this.stats.configBytes += this.region.registers.length;
+  }
+
+  /** Bytes saveState writes. */
+  get stateLength(): number {
+    return sizeOfVfioConfig(VFIO_REGISTER_BYTES);
   }
 
   cleanup(): void {
-    this.tracking = false;
+    // A cancel or failure ends the save (QEMU 7.2's notifier also sets _RUNNING then; here
+    // _RUNNING follows the vCPUs, which run again right after).
+    const s = this.state;
+    if ((s & VfioV1State.SAVING) !== 0 && !this.broken) this.setState(~VfioV1State.SAVING & VfioV1State.MASK, 0);
   }
 
   loadState(data: Buffer, versionId: number): void {
     if (versionId !== 1) throw new DeviceLoadError(this.idstr, `stream version ${versionId} is not 1`);
-    if (data.length < 5 || data.readUInt32BE(0) !== data.length - 4) throw new DeviceLoadError(this.idstr, 'bad length prefix');
-    const kind = data[4]!;
-    let p = 5;
-    if (kind === KIND_SETUP) {
-      if (data.length !== 13) throw new DeviceLoadError(this.idstr, 'bad setup record');
-      const regionBytes = data.readUInt32BE(5);
-      const chunkBytes = data.readUInt32BE(9);
-      if (regionBytes !== this.region.length || chunkBytes !== this.chunkBytes) {
-        throw new DeviceLoadError(this.idstr, `region of ${regionBytes} bytes in ${chunkBytes}-byte chunks, here ${this.region.length} in ${this.chunkBytes}`);
-      }
-      return;
+    try {
+      const s = readVfioSection(data, 0, data.length, { maxDataBytes: this.region.dataAreaBytes }, this.onData);
+      if (s.phase === 'setup') this.setState(0, VfioV1State.RESUMING);
+    } catch (err) {
+      if (err instanceof DeviceLoadError) throw err;
+      throw new DeviceLoadError(this.idstr, `${(err as { code?: string }).code ?? 'error'}: ${(err as Error).message}`, err);
     }
-    if (kind !== KIND_CHUNKS && kind !== KIND_FINAL) throw new DeviceLoadError(this.idstr, `unknown record kind ${kind}`);
-    while (p < data.length) {
-      if (p + 4 > data.length) throw new DeviceLoadError(this.idstr, 'truncated chunk header');
-      const c = data.readUInt32BE(p);
-      p += 4;
-      if (c === END_OF_CHUNKS) {
-        if (kind !== KIND_FINAL || data.length - p !== VFIO_REGISTER_BYTES) throw new DeviceLoadError(this.idstr, 'bad register file');
-        data.copy(this.registers, 0, p, p + VFIO_REGISTER_BYTES);
-        return;
-      }
-      if (c >= this.dirty.length) throw new DeviceLoadError(this.idstr, `chunk ${c} is outside the region`);
-      const len = this.chunkLength(c);
-      if (p + len > data.length) throw new DeviceLoadError(this.idstr, `chunk ${c} is truncated`);
-      data.copy(this.region, c * this.chunkBytes, p, p + len);
-      p += len;
-    }
-    if (kind === KIND_FINAL) throw new DeviceLoadError(this.idstr, 'final record without its register file');
   }
 
+  private resumeBuffer(src: Buffer, offset: number, length: number): void {
+    if (length === 0) return;
+    const at = this.region.read(VfioMigInfo.DATA_OFFSET, 8);
+    this.region.writeData(at, src, offset, length);
+    this.region.write(VfioMigInfo.DATA_SIZE, 8, length);
+    this.stats.transferredBytes += length;
+  }
+
+  private loadConfig(src: Buffer, offset: number, length: number): void {
+    if (length !== VFIO_REGISTER_BYTES) throw new DeviceLoadError(this.idstr, `config of ${length} bytes, expected ${VFIO_REGISTER_BYTES}`);
+    src.copy(this.region.registers, 0, offset, offset + length);
+    this.stats.configBytes += length;
+  }
+
+  /** sha256 of device memory and registers. */
   digest(): string {
-    return createHash('sha256').update(this.region).update(this.registers).digest('hex');
+    return createHash('sha256').update(this.region.memory).update(this.region.registers).digest('hex');
   }
 }

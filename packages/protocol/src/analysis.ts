@@ -29,7 +29,35 @@ export interface SectionReport {
   depth: number;
   ram?: RamSectionStats & { blocks?: RamBlockInfo[]; memSizeOffset?: number };
   dataSha256?: string;
-  layout?: 'declared' | 'footer-scan';
+  layout?: 'declared' | 'footer-scan' | 'vfio-framing';
+  /** A VFIO device's section: its phase and what its DATA / CONFIG frames carried. */
+  vfio?: VfioSectionReport;
+}
+
+/** QEMU's four kinds of VFIO section: START setup, PART iterate, END complete, FULL config. */
+export type VfioPhase = 'setup' | 'iterate' | 'complete' | 'config';
+
+export interface VfioSectionReport {
+  phase: VfioPhase;
+  dataFrames: number;
+  dataBytes: number;
+  configBytes: number;
+}
+
+/** One VFIO device across the stream: what each phase moved. */
+export interface VfioDeviceReport {
+  idstr: string;
+  sectionId: number;
+  setupSections: number;
+  /** PART sections, and those of them that carried data (pre-copy iterations). */
+  iterateSections: number;
+  precopyIterations: number;
+  precopyBytes: number;
+  completeSections: number;
+  /** Device data in the END section (stop-and-copy), and its DATA frames. */
+  stopCopyBytes: number;
+  stopCopyFrames: number;
+  configBytes: number;
 }
 
 export interface CommandReport {
@@ -99,6 +127,8 @@ export interface AnalysisReport {
   } | null;
   streamSize: number;
   postcopy: boolean;
+  /** VFIO devices (sections in QEMU's VFIO framing), by section id. */
+  vfioDevices: VfioDeviceReport[];
 }
 
 export interface AnalyzerOptions {
@@ -126,6 +156,7 @@ export class StreamAnalyzer {
     vmdescription: null,
     streamSize: 0,
     postcopy: false,
+    vfioDevices: [],
   };
   private packageList: RecordReport[] | undefined;
   private pendingBlocks: { blocks: RamBlockInfo[]; offset: number } | undefined;
@@ -167,6 +198,7 @@ export class StreamAnalyzer {
     this.decoder.end();
     const rep = this.report;
     rep.postcopy = this.decoder.postcopyState > 0;
+    rep.vfioDevices = vfioDevices(rep.sections);
     rep.ramBlocks = this.decoder.blockStats().map((s, i) => {
       const info = this.decoder.ramBlocks[i]!;
       const out: RamBlockReport = {
@@ -238,6 +270,11 @@ export class StreamAnalyzer {
           }
           if (ev.data !== undefined) s.dataSha256 = createHash('sha256').update(ev.data).digest('hex');
           if (ev.layout !== undefined) s.layout = ev.layout;
+          if (ev.vfio !== undefined) {
+            const v = ev.vfio;
+            const phase: VfioPhase = v.phase !== 'data' ? v.phase : ev.sectionKind === 'end' ? 'complete' : 'iterate';
+            s.vfio = { phase, dataFrames: v.dataFrames, dataBytes: v.dataBytes, configBytes: v.configBytes };
+          }
           rep.sections.push(s);
           this.add(s);
           break;
@@ -286,6 +323,38 @@ export class StreamAnalyzer {
     }
     return out;
   }
+}
+
+function vfioDevices(sections: readonly SectionReport[]): VfioDeviceReport[] {
+  const byId = new Map<number, VfioDeviceReport>();
+  for (const s of sections) {
+    const v = s.vfio;
+    if (v === undefined) continue;
+    let d = byId.get(s.sectionId);
+    if (d === undefined) {
+      d = { idstr: s.idstr, sectionId: s.sectionId, setupSections: 0, iterateSections: 0, precopyIterations: 0, precopyBytes: 0, completeSections: 0, stopCopyBytes: 0, stopCopyFrames: 0, configBytes: 0 };
+      byId.set(s.sectionId, d);
+    }
+    switch (v.phase) {
+      case 'setup':
+        d.setupSections++;
+        break;
+      case 'iterate':
+        d.iterateSections++;
+        if (v.dataBytes > 0) d.precopyIterations++;
+        d.precopyBytes += v.dataBytes;
+        break;
+      case 'complete':
+        d.completeSections++;
+        d.stopCopyBytes += v.dataBytes;
+        d.stopCopyFrames += v.dataFrames;
+        break;
+      case 'config':
+        d.configBytes += v.configBytes;
+        break;
+    }
+  }
+  return [...byId.values()];
 }
 
 function commandReport(c: CommandInfo, offset: number, depth: number): CommandReport {

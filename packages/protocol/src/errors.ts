@@ -47,6 +47,8 @@ export const ErrorCode = {
   BAD_XBZRLE: 'LM_ERR_BAD_XBZRLE',
   /** COMPRESS_PAGE record whose zlib data does not inflate to exactly one page. */
   BAD_COMPRESSED_PAGE: 'LM_ERR_BAD_COMPRESSED_PAGE',
+  /** VFIO section data (QEMU's VFIO_MIG_FLAG_* framing) with an unknown marker, a missing END_OF_STATE, or bytes past it. */
+  BAD_VFIO_FRAME: 'LM_ERR_BAD_VFIO_FRAME',
   /** A length read off the wire exceeds the configured limit. */
   LIMIT_EXCEEDED: 'LM_ERR_LIMIT_EXCEEDED',
   /** VMDESCRIPTION that is not valid JSON of the expected shape. */

@@ -31,5 +31,6 @@ export * from './migration-config.ts';
 export * from './multifd.ts';
 export * from './request-batch.ts';
 export * from './livemig-ext.ts';
+export * from './vfio-framing.ts';
 export * from './source-machine.ts';
 export * from './destination-machine.ts';

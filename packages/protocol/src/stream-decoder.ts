@@ -44,6 +44,17 @@ import { readConfigurationRecord } from './configuration-record.ts';
 import type { ConfigurationRecord, DecoderEvent, DeviceLayout, SectionIdentity, SectionRecord, StreamDecoderOptions } from './stream-events.ts';
 import { nextPostcopyState, scanForFooter } from './stream-rules.ts';
 import { FOOTER_LENGTH } from './stream.ts';
+import { isVfioMark, measureVfioSection, readVfioSection, VFIO_MARK_LENGTH, VfioMigFlag, type VfioSectionSummary } from './vfio-framing.ts';
+
+/** A FULL section of known length that is a VFIO config (CONFIG … END): its summary, else undefined. */
+function vfioConfigSummary(data: Buffer): VfioSectionSummary | undefined {
+  if (data.length < 2 * VFIO_MARK_LENGTH || !isVfioMark(data.readUInt32BE(0), data.readUInt32BE(4)) || data.readUInt32BE(4) !== VfioMigFlag.DEV_CONFIG_STATE) return undefined;
+  try {
+    return readVfioSection(data, 0, data.length);
+  } catch {
+    return undefined;
+  }
+}
 
 export { NEED_MORE, type NeedMore };
 
@@ -60,8 +71,13 @@ interface OpenSection extends SectionIdentity {
   declaredLength: number | undefined;
   /** The data starts with its own be32 length (declaredLength is set once that is read). */
   prefixed: boolean;
-  layout: 'declared' | 'footer-scan';
+  layout: 'declared' | 'footer-scan' | 'vfio-framing';
   scanFrom: number;
+  /** QEMU's VFIO framing: 'yes' (a device of ours), 'detect' (look at the first 8 bytes), 'no'. */
+  vfio: 'yes' | 'detect' | 'no';
+  configBytes: number | undefined;
+  vfioFrom: number;
+  vfioCloseNext: boolean;
 }
 
 export class StreamDecoder {
@@ -355,10 +371,17 @@ export class StreamDecoder {
     const dataOffset = this.r.streamOffset;
     let declared: number | undefined;
     let prefixed = false;
+    let vfio: OpenSection['vfio'] = 'no';
+    let configBytes: number | undefined;
     if (!isRam) {
-      const layout = this.deviceLayout?.(id);
+      const layout = this.deviceLayout?.(id, kind);
       if (layout === 'be32-prefixed') prefixed = true;
-      else declared = layout;
+      else if (typeof layout === 'object') {
+        vfio = 'yes';
+        configBytes = layout.configBytes;
+      } else declared = layout;
+      // QEMU describes no iterative device: a VFIO one's START/PART/END data shows itself by its first marker.
+      if (layout === undefined && kind !== 'full') vfio = 'detect';
       if (declared !== undefined && declared > this.maxSectionBytes) {
         throw new ProtocolError(
           ErrorCode.LIMIT_EXCEEDED,
@@ -376,8 +399,12 @@ export class StreamDecoder {
       stats: isRam ? emptyRamSectionStats() : undefined,
       declaredLength: declared,
       prefixed,
-      layout: declared === undefined && !prefixed ? 'footer-scan' : 'declared',
+      layout: vfio === 'yes' ? 'vfio-framing' : declared === undefined && !prefixed ? 'footer-scan' : 'declared',
       scanFrom: 0,
+      vfio,
+      configBytes,
+      vfioFrom: 0,
+      vfioCloseNext: false,
     };
     this.rram.section = isRam ? this.cur : undefined;
     this.state = isRam ? S.RAM : S.DEVICE;
@@ -432,6 +459,21 @@ export class StreamDecoder {
         this.fail(ErrorCode.LIMIT_EXCEEDED, `device section data of ${len} bytes exceeds the ${this.maxSectionBytes}-byte limit`);
       }
       c.declaredLength = 4 + len;
+    }
+    if (c.vfio === 'detect') {
+      // Decided on the first byte when it cannot start a marker (an empty section's footer, say),
+      // so a short section at the end of a stream is never waited on for 8 bytes.
+      if (r.available < 1) return NEED_MORE;
+      if (r.u8(0) !== 0xff || r.streamOffset + VFIO_MARK_LENGTH > this.packageEnd) c.vfio = 'no';
+      else if (r.available < VFIO_MARK_LENGTH) return NEED_MORE;
+      else c.vfio = isVfioMark(r.be32(0), r.be32(4)) ? 'yes' : 'no';
+      if (c.vfio === 'yes') c.layout = 'vfio-framing';
+    }
+    if (c.vfio === 'yes' && c.declaredLength === undefined) {
+      const limit = Math.min(this.maxSectionBytes, this.packageEnd - r.streamOffset);
+      const len = measureVfioSection(r, c, r.streamOffset, c.configBytes, limit);
+      if (len === undefined) return NEED_MORE;
+      c.declaredLength = len;
     }
     if (c.declaredLength !== undefined) {
       if (!this.need(c.declaredLength)) return NEED_MORE;
@@ -494,7 +536,11 @@ export class StreamDecoder {
       depth: this.depth,
     };
     if (c.stats !== undefined) rec.ram = c.stats;
-    if (data !== undefined) rec.data = data;
+    if (data !== undefined) {
+      rec.data = data;
+      const vfio = c.layout === 'vfio-framing' ? readVfioSection(data, 0, data.length, { streamOffset: c.dataOffset, maxDataBytes: this.maxSectionBytes }) : vfioConfigSummary(data);
+      if (vfio !== undefined) rec.vfio = vfio;
+    }
     if (layout !== undefined) rec.layout = layout;
     this.cur = undefined;
     this.state = S.RECORD;

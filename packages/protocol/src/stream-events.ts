@@ -5,6 +5,7 @@ import type { CommandInfo } from './command.ts';
 import type { PostcopyStateValue, SectionKind } from './constants.ts';
 import type { RamBlockInfo } from './ram.ts';
 import type { MultifdFlushEvent, RamBlocksEvent, RamSectionStats, RamTarget } from './ram-record-decoder.ts';
+import type { VfioSectionSummary } from './vfio-framing.ts';
 
 export interface SectionIdentity {
   sectionId: number;
@@ -28,8 +29,10 @@ export interface SectionRecord extends SectionIdentity {
   ram?: RamSectionStats;
   /** Device sections: a copy of the data. */
   data?: Buffer;
-  /** How a device section's length was found. */
-  layout?: 'declared' | 'footer-scan';
+  /** How a device section's length was found ('vfio-framing': by its VFIO markers). */
+  layout?: 'declared' | 'footer-scan' | 'vfio-framing';
+  /** Device sections in QEMU's VFIO framing: what the markers say. */
+  vfio?: VfioSectionSummary;
 }
 
 export interface ConfigurationRecord {
@@ -54,12 +57,24 @@ export type DecoderEvent =
   | { kind: 'eof'; offset: number; depth: number }
   | { kind: 'vmdescription'; offset: number; length: number; json: string };
 
+/** A VFIO device's sections: QEMU's markers delimit them; a config section holds `configBytes`. */
+export interface VfioLayout {
+  framing: 'vfio';
+  configBytes: number;
+}
+
 /**
- * Length of a device section's data when its layout is known (a VMDESCRIPTION, or a device of
- * ours); 'be32-prefixed': the data is a be32 length and that many bytes (livemig's own
- * variable-size devices); undefined: find the footer by scanning.
+ * How long a device section's data is: a length; 'be32-prefixed': a be32 length and that many
+ * bytes (livemig's own variable-size devices); a VfioLayout: as its VFIO markers say.
  */
-export type DeviceLayout = (section: SectionIdentity) => number | 'be32-prefixed' | undefined;
+export type SectionLayout = number | 'be32-prefixed' | VfioLayout;
+
+/**
+ * The layout of a device section when it is known (a VMDESCRIPTION, or a device of ours);
+ * undefined: a section whose data starts with a VFIO marker is measured by its markers (unless
+ * FULL), any other by scanning for its footer.
+ */
+export type DeviceLayout = (section: SectionIdentity, kind: SectionKind) => SectionLayout | undefined;
 
 export interface StreamDecoderOptions {
   ram?: RamTarget;

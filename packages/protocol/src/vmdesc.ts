@@ -8,6 +8,7 @@
 // A reader sizes a device section as the sum of its field sizes (× array_len) plus, per
 // subsection, 1 + 1 + name length + 4 header bytes and the subsection's own contents.
 
+import type { SectionKind } from './constants.ts';
 import { ErrorCode, ProtocolError } from './errors.ts';
 
 export interface VmdescField {
@@ -135,11 +136,13 @@ export class VmdescLayouts {
 
   /**
    * Data length of the next section of this device: a FULL section's from its description,
-   * 'be32-prefixed' for livemig's self-sized devices, undefined when not described.
+   * 'be32-prefixed' for livemig's self-sized devices, undefined when not described. Only FULL
+   * sections are described: given another `kind`, nothing is taken from the queue.
    */
-  take(idstr: string, instanceId: number): number | 'be32-prefixed' | undefined {
+  take(idstr: string, instanceId: number, kind?: SectionKind): number | 'be32-prefixed' | undefined {
     const key = `${idstr}\u0000${instanceId}`;
     if (this.prefixed.has(key)) return 'be32-prefixed';
+    if (kind !== undefined && kind !== 'full') return undefined;
     return this.queues.get(key)?.shift();
   }
 }

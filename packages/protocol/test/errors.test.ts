@@ -482,6 +482,21 @@ const CASES: Record<ErrorCodeValue, Case[]> = {
       return { name: 'zlib data of 100 bytes', ...s, at: s.at + 15, message: /compressed page inflates to 100 bytes, not a page/ };
     })(),
   ],
+  LM_ERR_BAD_VFIO_FRAME: [
+    (() => {
+      const s = withOffset((w, here) => {
+        writeStreamHeader(w);
+        writeConfiguration(w, { machineType: 'none' });
+        writeSectionHeader(w, { kind: 'start', sectionId: 3, idstr: '0000:00:04.0/vfio', instanceId: 0, versionId: 1 });
+        w.be32(0xffffffff).be32(0xef100003);
+        here();
+        w.be32(0xffffffff).be32(0xef100004);
+        writeSectionFooter(w, 3);
+        writeEof(w);
+      });
+      return { name: 'a VFIO setup section whose SETUP is followed by DATA, not END_OF_STATE', ...s, message: /DEV_DATA_STATE where END_OF_STATE must close the setup or config/ };
+    })(),
+  ],
   LM_ERR_LIMIT_EXCEEDED: [
     (() => {
       const s = withOffset((w, here) => {

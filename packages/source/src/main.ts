@@ -346,6 +346,19 @@ class SourceProcess {
     }
     if (m.throttlePercent > 0) out['cpu-throttle-percentage'] = m.throttlePercent;
     out['x-progress'] = progress;
+    const vfio = m.guest.vfio;
+    if (vfio !== undefined) {
+      // QEMU 7.2's VfioStats, and livemig's view of the device's phases.
+      out['vfio'] = { transferred: vfio.stats.transferredBytes };
+      out['x-vfio'] = {
+        'precopy-iterations': vfio.stats.precopyIterations,
+        'precopy-bytes': vfio.stats.precopyBytes,
+        'stop-copy-bytes': vfio.stats.stopCopyBytes,
+        'config-bytes': vfio.stats.configBytes,
+        pending: vfio.pendingEstimate(),
+        'device-state': vfio.region.deviceState,
+      };
+    }
     return out;
   }
 

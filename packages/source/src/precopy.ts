@@ -255,9 +255,23 @@ export class Precopy {
     }
   }
 
-  /** One FULL section per non-iterative device into `w`; returns their VMDESCRIPTION entries. */
+  /**
+   * One FULL section per non-iterative device into `w`, after the save_state FULL sections of the
+   * iterative devices that have one (a VFIO device's config, under its own section id, as QEMU
+   * sends it); returns their VMDESCRIPTION entries.
+   */
   writeDeviceSections(w: BatchWriter): VmdescDevice[] {
     const described: VmdescDevice[] = [];
+    for (const { dev, sectionId } of this.m.others) {
+      if (dev.saveState === undefined) continue;
+      writeSectionHeader(w, { kind: 'full', sectionId, idstr: dev.idstr, instanceId: dev.instanceId, versionId: dev.versionId });
+      const before = w.totalBytes;
+      dev.saveState(w);
+      const size = w.totalBytes - before;
+      writeSectionFooter(w, sectionId);
+      // QEMU describes a save_state section as one buffer of its size.
+      described.push({ name: dev.idstr, instance_id: dev.instanceId, size, fields: [{ name: 'data', type: 'buffer', size }] });
+    }
     let sectionId = FIRST_DEVICE_SECTION_ID;
     for (const dev of this.m.guest.devices) {
       const data = dev.save();
