@@ -63,6 +63,8 @@ export class Channels {
   /** Connections beyond what multifd-channels allows, left unread until the migration ends. */
   private readonly held: net.Socket[] = [];
   private readonly multifdIdsSeen = new Set<number>();
+  /** When a multifd channel last brought bytes (ms, performance.now()); 0 before any. */
+  lastMultifdByteAtMs = 0;
 
   constructor(options: ChannelsOptions) {
     this.o = options;
@@ -165,6 +167,7 @@ export class Channels {
   }
 
   private onMultifdBytes(channel: MultifdChannel, n: number): boolean {
+    this.lastMultifdByteAtMs = performance.now();
     try {
       const ev = channel.recv.advance(n);
       if (ev === null) return true;

@@ -61,6 +61,8 @@ export interface IncomingOptions {
   multifdChannels?: number;
   /** Postcopy's fault path (vCPUs in postcopy, the fault thread) under SCHED_FIFO. */
   realtimePostcopy?: boolean;
+  /** Parameter x-livemig-stall-timeout (ms): a precopy stream silent this long fails. */
+  stallTimeoutMs?: number;
   events: { status(s: IncomingStatus): void; resume(): void };
   log: { info(obj: object, msg?: string): void; warn(obj: object, msg?: string): void };
 }
@@ -91,7 +93,12 @@ export class IncomingMigration {
   constructor(options: IncomingOptions) {
     this.o = options;
     const caps = options.capabilities;
-    this.state = initialDestinationState({ postcopyRam: caps['postcopy-ram'], preempt: caps['postcopy-preempt'], multifd: caps.multifd });
+    this.state = initialDestinationState({
+      postcopyRam: caps['postcopy-ram'],
+      preempt: caps['postcopy-preempt'],
+      multifd: caps.multifd,
+      ...(options.stallTimeoutMs === undefined ? {} : { stallTimeoutMs: options.stallTimeoutMs }),
+    });
     this.loader = new StreamLoader(options.guest, options.machineType, this.state.config);
     this.faults = new PostcopyFaults({
       guest: options.guest,
@@ -259,7 +266,11 @@ export class IncomingMigration {
       }
       case 'startKeepalive':
         clearInterval(this.keepalive);
-        this.keepalive = setInterval(() => this.safely({ type: 'keepaliveTicked', lastByteAtMs: this.stream.lastByteAtMs }), KEEPALIVE_INTERVAL_MS);
+        // Bytes on a multifd channel are the source's too (the main channel is quiet while they carry pages).
+        this.keepalive = setInterval(
+          () => this.safely({ type: 'keepaliveTicked', lastByteAtMs: Math.max(this.stream.lastByteAtMs, this.channels.lastMultifdByteAtMs) }),
+          KEEPALIVE_INTERVAL_MS,
+        );
         this.keepalive.unref();
         return;
       case 'stopKeepalive':

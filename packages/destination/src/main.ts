@@ -93,6 +93,7 @@ class DestinationProcess {
       guest: this.guest,
       capabilities: { ...this.settings.capabilities },
       multifdChannels: this.settings.parameters['multifd-channels'],
+      stallTimeoutMs: this.settings.parameters['x-livemig-stall-timeout'],
       realtimePostcopy: this.realtimePostcopy,
       autostart: this.autostart,
       machineType: this.machineType,

@@ -9,6 +9,8 @@ export class StreamOut {
   readonly stream: Duplex;
   /** Bytes handed to the stream. */
   written = 0;
+  /** Bytes the kernel has taken (whole batches): progress that proves the link still drains. */
+  accepted = 0;
   private failure: Error | undefined;
   private readonly waiters = new Set<(err?: Error) => void>();
   /** Settles with the failure, once (shared by every wait that races against it). */
@@ -63,12 +65,17 @@ export class StreamOut {
     const taken = new Promise<void>((resolve) => (done = resolve));
     s.cork();
     const last = buffers.length - 1;
+    let batchBytes = 0;
+    for (const b of buffers) batchBytes += b.length;
     for (let i = 0; i <= last; i++) {
       const b = buffers[i]!;
       if (i === last) {
         s.write(b, (err) => {
           done();
-          if (err == null) written?.();
+          if (err == null) {
+            this.accepted += batchBytes;
+            written?.();
+          }
         });
       }
       else s.write(b);

@@ -1,0 +1,117 @@
+// Issue 14 ("Trust"): a migration that survives a broken network and lets no stranger in, on
+// real processes and sockets. Every wait is bounded; no assertion is about time.
+//
+// Run: pnpm build && node --import tsx --test --test-concurrency=1 e2e/trust.test.ts
+
+import assert from 'node:assert/strict';
+import { writeFile } from 'node:fs/promises';
+import { test } from 'node:test';
+import { assertSameRam, digest, MiB, queryMigrate, queryStatus, waitForMigration, waitForStatus } from './helpers/migration.ts';
+import { TcpProxy } from './helpers/postcopy.ts';
+import { type Child, listeningAddress, withHarness } from './helpers/processes.ts';
+import { qemuM0, qemuSkip, sha256File, startQemu } from './helpers/qemu.ts';
+
+/** A last-resort bound per test (every wait inside is bounded far below it). */
+const T = { timeout: 120_000 };
+/** The stall deadline both sides get in these tests (the parameter's minimum is 1000 ms). */
+const STALL_MS = 2_000;
+/** Bound on noticing a dead link: the deadline, a keepalive tick, the 5 s thread-stop bound, and a loaded machine. */
+const NOTICE_MS = 20_000;
+
+/** The destination exits non-zero and its output names the silent link. */
+async function assertDestinationGaveUp(dst: Child): Promise<void> {
+  const exit = await dst.waitForExit(NOTICE_MS);
+  assert.notEqual(exit.code, 0, `the destination exits non-zero (code ${exit.code}, signal ${exit.signal})`);
+  assert.match(dst.output(), /LM_ERR_PEER_SILENT/, 'its log names the cause');
+  assert.match(dst.output(), /no data from the source for \d+ ms in precopy/);
+}
+
+for (const returnPath of [true, false]) {
+  test(`precopy, silent link during the first pass${returnPath ? ' (return-path: PINGs unanswered)' : ' (no return-path: the kernel takes no more bytes)'}: the source fails with LM_ERR_PEER_SILENT and its guest runs on; the destination exits non-zero; a re-migration completes`, T, () =>
+    withHarness(async (h) => {
+      const guest = ['-m', '64M', '--workload', 'incrementer'];
+      const params = `x-livemig-stall-timeout=${STALL_MS}`;
+      const dst = await h.destination({ incoming: 'tcp', guest, capabilities: ['events'], args: ['--parameters', params] });
+      // A slow first pass (4 MiB/s for 64 MiB): the freeze lands while iterating.
+      const src = await h.source({
+        guest,
+        args: ['--capabilities', returnPath ? 'events,return-path' : 'events', '--parameters', `${params},max-bandwidth=${4 * MiB}`],
+      });
+      const proxy = await TcpProxy.start(dst.incomingUri);
+      try {
+        await src.execute('migrate', { uri: proxy.uri });
+        await waitForMigration(src, (i) => i.status === 'active' && (i.ram?.transferred ?? 0) > MiB, 'a first MiB sent', { timeoutMs: 30_000 });
+        proxy.freeze();
+        const failed = await waitForStatus(src, 'failed', { timeoutMs: NOTICE_MS });
+        const desc = failed['error-desc'] ?? '';
+        assert.match(desc, /for \d+ ms during iterating \(x-livemig-stall-timeout 2000 ms\): link presumed broken/, desc);
+        assert.match(desc, returnPath ? /nothing on the return path/ : /^no bytes taken by the link/);
+        assert.equal(await queryStatus(src), 'running', 'the source guest runs on');
+        await assertDestinationGaveUp(dst);
+      } finally {
+        await proxy.close();
+      }
+      // The source is intact: a fresh destination takes the guest.
+      const again = await h.destination({ incoming: 'tcp', paused: true, guest, name: 'dst2' });
+      await src.execute('migrate-set-parameters', { 'max-bandwidth': 0 });
+      await src.execute('migrate', { uri: again.incomingUri });
+      await waitForStatus(src, 'completed');
+      await waitForStatus(again, 'completed', { timeoutMs: 10_000 });
+      await assertSameRam(src, again);
+    }));
+}
+
+test('precopy, silent link during stop-and-copy: the paused source guest runs again (no unbounded downtime), the source fails with LM_ERR_PEER_SILENT, the destination exits non-zero', T, () =>
+  withHarness(async (h) => {
+    // 256 MiB of random pages and a downtime limit of 10 minutes: after one throttled section
+    // (8 MiB/s) the whole RAM goes in stop-and-copy, so the 64th MiB through is inside it.
+    const guest = ['-m', '256M', '--fill', 'random', '--workload', 'incrementer'];
+    const params = `x-livemig-stall-timeout=${STALL_MS}`;
+    const dst = await h.destination({ incoming: 'tcp', guest, capabilities: ['events'], args: ['--parameters', params] });
+    const src = await h.source({
+      guest,
+      args: ['--capabilities', 'events,return-path', '--parameters', `${params},max-bandwidth=${8 * MiB},downtime-limit=600000`],
+    });
+    const proxy = await TcpProxy.start(dst.incomingUri);
+    try {
+      proxy.freezeAfter(64 * MiB);
+      await src.execute('migrate', { uri: proxy.uri });
+      const failed = await waitForStatus(src, 'failed', { timeoutMs: 60_000 });
+      const desc = failed['error-desc'] ?? '';
+      assert.match(desc, /during stop-copy \(x-livemig-stall-timeout 2000 ms\): link presumed broken/, desc);
+      assert.ok(src.events.some((e) => e.event === 'STOP'), 'the source guest was stopped for the switchover');
+      assert.ok(src.events.some((e) => e.event === 'RESUME'), 'and resumed after the failure');
+      assert.equal(await queryStatus(src), 'running', 'the source guest runs again');
+      const info = await queryMigrate(src);
+      assert.equal(info.status, 'failed');
+      await assertDestinationGaveUp(dst);
+    } finally {
+      await proxy.close();
+    }
+  }));
+
+// ─── QEMU 7.2 ────────────────────────────────────────────────────────────────────────────────
+
+const QEMU_SIZE = 16 * MiB;
+/** livemig's side of QEMU's `-machine none,memory-backend=m0` (e2e/qemu-7.2-interop.test.ts). */
+const M0_GUEST = ['--block', 'm0:16M', '--machine', 'none', '--qemu-devices-only'];
+const Q = { skip: qemuSkip(), timeout: 90_000 };
+
+test('QEMU 7.2 destination: a slow livemig precopy with return-path sends keepalive PINGs mid-stream; QEMU answers them and the migration completes', Q, () =>
+  withHarness(async (h) => {
+    const dstImg = h.path('dst.img');
+    await writeFile(dstImg, Buffer.alloc(QEMU_SIZE));
+    const qemu = await startQemu(h, 'qemu-dst', [...qemuM0({ file: dstImg }, QEMU_SIZE), '-S', '-incoming', 'defer']);
+    await qemu.execute('migrate-set-capabilities', { capabilities: [{ capability: 'return-path', state: true }] });
+    await qemu.execute('migrate-incoming', { uri: 'tcp:127.0.0.1:0' });
+    const uri = await listeningAddress(qemu, 10_000);
+    // 16 MiB of mixed pages at 2 MiB/s: a few seconds of PART sections, a PING before each after a tick.
+    const src = await h.source({ guest: [...M0_GUEST, '-S', '--fill', 'mixed'], args: ['--capabilities', 'return-path', '--parameters', `max-bandwidth=${2 * MiB}`] });
+    const before = await digest(src);
+    await src.execute('migrate', { uri });
+    await waitForMigration(src, (i) => (i.ram?.['dirty-sync-count'] ?? 0) >= 1 && (i['total-time'] ?? 0) > 1_500, 'over a second and a half of precopy', { timeoutMs: 30_000 });
+    const s = await waitForStatus(src, 'completed', { timeoutMs: 60_000 });
+    await waitForStatus(qemu, 'completed', { timeoutMs: 10_000 });
+    assert.equal(s.status, 'completed');
+    assert.equal(await sha256File(dstImg), before.blocks[0]!.sha256, "QEMU's m0 = the livemig source's RAM");
+  }));
