@@ -5,10 +5,11 @@
 
 import assert from 'node:assert/strict';
 import { writeFile } from 'node:fs/promises';
+import net from 'node:net';
 import { test } from 'node:test';
 import { assertSameRam, digest, MiB, queryMigrate, queryStatus, waitForMigration, waitForStatus } from './helpers/migration.ts';
 import { TcpProxy } from './helpers/postcopy.ts';
-import { type Child, listeningAddress, withHarness } from './helpers/processes.ts';
+import { type Child, listeningAddress, withHarness, within } from './helpers/processes.ts';
 import { qemuM0, qemuSkip, sha256File, startQemu } from './helpers/qemu.ts';
 
 /** A last-resort bound per test (every wait inside is bounded far below it). */
@@ -89,6 +90,66 @@ test('precopy, silent link during stop-and-copy: the paused source guest runs ag
       await proxy.close();
     }
   }));
+
+/** A client of the incoming port that is not a source: connected, and `closed` once the destination drops it. */
+async function stranger(uri: string, send?: Buffer): Promise<{ socket: net.Socket; closed: Promise<void> }> {
+  const m = /^tcp:([^:]+):(\d+)$/.exec(uri);
+  if (m === null) throw new Error(`not a tcp address: ${uri}`);
+  const socket = net.connect(Number(m[2]), m[1]);
+  socket.on('error', () => {});
+  socket.resume();
+  const closed = new Promise<void>((resolve) => socket.once('close', () => resolve()));
+  await within(new Promise<void>((resolve) => socket.once('connect', () => resolve())), 'the stranger to connect', 10_000);
+  if (send !== undefined) socket.write(send);
+  return { socket, closed };
+}
+
+for (const multifd of [false, true]) {
+  test(`incoming port${multifd ? ' with multifd (the extra connections follow the main one)' : ''}: a silent client and a garbage client are dropped with a logged reason, and the real source, coming after a silent one, migrates`, T, () =>
+    withHarness(async (h) => {
+      const guest = ['-m', '64M', '--workload', 'incrementer'];
+      const dst = await h.destination({
+        incoming: 'tcp',
+        paused: true,
+        guest,
+        capabilities: multifd ? ['events', 'multifd'] : ['events'],
+        args: ['--handshake-timeout', '1000', ...(multifd ? ['--parameters', 'multifd-channels=3'] : [])],
+      });
+      const src = await h.source({
+        guest,
+        args: ['--capabilities', multifd ? 'events,return-path,multifd' : 'events,return-path', ...(multifd ? ['--parameters', 'multifd-channels=3'] : [])],
+      });
+      const strangers: net.Socket[] = [];
+      try {
+        // Silent past the deadline: dropped, and the port is still open.
+        const silent = await stranger(dst.incomingUri);
+        strangers.push(silent.socket);
+        await within(silent.closed, 'the silent client to be dropped', 15_000);
+        // Not a migration stream: dropped at once.
+        const garbage = await stranger(dst.incomingUri, Buffer.from('GET / HTTP/1.1\r\nHost: x\r\n\r\n'));
+        strangers.push(garbage.socket);
+        await within(garbage.closed, 'the garbage client to be dropped', 15_000);
+        // Connected first and silent while the source comes: the source still wins the port.
+        const early = await stranger(dst.incomingUri);
+        strangers.push(early.socket);
+        await src.execute('migrate', { uri: dst.incomingUri });
+        await waitForStatus(src, 'completed');
+        await waitForStatus(dst, 'completed', { timeoutMs: 10_000 });
+        await within(early.closed, 'the early silent client to be dropped', 15_000);
+        await assertSameRam(src, dst);
+        const log = dst.output();
+        assert.match(log, /dropped a connection from 127\.0\.0\.1:\d+ that is not a migration source: sent nothing within the handshake deadline \(x-livemig-handshake-timeout 1000 ms\) \[LM_ERR_PEER_SILENT\]/);
+        assert.match(log, /dropped a connection from 127\.0\.0\.1:\d+ that is not a migration source: not a QEMU migration stream: magic 0x47455420, expected 0x5145564d [^\n]*\[LM_ERR_BAD_MAGIC\]/);
+        assert.match(log, /connected before the source and sent no stream header before it did/);
+        if (multifd) {
+          const info = await queryMigrate(src);
+          assert.ok((info.ram?.['multifd-bytes'] ?? 0) > 0, 'pages went on the multifd channels');
+        }
+      } finally {
+        for (const s of strangers) s.destroy();
+      }
+    }));
+}
 
 // ─── QEMU 7.2 ────────────────────────────────────────────────────────────────────────────────
 

@@ -63,6 +63,8 @@ export interface IncomingOptions {
   realtimePostcopy?: boolean;
   /** Parameter x-livemig-stall-timeout (ms): a precopy stream silent this long fails. */
   stallTimeoutMs?: number;
+  /** Parameter x-livemig-handshake-timeout (ms): a connection must send the stream header this soon. */
+  handshakeTimeoutMs?: number;
   events: { status(s: IncomingStatus): void; resume(): void };
   log: { info(obj: object, msg?: string): void; warn(obj: object, msg?: string): void };
 }
@@ -126,8 +128,11 @@ export class IncomingMigration {
       multifd: caps.multifd,
       multifdChannels: options.multifdChannels ?? 2,
       reader: this.stream,
+      ...(options.handshakeTimeoutMs === undefined ? {} : { handshakeTimeoutMs: options.handshakeTimeoutMs }),
       events: {
-        mainAccepted: (socket) => this.onConnection(socket),
+        mainAccepted: (socket, prefix) => this.onConnection(socket, prefix),
+        candidateDropped: (reason, peer) =>
+          this.o.log.warn({ peer, err: { code: reason.code, message: reason.message } }, `dropped a connection from ${peer} that is not a migration source: ${reason.message} [${reason.code}]`),
         preemptAccepted: (raw, tcp) => this.onPreempt(raw, tcp),
         multifdProgressed: () => this.checkSync(),
         multifdFailed: (err) => this.failSoon(coded(err) as MigrationError),
@@ -317,7 +322,7 @@ export class IncomingMigration {
 
   // ---- connections ------------------------------------------------------------------------------
 
-  private onConnection(socket: net.Socket): void {
+  private onConnection(socket: net.Socket, prefix: Buffer): void {
     try {
       this.dispatch({ type: 'connectionAccepted' });
     } catch (err) {
@@ -327,6 +332,8 @@ export class IncomingMigration {
     }
     this.channels.main = socket;
     this.watch(socket);
+    // The header (and whatever came with it) was read to check it: decode it before the next read.
+    if (prefix.length > 0 && !this.stream.feed(prefix)) socket.pause();
   }
 
   private onRecoveryConnection(socket: net.Socket): void {

@@ -31,6 +31,10 @@ first-touch page faults. Exits with status 1 if the incoming migration fails.
   --capabilities L  capabilities to turn on first, comma-separated (e.g. events,postcopy-ram,
                     postcopy-preempt, or multifd: pages on extra connections, read into RAM)
   --parameters L    parameters to set first, NAME=VALUE comma-separated (e.g. multifd-channels=4)
+  --handshake-timeout MS
+                    a connection to the incoming port must send the stream header ("QEVM",
+                    version 3) within MS ms, or it is dropped and the port stays open for the
+                    source (parameter x-livemig-handshake-timeout; default 5000)
   --realtime-postcopy
                     in postcopy, run the fault path under SCHED_FIFO: vCPUs (priority 1) until
                     the last page is in, and the fault thread (priority 2); use it on the source
@@ -56,6 +60,7 @@ const EXTRA = {
   capabilities: { type: 'string' },
   parameters: { type: 'string' },
   'realtime-postcopy': { type: 'boolean' },
+  'handshake-timeout': { type: 'string' },
 } as const;
 
 class DestinationProcess {
@@ -94,6 +99,7 @@ class DestinationProcess {
       capabilities: { ...this.settings.capabilities },
       multifdChannels: this.settings.parameters['multifd-channels'],
       stallTimeoutMs: this.settings.parameters['x-livemig-stall-timeout'],
+      handshakeTimeoutMs: this.settings.parameters['x-livemig-handshake-timeout'],
       realtimePostcopy: this.realtimePostcopy,
       autostart: this.autostart,
       machineType: this.machineType,
@@ -203,6 +209,10 @@ async function main(argv: string[]): Promise<void> {
   orExitWithUsage(program, () => {
     if (values.capabilities !== undefined) proc.settings.capabilities = applyCapabilities(proc.settings.capabilities, capabilitiesOn(values.capabilities));
     if (values.parameters !== undefined) proc.settings.parameters = applyParameters(proc.settings.parameters, parameterList(values.parameters));
+    const handshake = values['handshake-timeout'];
+    if (handshake !== undefined) {
+      proc.settings.parameters = applyParameters(proc.settings.parameters, { 'x-livemig-handshake-timeout': /^\d+$/.test(handshake) ? Number(handshake) : handshake });
+    }
   });
   process.on('SIGINT', () => void proc.shutdown(130));
   process.on('SIGTERM', () => void proc.shutdown(143));

@@ -102,6 +102,11 @@ export interface MigrationParameters {
    * the source guest runs again; the destination fails a stream silent this long.
    */
   'x-livemig-stall-timeout': number;
+  /**
+   * livemig, destination: milliseconds a connection to the incoming port has to send the stream
+   * header before it is dropped (the port stays open for the real source).
+   */
+  'x-livemig-handshake-timeout': number;
 }
 
 /**
@@ -140,6 +145,7 @@ export function defaultParameters(): MigrationParameters {
     'multifd-zlib-level': 1,
     'multifd-zstd-level': 1,
     'x-livemig-stall-timeout': DEFAULT_STALL_TIMEOUT_MS,
+    'x-livemig-handshake-timeout': 5_000,
   };
 }
 
@@ -171,6 +177,7 @@ const INT_RANGES: Partial<Record<keyof MigrationParameters, Range>> = {
   'multifd-zstd-level': [0, 20],
   // Below a few keepalive intervals (500 ms) a busy but healthy link would trip it.
   'x-livemig-stall-timeout': [1000, 3_600_000],
+  'x-livemig-handshake-timeout': [100, 3_600_000],
 };
 
 /**
