@@ -151,6 +151,33 @@ for (const multifd of [false, true]) {
     }));
 }
 
+for (const fault of ['link cut (both ends see the close)', 'destination killed -9 (the source sees a reset)'] as const) {
+  test(`ordinary network errors are coded, never LM_ERR_INTERNAL: ${fault} during precopy → LM_ERR_CHANNEL_LOST, the source guest runs on`, T, () =>
+    withHarness(async (h) => {
+      const guest = ['-m', '64M', '--workload', 'incrementer'];
+      const dst = await h.destination({ incoming: 'tcp', guest, capabilities: ['events'] });
+      const src = await h.source({ guest, args: ['--capabilities', 'events,return-path', '--parameters', `max-bandwidth=${4 * MiB}`] });
+      const proxy = await TcpProxy.start(dst.incomingUri);
+      try {
+        await src.execute('migrate', { uri: proxy.uri });
+        await waitForMigration(src, (i) => i.status === 'active' && (i.ram?.transferred ?? 0) > MiB, 'a first MiB sent', { timeoutMs: 30_000 });
+        if (fault.startsWith('link cut')) proxy.cut();
+        else process.kill(dst.pid, 'SIGKILL');
+        await waitForStatus(src, 'failed', { timeoutMs: NOTICE_MS });
+        assert.equal(await queryStatus(src), 'running', 'the source guest runs on');
+        const exit = await dst.waitForExit(NOTICE_MS);
+        assert.notEqual(exit.code, 0);
+        const srcLog = src.output();
+        assert.match(srcLog, /"code":"LM_ERR_CHANNEL_LOST"[^\n]*migration failed/, 'the source logs the failure with its transport code');
+        for (const c of [src, dst]) assert.doesNotMatch(c.output(), /LM_ERR_INTERNAL/, `${c.name} never reports a network error as internal`);
+        // The destination's verdict on a stream cut mid-record is the decoder's (LM_ERR_TRUNCATED) or the link's.
+        if (fault.startsWith('link cut')) assert.match(dst.output(), /"code":"LM_ERR_(CHANNEL_LOST|TRUNCATED)"[^\n]*incoming migration failed/, 'the destination logs it with its code');
+      } finally {
+        await proxy.close();
+      }
+    }));
+}
+
 // ─── QEMU 7.2 ────────────────────────────────────────────────────────────────────────────────
 
 const QEMU_SIZE = 16 * MiB;

@@ -309,7 +309,9 @@ export class OutgoingMigration {
   }
 
   private streamOut(channel: Duplex): StreamOut {
-    const out = new StreamOut(channel, 'main');
+    // With a return path the destination ends the connection only after its SHUT.
+    const c = this.o.capabilities;
+    const out = new StreamOut(channel, 'main', { peerEndIsLoss: c['return-path'] || c['postcopy-ram'] });
     void out.failed().then((error) => {
       if (this.out === out) this.report({ type: 'faulted', error: coded(error) as MigrationError });
     });
