@@ -10,7 +10,7 @@ import { test } from 'node:test';
 import { assertSameRam, digest, MiB, queryMigrate, queryStatus, waitForMigration, waitForStatus } from './helpers/migration.ts';
 import { TcpProxy } from './helpers/postcopy.ts';
 import { type Child, listeningAddress, withHarness, within } from './helpers/processes.ts';
-import { qemuM0, qemuSkip, sha256File, startQemu } from './helpers/qemu.ts';
+import { pollFinal, qemuM0, qemuSkip, ramImage, sha256File, startQemu, writeRamImage } from './helpers/qemu.ts';
 
 /** A last-resort bound per test (every wait inside is bounded far below it). */
 const T = { timeout: 120_000 };
@@ -178,6 +178,40 @@ for (const fault of ['link cut (both ends see the close)', 'destination killed -
     }));
 }
 
+test('validate-uuid, QEMU 7.2\'s cases: no UUID sent, the same UUID, a different one (refused, naming both), none at the destination; the capability off sends none', T, () =>
+  withHarness(async (h) => {
+    const A = '9b1deb4d-3b7d-4bad-9bdd-2b0d7b3dcb6d';
+    const B = '1b4e28ba-2fa1-11d2-883f-0016d3cca427';
+    const guest = ['-m', '16M', '--workload', 'incrementer'];
+    const cases = [
+      { name: 'source without a UUID', src: [], dst: ['--uuid', A], validate: true, ok: true },
+      { name: 'the same UUID', src: ['--uuid', A.toUpperCase()], dst: ['--uuid', A], validate: true, ok: true },
+      { name: 'a different UUID', src: ['--uuid', B], dst: ['--uuid', A], validate: true, ok: false },
+      { name: 'no UUID at the destination', src: ['--uuid', B], dst: [], validate: true, ok: true },
+      { name: 'validate-uuid off at the source', src: ['--uuid', B], dst: ['--uuid', A], validate: false, ok: true },
+    ] as const;
+    for (const c of cases) {
+      const dst = await h.destination({ incoming: 'tcp', paused: true, guest, capabilities: ['events', 'validate-uuid'], args: [...c.dst], name: 'dst' });
+      const src = await h.source({ guest, args: ['--capabilities', c.validate ? 'events,return-path,validate-uuid' : 'events,return-path', ...c.src], name: 'src' });
+      await src.execute('migrate', { uri: dst.incomingUri });
+      const end = await waitForStatus(src, ['completed', 'failed']);
+      if (c.ok) {
+        assert.equal(end.status, 'completed', `${c.name}: ${end['error-desc'] ?? ''}`);
+        await waitForStatus(dst, 'completed', { timeoutMs: 10_000 });
+        await assertSameRam(src, dst);
+      } else {
+        assert.equal(end.status, 'failed', c.name);
+        // The configuration record comes before OPEN_RETURN_PATH (QEMU's order): the destination
+        // cannot tell the source why, it closes the connection (as a QEMU destination does).
+        assert.match(end['error-desc'] ?? '', /closed|reset/, `${c.name}: ${end['error-desc']}`);
+        assert.equal(await queryStatus(src), 'running', `${c.name}: the source guest runs on`);
+        const exit = await dst.waitForExit(15_000);
+        assert.equal(exit.code, 1, `${c.name}: the destination exits 1`);
+        assert.match(dst.output(), /"code":"LM_ERR_CONFIG_MISMATCH"[^\n]*UUID received is 1b4e28ba-2fa1-11d2-883f-0016d3cca427 and local is 9b1deb4d-3b7d-4bad-9bdd-2b0d7b3dcb6d \(at stream offset 8\)/, 'the destination names both UUIDs, with its code');
+      }
+    }
+  }));
+
 // ─── QEMU 7.2 ────────────────────────────────────────────────────────────────────────────────
 
 const QEMU_SIZE = 16 * MiB;
@@ -202,4 +236,40 @@ test('QEMU 7.2 destination: a slow livemig precopy with return-path sends keepal
     await waitForStatus(qemu, 'completed', { timeoutMs: 10_000 });
     assert.equal(s.status, 'completed');
     assert.equal(await sha256File(dstImg), before.blocks[0]!.sha256, "QEMU's m0 = the livemig source's RAM");
+  }));
+
+test('validate-uuid against QEMU 7.2, both directions: a different -uuid / --uuid is refused naming both; the same one migrates', Q, () =>
+  withHarness(async (h) => {
+    const A = '9b1deb4d-3b7d-4bad-9bdd-2b0d7b3dcb6d';
+    const B = '1b4e28ba-2fa1-11d2-883f-0016d3cca427';
+    const img = h.path('m0.img');
+    await writeRamImage(img, ramImage(QEMU_SIZE, { stride: 2, dataEnd: 8 * MiB }));
+    // QEMU source (-uuid B, validate-uuid) → livemig destination --uuid A: refused by livemig.
+    const qemu = await startQemu(h, 'qemu-src', [...qemuM0({ file: img }, QEMU_SIZE), '-S', '-uuid', B]);
+    await qemu.execute('migrate-set-capabilities', { capabilities: [{ capability: 'validate-uuid', state: true }] });
+    const dst = await h.destination({ incoming: 'tcp', paused: true, guest: [...M0_GUEST, '--uuid', A] });
+    await qemu.execute('migrate', { uri: dst.incomingUri });
+    assert.equal((await pollFinal(qemu)).status, 'failed', 'QEMU fails');
+    assert.equal((await dst.waitForExit(15_000)).code, 1, 'the livemig destination exits 1');
+    assert.match(dst.output(), /"code":"LM_ERR_CONFIG_MISMATCH"[^\n]*UUID received is 1b4e28ba-2fa1-11d2-883f-0016d3cca427 and local is 9b1deb4d-3b7d-4bad-9bdd-2b0d7b3dcb6d/);
+    // The same UUID: completes.
+    const same = await h.destination({ incoming: 'tcp', paused: true, guest: [...M0_GUEST, '--uuid', B], name: 'dst-same' });
+    await qemu.execute('migrate', { uri: same.incomingUri });
+    assert.equal((await pollFinal(qemu)).status, 'completed');
+    await waitForStatus(same, 'completed', { timeoutMs: 10_000 });
+
+    // livemig source --uuid B with validate-uuid → QEMU destination -uuid A: QEMU refuses it.
+    const dstImg = h.path('dst.img');
+    await writeFile(dstImg, Buffer.alloc(QEMU_SIZE));
+    const qdst = await startQemu(h, 'qemu-dst', [...qemuM0({ file: dstImg }, QEMU_SIZE), '-S', '-incoming', 'defer', '-uuid', A]);
+    await qdst.execute('migrate-set-capabilities', { capabilities: [{ capability: 'return-path', state: true }] });
+    await qdst.execute('migrate-incoming', { uri: 'tcp:127.0.0.1:0' });
+    const uri = await listeningAddress(qdst, 10_000);
+    const src = await h.source({ guest: [...M0_GUEST, '-S', '--uuid', B], args: ['--capabilities', 'return-path,validate-uuid'] });
+    await src.execute('migrate', { uri });
+    const end = await waitForStatus(src, ['failed', 'completed'], { timeoutMs: 30_000 });
+    assert.equal(end.status, 'failed', 'the livemig source fails');
+    const q = await qdst.waitForExit(15_000);
+    assert.notEqual(q.code, 0, 'QEMU exits non-zero');
+    assert.match(qdst.output(), /UUID received is 1b4e28ba-2fa1-11d2-883f-0016d3cca427 and local is 9b1deb4d-3b7d-4bad-9bdd-2b0d7b3dcb6d/, 'QEMU read our configuration/uuid');
   }));

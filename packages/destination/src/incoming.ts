@@ -65,6 +65,8 @@ export interface IncomingOptions {
   stallTimeoutMs?: number;
   /** Parameter x-livemig-handshake-timeout (ms): a connection must send the stream header this soon. */
   handshakeTimeoutMs?: number;
+  /** --uuid (normalized): a stream carrying another configuration/uuid is refused. */
+  uuid?: string;
   events: { status(s: IncomingStatus): void; resume(): void };
   log: { info(obj: object, msg?: string): void; warn(obj: object, msg?: string): void };
 }
@@ -101,7 +103,7 @@ export class IncomingMigration {
       multifd: caps.multifd,
       ...(options.stallTimeoutMs === undefined ? {} : { stallTimeoutMs: options.stallTimeoutMs }),
     });
-    this.loader = new StreamLoader(options.guest, options.machineType, this.state.config);
+    this.loader = new StreamLoader(options.guest, options.machineType, this.state.config, options.uuid);
     this.faults = new PostcopyFaults({
       guest: options.guest,
       realtime: options.realtimePostcopy === true,

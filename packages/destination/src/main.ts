@@ -3,7 +3,7 @@
 
 import { parseArgs } from 'node:util';
 import { Guest } from '@livemig/guest';
-import { applyCapabilities, applyParameters } from '@livemig/protocol';
+import { applyCapabilities, applyParameters, normalizeUuid } from '@livemig/protocol';
 import {
   capabilitiesOn,
   parameterList,
@@ -35,6 +35,8 @@ first-touch page faults. Exits with status 1 if the incoming migration fails.
                     a connection to the incoming port must send the stream header ("QEVM",
                     version 3) within MS ms, or it is dropped and the port stays open for the
                     source (parameter x-livemig-handshake-timeout; default 5000)
+  --uuid UUID       the guest's UUID (QEMU's -uuid): a stream whose configuration/uuid differs
+                    (a source with validate-uuid and another UUID) is refused
   --realtime-postcopy
                     in postcopy, run the fault path under SCHED_FIFO: vCPUs (priority 1) until
                     the last page is in, and the fault thread (priority 2); use it on the source
@@ -61,6 +63,7 @@ const EXTRA = {
   parameters: { type: 'string' },
   'realtime-postcopy': { type: 'boolean' },
   'handshake-timeout': { type: 'string' },
+  uuid: { type: 'string' },
 } as const;
 
 class DestinationProcess {
@@ -73,6 +76,8 @@ class DestinationProcess {
   private readonly machineType: string;
   /** --realtime-postcopy */
   realtimePostcopy = false;
+  /** --uuid (normalized): a stream with another configuration/uuid is refused. */
+  uuid: string | undefined;
   private prefaulted: Promise<void>;
 
   constructor(guest: Guest, machineType: string, autostart: boolean, log: Logger) {
@@ -100,6 +105,7 @@ class DestinationProcess {
       multifdChannels: this.settings.parameters['multifd-channels'],
       stallTimeoutMs: this.settings.parameters['x-livemig-stall-timeout'],
       handshakeTimeoutMs: this.settings.parameters['x-livemig-handshake-timeout'],
+      ...(this.uuid === undefined ? {} : { uuid: this.uuid }),
       realtimePostcopy: this.realtimePostcopy,
       autostart: this.autostart,
       machineType: this.machineType,
@@ -209,6 +215,7 @@ async function main(argv: string[]): Promise<void> {
   orExitWithUsage(program, () => {
     if (values.capabilities !== undefined) proc.settings.capabilities = applyCapabilities(proc.settings.capabilities, capabilitiesOn(values.capabilities));
     if (values.parameters !== undefined) proc.settings.parameters = applyParameters(proc.settings.parameters, parameterList(values.parameters));
+    if (values.uuid !== undefined) proc.uuid = normalizeUuid(values.uuid);
     const handshake = values['handshake-timeout'];
     if (handshake !== undefined) {
       proc.settings.parameters = applyParameters(proc.settings.parameters, { 'x-livemig-handshake-timeout': /^\d+$/.test(handshake) ? Number(handshake) : handshake });

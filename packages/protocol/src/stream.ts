@@ -43,6 +43,17 @@ export function checkStreamHeader(first: Uint8Array): 'valid' | ProtocolError | 
   return 'valid';
 }
 
+/**
+ * A guest UUID as QEMU's -uuid takes it (8-4-4-4-12 hex digits), lowercased as the decoder
+ * reports configuration/uuid; throws LM_ERR_INVALID_ARGUMENT for anything else.
+ */
+export function normalizeUuid(text: string): string {
+  if (!/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(text)) {
+    throw new MigrationError(ErrorCode.INVALID_ARGUMENT, `"${text}" is not a UUID (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)`);
+  }
+  return text.toLowerCase();
+}
+
 export function writeStreamHeader(w: BatchWriter, version = QEMU_VM_FILE_VERSION): void {
   w.be32(QEMU_VM_FILE_MAGIC).be32(version);
 }

@@ -17,7 +17,7 @@ import {
   registerMachineCommands,
   TtyProgress,
 } from '@livemig/machine';
-import { applyCapabilities, applyParameters, TARGET_PAGE_SIZE } from '@livemig/protocol';
+import { applyCapabilities, applyParameters, normalizeUuid, TARGET_PAGE_SIZE } from '@livemig/protocol';
 import { ChannelError, connectChannel, createLogger, type Logger, parseAddress, QmpServer, RuntimeErrorCode } from '@livemig/runtime';
 import { OutgoingMigration } from './migration.ts';
 
@@ -35,6 +35,8 @@ migration:
                            multifd-channels=2: the destination needs multifd with the same count)
   --exit-after-migrate     exit when the migration ends: status 0 if completed, 1 otherwise
   -S, --paused             do not start the guest (QEMU's -S); QMP cont starts it
+  --uuid UUID              the guest's UUID (QEMU's -uuid): with capability validate-uuid the stream
+                           carries it (configuration/uuid) and a destination with another refuses it
   --realtime-postcopy      with postcopy-preempt, run the page server thread (which answers page
                            requests) under SCHED_FIFO, priority 2. Needs CAP_SYS_NICE (e.g. root);
                            without it a warning is logged and nothing changes
@@ -55,6 +57,7 @@ const EXTRA = {
   'exit-after-migrate': { type: 'boolean' },
   paused: { type: 'boolean', short: 'S' },
   'realtime-postcopy': { type: 'boolean' },
+  uuid: { type: 'string' },
 } as const;
 
 /** A `migrate` whose channels are still connecting (or failed to, or were cancelled meanwhile). */
@@ -74,6 +77,8 @@ class SourceProcess {
   postcopyWanted = false;
   /** --realtime-postcopy */
   realtimePostcopy = false;
+  /** --uuid (normalized), sent as configuration/uuid with validate-uuid. */
+  uuid: string | undefined;
   /** A migrate whose channel is still connecting, or failed to. */
   connecting: ConnectAttempt | undefined;
   qmp: QmpServer | undefined;
@@ -189,6 +194,7 @@ class SourceProcess {
           ...(multifdChannels.length === 0 ? {} : { multifd: multifdChannels }),
           machineType: this.machineType,
           realtimePostcopy: this.realtimePostcopy,
+          ...(this.uuid === undefined ? {} : { uuid: this.uuid }),
           postcopyRequested: this.postcopyWanted,
           log,
           events: {
@@ -373,6 +379,7 @@ async function main(argv: string[]): Promise<void> {
   const proc = new SourceProcess(guest, flags.machineType, log);
   proc.realtimePostcopy = values['realtime-postcopy'] === true;
   orExitWithUsage(program, () => {
+    if (values.uuid !== undefined) proc.uuid = normalizeUuid(values.uuid);
     if (values.capabilities !== undefined) proc.settings.capabilities = applyCapabilities(proc.settings.capabilities, capabilitiesOn(values.capabilities));
     if (values.parameters !== undefined) proc.settings.parameters = applyParameters(proc.settings.parameters, parameterList(values.parameters));
   });

@@ -76,6 +76,8 @@ export interface OutgoingOptions {
   multifd?: readonly Duplex[];
   /** Machine type sent in the configuration record. */
   machineType: string;
+  /** --uuid: with capability validate-uuid, sent as configuration/uuid (QEMU's vmstate_uuid_needed). */
+  uuid?: string;
   /** The page server thread under SCHED_FIFO (--realtime-postcopy). */
   realtimePostcopy?: boolean;
   /** migrate-start-postcopy came while the channel was still connecting. */

@@ -64,7 +64,9 @@ export class Precopy {
     const m = this.m;
     const w = m.w;
     writeStreamHeader(w);
-    writeConfiguration(w, { machineType: m.o.machineType });
+    // QEMU 7.2 sends configuration/uuid only when the guest has one and validate-uuid is on.
+    const uuid = m.o.capabilities['validate-uuid'] ? m.o.uuid : undefined;
+    writeConfiguration(w, { machineType: m.o.machineType, ...(uuid === undefined ? {} : { uuid }) });
     if (m.state.returnPath) {
       writeCommand(w, MigCmd.OPEN_RETURN_PATH);
       writePing(w, 1);
