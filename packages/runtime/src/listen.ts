@@ -1,7 +1,8 @@
 // Binding a net.Server to a `tcp:` or `unix:` address, shared by the QMP server and the
 // migration listener, and reading back what was actually bound (port 0 → the kernel's pick).
 
-import { chmod, lstat, unlink } from 'node:fs/promises';
+import { chmodSync } from 'node:fs';
+import { lstat, unlink } from 'node:fs/promises';
 import { isMainThread } from 'node:worker_threads';
 import type { Server } from 'node:net';
 import { formatAddress, toAddress, type MigrationAddress } from './address.ts';
@@ -35,13 +36,23 @@ export async function listenServer(server: Server, address: string | MigrationAd
     server.once('error', onError);
     const onListening = (): void => {
       server.off('error', onError);
+      if (addr.transport === 'unix') {
+        // Synchronously, in the same turn as the bind: an await here would let a client in
+        // (connected, even served) before the caller has set its server up.
+        try {
+          chmodSync(addr.path, UNIX_SOCKET_MODE);
+        } catch (err) {
+          server.close();
+          reject(new ChannelError(RuntimeErrorCode.CHANNEL_OPEN, `cannot make unix:${addr.path} owner-only: ${(err as Error).message}`, { cause: err }));
+          return;
+        }
+      }
       resolve();
     };
     if (addr.transport === 'unix') listenOwnerOnly(server, addr.path, onListening);
     else if (addr.host === '') server.listen({ port: addr.port }, onListening);
     else server.listen({ port: addr.port, host: addr.host }, onListening);
   });
-  if (addr.transport === 'unix') await ownerOnly(server, addr.path);
   return boundAddress(server, addr);
 }
 
@@ -53,8 +64,8 @@ export const UNIX_SOCKET_MODE = 0o600;
  * when another local user could connect (a chmod after bind leaves one, and a connection made in
  * it stays open). Node binds synchronously inside listen() (net.js setupListenHandle), so the
  * umask is back before any other JS runs; other threads creating files in that instant get a
- * stricter mode, never a looser one. Worker threads cannot change the umask: there the chmod of
- * ownerOnly() alone applies.
+ * stricter mode, never a looser one. The 'listening' callback then chmods it 0600 as well (worker
+ * threads cannot change the umask: there that alone applies).
  */
 function listenOwnerOnly(server: Server, path: string, onListening: () => void): void {
   if (!isMainThread) {
@@ -66,16 +77,6 @@ function listenOwnerOnly(server: Server, path: string, onListening: () => void):
     server.listen({ path }, onListening);
   } finally {
     process.umask(previous);
-  }
-}
-
-/** chmod 0600 after the bind too: the mode is right even where the umask could not be set. */
-async function ownerOnly(server: Server, path: string): Promise<void> {
-  try {
-    await chmod(path, UNIX_SOCKET_MODE);
-  } catch (err) {
-    server.close();
-    throw new ChannelError(RuntimeErrorCode.CHANNEL_OPEN, `cannot make unix:${path} owner-only: ${(err as Error).message}`, { cause: err });
   }
 }
 
