@@ -202,7 +202,7 @@ test('cancel matrix: with no migration, while active, after completion; re-migra
     assert.equal(await queryStatus(src), 'postmigrate');
   }));
 
-test('migrate_cancel in the same write as migrate (channels still connecting): cancelled, nothing migrates, the guest runs on', T, () =>
+test('migrate_cancel in the same write as migrate (channels still connecting): cancelled, nothing migrates, the guest runs on; the destination drops the aborted connection and takes a later migration', T, () =>
   withHarness(async (h) => {
     const guest = ['-m', '64M', '--workload', 'incrementer'];
     const dst = await h.destination({ incoming: 'tcp', guest });
@@ -216,8 +216,15 @@ test('migrate_cancel in the same write as migrate (channels still connecting): c
     // Still cancelled a moment later: the migration did not go ahead behind the cancel.
     await sleep(1000);
     assert.equal((await queryMigrate(src)).status, 'cancelled');
-    const exit = await dst.waitForExit(15_000);
-    assert.notEqual(exit.code, 0, `the destination saw its connection closed before a stream: ${JSON.stringify(exit)}`);
+    // The incoming port is not captured by a connection that brings no stream (issue 14): the
+    // destination drops it and still waits for a source, which then migrates.
+    for (const deadline = Date.now() + 15_000; !/closed before it sent a stream header/.test(dst.output()); await sleep(50)) {
+      if (Date.now() > deadline) throw new Error('the aborted connection was not dropped within 15 s');
+    }
+    assert.equal(dst.alive, true, 'the destination still listens');
+    await src.execute('migrate', { uri: dst.incomingUri });
+    await waitForStatus(src, 'completed');
+    await waitForStatus(dst, 'completed', { timeoutMs: 10_000 });
   }));
 
 test('destination config mismatch (-m differs): the destination\'s error comes back on the return path, it exits, the source runs on', T, () =>

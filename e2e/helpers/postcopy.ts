@@ -150,6 +150,8 @@ interface ProxyPair {
  *   dropReplies()   keep forwarding client → target, drop everything target → client.
  *   delayReplies(ms) deliver target → client `ms` late.
  *   cut()           destroy both sockets of every connection (each end sees the close).
+ *   freezeAfter(n)  freeze() once `n` bytes have gone client → target (a point in the stream
+ *                   reached without polling, e.g. inside a long stop-and-copy).
  *   cutBefore(b)    forward client → target up to the first occurrence of the bytes `b`, then
  *                   cut(): the client has written `b` and more, the target never sees it.
  *   close()         cut() and stop listening (call it in finally).
@@ -163,6 +165,7 @@ export class TcpProxy {
   #delayReplies = 0;
   /** cutBefore(): the byte pattern, the last bytes seen client → target (a match may straddle chunks). */
   #cutPattern: Buffer | undefined;
+  #freezeAfterUp = Infinity;
   #upTail = Buffer.alloc(0);
   /** Bytes forwarded client → target and target → client. */
   forwarded = { up: 0, down: 0 };
@@ -214,6 +217,12 @@ export class TcpProxy {
           this.#upTail = seen.subarray(Math.max(0, seen.length - pattern.length + 1));
         }
         this.forwarded[dir] += chunk.length;
+        if (dir === 'up' && this.forwarded.up >= this.#freezeAfterUp) {
+          // This chunk goes through; nothing after it.
+          to.write(chunk);
+          this.freeze();
+          return;
+        }
         if (dir === 'down' && this.#delayReplies > 0) {
           // Same delay for every chunk: timers fire in order, so the byte order holds.
           setTimeout(() => {
@@ -270,6 +279,10 @@ export class TcpProxy {
   /** Deliver everything target → client `ms` late (a slow return path). */
   delayReplies(ms: number): void {
     this.#delayReplies = ms;
+  }
+
+  freezeAfter(bytesUp: number): void {
+    this.#freezeAfterUp = bytesUp;
   }
 
   cutBefore(pattern: Buffer): void {

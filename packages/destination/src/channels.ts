@@ -5,10 +5,14 @@
 // business: this file reports what happened and does what it is told.
 
 import net from 'node:net';
-import { ConfigError, ErrorCode, type MigrationError, MultifdReceiver, TransportError } from '@livemig/protocol';
+import { checkStreamHeader, ConfigError, ErrorCode, type MigrationError, MultifdReceiver, STREAM_HEADER_LENGTH, TransportError } from '@livemig/protocol';
 import type { Guest } from '@livemig/guest';
 import { adoptWithOnread, type ChannelListener, formatAddress, listenChannel, listenServer } from '@livemig/runtime';
 
+/** Default of x-livemig-handshake-timeout: a source sends its stream header at once. */
+export const DEFAULT_HANDSHAKE_TIMEOUT_MS = 5_000;
+/** Connections waiting to show a stream header at once; more are refused until some are decided. */
+const MAX_CANDIDATES = 64;
 /** How long the extra connections of a failed migration stay open after their FIN (see close). */
 const FAILED_CHANNEL_LINGER_MS = 1_000;
 /** Connections held unread beyond what multifd-channels allows, before more are closed at once. */
@@ -22,8 +26,14 @@ export interface MainReader {
 }
 
 export interface ChannelEvents {
-  /** The first connection to the listener: the main channel (as a QEMU 7.2 destination assumes). */
-  mainAccepted(socket: net.Socket): void;
+  /**
+   * The main channel: the first connection to bring a stream header (QEVM, version 3) within the
+   * handshake deadline. `prefix`: what was read off it to check that (the header and maybe more),
+   * to be decoded before anything the socket reads next.
+   */
+  mainAccepted(socket: net.Socket, prefix: Buffer): void;
+  /** A connection dropped before it became the main channel: silent past the deadline, or not a stream. */
+  candidateDropped(reason: MigrationError, peer: string): void;
   /** A connection after the main one, with postcopy-preempt. */
   preemptAccepted(raw: net.Socket, tcp: boolean): void;
   /** A multifd channel delivered a SYNC packet or ended. */
@@ -49,6 +59,24 @@ export interface ChannelsOptions {
   multifdChannels: number;
   reader: MainReader;
   events: ChannelEvents;
+  /** Parameter x-livemig-handshake-timeout (ms): how long a connection may take to send the stream header. */
+  handshakeTimeoutMs?: number;
+}
+
+/** A connection that has not yet shown whether it is a source (before the main channel is chosen). */
+interface Candidate {
+  raw: net.Socket;
+  chunks: Buffer[];
+  bytes: number;
+  timer: NodeJS.Timeout | undefined;
+  onData: (chunk: Buffer) => void;
+  /**
+   * Its first bytes are not a stream header. Held (unread) while an earlier connection may still
+   * become the main channel, since then it is one of its extras (a multifd channel's first
+   * bytes are its init packet, and a livemig source sends its header only once they are all
+   * connected); dropped once no earlier one can.
+   */
+  invalid: MigrationError | undefined;
 }
 
 export class Channels {
@@ -63,6 +91,8 @@ export class Channels {
   /** Connections beyond what multifd-channels allows, left unread until the migration ends. */
   private readonly held: net.Socket[] = [];
   private readonly multifdIdsSeen = new Set<number>();
+  /** When a multifd channel last brought bytes (ms, performance.now()); 0 before any. */
+  lastMultifdByteAtMs = 0;
 
   constructor(options: ChannelsOptions) {
     this.o = options;
@@ -72,56 +102,169 @@ export class Channels {
     return this.addressText;
   }
 
-  /** Listen on tcp: or unix:; returns the bound address (port 0 resolved). */
+  /**
+   * Listen on tcp: or unix:; returns the bound address (port 0 resolved). Whoever connects must
+   * send the stream header within the handshake deadline: a silent or foreign client is dropped
+   * and the port stays open for the real source (every connection is checked at once, so a
+   * crowd of silent ones delays nobody).
+   */
   async listen(address: string): Promise<string> {
-    if (this.o.preempt || this.o.multifd) {
-      this.addressText = await this.listenWithExtras(address, (socket) => this.o.events.mainAccepted(socket), (raw, extra, server, tcp) => {
-        if (this.o.preempt) this.acceptPreempt(raw, extra, server, tcp);
-        else this.acceptMultifd(raw, extra);
-      });
-      return this.addressText;
-    }
-    const listener = await listenChannel(address, { allowHalfOpen: true, onread: this.o.reader });
-    this.listener = listener;
-    this.addressText = listener.addressText;
-    listener.accepted.then(
-      (socket) => this.o.events.mainAccepted(socket),
-      (err: unknown) => this.o.events.listenerFailed(TransportError.lost('main', `listening on ${listener.addressText} failed: ${(err as Error).message}`, err)),
+    this.addressText = await this.listenWithExtras(
+      address,
+      (socket, prefix) => {
+        // Nothing follows a lone main channel: later connections are refused, as before.
+        if (!this.o.preempt && !this.o.multifd) this.server?.close();
+        this.o.events.mainAccepted(socket, prefix);
+      },
+      (raw, extra, server, tcp, prefix) => {
+        if (this.o.preempt) this.acceptPreempt(raw, extra, server, tcp, prefix);
+        else if (this.o.multifd) this.acceptMultifd(raw, extra, prefix);
+        else raw.destroy();
+      },
+      true,
     );
-    return listener.addressText;
+    return this.addressText;
   }
 
   /** migrate-recover: listen for the source's recovery connection (and, with preempt, a new preempt channel). */
   async listenForRecovery(address: string, onMain: (socket: net.Socket) => void): Promise<string> {
-    if (this.o.preempt) return this.listenWithExtras(address, onMain, (raw, extra, server, tcp) => this.acceptPreempt(raw, extra, server, tcp));
+    // A recovery channel carries no stream header: nothing to check it by (as QEMU 7.2).
+    if (this.o.preempt) return this.listenWithExtras(address, onMain, (raw, extra, server, tcp, prefix) => this.acceptPreempt(raw, extra, server, tcp, prefix), false);
     const listener = await listenChannel(address, { allowHalfOpen: true, onread: this.o.reader });
     listener.accepted.then(onMain, () => {});
     return listener.addressText;
   }
 
   /**
-   * Listen for a main channel and the extra connections that follow it to the same address: the
-   * first connection is the main channel and goes to `onMain`; `onExtra` gets each later one (its
-   * 1-based position among the extras).
+   * Listen for a main channel and the extra connections that follow it to the same address.
+   * Without `gate` the first connection is the main channel. With it, each connection must send
+   * the stream header within the handshake deadline, and the first that does is the main
+   * channel; connections accepted before it are dropped, those accepted after it are its extras
+   * (a source connects its main channel first: multifd and preempt connections follow it, and a
+   * QEMU 7.2 preempt channel stays silent, so they are never held to the header). `onExtra` gets
+   * each extra with its 1-based position and the bytes already read off it.
    */
   private async listenWithExtras(
     address: string,
-    onMain: (socket: net.Socket) => void,
-    onExtra: (raw: net.Socket, extra: number, server: net.Server, tcp: boolean) => void,
+    onMain: (socket: net.Socket, prefix: Buffer) => void,
+    onExtra: (raw: net.Socket, extra: number, server: net.Server, tcp: boolean, prefix: Buffer) => void,
+    gate: boolean,
   ): Promise<string> {
     const server = net.createServer({ pauseOnConnect: true, allowHalfOpen: true });
     const bound = await listenServer(server, address);
     const tcp = bound.transport === 'tcp';
-    let count = 0;
-    server.on('connection', (raw) => {
-      count++;
-      if (count > 1) {
-        onExtra(raw, count - 1, server, tcp);
+    const timeoutMs = this.o.handshakeTimeoutMs ?? DEFAULT_HANDSHAKE_TIMEOUT_MS;
+    let extras = -1; // -1: no main channel yet
+    const candidates: Candidate[] = [];
+    const release = (c: Candidate): Buffer => {
+      clearTimeout(c.timer);
+      c.raw.off('data', c.onData);
+      c.raw.pause();
+      // What the stream read ahead of 'data' (up to its high-water mark) belongs to the prefix too.
+      for (let b = c.raw.read() as Buffer | null; b !== null; b = c.raw.read() as Buffer | null) c.chunks.push(b);
+      return Buffer.concat(c.chunks);
+    };
+    const drop = (c: Candidate, reason: MigrationError): void => {
+      const i = candidates.indexOf(c);
+      if (i < 0) return;
+      candidates.splice(i, 1);
+      release(c);
+      const peer = c.raw.remoteAddress === undefined ? 'a unix socket peer' : `${c.raw.remoteAddress}:${c.raw.remotePort}`;
+      c.raw.destroy();
+      this.o.events.candidateDropped(reason, peer);
+      // Held connections with nothing undecided before them any more are not extras: drop them.
+      const head = candidates[0];
+      if (head?.invalid !== undefined) drop(head, head.invalid);
+    };
+    const refuse = (c: Candidate, reason: MigrationError): void => {
+      if (candidates[0] === c) {
+        drop(c, reason);
         return;
       }
-      const socket = adoptWithOnread(raw, this.o.reader, { allowHalfOpen: true });
+      c.invalid = reason;
+      c.raw.off('data', c.onData);
+      c.raw.pause();
+    };
+    const becomeMain = (c: Candidate): void => {
+      const i = candidates.indexOf(c);
+      const before = candidates.slice(0, i);
+      const after = candidates.slice(i + 1);
+      candidates.length = 0;
+      extras = 0;
+      for (const early of before) {
+        candidates.push(early);
+        drop(early, new TransportError(ErrorCode.PEER_SILENT, 'main', 'connected before the source and sent no stream header before it did'));
+      }
+      const prefix = release(c);
+      const socket = adoptWithOnread(c.raw, this.o.reader, { allowHalfOpen: true });
       if (tcp) socket.setNoDelay(true);
-      onMain(socket);
+      onMain(socket, prefix);
+      for (const late of after) onExtra(late.raw, ++extras, server, tcp, release(late));
+    };
+    server.on('connection', (raw) => {
+      if (extras >= 0) {
+        onExtra(raw, ++extras, server, tcp, Buffer.alloc(0));
+        return;
+      }
+      if (!gate) {
+        extras = 0;
+        const socket = adoptWithOnread(raw, this.o.reader, { allowHalfOpen: true });
+        if (tcp) socket.setNoDelay(true);
+        onMain(socket, Buffer.alloc(0));
+        return;
+      }
+      if (candidates.length >= MAX_CANDIDATES) {
+        raw.destroy();
+        return;
+      }
+      const c: Candidate = {
+        raw,
+        chunks: [],
+        bytes: 0,
+        timer: undefined,
+        invalid: undefined,
+        onData: (chunk) => {
+          c.chunks.push(chunk);
+          c.bytes += chunk.length;
+          const head = c.chunks.length === 1 ? chunk : Buffer.concat(c.chunks);
+          const verdict = checkStreamHeader(head.subarray(0, STREAM_HEADER_LENGTH));
+          if (verdict === 'valid') becomeMain(c);
+          else if (verdict !== null) refuse(c, verdict);
+        },
+      };
+      candidates.push(c);
+      c.timer = setTimeout(
+        () =>
+          drop(
+            c,
+            c.invalid ??
+              new TransportError(ErrorCode.PEER_SILENT, 'main', `sent ${c.bytes === 0 ? 'nothing' : `${c.bytes} bytes, not a whole stream header,`} within the handshake deadline (x-livemig-handshake-timeout ${timeoutMs} ms)`),
+          ),
+        timeoutMs,
+      );
+      c.timer.unref();
+      raw.on('data', c.onData);
+      raw.on('error', () => {});
+      // The server is allowHalfOpen: a FIN alone closes nothing, so a client that gave up is dropped here.
+      raw.on('end', () => drop(c, TransportError.lost('main', 'closed before it sent a stream header')));
+      raw.on('close', () => {
+        const i = candidates.indexOf(c);
+        if (i >= 0) {
+          candidates.splice(i, 1);
+          clearTimeout(c.timer);
+          this.o.events.candidateDropped(TransportError.lost('main', 'closed before it sent a stream header'), raw.remoteAddress === undefined ? 'a unix socket peer' : `${raw.remoteAddress}:${raw.remotePort}`);
+          const head = candidates[0];
+          if (head?.invalid !== undefined) drop(head, head.invalid);
+        }
+      });
+      raw.resume();
+    });
+    server.on('close', () => {
+      for (const c of [...candidates]) {
+        clearTimeout(c.timer);
+        c.raw.destroy();
+      }
+      candidates.length = 0;
     });
     this.server?.close();
     this.server = server;
@@ -129,17 +272,19 @@ export class Channels {
   }
 
   /** Postcopy-preempt: the second connection carries requested pages only; more are refused. */
-  private acceptPreempt(raw: net.Socket, extra: number, server: net.Server, tcp: boolean): void {
+  private acceptPreempt(raw: net.Socket, extra: number, server: net.Server, tcp: boolean, prefix: Buffer): void {
     if (extra > 1) {
       raw.destroy();
       return;
     }
     server.close();
+    // Read off it while the main channel's header was checked (a preempt channel is silent until postcopy).
+    if (prefix.length > 0) raw.unshift(prefix);
     this.o.events.preemptAccepted(raw, tcp);
   }
 
   /** Multifd: each of the next `multifd-channels` connections starts with an init packet naming its id. */
-  private acceptMultifd(raw: net.Socket, extra: number): void {
+  private acceptMultifd(raw: net.Socket, extra: number, prefix: Buffer): void {
     const expected = this.o.multifdChannels;
     // One connection beyond multifd-channels is read too: its init packet names the mismatch (a
     // channel id this side does not expect), and that reason goes back to the source. More are
@@ -156,6 +301,16 @@ export class Channels {
     const channel: MultifdChannel = { recv, socket: raw, ended: false };
     channel.socket = adoptWithOnread(raw, { buffer: () => recv.nextBuffer(), callback: (n) => this.onMultifdBytes(channel, n) }, { allowHalfOpen: true });
     this.multifd.push(channel);
+    // Bytes read off it while the main channel's header was checked come first.
+    for (let at = 0; at < prefix.length; ) {
+      const into = recv.nextBuffer();
+      const n = prefix.copy(into, 0, at);
+      at += n;
+      if (!this.onMultifdBytes(channel, n)) {
+        channel.socket.pause();
+        break;
+      }
+    }
     channel.socket.on('end', () => {
       channel.ended = true;
       if (!recv.atPacketBoundary) this.o.events.multifdFailed(TransportError.lost('multifd', `multifd channel ${recv.channelId} closed in the middle of a packet`));
@@ -165,6 +320,7 @@ export class Channels {
   }
 
   private onMultifdBytes(channel: MultifdChannel, n: number): boolean {
+    this.lastMultifdByteAtMs = performance.now();
     try {
       const ev = channel.recv.advance(n);
       if (ev === null) return true;

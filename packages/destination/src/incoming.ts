@@ -61,6 +61,12 @@ export interface IncomingOptions {
   multifdChannels?: number;
   /** Postcopy's fault path (vCPUs in postcopy, the fault thread) under SCHED_FIFO. */
   realtimePostcopy?: boolean;
+  /** Parameter x-livemig-stall-timeout (ms): a precopy stream silent this long fails. */
+  stallTimeoutMs?: number;
+  /** Parameter x-livemig-handshake-timeout (ms): a connection must send the stream header this soon. */
+  handshakeTimeoutMs?: number;
+  /** --uuid (normalized): a stream carrying another configuration/uuid is refused. */
+  uuid?: string;
   events: { status(s: IncomingStatus): void; resume(): void };
   log: { info(obj: object, msg?: string): void; warn(obj: object, msg?: string): void };
 }
@@ -91,8 +97,13 @@ export class IncomingMigration {
   constructor(options: IncomingOptions) {
     this.o = options;
     const caps = options.capabilities;
-    this.state = initialDestinationState({ postcopyRam: caps['postcopy-ram'], preempt: caps['postcopy-preempt'], multifd: caps.multifd });
-    this.loader = new StreamLoader(options.guest, options.machineType, this.state.config);
+    this.state = initialDestinationState({
+      postcopyRam: caps['postcopy-ram'],
+      preempt: caps['postcopy-preempt'],
+      multifd: caps.multifd,
+      ...(options.stallTimeoutMs === undefined ? {} : { stallTimeoutMs: options.stallTimeoutMs }),
+    });
+    this.loader = new StreamLoader(options.guest, options.machineType, this.state.config, options.uuid);
     this.faults = new PostcopyFaults({
       guest: options.guest,
       realtime: options.realtimePostcopy === true,
@@ -119,8 +130,11 @@ export class IncomingMigration {
       multifd: caps.multifd,
       multifdChannels: options.multifdChannels ?? 2,
       reader: this.stream,
+      ...(options.handshakeTimeoutMs === undefined ? {} : { handshakeTimeoutMs: options.handshakeTimeoutMs }),
       events: {
-        mainAccepted: (socket) => this.onConnection(socket),
+        mainAccepted: (socket, prefix) => this.onConnection(socket, prefix),
+        candidateDropped: (reason, peer) =>
+          this.o.log.warn({ peer, err: { code: reason.code, message: reason.message } }, `dropped a connection from ${peer} that is not a migration source: ${reason.message} [${reason.code}]`),
         preemptAccepted: (raw, tcp) => this.onPreempt(raw, tcp),
         multifdProgressed: () => this.checkSync(),
         multifdFailed: (err) => this.failSoon(coded(err) as MigrationError),
@@ -259,7 +273,11 @@ export class IncomingMigration {
       }
       case 'startKeepalive':
         clearInterval(this.keepalive);
-        this.keepalive = setInterval(() => this.safely({ type: 'keepaliveTicked', lastByteAtMs: this.stream.lastByteAtMs }), KEEPALIVE_INTERVAL_MS);
+        // Bytes on a multifd channel are the source's too (the main channel is quiet while they carry pages).
+        this.keepalive = setInterval(
+          () => this.safely({ type: 'keepaliveTicked', lastByteAtMs: Math.max(this.stream.lastByteAtMs, this.channels.lastMultifdByteAtMs) }),
+          KEEPALIVE_INTERVAL_MS,
+        );
         this.keepalive.unref();
         return;
       case 'stopKeepalive':
@@ -306,7 +324,7 @@ export class IncomingMigration {
 
   // ---- connections ------------------------------------------------------------------------------
 
-  private onConnection(socket: net.Socket): void {
+  private onConnection(socket: net.Socket, prefix: Buffer): void {
     try {
       this.dispatch({ type: 'connectionAccepted' });
     } catch (err) {
@@ -316,6 +334,8 @@ export class IncomingMigration {
     }
     this.channels.main = socket;
     this.watch(socket);
+    // The header (and whatever came with it) was read to check it: decode it before the next read.
+    if (prefix.length > 0 && !this.stream.feed(prefix)) socket.pause();
   }
 
   private onRecoveryConnection(socket: net.Socket): void {

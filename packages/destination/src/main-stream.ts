@@ -116,6 +116,24 @@ export class MainStream implements MainReader {
     }
   };
 
+  /**
+   * Bytes read off the connection before it became the main channel (the handshake check): they
+   * are decoded first. Returns false when the socket must stay paused (as the onread callback).
+   */
+  feed(bytes: Buffer): boolean {
+    if (!this.hooks.takesBytes()) return false;
+    this.lastByteAtMs = performance.now();
+    try {
+      this.decoder.push(bytes);
+      const drained = this.drainEvents();
+      this.decoder.retainUnread();
+      return drained;
+    } catch (err) {
+      this.hooks.failed(err);
+      return false;
+    }
+  }
+
   /** Handle the decoder's events until it needs bytes (true) or the machine stops reading (false: pause the socket). */
   private drainEvents(): boolean {
     if (!this.hooks.readsStream()) return false;

@@ -3,7 +3,7 @@
 
 import { parseArgs } from 'node:util';
 import { Guest } from '@livemig/guest';
-import { applyCapabilities, applyParameters } from '@livemig/protocol';
+import { applyCapabilities, applyParameters, normalizeUuid } from '@livemig/protocol';
 import {
   capabilitiesOn,
   parameterList,
@@ -38,6 +38,12 @@ first-touch page faults. Exits with status 1 if the incoming migration fails.
   --capabilities L  capabilities to turn on first, comma-separated (e.g. events,postcopy-ram,
                     postcopy-preempt, or multifd: pages on extra connections, read into RAM)
   --parameters L    parameters to set first, NAME=VALUE comma-separated (e.g. multifd-channels=4)
+  --handshake-timeout MS
+                    a connection to the incoming port must send the stream header ("QEVM",
+                    version 3) within MS ms, or it is dropped and the port stays open for the
+                    source (parameter x-livemig-handshake-timeout; default 5000)
+  --uuid UUID       the guest's UUID (QEMU's -uuid): a stream whose configuration/uuid differs
+                    (a source with validate-uuid and another UUID) is refused
   --realtime-postcopy
                     in postcopy, run the fault path under SCHED_FIFO: vCPUs (priority 1) until
                     the last page is in, and the fault thread (priority 2); use it on the source
@@ -67,6 +73,8 @@ const EXTRA = {
   capabilities: { type: 'string' },
   parameters: { type: 'string' },
   'realtime-postcopy': { type: 'boolean' },
+  'handshake-timeout': { type: 'string' },
+  uuid: { type: 'string' },
 } as const;
 
 class DestinationProcess {
@@ -79,6 +87,8 @@ class DestinationProcess {
   private readonly machineType: string;
   /** --realtime-postcopy */
   realtimePostcopy = false;
+  /** --uuid (normalized): a stream with another configuration/uuid is refused. */
+  uuid: string | undefined;
   private prefaulted: Promise<void>;
 
   constructor(guest: Guest, machineType: string, autostart: boolean, log: Logger) {
@@ -104,6 +114,9 @@ class DestinationProcess {
       guest: this.guest,
       capabilities: { ...this.settings.capabilities },
       multifdChannels: this.settings.parameters['multifd-channels'],
+      stallTimeoutMs: this.settings.parameters['x-livemig-stall-timeout'],
+      handshakeTimeoutMs: this.settings.parameters['x-livemig-handshake-timeout'],
+      ...(this.uuid === undefined ? {} : { uuid: this.uuid }),
       realtimePostcopy: this.realtimePostcopy,
       autostart: this.autostart,
       machineType: this.machineType,
@@ -200,7 +213,7 @@ async function main(argv: string[]): Promise<void> {
   // Every flag and address is checked before the guest's RAM is allocated and prefaulted
   // (seconds for a big guest): a mistake is one line at once, exit status 2.
   const settings = new MigrationSettings();
-  const { flags, incoming } = orExitWithUsage(program, () => {
+  const { flags, incoming, uuid } = orExitWithUsage(program, () => {
     if (values.incoming === undefined) throw new UsageError('--incoming is required (tcp:HOST:PORT, unix:PATH or defer)');
     const address = addressForFlag('--incoming', values.incoming, ['tcp', 'unix', 'defer']);
     const f = guestFromFlags(values);
@@ -212,7 +225,16 @@ async function main(argv: string[]): Promise<void> {
         throw new UsageError(`--parameters: ${(err as Error).message}`, { cause: err });
       }
     }
-    return { flags: f, incoming: { text: values.incoming, address } };
+    const handshake = values['handshake-timeout'];
+    if (handshake !== undefined) {
+      try {
+        settings.parameters = applyParameters(settings.parameters, { 'x-livemig-handshake-timeout': /^\d+$/.test(handshake) ? Number(handshake) : handshake });
+      } catch (err) {
+        throw new UsageError(`--handshake-timeout: ${(err as Error).message}`, { cause: err });
+      }
+    }
+    const uuid = values.uuid === undefined ? undefined : normalizeUuid(values.uuid);
+    return { flags: f, incoming: { text: values.incoming, address }, uuid };
   });
   if (incoming.address.transport !== 'defer') await orExitWithUsageAsync(program, () => checkListenable('--incoming', incoming.address));
   if (flags.qmp !== undefined) {
@@ -225,6 +247,7 @@ async function main(argv: string[]): Promise<void> {
   proc.realtimePostcopy = values['realtime-postcopy'] === true;
   proc.settings.capabilities = settings.capabilities;
   proc.settings.parameters = settings.parameters;
+  if (uuid !== undefined) proc.uuid = uuid;
   // As QEMU: a signal is a SHUTDOWN (reason host-signal) for the QMP clients, then the exit.
   const onSignal = (status: number): void => {
     if (proc.qmp !== undefined) shutdownEvent(proc.qmp, 'host-signal');

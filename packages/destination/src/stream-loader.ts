@@ -25,6 +25,8 @@ export class StreamLoader {
   private readonly guest: Guest;
   private readonly machineType: string;
   private readonly config: DestinationConfig;
+  /** --uuid: a configuration/uuid that differs fails the load (whatever this side's validate-uuid, as QEMU 7.2). */
+  private readonly uuid: string | undefined;
   /** Every non-RAM section we accept: FULL devices and iterative loaders, by idstr + instance. */
   private readonly devices = new Map<string, Device>();
   /**
@@ -33,8 +35,9 @@ export class StreamLoader {
    */
   private multifdSyncAt: 'section-end' | 'flush' = 'section-end';
 
-  constructor(guest: Guest, machineType: string, config: DestinationConfig) {
+  constructor(guest: Guest, machineType: string, config: DestinationConfig, uuid?: string) {
     this.guest = guest;
+    this.uuid = uuid;
     this.machineType = machineType;
     this.config = config;
     for (const d of guest.devices) this.devices.set(`${d.idstr}\u0000${d.instanceId}`, d);
@@ -60,6 +63,10 @@ export class StreamLoader {
           throw new ConfigError(ErrorCode.CONFIG_MISMATCH, `Machine type received is '${ev.machineType}' and local is '${this.machineType}'`, {
             streamOffset: ev.offset,
           });
+        }
+        // QEMU 7.2 vmstate_uuid_post_load: no uuid here accepts any (it warns); a different one is refused.
+        if (ev.uuid !== undefined && this.uuid !== undefined && ev.uuid !== this.uuid) {
+          throw new ConfigError(ErrorCode.CONFIG_MISMATCH, `UUID received is ${ev.uuid} and local is ${this.uuid}`, { streamOffset: ev.offset });
         }
         return undefined;
       case 'sectionStart': {

@@ -7,6 +7,7 @@
 //   none → setup (listening) → active ─┬─ VMDESCRIPTION / end of stream after EOF ─→ completed
 //                                      └─ POSTCOPY_LISTEN → postcopy-active ⇄ postcopy-paused → postcopy-recover
 //   any error while loading → failed (a lost link in postcopy is a pause instead)
+//   active ─keepaliveTicked (silent past x-livemig-stall-timeout)→ failed (LM_ERR_PEER_SILENT)
 //
 // The statuses are QEMU's (MigrationStatus). Precopy ends with EOF and VMDESCRIPTION (or EOF and
 // the source's end of stream); postcopy ends with EOF. Ending takes the adapter some time (the
@@ -14,6 +15,7 @@
 // reports `loadFinished` when it is done.
 
 import { KEEPALIVE_TIMEOUT_MS } from './constants.ts';
+import { DEFAULT_STALL_TIMEOUT_MS } from './migration-config.ts';
 import { ConfigError, ErrorCode, type MigrationError, StateError, TransportError } from './errors.ts';
 import type { DestinationAction, DestinationEvent, DestinationState, DestinationStep, FaultPath } from './destination-state.ts';
 import { peerIsLivemig, reportedStatus, returnPathOpen, showsPostcopyFigures } from './destination-state.ts';
@@ -75,8 +77,9 @@ export function destinationStep(state: DestinationState, event: DestinationEvent
             postcopy: 'none',
             postcopyRamAdvised: false,
             eofSeen: false,
+            lastByteAtMs: now,
           };
-          return { state: next, actions: [{ type: 'beginLoad' }, { type: 'emitStatus', status: 'active' }] };
+          return { state: next, actions: [{ type: 'beginLoad' }, { type: 'startKeepalive' }, { type: 'emitStatus', status: 'active' }] };
         }
         // The listener failed, or a multifd channel gave up before the main channel came.
         case 'channelLost':
@@ -139,6 +142,21 @@ export function destinationStep(state: DestinationState, event: DestinationEvent
           return fail(state, event.error ?? TransportError.lost('main', `the source ended the stream at offset ${event.streamOffset} before EOF`));
         case 'channelLost':
           return state.finishing ? stay() : fail(state, event.error);
+        case 'keepaliveTicked': {
+          // Every wait bounded: a precopy source (livemig or QEMU) writes without pause until EOF
+          // (a livemig source PINGs between sections too), so a stream silent past the deadline
+          // is a dead link. A QEMU source held in pre-switchover longer needs a larger deadline.
+          const lastByteAtMs = Math.max(state.lastByteAtMs, event.lastByteAtMs);
+          const silentMs = now - lastByteAtMs;
+          const limitMs = state.config.stallTimeoutMs ?? DEFAULT_STALL_TIMEOUT_MS;
+          if (!state.finishing && silentMs > limitMs) {
+            return fail(
+              state,
+              new TransportError(ErrorCode.PEER_SILENT, 'main', `no data from the source for ${Math.round(silentMs)} ms in precopy (x-livemig-stall-timeout ${limitMs} ms): link presumed broken`),
+            );
+          }
+          return lastByteAtMs === state.lastByteAtMs ? stay() : { state: { ...state, lastByteAtMs }, actions: [] };
+        }
         case 'preemptAccepted':
           if (state.preempt !== 'none') return illegal();
           return { state: { ...state, preempt: 'held' }, actions: [{ type: 'holdPreempt' }] };

@@ -12,6 +12,8 @@ export interface DestinationConfig {
   preempt: boolean;
   /** Capability multifd: RAM sections end only once every channel sent its SYNC. */
   multifd: boolean;
+  /** Parameter x-livemig-stall-timeout: a precopy stream silent this long fails (ms; default 5000). */
+  stallTimeoutMs?: number;
 }
 
 /** Where the postcopy fault path runs: the main thread's event loop, or the fault thread (a livemig source with preempt). */
@@ -56,6 +58,8 @@ export type DestinationState =
       postcopyRamAdvised: boolean;
       /** EOF seen (precopy ends at VMDESCRIPTION or at the source's end of stream). */
       eofSeen: boolean;
+      /** The stall deadline's baseline: the later of the last byte and the connection (ms). */
+      lastByteAtMs: number;
     })
   | (DestinationPostcopy & { status: 'postcopy-active' })
   | (DestinationPostcopy & { status: 'postcopy-recover' })

@@ -96,7 +96,25 @@ export interface MigrationParameters {
   'multifd-compression': string;
   'multifd-zlib-level': number;
   'multifd-zstd-level': number;
+  /**
+   * livemig: milliseconds a precopy migration may go without progress (a return-path byte, or
+   * bytes the kernel took on a migration connection) before it fails with LM_ERR_PEER_SILENT and
+   * the source guest runs again; the destination fails a stream silent this long.
+   */
+  'x-livemig-stall-timeout': number;
+  /**
+   * livemig, destination: milliseconds a connection to the incoming port has to send the stream
+   * header before it is dropped (the port stays open for the real source).
+   */
+  'x-livemig-handshake-timeout': number;
 }
+
+/**
+ * Default of x-livemig-stall-timeout: well above a healthy link's longest quiet stretch (a
+ * rate-limit sleep, a 50 ms section, a destination starting its guest), short enough that a dead
+ * link gives the source guest back within seconds.
+ */
+export const DEFAULT_STALL_TIMEOUT_MS = 5_000;
 
 export function defaultParameters(): MigrationParameters {
   return {
@@ -126,6 +144,8 @@ export function defaultParameters(): MigrationParameters {
     'multifd-compression': 'none',
     'multifd-zlib-level': 1,
     'multifd-zstd-level': 1,
+    'x-livemig-stall-timeout': DEFAULT_STALL_TIMEOUT_MS,
+    'x-livemig-handshake-timeout': 5_000,
   };
 }
 
@@ -155,6 +175,9 @@ const INT_RANGES: Partial<Record<keyof MigrationParameters, Range>> = {
   'max-cpu-throttle': [1, 99],
   'multifd-zlib-level': [0, 9],
   'multifd-zstd-level': [0, 20],
+  // Below a few keepalive intervals (500 ms) a busy but healthy link would trip it.
+  'x-livemig-stall-timeout': [1000, 3_600_000],
+  'x-livemig-handshake-timeout': [100, 3_600_000],
 };
 
 /**

@@ -8,6 +8,7 @@
 //                       │ iterating → stop-copy → awaiting-shut ─shutReceived(0)→ completed
 //   any running state ─faulted→ failing ─(destination's reason or 500 ms)→ restore guest → failed
 //   any running state ─cancelRequested→ cancelling ─guestRestored→ cancelled
+//   setup, active ─keepaliveTicked (no progress for stallTimeoutMs)→ failing (LM_ERR_PEER_SILENT)
 //
 // Statuses are QEMU's MigrationStatus names, so query-migrate reports them as they are. One state
 // is livemig's own: `failing`, the short wrap-up of a failure (waiting for the destination's
@@ -15,6 +16,7 @@
 // (sourceReportedStatus), so a client that sees `failed` finds the source guest running already.
 
 import { KEEPALIVE_TIMEOUT_MS } from './constants.ts';
+import { DEFAULT_STALL_TIMEOUT_MS } from './migration-config.ts';
 import {
   DestinationFailedError,
   ErrorCode,
@@ -43,6 +45,8 @@ export interface SourceCommon {
   readonly destinationReport: LivemigErrorReport | undefined;
   /** When the destination answered PING 4, sent right after POSTCOPY_RUN (the end of postcopy's downtime). */
   readonly runConfirmedAt: number | undefined;
+  /** x-livemig-stall-timeout: setup and precopy fail after this long without progress (ms). */
+  readonly stallTimeoutMs: number;
 }
 
 /** Statuses in which the migration is still under way. */
@@ -112,7 +116,12 @@ export type SourceEvent =
   | { readonly type: 'pauseRequested' }
   | { readonly type: 'resumeRequested' }
   // timers and the adapter's own completions
-  | { readonly type: 'keepaliveTicked' }
+  /**
+   * The keepalive timer (every KEEPALIVE_INTERVAL_MS, from the start). `lastProgressAt`: the
+   * adapter's last sign of a live link, a return-path byte or bytes the kernel took on a
+   * migration connection (precopy's stall deadline; postcopy counts return-path bytes only).
+   */
+  | { readonly type: 'keepaliveTicked'; readonly lastProgressAt: number }
   | { readonly type: 'reasonTimerFired' }
   | { readonly type: 'guestRestored' };
 
@@ -153,10 +162,10 @@ export type SourceAction =
   | { readonly type: 'closeChannels' }
   /** Call `reasonTimerFired` after `ms`. */
   | { readonly type: 'startReasonTimer'; readonly ms: number }
-  /** Run `keepaliveTicked` every KEEPALIVE_INTERVAL_MS until stopKeepalive. */
+  /** Run `keepaliveTicked` every KEEPALIVE_INTERVAL_MS until stopKeepalive (the adapter starts it with the migration too). */
   | { readonly type: 'startKeepalive' }
   | { readonly type: 'stopKeepalive' }
-  /** A keepalive PING is due on the main channel. */
+  /** A keepalive PING is due on the main channel (at the next section boundary). */
   | { readonly type: 'sendKeepalivePing' }
   /** The source guest after a failure or cancel: `run` it again, or leave it paused; answer guestRestored. */
   | { readonly type: 'restoreGuest'; readonly run: boolean }
@@ -186,6 +195,7 @@ export function initialSourceState(options: {
   guestWasRunning: boolean;
   blocks: readonly { idstr: string; length: number }[];
   postcopyRequested?: boolean;
+  stallTimeoutMs?: number;
 }): SourceState {
   return {
     status: 'setup',
@@ -195,6 +205,7 @@ export function initialSourceState(options: {
     postcopyRequested: options.postcopyRequested ?? false,
     destinationReport: undefined,
     runConfirmedAt: undefined,
+    stallTimeoutMs: options.stallTimeoutMs ?? DEFAULT_STALL_TIMEOUT_MS,
   };
 }
 
@@ -345,6 +356,7 @@ export function sourceStep(state: SourceState, event: SourceEvent, now: number):
       };
 
     case 'keepaliveTicked':
+      if (s.status === 'setup' || s.status === 'active') return precopyTicked(s, event.lastProgressAt, now);
       if (s.status === 'postcopy-paused') return same(s);
       if (s.status !== 'postcopy-active' && s.status !== 'postcopy-recover') return illegal();
       if (now - s.lastHeardAt > KEEPALIVE_TIMEOUT_MS) {
@@ -379,7 +391,31 @@ function common(s: SourceState): SourceCommon {
     postcopyRequested: s.postcopyRequested,
     destinationReport: s.destinationReport,
     runConfirmedAt: s.runConfirmedAt,
+    stallTimeoutMs: s.stallTimeoutMs,
   };
+}
+
+/**
+ * Setup and precopy: no progress for stallTimeoutMs fails the migration (the source guest runs
+ * again, even in stop-copy). With a return path, a PING goes out at the next section boundary
+ * while iterating: its PONG (a QEMU destination echoes it too) proves the link end to end when
+ * the kernel could still be taking bytes into its buffers. Never in stop-copy (the RAM END
+ * section cannot be split) nor after EOF (a destination reads nothing after it).
+ */
+function precopyTicked(s: SourceState & { status: 'setup' | 'active' }, lastProgressAt: number, now: number): SourceTransition {
+  const silentMs = now - lastProgressAt;
+  if (silentMs > s.stallTimeoutMs) {
+    const where = s.status === 'active' ? s.phase : 'setup';
+    const channel = s.returnPath ? 'return-path' : 'main';
+    const heard = s.returnPath ? 'nothing on the return path and no bytes taken by the link' : 'no bytes taken by the link';
+    return faulted(
+      s,
+      new TransportError(ErrorCode.PEER_SILENT, channel, `${heard} for ${Math.round(silentMs)} ms during ${where} (x-livemig-stall-timeout ${s.stallTimeoutMs} ms): link presumed broken`),
+      now,
+    );
+  }
+  if (s.returnPath && s.status === 'active' && s.phase === 'iterating') return { state: s, actions: [{ type: 'sendKeepalivePing' }] };
+  return same(s);
 }
 
 function complete(s: SourceState): SourceTransition {

@@ -8,7 +8,7 @@
 //   u8 0x00 (EOF) | u8 0x06 be32 len json (VMDESCRIPTION, only after the final EOF)
 
 import { QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION, RecordType, type SectionKind } from './constants.ts';
-import { ErrorCode, MigrationError } from './errors.ts';
+import { ErrorCode, MigrationError, ProtocolError } from './errors.ts';
 import type { BatchWriter } from './writer.ts';
 
 export const STREAM_HEADER_LENGTH = 8;
@@ -22,6 +22,36 @@ export interface ConfigurationInfo {
   uuid?: string;
   /** configuration/target-page-bits, when the target's page bits exceed its minimum. */
   targetPageBits?: number;
+}
+
+/**
+ * The incoming port's handshake (issue 14): whether the first bytes of a connection are a stream
+ * header, "QEVM" then version 3. `null`: not enough bytes to tell yet. A QEMU or livemig source
+ * sends it at once, so anything else (silence included, see the destination's handshake
+ * deadline) is not a source.
+ */
+export function checkStreamHeader(first: Uint8Array): 'valid' | ProtocolError | null {
+  const b = Buffer.from(first.buffer, first.byteOffset, Math.min(first.byteLength, STREAM_HEADER_LENGTH));
+  if (b.length >= 4 && b.readUInt32BE(0) !== QEMU_VM_FILE_MAGIC) {
+    return new ProtocolError(ErrorCode.BAD_MAGIC, `not a QEMU migration stream: magic 0x${b.readUInt32BE(0).toString(16).padStart(8, '0')}, expected 0x5145564d ("QEVM")`, { streamOffset: 0 });
+  }
+  if (b.length < STREAM_HEADER_LENGTH) return null;
+  const version = b.readUInt32BE(4);
+  if (version !== QEMU_VM_FILE_VERSION) {
+    return new ProtocolError(ErrorCode.UNSUPPORTED_VERSION, `stream version ${version} is not supported (only version 3)`, { streamOffset: 4 });
+  }
+  return 'valid';
+}
+
+/**
+ * A guest UUID as QEMU's -uuid takes it (8-4-4-4-12 hex digits), lowercased as the decoder
+ * reports configuration/uuid; throws LM_ERR_INVALID_ARGUMENT for anything else.
+ */
+export function normalizeUuid(text: string): string {
+  if (!/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(text)) {
+    throw new MigrationError(ErrorCode.INVALID_ARGUMENT, `"${text}" is not a UUID (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)`);
+  }
+  return text.toLowerCase();
 }
 
 export function writeStreamHeader(w: BatchWriter, version = QEMU_VM_FILE_VERSION): void {

@@ -71,6 +71,7 @@ const ACTIVE: Extract<DestinationState, { status: 'active' }> = {
   postcopy: 'advised',
   postcopyRamAdvised: true,
   eofSeen: false,
+  lastByteAtMs: 0,
 };
 const POSTCOPY: Extract<DestinationState, { status: 'postcopy-active' }> = {
   status: 'postcopy-active',
@@ -120,7 +121,7 @@ const BASE: Record<DestinationStatus, { state: DestinationState; rows: Rows }> =
   setup: {
     state: { status: 'setup', config: CONFIG },
     rows: only({
-      connectionAccepted: ['active', ['beginLoad', 'emitStatus']],
+      connectionAccepted: ['active', ['beginLoad', 'startKeepalive', 'emitStatus']],
       channelLost: ['failed', FAIL_NO_RP],
       loadFailed: ['failed', FAIL_NO_RP],
       faultThreadEnded: ['setup', []],
@@ -145,7 +146,7 @@ const BASE: Record<DestinationStatus, { state: DestinationState; rows: Rows }> =
       multifdSynced: X,
       sourceEnded: ['failed', FAIL_WITH_RP], // before EOF
       channelLost: ['failed', FAIL_WITH_RP],
-      keepaliveTicked: X,
+      keepaliveTicked: ['failed', FAIL_WITH_RP], // silent for NOW_MS: past the default x-livemig-stall-timeout
       preemptAccepted: ['active', ['holdPreempt']],
       faultThreadEnded: ['active', []],
       pauseRequested: X,
@@ -248,6 +249,7 @@ const VARIANTS: { name: string; state: DestinationState; overrides: Partial<Rows
       listenReceived: X,
       sourceEnded: ['failed', FAIL_NO_RP],
       channelLost: ['failed', FAIL_NO_RP],
+      keepaliveTicked: ['failed', FAIL_NO_RP], // silent past the stall deadline, no return path to report on
       loadFailed: ['failed', FAIL_NO_RP],
     },
   },
@@ -259,7 +261,8 @@ const VARIANTS: { name: string; state: DestinationState; overrides: Partial<Rows
   {
     name: 'active, finishing (VMDESCRIPTION seen)',
     state: { ...ACTIVE, eofSeen: true, finishing: true },
-    overrides: { vmdescriptionReceived: X, sourceEnded: ['active', []], channelLost: ['active', []], loadFinished: ['completed', COMPLETE] },
+    // Starting the guest is not silence: the stall deadline does not apply once the stream is complete.
+    overrides: { vmdescriptionReceived: X, sourceEnded: ['active', []], channelLost: ['active', []], keepaliveTicked: ['active', []], loadFinished: ['completed', COMPLETE] },
   },
   {
     name: 'postcopy-active, finishing (EOF seen)',
@@ -411,6 +414,24 @@ describe('destination machine: data carried', () => {
     const first = step(ACTIVE, EVENTS.discardReceived);
     const second = step(first.state, EVENTS.discardReceived);
     assert.deepEqual(second.actions.map((a) => a.type), ['discardPages']);
+  });
+
+  it('precopy stall deadline: a stream silent past x-livemig-stall-timeout fails with LM_ERR_PEER_SILENT (any source); bytes or finishing do not', () => {
+    const t0 = 1_000;
+    const s: DestinationState = { ...ACTIVE, peerIsLivemig: false, config: { ...CONFIG, stallTimeoutMs: 2_000 }, lastByteAtMs: t0 };
+    assert.equal(step(s, { type: 'keepaliveTicked', lastByteAtMs: t0 }, t0 + 2_000).state.status, 'active', 'exactly the deadline is not yet silence');
+    const late = step(s, { type: 'keepaliveTicked', lastByteAtMs: t0 }, t0 + 2_001);
+    assert.equal(late.state.status, 'failed');
+    const err = late.state.status === 'failed' ? late.state.error : undefined;
+    assert.equal(err?.code, ErrorCode.PEER_SILENT);
+    assert.match(err?.message ?? '', /no data from the source for 2001 ms in precopy \(x-livemig-stall-timeout 2000 ms\)/);
+    assert.deepEqual(late.actions.map((a) => a.type), ['fail', 'stopKeepalive', 'emitStatus', 'sendShut', 'closeChannels']);
+    const fed = step(s, { type: 'keepaliveTicked', lastByteAtMs: t0 + 1_500 }, t0 + 2_001);
+    assert.equal(fed.state.status === 'active' && fed.state.lastByteAtMs, t0 + 1_500);
+    assert.equal(step({ ...s, finishing: true }, { type: 'keepaliveTicked', lastByteAtMs: t0 }, t0 + 60_000).state.status, 'active', 'starting the guest is not silence');
+    // The connection starts the deadline (and the timer).
+    const accepted = step({ status: 'setup', config: CONFIG }, EVENTS.connectionAccepted, 5_000);
+    assert.equal(accepted.state.status === 'active' && accepted.state.lastByteAtMs, 5_000);
   });
 
   it('keepalive: silence past KEEPALIVE_TIMEOUT_MS from a livemig source pauses with LM_ERR_PEER_SILENT; bytes or a QEMU source do not', () => {

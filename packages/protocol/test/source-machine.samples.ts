@@ -58,7 +58,9 @@ export const EVENTS: Record<string, SourceEvent> = {
   cancelRequested: { type: 'cancelRequested' },
   pauseRequested: { type: 'pauseRequested' },
   resumeRequested: { type: 'resumeRequested' },
-  keepaliveTicked: { type: 'keepaliveTicked' },
+  keepaliveTicked: { type: 'keepaliveTicked', lastProgressAt: T0 },
+  // No progress for 10 s: past the default x-livemig-stall-timeout (5 s) and postcopy's 3 s.
+  'keepaliveTicked(stalled)': { type: 'keepaliveTicked', lastProgressAt: T0 - 10_000 },
   reasonTimerFired: { type: 'reasonTimerFired' },
   guestRestored: { type: 'guestRestored' },
 };

@@ -160,15 +160,47 @@ test('cancel before postcopy runs the source guest again; after postcopy started
 
 test('postcopy keepalive: a tick pings; silence past the timeout pauses with LM_ERR_PEER_SILENT', () => {
   const started = run(STATES['active']!, [[{ type: 'postcopyStarted' }, 0]]);
-  assert.deepEqual(sourceStep(started.state, { type: 'keepaliveTicked' }, KEEPALIVE_TIMEOUT_MS).actions, [{ type: 'sendKeepalivePing' }]);
+  assert.deepEqual(sourceStep(started.state, { type: 'keepaliveTicked', lastProgressAt: 0 }, KEEPALIVE_TIMEOUT_MS).actions, [{ type: 'sendKeepalivePing' }]);
   const heard = sourceStep(started.state, { type: 'returnPathHeard' }, 2000).state;
-  assert.deepEqual(sourceStep(heard, { type: 'keepaliveTicked' }, 2000 + KEEPALIVE_TIMEOUT_MS).actions, [{ type: 'sendKeepalivePing' }]);
-  const silent = sourceStep(heard, { type: 'keepaliveTicked' }, 2001 + KEEPALIVE_TIMEOUT_MS);
+  assert.deepEqual(sourceStep(heard, { type: 'keepaliveTicked', lastProgressAt: 0 }, 2000 + KEEPALIVE_TIMEOUT_MS).actions, [{ type: 'sendKeepalivePing' }]);
+  const silent = sourceStep(heard, { type: 'keepaliveTicked', lastProgressAt: 0 }, 2001 + KEEPALIVE_TIMEOUT_MS);
   assert.equal(silent.state.status, 'postcopy-paused');
   if (silent.state.status === 'postcopy-paused') {
     assert.equal(silent.state.reason.code, ErrorCode.PEER_SILENT);
     assert.match(silent.state.reason.message, /no return-path traffic for 3001 ms/);
   }
+});
+
+test('precopy stall deadline: ticks ping while iterating with a return path; no progress past x-livemig-stall-timeout fails with LM_ERR_PEER_SILENT and runs the guest again, in every phase', () => {
+  const tick = (lastProgressAt: number): SourceEvent => ({ type: 'keepaliveTicked', lastProgressAt });
+  const withRp = initialSourceState({ returnPath: true, guestWasRunning: true, blocks, stallTimeoutMs: 2000 });
+  const iterating = sourceStep(withRp, { type: 'setupSent' }, 0).state;
+  assert.deepEqual(sourceStep(iterating, tick(1000), 3000).actions, [{ type: 'sendKeepalivePing' }], 'progress 2000 ms ago: within the deadline');
+  // No PING in stop-copy (the RAM END section cannot be split) nor after EOF (awaiting SHUT).
+  const stopCopy = sourceStep(iterating, { type: 'switchoverStarted' }, 0).state;
+  assert.deepEqual(sourceStep(stopCopy, tick(1000), 3000).actions, []);
+  const awaitingShut = sourceStep(stopCopy, { type: 'finalStateSent' }, 0).state;
+  assert.deepEqual(sourceStep(awaitingShut, tick(1000), 3000).actions, []);
+  for (const [name, state] of [['setup', withRp], ['iterating', iterating], ['stop-copy', stopCopy], ['awaiting-shut', awaitingShut]] as const) {
+    const r = run(state, [[tick(1000), 3001], [{ type: 'guestRestored' }, 3002]]);
+    assert.equal(r.state.status, 'failed', name);
+    assert.deepEqual(r.actions.map((a) => a.type), ['stopKeepalive', 'stopPostcopyPaging', 'closeChannels', 'restoreGuest', 'cleanUp', 'emitStatus'], name);
+    assert.deepEqual(r.actions.find((a) => a.type === 'restoreGuest'), { type: 'restoreGuest', run: true }, `${name}: the source guest runs again`);
+    if (r.state.status === 'failed') {
+      const e = r.state.error as TransportError;
+      assert.equal(e.code, ErrorCode.PEER_SILENT, name);
+      assert.equal(e.channel, 'return-path');
+      assert.match(e.message, new RegExp(`for 2001 ms during ${name} \\(x-livemig-stall-timeout 2000 ms\\)`));
+    }
+  }
+  // Without a return path: write progress only, and never a PING (QEMU fails a PING without one).
+  const noRp = sourceStep(initialSourceState({ returnPath: false, guestWasRunning: true, blocks, stallTimeoutMs: 2000 }), { type: 'setupSent' }, 0).state;
+  assert.deepEqual(sourceStep(noRp, tick(1000), 3000).actions, []);
+  const failing = sourceStep(noRp, tick(1000), 3001).state;
+  assert.equal(failing.status === 'failing' && (failing.error as TransportError).channel, 'main');
+  // Postcopy keeps its own keepalive (return-path bytes only): write progress does not count.
+  const postcopy = sourceStep(iterating, { type: 'postcopyStarted' }, 0).state;
+  assert.equal(sourceStep(postcopy, tick(5000), 5000).state.status, 'postcopy-paused');
 });
 
 test('postcopy recovery: RECV_BITMAP for each block, then RESUME, then RESUME_ACK runs postcopy again', () => {

@@ -26,7 +26,7 @@ import {
   registerMachineCommands,
   TtyProgress,
 } from '@livemig/machine';
-import { applyCapabilities, applyParameters, TARGET_PAGE_SIZE } from '@livemig/protocol';
+import { applyCapabilities, applyParameters, normalizeUuid, TARGET_PAGE_SIZE } from '@livemig/protocol';
 import {
   ChannelError,
   connectChannel,
@@ -54,6 +54,8 @@ migration:
                            multifd-channels=2: the destination needs multifd with the same count)
   --exit-after-migrate     exit when the migration ends: status 0 if completed, 1 otherwise
   -S, --paused             do not start the guest (QEMU's -S); QMP cont starts it
+  --uuid UUID              the guest's UUID (QEMU's -uuid): with capability validate-uuid the stream
+                           carries it (configuration/uuid) and a destination with another refuses it
   --realtime-postcopy      with postcopy-preempt, run the page server thread (which answers page
                            requests) under SCHED_FIFO, priority 2. Needs CAP_SYS_NICE (e.g. root);
                            without it a warning is logged and nothing changes
@@ -78,6 +80,7 @@ const EXTRA = {
   'exit-after-migrate': { type: 'boolean' },
   paused: { type: 'boolean', short: 'S' },
   'realtime-postcopy': { type: 'boolean' },
+  uuid: { type: 'string' },
 } as const;
 
 /** Where a migration can go (`defer` is the destination's). */
@@ -131,6 +134,8 @@ class SourceProcess {
   postcopyWanted = false;
   /** --realtime-postcopy */
   realtimePostcopy = false;
+  /** --uuid (normalized), sent as configuration/uuid with validate-uuid. */
+  uuid: string | undefined;
   /** A migrate whose channel is still connecting, or failed to. */
   connecting: ConnectAttempt | undefined;
   qmp: QmpServer | undefined;
@@ -239,6 +244,7 @@ class SourceProcess {
           ...(multifdChannels.length === 0 ? {} : { multifd: multifdChannels }),
           machineType: this.machineType,
           realtimePostcopy: this.realtimePostcopy,
+          ...(this.uuid === undefined ? {} : { uuid: this.uuid }),
           postcopyRequested: this.postcopyWanted,
           log,
           events: {
@@ -459,7 +465,7 @@ async function main(argv: string[]): Promise<void> {
   // Every flag and address is checked before the guest's RAM is filled and prefaulted (seconds
   // for a big guest): a mistake is one line at once, exit status 2.
   const settings = new MigrationSettings();
-  const flags = orExitWithUsage(program, () => {
+  const parsed = orExitWithUsage(program, () => {
     const f = guestFromFlags(values);
     if (values.capabilities !== undefined) settings.capabilities = applyCapabilities(settings.capabilities, capabilitiesOn(values.capabilities));
     if (values.parameters !== undefined) {
@@ -477,8 +483,10 @@ async function main(argv: string[]): Promise<void> {
         throw new Error(`--migrate ${values.migrate}: ${(err as Error).message}`, { cause: err });
       }
     }
-    return f;
+    const uuid = values.uuid === undefined ? undefined : normalizeUuid(values.uuid);
+    return { f, uuid };
   });
+  const flags = parsed.f;
   if (flags.qmp !== undefined) {
     const qmpAddress = orExitWithUsage(program, () => addressForFlag('--qmp', flags.qmp!, ['tcp', 'unix']));
     await orExitWithUsageAsync(program, () => checkListenable('--qmp', qmpAddress));
@@ -495,6 +503,7 @@ async function main(argv: string[]): Promise<void> {
   proc.realtimePostcopy = values['realtime-postcopy'] === true;
   proc.settings.capabilities = settings.capabilities;
   proc.settings.parameters = settings.parameters;
+  if (parsed.uuid !== undefined) proc.uuid = parsed.uuid;
   // As QEMU: a signal is a SHUTDOWN (reason host-signal) for the QMP clients, then the exit.
   const onSignal = (status: number): void => {
     if (proc.qmp !== undefined) shutdownEvent(proc.qmp, 'host-signal');

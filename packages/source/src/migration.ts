@@ -76,6 +76,8 @@ export interface OutgoingOptions {
   multifd?: readonly Duplex[];
   /** Machine type sent in the configuration record. */
   machineType: string;
+  /** --uuid: with capability validate-uuid, sent as configuration/uuid (QEMU's vmstate_uuid_needed). */
+  uuid?: string;
   /** The page server thread under SCHED_FIFO (--realtime-postcopy). */
   realtimePostcopy?: boolean;
   /** migrate-start-postcopy came while the channel was still connecting. */
@@ -139,6 +141,10 @@ export class OutgoingMigration {
   /** Channels given by `migrate resume=true`, taken by the recovery's first action. */
   private resumeChannels: { channel: Duplex; preempt: Duplex | undefined } | undefined;
   private keepaliveTimer: NodeJS.Timeout | undefined;
+  /** The stall deadline's baseline: the last return-path byte or bytes the kernel took (ms). */
+  private lastProgressAt: number;
+  /** Bytes taken on the migration connections at the last keepalive tick. */
+  private progressBytes = 0;
   private reasonTimer: NodeJS.Timeout | undefined;
   /** The migration thread (precopy.ts, postcopy-sender.ts): settles once it has stopped. */
   private readonly thread: Promise<void>;
@@ -150,6 +156,7 @@ export class OutgoingMigration {
     this.guest = options.guest;
     this.now = options.now ?? (() => performance.now());
     this.startTime = this.now();
+    this.lastProgressAt = this.startTime;
     this.channel = options.channel;
     this.out = this.streamOut(options.channel);
     const p = options.parameters;
@@ -165,11 +172,24 @@ export class OutgoingMigration {
     this.converge = new AutoConverge(this.startTime);
     const returnPath = options.capabilities['return-path'] || options.capabilities['postcopy-ram'];
     const blocks = options.guest.ram.blocks;
-    this.state = initialSourceState({ returnPath, guestWasRunning: options.guest.running, blocks, postcopyRequested: options.postcopyRequested === true });
-    this.returnPath = returnPath ? new ReturnPathReader(blocks, (e) => this.dispatch(e)) : undefined;
+    this.state = initialSourceState({
+      returnPath,
+      guestWasRunning: options.guest.running,
+      blocks,
+      postcopyRequested: options.postcopyRequested === true,
+      stallTimeoutMs: p['x-livemig-stall-timeout'],
+    });
+    this.returnPath = returnPath
+      ? new ReturnPathReader(blocks, (e) => {
+          if (e.type === 'returnPathHeard') this.lastProgressAt = this.now();
+          this.dispatch(e);
+        })
+      : undefined;
     this.precopy = new Precopy(this);
     this.postcopy = new PostcopySender(this, options.preempt);
     this.done = this.watch.until(() => isSourceFinal(this.state));
+    // Setup and precopy are under the stall deadline from the start (the machine's keepalive).
+    this.perform({ type: 'startKeepalive' });
     this.thread = this.run();
   }
 
@@ -239,14 +259,15 @@ export class OutgoingMigration {
         return;
       case 'startKeepalive':
         clearInterval(this.keepaliveTimer);
-        this.keepaliveTimer = setInterval(() => this.report({ type: 'keepaliveTicked' }), KEEPALIVE_INTERVAL_MS);
+        this.keepaliveTimer = setInterval(() => this.report({ type: 'keepaliveTicked', lastProgressAt: this.progressAt() }), KEEPALIVE_INTERVAL_MS);
         this.keepaliveTimer.unref();
         return;
       case 'stopKeepalive':
         clearInterval(this.keepaliveTimer);
         return;
       case 'sendKeepalivePing':
-        this.postcopy.keepalivePingDue();
+        if (this.state.status === 'active') this.precopy.keepalivePingDue();
+        else this.postcopy.keepalivePingDue();
         return;
       case 'restoreGuest':
         void this.restoreGuest(a.run);
@@ -279,8 +300,20 @@ export class OutgoingMigration {
     }
   }
 
+  /** When the link last showed life: a return-path byte, or more bytes taken by the kernel since the last tick. */
+  private progressAt(): number {
+    const taken = this.out.accepted + (this.multifd?.written ?? 0);
+    if (taken !== this.progressBytes) {
+      this.progressBytes = taken;
+      this.lastProgressAt = this.now();
+    }
+    return this.lastProgressAt;
+  }
+
   private streamOut(channel: Duplex): StreamOut {
-    const out = new StreamOut(channel, 'main');
+    // With a return path the destination ends the connection only after its SHUT.
+    const c = this.o.capabilities;
+    const out = new StreamOut(channel, 'main', { peerEndIsLoss: c['return-path'] || c['postcopy-ram'] });
     void out.failed().then((error) => {
       if (this.out === out) this.report({ type: 'faulted', error: coded(error) as MigrationError });
     });

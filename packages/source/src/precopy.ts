@@ -9,6 +9,7 @@
 
 import {
   BatchWriter,
+  KEEPALIVE_PING_BASE,
   LIVEMIG_HELLO_PING,
   MigCmd,
   TARGET_PAGE_SIZE,
@@ -50,6 +51,9 @@ export class Precopy {
   precopyBytes = 0;
   downtimeBytes = 0;
   private lastSyncTime: number;
+  /** Keepalive PINGs asked for by the machine, written before the next PART section. */
+  private keepalivePings = 0;
+  private keepaliveCount = 0;
 
   constructor(m: OutgoingMigration) {
     this.m = m;
@@ -60,7 +64,9 @@ export class Precopy {
     const m = this.m;
     const w = m.w;
     writeStreamHeader(w);
-    writeConfiguration(w, { machineType: m.o.machineType });
+    // QEMU 7.2 sends configuration/uuid only when the guest has one and validate-uuid is on.
+    const uuid = m.o.capabilities['validate-uuid'] ? m.o.uuid : undefined;
+    writeConfiguration(w, { machineType: m.o.machineType, ...(uuid === undefined ? {} : { uuid }) });
     if (m.state.returnPath) {
       writeCommand(w, MigCmd.OPEN_RETURN_PATH);
       writePing(w, 1);
@@ -187,11 +193,18 @@ export class Precopy {
     }
   }
 
+  /** The machine wants a PING (a return path is open): it goes between two sections. */
+  keepalivePingDue(): void {
+    this.keepalivePings++;
+  }
+
   /** One PART section: pages until the rate limit, 50 ms, or no dirty page is left. */
   private async partSection(): Promise<void> {
     const m = this.m;
     const w = m.w;
     const started = m.now();
+    // Its PONG proves the link end to end (QEMU 7.2 answers PINGs too once the return path is open).
+    for (; this.keepalivePings > 0; this.keepalivePings--) writePing(w, (KEEPALIVE_PING_BASE + (this.keepaliveCount++ & 0xffff)) >>> 0);
     writeSectionHeader(w, { kind: 'part', sectionId: RAM_SECTION_ID });
     const deadline = (): boolean => m.now() - started >= MAX_ITERATION_MS;
     const pagesBefore = this.pagesSent();

@@ -9,25 +9,36 @@ export class StreamOut {
   readonly stream: Duplex;
   /** Bytes handed to the stream. */
   written = 0;
+  /** Bytes the kernel has taken (whole batches): progress that proves the link still drains. */
+  accepted = 0;
   private failure: Error | undefined;
   private readonly waiters = new Set<(err?: Error) => void>();
   /** Settles with the failure, once (shared by every wait that races against it). */
   private readonly failure$: Promise<Error>;
 
-  /** `role` names the connection in the errors it reports. */
-  constructor(stream: Duplex, role: ChannelRole) {
+  /**
+   * `role` names the connection in the errors it reports. `peerEndIsLoss`: the peer never ends
+   * the connection before we do (its end is a failure even when every byte was written).
+   */
+  constructor(stream: Duplex, role: ChannelRole, options: { peerEndIsLoss?: boolean } = {}) {
     this.stream = stream;
     this.failure$ = new Promise((resolve) => this.waiters.add((e) => resolve(e!)));
     stream.on('error', (err: Error) => this.fail(TransportError.lost(role, `the ${role} channel failed: ${err.message}`, err)));
     stream.on('close', () => {
-      // A stream we ended and that wrote everything (file:, exec:) closes as it should.
-      if (!stream.writableFinished) this.fail(TransportError.lost(role, `the ${role} channel was closed`));
+      // A stream we ended and that wrote everything (file:, exec:) closes as it should. A peer's
+      // FIN ends our side too (Node's allowHalfOpen: false) and finishes it: where the peer
+      // never closes first (a main channel with a return path: SHUT comes before its FIN), that
+      // is a lost link, not an end.
+      const peerEnded = !this.endedHere && options.peerEndIsLoss === true;
+      if (peerEnded || !stream.writableFinished) this.fail(TransportError.lost(role, peerEnded ? `the ${role} channel was closed by the peer` : `the ${role} channel was closed`));
     });
     this.role = role;
     if (stream.destroyed) this.fail(TransportError.lost(role, `the ${role} channel was closed`));
   }
 
   private readonly role: ChannelRole;
+  /** end() was called: a close after everything was written is the end we asked for. */
+  private endedHere = false;
 
   get error(): Error | undefined {
     return this.failure;
@@ -63,12 +74,17 @@ export class StreamOut {
     const taken = new Promise<void>((resolve) => (done = resolve));
     s.cork();
     const last = buffers.length - 1;
+    let batchBytes = 0;
+    for (const b of buffers) batchBytes += b.length;
     for (let i = 0; i <= last; i++) {
       const b = buffers[i]!;
       if (i === last) {
         s.write(b, (err) => {
           done();
-          if (err == null) written?.();
+          if (err == null) {
+            this.accepted += batchBytes;
+            written?.();
+          }
         });
       }
       else s.write(b);
@@ -93,6 +109,7 @@ export class StreamOut {
   /** Finish our side and wait until everything was flushed (file: and exec: channels). */
   async end(): Promise<void> {
     if (this.failure !== undefined) throw this.failure;
+    this.endedHere = true;
     await new Promise<void>((resolve, reject) => {
       this.stream.end(() => resolve());
       this.waiters.add((err) => reject(err ?? TransportError.lost(this.role, `the ${this.role} channel closed before it was flushed`)));
