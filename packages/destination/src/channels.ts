@@ -299,18 +299,21 @@ export class Channels {
     const blocks = new Map(ram.blocks.map((b, i) => [b.idstr, ram.view(i)]));
     const recv = new MultifdReceiver((name) => blocks.get(name));
     const channel: MultifdChannel = { recv, socket: raw, ended: false };
-    channel.socket = adoptWithOnread(raw, { buffer: () => recv.nextBuffer(), callback: (n) => this.onMultifdBytes(channel, n) }, { allowHalfOpen: true });
     this.multifd.push(channel);
-    // Bytes read off it while the main channel's header was checked come first.
+    // Bytes read off it while the main channel's header was checked come first, and before the
+    // socket is adopted: adopting asks the receiver at once where the next read lands.
+    let reading = true;
     for (let at = 0; at < prefix.length; ) {
       const into = recv.nextBuffer();
       const n = prefix.copy(into, 0, at);
       at += n;
       if (!this.onMultifdBytes(channel, n)) {
-        channel.socket.pause();
+        reading = false;
         break;
       }
     }
+    channel.socket = adoptWithOnread(raw, { buffer: () => recv.nextBuffer(), callback: (n) => this.onMultifdBytes(channel, n) }, { allowHalfOpen: true });
+    if (!reading) channel.socket.pause();
     channel.socket.on('end', () => {
       channel.ended = true;
       if (!recv.atPacketBoundary) this.o.events.multifdFailed(TransportError.lost('multifd', `multifd channel ${recv.channelId} closed in the middle of a packet`));

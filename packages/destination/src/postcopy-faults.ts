@@ -129,18 +129,23 @@ export class PostcopyFaults implements PageLedger {
       this.thread.attach(fd, held.tcp, pending, streamBlocks);
       return;
     }
-    const socket = adoptWithOnread(held.raw, { buffer: this.preemptBuffer, callback: (n) => this.onPreemptBytes(n, streamBlocks) }, { allowHalfOpen: true });
+    // Bytes the connection brought before it was taken (read while the main channel's header
+    // was checked) would be lost with the stream that holds them: they are placed first.
+    const early: Buffer[] = [];
+    for (let c = held.raw.read() as Buffer | null; c !== null; c = held.raw.read() as Buffer | null) early.push(c);
+    const socket = adoptWithOnread(held.raw, { buffer: this.preemptBuffer, callback: (n) => this.onPreemptBytes(this.preemptBuffer.subarray(0, n), streamBlocks) }, { allowHalfOpen: true });
     if (held.tcp) socket.setNoDelay(true);
     this.preemptSocket = socket;
     socket.on('error', () => {});
+    if (early.length > 0 && !this.onPreemptBytes(Buffer.concat(early), streamBlocks)) socket.pause();
   }
 
-  /** Bytes on the preempt channel: bare RAM records for the background stream's blocks. */
-  private onPreemptBytes(n: number, streamBlocks: readonly RamBlockInfo[]): boolean {
+  /** Bytes on the preempt channel (valid during this call only): bare RAM records for the background stream's blocks. */
+  private onPreemptBytes(bytes: Buffer, streamBlocks: readonly RamBlockInfo[]): boolean {
     try {
       this.preemptDecoder ??= RamRecordDecoder.forPreemptChannel(this.preemptTarget, streamBlocks);
       const d = this.preemptDecoder;
-      d.push(this.preemptBuffer.subarray(0, n));
+      d.push(bytes);
       if (d.next() !== NEED_MORE) {
         // Its EOS: every page of this channel is placed.
         this.o.guest.ram.wakeWaiters(0);

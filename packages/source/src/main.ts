@@ -319,7 +319,11 @@ class SourceProcess {
 
   queryMigrate(): Record<string, unknown> {
     const c = this.connecting;
-    if (c !== undefined) return c.status === 'failed' ? { status: 'failed', 'error-desc': c.errorDesc ?? 'unknown error' } : { status: c.status };
+    if (c !== undefined) {
+      if (c.status === 'failed') return { status: 'failed', 'error-desc': c.errorDesc ?? 'unknown error' };
+      // Still connecting: nothing done yet, nothing measured.
+      return c.status === 'setup' ? { status: c.status, 'x-progress': { fraction: 0, 'eta-ms': null, basis: 'measuring' } } : { status: c.status };
+    }
     const m = this.migration;
     if (m === undefined) return {};
     const out: Record<string, unknown> = { status: m.status };
