@@ -155,6 +155,8 @@ test('the same shapes from a real QEMU 7.2: query-name, query-version, SHUTDOWN,
         const ours = l.members(String(entry['arg-type']));
         const qemus = q.members(String(theirs['arg-type']));
         for (const [member, type] of Object.entries(ours)) {
+          // livemig's own members carry its prefix (x-livemig-stall-timeout …); QEMU has none of them.
+          if (member.replace(/^\*/, '').startsWith('x-livemig-')) continue;
           const qt = qemus[member];
           assert.ok(qt !== undefined, `${c.name}: ${name}'s ${member} is in QEMU's ${name} too (${JSON.stringify(qemus)})`);
           if (['str', 'int', 'bool', 'number'].includes(qt)) assert.equal(type, qt, `${name}.${member}`);

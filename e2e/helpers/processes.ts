@@ -33,6 +33,8 @@ const QMP_REPLY_MS = 30_000;
 const TERM_GRACE_MS = 3_000;
 const KILL_WAIT_MS = 3_000;
 /** Output kept per child for failure messages. */
+/** How long a process that exited may take to close its output pipes. */
+const OUTPUT_DRAIN_MS = 1_000;
 const OUTPUT_KEEP_BYTES = 64 * 1024;
 /** Output shown per child in a failure message. */
 const OUTPUT_SHOW_BYTES = 6 * 1024;
@@ -82,7 +84,13 @@ export class Child {
         live.add(proc);
         proc.once('exit', (code, signal) => {
           live.delete(proc);
-          resolve({ code, signal });
+          // 'exit' can come before the last of the process's output: let its pipes drain
+          // ('close'), for at most a second (a grandchild may hold them open).
+          const settle = setTimeout(() => resolve({ code, signal }), OUTPUT_DRAIN_MS);
+          proc.once('close', () => {
+            clearTimeout(settle);
+            resolve({ code, signal });
+          });
         });
       }
     });

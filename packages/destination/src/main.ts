@@ -3,12 +3,11 @@
 
 import { parseArgs } from 'node:util';
 import { Guest } from '@livemig/guest';
-import { applyCapabilities, applyParameters, normalizeUuid } from '@livemig/protocol';
+import { applyParameters, normalizeUuid } from '@livemig/protocol';
 import {
-  capabilitiesOn,
-  parameterList,
   GUEST_HELP,
   guestFromFlags,
+  settingsFromFlags,
   migrationEvent,
   MigrationSettings,
   GUEST_OPTIONS,
@@ -217,14 +216,7 @@ async function main(argv: string[]): Promise<void> {
     if (values.incoming === undefined) throw new UsageError('--incoming is required (tcp:HOST:PORT, unix:PATH or defer)');
     const address = addressForFlag('--incoming', values.incoming, ['tcp', 'unix', 'defer']);
     const f = guestFromFlags(values);
-    if (values.capabilities !== undefined) settings.capabilities = applyCapabilities(settings.capabilities, capabilitiesOn(values.capabilities));
-    if (values.parameters !== undefined) {
-      try {
-        settings.parameters = applyParameters(settings.parameters, parameterList(values.parameters));
-      } catch (err) {
-        throw new UsageError(`--parameters: ${(err as Error).message}`, { cause: err });
-      }
-    }
+    Object.assign(settings, settingsFromFlags(values));
     const handshake = values['handshake-timeout'];
     if (handshake !== undefined) {
       try {

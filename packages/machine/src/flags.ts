@@ -112,7 +112,6 @@ function exitWithUsage(program: string, err: unknown): never {
   process.exit(2);
 }
 
-/** `--capabilities a,b` as migrate-set-capabilities arguments turning each one on. */
 /** A --parameters list, "NAME=VALUE,…", as migrate-set-parameters arguments (numbers and booleans typed). */
 export function parameterList(text: string): Record<string, unknown> {
   const out: Record<string, unknown> = {};
@@ -125,6 +124,7 @@ export function parameterList(text: string): Record<string, unknown> {
   return out;
 }
 
+/** `--capabilities a,b` as migrate-set-capabilities arguments turning each one on. */
 export function capabilitiesOn(list: string): { capability: string; state: true }[] {
   return list
     .split(',')

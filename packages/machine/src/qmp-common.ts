@@ -13,6 +13,7 @@ import {
   type MigrationParameters,
 } from '@livemig/protocol';
 import type { Guest } from '@livemig/guest';
+import { capabilitiesOn, parameterList, UsageError } from './flags.ts';
 import { QmpError, qmpEnum, type QmpMembers, RuntimeErrorCode, type QmpServer } from '@livemig/runtime';
 
 /** QAPI MigrationStatus, as the MIGRATION event's data names it. */
@@ -60,6 +61,20 @@ function parameterMembers(): QmpMembers {
 export class MigrationSettings {
   capabilities: Capabilities = defaultCapabilities();
   parameters: MigrationParameters = defaultParameters();
+}
+
+/** The settings `--capabilities` and `--parameters` ask for, checked as migrate-set-capabilities and -parameters check them. */
+export function settingsFromFlags(values: { capabilities?: string | undefined; parameters?: string | undefined }): MigrationSettings {
+  const settings = new MigrationSettings();
+  if (values.capabilities !== undefined) settings.capabilities = applyCapabilities(settings.capabilities, capabilitiesOn(values.capabilities));
+  if (values.parameters !== undefined) {
+    try {
+      settings.parameters = applyParameters(settings.parameters, parameterList(values.parameters));
+    } catch (err) {
+      throw new UsageError(`--parameters: ${(err as Error).message}`, { cause: err });
+    }
+  }
+  return settings;
 }
 
 export interface MachineHooks {

@@ -6,10 +6,9 @@ import { Guest } from '@livemig/guest';
 import {
   GUEST_HELP,
   guestFromFlags,
+  settingsFromFlags,
   migrationEvent,
   MigrationSettings,
-  capabilitiesOn,
-  parameterList,
   GUEST_OPTIONS,
   addressForFlag,
   checkListenable,
@@ -18,7 +17,6 @@ import {
   orExitWithUsage,
   orExitWithUsageAsync,
   shutdownEvent,
-  UsageError,
   type Progress,
   ProgressModel,
   progressLine,
@@ -26,7 +24,7 @@ import {
   registerMachineCommands,
   TtyProgress,
 } from '@livemig/machine';
-import { applyCapabilities, applyParameters, normalizeUuid, TARGET_PAGE_SIZE } from '@livemig/protocol';
+import { normalizeUuid, TARGET_PAGE_SIZE } from '@livemig/protocol';
 import {
   ChannelError,
   connectChannel,
@@ -471,14 +469,7 @@ async function main(argv: string[]): Promise<void> {
   const settings = new MigrationSettings();
   const parsed = orExitWithUsage(program, () => {
     const f = guestFromFlags(values);
-    if (values.capabilities !== undefined) settings.capabilities = applyCapabilities(settings.capabilities, capabilitiesOn(values.capabilities));
-    if (values.parameters !== undefined) {
-      try {
-        settings.parameters = applyParameters(settings.parameters, parameterList(values.parameters));
-      } catch (err) {
-        throw new UsageError(`--parameters: ${(err as Error).message}`, { cause: err });
-      }
-    }
+    Object.assign(settings, settingsFromFlags(values));
     if (values.migrate !== undefined) {
       try {
         refuseMigrate(addressForFlag('--migrate', values.migrate, OUTGOING_TRANSPORTS), settings);
