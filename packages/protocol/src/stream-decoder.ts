@@ -37,48 +37,18 @@ import {
   RAM_EOS,
   RamRecordDecoder,
   type BlockStats,
-  type RamSectionStats,
 } from './ram-record-decoder.ts';
 import { ByteReader } from './reader.ts';
 import { readConfigurationRecord } from './configuration-record.ts';
 import type { ConfigurationRecord, DecoderEvent, DeviceLayout, SectionIdentity, SectionRecord, StreamDecoderOptions } from './stream-events.ts';
 import { nextPostcopyState, scanForFooter } from './stream-rules.ts';
 import { FOOTER_LENGTH } from './stream.ts';
-import { isVfioMark, measureVfioSection, readVfioSection, VFIO_MARK_LENGTH, VfioMigFlag, type VfioSectionSummary } from './vfio-framing.ts';
+import { describeUnfinished, type OpenSection, S } from './decoder-state.ts';
+import { isVfioMark, measureVfioSection, readVfioSection, VFIO_MARK_LENGTH, vfioConfigSummary } from './vfio-framing.ts';
 
-/** A FULL section of known length that is a VFIO config (CONFIG … END): its summary, else undefined. */
-function vfioConfigSummary(data: Buffer): VfioSectionSummary | undefined {
-  if (data.length < 2 * VFIO_MARK_LENGTH || !isVfioMark(data.readUInt32BE(0), data.readUInt32BE(4)) || data.readUInt32BE(4) !== VfioMigFlag.DEV_CONFIG_STATE) return undefined;
-  try {
-    return readVfioSection(data, 0, data.length);
-  } catch {
-    return undefined;
-  }
-}
 
 export { NEED_MORE, type NeedMore };
 
-/** Decoder states. */
-const S = { HEADER: 0, CONFIG: 1, RECORD: 2, RAM: 3, DEVICE: 4, FOOTER: 5, SKIP_PACKAGE: 6, AFTER_EOF: 7, DONE: 8 } as const;
-type S = (typeof S)[keyof typeof S];
-
-interface OpenSection extends SectionIdentity {
-  sectionKind: SectionKind;
-  offset: number;
-  dataOffset: number;
-  isRam: boolean;
-  stats: RamSectionStats | undefined;
-  declaredLength: number | undefined;
-  /** The data starts with its own be32 length (declaredLength is set once that is read). */
-  prefixed: boolean;
-  layout: 'declared' | 'footer-scan' | 'vfio-framing';
-  scanFrom: number;
-  /** QEMU's VFIO framing: 'yes' (a device of ours), 'detect' (look at the first 8 bytes), 'no'. */
-  vfio: 'yes' | 'detect' | 'no';
-  configBytes: number | undefined;
-  vfioFrom: number;
-  vfioCloseNext: boolean;
-}
 
 export class StreamDecoder {
   private readonly r: ByteReader;
@@ -184,7 +154,7 @@ export class StreamDecoder {
   end(): void {
     if (this.failure !== undefined) throw this.failure;
     if ((this.state === S.AFTER_EOF || this.state === S.DONE) && this.r.available === 0) return;
-    const where = this.describeState();
+    const where = describeUnfinished(this.state, this.depth, this.cur);
     this.failure = new ProtocolError(
       ErrorCode.TRUNCATED,
       `stream ended inside ${where} (${this.r.available} bytes of it buffered)`,
@@ -260,26 +230,6 @@ export class StreamDecoder {
     return failAt(code, message, this.r, this.cur, relOffset, extra);
   }
 
-  private describeState(): string {
-    switch (this.state) {
-      case S.HEADER:
-        return 'the stream header';
-      case S.CONFIG:
-        return 'the configuration record';
-      case S.RECORD:
-        return this.depth > 0 ? 'a record of a PACKAGED blob' : 'a record (no EOF seen)';
-      case S.RAM:
-        return `a RAM record of section ${this.cur?.sectionId} "${this.cur?.idstr}"`;
-      case S.DEVICE:
-        return `the data of section ${this.cur?.sectionId} "${this.cur?.idstr}"`;
-      case S.FOOTER:
-        return `the footer of section ${this.cur?.sectionId} "${this.cur?.idstr}"`;
-      case S.SKIP_PACKAGE:
-        return 'a PACKAGED blob';
-      default:
-        return 'the VMDESCRIPTION';
-    }
-  }
 
   private readHeader(): DecoderEvent | NeedMore {
     const r = this.r;

@@ -237,3 +237,13 @@ export function measureVfioSection(r: VfioPeekSource, scan: VfioScan, streamOffs
     }
   }
 }
+
+/** A FULL section of known length that is a VFIO config (CONFIG … END): its summary, else undefined. */
+export function vfioConfigSummary(data: Buffer): VfioSectionSummary | undefined {
+  if (data.length < 2 * VFIO_MARK_LENGTH || !isVfioMark(data.readUInt32BE(0), data.readUInt32BE(4)) || data.readUInt32BE(4) !== VfioMigFlag.DEV_CONFIG_STATE) return undefined;
+  try {
+    return readVfioSection(data, 0, data.length);
+  } catch {
+    return undefined;
+  }
+}
