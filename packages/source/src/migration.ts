@@ -36,6 +36,7 @@ import { Precopy } from './precopy.ts';
 import { RamSaver } from './ram-saver.ts';
 import { RateLimiter } from './rate-limiter.ts';
 import { ReturnPathReader } from './return-path-reader.ts';
+import { KeepalivePings } from './keepalive-pings.ts';
 import { StateWatch } from './state-watch.ts';
 import { StreamOut } from './stream-out.ts';
 
@@ -135,6 +136,7 @@ export class OutgoingMigration {
   readonly meter: BandwidthMeter;
   readonly converge: AutoConverge;
   readonly watch = new StateWatch();
+  readonly keepalivePings = new KeepalivePings();
   readonly returnPath: ReturnPathReader | undefined;
   readonly precopy: Precopy;
   readonly postcopy: PostcopySender;
@@ -266,8 +268,8 @@ export class OutgoingMigration {
         clearInterval(this.keepaliveTimer);
         return;
       case 'sendKeepalivePing':
-        if (this.state.status === 'active') this.precopy.keepalivePingDue();
-        else this.postcopy.keepalivePingDue();
+        // Precopy writes it between two sections, postcopy in its next batch.
+        this.keepalivePings.add();
         return;
       case 'restoreGuest':
         void this.restoreGuest(a.run);
@@ -436,10 +438,6 @@ export class OutgoingMigration {
       preempt?.destroy();
       throw err;
     }
-  }
-
-  get ended(): boolean {
-    return isSourceFinal(this.state);
   }
 
   ramInfo(): MigrationInfoRam {

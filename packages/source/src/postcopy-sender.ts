@@ -9,7 +9,6 @@ import net from 'node:net';
 import type { Duplex } from 'node:stream';
 import {
   BatchWriter,
-  KEEPALIVE_PING_BASE,
   MigCmd,
   TransportError,
   writeCommand,
@@ -39,8 +38,6 @@ export class PostcopySender {
   private readonly requests: number[] = [];
   private requestCount = 0;
   private postcopyBytes = 0;
-  private keepalivePings = 0;
-  private keepaliveCount = 0;
   /** The preempt connection until postcopy starts (or a recovery resumes) and the page server takes it. */
   private preempt: Duplex | undefined;
   /** Answers requests on the preempt connection in its own thread; it boots with the migration. */
@@ -121,7 +118,7 @@ export class PostcopySender {
     const w = m.w;
     const started = m.now();
     const deadline = (): boolean => m.now() - started >= MAX_ITERATION_MS;
-    for (; this.keepalivePings > 0; this.keepalivePings--) writePing(w, (KEEPALIVE_PING_BASE + (this.keepaliveCount++ & 0xffff)) >>> 0);
+    m.keepalivePings.writeDue(w);
     this.pageServer?.drainServed((block, page) => m.ram.takeRequested(block, page));
     writeSectionHeader(w, { kind: 'part', sectionId: RAM_SECTION_ID });
     const before = w.totalBytes;
@@ -139,7 +136,7 @@ export class PostcopySender {
     // return path (page requests) and QMP their turn at each batch.
     await yieldToIo();
     if (m.ram.dirtyPages === 0 && this.requests.length === 0 && m.state.status === 'postcopy-active') return this.endStream();
-    const wait = this.requests.length > 0 || this.keepalivePings > 0 ? 0 : m.limiter.delayFor(BACKGROUND_BATCH_BYTES, m.now());
+    const wait = this.requests.length > 0 || m.keepalivePings.pending ? 0 : m.limiter.delayFor(BACKGROUND_BATCH_BYTES, m.now());
     // Any step of the machine (a request, a keepalive, a pause) ends the wait.
     if (wait > 0) await m.watch.next(wait);
     return false;
@@ -189,10 +186,6 @@ export class PostcopySender {
       for (let i = 0; i < q.length; i += 2) ram.sendRequested(w, q[i]!, q[i + 1]!);
     }
     q.length = 0;
-  }
-
-  keepalivePingDue(): void {
-    this.keepalivePings++;
   }
 
   // ---- recovery ---------------------------------------------------------------------------------

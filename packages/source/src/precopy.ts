@@ -9,7 +9,6 @@
 
 import {
   BatchWriter,
-  KEEPALIVE_PING_BASE,
   LIVEMIG_HELLO_PING,
   MigCmd,
   TARGET_PAGE_SIZE,
@@ -52,8 +51,6 @@ export class Precopy {
   downtimeBytes = 0;
   private lastSyncTime: number;
   /** Keepalive PINGs asked for by the machine, written before the next PART section. */
-  private keepalivePings = 0;
-  private keepaliveCount = 0;
 
   constructor(m: OutgoingMigration) {
     this.m = m;
@@ -193,18 +190,13 @@ export class Precopy {
     }
   }
 
-  /** The machine wants a PING (a return path is open): it goes between two sections. */
-  keepalivePingDue(): void {
-    this.keepalivePings++;
-  }
-
   /** One PART section: pages until the rate limit, 50 ms, or no dirty page is left. */
   private async partSection(): Promise<void> {
     const m = this.m;
     const w = m.w;
     const started = m.now();
     // Its PONG proves the link end to end (QEMU 7.2 answers PINGs too once the return path is open).
-    for (; this.keepalivePings > 0; this.keepalivePings--) writePing(w, (KEEPALIVE_PING_BASE + (this.keepaliveCount++ & 0xffff)) >>> 0);
+    m.keepalivePings.writeDue(w);
     writeSectionHeader(w, { kind: 'part', sectionId: RAM_SECTION_ID });
     const deadline = (): boolean => m.now() - started >= MAX_ITERATION_MS;
     const pagesBefore = this.pagesSent();
