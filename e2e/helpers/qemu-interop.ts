@@ -21,12 +21,23 @@ const M0_GUEST = ['--block', 'm0:16M', '--machine', 'none', '--qemu-devices-only
 const TEST_TIMEOUT_MS = 90_000;
 const opts = { skip: qemuSkip(), timeout: TEST_TIMEOUT_MS };
 /**
- * A QEMU 10.0 destination of a `-machine none` guest expects multifd flushed once per round
- * (RAM_SAVE_FLAG_MULTIFD_FLUSH records, SYNCs only there); a livemig source flushes per section,
- * as QEMU 7.2 and machine types up to 8.0 do. QEMU 10.0 speaks that dialect too when told
- * (hw_compat_8_0's multifd-flush-after-each-section=on), which is how it is tested here.
+ * livemig speaks as QEMU 7.2 unless told otherwise; for `-machine none` (unversioned) the QEMU
+ * running it sets the stream's dialect, so against QEMU 10.0 livemig is told `--qemu-version 10.0`
+ * (multifd synced once per round with RAM_SAVE_FLAG_MULTIFD_FLUSH, zero pages in the multifd
+ * packets, SWITCHOVER_START before the final state).
  */
-const PER_SECTION_FLUSH = QEMU_LABEL === 'QEMU 10.0' ? ['-global', 'migration.multifd-flush-after-each-section=on'] : [];
+const IS_10 = QEMU_LABEL === 'QEMU 10.0';
+const LIVEMIG_DIALECT = IS_10 ? ['--qemu-version', '10.0'] : [];
+/**
+ * Multifd dialects a livemig source is tested in against this QEMU: its own, and on QEMU 10.0
+ * also 7.2's (flush per section) with QEMU told so (hw_compat_8_0's multifd-flush-after-each-section=on).
+ */
+const MULTIFD_DIALECTS = IS_10
+  ? [
+      { name: 'per-round flush (QEMU 10.0 dialect)', livemig: LIVEMIG_DIALECT, qemu: [] as string[] },
+      { name: 'per-section flush (7.2 dialect, QEMU told so)', livemig: [] as string[], qemu: ['-global', 'migration.multifd-flush-after-each-section=on'] },
+    ]
+  : [{ name: 'per-section flush', livemig: [] as string[], qemu: [] as string[] }];
 
 /** The known image: every other page of the first 8 MiB is sha256-derived data, the rest zero. */
 const IMAGE = ramImage(SIZE, { stride: 2, dataEnd: 8 * MiB });
@@ -134,7 +145,7 @@ for (const { transport, returnPath } of [
       await qemu.execute('migrate-incoming', { uri: transport === 'tcp' ? 'tcp:127.0.0.1:0' : `unix:${h.path('qemu.mig')}` });
       const uri = await listeningAddress(qemu, 10_000);
 
-      const src = await h.source({ guest: [...M0_GUEST, '-S', '--fill', 'mixed'], args: ['--capabilities', caps.join(',')] });
+      const src = await h.source({ guest: [...M0_GUEST, ...LIVEMIG_DIALECT, '-S', '--fill', 'mixed'], args: ['--capabilities', caps.join(',')] });
       const before = await digest(src);
       await src.execute('migrate', { uri });
       const s = await waitForStatus(src, 'completed', { timeoutMs: 30_000 });
@@ -177,29 +188,31 @@ for (const { transport, channels } of [
     }),
   );
 
-  test(`livemig source → ${QEMU_LABEL} destination, multifd (${channels} channels) over ${transport}: QEMU's RAM equals the source digest`, opts, (t) =>
-    withHarness(async (h) => {
-      const dstImg = h.path('dst.img');
-      await writeFile(dstImg, Buffer.alloc(SIZE));
-      const qemu = await startQemu(h, 'qemu-dst', [...qemuM0({ file: dstImg }, SIZE), ...PER_SECTION_FLUSH, '-S', '-incoming', 'defer']);
-      await setCapabilities(qemu, ['events', 'return-path', 'multifd']);
-      await qemu.execute('migrate-set-parameters', { 'multifd-channels': channels });
-      await qemu.execute('migrate-incoming', { uri: transport === 'tcp' ? 'tcp:127.0.0.1:0' : `unix:${h.path('qemu.mig')}` });
-      const uri = await listeningAddress(qemu, 10_000);
+  for (const dialect of MULTIFD_DIALECTS) {
+    test(`livemig source → ${QEMU_LABEL} destination, multifd (${channels} channels) over ${transport}, ${dialect.name}: QEMU's RAM equals the source digest`, opts, (t) =>
+      withHarness(async (h) => {
+        const dstImg = h.path('dst.img');
+        await writeFile(dstImg, Buffer.alloc(SIZE));
+        const qemu = await startQemu(h, 'qemu-dst', [...qemuM0({ file: dstImg }, SIZE), ...dialect.qemu, '-S', '-incoming', 'defer']);
+        await setCapabilities(qemu, ['events', 'return-path', 'multifd']);
+        await qemu.execute('migrate-set-parameters', { 'multifd-channels': channels });
+        await qemu.execute('migrate-incoming', { uri: transport === 'tcp' ? 'tcp:127.0.0.1:0' : `unix:${h.path('qemu.mig')}` });
+        const uri = await listeningAddress(qemu, 10_000);
 
-      const src = await h.source({
-        guest: [...M0_GUEST, '-S', '--fill', 'mixed'],
-        args: ['--capabilities', 'events,return-path,multifd', '--parameters', `multifd-channels=${channels}`],
-      });
-      const before = await digest(src);
-      await src.execute('migrate', { uri });
-      const s = await waitForStatus(src, 'completed', { timeoutMs: 30_000 });
-      await waitForStatus(qemu, 'completed', { timeoutMs: 10_000 });
-      assert.ok((s.ram?.['multifd-bytes'] ?? 0) > 0, 'pages went over multifd');
-      assert.equal(await sha256File(dstImg), before.blocks[0]!.sha256, "QEMU's m0 = the livemig source's RAM");
-      log(t, `livemig source total-time ${s['total-time']} ms, multifd-bytes ${s.ram?.['multifd-bytes']} of ${s.ram?.transferred} B`);
-    }),
-  );
+        const src = await h.source({
+          guest: [...M0_GUEST, ...dialect.livemig, '-S', '--fill', 'mixed'],
+          args: ['--capabilities', 'events,return-path,multifd', '--parameters', `multifd-channels=${channels}`],
+        });
+        const before = await digest(src);
+        await src.execute('migrate', { uri });
+        const s = await waitForStatus(src, 'completed', { timeoutMs: 30_000 });
+        await waitForStatus(qemu, 'completed', { timeoutMs: 10_000 });
+        assert.ok((s.ram?.['multifd-bytes'] ?? 0) > 0, 'pages went over multifd');
+        assert.equal(await sha256File(dstImg), before.blocks[0]!.sha256, "QEMU's m0 = the livemig source's RAM");
+        log(t, `livemig source total-time ${s['total-time']} ms, multifd-bytes ${s.ram?.['multifd-bytes']} of ${s.ram?.transferred} B`);
+      }),
+    );
+  }
 }
 
 // Over tcp the first page request after the switch to postcopy often takes 30-45 ms and the next
@@ -223,7 +236,7 @@ for (const { transport, preempt } of [
       const uri = await listeningAddress(qemu, 10_000);
 
       const src = await h.source({
-        guest: [...M0_GUEST, '-S', '--fill', 'mixed'],
+        guest: [...M0_GUEST, ...LIVEMIG_DIALECT, '-S', '--fill', 'mixed'],
         args: ['--capabilities', caps.join(','), '--parameters', 'max-bandwidth=2097152,max-postcopy-bandwidth=1048576'],
       });
       const before = await digest(src);

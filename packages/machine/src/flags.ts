@@ -3,11 +3,13 @@
 
 import type { ParseArgsConfig } from 'node:util';
 import { type Fill, type GuestConfig, GuestErrorCode, parseBlocks, parseWorkload } from '@livemig/guest';
+import { DEFAULT_QEMU_VERSION, parseQemuVersion, type QemuVersion } from '@livemig/protocol';
 
 export const DEFAULT_MACHINE = 'livemig-pc';
 
 export const GUEST_OPTIONS = {
   machine: { type: 'string' },
+  'qemu-version': { type: 'string' },
   memory: { type: 'string', short: 'm' },
   block: { type: 'string', multiple: true },
   vcpus: { type: 'string' },
@@ -21,7 +23,11 @@ export const GUEST_OPTIONS = {
 } as const satisfies ParseArgsConfig['options'];
 
 export const GUEST_HELP = `guest (the same on both sides of a migration):
-  --machine TYPE        machine type sent/expected in the stream (default ${DEFAULT_MACHINE})
+  --machine TYPE        machine type sent/expected in the stream (default ${DEFAULT_MACHINE});
+                        a versioned one (pc-q35-10.0, pc-i440fx-7.2) sets the stream's dialect
+  --qemu-version V      the QEMU whose stream dialect an unversioned machine type (none,
+                        livemig-pc) speaks: 7.2 (default) or 10.0 — e.g. multifd synced once
+                        per round and SWITCHOVER_START, as QEMU 10.0's -machine none expects
   -m, --memory SIZE     main RAM block "pc.ram" (e.g. 256M, 1G, 4G; default 256M), plus a
                         4 MiB second block "vga.vram"
   --block NAME:SIZE     RAM blocks exactly as given instead (repeatable; the first is the
@@ -40,6 +46,15 @@ control:
   --name NAME           a name for this process, as QEMU's -name (QMP query-name answers it)
   --log-level L         trace|debug|info|warn|error|silent (default info; env LIVEMIG_LOG_LEVEL)`;
 
+function qemuVersionFlag(text: string | undefined): QemuVersion {
+  if (text === undefined) return DEFAULT_QEMU_VERSION;
+  try {
+    return parseQemuVersion(text);
+  } catch (err) {
+    throw new UsageError(`--qemu-version: ${(err as Error).message}`, { cause: err });
+  }
+}
+
 /** A command line that cannot be used; the message is what the user reads before the usage text. */
 export class UsageError extends Error {
   readonly code = 'LM_ERR_USAGE';
@@ -51,6 +66,8 @@ export class UsageError extends Error {
 
 export interface GuestFlags {
   machineType: string;
+  /** --qemu-version: the dialect of an unversioned machine type. */
+  qemuVersion: QemuVersion;
   guest: GuestConfig;
   qmp: string | undefined;
   /** --name: what QMP query-name answers. */
@@ -66,6 +83,7 @@ export function guestFromFlags(values: Record<string, unknown>): GuestFlags {
     if (!['zero', 'random', 'mixed'].includes(fill)) throw new UsageError(`--fill "${fill}" is not zero, random or mixed`);
     return {
       machineType: (values['machine'] as string | undefined) ?? DEFAULT_MACHINE,
+      qemuVersion: qemuVersionFlag(values['qemu-version'] as string | undefined),
       guest: {
         blocks: parseBlocks(values['memory'] as string | undefined, (values['block'] as string[] | undefined) ?? []),
         vcpus,

@@ -11,7 +11,7 @@ import { NEED_MORE, type RamSectionStats } from './ram-record-decoder.ts';
 import { StreamDecoder } from './stream-decoder.ts';
 import type { DeviceLayout, StreamDecoderOptions } from './stream-events.ts';
 import { deviceDataLength, parseVmdescription } from './vmdesc.ts';
-import type { SectionKind } from './constants.ts';
+import { MigCmd, type SectionKind } from './constants.ts';
 
 export interface SectionReport {
   record: 'section';
@@ -164,6 +164,9 @@ export class StreamAnalyzer {
   constructor(options: AnalyzerOptions = {}) {
     const keep = options.keepRam ?? true;
     const decoderOptions: StreamDecoderOptions = {
+      // Any command a QEMU this knows may write (10.0's SWITCHOVER_START included): an analyzer is
+      // no destination, so it does not refuse what a newer peer would accept.
+      maxCommand: MigCmd.SWITCHOVER_START + 1,
       ...options.decoder,
       maxRamBytes: options.maxRamBytes ?? 64 * 2 ** 30,
       ram: {

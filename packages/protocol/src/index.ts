@@ -19,6 +19,7 @@ export * from './writer.ts';
 export * from './xbzrle.ts';
 export * from './command.ts';
 export * from './ram.ts';
+export * from './dialect.ts';
 export * from './stream.ts';
 export * from './vmdesc.ts';
 export * from './bitmap.ts';

@@ -81,16 +81,19 @@ export interface MultifdPacketHeader {
 
 /**
  * Encodes a packet header into `dst` (MULTIFD_PACKET_HEADER_LENGTH bytes). `offsets` holds the
- * byte offsets of the packet's pages inside `block`, in the order their data follows.
+ * byte offsets of the packet's normal pages inside `block`, in the order their data follows;
+ * `zeroOffsets` (QEMU 9.0+'s zero-page-detection=multifd) the pages the destination must zero.
  */
 export function writeMultifdPacketHeader(
   dst: Uint8Array,
   h: { flags: number; packetNum: number; block: string },
   offsets: ArrayLike<number>,
   pageCount: number,
+  zeroOffsets?: ArrayLike<number>,
+  zeroCount = 0,
 ): void {
-  if (pageCount > MULTIFD_PAGES_PER_PACKET) {
-    throw new MigrationError(ErrorCode.INVALID_ARGUMENT, `${pageCount} pages in one multifd packet (at most ${MULTIFD_PAGES_PER_PACKET})`);
+  if (pageCount + zeroCount > MULTIFD_PAGES_PER_PACKET) {
+    throw new MigrationError(ErrorCode.INVALID_ARGUMENT, `${pageCount + zeroCount} pages in one multifd packet (at most ${MULTIFD_PAGES_PER_PACKET})`);
   }
   if (h.block.length >= RAMBLOCK_FIELD) throw new MigrationError(ErrorCode.INVALID_ARGUMENT, `block name "${h.block}" is too long for a multifd packet`);
   const v = new DataView(dst.buffer, dst.byteOffset, MULTIFD_PACKET_HEADER_LENGTH);
@@ -103,10 +106,16 @@ export function writeMultifdPacketHeader(
   v.setUint32(24, Math.floor(h.packetNum / 2 ** 32));
   v.setUint32(28, h.packetNum >>> 0);
   dst.fill(0, 32, RAMBLOCK_AT + RAMBLOCK_FIELD);
+  v.setUint32(32, zeroCount);
   for (let i = 0; i < h.block.length; i++) dst[RAMBLOCK_AT + i] = h.block.charCodeAt(i) & 0xff;
   let at = MULTIFD_PACKET_FIXED_LENGTH;
   for (let i = 0; i < pageCount; i++, at += 8) {
     const o = offsets[i]!;
+    v.setUint32(at, Math.floor(o / 2 ** 32));
+    v.setUint32(at + 4, o >>> 0);
+  }
+  for (let i = 0; i < zeroCount; i++, at += 8) {
+    const o = zeroOffsets![i]!;
     v.setUint32(at, Math.floor(o / 2 ** 32));
     v.setUint32(at + 4, o >>> 0);
   }

@@ -53,7 +53,9 @@ export { NEED_MORE, type NeedMore };
 export class StreamDecoder {
   private readonly r: ByteReader;
   private readonly deviceLayout: DeviceLayout | undefined;
-  private readonly expectFooters: boolean;
+  /** Sections end in footers: given by the caller, or worked out from the stream's first record. */
+  private expectFooters: boolean;
+  private readonly footersGiven: boolean;
   private readonly maxSectionBytes: number;
   private readonly maxVmdescBytes: number;
   private readonly maxSections: number;
@@ -79,6 +81,7 @@ export class StreamDecoder {
     this.r = new ByteReader(options.startOffset ?? 0);
     this.deviceLayout = options.deviceLayout;
     this.expectFooters = options.expectFooters ?? true;
+    this.footersGiven = options.expectFooters !== undefined;
     this.maxSectionBytes = options.maxSectionBytes ?? 16 * 1024 * 1024;
     this.maxVmdescBytes = options.maxVmdescBytes ?? 16 * 1024 * 1024;
     this.maxSections = options.maxSections ?? 65536;
@@ -174,7 +177,12 @@ export class StreamDecoder {
           const rec = readConfigurationRecord(this.r);
           if (rec === NEED_MORE) return NEED_MORE;
           this.state = S.RECORD;
-          if (rec === null) continue;
+          if (rec === null) {
+            // Machine types up to 2.3 (QEMU's send-configuration and send-section-footer both
+            // off) start with a section: no configuration means no footers either.
+            if (!this.footersGiven) this.expectFooters = false;
+            continue;
+          }
           if (rec.capabilities?.includes('x-ignore-shared') === true) this.rram.ignoreShared = true;
           this.configuration = rec;
           return { kind: 'configuration', ...rec };

@@ -79,7 +79,10 @@ export type DeviceLayout = (section: SectionIdentity, kind: SectionKind) => Sect
 export interface StreamDecoderOptions {
   ram?: RamTarget;
   deviceLayout?: DeviceLayout;
-  /** Sections carry footers (machine types newer than 2.3). Default true. */
+  /**
+   * Sections carry footers (machine types newer than 2.3). Default: as the stream shows it — a
+   * stream with a configuration record has footers, one without (machine types up to 2.3) has none.
+   */
   expectFooters?: boolean;
   /** Largest device section data accepted, bytes. Default 16 MiB. */
   maxSectionBytes?: number;

@@ -24,7 +24,7 @@ import {
   registerMachineCommands,
   TtyProgress,
 } from '@livemig/machine';
-import { normalizeUuid, TARGET_PAGE_SIZE } from '@livemig/protocol';
+import { DEFAULT_QEMU_VERSION, normalizeUuid, type QemuVersion, type StreamDialect, streamDialect, TARGET_PAGE_SIZE } from '@livemig/protocol';
 import {
   ChannelError,
   connectChannel,
@@ -127,6 +127,8 @@ class SourceProcess {
   readonly settings = new MigrationSettings();
   readonly log: Logger;
   readonly machineType: string;
+  /** The stream dialect of that machine type (dialect.ts). */
+  readonly dialect: StreamDialect;
   migration: OutgoingMigration | undefined;
   /** migrate-start-postcopy came (possibly while still connecting). */
   postcopyWanted = false;
@@ -142,9 +144,10 @@ class SourceProcess {
   /** The current migration's progress (query-migrate's x-progress and the terminal bar). */
   private progressModel = new ProgressModel();
 
-  constructor(guest: Guest, machineType: string, log: Logger) {
+  constructor(guest: Guest, machineType: string, log: Logger, qemuVersion: QemuVersion = DEFAULT_QEMU_VERSION) {
     this.guest = guest;
     this.machineType = machineType;
+    this.dialect = streamDialect(machineType, qemuVersion);
     this.log = log;
   }
 
@@ -241,6 +244,7 @@ class SourceProcess {
           ...(preemptChannel === undefined ? {} : { preempt: preemptChannel }),
           ...(multifdChannels.length === 0 ? {} : { multifd: multifdChannels }),
           machineType: this.machineType,
+          dialect: this.dialect,
           realtimePostcopy: this.realtimePostcopy,
           ...(this.uuid === undefined ? {} : { uuid: this.uuid }),
           postcopyRequested: this.postcopyWanted,
@@ -494,7 +498,7 @@ async function main(argv: string[]): Promise<void> {
   guest.fillInitial();
   await guest.prefault('read');
   log.info({ ms: Math.round(performance.now() - preparingSince) }, 'guest RAM prepared');
-  const proc = new SourceProcess(guest, flags.machineType, log);
+  const proc = new SourceProcess(guest, flags.machineType, log, flags.qemuVersion);
   proc.realtimePostcopy = values['realtime-postcopy'] === true;
   proc.settings.capabilities = settings.capabilities;
   proc.settings.parameters = settings.parameters;

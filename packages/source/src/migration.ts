@@ -25,6 +25,8 @@ import {
   type SourceEvent,
   type SourceState,
   sourceStep,
+  type StreamDialect,
+  streamDialect,
   StateError,
   TARGET_PAGE_SIZE,
 } from '@livemig/protocol';
@@ -77,6 +79,8 @@ export interface OutgoingOptions {
   multifd?: readonly Duplex[];
   /** Machine type sent in the configuration record. */
   machineType: string;
+  /** What the stream looks like for that machine type (default: as QEMU 7.2 writes it). */
+  dialect?: StreamDialect;
   /** --uuid: with capability validate-uuid, sent as configuration/uuid (QEMU's vmstate_uuid_needed). */
   uuid?: string;
   /** The page server thread under SCHED_FIFO (--realtime-postcopy). */
@@ -129,6 +133,7 @@ export class OutgoingMigration {
   out: StreamOut;
   readonly w = new BatchWriter();
   readonly ram: RamSaver;
+  readonly dialect: StreamDialect;
   readonly multifd: MultifdSender | undefined;
   /** Iterative devices besides RAM, with their section ids. */
   readonly others: { dev: IterativeDevice; sectionId: number }[];
@@ -164,9 +169,12 @@ export class OutgoingMigration {
     const p = options.parameters;
     this.multifd = options.multifd !== undefined && options.multifd.length > 0 ? new MultifdSender(options.multifd) : undefined;
     void this.multifd?.failed().then((error) => this.dispatch({ type: 'faulted', error: coded(error) as MigrationError }));
+    this.dialect = options.dialect ?? streamDialect(options.machineType);
     this.ram = new RamSaver(options.guest, {
       xbzrleCacheBytes: options.capabilities.xbzrle ? p['xbzrle-cache-size'] : 0,
       ...(this.multifd === undefined ? {} : { multifd: this.multifd }),
+      multifdSyncPerRound: this.dialect.multifdFlush === 'per-round',
+      multifdZeroPages: this.dialect.multifdZeroPages,
     });
     this.others = (options.guest.vfio === undefined ? [] : [options.guest.vfio]).map((dev, i) => ({ dev, sectionId: RAM_SECTION_ID + 1 + i }));
     this.limiter = new RateLimiter(p['max-bandwidth'], this.startTime);

@@ -1,7 +1,9 @@
 // The source's multifd channels (wire-format.md §7.6): normal pages go out in packets of up to
 // 128 pages of one block, each packet a header plus views of guest RAM (one view per run of
 // contiguous pages, so a sequential pass costs two iovecs per 512 KiB). Packets rotate over the
-// channels; every RAM section ends with a SYNC packet on each channel.
+// channels. SYNC packets go on every channel where the dialect syncs: at each RAM section's end,
+// or once per scan of RAM (dialect.ts). With the 9.0+ dialect zero pages ride in the packets too,
+// as offsets the destination zeroes (no data).
 
 import type { Duplex } from 'node:stream';
 import {
@@ -30,6 +32,8 @@ export class MultifdSender {
   private mem: Buffer | undefined;
   private readonly offsets = new Float64Array(MULTIFD_PAGES_PER_PACKET);
   private count = 0;
+  private readonly zeroOffsets = new Float64Array(MULTIFD_PAGES_PER_PACKET);
+  private zeroCount = 0;
   /** Bytes of headers and pages queued so far (sealed or in the open packet). */
   queuedBytes = 0;
   /** Bytes handed to the channels. */
@@ -53,36 +57,42 @@ export class MultifdSender {
 
   /** Queue one normal page (a view of guest RAM is sent: what RAM holds at write time). */
   queuePage(block: string, mem: Buffer, offset: number): void {
-    if (this.count === MULTIFD_PAGES_PER_PACKET || (this.count > 0 && (block !== this.block || mem !== this.mem))) this.seal(0);
+    this.makeRoom(block, mem);
+    this.offsets[this.count++] = offset;
+    this.queuedBytes += TARGET_PAGE_SIZE;
+  }
+
+  /** Queue one zero page (an offset only: the destination zeroes it). */
+  queueZeroPage(block: string, mem: Buffer, offset: number): void {
+    this.makeRoom(block, mem);
+    this.zeroOffsets[this.zeroCount++] = offset;
+  }
+
+  /** Seal the open packet when it is full or holds another block; count a new packet's header. */
+  private makeRoom(block: string, mem: Buffer): void {
+    const open = this.count + this.zeroCount;
+    if (open === MULTIFD_PAGES_PER_PACKET || (open > 0 && (block !== this.block || mem !== this.mem))) this.seal(0);
+    if (this.count + this.zeroCount === 0) this.queuedBytes += MULTIFD_PACKET_HEADER_LENGTH;
     this.block = block;
     this.mem = mem;
-    this.offsets[this.count++] = offset;
-    this.queuedBytes += TARGET_PAGE_SIZE + (this.count === 1 ? MULTIFD_PACKET_HEADER_LENGTH : 0);
+  }
+
+  /** Close the open packet and queue a SYNC packet on every channel, without writing yet. */
+  queueSync(): void {
+    this.seal(MULTIFD_FLAG_SYNC);
   }
 
   /** Close the open packet (and with SYNC, send a SYNC packet on every channel). */
   private seal(flags: number): void {
-    if (this.count > 0) {
+    if (this.count + this.zeroCount > 0) {
       const ch = this.channels[this.next]!;
       this.next = (this.next + 1) % this.channels.length;
       const header = Buffer.allocUnsafe(MULTIFD_PACKET_HEADER_LENGTH);
-      writeMultifdPacketHeader(header, { flags: 0, packetNum: this.packetNum++, block: this.block }, this.offsets, this.count);
+      writeMultifdPacketHeader(header, { flags: 0, packetNum: this.packetNum++, block: this.block }, this.offsets, this.count, this.zeroOffsets, this.zeroCount);
       ch.pending.push(header);
-      const mem = this.mem!;
-      let runStart = this.offsets[0]!;
-      let runEnd = runStart + TARGET_PAGE_SIZE;
-      for (let i = 1; i < this.count; i++) {
-        const o = this.offsets[i]!;
-        if (o === runEnd) {
-          runEnd += TARGET_PAGE_SIZE;
-          continue;
-        }
-        ch.pending.push(mem.subarray(runStart, runEnd));
-        runStart = o;
-        runEnd = o + TARGET_PAGE_SIZE;
-      }
-      ch.pending.push(mem.subarray(runStart, runEnd));
+      if (this.count > 0) this.queueRuns(ch);
       this.count = 0;
+      this.zeroCount = 0;
     }
     if ((flags & MULTIFD_FLAG_SYNC) !== 0) {
       for (const ch of this.channels) {
@@ -92,6 +102,25 @@ export class MultifdSender {
         this.queuedBytes += MULTIFD_PACKET_HEADER_LENGTH;
       }
     }
+  }
+
+
+  /** The normal pages' data: one view of guest RAM per run of contiguous pages. */
+  private queueRuns(ch: Channel): void {
+    const mem = this.mem!;
+    let runStart = this.offsets[0]!;
+    let runEnd = runStart + TARGET_PAGE_SIZE;
+    for (let i = 1; i < this.count; i++) {
+      const o = this.offsets[i]!;
+      if (o === runEnd) {
+        runEnd += TARGET_PAGE_SIZE;
+        continue;
+      }
+      ch.pending.push(mem.subarray(runStart, runEnd));
+      runStart = o;
+      runEnd = o + TARGET_PAGE_SIZE;
+    }
+    ch.pending.push(mem.subarray(runStart, runEnd));
   }
 
   /**

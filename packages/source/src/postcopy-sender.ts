@@ -64,6 +64,7 @@ export class PostcopySender {
     m.expect('active');
     // postcopy-active: the page server takes the preempt connection before the destination can ask.
     m.dispatch({ type: 'postcopyStarted' });
+    m.precopy.writeSwitchoverStart();
     await m.precopy.endOtherDevices();
     m.precopy.syncDirty();
     m.ram.disableXbzrle();

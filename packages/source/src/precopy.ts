@@ -63,7 +63,7 @@ export class Precopy {
     writeStreamHeader(w);
     // QEMU 7.2 sends configuration/uuid only when the guest has one and validate-uuid is on.
     const uuid = m.o.capabilities['validate-uuid'] ? m.o.uuid : undefined;
-    writeConfiguration(w, { machineType: m.o.machineType, ...(uuid === undefined ? {} : { uuid }) });
+    if (m.dialect.configuration) writeConfiguration(w, { machineType: m.o.machineType, ...(uuid === undefined ? {} : { uuid }) });
     if (m.state.returnPath) {
       writeCommand(w, MigCmd.OPEN_RETURN_PATH);
       writePing(w, 1);
@@ -74,7 +74,8 @@ export class Precopy {
     if (m.o.capabilities['postcopy-ram']) writePostcopyAdvise(w, { hostPageSizeSummary: TARGET_PAGE_SIZE, targetPageSize: TARGET_PAGE_SIZE });
     writeSectionHeader(w, { kind: 'start', sectionId: RAM_SECTION_ID, idstr: 'ram', instanceId: 0, versionId: 4 });
     m.ram.saveSetup(w);
-    await this.multifdSync();
+    // Either dialect syncs multifd here: the destination must have set up RAM before any page lands.
+    await this.multifdSync(true);
     writeEos(w);
     writeSectionFooter(w, RAM_SECTION_ID);
     for (const { dev, sectionId } of m.others) {
@@ -86,9 +87,25 @@ export class Precopy {
     m.o.events.pass(1);
   }
 
-  /** End of a RAM section: with multifd, every channel gets its SYNC packet before the EOS. */
-  async multifdSync(): Promise<void> {
-    if (this.m.multifd !== undefined) await this.m.multifd.sync();
+  /**
+   * Before a RAM section's EOS: with multifd synced per section, every channel gets its SYNC
+   * packet. Synced per round, only where `always` says so (setup, and the last section, which
+   * must not end with pages in flight), then with RAM_SAVE_FLAG_MULTIFD_FLUSH on the main channel.
+   */
+  async multifdSync(always = false): Promise<void> {
+    const m = this.m;
+    if (m.multifd === undefined) return;
+    if (m.dialect.multifdFlush === 'per-section') {
+      await m.multifd.sync();
+    } else if (always) {
+      m.ram.syncMultifd(m.w);
+      await m.flush();
+    }
+  }
+
+  /** QEMU 10.0's MIG_CMD_SWITCHOVER_START, for machine types that send it: the guest has stopped. */
+  writeSwitchoverStart(): void {
+    if (this.m.dialect.switchoverStart) writeCommand(this.m.w, MigCmd.SWITCHOVER_START);
   }
 
   /** What every iterative device still has to send, cheaply estimated. */
@@ -295,6 +312,7 @@ export class Precopy {
     await this.stopGuest();
     m.expect('active');
     m.dispatch({ type: 'switchoverStarted' });
+    this.writeSwitchoverStart();
     this.syncDirty();
     const startBytes = m.transferred;
     writeSectionHeader(w, { kind: 'end', sectionId: RAM_SECTION_ID });
@@ -304,7 +322,7 @@ export class Precopy {
       await m.flush();
       if (empty) break;
     }
-    await this.multifdSync();
+    await this.multifdSync(true);
     writeEos(w);
     writeSectionFooter(w, RAM_SECTION_ID);
     await this.endOtherDevices();

@@ -8,7 +8,7 @@
 // The bit is cleared before the page is read, as QEMU does: a guest write after that sets
 // the dirty log again and the page goes out once more.
 
-import { type BatchWriter, RamRecordWriter, TARGET_PAGE_SIZE, writeMemSize } from '@livemig/protocol';
+import { type BatchWriter, RamRecordWriter, TARGET_PAGE_SIZE, writeMemSize, writeMultifdFlush } from '@livemig/protocol';
 import type { Guest, IterativeDevice } from '@livemig/guest';
 import type { MultifdSender } from './multifd-sender.ts';
 import { XbzrleCache } from './xbzrle-cache.ts';
@@ -37,6 +37,13 @@ export interface RamSaverOptions {
   xbzrleCacheBytes: number;
   /** Capability multifd: normal pages go to these channels (ZERO records stay on the main one). */
   multifd?: MultifdSender;
+  /**
+   * Multifd dialect of 8.1+ machine types: every channel syncs once per scan of RAM, where the
+   * scan wraps, announced by RAM_SAVE_FLAG_MULTIFD_FLUSH on the main channel (dialect.ts).
+   */
+  multifdSyncPerRound?: boolean;
+  /** Multifd dialect of 9.0+ machine types: zero pages ride in the multifd packets. */
+  multifdZeroPages?: boolean;
 }
 
 export class RamSaver implements IterativeDevice {
@@ -67,10 +74,16 @@ export class RamSaver implements IterativeDevice {
   };
   readonly totalPages: number;
   private readonly multifd: MultifdSender | undefined;
+  private readonly syncPerRound: boolean;
+  private readonly zeroPagesInMultifd: boolean;
+  /** The scan wrapped since the last look (a round ended). */
+  private roundEnded = false;
 
   constructor(guest: Guest, options: RamSaverOptions) {
     this.guest = guest;
     this.multifd = options.multifd;
+    this.syncPerRound = this.multifd !== undefined && options.multifdSyncPerRound === true;
+    this.zeroPagesInMultifd = this.multifd !== undefined && options.multifdZeroPages === true;
     this.views = guest.ram.blocks.map((_, i) => guest.ram.view(i));
     this.bitmaps = guest.ram.blocks.map((b) => new Uint32Array(Math.ceil(b.pageCount / 32)));
     this.totalPages = guest.ram.blocks.reduce((a, b) => a + b.pageCount, 0);
@@ -147,12 +160,22 @@ export class RamSaver implements IterativeDevice {
         sinceCheck = 0;
         if (deadline()) return false;
       }
-      if (!this.findDirty()) break;
+      const found = this.findDirty();
+      if (this.roundEnded) {
+        this.roundEnded = false;
+        if (this.syncPerRound) this.syncMultifd(w);
+      }
+      if (!found) break;
       const run = this.knownZeroRun();
       if (run > 0) {
         // Never-written pages: ZERO records straight from the bitmaps, memory untouched.
         const block = this.guest.ram.blocks[this.cursorBlock]!;
-        this.rec.zeroPages(w, block.idstr, this.cursorPage * TARGET_PAGE_SIZE, run);
+        if (this.zeroPagesInMultifd) {
+          const mem = this.views[this.cursorBlock]!;
+          for (let i = 0, off = this.cursorPage * TARGET_PAGE_SIZE; i < run; i++, off += TARGET_PAGE_SIZE) this.multifd!.queueZeroPage(block.idstr, mem, off);
+        } else {
+          this.rec.zeroPages(w, block.idstr, this.cursorPage * TARGET_PAGE_SIZE, run);
+        }
         this.stats.duplicate += run;
         this.cursorPage += run - 1;
         if (this.xbzrleActive) {
@@ -164,6 +187,15 @@ export class RamSaver implements IterativeDevice {
       this.sendPage(w, this.cursorBlock, this.cursorPage, final);
     }
     return this.dirtyPages === 0;
+  }
+
+  /**
+   * A multifd sync point: every channel's open packet and a SYNC packet queued, and
+   * RAM_SAVE_FLAG_MULTIFD_FLUSH on the main channel, after which the destination waits for them.
+   */
+  syncMultifd(w: BatchWriter): void {
+    this.multifd!.queueSync();
+    writeMultifdFlush(w);
   }
 
   /** Bytes encoded so far: the main channel's and the multifd channels'. */
@@ -192,6 +224,7 @@ export class RamSaver implements IterativeDevice {
       if (this.cursorBlock === nBlocks) {
         this.cursorBlock = 0;
         this.stats.rounds++;
+        this.roundEnded = true;
       }
     }
     return false;
@@ -325,7 +358,8 @@ export class RamSaver implements IterativeDevice {
     // A page never written since allocation is zero without reading it (no fault, no memcmp).
     const knownZero = (block.written[page >>> 5]! & (1 << (page & 31))) === 0;
     if (knownZero || ZERO_PAGE.compare(mem, off, off + TARGET_PAGE_SIZE) === 0) {
-      rec.zeroPage(w, idstr, off);
+      if (this.zeroPagesInMultifd) this.multifd!.queueZeroPage(idstr, mem, off);
+      else rec.zeroPage(w, idstr, off);
       this.stats.duplicate++;
       if (this.xbzrleActive) this.xbzrle!.insertZero(block.globalOffset + off, this.stats.dirtySyncCount);
       return;
