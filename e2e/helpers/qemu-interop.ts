@@ -8,11 +8,12 @@
 // Run: pnpm build && node --import tsx --test e2e/qemu-7.2-interop.test.ts e2e/qemu-10.0-interop.test.ts
 
 import assert from 'node:assert/strict';
-import { readFile, writeFile } from 'node:fs/promises';
+import { readFile, stat, writeFile } from 'node:fs/promises';
 import { test, type TestContext } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { digest, MiB, queryMigrate, queryStatus, setCapabilities, waitForMigration, waitForStatus } from './migration.ts';
-import { listeningAddress, withHarness } from './processes.ts';
+import { analyzeFile, listeningAddress, withHarness } from './processes.ts';
+import { machineTypeVersion } from '@livemig/protocol';
 import { PAGE, pollFinal, QEMU_LABEL, qemuM0, qemuSkip, qemuVersion, ramImage, sha256, sha256File, startQemu, writeRamImage } from './qemu.ts';
 
 const SIZE = 16 * MiB;
@@ -335,3 +336,44 @@ test(`livemig source → ${QEMU_LABEL} destination with a different RAM block la
     log(t, `QEMU: ${qemu.output().trim()}; livemig source error-desc: ${s['error-desc']}`);
   }),
 );
+
+// ─── machine types: the oldest this QEMU offers and its own newest ───────────────────────────
+
+/**
+ * Machine types up to 2.3 (QEMU 7.2 still offers pc-i440fx-1.4 … 2.3; 10.0 starts at 2.4) write
+ * no configuration record and no section footers; versioned types from 2.4 on write both.
+ */
+const MACHINE_TYPES = IS_10 ? ['pc-i440fx-2.4', 'pc-q35-10.0', 'pc-i440fx-10.0'] : ['pc-i440fx-1.4', 'pc-i440fx-2.3', 'pc-q35-2.4', 'pc-q35-7.2'];
+
+for (const machine of MACHINE_TYPES) {
+  const old = (machineTypeVersion(machine)?.major ?? 99) < 2 || machine.endsWith('-2.3');
+  test(`${QEMU_LABEL} -machine ${machine} stream (${old ? 'no configuration, no footers' : 'configuration and footers'}): livemig analyze decodes it, pc.ram equals the QEMU RAM image`, opts, (t) =>
+    withHarness(async (h) => {
+      const img = h.path('pc.ram.img');
+      await writeRamImage(img, IMAGE);
+      const qemu = await startQemu(h, 'qemu-src', [
+        '-object', `memory-backend-file,id=pc.ram,size=${SIZE / MiB}M,mem-path=${img},share=on`,
+        '-machine', `${machine},memory-backend=pc.ram,accel=tcg`, '-m', `${SIZE / MiB}M`, '-S',
+      ]);
+      const file = h.path(`${machine}.mig`);
+      await qemu.execute('migrate', { uri: `exec:cat > ${file}` });
+      await waitForStatus(qemu, 'completed', { timeoutMs: 30_000 });
+      const r = await analyzeFile(file);
+      assert.equal(r.code, 0, `analyze: ${r.stderr}`);
+      const report = r.report!;
+      const records = report['records'] as { record: string; footerOffset?: number }[];
+      const sections = records.filter((x) => x.record === 'section');
+      if (old) {
+        assert.equal(report['configuration'], null, 'no configuration record');
+        assert.ok(sections.every((s) => s.footerOffset === -1), 'no section has a footer');
+      } else {
+        assert.equal(report['machine'], machine, 'the configuration record names the machine type');
+        assert.ok(sections.every((s) => (s.footerOffset ?? -1) > 0), 'every section has its footer');
+      }
+      // Machine types before 4.0 name a backend's block by its QOM path (x-use-canonical-path-for-ramblock-id).
+      const ram = report.ramBlocks.find((b) => b.idstr === 'pc.ram' || b.idstr === '/objects/pc.ram');
+      assert.equal(ram?.sha256, IMAGE_SHA, `pc.ram decodes to the image QEMU held (blocks: ${report.ramBlocks.map((b) => b.idstr).join(', ')})`);
+      log(t, `${machine}: ${sections.length} sections, ${report.ramBlocks.length} RAM blocks, ${(await stat(file)).size} B`);
+    }),
+  );
+}

@@ -6,7 +6,7 @@ import type net from 'node:net';
 import type { MainReader } from './channels.ts';
 import type { PostcopyFaults } from './postcopy-faults.ts';
 import type { StreamLoader } from './stream-loader.ts';
-import { coded, type DecoderEvent, type FaultPath, type MigrationError, MigCmd, NEED_MORE, PostcopyState, StreamDecoder, type StreamDecoderOptions } from '@livemig/protocol';
+import { coded, type DecoderEvent, type FaultPath, type MigrationError, MigCmd, NEED_MORE, PostcopyState, StreamDecoder, type StreamDecoderOptions, streamDialect } from '@livemig/protocol';
 
 const READ_BUFFER_BYTES = 1024 * 1024;
 /** Main-channel reads while a vCPU waits for a page far from the background stream (postcopy). */
@@ -65,6 +65,8 @@ export class MainStream implements MainReader {
       // QEMU 10.0 sources send SWITCHOVER_START (command 11) before the final state.
       maxCommand: MigCmd.SWITCHOVER_START + 1,
       deviceLayout: (s, kind) => this.loader.deviceLayout(s, kind),
+      // Machine types up to 2.3 send no footers (nor a configuration record).
+      expectFooters: streamDialect(this.loader.machineType).sectionFooters,
       // Guest RAM is fresh (never run) until the stream has been loaded.
       zeroedMemory: resume === undefined,
     };

@@ -23,7 +23,7 @@ type Device = { layout: SectionLayout; load(data: Buffer, versionId: number): vo
 
 export class StreamLoader {
   private readonly guest: Guest;
-  private readonly machineType: string;
+  readonly machineType: string;
   private readonly config: DestinationConfig;
   /** --uuid: a configuration/uuid that differs fails the load (whatever this side's validate-uuid, as QEMU 7.2). */
   private readonly uuid: string | undefined;

@@ -167,6 +167,7 @@ export class StreamAnalyzer {
       // Any command a QEMU this knows may write (10.0's SWITCHOVER_START included): an analyzer is
       // no destination, so it does not refuse what a newer peer would accept.
       maxCommand: MigCmd.SWITCHOVER_START + 1,
+      expectFooters: 'auto',
       ...options.decoder,
       maxRamBytes: options.maxRamBytes ?? 64 * 2 ** 30,
       ram: {

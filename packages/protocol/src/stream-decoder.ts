@@ -53,9 +53,14 @@ export { NEED_MORE, type NeedMore };
 export class StreamDecoder {
   private readonly r: ByteReader;
   private readonly deviceLayout: DeviceLayout | undefined;
-  /** Sections end in footers: given by the caller, or worked out from the stream's first record. */
+  /** Sections end in footers: given by the caller, or worked out from the stream (footersUnknown). */
   private expectFooters: boolean;
-  private readonly footersGiven: boolean;
+  private readonly footersAuto: boolean;
+  /**
+   * expectFooters 'auto' and no configuration record: the first section's end decides. A footer starts
+   * with 0x7e, which no record does, so the byte after the first section's data tells.
+   */
+  private footersUnknown = false;
   private readonly maxSectionBytes: number;
   private readonly maxVmdescBytes: number;
   private readonly maxSections: number;
@@ -80,8 +85,8 @@ export class StreamDecoder {
   constructor(options: StreamDecoderOptions = {}) {
     this.r = new ByteReader(options.startOffset ?? 0);
     this.deviceLayout = options.deviceLayout;
-    this.expectFooters = options.expectFooters ?? true;
-    this.footersGiven = options.expectFooters !== undefined;
+    this.expectFooters = options.expectFooters !== false;
+    this.footersAuto = options.expectFooters === 'auto';
     this.maxSectionBytes = options.maxSectionBytes ?? 16 * 1024 * 1024;
     this.maxVmdescBytes = options.maxVmdescBytes ?? 16 * 1024 * 1024;
     this.maxSections = options.maxSections ?? 65536;
@@ -179,8 +184,8 @@ export class StreamDecoder {
           this.state = S.RECORD;
           if (rec === null) {
             // Machine types up to 2.3 (QEMU's send-configuration and send-section-footer both
-            // off) start with a section: no configuration means no footers either.
-            if (!this.footersGiven) this.expectFooters = false;
+            // off) start with a section and have no footers either; look at the first section's end.
+            if (this.footersAuto) this.footersUnknown = true;
             continue;
           }
           if (rec.capabilities?.includes('x-ignore-shared') === true) this.rram.ignoreShared = true;
@@ -462,6 +467,11 @@ export class StreamDecoder {
       layout = c.layout;
     }
     const footerRel = c.isRam ? 0 : dataLength;
+    if (this.footersUnknown) {
+      if (!this.need(footerRel + 1)) return NEED_MORE;
+      this.expectFooters = r.u8(footerRel) === RecordType.SECTION_FOOTER;
+      this.footersUnknown = false;
+    }
     const footerLen = this.expectFooters ? FOOTER_LENGTH : 0;
     if (!this.need(footerRel + footerLen)) return NEED_MORE;
     if (this.expectFooters) {

@@ -80,10 +80,11 @@ export interface StreamDecoderOptions {
   ram?: RamTarget;
   deviceLayout?: DeviceLayout;
   /**
-   * Sections carry footers (machine types newer than 2.3). Default: as the stream shows it — a
-   * stream with a configuration record has footers, one without (machine types up to 2.3) has none.
+   * Sections carry footers (machine types from 2.4; default true). 'auto': as the stream shows it —
+   * with a configuration record footers are required; without one (machine types up to 2.3 have
+   * neither) the byte after the first section's data tells (a footer's 0x7e starts no record).
    */
-  expectFooters?: boolean;
+  expectFooters?: boolean | 'auto';
   /** Largest device section data accepted, bytes. Default 16 MiB. */
   maxSectionBytes?: number;
   /** Largest VMDESCRIPTION accepted, bytes. Default 16 MiB. */
