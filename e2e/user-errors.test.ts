@@ -160,3 +160,10 @@ test('livemig demo: Ctrl-C (SIGINT) stops both processes and exits 130, not 0', 
     }
   }
 });
+
+test('--qemu-version other than the versions livemig speaks: one line on either process', T, async () => {
+  for (const [main, program] of [[SOURCE_MAIN, 'livemig-source'], [DESTINATION_MAIN, 'livemig-destination']] as const) {
+    const extra = main === DESTINATION_MAIN ? ['--incoming', 'tcp:127.0.0.1:0'] : [];
+    assertUsageLine(await run(main, [...BIG, ...extra, '--qemu-version', '8.2']), program, /--qemu-version: QEMU version 8\.2 is not one livemig speaks \(7\.2, 10\.0\)/);
+  }
+});
