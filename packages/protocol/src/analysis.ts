@@ -172,8 +172,11 @@ export class StreamAnalyzer {
       maxRamBytes: options.maxRamBytes ?? 64 * 2 ** 30,
       ram: {
         attachBlocks: (blocks, streamOffset) => {
-          this.memory = blocks.map((b) => {
+          // A mapped-ram list grows block by block: the blocks seen before keep their memory.
+          const before = this.memory;
+          this.memory = blocks.map((b, i) => {
             if (!keep) return undefined;
+            if (before?.[i] !== undefined && before[i]!.length === b.length) return before[i];
             if (b.length > bufferConstants.MAX_LENGTH) {
               throw new ProtocolError(ErrorCode.LIMIT_EXCEEDED, `block of ${b.length} bytes is larger than one buffer can hold`, {
                 streamOffset,

@@ -43,6 +43,7 @@ export const ErrorCode = {
   CONTINUE_WITHOUT_BLOCK: 'LM_ERR_CONTINUE_WITHOUT_BLOCK',
   /** MEM_SIZE block list whose lengths do not add up, or a block listed twice, or misaligned. */
   BAD_MEM_SIZE: 'LM_ERR_BAD_MEM_SIZE',
+  BAD_MAPPED_RAM: 'LM_ERR_BAD_MAPPED_RAM',
   /** Malformed XBZRLE page (flag, length, run encoding or bounds). */
   BAD_XBZRLE: 'LM_ERR_BAD_XBZRLE',
   /** COMPRESS_PAGE record whose zlib data does not inflate to exactly one page. */

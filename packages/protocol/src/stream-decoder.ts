@@ -189,6 +189,7 @@ export class StreamDecoder {
             continue;
           }
           if (rec.capabilities?.includes('x-ignore-shared') === true) this.rram.ignoreShared = true;
+          if (rec.capabilities?.includes('mapped-ram') === true) this.rram.mappedRam = true;
           this.configuration = rec;
           return { kind: 'configuration', ...rec };
         }

@@ -167,6 +167,26 @@ function withOffset(build: (w: BatchWriter, here: () => void) => void): { bytes:
 
 const BLOCK = { idstr: 'm0', length: 0x10000 };
 
+/**
+ * A mapped-ram stream up to block m0's header: configuration with capability mapped-ram, RAM START,
+ * MEM_SIZE (m0, 64 KiB), then MappedRamHeader(version, pageSize, offsets(headerEnd)); `at` = the header.
+ */
+function mappedRamStream(
+  version: number,
+  pageSize: number,
+  offsets: (headerEnd: number) => { bitmap: number; pages: number } = (e) => ({ bitmap: e, pages: 0x100000 }),
+): { bytes: Buffer; at: number } {
+  return withOffset((w, here) => {
+    writeStreamHeader(w);
+    writeConfiguration(w, { machineType: 'none', capabilities: ['mapped-ram'] });
+    writeSectionHeader(w, { kind: 'start', sectionId: 2, idstr: 'ram', instanceId: 0, versionId: 4 });
+    w.be64(0x10000 + RamFlag.MEM_SIZE).cstr('m0').be64(0x10000);
+    here();
+    const { bitmap, pages } = offsets(w.totalBytes + 28);
+    w.be32(version).be64(pageSize).be64(bitmap).be64(pages);
+  });
+}
+
 /** Header, configuration "none", RAM START (MEM_SIZE: m0 of 64 KiB) with EOS and footer. */
 function ramSetup(w: BatchWriter): void {
   writeStreamHeader(w);
@@ -432,6 +452,16 @@ const CASES: Record<ErrorCodeValue, Case[]> = {
   ],
   LM_ERR_CONTINUE_WITHOUT_BLOCK: [
     { name: 'ZERO|CONTINUE as the first record', ...ramPart((w, here) => (here(), w.be64(RamFlag.ZERO | RamFlag.CONTINUE).u8(0))), message: /RAM record with CONTINUE before any block was named/ },
+  ],
+  LM_ERR_BAD_MAPPED_RAM: [
+    (() => {
+      const s = mappedRamStream(2, 0x1000);
+      return { name: 'mapped-ram header version 2', ...s, message: /mapped-ram header version 2 \(livemig reads version 1\)/, fields: { block: 'm0' } };
+    })(),
+    (() => {
+      const s = mappedRamStream(1, 0x1000, (headerEnd) => ({ bitmap: headerEnd, pages: headerEnd + 4 }));
+      return { name: 'mapped-ram bitmap running into the pages', ...s, at: s.at + 12, message: /mapped-ram bitmap at file offset \d+ \(8 bytes\) does not lie between/, fields: { block: 'm0' } };
+    })(),
   ],
   LM_ERR_BAD_MEM_SIZE: [
     (() => {
