@@ -40,6 +40,7 @@ import {
   writeRpShut,
 } from '@livemig/protocol';
 import type { Guest } from '@livemig/guest';
+import { adoptWithOnread, type MigrationAddress, openIncomingPipe } from '@livemig/runtime';
 
 /** The statuses a livemig destination goes through (QEMU's names). */
 export type IncomingStatus = Extract<
@@ -167,6 +168,19 @@ export class IncomingMigration {
     const fields = s.preempt ? { preempt: true } : s.multifd ? { multifdChannels: this.o.multifdChannels ?? 2 } : {};
     this.o.log.info({ address: text, ...fields }, 'waiting for the incoming migration');
     return text;
+  }
+
+  /**
+   * `file:PATH[,offset=N]` or `exec:CMD` (QEMU's forms): the stream is read from a file or from a
+   * command's output, through a pipe, as one connection that ends when the stream does.
+   */
+  async readFrom(address: Extract<MigrationAddress, { transport: 'file' | 'exec' }>): Promise<string> {
+    destinationStep(this.state, { type: 'listenStarted' }, performance.now());
+    const pipe = await openIncomingPipe(address);
+    this.dispatch({ type: 'listenStarted' });
+    this.o.log.info({ address: pipe.text }, 'reading the incoming migration');
+    this.onConnection(adoptWithOnread(pipe.stdout, this.stream, { allowHalfOpen: true }), Buffer.alloc(0));
+    return pipe.text;
   }
 
   /** migrate-pause: break the link on purpose. */

@@ -32,7 +32,8 @@ RAM is allocated and touched (prefaulted) before listening, so the transfer does
 first-touch page faults. Exits with status 1 if the incoming migration fails.
 
   --incoming ADDR   tcp:HOST:PORT (port 0: any free port, see query-migrate) | unix:PATH |
-                    defer (wait for QMP migrate-incoming)
+                    file:PATH[,offset=N] (a stream file, mapped-ram ones included) |
+                    exec:CMD (the stream on CMD's stdout) | defer (wait for QMP migrate-incoming)
   -S, --paused      keep the guest paused after the migration until QMP cont
   --capabilities L  capabilities to turn on first, comma-separated (e.g. events,postcopy-ram,
                     postcopy-preempt, or multifd: pages on extra connections, read into RAM)
@@ -104,8 +105,8 @@ class DestinationProcess {
   async listen(uri: string): Promise<string> {
     if (this.incoming !== undefined) throw new QmpCommandError('The incoming migration has already been started');
     const address = parseAddress(uri);
-    if (address.transport !== 'tcp' && address.transport !== 'unix') {
-      throw new QmpCommandError(`incoming migration over ${address.transport}: is not supported (use tcp: or unix:)`);
+    if (address.transport !== 'tcp' && address.transport !== 'unix' && address.transport !== 'file' && address.transport !== 'exec') {
+      throw new QmpCommandError(`incoming migration over ${address.transport}: is not supported (use tcp:, unix:, file: or exec:)`);
     }
     // Until the stream arrives, keep the prefaulted RAM from going cold.
     let stopWarm: (() => void) | undefined;
@@ -134,6 +135,7 @@ class DestinationProcess {
     this.incoming = incoming;
     await this.prefaulted;
     stopWarm = this.guest.keepWarm();
+    if (address.transport === 'file' || address.transport === 'exec') return incoming.readFrom(address);
     return incoming.listen(uri);
   }
 
@@ -213,8 +215,8 @@ async function main(argv: string[]): Promise<void> {
   // (seconds for a big guest): a mistake is one line at once, exit status 2.
   const settings = new MigrationSettings();
   const { flags, incoming, uuid } = orExitWithUsage(program, () => {
-    if (values.incoming === undefined) throw new UsageError('--incoming is required (tcp:HOST:PORT, unix:PATH or defer)');
-    const address = addressForFlag('--incoming', values.incoming, ['tcp', 'unix', 'defer']);
+    if (values.incoming === undefined) throw new UsageError('--incoming is required (tcp:HOST:PORT, unix:PATH, file:PATH, exec:CMD or defer)');
+    const address = addressForFlag('--incoming', values.incoming, ['tcp', 'unix', 'file', 'exec', 'defer']);
     const f = guestFromFlags(values);
     Object.assign(settings, settingsFromFlags(values));
     const handshake = values['handshake-timeout'];
@@ -251,7 +253,7 @@ async function main(argv: string[]): Promise<void> {
   if (incoming.address.transport !== 'defer') {
     try {
       const bound = await proc.listen(incoming.text);
-      log.info({ incoming: bound }, 'listening for the migration');
+      log.info({ incoming: bound }, incoming.address.transport === 'file' || incoming.address.transport === 'exec' ? 'reading the migration stream' : 'listening for the migration');
     } catch (err) {
       // Checked above; something took the address since. One line, as for the check.
       process.stderr.write(`${program}: --incoming ${incoming.text}: ${(err as Error).message}\n`);

@@ -71,6 +71,12 @@ export async function checkListenable(flag: string, address: MigrationAddress): 
     }
     return;
   }
+  if (address.transport === 'file') {
+    // Read from: it must be there to read.
+    const file = await stat(address.path).catch(() => undefined);
+    if (file === undefined || !file.isFile()) throw new UsageError(`${where}: no such file: give the stream file's path`);
+    return;
+  }
   if (address.transport !== 'unix') return;
   const dir = dirname(address.path);
   const dirStat = await stat(dir).catch(() => undefined);

@@ -36,6 +36,7 @@ export {
   adoptWithOnread,
   detachFd,
   connectChannel,
+  openIncomingPipe,
   listenChannel,
   type ChannelListener,
   type ConnectChannelOptions,
