@@ -223,7 +223,8 @@ export class Harness {
     if (o.capabilities !== undefined && o.capabilities.length > 0) args.push('--capabilities', o.capabilities.join(','));
     args.push(...(o.args ?? []));
     const child = (await this.#start(name, DESTINATION_MAIN, args)) as Child & { incomingUri: string };
-    child.incomingUri = incoming === 'defer' ? 'defer' : await listeningAddress(child, 60_000);
+    // A stream file or command is read at once: there is no socket to report.
+    child.incomingUri = incoming === 'defer' || /^(file|exec):/.test(incoming) ? incoming : await listeningAddress(child, 60_000);
     return child;
   }
 

@@ -40,6 +40,8 @@ export const CAPABILITIES = [
   'background-snapshot',
   'zero-copy-send',
   'postcopy-preempt',
+  // QEMU 9.0+: the file layout with each page at a fixed offset (written and read by livemig).
+  'mapped-ram',
 ] as const;
 
 export type Capability = (typeof CAPABILITIES)[number];
@@ -57,6 +59,7 @@ export const SUPPORTED_CAPABILITIES: ReadonlySet<Capability> = new Set<Capabilit
   'validate-uuid',
   'pause-before-switchover',
   'multifd',
+  'mapped-ram',
 ]);
 
 export type Capabilities = Record<Capability, boolean>;

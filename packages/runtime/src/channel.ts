@@ -6,7 +6,7 @@
 //   receiving side  listenChannel(address)    tcp: unix:  (first connection only, then stops listening)
 
 import { spawn, type ChildProcess } from 'node:child_process';
-import { constants as fsConstants, createWriteStream } from 'node:fs';
+import { close, closeSync, constants as fsConstants, createWriteStream, ftruncateSync, openSync, writeSync, writev } from 'node:fs';
 import { access, open } from 'node:fs/promises';
 import net from 'node:net';
 import { Duplex, type Readable, type Writable } from 'node:stream';
@@ -35,6 +35,11 @@ export interface ConnectChannelOptions {
    * ('capture', default), pass it through to ours ('inherit'), or drop it ('ignore').
    */
   execStderr?: 'capture' | 'inherit' | 'ignore';
+  /**
+   * `file:` only: a file written by position (mapped-ram), a {@link PositionedFileChannel} —
+   * the stream may skip ahead, and pages are written at their own offsets.
+   */
+  positioned?: boolean;
 }
 
 export interface ListenChannelOptions {
@@ -87,7 +92,7 @@ export async function connectChannel(
     case 'exec':
       return spawnExec(addr.command, text, options.execStderr ?? 'capture');
     case 'file':
-      return openFile(addr.path, addr.offset, text);
+      return options.positioned === true ? openPositionedFile(addr.path, addr.offset, text) : openFile(addr.path, addr.offset, text);
     case 'defer':
       throw new ChannelError(RuntimeErrorCode.UNSUPPORTED_TRANSPORT, 'cannot connect to "defer": it is a destination-only address');
   }
@@ -328,6 +333,76 @@ async function openFile(path: string, offset: number, text: string): Promise<Dup
     });
   }
   return new FileChannel(createWriteStream('', { fd: handle, start: offset, autoClose: true }));
+}
+
+/**
+ * A `file:` channel written by position: the stream's bytes go at `position` (advancing), the
+ * stream can skip ahead (`skipTo`) over a region written out of line, and `writeAt` puts bytes at
+ * any offset (mapped-ram's pages and bitmaps, QEMU 9.0+). Out-of-line writes are synchronous
+ * pwrites on the same descriptor; skipTo must come when every stream write so far has completed.
+ */
+export class PositionedFileChannel extends Duplex {
+  readonly fd: number;
+  /** File offset of the next stream byte. */
+  position: number;
+  private readonly text: string;
+
+  constructor(fd: number, start: number, text: string) {
+    super({ allowHalfOpen: true });
+    this.fd = fd;
+    this.position = start;
+    this.text = text;
+    this.push(null);
+    this.resume();
+  }
+
+  override _read(): void {}
+
+  override _writev(chunks: Array<{ chunk: Buffer }>, cb: (err?: Error | null) => void): void {
+    const bufs = chunks.map((c) => c.chunk);
+    let bytes = 0;
+    for (const b of bufs) bytes += b.length;
+    const at = this.position;
+    this.position += bytes;
+    writev(this.fd, bufs, at, (err) => cb(err === null ? null : new ChannelError(RuntimeErrorCode.CHANNEL_OPEN, `write to ${this.text} failed: ${err.message}`, { cause: err })));
+  }
+
+  override _write(chunk: Buffer, _encoding: BufferEncoding, cb: (err?: Error | null) => void): void {
+    this._writev([{ chunk }], cb);
+  }
+
+  /** The stream goes on at `offset` (after a region written out of line). */
+  skipTo(offset: number): void {
+    if (offset < this.position) throw new ChannelError(RuntimeErrorCode.INVALID_ARGUMENT, `cannot skip back from ${this.position} to ${offset} in ${this.text}`);
+    this.position = offset;
+  }
+
+  /** Write `buf` at file offset `offset`, now (a page run or a bitmap). */
+  writeAt(buf: Uint8Array, offset: number): void {
+    for (let done = 0; done < buf.length; ) done += writeSync(this.fd, buf, done, buf.length - done, offset + done);
+  }
+
+  override _final(cb: (err?: Error | null) => void): void {
+    close(this.fd, (err) => cb(err));
+  }
+
+  override _destroy(err: Error | null, cb: (err: Error | null) => void): void {
+    if (!this.writableFinished) close(this.fd, () => cb(err));
+    else cb(err);
+  }
+}
+
+async function openPositionedFile(path: string, offset: number, text: string): Promise<Duplex> {
+  // A plain descriptor, owned and closed by the channel (a FileHandle would close it on GC).
+  let fd = -1;
+  try {
+    fd = openSync(path, fsConstants.O_CREAT | fsConstants.O_WRONLY, 0o600);
+    ftruncateSync(fd, offset);
+  } catch (err) {
+    if (fd >= 0) closeSync(fd);
+    throw new ChannelError(RuntimeErrorCode.CHANNEL_OPEN, `cannot open ${text} for writing: ${(err as Error).message}`, { cause: err });
+  }
+  return new PositionedFileChannel(fd, offset, text);
 }
 
 /**

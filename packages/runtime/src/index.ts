@@ -34,6 +34,7 @@ export {
 export {
   acceptWithOnread,
   adoptWithOnread,
+  PositionedFileChannel,
   detachFd,
   connectChannel,
   openIncomingPipe,

@@ -93,6 +93,14 @@ function refuseMigrate(address: MigrationAddress, settings: MigrationSettings): 
   if (settings.capabilities['postcopy-preempt'] && address.transport !== 'tcp' && address.transport !== 'unix') {
     throw new QmpCommandError('postcopy-preempt needs a tcp: or unix: migration address');
   }
+  if (settings.capabilities['mapped-ram']) {
+    // QEMU's own refusals, in its words, and livemig's narrower ones.
+    if (address.transport !== 'file') throw new QmpCommandError('Mapped-ram migration requires a file: URI');
+    if (address.offset !== 0) throw new QmpCommandError('livemig writes mapped-ram files from offset 0 only');
+    if (settings.capabilities.xbzrle) throw new QmpCommandError('Mapped-ram migration is incompatible with xbzrle');
+    if (settings.capabilities['postcopy-ram']) throw new QmpCommandError('Mapped-ram migration is incompatible with postcopy');
+    if (settings.capabilities.multifd) throw new QmpCommandError('livemig writes mapped-ram files on one channel: turn multifd off');
+  }
   if (settings.capabilities.multifd) {
     if (address.transport !== 'tcp' && address.transport !== 'unix') throw new QmpCommandError('multifd is not supported by current protocol');
     if (settings.capabilities['postcopy-ram']) throw new QmpCommandError('livemig does not support multifd together with postcopy-ram');
@@ -198,7 +206,7 @@ class SourceProcess {
     // destination takes the first connection as the main channel): the preempt channel
     // (QEMU 7.2 opens it at start), or the multifd channels in channel-id order.
     const connect = async (): Promise<[Channel, Channel | undefined, Channel[]]> => {
-      const main = await connectChannel(address);
+      const main = await connectChannel(address, { positioned: settings.capabilities['mapped-ram'] });
       const extra: Channel[] = [];
       // Until the migration takes them, a reset of a connected channel must not go unheard (an
       // 'error' without a listener ends the process); the migration sees it as a destroyed channel.

@@ -218,7 +218,7 @@ export class OutgoingMigration {
 
   /** Bytes written to the channels so far (main and multifd). */
   get transferred(): number {
-    return this.out.written + (this.multifd?.written ?? 0);
+    return this.out.written + (this.multifd?.written ?? 0) + this.ram.mappedBytes;
   }
 
   get throttlePercent(): number {
@@ -453,7 +453,7 @@ export class OutgoingMigration {
     const elapsed = Math.max(1, this.now() - this.startTime) / 1000;
     const served = this.postcopy.figures();
     return {
-      transferred: this.out.written + served.preemptBytes + (this.multifd?.written ?? 0),
+      transferred: this.out.written + served.preemptBytes + (this.multifd?.written ?? 0) + this.ram.mappedBytes,
       remaining: this.precopy.pending(),
       total: this.guest.ram.totalBytes,
       duplicate: s.duplicate,

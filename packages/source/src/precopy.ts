@@ -7,10 +7,17 @@
 //   active: PART sections (RAM, then other iterative devices) … decideNext says switch over
 //   stop:   guest stopped, END sections, FULL device sections, EOF, VMDESCRIPTION
 
+import type { PositionedFileChannel } from '@livemig/runtime';
+import type { MappedRamBlock } from './ram-saver.ts';
+/** mapped-ram's MappedRamHeader: be32 version, be64 page_size, be64 bitmap_offset, be64 pages_offset. */
+const MAPPED_RAM_HEADER_LENGTH = 28;
+/** Where QEMU puts each block's pages: 1 MiB aligned (MAPPED_RAM_FILE_OFFSET_ALIGNMENT). */
+const MAPPED_RAM_ALIGNMENT = 0x100000;
 import {
   BatchWriter,
   LIVEMIG_HELLO_PING,
   MigCmd,
+  RamFlag,
   TARGET_PAGE_SIZE,
   toQemuJson,
   type VmdescDevice,
@@ -63,7 +70,10 @@ export class Precopy {
     writeStreamHeader(w);
     // QEMU 7.2 sends configuration/uuid only when the guest has one and validate-uuid is on.
     const uuid = m.o.capabilities['validate-uuid'] ? m.o.uuid : undefined;
-    if (m.dialect.configuration) writeConfiguration(w, { machineType: m.o.machineType, ...(uuid === undefined ? {} : { uuid }) });
+    const mapped = m.o.capabilities['mapped-ram'];
+    if (m.dialect.configuration) {
+      writeConfiguration(w, { machineType: m.o.machineType, ...(mapped ? { capabilities: ['mapped-ram'] } : {}), ...(uuid === undefined ? {} : { uuid }) });
+    }
     if (m.state.returnPath) {
       writeCommand(w, MigCmd.OPEN_RETURN_PATH);
       writePing(w, 1);
@@ -73,7 +83,8 @@ export class Precopy {
     }
     if (m.o.capabilities['postcopy-ram']) writePostcopyAdvise(w, { hostPageSizeSummary: TARGET_PAGE_SIZE, targetPageSize: TARGET_PAGE_SIZE });
     writeSectionHeader(w, { kind: 'start', sectionId: RAM_SECTION_ID, idstr: 'ram', instanceId: 0, versionId: 4 });
-    m.ram.saveSetup(w);
+    if (mapped) await this.writeMappedRamList();
+    else m.ram.saveSetup(w);
     // Either dialect syncs multifd here: the destination must have set up RAM before any page lands.
     await this.multifdSync(true);
     writeEos(w);
@@ -106,6 +117,35 @@ export class Precopy {
   /** QEMU 10.0's MIG_CMD_SWITCHOVER_START, for machine types that send it: the guest has stopped. */
   writeSwitchoverStart(): void {
     if (this.m.dialect.switchoverStart) writeCommand(this.m.w, MigCmd.SWITCHOVER_START);
+  }
+
+  /**
+   * mapped-ram's block list (QEMU 9.0+): after each entry a MappedRamHeader naming where the
+   * block's bitmap (right after it) and pages (1 MiB aligned after the bitmap) lie, and the stream
+   * goes on after the pages. File offsets are exact once every stream byte so far is written.
+   */
+  private async writeMappedRamList(): Promise<void> {
+    const m = this.m;
+    const w = m.w;
+    const file = m.channel as PositionedFileChannel;
+    const blocks = m.guest.ram.blocks;
+    w.be64(blocks.reduce((a, b) => a + b.length, 0) + RamFlag.MEM_SIZE);
+    const placed: MappedRamBlock[] = [];
+    for (const b of blocks) {
+      w.cstr(b.idstr).be64(b.length);
+      await m.flush();
+      await m.out.settle();
+      const bitmapOffset = file.position + MAPPED_RAM_HEADER_LENGTH;
+      const bitmap = new Uint8Array(Math.ceil(b.pageCount / 64) * 8);
+      const pagesOffset = Math.ceil((bitmapOffset + bitmap.length) / MAPPED_RAM_ALIGNMENT) * MAPPED_RAM_ALIGNMENT;
+      w.be32(1).be64(TARGET_PAGE_SIZE).be64(bitmapOffset).be64(pagesOffset);
+      await m.flush();
+      await m.out.settle();
+      file.skipTo(pagesOffset + b.length);
+      placed.push({ bitmapOffset, pagesOffset, bitmap });
+    }
+    m.ram.startDirtyLogging();
+    m.ram.useMappedRam(file, placed);
   }
 
   /** What every iterative device still has to send, cheaply estimated. */

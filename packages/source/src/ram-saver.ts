@@ -15,6 +15,8 @@ import { XbzrleCache } from './xbzrle-cache.ts';
 import { popcount as popcount32 } from '@livemig/guest';
 
 const ZERO_PAGE = Buffer.alloc(TARGET_PAGE_SIZE);
+/** mapped-ram: contiguous pages are written in one pwrite, up to this many bytes. */
+const MAPPED_RUN_BYTES = 1024 * 1024;
 /** Check the clock every this many pages (QEMU: 64) for the 50 ms iteration cap. */
 const TIME_CHECK_PAGES = 64;
 
@@ -44,6 +46,19 @@ export interface RamSaverOptions {
   multifdSyncPerRound?: boolean;
   /** Multifd dialect of 9.0+ machine types: zero pages ride in the multifd packets. */
   multifdZeroPages?: boolean;
+}
+
+/** Where a mapped-ram file takes pages and bitmaps (runtime's PositionedFileChannel). */
+export interface MappedRamFile {
+  writeAt(buf: Uint8Array, offset: number): void;
+}
+
+/** One block's place in a mapped-ram file. */
+export interface MappedRamBlock {
+  bitmapOffset: number;
+  pagesOffset: number;
+  /** Pages in the file (bit p = page p, little-endian 64-bit words as QEMU writes them). */
+  bitmap: Uint8Array;
 }
 
 export class RamSaver implements IterativeDevice {
@@ -78,6 +93,14 @@ export class RamSaver implements IterativeDevice {
   private readonly zeroPagesInMultifd: boolean;
   /** The scan wrapped since the last look (a round ended). */
   private roundEnded = false;
+  /** Capability mapped-ram: pages go to their place in the file, not into records. */
+  private mapped: { file: MappedRamFile; blocks: MappedRamBlock[] } | undefined;
+  /** mapped-ram: the run of contiguous pages not yet written (block index, byte range). */
+  private runBlock = -1;
+  private runStart = 0;
+  private runEnd = 0;
+  /** Bytes written into the mapped-ram file's page regions and bitmaps. */
+  mappedBytes = 0;
 
   constructor(guest: Guest, options: RamSaverOptions) {
     this.guest = guest;
@@ -96,6 +119,19 @@ export class RamSaver implements IterativeDevice {
       w,
       this.guest.ram.blocks.map((b) => ({ idstr: b.idstr, length: b.length })),
     );
+    this.startDirtyLogging();
+  }
+
+  /**
+   * mapped-ram (the block list, with each block's place in the file, was written by the caller):
+   * from here pages go to `file` at their offsets, and complete() writes the bitmaps.
+   */
+  useMappedRam(file: MappedRamFile, blocks: MappedRamBlock[]): void {
+    this.mapped = { file, blocks };
+  }
+
+  /** Dirty logging on, every page dirty (sync 1). */
+  startDirtyLogging(): void {
     this.guest.ram.clearDirtyLog();
     for (const [i, b] of this.guest.ram.blocks.entries()) {
       const bm = this.bitmaps[i]!;
@@ -133,7 +169,15 @@ export class RamSaver implements IterativeDevice {
 
   /** Guest stopped: every dirty page, no cache insertion (QEMU's last stage). */
   saveComplete(w: BatchWriter, maxBytes: number): boolean {
-    return this.iterate(w, maxBytes, undefined, true);
+    const empty = this.iterate(w, maxBytes, undefined, true);
+    if (empty && this.mapped !== undefined) {
+      // The bitmaps say which pages the file holds: written last, as QEMU does.
+      for (const b of this.mapped.blocks) {
+        this.mapped.file.writeAt(b.bitmap, b.bitmapOffset);
+        this.mappedBytes += b.bitmap.length;
+      }
+    }
+    return empty;
   }
 
   cleanup(): void {
@@ -155,10 +199,10 @@ export class RamSaver implements IterativeDevice {
     const start = this.encodedBytes(w);
     let sinceCheck = 0;
     while (this.dirtyPages > 0) {
-      if (this.encodedBytes(w) - start >= maxBytes) return false;
+      if (this.encodedBytes(w) - start >= maxBytes) break;
       if (deadline !== undefined && ++sinceCheck >= TIME_CHECK_PAGES) {
         sinceCheck = 0;
-        if (deadline()) return false;
+        if (deadline()) break;
       }
       const found = this.findDirty();
       if (this.roundEnded) {
@@ -170,7 +214,11 @@ export class RamSaver implements IterativeDevice {
       if (run > 0) {
         // Never-written pages: ZERO records straight from the bitmaps, memory untouched.
         const block = this.guest.ram.blocks[this.cursorBlock]!;
-        if (this.zeroPagesInMultifd) {
+        if (this.mapped !== undefined) {
+          // Zero pages are not in a mapped-ram file: their bits say so.
+          const bitmap = this.mapped.blocks[this.cursorBlock]!.bitmap;
+          for (let p = this.cursorPage; p < this.cursorPage + run; p++) bitmap[p >>> 3] = bitmap[p >>> 3]! & ~(1 << (p & 7));
+        } else if (this.zeroPagesInMultifd) {
           const mem = this.views[this.cursorBlock]!;
           for (let i = 0, off = this.cursorPage * TARGET_PAGE_SIZE; i < run; i++, off += TARGET_PAGE_SIZE) this.multifd!.queueZeroPage(block.idstr, mem, off);
         } else {
@@ -186,6 +234,7 @@ export class RamSaver implements IterativeDevice {
       }
       this.sendPage(w, this.cursorBlock, this.cursorPage, final);
     }
+    this.writeMappedRun();
     return this.dirtyPages === 0;
   }
 
@@ -200,7 +249,7 @@ export class RamSaver implements IterativeDevice {
 
   /** Bytes encoded so far: the main channel's and the multifd channels'. */
   encodedBytes(w: BatchWriter): number {
-    return w.totalBytes + (this.multifd?.queuedBytes ?? 0);
+    return w.totalBytes + (this.multifd?.queuedBytes ?? 0) + this.mappedBytes + (this.runEnd - this.runStart);
   }
 
   /** Move the cursor to the next dirty page (wrapping), clearing its bit; false if none. */
@@ -349,6 +398,38 @@ export class RamSaver implements IterativeDevice {
     return n;
   }
 
+  /** mapped-ram: a page goes to its place in the file (runs of them in one write); a zero page is only a cleared bit. */
+  private savePageInFile(blockIndex: number, page: number, zero: boolean): void {
+    const bitmap = this.mapped!.blocks[blockIndex]!.bitmap;
+    const off = page * TARGET_PAGE_SIZE;
+    if (zero) {
+      bitmap[page >>> 3] = bitmap[page >>> 3]! & ~(1 << (page & 7));
+      this.stats.duplicate++;
+      return;
+    }
+    bitmap[page >>> 3] = bitmap[page >>> 3]! | (1 << (page & 7));
+    this.stats.normal++;
+    if (blockIndex === this.runBlock && off === this.runEnd && this.runEnd - this.runStart < MAPPED_RUN_BYTES) {
+      this.runEnd += TARGET_PAGE_SIZE;
+      return;
+    }
+    this.writeMappedRun();
+    this.runBlock = blockIndex;
+    this.runStart = off;
+    this.runEnd = off + TARGET_PAGE_SIZE;
+  }
+
+  /** Write the pending run of pages at its place in the file. */
+  private writeMappedRun(): void {
+    if (this.runEnd === this.runStart) return;
+    const m = this.mapped!;
+    const mem = this.views[this.runBlock]!;
+    m.file.writeAt(mem.subarray(this.runStart, this.runEnd), m.blocks[this.runBlock]!.pagesOffset + this.runStart);
+    this.mappedBytes += this.runEnd - this.runStart;
+    this.runStart = this.runEnd = 0;
+    this.runBlock = -1;
+  }
+
   private sendPage(w: BatchWriter, blockIndex: number, page: number, final: boolean): void {
     const rec = this.rec;
     const block = this.guest.ram.blocks[blockIndex]!;
@@ -357,6 +438,10 @@ export class RamSaver implements IterativeDevice {
     const idstr = block.idstr;
     // A page never written since allocation is zero without reading it (no fault, no memcmp).
     const knownZero = (block.written[page >>> 5]! & (1 << (page & 31))) === 0;
+    if (this.mapped !== undefined) {
+      this.savePageInFile(blockIndex, page, knownZero || ZERO_PAGE.compare(mem, off, off + TARGET_PAGE_SIZE) === 0);
+      return;
+    }
     if (knownZero || ZERO_PAGE.compare(mem, off, off + TARGET_PAGE_SIZE) === 0) {
       if (this.zeroPagesInMultifd) this.multifd!.queueZeroPage(idstr, mem, off);
       else rec.zeroPage(w, idstr, off);
