@@ -63,7 +63,9 @@ export class Precopy {
     writeStreamHeader(w);
     // QEMU 7.2 sends configuration/uuid only when the guest has one and validate-uuid is on.
     const uuid = m.o.capabilities['validate-uuid'] ? m.o.uuid : undefined;
-    writeConfiguration(w, { machineType: m.o.machineType, ...(uuid === undefined ? {} : { uuid }) });
+    // cpr-exec: RAM stays in shared memory, marked as QEMU marks it (capability x-ignore-shared).
+    const capabilities = m.o.cprExec !== undefined ? { capabilities: ['x-ignore-shared'] } : {};
+    writeConfiguration(w, { machineType: m.o.machineType, ...capabilities, ...(uuid === undefined ? {} : { uuid }) });
     if (m.state.returnPath) {
       writeCommand(w, MigCmd.OPEN_RETURN_PATH);
       writePing(w, 1);
@@ -242,6 +244,8 @@ export class Precopy {
   async stopGuest(): Promise<void> {
     const m = this.m;
     m.stopTime = m.now();
+    // cpr-exec: the new image runs the guest on only if it runs now (QEMU's global_state_store).
+    if (m.o.cprExec !== undefined) m.guest.globalState.runstate = m.guest.running ? 'running' : 'paused';
     if (m.guest.running) {
       await m.guest.stop('finish-migrate');
       m.o.events.stop();
