@@ -6,11 +6,12 @@
 // Run: pnpm build && node --import tsx --test --test-concurrency=1 e2e/cpr-exec.test.ts
 
 import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
 import { readFileSync, statSync } from 'node:fs';
 import { test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { native } from '@livemig/native';
-import { blockShas, digest, type GuestDigest, queryMigrate, queryStatus, waitForStatus } from './helpers/migration.ts';
+import { blockShas, digest, type GuestDigest, MiB, queryMigrate, queryStatus, waitForStatus } from './helpers/migration.ts';
 import { assertQmpError } from './helpers/postcopy.ts';
 import { analyzeFile, type Child, connectQmp, type Harness, SOURCE_MAIN, withHarness } from './helpers/processes.ts';
 
@@ -173,3 +174,24 @@ test('cpr-exec refusals: no command, not a file: URI, RAM not shared; each a cle
     await assertQmpError(plain.execute('migrate', { uri: `file:${h.path('p')}` }), /mode cpr-exec needs guest RAM in shared memory: start livemig-source with --shared-ram/);
   }),
 );
+
+/** Run livemig-source to its exit (bounded); resolves with its status and stderr. */
+function runSource(args: string[], env: NodeJS.ProcessEnv): Promise<{ code: number | null; stderr: string }> {
+  return new Promise((resolve) => {
+    execFile(process.execPath, [SOURCE_MAIN, ...args], { env, timeout: 60_000, killSignal: 'SIGKILL' }, (err, _stdout, stderr) => {
+      resolve({ code: err === null ? 0 : typeof err.code === 'number' ? err.code : null, stderr });
+    });
+  });
+}
+
+test('--incoming-cpr started by hand, or with other guest flags than the old image: one clear line, exit 1', { ...T, skip }, async () => {
+  const env = { ...process.env };
+  delete env['LIVEMIG_CPR_RAM'];
+  const notHandedOver = await runSource(['-m', '16M', '--incoming-cpr', '/nonexistent/state'], env);
+  assert.equal(notHandedOver.code, 1);
+  assert.match(notHandedOver.stderr, /^livemig-source: --incoming-cpr: no guest RAM was handed over \(LIVEMIG_CPR_RAM is not set\): start this only as a cpr-exec-command\n$/);
+
+  const otherBlocks = await runSource(['-m', '16M', '--incoming-cpr', '/nonexistent/state'], { ...env, LIVEMIG_CPR_RAM: JSON.stringify([{ idstr: 'pc.ram', length: 8 * MiB, fd: 0 }]) });
+  assert.equal(otherBlocks.code, 1);
+  assert.match(otherBlocks.stderr, /^livemig-source: --incoming-cpr: the guest flags give RAM blocks pc\.ram:16777216, vga\.vram:4194304 but the old image had pc\.ram:8388608: pass the same guest flags\n$/);
+});

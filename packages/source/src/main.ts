@@ -102,7 +102,7 @@ const OUTGOING_TRANSPORTS = ['tcp', 'unix', 'fd', 'exec', 'file'] as const;
  * What `migrate` refuses before anything starts, for these settings (QMP migrate and --migrate,
  * which checks it before the guest is prepared).
  */
-function refuseMigrate(address: MigrationAddress, settings: MigrationSettings, sharedRam: SharedRam | undefined): void {
+function refuseMigrate(address: MigrationAddress, settings: MigrationSettings, ramShared: boolean): void {
   if (address.transport === 'defer') throw new QmpCommandError("'defer' is only for the destination (migrate-incoming)");
   if (settings.parameters.mode === 'cpr-exec') {
     const c = settings.capabilities;
@@ -113,7 +113,7 @@ function refuseMigrate(address: MigrationAddress, settings: MigrationSettings, s
     if (c['postcopy-ram'] || c.multifd || c['return-path']) {
       throw new QmpCommandError('mode cpr-exec cannot be used with capability postcopy-ram, multifd or return-path (nothing runs on the other side)');
     }
-    if (sharedRam === undefined) {
+    if (!ramShared) {
       throw new QmpCommandError(
         native.available
           ? 'mode cpr-exec needs guest RAM in shared memory: start livemig-source with --shared-ram'
@@ -202,7 +202,7 @@ class SourceProcess {
     const address = parseAddress(uri);
     const settings = this.settings;
     // Refusals come before anything starts: the next migrate or set-capabilities must not be blocked.
-    refuseMigrate(address, settings, this.sharedRam);
+    refuseMigrate(address, settings, this.sharedRam !== undefined);
     const sharedRam = this.sharedRam;
     const cprCommand = settings.parameters.mode === 'cpr-exec' ? [...settings.parameters['cpr-exec-command']] : undefined;
     const preempt = settings.capabilities['postcopy-preempt'];
@@ -508,8 +508,8 @@ async function main(argv: string[]): Promise<void> {
     Object.assign(settings, settingsFromFlags(values));
     if (values.migrate !== undefined) {
       try {
-        // Shared RAM is not made yet: its absence is found by QMP's migrate, with the same message.
-        refuseMigrate(addressForFlag('--migrate', values.migrate, OUTGOING_TRANSPORTS), settings, undefined);
+        const ramShared = values['shared-ram'] === true || values['incoming-cpr'] !== undefined;
+        refuseMigrate(addressForFlag('--migrate', values.migrate, OUTGOING_TRANSPORTS), settings, ramShared);
       } catch (err) {
         if ((err as { code?: unknown }).code === 'LM_ERR_USAGE') throw err;
         throw new Error(`--migrate ${values.migrate}: ${(err as Error).message}`, { cause: err });
