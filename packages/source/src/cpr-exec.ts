@@ -15,7 +15,7 @@ import { delimiter, join } from 'node:path';
 import { accessSync, constants } from 'node:fs';
 import { type Guest, type RamAllocator } from '@livemig/guest';
 import { native, NativeError, NativeErrorCode } from '@livemig/native';
-import { NEED_MORE, type RamBlockInfo, StreamDecoder } from '@livemig/protocol';
+import { MigCmd, NEED_MORE, type RamBlockInfo, type SectionLayout, StreamDecoder } from '@livemig/protocol';
 
 /** The environment variable that hands the RAM memfds to the new image. */
 export const CPR_RAM_ENV = 'LIVEMIG_CPR_RAM';
@@ -28,17 +28,24 @@ interface SharedBlock {
 
 /** Guest RAM in memfds: the allocator for the Guest, and the fds to keep across an exec. */
 export class SharedRam {
+  /** The blocks allocated so far, with their memfds (what an exec hands over). */
   readonly blocks: SharedBlock[] = [];
+  private readonly open: (idstr: string, length: number) => { fd: number; memory: SharedArrayBuffer };
+
+  private constructor(open: (idstr: string, length: number) => { fd: number; memory: SharedArrayBuffer }) {
+    this.open = open;
+  }
+
+  /** The Guest's allocator: each block's memory, its memfd noted. */
+  readonly allocate: RamAllocator = (idstr, length) => {
+    const { fd, memory } = this.open(idstr, length);
+    this.blocks.push({ idstr, length, fd });
+    return memory;
+  };
 
   /** RAM in new memfds. */
   static create(): SharedRam {
-    const ram = new SharedRam();
-    ram.allocate = (idstr, length) => {
-      const { fd, memory } = native.createSharedRam(idstr, length);
-      ram.blocks.push({ idstr, length, fd });
-      return memory;
-    };
-    return ram;
+    return new SharedRam((idstr, length) => native.createSharedRam(idstr, length));
   }
 
   /**
@@ -65,19 +72,12 @@ export class SharedRam {
         `--incoming-cpr: the guest flags give RAM blocks ${describe(configs)} but the old image had ${describe(handed)}: pass the same guest flags`,
       );
     }
-    const ram = new SharedRam();
     for (const b of handed) native.keepPrivate(b.fd);
-    ram.allocate = (idstr, length) => {
-      const b = handed.find((h) => h.idstr === idstr)!;
-      ram.blocks.push(b);
-      return native.mapSharedRam(b.fd, length);
-    };
-    return ram;
+    return new SharedRam((idstr, length) => {
+      const fd = handed.find((h) => h.idstr === idstr)!.fd;
+      return { fd, memory: native.mapSharedRam(fd, length) };
+    });
   }
-
-  allocate: RamAllocator = () => {
-    throw new Error('SharedRam: no allocator');
-  };
 
   /**
    * Replace this process's image with `command` (argv; argv[0] looked up in PATH when it has no
@@ -130,7 +130,7 @@ export async function loadCprState(guest: Guest, path: string, machineType: stri
   } catch (err) {
     throw new NativeError(NativeErrorCode.CPR_INCOMING, `--incoming-cpr ${path}: ${(err as Error).message}`, { cause: err });
   }
-  const devices = new Map<string, { layout: number | 'be32-prefixed' | { framing: 'vfio'; configBytes: number }; load(data: Buffer, versionId: number): void }>();
+  const devices = new Map<string, { layout: SectionLayout; load(data: Buffer, versionId: number): void }>();
   for (const d of guest.devices) devices.set(`${d.idstr}\u0000${d.instanceId}`, d);
   const vfio = guest.vfio;
   if (vfio !== undefined) devices.set(`${vfio.idstr}\u0000${vfio.instanceId}`, { layout: vfio.layout, load: (data, v) => vfio.loadState(data, v) });
@@ -148,7 +148,8 @@ export async function loadCprState(guest: Guest, path: string, machineType: stri
       },
     },
     deviceLayout: (s) => devices.get(`${s.idstr}\u0000${s.instanceId}`)?.layout,
-    maxCommand: 12,
+    // A file from a QEMU 10.0-style source may hold SWITCHOVER_START; nothing else is expected.
+    maxCommand: MigCmd.SWITCHOVER_START + 1,
   });
   let sawShared = false;
   try {
