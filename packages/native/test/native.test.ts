@@ -1,14 +1,17 @@
 // The addon on its own: memfd RAM as a SharedArrayBuffer that worker threads share and a second
 // mapping sees; execve that keeps a memfd open across the exec (same PID, same bytes), and a
-// failed execve that throws with its errno and leaves the process as it was.
+// failed execve that throws with its errno and leaves the process as it was; and the fallback
+// when the addon is not built.
 //
 // Run: node --import tsx --test packages/native/test/native.test.ts (after the install built it)
 
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
-import { readFileSync } from 'node:fs';
+import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { test } from 'node:test';
-import { fileURLToPath } from 'node:url';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import { native } from '../src/index.ts';
 
@@ -74,4 +77,22 @@ test('execImage: the process becomes the program, same PID, with the memfd open 
   assert.match(before!, /^pid \d+$/);
   assert.equal(after, before, 'the same PID before and after the exec');
   assert.equal(bytes, 'kept across exec');
+});
+
+test('without the addon: available is false with the reason, and each call throws LM_ERR_NATIVE_UNAVAILABLE saying how to build it', async () => {
+  // The built module copied where no build/Release is beside it: as on a machine whose install could not compile.
+  const dir = mkdtempSync(join(tmpdir(), 'lm-native-'));
+  try {
+    mkdirSync(join(dir, 'dist'));
+    for (const f of ['index.js', 'errors.js']) copyFileSync(fileURLToPath(new URL(`../dist/${f}`, import.meta.url)), join(dir, 'dist', f));
+    writeFileSync(join(dir, 'package.json'), '{"type":"module"}');
+    const { native: missing } = (await import(pathToFileURL(join(dir, 'dist', 'index.js')).href)) as typeof import('../src/index.ts');
+    assert.equal(missing.available, false);
+    assert.match(missing.unavailableReason, /Cannot find module/);
+    for (const call of [() => missing.createSharedRam('x', 4096), () => missing.mapSharedRam(3, 4096), () => missing.execImage('/bin/true', ['true'], [], [])]) {
+      assert.throws(call, (e: { code?: string; message: string }) => e.code === 'LM_ERR_NATIVE_UNAVAILABLE' && /node packages\/native\/scripts\/build\.mjs/.test(e.message));
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 });
