@@ -92,6 +92,9 @@ test('cpr-exec: same PID, RAM kept in place and not in the state file, devices a
 
     assert.equal(src.pid, pid, 'the same process');
     assert.ok(src.alive);
+    // The new image's guest RAM is the old image's memfds, mapped shared (not a fresh allocation).
+    const maps = readFileSync(`/proc/${pid}/maps`, 'utf8');
+    for (const block of ['pc.ram', 'vga.vram']) assert.match(maps, new RegExp(` rw-s .*/memfd:${block.replace('.', '\\.')} \\(deleted\\)`), `${block} mapped from its memfd`);
     // Paused when saved: the new image keeps it paused, with exactly the same RAM and devices.
     assert.equal(await queryStatus(src), 'paused');
     const after = await digest(src);
