@@ -1,5 +1,5 @@
 // `pnpm bench`: every benchmark, each printing its figure next to a ceiling measured in the same
-// run. `pnpm bench decode`, `pnpm bench migration` or `pnpm bench postcopy` runs one group;
+// run. `pnpm bench decode`, `pnpm bench migration`, `pnpm bench cpr-exec` or `pnpm bench postcopy` runs one group;
 // `pnpm bench throughput` runs the first migration figure alone.
 
 const only = process.argv.slice(2);
@@ -13,6 +13,10 @@ if (only.includes('throughput')) {
 if (want('migration')) {
   const { migrationBench } = await import('./migration.bench.ts');
   await migrationBench();
+}
+if (want('cpr-exec')) {
+  const { cprExecBench } = await import('./cpr-exec.bench.ts');
+  await cprExecBench();
 }
 if (want('postcopy')) {
   const { postcopyBench } = await import('./postcopy.bench.ts');

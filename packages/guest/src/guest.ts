@@ -6,7 +6,7 @@ import { createHash } from 'node:crypto';
 import { TARGET_PAGE_SIZE } from '@livemig/protocol';
 import { formatWorkload, type Workload } from './control.ts';
 import { AppDevice, type Device, GlobalStateDevice, GuestClock, TimerDevice, VcpuDevice } from './devices.ts';
-import { type BlockConfig, GuestRam, parseSize } from './ram.ts';
+import { type BlockConfig, GuestRam, parseSize, type RamAllocator } from './ram.ts';
 import { VcpuSet } from './vcpus.ts';
 import { VfioDevice } from './vfio-device.ts';
 import { GuestConfigError } from './errors.ts';
@@ -81,11 +81,12 @@ export class Guest {
   private state: GuestRunState = 'prelaunch';
   private appTimer: NodeJS.Timeout | undefined;
 
-  constructor(config: GuestConfig) {
+  /** `allocateRam`: where RAM blocks live (default: fresh SharedArrayBuffers). */
+  constructor(config: GuestConfig, allocateRam?: RamAllocator) {
     if (config.blocks.length === 0) throw new GuestConfigError('a guest needs at least one RAM block');
     if (!Number.isInteger(config.vcpus) || config.vcpus < 1 || config.vcpus > 64) throw new GuestConfigError(`--vcpus ${config.vcpus} is outside 1–64`);
     this.config = config;
-    this.ram = new GuestRam(config.blocks);
+    this.ram = new GuestRam(config.blocks, allocateRam);
     this.vcpus = new VcpuSet(config.vcpus, this.ram.blocks[0]!, config.workload);
     this.ram.waiterSlots = config.vcpus;
     // Threads start now, parked: starting the guest later (the destination, at the end of a

@@ -54,6 +54,12 @@ export interface GuestBlock {
   claimed: Int32Array;
 }
 
+/**
+ * Where a block's bytes live. Default: a fresh SharedArrayBuffer. The source passes one backed by
+ * a memfd (@livemig/native) so RAM outlives an exec (cpr-exec), and the new image maps the same.
+ */
+export type RamAllocator = (idstr: string, length: number) => SharedArrayBuffer;
+
 /** vCPUs a block can have waiting (the --vcpus limit). */
 export const MAX_WAITERS = 64;
 
@@ -66,14 +72,15 @@ export class GuestRam {
   readonly blocks: GuestBlock[];
   readonly totalBytes: number;
 
-  constructor(configs: readonly BlockConfig[]) {
+  constructor(configs: readonly BlockConfig[], allocate: RamAllocator = (_, length) => new SharedArrayBuffer(length)) {
     let global = 0;
     this.blocks = configs.map((c) => {
       if (c.length <= 0 || c.length % TARGET_PAGE_SIZE !== 0) {
         throw new GuestConfigError(`RAM block "${c.idstr}" length ${c.length} is not a positive multiple of ${TARGET_PAGE_SIZE}`);
       }
       const pageCount = c.length / TARGET_PAGE_SIZE;
-      const memory = new SharedArrayBuffer(c.length);
+      const memory = allocate(c.idstr, c.length);
+      if (memory.byteLength < c.length) throw new GuestConfigError(`RAM block "${c.idstr}": ${memory.byteLength} bytes of memory for ${c.length}`);
       const dirtyMemory = new SharedArrayBuffer(bitmapWords(pageCount) * 4);
       const b: GuestBlock = {
         idstr: c.idstr,

@@ -10,11 +10,12 @@ import {
   CAPABILITIES,
   defaultCapabilities,
   defaultParameters,
+  MIG_MODES,
   type MigrationParameters,
 } from '@livemig/protocol';
 import type { Guest } from '@livemig/guest';
 import { capabilitiesOn, parameterList, UsageError } from './flags.ts';
-import { QmpError, qmpEnum, type QmpMembers, RuntimeErrorCode, type QmpServer } from '@livemig/runtime';
+import { QmpError, qmpEnum, type QmpMembers, type QmpType, RuntimeErrorCode, type QmpServer } from '@livemig/runtime';
 
 /** QAPI MigrationStatus, as the MIGRATION event's data names it. */
 const MIGRATION_STATUSES = [
@@ -50,10 +51,11 @@ const SHUTDOWN_CAUSES = [
 
 /** migrate-set-parameters' arguments: every parameter, optional, typed from its default. */
 function parameterMembers(): QmpMembers {
-  const members: Record<string, 'int' | 'bool' | 'str'> = {};
+  const members: Record<string, QmpType> = {};
   for (const [name, value] of Object.entries(defaultParameters())) {
-    members[`*${name}`] = typeof value === 'number' ? 'int' : typeof value === 'boolean' ? 'bool' : 'str';
+    members[`*${name}`] = Array.isArray(value) ? ['str'] : typeof value === 'number' ? 'int' : typeof value === 'boolean' ? 'bool' : 'str';
   }
+  members['*mode'] = qmpEnum(MIG_MODES);
   return members;
 }
 

@@ -68,6 +68,14 @@ export function defaultCapabilities(): Capabilities {
   return Object.fromEntries(CAPABILITIES.map((c) => [c, false])) as Capabilities;
 }
 
+/**
+ * QAPI MigMode (QEMU 10.0 has normal, cpr-reboot and cpr-transfer; later QEMUs add cpr-exec).
+ * livemig implements normal and cpr-exec.
+ */
+export const MIG_MODES = ['normal', 'cpr-reboot', 'cpr-transfer', 'cpr-exec'] as const;
+export type MigMode = (typeof MIG_MODES)[number];
+const SUPPORTED_MIG_MODES: readonly MigMode[] = ['normal', 'cpr-exec'];
+
 export interface MigrationParameters {
   'announce-initial': number;
   'announce-max': number;
@@ -110,6 +118,13 @@ export interface MigrationParameters {
    * header before it is dropped (the port stays open for the real source).
    */
   'x-livemig-handshake-timeout': number;
+  /**
+   * cpr-exec: `migrate` to a file: saves device state (RAM stays in shared memory, not copied),
+   * then this process execs `cpr-exec-command`, whose new image loads it and runs the guest on.
+   */
+  mode: MigMode;
+  /** cpr-exec: the new image's argv (argv[0] is the program, looked up in PATH when it has no slash). */
+  'cpr-exec-command': string[];
 }
 
 /**
@@ -149,6 +164,8 @@ export function defaultParameters(): MigrationParameters {
     'multifd-zstd-level': 1,
     'x-livemig-stall-timeout': DEFAULT_STALL_TIMEOUT_MS,
     'x-livemig-handshake-timeout': 5_000,
+    mode: 'normal',
+    'cpr-exec-command': [],
   };
 }
 
@@ -191,6 +208,20 @@ export function applyParameters(current: MigrationParameters, args: Record<strin
   const next = { ...current } as Record<string, unknown>;
   for (const [name, value] of Object.entries(args)) {
     if (!(name in current)) throw new ParameterError(`Parameter '${name}' is unexpected`);
+    if (name === 'mode') {
+      if (typeof value !== 'string' || !(MIG_MODES as readonly string[]).includes(value)) {
+        throw new ParameterError(`Parameter 'mode' does not accept value '${String(value)}'`);
+      }
+      if (!SUPPORTED_MIG_MODES.includes(value as MigMode)) throw new ParameterError(`Mode '${value}' is not supported by livemig (${SUPPORTED_MIG_MODES.join(', ')})`);
+      next[name] = value;
+      continue;
+    }
+    if (name === 'cpr-exec-command') {
+      if (!Array.isArray(value) || !value.every((a) => typeof a === 'string')) throw new ParameterError(`Parameter 'cpr-exec-command' expects a list of strings`);
+      if (value.some((a: string) => a.includes('\0'))) throw new ParameterError(`Parameter 'cpr-exec-command' has an argument with a NUL byte`);
+      next[name] = [...(value as string[])];
+      continue;
+    }
     const want = typeof (current as unknown as Record<string, unknown>)[name];
     if (typeof value !== want || (want === 'number' && !Number.isInteger(value))) {
       throw new ParameterError(`Parameter '${name}' expects ${want === 'number' ? 'an integer' : want}`);

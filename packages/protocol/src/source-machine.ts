@@ -6,6 +6,7 @@
 //
 //   setup ─setupSent→ active ─postcopyStarted→ postcopy-active ⇄ postcopy-paused → postcopy-recover
 //                       │ iterating → stop-copy → awaiting-shut ─shutReceived(0)→ completed
+//                       │ cpr-exec: iterating → stop-copy → exec-pending (the process execs its new image)
 //   any running state ─faulted→ failing ─(destination's reason or 500 ms)→ restore guest → failed
 //   any running state ─cancelRequested→ cancelling ─guestRestored→ cancelled
 //   setup, active ─keepaliveTicked (no progress for stallTimeoutMs)→ failing (LM_ERR_PEER_SILENT)
@@ -47,6 +48,8 @@ export interface SourceCommon {
   readonly runConfirmedAt: number | undefined;
   /** x-livemig-stall-timeout: setup and precopy fail after this long without progress (ms). */
   readonly stallTimeoutMs: number;
+  /** Mode cpr-exec: once the state is saved, this process execs its new image (no return path). */
+  readonly execAfterSave: boolean;
 }
 
 /** Statuses in which the migration is still under way. */
@@ -54,8 +57,11 @@ export type RunningStatus = 'setup' | 'active' | 'postcopy-active' | 'postcopy-p
 
 export type SourceState =
   | (SourceCommon & { readonly status: 'setup' })
-  /** Precopy: iterating, then the guest stopped (stop-copy), then waiting for the destination's SHUT. */
-  | (SourceCommon & { readonly status: 'active'; readonly phase: 'iterating' | 'stop-copy' | 'awaiting-shut' })
+  /**
+   * Precopy: iterating, then the guest stopped (stop-copy), then waiting for the destination's SHUT;
+   * or, with cpr-exec, the state saved and the exec under way (`faulted` if it fails).
+   */
+  | (SourceCommon & { readonly status: 'active'; readonly phase: 'iterating' | 'stop-copy' | 'awaiting-shut' | 'exec-pending' })
   /** `ending`: END, EOF sent; waiting for SHUT. `lastHeardAt`: the return path's last byte (keepalive). */
   | (SourceCommon & { readonly status: 'postcopy-active'; readonly lastHeardAt: number; readonly ending: boolean })
   | (SourceCommon & { readonly status: 'postcopy-paused'; readonly reason: MigrationError })
@@ -182,7 +188,9 @@ export type SourceAction =
   /** The link broke or was paused: the page server lets go of its connection. */
   | { readonly type: 'stopPostcopyPaging' }
   /** A final state (before it is announced): free what the migration holds, settle the figures. */
-  | { readonly type: 'cleanUp' };
+  | { readonly type: 'cleanUp' }
+  /** cpr-exec: the state is saved; replace this process's image (on failure, report `faulted`). */
+  | { readonly type: 'execNewImage' };
 
 export interface SourceTransition {
   readonly state: SourceState;
@@ -196,6 +204,7 @@ export function initialSourceState(options: {
   blocks: readonly { idstr: string; length: number }[];
   postcopyRequested?: boolean;
   stallTimeoutMs?: number;
+  execAfterSave?: boolean;
 }): SourceState {
   return {
     status: 'setup',
@@ -206,6 +215,7 @@ export function initialSourceState(options: {
     destinationReport: undefined,
     runConfirmedAt: undefined,
     stallTimeoutMs: options.stallTimeoutMs ?? DEFAULT_STALL_TIMEOUT_MS,
+    execAfterSave: options.execAfterSave ?? false,
   };
 }
 
@@ -244,12 +254,16 @@ export function sourceStep(state: SourceState, event: SourceEvent, now: number):
 
     case 'finalStateSent':
       if (s.status !== 'active' || s.phase !== 'stop-copy') return illegal();
+      // cpr-exec: the new image takes over in this very process; a failed exec is a fault.
+      if (s.execAfterSave && !s.returnPath) {
+        return { state: { ...s, phase: 'exec-pending' }, actions: [{ type: 'stopKeepalive' }, { type: 'closeChannels' }, { type: 'execNewImage' }] };
+      }
       // Without a return path nothing will confirm: the stream is out, and that is all we can know.
       if (!s.returnPath) return complete(s);
       return same({ ...s, phase: 'awaiting-shut' });
 
     case 'postcopyStarted':
-      if (s.status !== 'active' || s.phase === 'awaiting-shut') return illegal();
+      if (s.status !== 'active' || s.phase === 'awaiting-shut' || s.phase === 'exec-pending') return illegal();
       return {
         state: { ...common(s), status: 'postcopy-active', lastHeardAt: now, ending: false },
         actions: [{ type: 'emitStatus', status: 'postcopy-active' }, { type: 'startPostcopyPaging' }, { type: 'startKeepalive' }],
@@ -392,6 +406,7 @@ function common(s: SourceState): SourceCommon {
     destinationReport: s.destinationReport,
     runConfirmedAt: s.runConfirmedAt,
     stallTimeoutMs: s.stallTimeoutMs,
+    execAfterSave: s.execAfterSave,
   };
 }
 
@@ -403,6 +418,8 @@ function common(s: SourceState): SourceCommon {
  * section cannot be split) nor after EOF (a destination reads nothing after it).
  */
 function precopyTicked(s: SourceState & { status: 'setup' | 'active' }, lastProgressAt: number, now: number): SourceTransition {
+  // The state is saved and the exec is under way: no link left to stall.
+  if (s.status === 'active' && s.phase === 'exec-pending') return same(s);
   const silentMs = now - lastProgressAt;
   if (silentMs > s.stallTimeoutMs) {
     const where = s.status === 'active' ? s.phase : 'setup';

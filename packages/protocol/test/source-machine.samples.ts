@@ -17,6 +17,8 @@ const setup = initialSourceState({
     { idstr: 'vga.vram', length: 16 * 4096 },
   ],
 });
+/** Mode cpr-exec to a file: no return path; the process execs its new image once the state is out. */
+const cprExec = { ...setup, returnPath: false, execAfterSave: true };
 const lost = TransportError.lost('main', 'the main channel failed: write ECONNRESET', Object.assign(new Error('write ECONNRESET'), { code: 'ECONNRESET' }));
 
 export const STATES: Record<string, SourceState> = {
@@ -24,6 +26,8 @@ export const STATES: Record<string, SourceState> = {
   active: { ...setup, status: 'active', phase: 'iterating' },
   'active.stop-copy': { ...setup, status: 'active', phase: 'stop-copy' },
   'active.awaiting-shut': { ...setup, status: 'active', phase: 'awaiting-shut' },
+  'active.stop-copy.cpr-exec': { ...cprExec, status: 'active', phase: 'stop-copy' },
+  'active.exec-pending': { ...cprExec, status: 'active', phase: 'exec-pending' },
   'postcopy-active': { ...setup, status: 'postcopy-active', lastHeardAt: T0, ending: false },
   'postcopy-active.ending': { ...setup, status: 'postcopy-active', lastHeardAt: T0, ending: true },
   'postcopy-active.silent': { ...setup, status: 'postcopy-active', lastHeardAt: T0 - 10_000, ending: false },

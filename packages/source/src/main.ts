@@ -23,6 +23,7 @@ import {
   QmpCommandError,
   registerMachineCommands,
   TtyProgress,
+  UsageError,
 } from '@livemig/machine';
 import { DEFAULT_QEMU_VERSION, normalizeUuid, type QemuVersion, type StreamDialect, streamDialect, TARGET_PAGE_SIZE } from '@livemig/protocol';
 import {
@@ -36,6 +37,8 @@ import {
   QmpServer,
   RuntimeErrorCode,
 } from '@livemig/runtime';
+import { native } from '@livemig/native';
+import { loadCprState, SharedRam } from './cpr-exec.ts';
 import { OutgoingMigration } from './migration.ts';
 
 const HELP = `usage: livemig-source [guest flags] [--qmp ADDR] [--migrate URI] [options]
@@ -57,6 +60,15 @@ migration:
   --realtime-postcopy      with postcopy-preempt, run the page server thread (which answers page
                            requests) under SCHED_FIFO, priority 2. Needs CAP_SYS_NICE (e.g. root);
                            without it a warning is logged and nothing changes
+  --shared-ram             guest RAM in memfds (shared memory that survives an exec), as cpr-exec
+                           needs; requires the native addon (@livemig/native)
+  --incoming-cpr FILE      be the new image of a cpr-exec (its cpr-exec-command): map the RAM the
+                           old image handed over, load the device state from FILE (the migrate
+                           file: URI) and run the guest on. Give the same guest flags as before
+
+cpr-exec (live update in place, same PID): migrate-set-parameters mode=cpr-exec and
+cpr-exec-command=[argv of the new image, e.g. node .../main.js --incoming-cpr FILE ...], then
+migrate file:FILE. RAM is not copied; on a failed exec the guest runs on here, status failed.
 
 ${GUEST_HELP}
 
@@ -79,6 +91,8 @@ const EXTRA = {
   paused: { type: 'boolean', short: 'S' },
   'realtime-postcopy': { type: 'boolean' },
   uuid: { type: 'string' },
+  'shared-ram': { type: 'boolean' },
+  'incoming-cpr': { type: 'string' },
 } as const;
 
 /** Where a migration can go (`defer` is the destination's). */
@@ -88,8 +102,25 @@ const OUTGOING_TRANSPORTS = ['tcp', 'unix', 'fd', 'exec', 'file'] as const;
  * What `migrate` refuses before anything starts, for these settings (QMP migrate and --migrate,
  * which checks it before the guest is prepared).
  */
-function refuseMigrate(address: MigrationAddress, settings: MigrationSettings): void {
+function refuseMigrate(address: MigrationAddress, settings: MigrationSettings, ramShared: boolean): void {
   if (address.transport === 'defer') throw new QmpCommandError("'defer' is only for the destination (migrate-incoming)");
+  if (settings.parameters.mode === 'cpr-exec') {
+    const c = settings.capabilities;
+    if (settings.parameters['cpr-exec-command'].length === 0) {
+      throw new QmpCommandError("mode cpr-exec needs the new image's command: set parameter cpr-exec-command (a list of strings, its argv)");
+    }
+    if (address.transport !== 'file') throw new QmpCommandError(`mode cpr-exec saves the state to a file: use a file: URI, not ${address.transport}:`);
+    if (c['postcopy-ram'] || c.multifd || c['return-path']) {
+      throw new QmpCommandError('mode cpr-exec cannot be used with capability postcopy-ram, multifd or return-path (nothing runs on the other side)');
+    }
+    if (!ramShared) {
+      throw new QmpCommandError(
+        native.available
+          ? 'mode cpr-exec needs guest RAM in shared memory: start livemig-source with --shared-ram'
+          : `mode cpr-exec needs guest RAM in shared memory, and ${native.unavailableReason === '' ? 'the native addon is missing' : `the native addon (@livemig/native) is not built: ${native.unavailableReason}`}`,
+      );
+    }
+  }
   if (settings.capabilities['postcopy-preempt'] && address.transport !== 'tcp' && address.transport !== 'unix') {
     throw new QmpCommandError('postcopy-preempt needs a tcp: or unix: migration address');
   }
@@ -146,6 +177,8 @@ class SourceProcess {
   uuid: string | undefined;
   /** A migrate whose channel is still connecting, or failed to. */
   connecting: ConnectAttempt | undefined;
+  /** Guest RAM in memfds (--shared-ram, or a cpr-exec's new image): what cpr-exec needs. */
+  sharedRam: SharedRam | undefined;
   qmp: QmpServer | undefined;
   private readonly progress = new TtyProgress();
   private progressTimer: NodeJS.Timeout | undefined;
@@ -180,7 +213,9 @@ class SourceProcess {
     const address = parseAddress(uri);
     const settings = this.settings;
     // Refusals come before anything starts: the next migrate or set-capabilities must not be blocked.
-    refuseMigrate(address, settings);
+    refuseMigrate(address, settings, this.sharedRam !== undefined);
+    const sharedRam = this.sharedRam;
+    const cprCommand = settings.parameters.mode === 'cpr-exec' ? [...settings.parameters['cpr-exec-command']] : undefined;
     const preempt = settings.capabilities['postcopy-preempt'];
     const multifd = settings.capabilities.multifd;
     const log = this.log.child({ component: 'migration' });
@@ -256,6 +291,7 @@ class SourceProcess {
           realtimePostcopy: this.realtimePostcopy,
           ...(this.uuid === undefined ? {} : { uuid: this.uuid }),
           postcopyRequested: this.postcopyWanted,
+          ...(cprCommand === undefined || sharedRam === undefined ? {} : { cprExec: { exec: () => sharedRam.exec(cprCommand) } }),
           log,
           events: {
             status: (s) => {
@@ -484,7 +520,8 @@ async function main(argv: string[]): Promise<void> {
     Object.assign(settings, settingsFromFlags(values));
     if (values.migrate !== undefined) {
       try {
-        refuseMigrate(addressForFlag('--migrate', values.migrate, OUTGOING_TRANSPORTS), settings);
+        const ramShared = values['shared-ram'] === true || values['incoming-cpr'] !== undefined;
+        refuseMigrate(addressForFlag('--migrate', values.migrate, OUTGOING_TRANSPORTS), settings, ramShared);
       } catch (err) {
         if ((err as { code?: unknown }).code === 'LM_ERR_USAGE') throw err;
         throw new Error(`--migrate ${values.migrate}: ${(err as Error).message}`, { cause: err });
@@ -499,14 +536,44 @@ async function main(argv: string[]): Promise<void> {
     await orExitWithUsageAsync(program, () => checkListenable('--qmp', qmpAddress));
   }
   const log = createLogger(program, flags.logLevel === undefined ? {} : { level: flags.logLevel as 'info' });
-  const guest = new Guest(flags.guest);
-  // Seconds for a big guest: say what is going on (the demo shows it as its preparation phase).
-  const preparingSince = performance.now();
-  log.info({ bytes: guest.ram.totalBytes }, `preparing guest RAM (${(guest.ram.totalBytes / 2 ** 30).toFixed(2)} GiB): filling and prefaulting`);
-  guest.fillInitial();
-  await guest.prefault('read');
-  log.info({ ms: Math.round(performance.now() - preparingSince) }, 'guest RAM prepared');
+  const incomingCpr = values['incoming-cpr'];
+  if (values['shared-ram'] === true && !native.available) {
+    orExitWithUsage(program, () => {
+      throw new UsageError(`--shared-ram needs the native addon (@livemig/native), which is not built: ${native.unavailableReason}`);
+    });
+  }
+  // A cpr-exec's new image maps the RAM the old one handed over; --shared-ram makes new memfds.
+  let sharedRam: SharedRam | undefined;
+  try {
+    sharedRam = incomingCpr !== undefined ? SharedRam.inherited(flags.guest.blocks) : values['shared-ram'] === true ? SharedRam.create() : undefined;
+  } catch (err) {
+    process.stderr.write(`${program}: ${(err as Error).message}\n`);
+    process.exit(1);
+  }
+  const guest = new Guest(flags.guest, sharedRam?.allocate);
+  let savedRunState: string | undefined;
+  if (incomingCpr !== undefined) {
+    // RAM is the old image's, untouched: only devices and vCPUs come from the state file.
+    const loadingSince = performance.now();
+    guest.setRunState('inmigrate');
+    try {
+      savedRunState = await loadCprState(guest, incomingCpr, flags.machineType);
+    } catch (err) {
+      process.stderr.write(`${program}: ${(err as Error).message}\n`);
+      process.exit(1);
+    }
+    guest.setRunState('paused');
+    log.info({ ms: Math.round(performance.now() - loadingSince), state: incomingCpr, runState: savedRunState }, 'cpr-exec: guest state loaded, RAM kept in place');
+  } else {
+    // Seconds for a big guest: say what is going on (the demo shows it as its preparation phase).
+    const preparingSince = performance.now();
+    log.info({ bytes: guest.ram.totalBytes }, `preparing guest RAM (${(guest.ram.totalBytes / 2 ** 30).toFixed(2)} GiB): filling and prefaulting`);
+    guest.fillInitial();
+    await guest.prefault('read');
+    log.info({ ms: Math.round(performance.now() - preparingSince) }, 'guest RAM prepared');
+  }
   const proc = new SourceProcess(guest, flags.machineType, log, flags.qemuVersion);
+  proc.sharedRam = sharedRam;
   proc.realtimePostcopy = values['realtime-postcopy'] === true;
   proc.settings.capabilities = settings.capabilities;
   proc.settings.parameters = settings.parameters;
@@ -520,7 +587,8 @@ async function main(argv: string[]): Promise<void> {
   process.on('SIGTERM', () => onSignal(143));
   // As QEMU: without -S the guest is running before QMP is served (query-status never says
   // prelaunch to a client of a source started without -S).
-  if (values.paused !== true) await guest.start();
+  // A cpr-exec's new image runs the guest on when the old one was running it.
+  if (values.paused !== true && (incomingCpr === undefined || savedRunState === 'running')) await guest.start();
   if (flags.qmp !== undefined) await proc.serveQmp(flags.qmp, flags.name);
   log.info(
     { blocks: guest.ram.blocks.map((b) => `${b.idstr}:${b.length}`), vcpus: flags.guest.vcpus, workload: values.workload ?? 'idle', running: guest.running },

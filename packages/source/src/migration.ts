@@ -87,6 +87,11 @@ export interface OutgoingOptions {
   realtimePostcopy?: boolean;
   /** migrate-start-postcopy came while the channel was still connecting. */
   postcopyRequested?: boolean;
+  /**
+   * Mode cpr-exec: RAM is not sent (it stays in shared memory) and, once the state is written,
+   * `exec` replaces this process's image; it returns only by throwing why it could not.
+   */
+  cprExec?: { exec(): never };
   events: MigrationEvents;
   log: MigrationLog;
   now?: () => number;
@@ -175,6 +180,7 @@ export class OutgoingMigration {
       ...(this.multifd === undefined ? {} : { multifd: this.multifd }),
       multifdSyncPerRound: this.dialect.multifdFlush === 'per-round',
       multifdZeroPages: this.dialect.multifdZeroPages,
+      shared: options.cprExec !== undefined,
     });
     this.others = (options.guest.vfio === undefined ? [] : [options.guest.vfio]).map((dev, i) => ({ dev, sectionId: RAM_SECTION_ID + 1 + i }));
     this.limiter = new RateLimiter(p['max-bandwidth'], this.startTime);
@@ -188,6 +194,7 @@ export class OutgoingMigration {
       blocks,
       postcopyRequested: options.postcopyRequested === true,
       stallTimeoutMs: p['x-livemig-stall-timeout'],
+      execAfterSave: options.cprExec !== undefined,
     });
     this.returnPath = returnPath
       ? new ReturnPathReader(blocks, (e) => {
@@ -307,6 +314,20 @@ export class OutgoingMigration {
       case 'cleanUp':
         this.cleanUp();
         return;
+      case 'execNewImage':
+        // After this machine step has settled: a failed exec is the next event, not a nested one.
+        queueMicrotask(() => this.execNewImage());
+        return;
+    }
+  }
+
+  /** cpr-exec: the state file is closed; become the new image (returns only when that failed). */
+  private execNewImage(): void {
+    this.o.log.info({ stateBytes: this.transferred }, 'cpr-exec: state saved, executing the new image');
+    try {
+      this.o.cprExec!.exec();
+    } catch (err) {
+      this.report({ type: 'faulted', error: coded(err) as MigrationError });
     }
   }
 

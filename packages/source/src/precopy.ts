@@ -71,8 +71,10 @@ export class Precopy {
     // QEMU 7.2 sends configuration/uuid only when the guest has one and validate-uuid is on.
     const uuid = m.o.capabilities['validate-uuid'] ? m.o.uuid : undefined;
     const mapped = m.o.capabilities['mapped-ram'];
+    // cpr-exec: RAM stays in shared memory, marked as QEMU marks it (capability x-ignore-shared).
+    const capabilities = m.o.cprExec !== undefined ? ['x-ignore-shared'] : mapped ? ['mapped-ram'] : [];
     if (m.dialect.configuration) {
-      writeConfiguration(w, { machineType: m.o.machineType, ...(mapped ? { capabilities: ['mapped-ram'] } : {}), ...(uuid === undefined ? {} : { uuid }) });
+      writeConfiguration(w, { machineType: m.o.machineType, ...(capabilities.length > 0 ? { capabilities } : {}), ...(uuid === undefined ? {} : { uuid }) });
     }
     if (m.state.returnPath) {
       writeCommand(w, MigCmd.OPEN_RETURN_PATH);
@@ -299,6 +301,8 @@ export class Precopy {
   async stopGuest(): Promise<void> {
     const m = this.m;
     m.stopTime = m.now();
+    // cpr-exec: the new image runs the guest on only if it runs now (QEMU's global_state_store).
+    if (m.o.cprExec !== undefined) m.guest.globalState.runstate = m.guest.running ? 'running' : 'paused';
     if (m.guest.running) {
       await m.guest.stop('finish-migrate');
       m.o.events.stop();

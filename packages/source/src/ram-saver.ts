@@ -40,6 +40,11 @@ export interface RamSaverOptions {
   /** Capability multifd: normal pages go to these channels (ZERO records stay on the main one). */
   multifd?: MultifdSender;
   /**
+   * cpr-exec: RAM stays where it is (shared memory the next image maps), as QEMU's x-ignore-shared
+   * blocks: the block list carries each block's guest-physical address and no page is ever sent.
+   */
+  shared?: boolean;
+  /**
    * Multifd dialect of 8.1+ machine types: every channel syncs once per scan of RAM, where the
    * scan wraps, announced by RAM_SAVE_FLAG_MULTIFD_FLUSH on the main channel (dialect.ts).
    */
@@ -101,12 +106,14 @@ export class RamSaver implements IterativeDevice {
   private runEnd = 0;
   /** Bytes written into the mapped-ram file's page regions and bitmaps. */
   mappedBytes = 0;
+  private readonly shared: boolean;
 
   constructor(guest: Guest, options: RamSaverOptions) {
     this.guest = guest;
     this.multifd = options.multifd;
     this.syncPerRound = this.multifd !== undefined && options.multifdSyncPerRound === true;
     this.zeroPagesInMultifd = this.multifd !== undefined && options.multifdZeroPages === true;
+    this.shared = options.shared === true;
     this.views = guest.ram.blocks.map((_, i) => guest.ram.view(i));
     this.bitmaps = guest.ram.blocks.map((b) => new Uint32Array(Math.ceil(b.pageCount / 32)));
     this.totalPages = guest.ram.blocks.reduce((a, b) => a + b.pageCount, 0);
@@ -117,7 +124,8 @@ export class RamSaver implements IterativeDevice {
   saveSetup(w: BatchWriter): void {
     writeMemSize(
       w,
-      this.guest.ram.blocks.map((b) => ({ idstr: b.idstr, length: b.length })),
+      this.guest.ram.blocks.map((b) => ({ idstr: b.idstr, length: b.length, gpa: b.globalOffset })),
+      { ignoreShared: this.shared },
     );
     this.startDirtyLogging();
   }
@@ -132,6 +140,10 @@ export class RamSaver implements IterativeDevice {
 
   /** Dirty logging on, every page dirty (sync 1). */
   startDirtyLogging(): void {
+    this.rec.forgetBlock();
+    this.stats.dirtySyncCount = 1;
+    // Shared RAM: nothing to send, now or later (the bitmaps stay empty).
+    if (this.shared) return;
     this.guest.ram.clearDirtyLog();
     for (const [i, b] of this.guest.ram.blocks.entries()) {
       const bm = this.bitmaps[i]!;
@@ -140,8 +152,6 @@ export class RamSaver implements IterativeDevice {
       if (tail !== 0) bm[bm.length - 1] = (2 ** tail - 1) >>> 0;
     }
     this.dirtyPages = this.totalPages;
-    this.rec.forgetBlock();
-    this.stats.dirtySyncCount = 1;
   }
 
   pendingEstimate(): number {
@@ -156,6 +166,7 @@ export class RamSaver implements IterativeDevice {
 
   /** Merge the guest's dirty log into the migration bitmap; returns pages newly dirty. */
   sync(): number {
+    if (this.shared) return 0;
     let added = 0;
     for (let i = 0; i < this.bitmaps.length; i++) added += this.guest.ram.syncDirty(i, this.bitmaps[i]!);
     this.dirtyPages += added;

@@ -1,0 +1,9 @@
+{
+  "targets": [
+    {
+      "target_name": "livemig_native",
+      "sources": ["src/shared_memory.cc"],
+      "cflags_cc": ["-std=c++17", "-Wall", "-Wno-cast-function-type"]
+    }
+  ]
+}

@@ -1,0 +1,118 @@
+/**
+ * @packageDocumentation
+ * Guest RAM that survives an exec (cpr-exec live update), from a small node-gyp addon: a memfd
+ * mapped MAP_SHARED and handed to JS as a real SharedArrayBuffer (vCPU workers share it as any
+ * other), and execve keeping chosen descriptors open. When the addon is not built, `available`
+ * is false and every call throws LM_ERR_NATIVE_UNAVAILABLE: callers fall back to plain
+ * SharedArrayBuffer RAM.
+ *
+ * @example
+ * import { native } from '@livemig/native';
+ * if (native.available) {
+ *   const { fd, memory } = native.createSharedRam('pc.ram', 256 * 2 ** 20);
+ *   native.execImage('/usr/bin/node', ['node', 'main.js'], ['RAM_FD=' + fd], [fd]);
+ * }
+ */
+
+import { createRequire } from 'node:module';
+import { NativeError, NativeErrorCode } from './errors.ts';
+
+export * from './errors.ts';
+
+interface Addon {
+  createMemfd(name: string, length: number): number;
+  mapShared(fd: number, length: number): SharedArrayBuffer;
+  closeFd(fd: number): void;
+  keepPrivate(fd: number): void;
+  execve(path: string, argv: readonly string[], env: readonly string[], keepFds: readonly number[]): never;
+}
+
+function load(): { addon: Addon | undefined; reason: string } {
+  try {
+    // dist/index.js → ../build/Release (node-gyp's output, built by the package's install script).
+    const addon = createRequire(import.meta.url)('../build/Release/livemig_native.node') as Addon;
+    return { addon, reason: '' };
+  } catch (err) {
+    return { addon: undefined, reason: (err as Error).message.split('\n')[0] ?? 'unknown' };
+  }
+}
+
+const loaded = load();
+
+function addon(): Addon {
+  if (loaded.addon === undefined) {
+    throw new NativeError(
+      NativeErrorCode.NATIVE_UNAVAILABLE,
+      `the native addon (@livemig/native) is not built (${loaded.reason}); build it with \`node packages/native/scripts/build.mjs\` (needs g++, make, python3)`,
+    );
+  }
+  return loaded.addon;
+}
+
+/** The system error name an addon failure carries (ENOENT, EACCES …). */
+function errnoOf(err: unknown): string | undefined {
+  const e = (err as { errno?: unknown }).errno;
+  return typeof e === 'string' ? e : undefined;
+}
+
+export const native = {
+  /** Whether the addon loaded. */
+  available: loaded.addon !== undefined,
+  /** Why it did not (empty when it did). */
+  unavailableReason: loaded.reason,
+
+  /** A new memfd of `length` bytes (close-on-exec) and a SharedArrayBuffer mapping it. */
+  createSharedRam(name: string, length: number): { fd: number; memory: SharedArrayBuffer } {
+    const a = addon();
+    let fd: number;
+    try {
+      fd = a.createMemfd(name, length);
+    } catch (err) {
+      throw new NativeError(NativeErrorCode.SHARED_MEMORY, `shared RAM "${name}" (${length} bytes): ${(err as Error).message}`, { cause: err, errno: errnoOf(err) });
+    }
+    try {
+      return { fd, memory: a.mapShared(fd, length) };
+    } catch (err) {
+      a.closeFd(fd);
+      throw new NativeError(NativeErrorCode.SHARED_MEMORY, `shared RAM "${name}" (${length} bytes): ${(err as Error).message}`, { cause: err, errno: errnoOf(err) });
+    }
+  },
+
+  /** Mark an inherited descriptor close-on-exec again, so children spawned later do not get it. */
+  keepPrivate(fd: number): void {
+    try {
+      addon().keepPrivate(fd);
+    } catch (err) {
+      if ((err as { code?: unknown }).code === NativeErrorCode.NATIVE_UNAVAILABLE) throw err;
+      throw new NativeError(NativeErrorCode.SHARED_MEMORY, `fd ${fd}: ${(err as Error).message}`, { cause: err, errno: errnoOf(err) });
+    }
+  },
+
+  /** Map an inherited memfd (at least `length` bytes) as a SharedArrayBuffer. */
+  mapSharedRam(fd: number, length: number): SharedArrayBuffer {
+    try {
+      return addon().mapShared(fd, length);
+    } catch (err) {
+      if ((err as { code?: unknown }).code === NativeErrorCode.NATIVE_UNAVAILABLE) throw err;
+      throw new NativeError(NativeErrorCode.SHARED_MEMORY, `mapping fd ${fd} (${length} bytes): ${(err as Error).message}`, { cause: err, errno: errnoOf(err) });
+    }
+  },
+
+  closeFd(fd: number): void {
+    addon().closeFd(fd);
+  },
+
+  /**
+   * Replace this process's image (same PID) with `path`, `argv` and `env` (NAME=VALUE), keeping
+   * `keepFds` and stdio open. Returns only by throwing (LM_ERR_CPR_EXEC_FAILED), with this
+   * process as it was.
+   */
+  execImage(path: string, argv: readonly string[], env: readonly string[], keepFds: readonly number[]): never {
+    const a = addon();
+    try {
+      return a.execve(path, argv, env, keepFds);
+    } catch (err) {
+      throw new NativeError(NativeErrorCode.CPR_EXEC_FAILED, (err as Error).message, { cause: err, errno: errnoOf(err) });
+    }
+  },
+};

@@ -1,0 +1,207 @@
+// Guest RAM that survives exec (cpr-exec): a memfd mapped MAP_SHARED and handed to JS as a real
+// SharedArrayBuffer (so workers share it as any other), plus the execve that replaces this
+// process's image while keeping chosen descriptors open. Linux only.
+
+#include <node.h>
+#include <v8.h>
+
+#include <cerrno>
+#include <csignal>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+namespace {
+
+using v8::Array;
+using v8::BackingStore;
+using v8::Context;
+using v8::Exception;
+using v8::FunctionCallbackInfo;
+using v8::Integer;
+using v8::Isolate;
+using v8::Local;
+using v8::Number;
+using v8::Object;
+using v8::SharedArrayBuffer;
+using v8::String;
+using v8::Value;
+
+void ThrowErrno(Isolate* isolate, const char* what, int err) {
+  std::string message = std::string(what) + ": " + strerror(err);
+  Local<Value> error = Exception::Error(String::NewFromUtf8(isolate, message.c_str()).ToLocalChecked());
+  Local<Context> context = isolate->GetCurrentContext();
+  // The errno name, as Node's own errors carry it (ENOENT, EACCES …).
+  const char* name = strerrorname_np(err);
+  if (name != nullptr) {
+    error.As<Object>()->Set(context, String::NewFromUtf8Literal(isolate, "errno"), String::NewFromUtf8(isolate, name).ToLocalChecked()).Check();
+  }
+  isolate->ThrowException(error);
+}
+
+void ThrowType(Isolate* isolate, const char* message) {
+  isolate->ThrowException(Exception::TypeError(String::NewFromUtf8(isolate, message).ToLocalChecked()));
+}
+
+bool IntArg(const FunctionCallbackInfo<Value>& args, int i, int64_t* out) {
+  if (!args[i]->IsNumber()) return false;
+  double d = args[i].As<Number>()->Value();
+  if (d < 0 || d != static_cast<double>(static_cast<int64_t>(d))) return false;
+  *out = static_cast<int64_t>(d);
+  return true;
+}
+
+// The mapping lives as long as the last SharedArrayBuffer on it (in any thread).
+void Unmap(void* data, size_t length, void*) {
+  if (data != nullptr && length > 0) munmap(data, length);
+}
+
+// createMemfd(name, length) → fd. Close-on-exec until keepAcrossExec asks otherwise, so children
+// spawned meanwhile never inherit guest RAM.
+void CreateMemfd(const FunctionCallbackInfo<Value>& args) {
+  Isolate* isolate = args.GetIsolate();
+  int64_t length;
+  if (!args[0]->IsString() || !IntArg(args, 1, &length)) return ThrowType(isolate, "createMemfd(name: string, length: number)");
+  String::Utf8Value name(isolate, args[0]);
+  int fd = memfd_create(*name, MFD_CLOEXEC);
+  if (fd < 0) return ThrowErrno(isolate, "memfd_create", errno);
+  if (ftruncate(fd, static_cast<off_t>(length)) != 0) {
+    int err = errno;
+    close(fd);
+    return ThrowErrno(isolate, "ftruncate", err);
+  }
+  args.GetReturnValue().Set(Integer::New(isolate, fd));
+}
+
+// mapShared(fd, length) → SharedArrayBuffer over the first `length` bytes of the file.
+void MapShared(const FunctionCallbackInfo<Value>& args) {
+  Isolate* isolate = args.GetIsolate();
+  int64_t fd, length;
+  if (!IntArg(args, 0, &fd) || !IntArg(args, 1, &length) || length == 0) return ThrowType(isolate, "mapShared(fd: number, length: number > 0)");
+  struct stat st;
+  if (fstat(static_cast<int>(fd), &st) != 0) return ThrowErrno(isolate, "fstat", errno);
+  if (st.st_size < length) {
+    std::string message = "fd " + std::to_string(fd) + " holds " + std::to_string(st.st_size) + " bytes, fewer than the " + std::to_string(length) + " to map";
+    isolate->ThrowException(Exception::RangeError(String::NewFromUtf8(isolate, message.c_str()).ToLocalChecked()));
+    return;
+  }
+  void* data = mmap(nullptr, static_cast<size_t>(length), PROT_READ | PROT_WRITE, MAP_SHARED, static_cast<int>(fd), 0);
+  if (data == MAP_FAILED) return ThrowErrno(isolate, "mmap", errno);
+  std::unique_ptr<BackingStore> store = SharedArrayBuffer::NewBackingStore(data, static_cast<size_t>(length), Unmap, nullptr);
+  args.GetReturnValue().Set(SharedArrayBuffer::New(isolate, std::move(store)));
+}
+
+// closeFd(fd): a memfd whose RAM is no longer wanted (the mapping stays until its buffer is freed).
+void CloseFd(const FunctionCallbackInfo<Value>& args) {
+  Isolate* isolate = args.GetIsolate();
+  int64_t fd;
+  if (!IntArg(args, 0, &fd)) return ThrowType(isolate, "closeFd(fd: number)");
+  close(static_cast<int>(fd));
+}
+
+bool SetCloexec(int fd, bool on) {
+  int flags = fcntl(fd, F_GETFD);
+  if (flags < 0) return false;
+  return fcntl(fd, F_SETFD, on ? (flags | FD_CLOEXEC) : (flags & ~FD_CLOEXEC)) == 0;
+}
+
+// keepPrivate(fd): close-on-exec again (an inherited memfd, so children never get guest RAM).
+void KeepPrivate(const FunctionCallbackInfo<Value>& args) {
+  Isolate* isolate = args.GetIsolate();
+  int64_t fd;
+  if (!IntArg(args, 0, &fd)) return ThrowType(isolate, "keepPrivate(fd: number)");
+  if (!SetCloexec(static_cast<int>(fd), true)) return ThrowErrno(isolate, "fcntl(F_SETFD)", errno);
+}
+
+std::vector<std::string> StringList(Isolate* isolate, Local<Value> value, bool* ok) {
+  std::vector<std::string> out;
+  *ok = value->IsArray();
+  if (!*ok) return out;
+  Local<Array> array = value.As<Array>();
+  Local<Context> context = isolate->GetCurrentContext();
+  for (uint32_t i = 0; i < array->Length(); i++) {
+    Local<Value> item = array->Get(context, i).ToLocalChecked();
+    if (!item->IsString()) {
+      *ok = false;
+      return out;
+    }
+    String::Utf8Value text(isolate, item);
+    out.emplace_back(*text, text.length());
+  }
+  return out;
+}
+
+// execve(path, argv, env, keepFds): replace this process's image (same PID). The descriptors in
+// keepFds stay open across it. Returns only on failure, by throwing, with everything as it was.
+void Execve(const FunctionCallbackInfo<Value>& args) {
+  Isolate* isolate = args.GetIsolate();
+  bool argvOk, envOk;
+  std::vector<std::string> argv = StringList(isolate, args[1], &argvOk);
+  std::vector<std::string> env = StringList(isolate, args[2], &envOk);
+  if (!args[0]->IsString() || !argvOk || !envOk || !args[3]->IsArray() || argv.empty()) {
+    return ThrowType(isolate, "execve(path: string, argv: string[] (not empty), env: string[], keepFds: number[])");
+  }
+  String::Utf8Value path(isolate, args[0]);
+  Local<Array> keep = args[3].As<Array>();
+  Local<Context> context = isolate->GetCurrentContext();
+  std::vector<int> fds;
+  for (uint32_t i = 0; i < keep->Length(); i++) {
+    Local<Value> item = keep->Get(context, i).ToLocalChecked();
+    if (!item->IsInt32()) return ThrowType(isolate, "execve: keepFds must be integers");
+    fds.push_back(item.As<Integer>()->Value());
+  }
+  std::vector<char*> argvp, envp;
+  for (auto& a : argv) argvp.push_back(a.data());
+  argvp.push_back(nullptr);
+  for (auto& e : env) envp.push_back(e.data());
+  envp.push_back(nullptr);
+
+  for (int fd : fds) {
+    if (!SetCloexec(fd, false)) {
+      int err = errno;
+      for (int f : fds) SetCloexec(f, true);
+      return ThrowErrno(isolate, "fcntl(F_SETFD)", err);
+    }
+  }
+  // The new image starts with stdio as a fresh process would: open (Node marks 0–2
+  // close-on-exec), blocking (libuv may have made our ends non-blocking); and with no signal
+  // blocked in this thread (the mask survives exec).
+  int stdioFlags[3], stdioFdFlags[3];
+  for (int fd = 0; fd < 3; fd++) {
+    stdioFdFlags[fd] = fcntl(fd, F_GETFD);
+    if (stdioFdFlags[fd] >= 0) fcntl(fd, F_SETFD, stdioFdFlags[fd] & ~FD_CLOEXEC);
+    stdioFlags[fd] = fcntl(fd, F_GETFL);
+    if (stdioFlags[fd] >= 0 && (stdioFlags[fd] & O_NONBLOCK) != 0) fcntl(fd, F_SETFL, stdioFlags[fd] & ~O_NONBLOCK);
+  }
+  sigset_t none, previous;
+  sigemptyset(&none);
+  pthread_sigmask(SIG_SETMASK, &none, &previous);
+
+  execve(*path, argvp.data(), envp.data());
+
+  int err = errno;
+  pthread_sigmask(SIG_SETMASK, &previous, nullptr);
+  for (int fd = 0; fd < 3; fd++) {
+    if (stdioFlags[fd] >= 0) fcntl(fd, F_SETFL, stdioFlags[fd]);
+    if (stdioFdFlags[fd] >= 0) fcntl(fd, F_SETFD, stdioFdFlags[fd]);
+  }
+  for (int fd : fds) SetCloexec(fd, true);
+  std::string what = std::string("execve ") + *path;
+  ThrowErrno(isolate, what.c_str(), err);
+}
+
+}  // namespace
+
+NODE_MODULE_INIT(/* exports, module, context */) {
+  NODE_SET_METHOD(exports, "createMemfd", CreateMemfd);
+  NODE_SET_METHOD(exports, "mapShared", MapShared);
+  NODE_SET_METHOD(exports, "closeFd", CloseFd);
+  NODE_SET_METHOD(exports, "keepPrivate", KeepPrivate);
+  NODE_SET_METHOD(exports, "execve", Execve);
+  (void)module;
+}
