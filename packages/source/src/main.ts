@@ -1,6 +1,9 @@
 #!/usr/bin/env node
 // livemig-source: run a guest and migrate it out when told to (QMP `migrate`, or --migrate).
 
+import { accessSync, constants as fsConstants } from 'node:fs';
+import { writeFile } from 'node:fs/promises';
+import { dirname, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { Guest } from '@livemig/guest';
 import {
@@ -23,6 +26,7 @@ import {
   QmpCommandError,
   registerMachineCommands,
   TtyProgress,
+  UsageError,
 } from '@livemig/machine';
 import { normalizeUuid, TARGET_PAGE_SIZE } from '@livemig/protocol';
 import {
@@ -37,6 +41,7 @@ import {
   RuntimeErrorCode,
 } from '@livemig/runtime';
 import { OutgoingMigration } from './migration.ts';
+import { TimelineRecorder } from './timeline-recorder.ts';
 
 const HELP = `usage: livemig-source [guest flags] [--qmp ADDR] [--migrate URI] [options]
 
@@ -54,6 +59,8 @@ migration:
   -S, --paused             do not start the guest (QEMU's -S); QMP cont starts it
   --uuid UUID              the guest's UUID (QEMU's -uuid): with capability validate-uuid the stream
                            carries it (configuration/uuid) and a destination with another refuses it
+  --timeline FILE          write each migration's timeline (samples every 100 ms and events, one
+                           JSON document; \`livemig report FILE\` draws it) to FILE when it ends
   --realtime-postcopy      with postcopy-preempt, run the page server thread (which answers page
                            requests) under SCHED_FIFO, priority 2. Needs CAP_SYS_NICE (e.g. root);
                            without it a warning is logged and nothing changes
@@ -66,7 +73,7 @@ cannot be used (checked before the guest is prepared), 70 an internal error, 130
 QMP commands: migrate (resume=true after a postcopy pause), migrate_cancel, migrate-start-postcopy,
 migrate-pause, query-migrate, migrate-set-capabilities,
 query-migrate-capabilities, migrate-set-parameters, query-migrate-parameters, stop, cont,
-query-status, x-query-guest-digest, quit; introspection as QEMU's: query-commands, query-events,
+query-status, x-query-guest-digest, x-query-migration-timeline, calc-dirty-rate, query-dirty-rate, quit; introspection as QEMU's: query-commands, query-events,
 query-name, query-version, query-qmp-schema. Events: MIGRATION, MIGRATION_PASS (with capability
 "events"), STOP, RESUME, SHUTDOWN (on quit, SIGINT, SIGTERM).
 `;
@@ -79,6 +86,7 @@ const EXTRA = {
   paused: { type: 'boolean', short: 'S' },
   'realtime-postcopy': { type: 'boolean' },
   uuid: { type: 'string' },
+  timeline: { type: 'string' },
 } as const;
 
 /** Where a migration can go (`defer` is the destination's). */
@@ -137,6 +145,12 @@ class SourceProcess {
   /** A migrate whose channel is still connecting, or failed to. */
   connecting: ConnectAttempt | undefined;
   qmp: QmpServer | undefined;
+  /** --timeline: where each migration's timeline is written when it ends. */
+  timelinePath: string | undefined;
+  /** The current (or last) migration's timeline. */
+  timeline: TimelineRecorder | undefined;
+  /** Settles once the last migration's timeline is written (or there is none to write). */
+  timelineWritten: Promise<void> = Promise.resolve();
   private readonly progress = new TtyProgress();
   private progressTimer: NodeJS.Timeout | undefined;
   /** The current migration's progress (query-migrate's x-progress and the terminal bar). */
@@ -247,9 +261,11 @@ class SourceProcess {
           log,
           events: {
             status: (s) => {
+              this.timeline?.statusChanged(s);
               if (s !== 'setup') emitStatus(s);
             },
             pass: (pass) => {
+              this.timeline?.passStarted(pass);
               if (settings.capabilities.events) this.event('MIGRATION_PASS', { pass });
             },
             stop: () => this.event('STOP'),
@@ -259,6 +275,7 @@ class SourceProcess {
         this.migration = m;
         this.progressModel = new ProgressModel();
         const on = Object.entries(settings.capabilities).filter(([, v]) => v).map(([k]) => k);
+        this.recordTimeline(m, uri, on);
         log.info({ uri, capabilities: on, maxBandwidth: settings.parameters['max-bandwidth'] }, 'migration started');
         this.showProgress(m);
         return m;
@@ -275,6 +292,21 @@ class SourceProcess {
         log[failureLevel]({ code: (err as { code?: unknown }).code }, attempt.errorDesc);
         return undefined;
       },
+    );
+  }
+
+  /** Record the migration's timeline; with --timeline, write it when the migration ends. */
+  private recordTimeline(m: OutgoingMigration, uri: string, capabilities: string[]): void {
+    const timeline = new TimelineRecorder(m, { uri, capabilities, parameters: { ...m.o.parameters } });
+    this.timeline = timeline;
+    const path = this.timelinePath;
+    if (path === undefined) return;
+    this.timelineWritten = timeline.finished.then(
+      (doc) =>
+        writeFile(path, `${JSON.stringify(doc)}\n`).then(
+          () => this.log.info({ path, samples: doc.samples.length, events: doc.events.length }, 'timeline written'),
+          (err: Error) => this.log.warn({ path }, `timeline not written: ${err.message}`),
+        ),
     );
   }
 
@@ -421,6 +453,11 @@ class SourceProcess {
       return {};
     }, { args: {}, returns: {} });
     qmp.register('query-migrate', () => this.queryMigrate(), { args: {}, returns: 'any' });
+    // livemig's own, named as QEMU names its unstable queries: the current or last migration's timeline.
+    qmp.register('x-query-migration-timeline', () => {
+      if (this.timeline === undefined) throw new QmpCommandError('No migration has been started: there is no timeline');
+      return this.timeline.document();
+    }, { args: {}, returns: 'any' });
     qmp.register(
       'migrate-pause',
       () => {
@@ -457,6 +494,17 @@ class SourceProcess {
   }
 }
 
+/** --timeline FILE: an absolute path whose directory exists and may be written (checked at start, not when the migration ends). */
+function timelineFile(file: string): string {
+  const path = resolve(file);
+  try {
+    accessSync(dirname(path), fsConstants.W_OK);
+  } catch (err) {
+    throw new UsageError(`--timeline ${file}: cannot write in ${dirname(path)} (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`, { cause: err });
+  }
+  return path;
+}
+
 async function main(argv: string[]): Promise<void> {
   const program = 'livemig-source';
   const values = orExitWithUsage(program, () => parseArgs({ args: argv, options: { ...GUEST_OPTIONS, ...EXTRA }, strict: true }).values);
@@ -479,7 +527,8 @@ async function main(argv: string[]): Promise<void> {
       }
     }
     const uuid = values.uuid === undefined ? undefined : normalizeUuid(values.uuid);
-    return { f, uuid };
+    const timeline = values.timeline === undefined ? undefined : timelineFile(values.timeline);
+    return { f, uuid, timeline };
   });
   const flags = parsed.f;
   if (flags.qmp !== undefined) {
@@ -499,6 +548,7 @@ async function main(argv: string[]): Promise<void> {
   proc.settings.capabilities = settings.capabilities;
   proc.settings.parameters = settings.parameters;
   if (parsed.uuid !== undefined) proc.uuid = parsed.uuid;
+  proc.timelinePath = parsed.timeline;
   // As QEMU: a signal is a SHUTDOWN (reason host-signal) for the QMP clients, then the exit.
   const onSignal = (status: number): void => {
     if (proc.qmp !== undefined) shutdownEvent(proc.qmp, 'host-signal');
@@ -522,6 +572,7 @@ async function main(argv: string[]): Promise<void> {
       return;
     }
     await m.done;
+    await proc.timelineWritten;
     if (values['exit-after-migrate'] === true) await proc.shutdown(m.status === 'completed' ? 0 : EXIT_MIGRATION_FAILED);
   }
 }
