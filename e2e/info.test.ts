@@ -57,7 +57,7 @@ test('livemig info: the running job, none once it is over, the finished one with
     const running = await livemig(['info', '--qmp', qmp]);
     assert.equal(running.code, 0, running.stderr);
     const r = table(running.stdout);
-    t.diagnostic(`running: ${running.stdout.trim().replace(/\n/g, " | ")}`);
+    t.diagnostic(`running: ${running.stdout.trim().replace(/\n/g, ' | ')}`);
     assert.equal(r['Job type'], 'Unbounded');
     assert.equal(r['Status'], 'active');
     assert.match(r['Time elapsed']!, /^\d+ ms$/);
@@ -84,7 +84,7 @@ test('livemig info: the running job, none once it is over, the finished one with
     const done = await livemig(['info', '--qmp', qmp, '--completed']);
     assert.equal(done.code, 0, done.stderr);
     const c = table(done.stdout);
-    t.diagnostic(`--completed: ${done.stdout.trim().replace(/\n/g, " | ")}`);
+    t.diagnostic(`--completed: ${done.stdout.trim().replace(/\n/g, ' | ')}`);
     assert.equal(c['Job type'], 'Completed');
     assert.equal(c['Status'], 'completed');
     assert.equal(c['Time elapsed'], `${final['total-time']} ms`);
