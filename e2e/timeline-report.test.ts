@@ -11,6 +11,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { pathToFileURL } from 'node:url';
 import { chromiumSkip, decodePng, runChromium } from './helpers/chromium.ts';
 import { MiB, queryMigrate, waitForStatus } from './helpers/migration.ts';
+import { migrateIntoPostcopy, postcopyPair } from './helpers/postcopy.ts';
 import { CLI_MAIN, type Harness, withHarness } from './helpers/processes.ts';
 
 const T = { timeout: 240_000 };
@@ -175,5 +176,41 @@ test('livemig report escapes what it takes from the file, and refuses what is no
     const missing = await livemig(['report', h.path('nope.json')]);
     assert.equal(missing.code, 1);
     assert.match(missing.stderr, /^livemig: report: ENOENT: no such file or directory, open '.*nope\.json'\n$/);
+  }),
+);
+
+test('the timeline of a postcopy migration marks postcopy start, and of an auto-converge one its throttle steps', T, () =>
+  withHarness(async (h) => {
+    const guest = ['-m', '64M', '--workload', 'incrementer'];
+    const { src, dst } = await postcopyPair(h, { guest });
+    await migrateIntoPostcopy(src, dst, dst.incomingUri);
+    await src.execute('migrate-set-parameters', { 'max-postcopy-bandwidth': 0 });
+    await waitForStatus(src, 'completed', { timeoutMs: 90_000 });
+    const doc = await src.execute<Timeline>('x-query-migration-timeline');
+    assert.deepEqual(doc.events.filter((e) => e.kind === 'status').map((e) => e.status), ['setup', 'active', 'postcopy-active', 'completed']);
+    const postcopy = doc.events.find((e) => e.kind === 'postcopy-start');
+    const switchover = doc.events.find((e) => e.kind === 'switchover-start');
+    const end = doc.events.find((e) => e.kind === 'downtime-end');
+    assert.ok(postcopy !== undefined && switchover !== undefined && end !== undefined, JSON.stringify(doc.events));
+    assert.ok(switchover.t <= postcopy.t && switchover.t <= end.t, 'the switchover starts the downtime, before postcopy runs');
+    assert.ok(doc.samples.some((x) => x.status === 'postcopy-active') || doc.result!.totalTimeMs - postcopy.t < doc.intervalMs, 'sampled while in postcopy');
+
+    // auto-converge (as in precopy.test.ts: random:120 on 32 MiB at 32 MiB/s converges only at 70 %).
+    const g2 = ['-m', '32M', '--workload', 'random:120'];
+    const params = `max-bandwidth=${32 * MiB},cpu-throttle-initial=30,cpu-throttle-increment=20,max-cpu-throttle=70`;
+    const file = h.path('converge.json');
+    const src2 = await h.source({ name: 'src2', guest: g2, args: ['--capabilities', 'return-path,auto-converge', '--parameters', params, '--timeline', file] });
+    const dst2 = await h.destination({ name: 'dst2', incoming: 'tcp', guest: g2 });
+    await src2.execute('migrate', { uri: dst2.incomingUri });
+    await waitForStatus(src2, 'completed', { timeoutMs: 90_000 });
+    await waitForFile(file);
+    const d2 = JSON.parse(readFileSync(file, 'utf8')) as Timeline;
+    const steps = d2.events.filter((e) => e.kind === 'throttle').map((e) => (e as { percent?: number }).percent);
+    assert.ok(steps.length >= 1 && steps[0] === 30, `starts at cpu-throttle-initial: ${JSON.stringify(steps)}`);
+    for (let i = 1; i < steps.length; i++) assert.equal(steps[i], steps[i - 1]! + 20, `rises by cpu-throttle-increment: ${JSON.stringify(steps)}`);
+    // The page draws them (no browser needed for the markup).
+    const page = h.path('converge.html');
+    assert.equal((await livemig(['report', file, '-o', page])).code, 0);
+    assert.equal(count(readFileSync(page, 'utf8'), /<line class="marker throttle"/g), 2 * steps.length, 'throttle steps marked on both charts');
   }),
 );
