@@ -75,6 +75,7 @@ test('a migration with --timeline: the file records it, livemig report draws it,
     const dst = await h.destination({ incoming: 'tcp', guest });
     const src = await h.source({ guest, args: ['--capabilities', 'return-path', '--parameters', `max-bandwidth=${32 * MiB},downtime-limit=300`, '--timeline', file] });
     await src.execute('migrate', { uri: dst.incomingUri });
+    await waitForStatus(src, 'active');
     const running = await src.execute<Timeline>('x-query-migration-timeline');
     assert.equal(running.result, null, 'no result while it runs');
     await waitForStatus(src, 'completed', { timeoutMs: 120_000 });

@@ -193,6 +193,7 @@ class SourceProcess {
     };
     emitStatus('setup');
     this.migration = undefined;
+    this.timeline = undefined;
     this.postcopyWanted = false;
     const attempt: ConnectAttempt = {
       status: 'setup',
@@ -271,6 +272,7 @@ class SourceProcess {
             },
             stop: () => this.event('STOP'),
             resume: () => this.event('RESUME'),
+            throttled: (percent) => this.timeline?.throttled(percent),
           },
         });
         this.migration = m;
@@ -456,7 +458,12 @@ class SourceProcess {
     qmp.register('query-migrate', () => this.queryMigrate(), { args: {}, returns: 'any' });
     // livemig's own, named as QEMU names its unstable queries: the current or last migration's timeline.
     qmp.register('x-query-migration-timeline', () => {
-      if (this.timeline === undefined) throw new QmpCommandError('No migration has been started: there is no timeline');
+      if (this.timeline === undefined) {
+        const c = this.connecting;
+        if (c === undefined) throw new QmpCommandError('No migration has been started: there is no timeline');
+        // Its timeline starts with the migration, once the channels are connected.
+        throw new QmpCommandError(c.status === 'failed' ? 'The migration failed before it was connected: there is no timeline' : 'The migration is still connecting: its timeline starts once it is connected');
+      }
       return this.timeline.document();
     }, { args: {}, returns: 'any' });
     qmp.register(

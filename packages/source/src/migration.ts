@@ -57,6 +57,8 @@ export interface MigrationEvents {
   pass(pass: number): void;
   stop(): void;
   resume(): void;
+  /** auto-converge set the vCPU throttle to `percent` (a convergence decision). */
+  throttled?(percent: number): void;
 }
 
 export interface MigrationLog {

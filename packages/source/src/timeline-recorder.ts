@@ -31,7 +31,6 @@ export class TimelineRecorder {
   readonly #doc: Timeline;
   #timer: NodeJS.Timeout;
   #lastStatus: string;
-  #lastThrottle = 0;
   #switchoverSeen = false;
   /** Resolves with the finished document once the migration has ended. */
   readonly finished: Promise<Timeline>;
@@ -86,6 +85,11 @@ export class TimelineRecorder {
     this.#event({ t: this.#t(), kind: 'pass', pass });
   }
 
+  /** auto-converge changed the vCPU throttle (each step is a convergence decision). */
+  throttled(percent: number): void {
+    this.#event({ t: this.#t(), kind: 'throttle', percent });
+  }
+
   /** Take one sample now (the timer does; the end takes a last one). */
   sample(): void {
     const m = this.#m;
@@ -96,10 +100,6 @@ export class TimelineRecorder {
       this.#event({ t: this.#t(m.stopTime), kind: 'switchover-start' });
     }
     const throttle = m.throttlePercent;
-    if (throttle !== this.#lastThrottle) {
-      this.#lastThrottle = throttle;
-      this.#event({ t: this.#t(), kind: 'throttle', percent: throttle });
-    }
     const s: TimelineSample = {
       t: this.#t(),
       status: m.status,

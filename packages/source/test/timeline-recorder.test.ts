@@ -48,6 +48,7 @@ test('events in time order, the downtime window and the result once the migratio
   m.clock = 1170;
   m.throttlePercent = 20;
   r.passStarted(3);
+  r.throttled(20);
   r.sample();
   m.clock = 1200;
   m.status = 'completed';
