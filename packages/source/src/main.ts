@@ -2,7 +2,7 @@
 // livemig-source: run a guest and migrate it out when told to (QMP `migrate`, or --migrate).
 
 import { accessSync, constants as fsConstants } from 'node:fs';
-import { writeFile } from 'node:fs/promises';
+import { rename, unlink, writeFile } from 'node:fs/promises';
 import { dirname, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { Guest } from '@livemig/guest';
@@ -304,12 +304,19 @@ class SourceProcess {
     this.timeline = timeline;
     const path = this.timelinePath;
     if (path === undefined) return;
+    // Written beside it and renamed into place: whoever watches for FILE never reads half of it.
+    const partial = `${path}.${process.pid}.partial`;
     this.timelineWritten = timeline.finished.then(
       (doc) =>
-        writeFile(path, `${JSON.stringify(doc)}\n`).then(
-          () => this.log.info({ path, samples: doc.samples.length, events: doc.events.length }, 'timeline written'),
-          (err: Error) => this.log.warn({ path }, `timeline not written: ${err.message}`),
-        ),
+        writeFile(partial, `${JSON.stringify(doc)}\n`)
+          .then(() => rename(partial, path))
+          .then(
+            () => this.log.info({ path, samples: doc.samples.length, events: doc.events.length }, 'timeline written'),
+            (err: Error) => {
+              this.log.warn({ path }, `timeline not written: ${err.message}`);
+              return unlink(partial).catch(() => {});
+            },
+          ),
     );
   }
 
