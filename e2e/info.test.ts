@@ -8,6 +8,7 @@ import { test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { MiB, queryMigrate, waitForStatus } from './helpers/migration.ts';
 import { CLI_MAIN, withHarness } from './helpers/processes.ts';
+import { pollFinal, qemuSkip, startQemu } from './helpers/qemu.ts';
 
 const T = { timeout: 180_000 };
 
@@ -120,5 +121,26 @@ test('livemig info: one line, exit status 1, when nothing serves QMP at the addr
     assert.equal(d.code, 1);
     assert.equal(JSON.parse(d.stdout).error.code, 'LM_ERR_INFO');
     assert.equal(d.stderr.split('\n').length, 2, 'one line');
+  }),
+);
+
+test("livemig info reads a real QEMU 7.2's query-migrate too: none before, its finished migration with --completed", { ...T, skip: qemuSkip() }, () =>
+  withHarness(async (h) => {
+    // QEMU serves one client per -qmp socket and the harness holds the first: a second for livemig info.
+    const infoQmp = h.path('info.qmp');
+    const qemu = await startQemu(h, 'qemu', ['-machine', 'pc', '-m', '64', '-S', '-qmp', `unix:${infoQmp},server=on,wait=off`]);
+    const qmp = `unix:${infoQmp}`;
+    assert.deepEqual(table((await livemig(['info', '--qmp', qmp])).stdout), { 'Job type': 'None' });
+    await qemu.execute('migrate', { uri: 'exec:cat > /dev/null' });
+    const final = await pollFinal(qemu);
+    assert.equal(final.status, 'completed', JSON.stringify(final));
+    const done = await livemig(['info', '--qmp', qmp, '--completed']);
+    assert.equal(done.code, 0, done.stderr);
+    const c = table(done.stdout);
+    assert.equal(c['Job type'], 'Completed');
+    assert.equal(c['Total downtime'], `${final.downtime} ms`);
+    assert.equal(c['Time elapsed'], `${final['total-time']} ms`);
+    assert.equal(c['Iteration'], String(final.ram!['dirty-sync-count']));
+    assert.equal(c['Progress'], undefined, 'QEMU has no x-progress');
   }),
 );

@@ -74,6 +74,9 @@ function connectFailure(err: Error): string {
     ENOTFOUND: 'the host name does not resolve (ENOTFOUND)',
     ETIMEDOUT: 'timed out (ETIMEDOUT)',
   };
+  // Connected, but nobody spoke: QEMU serves one client per -qmp socket and greets the next only
+  // when the first leaves.
+  if ((err as { code?: unknown }).code === 'LM_ERR_QMP_TIMEOUT') return `${err.message} (QEMU serves one client per -qmp socket: is another client connected? add a second -qmp)`;
   return hints[errno] ?? err.message;
 }
 
