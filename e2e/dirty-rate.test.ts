@@ -8,6 +8,7 @@ import { test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { assertSameRam, MiB, waitForStatus } from './helpers/migration.ts';
 import { type Child, withHarness } from './helpers/processes.ts';
+import { qemuSkip, startQemu } from './helpers/qemu.ts';
 
 const T = { timeout: 120_000 };
 
@@ -88,5 +89,19 @@ test('calc-dirty-rate beside a running migration: measured, and the migration st
     await src.execute('migrate-set-parameters', { 'max-bandwidth': 0 });
     await waitForStatus(src, 'completed', { timeoutMs: 90_000 });
     await assertSameRam(src, dst);
+  }),
+);
+
+test('the same answers as a real QEMU 7.2: query-dirty-rate before any measurement, the refusals, the measured shape', { ...T, skip: qemuSkip() }, () =>
+  withHarness(async (h) => {
+    const qemu = await startQemu(h, 'qemu', ['-machine', 'pc', '-m', '64', '-S']);
+    const src = await h.source({ guest: ['-m', '64M'] });
+    assert.deepEqual(await src.execute('query-dirty-rate'), await qemu.execute('query-dirty-rate'));
+    for (const args of [{ 'calc-time': 0 }, { 'calc-time': 61 }, { 'calc-time': 1, 'sample-pages': 5 }, { 'calc-time': 1, mode: 'fast' }]) {
+      assert.equal(await errorOf(src, 'calc-dirty-rate', args), await errorOf(qemu, 'calc-dirty-rate', args), JSON.stringify(args));
+    }
+    const [ours, theirs] = await Promise.all([measure(src, { 'calc-time': 1 }), measure(qemu, { 'calc-time': 1 })]);
+    assert.deepEqual(Object.keys(ours).sort(), Object.keys(theirs).sort(), 'the same members once measured');
+    assert.equal(ours['dirty-rate'], theirs['dirty-rate'], 'a stopped guest dirties nothing, in both');
   }),
 );
