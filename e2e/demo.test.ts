@@ -4,6 +4,8 @@
 
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
+import { readFileSync, rmSync } from 'node:fs';
+import { dirname } from 'node:path';
 import { test } from 'node:test';
 import { CLI_MAIN } from './helpers/processes.ts';
 
@@ -46,5 +48,17 @@ for (const { name, args } of [
     assert.match(out, /after cont, 1 s of running on the destination: memory kept changing, pattern consistent/);
     assert.match(out, /VERDICT: PASS/);
     if (args.includes('--multifd')) assert.match(out, /multifd +0\.\d\d GiB of it on 2 channel\(s\)/);
+    // The timeline and its report, kept after the demo, with their paths printed.
+    const timeline = /timeline +(\S+timeline\.json)/.exec(out)?.[1];
+    const report = /report +(\S+report\.html)/.exec(out)?.[1];
+    assert.ok(timeline !== undefined && report !== undefined, 'the timeline and report paths are printed');
+    try {
+      const doc = JSON.parse(readFileSync(timeline, 'utf8')) as { format: string; version: number; result: { status: string } | null; samples: unknown[]; events: { kind: string }[] };
+      assert.deepEqual([doc.format, doc.version, doc.result?.status], ['livemig-timeline', 1, 'completed']);
+      assert.ok(doc.samples.length > 0 && doc.events.some((e) => e.kind === 'downtime-end'), 'samples and the downtime window');
+      assert.match(readFileSync(report, 'utf8'), /<svg class="chart"/);
+    } finally {
+      rmSync(dirname(timeline), { recursive: true, force: true });
+    }
   });
 }

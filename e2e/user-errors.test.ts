@@ -105,6 +105,7 @@ test('flags that cannot be used', T, async () => {
   assertUsageLine(await run(SOURCE_MAIN, [...BIG, '--vcpus', '0']), 'livemig-source', /--vcpus "0" is not a whole number from 1 to 64/);
   assertUsageLine(await run(SOURCE_MAIN, [...BIG, '--bogus']), 'livemig-source', /Unknown option '--bogus'/);
   assertUsageLine(await run(SOURCE_MAIN, [...BIG, '--parameters', 'downtime-limit=soon']), 'livemig-source', /--parameters: Parameter 'downtime-limit' expects an integer/);
+  assertUsageLine(await run(SOURCE_MAIN, [...BIG, '--timeline', '/nonexistent-dir/t.json']), 'livemig-source', /--timeline \/nonexistent-dir\/t\.json: cannot write in \/nonexistent-dir \(ENOENT\)/);
   assertUsageLine(await run(DESTINATION_MAIN, ['-m', 'lots', '--incoming', 'defer']), 'livemig-destination', /"lots" is not a size/);
   assertUsageLine(await run(DESTINATION_MAIN, [...BIG, '--incoming', 'defer', '--capabilities', 'rdma-pin-all']), 'livemig-destination', /Capability 'rdma-pin-all' is not supported/);
 });

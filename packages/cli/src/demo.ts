@@ -5,13 +5,14 @@
 
 import { type ChildProcess, spawn } from 'node:child_process';
 import { rmSync } from 'node:fs';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
-import { formatGiB, formatGiBps, preparingLine, type Progress, progressLine, TtyProgress } from '@livemig/machine';
+import { checkTimeline, formatGiB, formatGiBps, preparingLine, type Progress, progressLine, type Timeline, TtyProgress } from '@livemig/machine';
 import { QmpClient } from '@livemig/runtime';
+import { renderReport } from './report.ts';
 
 export const SOURCE_MAIN = fileURLToPath(new URL('../../source/dist/main.js', import.meta.url));
 export const DESTINATION_MAIN = fileURLToPath(new URL('../../destination/dist/main.js', import.meta.url));
@@ -94,6 +95,27 @@ export async function incomingAddress(dq: QmpClient, timeoutMs: number): Promise
 }
 
 const gib = formatGiB;
+
+/**
+ * The source's timeline of the migration (x-query-migration-timeline, once it holds the result),
+ * kept in a directory of its own that outlives the demo, with its HTML report beside it.
+ */
+async function saveTimeline(sq: QmpClient): Promise<{ timeline: string; report: string }> {
+  const deadline = Date.now() + 10_000;
+  let doc: Timeline;
+  for (;;) {
+    doc = checkTimeline(await sq.execute('x-query-migration-timeline'));
+    if (doc.result !== null) break;
+    if (Date.now() > deadline) throw new DemoError('the source did not finish the migration timeline within 10 s');
+    await sleep(50);
+  }
+  const dir = await mkdtemp(join(tmpdir(), 'livemig-timeline-'));
+  const timeline = join(dir, 'timeline.json');
+  const report = join(dir, 'report.html');
+  await writeFile(timeline, `${JSON.stringify(doc)}\n`);
+  await writeFile(report, renderReport(doc));
+  return { timeline, report };
+}
 
 export async function runDemo(o: DemoOptions): Promise<number> {
   // The bar lives on stderr (redrawn in place on a terminal); lines on stdout are printed above it.
@@ -216,6 +238,9 @@ export async function runDemo(o: DemoOptions): Promise<number> {
     if (o.multifdChannels > 0) say(`  multifd           ${gib(r['multifd-bytes'])} of it on ${o.multifdChannels} channel(s), read straight into guest RAM`);
     say(`  throughput        ${seconds > 0 ? formatGiBps(r.transferred / seconds) : '-'} average`);
     say(`  passes            ${r['dirty-sync-count']} dirty-bitmap syncs`);
+    const saved = await saveTimeline(sq);
+    say(`  timeline          ${saved.timeline}`);
+    say(`  report            ${saved.report} (livemig report draws any timeline)`);
 
     // Verification 1: the paused destination holds exactly the stopped source's memory.
     const [srcStatus, dstStatus] = (await Promise.all([sq.execute('query-status'), dq.execute('query-status')])) as { status: string }[];

@@ -4,6 +4,8 @@
 import { parseArgs } from 'node:util';
 import { analyzeInput, extractBlocks, humanReport, jsonReport } from './analyze.ts';
 import { runDemo } from './demo.ts';
+import { runInfo } from './info.ts';
+import { runReport } from './report.ts';
 
 const USAGE = `usage: livemig <command> [options]
 
@@ -36,6 +38,25 @@ commands:
       --multifd N moves the pages on N multifd channels instead of the one
       stream (faster: the destination's kernel reads them into guest RAM).
       exit status 0 when verified, 1 otherwise.
+
+  info --qmp ADDR [--completed] [--json]
+      A migration's job info, as "virsh domjobinfo" shows it: connects to a
+      livemig process's (or QEMU's) QMP socket (unix:PATH or tcp:HOST:PORT),
+      runs query-migrate and prints job type, time elapsed, data processed,
+      remaining and total, bandwidth, dirty rate, iteration, downtime,
+      expected downtime, setup time, postcopy requests and progress.
+        --completed  the last migration that ended (completed, failed or
+                     cancelled), with its final figures
+        --json       one JSON document: {"job-type", "query-migrate"}
+      exit status: 0 shown, 1 usage error or QMP unreachable (one line)
+
+  report TIMELINE [-o OUT.html]
+      Render a migration timeline (livemig-source --timeline FILE, QMP
+      x-query-migration-timeline, or the one livemig demo writes) as one
+      self-contained HTML page: bandwidth, dirty rate and remaining bytes over
+      time, passes, the downtime window, status changes, and a summary table.
+      Without -o the page goes next to TIMELINE as TIMELINE.html.
+      exit status: 0 written, 1 usage or I/O error, 2 not a timeline
 
   help    this text
 `;
@@ -150,9 +171,70 @@ async function demoCommand(argv: string[]): Promise<number> {
   }
 }
 
+async function infoCommand(argv: string[]): Promise<number> {
+  let values;
+  try {
+    values = parseArgs({
+      args: argv,
+      options: { qmp: { type: 'string' }, completed: { type: 'boolean' }, json: { type: 'boolean' }, help: { type: 'boolean', short: 'h' } },
+    }).values;
+  } catch (err) {
+    return fail(`info: ${(err as Error).message} (see livemig help)`, false, 'LM_ERR_USAGE', 1);
+  }
+  if (values.help === true) {
+    process.stdout.write(USAGE);
+    return 0;
+  }
+  const json = values.json === true;
+  if (values.qmp === undefined) return fail('info: --qmp ADDR is required (unix:PATH or tcp:HOST:PORT; see livemig help)', json, 'LM_ERR_USAGE', 1);
+  try {
+    process.stdout.write(await runInfo({ qmp: values.qmp, completed: values.completed === true, json }));
+    return 0;
+  } catch (err) {
+    const code = (err as { code?: unknown }).code;
+    if (code !== 'LM_ERR_INFO') throw err;
+    return fail((err as Error).message, json, code, 1, undefined, 'info: ');
+  }
+}
+
+async function reportCommand(argv: string[]): Promise<number> {
+  let values;
+  let positionals: string[];
+  try {
+    ({ values, positionals } = parseArgs({
+      args: argv,
+      allowPositionals: true,
+      options: { output: { type: 'string', short: 'o' }, help: { type: 'boolean', short: 'h' } },
+    }));
+  } catch (err) {
+    return fail(`report: ${(err as Error).message} (see livemig help)`, false, 'LM_ERR_USAGE', 1);
+  }
+  if (values.help === true) {
+    process.stdout.write(USAGE);
+    return 0;
+  }
+  if (positionals.length !== 1) return fail(`report: expected one timeline file, got ${positionals.length} (see livemig help)`, false, 'LM_ERR_USAGE', 1);
+  const input = positionals[0]!;
+  const output = values.output ?? `${input.replace(/\.json$/, '')}.html`;
+  try {
+    await runReport(input, output);
+    process.stdout.write(`${output}\n`);
+    return 0;
+  } catch (err) {
+    const e = err as { code?: unknown; message: string; errno?: number };
+    if (e.code === 'LM_ERR_BAD_TIMELINE') return fail(e.message, false, e.code, 2, undefined, `report: ${input}: `);
+    if (e.errno !== undefined) return fail(e.message, false, String(e.code), 1, undefined, 'report: ');
+    throw err;
+  }
+}
+
 export async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
   switch (command) {
+    case 'info':
+      return infoCommand(rest);
+    case 'report':
+      return reportCommand(rest);
     case 'analyze':
       return analyzeCommand(rest);
     case 'demo':

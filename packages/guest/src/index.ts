@@ -17,3 +17,4 @@ export * from './guest.ts';
 export * from './iterative.ts';
 export * from './vfio-v1-region.ts';
 export * from './vfio-device.ts';
+export * from './dirty-rate.ts';

@@ -13,7 +13,13 @@ import {
   MIG_MODES,
   type MigrationParameters,
 } from '@livemig/protocol';
-import type { Guest } from '@livemig/guest';
+import {
+  DIRTY_RATE_DEFAULT_SAMPLE_PAGES,
+  DIRTY_RATE_MAX_SAMPLE_PAGES,
+  DIRTY_RATE_MIN_SAMPLE_PAGES,
+  DirtyRateSample,
+  type Guest,
+} from '@livemig/guest';
 import { capabilitiesOn, parameterList, UsageError } from './flags.ts';
 import { QmpError, qmpEnum, type QmpMembers, type QmpType, RuntimeErrorCode, type QmpServer } from '@livemig/runtime';
 
@@ -48,6 +54,28 @@ const SHUTDOWN_CAUSES = [
   'guest-panic',
   'subsystem-reset',
 ] as const;
+
+/** QAPI DirtyRateMeasureMode and DirtyRateStatus (QEMU 7.2). */
+const DIRTY_RATE_MODES = ['page-sampling', 'dirty-ring', 'dirty-bitmap'] as const;
+const DIRTY_RATE_STATUSES = ['unstarted', 'measuring', 'measured'] as const;
+/** calc-time's range in seconds (QEMU 7.2). */
+const DIRTY_RATE_MIN_SECONDS = 1;
+const DIRTY_RATE_MAX_SECONDS = 60;
+
+/** What query-dirty-rate reports: the last measurement, or the one under way (QEMU 7.2's DirtyRateInfo). */
+interface DirtyRateState {
+  status: (typeof DIRTY_RATE_STATUSES)[number];
+  samplePages: number;
+  /** MiB/s; only once measured. */
+  dirtyRate: number | undefined;
+  /** Seconds on the monotonic clock (QEMU's QEMU_CLOCK_REALTIME / 1000). */
+  startTime: number;
+  calcTime: number;
+}
+
+function monotonicSeconds(): number {
+  return Number(process.hrtime.bigint() / 1_000_000_000n);
+}
 
 /** migrate-set-parameters' arguments: every parameter, optional, typed from its default. */
 function parameterMembers(): QmpMembers {
@@ -134,6 +162,8 @@ export function registerMachineCommands(server: QmpServer, guest: Guest, setting
 
   server.register('x-query-guest-digest', () => guest.digest(), { args: {}, returns: 'any' });
 
+  registerDirtyRateCommands(server, guest);
+
   const capabilityStatus = { capability: qmpEnum(CAPABILITIES), state: 'bool' } as const;
   server.register('query-migrate-capabilities', () =>
     CAPABILITIES.map((capability) => ({ capability, state: settings.capabilities[capability] })),
@@ -153,6 +183,66 @@ export function registerMachineCommands(server: QmpServer, guest: Guest, setting
     hooks.parametersChanged?.(settings.parameters);
     return {};
   }, { args: parameters, returns: {} });
+}
+
+/**
+ * calc-dirty-rate / query-dirty-rate as QEMU 7.2 has them, mode page-sampling (guest's
+ * dirty-rate.ts): it hashes sampled pages and never reads or clears the dirty log, so it runs
+ * beside a migration without taking a dirty bit from it. dirty-ring and dirty-bitmap are refused.
+ */
+function registerDirtyRateCommands(server: QmpServer, guest: Guest): void {
+  const state: DirtyRateState = { status: 'unstarted', samplePages: 0, dirtyRate: undefined, startTime: 0, calcTime: 0 };
+  server.register(
+    'calc-dirty-rate',
+    (args) => {
+      if (state.status === 'measuring') throw new QmpCommandError('the dirty rate is already being measured.');
+      const calcTime = args['calc-time'] as number;
+      if (calcTime < DIRTY_RATE_MIN_SECONDS || calcTime > DIRTY_RATE_MAX_SECONDS) {
+        throw new QmpCommandError(`calc-time is out of range[${DIRTY_RATE_MIN_SECONDS}, ${DIRTY_RATE_MAX_SECONDS}].`);
+      }
+      const mode = (args['mode'] as string | undefined) ?? 'page-sampling';
+      if (!(DIRTY_RATE_MODES as readonly string[]).includes(mode)) throw new QmpCommandError(`Parameter 'mode' does not accept value '${String(mode)}'`);
+      if (mode === 'dirty-ring') throw new QmpCommandError('mode dirty-ring is not enabled, use other method instead.');
+      if (mode === 'dirty-bitmap') {
+        throw new QmpCommandError('mode dirty-bitmap is not supported by livemig (it would clear dirty-log bits a migration needs): use page-sampling');
+      }
+      const samplePages = (args['sample-pages'] as number | undefined) ?? DIRTY_RATE_DEFAULT_SAMPLE_PAGES;
+      if (samplePages < DIRTY_RATE_MIN_SAMPLE_PAGES || samplePages > DIRTY_RATE_MAX_SAMPLE_PAGES) {
+        throw new QmpCommandError(`sample-pages is out of range[${DIRTY_RATE_MIN_SAMPLE_PAGES}, ${DIRTY_RATE_MAX_SAMPLE_PAGES}].`);
+      }
+      const sample = DirtyRateSample.start(guest.ram, samplePages);
+      Object.assign(state, { status: 'measuring', samplePages, dirtyRate: undefined, startTime: monotonicSeconds(), calcTime });
+      // The result stays until the next calc-dirty-rate; the timer must not keep the process alive.
+      setTimeout(() => {
+        state.dirtyRate = sample.finish();
+        state.status = 'measured';
+      }, calcTime * 1000).unref();
+      return {};
+    },
+    { args: { 'calc-time': 'int', '*sample-pages': 'int', '*mode': qmpEnum(DIRTY_RATE_MODES) }, returns: {} },
+  );
+  server.register(
+    'query-dirty-rate',
+    () => ({
+      status: state.status,
+      'sample-pages': state.samplePages,
+      ...(state.dirtyRate === undefined ? {} : { 'dirty-rate': state.dirtyRate }),
+      mode: 'page-sampling',
+      'start-time': state.startTime,
+      'calc-time': state.calcTime,
+    }),
+    {
+      args: {},
+      returns: {
+        status: qmpEnum(DIRTY_RATE_STATUSES),
+        'sample-pages': 'int',
+        '*dirty-rate': 'int',
+        mode: qmpEnum(DIRTY_RATE_MODES),
+        'start-time': 'int',
+        'calc-time': 'int',
+      },
+    },
+  );
 }
 
 /** SHUTDOWN as QEMU 7.2 sends it when the host ends it (quit: host-qmp-quit; SIGINT/SIGTERM: host-signal). */

@@ -4,3 +4,4 @@ export * from './xbzrle-cache.ts';
 export * from './ram-saver.ts';
 export * from './stream-out.ts';
 export * from './migration.ts';
+export * from './timeline-recorder.ts';

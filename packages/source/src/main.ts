@@ -1,6 +1,9 @@
 #!/usr/bin/env node
 // livemig-source: run a guest and migrate it out when told to (QMP `migrate`, or --migrate).
 
+import { accessSync, constants as fsConstants } from 'node:fs';
+import { rename, unlink, writeFile } from 'node:fs/promises';
+import { dirname, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { Guest } from '@livemig/guest';
 import {
@@ -40,6 +43,7 @@ import {
 import { native } from '@livemig/native';
 import { loadCprState, SharedRam } from './cpr-exec.ts';
 import { OutgoingMigration } from './migration.ts';
+import { TimelineRecorder } from './timeline-recorder.ts';
 
 const HELP = `usage: livemig-source [guest flags] [--qmp ADDR] [--migrate URI] [options]
 
@@ -57,6 +61,8 @@ migration:
   -S, --paused             do not start the guest (QEMU's -S); QMP cont starts it
   --uuid UUID              the guest's UUID (QEMU's -uuid): with capability validate-uuid the stream
                            carries it (configuration/uuid) and a destination with another refuses it
+  --timeline FILE          write each migration's timeline (samples every 100 ms and events, one
+                           JSON document; \`livemig report FILE\` draws it) to FILE when it ends
   --realtime-postcopy      with postcopy-preempt, run the page server thread (which answers page
                            requests) under SCHED_FIFO, priority 2. Needs CAP_SYS_NICE (e.g. root);
                            without it a warning is logged and nothing changes
@@ -78,8 +84,9 @@ cannot be used (checked before the guest is prepared), 70 an internal error, 130
 QMP commands: migrate (resume=true after a postcopy pause), migrate_cancel, migrate-start-postcopy,
 migrate-pause, query-migrate, migrate-set-capabilities,
 query-migrate-capabilities, migrate-set-parameters, query-migrate-parameters, stop, cont,
-query-status, x-query-guest-digest, quit; introspection as QEMU's: query-commands, query-events,
-query-name, query-version, query-qmp-schema. Events: MIGRATION, MIGRATION_PASS (with capability
+query-status, x-query-guest-digest, x-query-migration-timeline (the current or last migration's
+timeline), calc-dirty-rate, query-dirty-rate, quit; introspection as QEMU's: query-commands,
+query-events, query-name, query-version, query-qmp-schema. Events: MIGRATION, MIGRATION_PASS (with capability
 "events"), STOP, RESUME, SHUTDOWN (on quit, SIGINT, SIGTERM).
 `;
 
@@ -93,6 +100,7 @@ const EXTRA = {
   uuid: { type: 'string' },
   'shared-ram': { type: 'boolean' },
   'incoming-cpr': { type: 'string' },
+  timeline: { type: 'string' },
 } as const;
 
 /** Where a migration can go (`defer` is the destination's). */
@@ -180,6 +188,12 @@ class SourceProcess {
   /** Guest RAM in memfds (--shared-ram, or a cpr-exec's new image): what cpr-exec needs. */
   sharedRam: SharedRam | undefined;
   qmp: QmpServer | undefined;
+  /** --timeline: where each migration's timeline is written when it ends. */
+  timelinePath: string | undefined;
+  /** The current (or last) migration's timeline. */
+  timeline: TimelineRecorder | undefined;
+  /** Settles once the last migration's timeline is written (or there is none to write). */
+  timelineWritten: Promise<void> = Promise.resolve();
   private readonly progress = new TtyProgress();
   private progressTimer: NodeJS.Timeout | undefined;
   /** The current migration's progress (query-migrate's x-progress and the terminal bar). */
@@ -224,6 +238,7 @@ class SourceProcess {
     };
     emitStatus('setup');
     this.migration = undefined;
+    this.timeline = undefined;
     this.postcopyWanted = false;
     const attempt: ConnectAttempt = {
       status: 'setup',
@@ -295,18 +310,22 @@ class SourceProcess {
           log,
           events: {
             status: (s) => {
+              this.timeline?.statusChanged(s);
               if (s !== 'setup') emitStatus(s);
             },
             pass: (pass) => {
+              this.timeline?.passStarted(pass);
               if (settings.capabilities.events) this.event('MIGRATION_PASS', { pass });
             },
             stop: () => this.event('STOP'),
             resume: () => this.event('RESUME'),
+            throttled: (percent) => this.timeline?.throttled(percent),
           },
         });
         this.migration = m;
         this.progressModel = new ProgressModel();
         const on = Object.entries(settings.capabilities).filter(([, v]) => v).map(([k]) => k);
+        this.recordTimeline(m, uri, on);
         log.info({ uri, capabilities: on, maxBandwidth: settings.parameters['max-bandwidth'] }, 'migration started');
         this.showProgress(m);
         return m;
@@ -323,6 +342,28 @@ class SourceProcess {
         log[failureLevel]({ code: (err as { code?: unknown }).code }, attempt.errorDesc);
         return undefined;
       },
+    );
+  }
+
+  /** Record the migration's timeline; with --timeline, write it when the migration ends. */
+  private recordTimeline(m: OutgoingMigration, uri: string, capabilities: string[]): void {
+    const timeline = new TimelineRecorder(m, { uri, capabilities, parameters: { ...m.o.parameters } });
+    this.timeline = timeline;
+    const path = this.timelinePath;
+    if (path === undefined) return;
+    // Written beside it and renamed into place: whoever watches for FILE never reads half of it.
+    const partial = `${path}.${process.pid}.partial`;
+    this.timelineWritten = timeline.finished.then(
+      (doc) =>
+        writeFile(partial, `${JSON.stringify(doc)}\n`)
+          .then(() => rename(partial, path))
+          .then(
+            () => this.log.info({ path, samples: doc.samples.length, events: doc.events.length }, 'timeline written'),
+            (err: Error) => {
+              this.log.warn({ path }, `timeline not written: ${err.message}`);
+              return unlink(partial).catch(() => {});
+            },
+          ),
     );
   }
 
@@ -469,6 +510,16 @@ class SourceProcess {
       return {};
     }, { args: {}, returns: {} });
     qmp.register('query-migrate', () => this.queryMigrate(), { args: {}, returns: 'any' });
+    // livemig's own, named as QEMU names its unstable queries: the current or last migration's timeline.
+    qmp.register('x-query-migration-timeline', () => {
+      if (this.timeline === undefined) {
+        const c = this.connecting;
+        if (c === undefined) throw new QmpCommandError('No migration has been started: there is no timeline');
+        // Its timeline starts with the migration, once the channels are connected.
+        throw new QmpCommandError(c.status === 'failed' ? 'The migration failed before it was connected: there is no timeline' : 'The migration is still connecting: its timeline starts once it is connected');
+      }
+      return this.timeline.document();
+    }, { args: {}, returns: 'any' });
     qmp.register(
       'migrate-pause',
       () => {
@@ -505,6 +556,17 @@ class SourceProcess {
   }
 }
 
+/** --timeline FILE: an absolute path whose directory exists and may be written (checked at start, not when the migration ends). */
+function timelineFile(file: string): string {
+  const path = resolve(file);
+  try {
+    accessSync(dirname(path), fsConstants.W_OK);
+  } catch (err) {
+    throw new UsageError(`--timeline ${file}: cannot write in ${dirname(path)} (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`, { cause: err });
+  }
+  return path;
+}
+
 async function main(argv: string[]): Promise<void> {
   const program = 'livemig-source';
   const values = orExitWithUsage(program, () => parseArgs({ args: argv, options: { ...GUEST_OPTIONS, ...EXTRA }, strict: true }).values);
@@ -528,7 +590,8 @@ async function main(argv: string[]): Promise<void> {
       }
     }
     const uuid = values.uuid === undefined ? undefined : normalizeUuid(values.uuid);
-    return { f, uuid };
+    const timeline = values.timeline === undefined ? undefined : timelineFile(values.timeline);
+    return { f, uuid, timeline };
   });
   const flags = parsed.f;
   if (flags.qmp !== undefined) {
@@ -578,6 +641,7 @@ async function main(argv: string[]): Promise<void> {
   proc.settings.capabilities = settings.capabilities;
   proc.settings.parameters = settings.parameters;
   if (parsed.uuid !== undefined) proc.uuid = parsed.uuid;
+  proc.timelinePath = parsed.timeline;
   // As QEMU: a signal is a SHUTDOWN (reason host-signal) for the QMP clients, then the exit.
   const onSignal = (status: number): void => {
     if (proc.qmp !== undefined) shutdownEvent(proc.qmp, 'host-signal');
@@ -602,6 +666,7 @@ async function main(argv: string[]): Promise<void> {
       return;
     }
     await m.done;
+    await proc.timelineWritten;
     if (values['exit-after-migrate'] === true) await proc.shutdown(m.status === 'completed' ? 0 : EXIT_MIGRATION_FAILED);
   }
 }

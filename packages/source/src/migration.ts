@@ -59,6 +59,8 @@ export interface MigrationEvents {
   pass(pass: number): void;
   stop(): void;
   resume(): void;
+  /** auto-converge set the vCPU throttle to `percent` (a convergence decision). */
+  throttled?(percent: number): void;
 }
 
 export interface MigrationLog {
@@ -471,7 +473,8 @@ export class OutgoingMigration {
 
   ramInfo(): MigrationInfoRam {
     const s = this.ram.stats;
-    const elapsed = Math.max(1, this.now() - this.startTime) / 1000;
+    // Once ended, the figures stay as they were at the end (query-migrate after completion).
+    const elapsed = Math.max(1, isSourceFinal(this.state) && this.totalTime > 0 ? this.totalTime : this.now() - this.startTime) / 1000;
     const served = this.postcopy.figures();
     return {
       transferred: this.out.written + served.preemptBytes + (this.multifd?.written ?? 0) + this.ram.mappedBytes,

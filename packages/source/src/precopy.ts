@@ -195,6 +195,7 @@ export class Precopy {
     );
     if (next !== undefined) {
       m.guest.vcpus.setThrottle(next);
+      m.o.events.throttled?.(next);
       m.o.log.info({ percent: next }, 'auto-converge: vCPU throttle raised');
     }
     return pending;
