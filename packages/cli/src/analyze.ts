@@ -2,11 +2,15 @@
 // protocol core and print what is in it.
 //
 // A file is read twice: first its tail, for the VMDESCRIPTION that sizes every device section
-// exactly; then from the start. Standard input is read once and device sections are found by
-// their footers (and cross-checked against the VMDESCRIPTION when it arrives at the end).
+// exactly; then from the start, in fixed-size reads into one reused buffer. RAM is not rebuilt:
+// each block's sha256 is fed as its pages pass, and pages that come out of order (re-sent, or
+// deltas) are read back from the file at the end (ram-digest.ts), so memory stays bounded
+// whatever the guest's size. Standard input and gzip cannot be read back: their RAM is rebuilt
+// in memory, and device sections are found by their footers (cross-checked against the
+// VMDESCRIPTION when it arrives at the end).
 
-import { createReadStream } from 'node:fs';
-import { mkdir, open, stat, writeFile } from 'node:fs/promises';
+import { closeSync, createReadStream, fstatSync, openSync, readSync, writeSync } from 'node:fs';
+import { mkdir, open, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Readable } from 'node:stream';
 import { createGunzip } from 'node:zlib';
@@ -21,6 +25,10 @@ import {
 
 /** VMDESCRIPTION of at most this many bytes is looked for at the end of a file. */
 const TAIL_BYTES = 16 * 1024 * 1024 + 16;
+/** First look at this much of the end: QEMU's descriptions are tens of KiB. */
+const SHORT_TAIL_BYTES = 256 * 1024;
+/** One read of a stream file; the same buffer is reused for every read. */
+const FILE_READ_BYTES = 1 * 1024 * 1024;
 const READ_CHUNK = 1024 * 1024;
 const GZIP_MAGIC = [0x1f, 0x8b] as const;
 
@@ -36,6 +44,8 @@ export interface AnalyzeResult {
   report: AnalysisReport;
   analyzer: StreamAnalyzer;
   gzip: boolean;
+  /** Release the file kept open to read page data back (walkBlock needs it until then). */
+  close(): void;
 }
 
 async function isGzipFile(path: string): Promise<boolean> {
@@ -49,20 +59,20 @@ async function isGzipFile(path: string): Promise<boolean> {
   }
 }
 
-/** The decompressed stream's last `TAIL_BYTES` and its total length. */
-async function readTail(path: string, gzip: boolean): Promise<{ tail: Buffer; tailOffset: number }> {
-  if (!gzip) {
-    const size = (await stat(path)).size;
-    const n = Math.min(size, TAIL_BYTES);
-    const fh = await open(path, 'r');
-    try {
-      const tail = Buffer.alloc(n);
-      await fh.read(tail, 0, n, size - n);
-      return { tail, tailOffset: size - n };
-    } finally {
-      await fh.close();
-    }
+/** The VMDESCRIPTION at the end of a plain file: the last 256 KiB looked at first, then up to 16 MiB. */
+function fileVmdescription(fd: number, size: number): { offset: number; json: string } | undefined {
+  for (const want of [SHORT_TAIL_BYTES, TAIL_BYTES]) {
+    const n = Math.min(size, want);
+    const tail = Buffer.allocUnsafe(n);
+    readFully(fd, tail, 0, n, size - n);
+    const found = findVmdescription(tail, size - n);
+    if (found !== undefined || n === size) return found;
   }
+  return undefined;
+}
+
+/** The decompressed stream's last `TAIL_BYTES` and its total length. */
+async function readGzipTail(path: string): Promise<{ tail: Buffer; tailOffset: number }> {
   // gzip cannot seek: decompress once, keeping only a rolling window of the last bytes.
   const parts: Buffer[] = [];
   let kept = 0;
@@ -76,6 +86,16 @@ async function readTail(path: string, gzip: boolean): Promise<{ tail: Buffer; ta
   let tail = Buffer.concat(parts);
   if (tail.length > TAIL_BYTES) tail = tail.subarray(tail.length - TAIL_BYTES);
   return { tail, tailOffset: total - tail.length };
+}
+
+function readFully(fd: number, dst: Uint8Array, dstOffset: number, length: number, position: number): void {
+  while (length > 0) {
+    const n = readSync(fd, dst, dstOffset, length, position);
+    if (n === 0) throw new Error(`file ended at byte ${position} while reading it back (did it change during the analysis?)`);
+    dstOffset += n;
+    length -= n;
+    position += n;
+  }
 }
 
 /** Wrap a byte source so that gzip input is decompressed (detected by its magic). */
@@ -105,22 +125,77 @@ async function* maybeGunzip(source: AsyncIterable<Buffer>, onGzip: () => void): 
   yield* rest;
 }
 
+function layoutsOf(found: { offset: number; json: string } | undefined): VmdescLayouts | undefined {
+  if (found === undefined) return undefined;
+  try {
+    return new VmdescLayouts(parseVmdescription(found.json, found.offset));
+  } catch {
+    // A bad description is reported when the decoder reaches it; until then walk by footers.
+    return undefined;
+  }
+}
+
+function progressReporter(options: AnalyzeOptions): (done: number, total: number | undefined) => void {
+  let lastReport = 0;
+  return (done, total) => {
+    if (options.onProgress === undefined) return;
+    const now = Date.now();
+    if (now - lastReport > 200) {
+      lastReport = now;
+      options.onProgress(done, total);
+    }
+  };
+}
+
+/** A plain file: read in place, RAM hashed without being rebuilt. */
+function analyzeFile(path: string, options: AnalyzeOptions): AnalyzeResult {
+  const fd = openSync(path, 'r');
+  try {
+    const size = fstatSync(fd).size;
+    const layouts = layoutsOf(fileVmdescription(fd, size));
+    const analyzer = new StreamAnalyzer({
+      ...(layouts === undefined ? {} : { deviceLayout: (s, kind) => layouts.take(s.idstr, s.instanceId, kind) }),
+      readStreamBytes: (streamOffset, dst, dstOffset, length) => readFully(fd, dst, dstOffset, length, streamOffset),
+    });
+    const progress = progressReporter(options);
+    const buf = Buffer.allocUnsafeSlow(FILE_READ_BYTES);
+    let position = 0;
+    for (;;) {
+      const n = readSync(fd, buf, 0, FILE_READ_BYTES, position);
+      if (n === 0) break;
+      position += n;
+      analyzer.push(n === FILE_READ_BYTES ? buf : buf.subarray(0, n));
+      // What is left undecoded (a record cut by the read) is copied out: the buffer is read into again.
+      analyzer.retainUnread();
+      progress(position, size);
+    }
+    const report = analyzer.end();
+    let open = true;
+    return {
+      report,
+      analyzer,
+      gzip: false,
+      close: () => {
+        if (open) closeSync(fd);
+        open = false;
+      },
+    };
+  } catch (err) {
+    closeSync(fd);
+    throw err;
+  }
+}
+
 export async function analyzeInput(options: AnalyzeOptions): Promise<AnalyzeResult> {
   const fromStdin = options.input === '-';
+  if (!fromStdin && !(await isGzipFile(options.input))) {
+    const st = await stat(options.input);
+    if (st.isFile()) return analyzeFile(options.input, options);
+  }
   let layouts: VmdescLayouts | undefined;
-  let total: number | undefined;
   if (!fromStdin) {
-    const gz = await isGzipFile(options.input);
-    const { tail, tailOffset } = await readTail(options.input, gz);
-    const found = findVmdescription(tail, tailOffset);
-    if (found !== undefined) {
-      try {
-        layouts = new VmdescLayouts(parseVmdescription(found.json, found.offset));
-      } catch {
-        // A bad description is reported when the decoder reaches it; until then walk by footers.
-      }
-    }
-    if (!gz) total = (await stat(options.input)).size;
+    const { tail, tailOffset } = await readGzipTail(options.input);
+    layouts = layoutsOf(findVmdescription(tail, tailOffset));
   }
   const analyzer = new StreamAnalyzer(
     layouts === undefined ? {} : { deviceLayout: (s, kind) => layouts!.take(s.idstr, s.instanceId, kind) },
@@ -130,19 +205,13 @@ export async function analyzeInput(options: AnalyzeOptions): Promise<AnalyzeResu
     : (createReadStream(options.input, { highWaterMark: READ_CHUNK }) as AsyncIterable<Buffer>);
   let gzip = false;
   let done = 0;
-  let lastReport = 0;
+  const progress = progressReporter(options);
   for await (const chunk of maybeGunzip(source, () => (gzip = true))) {
     analyzer.push(chunk);
     done += chunk.length;
-    if (options.onProgress !== undefined) {
-      const now = Date.now();
-      if (now - lastReport > 200) {
-        lastReport = now;
-        options.onProgress(done, gzip ? undefined : total);
-      }
-    }
+    progress(done, undefined);
   }
-  return { report: analyzer.end(), analyzer, gzip };
+  return { report: analyzer.end(), analyzer, gzip, close: () => {} };
 }
 
 /** File name for a block: its idstr with anything but [A-Za-z0-9._@-] percent-encoded ("/rom@etc/acpi/tables" → "%2From@etc%2Facpi%2Ftables"). */
@@ -154,13 +223,20 @@ export async function extractBlocks(result: AnalyzeResult, dir: string): Promise
   await mkdir(dir, { recursive: true });
   const written: string[] = [];
   for (const [i, b] of result.report.ramBlocks.entries()) {
-    const mem = result.analyzer.blockMemory(i);
-    if (mem === undefined) continue;
     const path = join(dir, blockFileName(b.idstr));
-    await writeFile(path, mem);
+    const fd = openSync(path, 'w');
+    try {
+      if (!result.analyzer.walkBlock(i, (bytes) => writeAll(fd, bytes))) continue;
+    } finally {
+      closeSync(fd);
+    }
     written.push(path);
   }
   return written;
+}
+
+function writeAll(fd: number, bytes: Uint8Array): void {
+  for (let off = 0; off < bytes.length; ) off += writeSync(fd, bytes, off, bytes.length - off);
 }
 
 /** The --json document: the report with the VMDESCRIPTION's full JSON left out of the summary. */

@@ -3,7 +3,6 @@
 
 import { parseArgs } from 'node:util';
 import { analyzeInput, extractBlocks, humanReport, jsonReport } from './analyze.ts';
-import { runDemo } from './demo.ts';
 
 const USAGE = `usage: livemig <command> [options]
 
@@ -79,9 +78,13 @@ async function analyzeCommand(argv: string[]): Promise<number> {
         : {}),
     });
     if (showProgress) process.stderr.write('\r\x1b[K');
-    if (values.extract !== undefined) {
-      const files = await extractBlocks(result, values.extract);
-      if (!json) process.stderr.write(`extracted ${files.length} block(s) to ${values.extract}\n`);
+    try {
+      if (values.extract !== undefined) {
+        const files = await extractBlocks(result, values.extract);
+        if (!json) process.stderr.write(`extracted ${files.length} block(s) to ${values.extract}\n`);
+      }
+    } finally {
+      result.close();
     }
     process.stdout.write(json ? JSON.stringify(jsonReport(result.report)) + '\n' : humanReport(result.report, input));
     return 0;
@@ -134,6 +137,8 @@ async function demoCommand(argv: string[]): Promise<number> {
     n[flag] = v;
   }
   try {
+    // Loaded here: the demo pulls in both processes' code, which `analyze` has no use for (its memory stays small).
+    const { runDemo } = await import('./demo.ts');
     return await runDemo({
       memory: values.memory ?? '1G',
       workload: values.workload ?? 'incrementer',

@@ -1,6 +1,7 @@
 // StreamAnalyzer: decodes a whole stream into a report of every record (what `livemig analyze`
 // prints): sections with offsets and footers, commands with PACKAGED contents, RAM blocks
-// rebuilt in memory with their sha256 and page-record counts, and the VMDESCRIPTION.
+// with their sha256 and page-record counts, and the VMDESCRIPTION. RAM is rebuilt in memory, or,
+// given a way to read the stream back (a file), only its digests are kept (ram-digest.ts).
 
 import { createHash } from 'node:crypto';
 import { constants as bufferConstants } from 'node:buffer';
@@ -8,6 +9,7 @@ import type { CommandInfo } from './command.ts';
 import { ErrorCode, ProtocolError } from './errors.ts';
 import type { RamBlockInfo } from './ram.ts';
 import { NEED_MORE, type RamSectionStats } from './ram-record-decoder.ts';
+import { RamDigests, type ReadStreamBytes } from './ram-digest.ts';
 import { StreamDecoder } from './stream-decoder.ts';
 import type { DeviceLayout, StreamDecoderOptions } from './stream-events.ts';
 import { deviceDataLength, parseVmdescription } from './vmdesc.ts';
@@ -135,6 +137,11 @@ export interface AnalyzerOptions {
   deviceLayout?: DeviceLayout;
   /** Rebuild RAM to hash it (default true). Without it sha256 is of nothing and is left empty. */
   keepRam?: boolean;
+  /**
+   * Hash RAM without rebuilding it (keepRam is then ignored): page data is found again by reading
+   * the stream back through this (a stream file), so memory stays at a few bytes per page.
+   */
+  readStreamBytes?: ReadStreamBytes;
   /** Largest total RAM to rebuild, bytes (default 64 GiB). */
   maxRamBytes?: number;
   decoder?: Omit<StreamDecoderOptions, 'ram' | 'deviceLayout' | 'maxRamBytes'>;
@@ -143,6 +150,7 @@ export interface AnalyzerOptions {
 export class StreamAnalyzer {
   private readonly decoder: StreamDecoder;
   private memory: (Buffer | undefined)[] = [];
+  private readonly digests: RamDigests | undefined;
   private readonly report: AnalysisReport = {
     magic: 'QEVM',
     version: 0,
@@ -162,12 +170,16 @@ export class StreamAnalyzer {
   private pendingBlocks: { blocks: RamBlockInfo[]; offset: number } | undefined;
 
   constructor(options: AnalyzerOptions = {}) {
-    const keep = options.keepRam ?? true;
+    const digests = options.readStreamBytes === undefined ? undefined : new RamDigests(options.readStreamBytes);
+    this.digests = digests;
+    const keep = digests === undefined && (options.keepRam ?? true);
     const decoderOptions: StreamDecoderOptions = {
       ...options.decoder,
       maxRamBytes: options.maxRamBytes ?? 64 * 2 ** 30,
       ram: {
+        ...(digests === undefined ? {} : { pages: digests }),
         attachBlocks: (blocks, streamOffset) => {
+          digests?.attach(blocks);
           this.memory = blocks.map((b) => {
             if (!keep) return undefined;
             if (b.length > bufferConstants.MAX_LENGTH) {
@@ -204,7 +216,12 @@ export class StreamAnalyzer {
       const out: RamBlockReport = {
         idstr: s.idstr,
         length: s.length,
-        sha256: this.memory[i] === undefined ? '' : createHash('sha256').update(this.memory[i]!).digest('hex'),
+        sha256:
+          this.digests !== undefined
+            ? this.digests.sha256(i)
+            : this.memory[i] === undefined
+              ? ''
+              : createHash('sha256').update(this.memory[i]!).digest('hex'),
         zeroPages: s.zeroPages,
         normalPages: s.normalPages,
         xbzrlePages: s.xbzrlePages,
@@ -216,9 +233,29 @@ export class StreamAnalyzer {
     return rep;
   }
 
-  /** Rebuilt contents of a block (after end()). */
+  /** Rebuilt contents of a block (after end()); undefined when only digests were kept. */
   blockMemory(index: number): Buffer | undefined {
     return this.memory[index];
+  }
+
+  /**
+   * Hand a block's final contents to `emit` in order, in pieces lent for the call (after end()):
+   * from memory, or read back from the stream when only digests were kept. False: no contents.
+   */
+  walkBlock(index: number, emit: (bytes: Uint8Array) => void): boolean {
+    if (this.digests !== undefined) {
+      this.digests.walk(index, emit);
+      return true;
+    }
+    const mem = this.memory[index];
+    if (mem === undefined) return false;
+    emit(mem);
+    return true;
+  }
+
+  /** Copy the buffered, undecoded bytes out of the pushed chunks (so the caller may reuse its read buffer). */
+  retainUnread(): void {
+    this.decoder.retainUnread();
   }
 
   private add(rec: RecordReport): void {
