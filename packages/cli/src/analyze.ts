@@ -16,7 +16,14 @@ import type { Readable } from 'node:stream';
 import { createGunzip } from 'node:zlib';
 import {
   type AnalysisReport,
+  type AnalyzerOptions,
+  DeviceStateDump,
+  ErrorCode,
   findVmdescription,
+  ProtocolError,
+  type SectionReport,
+  type StateObject,
+  type Vmdescription,
   parseVmdescription,
   type RecordReport,
   StreamAnalyzer,
@@ -38,12 +45,16 @@ export interface AnalyzeOptions {
   stdin?: Readable;
   /** Called with bytes read so far and the total (when known), at most a few times a second. */
   onProgress?: (done: number, total: number | undefined) => void;
+  /** Decode device fields by the VMDESCRIPTION (`--dump state`); RAM is then counted, not hashed. */
+  dumpState?: boolean;
 }
 
 export interface AnalyzeResult {
   report: AnalysisReport;
   analyzer: StreamAnalyzer;
   gzip: boolean;
+  /** With dumpState: every described section's fields, as analyze-migration.py -d state shows them. */
+  state?: StateObject;
   /** Release the file kept open to read page data back (walkBlock needs it until then). */
   close(): void;
 }
@@ -125,13 +136,50 @@ async function* maybeGunzip(source: AsyncIterable<Buffer>, onGzip: () => void): 
   yield* rest;
 }
 
-function layoutsOf(found: { offset: number; json: string } | undefined): VmdescLayouts | undefined {
+function descriptionOf(found: { offset: number; json: string } | undefined): Vmdescription | undefined {
   if (found === undefined) return undefined;
   try {
-    return new VmdescLayouts(parseVmdescription(found.json, found.offset));
+    return parseVmdescription(found.json, found.offset);
   } catch {
     // A bad description is reported when the decoder reaches it; until then walk by footers.
     return undefined;
+  }
+}
+
+/**
+ * `--dump state`: sections go to a DeviceStateDump as they end when the description is known
+ * up front (a file); otherwise they wait for the VMDESCRIPTION at the end of the stream.
+ */
+class StateCollector {
+  private dump: DeviceStateDump | undefined;
+  private readonly waiting: { s: SectionReport; data: Buffer | undefined }[] = [];
+
+  constructor(desc: Vmdescription | undefined) {
+    if (desc !== undefined) this.dump = new DeviceStateDump(desc);
+  }
+
+  readonly onSection = (s: SectionReport, data: Buffer | undefined): void => {
+    if (s.ram === undefined && (data === undefined || (s.type !== 'start' && s.type !== 'full'))) return;
+    if (this.dump === undefined) this.waiting.push({ s, data });
+    else this.take(this.dump, s, data);
+  };
+
+  finish(report: AnalysisReport): StateObject {
+    if (this.dump === undefined) {
+      if (report.vmdescription === null) {
+        throw new ProtocolError(ErrorCode.BAD_VMDESCRIPTION, 'the stream has no VMDESCRIPTION (postcopy streams carry none), so device fields cannot be decoded', {
+          streamOffset: report.streamSize,
+        });
+      }
+      this.dump = new DeviceStateDump(report.vmdescription.json as Vmdescription);
+      for (const w of this.waiting) this.take(this.dump, w.s, w.data);
+    }
+    return this.dump.state;
+  }
+
+  private take(dump: DeviceStateDump, s: SectionReport, data: Buffer | undefined): void {
+    if (s.ram?.blocks !== undefined) dump.ramBlocks(s.sectionId, s.idstr, s.ram.blocks);
+    else if (data !== undefined) dump.deviceSection({ ...s, instanceId: s.instanceId! }, data);
   }
 }
 
@@ -152,11 +200,16 @@ function analyzeFile(path: string, options: AnalyzeOptions): AnalyzeResult {
   const fd = openSync(path, 'r');
   try {
     const size = fstatSync(fd).size;
-    const layouts = layoutsOf(fileVmdescription(fd, size));
+    const desc = descriptionOf(fileVmdescription(fd, size));
+    const layouts = desc === undefined ? undefined : new VmdescLayouts(desc);
+    const collector = options.dumpState === true ? new StateCollector(desc) : undefined;
     const analyzer = new StreamAnalyzer({
       ...(layouts === undefined ? {} : { deviceLayout: (s, kind) => layouts.take(s.idstr, s.instanceId, kind) }),
-      readStreamBytes: (streamOffset, dst, dstOffset, length) => readFully(fd, dst, dstOffset, length, streamOffset),
-    });
+      // The state dump shows no RAM contents: pages are only counted.
+      ...(collector === undefined
+        ? { readStreamBytes: (streamOffset, dst, dstOffset, length) => readFully(fd, dst, dstOffset, length, streamOffset) }
+        : { keepRam: false, onSection: collector.onSection }),
+    } satisfies AnalyzerOptions);
     const progress = progressReporter(options);
     const buf = Buffer.allocUnsafeSlow(FILE_READ_BYTES);
     let position = 0;
@@ -175,6 +228,7 @@ function analyzeFile(path: string, options: AnalyzeOptions): AnalyzeResult {
       report,
       analyzer,
       gzip: false,
+      ...(collector === undefined ? {} : { state: collector.finish(report) }),
       close: () => {
         if (open) closeSync(fd);
         open = false;
@@ -192,14 +246,17 @@ export async function analyzeInput(options: AnalyzeOptions): Promise<AnalyzeResu
     const st = await stat(options.input);
     if (st.isFile()) return analyzeFile(options.input, options);
   }
-  let layouts: VmdescLayouts | undefined;
+  let desc: Vmdescription | undefined;
   if (!fromStdin) {
     const { tail, tailOffset } = await readGzipTail(options.input);
-    layouts = layoutsOf(findVmdescription(tail, tailOffset));
+    desc = descriptionOf(findVmdescription(tail, tailOffset));
   }
-  const analyzer = new StreamAnalyzer(
-    layouts === undefined ? {} : { deviceLayout: (s, kind) => layouts!.take(s.idstr, s.instanceId, kind) },
-  );
+  const layouts = desc === undefined ? undefined : new VmdescLayouts(desc);
+  const collector = options.dumpState === true ? new StateCollector(desc) : undefined;
+  const analyzer = new StreamAnalyzer({
+    ...(layouts === undefined ? {} : { deviceLayout: (s, kind) => layouts.take(s.idstr, s.instanceId, kind) }),
+    ...(collector === undefined ? {} : { keepRam: false, onSection: collector.onSection }),
+  } satisfies AnalyzerOptions);
   const source: AsyncIterable<Buffer> = fromStdin
     ? ((options.stdin ?? process.stdin) as AsyncIterable<Buffer>)
     : (createReadStream(options.input, { highWaterMark: READ_CHUNK }) as AsyncIterable<Buffer>);
@@ -211,7 +268,8 @@ export async function analyzeInput(options: AnalyzeOptions): Promise<AnalyzeResu
     done += chunk.length;
     progress(done, undefined);
   }
-  return { report: analyzer.end(), analyzer, gzip, close: () => {} };
+  const report = analyzer.end();
+  return { report, analyzer, gzip, ...(collector === undefined ? {} : { state: collector.finish(report) }), close: () => {} };
 }
 
 /** File name for a block: its idstr with anything but [A-Za-z0-9._@-] percent-encoded ("/rom@etc/acpi/tables" → "%2From@etc%2Facpi%2Ftables"). */
@@ -237,6 +295,11 @@ export async function extractBlocks(result: AnalyzeResult, dir: string): Promise
 
 function writeAll(fd: number, bytes: Uint8Array): void {
   for (let off = 0; off < bytes.length; ) off += writeSync(fd, bytes, off, bytes.length - off);
+}
+
+/** `--dump state` output: the same JSON text layout as analyze-migration.py (4-space indent). */
+export function stateDumpText(state: StateObject): string {
+  return JSON.stringify(state, null, 4) + '\n';
 }
 
 /** The --json document: the report with the VMDESCRIPTION's full JSON left out of the summary. */

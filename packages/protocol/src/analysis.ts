@@ -144,6 +144,8 @@ export interface AnalyzerOptions {
   readStreamBytes?: ReadStreamBytes;
   /** Largest total RAM to rebuild, bytes (default 64 GiB). */
   maxRamBytes?: number;
+  /** Told of every section as it ends, with a device section's data (a copy, the caller's to keep). */
+  onSection?: (section: SectionReport, data: Buffer | undefined) => void;
   decoder?: Omit<StreamDecoderOptions, 'ram' | 'deviceLayout' | 'maxRamBytes'>;
 }
 
@@ -151,6 +153,7 @@ export class StreamAnalyzer {
   private readonly decoder: StreamDecoder;
   private memory: (Buffer | undefined)[] = [];
   private readonly digests: RamDigests | undefined;
+  private readonly onSection: AnalyzerOptions['onSection'];
   private readonly report: AnalysisReport = {
     magic: 'QEVM',
     version: 0,
@@ -172,6 +175,7 @@ export class StreamAnalyzer {
   constructor(options: AnalyzerOptions = {}) {
     const digests = options.readStreamBytes === undefined ? undefined : new RamDigests(options.readStreamBytes);
     this.digests = digests;
+    this.onSection = options.onSection;
     const keep = digests === undefined && (options.keepRam ?? true);
     const decoderOptions: StreamDecoderOptions = {
       ...options.decoder,
@@ -314,6 +318,7 @@ export class StreamAnalyzer {
           }
           rep.sections.push(s);
           this.add(s);
+          this.onSection?.(s, ev.data);
           break;
         }
         case 'command': {
