@@ -28,7 +28,7 @@ import {
   type RecordReport,
   StreamAnalyzer,
   VmdescLayouts,
-} from '@livemig/protocol';
+} from '@livemig/protocol/analysis';
 
 /** VMDESCRIPTION of at most this many bytes is looked for at the end of a file. */
 const TAIL_BYTES = 16 * 1024 * 1024 + 16;
