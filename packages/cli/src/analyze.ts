@@ -159,7 +159,8 @@ class StateCollector {
   }
 
   readonly onSection = (s: SectionReport, data: Buffer | undefined): void => {
-    if (s.ram === undefined && (data === undefined || (s.type !== 'start' && s.type !== 'full'))) return;
+    const wanted = s.ram !== undefined ? s.ram.blocks !== undefined : data !== undefined && (s.type === 'start' || s.type === 'full');
+    if (!wanted) return;
     if (this.dump === undefined) this.waiting.push({ s, data });
     else this.take(this.dump, s, data);
   };
