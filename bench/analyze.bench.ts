@@ -7,8 +7,9 @@
 // (so the script can read it too), or livemig's own `file:` migration when QEMU is missing.
 // LIVEMIG_BENCH_STREAM=FILE analyzes that file instead of making one.
 //
-// Each command runs as a child of a small python3 wrapper that reports the wall time and the
-// child's peak RSS (getrusage RUSAGE_CHILDREN: exact, no polling).
+// Each command runs as a child of a small python3 wrapper that reports the wall time, the child's
+// CPU time and its peak RSS (getrusage RUSAGE_CHILDREN: exact, no polling). On a shared, loaded
+// machine the CPU-time ratio is the steadier one: wall time includes waiting for a core.
 
 import { execFileSync, spawn } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
@@ -29,12 +30,13 @@ const CLI_MAIN = join(repoRoot, 'packages/cli/dist/main.js');
 const QEMU = process.env['LIVEMIG_QEMU'] ?? 'qemu-system-x86_64';
 const RUN_TIMEOUT_MS = 600_000;
 
-/** Runs argv[1:] once, prints "seconds maxrss_kib status" (RUSAGE_CHILDREN is the child's peak). */
+/** Runs argv[1:] once, prints "wall_s maxrss_kib status cpu_s" (RUSAGE_CHILDREN: that child alone). */
 const MEASURE_PY = `
 import resource, subprocess, sys, time
 t = time.monotonic()
 r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL)
-print(time.monotonic() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)
+u = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(time.monotonic() - t, u.ru_maxrss, r.returncode, u.ru_utime + u.ru_stime)
 `;
 
 /** Read a file in 1 MiB reads into one buffer and sha256 all of it: the default analysis's floor. */
@@ -49,20 +51,23 @@ console.log(hash.digest('hex'));
 
 interface Measured {
   seconds: Figure;
+  cpuSeconds: Figure;
   peakRssMiB: Figure;
 }
 
 function measure(label: string, argv: string[]): Measured {
   const seconds: number[] = [];
+  const cpu: number[] = [];
   const rss: number[] = [];
   for (let i = 0; i < reps; i++) {
     const out = execFileSync('python3', ['-c', MEASURE_PY, ...argv], { encoding: 'utf8', timeout: RUN_TIMEOUT_MS, stdio: ['ignore', 'pipe', 'inherit'] });
-    const [s, kib, status] = out.trim().split(/\s+/).map(Number);
+    const [s, kib, status, cpuS] = out.trim().split(/\s+/).map(Number);
     if (status !== 0) throw new Error(`${label} exited with status ${status}: ${argv.join(' ')}`);
     seconds.push(s!);
+    cpu.push(cpuS!);
     rss.push(kib! / 1024);
   }
-  return { seconds: summarize(seconds), peakRssMiB: summarize(rss) };
+  return { seconds: summarize(seconds), cpuSeconds: summarize(cpu), peakRssMiB: summarize(rss) };
 }
 
 /** analyze-migration.py: LIVEMIG_ANALYZE_MIGRATION_PY, else an `apt-get source qemu` tree up to two levels down in the temp directory. */
@@ -165,7 +170,7 @@ function livemigStream(file: string): void {
 
 function line(label: string, m: Measured, bytes: number, extra = ''): void {
   const gibps = summarize([bytes / GiB / m.seconds.max, bytes / GiB / m.seconds.median, bytes / GiB / m.seconds.min]);
-  console.log(`  ${label.padEnd(34)} ${fmt(gibps)} GiB/s  ${m.seconds.median.toFixed(2)} s  peak RSS ${m.peakRssMiB.median.toFixed(0)} MiB${extra}`);
+  console.log(`  ${label.padEnd(32)} ${fmt(gibps)} GiB/s  ${m.seconds.median.toFixed(2)} s (CPU ${m.cpuSeconds.median.toFixed(2)} s)  peak RSS ${m.peakRssMiB.median.toFixed(0)} MiB${extra}`);
 }
 
 export async function analyzeBench(): Promise<void> {
@@ -188,7 +193,7 @@ export async function analyzeBench(): Promise<void> {
     const ceiling = measure('ceiling', [process.execPath, '-e', CEILING_JS, file]);
     line('ceiling: read + sha256 in Node', ceiling, bytes);
     const ours = measure('livemig analyze', [process.execPath, CLI_MAIN, 'analyze', file]);
-    line('livemig analyze (block sha256)', ours, bytes, `  = ${((100 * ceiling.seconds.median) / ours.seconds.median).toFixed(0)} % of the ceiling`);
+    line('livemig analyze (block sha256)', ours, bytes, `  = ${((100 * ceiling.seconds.median) / ours.seconds.median).toFixed(0)} % of the ceiling (CPU ${((100 * ceiling.cpuSeconds.median) / ours.cpuSeconds.median).toFixed(0)} %)`);
     const state = measure('livemig analyze --dump state', [process.execPath, CLI_MAIN, 'analyze', file, '--dump', 'state']);
     line('livemig analyze --dump state', state, bytes);
     const py = findAnalyzeMigrationPy();
@@ -204,7 +209,8 @@ export async function analyzeBench(): Promise<void> {
       return;
     }
     line('analyze-migration.py -d state', theirs, bytes);
-    const x = (m: Measured): string => `${(theirs.seconds.median / m.seconds.median).toFixed(1)}× faster, ${(m.peakRssMiB.median / theirs.peakRssMiB.median).toFixed(1)}× its RSS`;
+    const x = (m: Measured): string =>
+      `${(theirs.seconds.median / m.seconds.median).toFixed(1)}× faster (CPU time ${(theirs.cpuSeconds.median / m.cpuSeconds.median).toFixed(1)}×), ${(m.peakRssMiB.median / theirs.peakRssMiB.median).toFixed(1)}× its RSS`;
     console.log(`  vs analyze-migration.py: analyze ${x(ours)}; --dump state (the same output) ${x(state)}`);
   } finally {
     await rm(dir, { recursive: true, force: true });
