@@ -102,7 +102,11 @@ async function readGzipTail(path: string): Promise<{ tail: Buffer; tailOffset: n
 function readFully(fd: number, dst: Uint8Array, dstOffset: number, length: number, position: number): void {
   while (length > 0) {
     const n = readSync(fd, dst, dstOffset, length, position);
-    if (n === 0) throw new Error(`file ended at byte ${position} while reading it back (did it change during the analysis?)`);
+    if (n === 0) {
+      throw new ProtocolError(ErrorCode.TRUNCATED, `file ended at byte ${position} while its pages were read back (did it change during the analysis?)`, {
+        streamOffset: position,
+      });
+    }
     dstOffset += n;
     length -= n;
     position += n;
