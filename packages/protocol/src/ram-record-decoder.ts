@@ -8,7 +8,8 @@
 //                               └─ EOS
 //
 // Page data is not turned into events: each page is copied once, from the receive chunk straight
-// into the block memory the RamTarget handed over, and counted per block. A StreamDecoder reads
+// into the block memory the RamTarget handed over, and counted per block. A block given no
+// memory has its pages lent to the target's PageObserver instead (a reader that only hashes them). A StreamDecoder reads
 // RAM sections through one of these (sharing its ByteReader); a preempt channel uses one alone.
 
 import { failAt, haveBytes, recordPlace } from './record-place.ts';
