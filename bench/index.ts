@@ -1,6 +1,7 @@
 // `pnpm bench`: every benchmark, each printing its figure next to a ceiling measured in the same
-// run. `pnpm bench decode`, `pnpm bench migration`, `pnpm bench cpr-exec` or `pnpm bench postcopy` runs one group;
-// `pnpm bench throughput` runs the first migration figure alone.
+// run. `pnpm bench decode`, `pnpm bench migration`, `pnpm bench cpr-exec` or `pnpm bench postcopy`
+// runs one group; `pnpm bench throughput` runs the first migration figure alone; `pnpm bench
+// analyze` the stream-analysis figures.
 
 const only = process.argv.slice(2);
 const want = (name: string): boolean => only.length === 0 || only.includes(name);
@@ -21,4 +22,8 @@ if (want('cpr-exec')) {
 if (want('postcopy')) {
   const { postcopyBench } = await import('./postcopy.bench.ts');
   await postcopyBench();
+}
+if (want('analyze')) {
+  const { analyzeBench } = await import('./analyze.bench.ts');
+  await analyzeBench();
 }

@@ -2,25 +2,41 @@
 // protocol core and print what is in it.
 //
 // A file is read twice: first its tail, for the VMDESCRIPTION that sizes every device section
-// exactly; then from the start. Standard input is read once and device sections are found by
-// their footers (and cross-checked against the VMDESCRIPTION when it arrives at the end).
+// exactly; then from the start, in fixed-size reads into one reused buffer. RAM is not rebuilt:
+// each block's sha256 is fed as its pages pass, and pages that come out of order (re-sent, or
+// deltas) are read back from the file at the end (ram-digest.ts), so memory stays bounded
+// whatever the guest's size. Standard input and gzip cannot be read back: their RAM is rebuilt
+// in memory, and device sections are found by their footers (cross-checked against the
+// VMDESCRIPTION when it arrives at the end).
 
-import { createReadStream } from 'node:fs';
-import { mkdir, open, stat, writeFile } from 'node:fs/promises';
+import { closeSync, createReadStream, fstatSync, openSync, readSync, writeSync } from 'node:fs';
+import { mkdir, open, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Readable } from 'node:stream';
 import { createGunzip } from 'node:zlib';
 import {
   type AnalysisReport,
+  type AnalyzerOptions,
+  DeviceStateDump,
+  ErrorCode,
   findVmdescription,
+  ProtocolError,
+  type SectionReport,
+  type StateObject,
+  type Vmdescription,
   parseVmdescription,
   type RecordReport,
   StreamAnalyzer,
   VmdescLayouts,
-} from '@livemig/protocol';
+} from '@livemig/protocol/analysis';
 
 /** VMDESCRIPTION of at most this many bytes is looked for at the end of a file. */
 const TAIL_BYTES = 16 * 1024 * 1024 + 16;
+/** First look at this much of the end: QEMU's descriptions are tens of KiB. */
+const SHORT_TAIL_BYTES = 256 * 1024;
+/** One read of a stream file, into the same buffer every time (4 MiB reads were no faster, and larger). */
+const FILE_READ_BYTES = 1024 * 1024;
+/** Read size for gzip files and standard input. */
 const READ_CHUNK = 1024 * 1024;
 const GZIP_MAGIC = [0x1f, 0x8b] as const;
 
@@ -30,12 +46,18 @@ export interface AnalyzeOptions {
   stdin?: Readable;
   /** Called with bytes read so far and the total (when known), at most a few times a second. */
   onProgress?: (done: number, total: number | undefined) => void;
+  /** Decode device fields by the VMDESCRIPTION (`--dump state`); RAM is then counted, not hashed. */
+  dumpState?: boolean;
 }
 
 export interface AnalyzeResult {
   report: AnalysisReport;
   analyzer: StreamAnalyzer;
   gzip: boolean;
+  /** With dumpState: every described section's fields, as analyze-migration.py -d state shows them. */
+  state?: StateObject;
+  /** Release the file kept open to read page data back (walkBlock needs it until then). */
+  close(): void;
 }
 
 async function isGzipFile(path: string): Promise<boolean> {
@@ -49,20 +71,20 @@ async function isGzipFile(path: string): Promise<boolean> {
   }
 }
 
-/** The decompressed stream's last `TAIL_BYTES` and its total length. */
-async function readTail(path: string, gzip: boolean): Promise<{ tail: Buffer; tailOffset: number }> {
-  if (!gzip) {
-    const size = (await stat(path)).size;
-    const n = Math.min(size, TAIL_BYTES);
-    const fh = await open(path, 'r');
-    try {
-      const tail = Buffer.alloc(n);
-      await fh.read(tail, 0, n, size - n);
-      return { tail, tailOffset: size - n };
-    } finally {
-      await fh.close();
-    }
+/** The VMDESCRIPTION at the end of a plain file: the last 256 KiB looked at first, then up to 16 MiB. */
+function fileVmdescription(fd: number, size: number): { offset: number; json: string } | undefined {
+  for (const want of [SHORT_TAIL_BYTES, TAIL_BYTES]) {
+    const n = Math.min(size, want);
+    const tail = Buffer.allocUnsafe(n);
+    readFully(fd, tail, 0, n, size - n);
+    const found = findVmdescription(tail, size - n);
+    if (found !== undefined || n === size) return found;
   }
+  return undefined;
+}
+
+/** The decompressed stream's last `TAIL_BYTES` and its total length. */
+async function readGzipTail(path: string): Promise<{ tail: Buffer; tailOffset: number }> {
   // gzip cannot seek: decompress once, keeping only a rolling window of the last bytes.
   const parts: Buffer[] = [];
   let kept = 0;
@@ -76,6 +98,20 @@ async function readTail(path: string, gzip: boolean): Promise<{ tail: Buffer; ta
   let tail = Buffer.concat(parts);
   if (tail.length > TAIL_BYTES) tail = tail.subarray(tail.length - TAIL_BYTES);
   return { tail, tailOffset: total - tail.length };
+}
+
+function readFully(fd: number, dst: Uint8Array, dstOffset: number, length: number, position: number): void {
+  while (length > 0) {
+    const n = readSync(fd, dst, dstOffset, length, position);
+    if (n === 0) {
+      throw new ProtocolError(ErrorCode.TRUNCATED, `file ended at byte ${position} while its pages were read back (did it change during the analysis?)`, {
+        streamOffset: position,
+      });
+    }
+    dstOffset += n;
+    length -= n;
+    position += n;
+  }
 }
 
 /** Wrap a byte source so that gzip input is decompressed (detected by its magic). */
@@ -105,44 +141,141 @@ async function* maybeGunzip(source: AsyncIterable<Buffer>, onGzip: () => void): 
   yield* rest;
 }
 
+function descriptionOf(found: { offset: number; json: string } | undefined): Vmdescription | undefined {
+  if (found === undefined) return undefined;
+  try {
+    return parseVmdescription(found.json, found.offset);
+  } catch {
+    // A bad description is reported when the decoder reaches it; until then walk by footers.
+    return undefined;
+  }
+}
+
+/**
+ * `--dump state`: sections go to a DeviceStateDump as they end when the description is known
+ * up front (a file); otherwise they wait for the VMDESCRIPTION at the end of the stream.
+ */
+class StateCollector {
+  private dump: DeviceStateDump | undefined;
+  private readonly waiting: { s: SectionReport; data: Buffer | undefined }[] = [];
+
+  constructor(desc: Vmdescription | undefined) {
+    if (desc !== undefined) this.dump = new DeviceStateDump(desc);
+  }
+
+  readonly onSection = (s: SectionReport, data: Buffer | undefined): void => {
+    const wanted = s.ram !== undefined ? s.ram.blocks !== undefined : data !== undefined && (s.type === 'start' || s.type === 'full');
+    if (!wanted) return;
+    if (this.dump === undefined) this.waiting.push({ s, data });
+    else this.take(this.dump, s, data);
+  };
+
+  finish(report: AnalysisReport): StateObject {
+    if (this.dump === undefined) {
+      if (report.vmdescription === null) {
+        throw new ProtocolError(ErrorCode.BAD_VMDESCRIPTION, 'the stream has no VMDESCRIPTION (postcopy streams carry none), so device fields cannot be decoded', {
+          streamOffset: report.streamSize,
+        });
+      }
+      this.dump = new DeviceStateDump(report.vmdescription.json as Vmdescription);
+      for (const w of this.waiting) this.take(this.dump, w.s, w.data);
+    }
+    return this.dump.state;
+  }
+
+  private take(dump: DeviceStateDump, s: SectionReport, data: Buffer | undefined): void {
+    if (s.ram?.blocks !== undefined) dump.ramBlocks(s.sectionId, s.idstr, s.ram.blocks);
+    else if (data !== undefined) dump.deviceSection({ ...s, instanceId: s.instanceId! }, data);
+  }
+}
+
+function progressReporter(options: AnalyzeOptions): (done: number, total: number | undefined) => void {
+  let lastReport = 0;
+  return (done, total) => {
+    if (options.onProgress === undefined) return;
+    const now = Date.now();
+    if (now - lastReport > 200) {
+      lastReport = now;
+      options.onProgress(done, total);
+    }
+  };
+}
+
+/** A plain file: read in place, RAM hashed without being rebuilt. */
+function analyzeFile(path: string, options: AnalyzeOptions): AnalyzeResult {
+  const fd = openSync(path, 'r');
+  try {
+    const size = fstatSync(fd).size;
+    const desc = descriptionOf(fileVmdescription(fd, size));
+    const layouts = desc === undefined ? undefined : new VmdescLayouts(desc);
+    const collector = options.dumpState === true ? new StateCollector(desc) : undefined;
+    const analyzer = new StreamAnalyzer({
+      ...(layouts === undefined ? {} : { deviceLayout: (s, kind) => layouts.take(s.idstr, s.instanceId, kind) }),
+      // The state dump shows no RAM contents: pages are only counted.
+      ...(collector === undefined
+        ? { readStreamBytes: (streamOffset, dst, dstOffset, length) => readFully(fd, dst, dstOffset, length, streamOffset) }
+        : { keepRam: false, onSection: collector.onSection }),
+    } satisfies AnalyzerOptions);
+    const progress = progressReporter(options);
+    const buf = Buffer.allocUnsafeSlow(FILE_READ_BYTES);
+    let position = 0;
+    for (;;) {
+      const n = readSync(fd, buf, 0, FILE_READ_BYTES, position);
+      if (n === 0) break;
+      position += n;
+      analyzer.push(n === FILE_READ_BYTES ? buf : buf.subarray(0, n));
+      // What is left undecoded (a record cut by the read) is copied out: the buffer is read into again.
+      analyzer.retainUnread();
+      progress(position, size);
+    }
+    const report = analyzer.end();
+    let open = true;
+    return {
+      report,
+      analyzer,
+      gzip: false,
+      ...(collector === undefined ? {} : { state: collector.finish(report) }),
+      close: () => {
+        if (open) closeSync(fd);
+        open = false;
+      },
+    };
+  } catch (err) {
+    closeSync(fd);
+    throw err;
+  }
+}
+
 export async function analyzeInput(options: AnalyzeOptions): Promise<AnalyzeResult> {
   const fromStdin = options.input === '-';
-  let layouts: VmdescLayouts | undefined;
-  let total: number | undefined;
-  if (!fromStdin) {
-    const gz = await isGzipFile(options.input);
-    const { tail, tailOffset } = await readTail(options.input, gz);
-    const found = findVmdescription(tail, tailOffset);
-    if (found !== undefined) {
-      try {
-        layouts = new VmdescLayouts(parseVmdescription(found.json, found.offset));
-      } catch {
-        // A bad description is reported when the decoder reaches it; until then walk by footers.
-      }
-    }
-    if (!gz) total = (await stat(options.input)).size;
+  if (!fromStdin && !(await isGzipFile(options.input))) {
+    const st = await stat(options.input);
+    if (st.isFile()) return analyzeFile(options.input, options);
   }
-  const analyzer = new StreamAnalyzer(
-    layouts === undefined ? {} : { deviceLayout: (s, kind) => layouts!.take(s.idstr, s.instanceId, kind) },
-  );
+  let desc: Vmdescription | undefined;
+  if (!fromStdin) {
+    const { tail, tailOffset } = await readGzipTail(options.input);
+    desc = descriptionOf(findVmdescription(tail, tailOffset));
+  }
+  const layouts = desc === undefined ? undefined : new VmdescLayouts(desc);
+  const collector = options.dumpState === true ? new StateCollector(desc) : undefined;
+  const analyzer = new StreamAnalyzer({
+    ...(layouts === undefined ? {} : { deviceLayout: (s, kind) => layouts.take(s.idstr, s.instanceId, kind) }),
+    ...(collector === undefined ? {} : { keepRam: false, onSection: collector.onSection }),
+  } satisfies AnalyzerOptions);
   const source: AsyncIterable<Buffer> = fromStdin
     ? ((options.stdin ?? process.stdin) as AsyncIterable<Buffer>)
     : (createReadStream(options.input, { highWaterMark: READ_CHUNK }) as AsyncIterable<Buffer>);
   let gzip = false;
   let done = 0;
-  let lastReport = 0;
+  const progress = progressReporter(options);
   for await (const chunk of maybeGunzip(source, () => (gzip = true))) {
     analyzer.push(chunk);
     done += chunk.length;
-    if (options.onProgress !== undefined) {
-      const now = Date.now();
-      if (now - lastReport > 200) {
-        lastReport = now;
-        options.onProgress(done, gzip ? undefined : total);
-      }
-    }
+    progress(done, undefined);
   }
-  return { report: analyzer.end(), analyzer, gzip };
+  const report = analyzer.end();
+  return { report, analyzer, gzip, ...(collector === undefined ? {} : { state: collector.finish(report) }), close: () => {} };
 }
 
 /** File name for a block: its idstr with anything but [A-Za-z0-9._@-] percent-encoded ("/rom@etc/acpi/tables" → "%2From@etc%2Facpi%2Ftables"). */
@@ -154,13 +287,25 @@ export async function extractBlocks(result: AnalyzeResult, dir: string): Promise
   await mkdir(dir, { recursive: true });
   const written: string[] = [];
   for (const [i, b] of result.report.ramBlocks.entries()) {
-    const mem = result.analyzer.blockMemory(i);
-    if (mem === undefined) continue;
     const path = join(dir, blockFileName(b.idstr));
-    await writeFile(path, mem);
+    const fd = openSync(path, 'w');
+    try {
+      if (!result.analyzer.walkBlock(i, (bytes) => writeAll(fd, bytes))) continue;
+    } finally {
+      closeSync(fd);
+    }
     written.push(path);
   }
   return written;
+}
+
+function writeAll(fd: number, bytes: Uint8Array): void {
+  for (let off = 0; off < bytes.length; ) off += writeSync(fd, bytes, off, bytes.length - off);
+}
+
+/** `--dump state` output: the same JSON text layout as analyze-migration.py (4-space indent). */
+export function stateDumpText(state: StateObject): string {
+  return JSON.stringify(state, null, 4) + '\n';
 }
 
 /** The --json document: the report with the VMDESCRIPTION's full JSON left out of the summary. */

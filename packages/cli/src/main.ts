@@ -2,15 +2,14 @@
 // The `livemig` command.
 
 import { parseArgs } from 'node:util';
-import { analyzeInput, extractBlocks, humanReport, jsonReport } from './analyze.ts';
-import { runDemo } from './demo.ts';
+import { analyzeInput, extractBlocks, humanReport, jsonReport, stateDumpText } from './analyze.ts';
 import { runInfo } from './info.ts';
 import { runReport } from './report.ts';
 
 const USAGE = `usage: livemig <command> [options]
 
 commands:
-  analyze <file|-> [--json] [--extract <dir>]
+  analyze <file|-> [--json] [--extract <dir>] [--dump state]
       Decode a QEMU migration stream (QEMU_VM_FILE v3, as written by QEMU's
       "migrate exec:cat > FILE" or by livemig) and print every record: header,
       machine type, sections with their stream offsets, commands (PACKAGED
@@ -22,6 +21,10 @@ commands:
         --json           one JSON document on stdout
         --extract <dir>  write each RAM block's bytes to <dir>/<idstr>, with
                          characters other than [A-Za-z0-9._@-] %-encoded
+        --dump state     instead: every device section's fields and values,
+                         decoded by the VMDESCRIPTION, as QEMU's
+                         scripts/analyze-migration.py -d state prints them
+      A file is read in place with bounded memory: RAM is hashed, not held.
       exit status: 0 decoded, 1 usage or I/O error, 2 malformed stream
       (one line on stderr naming what was wrong and its byte offset; with
       --json also {"error":{"code","message","offset"}} on stdout)
@@ -68,13 +71,13 @@ function fail(message: string, json: boolean, code: string, status: number, offs
 }
 
 async function analyzeCommand(argv: string[]): Promise<number> {
-  let values: { json?: boolean; extract?: string; help?: boolean };
+  let values: { json?: boolean; extract?: string; dump?: string; help?: boolean };
   let positionals: string[];
   try {
     ({ values, positionals } = parseArgs({
       args: argv,
       allowPositionals: true,
-      options: { json: { type: 'boolean' }, extract: { type: 'string' }, help: { type: 'boolean', short: 'h' } },
+      options: { json: { type: 'boolean' }, extract: { type: 'string' }, dump: { type: 'string', short: 'd' }, help: { type: 'boolean', short: 'h' } },
     }));
   } catch (err) {
     return fail(`analyze: ${(err as Error).message} (see livemig help)`, false, 'LM_ERR_USAGE', 1);
@@ -86,10 +89,16 @@ async function analyzeCommand(argv: string[]): Promise<number> {
   const json = values.json === true;
   if (positionals.length !== 1) return fail(`analyze: expected one file (or -), got ${positionals.length} (see livemig help)`, json, 'LM_ERR_USAGE', 1);
   const input = positionals[0]!;
+  const dumpState = values.dump !== undefined;
+  if (dumpState && values.dump !== 'state') return fail(`analyze: --dump ${values.dump}: only "state" is known (see livemig help)`, json, 'LM_ERR_USAGE', 1);
+  if (dumpState && (json || values.extract !== undefined)) {
+    return fail(`analyze: --dump state prints its own JSON; it does not combine with ${json ? '--json' : '--extract'} (see livemig help)`, json, 'LM_ERR_USAGE', 1);
+  }
   const showProgress = !json && process.stderr.isTTY === true;
   try {
     const result = await analyzeInput({
       input,
+      dumpState,
       ...(showProgress
         ? {
             onProgress: (done: number, total: number | undefined) => {
@@ -100,11 +109,16 @@ async function analyzeCommand(argv: string[]): Promise<number> {
         : {}),
     });
     if (showProgress) process.stderr.write('\r\x1b[K');
-    if (values.extract !== undefined) {
-      const files = await extractBlocks(result, values.extract);
-      if (!json) process.stderr.write(`extracted ${files.length} block(s) to ${values.extract}\n`);
+    try {
+      if (values.extract !== undefined) {
+        const files = await extractBlocks(result, values.extract);
+        if (!json) process.stderr.write(`extracted ${files.length} block(s) to ${values.extract}\n`);
+      }
+    } finally {
+      result.close();
     }
-    process.stdout.write(json ? JSON.stringify(jsonReport(result.report)) + '\n' : humanReport(result.report, input));
+    if (result.state !== undefined) process.stdout.write(stateDumpText(result.state));
+    else process.stdout.write(json ? JSON.stringify(jsonReport(result.report)) + '\n' : humanReport(result.report, input));
     return 0;
   } catch (err) {
     if (showProgress) process.stderr.write('\r\x1b[K');
@@ -155,6 +169,8 @@ async function demoCommand(argv: string[]): Promise<number> {
     n[flag] = v;
   }
   try {
+    // Loaded here: the demo pulls in both processes' code, which `analyze` has no use for (its memory stays small).
+    const { runDemo } = await import('./demo.ts');
     return await runDemo({
       memory: values.memory ?? '1G',
       workload: values.workload ?? 'incrementer',

@@ -1,6 +1,7 @@
 // StreamAnalyzer: decodes a whole stream into a report of every record (what `livemig analyze`
 // prints): sections with offsets and footers, commands with PACKAGED contents, RAM blocks
-// rebuilt in memory with their sha256 and page-record counts, and the VMDESCRIPTION.
+// with their sha256 and page-record counts, and the VMDESCRIPTION. RAM is rebuilt in memory, or,
+// given a way to read the stream back (a file), only its digests are kept (ram-digest.ts).
 
 import { createHash } from 'node:crypto';
 import { constants as bufferConstants } from 'node:buffer';
@@ -8,6 +9,7 @@ import type { CommandInfo } from './command.ts';
 import { ErrorCode, ProtocolError } from './errors.ts';
 import type { RamBlockInfo } from './ram.ts';
 import { NEED_MORE, type RamSectionStats } from './ram-record-decoder.ts';
+import { RamDigests, type ReadStreamBytes } from './ram-digest.ts';
 import { StreamDecoder } from './stream-decoder.ts';
 import type { DeviceLayout, StreamDecoderOptions } from './stream-events.ts';
 import { deviceDataLength, parseVmdescription } from './vmdesc.ts';
@@ -135,14 +137,23 @@ export interface AnalyzerOptions {
   deviceLayout?: DeviceLayout;
   /** Rebuild RAM to hash it (default true). Without it sha256 is of nothing and is left empty. */
   keepRam?: boolean;
+  /**
+   * Hash RAM without rebuilding it (keepRam is then ignored): page data is found again by reading
+   * the stream back through this (a stream file), so memory stays at a few bytes per page.
+   */
+  readStreamBytes?: ReadStreamBytes;
   /** Largest total RAM to rebuild, bytes (default 64 GiB). */
   maxRamBytes?: number;
+  /** Told of every section as it ends, with a device section's data (a copy, the caller's to keep). */
+  onSection?: (section: SectionReport, data: Buffer | undefined) => void;
   decoder?: Omit<StreamDecoderOptions, 'ram' | 'deviceLayout' | 'maxRamBytes'>;
 }
 
 export class StreamAnalyzer {
   private readonly decoder: StreamDecoder;
   private memory: (Buffer | undefined)[] = [];
+  private readonly digests: RamDigests | undefined;
+  private readonly onSection: AnalyzerOptions['onSection'];
   private readonly report: AnalysisReport = {
     magic: 'QEVM',
     version: 0,
@@ -162,7 +173,10 @@ export class StreamAnalyzer {
   private pendingBlocks: { blocks: RamBlockInfo[]; offset: number } | undefined;
 
   constructor(options: AnalyzerOptions = {}) {
-    const keep = options.keepRam ?? true;
+    const digests = options.readStreamBytes === undefined ? undefined : new RamDigests(options.readStreamBytes);
+    this.digests = digests;
+    this.onSection = options.onSection;
+    const keep = digests === undefined && (options.keepRam ?? true);
     const decoderOptions: StreamDecoderOptions = {
       // Any command a QEMU this knows may write (10.0's SWITCHOVER_START included): an analyzer is
       // no destination, so it does not refuse what a newer peer would accept.
@@ -171,7 +185,9 @@ export class StreamAnalyzer {
       ...options.decoder,
       maxRamBytes: options.maxRamBytes ?? 64 * 2 ** 30,
       ram: {
+        ...(digests === undefined ? {} : { pages: digests }),
         attachBlocks: (blocks, streamOffset) => {
+          digests?.attach(blocks);
           // A mapped-ram list grows block by block: the blocks seen before keep their memory.
           const before = this.memory;
           this.memory = blocks.map((b, i) => {
@@ -211,7 +227,12 @@ export class StreamAnalyzer {
       const out: RamBlockReport = {
         idstr: s.idstr,
         length: s.length,
-        sha256: this.memory[i] === undefined ? '' : createHash('sha256').update(this.memory[i]!).digest('hex'),
+        sha256:
+          this.digests !== undefined
+            ? this.digests.sha256(i)
+            : this.memory[i] === undefined
+              ? ''
+              : createHash('sha256').update(this.memory[i]!).digest('hex'),
         zeroPages: s.zeroPages,
         normalPages: s.normalPages,
         xbzrlePages: s.xbzrlePages,
@@ -223,9 +244,29 @@ export class StreamAnalyzer {
     return rep;
   }
 
-  /** Rebuilt contents of a block (after end()). */
+  /** Rebuilt contents of a block (after end()); undefined when only digests were kept. */
   blockMemory(index: number): Buffer | undefined {
     return this.memory[index];
+  }
+
+  /**
+   * Hand a block's final contents to `emit` in order, in pieces lent for the call (after end()):
+   * from memory, or read back from the stream when only digests were kept. False: no contents.
+   */
+  walkBlock(index: number, emit: (bytes: Uint8Array) => void): boolean {
+    if (this.digests !== undefined) {
+      this.digests.walk(index, emit);
+      return true;
+    }
+    const mem = this.memory[index];
+    if (mem === undefined) return false;
+    emit(mem);
+    return true;
+  }
+
+  /** Copy the buffered, undecoded bytes out of the pushed chunks (so the caller may reuse its read buffer). */
+  retainUnread(): void {
+    this.decoder.retainUnread();
   }
 
   private add(rec: RecordReport): void {
@@ -284,6 +325,7 @@ export class StreamAnalyzer {
           }
           rep.sections.push(s);
           this.add(s);
+          this.onSection?.(s, ev.data);
           break;
         }
         case 'command': {

@@ -54,6 +54,8 @@ export const ErrorCode = {
   LIMIT_EXCEEDED: 'LM_ERR_LIMIT_EXCEEDED',
   /** VMDESCRIPTION that is not valid JSON of the expected shape. */
   BAD_VMDESCRIPTION: 'LM_ERR_BAD_VMDESCRIPTION',
+  /** A device section's data does not match its VMDESCRIPTION entry field by field. */
+  DEVICE_STATE_MISMATCH: 'LM_ERR_DEVICE_STATE_MISMATCH',
   /** Bytes after the end of the stream (after EOF and VMDESCRIPTION). */
   TRAILING_DATA: 'LM_ERR_TRAILING_DATA',
   /** Return-path message type 0 or above the highest known type. */

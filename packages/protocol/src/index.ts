@@ -28,6 +28,8 @@ export * from './ram-record-decoder.ts';
 export * from './stream-events.ts';
 export * from './stream-decoder.ts';
 export * from './analysis.ts';
+export * from './ram-digest.ts';
+export * from './device-state.ts';
 export * from './migration-config.ts';
 export * from './multifd.ts';
 export * from './request-batch.ts';

@@ -8,7 +8,8 @@
 //                               └─ EOS
 //
 // Page data is not turned into events: each page is copied once, from the receive chunk straight
-// into the block memory the RamTarget handed over, and counted per block. A StreamDecoder reads
+// into the block memory the RamTarget handed over, and counted per block. A block given no
+// memory has its pages lent to the target's PageObserver instead (a reader that only hashes them). A StreamDecoder reads
 // RAM sections through one of these (sharing its ByteReader); a preempt channel uses one alone.
 
 import { failAt, haveBytes, recordPlace } from './record-place.ts';
@@ -37,6 +38,21 @@ export interface RamTarget {
    * changed since must not be overwritten by a late copy). Called before each page is placed.
    */
   acceptPage?(blockIndex: number, pageOffset: number): boolean;
+  /**
+   * Told each page of a block that attachBlocks gave no memory (a reader that hashes pages as
+   * they pass instead of rebuilding RAM). Page data is lent for the call only.
+   */
+  pages?: PageObserver;
+}
+
+/** Pages of memoryless blocks as they are decoded; `pageOffset` is the page's byte offset in its block. */
+export interface PageObserver {
+  /** A PAGE record (dataStreamOffset: where its 4 KiB are in the stream), or an inflated COMPRESS_PAGE (dataStreamOffset -1). */
+  pageData(blockIndex: number, pageOffset: number, src: Uint8Array, srcOffset: number, dataStreamOffset: number): void;
+  /** A ZERO record: the page is `fill` in every byte. */
+  pageFill(blockIndex: number, pageOffset: number, fill: number): void;
+  /** An XBZRLE record: the page as it is now, 4 KiB at offset 0 of a buffer the decoder patches in place. */
+  pageForDelta(blockIndex: number, pageOffset: number): Uint8Array;
 }
 
 export interface RamSectionStats {
@@ -100,6 +116,7 @@ export function emptyRamSectionStats(): RamSectionStats {
 export class RamRecordDecoder {
   private readonly r: ByteReader;
   private readonly ram: RamTarget | undefined;
+  private readonly observer: PageObserver | undefined;
   private readonly maxRamBytes: number;
   private readonly maxRamBlocks: number;
   private readonly zeroedMemory: boolean;
@@ -136,6 +153,7 @@ export class RamRecordDecoder {
   constructor(options: RamRecordDecoderOptions = {}, reader?: ByteReader) {
     this.r = reader ?? new ByteReader(0);
     this.ram = options.ram;
+    this.observer = options.ram?.pages;
     this.maxRamBytes = options.maxRamBytes ?? 2 ** 40;
     this.maxRamBlocks = options.maxRamBlocks ?? 1024;
     this.ignoreShared = options.ignoreShared ?? false;
@@ -338,11 +356,16 @@ export class RamRecordDecoder {
       switch (type) {
         case RamFlag.ZERO:
           if (mem !== undefined) mem.fill(r.u8(k), pageOffset, pageOffset + TARGET_PAGE_SIZE);
+          else if (this.observer !== undefined) this.observer.pageFill(block, pageOffset, r.u8(k));
           stats.zero++;
           bs.zeroPages++;
           break;
         case RamFlag.PAGE:
           if (mem !== undefined) r.copyTo(k, TARGET_PAGE_SIZE, mem, pageOffset);
+          else if (this.observer !== undefined) {
+            const src = r.span(k, TARGET_PAGE_SIZE, this.scratchPage);
+            this.observer.pageData(block, pageOffset, src, r.spanOffset, r.streamOffset + k);
+          }
           stats.normal++;
           bs.normalPages++;
           break;
@@ -355,6 +378,8 @@ export class RamRecordDecoder {
           if (mem !== undefined) {
             dst = mem;
             dstOffset = pageOffset;
+          } else if (this.observer !== undefined) {
+            dst = this.observer.pageForDelta(block, pageOffset);
           }
           if (xbzrleDecode(src, at, encLen, dst, dstOffset, TARGET_PAGE_SIZE) < 0) {
             this.fail(ErrorCode.BAD_XBZRLE, `malformed XBZRLE page: ${xbzrleLastFault}`, k + 3, { block: info.idstr, pageOffset });
@@ -384,6 +409,7 @@ export class RamRecordDecoder {
             });
           }
           if (mem !== undefined) mem.set(page, pageOffset);
+          else if (this.observer !== undefined) this.observer.pageData(block, pageOffset, page, 0, -1);
           stats.compressed++;
           bs.compressedPages++;
           break;
@@ -552,6 +578,17 @@ export class RamRecordDecoder {
         while (runEnd < pages && ((g.bitmap[runEnd >>> 3]! & (1 << (runEnd & 7))) !== 0) === present) runEnd++;
         const n = Math.min(r.available, runEnd * TARGET_PAGE_SIZE - rel);
         if (present && mem !== undefined) r.copyTo(0, n, mem, rel);
+        else if (present && this.observer !== undefined) {
+          // A reader without the memory sees each whole page once, in order, where it lies.
+          const whole = Math.floor(Math.min(n, r.available) / TARGET_PAGE_SIZE) * TARGET_PAGE_SIZE;
+          if (rel % TARGET_PAGE_SIZE === 0 && whole === 0) return false;
+          for (let k = 0; k < whole; k += TARGET_PAGE_SIZE) {
+            const src = r.span(k, TARGET_PAGE_SIZE, this.scratchPage);
+            this.observer.pageData(g.index, rel + k, src, r.spanOffset, r.streamOffset + k);
+          }
+          r.skip(whole);
+          continue;
+        }
         r.skip(n);
       } else {
         return this.finishRegion(g);

@@ -13,6 +13,7 @@ import {
   CancelledError,
   coded,
   ConfigError,
+  decodeDeviceState,
   decodeRequestBatch,
   DestinationFailedError,
   type DestinationEvent,
@@ -584,6 +585,28 @@ const CASES: Record<ErrorCodeValue, Case[]> = {
       return { name: 'a field without a size', sink: 'analyzer' as const, ...s, message: /VMDESCRIPTION field "ticks" has no valid "size"/ };
     })(),
     { name: 'parseVmdescription of a subsection without vmsd_name', call: () => parseVmdescription('{"page_size": 4096, "devices": [{"name": "d", "instance_id": 0, "subsections": [{}]}]}', 77), at: 77, message: /subsection lacks "vmsd_name"/ },
+  ],
+  LM_ERR_DEVICE_STATE_MISMATCH: [
+    {
+      name: 'decodeDeviceState of 2 bytes for a 4-byte field',
+      call: () => decodeDeviceState(Buffer.from('0102', 'hex'), { name: 'd', instance_id: 0, fields: [{ name: 'x', type: 'uint32', size: 4 }] }, { sectionId: 7, idstr: 'd', dataOffset: 500 }),
+      at: 500,
+      message: /device section "d" does not match its VMDESCRIPTION: field "x" needs 4 bytes at data offset 0, only 2 left/,
+      fields: { sectionId: 7, idstr: 'd' },
+    },
+    {
+      name: 'decodeDeviceState of a subsection that is not there',
+      call: () =>
+        decodeDeviceState(Buffer.from('01ff', 'hex'), { name: 'd', instance_id: 0, fields: [{ name: 'x', type: 'uint8', size: 1 }], subsections: [{ vmsd_name: 'd/sub', version: 1, fields: [] }] }, { sectionId: 7, idstr: 'd', dataOffset: 500 }),
+      at: 502,
+      message: /subsection "d\/sub" expected \(byte 0x05\), found 0xff/,
+    },
+    {
+      name: 'decodeDeviceState with bytes left over',
+      call: () => decodeDeviceState(Buffer.from('010203', 'hex'), { name: 'd', instance_id: 0, fields: [{ name: 'x', type: 'uint8', size: 1 }] }, { sectionId: 7, idstr: 'd', dataOffset: 500 }),
+      at: 501,
+      message: /2 bytes left after the described fields/,
+    },
   ],
   LM_ERR_TRAILING_DATA: [
     (() => {

@@ -1,0 +1,218 @@
+// `livemig analyze` of a 512 MiB stream: throughput and peak RSS, next to
+//   - the ceiling measured in the same run: a Node process reading the file in 1 MiB reads and
+//     hashing all of it with sha256 (what the default analysis must do at least);
+//   - QEMU's scripts/analyze-migration.py on the same file, when it is found
+//     (LIVEMIG_ANALYZE_MIGRATION_PY, or an `apt-get source qemu` tree in the temp directory).
+// The stream is QEMU 7.2's `migrate exec:cat > FILE` of a stopped 512 MiB guest of random bytes
+// (so the script can read it too), or livemig's own `file:` migration when QEMU is missing.
+// LIVEMIG_BENCH_STREAM=FILE analyzes that file instead of making one.
+//
+// Each command runs as a child of a small python3 wrapper that reports the wall time, the child's
+// CPU time and its peak RSS (getrusage RUSAGE_CHILDREN: exact, no polling). On a shared, loaded
+// machine the CPU-time ratio is the steadier one: wall time includes waiting for a core.
+
+import { execFileSync, spawn } from 'node:child_process';
+import { randomFillSync } from 'node:crypto';
+import { closeSync, existsSync, openSync, readdirSync, statSync, writeSync } from 'node:fs';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import type { QmpClient } from '@livemig/runtime';
+import { type Child, connectQmp, SOURCE_MAIN } from '../packages/cli/src/demo.ts';
+import { fmt, type Figure, repoRoot, summarize } from './ceilings.ts';
+
+const MiB = 2 ** 20;
+const GiB = 2 ** 30;
+const GUEST_BYTES = 512 * MiB;
+const reps = Number(process.env['LIVEMIG_BENCH_REPS'] ?? 3);
+const CLI_MAIN = join(repoRoot, 'packages/cli/dist/main.js');
+const QEMU = process.env['LIVEMIG_QEMU'] ?? 'qemu-system-x86_64';
+const RUN_TIMEOUT_MS = 600_000;
+
+/** Runs argv[1:] once, prints "wall_s maxrss_kib status cpu_s" (RUSAGE_CHILDREN: that child alone). */
+const MEASURE_PY = `
+import resource, subprocess, sys, time
+t = time.monotonic()
+r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL)
+u = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(time.monotonic() - t, u.ru_maxrss, r.returncode, u.ru_utime + u.ru_stime)
+`;
+
+/** Read a file in 1 MiB reads into one buffer and sha256 all of it: the default analysis's floor. */
+const CEILING_JS = `
+const { openSync, readSync } = require('node:fs');
+const hash = require('node:crypto').createHash('sha256');
+const fd = openSync(process.argv[1], 'r');
+const buf = Buffer.allocUnsafeSlow(1 << 20);
+for (let pos = 0, n; (n = readSync(fd, buf, 0, buf.length, pos)) > 0; pos += n) hash.update(n === buf.length ? buf : buf.subarray(0, n));
+console.log(hash.digest('hex'));
+`;
+
+interface Measured {
+  seconds: Figure;
+  cpuSeconds: Figure;
+  peakRssMiB: Figure;
+}
+
+function measure(label: string, argv: string[]): Measured {
+  const seconds: number[] = [];
+  const cpu: number[] = [];
+  const rss: number[] = [];
+  for (let i = 0; i < reps; i++) {
+    const out = execFileSync('python3', ['-c', MEASURE_PY, ...argv], { encoding: 'utf8', timeout: RUN_TIMEOUT_MS, stdio: ['ignore', 'pipe', 'inherit'] });
+    const [s, kib, status, cpuS] = out.trim().split(/\s+/).map(Number);
+    if (status !== 0) throw new Error(`${label} exited with status ${status}: ${argv.join(' ')}`);
+    seconds.push(s!);
+    cpu.push(cpuS!);
+    rss.push(kib! / 1024);
+  }
+  return { seconds: summarize(seconds), cpuSeconds: summarize(cpu), peakRssMiB: summarize(rss) };
+}
+
+/** analyze-migration.py: LIVEMIG_ANALYZE_MIGRATION_PY, else an `apt-get source qemu` tree up to two levels down in the temp directory. */
+function findAnalyzeMigrationPy(): string | undefined {
+  const given = process.env['LIVEMIG_ANALYZE_MIGRATION_PY'];
+  if (given !== undefined) return existsSync(given) ? given : undefined;
+  const tmp = tmpdir();
+  const dirs = [tmp];
+  for (const a of safeList(tmp)) dirs.push(join(tmp, a));
+  for (const d of dirs) {
+    for (const e of safeList(d)) {
+      const p = join(d, e, 'scripts', 'analyze-migration.py');
+      if (e.startsWith('qemu-') && existsSync(p)) return p;
+    }
+  }
+  return undefined;
+}
+
+function safeList(dir: string): string[] {
+  try {
+    return readdirSync(dir).filter((e) => {
+      try {
+        return statSync(join(dir, e)).isDirectory();
+      } catch {
+        return false;
+      }
+    });
+  } catch {
+    return [];
+  }
+}
+
+function qemuAvailable(): boolean {
+  try {
+    execFileSync(QEMU, ['--version'], { stdio: 'ignore', timeout: 10_000 });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** A RAM image of random bytes, written in 4 MiB pieces (the bench itself stays small). */
+function writeRandomImage(file: string, bytes: number): void {
+  const fd = openSync(file, 'w');
+  try {
+    const piece = Buffer.allocUnsafeSlow(4 * MiB);
+    for (let done = 0; done < bytes; done += piece.length) {
+      randomFillSync(piece);
+      writeSync(fd, piece, 0, Math.min(piece.length, bytes - done));
+    }
+  } finally {
+    closeSync(fd);
+  }
+}
+
+async function waitCompleted(q: QmpClient, what: string): Promise<void> {
+  const deadline = Date.now() + 300_000;
+  for (;;) {
+    const info = (await q.execute('query-migrate')) as { status?: string; 'error-desc'?: string };
+    if (info.status === 'completed') return;
+    if (info.status === 'failed' || info.status === 'cancelled') throw new Error(`${what}: migration ${info.status}: ${info['error-desc'] ?? ''}`);
+    if (Date.now() > deadline) throw new Error(`${what}: migration did not complete within 300 s`);
+    await sleep(100);
+  }
+}
+
+/** QEMU 7.2: a stopped 512 MiB `-machine none` guest saved with migrate exec:cat > FILE. */
+async function qemuStream(dir: string, file: string): Promise<void> {
+  const image = join(dir, 'ram.img');
+  writeRandomImage(image, GUEST_BYTES);
+  const qmp = join(dir, 'qemu.qmp');
+  const proc = spawn(
+    QEMU,
+    ['-object', `memory-backend-file,id=m0,size=${GUEST_BYTES},mem-path=${image},share=on`, '-machine', 'none,memory-backend=m0', '-m', `${GUEST_BYTES / MiB}M`, '-nodefaults', '-display', 'none', '-accel', 'tcg', '-S', '-qmp', `unix:${qmp},server=on,wait=off`],
+    { stdio: ['ignore', 'pipe', 'pipe'] },
+  );
+  const child: Child = { name: 'qemu', proc, log: [] };
+  proc.stdout!.on('data', (b: Buffer) => child.log.push(b.toString()));
+  proc.stderr!.on('data', (b: Buffer) => child.log.push(b.toString()));
+  let q: QmpClient | undefined;
+  try {
+    q = await connectQmp(child, `unix:${qmp}`, 30_000);
+    await q.execute('migrate', { uri: `exec:cat > ${file}` });
+    await waitCompleted(q, 'QEMU');
+  } finally {
+    await q?.close().catch(() => {});
+    if (proc.exitCode === null && proc.pid !== undefined) process.kill(proc.pid, 'SIGKILL');
+    await rm(image, { force: true });
+  }
+}
+
+/** livemig's own: a paused 512 MiB source migrated to file:FILE. */
+function livemigStream(file: string): void {
+  execFileSync(process.execPath, [SOURCE_MAIN, '-m', '512M', '--fill', 'random', '-S', '--migrate', `file:${file}`, '--exit-after-migrate'], {
+    stdio: 'ignore',
+    timeout: 300_000,
+    env: { ...process.env, LIVEMIG_LOG_LEVEL: 'warn' },
+  });
+}
+
+function line(label: string, m: Measured, bytes: number, extra = ''): void {
+  const gibps = summarize([bytes / GiB / m.seconds.max, bytes / GiB / m.seconds.median, bytes / GiB / m.seconds.min]);
+  console.log(`  ${label.padEnd(32)} ${fmt(gibps)} GiB/s  ${m.seconds.median.toFixed(2)} s (CPU ${m.cpuSeconds.median.toFixed(2)} s)  peak RSS ${m.peakRssMiB.median.toFixed(0)} MiB${extra}`);
+}
+
+export async function analyzeBench(): Promise<void> {
+  const dir = await mkdtemp(join(tmpdir(), 'livemig-bench-analyze-'));
+  try {
+    let file = process.env['LIVEMIG_BENCH_STREAM'];
+    let origin = 'given by LIVEMIG_BENCH_STREAM';
+    if (file === undefined) {
+      file = join(dir, 'stream.mig');
+      if (qemuAvailable()) {
+        await qemuStream(dir, file);
+        origin = "QEMU 7.2 migrate exec:cat of a stopped 512 MiB guest";
+      } else {
+        livemigStream(file);
+        origin = 'livemig file: migration of a paused 512 MiB guest (QEMU not found)';
+      }
+    }
+    const bytes = statSync(file).size;
+    console.log(`analyze: ${(bytes / MiB).toFixed(0)} MiB stream (${origin}), median of ${reps} [min-max]`);
+    const ceiling = measure('ceiling', [process.execPath, '-e', CEILING_JS, file]);
+    line('ceiling: read + sha256 in Node', ceiling, bytes);
+    const ours = measure('livemig analyze', [process.execPath, CLI_MAIN, 'analyze', file]);
+    line('livemig analyze (block sha256)', ours, bytes, `  = ${((100 * ceiling.seconds.median) / ours.seconds.median).toFixed(0)} % of the ceiling (CPU ${((100 * ceiling.cpuSeconds.median) / ours.cpuSeconds.median).toFixed(0)} %)`);
+    const state = measure('livemig analyze --dump state', [process.execPath, CLI_MAIN, 'analyze', file, '--dump', 'state']);
+    line('livemig analyze --dump state', state, bytes);
+    const py = findAnalyzeMigrationPy();
+    if (py === undefined) {
+      console.log('  analyze-migration.py: not found (set LIVEMIG_ANALYZE_MIGRATION_PY, or unpack `apt-get source qemu` in the temp directory)');
+      return;
+    }
+    let theirs: Measured;
+    try {
+      theirs = measure('analyze-migration.py', ['python3', py, '-f', file]);
+    } catch (err) {
+      console.log(`  analyze-migration.py: cannot read this stream (${(err as Error).message.split('\n')[0]})`);
+      return;
+    }
+    line('analyze-migration.py -d state', theirs, bytes);
+    const x = (m: Measured): string =>
+      `${(theirs.seconds.median / m.seconds.median).toFixed(1)}× faster (CPU time ${(theirs.cpuSeconds.median / m.cpuSeconds.median).toFixed(1)}×), ${(m.peakRssMiB.median / theirs.peakRssMiB.median).toFixed(1)}× its RSS`;
+    console.log(`  vs analyze-migration.py: analyze ${x(ours)}; --dump state (the same output) ${x(state)}`);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+}
