@@ -173,11 +173,12 @@ const BASE: Record<DestinationStatus, { state: DestinationState; rows: Rows }> =
       vmdescriptionReceived: X,
       ramSectionEnded: ['postcopy-active', ['awaitMultifdSync']],
       multifdSynced: X,
-      sourceEnded: ['postcopy-paused', PAUSE],
-      channelLost: ['postcopy-paused', PAUSE],
-      keepaliveTicked: ['postcopy-paused', PAUSE], // silent for NOW_MS
+      // Before POSTCOPY_RUN (this sample): a lost link fails, the package cannot be resent.
+      sourceEnded: ['failed', FAIL_WITH_RP],
+      channelLost: ['failed', FAIL_WITH_RP],
+      keepaliveTicked: ['failed', FAIL_WITH_RP], // silent for NOW_MS
       preemptAccepted: X, // one is taken already
-      faultThreadEnded: ['postcopy-paused', PAUSE],
+      faultThreadEnded: ['failed', FAIL_WITH_RP],
       pauseRequested: ['postcopy-paused', PAUSE],
       recoverRequested: X,
       recoveryAccepted: X,
@@ -263,6 +264,17 @@ const VARIANTS: { name: string; state: DestinationState; overrides: Partial<Rows
     state: { ...ACTIVE, eofSeen: true, finishing: true },
     // Starting the guest is not silence: the stall deadline does not apply once the stream is complete.
     overrides: { vmdescriptionReceived: X, sourceEnded: ['active', []], channelLost: ['active', []], keepaliveTicked: ['active', []], loadFinished: ['completed', COMPLETE] },
+  },
+  {
+    name: 'postcopy-active after POSTCOPY_RUN',
+    state: { ...POSTCOPY, running: true },
+    overrides: {
+      runReceived: X,
+      sourceEnded: ['postcopy-paused', PAUSE],
+      channelLost: ['postcopy-paused', PAUSE],
+      keepaliveTicked: ['postcopy-paused', PAUSE],
+      faultThreadEnded: ['postcopy-paused', PAUSE],
+    },
   },
   {
     name: 'postcopy-active, finishing (EOF seen)',
@@ -436,7 +448,7 @@ describe('destination machine: data carried', () => {
 
   it('keepalive: silence past KEEPALIVE_TIMEOUT_MS from a livemig source pauses with LM_ERR_PEER_SILENT; bytes or a QEMU source do not', () => {
     const t0 = 1_000;
-    const s: DestinationState = { ...POSTCOPY, lastByteAtMs: t0 };
+    const s: DestinationState = { ...POSTCOPY, running: true, lastByteAtMs: t0 };
     const quiet = step(s, { type: 'keepaliveTicked', lastByteAtMs: t0 }, t0 + KEEPALIVE_TIMEOUT_MS);
     assert.equal(quiet.state.status, 'postcopy-active', 'exactly the timeout is not yet silence');
     const late = step(s, { type: 'keepaliveTicked', lastByteAtMs: t0 }, t0 + KEEPALIVE_TIMEOUT_MS + 1);
@@ -447,6 +459,19 @@ describe('destination machine: data carried', () => {
     assert.equal(fed.state.status === 'postcopy-active' && fed.state.lastByteAtMs, t0 + 2_000);
     const qemu = step({ ...s, peerIsLivemig: false }, { type: 'keepaliveTicked', lastByteAtMs: t0 }, t0 + 60_000);
     assert.equal(qemu.state.status, 'postcopy-active');
+  });
+
+  it('a link lost before POSTCOPY_RUN fails (keeping the silence code) instead of pausing: the package cannot be resent', () => {
+    const t0 = 1_000;
+    const beforeRun: DestinationState = { ...POSTCOPY, running: false, lastByteAtMs: t0 };
+    const silent = step(beforeRun, { type: 'keepaliveTicked', lastByteAtMs: t0 }, t0 + KEEPALIVE_TIMEOUT_MS + 1);
+    assert.equal(silent.state.status, 'failed');
+    assert.equal(silent.state.status === 'failed' && silent.state.error.code, ErrorCode.PEER_SILENT);
+    const cut = step(beforeRun, EVENTS.sourceEnded, t0);
+    assert.equal(cut.state.status === 'failed' && cut.state.error.code, ErrorCode.CHANNEL_LOST);
+    assert.match(cut.state.status === 'failed' ? cut.state.error.message : '', /inside the postcopy package before POSTCOPY_RUN/);
+    const afterRun = step({ ...beforeRun, running: true }, EVENTS.sourceEnded, t0);
+    assert.equal(afterRun.state.status, 'postcopy-paused');
   });
 
   it('a recovery: the keepalive restarts from the resume, the return path is the recovery channel', () => {
