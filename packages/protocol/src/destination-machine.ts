@@ -6,7 +6,8 @@
 //
 //   none → setup (listening) → active ─┬─ VMDESCRIPTION / end of stream after EOF ─→ completed
 //                                      └─ POSTCOPY_LISTEN → postcopy-active ⇄ postcopy-paused → postcopy-recover
-//   any error while loading → failed (a lost link in postcopy is a pause instead, once POSTCOPY_RUN is in)
+//   any error while loading → failed (in postcopy, once POSTCOPY_RUN is in, a lost link or a stream
+//   that cannot be loaded is a pause instead)
 //   active ─keepaliveTicked (silent past x-livemig-stall-timeout)→ failed (LM_ERR_PEER_SILENT)
 //
 // The statuses are QEMU's (MigrationStatus). Precopy ends with EOF and VMDESCRIPTION (or EOF and
@@ -224,6 +225,12 @@ export function destinationStep(state: DestinationState, event: DestinationEvent
           if (!state.finishing) return illegal();
           return complete(state, true);
         case 'loadFailed':
+          // As QEMU: once the guest runs here, a stream that cannot be loaded (garbled on the
+          // way, say) pauses instead of failing, so the pages only this side has are kept and a
+          // recovery can go on. A bug (internal, wrong state) still fails.
+          if (state.running && !state.finishing && event.error.code !== ErrorCode.INTERNAL && event.error.code !== ErrorCode.WRONG_STATE) {
+            return pause(state, event.error);
+          }
           return fail(state, event.error);
         default:
           return illegal();

@@ -23,6 +23,7 @@ import {
   readsStream,
   reportedStatus,
   showsPostcopyFigures,
+  StateError,
   TransportError,
 } from '../src/index.ts';
 
@@ -200,7 +201,7 @@ const BASE: Record<DestinationStatus, { state: DestinationState; rows: Rows }> =
     }),
   },
   'postcopy-recover': {
-    state: { ...POSTCOPY, status: 'postcopy-recover' },
+    state: { ...POSTCOPY, status: 'postcopy-recover', running: true },
     rows: only({
       returnPathOpened: ['postcopy-recover', []],
       pingReceived: ['postcopy-recover', ['sendPong']],
@@ -213,7 +214,7 @@ const BASE: Record<DestinationStatus, { state: DestinationState; rows: Rows }> =
       keepaliveTicked: ['postcopy-recover', []], // only postcopy-active watches for silence
       faultThreadEnded: ['postcopy-paused', PAUSE],
       pauseRequested: ['postcopy-paused', PAUSE],
-      loadFailed: ['failed', FAIL_WITH_RP],
+      loadFailed: ['postcopy-paused', PAUSE], // a garbled recovery stream: paused again, as QEMU
     }),
   },
   completed: {
@@ -274,6 +275,7 @@ const VARIANTS: { name: string; state: DestinationState; overrides: Partial<Rows
       channelLost: ['postcopy-paused', PAUSE],
       keepaliveTicked: ['postcopy-paused', PAUSE],
       faultThreadEnded: ['postcopy-paused', PAUSE],
+      loadFailed: ['postcopy-paused', PAUSE], // the guest runs here: keep its pages, as QEMU
     },
   },
   {
@@ -291,8 +293,9 @@ const VARIANTS: { name: string; state: DestinationState; overrides: Partial<Rows
   },
   {
     name: 'postcopy-recover, finishing (EOF seen)',
-    state: { ...POSTCOPY, status: 'postcopy-recover', finishing: true },
+    state: { ...POSTCOPY, status: 'postcopy-recover', running: true, finishing: true },
     overrides: {
+      loadFailed: ['failed', FAIL_WITH_RP],
       eofReceived: X,
       sourceEnded: ['postcopy-recover', []],
       channelLost: ['postcopy-recover', []],
@@ -472,6 +475,13 @@ describe('destination machine: data carried', () => {
     assert.match(cut.state.status === 'failed' ? cut.state.error.message : '', /inside the postcopy package before POSTCOPY_RUN/);
     const afterRun = step({ ...beforeRun, running: true }, EVENTS.sourceEnded, t0);
     assert.equal(afterRun.state.status, 'postcopy-paused');
+  });
+
+  it('a load error after POSTCOPY_RUN pauses (the guest runs here), but a bug still fails', () => {
+    const running: DestinationState = { ...POSTCOPY, running: true };
+    assert.equal(step(running, EVENTS.loadFailed, 0).state.status, 'postcopy-paused');
+    const bug = { type: 'loadFailed', error: new StateError('postcopy-active', 'listenReceived') } as const;
+    assert.equal(step(running, bug, 0).state.status, 'failed');
   });
 
   it('a recovery: the keepalive restarts from the resume, the return path is the recovery channel', () => {
