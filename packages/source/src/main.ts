@@ -45,8 +45,11 @@ livemig-destination or a QEMU destination in QEMU's migration stream format.
 
 migration:
   --migrate URI            migrate at start: tcp:HOST:PORT | unix:PATH | fd:N | exec:CMD | file:PATH
-  --capabilities LIST      capabilities to turn on first, comma-separated: return-path, events,
-                           xbzrle, auto-converge, postcopy-ram, postcopy-preempt, multifd, ...
+  --capabilities LIST      capabilities to set first, comma-separated: NAME turns it on, NAME=off
+                           off (return-path, events, xbzrle, auto-converge, postcopy-ram,
+                           postcopy-preempt, multifd, ...). return-path is on by default here
+                           (QEMU's is off): completed then means the destination loaded the
+                           stream; exec: and file: migrations leave it out unless it was set
   --parameters LIST        parameters to set first, NAME=VALUE comma-separated
                            (e.g. max-bandwidth=0,downtime-limit=300; max-bandwidth 0 = unlimited;
                            multifd-channels=2: the destination needs multifd with the same count)
@@ -85,11 +88,34 @@ const EXTRA = {
 const OUTGOING_TRANSPORTS = ['tcp', 'unix', 'fd', 'exec', 'file'] as const;
 
 /**
+ * livemig-source's capabilities that QEMU has off by default. return-path: `completed` then means
+ * the destination loaded the stream (its SHUT came back), not only that the stream was written.
+ * A QEMU destination needs nothing for it (it opens the return path when the stream asks), and
+ * `--capabilities return-path=off` or migrate-set-capabilities turns it off.
+ */
+const SOURCE_CAPABILITY_DEFAULTS = { 'return-path': true } as const;
+
+/** exec: and file: carry no bytes back: no return path there. */
+function isOneWay(address: MigrationAddress): boolean {
+  return address.transport === 'exec' || address.transport === 'file';
+}
+
+/** The capabilities one migration to `address` runs with: return-path left out of a one-way transport when only the default asked for it. */
+function capabilitiesFor(address: MigrationAddress, settings: MigrationSettings): MigrationSettings['capabilities'] {
+  const capabilities = { ...settings.capabilities };
+  if (isOneWay(address) && settings.byDefault.has('return-path')) capabilities['return-path'] = false;
+  return capabilities;
+}
+
+/**
  * What `migrate` refuses before anything starts, for these settings (QMP migrate and --migrate,
  * which checks it before the guest is prepared).
  */
 function refuseMigrate(address: MigrationAddress, settings: MigrationSettings): void {
   if (address.transport === 'defer') throw new QmpCommandError("'defer' is only for the destination (migrate-incoming)");
+  if (isOneWay(address) && settings.capabilities['return-path'] && !settings.byDefault.has('return-path')) {
+    throw new QmpCommandError(`return-path needs a connection both ways (tcp:, unix: or fd:): ${address.transport}: carries nothing back (turn return-path off)`);
+  }
   if (settings.capabilities['postcopy-preempt'] && address.transport !== 'tcp' && address.transport !== 'unix') {
     throw new QmpCommandError('postcopy-preempt needs a tcp: or unix: migration address');
   }
@@ -170,6 +196,7 @@ class SourceProcess {
     const settings = this.settings;
     // Refusals come before anything starts: the next migrate or set-capabilities must not be blocked.
     refuseMigrate(address, settings);
+    const capabilities = capabilitiesFor(address, settings);
     const preempt = settings.capabilities['postcopy-preempt'];
     const multifd = settings.capabilities.multifd;
     const log = this.log.child({ component: 'migration' });
@@ -235,7 +262,7 @@ class SourceProcess {
         this.connecting = undefined;
         const m = new OutgoingMigration({
           guest: this.guest,
-          capabilities: { ...settings.capabilities },
+          capabilities,
           parameters: { ...settings.parameters },
           channel,
           ...(preemptChannel === undefined ? {} : { preempt: preemptChannel }),
@@ -258,7 +285,7 @@ class SourceProcess {
         });
         this.migration = m;
         this.progressModel = new ProgressModel();
-        const on = Object.entries(settings.capabilities).filter(([, v]) => v).map(([k]) => k);
+        const on = Object.entries(capabilities).filter(([, v]) => v).map(([k]) => k);
         log.info({ uri, capabilities: on, maxBandwidth: settings.parameters['max-bandwidth'] }, 'migration started');
         this.showProgress(m);
         return m;
@@ -469,7 +496,7 @@ async function main(argv: string[]): Promise<void> {
   const settings = new MigrationSettings();
   const parsed = orExitWithUsage(program, () => {
     const f = guestFromFlags(values);
-    Object.assign(settings, settingsFromFlags(values));
+    Object.assign(settings, settingsFromFlags(values, SOURCE_CAPABILITY_DEFAULTS));
     if (values.migrate !== undefined) {
       try {
         refuseMigrate(addressForFlag('--migrate', values.migrate, OUTGOING_TRANSPORTS), settings);
@@ -497,6 +524,7 @@ async function main(argv: string[]): Promise<void> {
   const proc = new SourceProcess(guest, flags.machineType, log);
   proc.realtimePostcopy = values['realtime-postcopy'] === true;
   proc.settings.capabilities = settings.capabilities;
+  proc.settings.byDefault = settings.byDefault;
   proc.settings.parameters = settings.parameters;
   if (parsed.uuid !== undefined) proc.uuid = parsed.uuid;
   // As QEMU: a signal is a SHUTDOWN (reason host-signal) for the QMP clients, then the exit.
