@@ -37,7 +37,7 @@ for (const transport of ['tcp', 'unix'] as const) {
         const dst = await h.destination({ incoming: transport, paused: true, guest, capabilities: ['events'] });
         if (transport === 'tcp') assert.match(dst.incomingUri, /^tcp:127\.0\.0\.1:[1-9][0-9]*$/, 'port 0 resolved to a real port');
         else assert.equal(dst.incomingUri, `unix:${h.path('dst.mig')}`);
-        const src = await h.source({ guest, args: ['--capabilities', returnPath ? 'events,return-path' : 'events'] });
+        const src = await h.source({ guest, args: ['--capabilities', returnPath ? 'events,return-path' : 'events,return-path=off'] });
         assert.equal(await queryStatus(src), 'running');
         await sleep(300); // let the workload dirty memory first
 

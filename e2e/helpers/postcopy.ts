@@ -136,7 +136,7 @@ export async function assertQmpError(p: Promise<unknown>, desc: RegExp, qmpClass
   });
 }
 
-interface ProxyPair {
+export interface ProxyPair {
   client: net.Socket;
   upstream: net.Socket;
 }
@@ -154,6 +154,12 @@ interface ProxyPair {
  *                   reached without polling, e.g. inside a long stop-and-copy).
  *   cutBefore(b)    forward client → target up to the first occurrence of the bytes `b`, then
  *                   cut(): the client has written `b` and more, the target never sees it.
+ *   freezeBefore(b) as cutBefore, but freeze() instead of cut(): a point in the stream held.
+ *   thaw()          undo freeze(): forward again (what was held back is delivered).
+ *   reset()         destroy both sockets of every connection with a TCP RST (each end sees ECONNRESET).
+ *   garbleNext(n)   the next `n` bytes client → target become 0xff (a corrupting middlebox:
+ *                   record headers in them turn into flags and lengths no stream has).
+ *   onAccept(f)     call `f` for each connection as it is accepted, before any byte is forwarded.
  *   close()         cut() and stop listening (call it in finally).
  */
 export class TcpProxy {
@@ -165,8 +171,14 @@ export class TcpProxy {
   #delayReplies = 0;
   /** cutBefore(): the byte pattern, the last bytes seen client → target (a match may straddle chunks). */
   #cutPattern: Buffer | undefined;
+  /** What happens at #cutPattern: cut (cutBefore) or freeze (freezeBefore). */
+  #atPattern: 'cut' | 'freeze' = 'cut';
+  #garble = 0;
+  #onAccept: ((pair: ProxyPair) => void) | undefined;
   #freezeAfterUp = Infinity;
   #upTail = Buffer.alloc(0);
+  /** Bytes read while a freezeBefore() pattern froze the link, delivered by thaw(). */
+  #held: { to: net.Socket; chunk: Buffer; dir: 'up' | 'down' }[] = [];
   /** Bytes forwarded client → target and target → client. */
   forwarded = { up: 0, down: 0 };
 
@@ -188,6 +200,11 @@ export class TcpProxy {
     return proxy;
   }
 
+  /** True while nothing is forwarded (freeze(), or a freezeAfter / freezeBefore point reached). */
+  get frozen(): boolean {
+    return this.#frozen;
+  }
+
   get port(): number {
     return (this.#server.address() as net.AddressInfo).port;
   }
@@ -199,22 +216,42 @@ export class TcpProxy {
   #accept(client: net.Socket): void {
     const upstream = net.connect(this.#target.port, this.#target.host);
     this.pairs.push({ client, upstream });
+    // Both sockets of a pair exist (and have error listeners, below) before a hook may fault them.
+    const hook = this.#onAccept;
+    if (hook !== undefined) setImmediate(() => hook({ client, upstream }));
     const forward = (from: net.Socket, to: net.Socket, dir: 'up' | 'down'): void => {
       from.on('data', (chunk: Buffer) => {
-        if (this.#frozen || (dir === 'down' && this.#dropReplies)) return;
+        if (this.#frozen) {
+          // Paused sockets may still deliver a chunk already read: kept for thaw().
+          this.#held.push({ to, chunk, dir });
+          return;
+        }
+        if (dir === 'down' && this.#dropReplies) return;
         if (dir === 'up' && this.#cutPattern !== undefined) {
           const pattern = this.#cutPattern;
           const seen = Buffer.concat([this.#upTail, chunk]);
           const at = seen.indexOf(pattern);
           if (at >= 0) {
-            // Deliver what came before the pattern, then break every connection.
+            // Deliver what came before the pattern, then break (or freeze) every connection.
+            this.#cutPattern = undefined;
             this.#frozen = true;
             const before = chunk.subarray(0, Math.max(0, at - this.#upTail.length));
             this.forwarded.up += before.length;
-            to.write(before, () => this.cut());
+            if (this.#atPattern === 'cut') {
+              to.write(before, () => this.cut());
+            } else {
+              to.write(before);
+              this.#held.push({ to, chunk: chunk.subarray(before.length), dir });
+              this.freeze();
+            }
             return;
           }
           this.#upTail = seen.subarray(Math.max(0, seen.length - pattern.length + 1));
+        }
+        if (dir === 'up' && this.#garble > 0) {
+          const n = Math.min(this.#garble, chunk.length);
+          chunk.fill(0xff, 0, n);
+          this.#garble -= n;
         }
         this.forwarded[dir] += chunk.length;
         if (dir === 'up' && this.forwarded.up >= this.#freezeAfterUp) {
@@ -287,6 +324,51 @@ export class TcpProxy {
 
   cutBefore(pattern: Buffer): void {
     this.#cutPattern = pattern;
+    this.#atPattern = 'cut';
+  }
+
+  freezeBefore(pattern: Buffer): void {
+    this.#cutPattern = pattern;
+    this.#atPattern = 'freeze';
+  }
+
+  thaw(): void {
+    this.#frozen = false;
+    this.#freezeAfterUp = Infinity;
+    for (const { to, chunk, dir } of this.#held.splice(0)) {
+      if (to.destroyed) continue;
+      if (dir === 'down') {
+        this.forwarded.down += chunk.length;
+        to.write(chunk);
+        continue;
+      }
+      if (this.#garble > 0) {
+        const n = Math.min(this.#garble, chunk.length);
+        chunk.fill(0xff, 0, n);
+        this.#garble -= n;
+      }
+      this.forwarded.up += chunk.length;
+      to.write(chunk);
+    }
+    for (const { client, upstream } of this.pairs) {
+      client.resume();
+      upstream.resume();
+    }
+  }
+
+  reset(): void {
+    for (const { client, upstream } of this.pairs) {
+      client.resetAndDestroy();
+      upstream.resetAndDestroy();
+    }
+  }
+
+  garbleNext(bytes: number): void {
+    this.#garble = bytes;
+  }
+
+  onAccept(hook: (pair: ProxyPair) => void): void {
+    this.#onAccept = hook;
   }
 
   cut(): void {

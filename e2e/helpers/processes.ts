@@ -149,6 +149,8 @@ export interface SourceOptions {
   name?: string;
   /** Extra stdio entries after stdin/stdout/stderr: entry i becomes fd 3 + i in the child. */
   extraStdio?: Array<'pipe' | 'ignore' | 'inherit' | net.Socket | number | null>;
+  /** Run inside this network namespace (`ip netns exec NS node …`, which execs: the pid stays node's). */
+  netns?: string;
 }
 
 export interface DestinationOptions {
@@ -160,6 +162,8 @@ export interface DestinationOptions {
   capabilities?: string[];
   args?: string[];
   name?: string;
+  /** Run inside this network namespace (as SourceOptions.netns). */
+  netns?: string;
 }
 
 export class Harness {
@@ -190,9 +194,12 @@ export class Harness {
     return this.children.some((c) => c.name === name) ? `${name}${this.#count}` : name;
   }
 
-  async #start(name: string, main: string, args: string[], extraStdio: NonNullable<SourceOptions['extraStdio']> = []): Promise<Child> {
+  async #start(name: string, main: string, args: string[], extraStdio: NonNullable<SourceOptions['extraStdio']> = [], netns?: string): Promise<Child> {
+    // A unix QMP socket is a path: reachable from any network namespace.
     const qmpAddress = `unix:${this.path(`${name}.qmp`)}`;
-    const proc = spawn(process.execPath, [main, ...args, '--qmp', qmpAddress], {
+    const argv = [main, ...args, '--qmp', qmpAddress];
+    const [file, fileArgs] = netns === undefined ? [process.execPath, argv] : ['ip', ['netns', 'exec', netns, process.execPath, ...argv]];
+    const proc = spawn(file, fileArgs, {
       stdio: ['ignore', 'pipe', 'pipe', ...extraStdio],
       env: { ...process.env, LIVEMIG_LOG_LEVEL: process.env['LIVEMIG_LOG_LEVEL'] ?? 'info' },
     });
@@ -208,7 +215,7 @@ export class Harness {
 
   /** Start a livemig-source; resolves once its QMP accepts. */
   async source(o: SourceOptions): Promise<Child> {
-    return this.#start(this.#unique(o.name ?? 'src'), SOURCE_MAIN, [...o.guest, ...(o.args ?? [])], o.extraStdio);
+    return this.#start(this.#unique(o.name ?? 'src'), SOURCE_MAIN, [...o.guest, ...(o.args ?? [])], o.extraStdio, o.netns);
   }
 
   /**
@@ -222,7 +229,7 @@ export class Harness {
     if (o.paused === true) args.push('-S');
     if (o.capabilities !== undefined && o.capabilities.length > 0) args.push('--capabilities', o.capabilities.join(','));
     args.push(...(o.args ?? []));
-    const child = (await this.#start(name, DESTINATION_MAIN, args)) as Child & { incomingUri: string };
+    const child = (await this.#start(name, DESTINATION_MAIN, args, [], o.netns)) as Child & { incomingUri: string };
     // A stream file or command is read at once: there is no socket to report.
     child.incomingUri = incoming === 'defer' || /^(file|exec):/.test(incoming) ? incoming : await listeningAddress(child, 60_000);
     return child;

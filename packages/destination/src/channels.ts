@@ -5,9 +5,9 @@
 // business: this file reports what happened and does what it is told.
 
 import net from 'node:net';
-import { checkStreamHeader, ConfigError, ErrorCode, type MigrationError, MultifdReceiver, STREAM_HEADER_LENGTH, TransportError } from '@livemig/protocol';
+import { checkRecoveryStart, checkStreamHeader, ConfigError, ErrorCode, type MigrationError, MultifdReceiver, ProtocolError, RECOVERY_START_LENGTH, STREAM_HEADER_LENGTH, TransportError } from '@livemig/protocol';
 import type { Guest } from '@livemig/guest';
-import { adoptWithOnread, type ChannelListener, formatAddress, listenChannel, listenServer } from '@livemig/runtime';
+import { adoptWithOnread, type ChannelListener, formatAddress, listenServer } from '@livemig/runtime';
 
 /** Default of x-livemig-handshake-timeout: a source sends its stream header at once. */
 export const DEFAULT_HANDSHAKE_TIMEOUT_MS = 5_000;
@@ -66,6 +66,8 @@ export interface ChannelsOptions {
 /** A connection that has not yet shown whether it is a source (before the main channel is chosen). */
 interface Candidate {
   raw: net.Socket;
+  /** Who connected, for the log: host:port, or a unix socket peer. */
+  peer: string;
   chunks: Buffer[];
   bytes: number;
   timer: NodeJS.Timeout | undefined;
@@ -121,24 +123,33 @@ export class Channels {
         else if (this.o.multifd) this.acceptMultifd(raw, extra, prefix);
         else raw.destroy();
       },
-      true,
+      'stream header',
     );
     return this.addressText;
   }
 
   /** migrate-recover: listen for the source's recovery connection (and, with preempt, a new preempt channel). */
-  async listenForRecovery(address: string, onMain: (socket: net.Socket) => void): Promise<string> {
-    // A recovery channel carries no stream header: nothing to check it by (as QEMU 7.2).
-    if (this.o.preempt) return this.listenWithExtras(address, onMain, (raw, extra, server, tcp, prefix) => this.acceptPreempt(raw, extra, server, tcp, prefix), false);
-    const listener = await listenChannel(address, { allowHalfOpen: true, onread: this.o.reader });
-    listener.accepted.then(onMain, () => {});
-    return listener.addressText;
+  async listenForRecovery(address: string, onMain: (socket: net.Socket, prefix: Buffer) => void): Promise<string> {
+    // A recovery channel carries no stream header, but it starts with RECV_BITMAP: a silent or
+    // foreign client is dropped and the port stays open for the resuming source.
+    return this.listenWithExtras(
+      address,
+      (socket, prefix) => {
+        if (!this.o.preempt) this.server?.close();
+        onMain(socket, prefix);
+      },
+      (raw, extra, server, tcp, prefix) => {
+        if (this.o.preempt) this.acceptPreempt(raw, extra, server, tcp, prefix);
+        else raw.destroy();
+      },
+      'recovery',
+    );
   }
 
   /**
    * Listen for a main channel and the extra connections that follow it to the same address.
-   * Without `gate` the first connection is the main channel. With it, each connection must send
-   * the stream header within the handshake deadline, and the first that does is the main
+   * Each connection must send what `gate` names (a stream header, or a recovery channel's first
+   * record) within the handshake deadline, and the first that does is the main
    * channel; connections accepted before it are dropped, those accepted after it are its extras
    * (a source connects its main channel first: multifd and preempt connections follow it, and a
    * QEMU 7.2 preempt channel stays silent, so they are never held to the header). `onExtra` gets
@@ -148,8 +159,10 @@ export class Channels {
     address: string,
     onMain: (socket: net.Socket, prefix: Buffer) => void,
     onExtra: (raw: net.Socket, extra: number, server: net.Server, tcp: boolean, prefix: Buffer) => void,
-    gate: boolean,
+    gate: 'stream header' | 'recovery',
   ): Promise<string> {
+    const [check, need] = gate === 'recovery' ? [checkRecoveryStart, RECOVERY_START_LENGTH] : [checkStreamHeader, STREAM_HEADER_LENGTH];
+    const expected = gate === 'recovery' ? "a recovery channel's first record" : 'a stream header';
     const server = net.createServer({ pauseOnConnect: true, allowHalfOpen: true });
     const bound = await listenServer(server, address);
     const tcp = bound.transport === 'tcp';
@@ -169,7 +182,7 @@ export class Channels {
       if (i < 0) return;
       candidates.splice(i, 1);
       release(c);
-      const peer = c.raw.remoteAddress === undefined ? 'a unix socket peer' : `${c.raw.remoteAddress}:${c.raw.remotePort}`;
+      const peer = c.peer;
       c.raw.destroy();
       this.o.events.candidateDropped(reason, peer);
       // Held connections with nothing undecided before them any more are not extras: drop them.
@@ -206,19 +219,14 @@ export class Channels {
         onExtra(raw, ++extras, server, tcp, Buffer.alloc(0));
         return;
       }
-      if (!gate) {
-        extras = 0;
-        const socket = adoptWithOnread(raw, this.o.reader, { allowHalfOpen: true });
-        if (tcp) socket.setNoDelay(true);
-        onMain(socket, Buffer.alloc(0));
-        return;
-      }
       if (candidates.length >= MAX_CANDIDATES) {
         raw.destroy();
         return;
       }
       const c: Candidate = {
         raw,
+        // Named now: once reset, a TCP socket no longer knows its remote address.
+        peer: raw.remoteAddress === undefined ? 'a unix socket peer' : `${raw.remoteAddress}:${raw.remotePort}`,
         chunks: [],
         bytes: 0,
         timer: undefined,
@@ -227,7 +235,7 @@ export class Channels {
           c.chunks.push(chunk);
           c.bytes += chunk.length;
           const head = c.chunks.length === 1 ? chunk : Buffer.concat(c.chunks);
-          const verdict = checkStreamHeader(head.subarray(0, STREAM_HEADER_LENGTH));
+          const verdict: 'valid' | ProtocolError | null = check(head.subarray(0, need));
           if (verdict === 'valid') becomeMain(c);
           else if (verdict !== null) refuse(c, verdict);
         },
@@ -238,7 +246,7 @@ export class Channels {
           drop(
             c,
             c.invalid ??
-              new TransportError(ErrorCode.PEER_SILENT, 'main', `sent ${c.bytes === 0 ? 'nothing' : `${c.bytes} bytes, not a whole stream header,`} within the handshake deadline (x-livemig-handshake-timeout ${timeoutMs} ms)`),
+              new TransportError(ErrorCode.PEER_SILENT, 'main', `sent ${c.bytes === 0 ? 'nothing' : `${c.bytes} bytes, not ${expected} yet,`} within the handshake deadline (x-livemig-handshake-timeout ${timeoutMs} ms)`),
           ),
         timeoutMs,
       );
@@ -246,13 +254,13 @@ export class Channels {
       raw.on('data', c.onData);
       raw.on('error', () => {});
       // The server is allowHalfOpen: a FIN alone closes nothing, so a client that gave up is dropped here.
-      raw.on('end', () => drop(c, TransportError.lost('main', 'closed before it sent a stream header')));
+      raw.on('end', () => drop(c, TransportError.lost('main', `closed before it sent ${expected}`)));
       raw.on('close', () => {
         const i = candidates.indexOf(c);
         if (i >= 0) {
           candidates.splice(i, 1);
           clearTimeout(c.timer);
-          this.o.events.candidateDropped(TransportError.lost('main', 'closed before it sent a stream header'), raw.remoteAddress === undefined ? 'a unix socket peer' : `${raw.remoteAddress}:${raw.remotePort}`);
+          this.o.events.candidateDropped(TransportError.lost('main', `closed before it sent ${expected}`), c.peer);
           const head = candidates[0];
           if (head?.invalid !== undefined) drop(head, head.invalid);
         }

@@ -194,7 +194,7 @@ export class IncomingMigration {
     destinationStep(this.state, { type: 'recoverRequested' }, performance.now());
     // The fault thread must have let go of the broken link (and its claims be released) before pages come again.
     await this.faults.detached();
-    const address = await this.channels.listenForRecovery(uri, (socket) => this.onRecoveryConnection(socket));
+    const address = await this.channels.listenForRecovery(uri, (socket, prefix) => this.onRecoveryConnection(socket, prefix));
     this.dispatch({ type: 'recoverRequested' });
     return address;
   }
@@ -352,7 +352,7 @@ export class IncomingMigration {
     if (prefix.length > 0 && !this.stream.feed(prefix)) socket.pause();
   }
 
-  private onRecoveryConnection(socket: net.Socket): void {
+  private onRecoveryConnection(socket: net.Socket, prefix: Buffer): void {
     try {
       this.dispatch({ type: 'recoveryAccepted' });
     } catch (err) {
@@ -363,6 +363,8 @@ export class IncomingMigration {
     }
     this.channels.main = socket;
     this.watch(socket);
+    // Its first record was read to check it: decode it before the next read.
+    if (prefix.length > 0 && !this.stream.feed(prefix)) socket.pause();
   }
 
   private onPreempt(raw: net.Socket, tcp: boolean): void {

@@ -142,10 +142,19 @@ export function parameterList(text: string): Record<string, unknown> {
   return out;
 }
 
-/** `--capabilities a,b` as migrate-set-capabilities arguments turning each one on. */
-export function capabilitiesOn(list: string): { capability: string; state: true }[] {
+/**
+ * `--capabilities a,b=off,c=on` as migrate-set-capabilities arguments: a bare name turns it on,
+ * NAME=on / NAME=off set it (livemig-source's return-path is on unless turned off).
+ */
+export function capabilityList(list: string): { capability: string; state: boolean }[] {
   return list
     .split(',')
     .filter((c) => c.length > 0)
-    .map((capability) => ({ capability, state: true }));
+    .map((item) => {
+      const eq = item.indexOf('=');
+      if (eq < 0) return { capability: item, state: true };
+      const value = item.slice(eq + 1);
+      if (value !== 'on' && value !== 'off') throw new UsageError(`--capabilities item "${item}": the value must be on or off`);
+      return { capability: item.slice(0, eq), state: value === 'on' };
+    });
 }

@@ -20,7 +20,7 @@ import {
   DirtyRateSample,
   type Guest,
 } from '@livemig/guest';
-import { capabilitiesOn, parameterList, UsageError } from './flags.ts';
+import { capabilityList, parameterList, UsageError } from './flags.ts';
 import { QmpError, qmpEnum, type QmpMembers, type QmpType, RuntimeErrorCode, type QmpServer } from '@livemig/runtime';
 
 /** QAPI MigrationStatus, as the MIGRATION event's data names it. */
@@ -91,12 +91,32 @@ function parameterMembers(): QmpMembers {
 export class MigrationSettings {
   capabilities: Capabilities = defaultCapabilities();
   parameters: MigrationParameters = defaultParameters();
+  /**
+   * Capabilities on by this process's own default (not QEMU's) that nobody has set since: a
+   * migration may leave one out where it cannot work (return-path on exec: and file:).
+   */
+  byDefault = new Set<string>();
 }
 
-/** The settings `--capabilities` and `--parameters` ask for, checked as migrate-set-capabilities and -parameters check them. */
-export function settingsFromFlags(values: { capabilities?: string | undefined; parameters?: string | undefined }): MigrationSettings {
+/**
+ * The settings `--capabilities` and `--parameters` ask for, checked as migrate-set-capabilities
+ * and -parameters check them, over this process's `defaults` (capabilities QEMU has off).
+ */
+export function settingsFromFlags(
+  values: { capabilities?: string | undefined; parameters?: string | undefined },
+  defaults: Partial<Capabilities> = {},
+): MigrationSettings {
   const settings = new MigrationSettings();
-  if (values.capabilities !== undefined) settings.capabilities = applyCapabilities(settings.capabilities, capabilitiesOn(values.capabilities));
+  for (const [name, on] of Object.entries(defaults)) {
+    if (on !== true) continue;
+    settings.capabilities = applyCapabilities(settings.capabilities, [{ capability: name, state: true }]);
+    settings.byDefault.add(name);
+  }
+  if (values.capabilities !== undefined) {
+    const list = capabilityList(values.capabilities);
+    settings.capabilities = applyCapabilities(settings.capabilities, list);
+    for (const c of list) settings.byDefault.delete(c.capability);
+  }
   if (values.parameters !== undefined) {
     try {
       settings.parameters = applyParameters(settings.parameters, parameterList(values.parameters));
@@ -172,6 +192,7 @@ export function registerMachineCommands(server: QmpServer, guest: Guest, setting
   server.register('migrate-set-capabilities', (args) => {
     if (hooks.migrationRunning()) throw new QmpCommandError("There's a migration process in progress");
     settings.capabilities = applyCapabilities(settings.capabilities, args['capabilities']);
+    for (const c of args['capabilities'] as { capability: string }[]) settings.byDefault.delete(c.capability);
     return {};
   }, { args: { capabilities: [capabilityStatus] }, returns: {} });
 

@@ -4,7 +4,7 @@
 
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
-import { guestFromFlags, parameterList, QmpCommandError } from '../src/index.ts';
+import { capabilityList, guestFromFlags, parameterList, QmpCommandError, settingsFromFlags } from '../src/index.ts';
 
 describe('machine errors', () => {
   it('guest flags the guest refuses are a usage error, with the guest error as cause', () => {
@@ -25,6 +25,23 @@ describe('machine errors', () => {
     assert.throws(() => guestFromFlags({ fill: 'ones' }), { code: 'LM_ERR_USAGE', message: /--fill "ones"/ });
     assert.throws(() => parameterList('max-bandwidth'), { code: 'LM_ERR_USAGE' });
     assert.equal(guestFromFlags({}).guest.vcpus, 1);
+  });
+
+  it('--capabilities: NAME, NAME=on, NAME=off; a process default stays marked until set', () => {
+    assert.deepEqual(capabilityList('events,return-path=off,xbzrle=on'), [
+      { capability: 'events', state: true },
+      { capability: 'return-path', state: false },
+      { capability: 'xbzrle', state: true },
+    ]);
+    assert.throws(() => capabilityList('events=yes'), { code: 'LM_ERR_USAGE', message: /"events=yes": the value must be on or off/ });
+    const byDefault = settingsFromFlags({ capabilities: 'events' }, { 'return-path': true });
+    assert.equal(byDefault.capabilities['return-path'], true);
+    assert.deepEqual([...byDefault.byDefault], ['return-path']);
+    const off = settingsFromFlags({ capabilities: 'return-path=off' }, { 'return-path': true });
+    assert.equal(off.capabilities['return-path'], false);
+    assert.deepEqual([...off.byDefault], []);
+    const explicit = settingsFromFlags({ capabilities: 'return-path' }, { 'return-path': true });
+    assert.deepEqual([...explicit.byDefault], [], 'set explicitly: no longer a default');
   });
 
   it('QmpCommandError is a QMP error reply with its class and the message as desc', () => {

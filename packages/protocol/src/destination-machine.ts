@@ -6,7 +6,8 @@
 //
 //   none → setup (listening) → active ─┬─ VMDESCRIPTION / end of stream after EOF ─→ completed
 //                                      └─ POSTCOPY_LISTEN → postcopy-active ⇄ postcopy-paused → postcopy-recover
-//   any error while loading → failed (a lost link in postcopy is a pause instead)
+//   any error while loading → failed (in postcopy, once POSTCOPY_RUN is in, a lost link or a stream
+//   that cannot be loaded is a pause instead)
 //   active ─keepaliveTicked (silent past x-livemig-stall-timeout)→ failed (LM_ERR_PEER_SILENT)
 //
 // The statuses are QEMU's (MigrationStatus). Precopy ends with EOF and VMDESCRIPTION (or EOF and
@@ -198,15 +199,15 @@ export function destinationStep(state: DestinationState, event: DestinationEvent
         case 'sourceEnded':
           if (state.finishing) return stay();
           // A closed link is a pause, not the end (the final EOF ends it).
-          return pause(state, TransportError.lost('main', `the source closed the connection at stream offset ${event.streamOffset}`));
+          return pauseOrFailBeforeRun(state, TransportError.lost('main', `the source closed the connection at stream offset ${event.streamOffset}`));
         case 'channelLost':
-          return state.finishing ? stay() : pause(state, event.error);
+          return state.finishing ? stay() : pauseOrFailBeforeRun(state, event.error);
         case 'keepaliveTicked': {
           const lastByteAtMs = Math.max(state.lastByteAtMs, event.lastByteAtMs);
           const silentMs = now - lastByteAtMs;
           // A livemig source PINGs at least every 500 ms while postcopy runs; a QEMU source sends no keepalive.
           if (state.status === 'postcopy-active' && !state.finishing && state.peerIsLivemig && silentMs > KEEPALIVE_TIMEOUT_MS) {
-            return pause(state, new TransportError(ErrorCode.PEER_SILENT, 'main', `no data from the source for ${Math.round(silentMs)} ms: link presumed broken`));
+            return pauseOrFailBeforeRun(state, new TransportError(ErrorCode.PEER_SILENT, 'main', `no data from the source for ${Math.round(silentMs)} ms: link presumed broken`));
           }
           return lastByteAtMs === state.lastByteAtMs ? stay() : { state: { ...state, lastByteAtMs }, actions: [] };
         }
@@ -216,7 +217,7 @@ export function destinationStep(state: DestinationState, event: DestinationEvent
         case 'faultThreadEnded':
           // Only a thread that owns the preempt connection carries the link.
           if (state.finishing || state.faults !== 'fault-thread' || state.preempt !== 'taken') return stay();
-          return pause(state, TransportError.lost('preempt', event.reason));
+          return pauseOrFailBeforeRun(state, TransportError.lost('preempt', event.reason));
         case 'pauseRequested':
           if (state.finishing) return refusePause(state);
           return pause(state, TransportError.lost('main', 'paused by migrate-pause'));
@@ -224,6 +225,12 @@ export function destinationStep(state: DestinationState, event: DestinationEvent
           if (!state.finishing) return illegal();
           return complete(state, true);
         case 'loadFailed':
+          // As QEMU: once the guest runs here, a stream that cannot be loaded (garbled on the
+          // way, say) pauses instead of failing, so the pages only this side has are kept and a
+          // recovery can go on. A bug (internal, wrong state) still fails.
+          if (state.running && !state.finishing && event.error.code !== ErrorCode.INTERNAL && event.error.code !== ErrorCode.WRONG_STATE) {
+            return pause(state, event.error);
+          }
           return fail(state, event.error);
         default:
           return illegal();
@@ -344,6 +351,24 @@ function pause(state: Extract<DestinationState, { status: 'postcopy-active' | 'p
     },
     actions: [{ type: 'dropLink', reason }, { type: 'emitStatus', status: 'postcopy-paused' }],
   };
+}
+
+/**
+ * A lost link in postcopy-active pauses, unless POSTCOPY_RUN has not arrived yet: then the link
+ * broke inside the postcopy package (LISTEN, the device state, RUN), which QEMU loads whole. The
+ * device state here may be incomplete and a recovery resends RAM only, never the package, so a
+ * recovered migration would end with a guest that was never told to run: fail instead, as a
+ * QEMU destination does (it has not started listening before the whole package is in).
+ */
+function pauseOrFailBeforeRun(state: Extract<DestinationState, { status: 'postcopy-active' | 'postcopy-recover' }>, reason: MigrationError): DestinationStep {
+  if (state.status !== 'postcopy-active' || state.running) return pause(state, reason);
+  const error = new TransportError(
+    reason.code === ErrorCode.PEER_SILENT ? ErrorCode.PEER_SILENT : ErrorCode.CHANNEL_LOST,
+    reason instanceof TransportError ? reason.channel : 'main',
+    `${reason.message}, inside the postcopy package before POSTCOPY_RUN: its device state may be incomplete and a recovery cannot resend it, so the migration cannot resume (the guest never ran here)`,
+    { cause: reason },
+  );
+  return fail(state, error);
 }
 
 function fail(state: DestinationState, error: MigrationError): DestinationStep {

@@ -7,7 +7,7 @@
 //   footer: u8 0x7e | be32 section_id
 //   u8 0x00 (EOF) | u8 0x06 be32 len json (VMDESCRIPTION, only after the final EOF)
 
-import { QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION, RecordType, type SectionKind } from './constants.ts';
+import { MigCmd, QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION, RecordType, type SectionKind } from './constants.ts';
 import { ErrorCode, MigrationError, ProtocolError } from './errors.ts';
 import type { BatchWriter } from './writer.ts';
 
@@ -39,6 +39,28 @@ export function checkStreamHeader(first: Uint8Array): 'valid' | ProtocolError | 
   const version = b.readUInt32BE(4);
   if (version !== QEMU_VM_FILE_VERSION) {
     return new ProtocolError(ErrorCode.UNSUPPORTED_VERSION, `stream version ${version} is not supported (only version 3)`, { streamOffset: 4 });
+  }
+  return 'valid';
+}
+
+/** Bytes checkRecoveryStart needs: the record type and the command number. */
+export const RECOVERY_START_LENGTH = 3;
+
+/**
+ * The recovery port's handshake: whether a connection starts as a postcopy recovery channel.
+ * It carries no stream header; a resuming source (QEMU 7.2 and livemig alike) first asks for
+ * the destination's received bitmaps, so its first record is QEMU_VM_COMMAND RECV_BITMAP.
+ * `null`: not enough bytes to tell yet.
+ */
+export function checkRecoveryStart(first: Uint8Array): 'valid' | ProtocolError | null {
+  if (first.byteLength < 1) return null;
+  if (first[0] !== RecordType.COMMAND) {
+    return new ProtocolError(ErrorCode.UNKNOWN_RECORD_TYPE, `not a postcopy recovery channel: it starts with 0x${first[0]!.toString(16).padStart(2, '0')}, expected a RECV_BITMAP command (0x08)`, { streamOffset: 0 });
+  }
+  if (first.byteLength < RECOVERY_START_LENGTH) return null;
+  const command = (first[1]! << 8) | first[2]!;
+  if (command !== MigCmd.RECV_BITMAP) {
+    return new ProtocolError(ErrorCode.UNEXPECTED_COMMAND, `not a postcopy recovery channel: its first command is ${command}, expected RECV_BITMAP (${MigCmd.RECV_BITMAP})`, { streamOffset: 1 });
   }
   return 'valid';
 }

@@ -7,6 +7,7 @@ import { describe, it } from 'node:test';
 import { deflateSync } from 'node:zlib';
 import {
   BatchWriter,
+  checkRecoveryStart,
   type DecoderEvent,
   MigCmd,
   NEED_MORE,
@@ -234,6 +235,17 @@ describe('command encoders: exact bytes', () => {
     assert.equal(enc((w) => writePackaged(w, 0x1234)), h('08 0007 0004 00001234'));
     assert.equal(enc((w) => writePackaged(w, 0xffffffff)), h('08 0007 0004 ffffffff'));
     assert.equal(enc((w) => writeRecvBitmapRequest(w, PC)), h(`08 000a 0007 06 ${PC_HEX}`));
+  });
+
+  it('checkRecoveryStart: a recovery channel opens with RECV_BITMAP; anything else is refused with a code', () => {
+    const request = Buffer.from(enc((w) => writeRecvBitmapRequest(w, PC)), 'hex');
+    assert.equal(checkRecoveryStart(request), 'valid');
+    assert.equal(checkRecoveryStart(request.subarray(0, 2)), null, 'too few bytes to tell');
+    assert.equal(checkRecoveryStart(Buffer.alloc(0)), null);
+    const notCommand = checkRecoveryStart(Buffer.from('GET / HTTP/1.1'));
+    assert.equal(notCommand !== 'valid' && notCommand?.code, 'LM_ERR_UNKNOWN_RECORD_TYPE');
+    const otherCommand = checkRecoveryStart(Buffer.from(h('08 0005 0000'), 'hex'));
+    assert.equal(otherCommand !== 'valid' && otherCommand?.code, 'LM_ERR_UNEXPECTED_COMMAND');
   });
 });
 

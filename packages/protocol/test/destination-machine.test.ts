@@ -23,6 +23,7 @@ import {
   readsStream,
   reportedStatus,
   showsPostcopyFigures,
+  StateError,
   TransportError,
 } from '../src/index.ts';
 
@@ -173,11 +174,12 @@ const BASE: Record<DestinationStatus, { state: DestinationState; rows: Rows }> =
       vmdescriptionReceived: X,
       ramSectionEnded: ['postcopy-active', ['awaitMultifdSync']],
       multifdSynced: X,
-      sourceEnded: ['postcopy-paused', PAUSE],
-      channelLost: ['postcopy-paused', PAUSE],
-      keepaliveTicked: ['postcopy-paused', PAUSE], // silent for NOW_MS
+      // Before POSTCOPY_RUN (this sample): a lost link fails, the package cannot be resent.
+      sourceEnded: ['failed', FAIL_WITH_RP],
+      channelLost: ['failed', FAIL_WITH_RP],
+      keepaliveTicked: ['failed', FAIL_WITH_RP], // silent for NOW_MS
       preemptAccepted: X, // one is taken already
-      faultThreadEnded: ['postcopy-paused', PAUSE],
+      faultThreadEnded: ['failed', FAIL_WITH_RP],
       pauseRequested: ['postcopy-paused', PAUSE],
       recoverRequested: X,
       recoveryAccepted: X,
@@ -199,7 +201,7 @@ const BASE: Record<DestinationStatus, { state: DestinationState; rows: Rows }> =
     }),
   },
   'postcopy-recover': {
-    state: { ...POSTCOPY, status: 'postcopy-recover' },
+    state: { ...POSTCOPY, status: 'postcopy-recover', running: true },
     rows: only({
       returnPathOpened: ['postcopy-recover', []],
       pingReceived: ['postcopy-recover', ['sendPong']],
@@ -212,7 +214,7 @@ const BASE: Record<DestinationStatus, { state: DestinationState; rows: Rows }> =
       keepaliveTicked: ['postcopy-recover', []], // only postcopy-active watches for silence
       faultThreadEnded: ['postcopy-paused', PAUSE],
       pauseRequested: ['postcopy-paused', PAUSE],
-      loadFailed: ['failed', FAIL_WITH_RP],
+      loadFailed: ['postcopy-paused', PAUSE], // a garbled recovery stream: paused again, as QEMU
     }),
   },
   completed: {
@@ -265,6 +267,18 @@ const VARIANTS: { name: string; state: DestinationState; overrides: Partial<Rows
     overrides: { vmdescriptionReceived: X, sourceEnded: ['active', []], channelLost: ['active', []], keepaliveTicked: ['active', []], loadFinished: ['completed', COMPLETE] },
   },
   {
+    name: 'postcopy-active after POSTCOPY_RUN',
+    state: { ...POSTCOPY, running: true },
+    overrides: {
+      runReceived: X,
+      sourceEnded: ['postcopy-paused', PAUSE],
+      channelLost: ['postcopy-paused', PAUSE],
+      keepaliveTicked: ['postcopy-paused', PAUSE],
+      faultThreadEnded: ['postcopy-paused', PAUSE],
+      loadFailed: ['postcopy-paused', PAUSE], // the guest runs here: keep its pages, as QEMU
+    },
+  },
+  {
     name: 'postcopy-active, finishing (EOF seen)',
     state: { ...POSTCOPY, finishing: true },
     overrides: {
@@ -279,8 +293,9 @@ const VARIANTS: { name: string; state: DestinationState; overrides: Partial<Rows
   },
   {
     name: 'postcopy-recover, finishing (EOF seen)',
-    state: { ...POSTCOPY, status: 'postcopy-recover', finishing: true },
+    state: { ...POSTCOPY, status: 'postcopy-recover', running: true, finishing: true },
     overrides: {
+      loadFailed: ['failed', FAIL_WITH_RP],
       eofReceived: X,
       sourceEnded: ['postcopy-recover', []],
       channelLost: ['postcopy-recover', []],
@@ -436,7 +451,7 @@ describe('destination machine: data carried', () => {
 
   it('keepalive: silence past KEEPALIVE_TIMEOUT_MS from a livemig source pauses with LM_ERR_PEER_SILENT; bytes or a QEMU source do not', () => {
     const t0 = 1_000;
-    const s: DestinationState = { ...POSTCOPY, lastByteAtMs: t0 };
+    const s: DestinationState = { ...POSTCOPY, running: true, lastByteAtMs: t0 };
     const quiet = step(s, { type: 'keepaliveTicked', lastByteAtMs: t0 }, t0 + KEEPALIVE_TIMEOUT_MS);
     assert.equal(quiet.state.status, 'postcopy-active', 'exactly the timeout is not yet silence');
     const late = step(s, { type: 'keepaliveTicked', lastByteAtMs: t0 }, t0 + KEEPALIVE_TIMEOUT_MS + 1);
@@ -447,6 +462,26 @@ describe('destination machine: data carried', () => {
     assert.equal(fed.state.status === 'postcopy-active' && fed.state.lastByteAtMs, t0 + 2_000);
     const qemu = step({ ...s, peerIsLivemig: false }, { type: 'keepaliveTicked', lastByteAtMs: t0 }, t0 + 60_000);
     assert.equal(qemu.state.status, 'postcopy-active');
+  });
+
+  it('a link lost before POSTCOPY_RUN fails (keeping the silence code) instead of pausing: the package cannot be resent', () => {
+    const t0 = 1_000;
+    const beforeRun: DestinationState = { ...POSTCOPY, running: false, lastByteAtMs: t0 };
+    const silent = step(beforeRun, { type: 'keepaliveTicked', lastByteAtMs: t0 }, t0 + KEEPALIVE_TIMEOUT_MS + 1);
+    assert.equal(silent.state.status, 'failed');
+    assert.equal(silent.state.status === 'failed' && silent.state.error.code, ErrorCode.PEER_SILENT);
+    const cut = step(beforeRun, EVENTS.sourceEnded, t0);
+    assert.equal(cut.state.status === 'failed' && cut.state.error.code, ErrorCode.CHANNEL_LOST);
+    assert.match(cut.state.status === 'failed' ? cut.state.error.message : '', /inside the postcopy package before POSTCOPY_RUN/);
+    const afterRun = step({ ...beforeRun, running: true }, EVENTS.sourceEnded, t0);
+    assert.equal(afterRun.state.status, 'postcopy-paused');
+  });
+
+  it('a load error after POSTCOPY_RUN pauses (the guest runs here), but a bug still fails', () => {
+    const running: DestinationState = { ...POSTCOPY, running: true };
+    assert.equal(step(running, EVENTS.loadFailed, 0).state.status, 'postcopy-paused');
+    const bug = { type: 'loadFailed', error: new StateError('postcopy-active', 'listenReceived') } as const;
+    assert.equal(step(running, bug, 0).state.status, 'failed');
   });
 
   it('a recovery: the keepalive restarts from the resume, the return path is the recovery channel', () => {

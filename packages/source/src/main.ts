@@ -52,8 +52,11 @@ livemig-destination or a QEMU destination in QEMU's migration stream format.
 
 migration:
   --migrate URI            migrate at start: tcp:HOST:PORT | unix:PATH | fd:N | exec:CMD | file:PATH
-  --capabilities LIST      capabilities to turn on first, comma-separated: return-path, events,
-                           xbzrle, auto-converge, postcopy-ram, postcopy-preempt, multifd, ...
+  --capabilities LIST      capabilities to set first, comma-separated: NAME turns it on, NAME=off
+                           off (return-path, events, xbzrle, auto-converge, postcopy-ram,
+                           postcopy-preempt, multifd, ...). return-path is on by default here
+                           (QEMU's is off): completed then means the destination loaded the
+                           stream; exec: and file: migrations leave it out unless it was set
   --parameters LIST        parameters to set first, NAME=VALUE comma-separated
                            (e.g. max-bandwidth=0,downtime-limit=300; max-bandwidth 0 = unlimited;
                            multifd-channels=2: the destination needs multifd with the same count)
@@ -107,6 +110,26 @@ const EXTRA = {
 const OUTGOING_TRANSPORTS = ['tcp', 'unix', 'fd', 'exec', 'file'] as const;
 
 /**
+ * livemig-source's capabilities that QEMU has off by default. return-path: `completed` then means
+ * the destination loaded the stream (its SHUT came back), not only that the stream was written.
+ * A QEMU destination needs nothing for it (it opens the return path when the stream asks), and
+ * `--capabilities return-path=off` or migrate-set-capabilities turns it off.
+ */
+const SOURCE_CAPABILITY_DEFAULTS = { 'return-path': true } as const;
+
+/** exec: and file: carry no bytes back: no return path there. */
+function isOneWay(address: MigrationAddress): boolean {
+  return address.transport === 'exec' || address.transport === 'file';
+}
+
+/** The capabilities one migration to `address` runs with: return-path left out of a one-way transport when only the default asked for it. */
+function capabilitiesFor(address: MigrationAddress, settings: MigrationSettings): MigrationSettings['capabilities'] {
+  const capabilities = { ...settings.capabilities };
+  if (isOneWay(address) && settings.byDefault.has('return-path')) capabilities['return-path'] = false;
+  return capabilities;
+}
+
+/**
  * What `migrate` refuses before anything starts, for these settings (QMP migrate and --migrate,
  * which checks it before the guest is prepared).
  */
@@ -118,7 +141,8 @@ function refuseMigrate(address: MigrationAddress, settings: MigrationSettings, r
       throw new QmpCommandError("mode cpr-exec needs the new image's command: set parameter cpr-exec-command (a list of strings, its argv)");
     }
     if (address.transport !== 'file') throw new QmpCommandError(`mode cpr-exec saves the state to a file: use a file: URI, not ${address.transport}:`);
-    if (c['postcopy-ram'] || c.multifd || c['return-path']) {
+    // return-path on only by default is dropped for a file: (one-way) address, as for any migrate.
+    if (c['postcopy-ram'] || c.multifd || (c['return-path'] && !settings.byDefault.has('return-path'))) {
       throw new QmpCommandError('mode cpr-exec cannot be used with capability postcopy-ram, multifd or return-path (nothing runs on the other side)');
     }
     if (!ramShared) {
@@ -128,6 +152,9 @@ function refuseMigrate(address: MigrationAddress, settings: MigrationSettings, r
           : `mode cpr-exec needs guest RAM in shared memory, and ${native.unavailableReason === '' ? 'the native addon is missing' : `the native addon (@livemig/native) is not built: ${native.unavailableReason}`}`,
       );
     }
+  }
+  if (isOneWay(address) && settings.capabilities['return-path'] && !settings.byDefault.has('return-path')) {
+    throw new QmpCommandError(`return-path needs a connection both ways (tcp:, unix: or fd:): ${address.transport}: carries nothing back (turn return-path off)`);
   }
   if (settings.capabilities['postcopy-preempt'] && address.transport !== 'tcp' && address.transport !== 'unix') {
     throw new QmpCommandError('postcopy-preempt needs a tcp: or unix: migration address');
@@ -228,6 +255,7 @@ class SourceProcess {
     const settings = this.settings;
     // Refusals come before anything starts: the next migrate or set-capabilities must not be blocked.
     refuseMigrate(address, settings, this.sharedRam !== undefined);
+    const capabilities = capabilitiesFor(address, settings);
     const sharedRam = this.sharedRam;
     const cprCommand = settings.parameters.mode === 'cpr-exec' ? [...settings.parameters['cpr-exec-command']] : undefined;
     const preempt = settings.capabilities['postcopy-preempt'];
@@ -296,7 +324,7 @@ class SourceProcess {
         this.connecting = undefined;
         const m = new OutgoingMigration({
           guest: this.guest,
-          capabilities: { ...settings.capabilities },
+          capabilities,
           parameters: { ...settings.parameters },
           channel,
           ...(preemptChannel === undefined ? {} : { preempt: preemptChannel }),
@@ -324,7 +352,7 @@ class SourceProcess {
         });
         this.migration = m;
         this.progressModel = new ProgressModel();
-        const on = Object.entries(settings.capabilities).filter(([, v]) => v).map(([k]) => k);
+        const on = Object.entries(capabilities).filter(([, v]) => v).map(([k]) => k);
         this.recordTimeline(m, uri, on);
         log.info({ uri, capabilities: on, maxBandwidth: settings.parameters['max-bandwidth'] }, 'migration started');
         this.showProgress(m);
@@ -579,7 +607,7 @@ async function main(argv: string[]): Promise<void> {
   const settings = new MigrationSettings();
   const parsed = orExitWithUsage(program, () => {
     const f = guestFromFlags(values);
-    Object.assign(settings, settingsFromFlags(values));
+    Object.assign(settings, settingsFromFlags(values, SOURCE_CAPABILITY_DEFAULTS));
     if (values.migrate !== undefined) {
       try {
         const ramShared = values['shared-ram'] === true || values['incoming-cpr'] !== undefined;
@@ -639,6 +667,7 @@ async function main(argv: string[]): Promise<void> {
   proc.sharedRam = sharedRam;
   proc.realtimePostcopy = values['realtime-postcopy'] === true;
   proc.settings.capabilities = settings.capabilities;
+  proc.settings.byDefault = settings.byDefault;
   proc.settings.parameters = settings.parameters;
   if (parsed.uuid !== undefined) proc.uuid = parsed.uuid;
   proc.timelinePath = parsed.timeline;
