@@ -82,6 +82,11 @@ export interface MachineHooks {
   migrationRunning(): boolean;
   /** Parameters changed (e.g. max-bandwidth mid-migration). */
   parametersChanged?(p: MigrationParameters): void;
+  /**
+   * migrate-continue {state}: the outgoing migration's status must be `state` (the source's
+   * pause-before-switchover). Without it (a destination) the outgoing status is always `none`.
+   */
+  continueMigration?(state: string): void;
   quit(): void;
 }
 
@@ -142,6 +147,13 @@ export function registerMachineCommands(server: QmpServer, guest: Guest, setting
     settings.capabilities = applyCapabilities(settings.capabilities, args['capabilities']);
     return {};
   }, { args: { capabilities: [capabilityStatus] }, returns: {} });
+
+  server.register('migrate-continue', (args) => {
+    const state = String(args['state']);
+    if (hooks.continueMigration !== undefined) hooks.continueMigration(state);
+    else if (state !== 'none') throw new QmpCommandError('Migration not in expected state: none');
+    return {};
+  }, { args: { state: qmpEnum(MIGRATION_STATUSES) }, returns: {} });
 
   const parameters = parameterMembers();
   server.register('query-migrate-parameters', () => ({ ...settings.parameters }), { args: {}, returns: parameters });

@@ -6,6 +6,8 @@
 //
 //   setup ─setupSent→ active ─postcopyStarted→ postcopy-active ⇄ postcopy-paused → postcopy-recover
 //                       │ iterating → stop-copy → awaiting-shut ─shutReceived(0)→ completed
+//                       └ pause-before-switchover: ─switchoverStarted→ pre-switchover ─continueRequested→
+//                         device (stop-copy → awaiting-shut → completed), or postcopy-active
 //   any running state ─faulted→ failing ─(destination's reason or 500 ms)→ restore guest → failed
 //   any running state ─cancelRequested→ cancelling ─guestRestored→ cancelled
 //   setup, active ─keepaliveTicked (no progress for stallTimeoutMs)→ failing (LM_ERR_PEER_SILENT)
@@ -47,15 +49,25 @@ export interface SourceCommon {
   readonly runConfirmedAt: number | undefined;
   /** x-livemig-stall-timeout: setup and precopy fail after this long without progress (ms). */
   readonly stallTimeoutMs: number;
+  /** Capability pause-before-switchover: the stopped guest waits in pre-switchover for migrate-continue. */
+  readonly pauseBeforeSwitchover: boolean;
 }
 
 /** Statuses in which the migration is still under way. */
-export type RunningStatus = 'setup' | 'active' | 'postcopy-active' | 'postcopy-paused' | 'postcopy-recover';
+export type RunningStatus = 'setup' | 'active' | 'pre-switchover' | 'device' | 'postcopy-active' | 'postcopy-paused' | 'postcopy-recover';
 
 export type SourceState =
   | (SourceCommon & { readonly status: 'setup' })
   /** Precopy: iterating, then the guest stopped (stop-copy), then waiting for the destination's SHUT. */
   | (SourceCommon & { readonly status: 'active'; readonly phase: 'iterating' | 'stop-copy' | 'awaiting-shut' })
+  /**
+   * pause-before-switchover: the guest is stopped, nothing more is sent until migrate-continue.
+   * `then`: where the switchover goes; `continued`: postcopy's continue came (the status stays
+   * until postcopy starts, as QEMU 7.2 goes straight from pre-switchover to postcopy-active).
+   */
+  | (SourceCommon & { readonly status: 'pre-switchover'; readonly then: 'device' | 'postcopy'; readonly continued: boolean })
+  /** After migrate-continue (QEMU 7.2 reports `device` only then): the final device state, then SHUT. */
+  | (SourceCommon & { readonly status: 'device'; readonly phase: 'stop-copy' | 'awaiting-shut' })
   /** `ending`: END, EOF sent; waiting for SHUT. `lastHeardAt`: the return path's last byte (keepalive). */
   | (SourceCommon & { readonly status: 'postcopy-active'; readonly lastHeardAt: number; readonly ending: boolean })
   | (SourceCommon & { readonly status: 'postcopy-paused'; readonly reason: MigrationError })
@@ -83,6 +95,8 @@ export type SourceStatus = SourceState['status'];
 export const SOURCE_STATUSES = [
   'setup',
   'active',
+  'pre-switchover',
+  'device',
   'postcopy-active',
   'postcopy-paused',
   'postcopy-recover',
@@ -96,7 +110,8 @@ export const SOURCE_STATUSES = [
 export type SourceEvent =
   // the migration thread
   | { readonly type: 'setupSent' }
-  | { readonly type: 'switchoverStarted' }
+  /** The guest stopped for the switchover; `postcopy`: postcopy follows rather than precopy's end. */
+  | { readonly type: 'switchoverStarted'; readonly postcopy: boolean }
   | { readonly type: 'finalStateSent' }
   | { readonly type: 'postcopyStarted' }
   | { readonly type: 'postcopyStreamEnded' }
@@ -115,6 +130,8 @@ export type SourceEvent =
   | { readonly type: 'cancelRequested' }
   | { readonly type: 'pauseRequested' }
   | { readonly type: 'resumeRequested' }
+  /** migrate-continue: `state` is the status the client expects the migration to be in. */
+  | { readonly type: 'continueRequested'; readonly state: string }
   // timers and the adapter's own completions
   /**
    * The keepalive timer (every KEEPALIVE_INTERVAL_MS, from the start). `lastProgressAt`: the
@@ -146,6 +163,7 @@ export const SOURCE_EVENT_TYPES = [
   'cancelRequested',
   'pauseRequested',
   'resumeRequested',
+  'continueRequested',
   'keepaliveTicked',
   'reasonTimerFired',
   'guestRestored',
@@ -196,6 +214,7 @@ export function initialSourceState(options: {
   blocks: readonly { idstr: string; length: number }[];
   postcopyRequested?: boolean;
   stallTimeoutMs?: number;
+  pauseBeforeSwitchover?: boolean;
 }): SourceState {
   return {
     status: 'setup',
@@ -206,6 +225,7 @@ export function initialSourceState(options: {
     destinationReport: undefined,
     runConfirmedAt: undefined,
     stallTimeoutMs: options.stallTimeoutMs ?? DEFAULT_STALL_TIMEOUT_MS,
+    pauseBeforeSwitchover: options.pauseBeforeSwitchover ?? false,
   };
 }
 
@@ -239,21 +259,38 @@ export function sourceStep(state: SourceState, event: SourceEvent, now: number):
       return { state: { ...s, status: 'active', phase: 'iterating' }, actions: [{ type: 'emitStatus', status: 'active' }] };
 
     case 'switchoverStarted':
+      // The guest has stopped. With pause-before-switchover nothing more goes out until migrate-continue.
       if (s.status !== 'active' || s.phase !== 'iterating') return illegal();
+      if (s.pauseBeforeSwitchover) {
+        const then = event.postcopy ? 'postcopy' : 'device';
+        return { state: { ...common(s), status: 'pre-switchover', then, continued: false }, actions: [{ type: 'emitStatus', status: 'pre-switchover' }] };
+      }
       return same({ ...s, phase: 'stop-copy' });
 
+    case 'continueRequested':
+      // QEMU's check and text; a continue in the state it names, but not pre-switchover, does nothing.
+      if (event.state !== sourceReportedStatus(s)) {
+        throw new StateError(sourceReportedStatus(s), event.type, `Migration not in expected state: ${sourceReportedStatus(s)}`);
+      }
+      if (s.status !== 'pre-switchover') return same(s);
+      // Postcopy goes straight to postcopy-active at postcopyStarted (QEMU 7.2 shows no `device` there).
+      if (s.then === 'postcopy') return same({ ...s, continued: true });
+      return { state: { ...common(s), status: 'device', phase: 'stop-copy' }, actions: [{ type: 'emitStatus', status: 'device' }] };
+
     case 'finalStateSent':
-      if (s.status !== 'active' || s.phase !== 'stop-copy') return illegal();
+      if ((s.status !== 'active' && s.status !== 'device') || s.phase !== 'stop-copy') return illegal();
       // Without a return path nothing will confirm: the stream is out, and that is all we can know.
       if (!s.returnPath) return complete(s);
       return same({ ...s, phase: 'awaiting-shut' });
 
-    case 'postcopyStarted':
-      if (s.status !== 'active' || s.phase === 'awaiting-shut') return illegal();
+    case 'postcopyStarted': {
+      const mayStart = (s.status === 'active' && s.phase !== 'awaiting-shut') || (s.status === 'pre-switchover' && s.then === 'postcopy' && s.continued);
+      if (!mayStart) return illegal();
       return {
         state: { ...common(s), status: 'postcopy-active', lastHeardAt: now, ending: false },
         actions: [{ type: 'emitStatus', status: 'postcopy-active' }, { type: 'startPostcopyPaging' }, { type: 'startKeepalive' }],
       };
+    }
 
     case 'postcopyStreamEnded':
       if (s.status !== 'postcopy-active' || s.ending) return illegal();
@@ -322,7 +359,8 @@ export function sourceStep(state: SourceState, event: SourceEvent, now: number):
       };
 
     case 'postcopyRequested':
-      // QEMU answers {} whenever postcopy-ram is on; it matters only before the switchover.
+      // QEMU answers {} whenever postcopy-ram is on; it matters only before the switchover (the
+      // choice between precopy's end and postcopy is made before pre-switchover).
       if (s.status === 'setup' || (s.status === 'active' && s.phase === 'iterating')) return same({ ...s, postcopyRequested: true });
       return same(s);
 
@@ -356,7 +394,7 @@ export function sourceStep(state: SourceState, event: SourceEvent, now: number):
       };
 
     case 'keepaliveTicked':
-      if (s.status === 'setup' || s.status === 'active') return precopyTicked(s, event.lastProgressAt, now);
+      if (s.status === 'setup' || s.status === 'active' || s.status === 'pre-switchover' || s.status === 'device') return precopyTicked(s, event.lastProgressAt, now);
       if (s.status === 'postcopy-paused') return same(s);
       if (s.status !== 'postcopy-active' && s.status !== 'postcopy-recover') return illegal();
       if (now - s.lastHeardAt > KEEPALIVE_TIMEOUT_MS) {
@@ -392,6 +430,7 @@ function common(s: SourceState): SourceCommon {
     destinationReport: s.destinationReport,
     runConfirmedAt: s.runConfirmedAt,
     stallTimeoutMs: s.stallTimeoutMs,
+    pauseBeforeSwitchover: s.pauseBeforeSwitchover,
   };
 }
 
@@ -402,10 +441,12 @@ function common(s: SourceState): SourceCommon {
  * the kernel could still be taking bytes into its buffers. Never in stop-copy (the RAM END
  * section cannot be split) nor after EOF (a destination reads nothing after it).
  */
-function precopyTicked(s: SourceState & { status: 'setup' | 'active' }, lastProgressAt: number, now: number): SourceTransition {
+function precopyTicked(s: SourceState & { status: 'setup' | 'active' | 'pre-switchover' | 'device' }, lastProgressAt: number, now: number): SourceTransition {
+  // Held for the client: nothing is sent, so silence is expected unless PINGs can prove the link.
+  if (s.status === 'pre-switchover' && !s.returnPath) return same(s);
   const silentMs = now - lastProgressAt;
   if (silentMs > s.stallTimeoutMs) {
-    const where = s.status === 'active' ? s.phase : 'setup';
+    const where = s.status === 'active' || s.status === 'device' ? s.phase : s.status;
     const channel = s.returnPath ? 'return-path' : 'main';
     const heard = s.returnPath ? 'nothing on the return path and no bytes taken by the link' : 'no bytes taken by the link';
     return faulted(
@@ -414,7 +455,8 @@ function precopyTicked(s: SourceState & { status: 'setup' | 'active' }, lastProg
       now,
     );
   }
-  if (s.returnPath && s.status === 'active' && s.phase === 'iterating') return { state: s, actions: [{ type: 'sendKeepalivePing' }] };
+  // pre-switchover: between sections, so the PING can go (its PONG keeps both ends' deadlines).
+  if (s.returnPath && ((s.status === 'active' && s.phase === 'iterating') || s.status === 'pre-switchover')) return { state: s, actions: [{ type: 'sendKeepalivePing' }] };
   return same(s);
 }
 
@@ -450,7 +492,9 @@ function faulted(s: SourceState, error: MigrationError, now: number): SourceTran
     case 'postcopy-recover':
       return pause(s, error);
     case 'setup':
-    case 'active': {
+    case 'active':
+    case 'pre-switchover':
+    case 'device': {
       const failing = { ...common(s), status: 'failing' as const, from: s.status, error, shutStatus: undefined, reasonUntil: undefined };
       if (mayHaveReasonComing(s, error)) {
         const reasonUntil = now + DESTINATION_REASON_WAIT_MS;
@@ -470,12 +514,14 @@ function faulted(s: SourceState, error: MigrationError, now: number): SourceTran
 
 function shutReceived(s: SourceState, shutStatus: number, now: number): SourceTransition {
   if (shutStatus === 0) {
-    if ((s.status === 'active' && s.phase === 'awaiting-shut') || (s.status === 'postcopy-active' && s.ending)) return complete(s);
+    if (((s.status === 'active' || s.status === 'device') && s.phase === 'awaiting-shut') || (s.status === 'postcopy-active' && s.ending)) return complete(s);
     throw new StateError(sourceReportedStatus(s), 'shutReceived', `the destination sent SHUT(0) while the migration is ${sourceReportedStatus(s)}`);
   }
   switch (s.status) {
     case 'setup':
     case 'active':
+    case 'pre-switchover':
+    case 'device':
     case 'postcopy-active':
     case 'postcopy-recover':
       // The destination failed; its report (if any) came before SHUT.

@@ -64,7 +64,7 @@ exit status: 0 done, 1 the migration failed (--exit-after-migrate), 2 a flag or 
 cannot be used (checked before the guest is prepared), 70 an internal error, 130/143 a signal.
 
 QMP commands: migrate (resume=true after a postcopy pause), migrate_cancel, migrate-start-postcopy,
-migrate-pause, query-migrate, migrate-set-capabilities,
+migrate-pause, migrate-continue (after pre-switchover), query-migrate, migrate-set-capabilities,
 query-migrate-capabilities, migrate-set-parameters, query-migrate-parameters, stop, cont,
 query-status, x-query-guest-digest, quit; introspection as QEMU's: query-commands, query-events,
 query-name, query-version, query-qmp-schema. Events: MIGRATION, MIGRATION_PASS (with capability
@@ -151,7 +151,7 @@ class SourceProcess {
   running(): boolean {
     if (this.connecting?.status === 'setup' || this.connecting?.status === 'cancelling') return true;
     const s = this.migration?.status;
-    return s === 'setup' || s === 'active' || s === 'postcopy-active' || s === 'postcopy-paused' || s === 'postcopy-recover' || s === 'cancelling';
+    return s === 'setup' || s === 'active' || s === 'pre-switchover' || s === 'device' || s === 'postcopy-active' || s === 'postcopy-paused' || s === 'postcopy-recover' || s === 'cancelling';
   }
 
   event(name: string, data?: Record<string, unknown>): void {
@@ -381,6 +381,21 @@ class SourceProcess {
         if (this.connecting === undefined && this.running()) this.migration?.setParameters(p);
       },
       quit: () => void this.shutdown(0),
+      continueMigration: (state) => {
+        // QEMU compares with the outgoing status: none before any migrate, setup while connecting.
+        const m = this.migration;
+        const c = this.connecting;
+        const now = c !== undefined ? c.status : (m?.status ?? 'none');
+        if (m === undefined || c !== undefined) {
+          if (state !== now) throw new QmpCommandError(`Migration not in expected state: ${now}`);
+          return;
+        }
+        try {
+          m.continueFrom(state);
+        } catch (err) {
+          throw new QmpCommandError((err as Error).message);
+        }
+      },
     });
     qmp.register('migrate', async (args) => {
       if (args['resume'] === true) {

@@ -43,7 +43,7 @@ import { StreamOut } from './stream-out.ts';
 /** The statuses a livemig source reports (QEMU's names). */
 export type MigrationStatus = Extract<
   QmpMigrationStatus,
-  'none' | 'setup' | 'active' | 'postcopy-active' | 'postcopy-paused' | 'postcopy-recover' | 'cancelling' | 'cancelled' | 'completed' | 'failed'
+  'none' | 'setup' | 'active' | 'pre-switchover' | 'device' | 'postcopy-active' | 'postcopy-paused' | 'postcopy-recover' | 'cancelling' | 'cancelled' | 'completed' | 'failed'
 >;
 
 /** Bound on waiting for the migration thread to stop before the guest is given back. */
@@ -180,6 +180,7 @@ export class OutgoingMigration {
       blocks,
       postcopyRequested: options.postcopyRequested === true,
       stallTimeoutMs: p['x-livemig-stall-timeout'],
+      pauseBeforeSwitchover: options.capabilities['pause-before-switchover'],
     });
     this.returnPath = returnPath
       ? new ReturnPathReader(blocks, (e) => {
@@ -415,6 +416,25 @@ export class OutgoingMigration {
   /** migrate-start-postcopy: switch to postcopy as soon as what must go in precopy is sent. */
   requestPostcopy(): void {
     this.dispatch({ type: 'postcopyRequested' });
+  }
+
+  /** migrate-continue: `state` must be the status now (QEMU's check); leaves pre-switchover. */
+  continueFrom(state: string): void {
+    this.dispatch({ type: 'continueRequested', state });
+  }
+
+  /**
+   * The switchover with pause-before-switchover: wait in pre-switchover for migrate-continue (or
+   * a cancel, a failure). Keepalive PINGs the machine asks for meanwhile go out between sections.
+   */
+  async holdBeforeSwitchover(): Promise<void> {
+    while (this.state.status === 'pre-switchover' && !this.state.continued) {
+      if (this.keepalivePings.pending) {
+        this.keepalivePings.writeDue(this.w);
+        await this.flush();
+      }
+      await this.watch.next();
+    }
   }
 
   /** migrate_cancel (a no-op once the migration has ended). */

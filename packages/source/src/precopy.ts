@@ -294,12 +294,14 @@ export class Precopy {
     const w = m.w;
     await this.stopGuest();
     m.expect('active');
-    m.dispatch({ type: 'switchoverStarted' });
+    m.dispatch({ type: 'switchoverStarted', postcopy: false });
+    await m.holdBeforeSwitchover();
+    m.expect('active', 'device');
     this.syncDirty();
     const startBytes = m.transferred;
     writeSectionHeader(w, { kind: 'end', sectionId: RAM_SECTION_ID });
     for (;;) {
-      m.expect('active');
+      m.expect('active', 'device');
       const empty = m.ram.saveComplete(w, BATCH_BYTES);
       await m.flush();
       if (empty) break;
@@ -316,7 +318,7 @@ export class Precopy {
     const desc: Record<string, unknown> = { page_size: TARGET_PAGE_SIZE, devices: described };
     if (prefixed.length > 0) desc['livemig'] = { prefixed };
     writeVmdescription(w, toQemuJson(desc));
-    m.expect('active');
+    m.expect('active', 'device');
     // With a return path the destination's SHUT completes the migration; it may come as soon
     // as these last bytes are out, so the machine waits for it from here on.
     if (m.state.returnPath) m.dispatch({ type: 'finalStateSent' });
