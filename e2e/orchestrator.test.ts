@@ -4,7 +4,9 @@
 
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { assertSameRam, queryStatus, setCapabilities, waitForStatus } from './helpers/migration.ts';
+import net from 'node:net';
+import { assertSameRam, MiB, queryStatus, setCapabilities, waitForStatus } from './helpers/migration.ts';
+import { migrateIntoPostcopy, SLOW_POSTCOPY, stopAndCheckPattern, waitBothCompleted } from './helpers/postcopy.ts';
 import { withHarness } from './helpers/processes.ts';
 
 const GUEST = ['-m', '32M', '--workload', 'incrementer'];
@@ -50,5 +52,74 @@ test('pause-before-switchover: migrate_cancel in pre-switchover cancels, and the
     assert.equal(await queryStatus(src), 'running');
     assert.deepEqual(src.migrationEvents(), ['setup', 'active', 'pre-switchover', 'cancelling', 'cancelled']);
     await waitForStatus(dst, 'failed');
+  }),
+);
+
+test('a listening destination takes capabilities (postcopy-ram, return-path) set after it started, and a postcopy migration uses them', T, () =>
+  withHarness(async (h) => {
+    const guest = ['-m', '64M', '--workload', 'incrementer:200'];
+    // As libvirt does: start listening first, configure afterwards.
+    const dst = await h.destination({ incoming: 'tcp', guest });
+    assert.ok((await dst.execute<{ 'socket-address'?: unknown }>('query-migrate'))['socket-address'] !== undefined, 'listening');
+    await setCapabilities(dst, ['postcopy-ram', 'return-path', 'events']);
+    const caps = await dst.execute<{ capability: string; state: boolean }[]>('query-migrate-capabilities');
+    assert.deepEqual(caps.filter((c) => c.state).map((c) => c.capability).sort(), ['events', 'postcopy-ram', 'return-path']);
+    const src = await h.source({ guest, args: ['--capabilities', 'postcopy-ram,return-path,events'] });
+    await src.execute('migrate-set-parameters', SLOW_POSTCOPY);
+    await migrateIntoPostcopy(src, dst, dst.incomingUri);
+    await waitBothCompleted(src, dst);
+    await stopAndCheckPattern(dst);
+    // Set after the listen, so only the new settings can have sent this event.
+    assert.ok(dst.migrationEvents().includes('postcopy-active'), `destination MIGRATION events ${JSON.stringify(dst.migrationEvents())}`);
+    // The migration is over: settings change again, as they do on QEMU.
+    assert.deepEqual(await dst.execute('migrate-set-capabilities', { capabilities: [{ capability: 'xbzrle', state: true }] }), {});
+  }),
+);
+
+test('a listening destination takes multifd and multifd-channels set after it started; once a byte has come it refuses with QEMU\'s text', T, () =>
+  withHarness(async (h) => {
+    const guest = ['-m', '32M', '--workload', 'incrementer'];
+    const dst = await h.destination({ incoming: 'tcp', paused: true, guest, capabilities: ['events'] });
+    await setCapabilities(dst, ['multifd']);
+    await dst.execute('migrate-set-parameters', { 'multifd-channels': 3 });
+    const src = await h.source({ guest, args: ['--capabilities', 'return-path,multifd', '--parameters', `multifd-channels=3,max-bandwidth=${64 * MiB}`] });
+    await src.execute('migrate', { uri: dst.incomingUri });
+    await waitForStatus(dst, 'active');
+    const refused = await dst.execute('migrate-set-capabilities', { capabilities: [{ capability: 'postcopy-ram', state: true }] }).then(
+      () => 'accepted',
+      (e: { desc?: string }) => String(e.desc),
+    );
+    assert.equal(refused, "There's a migration process in progress");
+    await waitForStatus(src, 'completed');
+    await waitForStatus(dst, 'completed');
+    assert.ok(((await waitForStatus(src, 'completed')).ram?.['multifd-bytes'] ?? 0) > 0, 'pages went over the multifd channels');
+    await assertSameRam(src, dst);
+  }),
+);
+
+test('a connection that has sent a byte ends the time for settings, even before it is a whole stream header', T, () =>
+  withHarness(async (h) => {
+    const dst = await h.destination({ incoming: 'tcp', guest: ['-m', '16M'], args: ['--handshake-timeout', '20000'] });
+    const [host, port] = dst.incomingUri.replace(/^tcp:/, '').split(':') as [string, string];
+    const early = net.connect(Number(port), host);
+    try {
+      await new Promise<void>((resolve, reject) => early.once('connect', resolve).once('error', reject));
+      // Connected but silent: still configurable.
+      assert.deepEqual(await dst.execute('migrate-set-capabilities', { capabilities: [{ capability: 'postcopy-ram', state: true }] }), {});
+      early.write(Buffer.from('QE'));
+      const deadline = Date.now() + 10_000;
+      let desc = '';
+      while (Date.now() < deadline) {
+        desc = await dst.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] }).then(
+          () => '',
+          (e: { desc?: string }) => String(e.desc),
+        );
+        if (desc !== '') break;
+        await new Promise((r) => setTimeout(r, 50));
+      }
+      assert.equal(desc, "There's a migration process in progress");
+    } finally {
+      early.destroy();
+    }
   }),
 );

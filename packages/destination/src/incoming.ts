@@ -32,6 +32,7 @@ import {
   reportedStatus,
   returnPathOpen,
   showsPostcopyFigures,
+  StateError,
   TransportError,
   writeRpLivemigExt,
   writeRpPong,
@@ -154,6 +155,38 @@ export class IncomingMigration {
 
   get bytesReceived(): number {
     return this.stream.bytesReceived;
+  }
+
+  /** Whether settings may still change: nothing connected has sent a byte yet (QEMU 7.2 takes them on a listening destination). */
+  get configurable(): boolean {
+    return (this.state.status === 'none' || this.state.status === 'setup') && !this.channels.streamStarted;
+  }
+
+  /**
+   * migrate-set-capabilities / -parameters on a destination that listens, before the stream: the
+   * connections still to come and the stream are read with the new values. Throws
+   * StateError ("There's a migration process in progress") once the stream has begun.
+   */
+  reconfigure(capabilities: Capabilities, parameters: { multifdChannels: number; stallTimeoutMs: number; handshakeTimeoutMs: number }): void {
+    if (this.channels.streamStarted && this.state.status === 'setup') {
+      throw new StateError('setup', 'configured', "There's a migration process in progress");
+    }
+    const config = {
+      postcopyRam: capabilities['postcopy-ram'],
+      preempt: capabilities['postcopy-preempt'],
+      multifd: capabilities.multifd,
+      stallTimeoutMs: parameters.stallTimeoutMs,
+    };
+    const bootFaultThread = config.preempt && !this.state.config.preempt && this.state.status === 'setup';
+    this.dispatch({ type: 'configured', config });
+    this.o.capabilities = { ...capabilities };
+    this.o.multifdChannels = parameters.multifdChannels;
+    this.loader.config = config;
+    this.channels.reconfigure({ preempt: config.preempt, multifd: config.multifd, multifdChannels: parameters.multifdChannels, handshakeTimeoutMs: parameters.handshakeTimeoutMs });
+    // With preempt the fault thread starts with the listener (its worker is ready before postcopy).
+    if (bootFaultThread) this.faults.bootThread();
+    const on = Object.entries(capabilities).filter(([, v]) => v).map(([k]) => k);
+    this.o.log.info({ capabilities: on, multifdChannels: parameters.multifdChannels }, 'settings changed while listening: the stream will be read with them');
   }
 
   /** Listen on tcp: or unix:; returns the bound address (port 0 resolved). */

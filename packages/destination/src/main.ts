@@ -3,7 +3,7 @@
 
 import { parseArgs } from 'node:util';
 import { Guest } from '@livemig/guest';
-import { applyParameters, normalizeUuid } from '@livemig/protocol';
+import { applyParameters, type Capabilities, normalizeUuid } from '@livemig/protocol';
 import {
   GUEST_HELP,
   guestFromFlags,
@@ -153,8 +153,24 @@ class DestinationProcess {
   async serveQmp(address: string, name?: string): Promise<void> {
     const qmp = await QmpServer.listen(address, { logger: this.log.child({ component: 'qmp' }), ...(name === undefined ? {} : { name }) });
     this.qmp = qmp;
+    // A destination that listens takes new settings until a connection brings its first byte.
+    const reconfigure = (capabilities: Capabilities): void => {
+      const p = this.settings.parameters;
+      this.incoming?.reconfigure(capabilities, {
+        multifdChannels: p['multifd-channels'],
+        stallTimeoutMs: p['x-livemig-stall-timeout'],
+        handshakeTimeoutMs: p['x-livemig-handshake-timeout'],
+      });
+    };
+    const configurable = (): boolean => this.incoming !== undefined && this.incoming.configurable;
     registerMachineCommands(qmp, this.guest, this.settings, {
-      migrationRunning: () => this.incoming !== undefined && this.incoming.status !== 'completed' && this.incoming.status !== 'failed',
+      migrationRunning: () => this.incoming !== undefined && !this.incoming.configurable && this.incoming.status !== 'completed' && this.incoming.status !== 'failed',
+      capabilitiesChanged: (c) => {
+        if (configurable()) reconfigure(c);
+      },
+      parametersChanged: () => {
+        if (configurable()) reconfigure(this.settings.capabilities);
+      },
       quit: () => void this.shutdown(0),
     });
     qmp.register('migrate-incoming', async (args) => {

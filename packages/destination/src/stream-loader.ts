@@ -24,7 +24,8 @@ type Device = { layout: SectionLayout; load(data: Buffer, versionId: number): vo
 export class StreamLoader {
   private readonly guest: Guest;
   private readonly machineType: string;
-  private readonly config: DestinationConfig;
+  /** The machine's config; replaced while the destination listens (migrate-set-capabilities before the stream). */
+  config: DestinationConfig;
   /** --uuid: a configuration/uuid that differs fails the load (whatever this side's validate-uuid, as QEMU 7.2). */
   private readonly uuid: string | undefined;
   /** Every non-RAM section we accept: FULL devices and iterative loaders, by idstr + instance. */

@@ -80,6 +80,8 @@ export function settingsFromFlags(values: { capabilities?: string | undefined; p
 export interface MachineHooks {
   /** True while a migration runs (capabilities may not change then). */
   migrationRunning(): boolean;
+  /** New capabilities, checked and about to be kept; may refuse them by throwing. */
+  capabilitiesChanged?(c: Capabilities): void;
   /** Parameters changed (e.g. max-bandwidth mid-migration). */
   parametersChanged?(p: MigrationParameters): void;
   /**
@@ -144,7 +146,9 @@ export function registerMachineCommands(server: QmpServer, guest: Guest, setting
 
   server.register('migrate-set-capabilities', (args) => {
     if (hooks.migrationRunning()) throw new QmpCommandError("There's a migration process in progress");
-    settings.capabilities = applyCapabilities(settings.capabilities, args['capabilities']);
+    const next = applyCapabilities(settings.capabilities, args['capabilities']);
+    hooks.capabilitiesChanged?.(next);
+    settings.capabilities = next;
     return {};
   }, { args: { capabilities: [capabilityStatus] }, returns: {} });
 

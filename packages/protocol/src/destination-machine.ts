@@ -48,6 +48,10 @@ export function destinationStep(state: DestinationState, event: DestinationEvent
     case 'multifdSynced':
       if (readsStreamNow(state)) return synced(state, illegal);
       break;
+    case 'configured':
+      // Settings count until the stream starts (QEMU 7.2 takes them on a listening destination too).
+      if (state.status === 'none' || state.status === 'setup') return { state: { ...state, config: event.config }, actions: [] };
+      throw new StateError(state.status, event.type, "There's a migration process in progress");
     default:
       break;
   }

@@ -100,6 +100,11 @@ export interface DiscardRanges {
 
 /** What arrived. Stream commands carry the stream offset of their record. */
 export type DestinationEvent =
+  /**
+   * migrate-set-capabilities / -parameters before the stream: the new settings. The adapter
+   * refuses them itself once a connection has brought its first byte (still `setup` here).
+   */
+  | { type: 'configured'; config: DestinationConfig }
   | { type: 'listenStarted' }
   | { type: 'connectionAccepted' }
   | { type: 'returnPathOpened'; streamOffset: number }
@@ -143,6 +148,7 @@ export type DestinationEvent =
 export type DestinationEventType = DestinationEvent['type'];
 
 export const DESTINATION_EVENT_TYPES = [
+  'configured',
   'listenStarted',
   'connectionAccepted',
   'returnPathOpened',

@@ -33,6 +33,7 @@ const LOST = TransportError.lost('main', 'connection reset');
 const BROKEN = new ProtocolError(ErrorCode.TRUNCATED, 'stream ended inside a record');
 
 const EVENTS: { [T in DestinationEventType]: Extract<DestinationEvent, { type: T }> } = {
+  configured: { type: 'configured', config: { postcopyRam: true, preempt: false, multifd: false, stallTimeoutMs: 2_000 } },
   listenStarted: { type: 'listenStarted' },
   connectionAccepted: { type: 'connectionAccepted' },
   returnPathOpened: { type: 'returnPathOpened', streamOffset: 20 },
@@ -117,10 +118,12 @@ function only(rows: Partial<Rows>): Rows {
 
 /** One sample state per status, with a row for every event type. */
 const BASE: Record<DestinationStatus, { state: DestinationState; rows: Rows }> = {
-  none: { state: initialDestinationState(CONFIG), rows: only({ listenStarted: ['setup', ['emitStatus']] }) },
+  none: { state: initialDestinationState(CONFIG), rows: only({ configured: ['none', []], listenStarted: ['setup', ['emitStatus']] }) },
   setup: {
     state: { status: 'setup', config: CONFIG },
     rows: only({
+      // Listening, no stream yet: settings still change (the adapter refuses once a byte came).
+      configured: ['setup', []],
       connectionAccepted: ['active', ['beginLoad', 'startKeepalive', 'emitStatus']],
       channelLost: ['failed', FAIL_NO_RP],
       loadFailed: ['failed', FAIL_NO_RP],
@@ -130,6 +133,7 @@ const BASE: Record<DestinationStatus, { state: DestinationState; rows: Rows }> =
   active: {
     state: ACTIVE,
     rows: {
+      configured: X,
       listenStarted: X,
       connectionAccepted: X,
       returnPathOpened: ['active', []],
@@ -159,6 +163,7 @@ const BASE: Record<DestinationStatus, { state: DestinationState; rows: Rows }> =
   'postcopy-active': {
     state: POSTCOPY,
     rows: {
+      configured: X,
       listenStarted: X,
       connectionAccepted: X,
       returnPathOpened: ['postcopy-active', []],
@@ -357,6 +362,16 @@ describe('destination machine: every (status, event) pair', () => {
 
 describe('destination machine: data carried', () => {
   const step = (s: DestinationState, e: DestinationEvent, now = NOW_MS) => destinationStep(s, e, now);
+
+  it('configured on a listening destination: the new settings are what the stream is read with', () => {
+    const listening = step(step(initialDestinationState(CONFIG), EVENTS.configured).state, EVENTS.listenStarted).state;
+    const s = step(listening, { type: 'configured', config: { postcopyRam: false, preempt: false, multifd: true, stallTimeoutMs: 3_000 } }).state;
+    assert.deepEqual(s.config, { postcopyRam: false, preempt: false, multifd: true, stallTimeoutMs: 3_000 });
+    const active = step(s, EVENTS.connectionAccepted).state;
+    assert.equal(active.config.multifd, true, 'a RAM section end waits for the multifd SYNCs');
+    assert.equal(step(active, EVENTS.ramSectionEnded).actions[0]?.type, 'awaitMultifdSync');
+    assert.throws(() => step(active, EVENTS.configured), /There's a migration process in progress/);
+  });
 
   it('a precopy run: listen, connection, return path, hello, EOF, VMDESCRIPTION, finished', () => {
     let s = initialDestinationState(CONFIG);
