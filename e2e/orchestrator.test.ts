@@ -123,3 +123,31 @@ test('a connection that has sent a byte ends the time for settings, even before 
     }
   }),
 );
+
+test('channels instead of uri: migrate-incoming and migrate given QAPI MigrationChannel lists; both arguments at once get QEMU\'s refusal', T, () =>
+  withHarness(async (h) => {
+    const guest = ['-m', '32M', '--workload', 'incrementer'];
+    const dst = await h.destination({ incoming: 'defer', paused: true, guest, capabilities: ['events'] });
+    const path = h.path('chan.mig');
+    const unix = [{ 'channel-type': 'main', addr: { transport: 'socket', type: 'unix', path } }];
+    const desc = (c: typeof dst, command: string, args: Record<string, unknown>): Promise<string> =>
+      c.execute(command, args).then(
+        () => assert.fail(`${command} accepted`),
+        (e: { desc?: string }) => String(e.desc),
+      );
+    assert.equal(await desc(dst, 'migrate-incoming', { uri: `unix:${path}`, channels: unix }), "need either 'uri' or 'channels' argument");
+    assert.equal(await desc(dst, 'migrate-incoming', { channels: [{ 'channel-type': 'main', addr: { transport: 'socket', type: 'unix' } }] }), "Parameter 'channels[0].addr.path' is missing");
+    assert.deepEqual(await dst.execute('migrate-incoming', { channels: unix }), {});
+    const listening = await dst.execute<{ 'socket-address'?: unknown }>('query-migrate');
+    assert.deepEqual(listening['socket-address'], [{ type: 'unix', path }]);
+
+    const src = await h.source({ guest, args: ['--capabilities', 'events,return-path'] });
+    assert.equal(await desc(src, 'migrate', {}), "need either 'uri' or 'channels' argument");
+    assert.equal(await desc(src, 'migrate', { uri: `unix:${path}`, channels: unix }), "need either 'uri' or 'channels' argument");
+    assert.deepEqual(await src.execute('query-migrate'), {}, 'a refused migrate starts nothing');
+    assert.deepEqual(await src.execute('migrate', { channels: unix }), {});
+    await waitForStatus(src, 'completed');
+    await waitForStatus(dst, 'completed');
+    await assertSameRam(src, dst);
+  }),
+);

@@ -22,7 +22,7 @@ import {
   QmpCommandError,
   registerMachineCommands,
 } from '@livemig/machine';
-import { createLogger, type Logger, parseAddress, QmpServer, toSocketAddress } from '@livemig/runtime';
+import { createLogger, type Logger, migrationUri, parseAddress, QMP_MIGRATION_CHANNELS, QmpServer, toSocketAddress } from '@livemig/runtime';
 import { IncomingMigration } from './incoming.ts';
 
 const HELP = `usage: livemig-destination --incoming ADDR [-S] [guest flags] [--qmp ADDR]
@@ -174,11 +174,9 @@ class DestinationProcess {
       quit: () => void this.shutdown(0),
     });
     qmp.register('migrate-incoming', async (args) => {
-      const uri = args['uri'];
-      if (typeof uri !== 'string') throw new QmpCommandError("Parameter 'uri' is missing");
-      await this.listen(uri);
+      await this.listen(migrationUri(args, 'migrate-incoming'));
       return {};
-    }, { args: { uri: 'str' }, returns: {} });
+    }, { args: { '*uri': 'str', '*channels': QMP_MIGRATION_CHANNELS }, returns: {} });
     qmp.register('query-migrate', () => this.queryMigrate(), { args: {}, returns: 'any' });
     qmp.register(
       'migrate-recover',

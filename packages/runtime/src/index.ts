@@ -73,6 +73,10 @@ export {
 export {
   qmpEnum,
   qmpSchema,
+  checkQmpValue,
+  qmpUnion,
+  QMP_UNION,
+  type QmpUnion,
   QMP_ENUM_VALUES,
   type QmpBuiltin,
   type QmpCommandDescription,
@@ -81,3 +85,4 @@ export {
   type QmpMembers,
   type QmpType,
 } from './qmp-schema.ts';
+export { migrationUri, QMP_MIGRATION_CHANNELS } from './migration-channels.ts';

@@ -32,7 +32,9 @@ import {
   setStatusLine,
   type Logger,
   type MigrationAddress,
+  migrationUri,
   parseAddress,
+  QMP_MIGRATION_CHANNELS,
   QmpServer,
   RuntimeErrorCode,
 } from '@livemig/runtime';
@@ -401,8 +403,7 @@ class SourceProcess {
       if (args['resume'] === true) {
         const m = this.migration;
         if (m === undefined || !m.paused) throw new QmpCommandError('migrate with resume=true needs a paused postcopy migration, and there is none');
-        const uri = args['uri'];
-        if (typeof uri !== 'string') throw new QmpCommandError("Parameter 'uri' is missing");
+        const uri = migrationUri(args, 'migrate');
         // Connect in the background, as migrate does; a failure leaves the migration paused.
         // With postcopy-preempt a new preempt channel follows the main one, as at the start.
         const address = parseAddress(uri);
@@ -427,9 +428,10 @@ class SourceProcess {
         return {};
       }
       if (args['blk'] === true || args['inc'] === true) throw new QmpCommandError('block migration is not supported');
-      void this.migrate(args['uri'] as string);
+      // Checked before anything starts: a bad `channels` is the reply, not a failed migration.
+      void this.migrate(migrationUri(args, 'migrate'));
       return {};
-    }, { args: { uri: 'str', '*blk': 'bool', '*inc': 'bool', '*detach': 'bool', '*resume': 'bool' }, returns: {} });
+    }, { args: { '*uri': 'str', '*channels': QMP_MIGRATION_CHANNELS, '*blk': 'bool', '*inc': 'bool', '*detach': 'bool', '*resume': 'bool' }, returns: {} });
     qmp.register('migrate_cancel', () => {
       if (this.connecting !== undefined) this.connecting.cancel();
       else this.migration?.cancel();
