@@ -151,3 +151,41 @@ test('channels instead of uri: migrate-incoming and migrate given QAPI Migration
     await assertSameRam(src, dst);
   }),
 );
+
+test('switchover-ack: the destination acknowledges at OPEN_RETURN_PATH (no device asks); a source whose destination never acknowledges does not switch over', T, () =>
+  withHarness(async (h) => {
+    const guest = ['-m', '32M', '--workload', 'incrementer'];
+    const dst = await h.destination({ incoming: 'tcp', paused: true, guest, capabilities: ['events', 'return-path', 'switchover-ack'] });
+    const src = await h.source({ guest, args: ['--capabilities', 'events,return-path,switchover-ack'] });
+    await src.execute('migrate', { uri: dst.incomingUri });
+    await waitForStatus(src, 'completed');
+    await waitForStatus(dst, 'completed');
+    await assertSameRam(src, dst);
+    assert.match(dst.output(), /switchover acknowledged/);
+
+    // A destination without the capability sends no ack: the source converges and keeps iterating.
+    const silent = await h.destination({ name: 'dst-noack', incoming: 'tcp', guest, capabilities: ['events'] });
+    const waiting = await h.source({ name: 'src-noack', guest, args: ['--capabilities', 'events,return-path,switchover-ack'] });
+    await waiting.execute('migrate', { uri: silent.incomingUri });
+    await waitForStatus(waiting, 'active');
+    const before = await waitForStatus(waiting, 'active');
+    await new Promise((r) => setTimeout(r, 3_000));
+    const after = await waitForStatus(waiting, 'active');
+    assert.equal(after.status, 'active', 'no switchover without SWITCHOVER_ACK');
+    assert.ok((after.ram?.['dirty-sync-count'] ?? 0) > (before.ram?.['dirty-sync-count'] ?? 0), 'still iterating');
+    assert.equal(await queryStatus(waiting), 'running', 'the guest was never stopped');
+    await waiting.execute('migrate_cancel');
+    await waitForStatus(waiting, 'cancelled');
+  }),
+);
+
+test('switchover-ack needs return-path (QEMU\'s text)', T, () =>
+  withHarness(async (h) => {
+    const src = await h.source({ guest: ['-m', '16M'] });
+    const desc = await src.execute('migrate-set-capabilities', { capabilities: [{ capability: 'switchover-ack', state: true }] }).then(
+      () => 'accepted',
+      (e: { desc?: string }) => String(e.desc),
+    );
+    assert.equal(desc, "Capability 'switchover-ack' requires capability 'return-path'");
+  }),
+);

@@ -15,6 +15,7 @@ import {
   coded,
   type DecoderEvent,
   type DestinationAction,
+  type DestinationConfig,
   type DestinationEvent,
   type DestinationState,
   destinationStep,
@@ -38,6 +39,7 @@ import {
   writeRpPong,
   writeRpRecvBitmap,
   writeRpResumeAck,
+  writeRpSwitchoverAck,
   writeRpShut,
 } from '@livemig/protocol';
 import type { Guest } from '@livemig/guest';
@@ -98,12 +100,7 @@ export class IncomingMigration {
   constructor(options: IncomingOptions) {
     this.o = options;
     const caps = options.capabilities;
-    this.state = initialDestinationState({
-      postcopyRam: caps['postcopy-ram'],
-      preempt: caps['postcopy-preempt'],
-      multifd: caps.multifd,
-      ...(options.stallTimeoutMs === undefined ? {} : { stallTimeoutMs: options.stallTimeoutMs }),
-    });
+    this.state = initialDestinationState(this.configOf(caps, options.stallTimeoutMs));
     this.loader = new StreamLoader(options.guest, options.machineType, this.state.config, options.uuid);
     this.faults = new PostcopyFaults({
       guest: options.guest,
@@ -171,12 +168,7 @@ export class IncomingMigration {
     if (this.channels.streamStarted && this.state.status === 'setup') {
       throw new StateError('setup', 'configured', "There's a migration process in progress");
     }
-    const config = {
-      postcopyRam: capabilities['postcopy-ram'],
-      preempt: capabilities['postcopy-preempt'],
-      multifd: capabilities.multifd,
-      stallTimeoutMs: parameters.stallTimeoutMs,
-    };
+    const config = this.configOf(capabilities, parameters.stallTimeoutMs);
     const bootFaultThread = config.preempt && !this.state.config.preempt && this.state.status === 'setup';
     this.dispatch({ type: 'configured', config });
     this.o.capabilities = { ...capabilities };
@@ -187,6 +179,20 @@ export class IncomingMigration {
     if (bootFaultThread) this.faults.bootThread();
     const on = Object.entries(capabilities).filter(([, v]) => v).map(([k]) => k);
     this.o.log.info({ capabilities: on, multifdChannels: parameters.multifdChannels }, 'settings changed while listening: the stream will be read with them');
+  }
+
+  /** The machine's config for these capabilities. */
+  private configOf(caps: Capabilities, stallTimeoutMs: number | undefined): DestinationConfig {
+    return {
+      postcopyRam: caps['postcopy-ram'],
+      preempt: caps['postcopy-preempt'],
+      multifd: caps.multifd,
+      ...(stallTimeoutMs === undefined ? {} : { stallTimeoutMs }),
+      switchoverAck: caps['switchover-ack'],
+      // QEMU's switchover_ack_needed asks it of VFIO devices with the v2 precopy interface;
+      // livemig's device speaks QEMU 7.2's v1 region, which has none: no device asks here.
+      ackDevices: 0,
+    };
   }
 
   /** Listen on tcp: or unix:; returns the bound address (port 0 resolved). */
@@ -282,6 +288,9 @@ export class IncomingMigration {
       }
       case 'sendResumeAck':
         return this.sendRp((w) => writeRpResumeAck(w));
+      case 'sendSwitchoverAck':
+        this.o.log.info({}, 'switchover acknowledged: every device that asked has its initial data');
+        return this.sendRp((w) => writeRpSwitchoverAck(w));
       case 'sendErrorReport': {
         const payload = encodeLivemigError(describe(a.error));
         return this.sendRp((w) => writeRpLivemigExt(w, payload));

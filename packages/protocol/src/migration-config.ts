@@ -40,6 +40,8 @@ export const CAPABILITIES = [
   'background-snapshot',
   'zero-copy-send',
   'postcopy-preempt',
+  // QEMU 8.1+: the destination acknowledges on the return path before the source switches over.
+  'switchover-ack',
 ] as const;
 
 export type Capability = (typeof CAPABILITIES)[number];
@@ -57,6 +59,7 @@ export const SUPPORTED_CAPABILITIES: ReadonlySet<Capability> = new Set<Capabilit
   'validate-uuid',
   'pause-before-switchover',
   'multifd',
+  'switchover-ack',
 ]);
 
 export type Capabilities = Record<Capability, boolean>;
@@ -229,6 +232,9 @@ export function applyCapabilities(current: Capabilities, list: unknown): Capabil
   }
   if (next['postcopy-preempt'] && !next['postcopy-ram']) {
     throw new ParameterError('Postcopy preempt requires postcopy-ram');
+  }
+  if (next['switchover-ack'] && !next['return-path']) {
+    throw new ParameterError("Capability 'switchover-ack' requires capability 'return-path'");
   }
   return next;
 }

@@ -11,6 +11,7 @@
 //   any running state ─faulted→ failing ─(destination's reason or 500 ms)→ restore guest → failed
 //   any running state ─cancelRequested→ cancelling ─guestRestored→ cancelled
 //   setup, active ─keepaliveTicked (no progress for stallTimeoutMs)→ failing (LM_ERR_PEER_SILENT)
+//   switchover-ack: switchoverAckReceived marks the state; maySwitchOver() gates the thread's switchover
 //
 // Statuses are QEMU's MigrationStatus names, so query-migrate reports them as they are. One state
 // is livemig's own: `failing`, the short wrap-up of a failure (waiting for the destination's
@@ -51,6 +52,10 @@ export interface SourceCommon {
   readonly stallTimeoutMs: number;
   /** Capability pause-before-switchover: the stopped guest waits in pre-switchover for migrate-continue. */
   readonly pauseBeforeSwitchover: boolean;
+  /** Capability switchover-ack: a running guest is not switched over before the destination's SWITCHOVER_ACK. */
+  readonly switchoverAck: boolean;
+  /** SWITCHOVER_ACK arrived (the destination has loaded every device's initial data). */
+  readonly switchoverAcked: boolean;
 }
 
 /** Statuses in which the migration is still under way. */
@@ -125,6 +130,7 @@ export type SourceEvent =
   | { readonly type: 'pageRequested'; readonly block: string; readonly start: number; readonly length: number }
   | { readonly type: 'recvBitmapReceived'; readonly block: string; readonly bitmap: Uint8Array }
   | { readonly type: 'resumeAckReceived' }
+  | { readonly type: 'switchoverAckReceived' }
   // QMP
   | { readonly type: 'postcopyRequested' }
   | { readonly type: 'cancelRequested' }
@@ -159,6 +165,7 @@ export const SOURCE_EVENT_TYPES = [
   'pageRequested',
   'recvBitmapReceived',
   'resumeAckReceived',
+  'switchoverAckReceived',
   'postcopyRequested',
   'cancelRequested',
   'pauseRequested',
@@ -215,6 +222,7 @@ export function initialSourceState(options: {
   postcopyRequested?: boolean;
   stallTimeoutMs?: number;
   pauseBeforeSwitchover?: boolean;
+  switchoverAck?: boolean;
 }): SourceState {
   return {
     status: 'setup',
@@ -226,7 +234,18 @@ export function initialSourceState(options: {
     runConfirmedAt: undefined,
     stallTimeoutMs: options.stallTimeoutMs ?? DEFAULT_STALL_TIMEOUT_MS,
     pauseBeforeSwitchover: options.pauseBeforeSwitchover ?? false,
+    switchoverAck: options.switchoverAck ?? false,
+    switchoverAcked: false,
   };
+}
+
+/**
+ * Whether the migration thread may switch over now (QEMU's migration_can_switchover): without
+ * switchover-ack always; with it once SWITCHOVER_ACK came, or when the guest is not running
+ * (nothing is gained by waiting then).
+ */
+export function maySwitchOver(state: SourceState, guestRunning: boolean): boolean {
+  return !state.switchoverAck || state.switchoverAcked || !guestRunning;
 }
 
 /** What query-migrate and MIGRATION events call a state (`failing` shows the status it failed from). */
@@ -358,6 +377,11 @@ export function sourceStep(state: SourceState, event: SourceEvent, now: number):
         actions: [{ type: 'emitStatus', status: 'postcopy-active' }, { type: 'startPostcopyPaging' }],
       };
 
+    case 'switchoverAckReceived':
+      // QEMU's source notes it whenever it comes (its destination sends it once, early).
+      if (isSourceFinal(s) || s.switchoverAcked) return same(s);
+      return same({ ...s, switchoverAcked: true });
+
     case 'postcopyRequested':
       // QEMU answers {} whenever postcopy-ram is on; it matters only before the switchover (the
       // choice between precopy's end and postcopy is made before pre-switchover).
@@ -431,6 +455,8 @@ function common(s: SourceState): SourceCommon {
     runConfirmedAt: s.runConfirmedAt,
     stallTimeoutMs: s.stallTimeoutMs,
     pauseBeforeSwitchover: s.pauseBeforeSwitchover,
+    switchoverAck: s.switchoverAck,
+    switchoverAcked: s.switchoverAcked,
   };
 }
 

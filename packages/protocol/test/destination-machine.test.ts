@@ -38,6 +38,7 @@ const EVENTS: { [T in DestinationEventType]: Extract<DestinationEvent, { type: T
   connectionAccepted: { type: 'connectionAccepted' },
   returnPathOpened: { type: 'returnPathOpened', streamOffset: 20 },
   pingReceived: { type: 'pingReceived', streamOffset: 30, value: 7, livemigHello: false },
+  initDataLoaded: { type: 'initDataLoaded', streamOffset: 35, idstr: '0000:00:04.0/vfio' },
   postcopyAdviseReceived: { type: 'postcopyAdviseReceived', streamOffset: 40, postcopyRam: true },
   discardReceived: { type: 'discardReceived', streamOffset: 50, discard: { block: 'pc.ram', ranges: [{ start: 0, length: 4096 }] } },
   listenReceived: { type: 'listenReceived', streamOffset: 60 },
@@ -73,6 +74,8 @@ const ACTIVE: Extract<DestinationState, { status: 'active' }> = {
   postcopyRamAdvised: true,
   eofSeen: false,
   lastByteAtMs: 0,
+  acksPending: 0,
+  switchoverAcked: false,
 };
 const POSTCOPY: Extract<DestinationState, { status: 'postcopy-active' }> = {
   status: 'postcopy-active',
@@ -138,6 +141,8 @@ const BASE: Record<DestinationStatus, { state: DestinationState; rows: Rows }> =
       connectionAccepted: X,
       returnPathOpened: ['active', []],
       pingReceived: ['active', ['sendPong']],
+      // No switchover-ack here: the marker fails the load, as QEMU's VFIO loader does.
+      initDataLoaded: ['failed', FAIL_WITH_RP],
       postcopyAdviseReceived: X, // advised already
       discardReceived: ['active', ['markPrecopyReceived', 'discardPages']],
       listenReceived: ['postcopy-active', ['startPostcopyFaults', 'startKeepalive', 'emitStatus']],
@@ -168,6 +173,7 @@ const BASE: Record<DestinationStatus, { state: DestinationState; rows: Rows }> =
       connectionAccepted: X,
       returnPathOpened: ['postcopy-active', []],
       pingReceived: ['postcopy-active', ['sendPong']],
+      initDataLoaded: X,
       postcopyAdviseReceived: X,
       discardReceived: X,
       listenReceived: X,
@@ -242,21 +248,42 @@ const BASE: Record<DestinationStatus, { state: DestinationState; rows: Rows }> =
   },
 };
 
+/** `active` before OPEN_RETURN_PATH and POSTCOPY_ADVISE: what changes from the base rows. */
+const BEFORE_RP: Partial<Rows> = {
+  pingReceived: ['failed', FAIL_NO_RP], // PING before OPEN_RETURN_PATH
+  initDataLoaded: ['failed', FAIL_NO_RP],
+  postcopyAdviseReceived: ['active', []],
+  discardReceived: X,
+  listenReceived: X,
+  sourceEnded: ['failed', FAIL_NO_RP],
+  channelLost: ['failed', FAIL_NO_RP],
+  keepaliveTicked: ['failed', FAIL_NO_RP], // silent past the stall deadline, no return path to report on
+  loadFailed: ['failed', FAIL_NO_RP],
+};
+const ACK: DestinationConfig = { ...CONFIG, switchoverAck: true, ackDevices: 1 };
+
 /** Other data in a status that changes what its events do: the base rows with these overrides. */
 const VARIANTS: { name: string; state: DestinationState; overrides: Partial<Rows> }[] = [
   {
     name: 'active before OPEN_RETURN_PATH and ADVISE',
     state: { ...ACTIVE, returnPath: false, peerIsLivemig: false, postcopy: 'none', postcopyRamAdvised: false },
-    overrides: {
-      pingReceived: ['failed', FAIL_NO_RP], // PING before OPEN_RETURN_PATH
-      postcopyAdviseReceived: ['active', []],
-      discardReceived: X,
-      listenReceived: X,
-      sourceEnded: ['failed', FAIL_NO_RP],
-      channelLost: ['failed', FAIL_NO_RP],
-      keepaliveTicked: ['failed', FAIL_NO_RP], // silent past the stall deadline, no return path to report on
-      loadFailed: ['failed', FAIL_NO_RP],
-    },
+    overrides: BEFORE_RP,
+  },
+  {
+    // QEMU 8.1+: no device asks for the ack, so it follows OPEN_RETURN_PATH at once.
+    name: 'active with switchover-ack and no device asking, before OPEN_RETURN_PATH',
+    state: { ...ACTIVE, config: { ...ACK, ackDevices: 0 }, returnPath: false, peerIsLivemig: false, postcopy: 'none', postcopyRamAdvised: false },
+    overrides: { ...BEFORE_RP, returnPathOpened: ['active', ['sendSwitchoverAck']] },
+  },
+  {
+    name: 'active with switchover-ack, one device\'s initial data awaited',
+    state: { ...ACTIVE, config: ACK, acksPending: 1 },
+    overrides: { initDataLoaded: ['active', ['sendSwitchoverAck']] },
+  },
+  {
+    name: 'active with switchover-ack, acknowledged',
+    state: { ...ACTIVE, config: ACK, acksPending: 0, switchoverAcked: true },
+    overrides: {},
   },
   {
     name: 'active, waiting for the multifd SYNCs',

@@ -24,6 +24,8 @@ export const STATES: Record<string, SourceState> = {
   active: { ...setup, status: 'active', phase: 'iterating' },
   'active.stop-copy': { ...setup, status: 'active', phase: 'stop-copy' },
   'active.awaiting-shut': { ...setup, status: 'active', phase: 'awaiting-shut' },
+  // Capability switchover-ack: the switchover waits for the destination's SWITCHOVER_ACK.
+  'active.awaiting-ack': { ...setup, switchoverAck: true, status: 'active', phase: 'iterating' },
   // Capability pause-before-switchover: the switchover waits for migrate-continue.
   'active.pausing': { ...setup, pauseBeforeSwitchover: true, status: 'active', phase: 'iterating' },
   'pre-switchover': { ...setup, pauseBeforeSwitchover: true, status: 'pre-switchover', then: 'device', continued: false },
@@ -62,6 +64,7 @@ export const EVENTS: Record<string, SourceEvent> = {
   pageRequested: { type: 'pageRequested', block: 'pc.ram', start: 8192, length: 8192 },
   recvBitmapReceived: { type: 'recvBitmapReceived', block: 'pc.ram', bitmap: new Uint8Array(8) },
   resumeAckReceived: { type: 'resumeAckReceived' },
+  switchoverAckReceived: { type: 'switchoverAckReceived' },
   postcopyRequested: { type: 'postcopyRequested' },
   cancelRequested: { type: 'cancelRequested' },
   pauseRequested: { type: 'pauseRequested' },
@@ -98,5 +101,7 @@ export function describeStep(step: () => { state: SourceState; actions: readonly
     if (a.type === 'restoreGuest') return `restoreGuest(${r['run'] === true ? 'run' : 'paused'})`;
     return a.type;
   });
-  return [`${s.status}${sub}`, ...actions].join(' ');
+  // switchover-ack: the destination's SWITCHOVER_ACK has been noted.
+  const acked = s.switchoverAcked ? '+acked' : '';
+  return [`${s.status}${sub}${acked}`, ...actions].join(' ');
 }

@@ -8,6 +8,7 @@ import {
   ErrorCode,
   initialSourceState,
   KEEPALIVE_TIMEOUT_MS,
+  maySwitchOver,
   sourceReportedStatus,
   SOURCE_EVENT_TYPES,
   SOURCE_STATUSES,
@@ -327,4 +328,13 @@ test('pause-before-switchover with postcopy: pre-switchover stays until postcopy
     r.actions.filter((a) => a.type === 'emitStatus').map((a) => (a as { status: string }).status),
     ['postcopy-active'],
   );
+});
+
+test('switchover-ack: a running guest is not switched over before SWITCHOVER_ACK; a stopped one need not wait', () => {
+  const iterating = run(initialSourceState({ returnPath: true, guestWasRunning: true, blocks, switchoverAck: true }), [[{ type: 'setupSent' }, 1]]).state;
+  assert.equal(maySwitchOver(iterating, true), false);
+  assert.equal(maySwitchOver(iterating, false), true, "QEMU: no reason to wait for the ack if the guest is stopped");
+  const acked = sourceStep(iterating, { type: 'switchoverAckReceived' }, 2).state;
+  assert.equal(maySwitchOver(acked, true), true);
+  assert.equal(maySwitchOver(run(initialSourceState({ returnPath: true, guestWasRunning: true, blocks }), [[{ type: 'setupSent' }, 1]]).state, true), true, 'without the capability');
 });

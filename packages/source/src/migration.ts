@@ -181,6 +181,7 @@ export class OutgoingMigration {
       postcopyRequested: options.postcopyRequested === true,
       stallTimeoutMs: p['x-livemig-stall-timeout'],
       pauseBeforeSwitchover: options.capabilities['pause-before-switchover'],
+      switchoverAck: options.capabilities['switchover-ack'],
     });
     this.returnPath = returnPath
       ? new ReturnPathReader(blocks, (e) => {

@@ -10,6 +10,7 @@
 import {
   BatchWriter,
   LIVEMIG_HELLO_PING,
+  maySwitchOver,
   MigCmd,
   TARGET_PAGE_SIZE,
   toQemuJson,
@@ -156,16 +157,20 @@ export class Precopy {
         mustPrecopy = 0;
         for (const { dev } of m.others) mustPrecopy += dev.pendingEstimate();
       }
+      const canSwitchover = maySwitchOver(m.state, m.guest.running);
       const step = decideNext({
         pendingBytes: pending,
         thresholdBytes: m.meter.threshold,
         mustPrecopyBytes: mustPrecopy,
         postcopyRequested: m.state.postcopyRequested,
         inPostcopy: false,
+        canSwitchover,
       });
       if (step !== 'iterate') return step;
       await this.partSection();
       await this.devicePartSections();
+      // Converged but waiting for the destination's SWITCHOVER_ACK: no busy loop while nothing is dirty.
+      if (!canSwitchover && pending < m.meter.threshold) await m.watch.next(MAX_ITERATION_MS);
     }
   }
 
