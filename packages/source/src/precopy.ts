@@ -170,7 +170,7 @@ export class Precopy {
       await this.partSection();
       await this.devicePartSections();
       // Converged but waiting for the destination's SWITCHOVER_ACK: no busy loop while nothing is dirty.
-      if (!canSwitchover && pending < m.meter.threshold) await m.watch.next(MAX_ITERATION_MS);
+      if (!canSwitchover && (pending === 0 || pending < m.meter.threshold)) await m.watch.next(MAX_ITERATION_MS);
     }
   }
 
