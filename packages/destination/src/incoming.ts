@@ -189,9 +189,9 @@ export class IncomingMigration {
       multifd: caps.multifd,
       ...(stallTimeoutMs === undefined ? {} : { stallTimeoutMs }),
       switchoverAck: caps['switchover-ack'],
-      // QEMU's switchover_ack_needed asks it of VFIO devices with the v2 precopy interface;
-      // livemig's device speaks QEMU 7.2's v1 region, which has none: no device asks here.
-      ackDevices: 0,
+      // QEMU's switchover_ack_needed: a VFIO device with precopy asks (livemig's, from a livemig
+      // source, marks its initial data with INIT_DATA_SENT).
+      ackDevices: caps['switchover-ack'] && this.o.guest.vfio !== undefined ? 1 : 0,
     };
   }
 
@@ -289,7 +289,7 @@ export class IncomingMigration {
       case 'sendResumeAck':
         return this.sendRp((w) => writeRpResumeAck(w));
       case 'sendSwitchoverAck':
-        this.o.log.info({}, 'switchover acknowledged: every device that asked has its initial data');
+        this.o.log.info({ ackDevices: this.state.config.ackDevices ?? 0 }, 'switchover acknowledged: every device that asked has its initial data');
         return this.sendRp((w) => writeRpSwitchoverAck(w));
       case 'sendErrorReport': {
         const payload = encodeLivemigError(describe(a.error));

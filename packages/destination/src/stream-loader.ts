@@ -19,7 +19,8 @@ import {
 } from '@livemig/protocol';
 import type { Guest } from '@livemig/guest';
 
-type Device = { layout: SectionLayout; load(data: Buffer, versionId: number): void };
+/** `load` is true when the section says the device's initial data is all in (VFIO's INIT_DATA_SENT). */
+type Device = { layout: SectionLayout; load(data: Buffer, versionId: number): boolean | void };
 
 export class StreamLoader {
   private readonly guest: Guest;
@@ -83,7 +84,7 @@ export class StreamLoader {
         return undefined;
       }
       case 'sectionEnd':
-        if (ev.data !== undefined) this.loadDevice(ev);
+        if (ev.data !== undefined && this.loadDevice(ev)) return { type: 'initDataLoaded', streamOffset: ev.offset, idstr: ev.idstr };
         if (this.config.multifd && this.multifdSyncAt === 'section-end' && ev.idstr === 'ram' && ev.instanceId === 0) {
           return { type: 'ramSectionEnded', streamOffset: ev.offset, channelsSynced: channelsSynced(ramSectionsEnded + 1) };
         }
@@ -105,10 +106,10 @@ export class StreamLoader {
     }
   }
 
-  private loadDevice(ev: Extract<DecoderEvent, { kind: 'sectionEnd' }>): void {
+  private loadDevice(ev: Extract<DecoderEvent, { kind: 'sectionEnd' }>): boolean {
     const dev = this.devices.get(`${ev.idstr}\u0000${ev.instanceId}`)!;
     try {
-      dev.load(ev.data!, ev.versionId);
+      return dev.load(ev.data!, ev.versionId) === true;
     } catch (err) {
       throw new ConfigError(ErrorCode.CONFIG_MISMATCH, (err as Error).message, { streamOffset: ev.dataOffset, sectionId: ev.sectionId, idstr: ev.idstr, cause: err });
     }

@@ -169,6 +169,8 @@ export class OutgoingMigration {
       ...(this.multifd === undefined ? {} : { multifd: this.multifd }),
     });
     this.others = (options.guest.vfio === undefined ? [] : [options.guest.vfio]).map((dev, i) => ({ dev, sectionId: RAM_SECTION_ID + 1 + i }));
+    // switchover-ack: the VFIO device marks the end of its initial data for the destination's ack.
+    if (options.guest.vfio !== undefined) options.guest.vfio.initDataMarker = options.capabilities['switchover-ack'];
     this.limiter = new RateLimiter(p['max-bandwidth'], this.startTime);
     this.meter = new BandwidthMeter(this.startTime);
     this.converge = new AutoConverge(this.startTime);
