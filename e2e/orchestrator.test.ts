@@ -189,3 +189,32 @@ test('switchover-ack needs return-path (QEMU\'s text)', T, () =>
     assert.equal(desc, "Capability 'switchover-ack' requires capability 'return-path'");
   }),
 );
+
+test('pause-before-switchover with postcopy: held in pre-switchover at migrate-start-postcopy\'s switch, then straight to postcopy-active (as QEMU 7.2)', T, () =>
+  withHarness(async (h) => {
+    const guest = ['-m', '64M', '--workload', 'incrementer:200'];
+    const dst = await h.destination({ incoming: 'tcp', guest, capabilities: ['postcopy-ram', 'events'] });
+    const src = await h.source({ guest, args: ['--capabilities', 'postcopy-ram,events,pause-before-switchover'] });
+    await src.execute('migrate-set-parameters', SLOW_POSTCOPY);
+    await src.execute('migrate', { uri: dst.incomingUri });
+    await waitForStatus(src, 'active');
+    await src.execute('migrate-start-postcopy');
+    await waitForStatus(src, 'pre-switchover');
+    assert.equal(await queryStatus(src), 'finish-migrate');
+    assert.equal((await waitForStatus(dst, 'active')).status, 'active', 'the destination has not started listening');
+    await src.execute('migrate-continue', { state: 'pre-switchover' });
+    await waitBothCompleted(src, dst);
+    await stopAndCheckPattern(dst);
+    assert.deepEqual(src.migrationEvents(), ['setup', 'active', 'pre-switchover', 'postcopy-active', 'completed']);
+  }),
+);
+
+test('migrate-continue on a destination: its outgoing migration is none, as QEMU says', T, () =>
+  withHarness(async (h) => {
+    const dst = await h.destination({ incoming: 'defer', guest: ['-m', '16M'] });
+    const desc = await dst.execute('migrate-continue', { state: 'pre-switchover' }).then(() => 'accepted', (e: { desc?: string }) => String(e.desc));
+    assert.equal(desc, 'Migration not in expected state: none');
+    const bad = await dst.execute('migrate-continue', { state: 'paused' }).then(() => 'accepted', (e: { desc?: string }) => String(e.desc));
+    assert.equal(bad, "Parameter 'state' does not accept value 'paused'");
+  }),
+);
