@@ -446,3 +446,30 @@ test(`livemig source with switchover-ack → ${QEMU_LABEL} destination: the sour
     log(t, `livemig source total-time ${s['total-time']} ms with switchover-ack`);
   }),
 );
+
+/** `channels` on migrate / migrate-incoming is QEMU 8.2+. */
+const channelsOpts = { ...opts, skip: opts.skip !== false ? opts.skip : QEMU_LABEL === 'QEMU 7.2' ? 'QEMU 7.2 has no channels argument (QEMU 8.2+)' : false };
+
+test(`${QEMU_LABEL} and livemig with channels instead of uri: QEMU migrates into a livemig destination given channels, and both refuse uri with channels in the same words`, channelsOpts, (t) =>
+  withHarness(async (h) => {
+    const img = h.path('m0.img');
+    await writeRamImage(img, IMAGE);
+    const qemu = await startQemu(h, 'qemu-src', [...qemuM0({ file: img }, SIZE), '-S']);
+    const dst = await h.destination({ incoming: 'defer', paused: true, guest: M0_GUEST, capabilities: ['events'] });
+    const path = h.path('chan.mig');
+    const channels = [{ 'channel-type': 'main', addr: { transport: 'socket', type: 'unix', path } }];
+    const refusal = (c: typeof qemu, command: string, args: Record<string, unknown>): Promise<string> =>
+      c.execute(command, args).then(() => 'accepted', (e: { desc?: string }) => String(e.desc));
+    const both = { uri: `unix:${path}`, channels };
+    assert.equal(await refusal(dst, 'migrate-incoming', both), await refusal(qemu, 'migrate', both));
+    const noPath = [{ 'channel-type': 'main', addr: { transport: 'socket', type: 'unix' } }];
+    assert.equal(await refusal(dst, 'migrate-incoming', { channels: noPath }), await refusal(qemu, 'migrate', { channels: noPath }));
+    await dst.execute('migrate-incoming', { channels });
+    await setCapabilities(qemu, ['events', 'return-path']);
+    await qemu.execute('migrate', { channels });
+    await waitForStatus(qemu, 'completed', { timeoutMs: 30_000 });
+    await waitForStatus(dst, 'completed', { timeoutMs: 10_000 });
+    assert.equal((await digest(dst)).blocks[0]!.sha256, IMAGE_SHA, 'destination m0 = the QEMU RAM image');
+    log(t, `refusal of uri with channels: ${await refusal(dst, 'migrate-incoming', both)}`);
+  }),
+);
