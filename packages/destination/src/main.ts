@@ -58,11 +58,12 @@ ${GUEST_HELP}
 exit status: 0 done (quit), 1 the incoming migration failed, 2 a flag or address that cannot be
 used (checked before guest RAM is prepared), 70 an internal error, 130/143 a signal.
 
-QMP commands: migrate-incoming (uri, or QEMU 8.2+'s channels), migrate-recover, migrate-pause, query-migrate (status,
-socket-address, error-desc, postcopy blocktime and fault latency),
+QMP commands: migrate-incoming (uri, or QEMU 8.2+'s channels), migrate-recover, migrate-pause,
+query-migrate (status, socket-address, error-desc, postcopy blocktime and fault latency),
 migrate-set-capabilities, query-migrate-capabilities, migrate-set-parameters,
-query-migrate-parameters (settings count while listening, until a connection sends a byte), stop, cont, query-status, x-query-guest-digest, quit; introspection
-as QEMU's: query-commands, query-events, query-name, query-version, query-qmp-schema.
+query-migrate-parameters (settings set while listening count until a connection sends a byte),
+stop, cont, query-status, x-query-guest-digest, quit; introspection as QEMU's: query-commands,
+query-events, query-name, query-version, query-qmp-schema.
 Events: MIGRATION (with capability "events"), RESUME, STOP, SHUTDOWN (on quit, SIGINT, SIGTERM).
 `;
 
