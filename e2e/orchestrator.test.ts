@@ -13,7 +13,7 @@ const GUEST = ['-m', '32M', '--workload', 'incrementer'];
 /** A last-resort bound per test (every wait inside is bounded far below it). */
 const T = { timeout: 120_000 };
 /** Short stall deadlines on both sides: the hold below outlasts them, so only keepalive traffic keeps the link. */
-const STALL = ['--parameters', 'x-livemig-stall-timeout=1000'];
+const STALL = ['--parameters', 'x-livemig-stall-timeout=2000'];
 
 test('pause-before-switchover: the source stops its guest in pre-switchover, holds past both stall deadlines, and goes on at migrate-continue', T, () =>
   withHarness(async (h) => {
@@ -28,8 +28,8 @@ test('pause-before-switchover: the source stops its guest in pre-switchover, hol
     await src.execute('migrate', { uri: dst.incomingUri });
     await waitForStatus(src, 'pre-switchover');
     assert.equal(await queryStatus(src), 'finish-migrate', 'the guest is stopped while held');
-    // Held three times the stall deadline: the source's PINGs and the destination's PONGs keep both ends alive.
-    await new Promise((r) => setTimeout(r, 3_000));
+    // Held well past the stall deadline: the source's PINGs and the destination's PONGs keep both ends alive.
+    await new Promise((r) => setTimeout(r, 5_000));
     assert.equal((await waitForStatus(src, 'pre-switchover')).status, 'pre-switchover');
     assert.equal((await waitForStatus(dst, 'active')).status, 'active', 'the destination still waits for the rest');
     assert.equal(await refused('active'), 'Migration not in expected state: pre-switchover');

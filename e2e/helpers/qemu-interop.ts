@@ -346,12 +346,12 @@ test(`livemig source with pause-before-switchover → ${QEMU_LABEL} destination:
     // A short stall deadline: the hold outlasts it, so only PONGs from QEMU keep the migration alive.
     const src = await h.source({
       guest: [...M0_GUEST, '--fill', 'mixed'],
-      args: ['--capabilities', 'events,return-path,pause-before-switchover', '--parameters', 'x-livemig-stall-timeout=1000'],
+      args: ['--capabilities', 'events,return-path,pause-before-switchover', '--parameters', 'x-livemig-stall-timeout=2000'],
     });
     await src.execute('migrate', { uri });
     await waitForStatus(src, 'pre-switchover', { timeoutMs: 30_000 });
     assert.equal(await queryStatus(src), 'finish-migrate');
-    await sleep(2_500);
+    await sleep(5_000);
     assert.equal((await queryMigrate(src)).status, 'pre-switchover', 'held past the stall deadline');
     assert.equal((await queryMigrate(qemu)).status, 'active', 'QEMU waits for the rest of the stream');
     await src.execute('migrate-continue', { state: 'pre-switchover' });
