@@ -112,3 +112,18 @@ test('VFIO v1 device in a stream file: livemig analyze shows setup, pre-copy ite
     assert.deepEqual(phases.slice(-2), ['complete', 'config']);
     assert.ok(phases.slice(1, -2).every((p) => p === 'iterate'), phases.join(','));
   }));
+
+test('VFIO v1 device with switchover-ack: its INIT_DATA_SENT (after what was pending at setup) is what the destination acknowledges; device state equal', T, () =>
+  withHarness(async (h) => {
+    const dst = await h.destination({ incoming: 'unix', paused: true, guest: GUEST, capabilities: ['return-path', 'switchover-ack'] });
+    const src = await h.source({ guest: GUEST, args: ['--capabilities', 'return-path,switchover-ack', ...SLOW] });
+    await src.execute('migrate', { uri: dst.incomingUri });
+    const { last } = await watch(src);
+    assert.equal(last.status, 'completed', JSON.stringify(last));
+    // The device's 4 MiB went out in pre-copy before the switchover was allowed.
+    assert.ok(last['x-vfio']!['precopy-bytes'] >= 4 * MiB, `precopy-bytes ${last['x-vfio']!['precopy-bytes']}`);
+    await waitForStatus(dst, 'completed', { timeoutMs: 10_000 });
+    assert.match(dst.output(), /"ackDevices":1,[^\n]*switchover acknowledged/, 'the ack waited for the one device that asks');
+    const { source, destination } = await assertSameRam(src, dst);
+    assert.deepEqual(destination.devices['vfio'], { ...(source.devices['vfio'] as VfioDigest), deviceState: 4 });
+  }));

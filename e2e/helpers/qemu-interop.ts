@@ -419,3 +419,153 @@ for (const mappedRam of [false, true]) {
     }),
   );
 }
+// ─── what an orchestrator uses: pause-before-switchover, switchover-ack ─────────────────────
+
+/** switchover-ack is QEMU 8.1+: the cases that need it run against QEMU 10.0 only. */
+const ackOpts = { ...opts, skip: opts.skip !== false ? opts.skip : QEMU_LABEL === 'QEMU 7.2' ? 'QEMU 7.2 has no switchover-ack capability (QEMU 8.1+)' : false };
+
+/** The MIGRATION statuses of `c` from `first` on, in order. */
+const statusesFrom = (c: { migrationEvents(): string[] }, first: string): string[] => {
+  const all = c.migrationEvents();
+  return all.slice(all.indexOf(first));
+};
+
+test(`livemig source with pause-before-switchover → ${QEMU_LABEL} destination: held in pre-switchover (keepalive PINGs answered by QEMU), migrate-continue completes, QEMU's RAM equals the source`, opts, (t) =>
+  withHarness(async (h) => {
+    const dstImg = h.path('dst.img');
+    await writeFile(dstImg, Buffer.alloc(SIZE));
+    const qemu = await startQemu(h, 'qemu-dst', [...qemuM0({ file: dstImg }, SIZE), '-S', '-incoming', 'defer']);
+    await setCapabilities(qemu, ['events', 'return-path']);
+    await qemu.execute('migrate-incoming', { uri: 'tcp:127.0.0.1:0' });
+    const uri = await listeningAddress(qemu, 10_000);
+
+    // A short stall deadline: the hold outlasts it, so only PONGs from QEMU keep the migration alive.
+    const src = await h.source({
+      guest: [...M0_GUEST, '--fill', 'mixed'],
+      args: ['--capabilities', 'events,return-path,pause-before-switchover', '--parameters', 'x-livemig-stall-timeout=2000'],
+    });
+    await src.execute('migrate', { uri });
+    await waitForStatus(src, 'pre-switchover', { timeoutMs: 30_000 });
+    assert.equal(await queryStatus(src), 'finish-migrate');
+    await sleep(5_000);
+    assert.equal((await queryMigrate(src)).status, 'pre-switchover', 'held past the stall deadline');
+    assert.equal((await queryMigrate(qemu)).status, 'active', 'QEMU waits for the rest of the stream');
+    await src.execute('migrate-continue', { state: 'pre-switchover' });
+    await waitForStatus(src, 'completed', { timeoutMs: 30_000 });
+    await waitForStatus(qemu, 'completed', { timeoutMs: 10_000 });
+    const after = await digest(src);
+    assert.equal(await sha256File(dstImg), after.blocks[0]!.sha256, "QEMU's m0 = the stopped livemig source's RAM");
+    assert.deepEqual(statusesFrom(src, 'active'), ['active', 'pre-switchover', 'device', 'completed']);
+    log(t, `livemig source MIGRATION events ${JSON.stringify(src.migrationEvents())}`);
+  }),
+);
+
+test(`${QEMU_LABEL} source with pause-before-switchover → livemig destination: nothing shows on the wire; the destination waits out the hold and completes`, opts, (t) =>
+  withHarness(async (h) => {
+    const img = h.path('m0.img');
+    await writeRamImage(img, IMAGE);
+    const qemu = await startQemu(h, 'qemu-src', [...qemuM0({ file: img }, SIZE), '-S']);
+    // A QEMU source held in pre-switchover sends nothing: the hold must stay under the stall deadline (5 s by default).
+    const dst = await h.destination({ incoming: 'tcp', paused: true, guest: M0_GUEST, capabilities: ['events'], args: ['--parameters', 'x-livemig-stall-timeout=10000'] });
+    await setCapabilities(qemu, ['events', 'return-path', 'pause-before-switchover']);
+    await qemu.execute('migrate', { uri: dst.incomingUri });
+    await waitForStatus(qemu, 'pre-switchover', { timeoutMs: 30_000 });
+    await sleep(2_000);
+    assert.equal((await queryMigrate(dst)).status, 'active', 'the destination still waits for the rest');
+    // livemig's migrate-continue text is QEMU's: compare the refusal of a wrong state.
+    const qemuRefusal = await qemu.execute('migrate-continue', { state: 'active' }).then(() => 'accepted', (e: { desc?: string }) => String(e.desc));
+    assert.equal(qemuRefusal, 'Migration not in expected state: pre-switchover');
+    await qemu.execute('migrate-continue', { state: 'pre-switchover' });
+    await waitForStatus(qemu, 'completed', { timeoutMs: 30_000 });
+    await waitForStatus(dst, 'completed', { timeoutMs: 10_000 });
+    assert.equal((await digest(dst)).blocks[0]!.sha256, IMAGE_SHA, 'destination m0 = the QEMU RAM image');
+    assert.deepEqual(statusesFrom(qemu, 'active'), ['active', 'pre-switchover', 'device', 'completed'], "QEMU's statuses, which a livemig source reports too");
+    log(t, `QEMU MIGRATION events ${JSON.stringify(qemu.migrationEvents())}`);
+  }),
+);
+
+test(`${QEMU_LABEL} source with switchover-ack → livemig destination: QEMU does not switch over without the ack, and completes once livemig sends it`, ackOpts, (t) =>
+  withHarness(async (h) => {
+    const img = h.path('m0.img');
+    await writeRamImage(img, IMAGE);
+    // Running (no -S): QEMU waits for the ack only for a running guest.
+    const qemu = await startQemu(h, 'qemu-src', qemuM0({ file: img }, SIZE));
+    await setCapabilities(qemu, ['events', 'return-path', 'switchover-ack']);
+
+    // A destination without the capability sends no ack: QEMU keeps iterating.
+    const silent = await h.destination({ name: 'dst-noack', incoming: 'tcp', guest: M0_GUEST, capabilities: ['events'], args: ['--parameters', 'x-livemig-stall-timeout=60000'] });
+    await qemu.execute('migrate', { uri: silent.incomingUri });
+    await waitForStatus(qemu, 'active', { timeoutMs: 10_000 });
+    await sleep(3_000);
+    assert.equal((await queryMigrate(qemu)).status, 'active', 'no switchover without SWITCHOVER_ACK');
+    await qemu.execute('migrate_cancel');
+    await waitForStatus(qemu, 'cancelled', { timeoutMs: 10_000 });
+    assert.equal(await queryStatus(qemu), 'running');
+
+    const dst = await h.destination({ incoming: 'tcp', paused: true, guest: M0_GUEST, capabilities: ['events', 'return-path', 'switchover-ack'] });
+    await qemu.execute('migrate', { uri: dst.incomingUri });
+    const q = await waitForStatus(qemu, 'completed', { timeoutMs: 30_000 });
+    await waitForStatus(dst, 'completed', { timeoutMs: 10_000 });
+    assert.match(dst.output(), /switchover acknowledged/);
+    assert.equal((await digest(dst)).blocks[0]!.sha256, IMAGE_SHA, 'destination m0 = the QEMU RAM image');
+    log(t, `QEMU total-time ${q['total-time']} ms with switchover-ack`);
+  }),
+);
+
+test(`livemig source with switchover-ack → ${QEMU_LABEL} destination: the source waits for QEMU's ack (none from a QEMU without the capability), then completes`, ackOpts, (t) =>
+  withHarness(async (h) => {
+    // Running, idle guest (RAM does not change): the wait for the ack applies to a running guest only.
+    const src = await h.source({ guest: [...M0_GUEST, '--fill', 'mixed'], args: ['--capabilities', 'events,return-path,switchover-ack'] });
+
+    const silentImg = h.path('silent.img');
+    await writeFile(silentImg, Buffer.alloc(SIZE));
+    const silent = await startQemu(h, 'qemu-noack', [...qemuM0({ file: silentImg }, SIZE), '-S', '-incoming', 'defer']);
+    await setCapabilities(silent, ['events', 'return-path']);
+    await silent.execute('migrate-incoming', { uri: 'tcp:127.0.0.1:0' });
+    await src.execute('migrate', { uri: await listeningAddress(silent, 10_000) });
+    await waitForStatus(src, 'active', { timeoutMs: 10_000 });
+    await sleep(3_000);
+    assert.equal((await queryMigrate(src)).status, 'active', 'no switchover without SWITCHOVER_ACK');
+    assert.equal(await queryStatus(src), 'running');
+    await src.execute('migrate_cancel');
+    await waitForStatus(src, 'cancelled', { timeoutMs: 10_000 });
+
+    const dstImg = h.path('dst.img');
+    await writeFile(dstImg, Buffer.alloc(SIZE));
+    const qemu = await startQemu(h, 'qemu-dst', [...qemuM0({ file: dstImg }, SIZE), '-S', '-incoming', 'defer']);
+    await setCapabilities(qemu, ['events', 'return-path', 'switchover-ack']);
+    await qemu.execute('migrate-incoming', { uri: 'tcp:127.0.0.1:0' });
+    await src.execute('migrate', { uri: await listeningAddress(qemu, 10_000) });
+    const s = await waitForStatus(src, 'completed', { timeoutMs: 30_000 });
+    await waitForStatus(qemu, 'completed', { timeoutMs: 10_000 });
+    assert.equal(await sha256File(dstImg), (await digest(src)).blocks[0]!.sha256, "QEMU's m0 = the livemig source's RAM");
+    log(t, `livemig source total-time ${s['total-time']} ms with switchover-ack`);
+  }),
+);
+
+/** `channels` on migrate / migrate-incoming is QEMU 8.2+. */
+const channelsOpts = { ...opts, skip: opts.skip !== false ? opts.skip : QEMU_LABEL === 'QEMU 7.2' ? 'QEMU 7.2 has no channels argument (QEMU 8.2+)' : false };
+
+test(`${QEMU_LABEL} and livemig with channels instead of uri: QEMU migrates into a livemig destination given channels, and both refuse uri with channels in the same words`, channelsOpts, (t) =>
+  withHarness(async (h) => {
+    const img = h.path('m0.img');
+    await writeRamImage(img, IMAGE);
+    const qemu = await startQemu(h, 'qemu-src', [...qemuM0({ file: img }, SIZE), '-S']);
+    const dst = await h.destination({ incoming: 'defer', paused: true, guest: M0_GUEST, capabilities: ['events'] });
+    const path = h.path('chan.mig');
+    const channels = [{ 'channel-type': 'main', addr: { transport: 'socket', type: 'unix', path } }];
+    const refusal = (c: typeof qemu, command: string, args: Record<string, unknown>): Promise<string> =>
+      c.execute(command, args).then(() => 'accepted', (e: { desc?: string }) => String(e.desc));
+    const both = { uri: `unix:${path}`, channels };
+    assert.equal(await refusal(dst, 'migrate-incoming', both), await refusal(qemu, 'migrate', both));
+    const noPath = [{ 'channel-type': 'main', addr: { transport: 'socket', type: 'unix' } }];
+    assert.equal(await refusal(dst, 'migrate-incoming', { channels: noPath }), await refusal(qemu, 'migrate', { channels: noPath }));
+    await dst.execute('migrate-incoming', { channels });
+    await setCapabilities(qemu, ['events', 'return-path']);
+    await qemu.execute('migrate', { channels });
+    await waitForStatus(qemu, 'completed', { timeoutMs: 30_000 });
+    await waitForStatus(dst, 'completed', { timeoutMs: 10_000 });
+    assert.equal((await digest(dst)).blocks[0]!.sha256, IMAGE_SHA, 'destination m0 = the QEMU RAM image');
+    log(t, `refusal of uri with channels: ${await refusal(dst, 'migrate-incoming', both)}`);
+  }),
+);

@@ -52,6 +52,8 @@ interface MultifdChannel {
 
 export interface ChannelsOptions {
   guest: Guest;
+  // preempt, multifd, multifdChannels and handshakeTimeoutMs are read when a connection comes,
+  // so a destination reconfigured while it listens uses the new values.
   /** Capabilities that add connections after the main one. */
   preempt: boolean;
   multifd: boolean;
@@ -95,9 +97,16 @@ export class Channels {
   private readonly multifdIdsSeen = new Set<number>();
   /** When a multifd channel last brought bytes (ms, performance.now()); 0 before any. */
   lastMultifdByteAtMs = 0;
+  /** A connection to the incoming address has brought a byte: the stream may have begun. */
+  streamStarted = false;
 
   constructor(options: ChannelsOptions) {
     this.o = options;
+  }
+
+  /** Settings changed before the stream began (see IncomingMigration.reconfigure). */
+  reconfigure(settings: Pick<ChannelsOptions, 'preempt' | 'multifd' | 'multifdChannels' | 'handshakeTimeoutMs'>): void {
+    Object.assign(this.o, settings);
   }
 
   get listeningAddress(): string | undefined {
@@ -166,7 +175,6 @@ export class Channels {
     const server = net.createServer({ pauseOnConnect: true, allowHalfOpen: true });
     const bound = await listenServer(server, address);
     const tcp = bound.transport === 'tcp';
-    const timeoutMs = this.o.handshakeTimeoutMs ?? DEFAULT_HANDSHAKE_TIMEOUT_MS;
     let extras = -1; // -1: no main channel yet
     const candidates: Candidate[] = [];
     const release = (c: Candidate): Buffer => {
@@ -232,6 +240,7 @@ export class Channels {
         timer: undefined,
         invalid: undefined,
         onData: (chunk) => {
+          this.streamStarted = true;
           c.chunks.push(chunk);
           c.bytes += chunk.length;
           const head = c.chunks.length === 1 ? chunk : Buffer.concat(c.chunks);
@@ -241,6 +250,7 @@ export class Channels {
         },
       };
       candidates.push(c);
+      const timeoutMs = this.o.handshakeTimeoutMs ?? DEFAULT_HANDSHAKE_TIMEOUT_MS;
       c.timer = setTimeout(
         () =>
           drop(

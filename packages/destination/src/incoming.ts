@@ -15,6 +15,7 @@ import {
   coded,
   type DecoderEvent,
   type DestinationAction,
+  type DestinationConfig,
   type DestinationEvent,
   type DestinationState,
   destinationStep,
@@ -32,11 +33,13 @@ import {
   reportedStatus,
   returnPathOpen,
   showsPostcopyFigures,
+  StateError,
   TransportError,
   writeRpLivemigExt,
   writeRpPong,
   writeRpRecvBitmap,
   writeRpResumeAck,
+  writeRpSwitchoverAck,
   writeRpShut,
 } from '@livemig/protocol';
 import type { Guest } from '@livemig/guest';
@@ -98,12 +101,7 @@ export class IncomingMigration {
   constructor(options: IncomingOptions) {
     this.o = options;
     const caps = options.capabilities;
-    this.state = initialDestinationState({
-      postcopyRam: caps['postcopy-ram'],
-      preempt: caps['postcopy-preempt'],
-      multifd: caps.multifd,
-      ...(options.stallTimeoutMs === undefined ? {} : { stallTimeoutMs: options.stallTimeoutMs }),
-    });
+    this.state = initialDestinationState(this.configOf(caps, options.stallTimeoutMs));
     this.loader = new StreamLoader(options.guest, options.machineType, this.state.config, options.uuid);
     this.faults = new PostcopyFaults({
       guest: options.guest,
@@ -155,6 +153,47 @@ export class IncomingMigration {
 
   get bytesReceived(): number {
     return this.stream.bytesReceived;
+  }
+
+  /** Whether settings may still change: nothing connected has sent a byte yet (QEMU 7.2 takes them on a listening destination). */
+  get configurable(): boolean {
+    return (this.state.status === 'none' || this.state.status === 'setup') && !this.channels.streamStarted;
+  }
+
+  /**
+   * migrate-set-capabilities / -parameters on a destination that listens, before the stream: the
+   * connections still to come and the stream are read with the new values. Throws
+   * StateError ("There's a migration process in progress") once the stream has begun.
+   */
+  reconfigure(capabilities: Capabilities, parameters: { multifdChannels: number; stallTimeoutMs: number; handshakeTimeoutMs: number }): void {
+    if (this.channels.streamStarted && this.state.status === 'setup') {
+      throw new StateError('setup', 'configured', "There's a migration process in progress");
+    }
+    const config = this.configOf(capabilities, parameters.stallTimeoutMs);
+    const bootFaultThread = config.preempt && !this.state.config.preempt && this.state.status === 'setup';
+    this.dispatch({ type: 'configured', config });
+    this.o.capabilities = { ...capabilities };
+    this.o.multifdChannels = parameters.multifdChannels;
+    this.loader.config = config;
+    this.channels.reconfigure({ preempt: config.preempt, multifd: config.multifd, multifdChannels: parameters.multifdChannels, handshakeTimeoutMs: parameters.handshakeTimeoutMs });
+    // With preempt the fault thread starts with the listener (its worker is ready before postcopy).
+    if (bootFaultThread) this.faults.bootThread();
+    const on = Object.entries(capabilities).filter(([, v]) => v).map(([k]) => k);
+    this.o.log.info({ capabilities: on, multifdChannels: parameters.multifdChannels }, 'settings changed while listening: the stream will be read with them');
+  }
+
+  /** The machine's config for these capabilities. */
+  private configOf(caps: Capabilities, stallTimeoutMs: number | undefined): DestinationConfig {
+    return {
+      postcopyRam: caps['postcopy-ram'],
+      preempt: caps['postcopy-preempt'],
+      multifd: caps.multifd,
+      ...(stallTimeoutMs === undefined ? {} : { stallTimeoutMs }),
+      switchoverAck: caps['switchover-ack'],
+      // QEMU's switchover_ack_needed: a VFIO device with precopy asks (livemig's, from a livemig
+      // source, marks its initial data with INIT_DATA_SENT).
+      ackDevices: caps['switchover-ack'] && this.o.guest.vfio !== undefined ? 1 : 0,
+    };
   }
 
   /** Listen on tcp: or unix:; returns the bound address (port 0 resolved). */
@@ -263,6 +302,9 @@ export class IncomingMigration {
       }
       case 'sendResumeAck':
         return this.sendRp((w) => writeRpResumeAck(w));
+      case 'sendSwitchoverAck':
+        this.o.log.info({ ackDevices: this.state.config.ackDevices ?? 0 }, 'switchover acknowledged: every device that asked has its initial data');
+        return this.sendRp((w) => writeRpSwitchoverAck(w));
       case 'sendErrorReport': {
         const payload = encodeLivemigError(describe(a.error));
         return this.sendRp((w) => writeRpLivemigExt(w, payload));

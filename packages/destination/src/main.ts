@@ -3,7 +3,7 @@
 
 import { parseArgs } from 'node:util';
 import { Guest } from '@livemig/guest';
-import { applyParameters, normalizeUuid } from '@livemig/protocol';
+import { applyParameters, type Capabilities, normalizeUuid } from '@livemig/protocol';
 import {
   GUEST_HELP,
   guestFromFlags,
@@ -22,7 +22,7 @@ import {
   QmpCommandError,
   registerMachineCommands,
 } from '@livemig/machine';
-import { createLogger, type Logger, parseAddress, QmpServer, toSocketAddress } from '@livemig/runtime';
+import { createLogger, type Logger, migrationUri, parseAddress, QMP_MIGRATION_CHANNELS, QmpServer, toSocketAddress } from '@livemig/runtime';
 import { IncomingMigration } from './incoming.ts';
 
 const HELP = `usage: livemig-destination --incoming ADDR [-S] [guest flags] [--qmp ADDR]
@@ -59,12 +59,12 @@ ${GUEST_HELP}
 exit status: 0 done (quit), 1 the incoming migration failed, 2 a flag or address that cannot be
 used (checked before guest RAM is prepared), 70 an internal error, 130/143 a signal.
 
-QMP commands: migrate-incoming, migrate-recover, migrate-pause, query-migrate (status,
-socket-address, error-desc, postcopy blocktime and fault latency),
+QMP commands: migrate-incoming (uri, or QEMU 8.2+'s channels), migrate-recover, migrate-pause,
+query-migrate (status, socket-address, error-desc, postcopy blocktime and fault latency),
 migrate-set-capabilities, query-migrate-capabilities, migrate-set-parameters,
-query-migrate-parameters, stop, cont, query-status, x-query-guest-digest, calc-dirty-rate,
-query-dirty-rate, quit; introspection as QEMU's: query-commands, query-events, query-name,
-query-version, query-qmp-schema.
+query-migrate-parameters (settings set while listening count until a connection sends a byte),
+stop, cont, query-status, x-query-guest-digest, calc-dirty-rate, query-dirty-rate, quit;
+introspection as QEMU's: query-commands, query-events, query-name, query-version, query-qmp-schema.
 Events: MIGRATION (with capability "events"), RESUME, STOP, SHUTDOWN (on quit, SIGINT, SIGTERM).
 `;
 
@@ -156,16 +156,30 @@ class DestinationProcess {
   async serveQmp(address: string, name?: string): Promise<void> {
     const qmp = await QmpServer.listen(address, { logger: this.log.child({ component: 'qmp' }), ...(name === undefined ? {} : { name }) });
     this.qmp = qmp;
+    // A destination that listens takes new settings until a connection brings its first byte.
+    const reconfigure = (capabilities: Capabilities): void => {
+      const p = this.settings.parameters;
+      this.incoming?.reconfigure(capabilities, {
+        multifdChannels: p['multifd-channels'],
+        stallTimeoutMs: p['x-livemig-stall-timeout'],
+        handshakeTimeoutMs: p['x-livemig-handshake-timeout'],
+      });
+    };
+    const configurable = (): boolean => this.incoming !== undefined && this.incoming.configurable;
     registerMachineCommands(qmp, this.guest, this.settings, {
-      migrationRunning: () => this.incoming !== undefined && this.incoming.status !== 'completed' && this.incoming.status !== 'failed',
+      migrationRunning: () => this.incoming !== undefined && !this.incoming.configurable && this.incoming.status !== 'completed' && this.incoming.status !== 'failed',
+      capabilitiesChanged: (c) => {
+        if (configurable()) reconfigure(c);
+      },
+      parametersChanged: () => {
+        if (configurable()) reconfigure(this.settings.capabilities);
+      },
       quit: () => void this.shutdown(0),
     });
     qmp.register('migrate-incoming', async (args) => {
-      const uri = args['uri'];
-      if (typeof uri !== 'string') throw new QmpCommandError("Parameter 'uri' is missing");
-      await this.listen(uri);
+      await this.listen(migrationUri(args, 'migrate-incoming'));
       return {};
-    }, { args: { uri: 'str' }, returns: {} });
+    }, { args: { '*uri': 'str', '*channels': QMP_MIGRATION_CHANNELS }, returns: {} });
     qmp.register('query-migrate', () => this.queryMigrate(), { args: {}, returns: 'any' });
     qmp.register(
       'migrate-recover',

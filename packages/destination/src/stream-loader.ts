@@ -19,12 +19,14 @@ import {
 } from '@livemig/protocol';
 import type { Guest } from '@livemig/guest';
 
-type Device = { layout: SectionLayout; load(data: Buffer, versionId: number): void };
+/** `load` is true when the section says the device's initial data is all in (VFIO's INIT_DATA_SENT). */
+type Device = { layout: SectionLayout; load(data: Buffer, versionId: number): boolean | void };
 
 export class StreamLoader {
   private readonly guest: Guest;
   readonly machineType: string;
-  private readonly config: DestinationConfig;
+  /** The machine's config; replaced while the destination listens (migrate-set-capabilities before the stream). */
+  config: DestinationConfig;
   /** --uuid: a configuration/uuid that differs fails the load (whatever this side's validate-uuid, as QEMU 7.2). */
   private readonly uuid: string | undefined;
   /** Every non-RAM section we accept: FULL devices and iterative loaders, by idstr + instance. */
@@ -82,7 +84,7 @@ export class StreamLoader {
         return undefined;
       }
       case 'sectionEnd':
-        if (ev.data !== undefined) this.loadDevice(ev);
+        if (ev.data !== undefined && this.loadDevice(ev)) return { type: 'initDataLoaded', streamOffset: ev.offset, idstr: ev.idstr };
         if (this.config.multifd && this.multifdSyncAt === 'section-end' && ev.idstr === 'ram' && ev.instanceId === 0) {
           return { type: 'ramSectionEnded', streamOffset: ev.offset, channelsSynced: channelsSynced(ramSectionsEnded + 1) };
         }
@@ -104,10 +106,10 @@ export class StreamLoader {
     }
   }
 
-  private loadDevice(ev: Extract<DecoderEvent, { kind: 'sectionEnd' }>): void {
+  private loadDevice(ev: Extract<DecoderEvent, { kind: 'sectionEnd' }>): boolean {
     const dev = this.devices.get(`${ev.idstr}\u0000${ev.instanceId}`)!;
     try {
-      dev.load(ev.data!, ev.versionId);
+      return dev.load(ev.data!, ev.versionId) === true;
     } catch (err) {
       throw new ConfigError(ErrorCode.CONFIG_MISMATCH, (err as Error).message, { streamOffset: ev.dataOffset, sectionId: ev.sectionId, idstr: ev.idstr, cause: err });
     }

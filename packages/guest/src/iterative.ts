@@ -38,6 +38,6 @@ export interface IterativeLoader {
   readonly idstr: string;
   readonly instanceId: number;
   readonly layout: SectionLayout;
-  /** Load one START / PART / END section's data. */
-  loadState(data: Buffer, versionId: number): void;
+  /** Load one START / PART / END section's data; true when it says the device's initial data is all in (switchover-ack). */
+  loadState(data: Buffer, versionId: number): boolean | void;
 }

@@ -5,11 +5,14 @@
 //
 //   source:  saveSetup     _RUNNING → _SAVING|_RUNNING; SETUP | END                   (START)
 //            saveIterate   one buffer: DATA | size | data | END  (DATA | 0 | END when none)  (PART)
+//                          with switchover-ack, the PART that completes the initial data (what was
+//                          pending at setup, or pending down to 0) ends in INIT_DATA_SENT instead
 //            guest stops   _SAVING|_RUNNING → _SAVING        (QEMU's vm state change handler)
 //            saveComplete  buffers until pending_bytes is 0, END; then _STOP            (END)
 //            saveState     CONFIG | register file | END                               (FULL, same section id)
 //            cleanup       drop _SAVING (a cancel or failure leaves the device running again)
-//   dest:    setup frame   → _RESUMING; data frames → data_offset, data, data_size; config → registers
+//   dest:    setup frame   → _RESUMING; data frames → data_offset, data, data_size; config → registers;
+//            INIT_DATA_SENT → loadState says so (the destination's switchover-ack count)
 //            guest starts  → _RUNNING (from _RESUMING, or from a save that failed)
 
 import { createHash } from 'node:crypto';
@@ -21,6 +24,7 @@ import {
   writeVfioConfig,
   writeVfioDataHeader,
   writeVfioEndOfState,
+  writeVfioInitDataSent,
   writeVfioSetup,
 } from '@livemig/protocol';
 import { DeviceLoadError } from './devices.ts';
@@ -52,6 +56,14 @@ export class VfioDevice implements IterativeDevice, IterativeLoader {
   /** pending_bytes as last read: the cheap estimate. */
   private pendingBytes = 0;
   private timer: NodeJS.Timeout | undefined;
+  /**
+   * Capability switchover-ack (QEMU 8.1+'s VFIO side): mark the end of the initial data. The v1
+   * region has no precopy_init_size, so the initial data is what was pending at setup.
+   */
+  initDataMarker = false;
+  /** Initial data still to send (bytes), and whether INIT_DATA_SENT went out. */
+  private initRemaining = 0;
+  private initDataSent = false;
   private readonly onData: VfioFrameHandler = { onData: (src, offset, length) => this.resumeBuffer(src, offset, length), onConfig: (src, offset, length) => this.loadConfig(src, offset, length) };
 
   constructor(options: VfioV1RegionOptions = {}) {
@@ -108,8 +120,19 @@ export class VfioDevice implements IterativeDevice, IterativeLoader {
   saveSetup(w: BatchWriter): void {
     this.setState(VfioV1State.MASK, VfioV1State.SAVING);
     Object.assign(this.stats, { transferredBytes: 0, precopyIterations: 0, precopyBytes: 0, stopCopyBytes: 0, configBytes: 0 });
-    this.readPending();
+    this.initRemaining = this.readPending();
+    this.initDataSent = false;
     writeVfioSetup(w);
+  }
+
+  /** END_OF_STATE, or INIT_DATA_SENT once the initial data is out (switchover-ack). */
+  private closeIterate(w: BatchWriter, pending: number): void {
+    if (this.initDataMarker && !this.initDataSent && (this.initRemaining <= 0 || pending === 0)) {
+      this.initDataSent = true;
+      writeVfioInitDataSent(w);
+    } else {
+      writeVfioEndOfState(w);
+    }
   }
 
   pendingEstimate(): number {
@@ -145,17 +168,19 @@ export class VfioDevice implements IterativeDevice, IterativeLoader {
     void maxBytes;
     if (this.pendingBytes === 0 && this.readPending() === 0) {
       writeVfioDataHeader(w, 0);
-      writeVfioEndOfState(w);
+      this.closeIterate(w, 0);
       return true;
     }
     const size = this.saveBuffer(w);
-    writeVfioEndOfState(w);
+    this.initRemaining -= size;
+    // Step f: the buffer is taken, and the new figure is the estimate.
+    const pending = this.readPending();
+    this.closeIterate(w, pending);
     if (size > 0) {
       this.stats.precopyIterations++;
       this.stats.precopyBytes += size;
     }
-    // Step f: the buffer is taken, and the new figure is the estimate.
-    return this.readPending() === 0;
+    return pending === 0;
   }
 
   /** Stop-and-copy: buffers until pending_bytes is 0, then END and _STOP. Call until true. */
@@ -192,11 +217,13 @@ export class VfioDevice implements IterativeDevice, IterativeLoader {
     if ((s & VfioV1State.SAVING) !== 0 && !this.broken) this.setState(~VfioV1State.SAVING & VfioV1State.MASK, 0);
   }
 
-  loadState(data: Buffer, versionId: number): void {
+  /** Load one section's data; true when it ended with INIT_DATA_SENT (its initial data is all here). */
+  loadState(data: Buffer, versionId: number): boolean {
     if (versionId !== 1) throw new DeviceLoadError(this.idstr, `stream version ${versionId} is not 1`);
     try {
       const s = readVfioSection(data, 0, data.length, { maxDataBytes: this.region.dataAreaBytes }, this.onData);
       if (s.phase === 'setup') this.setState(0, VfioV1State.RESUMING);
+      return s.initDataSent;
     } catch (err) {
       if (err instanceof DeviceLoadError) throw err;
       throw new DeviceLoadError(this.idstr, `${(err as { code?: string }).code ?? 'error'}: ${(err as Error).message}`, err);

@@ -130,8 +130,15 @@ export function settingsFromFlags(
 export interface MachineHooks {
   /** True while a migration runs (capabilities may not change then). */
   migrationRunning(): boolean;
+  /** New capabilities, checked and about to be kept; may refuse them by throwing. */
+  capabilitiesChanged?(c: Capabilities): void;
   /** Parameters changed (e.g. max-bandwidth mid-migration). */
   parametersChanged?(p: MigrationParameters): void;
+  /**
+   * migrate-continue {state}: the outgoing migration's status must be `state` (the source's
+   * pause-before-switchover). Without it (a destination) the outgoing status is always `none`.
+   */
+  continueMigration?(state: string): void;
   quit(): void;
 }
 
@@ -191,10 +198,19 @@ export function registerMachineCommands(server: QmpServer, guest: Guest, setting
 
   server.register('migrate-set-capabilities', (args) => {
     if (hooks.migrationRunning()) throw new QmpCommandError("There's a migration process in progress");
-    settings.capabilities = applyCapabilities(settings.capabilities, args['capabilities']);
+    const next = applyCapabilities(settings.capabilities, args['capabilities']);
+    hooks.capabilitiesChanged?.(next);
+    settings.capabilities = next;
     for (const c of args['capabilities'] as { capability: string }[]) settings.byDefault.delete(c.capability);
     return {};
   }, { args: { capabilities: [capabilityStatus] }, returns: {} });
+
+  server.register('migrate-continue', (args) => {
+    const state = String(args['state']);
+    if (hooks.continueMigration !== undefined) hooks.continueMigration(state);
+    else if (state !== 'none') throw new QmpCommandError('Migration not in expected state: none');
+    return {};
+  }, { args: { state: qmpEnum(MIGRATION_STATUSES) }, returns: {} });
 
   const parameters = parameterMembers();
   server.register('query-migrate-parameters', () => ({ ...settings.parameters }), { args: {}, returns: parameters });

@@ -17,7 +17,7 @@
 
 import { KEEPALIVE_TIMEOUT_MS } from './constants.ts';
 import { DEFAULT_STALL_TIMEOUT_MS } from './migration-config.ts';
-import { ConfigError, ErrorCode, type MigrationError, StateError, TransportError } from './errors.ts';
+import { ConfigError, ErrorCode, type MigrationError, ProtocolError, StateError, TransportError } from './errors.ts';
 import type { DestinationAction, DestinationEvent, DestinationState, DestinationStep, FaultPath } from './destination-state.ts';
 import { peerIsLivemig, reportedStatus, returnPathOpen, showsPostcopyFigures } from './destination-state.ts';
 
@@ -38,6 +38,8 @@ export function destinationStep(state: DestinationState, event: DestinationEvent
       if (state.status !== 'postcopy-paused') return refuseRecover(state);
       break;
     case 'returnPathOpened':
+      // QEMU 8.1+: with switchover-ack and no device asking for it, the ack follows the return path's opening.
+      if (state.status === 'active' && !state.returnPath) return maybeAck({ ...state, returnPath: true });
       if (readsStreamNow(state)) return { state: { ...state, returnPath: true }, actions: [] };
       break;
     case 'pingReceived':
@@ -49,6 +51,10 @@ export function destinationStep(state: DestinationState, event: DestinationEvent
     case 'multifdSynced':
       if (readsStreamNow(state)) return synced(state, illegal);
       break;
+    case 'configured':
+      // Settings count until the stream starts (QEMU 7.2 takes them on a listening destination too).
+      if (state.status === 'none' || state.status === 'setup') return { state: { ...state, config: event.config }, actions: [] };
+      throw new StateError(state.status, event.type, "There's a migration process in progress");
     default:
       break;
   }
@@ -79,6 +85,8 @@ export function destinationStep(state: DestinationState, event: DestinationEvent
             postcopyRamAdvised: false,
             eofSeen: false,
             lastByteAtMs: now,
+            acksPending: state.config.switchoverAck === true ? (state.config.ackDevices ?? 0) : 0,
+            switchoverAcked: false,
           };
           return { state: next, actions: [{ type: 'beginLoad' }, { type: 'startKeepalive' }, { type: 'emitStatus', status: 'active' }] };
         }
@@ -132,6 +140,15 @@ export function destinationStep(state: DestinationState, event: DestinationEvent
         case 'resumeReceived':
           // QEMU ignores POSTCOPY_RESUME outside postcopy-recover.
           return stay();
+        case 'initDataLoaded':
+          // QEMU's VFIO loader and qemu_loadvm_approve_switchover: a marker nobody awaits fails the load.
+          if (state.config.switchoverAck !== true) {
+            return fail(state, new ProtocolError(ErrorCode.BAD_VFIO_FRAME, `${event.idstr}: INIT_DATA_SENT, but switchover-ack is not on here`, { streamOffset: event.streamOffset }));
+          }
+          if (state.acksPending === 0) {
+            return fail(state, new ProtocolError(ErrorCode.BAD_VFIO_FRAME, `${event.idstr}: INIT_DATA_SENT with no device's initial data awaited`, { streamOffset: event.streamOffset }));
+          }
+          return maybeAck({ ...state, acksPending: state.acksPending - 1 });
         case 'eofReceived':
           return { state: { ...state, eofSeen: true }, actions: [] };
         case 'vmdescriptionReceived':
@@ -296,6 +313,12 @@ export function destinationStep(state: DestinationState, event: DestinationEvent
 type StreamState = Extract<DestinationState, { status: 'active' | 'postcopy-active' | 'postcopy-recover' }>;
 
 /** A state in which the main channel's stream is being read. */
+/** switchover-ack: once nothing is awaited and the return path is open, SWITCHOVER_ACK (once). */
+function maybeAck(state: Extract<DestinationState, { status: 'active' }>): DestinationStep {
+  if (state.config.switchoverAck !== true || state.acksPending > 0 || !state.returnPath || state.switchoverAcked) return { state, actions: [] };
+  return { state: { ...state, switchoverAcked: true }, actions: [{ type: 'sendSwitchoverAck' }] };
+}
+
 function readsStreamNow(state: DestinationState): state is StreamState {
   return state.status === 'active' || state.status === 'postcopy-active' || state.status === 'postcopy-recover';
 }

@@ -14,6 +14,10 @@ export interface DestinationConfig {
   multifd: boolean;
   /** Parameter x-livemig-stall-timeout: a precopy stream silent this long fails (ms; default 5000). */
   stallTimeoutMs?: number;
+  /** Capability switchover-ack (QEMU 8.1+): SWITCHOVER_ACK goes to the source once every device that asks has its initial data. */
+  switchoverAck?: boolean;
+  /** Devices that ask for the ack (QEMU's switchover_ack_needed: a VFIO device with precopy). */
+  ackDevices?: number;
 }
 
 /** Where the postcopy fault path runs: the main thread's event loop, or the fault thread (a livemig source with preempt). */
@@ -60,6 +64,10 @@ export type DestinationState =
       eofSeen: boolean;
       /** The stall deadline's baseline: the later of the last byte and the connection (ms). */
       lastByteAtMs: number;
+      /** switchover-ack: devices whose initial data has still to load (the ack goes out at 0, once). */
+      acksPending: number;
+      /** SWITCHOVER_ACK was sent. */
+      switchoverAcked: boolean;
     })
   | (DestinationPostcopy & { status: 'postcopy-active' })
   | (DestinationPostcopy & { status: 'postcopy-recover' })
@@ -100,10 +108,17 @@ export interface DiscardRanges {
 
 /** What arrived. Stream commands carry the stream offset of their record. */
 export type DestinationEvent =
+  /**
+   * migrate-set-capabilities / -parameters before the stream: the new settings. The adapter
+   * refuses them itself once a connection has brought its first byte (still `setup` here).
+   */
+  | { type: 'configured'; config: DestinationConfig }
   | { type: 'listenStarted' }
   | { type: 'connectionAccepted' }
   | { type: 'returnPathOpened'; streamOffset: number }
   | { type: 'pingReceived'; streamOffset: number; value: number; livemigHello: boolean }
+  /** A device's marker that its initial data is all sent (VFIO's INIT_DATA_SENT), loaded. */
+  | { type: 'initDataLoaded'; streamOffset: number; idstr: string }
   | { type: 'postcopyAdviseReceived'; streamOffset: number; postcopyRam: boolean }
   | { type: 'discardReceived'; streamOffset: number; discard: DiscardRanges }
   | { type: 'listenReceived'; streamOffset: number }
@@ -143,10 +158,12 @@ export type DestinationEvent =
 export type DestinationEventType = DestinationEvent['type'];
 
 export const DESTINATION_EVENT_TYPES = [
+  'configured',
   'listenStarted',
   'connectionAccepted',
   'returnPathOpened',
   'pingReceived',
+  'initDataLoaded',
   'postcopyAdviseReceived',
   'discardReceived',
   'listenReceived',
@@ -179,6 +196,8 @@ export type DestinationAction =
   | { type: 'sendShut'; shutStatus: 0 | 1 }
   | { type: 'sendRecvBitmap'; block: string; streamOffset: number }
   | { type: 'sendResumeAck' }
+  /** switchover-ack: the source may switch over as far as this side's devices go. */
+  | { type: 'sendSwitchoverAck' }
   /** livemig's return-path error report (a livemig source only). */
   | { type: 'sendErrorReport'; error: MigrationError }
   /** After a recovery: request again every page still awaited (in-flight requests died with the link). */

@@ -40,6 +40,8 @@ export const CAPABILITIES = [
   'background-snapshot',
   'zero-copy-send',
   'postcopy-preempt',
+  // QEMU 8.1+: the destination acknowledges on the return path before the source switches over.
+  'switchover-ack',
   // QEMU 9.0+: the file layout with each page at a fixed offset (written and read by livemig).
   'mapped-ram',
 ] as const;
@@ -59,6 +61,7 @@ export const SUPPORTED_CAPABILITIES: ReadonlySet<Capability> = new Set<Capabilit
   'validate-uuid',
   'pause-before-switchover',
   'multifd',
+  'switchover-ack',
   'mapped-ram',
 ]);
 
@@ -263,6 +266,9 @@ export function applyCapabilities(current: Capabilities, list: unknown): Capabil
   }
   if (next['postcopy-preempt'] && !next['postcopy-ram']) {
     throw new ParameterError('Postcopy preempt requires postcopy-ram');
+  }
+  if (next['switchover-ack'] && !next['return-path']) {
+    throw new ParameterError("Capability 'switchover-ack' requires capability 'return-path'");
   }
   return next;
 }

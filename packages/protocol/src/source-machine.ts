@@ -7,9 +7,12 @@
 //   setup ─setupSent→ active ─postcopyStarted→ postcopy-active ⇄ postcopy-paused → postcopy-recover
 //                       │ iterating → stop-copy → awaiting-shut ─shutReceived(0)→ completed
 //                       │ cpr-exec: iterating → stop-copy → exec-pending (the process execs its new image)
+//                       └ pause-before-switchover: ─switchoverStarted→ pre-switchover ─continueRequested→
+//                         device (stop-copy → awaiting-shut → completed), or postcopy-active
 //   any running state ─faulted→ failing ─(destination's reason or 500 ms)→ restore guest → failed
 //   any running state ─cancelRequested→ cancelling ─guestRestored→ cancelled
 //   setup, active ─keepaliveTicked (no progress for stallTimeoutMs)→ failing (LM_ERR_PEER_SILENT)
+//   switchover-ack: switchoverAckReceived marks the state; maySwitchOver() gates the thread's switchover
 //
 // Statuses are QEMU's MigrationStatus names, so query-migrate reports them as they are. One state
 // is livemig's own: `failing`, the short wrap-up of a failure (waiting for the destination's
@@ -50,10 +53,16 @@ export interface SourceCommon {
   readonly stallTimeoutMs: number;
   /** Mode cpr-exec: once the state is saved, this process execs its new image (no return path). */
   readonly execAfterSave: boolean;
+  /** Capability pause-before-switchover: the stopped guest waits in pre-switchover for migrate-continue. */
+  readonly pauseBeforeSwitchover: boolean;
+  /** Capability switchover-ack: a running guest is not switched over before the destination's SWITCHOVER_ACK. */
+  readonly switchoverAck: boolean;
+  /** SWITCHOVER_ACK arrived (the destination has loaded every device's initial data). */
+  readonly switchoverAcked: boolean;
 }
 
 /** Statuses in which the migration is still under way. */
-export type RunningStatus = 'setup' | 'active' | 'postcopy-active' | 'postcopy-paused' | 'postcopy-recover';
+export type RunningStatus = 'setup' | 'active' | 'pre-switchover' | 'device' | 'postcopy-active' | 'postcopy-paused' | 'postcopy-recover';
 
 export type SourceState =
   | (SourceCommon & { readonly status: 'setup' })
@@ -62,6 +71,14 @@ export type SourceState =
    * or, with cpr-exec, the state saved and the exec under way (`faulted` if it fails).
    */
   | (SourceCommon & { readonly status: 'active'; readonly phase: 'iterating' | 'stop-copy' | 'awaiting-shut' | 'exec-pending' })
+  /**
+   * pause-before-switchover: the guest is stopped, nothing more is sent until migrate-continue.
+   * `then`: where the switchover goes; `continued`: postcopy's continue came (the status stays
+   * until postcopy starts, as QEMU 7.2 goes straight from pre-switchover to postcopy-active).
+   */
+  | (SourceCommon & { readonly status: 'pre-switchover'; readonly then: 'device' | 'postcopy'; readonly continued: boolean })
+  /** After migrate-continue (QEMU 7.2 reports `device` only then): the final device state, then SHUT. */
+  | (SourceCommon & { readonly status: 'device'; readonly phase: 'stop-copy' | 'awaiting-shut' })
   /** `ending`: END, EOF sent; waiting for SHUT. `lastHeardAt`: the return path's last byte (keepalive). */
   | (SourceCommon & { readonly status: 'postcopy-active'; readonly lastHeardAt: number; readonly ending: boolean })
   | (SourceCommon & { readonly status: 'postcopy-paused'; readonly reason: MigrationError })
@@ -89,6 +106,8 @@ export type SourceStatus = SourceState['status'];
 export const SOURCE_STATUSES = [
   'setup',
   'active',
+  'pre-switchover',
+  'device',
   'postcopy-active',
   'postcopy-paused',
   'postcopy-recover',
@@ -102,7 +121,8 @@ export const SOURCE_STATUSES = [
 export type SourceEvent =
   // the migration thread
   | { readonly type: 'setupSent' }
-  | { readonly type: 'switchoverStarted' }
+  /** The guest stopped for the switchover; `postcopy`: postcopy follows rather than precopy's end. */
+  | { readonly type: 'switchoverStarted'; readonly postcopy: boolean }
   | { readonly type: 'finalStateSent' }
   | { readonly type: 'postcopyStarted' }
   | { readonly type: 'postcopyStreamEnded' }
@@ -116,11 +136,14 @@ export type SourceEvent =
   | { readonly type: 'pageRequested'; readonly block: string; readonly start: number; readonly length: number }
   | { readonly type: 'recvBitmapReceived'; readonly block: string; readonly bitmap: Uint8Array }
   | { readonly type: 'resumeAckReceived' }
+  | { readonly type: 'switchoverAckReceived' }
   // QMP
   | { readonly type: 'postcopyRequested' }
   | { readonly type: 'cancelRequested' }
   | { readonly type: 'pauseRequested' }
   | { readonly type: 'resumeRequested' }
+  /** migrate-continue: `state` is the status the client expects the migration to be in. */
+  | { readonly type: 'continueRequested'; readonly state: string }
   // timers and the adapter's own completions
   /**
    * The keepalive timer (every KEEPALIVE_INTERVAL_MS, from the start). `lastProgressAt`: the
@@ -148,10 +171,12 @@ export const SOURCE_EVENT_TYPES = [
   'pageRequested',
   'recvBitmapReceived',
   'resumeAckReceived',
+  'switchoverAckReceived',
   'postcopyRequested',
   'cancelRequested',
   'pauseRequested',
   'resumeRequested',
+  'continueRequested',
   'keepaliveTicked',
   'reasonTimerFired',
   'guestRestored',
@@ -205,6 +230,8 @@ export function initialSourceState(options: {
   postcopyRequested?: boolean;
   stallTimeoutMs?: number;
   execAfterSave?: boolean;
+  pauseBeforeSwitchover?: boolean;
+  switchoverAck?: boolean;
 }): SourceState {
   return {
     status: 'setup',
@@ -216,7 +243,19 @@ export function initialSourceState(options: {
     runConfirmedAt: undefined,
     stallTimeoutMs: options.stallTimeoutMs ?? DEFAULT_STALL_TIMEOUT_MS,
     execAfterSave: options.execAfterSave ?? false,
+    pauseBeforeSwitchover: options.pauseBeforeSwitchover ?? false,
+    switchoverAck: options.switchoverAck ?? false,
+    switchoverAcked: false,
   };
+}
+
+/**
+ * Whether the migration thread may switch over now (QEMU's migration_can_switchover): without
+ * switchover-ack always; with it once SWITCHOVER_ACK came, or when the guest is not running
+ * (nothing is gained by waiting then).
+ */
+export function maySwitchOver(state: SourceState, guestRunning: boolean): boolean {
+  return !state.switchoverAck || state.switchoverAcked || !guestRunning;
 }
 
 /** What query-migrate and MIGRATION events call a state (`failing` shows the status it failed from). */
@@ -249,25 +288,42 @@ export function sourceStep(state: SourceState, event: SourceEvent, now: number):
       return { state: { ...s, status: 'active', phase: 'iterating' }, actions: [{ type: 'emitStatus', status: 'active' }] };
 
     case 'switchoverStarted':
+      // The guest has stopped. With pause-before-switchover nothing more goes out until migrate-continue.
       if (s.status !== 'active' || s.phase !== 'iterating') return illegal();
+      if (s.pauseBeforeSwitchover) {
+        const then = event.postcopy ? 'postcopy' : 'device';
+        return { state: { ...common(s), status: 'pre-switchover', then, continued: false }, actions: [{ type: 'emitStatus', status: 'pre-switchover' }] };
+      }
       return same({ ...s, phase: 'stop-copy' });
 
+    case 'continueRequested':
+      // QEMU's check and text; a continue in the state it names, but not pre-switchover, does nothing.
+      if (event.state !== sourceReportedStatus(s)) {
+        throw new StateError(sourceReportedStatus(s), event.type, `Migration not in expected state: ${sourceReportedStatus(s)}`);
+      }
+      if (s.status !== 'pre-switchover') return same(s);
+      // Postcopy goes straight to postcopy-active at postcopyStarted (QEMU 7.2 shows no `device` there).
+      if (s.then === 'postcopy') return same({ ...s, continued: true });
+      return { state: { ...common(s), status: 'device', phase: 'stop-copy' }, actions: [{ type: 'emitStatus', status: 'device' }] };
+
     case 'finalStateSent':
-      if (s.status !== 'active' || s.phase !== 'stop-copy') return illegal();
+      if ((s.status !== 'active' && s.status !== 'device') || s.phase !== 'stop-copy') return illegal();
       // cpr-exec: the new image takes over in this very process; a failed exec is a fault.
       if (s.execAfterSave && !s.returnPath) {
-        return { state: { ...s, phase: 'exec-pending' }, actions: [{ type: 'stopKeepalive' }, { type: 'closeChannels' }, { type: 'execNewImage' }] };
+        return { state: { ...common(s), status: 'active', phase: 'exec-pending' }, actions: [{ type: 'stopKeepalive' }, { type: 'closeChannels' }, { type: 'execNewImage' }] };
       }
       // Without a return path nothing will confirm: the stream is out, and that is all we can know.
       if (!s.returnPath) return complete(s);
       return same({ ...s, phase: 'awaiting-shut' });
 
-    case 'postcopyStarted':
-      if (s.status !== 'active' || s.phase === 'awaiting-shut' || s.phase === 'exec-pending') return illegal();
+    case 'postcopyStarted': {
+      const mayStart = (s.status === 'active' && s.phase !== 'awaiting-shut' && s.phase !== 'exec-pending') || (s.status === 'pre-switchover' && s.then === 'postcopy' && s.continued);
+      if (!mayStart) return illegal();
       return {
         state: { ...common(s), status: 'postcopy-active', lastHeardAt: now, ending: false },
         actions: [{ type: 'emitStatus', status: 'postcopy-active' }, { type: 'startPostcopyPaging' }, { type: 'startKeepalive' }],
       };
+    }
 
     case 'postcopyStreamEnded':
       if (s.status !== 'postcopy-active' || s.ending) return illegal();
@@ -335,8 +391,14 @@ export function sourceStep(state: SourceState, event: SourceEvent, now: number):
         actions: [{ type: 'emitStatus', status: 'postcopy-active' }, { type: 'startPostcopyPaging' }],
       };
 
+    case 'switchoverAckReceived':
+      // QEMU's source notes it whenever it comes (its destination sends it once, early).
+      if (isSourceFinal(s) || s.switchoverAcked) return same(s);
+      return same({ ...s, switchoverAcked: true });
+
     case 'postcopyRequested':
-      // QEMU answers {} whenever postcopy-ram is on; it matters only before the switchover.
+      // QEMU answers {} whenever postcopy-ram is on; it matters only before the switchover (the
+      // choice between precopy's end and postcopy is made before pre-switchover).
       if (s.status === 'setup' || (s.status === 'active' && s.phase === 'iterating')) return same({ ...s, postcopyRequested: true });
       return same(s);
 
@@ -370,7 +432,7 @@ export function sourceStep(state: SourceState, event: SourceEvent, now: number):
       };
 
     case 'keepaliveTicked':
-      if (s.status === 'setup' || s.status === 'active') return precopyTicked(s, event.lastProgressAt, now);
+      if (s.status === 'setup' || s.status === 'active' || s.status === 'pre-switchover' || s.status === 'device') return precopyTicked(s, event.lastProgressAt, now);
       if (s.status === 'postcopy-paused') return same(s);
       if (s.status !== 'postcopy-active' && s.status !== 'postcopy-recover') return illegal();
       if (now - s.lastHeardAt > KEEPALIVE_TIMEOUT_MS) {
@@ -407,6 +469,9 @@ function common(s: SourceState): SourceCommon {
     runConfirmedAt: s.runConfirmedAt,
     stallTimeoutMs: s.stallTimeoutMs,
     execAfterSave: s.execAfterSave,
+    pauseBeforeSwitchover: s.pauseBeforeSwitchover,
+    switchoverAck: s.switchoverAck,
+    switchoverAcked: s.switchoverAcked,
   };
 }
 
@@ -417,12 +482,14 @@ function common(s: SourceState): SourceCommon {
  * the kernel could still be taking bytes into its buffers. Never in stop-copy (the RAM END
  * section cannot be split) nor after EOF (a destination reads nothing after it).
  */
-function precopyTicked(s: SourceState & { status: 'setup' | 'active' }, lastProgressAt: number, now: number): SourceTransition {
+function precopyTicked(s: SourceState & { status: 'setup' | 'active' | 'pre-switchover' | 'device' }, lastProgressAt: number, now: number): SourceTransition {
   // The state is saved and the exec is under way: no link left to stall.
   if (s.status === 'active' && s.phase === 'exec-pending') return same(s);
+  // Held for the client: nothing is sent, so silence is expected unless PINGs can prove the link.
+  if (s.status === 'pre-switchover' && !s.returnPath) return same(s);
   const silentMs = now - lastProgressAt;
   if (silentMs > s.stallTimeoutMs) {
-    const where = s.status === 'active' ? s.phase : 'setup';
+    const where = s.status === 'active' || s.status === 'device' ? s.phase : s.status;
     const channel = s.returnPath ? 'return-path' : 'main';
     const heard = s.returnPath ? 'nothing on the return path and no bytes taken by the link' : 'no bytes taken by the link';
     return faulted(
@@ -431,7 +498,8 @@ function precopyTicked(s: SourceState & { status: 'setup' | 'active' }, lastProg
       now,
     );
   }
-  if (s.returnPath && s.status === 'active' && s.phase === 'iterating') return { state: s, actions: [{ type: 'sendKeepalivePing' }] };
+  // pre-switchover: between sections, so the PING can go (its PONG keeps both ends' deadlines).
+  if (s.returnPath && ((s.status === 'active' && s.phase === 'iterating') || s.status === 'pre-switchover')) return { state: s, actions: [{ type: 'sendKeepalivePing' }] };
   return same(s);
 }
 
@@ -467,7 +535,9 @@ function faulted(s: SourceState, error: MigrationError, now: number): SourceTran
     case 'postcopy-recover':
       return pause(s, error);
     case 'setup':
-    case 'active': {
+    case 'active':
+    case 'pre-switchover':
+    case 'device': {
       const failing = { ...common(s), status: 'failing' as const, from: s.status, error, shutStatus: undefined, reasonUntil: undefined };
       if (mayHaveReasonComing(s, error)) {
         const reasonUntil = now + DESTINATION_REASON_WAIT_MS;
@@ -487,12 +557,14 @@ function faulted(s: SourceState, error: MigrationError, now: number): SourceTran
 
 function shutReceived(s: SourceState, shutStatus: number, now: number): SourceTransition {
   if (shutStatus === 0) {
-    if ((s.status === 'active' && s.phase === 'awaiting-shut') || (s.status === 'postcopy-active' && s.ending)) return complete(s);
+    if (((s.status === 'active' || s.status === 'device') && s.phase === 'awaiting-shut') || (s.status === 'postcopy-active' && s.ending)) return complete(s);
     throw new StateError(sourceReportedStatus(s), 'shutReceived', `the destination sent SHUT(0) while the migration is ${sourceReportedStatus(s)}`);
   }
   switch (s.status) {
     case 'setup':
     case 'active':
+    case 'pre-switchover':
+    case 'device':
     case 'postcopy-active':
     case 'postcopy-recover':
       // The destination failed; its report (if any) came before SHUT.

@@ -6,6 +6,8 @@
 //                                               low 16 bits the flag (N below)
 //     N = 1  END_OF_STATE      N = 2  DEV_CONFIG_STATE
 //     N = 3  DEV_SETUP_STATE   N = 4  DEV_DATA_STATE
+//     N = 5  DEV_INIT_DATA_SENT (QEMU 8.1+, switchover-ack: closes the PART whose data completed
+//            the device's initial data, in place of END_OF_STATE)
 //
 //   setup    (START)  SETUP | END                                   16 bytes
 //   iterate  (PART)   DATA | be64 size | data[size] | END           size 0: nothing was pending
@@ -28,6 +30,7 @@ export const VfioMigFlag = {
   DEV_CONFIG_STATE: 0xef100002,
   DEV_SETUP_STATE: 0xef100003,
   DEV_DATA_STATE: 0xef100004,
+  DEV_INIT_DATA_SENT: 0xef100005,
 } as const;
 export type VfioMigFlagValue = (typeof VfioMigFlag)[keyof typeof VfioMigFlag];
 
@@ -50,6 +53,8 @@ export interface VfioSectionSummary {
   configBytes: number;
   /** Bytes of section data, markers included. */
   length: number;
+  /** The data closed with INIT_DATA_SENT (switchover-ack): the device's initial data is all here. */
+  initDataSent: boolean;
 }
 
 export interface VfioFrameHandler {
@@ -79,6 +84,11 @@ export function writeVfioEndOfState(w: BatchWriter): void {
   writeVfioMark(w, VfioMigFlag.END_OF_STATE);
 }
 
+/** switchover-ack: close a PART's data with INIT_DATA_SENT (the device's initial data is all out). */
+export function writeVfioInitDataSent(w: BatchWriter): void {
+  writeVfioMark(w, VfioMigFlag.DEV_INIT_DATA_SENT);
+}
+
 export function sizeOfVfioConfig(configBytes: number): number {
   return 2 * VFIO_MARK_LENGTH + configBytes;
 }
@@ -90,9 +100,14 @@ export function writeVfioConfig(w: BatchWriter, config: Uint8Array): void {
   writeVfioMark(w, VfioMigFlag.END_OF_STATE);
 }
 
-/** Whether 8 bytes read as (hi, lo) are a VFIO marker of QEMU 7.2. */
+/** Whether 8 bytes read as (hi, lo) are a VFIO marker (QEMU 7.2's, and 8.1's INIT_DATA_SENT). */
 export function isVfioMark(hi: number, lo: number): boolean {
-  return hi === VFIO_MIG_FLAG_HI && lo >= VfioMigFlag.END_OF_STATE && lo <= VfioMigFlag.DEV_DATA_STATE;
+  return hi === VFIO_MIG_FLAG_HI && lo >= VfioMigFlag.END_OF_STATE && lo <= VfioMigFlag.DEV_INIT_DATA_SENT;
+}
+
+/** Markers that end a data section: END_OF_STATE, or INIT_DATA_SENT (QEMU's loader returns at either). */
+function endsData(lo: number): boolean {
+  return lo === VfioMigFlag.END_OF_STATE || lo === VfioMigFlag.DEV_INIT_DATA_SENT;
 }
 
 function markName(lo: number): string {
@@ -103,6 +118,8 @@ function markName(lo: number): string {
       return 'DEV_CONFIG_STATE';
     case VfioMigFlag.DEV_SETUP_STATE:
       return 'DEV_SETUP_STATE';
+    case VfioMigFlag.DEV_INIT_DATA_SENT:
+      return 'DEV_INIT_DATA_SENT';
     default:
       return 'DEV_DATA_STATE';
   }
@@ -138,7 +155,7 @@ export function readVfioSection(src: Buffer, offset: number, length: number, opt
     if (!isVfioMark(hi, lo)) fail(at, `unknown marker ${hex64(hi, lo)}`);
     return lo;
   };
-  const out: VfioSectionSummary = { phase: 'data', dataFrames: 0, dataBytes: 0, configBytes: 0, length };
+  const out: VfioSectionSummary = { phase: 'data', dataFrames: 0, dataBytes: 0, configBytes: 0, length, initDataSent: false };
   let p = offset;
   const first = mark(p);
   if (first === VfioMigFlag.DEV_SETUP_STATE || first === VfioMigFlag.DEV_CONFIG_STATE) {
@@ -155,7 +172,8 @@ export function readVfioSection(src: Buffer, offset: number, length: number, opt
     }
     p = endAt + VFIO_MARK_LENGTH;
   } else {
-    for (let lo = first; lo !== VfioMigFlag.END_OF_STATE; lo = mark(p)) {
+    let lo = first;
+    for (; !endsData(lo); lo = mark(p)) {
       if (lo !== VfioMigFlag.DEV_DATA_STATE) fail(p, `${markName(lo)} after DEV_DATA_STATE frames (only more data or END_OF_STATE may follow)`);
       if (p + VFIO_DATA_HEADER_LENGTH > end) fail(p + VFIO_MARK_LENGTH, 'ends inside a DEV_DATA_STATE size');
       const hi = src.readUInt32BE(p + 8);
@@ -170,6 +188,7 @@ export function readVfioSection(src: Buffer, offset: number, length: number, opt
       handler?.onData?.(src, at, size);
       p = at + size;
     }
+    out.initDataSent = lo === VfioMigFlag.DEV_INIT_DATA_SENT;
     p += VFIO_MARK_LENGTH;
   }
   if (p !== end) fail(p, `${end - p} bytes after END_OF_STATE`);
@@ -208,6 +227,7 @@ export function measureVfioSection(r: VfioPeekSource, scan: VfioScan, streamOffs
       throw new ProtocolError(ErrorCode.BAD_VFIO_FRAME, `VFIO section data: unknown marker ${hex64(hi, lo)}`, { streamOffset: streamOffset + p });
     }
     if (lo === VfioMigFlag.END_OF_STATE) return p + VFIO_MARK_LENGTH;
+    if (lo === VfioMigFlag.DEV_INIT_DATA_SENT && !scan.vfioCloseNext) return p + VFIO_MARK_LENGTH;
     if (scan.vfioCloseNext) {
       throw new ProtocolError(ErrorCode.BAD_VFIO_FRAME, `VFIO section data: ${markName(lo)} where END_OF_STATE must close the setup or config`, {
         streamOffset: streamOffset + p,

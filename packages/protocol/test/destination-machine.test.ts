@@ -34,10 +34,12 @@ const LOST = TransportError.lost('main', 'connection reset');
 const BROKEN = new ProtocolError(ErrorCode.TRUNCATED, 'stream ended inside a record');
 
 const EVENTS: { [T in DestinationEventType]: Extract<DestinationEvent, { type: T }> } = {
+  configured: { type: 'configured', config: { postcopyRam: true, preempt: false, multifd: false, stallTimeoutMs: 2_000 } },
   listenStarted: { type: 'listenStarted' },
   connectionAccepted: { type: 'connectionAccepted' },
   returnPathOpened: { type: 'returnPathOpened', streamOffset: 20 },
   pingReceived: { type: 'pingReceived', streamOffset: 30, value: 7, livemigHello: false },
+  initDataLoaded: { type: 'initDataLoaded', streamOffset: 35, idstr: '0000:00:04.0/vfio' },
   postcopyAdviseReceived: { type: 'postcopyAdviseReceived', streamOffset: 40, postcopyRam: true },
   discardReceived: { type: 'discardReceived', streamOffset: 50, discard: { block: 'pc.ram', ranges: [{ start: 0, length: 4096 }] } },
   listenReceived: { type: 'listenReceived', streamOffset: 60 },
@@ -73,6 +75,8 @@ const ACTIVE: Extract<DestinationState, { status: 'active' }> = {
   postcopyRamAdvised: true,
   eofSeen: false,
   lastByteAtMs: 0,
+  acksPending: 0,
+  switchoverAcked: false,
 };
 const POSTCOPY: Extract<DestinationState, { status: 'postcopy-active' }> = {
   status: 'postcopy-active',
@@ -118,10 +122,12 @@ function only(rows: Partial<Rows>): Rows {
 
 /** One sample state per status, with a row for every event type. */
 const BASE: Record<DestinationStatus, { state: DestinationState; rows: Rows }> = {
-  none: { state: initialDestinationState(CONFIG), rows: only({ listenStarted: ['setup', ['emitStatus']] }) },
+  none: { state: initialDestinationState(CONFIG), rows: only({ configured: ['none', []], listenStarted: ['setup', ['emitStatus']] }) },
   setup: {
     state: { status: 'setup', config: CONFIG },
     rows: only({
+      // Listening, no stream yet: settings still change (the adapter refuses once a byte came).
+      configured: ['setup', []],
       connectionAccepted: ['active', ['beginLoad', 'startKeepalive', 'emitStatus']],
       channelLost: ['failed', FAIL_NO_RP],
       loadFailed: ['failed', FAIL_NO_RP],
@@ -131,10 +137,13 @@ const BASE: Record<DestinationStatus, { state: DestinationState; rows: Rows }> =
   active: {
     state: ACTIVE,
     rows: {
+      configured: X,
       listenStarted: X,
       connectionAccepted: X,
       returnPathOpened: ['active', []],
       pingReceived: ['active', ['sendPong']],
+      // No switchover-ack here: the marker fails the load, as QEMU's VFIO loader does.
+      initDataLoaded: ['failed', FAIL_WITH_RP],
       postcopyAdviseReceived: X, // advised already
       discardReceived: ['active', ['markPrecopyReceived', 'discardPages']],
       listenReceived: ['postcopy-active', ['startPostcopyFaults', 'startKeepalive', 'emitStatus']],
@@ -160,10 +169,12 @@ const BASE: Record<DestinationStatus, { state: DestinationState; rows: Rows }> =
   'postcopy-active': {
     state: POSTCOPY,
     rows: {
+      configured: X,
       listenStarted: X,
       connectionAccepted: X,
       returnPathOpened: ['postcopy-active', []],
       pingReceived: ['postcopy-active', ['sendPong']],
+      initDataLoaded: X,
       postcopyAdviseReceived: X,
       discardReceived: X,
       listenReceived: X,
@@ -239,21 +250,42 @@ const BASE: Record<DestinationStatus, { state: DestinationState; rows: Rows }> =
   },
 };
 
+/** `active` before OPEN_RETURN_PATH and POSTCOPY_ADVISE: what changes from the base rows. */
+const BEFORE_RP: Partial<Rows> = {
+  pingReceived: ['failed', FAIL_NO_RP], // PING before OPEN_RETURN_PATH
+  initDataLoaded: ['failed', FAIL_NO_RP],
+  postcopyAdviseReceived: ['active', []],
+  discardReceived: X,
+  listenReceived: X,
+  sourceEnded: ['failed', FAIL_NO_RP],
+  channelLost: ['failed', FAIL_NO_RP],
+  keepaliveTicked: ['failed', FAIL_NO_RP], // silent past the stall deadline, no return path to report on
+  loadFailed: ['failed', FAIL_NO_RP],
+};
+const ACK: DestinationConfig = { ...CONFIG, switchoverAck: true, ackDevices: 1 };
+
 /** Other data in a status that changes what its events do: the base rows with these overrides. */
 const VARIANTS: { name: string; state: DestinationState; overrides: Partial<Rows> }[] = [
   {
     name: 'active before OPEN_RETURN_PATH and ADVISE',
     state: { ...ACTIVE, returnPath: false, peerIsLivemig: false, postcopy: 'none', postcopyRamAdvised: false },
-    overrides: {
-      pingReceived: ['failed', FAIL_NO_RP], // PING before OPEN_RETURN_PATH
-      postcopyAdviseReceived: ['active', []],
-      discardReceived: X,
-      listenReceived: X,
-      sourceEnded: ['failed', FAIL_NO_RP],
-      channelLost: ['failed', FAIL_NO_RP],
-      keepaliveTicked: ['failed', FAIL_NO_RP], // silent past the stall deadline, no return path to report on
-      loadFailed: ['failed', FAIL_NO_RP],
-    },
+    overrides: BEFORE_RP,
+  },
+  {
+    // QEMU 8.1+: no device asks for the ack, so it follows OPEN_RETURN_PATH at once.
+    name: 'active with switchover-ack and no device asking, before OPEN_RETURN_PATH',
+    state: { ...ACTIVE, config: { ...ACK, ackDevices: 0 }, returnPath: false, peerIsLivemig: false, postcopy: 'none', postcopyRamAdvised: false },
+    overrides: { ...BEFORE_RP, returnPathOpened: ['active', ['sendSwitchoverAck']] },
+  },
+  {
+    name: 'active with switchover-ack, one device\'s initial data awaited',
+    state: { ...ACTIVE, config: ACK, acksPending: 1 },
+    overrides: { initDataLoaded: ['active', ['sendSwitchoverAck']] },
+  },
+  {
+    name: 'active with switchover-ack, acknowledged',
+    state: { ...ACTIVE, config: ACK, acksPending: 0, switchoverAcked: true },
+    overrides: {},
   },
   {
     name: 'active, waiting for the multifd SYNCs',
@@ -372,6 +404,16 @@ describe('destination machine: every (status, event) pair', () => {
 
 describe('destination machine: data carried', () => {
   const step = (s: DestinationState, e: DestinationEvent, now = NOW_MS) => destinationStep(s, e, now);
+
+  it('configured on a listening destination: the new settings are what the stream is read with', () => {
+    const listening = step(step(initialDestinationState(CONFIG), EVENTS.configured).state, EVENTS.listenStarted).state;
+    const s = step(listening, { type: 'configured', config: { postcopyRam: false, preempt: false, multifd: true, stallTimeoutMs: 3_000 } }).state;
+    assert.deepEqual(s.config, { postcopyRam: false, preempt: false, multifd: true, stallTimeoutMs: 3_000 });
+    const active = step(s, EVENTS.connectionAccepted).state;
+    assert.equal(active.config.multifd, true, 'a RAM section end waits for the multifd SYNCs');
+    assert.equal(step(active, EVENTS.ramSectionEnded).actions[0]?.type, 'awaitMultifdSync');
+    assert.throws(() => step(active, EVENTS.configured), /There's a migration process in progress/);
+  });
 
   it('a precopy run: listen, connection, return path, hello, EOF, VMDESCRIPTION, finished', () => {
     let s = initialDestinationState(CONFIG);

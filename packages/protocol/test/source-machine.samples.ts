@@ -28,6 +28,15 @@ export const STATES: Record<string, SourceState> = {
   'active.awaiting-shut': { ...setup, status: 'active', phase: 'awaiting-shut' },
   'active.stop-copy.cpr-exec': { ...cprExec, status: 'active', phase: 'stop-copy' },
   'active.exec-pending': { ...cprExec, status: 'active', phase: 'exec-pending' },
+  // Capability switchover-ack: the switchover waits for the destination's SWITCHOVER_ACK.
+  'active.awaiting-ack': { ...setup, switchoverAck: true, status: 'active', phase: 'iterating' },
+  // Capability pause-before-switchover: the switchover waits for migrate-continue.
+  'active.pausing': { ...setup, pauseBeforeSwitchover: true, status: 'active', phase: 'iterating' },
+  'pre-switchover': { ...setup, pauseBeforeSwitchover: true, status: 'pre-switchover', then: 'device', continued: false },
+  'pre-switchover.postcopy': { ...setup, pauseBeforeSwitchover: true, status: 'pre-switchover', then: 'postcopy', continued: false },
+  'pre-switchover.postcopy-continued': { ...setup, pauseBeforeSwitchover: true, status: 'pre-switchover', then: 'postcopy', continued: true },
+  device: { ...setup, pauseBeforeSwitchover: true, status: 'device', phase: 'stop-copy' },
+  'device.awaiting-shut': { ...setup, pauseBeforeSwitchover: true, status: 'device', phase: 'awaiting-shut' },
   'postcopy-active': { ...setup, status: 'postcopy-active', lastHeardAt: T0, ending: false },
   'postcopy-active.ending': { ...setup, status: 'postcopy-active', lastHeardAt: T0, ending: true },
   'postcopy-active.silent': { ...setup, status: 'postcopy-active', lastHeardAt: T0 - 10_000, ending: false },
@@ -45,7 +54,8 @@ export const STATES: Record<string, SourceState> = {
 
 export const EVENTS: Record<string, SourceEvent> = {
   setupSent: { type: 'setupSent' },
-  switchoverStarted: { type: 'switchoverStarted' },
+  switchoverStarted: { type: 'switchoverStarted', postcopy: false },
+  'switchoverStarted(postcopy)': { type: 'switchoverStarted', postcopy: true },
   finalStateSent: { type: 'finalStateSent' },
   postcopyStarted: { type: 'postcopyStarted' },
   postcopyStreamEnded: { type: 'postcopyStreamEnded' },
@@ -58,10 +68,13 @@ export const EVENTS: Record<string, SourceEvent> = {
   pageRequested: { type: 'pageRequested', block: 'pc.ram', start: 8192, length: 8192 },
   recvBitmapReceived: { type: 'recvBitmapReceived', block: 'pc.ram', bitmap: new Uint8Array(8) },
   resumeAckReceived: { type: 'resumeAckReceived' },
+  switchoverAckReceived: { type: 'switchoverAckReceived' },
   postcopyRequested: { type: 'postcopyRequested' },
   cancelRequested: { type: 'cancelRequested' },
   pauseRequested: { type: 'pauseRequested' },
   resumeRequested: { type: 'resumeRequested' },
+  'continueRequested(pre-switchover)': { type: 'continueRequested', state: 'pre-switchover' },
+  'continueRequested(active)': { type: 'continueRequested', state: 'active' },
   keepaliveTicked: { type: 'keepaliveTicked', lastProgressAt: T0 },
   // No progress for 10 s: past the default x-livemig-stall-timeout (5 s) and postcopy's 3 s.
   'keepaliveTicked(stalled)': { type: 'keepaliveTicked', lastProgressAt: T0 - 10_000 },
@@ -78,12 +91,21 @@ export function describeStep(step: () => { state: SourceState; actions: readonly
     return `x ${(err as { code?: string }).code}`;
   }
   const s = t.state;
-  const sub = s.status === 'active' ? `.${s.phase}` : s.status === 'postcopy-active' && s.ending ? '.ending' : '';
+  const sub =
+    s.status === 'active' || s.status === 'device'
+      ? `.${s.phase}`
+      : s.status === 'postcopy-active' && s.ending
+        ? '.ending'
+        : s.status === 'pre-switchover'
+          ? `.${s.then}${s.continued ? '.continued' : ''}`
+          : '';
   const actions = t.actions.map((a) => {
     const r = a as Record<string, unknown>;
     if (a.type === 'emitStatus') return `emitStatus(${String(r['status'])})`;
     if (a.type === 'restoreGuest') return `restoreGuest(${r['run'] === true ? 'run' : 'paused'})`;
     return a.type;
   });
-  return [`${s.status}${sub}`, ...actions].join(' ');
+  // switchover-ack: the destination's SWITCHOVER_ACK has been noted.
+  const acked = s.switchoverAcked ? '+acked' : '';
+  return [`${s.status}${sub}${acked}`, ...actions].join(' ');
 }

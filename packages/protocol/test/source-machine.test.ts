@@ -8,6 +8,7 @@ import {
   ErrorCode,
   initialSourceState,
   KEEPALIVE_TIMEOUT_MS,
+  maySwitchOver,
   sourceReportedStatus,
   SOURCE_EVENT_TYPES,
   SOURCE_STATUSES,
@@ -73,7 +74,7 @@ const blocks = [
 test('precopy with a return path: setup → active → stop-copy → SHUT(0) completes; the guest stays stopped', () => {
   const r = run(initialSourceState({ returnPath: true, guestWasRunning: true, blocks }), [
     [{ type: 'setupSent' }, 1],
-    [{ type: 'switchoverStarted' }, 2],
+    [{ type: 'switchoverStarted', postcopy: false }, 2],
     [{ type: 'finalStateSent' }, 3],
     [{ type: 'shutReceived', status: 0 }, 4],
   ]);
@@ -88,7 +89,7 @@ test('precopy with a return path: setup → active → stop-copy → SHUT(0) com
 test('precopy without a return path: the stream written out is the end', () => {
   const r = run(initialSourceState({ returnPath: false, guestWasRunning: true, blocks }), [
     [{ type: 'setupSent' }, 1],
-    [{ type: 'switchoverStarted' }, 2],
+    [{ type: 'switchoverStarted', postcopy: false }, 2],
     [{ type: 'finalStateSent' }, 3],
   ]);
   assert.equal(r.state.status, 'completed');
@@ -177,7 +178,7 @@ test('precopy stall deadline: ticks ping while iterating with a return path; no 
   const iterating = sourceStep(withRp, { type: 'setupSent' }, 0).state;
   assert.deepEqual(sourceStep(iterating, tick(1000), 3000).actions, [{ type: 'sendKeepalivePing' }], 'progress 2000 ms ago: within the deadline');
   // No PING in stop-copy (the RAM END section cannot be split) nor after EOF (awaiting SHUT).
-  const stopCopy = sourceStep(iterating, { type: 'switchoverStarted' }, 0).state;
+  const stopCopy = sourceStep(iterating, { type: 'switchoverStarted', postcopy: false }, 0).state;
   assert.deepEqual(sourceStep(stopCopy, tick(1000), 3000).actions, []);
   const awaitingShut = sourceStep(stopCopy, { type: 'finalStateSent' }, 0).state;
   assert.deepEqual(sourceStep(awaitingShut, tick(1000), 3000).actions, []);
@@ -270,4 +271,70 @@ test('docs/state-machines/source.md: its diagram has exactly the status changes 
     }
   }
   assert.deepEqual([...drawn].sort(), [...made].sort());
+});
+
+test('pause-before-switchover: the stopped guest waits in pre-switchover; migrate-continue leads to device, then SHUT(0) completes', () => {
+  const start = initialSourceState({ returnPath: true, guestWasRunning: true, blocks, pauseBeforeSwitchover: true });
+  const held = run(start, [
+    [{ type: 'setupSent' }, 1],
+    [{ type: 'switchoverStarted', postcopy: false }, 2],
+  ]);
+  assert.equal(held.state.status, 'pre-switchover');
+  assert.deepEqual(held.actions.at(-1), { type: 'emitStatus', status: 'pre-switchover' });
+  // The wait is bounded by the link, not by the client: PINGs go out, their PONGs count as progress.
+  assert.deepEqual(sourceStep(held.state, { type: 'keepaliveTicked', lastProgressAt: 1_000 }, 2_000).actions, [{ type: 'sendKeepalivePing' }]);
+  // QEMU's refusal of a continue that names another status.
+  assert.throws(() => sourceStep(held.state, { type: 'continueRequested', state: 'active' }, 3), /Migration not in expected state: pre-switchover/);
+  const done = run(held.state, [
+    [{ type: 'continueRequested', state: 'pre-switchover' }, 3],
+    [{ type: 'finalStateSent' }, 4],
+    [{ type: 'shutReceived', status: 0 }, 5],
+  ]);
+  assert.equal(done.state.status, 'completed');
+  assert.deepEqual(
+    done.actions.filter((a) => a.type === 'emitStatus').map((a) => (a as { status: string }).status),
+    ['device', 'completed'],
+  );
+  assert.ok(!done.actions.some((a) => a.type === 'restoreGuest'), 'the guest stays stopped');
+});
+
+test('pause-before-switchover: migrate_cancel in pre-switchover runs the guest again; without a return path the hold has no deadline', () => {
+  const held = run(initialSourceState({ returnPath: false, guestWasRunning: true, blocks, pauseBeforeSwitchover: true }), [
+    [{ type: 'setupSent' }, 1],
+    [{ type: 'switchoverStarted', postcopy: false }, 2],
+  ]).state;
+  // No PING possible and nothing to send: an hour of silence is the client's business.
+  assert.deepEqual(sourceStep(held, { type: 'keepaliveTicked', lastProgressAt: 0 }, 3_600_000), { state: held, actions: [] });
+  const r = run(held, [
+    [{ type: 'cancelRequested' }, 3],
+    [{ type: 'guestRestored' }, 4],
+  ]);
+  assert.equal(r.state.status, 'cancelled');
+  assert.ok(r.actions.some((a) => a.type === 'restoreGuest' && a.run), 'the guest runs again');
+});
+
+test('pause-before-switchover with postcopy: pre-switchover stays until postcopy starts (QEMU 7.2 shows no device there)', () => {
+  const held = run(initialSourceState({ returnPath: true, guestWasRunning: true, blocks, pauseBeforeSwitchover: true, postcopyRequested: true }), [
+    [{ type: 'setupSent' }, 1],
+    [{ type: 'switchoverStarted', postcopy: true }, 2],
+  ]).state;
+  assert.throws(() => sourceStep(held, { type: 'postcopyStarted' }, 3), (e: { code?: string }) => e.code === ErrorCode.WRONG_STATE, 'not before migrate-continue');
+  const r = run(held, [
+    [{ type: 'continueRequested', state: 'pre-switchover' }, 3],
+    [{ type: 'postcopyStarted' }, 4],
+  ]);
+  assert.equal(r.state.status, 'postcopy-active');
+  assert.deepEqual(
+    r.actions.filter((a) => a.type === 'emitStatus').map((a) => (a as { status: string }).status),
+    ['postcopy-active'],
+  );
+});
+
+test('switchover-ack: a running guest is not switched over before SWITCHOVER_ACK; a stopped one need not wait', () => {
+  const iterating = run(initialSourceState({ returnPath: true, guestWasRunning: true, blocks, switchoverAck: true }), [[{ type: 'setupSent' }, 1]]).state;
+  assert.equal(maySwitchOver(iterating, true), false);
+  assert.equal(maySwitchOver(iterating, false), true, "QEMU: no reason to wait for the ack if the guest is stopped");
+  const acked = sourceStep(iterating, { type: 'switchoverAckReceived' }, 2).state;
+  assert.equal(maySwitchOver(acked, true), true);
+  assert.equal(maySwitchOver(run(initialSourceState({ returnPath: true, guestWasRunning: true, blocks }), [[{ type: 'setupSent' }, 1]]).state, true), true, 'without the capability');
 });

@@ -24,6 +24,7 @@ import {
   writeVfioConfig,
   writeVfioDataHeader,
   writeVfioEndOfState,
+  writeVfioInitDataSent,
   writeVfioSetup,
 } from '../src/index.ts';
 
@@ -64,6 +65,12 @@ const complete = bytes((w) => {
   writeVfioEndOfState(w);
 });
 const config = bytes((w) => writeVfioConfig(w, Buffer.from([9, 8, 7, 6])));
+/** switchover-ack (QEMU 8.1+): the PART that completes the initial data ends with INIT_DATA_SENT. */
+const initDataSent = bytes((w) => {
+  writeVfioDataHeader(w, 2);
+  w.bytes(Buffer.from([5, 6]));
+  writeVfioInitDataSent(w);
+});
 
 describe('bytes of each section type', () => {
   test('markers are QEMU 7.2 hw/vfio/migration.c values', () => {
@@ -85,15 +92,15 @@ describe('bytes of each section type', () => {
 
 describe('readVfioSection', () => {
   test('round trips: phases, counts and payloads', () => {
-    assert.deepEqual(readVfioSection(setup, 0, setup.length), { phase: 'setup', dataFrames: 0, dataBytes: 0, configBytes: 0, length: 16 });
-    assert.deepEqual(readVfioSection(emptyIterate, 0, emptyIterate.length), { phase: 'data', dataFrames: 1, dataBytes: 0, configBytes: 0, length: 24 });
+    assert.deepEqual(readVfioSection(setup, 0, setup.length), { phase: 'setup', dataFrames: 0, dataBytes: 0, configBytes: 0, length: 16, initDataSent: false });
+    assert.deepEqual(readVfioSection(emptyIterate, 0, emptyIterate.length), { phase: 'data', dataFrames: 1, dataBytes: 0, configBytes: 0, length: 24, initDataSent: false });
     const seen: string[] = [];
     const handler = {
       onData: (src: Buffer, off: number, len: number) => seen.push(`d:${src.toString('hex', off, off + len)}`),
       onConfig: (src: Buffer, off: number, len: number) => seen.push(`c:${src.toString('hex', off, off + len)}`),
     };
-    assert.deepEqual(readVfioSection(complete, 0, complete.length, {}, handler), { phase: 'data', dataFrames: 2, dataBytes: 3, configBytes: 0, length: complete.length });
-    assert.deepEqual(readVfioSection(config, 0, config.length, {}, handler), { phase: 'config', dataFrames: 0, dataBytes: 0, configBytes: 4, length: 20 });
+    assert.deepEqual(readVfioSection(complete, 0, complete.length, {}, handler), { phase: 'data', dataFrames: 2, dataBytes: 3, configBytes: 0, length: complete.length, initDataSent: false });
+    assert.deepEqual(readVfioSection(config, 0, config.length, {}, handler), { phase: 'config', dataFrames: 0, dataBytes: 0, configBytes: 4, length: 20, initDataSent: false });
     assert.deepEqual(seen, ['d:0102', 'd:03', 'c:09080706']);
   });
 
@@ -107,7 +114,8 @@ describe('readVfioSection', () => {
 
   const hex = (s: string): Buffer => Buffer.from(s, 'hex');
   const cases: [string, Buffer, string, number][] = [
-    ['unknown marker first', hex(`ffffffffef100005${END}`), ErrorCode.BAD_VFIO_FRAME, 0],
+    // 0xef100005 is INIT_DATA_SENT since QEMU 8.1: the first unknown one is 6.
+    ['unknown marker first', hex(`ffffffffef100006${END}`), ErrorCode.BAD_VFIO_FRAME, 0],
     ['not a marker at all', hex(`0000000000000001${END}`), ErrorCode.BAD_VFIO_FRAME, 0],
     ['empty data', Buffer.alloc(0), ErrorCode.BAD_VFIO_FRAME, 0],
     ['setup not closed', hex(SETUP), ErrorCode.BAD_VFIO_FRAME, 8],
@@ -135,6 +143,7 @@ describe('measureVfioSection', () => {
     ['empty iterate', emptyIterate, undefined],
     ['complete', complete, undefined],
     ['config', config, 4],
+    ['iterate closed by INIT_DATA_SENT', initDataSent, undefined],
   ];
   for (const [name, data, configBytes] of all) {
     test(`${name}: the same length under every split, and undefined for every prefix`, () => {
@@ -230,5 +239,24 @@ describe('in a stream', () => {
     const data = stream([bad]);
     const at = data.indexOf(bad) + iterate.length - 8;
     throwsAt(() => sectionEnds(data, data.length, { deviceLayout: () => ({ framing: 'vfio', configBytes: 4 }) }), ErrorCode.BAD_VFIO_FRAME, at);
+  });
+});
+
+describe('INIT_DATA_SENT (switchover-ack)', () => {
+  test('closes a data section as END_OF_STATE does, and the summary says so', () => {
+    assert.equal(initDataSent.subarray(-8).toString('hex'), 'ffffffffef100005');
+    assert.equal(VfioMigFlag.DEV_INIT_DATA_SENT, 0xef100005);
+    const seen: number[] = [];
+    const s = readVfioSection(initDataSent, 0, initDataSent.length, {}, { onData: (src, at, n) => seen.push(...src.subarray(at, at + n)) });
+    assert.deepEqual(seen, [5, 6]);
+    assert.equal(s.initDataSent, true);
+    assert.equal(readVfioSection(iterate, 0, iterate.length).initDataSent, false);
+    // Alone (nothing was pending): QEMU's loader returns at it all the same.
+    const alone = bytes(writeVfioInitDataSent);
+    assert.equal(readVfioSection(alone, 0, alone.length).initDataSent, true);
+  });
+
+  test('cannot close a setup or config', () => {
+    throwsAt(() => readVfioSection(Buffer.from(`${SETUP}ffffffffef100005`, 'hex'), 0, 16, { streamOffset: 100 }), ErrorCode.BAD_VFIO_FRAME, 108);
   });
 });

@@ -75,6 +75,10 @@ export {
 export {
   qmpEnum,
   qmpSchema,
+  checkQmpValue,
+  qmpUnion,
+  QMP_UNION,
+  type QmpUnion,
   QMP_ENUM_VALUES,
   type QmpBuiltin,
   type QmpCommandDescription,
@@ -83,3 +87,4 @@ export {
   type QmpMembers,
   type QmpType,
 } from './qmp-schema.ts';
+export { migrationUri, QMP_MIGRATION_CHANNELS } from './migration-channels.ts';

@@ -3,7 +3,8 @@
 //
 // A description uses QAPI's own spelling: an object is `{ name: TYPE }`, a name starting with
 // '*' is optional, `[TYPE]` is an array, builtins are 'str' | 'int' | 'number' | 'bool' | 'any' |
-// 'null', and an enum is qmpEnum([...]).
+// 'null', an enum is qmpEnum([...]), and a flat union (QAPI's 'union' with a discriminator) is
+// qmpUnion(base, tag, {value: members}).
 //
 //   query-qmp-schema → [ {name:'migrate', meta-type:'command', arg-type:'3', ret-type:'0'},
 //                        {name:'MIGRATION', meta-type:'event', arg-type:'5'},
@@ -29,11 +30,28 @@ export interface QmpMembers {
   readonly [name: string]: QmpType;
 }
 
-export type QmpType = QmpBuiltin | readonly [QmpType] | QmpEnum | QmpMembers;
+/** The key a union keeps its description under. */
+export const QMP_UNION: unique symbol = Symbol('qmp union');
+
+/** A flat union: the base members, the one (an enum in the base) that says which variant's members follow. */
+export interface QmpUnion {
+  readonly [QMP_UNION]: { readonly base: QmpMembers; readonly tag: string; readonly variants: Readonly<Record<string, QmpMembers | QmpUnion>> };
+}
+
+export type QmpType = QmpBuiltin | readonly [QmpType] | QmpEnum | QmpMembers | QmpUnion;
 
 /** An enum type: the strings a member accepts. */
 export function qmpEnum(values: readonly string[]): QmpEnum {
   return { [QMP_ENUM_VALUES]: [...values] };
+}
+
+/**
+ * A flat union (QAPI 'union'): `tag` is a member of `base` whose value picks the variant whose
+ * members come besides the base's (a variant may be a union itself, as SocketAddress is).
+ * The tag's enum is made from the variants' names.
+ */
+export function qmpUnion(base: QmpMembers, tag: string, variants: Record<string, QmpMembers | QmpUnion>): QmpUnion {
+  return { [QMP_UNION]: { base: { ...base, [tag]: qmpEnum(Object.keys(variants)) }, tag, variants } };
 }
 
 const JSON_TYPES: Record<QmpBuiltin, string> = {
@@ -64,6 +82,71 @@ function isEnum(t: QmpType): t is QmpEnum {
 
 function isArray(t: QmpType): t is readonly [QmpType] {
   return Array.isArray(t);
+}
+
+function isUnion(t: QmpType): t is QmpUnion {
+  return typeof t === 'object' && Object.hasOwn(t, QMP_UNION);
+}
+
+/** Every member a union's value may carry for the variant `tagValue` (base and variant, flattened). */
+function unionMembers(u: QmpUnion, value: Record<string, unknown>): QmpMembers | undefined {
+  const { base, tag, variants } = u[QMP_UNION];
+  const variant = variants[value[tag] as string];
+  if (variant === undefined) return undefined;
+  if (!isUnion(variant)) return { ...base, ...variant };
+  const inner = unionMembers(variant, value);
+  return inner === undefined ? undefined : { ...base, ...inner };
+}
+
+/**
+ * Check a whole value against its description as QEMU's input visitor does, with its messages
+ * (`name` is the member's full name, e.g. "channels[0].addr.port"); undefined when it fits.
+ */
+export function checkQmpValue(t: QmpType, value: unknown, name: string): string | undefined {
+  if (typeof t === 'string') {
+    return builtinMatches(t, value) ? undefined : `Invalid parameter type for '${name}', expected: ${builtinExpected(t)}`;
+  }
+  if (isArray(t)) {
+    if (!Array.isArray(value)) return `Invalid parameter type for '${name}', expected: array`;
+    for (const [i, item] of value.entries()) {
+      const bad = checkQmpValue(t[0], item, `${name}[${i}]`);
+      if (bad !== undefined) return bad;
+    }
+    return undefined;
+  }
+  if (isEnum(t)) {
+    if (typeof value !== 'string') return `Invalid parameter type for '${name}', expected: string`;
+    return t[QMP_ENUM_VALUES].includes(value) ? undefined : `Parameter '${name}' does not accept value '${value}'`;
+  }
+  if (value === null || typeof value !== 'object' || Array.isArray(value)) return `Invalid parameter type for '${name}', expected: object`;
+  const v = value as Record<string, unknown>;
+  let members: QmpMembers | undefined = t as QmpMembers;
+  if (isUnion(t)) {
+    const { tag } = t[QMP_UNION];
+    // The tags first, outer to inner, then the members they select.
+    for (let u: QmpType | undefined = t; u !== undefined && isUnion(u); ) {
+      const desc: QmpUnion[typeof QMP_UNION] = u[QMP_UNION];
+      const { base, tag: innerTag, variants } = desc;
+      const bad = Object.hasOwn(v, innerTag) ? checkQmpValue(base[innerTag]!, v[innerTag], `${name}.${innerTag}`) : `Parameter '${name}.${innerTag}' is missing`;
+      if (bad !== undefined) return bad;
+      u = variants[v[innerTag] as string];
+    }
+    members = unionMembers(t, v);
+    if (members === undefined) return `Parameter '${name}.${tag}' does not accept value '${String(v[tag])}'`;
+  }
+  const known = new Set<string>();
+  for (const [key, type] of Object.entries(members)) {
+    const m = memberName(key);
+    known.add(m.name);
+    if (!Object.hasOwn(v, m.name)) {
+      if (!m.optional) return `Parameter '${name}.${m.name}' is missing`;
+      continue;
+    }
+    const bad = checkQmpValue(type, v[m.name], `${name}.${m.name}`);
+    if (bad !== undefined) return bad;
+  }
+  for (const key of Object.keys(v)) if (!known.has(key)) return `Parameter '${name}.${key}' is unexpected`;
+  return undefined;
 }
 
 /** One member of a described object: its wire name and whether it may be left out. */
@@ -138,12 +221,21 @@ export function qmpSchema(commands: readonly QmpCommandDescription[], events: re
         values: [...values],
       }));
     }
-    const members = Object.entries(t).map(([key, type]) => {
-      const { name, optional } = memberName(key);
-      const member: Record<string, unknown> = { name, type: nameOf(type) };
-      if (optional) member['default'] = null; // QEMU: an optional member has "default": null
-      return member;
-    });
+    const membersOf = (m: QmpMembers): Record<string, unknown>[] =>
+      Object.entries(m).map(([key, type]) => {
+        const { name, optional } = memberName(key);
+        const member: Record<string, unknown> = { name, type: nameOf(type) };
+        if (optional) member['default'] = null; // QEMU: an optional member has "default": null
+        return member;
+      });
+    if (isUnion(t)) {
+      // QEMU's SchemaInfoObject of a union: the base members, `tag`, and one variant per value.
+      const { base, tag, variants } = t[QMP_UNION];
+      const members = membersOf(base);
+      const cases = Object.entries(variants).map(([value, type]) => ({ case: value, type: nameOf(type) }));
+      return intern(`union:${JSON.stringify([members, tag, cases])}`, (name) => ({ name, 'meta-type': 'object', members, tag, variants: cases }));
+    }
+    const members = membersOf(t as QmpMembers);
     return intern(`object:${JSON.stringify(members)}`, (name) => ({ name, 'meta-type': 'object', members }));
   };
 

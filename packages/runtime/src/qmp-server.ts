@@ -22,7 +22,9 @@ import { listenServer } from './listen.ts';
 import {
   builtinExpected,
   builtinMatches,
+  checkQmpValue,
   memberName,
+  QMP_ENUM_VALUES,
   type QmpMembers,
   type QmpType,
   qmpEnum,
@@ -481,6 +483,11 @@ function checkArguments(members: QmpMembers, args: Record<string, unknown>): str
       continue;
     }
     if (!builtinMatches(member.type, args[name])) return `Invalid parameter type for '${name}', expected: ${builtinExpected(member.type)}`;
+    // An enum member is checked here too (QEMU's "does not accept value"); other composites by their handlers.
+    if (typeof member.type === 'object' && Object.hasOwn(member.type, QMP_ENUM_VALUES)) {
+      const bad = checkQmpValue(member.type, args[name], name);
+      if (bad !== undefined) return bad;
+    }
   }
   for (const name of Object.keys(args)) {
     if (!known.has(name)) return `Parameter '${name}' is unexpected`;

@@ -49,10 +49,13 @@ export function decideNext(input: {
   mustPrecopyBytes: number;
   postcopyRequested: boolean;
   inPostcopy: boolean;
+  /** switchover-ack: false until the destination's SWITCHOVER_ACK (source-machine's maySwitchOver). */
+  canSwitchover?: boolean;
 }): NextStep {
   const { pendingBytes, thresholdBytes } = input;
-  if (pendingBytes === 0 || pendingBytes < thresholdBytes) return 'complete';
-  if (!input.inPostcopy && input.postcopyRequested && input.mustPrecopyBytes <= thresholdBytes) return 'postcopy';
+  const canSwitchover = input.canSwitchover ?? true;
+  if ((pendingBytes === 0 || pendingBytes < thresholdBytes) && canSwitchover) return 'complete';
+  if (!input.inPostcopy && input.postcopyRequested && input.mustPrecopyBytes <= thresholdBytes && canSwitchover) return 'postcopy';
   return 'iterate';
 }
 

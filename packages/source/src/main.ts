@@ -36,7 +36,9 @@ import {
   setStatusLine,
   type Logger,
   type MigrationAddress,
+  migrationUri,
   parseAddress,
+  QMP_MIGRATION_CHANNELS,
   QmpServer,
   RuntimeErrorCode,
 } from '@livemig/runtime';
@@ -85,7 +87,7 @@ exit status: 0 done, 1 the migration failed (--exit-after-migrate), 2 a flag or 
 cannot be used (checked before the guest is prepared), 70 an internal error, 130/143 a signal.
 
 QMP commands: migrate (resume=true after a postcopy pause), migrate_cancel, migrate-start-postcopy,
-migrate-pause, query-migrate, migrate-set-capabilities,
+migrate-pause, migrate-continue (after pre-switchover), query-migrate, migrate-set-capabilities,
 query-migrate-capabilities, migrate-set-parameters, query-migrate-parameters, stop, cont,
 query-status, x-query-guest-digest, x-query-migration-timeline (the current or last migration's
 timeline), calc-dirty-rate, query-dirty-rate, quit; introspection as QEMU's: query-commands,
@@ -236,7 +238,7 @@ class SourceProcess {
   running(): boolean {
     if (this.connecting?.status === 'setup' || this.connecting?.status === 'cancelling') return true;
     const s = this.migration?.status;
-    return s === 'setup' || s === 'active' || s === 'postcopy-active' || s === 'postcopy-paused' || s === 'postcopy-recover' || s === 'cancelling';
+    return s === 'setup' || s === 'active' || s === 'pre-switchover' || s === 'device' || s === 'postcopy-active' || s === 'postcopy-paused' || s === 'postcopy-recover' || s === 'cancelling';
   }
 
   event(name: string, data?: Record<string, unknown>): void {
@@ -498,13 +500,27 @@ class SourceProcess {
         if (this.connecting === undefined && this.running()) this.migration?.setParameters(p);
       },
       quit: () => void this.shutdown(0),
+      continueMigration: (state) => {
+        // QEMU compares with the outgoing status: none before any migrate, setup while connecting.
+        const m = this.migration;
+        const c = this.connecting;
+        const now = c !== undefined ? c.status : (m?.status ?? 'none');
+        if (m === undefined || c !== undefined) {
+          if (state !== now) throw new QmpCommandError(`Migration not in expected state: ${now}`);
+          return;
+        }
+        try {
+          m.continueFrom(state);
+        } catch (err) {
+          throw new QmpCommandError((err as Error).message);
+        }
+      },
     });
     qmp.register('migrate', async (args) => {
       if (args['resume'] === true) {
         const m = this.migration;
         if (m === undefined || !m.paused) throw new QmpCommandError('migrate with resume=true needs a paused postcopy migration, and there is none');
-        const uri = args['uri'];
-        if (typeof uri !== 'string') throw new QmpCommandError("Parameter 'uri' is missing");
+        const uri = migrationUri(args, 'migrate');
         // Connect in the background, as migrate does; a failure leaves the migration paused.
         // With postcopy-preempt a new preempt channel follows the main one, as at the start.
         const address = parseAddress(uri);
@@ -529,9 +545,10 @@ class SourceProcess {
         return {};
       }
       if (args['blk'] === true || args['inc'] === true) throw new QmpCommandError('block migration is not supported');
-      void this.migrate(args['uri'] as string);
+      // Checked before anything starts: a bad `channels` is the reply, not a failed migration.
+      void this.migrate(migrationUri(args, 'migrate'));
       return {};
-    }, { args: { uri: 'str', '*blk': 'bool', '*inc': 'bool', '*detach': 'bool', '*resume': 'bool' }, returns: {} });
+    }, { args: { '*uri': 'str', '*channels': QMP_MIGRATION_CHANNELS, '*blk': 'bool', '*inc': 'bool', '*detach': 'bool', '*resume': 'bool' }, returns: {} });
     qmp.register('migrate_cancel', () => {
       if (this.connecting !== undefined) this.connecting.cancel();
       else this.migration?.cancel();

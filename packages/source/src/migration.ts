@@ -45,7 +45,7 @@ import { StreamOut } from './stream-out.ts';
 /** The statuses a livemig source reports (QEMU's names). */
 export type MigrationStatus = Extract<
   QmpMigrationStatus,
-  'none' | 'setup' | 'active' | 'postcopy-active' | 'postcopy-paused' | 'postcopy-recover' | 'cancelling' | 'cancelled' | 'completed' | 'failed'
+  'none' | 'setup' | 'active' | 'pre-switchover' | 'device' | 'postcopy-active' | 'postcopy-paused' | 'postcopy-recover' | 'cancelling' | 'cancelled' | 'completed' | 'failed'
 >;
 
 /** Bound on waiting for the migration thread to stop before the guest is given back. */
@@ -185,6 +185,8 @@ export class OutgoingMigration {
       shared: options.cprExec !== undefined,
     });
     this.others = (options.guest.vfio === undefined ? [] : [options.guest.vfio]).map((dev, i) => ({ dev, sectionId: RAM_SECTION_ID + 1 + i }));
+    // switchover-ack: the VFIO device marks the end of its initial data for the destination's ack.
+    if (options.guest.vfio !== undefined) options.guest.vfio.initDataMarker = options.capabilities['switchover-ack'];
     this.limiter = new RateLimiter(p['max-bandwidth'], this.startTime);
     this.meter = new BandwidthMeter(this.startTime);
     this.converge = new AutoConverge(this.startTime);
@@ -197,6 +199,8 @@ export class OutgoingMigration {
       postcopyRequested: options.postcopyRequested === true,
       stallTimeoutMs: p['x-livemig-stall-timeout'],
       execAfterSave: options.cprExec !== undefined,
+      pauseBeforeSwitchover: options.capabilities['pause-before-switchover'],
+      switchoverAck: options.capabilities['switchover-ack'],
     });
     this.returnPath = returnPath
       ? new ReturnPathReader(blocks, (e) => {
@@ -446,6 +450,25 @@ export class OutgoingMigration {
   /** migrate-start-postcopy: switch to postcopy as soon as what must go in precopy is sent. */
   requestPostcopy(): void {
     this.dispatch({ type: 'postcopyRequested' });
+  }
+
+  /** migrate-continue: `state` must be the status now (QEMU's check); leaves pre-switchover. */
+  continueFrom(state: string): void {
+    this.dispatch({ type: 'continueRequested', state });
+  }
+
+  /**
+   * The switchover with pause-before-switchover: wait in pre-switchover for migrate-continue (or
+   * a cancel, a failure). Keepalive PINGs the machine asks for meanwhile go out between sections.
+   */
+  async holdBeforeSwitchover(): Promise<void> {
+    while (this.state.status === 'pre-switchover' && !this.state.continued) {
+      if (this.keepalivePings.pending) {
+        this.keepalivePings.writeDue(this.w);
+        await this.flush();
+      }
+      await this.watch.next();
+    }
   }
 
   /** migrate_cancel (a no-op once the migration has ended). */

@@ -62,6 +62,9 @@ export class PostcopySender {
     const w = m.w;
     await m.precopy.stopGuest();
     m.expect('active');
+    m.dispatch({ type: 'switchoverStarted', postcopy: true });
+    await m.holdBeforeSwitchover();
+    m.expect('active', 'pre-switchover');
     // postcopy-active: the page server takes the preempt connection before the destination can ask.
     m.dispatch({ type: 'postcopyStarted' });
     m.precopy.writeSwitchoverStart();

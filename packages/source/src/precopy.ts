@@ -16,6 +16,7 @@ const MAPPED_RAM_ALIGNMENT = 0x100000;
 import {
   BatchWriter,
   LIVEMIG_HELLO_PING,
+  maySwitchOver,
   MigCmd,
   RamFlag,
   TARGET_PAGE_SIZE,
@@ -216,16 +217,20 @@ export class Precopy {
         mustPrecopy = 0;
         for (const { dev } of m.others) mustPrecopy += dev.pendingEstimate();
       }
+      const canSwitchover = maySwitchOver(m.state, m.guest.running);
       const step = decideNext({
         pendingBytes: pending,
         thresholdBytes: m.meter.threshold,
         mustPrecopyBytes: mustPrecopy,
         postcopyRequested: m.state.postcopyRequested,
         inPostcopy: false,
+        canSwitchover,
       });
       if (step !== 'iterate') return step;
       await this.partSection();
       await this.devicePartSections();
+      // Converged but waiting for the destination's SWITCHOVER_ACK: no busy loop while nothing is dirty.
+      if (!canSwitchover && (pending === 0 || pending < m.meter.threshold)) await m.watch.next(MAX_ITERATION_MS);
     }
   }
 
@@ -356,13 +361,16 @@ export class Precopy {
     const w = m.w;
     await this.stopGuest();
     m.expect('active');
-    m.dispatch({ type: 'switchoverStarted' });
+    m.dispatch({ type: 'switchoverStarted', postcopy: false });
+    await m.holdBeforeSwitchover();
+    m.expect('active', 'device');
+    // After the hold, as QEMU sends it: the switchover really starts now.
     this.writeSwitchoverStart();
     this.syncDirty();
     const startBytes = m.transferred;
     writeSectionHeader(w, { kind: 'end', sectionId: RAM_SECTION_ID });
     for (;;) {
-      m.expect('active');
+      m.expect('active', 'device');
       const empty = m.ram.saveComplete(w, BATCH_BYTES);
       await m.flush();
       if (empty) break;
@@ -379,7 +387,7 @@ export class Precopy {
     const desc: Record<string, unknown> = { page_size: TARGET_PAGE_SIZE, devices: described };
     if (prefixed.length > 0) desc['livemig'] = { prefixed };
     writeVmdescription(w, toQemuJson(desc));
-    m.expect('active');
+    m.expect('active', 'device');
     // With a return path the destination's SHUT completes the migration; it may come as soon
     // as these last bytes are out, so the machine waits for it from here on.
     if (m.state.returnPath) m.dispatch({ type: 'finalStateSent' });

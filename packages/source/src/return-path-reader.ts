@@ -38,6 +38,8 @@ export class ReturnPathReader {
     this.channel = channel;
     this.decoder = new ReturnPathDecoder({
       livemigExtensions: true,
+      // SWITCHOVER_ACK (QEMU 8.1+) is read as QEMU 10.0 reads it: noted whenever it comes.
+      maxType: RpMsg.SWITCHOVER_ACK + 1,
       bitmapBytes: (name) => {
         const b = this.blocks.find((x) => x.idstr === name);
         return b === undefined ? undefined : recvBitmapBytes(b.pageCount);
@@ -71,6 +73,9 @@ export class ReturnPathReader {
             break;
           case RpMsg.RESUME_ACK:
             this.dispatch({ type: 'resumeAckReceived' });
+            break;
+          case RpMsg.SWITCHOVER_ACK:
+            this.dispatch({ type: 'switchoverAckReceived' });
             break;
           default:
             throw new StateError('active', m.name, `unexpected return-path message ${m.name}`);

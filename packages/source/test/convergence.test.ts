@@ -223,3 +223,12 @@ describe('AutoConverge', () => {
     });
   });
 });
+
+describe('decideNext and switchover-ack', () => {
+  it('without switchover clearance (no SWITCHOVER_ACK yet) it iterates, converged or not', () => {
+    const base = { pendingBytes: 0, thresholdBytes: 5_000, mustPrecopyBytes: 0, postcopyRequested: true, inPostcopy: false };
+    assert.equal(decideNext({ ...base, canSwitchover: false }), 'iterate');
+    assert.equal(decideNext({ ...base, pendingBytes: 10_000, canSwitchover: false }), 'iterate', 'nor postcopy');
+    assert.equal(decideNext({ ...base, canSwitchover: true }), 'complete');
+  });
+});
