@@ -7,7 +7,19 @@
 import net from 'node:net';
 import { checkStreamHeader, ConfigError, ErrorCode, type MigrationError, MultifdReceiver, STREAM_HEADER_LENGTH, TransportError } from '@livemig/protocol';
 import type { Guest } from '@livemig/guest';
-import { adoptWithOnread, type ChannelListener, formatAddress, listenChannel, listenServer } from '@livemig/runtime';
+import {
+  adoptWithOnread,
+  type ChannelListener,
+  formatAddress,
+  listenChannel,
+  listenServer,
+  looksLikeTlsHello,
+  pumpOnread,
+  RuntimeErrorCode,
+  secureServerSide,
+  TlsError,
+  type TlsServerOptions,
+} from '@livemig/runtime';
 
 /** Default of x-livemig-handshake-timeout: a source sends its stream header at once. */
 export const DEFAULT_HANDSHAKE_TIMEOUT_MS = 5_000;
@@ -61,6 +73,13 @@ export interface ChannelsOptions {
   events: ChannelEvents;
   /** Parameter x-livemig-handshake-timeout (ms): how long a connection may take to send the stream header. */
   handshakeTimeoutMs?: number;
+  /**
+   * Parameters tls-creds and tls-authz: every connection (main, multifd, preempt, recovery)
+   * completes a TLS handshake and passes the authz check before a byte of it is read, within
+   * the handshake deadline. Its bytes are then pumped from the TLS socket (pumpOnread): nothing
+   * reads its descriptor directly.
+   */
+  tls?: TlsServerOptions;
 }
 
 /** A connection that has not yet shown whether it is a source (before the main channel is chosen). */
@@ -129,7 +148,10 @@ export class Channels {
   /** migrate-recover: listen for the source's recovery connection (and, with preempt, a new preempt channel). */
   async listenForRecovery(address: string, onMain: (socket: net.Socket) => void): Promise<string> {
     // A recovery channel carries no stream header: nothing to check it by (as QEMU 7.2).
-    if (this.o.preempt) return this.listenWithExtras(address, onMain, (raw, extra, server, tcp, prefix) => this.acceptPreempt(raw, extra, server, tcp, prefix), false);
+    // With TLS the recovery connection is authenticated first, as the first one was.
+    if (this.o.preempt || this.o.tls !== undefined) {
+      return this.listenWithExtras(address, onMain, (raw, extra, server, tcp, prefix) => (this.o.preempt ? this.acceptPreempt(raw, extra, server, tcp, prefix) : raw.destroy()), false);
+    }
     const listener = await listenChannel(address, { allowHalfOpen: true, onread: this.o.reader });
     listener.accepted.then(onMain, () => {});
     return listener.addressText;
@@ -196,21 +218,64 @@ export class Channels {
         drop(early, new TransportError(ErrorCode.PEER_SILENT, 'main', 'connected before the source and sent no stream header before it did'));
       }
       const prefix = release(c);
-      const socket = adoptWithOnread(c.raw, this.o.reader, { allowHalfOpen: true });
-      if (tcp) socket.setNoDelay(true);
-      onMain(socket, prefix);
+      onMain(this.readMain(c.raw, tcp), prefix);
       for (const late of after) onExtra(late.raw, ++extras, server, tcp, release(late));
     };
-    server.on('connection', (raw) => {
+    const peerOf = (raw: net.Socket): string => (raw.remoteAddress === undefined ? 'a unix socket peer' : `${raw.remoteAddress}:${raw.remotePort}`);
+    const tls = this.o.tls;
+    let handshaking = 0;
+    server.on('connection', (accepted) => {
+      if (tls === undefined) {
+        onConnection(accepted, performance.now());
+        return;
+      }
+      if (handshaking + candidates.length >= MAX_CANDIDATES) {
+        accepted.destroy();
+        return;
+      }
+      // TLS before anything else: the peer is authenticated (handshake, then tls-authz) before a
+      // byte it sends is looked at; the handshake counts against the same deadline as the header.
+      const startedAt = performance.now();
+      const peer = peerOf(accepted);
+      handshaking++;
+      const { secured, ready } = secureServerSide(accepted, tls, `TLS connection from ${peer}`);
+      const timer = setTimeout(() => {
+        secured.destroy();
+        reject(new TransportError(ErrorCode.PEER_SILENT, 'main', `did not complete the TLS handshake within the handshake deadline (x-livemig-handshake-timeout ${timeoutMs} ms)`));
+      }, timeoutMs);
+      timer.unref();
+      let settled = false;
+      const reject = (err: Error): void => {
+        if (settled) return;
+        settled = true;
+        handshaking--;
+        clearTimeout(timer);
+        this.o.events.candidateDropped(err as MigrationError, peer);
+      };
+      ready.then(
+        (socket) => {
+          if (settled) {
+            socket.destroy();
+            return;
+          }
+          settled = true;
+          handshaking--;
+          clearTimeout(timer);
+          socket.pause();
+          onConnection(socket, startedAt);
+        },
+        reject,
+      );
+      accepted.resume();
+    });
+    const onConnection = (raw: net.Socket, startedAt: number): void => {
       if (extras >= 0) {
         onExtra(raw, ++extras, server, tcp, Buffer.alloc(0));
         return;
       }
       if (!gate) {
         extras = 0;
-        const socket = adoptWithOnread(raw, this.o.reader, { allowHalfOpen: true });
-        if (tcp) socket.setNoDelay(true);
-        onMain(socket, Buffer.alloc(0));
+        onMain(this.readMain(raw, tcp), Buffer.alloc(0));
         return;
       }
       if (candidates.length >= MAX_CANDIDATES) {
@@ -229,10 +294,13 @@ export class Channels {
           const head = c.chunks.length === 1 ? chunk : Buffer.concat(c.chunks);
           const verdict = checkStreamHeader(head.subarray(0, STREAM_HEADER_LENGTH));
           if (verdict === 'valid') becomeMain(c);
-          else if (verdict !== null) refuse(c, verdict);
+          else if (verdict !== null && tls === undefined && looksLikeTlsHello(head)) {
+            refuse(c, new TlsError(RuntimeErrorCode.TLS_UNEXPECTED, 'the peer started a TLS handshake, but tls-creds is not set here: set the same tls-creds on this destination') as unknown as MigrationError);
+          } else if (verdict !== null) refuse(c, verdict);
         },
       };
       candidates.push(c);
+      const leftMs = Math.max(0, timeoutMs - (performance.now() - startedAt));
       c.timer = setTimeout(
         () =>
           drop(
@@ -240,7 +308,7 @@ export class Channels {
             c.invalid ??
               new TransportError(ErrorCode.PEER_SILENT, 'main', `sent ${c.bytes === 0 ? 'nothing' : `${c.bytes} bytes, not a whole stream header,`} within the handshake deadline (x-livemig-handshake-timeout ${timeoutMs} ms)`),
           ),
-        timeoutMs,
+        leftMs,
       );
       c.timer.unref();
       raw.on('data', c.onData);
@@ -258,7 +326,7 @@ export class Channels {
         }
       });
       raw.resume();
-    });
+    };
     server.on('close', () => {
       for (const c of [...candidates]) {
         clearTimeout(c.timer);
@@ -269,6 +337,21 @@ export class Channels {
     this.server?.close();
     this.server = server;
     return formatAddress(bound);
+  }
+
+  /**
+   * Start reading the main channel into the stream reader: static-buffer reads on the socket's
+   * own descriptor, or (TLS) chunks pumped from the TLS socket. The caller feeds `prefix` first.
+   */
+  private readMain(raw: net.Socket, tcp: boolean): net.Socket {
+    if (this.o.tls !== undefined) {
+      pumpOnread(raw, this.o.reader);
+      raw.resume();
+      return raw;
+    }
+    const socket = adoptWithOnread(raw, this.o.reader, { allowHalfOpen: true });
+    if (tcp) socket.setNoDelay(true);
+    return socket;
   }
 
   /** Postcopy-preempt: the second connection carries requested pages only; more are refused. */
@@ -312,8 +395,16 @@ export class Channels {
         break;
       }
     }
-    channel.socket = adoptWithOnread(raw, { buffer: () => recv.nextBuffer(), callback: (n) => this.onMultifdBytes(channel, n) }, { allowHalfOpen: true });
-    if (!reading) channel.socket.pause();
+    const onread = { buffer: () => recv.nextBuffer(), callback: (n: number) => this.onMultifdBytes(channel, n) };
+    if (this.o.tls !== undefined) {
+      // A TLS channel's bytes are decrypted in this thread: copied from each chunk into RAM.
+      pumpOnread(raw, onread);
+      if (reading) raw.resume();
+      else raw.pause();
+    } else {
+      channel.socket = adoptWithOnread(raw, onread, { allowHalfOpen: true });
+      if (!reading) channel.socket.pause();
+    }
     channel.socket.on('end', () => {
       channel.ended = true;
       if (!recv.atPacketBoundary) this.o.events.multifdFailed(TransportError.lost('multifd', `multifd channel ${recv.channelId} closed in the middle of a packet`));

@@ -40,6 +40,7 @@ import {
   writeRpShut,
 } from '@livemig/protocol';
 import type { Guest } from '@livemig/guest';
+import type { TlsServerOptions } from '@livemig/runtime';
 
 /** The statuses a livemig destination goes through (QEMU's names). */
 export type IncomingStatus = Extract<
@@ -67,6 +68,8 @@ export interface IncomingOptions {
   handshakeTimeoutMs?: number;
   /** --uuid (normalized): a stream carrying another configuration/uuid is refused. */
   uuid?: string;
+  /** Parameters tls-creds / tls-authz, resolved: every connection is TLS. */
+  tls?: TlsServerOptions;
   events: { status(s: IncomingStatus): void; resume(): void };
   log: { info(obj: object, msg?: string): void; warn(obj: object, msg?: string): void };
 }
@@ -102,6 +105,7 @@ export class IncomingMigration {
       preempt: caps['postcopy-preempt'],
       multifd: caps.multifd,
       ...(options.stallTimeoutMs === undefined ? {} : { stallTimeoutMs: options.stallTimeoutMs }),
+      ...(options.tls === undefined ? {} : { faultThread: false }),
     });
     this.loader = new StreamLoader(options.guest, options.machineType, this.state.config, options.uuid);
     this.faults = new PostcopyFaults({
@@ -131,6 +135,7 @@ export class IncomingMigration {
       multifdChannels: options.multifdChannels ?? 2,
       reader: this.stream,
       ...(options.handshakeTimeoutMs === undefined ? {} : { handshakeTimeoutMs: options.handshakeTimeoutMs }),
+      ...(options.tls === undefined ? {} : { tls: options.tls }),
       events: {
         mainAccepted: (socket, prefix) => this.onConnection(socket, prefix),
         candidateDropped: (reason, peer) =>

@@ -21,8 +21,10 @@ import {
   UsageError,
   QmpCommandError,
   registerMachineCommands,
+  objectsFromFlags,
+  registerObjectCommands,
 } from '@livemig/machine';
-import { createLogger, type Logger, parseAddress, QmpServer, toSocketAddress } from '@livemig/runtime';
+import { createLogger, type Logger, ObjectRegistry, parseAddress, QmpServer, type TlsServerOptions, toSocketAddress } from '@livemig/runtime';
 import { IncomingMigration } from './incoming.ts';
 
 const HELP = `usage: livemig-destination --incoming ADDR [-S] [guest flags] [--qmp ADDR]
@@ -88,6 +90,8 @@ class DestinationProcess {
   realtimePostcopy = false;
   /** --uuid (normalized): a stream with another configuration/uuid is refused. */
   uuid: string | undefined;
+  /** --object and object-add: TLS credentials and authz objects. */
+  objects = new ObjectRegistry();
   private prefaulted: Promise<void>;
 
   constructor(guest: Guest, machineType: string, autostart: boolean, log: Logger) {
@@ -107,6 +111,7 @@ class DestinationProcess {
     if (address.transport !== 'tcp' && address.transport !== 'unix') {
       throw new QmpCommandError(`incoming migration over ${address.transport}: is not supported (use tcp: or unix:)`);
     }
+    const tls = this.tlsOptions();
     // Until the stream arrives, keep the prefaulted RAM from going cold.
     let stopWarm: (() => void) | undefined;
     const incoming = new IncomingMigration({
@@ -116,6 +121,7 @@ class DestinationProcess {
       stallTimeoutMs: this.settings.parameters['x-livemig-stall-timeout'],
       handshakeTimeoutMs: this.settings.parameters['x-livemig-handshake-timeout'],
       ...(this.uuid === undefined ? {} : { uuid: this.uuid }),
+      ...(tls === undefined ? {} : { tls }),
       realtimePostcopy: this.realtimePostcopy,
       autostart: this.autostart,
       machineType: this.machineType,
@@ -135,6 +141,18 @@ class DestinationProcess {
     await this.prefaulted;
     stopWarm = this.guest.keepWarm();
     return incoming.listen(uri);
+  }
+
+  /** Parameters tls-creds and tls-authz resolved (QEMU's error text when they name nothing usable). */
+  tlsOptions(): TlsServerOptions | undefined {
+    const p = this.settings.parameters;
+    try {
+      const creds = this.objects.creds(p['tls-creds'], 'server');
+      if (creds === undefined) return undefined;
+      return { creds, authz: this.objects.authz(p['tls-authz']) };
+    } catch (err) {
+      throw new QmpCommandError((err as Error).message);
+    }
   }
 
   queryMigrate(): Record<string, unknown> {
@@ -157,6 +175,7 @@ class DestinationProcess {
       migrationRunning: () => this.incoming !== undefined && this.incoming.status !== 'completed' && this.incoming.status !== 'failed',
       quit: () => void this.shutdown(0),
     });
+    registerObjectCommands(qmp, this.objects);
     qmp.register('migrate-incoming', async (args) => {
       const uri = args['uri'];
       if (typeof uri !== 'string') throw new QmpCommandError("Parameter 'uri' is missing");
@@ -212,7 +231,7 @@ async function main(argv: string[]): Promise<void> {
   // Every flag and address is checked before the guest's RAM is allocated and prefaulted
   // (seconds for a big guest): a mistake is one line at once, exit status 2.
   const settings = new MigrationSettings();
-  const { flags, incoming, uuid } = orExitWithUsage(program, () => {
+  const { flags, incoming, uuid, objects } = orExitWithUsage(program, () => {
     if (values.incoming === undefined) throw new UsageError('--incoming is required (tcp:HOST:PORT, unix:PATH or defer)');
     const address = addressForFlag('--incoming', values.incoming, ['tcp', 'unix', 'defer']);
     const f = guestFromFlags(values);
@@ -226,7 +245,16 @@ async function main(argv: string[]): Promise<void> {
       }
     }
     const uuid = values.uuid === undefined ? undefined : normalizeUuid(values.uuid);
-    return { flags: f, incoming: { text: values.incoming, address }, uuid };
+    const objects = objectsFromFlags(values);
+    if (address.transport !== 'defer') {
+      try {
+        objects.creds(settings.parameters['tls-creds'], 'server');
+        objects.authz(settings.parameters['tls-authz']);
+      } catch (err) {
+        throw new UsageError(`--incoming ${values.incoming}: ${(err as Error).message}`, { cause: err });
+      }
+    }
+    return { flags: f, incoming: { text: values.incoming, address }, uuid, objects };
   });
   if (incoming.address.transport !== 'defer') await orExitWithUsageAsync(program, () => checkListenable('--incoming', incoming.address));
   if (flags.qmp !== undefined) {
@@ -237,6 +265,7 @@ async function main(argv: string[]): Promise<void> {
   const guest = new Guest(flags.guest);
   const proc = new DestinationProcess(guest, flags.machineType, values.paused !== true, log);
   proc.realtimePostcopy = values['realtime-postcopy'] === true;
+  proc.objects = objects;
   proc.settings.capabilities = settings.capabilities;
   proc.settings.parameters = settings.parameters;
   if (uuid !== undefined) proc.uuid = uuid;

@@ -14,6 +14,11 @@ export interface DestinationConfig {
   multifd: boolean;
   /** Parameter x-livemig-stall-timeout: a precopy stream silent this long fails (ms; default 5000). */
   stallTimeoutMs?: number;
+  /**
+   * False when the fault thread cannot read the preempt channel (TLS: only the main thread's TLS
+   * socket can decrypt it), so postcopy's fault path stays on the main thread. Default true.
+   */
+  faultThread?: boolean;
 }
 
 /** Where the postcopy fault path runs: the main thread's event loop, or the fault thread (a livemig source with preempt). */

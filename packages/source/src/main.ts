@@ -22,13 +22,17 @@ import {
   progressLine,
   QmpCommandError,
   registerMachineCommands,
+  objectsFromFlags,
+  registerObjectCommands,
   TtyProgress,
 } from '@livemig/machine';
 import { normalizeUuid, TARGET_PAGE_SIZE } from '@livemig/protocol';
 import {
   ChannelError,
   connectChannel,
+  type ConnectChannelOptions,
   createLogger,
+  ObjectRegistry,
   setStatusLine,
   type Logger,
   type MigrationAddress,
@@ -90,6 +94,9 @@ const OUTGOING_TRANSPORTS = ['tcp', 'unix', 'fd', 'exec', 'file'] as const;
  */
 function refuseMigrate(address: MigrationAddress, settings: MigrationSettings): void {
   if (address.transport === 'defer') throw new QmpCommandError("'defer' is only for the destination (migrate-incoming)");
+  if (settings.parameters['tls-creds'] !== '' && address.transport !== 'tcp' && address.transport !== 'unix') {
+    throw new QmpCommandError(`TLS (tls-creds) needs a tcp: or unix: migration address, not ${address.transport}:`);
+  }
   if (settings.capabilities['postcopy-preempt'] && address.transport !== 'tcp' && address.transport !== 'unix') {
     throw new QmpCommandError('postcopy-preempt needs a tcp: or unix: migration address');
   }
@@ -137,6 +144,8 @@ class SourceProcess {
   /** A migrate whose channel is still connecting, or failed to. */
   connecting: ConnectAttempt | undefined;
   qmp: QmpServer | undefined;
+  /** --object and object-add: TLS credentials and authz objects. */
+  objects = new ObjectRegistry();
   private readonly progress = new TtyProgress();
   private progressTimer: NodeJS.Timeout | undefined;
   /** The current migration's progress (query-migrate's x-progress and the terminal bar). */
@@ -170,6 +179,7 @@ class SourceProcess {
     const settings = this.settings;
     // Refusals come before anything starts: the next migrate or set-capabilities must not be blocked.
     refuseMigrate(address, settings);
+    const channelOptions = this.channelOptions();
     const preempt = settings.capabilities['postcopy-preempt'];
     const multifd = settings.capabilities.multifd;
     const log = this.log.child({ component: 'migration' });
@@ -195,7 +205,7 @@ class SourceProcess {
     // destination takes the first connection as the main channel): the preempt channel
     // (QEMU 7.2 opens it at start), or the multifd channels in channel-id order.
     const connect = async (): Promise<[Channel, Channel | undefined, Channel[]]> => {
-      const main = await connectChannel(address);
+      const main = await connectChannel(address, channelOptions);
       const extra: Channel[] = [];
       // Until the migration takes them, a reset of a connected channel must not go unheard (an
       // 'error' without a listener ends the process); the migration sees it as a destroyed channel.
@@ -205,7 +215,7 @@ class SourceProcess {
         const count = preempt ? 1 : multifd ? settings.parameters['multifd-channels'] : 0;
         for (let i = 0; i < count; i++) {
           extra.push(
-            await connectChannel(address).then(hold, (err: Error) => {
+            await connectChannel(address, channelOptions).then(hold, (err: Error) => {
               throw new ChannelError(
                 RuntimeErrorCode.CHANNEL_OPEN,
                 preempt
@@ -276,6 +286,21 @@ class SourceProcess {
         return undefined;
       },
     );
+  }
+
+  /**
+   * How every channel of a migration connects: with tls-creds, each one (main, multifd, preempt,
+   * a recovery) runs its own TLS handshake. Throws QEMU's text for unusable credentials.
+   */
+  channelOptions(): ConnectChannelOptions {
+    const p = this.settings.parameters;
+    let creds;
+    try {
+      creds = this.objects.creds(p['tls-creds'], 'client');
+    } catch (err) {
+      throw new QmpCommandError((err as Error).message);
+    }
+    return creds === undefined ? {} : { tls: { creds, hostname: p['tls-hostname'] } };
   }
 
   /** The progress model fed with the migration's figures now (README "Progress"). */
@@ -382,6 +407,7 @@ class SourceProcess {
       },
       quit: () => void this.shutdown(0),
     });
+    registerObjectCommands(qmp, this.objects);
     qmp.register('migrate', async (args) => {
       if (args['resume'] === true) {
         const m = this.migration;
@@ -392,11 +418,12 @@ class SourceProcess {
         // With postcopy-preempt a new preempt channel follows the main one, as at the start.
         const address = parseAddress(uri);
         const preempt = this.settings.capabilities['postcopy-preempt'] && (address.transport === 'tcp' || address.transport === 'unix');
-        void connectChannel(address).then(
+        const channelOptions = this.channelOptions();
+        void connectChannel(address, channelOptions).then(
           async (channel) => {
             let preemptChannel: Awaited<ReturnType<typeof connectChannel>> | undefined;
             if (preempt) {
-              preemptChannel = await connectChannel(address).catch((err: Error) => {
+              preemptChannel = await connectChannel(address, channelOptions).catch((err: Error) => {
                 this.log.warn({ uri }, `resume: no new preempt channel (${err.message}); requested pages use the main channel`);
                 return undefined;
               });
@@ -479,7 +506,15 @@ async function main(argv: string[]): Promise<void> {
       }
     }
     const uuid = values.uuid === undefined ? undefined : normalizeUuid(values.uuid);
-    return { f, uuid };
+    const objects = objectsFromFlags(values);
+    if (values.migrate !== undefined && settings.parameters['tls-creds'] !== '') {
+      try {
+        objects.creds(settings.parameters['tls-creds'], 'client');
+      } catch (err) {
+        throw new Error(`--migrate ${values.migrate}: ${(err as Error).message}`, { cause: err });
+      }
+    }
+    return { f, uuid, objects };
   });
   const flags = parsed.f;
   if (flags.qmp !== undefined) {
@@ -496,6 +531,7 @@ async function main(argv: string[]): Promise<void> {
   log.info({ ms: Math.round(performance.now() - preparingSince) }, 'guest RAM prepared');
   const proc = new SourceProcess(guest, flags.machineType, log);
   proc.realtimePostcopy = values['realtime-postcopy'] === true;
+  proc.objects = parsed.objects;
   proc.settings.capabilities = settings.capabilities;
   proc.settings.parameters = settings.parameters;
   if (parsed.uuid !== undefined) proc.uuid = parsed.uuid;
