@@ -14,7 +14,7 @@ import {
 } from '@livemig/protocol';
 import type { Guest } from '@livemig/guest';
 import { capabilitiesOn, parameterList, UsageError } from './flags.ts';
-import { ObjectRegistry, parseObjectOption, QmpError, qmpEnum, type QmpMembers, RuntimeErrorCode, type QmpServer } from '@livemig/runtime';
+import { OBJECT_TYPES, ObjectRegistry, parseObjectOption, QmpError, qmpEnum, type QmpMembers, RuntimeErrorCode, type QmpServer } from '@livemig/runtime';
 
 /** QAPI MigrationStatus, as the MIGRATION event's data names it. */
 const MIGRATION_STATUSES = [
@@ -179,7 +179,7 @@ export function objectsFromFlags(values: { object?: string[] | undefined }): Obj
 
 /** QMP object-add and object-del on the process's objects (TLS credentials, authz lists). */
 export function registerObjectCommands(server: QmpServer, objects: ObjectRegistry): void {
-  // Properties depend on qom-type, so the arguments are checked by the registry, not the schema.
+  // QEMU's union: qom-type and id, then the type's own properties (checked by the registry).
   server.register('object-add', (args) => {
     try {
       objects.add(args);
@@ -187,7 +187,7 @@ export function registerObjectCommands(server: QmpServer, objects: ObjectRegistr
       throw new QmpCommandError((err as Error).message);
     }
     return {};
-  });
+  }, { args: { 'qom-type': qmpEnum(OBJECT_TYPES), id: 'str' }, variantMembers: true, returns: {} });
   server.register('object-del', (args) => {
     if (typeof args['id'] !== 'string') throw new QmpCommandError("Parameter 'id' is missing");
     try {

@@ -519,10 +519,15 @@ export function pumpOnread(stream: Duplex, onread: OnreadOptions, prefix?: Buffe
     if (chunk !== undefined) deliver(chunk);
   });
   stream.on('data', (chunk: Buffer) => {
-    if (held !== undefined) {
-      held = Buffer.concat([held, chunk]);
-      stream.pause();
+    // A chunk already on its way when the callback said stop waits for resume(); one arriving
+    // once resumed (it can beat the 'resume' event) goes after the kept tail. Both are rare.
+    if (stream.isPaused()) {
+      held = held === undefined ? chunk : Buffer.concat([held, chunk]);
       return;
+    }
+    if (held !== undefined) {
+      chunk = Buffer.concat([held, chunk]);
+      held = undefined;
     }
     deliver(chunk);
   });
