@@ -11,8 +11,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { after, test } from 'node:test';
-import { assertSameRam, queryMigrate, waitForStatus } from './helpers/migration.ts';
-import { assertQmpError } from './helpers/postcopy.ts';
+import { assertSameRam, queryMigrate, setCapabilities, waitForStatus } from './helpers/migration.ts';
+import { assertQmpError, migrateIntoPostcopy, recover, SLOW_POSTCOPY, stopAndCheckPattern, waitBothCompleted, waitBothPaused } from './helpers/postcopy.ts';
 import { type Child, type Harness, withHarness } from './helpers/processes.ts';
 import { makePskDir, makeX509Dirs, randomPskKey } from './helpers/tls.ts';
 
@@ -182,4 +182,26 @@ test('x509 with multifd (2 channels): every channel is TLS and the migration com
     await assertMigrates({ src, dst });
     const ram = (await queryMigrate(src)).ram;
     assert.ok((ram?.['multifd-bytes'] ?? 0) > 0, `pages went on the multifd channels: ${JSON.stringify(ram)}`);
+  }));
+
+test('x509 with postcopy-preempt, a pause and a recovery: the preempt and recovery connections are TLS too; faults are served and the pattern is consistent', T, () =>
+  withHarness(async (h) => {
+    const guest = ['-m', '64M', '--workload', 'incrementer:200'];
+    const caps = ['postcopy-ram', 'postcopy-preempt', 'events'];
+    const dst = await h.destination({ incoming: 'tcp', guest, capabilities: caps, args: [...x509(pki.server, 'server'), '--parameters', 'tls-creds=tls0'] });
+    const src = await h.source({ guest, args: [...x509(pki.client, 'client'), '--parameters', 'tls-creds=tls0'] });
+    await setCapabilities(src, caps);
+    await src.execute('migrate-set-parameters', SLOW_POSTCOPY);
+    await migrateIntoPostcopy(src, dst, dst.incomingUri);
+    await sleep(500); // faults in flight
+    assert.deepEqual(await dst.qmp.execute('migrate-pause', undefined, { oob: true, timeoutMs: 5_000 }), {});
+    await waitBothPaused(src, dst);
+    await recover(src, dst);
+    await waitForStatus(dst, 'postcopy-active', { timeoutMs: 10_000 });
+    const { dst: d } = await waitBothCompleted(src, dst);
+    assert.ok((d['postcopy-faults'] ?? 0) > 0 && (d['x-postcopy-request-pages'] ?? 0) > 0, `vCPUs faulted and pages were requested: ${JSON.stringify(d)}`);
+    // With TLS the fault path stays on the main thread and requested pages come on the main channel.
+    assert.equal(d['x-postcopy-preempt-pages'] ?? 0, 0);
+    await stopAndCheckPattern(dst);
+    assert.doesNotMatch(dst.output(), /dropped a connection/, 'every connection (main, preempt, recovery) passed the TLS handshake');
   }));
