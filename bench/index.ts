@@ -1,6 +1,6 @@
 // `pnpm bench`: every benchmark, each printing its figure next to a ceiling measured in the same
 // run. `pnpm bench decode`, `pnpm bench migration` or `pnpm bench postcopy` runs one group;
-// `pnpm bench throughput` runs the first migration figure alone.
+// `pnpm bench throughput` runs the first migration figure alone, `pnpm bench tls` the TLS one.
 
 const only = process.argv.slice(2);
 const want = (name: string): boolean => only.length === 0 || only.includes(name);
@@ -9,6 +9,10 @@ if (want('decode')) await import('../packages/protocol/bench/decode.bench.ts');
 if (only.includes('throughput')) {
   const { throughputBench } = await import('./migration.bench.ts');
   await throughputBench();
+}
+if (only.includes('tls')) {
+  const { tlsBench } = await import('./migration.bench.ts');
+  await tlsBench();
 }
 if (want('migration')) {
   const { migrationBench } = await import('./migration.bench.ts');
