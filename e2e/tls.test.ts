@@ -75,9 +75,11 @@ async function assertRefused({ src, dst }: Pair, code: string, reason: RegExp, u
   return failed['error-desc'] ?? '';
 }
 
-test('PSK, matching keys: the migration completes over TLS', T, () =>
+test('PSK, matching keys: the migration completes over TLS (TLS 1.2, a forward-secret PSK suite)', T, () =>
   withHarness(async (h) => {
-    await assertMigrates(await pair(h, psk(pskDir, 'server'), psk(pskDir, 'client')));
+    const p = await pair(h, psk(pskDir, 'server'), psk(pskDir, 'client'));
+    await assertMigrates(p);
+    assert.match(await waitForLog(p.dst, /authenticated \([^)]*\)/), /\(TLSv1\.2 ECDHE-PSK-CHACHA20-POLY1305\)/);
   }));
 
 test('PSK, mismatched keys: the handshake fails on both sides (LM_ERR_TLS_HANDSHAKE)', T, () =>
@@ -89,7 +91,9 @@ test('PSK, mismatched keys: the handshake fails on both sides (LM_ERR_TLS_HANDSH
 
 test('x509, default host (the URI host 127.0.0.1 is in the certificate) with a friendly client: completes', T, () =>
   withHarness(async (h) => {
-    await assertMigrates(await pair(h, x509(pki.server, 'server'), x509(pki.client, 'client')));
+    const p = await pair(h, x509(pki.server, 'server'), x509(pki.client, 'client'));
+    await assertMigrates(p);
+    assert.match(await waitForLog(p.dst, /authenticated \([^)]*\)/), new RegExp(`\\(TLSv1\\.3 \\S+, client ${pki.friendly.dn}\\)`));
   }));
 
 test('x509, tls-hostname overrides the URI host: completes with tls-hostname=localhost to 127.0.0.1', T, () =>

@@ -351,7 +351,10 @@ for (const kind of ['x509', 'psk'] as const) {
       await waitForStatus(dst, 'completed', { timeoutMs: 10_000 });
       const dg = await digest(dst);
       assert.equal(dg.blocks[0]!.sha256, IMAGE_SHA, 'destination m0 = the QEMU RAM image');
-      log(t, `QEMU over TLS (${kind}): total-time ${q['total-time']} ms, transferred ${q.ram?.transferred} B`);
+      const session = /TLS connection from [^"]* authenticated \(([^)]*)\)/.exec(dst.output());
+      assert.ok(session !== null, 'the destination logged the authenticated TLS session');
+      if (kind === 'psk') assert.match(session[1]!, /^TLSv1\.2 \S*PSK/, 'PSK: a TLS 1.2 PSK suite');
+      log(t, `QEMU over TLS (${kind}): negotiated ${session[1]}; total-time ${q['total-time']} ms, transferred ${q.ram?.transferred} B`);
     }),
   );
 

@@ -14,6 +14,7 @@ import {
   listenChannel,
   listenServer,
   looksLikeTlsHello,
+  peerDistinguishedName,
   pumpOnread,
   RuntimeErrorCode,
   secureServerSide,
@@ -54,6 +55,8 @@ export interface ChannelEvents {
   multifdFailed(err: MigrationError): void;
   /** The main listener failed before a connection came. */
   listenerFailed(err: MigrationError): void;
+  /** A TLS connection passed the handshake and tls-authz (what was negotiated, who the client is). */
+  tlsAccepted?(peer: string, session: { protocol: string | null; cipher: string; client: string | undefined }): void;
 }
 
 interface MultifdChannel {
@@ -262,6 +265,7 @@ export class Channels {
           handshaking--;
           clearTimeout(timer);
           socket.pause();
+          this.o.events.tlsAccepted?.(peer, { protocol: socket.getProtocol(), cipher: socket.getCipher().name, client: peerDistinguishedName(socket) });
           onConnection(socket, startedAt);
         },
         reject,

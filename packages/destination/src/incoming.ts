@@ -141,6 +141,7 @@ export class IncomingMigration {
         candidateDropped: (reason, peer) =>
           this.o.log.warn({ peer, err: { code: reason.code, message: reason.message } }, `dropped a connection from ${peer} that is not a migration source: ${reason.message} [${reason.code}]`),
         preemptAccepted: (raw, tcp) => this.onPreempt(raw, tcp),
+        tlsAccepted: (peer, session) => this.o.log.info({ peer, ...session }, `TLS connection from ${peer} authenticated (${session.protocol ?? '?'} ${session.cipher}${session.client === undefined ? '' : `, client ${session.client}`})`),
         multifdProgressed: () => this.checkSync(),
         multifdFailed: (err) => this.failSoon(coded(err) as MigrationError),
         listenerFailed: (err) => this.safely({ type: 'channelLost', error: err }),

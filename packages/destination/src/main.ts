@@ -63,7 +63,8 @@ used (checked before guest RAM is prepared), 70 an internal error, 130/143 a sig
 QMP commands: migrate-incoming, migrate-recover, migrate-pause, query-migrate (status,
 socket-address, error-desc, postcopy blocktime and fault latency),
 migrate-set-capabilities, query-migrate-capabilities, migrate-set-parameters,
-query-migrate-parameters, stop, cont, query-status, x-query-guest-digest, quit; introspection
+query-migrate-parameters, stop, cont, query-status, x-query-guest-digest, object-add,
+object-del (TLS credentials, authz), quit; introspection
 as QEMU's: query-commands, query-events, query-name, query-version, query-qmp-schema.
 Events: MIGRATION (with capability "events"), RESUME, STOP, SHUTDOWN (on quit, SIGINT, SIGTERM).
 `;

@@ -73,16 +73,19 @@ export const OBJECT_TYPES = ['tls-creds-x509', 'tls-creds-psk', 'authz-simple', 
 export class TlsError extends RuntimeError {}
 
 const DEFAULT_PSK_USERNAME = 'qemu';
-/** GnuTLS offers these with QEMU's "+ECDHE-PSK:+DHE-PSK:+PSK"; OpenSSL leaves PSK suites out by default. */
+/**
+ * GnuTLS offers these with QEMU's "+ECDHE-PSK:+DHE-PSK:+PSK"; OpenSSL leaves PSK suites out by
+ * default. Forward-secret AEAD first (QEMU 7.2 and 10.0 pick ECDHE-PSK-CHACHA20-POLY1305 here).
+ */
 const PSK_CIPHERS = [
-  'ECDHE-PSK-AES256-CBC-SHA384',
-  'ECDHE-PSK-AES128-CBC-SHA256',
+  'ECDHE-PSK-CHACHA20-POLY1305',
   'DHE-PSK-AES256-GCM-SHA384',
   'DHE-PSK-AES128-GCM-SHA256',
+  'DHE-PSK-CHACHA20-POLY1305',
+  'ECDHE-PSK-AES256-CBC-SHA384',
+  'ECDHE-PSK-AES128-CBC-SHA256',
   'PSK-AES256-GCM-SHA384',
   'PSK-AES128-GCM-SHA256',
-  'ECDHE-PSK-CHACHA20-POLY1305',
-  'DHE-PSK-CHACHA20-POLY1305',
   'PSK-CHACHA20-POLY1305',
 ].join(':');
 

@@ -70,7 +70,7 @@ cannot be used (checked before the guest is prepared), 70 an internal error, 130
 QMP commands: migrate (resume=true after a postcopy pause), migrate_cancel, migrate-start-postcopy,
 migrate-pause, query-migrate, migrate-set-capabilities,
 query-migrate-capabilities, migrate-set-parameters, query-migrate-parameters, stop, cont,
-query-status, x-query-guest-digest, quit; introspection as QEMU's: query-commands, query-events,
+query-status, x-query-guest-digest, object-add, object-del (TLS credentials, authz), quit; introspection as QEMU's: query-commands, query-events,
 query-name, query-version, query-qmp-schema. Events: MIGRATION, MIGRATION_PASS (with capability
 "events"), STOP, RESUME, SHUTDOWN (on quit, SIGINT, SIGTERM).
 `;
