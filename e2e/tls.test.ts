@@ -7,13 +7,14 @@
 
 import assert from 'node:assert/strict';
 import { mkdtempSync, rmSync } from 'node:fs';
+import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { after, test } from 'node:test';
 import { assertSameRam, queryMigrate, setCapabilities, waitForStatus } from './helpers/migration.ts';
 import { assertQmpError, migrateIntoPostcopy, recover, SLOW_POSTCOPY, stopAndCheckPattern, waitBothCompleted, waitBothPaused } from './helpers/postcopy.ts';
-import { type Child, type Harness, withHarness } from './helpers/processes.ts';
+import { type Child, type Harness, withHarness, within } from './helpers/processes.ts';
 import { makePskDir, makeX509Dirs, randomPskKey } from './helpers/tls.ts';
 
 const T = { timeout: 120_000 };
@@ -208,4 +209,31 @@ test('x509 with postcopy-preempt, a pause and a recovery: the preempt and recove
     assert.equal(d['x-postcopy-preempt-pages'] ?? 0, 0);
     await stopAndCheckPattern(dst);
     assert.doesNotMatch(dst.output(), /dropped a connection/, 'every connection (main, preempt, recovery) passed the TLS handshake');
+  }));
+
+test('x509 with a TLS destination: a silent client is dropped at the handshake deadline, and the real source, coming after it, migrates', T, () =>
+  withHarness(async (h) => {
+    const { dst, src } = await pair(h, [...x509(pki.server, 'server'), '--handshake-timeout', '1000'], x509(pki.client, 'client'));
+    const port = Number(dst.incomingUri.split(':').at(-1));
+    const silent = net.connect({ host: '127.0.0.1', port });
+    silent.on('error', () => {});
+    try {
+      await within(new Promise((r) => silent.once('connect', r)), 'the silent client connects', 10_000);
+      await assertMigrates({ src, dst });
+      await waitForLog(dst, /did not complete the TLS handshake within the handshake deadline \(x-livemig-handshake-timeout 1000 ms\)[^\n]*\[LM_ERR_PEER_SILENT\]/);
+    } finally {
+      silent.destroy();
+    }
+  }));
+
+test('x509 over unix: without tls-hostname the source has no name to check and fails with QEMU\'s text', T, () =>
+  withHarness(async (h) => {
+    const dst = await h.destination({ incoming: 'unix', guest: GUEST, args: [...x509(pki.server, 'server'), '--parameters', 'tls-creds=tls0'] });
+    const src = await h.source({ guest: GUEST, args: [...x509(pki.client, 'client'), '--parameters', 'tls-creds=tls0'] });
+    await src.execute('migrate', { uri: dst.incomingUri });
+    const failed = await waitForStatus(src, 'failed', { timeoutMs: 30_000 });
+    assert.match(failed['error-desc'] ?? '', /No hostname available for TLS/);
+    // With the name the certificate carries, the same address works.
+    await src.execute('migrate-set-parameters', { 'tls-hostname': 'localhost' });
+    await assertMigrates({ src, dst });
   }));
