@@ -379,6 +379,56 @@ for (const kind of ['x509', 'psk'] as const) {
   );
 }
 
+test(`${QEMU_LABEL} source → livemig destination, multifd (2 channels) over TLS (x509): every channel passes the handshake; RAM equals the image`, opts, (t) =>
+  withHarness(async (h) => {
+    const { x509 } = tlsDirs(h);
+    const img = h.path('m0.img');
+    await writeRamImage(img, IMAGE);
+    const qemu = await startQemu(h, 'qemu-src', [...qemuM0({ file: img }, SIZE), '-S', '-object', `tls-creds-x509,id=tls0,dir=${x509.client},endpoint=client`]);
+    const dst = await h.destination({
+      incoming: 'tcp',
+      paused: true,
+      guest: M0_GUEST,
+      capabilities: ['events', 'multifd'],
+      args: ['--object', `tls-creds-x509,id=tls0,dir=${x509.server},endpoint=server`, '--parameters', 'multifd-channels=2,tls-creds=tls0'],
+    });
+    await setCapabilities(qemu, ['events', 'return-path', 'multifd']);
+    await qemu.execute('migrate-set-parameters', { 'multifd-channels': 2, 'tls-creds': 'tls0', 'tls-hostname': 'localhost' });
+    await qemu.execute('migrate', { uri: dst.incomingUri });
+    const q = await waitForStatus(qemu, 'completed', { timeoutMs: 30_000 });
+    await waitForStatus(dst, 'completed', { timeoutMs: 10_000 });
+    assert.ok((q.ram?.['multifd-bytes'] ?? 0) >= 4 * MiB, `QEMU sent its pages over multifd (multifd-bytes ${q.ram?.['multifd-bytes']})`);
+    assert.equal((dst.output().match(/TLS connection from [^"]* authenticated/g) ?? []).length, 3, 'main + 2 multifd connections authenticated');
+    const dg = await digest(dst);
+    assert.equal(dg.blocks[0]!.sha256, IMAGE_SHA, 'destination m0 = the QEMU RAM image');
+    log(t, `QEMU multifd over TLS: total-time ${q['total-time']} ms, multifd-bytes ${q.ram?.['multifd-bytes']} of ${q.ram?.transferred} B`);
+  }),
+);
+
+test(`livemig source → ${QEMU_LABEL} destination, multifd (2 channels) over TLS (x509): QEMU's RAM equals the source digest`, opts, (t) =>
+  withHarness(async (h) => {
+    const { x509 } = tlsDirs(h);
+    const dstImg = h.path('dst.img');
+    await writeFile(dstImg, Buffer.alloc(SIZE));
+    const qemu = await startQemu(h, 'qemu-dst', [...qemuM0({ file: dstImg }, SIZE), ...PER_SECTION_FLUSH, '-S', '-incoming', 'defer', '-object', `tls-creds-x509,id=tls0,dir=${x509.server},endpoint=server`]);
+    await setCapabilities(qemu, ['events', 'return-path', 'multifd']);
+    await qemu.execute('migrate-set-parameters', { 'multifd-channels': 2, 'tls-creds': 'tls0' });
+    await qemu.execute('migrate-incoming', { uri: 'tcp:127.0.0.1:0' });
+    const uri = await listeningAddress(qemu, 10_000);
+    const src = await h.source({
+      guest: [...M0_GUEST, '-S', '--fill', 'mixed'],
+      args: ['--object', `tls-creds-x509,id=tls0,dir=${x509.client},endpoint=client`, '--capabilities', 'events,return-path,multifd', '--parameters', 'multifd-channels=2,tls-creds=tls0,tls-hostname=localhost'],
+    });
+    const before = await digest(src);
+    await src.execute('migrate', { uri });
+    const s = await waitForStatus(src, 'completed', { timeoutMs: 30_000 });
+    await waitForStatus(qemu, 'completed', { timeoutMs: 10_000 });
+    assert.ok((s.ram?.['multifd-bytes'] ?? 0) > 0, 'pages went over multifd');
+    assert.equal(await sha256File(dstImg), before.blocks[0]!.sha256, "QEMU's m0 = the livemig source's RAM");
+    log(t, `livemig source multifd over TLS: total-time ${s['total-time']} ms, multifd-bytes ${s.ram?.['multifd-bytes']} of ${s.ram?.transferred} B`);
+  }),
+);
+
 /** Credentials for the TLS interop tests, made once per harness dir. */
 const tlsDirCache = new Map<string, { x509: X509Dirs; psk: string }>();
 function tlsDirs(h: Harness): { x509: X509Dirs; psk: string } {

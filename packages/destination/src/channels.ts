@@ -5,6 +5,7 @@
 // business: this file reports what happened and does what it is told.
 
 import net from 'node:net';
+import type tls from 'node:tls';
 import { checkStreamHeader, ConfigError, ErrorCode, type MigrationError, MultifdReceiver, STREAM_HEADER_LENGTH, TransportError } from '@livemig/protocol';
 import type { Guest } from '@livemig/guest';
 import {
@@ -99,6 +100,9 @@ interface Candidate {
    * connected); dropped once no earlier one can.
    */
   invalid: MigrationError | undefined;
+  /** TLS: settles when the handshake and tls-authz are done (nothing is read before). */
+  ready: Promise<unknown> | undefined;
+  secured: boolean;
 }
 
 export class Channels {
@@ -222,7 +226,17 @@ export class Channels {
       }
       const prefix = release(c);
       onMain(this.readMain(c.raw, tcp), prefix);
-      for (const late of after) onExtra(late.raw, ++extras, server, tcp, release(late));
+      for (const late of after) {
+        if (late.secured) onExtra(late.raw, ++extras, server, tcp, release(late));
+        else {
+          // Still in its TLS handshake: an extra once it is authenticated.
+          clearTimeout(late.timer);
+          late.ready?.then(
+            () => onExtra(late.raw, ++extras, server, tcp, release(late)),
+            (err: Error) => this.o.events.candidateDropped(err as MigrationError, peerOf(late.raw)),
+          );
+        }
+      }
     };
     const peerOf = (raw: net.Socket): string => (raw.remoteAddress === undefined ? 'a unix socket peer' : `${raw.remoteAddress}:${raw.remotePort}`);
     const tls = this.o.tls;
@@ -240,8 +254,17 @@ export class Channels {
       // byte it sends is looked at; the handshake counts against the same deadline as the header.
       const startedAt = performance.now();
       const peer = peerOf(accepted);
-      handshaking++;
       const { secured, ready } = secureServerSide(accepted, tls, `TLS connection from ${peer}`);
+      const logSession = (socket: tls.TLSSocket): void =>
+        this.o.events.tlsAccepted?.(peer, { protocol: socket.getProtocol(), cipher: socket.getCipher().name, client: peerDistinguishedName(socket) });
+      accepted.resume();
+      if (extras < 0 && gate) {
+        // A candidate at once, in accept order (handshakes may finish in any order; a source
+        // connects its main channel first and its extras after it).
+        onConnection(secured, startedAt, ready.then(logSession));
+        return;
+      }
+      handshaking++;
       const timer = setTimeout(() => {
         secured.destroy();
         reject(new TransportError(ErrorCode.PEER_SILENT, 'main', `did not complete the TLS handshake within the handshake deadline (x-livemig-handshake-timeout ${timeoutMs} ms)`));
@@ -265,14 +288,13 @@ export class Channels {
           handshaking--;
           clearTimeout(timer);
           socket.pause();
-          this.o.events.tlsAccepted?.(peer, { protocol: socket.getProtocol(), cipher: socket.getCipher().name, client: peerDistinguishedName(socket) });
+          logSession(socket);
           onConnection(socket, startedAt);
         },
         reject,
       );
-      accepted.resume();
     });
-    const onConnection = (raw: net.Socket, startedAt: number): void => {
+    const onConnection = (raw: net.Socket, startedAt: number, ready?: Promise<unknown>): void => {
       if (extras >= 0) {
         onExtra(raw, ++extras, server, tcp, Buffer.alloc(0));
         return;
@@ -292,6 +314,8 @@ export class Channels {
         bytes: 0,
         timer: undefined,
         invalid: undefined,
+        ready,
+        secured: ready === undefined,
         onData: (chunk) => {
           c.chunks.push(chunk);
           c.bytes += chunk.length;
@@ -310,26 +334,34 @@ export class Channels {
           drop(
             c,
             c.invalid ??
-              new TransportError(ErrorCode.PEER_SILENT, 'main', `sent ${c.bytes === 0 ? 'nothing' : `${c.bytes} bytes, not a whole stream header,`} within the handshake deadline (x-livemig-handshake-timeout ${timeoutMs} ms)`),
+              (c.secured
+                ? new TransportError(ErrorCode.PEER_SILENT, 'main', `sent ${c.bytes === 0 ? 'nothing' : `${c.bytes} bytes, not a whole stream header,`} within the handshake deadline (x-livemig-handshake-timeout ${timeoutMs} ms)`)
+                : new TransportError(ErrorCode.PEER_SILENT, 'main', `did not complete the TLS handshake within the handshake deadline (x-livemig-handshake-timeout ${timeoutMs} ms)`)),
           ),
         leftMs,
       );
       c.timer.unref();
-      raw.on('data', c.onData);
       raw.on('error', () => {});
-      // The server is allowHalfOpen: a FIN alone closes nothing, so a client that gave up is dropped here.
-      raw.on('end', () => drop(c, TransportError.lost('main', 'closed before it sent a stream header')));
-      raw.on('close', () => {
-        const i = candidates.indexOf(c);
-        if (i >= 0) {
-          candidates.splice(i, 1);
-          clearTimeout(c.timer);
-          this.o.events.candidateDropped(TransportError.lost('main', 'closed before it sent a stream header'), raw.remoteAddress === undefined ? 'a unix socket peer' : `${raw.remoteAddress}:${raw.remotePort}`);
-          const head = candidates[0];
-          if (head?.invalid !== undefined) drop(head, head.invalid);
-        }
-      });
-      raw.resume();
+      const start = (): void => {
+        c.secured = true;
+        if (!candidates.includes(c)) return;
+        raw.on('data', c.onData);
+        // The server is allowHalfOpen: a FIN alone closes nothing, so a client that gave up is dropped here.
+        raw.on('end', () => drop(c, TransportError.lost('main', 'closed before it sent a stream header')));
+        raw.on('close', () => {
+          const i = candidates.indexOf(c);
+          if (i >= 0) {
+            candidates.splice(i, 1);
+            clearTimeout(c.timer);
+            this.o.events.candidateDropped(TransportError.lost('main', 'closed before it sent a stream header'), peerOf(raw));
+            const head = candidates[0];
+            if (head?.invalid !== undefined) drop(head, head.invalid);
+          }
+        });
+        raw.resume();
+      };
+      if (ready === undefined) start();
+      else ready.then(start, (err: Error) => drop(c, err as MigrationError));
     };
     server.on('close', () => {
       for (const c of [...candidates]) {

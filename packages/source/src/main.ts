@@ -41,6 +41,7 @@ import {
   RuntimeErrorCode,
 } from '@livemig/runtime';
 import { OutgoingMigration } from './migration.ts';
+import { multifdInitPacket } from './multifd-sender.ts';
 
 const HELP = `usage: livemig-source [guest flags] [--qmp ADDR] [--migrate URI] [options]
 
@@ -215,7 +216,13 @@ class SourceProcess {
         const count = preempt ? 1 : multifd ? settings.parameters['multifd-channels'] : 0;
         for (let i = 0; i < count; i++) {
           extra.push(
-            await connectChannel(address, channelOptions).then(hold, (err: Error) => {
+            await connectChannel(address, channelOptions).then((c) => {
+              // A multifd channel's init packet goes out as soon as it is connected, as QEMU does:
+              // a QEMU destination reads it right after the channel's TLS handshake, in a blocking
+              // read that keeps its main loop (and the next channel's handshake) waiting.
+              if (multifd) c.write(multifdInitPacket(i));
+              return hold(c);
+            }, (err: Error) => {
               throw new ChannelError(
                 RuntimeErrorCode.CHANNEL_OPEN,
                 preempt
@@ -249,7 +256,7 @@ class SourceProcess {
           parameters: { ...settings.parameters },
           channel,
           ...(preemptChannel === undefined ? {} : { preempt: preemptChannel }),
-          ...(multifdChannels.length === 0 ? {} : { multifd: multifdChannels }),
+          ...(multifdChannels.length === 0 ? {} : { multifd: multifdChannels, multifdInitSent: true }),
           machineType: this.machineType,
           realtimePostcopy: this.realtimePostcopy,
           ...(this.uuid === undefined ? {} : { uuid: this.uuid }),
