@@ -1,7 +1,7 @@
 // `pnpm bench`: every benchmark, each printing its figure next to a ceiling measured in the same
 // run. `pnpm bench decode`, `pnpm bench migration`, `pnpm bench cpr-exec` or `pnpm bench postcopy`
-// runs one group; `pnpm bench throughput` runs the first migration figure alone; `pnpm bench
-// analyze` the stream-analysis figures.
+// runs one group; `pnpm bench throughput` runs the first migration figure alone, `pnpm bench
+// tls` the TLS one, `pnpm bench analyze` the stream-analysis figures.
 
 const only = process.argv.slice(2);
 const want = (name: string): boolean => only.length === 0 || only.includes(name);
@@ -10,6 +10,10 @@ if (want('decode')) await import('../packages/protocol/bench/decode.bench.ts');
 if (only.includes('throughput')) {
   const { throughputBench } = await import('./migration.bench.ts');
   await throughputBench();
+}
+if (only.includes('tls')) {
+  const { tlsBench } = await import('./migration.bench.ts');
+  await tlsBench();
 }
 if (want('migration')) {
   const { migrationBench } = await import('./migration.bench.ts');

@@ -3,7 +3,8 @@
 //      throughput vs loopback-limit.mjs (cork:256 → copy-onread-prefault);
 //   2. 1 GiB all-zero guest: total time (QEMU 7.2 took ~75 ms on this machine kind);
 //   3. throttle accuracy at 64 MiB/s, sampled each second by a receiver of our own;
-//   4. downtime vs downtime-limit for a converging dirtying guest.
+//   4. downtime vs downtime-limit for a converging dirtying guest;
+//   5. (with 1) the same guest over TLS (x509, one stream) against plaintext, as a ratio.
 
 import { execFileSync } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
@@ -13,6 +14,7 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { QmpClient } from '@livemig/runtime';
 import { type Child, connectQmp, DESTINATION_MAIN, incomingAddress, SOURCE_MAIN, startProcess } from '../packages/cli/src/demo.ts';
+import { makeX509Dirs } from '../e2e/helpers/tls.ts';
 import { fmt, type Figure, sharedBench, summarize } from './ceilings.ts';
 
 const GiB = 2 ** 30;
@@ -27,14 +29,20 @@ interface MigrateResult {
 }
 
 /** One migration between two fresh processes; returns the source's final query-migrate figures. */
-async function migrateOnce(guest: string[], params: Record<string, unknown>, caps: string[] = ['return-path'], destinationCaps: string[] = []): Promise<MigrateResult> {
+async function migrateOnce(
+  guest: string[],
+  params: Record<string, unknown>,
+  caps: string[] = ['return-path'],
+  destinationCaps: string[] = [],
+  extra: { source: string[]; destination: string[] } = { source: [], destination: [] },
+): Promise<MigrateResult> {
   const dir = await mkdtemp(join(tmpdir(), 'livemig-bench-'));
   const children: Child[] = [];
   const clients: QmpClient[] = [];
   try {
     const dstCaps = destinationCaps.length > 0 ? ['--capabilities', destinationCaps.join(',')] : [];
-    const dst = startProcess('destination', DESTINATION_MAIN, ['--incoming', 'tcp:127.0.0.1:0', '-S', '--qmp', `unix:${join(dir, 'd')}`, ...dstCaps, ...guest]);
-    const src = startProcess('source', SOURCE_MAIN, ['--qmp', `unix:${join(dir, 's')}`, ...guest]);
+    const dst = startProcess('destination', DESTINATION_MAIN, ['--incoming', 'tcp:127.0.0.1:0', '-S', '--qmp', `unix:${join(dir, 'd')}`, ...dstCaps, ...guest, ...extra.destination]);
+    const src = startProcess('source', SOURCE_MAIN, ['--qmp', `unix:${join(dir, 's')}`, ...guest, ...extra.source]);
     children.push(dst, src);
     const dq = await connectQmp(dst, `unix:${join(dir, 'd')}`, 60_000);
     const sq = await connectQmp(src, `unix:${join(dir, 's')}`, 60_000);
@@ -123,6 +131,37 @@ async function throttleAccuracy(rateBytes: number, seconds: number): Promise<{ w
   return { windows, mean: windows.reduce((a, b) => a + b, 0) / windows.length };
 }
 
+/**
+ * Figure 5 alone (`pnpm bench tls`): one stream over TLS (x509, certificates made here by
+ * openssl) against the same guest in plaintext, runs alternating; printed as TLS / plaintext.
+ */
+export async function tlsBench(): Promise<void> {
+  console.log('\nTLS vs plaintext, two-process precopy over tcp loopback (fresh processes per run)');
+  const guest = ['-m', '1G', '--fill', 'random', '--workload', 'idle'];
+  const dir = await mkdtemp(join(tmpdir(), 'livemig-bench-pki-'));
+  try {
+    const pki = makeX509Dirs(dir);
+    const tls = {
+      source: ['--object', `tls-creds-x509,id=tls0,dir=${pki.client},endpoint=client`, '--parameters', 'tls-creds=tls0'],
+      destination: ['--object', `tls-creds-x509,id=tls0,dir=${pki.server},endpoint=server`, '--parameters', 'tls-creds=tls0'],
+    };
+    const plain: number[] = [];
+    const secured: number[] = [];
+    for (let i = 0; i < reps; i++) {
+      const r = await migrateOnce(guest, { 'max-bandwidth': 0 });
+      plain.push(r.transferred / GiB / (r.totalMs / 1000));
+      const t = await migrateOnce(guest, { 'max-bandwidth': 0 }, ['return-path'], [], tls);
+      secured.push(t.transferred / GiB / (t.totalMs / 1000));
+    }
+    const p = summarize(plain);
+    const t = summarize(secured);
+    console.log(`  1 GiB random guest, unthrottled, one stream, plaintext: GiB/s   ${fmt(p)}`);
+    console.log(`  the same over TLS (x509, TLS 1.3, AES-GCM): GiB/s             ${fmt(t)}   ratio TLS/plaintext ${(t.median / p.median).toFixed(2)}`);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
 /** Figure 1 alone (`pnpm bench throughput`): the ceiling and our runs alternate, so both see the same machine. */
 export async function throughputBench(): Promise<void> {
   console.log('\ntwo-process precopy over tcp loopback (fresh processes per run)');
@@ -151,6 +190,7 @@ async function throughput(): Promise<void> {
 export async function migrationBench(): Promise<void> {
   console.log('\ntwo-process precopy over tcp loopback (fresh processes per run)');
   await throughput();
+  await tlsBench();
 
   const zero: number[] = [];
   for (let i = 0; i < reps; i++) zero.push((await migrateOnce(['-m', '1G', '--fill', 'zero'], { 'max-bandwidth': 0 })).totalMs);

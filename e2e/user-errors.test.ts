@@ -168,3 +168,28 @@ test('--qemu-version other than the versions livemig speaks: one line on either 
     assertUsageLine(await run(main, [...BIG, ...extra, '--qemu-version', '8.2']), program, /--qemu-version: QEMU version 8\.2 is not one livemig speaks \(7\.2, 10\.0\)/);
   }
 });
+
+test('TLS objects and parameters on the command line: an unreadable credentials dir, an unknown object type, tls-creds naming nothing, client credentials on the destination — one line each, exit 2, before any RAM', T, async () => {
+  const incoming = `tcp:127.0.0.1:${await unusedPort()}`;
+  assertUsageLine(
+    await run(SOURCE_MAIN, ['-m', '1G', '--object', 'tls-creds-x509,id=tls0,dir=/nonexistent/pki,endpoint=client']),
+    'livemig-source',
+    /--object tls-creds-x509,id=tls0,dir=\/nonexistent\/pki,endpoint=client: .*Unable to access credentials \/nonexistent\/pki\/ca-cert\.pem: No such file or directory/,
+  );
+  assertUsageLine(await run(SOURCE_MAIN, ['-m', '1G', '--object', 'secret,id=s0,data=x']), 'livemig-source', /--object secret,id=s0,data=x: .*expected one of tls-creds-x509, tls-creds-psk, authz-simple, authz-list \(got 'secret'\)/);
+  assertUsageLine(await run(SOURCE_MAIN, ['-m', '1G', '--parameters', 'tls-creds=nosuch', '--migrate', incoming]), 'livemig-source', /--migrate tcp:.*: No TLS credentials with id 'nosuch'/);
+  assertUsageLine(await run(DESTINATION_MAIN, ['-m', '1G', '--incoming', incoming, '--parameters', 'tls-creds=tls0,tls-authz=nosuch', '--object', 'authz-simple,id=a0,identity=CN=x']), 'livemig-destination', /No TLS credentials with id 'tls0'/);
+  const h = await Harness.create();
+  try {
+    const dir = h.path('pki');
+    const { makeX509Dirs } = await import('./helpers/tls.ts');
+    const pki = makeX509Dirs(dir);
+    assertUsageLine(
+      await run(DESTINATION_MAIN, ['-m', '1G', '--incoming', incoming, '--object', `tls-creds-x509,id=tls0,dir=${pki.client},endpoint=client`, '--parameters', 'tls-creds=tls0']),
+      'livemig-destination',
+      /Expected TLS credentials for a server endpoint/,
+    );
+  } finally {
+    await h.cleanup();
+  }
+});

@@ -12,8 +12,9 @@ import { readFile, stat, writeFile } from 'node:fs/promises';
 import { test, type TestContext } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { digest, MiB, queryMigrate, queryStatus, setCapabilities, waitForMigration, waitForStatus } from './migration.ts';
-import { analyzeFile, listeningAddress, withHarness } from './processes.ts';
+import { analyzeFile, type Harness, listeningAddress, withHarness } from './processes.ts';
 import { machineTypeVersion } from '@livemig/protocol';
+import { makePskDir, makeX509Dirs, randomPskKey, type X509Dirs } from './tls.ts';
 import { PAGE, pollFinal, QEMU_LABEL, qemuM0, qemuSkip, qemuVersion, ramImage, sha256, sha256File, startQemu, writeRamImage } from './qemu.ts';
 
 const SIZE = 16 * MiB;
@@ -569,3 +570,118 @@ test(`${QEMU_LABEL} and livemig with channels instead of uri: QEMU migrates into
     log(t, `refusal of uri with channels: ${await refusal(dst, 'migrate-incoming', both)}`);
   }),
 );
+// ─── TLS, both directions (x509 and PSK; QEMU's -object tls-creds-*, parameter tls-creds) ────
+
+for (const kind of ['x509', 'psk'] as const) {
+  const credsFor = (h: Harness, endpoint: 'server' | 'client'): { object: string; livemig: string[] } => {
+    const dirs = tlsDirs(h);
+    const object =
+      kind === 'x509'
+        ? `tls-creds-x509,id=tls0,dir=${endpoint === 'server' ? dirs.x509.server : dirs.x509.client},endpoint=${endpoint}`
+        : `tls-creds-psk,id=tls0,dir=${dirs.psk},endpoint=${endpoint}`;
+    return { object, livemig: ['--object', object] };
+  };
+  // The certificate names localhost (and 127.0.0.1): QEMU and livemig check tls-hostname against it.
+  const clientParams = kind === 'x509' ? { 'tls-creds': 'tls0', 'tls-hostname': 'localhost' } : { 'tls-creds': 'tls0' };
+
+  test(`${QEMU_LABEL} source → livemig destination over TLS (${kind}): destination RAM equals the QEMU RAM image`, opts, (t) =>
+    withHarness(async (h) => {
+      const img = h.path('m0.img');
+      await writeRamImage(img, IMAGE);
+      const qemu = await startQemu(h, 'qemu-src', [...qemuM0({ file: img }, SIZE), '-S', '-object', credsFor(h, 'client').object]);
+      const dst = await h.destination({ incoming: 'tcp', paused: true, guest: M0_GUEST, capabilities: ['events'], args: [...credsFor(h, 'server').livemig, '--parameters', 'tls-creds=tls0'] });
+      await setCapabilities(qemu, ['events', 'return-path']);
+      await qemu.execute('migrate-set-parameters', clientParams);
+      await qemu.execute('migrate', { uri: dst.incomingUri });
+      const q = await waitForStatus(qemu, 'completed', { timeoutMs: 30_000 });
+      await waitForStatus(dst, 'completed', { timeoutMs: 10_000 });
+      const dg = await digest(dst);
+      assert.equal(dg.blocks[0]!.sha256, IMAGE_SHA, 'destination m0 = the QEMU RAM image');
+      const session = /TLS connection from [^"]* authenticated \(([^)]*)\)/.exec(dst.output());
+      assert.ok(session !== null, 'the destination logged the authenticated TLS session');
+      if (kind === 'psk') assert.match(session[1]!, /^TLSv1\.2 \S*PSK/, 'PSK: a TLS 1.2 PSK suite');
+      log(t, `QEMU over TLS (${kind}): negotiated ${session[1]}; total-time ${q['total-time']} ms, transferred ${q.ram?.transferred} B`);
+    }),
+  );
+
+  test(`livemig source → ${QEMU_LABEL} destination over TLS (${kind}): QEMU's RAM equals the source digest`, opts, (t) =>
+    withHarness(async (h) => {
+      const dstImg = h.path('dst.img');
+      await writeFile(dstImg, Buffer.alloc(SIZE));
+      const qemu = await startQemu(h, 'qemu-dst', [...qemuM0({ file: dstImg }, SIZE), '-S', '-incoming', 'defer', '-object', credsFor(h, 'server').object]);
+      await setCapabilities(qemu, ['events', 'return-path']);
+      await qemu.execute('migrate-set-parameters', { 'tls-creds': 'tls0' });
+      await qemu.execute('migrate-incoming', { uri: 'tcp:127.0.0.1:0' });
+      const uri = await listeningAddress(qemu, 10_000);
+      const src = await h.source({ guest: [...M0_GUEST, '-S', '--fill', 'mixed'], args: [...credsFor(h, 'client').livemig, '--capabilities', 'events,return-path'] });
+      await src.execute('migrate-set-parameters', clientParams);
+      const before = await digest(src);
+      await src.execute('migrate', { uri });
+      const s = await waitForStatus(src, 'completed', { timeoutMs: 30_000 });
+      await waitForStatus(qemu, 'completed', { timeoutMs: 10_000 });
+      assert.equal(await sha256File(dstImg), before.blocks[0]!.sha256, "QEMU's m0 = the livemig source's RAM");
+      log(t, `livemig source over TLS (${kind}): total-time ${s['total-time']} ms, transferred ${s.ram?.transferred} B`);
+    }),
+  );
+}
+
+test(`${QEMU_LABEL} source → livemig destination, multifd (2 channels) over TLS (x509): every channel passes the handshake; RAM equals the image`, opts, (t) =>
+  withHarness(async (h) => {
+    const { x509 } = tlsDirs(h);
+    const img = h.path('m0.img');
+    await writeRamImage(img, IMAGE);
+    const qemu = await startQemu(h, 'qemu-src', [...qemuM0({ file: img }, SIZE), '-S', '-object', `tls-creds-x509,id=tls0,dir=${x509.client},endpoint=client`]);
+    const dst = await h.destination({
+      incoming: 'tcp',
+      paused: true,
+      guest: M0_GUEST,
+      capabilities: ['events', 'multifd'],
+      args: ['--object', `tls-creds-x509,id=tls0,dir=${x509.server},endpoint=server`, '--parameters', 'multifd-channels=2,tls-creds=tls0'],
+    });
+    await setCapabilities(qemu, ['events', 'return-path', 'multifd']);
+    await qemu.execute('migrate-set-parameters', { 'multifd-channels': 2, 'tls-creds': 'tls0', 'tls-hostname': 'localhost' });
+    await qemu.execute('migrate', { uri: dst.incomingUri });
+    const q = await waitForStatus(qemu, 'completed', { timeoutMs: 30_000 });
+    await waitForStatus(dst, 'completed', { timeoutMs: 10_000 });
+    assert.ok((q.ram?.['multifd-bytes'] ?? 0) >= 4 * MiB, `QEMU sent its pages over multifd (multifd-bytes ${q.ram?.['multifd-bytes']})`);
+    assert.equal((dst.output().match(/TLS connection from [^"]* authenticated/g) ?? []).length, 3, 'main + 2 multifd connections authenticated');
+    const dg = await digest(dst);
+    assert.equal(dg.blocks[0]!.sha256, IMAGE_SHA, 'destination m0 = the QEMU RAM image');
+    log(t, `QEMU multifd over TLS: total-time ${q['total-time']} ms, multifd-bytes ${q.ram?.['multifd-bytes']} of ${q.ram?.transferred} B`);
+  }),
+);
+
+test(`livemig source → ${QEMU_LABEL} destination, multifd (2 channels) over TLS (x509): QEMU's RAM equals the source digest`, opts, (t) =>
+  withHarness(async (h) => {
+    const { x509 } = tlsDirs(h);
+    const dstImg = h.path('dst.img');
+    await writeFile(dstImg, Buffer.alloc(SIZE));
+    const qemu = await startQemu(h, 'qemu-dst', [...qemuM0({ file: dstImg }, SIZE), ...PER_SECTION_FLUSH, '-S', '-incoming', 'defer', '-object', `tls-creds-x509,id=tls0,dir=${x509.server},endpoint=server`]);
+    await setCapabilities(qemu, ['events', 'return-path', 'multifd']);
+    await qemu.execute('migrate-set-parameters', { 'multifd-channels': 2, 'tls-creds': 'tls0' });
+    await qemu.execute('migrate-incoming', { uri: 'tcp:127.0.0.1:0' });
+    const uri = await listeningAddress(qemu, 10_000);
+    const src = await h.source({
+      guest: [...M0_GUEST, '-S', '--fill', 'mixed'],
+      args: ['--object', `tls-creds-x509,id=tls0,dir=${x509.client},endpoint=client`, '--capabilities', 'events,return-path,multifd', '--parameters', 'multifd-channels=2,tls-creds=tls0,tls-hostname=localhost'],
+    });
+    const before = await digest(src);
+    await src.execute('migrate', { uri });
+    const s = await waitForStatus(src, 'completed', { timeoutMs: 30_000 });
+    await waitForStatus(qemu, 'completed', { timeoutMs: 10_000 });
+    assert.ok((s.ram?.['multifd-bytes'] ?? 0) > 0, 'pages went over multifd');
+    assert.equal(await sha256File(dstImg), before.blocks[0]!.sha256, "QEMU's m0 = the livemig source's RAM");
+    log(t, `livemig source multifd over TLS: total-time ${s['total-time']} ms, multifd-bytes ${s.ram?.['multifd-bytes']} of ${s.ram?.transferred} B`);
+  }),
+);
+
+/** Credentials for the TLS interop tests, made once per harness dir. */
+const tlsDirCache = new Map<string, { x509: X509Dirs; psk: string }>();
+function tlsDirs(h: Harness): { x509: X509Dirs; psk: string } {
+  let d = tlsDirCache.get(h.dir);
+  if (d === undefined) {
+    d = { x509: makeX509Dirs(h.dir), psk: makePskDir(`${h.dir}/psk`, { qemu: randomPskKey() }) };
+    tlsDirCache.set(h.dir, d);
+  }
+  return d;
+}

@@ -5,9 +5,22 @@
 // business: this file reports what happened and does what it is told.
 
 import net from 'node:net';
+import type tls from 'node:tls';
 import { checkRecoveryStart, checkStreamHeader, ConfigError, ErrorCode, type MigrationError, MultifdReceiver, ProtocolError, RECOVERY_START_LENGTH, STREAM_HEADER_LENGTH, TransportError } from '@livemig/protocol';
 import type { Guest } from '@livemig/guest';
-import { adoptWithOnread, type ChannelListener, formatAddress, listenServer } from '@livemig/runtime';
+import {
+  adoptWithOnread,
+  type ChannelListener,
+  formatAddress,
+  listenServer,
+  looksLikeTlsHello,
+  peerDistinguishedName,
+  pumpOnread,
+  RuntimeErrorCode,
+  secureServerSide,
+  TlsError,
+  type TlsServerOptions,
+} from '@livemig/runtime';
 
 /** Default of x-livemig-handshake-timeout: a source sends its stream header at once. */
 export const DEFAULT_HANDSHAKE_TIMEOUT_MS = 5_000;
@@ -42,6 +55,8 @@ export interface ChannelEvents {
   multifdFailed(err: MigrationError): void;
   /** The main listener failed before a connection came. */
   listenerFailed(err: MigrationError): void;
+  /** A TLS connection passed the handshake and tls-authz (what was negotiated, who the client is). */
+  tlsAccepted?(peer: string, session: { protocol: string | null; cipher: string; client: string | undefined }): void;
 }
 
 interface MultifdChannel {
@@ -63,6 +78,13 @@ export interface ChannelsOptions {
   events: ChannelEvents;
   /** Parameter x-livemig-handshake-timeout (ms): how long a connection may take to send the stream header. */
   handshakeTimeoutMs?: number;
+  /**
+   * Parameters tls-creds and tls-authz: every connection (main, multifd, preempt, recovery)
+   * completes a TLS handshake and passes the authz check before a byte of it is read, within
+   * the handshake deadline. Its bytes are then pumped from the TLS socket (pumpOnread): nothing
+   * reads its descriptor directly.
+   */
+  tls?: TlsServerOptions;
 }
 
 /** A connection that has not yet shown whether it is a source (before the main channel is chosen). */
@@ -81,6 +103,9 @@ interface Candidate {
    * connected); dropped once no earlier one can.
    */
   invalid: MigrationError | undefined;
+  /** TLS: settles when the handshake and tls-authz are done (nothing is read before). */
+  ready: Promise<unknown> | undefined;
+  secured: boolean;
 }
 
 export class Channels {
@@ -140,7 +165,8 @@ export class Channels {
   /** migrate-recover: listen for the source's recovery connection (and, with preempt, a new preempt channel). */
   async listenForRecovery(address: string, onMain: (socket: net.Socket, prefix: Buffer) => void): Promise<string> {
     // A recovery channel carries no stream header, but it starts with RECV_BITMAP: a silent or
-    // foreign client is dropped and the port stays open for the resuming source.
+    // foreign client is dropped and the port stays open for the resuming source. With TLS the
+    // recovery connection is authenticated first, as the first one was.
     return this.listenWithExtras(
       address,
       (socket, prefix) => {
@@ -175,6 +201,7 @@ export class Channels {
     const server = net.createServer({ pauseOnConnect: true, allowHalfOpen: true });
     const bound = await listenServer(server, address);
     const tcp = bound.transport === 'tcp';
+    const timeoutMs = this.o.handshakeTimeoutMs ?? DEFAULT_HANDSHAKE_TIMEOUT_MS;
     let extras = -1; // -1: no main channel yet
     const candidates: Candidate[] = [];
     const release = (c: Candidate): Buffer => {
@@ -190,9 +217,8 @@ export class Channels {
       if (i < 0) return;
       candidates.splice(i, 1);
       release(c);
-      const peer = c.peer;
       c.raw.destroy();
-      this.o.events.candidateDropped(reason, peer);
+      this.o.events.candidateDropped(reason, c.peer);
       // Held connections with nothing undecided before them any more are not extras: drop them.
       const head = candidates[0];
       if (head?.invalid !== undefined) drop(head, head.invalid);
@@ -217,12 +243,76 @@ export class Channels {
         drop(early, new TransportError(ErrorCode.PEER_SILENT, 'main', 'connected before the source and sent no stream header before it did'));
       }
       const prefix = release(c);
-      const socket = adoptWithOnread(c.raw, this.o.reader, { allowHalfOpen: true });
-      if (tcp) socket.setNoDelay(true);
-      onMain(socket, prefix);
-      for (const late of after) onExtra(late.raw, ++extras, server, tcp, release(late));
+      onMain(this.readMain(c.raw, tcp), prefix);
+      for (const late of after) {
+        if (late.secured) onExtra(late.raw, ++extras, server, tcp, release(late));
+        else {
+          // Still in its TLS handshake: an extra once it is authenticated.
+          clearTimeout(late.timer);
+          late.ready?.then(
+            () => onExtra(late.raw, ++extras, server, tcp, release(late)),
+            (err: Error) => this.o.events.candidateDropped(err as MigrationError, peerOf(late.raw)),
+          );
+        }
+      }
     };
-    server.on('connection', (raw) => {
+    const peerOf = (raw: net.Socket): string => (raw.remoteAddress === undefined ? 'a unix socket peer' : `${raw.remoteAddress}:${raw.remotePort}`);
+    const tls = this.o.tls;
+    let handshaking = 0;
+    server.on('connection', (accepted) => {
+      if (tls === undefined) {
+        onConnection(accepted, performance.now());
+        return;
+      }
+      if (handshaking + candidates.length >= MAX_CANDIDATES) {
+        accepted.destroy();
+        return;
+      }
+      // TLS before anything else: the peer is authenticated (handshake, then tls-authz) before a
+      // byte it sends is looked at; the handshake counts against the same deadline as the header.
+      const startedAt = performance.now();
+      const peer = peerOf(accepted);
+      const { secured, ready } = secureServerSide(accepted, tls, `TLS connection from ${peer}`);
+      const logSession = (socket: tls.TLSSocket): void =>
+        this.o.events.tlsAccepted?.(peer, { protocol: socket.getProtocol(), cipher: socket.getCipher().name, client: peerDistinguishedName(socket) });
+      accepted.resume();
+      if (extras < 0) {
+        // A candidate at once, in accept order (handshakes may finish in any order; a source
+        // connects its main channel first and its extras after it).
+        onConnection(secured, startedAt, ready.then(logSession));
+        return;
+      }
+      handshaking++;
+      const timer = setTimeout(() => {
+        secured.destroy();
+        reject(new TransportError(ErrorCode.PEER_SILENT, 'main', `did not complete the TLS handshake within the handshake deadline (x-livemig-handshake-timeout ${timeoutMs} ms)`));
+      }, timeoutMs);
+      timer.unref();
+      let settled = false;
+      const reject = (err: Error): void => {
+        if (settled) return;
+        settled = true;
+        handshaking--;
+        clearTimeout(timer);
+        this.o.events.candidateDropped(err as MigrationError, peer);
+      };
+      ready.then(
+        (socket) => {
+          if (settled) {
+            socket.destroy();
+            return;
+          }
+          settled = true;
+          handshaking--;
+          clearTimeout(timer);
+          socket.pause();
+          logSession(socket);
+          onConnection(socket, startedAt);
+        },
+        reject,
+      );
+    });
+    const onConnection = (raw: net.Socket, startedAt: number, ready?: Promise<unknown>): void => {
       if (extras >= 0) {
         onExtra(raw, ++extras, server, tcp, Buffer.alloc(0));
         return;
@@ -234,11 +324,13 @@ export class Channels {
       const c: Candidate = {
         raw,
         // Named now: once reset, a TCP socket no longer knows its remote address.
-        peer: raw.remoteAddress === undefined ? 'a unix socket peer' : `${raw.remoteAddress}:${raw.remotePort}`,
+        peer: peerOf(raw),
         chunks: [],
         bytes: 0,
         timer: undefined,
         invalid: undefined,
+        ready,
+        secured: ready === undefined,
         onData: (chunk) => {
           this.streamStarted = true;
           c.chunks.push(chunk);
@@ -246,37 +338,47 @@ export class Channels {
           const head = c.chunks.length === 1 ? chunk : Buffer.concat(c.chunks);
           const verdict: 'valid' | ProtocolError | null = check(head.subarray(0, need));
           if (verdict === 'valid') becomeMain(c);
-          else if (verdict !== null) refuse(c, verdict);
+          else if (verdict !== null && tls === undefined && looksLikeTlsHello(head)) {
+            refuse(c, new TlsError(RuntimeErrorCode.TLS_UNEXPECTED, 'the peer started a TLS handshake, but tls-creds is not set here: set the same tls-creds on this destination') as unknown as MigrationError);
+          } else if (verdict !== null) refuse(c, verdict);
         },
       };
       candidates.push(c);
-      const timeoutMs = this.o.handshakeTimeoutMs ?? DEFAULT_HANDSHAKE_TIMEOUT_MS;
+      const leftMs = Math.max(0, timeoutMs - (performance.now() - startedAt));
       c.timer = setTimeout(
         () =>
           drop(
             c,
             c.invalid ??
-              new TransportError(ErrorCode.PEER_SILENT, 'main', `sent ${c.bytes === 0 ? 'nothing' : `${c.bytes} bytes, not ${expected} yet,`} within the handshake deadline (x-livemig-handshake-timeout ${timeoutMs} ms)`),
+              (c.secured
+                ? new TransportError(ErrorCode.PEER_SILENT, 'main', `sent ${c.bytes === 0 ? 'nothing' : `${c.bytes} bytes, not ${expected} yet,`} within the handshake deadline (x-livemig-handshake-timeout ${timeoutMs} ms)`)
+                : new TransportError(ErrorCode.PEER_SILENT, 'main', `did not complete the TLS handshake within the handshake deadline (x-livemig-handshake-timeout ${timeoutMs} ms)`)),
           ),
-        timeoutMs,
+        leftMs,
       );
       c.timer.unref();
-      raw.on('data', c.onData);
       raw.on('error', () => {});
-      // The server is allowHalfOpen: a FIN alone closes nothing, so a client that gave up is dropped here.
-      raw.on('end', () => drop(c, TransportError.lost('main', `closed before it sent ${expected}`)));
-      raw.on('close', () => {
-        const i = candidates.indexOf(c);
-        if (i >= 0) {
-          candidates.splice(i, 1);
-          clearTimeout(c.timer);
-          this.o.events.candidateDropped(TransportError.lost('main', `closed before it sent ${expected}`), c.peer);
-          const head = candidates[0];
-          if (head?.invalid !== undefined) drop(head, head.invalid);
-        }
-      });
-      raw.resume();
-    });
+      const start = (): void => {
+        c.secured = true;
+        if (!candidates.includes(c)) return;
+        raw.on('data', c.onData);
+        // The server is allowHalfOpen: a FIN alone closes nothing, so a client that gave up is dropped here.
+        raw.on('end', () => drop(c, TransportError.lost('main', `closed before it sent ${expected}`)));
+        raw.on('close', () => {
+          const i = candidates.indexOf(c);
+          if (i >= 0) {
+            candidates.splice(i, 1);
+            clearTimeout(c.timer);
+            this.o.events.candidateDropped(TransportError.lost('main', `closed before it sent ${expected}`), c.peer);
+            const head = candidates[0];
+            if (head?.invalid !== undefined) drop(head, head.invalid);
+          }
+        });
+        raw.resume();
+      };
+      if (ready === undefined) start();
+      else ready.then(start, (err: Error) => drop(c, err as MigrationError));
+    };
     server.on('close', () => {
       for (const c of [...candidates]) {
         clearTimeout(c.timer);
@@ -287,6 +389,22 @@ export class Channels {
     this.server?.close();
     this.server = server;
     return formatAddress(bound);
+  }
+
+
+  /**
+   * Start reading the main channel into the stream reader: static-buffer reads on the socket's
+   * own descriptor, or (TLS) chunks pumped from the TLS socket. The caller feeds `prefix` first.
+   */
+  private readMain(raw: net.Socket, tcp: boolean): net.Socket {
+    if (this.o.tls !== undefined) {
+      pumpOnread(raw, this.o.reader);
+      raw.resume();
+      return raw;
+    }
+    const socket = adoptWithOnread(raw, this.o.reader, { allowHalfOpen: true });
+    if (tcp) socket.setNoDelay(true);
+    return socket;
   }
 
   /** Postcopy-preempt: the second connection carries requested pages only; more are refused. */
@@ -330,8 +448,16 @@ export class Channels {
         break;
       }
     }
-    channel.socket = adoptWithOnread(raw, { buffer: () => recv.nextBuffer(), callback: (n) => this.onMultifdBytes(channel, n) }, { allowHalfOpen: true });
-    if (!reading) channel.socket.pause();
+    const onread = { buffer: () => recv.nextBuffer(), callback: (n: number) => this.onMultifdBytes(channel, n) };
+    if (this.o.tls !== undefined) {
+      // A TLS channel's bytes are decrypted in this thread: copied from each chunk into RAM.
+      pumpOnread(raw, onread);
+      if (reading) raw.resume();
+      else raw.pause();
+    } else {
+      channel.socket = adoptWithOnread(raw, onread, { allowHalfOpen: true });
+      if (!reading) channel.socket.pause();
+    }
     channel.socket.on('end', () => {
       channel.ended = true;
       if (!recv.atPacketBoundary) this.o.events.multifdFailed(TransportError.lost('multifd', `multifd channel ${recv.channelId} closed in the middle of a packet`));

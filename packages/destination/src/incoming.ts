@@ -44,6 +44,7 @@ import {
 } from '@livemig/protocol';
 import type { Guest } from '@livemig/guest';
 import { adoptWithOnread, type MigrationAddress, openIncomingPipe } from '@livemig/runtime';
+import type { TlsServerOptions } from '@livemig/runtime';
 
 /** The statuses a livemig destination goes through (QEMU's names). */
 export type IncomingStatus = Extract<
@@ -71,6 +72,8 @@ export interface IncomingOptions {
   handshakeTimeoutMs?: number;
   /** --uuid (normalized): a stream carrying another configuration/uuid is refused. */
   uuid?: string;
+  /** Parameters tls-creds / tls-authz, resolved: every connection is TLS. */
+  tls?: TlsServerOptions;
   events: { status(s: IncomingStatus): void; resume(): void };
   log: { info(obj: object, msg?: string): void; warn(obj: object, msg?: string): void };
 }
@@ -130,11 +133,13 @@ export class IncomingMigration {
       multifdChannels: options.multifdChannels ?? 2,
       reader: this.stream,
       ...(options.handshakeTimeoutMs === undefined ? {} : { handshakeTimeoutMs: options.handshakeTimeoutMs }),
+      ...(options.tls === undefined ? {} : { tls: options.tls }),
       events: {
         mainAccepted: (socket, prefix) => this.onConnection(socket, prefix),
         candidateDropped: (reason, peer) =>
           this.o.log.warn({ peer, err: { code: reason.code, message: reason.message } }, `dropped a connection from ${peer} that is not a migration source: ${reason.message} [${reason.code}]`),
         preemptAccepted: (raw, tcp) => this.onPreempt(raw, tcp),
+        tlsAccepted: (peer, session) => this.o.log.info({ peer, ...session }, `TLS connection from ${peer} authenticated (${session.protocol ?? '?'} ${session.cipher}${session.client === undefined ? '' : `, client ${session.client}`})`),
         multifdProgressed: () => this.checkSync(),
         multifdFailed: (err) => this.failSoon(coded(err) as MigrationError),
         listenerFailed: (err) => this.safely({ type: 'channelLost', error: err }),
@@ -193,6 +198,8 @@ export class IncomingMigration {
       // QEMU's switchover_ack_needed: a VFIO device with precopy asks (livemig's, from a livemig
       // source, marks its initial data with INIT_DATA_SENT).
       ackDevices: caps['switchover-ack'] && this.o.guest.vfio !== undefined ? 1 : 0,
+      // TLS: only the main thread's TLS socket decrypts, so the fault path stays there.
+      ...(this.o.tls === undefined ? {} : { faultThread: false }),
     };
   }
 

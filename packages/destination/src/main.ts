@@ -21,8 +21,10 @@ import {
   UsageError,
   QmpCommandError,
   registerMachineCommands,
+  objectsFromFlags,
+  registerObjectCommands,
 } from '@livemig/machine';
-import { createLogger, type Logger, migrationUri, parseAddress, QMP_MIGRATION_CHANNELS, QmpServer, toSocketAddress } from '@livemig/runtime';
+import { createLogger, type Logger, migrationUri, ObjectRegistry, parseAddress, QMP_MIGRATION_CHANNELS, QmpServer, type TlsServerOptions, toSocketAddress } from '@livemig/runtime';
 import { IncomingMigration } from './incoming.ts';
 
 const HELP = `usage: livemig-destination --incoming ADDR [-S] [guest flags] [--qmp ADDR]
@@ -63,8 +65,9 @@ QMP commands: migrate-incoming (uri, or QEMU 8.2+'s channels), migrate-recover, 
 query-migrate (status, socket-address, error-desc, postcopy blocktime and fault latency),
 migrate-set-capabilities, query-migrate-capabilities, migrate-set-parameters,
 query-migrate-parameters (settings set while listening count until a connection sends a byte),
-stop, cont, query-status, x-query-guest-digest, calc-dirty-rate, query-dirty-rate, quit;
-introspection as QEMU's: query-commands, query-events, query-name, query-version, query-qmp-schema.
+stop, cont, query-status, x-query-guest-digest, calc-dirty-rate, query-dirty-rate, object-add,
+object-del (TLS credentials, authz), quit; introspection as QEMU's: query-commands, query-events,
+query-name, query-version, query-qmp-schema.
 Events: MIGRATION (with capability "events"), RESUME, STOP, SHUTDOWN (on quit, SIGINT, SIGTERM).
 `;
 
@@ -90,6 +93,8 @@ class DestinationProcess {
   realtimePostcopy = false;
   /** --uuid (normalized): a stream with another configuration/uuid is refused. */
   uuid: string | undefined;
+  /** --object and object-add: TLS credentials and authz objects. */
+  objects = new ObjectRegistry();
   private prefaulted: Promise<void>;
 
   constructor(guest: Guest, machineType: string, autostart: boolean, log: Logger) {
@@ -109,6 +114,10 @@ class DestinationProcess {
     if (address.transport !== 'tcp' && address.transport !== 'unix' && address.transport !== 'file' && address.transport !== 'exec') {
       throw new QmpCommandError(`incoming migration over ${address.transport}: is not supported (use tcp:, unix:, file: or exec:)`);
     }
+    const tls = this.tlsOptions();
+    if (tls !== undefined && (address.transport === 'file' || address.transport === 'exec')) {
+      throw new QmpCommandError(`TLS (tls-creds) needs a tcp: or unix: incoming address, not ${address.transport}:`);
+    }
     // Until the stream arrives, keep the prefaulted RAM from going cold.
     let stopWarm: (() => void) | undefined;
     const incoming = new IncomingMigration({
@@ -118,6 +127,7 @@ class DestinationProcess {
       stallTimeoutMs: this.settings.parameters['x-livemig-stall-timeout'],
       handshakeTimeoutMs: this.settings.parameters['x-livemig-handshake-timeout'],
       ...(this.uuid === undefined ? {} : { uuid: this.uuid }),
+      ...(tls === undefined ? {} : { tls }),
       realtimePostcopy: this.realtimePostcopy,
       autostart: this.autostart,
       machineType: this.machineType,
@@ -138,6 +148,18 @@ class DestinationProcess {
     stopWarm = this.guest.keepWarm();
     if (address.transport === 'file' || address.transport === 'exec') return incoming.readFrom(address);
     return incoming.listen(uri);
+  }
+
+  /** Parameters tls-creds and tls-authz resolved (QEMU's error text when they name nothing usable). */
+  tlsOptions(): TlsServerOptions | undefined {
+    const p = this.settings.parameters;
+    try {
+      const creds = this.objects.creds(p['tls-creds'], 'server');
+      if (creds === undefined) return undefined;
+      return { creds, authz: this.objects.authz(p['tls-authz']) };
+    } catch (err) {
+      throw new QmpCommandError((err as Error).message);
+    }
   }
 
   queryMigrate(): Record<string, unknown> {
@@ -176,6 +198,7 @@ class DestinationProcess {
       },
       quit: () => void this.shutdown(0),
     });
+    registerObjectCommands(qmp, this.objects);
     qmp.register('migrate-incoming', async (args) => {
       await this.listen(migrationUri(args, 'migrate-incoming'));
       return {};
@@ -229,7 +252,7 @@ async function main(argv: string[]): Promise<void> {
   // Every flag and address is checked before the guest's RAM is allocated and prefaulted
   // (seconds for a big guest): a mistake is one line at once, exit status 2.
   const settings = new MigrationSettings();
-  const { flags, incoming, uuid } = orExitWithUsage(program, () => {
+  const { flags, incoming, uuid, objects } = orExitWithUsage(program, () => {
     if (values.incoming === undefined) throw new UsageError('--incoming is required (tcp:HOST:PORT, unix:PATH, file:PATH, exec:CMD or defer)');
     const address = addressForFlag('--incoming', values.incoming, ['tcp', 'unix', 'file', 'exec', 'defer']);
     const f = guestFromFlags(values);
@@ -243,7 +266,16 @@ async function main(argv: string[]): Promise<void> {
       }
     }
     const uuid = values.uuid === undefined ? undefined : normalizeUuid(values.uuid);
-    return { flags: f, incoming: { text: values.incoming, address }, uuid };
+    const objects = objectsFromFlags(values);
+    if (address.transport !== 'defer') {
+      try {
+        objects.creds(settings.parameters['tls-creds'], 'server');
+        objects.authz(settings.parameters['tls-authz']);
+      } catch (err) {
+        throw new UsageError(`--incoming ${values.incoming}: ${(err as Error).message}`, { cause: err });
+      }
+    }
+    return { flags: f, incoming: { text: values.incoming, address }, uuid, objects };
   });
   if (incoming.address.transport !== 'defer') await orExitWithUsageAsync(program, () => checkListenable('--incoming', incoming.address));
   if (flags.qmp !== undefined) {
@@ -254,6 +286,7 @@ async function main(argv: string[]): Promise<void> {
   const guest = new Guest(flags.guest);
   const proc = new DestinationProcess(guest, flags.machineType, values.paused !== true, log);
   proc.realtimePostcopy = values['realtime-postcopy'] === true;
+  proc.objects = objects;
   proc.settings.capabilities = settings.capabilities;
   proc.settings.parameters = settings.parameters;
   if (uuid !== undefined) proc.uuid = uuid;

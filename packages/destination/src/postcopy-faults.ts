@@ -17,7 +17,7 @@ import {
   writePageRequests,
 } from '@livemig/protocol';
 import { type Guest, REALTIME_VCPU_PRIORITY, RequestLine } from '@livemig/guest';
-import { adoptWithOnread, detachFd } from '@livemig/runtime';
+import { adoptWithOnread, detachFd, pumpOnread } from '@livemig/runtime';
 
 /** A faulted page at most this far ahead of the background stream's position is coming soon anyway (8 MiB). */
 const NEAR_PAGES = 2048;
@@ -133,7 +133,14 @@ export class PostcopyFaults implements PageLedger {
     // was checked) would be lost with the stream that holds them: they are placed first.
     const early: Buffer[] = [];
     for (let c = held.raw.read() as Buffer | null; c !== null; c = held.raw.read() as Buffer | null) early.push(c);
-    const socket = adoptWithOnread(held.raw, { buffer: this.preemptBuffer, callback: (n) => this.onPreemptBytes(this.preemptBuffer.subarray(0, n), streamBlocks) }, { allowHalfOpen: true });
+    const onread = { buffer: this.preemptBuffer, callback: (n: number) => this.onPreemptBytes(this.preemptBuffer.subarray(0, n), streamBlocks) };
+    // A TLS socket has no descriptor to read from directly: its decrypted chunks are pumped.
+    const tls = (held.raw as { encrypted?: boolean }).encrypted === true;
+    const socket = tls ? held.raw : adoptWithOnread(held.raw, onread, { allowHalfOpen: true });
+    if (tls) {
+      pumpOnread(socket, onread);
+      socket.resume();
+    }
     if (held.tcp) socket.setNoDelay(true);
     this.preemptSocket = socket;
     socket.on('error', () => {});

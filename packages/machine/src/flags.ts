@@ -19,6 +19,7 @@ export const GUEST_OPTIONS = {
   qmp: { type: 'string' },
   name: { type: 'string' },
   'log-level': { type: 'string' },
+  object: { type: 'string', multiple: true },
   help: { type: 'boolean', short: 'h' },
 } as const satisfies ParseArgsConfig['options'];
 
@@ -44,7 +45,12 @@ export const GUEST_HELP = `guest (the same on both sides of a migration):
 control:
   --qmp ADDR            QMP control socket: unix:PATH or tcp:HOST:PORT (port 0: any free port)
   --name NAME           a name for this process, as QEMU's -name (QMP query-name answers it)
-  --log-level L         trace|debug|info|warn|error|silent (default info; env LIVEMIG_LOG_LEVEL)`;
+  --log-level L         trace|debug|info|warn|error|silent (default info; env LIVEMIG_LOG_LEVEL)
+  --object TYPE,id=ID,… an object, as QEMU's -object (repeatable; also QMP object-add/object-del):
+                        tls-creds-x509,id=ID,dir=DIR,endpoint=server|client[,verify-peer=on|off]
+                        tls-creds-psk,id=ID,dir=DIR,endpoint=…[,username=U]  authz-simple,id=ID,identity=DN
+                        or JSON: '{"qom-type":"authz-list","id":…,"policy":"deny","rules":[…]}'.
+                        Parameter tls-creds=ID turns TLS on (tls-hostname, tls-authz: see README)`;
 
 function qemuVersionFlag(text: string | undefined): QemuVersion {
   if (text === undefined) return DEFAULT_QEMU_VERSION;

@@ -21,7 +21,7 @@ import {
   type Guest,
 } from '@livemig/guest';
 import { capabilityList, parameterList, UsageError } from './flags.ts';
-import { QmpError, qmpEnum, type QmpMembers, type QmpType, RuntimeErrorCode, type QmpServer } from '@livemig/runtime';
+import { OBJECT_TYPES, ObjectRegistry, parseObjectOption, QmpError, qmpEnum, type QmpMembers, type QmpType, RuntimeErrorCode, type QmpServer } from '@livemig/runtime';
 
 /** QAPI MigrationStatus, as the MIGRATION event's data names it. */
 const MIGRATION_STATUSES = [
@@ -290,4 +290,40 @@ export function shutdownEvent(server: QmpServer, reason: 'host-qmp-quit' | 'host
 /** Emit MIGRATION {status} when capability "events" is on, as QEMU does. */
 export function migrationEvent(server: QmpServer, settings: MigrationSettings, status: string): void {
   if (settings.capabilities.events) server.emitEvent('MIGRATION', { status });
+}
+
+/** The objects `--object` creates (each checked as object-add checks it); a mistake is a UsageError. */
+export function objectsFromFlags(values: { object?: string[] | undefined }): ObjectRegistry {
+  const objects = new ObjectRegistry();
+  for (const text of values.object ?? []) {
+    try {
+      objects.add(parseObjectOption(text));
+    } catch (err) {
+      const message = (err as Error).message;
+      throw new UsageError(message.startsWith('--object') ? message : `--object ${text}: ${message}`, { cause: err });
+    }
+  }
+  return objects;
+}
+
+/** QMP object-add and object-del on the process's objects (TLS credentials, authz lists). */
+export function registerObjectCommands(server: QmpServer, objects: ObjectRegistry): void {
+  // QEMU's union: qom-type and id, then the type's own properties (checked by the registry).
+  server.register('object-add', (args) => {
+    try {
+      objects.add(args);
+    } catch (err) {
+      throw new QmpCommandError((err as Error).message);
+    }
+    return {};
+  }, { args: { 'qom-type': qmpEnum(OBJECT_TYPES), id: 'str' }, variantMembers: true, returns: {} });
+  server.register('object-del', (args) => {
+    if (typeof args['id'] !== 'string') throw new QmpCommandError("Parameter 'id' is missing");
+    try {
+      objects.delete(args['id']);
+    } catch (err) {
+      throw new QmpCommandError((err as Error).message);
+    }
+    return {};
+  }, { args: { id: 'str' }, returns: {} });
 }

@@ -115,7 +115,7 @@ export function destinationStep(state: DestinationState, event: DestinationEvent
         }
         case 'listenReceived': {
           if (state.postcopy === 'none') return illegal();
-          const faults: FaultPath = state.peerIsLivemig && state.config.preempt ? 'fault-thread' : 'main-thread';
+          const faults: FaultPath = state.peerIsLivemig && state.config.preempt && state.config.faultThread !== false ? 'fault-thread' : 'main-thread';
           const next: DestinationState = {
             status: 'postcopy-active',
             config: state.config,

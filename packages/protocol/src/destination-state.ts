@@ -18,6 +18,11 @@ export interface DestinationConfig {
   switchoverAck?: boolean;
   /** Devices that ask for the ack (QEMU's switchover_ack_needed: a VFIO device with precopy). */
   ackDevices?: number;
+  /**
+   * False when the fault thread cannot read the preempt channel (TLS: only the main thread's TLS
+   * socket can decrypt it), so postcopy's fault path stays on the main thread. Default true.
+   */
+  faultThread?: boolean;
 }
 
 /** Where the postcopy fault path runs: the main thread's event loop, or the fault thread (a livemig source with preempt). */

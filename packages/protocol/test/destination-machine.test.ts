@@ -456,7 +456,7 @@ describe('destination machine: data carried', () => {
     assert.equal(r.state.status === 'failed' && (r.state.error as ProtocolError).streamOffset, 30);
   });
 
-  it('LISTEN: the fault thread serves faults only for a livemig source with preempt; a held preempt channel is taken', () => {
+  it('LISTEN: the fault thread serves faults only for a livemig source with preempt and without TLS; a held preempt channel is taken', () => {
     const a = step({ ...ACTIVE, preempt: 'held' }, EVENTS.listenReceived);
     assert.deepEqual(a.actions[0], { type: 'startPostcopyFaults', faults: 'fault-thread', markPrecopyReceived: true });
     assert.deepEqual(a.actions.at(-1), { type: 'takePreempt', faults: 'fault-thread' });
@@ -465,6 +465,10 @@ describe('destination machine: data carried', () => {
     assert.deepEqual(q.actions[0], { type: 'startPostcopyFaults', faults: 'main-thread', markPrecopyReceived: false });
     const noPreempt = step({ ...ACTIVE, config: { ...CONFIG, preempt: false } }, EVENTS.listenReceived);
     assert.equal(noPreempt.state.status === 'postcopy-active' && noPreempt.state.faults, 'main-thread');
+    // TLS: no thread can read the preempt connection, so the main thread serves faults and takes it.
+    const tls = step({ ...ACTIVE, preempt: 'held', config: { ...CONFIG, faultThread: false } }, EVENTS.listenReceived);
+    assert.deepEqual(tls.actions[0], { type: 'startPostcopyFaults', faults: 'main-thread', markPrecopyReceived: true });
+    assert.deepEqual(tls.actions.at(-1), { type: 'takePreempt', faults: 'main-thread' });
   });
 
   it('only the first discard marks what precopy delivered', () => {

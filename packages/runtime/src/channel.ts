@@ -13,6 +13,7 @@ import { Duplex, type Readable, type Writable } from 'node:stream';
 import { formatAddress, toAddress, type MigrationAddress } from './address.ts';
 import { ChannelError, RuntimeErrorCode } from './errors.ts';
 import { listenServer } from './listen.ts';
+import { secureClientSide, type TlsClientOptions } from './tls.ts';
 
 /** Node's static-buffer read mode: `callback(n, buffer)` sees `buffer[0..n)`, valid only during the call. */
 export interface OnreadOptions {
@@ -40,6 +41,11 @@ export interface ConnectChannelOptions {
    * the stream may skip ahead, and pages are written at their own offsets.
    */
   positioned?: boolean;
+  /**
+   * TLS over tcp:/unix: (parameter tls-creds): the promise resolves once the handshake has
+   * authenticated the destination, within `connectTimeoutMs`. Not with `onread`.
+   */
+  tls?: TlsClientOptions;
 }
 
 export interface ListenChannelOptions {
@@ -82,6 +88,17 @@ export async function connectChannel(
   const text = formatAddress(addr);
   if (options.onread !== undefined && (addr.transport === 'exec' || addr.transport === 'file')) {
     throw new ChannelError(RuntimeErrorCode.UNSUPPORTED_TRANSPORT, `onread is not available for ${addr.transport}: channels`);
+  }
+  if (options.tls !== undefined) {
+    if (addr.transport !== 'tcp' && addr.transport !== 'unix') {
+      throw new ChannelError(RuntimeErrorCode.UNSUPPORTED_TRANSPORT, `TLS (tls-creds) needs a tcp: or unix: migration address, not ${addr.transport}:`);
+    }
+    const tls = options.tls;
+    if (options.onread !== undefined) throw new ChannelError(RuntimeErrorCode.INVALID_ARGUMENT, 'onread cannot read through TLS (use pumpOnread)');
+    const socket = await connectSocket(addr, text, options);
+    // QEMU checks the URI's host when tls-hostname is empty.
+    const hostname = tls.hostname !== undefined && tls.hostname !== '' ? tls.hostname : addr.transport === 'tcp' ? addr.host : undefined;
+    return secureClientSide(socket, { creds: tls.creds, hostname }, text, options.connectTimeoutMs ?? DEFAULT_CONNECT_TIMEOUT_MS);
   }
   switch (addr.transport) {
     case 'tcp':

@@ -24,6 +24,18 @@ export const RuntimeErrorCode = {
   QMP_CLOSED: 'LM_ERR_QMP_CLOSED',
   /** The QMP peer broke the protocol (no greeting, unparsable output, oversized message). */
   QMP_PROTOCOL: 'LM_ERR_QMP_PROTOCOL',
+  /** An `--object` / `object-add` that cannot be created: unknown type, missing or unknown property, duplicate id. */
+  BAD_OBJECT: 'LM_ERR_BAD_OBJECT',
+  /** TLS credentials that cannot be used: no object with the tls-creds id, wrong endpoint, unreadable files, no hostname to check. */
+  TLS_CREDS: 'LM_ERR_TLS_CREDS',
+  /** The TLS handshake failed: certificate not trusted or not for this host, PSK mismatch, peer closed. */
+  TLS_HANDSHAKE: 'LM_ERR_TLS_HANDSHAKE',
+  /** tls-creds is set here but the peer sent plaintext (a migration stream, not a TLS ClientHello). */
+  TLS_PLAINTEXT_PEER: 'LM_ERR_TLS_PLAINTEXT_PEER',
+  /** tls-creds is not set here but the peer started a TLS handshake. */
+  TLS_UNEXPECTED: 'LM_ERR_TLS_UNEXPECTED',
+  /** The client's certificate passed the handshake, but tls-authz does not allow its distinguished name. */
+  TLS_AUTHZ_DENIED: 'LM_ERR_TLS_AUTHZ_DENIED',
   /** An invalid argument given to an API (a caller bug, not bad input). */
   INVALID_ARGUMENT: 'LM_ERR_INVALID_ARGUMENT',
 } as const;

@@ -44,6 +44,22 @@ export {
   type ListenChannelOptions,
   type OnreadOptions,
 } from './channel.ts';
+export {
+  looksLikeTlsHello,
+  OBJECT_TYPES,
+  ObjectRegistry,
+  parseObjectOption,
+  peerDistinguishedName,
+  pumpOnread,
+  secureClientSide,
+  secureServerSide,
+  TlsError,
+  type Authz,
+  type TlsClientOptions,
+  type TlsCreds,
+  type TlsServerOptions,
+  type UserObject,
+} from './tls.ts';
 export { type HandedConnection, WorkerConnection } from './worker-connection.ts';
 export { CommandThread } from './command-thread.ts';
 export {

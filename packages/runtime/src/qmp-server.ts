@@ -73,6 +73,11 @@ export interface QmpRegisterOptions {
    * runs, and query-qmp-schema shows them. Left out, the command takes anything (undescribed).
    */
   args?: QmpMembers;
+  /**
+   * `args` are the base of a QAPI union (object-add: `qom-type`, `id`): members beyond them
+   * depend on the variant and pass to the handler, which checks them.
+   */
+  variantMembers?: boolean;
   /** What it returns, for query-qmp-schema. Default 'any'. */
   returns?: QmpType;
 }
@@ -81,6 +86,7 @@ interface Command {
   readonly handler: QmpHandler;
   readonly allowOob: boolean;
   readonly args: QmpMembers | undefined;
+  readonly variantMembers: boolean;
   readonly returns: QmpType;
 }
 
@@ -222,7 +228,7 @@ export class QmpServer {
     if (this.#commands.has(name)) {
       throw new RuntimeError(RuntimeErrorCode.INVALID_ARGUMENT, `QMP command ${JSON.stringify(name)} is already registered`);
     }
-    this.#commands.set(name, { handler, allowOob: options.allowOob ?? false, args: options.args, returns: options.returns ?? 'any' });
+    this.#commands.set(name, { handler, allowOob: options.allowOob ?? false, args: options.args, variantMembers: options.variantMembers ?? false, returns: options.returns ?? 'any' });
   }
 
   /** Send an event to every client that finished negotiation. */
@@ -399,7 +405,7 @@ export class QmpServer {
       this.#reply(session, id, hasId, { class: 'GenericError', desc: `The command ${name} does not support OOB` });
       return;
     }
-    const badArgs = command.args === undefined ? undefined : checkArguments(command.args, args);
+    const badArgs = command.args === undefined ? undefined : checkArguments(command.args, args, command.variantMembers);
     if (badArgs !== undefined) {
       this.#reply(session, id, hasId, { class: 'GenericError', desc: badArgs });
       return;
@@ -471,7 +477,7 @@ export class QmpServer {
 }
 
 // QEMU's input visitor checks, with its messages: unknown, missing, and wrong builtin types.
-function checkArguments(members: QmpMembers, args: Record<string, unknown>): string | undefined {
+function checkArguments(members: QmpMembers, args: Record<string, unknown>, variantMembers: boolean): string | undefined {
   const known = new Map<string, { type: QmpType; optional: boolean }>();
   for (const [key, type] of Object.entries(members)) {
     const { name, optional } = memberName(key);
@@ -489,6 +495,7 @@ function checkArguments(members: QmpMembers, args: Record<string, unknown>): str
       if (bad !== undefined) return bad;
     }
   }
+  if (variantMembers) return undefined;
   for (const name of Object.keys(args)) {
     if (!known.has(name)) return `Parameter '${name}' is unexpected`;
   }

@@ -25,6 +25,8 @@ import {
   progressLine,
   QmpCommandError,
   registerMachineCommands,
+  objectsFromFlags,
+  registerObjectCommands,
   TtyProgress,
   UsageError,
 } from '@livemig/machine';
@@ -32,7 +34,9 @@ import { DEFAULT_QEMU_VERSION, normalizeUuid, type QemuVersion, type StreamDiale
 import {
   ChannelError,
   connectChannel,
+  type ConnectChannelOptions,
   createLogger,
+  ObjectRegistry,
   setStatusLine,
   type Logger,
   type MigrationAddress,
@@ -46,6 +50,7 @@ import { native } from '@livemig/native';
 import { loadCprState, SharedRam } from './cpr-exec.ts';
 import { OutgoingMigration } from './migration.ts';
 import { TimelineRecorder } from './timeline-recorder.ts';
+import { multifdInitPacket } from './multifd-sender.ts';
 
 const HELP = `usage: livemig-source [guest flags] [--qmp ADDR] [--migrate URI] [options]
 
@@ -90,8 +95,9 @@ QMP commands: migrate (resume=true after a postcopy pause), migrate_cancel, migr
 migrate-pause, migrate-continue (after pre-switchover), query-migrate, migrate-set-capabilities,
 query-migrate-capabilities, migrate-set-parameters, query-migrate-parameters, stop, cont,
 query-status, x-query-guest-digest, x-query-migration-timeline (the current or last migration's
-timeline), calc-dirty-rate, query-dirty-rate, quit; introspection as QEMU's: query-commands,
-query-events, query-name, query-version, query-qmp-schema. Events: MIGRATION, MIGRATION_PASS (with capability
+timeline), calc-dirty-rate, query-dirty-rate, object-add, object-del (TLS credentials, authz),
+quit; introspection as QEMU's: query-commands, query-events, query-name, query-version,
+query-qmp-schema. Events: MIGRATION, MIGRATION_PASS (with capability
 "events"), STOP, RESUME, SHUTDOWN (on quit, SIGINT, SIGTERM).
 `;
 
@@ -158,6 +164,9 @@ function refuseMigrate(address: MigrationAddress, settings: MigrationSettings, r
   if (isOneWay(address) && settings.capabilities['return-path'] && !settings.byDefault.has('return-path')) {
     throw new QmpCommandError(`return-path needs a connection both ways (tcp:, unix: or fd:): ${address.transport}: carries nothing back (turn return-path off)`);
   }
+  if (settings.parameters['tls-creds'] !== '' && address.transport !== 'tcp' && address.transport !== 'unix') {
+    throw new QmpCommandError(`TLS (tls-creds) needs a tcp: or unix: migration address, not ${address.transport}:`);
+  }
   if (settings.capabilities['postcopy-preempt'] && address.transport !== 'tcp' && address.transport !== 'unix') {
     throw new QmpCommandError('postcopy-preempt needs a tcp: or unix: migration address');
   }
@@ -223,6 +232,8 @@ class SourceProcess {
   timeline: TimelineRecorder | undefined;
   /** Settles once the last migration's timeline is written (or there is none to write). */
   timelineWritten: Promise<void> = Promise.resolve();
+  /** --object and object-add: TLS credentials and authz objects. */
+  objects = new ObjectRegistry();
   private readonly progress = new TtyProgress();
   private progressTimer: NodeJS.Timeout | undefined;
   /** The current migration's progress (query-migrate's x-progress and the terminal bar). */
@@ -260,6 +271,7 @@ class SourceProcess {
     const capabilities = capabilitiesFor(address, settings);
     const sharedRam = this.sharedRam;
     const cprCommand = settings.parameters.mode === 'cpr-exec' ? [...settings.parameters['cpr-exec-command']] : undefined;
+    const channelOptions = this.channelOptions();
     const preempt = settings.capabilities['postcopy-preempt'];
     const multifd = settings.capabilities.multifd;
     const log = this.log.child({ component: 'migration' });
@@ -286,7 +298,7 @@ class SourceProcess {
     // destination takes the first connection as the main channel): the preempt channel
     // (QEMU 7.2 opens it at start), or the multifd channels in channel-id order.
     const connect = async (): Promise<[Channel, Channel | undefined, Channel[]]> => {
-      const main = await connectChannel(address, { positioned: settings.capabilities['mapped-ram'] });
+      const main = await connectChannel(address, { ...channelOptions, positioned: settings.capabilities['mapped-ram'] });
       const extra: Channel[] = [];
       // Until the migration takes them, a reset of a connected channel must not go unheard (an
       // 'error' without a listener ends the process); the migration sees it as a destroyed channel.
@@ -296,7 +308,13 @@ class SourceProcess {
         const count = preempt ? 1 : multifd ? settings.parameters['multifd-channels'] : 0;
         for (let i = 0; i < count; i++) {
           extra.push(
-            await connectChannel(address).then(hold, (err: Error) => {
+            await connectChannel(address, channelOptions).then((c) => {
+              // A multifd channel's init packet goes out as soon as it is connected, as QEMU does:
+              // a QEMU destination reads it right after the channel's TLS handshake, in a blocking
+              // read that keeps its main loop (and the next channel's handshake) waiting.
+              if (multifd) c.write(multifdInitPacket(i));
+              return hold(c);
+            }, (err: Error) => {
               throw new ChannelError(
                 RuntimeErrorCode.CHANNEL_OPEN,
                 preempt
@@ -330,7 +348,7 @@ class SourceProcess {
           parameters: { ...settings.parameters },
           channel,
           ...(preemptChannel === undefined ? {} : { preempt: preemptChannel }),
-          ...(multifdChannels.length === 0 ? {} : { multifd: multifdChannels }),
+          ...(multifdChannels.length === 0 ? {} : { multifd: multifdChannels, multifdInitSent: true }),
           machineType: this.machineType,
           dialect: this.dialect,
           realtimePostcopy: this.realtimePostcopy,
@@ -395,6 +413,21 @@ class SourceProcess {
             },
           ),
     );
+  }
+
+  /**
+   * How every channel of a migration connects: with tls-creds, each one (main, multifd, preempt,
+   * a recovery) runs its own TLS handshake. Throws QEMU's text for unusable credentials.
+   */
+  channelOptions(): ConnectChannelOptions {
+    const p = this.settings.parameters;
+    let creds;
+    try {
+      creds = this.objects.creds(p['tls-creds'], 'client');
+    } catch (err) {
+      throw new QmpCommandError((err as Error).message);
+    }
+    return creds === undefined ? {} : { tls: { creds, hostname: p['tls-hostname'] } };
   }
 
   /** The progress model fed with the migration's figures now (README "Progress"). */
@@ -516,6 +549,7 @@ class SourceProcess {
         }
       },
     });
+    registerObjectCommands(qmp, this.objects);
     qmp.register('migrate', async (args) => {
       if (args['resume'] === true) {
         const m = this.migration;
@@ -525,11 +559,12 @@ class SourceProcess {
         // With postcopy-preempt a new preempt channel follows the main one, as at the start.
         const address = parseAddress(uri);
         const preempt = this.settings.capabilities['postcopy-preempt'] && (address.transport === 'tcp' || address.transport === 'unix');
-        void connectChannel(address).then(
+        const channelOptions = this.channelOptions();
+        void connectChannel(address, channelOptions).then(
           async (channel) => {
             let preemptChannel: Awaited<ReturnType<typeof connectChannel>> | undefined;
             if (preempt) {
-              preemptChannel = await connectChannel(address).catch((err: Error) => {
+              preemptChannel = await connectChannel(address, channelOptions).catch((err: Error) => {
                 this.log.warn({ uri }, `resume: no new preempt channel (${err.message}); requested pages use the main channel`);
                 return undefined;
               });
@@ -636,7 +671,15 @@ async function main(argv: string[]): Promise<void> {
     }
     const uuid = values.uuid === undefined ? undefined : normalizeUuid(values.uuid);
     const timeline = values.timeline === undefined ? undefined : timelineFile(values.timeline);
-    return { f, uuid, timeline };
+    const objects = objectsFromFlags(values);
+    if (values.migrate !== undefined && settings.parameters['tls-creds'] !== '') {
+      try {
+        objects.creds(settings.parameters['tls-creds'], 'client');
+      } catch (err) {
+        throw new Error(`--migrate ${values.migrate}: ${(err as Error).message}`, { cause: err });
+      }
+    }
+    return { f, uuid, timeline, objects };
   });
   const flags = parsed.f;
   if (flags.qmp !== undefined) {
@@ -683,6 +726,7 @@ async function main(argv: string[]): Promise<void> {
   const proc = new SourceProcess(guest, flags.machineType, log, flags.qemuVersion);
   proc.sharedRam = sharedRam;
   proc.realtimePostcopy = values['realtime-postcopy'] === true;
+  proc.objects = parsed.objects;
   proc.settings.capabilities = settings.capabilities;
   proc.settings.byDefault = settings.byDefault;
   proc.settings.parameters = settings.parameters;

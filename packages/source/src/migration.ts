@@ -79,6 +79,8 @@ export interface OutgoingOptions {
   preempt?: Duplex;
   /** With multifd: the multifd channels (connected after the main one), in channel-id order. */
   multifd?: readonly Duplex[];
+  /** The multifd channels' init packets were written as each was connected. */
+  multifdInitSent?: boolean;
   /** Machine type sent in the configuration record. */
   machineType: string;
   /** What the stream looks like for that machine type (default: as QEMU 7.2 writes it). */
@@ -174,7 +176,7 @@ export class OutgoingMigration {
     this.channel = options.channel;
     this.out = this.streamOut(options.channel);
     const p = options.parameters;
-    this.multifd = options.multifd !== undefined && options.multifd.length > 0 ? new MultifdSender(options.multifd) : undefined;
+    this.multifd = options.multifd !== undefined && options.multifd.length > 0 ? new MultifdSender(options.multifd, { initSent: options.multifdInitSent === true }) : undefined;
     void this.multifd?.failed().then((error) => this.dispatch({ type: 'faulted', error: coded(error) as MigrationError }));
     this.dialect = options.dialect ?? streamDialect(options.machineType);
     this.ram = new RamSaver(options.guest, {

@@ -23,6 +23,14 @@ interface Channel {
   pending: Buffer[];
 }
 
+/** A multifd channel's first bytes: its init packet naming the channel. */
+export function multifdInitPacket(channelId: number): Buffer {
+  const init = Buffer.alloc(MULTIFD_INIT_LENGTH);
+  // QEMU compares the UUID with its own (-uuid, all zeros by default); livemig guests have none.
+  writeMultifdInit(init, { uuid: new Uint8Array(16), channelId });
+  return init;
+}
+
 export class MultifdSender {
   private readonly channels: Channel[];
   private next = 0;
@@ -39,13 +47,12 @@ export class MultifdSender {
   /** Bytes handed to the channels. */
   written = 0;
 
-  constructor(streams: readonly Duplex[]) {
-    // QEMU compares the UUID with its own (-uuid, all zeros by default); livemig guests have none.
-    const uuid = new Uint8Array(16);
+  /** `initSent`: each channel's init packet went out when it was connected (multifdInitPacket). */
+  constructor(streams: readonly Duplex[], { initSent = false }: { initSent?: boolean } = {}) {
     this.channels = streams.map((s, channelId) => {
       const out = new StreamOut(s, 'multifd');
-      const init = Buffer.alloc(MULTIFD_INIT_LENGTH);
-      writeMultifdInit(init, { uuid, channelId });
+      if (initSent) return { out, pending: [] };
+      const init = multifdInitPacket(channelId);
       this.queuedBytes += init.length;
       return { out, pending: [init] };
     });

@@ -51,7 +51,9 @@ export class PostcopySender {
   constructor(m: OutgoingMigration, preempt: Duplex | undefined) {
     this.m = m;
     if (preempt !== undefined) {
-      this.pageServer = this.newPageServer();
+      // The page server thread writes to the connection's descriptor, which TLS rules out: with
+      // TLS, requested pages go first on the main channel and the preempt channel stays idle.
+      if ((preempt as { encrypted?: boolean }).encrypted !== true) this.pageServer = this.newPageServer();
       this.holdPreempt(preempt);
     }
   }

@@ -23,7 +23,7 @@ export class StreamOut {
   constructor(stream: Duplex, role: ChannelRole, options: { peerEndIsLoss?: boolean } = {}) {
     this.stream = stream;
     this.failure$ = new Promise((resolve) => this.waiters.add((e) => resolve(e!)));
-    stream.on('error', (err: Error) => this.fail(TransportError.lost(role, `the ${role} channel failed: ${err.message}`, err)));
+    stream.on('error', (err: Error) => this.fail(TransportError.lost(role, `the ${role} channel failed: ${err.message}${tlsHint(stream, err)}`, err)));
     stream.on('close', () => {
       // A stream we ended and that wrote everything (file:, exec:) closes as it should. A peer's
       // FIN ends our side too (Node's allowHalfOpen: false) and finishes it: where the peer
@@ -115,4 +115,14 @@ export class StreamOut {
       this.waiters.add((err) => reject(err ?? TransportError.lost(this.role, `the ${this.role} channel closed before it was flushed`)));
     });
   }
+}
+
+/**
+ * With TLS 1.3 the client's handshake is over before the server has judged its certificate: a
+ * destination that refuses it (verify-peer, tls-authz) just closes, and we see EPIPE/ECONNRESET.
+ */
+function tlsHint(stream: Duplex, err: Error): string {
+  const errno = (err as NodeJS.ErrnoException).code;
+  if ((stream as { encrypted?: boolean }).encrypted !== true || (errno !== 'EPIPE' && errno !== 'ECONNRESET')) return '';
+  return ' (over TLS: the destination may have refused this source\'s certificate or tls-authz; its log names why)';
 }
