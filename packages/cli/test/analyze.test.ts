@@ -15,7 +15,7 @@ import { dirname, join, resolve } from 'node:path';
 import { after, describe, it } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { gunzipSync } from 'node:zlib';
-import { fixtureDir, fixtureNames, fixturesMissing, loadFixture } from '../../protocol/test/fixtures.ts';
+import { fixtureDir, fixtureNames, fixturesMissing, countSkippedWithoutFixtures, loadFixture } from '../../protocol/test/fixtures.ts';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const MAIN = resolve(here, '../dist/main.js');
@@ -118,3 +118,5 @@ describe('livemig analyze on the QEMU 7.2 streams', { skip: fixturesMissing() },
     assert.match(r.stderr, /^livemig: analyze: --dump desc: only "state" is known/);
   });
 });
+
+countSkippedWithoutFixtures('livemig analyze on the QEMU 7.2 streams');

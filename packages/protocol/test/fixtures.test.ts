@@ -13,7 +13,7 @@ import {
   StreamAnalyzer,
   VmdescLayouts,
 } from '../src/index.ts';
-import { fixtureNames, fixturesMissing, loadFixture } from './fixtures.ts';
+import { fixtureNames, fixturesMissing, countSkippedWithoutFixtures, loadFixture } from './fixtures.ts';
 
 const TYPE: Record<string, string> = {
   SECTION_START: 'start',
@@ -248,3 +248,5 @@ describe('QEMU 7.2 fixtures', { skip: missing }, () => {
     });
   }
 });
+
+countSkippedWithoutFixtures('QEMU 7.2 fixtures');

@@ -15,7 +15,7 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { NEED_MORE, type RamBlockInfo, type RamTarget, StreamDecoder, type StreamDecoderOptions } from '../src/index.ts';
-import { fixtureNames, fixturesMissing, loadFixture } from './fixtures.ts';
+import { fixtureNames, fixturesMissing, countSkippedWithoutFixtures, loadFixture } from './fixtures.ts';
 
 const SEED = Number(process.env['LIVEMIG_FUZZ_SEED'] ?? 0x5eed1405);
 const FROM = Number(process.env['LIVEMIG_FUZZ_FROM'] ?? 0);
@@ -238,3 +238,5 @@ describe('fixed-seed decoder fuzz', { skip: missing }, () => {
     if (RUNS >= 10_000) assert.ok(codes.size >= 8, `the mutations reached only ${summary}`);
   });
 });
+
+countSkippedWithoutFixtures('fixed-seed decoder fuzz');

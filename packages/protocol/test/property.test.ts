@@ -52,7 +52,7 @@ import {
   writeStreamHeader,
   writeVmdescription,
 } from '../src/index.ts';
-import { type Fixture, fixtureNames, fixturesMissing, loadFixture } from './fixtures.ts';
+import { type Fixture, fixtureNames, fixturesMissing, countSkippedWithoutFixtures, loadFixture } from './fixtures.ts';
 
 // ---- harness ----------------------------------------------------------------------------------
 
@@ -1293,3 +1293,5 @@ describe('generated streams', () => {
     );
   });
 });
+
+countSkippedWithoutFixtures('property runs over the QEMU 7.2 fixtures');
