@@ -91,7 +91,8 @@ test('addresses that cannot be used: bad schemes, defer on the source, a missing
     assertUsageLine(await source(['--migrate', 'tcp:127.0.0.1']), 'livemig-source', /--migrate .*missing ":PORT"/);
     assertUsageLine(await source(['--capabilities', 'multifd', '--migrate', 'exec:cat']), 'livemig-source', /--migrate exec:cat: multifd is not supported/);
     assertUsageLine(await source(['--qmp', 'fd:3']), 'livemig-source', /--qmp "fd:3": fd is not usable here; it takes tcp:, unix:/);
-    assertUsageLine(await destination(['--incoming', 'exec:cat']), 'livemig-destination', /--incoming "exec:cat": exec is not usable here; it takes tcp:, unix:, defer/);
+    assertUsageLine(await destination(['--incoming', 'fd:3']), 'livemig-destination', /--incoming "fd:3": fd is not usable here; it takes tcp:, unix:, file:, exec:, defer/);
+    assertUsageLine(await destination(['--incoming', 'file:/nonexistent-dir/stream.mig']), 'livemig-destination', /--incoming file:\/nonexistent-dir\/stream\.mig: no such file/);
     assertUsageLine(await destination(['--incoming', 'unix:/nonexistent-dir/m.sock']), 'livemig-destination', /directory \/nonexistent-dir does not exist: create it/);
     assertUsageLine(await destination(['--incoming', `unix:${livePath}`]), 'livemig-destination', /another process listens on it/);
     assertUsageLine(await destination([]), 'livemig-destination', /--incoming is required/);

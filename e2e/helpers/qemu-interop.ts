@@ -656,13 +656,14 @@ test(`livemig source → ${QEMU_LABEL} destination, multifd (2 channels) over TL
     const { x509 } = tlsDirs(h);
     const dstImg = h.path('dst.img');
     await writeFile(dstImg, Buffer.alloc(SIZE));
-    const qemu = await startQemu(h, 'qemu-dst', [...qemuM0({ file: dstImg }, SIZE), ...PER_SECTION_FLUSH, '-S', '-incoming', 'defer', '-object', `tls-creds-x509,id=tls0,dir=${x509.server},endpoint=server`]);
+    // QEMU's own multifd dialect (per-round flush on 10.0): livemig is told which QEMU it meets.
+    const qemu = await startQemu(h, 'qemu-dst', [...qemuM0({ file: dstImg }, SIZE), '-S', '-incoming', 'defer', '-object', `tls-creds-x509,id=tls0,dir=${x509.server},endpoint=server`]);
     await setCapabilities(qemu, ['events', 'return-path', 'multifd']);
     await qemu.execute('migrate-set-parameters', { 'multifd-channels': 2, 'tls-creds': 'tls0' });
     await qemu.execute('migrate-incoming', { uri: 'tcp:127.0.0.1:0' });
     const uri = await listeningAddress(qemu, 10_000);
     const src = await h.source({
-      guest: [...M0_GUEST, '-S', '--fill', 'mixed'],
+      guest: [...M0_GUEST, ...LIVEMIG_DIALECT, '-S', '--fill', 'mixed'],
       args: ['--object', `tls-creds-x509,id=tls0,dir=${x509.client},endpoint=client`, '--capabilities', 'events,return-path,multifd', '--parameters', 'multifd-channels=2,tls-creds=tls0,tls-hostname=localhost'],
     });
     const before = await digest(src);
