@@ -3,29 +3,13 @@
 // and one clear line when nothing serves QMP at the address.
 
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import { test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { MiB, queryMigrate, waitForStatus } from './helpers/migration.ts';
-import { CLI_MAIN, withHarness } from './helpers/processes.ts';
+import { livemig, withHarness } from './helpers/processes.ts';
 import { pollFinal, qemuSkip, startQemu } from './helpers/qemu.ts';
 
 const T = { timeout: 180_000 };
-
-function livemig(args: string[], timeoutMs = 60_000): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  const child = spawn(process.execPath, [CLI_MAIN, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let stdout = '';
-  let stderr = '';
-  child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-  return new Promise((resolve) => {
-    const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
-    child.on('exit', (code) => {
-      clearTimeout(timer);
-      resolve({ code, stdout, stderr });
-    });
-  });
-}
 
 /** `Label: value` lines of the table. */
 function table(text: string): Record<string, string> {

@@ -4,7 +4,6 @@
 // with more than a handful of colours. Strings from the file reach the page escaped.
 
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -12,7 +11,7 @@ import { pathToFileURL } from 'node:url';
 import { chromiumSkip, decodePng, runChromium } from './helpers/chromium.ts';
 import { MiB, queryMigrate, waitForStatus } from './helpers/migration.ts';
 import { migrateIntoPostcopy, postcopyPair } from './helpers/postcopy.ts';
-import { CLI_MAIN, type Harness, withHarness } from './helpers/processes.ts';
+import { livemig, type Harness, withHarness } from './helpers/processes.ts';
 
 const T = { timeout: 240_000 };
 
@@ -25,22 +24,6 @@ interface Timeline {
   samples: { t: number; status: string; transferredBytes: number; remainingBytes: number; bytesPerSecond: number; dirtyBytesPerSecond: number; pass: number }[];
   events: { t: number; kind: string; status?: string; pass?: number }[];
   result: { status: string; totalTimeMs: number; downtimeMs: number | null; downtimeLimitMs: number; transferredBytes: number; passes: number } | null;
-}
-
-/** `livemig …` as a process; bounded, killed by pid when it overstays. */
-function livemig(args: string[], timeoutMs = 60_000): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  const child = spawn(process.execPath, [CLI_MAIN, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let stdout = '';
-  let stderr = '';
-  child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-  return new Promise((resolve) => {
-    const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
-    child.on('exit', (code) => {
-      clearTimeout(timer);
-      resolve({ code, stdout, stderr });
-    });
-  });
 }
 
 async function waitForFile(path: string, timeoutMs = 15_000): Promise<void> {

@@ -246,7 +246,14 @@ test('validate-uuid against QEMU 7.2, both directions: a different -uuid / --uui
     await writeRamImage(img, ramImage(QEMU_SIZE, { stride: 2, dataEnd: 8 * MiB }));
     // QEMU source (-uuid B, validate-uuid) → livemig destination --uuid A: refused by livemig.
     const qemu = await startQemu(h, 'qemu-src', [...qemuM0({ file: img }, QEMU_SIZE), '-S', '-uuid', B]);
-    await qemu.execute('migrate-set-capabilities', { capabilities: [{ capability: 'validate-uuid', state: true }] });
+    // With return-path QEMU hears the refusal (SHUT 1); without it, whether QEMU's 16 MiB were
+    // all in the socket before livemig closed it decides between failed and completed.
+    await qemu.execute('migrate-set-capabilities', {
+      capabilities: [
+        { capability: 'validate-uuid', state: true },
+        { capability: 'return-path', state: true },
+      ],
+    });
     const dst = await h.destination({ incoming: 'tcp', paused: true, guest: [...M0_GUEST, '--uuid', A] });
     await qemu.execute('migrate', { uri: dst.incomingUri });
     assert.equal((await pollFinal(qemu)).status, 'failed', 'QEMU fails');

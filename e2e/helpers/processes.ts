@@ -349,6 +349,22 @@ export interface AnalyzeReport {
   [key: string]: unknown;
 }
 
+/** `livemig …` as a process; bounded, killed by pid when it overstays. */
+export function livemig(args: string[], timeoutMs = 60_000): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  const child = spawn(process.execPath, [CLI_MAIN, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let stdout = '';
+  let stderr = '';
+  child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
+    child.on('exit', (code) => {
+      clearTimeout(timer);
+      resolve({ code, stdout, stderr });
+    });
+  });
+}
+
 /** `livemig analyze FILE --json` (bounded); resolves with the exit code, the report and stderr. */
 export function analyzeFile(file: string, timeoutMs = 60_000): Promise<{ code: number; report: AnalyzeReport | undefined; stdout: string; stderr: string }> {
   return new Promise((resolve) => {

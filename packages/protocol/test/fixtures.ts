@@ -55,3 +55,22 @@ export function loadFixture(name: string): Fixture {
   if (typeof manifest.return_path_file === 'string') f.returnPath = readFileSync(join(fixtureDir, manifest.return_path_file));
   return f;
 }
+
+/** Offsets where a fixture's record headers, length fields and type bytes live (from its manifest): where mutations bite. */
+export function interestingOffsets(manifest: any, length: number): number[] {
+  const out: number[] = [0, 4, 8, 12];
+  if (manifest.configuration !== null) for (let k = manifest.configuration.offset; k < manifest.configuration.end; k++) out.push(k);
+  const walk = (records: any[]): void => {
+    for (const r of records) {
+      for (let d = 0; d < 16; d++) out.push(r.offset + d);
+      if (r.footer_offset !== undefined) for (let d = 0; d < 5; d++) out.push(r.footer_offset + d);
+      if (r.ram?.mem_size !== undefined) for (let d = 0; d < 96; d++) out.push(r.ram.mem_size.offset + d);
+      if (r.ram?.eos_offset !== undefined) for (let d = 0; d < 8; d++) out.push(r.ram.eos_offset + d);
+      if (r.data_offset !== undefined) for (let d = 0; d < 24; d++) out.push(r.data_offset + d);
+      if (r.package !== undefined) walk(r.package);
+    }
+  };
+  walk(manifest.records);
+  if (manifest.vmdescription !== null) for (let d = -1; d < 16; d++) out.push(manifest.vmdescription.offset + d);
+  return out.filter((k) => k >= 0 && k < length);
+}

@@ -15,7 +15,7 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { NEED_MORE, type RamBlockInfo, type RamTarget, StreamDecoder, type StreamDecoderOptions } from '../src/index.ts';
-import { fixtureNames, fixturesMissing, countSkippedWithoutFixtures, loadFixture } from './fixtures.ts';
+import { fixtureNames, fixturesMissing, countSkippedWithoutFixtures, interestingOffsets, loadFixture } from './fixtures.ts';
 
 const SEED = Number(process.env['LIVEMIG_FUZZ_SEED'] ?? 0x5eed1405);
 const FROM = Number(process.env['LIVEMIG_FUZZ_FROM'] ?? 0);
@@ -49,24 +49,6 @@ interface CorpusEntry {
   stream: Buffer;
   /** Offsets of record headers, length fields and type bytes (from the manifest). */
   interesting: number[];
-}
-
-function interestingOffsets(manifest: any, length: number): number[] {
-  const out: number[] = [0, 4, 8, 12];
-  if (manifest.configuration !== null) for (let k = manifest.configuration.offset; k < manifest.configuration.end; k++) out.push(k);
-  const walk = (records: any[]): void => {
-    for (const r of records) {
-      for (let d = 0; d < 16; d++) out.push(r.offset + d);
-      if (r.footer_offset !== undefined) for (let d = 0; d < 5; d++) out.push(r.footer_offset + d);
-      if (r.ram?.mem_size !== undefined) for (let d = 0; d < 96; d++) out.push(r.ram.mem_size.offset + d);
-      if (r.ram?.eos_offset !== undefined) for (let d = 0; d < 8; d++) out.push(r.ram.eos_offset + d);
-      if (r.data_offset !== undefined) for (let d = 0; d < 24; d++) out.push(r.data_offset + d);
-      if (r.package !== undefined) walk(r.package);
-    }
-  };
-  walk(manifest.records);
-  if (manifest.vmdescription !== null) for (let d = -1; d < 16; d++) out.push(manifest.vmdescription.offset + d);
-  return out.filter((k) => k >= 0 && k < length);
 }
 
 const pool = Buffer.alloc(POOL_BYTES);

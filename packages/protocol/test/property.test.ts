@@ -52,7 +52,7 @@ import {
   writeStreamHeader,
   writeVmdescription,
 } from '../src/index.ts';
-import { type Fixture, fixtureNames, fixturesMissing, countSkippedWithoutFixtures, loadFixture } from './fixtures.ts';
+import { type Fixture, fixtureNames, fixturesMissing, countSkippedWithoutFixtures, interestingOffsets, loadFixture } from './fixtures.ts';
 
 // ---- harness ----------------------------------------------------------------------------------
 
@@ -498,26 +498,6 @@ describe('prefixes and truncation', { skip: missing }, () => {
 
 // ---- random and mutated input -----------------------------------------------------------------
 
-/** Offsets where the length fields and type bytes of a fixture live (from its manifest). */
-function interestingOffsets(f: Fixture): number[] {
-  const m = f.manifest;
-  const out: number[] = [0, 4, 8, 12];
-  if (m.configuration !== null) for (let k = m.configuration.offset; k < m.configuration.end; k++) out.push(k);
-  const walk = (records: any[]): void => {
-    for (const r of records) {
-      for (let d = 0; d < 16; d++) out.push(r.offset + d);
-      if (r.footer_offset !== undefined) for (let d = 0; d < 5; d++) out.push(r.footer_offset + d);
-      if (r.ram?.mem_size !== undefined) for (let d = 0; d < 96; d++) out.push(r.ram.mem_size.offset + d);
-      if (r.ram?.eos_offset !== undefined) for (let d = 0; d < 8; d++) out.push(r.ram.eos_offset + d);
-      if (r.data_offset !== undefined) for (let d = 0; d < 24; d++) out.push(r.data_offset + d);
-      if (r.package !== undefined) walk(r.package);
-    }
-  };
-  walk(m.records);
-  if (m.vmdescription !== null) for (let d = -1; d < 16; d++) out.push(m.vmdescription.offset + d);
-  return out.filter((k) => k >= 0 && k < f.stream.length);
-}
-
 type Mutation =
   | { kind: 'flip'; at: number; bit: number }
   | { kind: 'set'; at: number; value: number }
@@ -578,7 +558,7 @@ describe('random and mutated input', { skip: missing }, () => {
     const work = new Map<string, { s: Buffer; interesting: number[] }>();
     for (const name of fixtureNames()) {
       const f = fixture(name);
-      work.set(name, { s: Buffer.from(f.stream), interesting: interestingOffsets(f) });
+      work.set(name, { s: Buffer.from(f.stream), interesting: interestingOffsets(f.manifest, f.stream.length) });
     }
     pool ??= Buffer.alloc(POOL_BYTES);
     const before = memoryNow();
@@ -619,7 +599,7 @@ describe('random and mutated input', { skip: missing }, () => {
         const s = Buffer.from(f.stream);
         // Half of the runs aim at the VMDESCRIPTION (its JSON sizes the device sections).
         const desc = f.manifest.vmdescription;
-        const interesting = nearEnd && desc !== null ? Array.from({ length: desc.len + 5 }, (_, i) => desc.offset + i) : interestingOffsets(f);
+        const interesting = nearEnd && desc !== null ? Array.from({ length: desc.len + 5 }, (_, i) => desc.offset + i) : interestingOffsets(f.manifest, f.stream.length);
         mutate(s, interesting, m, true);
         analyze([s], s, { keepRam: false, layout });
       }),
