@@ -16,7 +16,7 @@ import { failAt, haveBytes, recordPlace } from './record-place.ts';
 import { inflateSync } from 'node:zlib';
 import { ENCODING_FLAG_XBZRLE, RamFlag, TARGET_PAGE_SIZE } from './constants.ts';
 import { ErrorCode, type ErrorCodeValue, ProtocolError } from './errors.ts';
-import { COMPRESS_PAGE_MAX, type RamBlockInfo } from './ram.ts';
+import { COMPRESS_PAGE_MAX, MAPPED_RAM_HEADER_LENGTH, MAPPED_RAM_VERSION, type RamBlockInfo } from './ram.ts';
 import { ByteReader } from './reader.ts';
 import { xbzrleDecode, xbzrleLastFault } from './xbzrle.ts';
 
@@ -630,9 +630,6 @@ export class RamRecordDecoder {
   }
 }
 
-/** The MappedRamHeader after each mapped-ram block list entry: be32 version, be64 page_size, be64 bitmap_offset, be64 pages_offset. */
-const MAPPED_RAM_HEADER_LENGTH = 28;
-const MAPPED_RAM_VERSION = 1;
 const MAX_SAFE_OFFSET = 2 ** 53;
 
 interface MappedRegion {

@@ -42,6 +42,35 @@ export function writeMemSize(w: BatchWriter, blocks: readonly RamBlockInfo[], op
   }
 }
 
+/**
+ * mapped-ram (QEMU 9.0+ file layout): each block list entry is followed by a MappedRamHeader,
+ * be32 version | be64 page size | be64 bitmap offset | be64 pages offset (file offsets).
+ */
+export const MAPPED_RAM_HEADER_LENGTH = 28;
+export const MAPPED_RAM_VERSION = 1;
+/** QEMU puts each block's pages at a 1 MiB aligned file offset (its MAPPED_RAM_FILE_OFFSET_ALIGNMENT). */
+export const MAPPED_RAM_ALIGNMENT = 0x100000;
+
+/** Where a block lies in a mapped-ram file. */
+export interface MappedRamPlace {
+  bitmapOffset: number;
+  /** The bitmap's size: 64-bit words, one bit per page. */
+  bitmapBytes: number;
+  pagesOffset: number;
+}
+
+/** A block of `pageCount` pages whose header starts at file offset `headerAt`: its bitmap right after, its pages aligned after that, as QEMU places them. */
+export function mappedRamPlace(headerAt: number, pageCount: number): MappedRamPlace {
+  const bitmapOffset = headerAt + MAPPED_RAM_HEADER_LENGTH;
+  const bitmapBytes = Math.ceil(pageCount / 64) * 8;
+  const pagesOffset = Math.ceil((bitmapOffset + bitmapBytes) / MAPPED_RAM_ALIGNMENT) * MAPPED_RAM_ALIGNMENT;
+  return { bitmapOffset, bitmapBytes, pagesOffset };
+}
+
+export function writeMappedRamHeader(w: BatchWriter, place: MappedRamPlace): void {
+  w.be32(MAPPED_RAM_VERSION).be64(TARGET_PAGE_SIZE).be64(place.bitmapOffset).be64(place.pagesOffset);
+}
+
 export function writeEos(w: BatchWriter): void {
   w.be64(RamFlag.EOS);
 }

@@ -9,15 +9,12 @@
 
 import type { PositionedFileChannel } from '@livemig/runtime';
 import type { MappedRamBlock } from './ram-saver.ts';
-/** mapped-ram's MappedRamHeader: be32 version, be64 page_size, be64 bitmap_offset, be64 pages_offset. */
-const MAPPED_RAM_HEADER_LENGTH = 28;
-/** Where QEMU puts each block's pages: 1 MiB aligned (MAPPED_RAM_FILE_OFFSET_ALIGNMENT). */
-const MAPPED_RAM_ALIGNMENT = 0x100000;
 import {
   BatchWriter,
   LIVEMIG_HELLO_PING,
   maySwitchOver,
   MigCmd,
+  mappedRamPlace,
   RamFlag,
   TARGET_PAGE_SIZE,
   toQemuJson,
@@ -26,6 +23,7 @@ import {
   writeConfiguration,
   writeEof,
   writeEos,
+  writeMappedRamHeader,
   writePing,
   writePostcopyAdvise,
   writeSectionFooter,
@@ -138,14 +136,12 @@ export class Precopy {
       w.cstr(b.idstr).be64(b.length);
       await m.flush();
       await m.out.settle();
-      const bitmapOffset = file.position + MAPPED_RAM_HEADER_LENGTH;
-      const bitmap = new Uint8Array(Math.ceil(b.pageCount / 64) * 8);
-      const pagesOffset = Math.ceil((bitmapOffset + bitmap.length) / MAPPED_RAM_ALIGNMENT) * MAPPED_RAM_ALIGNMENT;
-      w.be32(1).be64(TARGET_PAGE_SIZE).be64(bitmapOffset).be64(pagesOffset);
+      const place = mappedRamPlace(file.position, b.pageCount);
+      writeMappedRamHeader(w, place);
       await m.flush();
       await m.out.settle();
-      file.skipTo(pagesOffset + b.length);
-      placed.push({ bitmapOffset, pagesOffset, bitmap });
+      file.skipTo(place.pagesOffset + b.length);
+      placed.push({ bitmapOffset: place.bitmapOffset, pagesOffset: place.pagesOffset, bitmap: new Uint8Array(place.bitmapBytes) });
     }
     m.ram.startDirtyLogging();
     m.ram.useMappedRam(file, placed);
