@@ -265,8 +265,10 @@ export class RamRecordDecoder {
           break;
         case RamFlag.MEM_SIZE:
           if (listening) this.badFlag(flags, 'once postcopy is listening');
-          if (this.mappedRam) return this.startMappedList(pageOffset, hi);
-          return this.readMemSize(pageOffset, hi);
+          if (hi >= 0x200000 || pageOffset > this.maxRamBytes) {
+            this.fail(ErrorCode.LIMIT_EXCEEDED, `block list announces ${hi >= 0x200000 ? 'over 2^53' : pageOffset} bytes of RAM (limit ${this.maxRamBytes})`);
+          }
+          return this.mappedRam ? this.startMappedList(pageOffset) : this.readMemSize(pageOffset);
         case RamFlag.MULTIFD_FLUSH: {
           if (listening) this.badFlag(flags, 'once postcopy is listening');
           if (this.mappedRam) this.badFlag(flags, 'with mapped-ram');
@@ -435,11 +437,8 @@ export class RamRecordDecoder {
     );
   }
 
-  private readMemSize(total: number, hi: number): RamBlocksEvent | NeedMore {
+  private readMemSize(total: number): RamBlocksEvent | NeedMore {
     const r = this.r;
-    if (hi >= 0x200000 || total > this.maxRamBytes) {
-      this.fail(ErrorCode.LIMIT_EXCEEDED, `block list announces ${hi >= 0x200000 ? 'over 2^53' : total} bytes of RAM (limit ${this.maxRamBytes})`);
-    }
     const extra = this.ignoreShared ? 8 : 0;
     const blocks: RamBlockInfo[] = [];
     const seen = new Set<string>();
@@ -480,10 +479,7 @@ export class RamRecordDecoder {
 
 
   /** MEM_SIZE with mapped-ram: the list is read entry by entry, each block's region in between. */
-  private startMappedList(total: number, hi: number): RamBlocksEvent | NeedMore {
-    if (hi >= 0x200000 || total > this.maxRamBytes) {
-      this.fail(ErrorCode.LIMIT_EXCEEDED, `block list announces ${hi >= 0x200000 ? 'over 2^53' : total} bytes of RAM (limit ${this.maxRamBytes})`);
-    }
+  private startMappedList(total: number): RamBlocksEvent | NeedMore {
     this.mapped = { offset: this.r.streamOffset, total, left: total, blocks: [], memory: [], pagesPresent: [], region: undefined };
     this.r.skip(8);
     return this.readMappedList();
