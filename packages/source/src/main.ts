@@ -500,10 +500,13 @@ class SourceProcess {
     // livemig's field: the one progress model (README "Progress"), a fraction that never goes back.
     const p = this.progressOf(m);
     const progress = { fraction: p.fraction, 'eta-ms': p.etaMs, basis: p.basis };
-    if (m.status === 'setup' || m.status === 'cancelled') return { ...out, 'x-progress': progress };
+    // livemig's too: the convergence policy's state, in every status once it is on (a cancel may be its doing).
+    const convergence = m.convergenceInfo();
+    const withConvergence = (o: Record<string, unknown>): Record<string, unknown> => (convergence === undefined ? o : { ...o, 'x-livemig-convergence': convergence });
+    if (m.status === 'setup' || m.status === 'cancelled') return withConvergence({ ...out, 'x-progress': progress });
     if (m.status === 'failed') {
       out['error-desc'] = m.errorDesc ?? 'unknown error';
-      return out;
+      return withConvergence(out);
     }
     const now = performance.now();
     out['total-time'] = Math.round(m.status === 'completed' ? m.totalTime : now - m.startTime);
@@ -526,7 +529,6 @@ class SourceProcess {
     }
     if (m.throttlePercent > 0) out['cpu-throttle-percentage'] = m.throttlePercent;
     out['x-progress'] = progress;
-    const convergence = m.convergenceInfo();
     if (convergence !== undefined) out['x-livemig-convergence'] = convergence;
     const vfio = m.guest.vfio;
     if (vfio !== undefined) {
