@@ -9,10 +9,11 @@
 // Run: pnpm build && node --import tsx --test --test-concurrency=1 e2e/convergence-policy.test.ts
 
 import assert from 'node:assert/strict';
+import { readFile, writeFile } from 'node:fs/promises';
 import { test } from 'node:test';
 import { assertSameRam, type MigrationInfo, MiB, queryMigrate, queryStatus, setCapabilities, waitForMigration, waitForStatus } from './helpers/migration.ts';
 import { stopAndCheckPattern, waitBothCompleted } from './helpers/postcopy.ts';
-import { type Child, withHarness } from './helpers/processes.ts';
+import { type Child, livemig, withHarness } from './helpers/processes.ts';
 
 /** A last-resort bound per test (every wait inside is bounded below it). */
 const T = { timeout: 120_000 };
@@ -134,6 +135,17 @@ test('no progress: downtime-limit stepped up to its max, then postcopy; the migr
       timeline.events.filter((e) => e.kind === 'convergence').map((e) => [e.step, e.reason, e.downtimeLimitMs]),
       seen.map((d) => [d.step, d.reason, d['downtime-limit']]),
     );
+    // livemig report lists them and marks them on its charts.
+    const file = h.path('timeline.json');
+    await writeFile(file, JSON.stringify(timeline));
+    const page = h.path('report.html');
+    const rep = await livemig(['report', file, '-o', page]);
+    assert.equal(rep.code, 0, rep.stderr);
+    const html = await readFile(page, 'utf8');
+    for (const text of ['convergence policy (no-progress): downtime-limit 30 ms', 'convergence policy (no-progress): downtime-limit 50 ms', 'convergence policy (no-progress): last step postcopy']) {
+      assert.ok(html.includes(text), `the report lists "${text}"`);
+    }
+    assert.equal(html.match(/class="marker convergence"/g)?.length ?? 0, 2 * 3, 'a marker per decision on each of the two charts');
     const log = src.output();
     assert.match(log, /convergence policy: no new minimum of remaining for 2000 ms; downtime-limit raised from 10 to 30 ms/);
     assert.match(log, /convergence policy: no new minimum of remaining for 2000 ms; downtime-limit raised from 30 to 50 ms/);
