@@ -173,6 +173,10 @@ test('last step cancel (set by --parameters): the migration is cancelled, the so
     assert.ok(order.indexOf('policy cancel') < order.indexOf('status cancelling'), JSON.stringify(order));
     assert.ok(order.indexOf('status cancelling') < order.indexOf('status cancelled'), JSON.stringify(order));
     assert.deepEqual((await convergenceOf(src))?.step, 'cancel');
+    // livemig info shows where the policy got to.
+    const job = await livemig(['info', '--qmp', src.qmpAddress, '--completed']);
+    assert.equal(job.code, 0, job.stderr);
+    assert.match(job.stdout, /^Convergence policy: +cancel \(no-progress\), 2 decision\(s\), downtime-limit 25 ms$/m, job.stdout);
     // The source guest runs on, and every page holds what an uninterrupted run would have written.
     assert.equal(await queryStatus(src), 'running');
     await stopAndCheckPattern(src);

@@ -57,7 +57,8 @@ commands:
       livemig process's (or QEMU's) QMP socket (unix:PATH or tcp:HOST:PORT),
       runs query-migrate and prints job type, time elapsed, data processed,
       remaining and total, bandwidth, dirty rate, iteration, downtime,
-      expected downtime, setup time, postcopy requests and progress.
+      expected downtime, setup time, postcopy requests, progress and the
+      convergence policy's state (when it is on).
         --completed  the last migration that ended (completed, failed or
                      cancelled), with its final figures
         --json       one JSON document: {"job-type", "query-migrate"}
