@@ -20,9 +20,11 @@ export const CONVERGENCE_LAST_STEPS = ['none', 'postcopy', 'cancel'] as const;
 export type ConvergenceLastStep = (typeof CONVERGENCE_LAST_STEPS)[number];
 
 /** A decision's step: a downtime-limit raise, or the last step taken. */
-export type ConvergenceStep = 'downtime-limit' | ConvergenceLastStep;
+export const CONVERGENCE_STEPS = ['downtime-limit', ...CONVERGENCE_LAST_STEPS] as const;
+export type ConvergenceStep = (typeof CONVERGENCE_STEPS)[number];
 /** Why the policy decided. */
-export type ConvergenceReason = 'no-progress' | 'completion-timeout';
+export const CONVERGENCE_REASONS = ['no-progress', 'completion-timeout'] as const;
+export type ConvergenceReason = (typeof CONVERGENCE_REASONS)[number];
 
 export interface ConvergencePolicySettings {
   /** x-livemig-no-progress-timeout: ms without a new minimum of remaining before the next step (0 = off). */

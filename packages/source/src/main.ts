@@ -30,7 +30,7 @@ import {
   TtyProgress,
   UsageError,
 } from '@livemig/machine';
-import { CONVERGENCE_LAST_STEPS, DEFAULT_QEMU_VERSION, normalizeUuid, type QemuVersion, type StreamDialect, streamDialect, TARGET_PAGE_SIZE } from '@livemig/protocol';
+import { CONVERGENCE_REASONS, CONVERGENCE_STEPS, DEFAULT_QEMU_VERSION, normalizeUuid, type QemuVersion, type StreamDialect, streamDialect, TARGET_PAGE_SIZE } from '@livemig/protocol';
 import {
   ChannelError,
   connectChannel,
@@ -551,8 +551,8 @@ class SourceProcess {
     this.qmp = qmp;
     qmp.declareEvent('MIGRATION_PASS', { pass: 'int' });
     qmp.declareEvent('LIVEMIG_CONVERGENCE', {
-      step: qmpEnum(['downtime-limit', ...CONVERGENCE_LAST_STEPS]),
-      reason: qmpEnum(['no-progress', 'completion-timeout']),
+      step: qmpEnum(CONVERGENCE_STEPS),
+      reason: qmpEnum(CONVERGENCE_REASONS),
       'downtime-limit': 'int',
       remaining: 'int',
       pass: 'int',
