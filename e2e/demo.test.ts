@@ -62,3 +62,21 @@ for (const { name, args } of [
     }
   });
 }
+
+test('livemig demo with the convergence policy on a guest that cannot converge: each decision shown, then cancelled by the last step, exit 1', { timeout: 120_000 }, async () => {
+  // 16 MiB rewritten many times a second, sent at 16 MiB/s with a 10 ms limit: never converges.
+  const policy = ['--no-progress-timeout', '2000', '--downtime-limit-step', '15', '--downtime-limit-max', '25', '--convergence-last-step', 'cancel'];
+  const { code, out } = await demo(['--memory', '16M', '--workload', 'incrementer:400', '--max-bandwidth', String(16 * 2 ** 20), '--downtime-limit', '10', ...policy]);
+  assert.equal(code, 1, out);
+  const raised = out.indexOf('convergence policy (no-progress): downtime-limit raised to 25 ms');
+  const cancel = out.indexOf('convergence policy (no-progress): last step cancel');
+  assert.ok(raised >= 0 && cancel > raised, `both decisions, in order:\n${out}`);
+  assert.match(out, /migration cancelled by the convergence policy \(the source guest runs on\)/);
+  assert.doesNotMatch(out, /VERDICT: PASS/);
+});
+
+test('livemig demo refuses an unknown last step in one line', { timeout: 30_000 }, async () => {
+  const { code, out } = await demo(['--convergence-last-step', 'abort']);
+  assert.equal(code, 1);
+  assert.equal(out, 'livemig: demo: --convergence-last-step must be none, postcopy, cancel, not "abort" (see livemig help)\n');
+});

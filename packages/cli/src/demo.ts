@@ -11,6 +11,7 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { checkTimeline, formatGiB, formatGiBps, preparingLine, type Progress, progressLine, type Timeline, TtyProgress } from '@livemig/machine';
+import type { ConvergencePolicySettings } from '@livemig/protocol';
 import { QmpClient } from '@livemig/runtime';
 import { renderReport } from './report.ts';
 
@@ -39,6 +40,8 @@ export interface DemoOptions {
   downtimeLimitMs: number;
   /** multifd channels (0: one stream, QEMU's default). */
   multifdChannels: number;
+  /** The convergence policy (off while both timeouts are 0); last step postcopy turns postcopy-ram on. */
+  convergence: ConvergencePolicySettings;
   out: NodeJS.WriteStream;
 }
 
@@ -138,11 +141,14 @@ export async function runDemo(o: DemoOptions): Promise<number> {
     const guest = ['-m', o.memory, '--workload', o.workload, '--vcpus', String(o.vcpus)];
     const incoming = o.transport === 'tcp' ? 'tcp:127.0.0.1:0' : `unix:${join(dir, 'migration.sock')}`;
     const multifd = o.multifdChannels > 0 ? ['--capabilities', 'multifd', '--parameters', `multifd-channels=${o.multifdChannels}`] : [];
+    const policy = o.convergence;
+    const postcopy = policy.lastStep === 'postcopy';
+    const postcopyFlags = postcopy ? ['--capabilities', 'postcopy-ram'] : [];
     say(
       `livemig demo: ${o.memory} guest, ${o.vcpus} vCPU(s) running "${o.workload}", migrated over ${o.transport} loopback between two processes` +
         (o.multifdChannels > 0 ? ` (multifd, ${o.multifdChannels} channel${o.multifdChannels > 1 ? 's' : ''})` : ''),
     );
-    const dst = startProcess('destination', DESTINATION_MAIN, ['--incoming', incoming, '-S', '--qmp', `unix:${join(dir, 'dst.qmp')}`, ...multifd, ...guest]);
+    const dst = startProcess('destination', DESTINATION_MAIN, ['--incoming', incoming, '-S', '--qmp', `unix:${join(dir, 'dst.qmp')}`, ...multifd, ...postcopyFlags, ...guest]);
     const src = startProcess('source', SOURCE_MAIN, ['--qmp', `unix:${join(dir, 'src.qmp')}`, ...guest]);
     children.push(dst, src);
     // Preparing (the source fills and touches its RAM, the destination prefaults its own) takes
@@ -174,12 +180,18 @@ export async function runDemo(o: DemoOptions): Promise<number> {
         { capability: 'return-path', state: true },
         { capability: 'events', state: true },
         ...(o.multifdChannels > 0 ? [{ capability: 'multifd', state: true }] : []),
+        ...(postcopy ? [{ capability: 'postcopy-ram', state: true }] : []),
       ],
     });
     await sq.execute('migrate-set-parameters', {
       'max-bandwidth': o.maxBandwidth,
       'downtime-limit': o.downtimeLimitMs,
       ...(o.multifdChannels > 0 ? { 'multifd-channels': o.multifdChannels } : {}),
+      'x-livemig-no-progress-timeout': policy.noProgressTimeoutMs,
+      'x-livemig-completion-timeout-per-gib': policy.completionTimeoutMsPerGiB,
+      'x-livemig-downtime-limit-step': policy.downtimeLimitStepMs,
+      'x-livemig-downtime-limit-max': policy.downtimeLimitMaxMs,
+      'x-livemig-convergence-last-step': policy.lastStep,
     });
     await sq.execute('migrate', { uri });
 
@@ -191,13 +203,21 @@ export async function runDemo(o: DemoOptions): Promise<number> {
       'error-desc'?: string;
       ram?: { transferred: number; remaining: number; total: number; mbps: number; 'dirty-sync-count': number; duplicate: number; normal: number; 'multifd-bytes': number };
       'x-progress'?: { fraction: number; 'eta-ms': number | null; basis: Progress['basis'] };
+      'x-livemig-convergence'?: { step: string; reason?: string; decisions: number; 'downtime-limit': number };
     };
     let info: Info;
     let lastLine = 0;
     let finalLine = '';
+    let decisionsShown = 0;
     const deadline = Date.now() + 600_000;
     for (;;) {
       info = (await sq.execute('query-migrate')) as Info;
+      const policyNow = info['x-livemig-convergence'];
+      if (policyNow !== undefined && policyNow.decisions > decisionsShown) {
+        // One line per decision seen (two within one poll show as the later one).
+        decisionsShown = policyNow.decisions;
+        say(`convergence policy (${policyNow.reason ?? ''}): ${policyNow.step === 'downtime-limit' ? `downtime-limit raised to ${policyNow['downtime-limit']} ms` : `last step ${policyNow.step}`}`);
+      }
       const r = info.ram;
       const x = info['x-progress'];
       if (r !== undefined && x !== undefined) {
@@ -225,7 +245,9 @@ export async function runDemo(o: DemoOptions): Promise<number> {
     bar.done();
     if (bar.enabled && finalLine !== '') process.stderr.write(`${finalLine}\n`);
     if (info.status !== 'completed') {
-      say(`migration ${info.status}: ${info['error-desc'] ?? ''}`);
+      const byPolicy = info.status === 'cancelled' && info['x-livemig-convergence']?.step === 'cancel';
+      const desc = info['error-desc'];
+      say(`migration ${info.status}${byPolicy ? ' by the convergence policy (the source guest runs on)' : ''}${desc === undefined ? '' : `: ${desc}`}`);
       return 1;
     }
     const r = info.ram!;
@@ -238,6 +260,10 @@ export async function runDemo(o: DemoOptions): Promise<number> {
     if (o.multifdChannels > 0) say(`  multifd           ${gib(r['multifd-bytes'])} of it on ${o.multifdChannels} channel(s), read straight into guest RAM`);
     say(`  throughput        ${seconds > 0 ? formatGiBps(r.transferred / seconds) : '-'} average`);
     say(`  passes            ${r['dirty-sync-count']} dirty-bitmap syncs`);
+    const policyEnd = info['x-livemig-convergence'];
+    if (policyEnd !== undefined) {
+      say(`  convergence       ${policyEnd.decisions} policy decision(s)${policyEnd.decisions > 0 ? `, the last: ${policyEnd.step} (${policyEnd.reason ?? ''}), downtime-limit ${policyEnd['downtime-limit']} ms` : ''}`);
+    }
     const saved = await saveTimeline(sq);
     say(`  timeline          ${saved.timeline}`);
     say(`  report            ${saved.report} (livemig report draws any timeline)`);

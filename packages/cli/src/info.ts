@@ -42,6 +42,8 @@ export interface QueryMigrate {
     'multifd-bytes'?: number;
   };
   'x-progress'?: { fraction: number; 'eta-ms': number | null; basis: string };
+  /** livemig: the convergence policy's state, while it is on or once it has decided. */
+  'x-livemig-convergence'?: { step: string; reason?: string; decisions: number; 'downtime-limit': number };
 }
 
 /** The connection or the command failed: one line for the user (exit status 1). */
@@ -117,6 +119,11 @@ export function infoTable(info: QueryMigrate, completed: boolean): string {
     if (p !== undefined) {
       const eta = p['eta-ms'] === null ? `no ETA (${p.basis})` : `ETA ${(p['eta-ms'] / 1000).toFixed(1)} s`;
       rows.push(['Progress', `${Math.floor(p.fraction * 100)} %, ${eta}`]);
+    }
+    const c = info['x-livemig-convergence'];
+    if (c !== undefined) {
+      const last = c.step === 'watching' ? 'watching' : `${c.step} (${c.reason ?? '-'})`;
+      rows.push(['Convergence policy', `${last}, ${c.decisions} decision(s), downtime-limit ${c['downtime-limit']} ms`]);
     }
   }
   const width = Math.max(...rows.map(([k]) => k.length)) + 2;

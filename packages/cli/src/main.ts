@@ -2,6 +2,7 @@
 // The `livemig` command.
 
 import { parseArgs } from 'node:util';
+import { CONVERGENCE_LAST_STEPS, type ConvergenceLastStep } from '@livemig/protocol';
 import { analyzeInput, extractBlocks, humanReport, jsonReport, stateDumpText } from './analyze.ts';
 import { runInfo } from './info.ts';
 import { runReport } from './report.ts';
@@ -31,6 +32,9 @@ commands:
 
   demo [--memory SIZE] [--workload W] [--vcpus N] [--transport tcp|unix]
        [--max-bandwidth BYTES_PER_S] [--downtime-limit MS] [--multifd N]
+       [--no-progress-timeout MS] [--completion-timeout-per-gib MS]
+       [--downtime-limit-step MS] [--downtime-limit-max MS]
+       [--convergence-last-step none|postcopy|cancel]
       The main job: start a livemig-destination and a livemig-source as two
       processes on loopback, migrate a running guest (default: 1G running the
       incrementer workload, unlimited bandwidth, 300 ms downtime limit) with a
@@ -40,14 +44,21 @@ commands:
       continued the destination guest runs on with a consistent pattern.
       --multifd N moves the pages on N multifd channels instead of the one
       stream (faster: the destination's kernel reads them into guest RAM).
-      exit status 0 when verified, 1 otherwise.
+      The convergence policy (README "Convergence policy"; off unless a
+      timeout is set): after --no-progress-timeout MS without progress
+      downtime-limit goes up by --downtime-limit-step up to
+      --downtime-limit-max (default 2000), and at the max, or once
+      --completion-timeout-per-gib MS per GiB of guest RAM have passed, the
+      last step: postcopy (turned on for it), cancel, or none (default).
+      exit status 0 when verified, 1 otherwise (a cancel included).
 
   info --qmp ADDR [--completed] [--json]
       A migration's job info, as "virsh domjobinfo" shows it: connects to a
       livemig process's (or QEMU's) QMP socket (unix:PATH or tcp:HOST:PORT),
       runs query-migrate and prints job type, time elapsed, data processed,
       remaining and total, bandwidth, dirty rate, iteration, downtime,
-      expected downtime, setup time, postcopy requests and progress.
+      expected downtime, setup time, postcopy requests, progress and the
+      convergence policy's state (when it is on).
         --completed  the last migration that ended (completed, failed or
                      cancelled), with its final figures
         --json       one JSON document: {"job-type", "query-migrate"}
@@ -144,6 +155,11 @@ async function demoCommand(argv: string[]): Promise<number> {
         'max-bandwidth': { type: 'string' },
         'downtime-limit': { type: 'string' },
         multifd: { type: 'string' },
+        'no-progress-timeout': { type: 'string' },
+        'completion-timeout-per-gib': { type: 'string' },
+        'downtime-limit-step': { type: 'string' },
+        'downtime-limit-max': { type: 'string' },
+        'convergence-last-step': { type: 'string' },
         help: { type: 'boolean', short: 'h' },
       },
     }).values;
@@ -161,6 +177,10 @@ async function demoCommand(argv: string[]): Promise<number> {
     '--max-bandwidth': [values['max-bandwidth'], 0],
     '--downtime-limit': [values['downtime-limit'], 300],
     '--multifd': [values.multifd, 0],
+    '--no-progress-timeout': [values['no-progress-timeout'], 0],
+    '--completion-timeout-per-gib': [values['completion-timeout-per-gib'], 0],
+    '--downtime-limit-step': [values['downtime-limit-step'], 0],
+    '--downtime-limit-max': [values['downtime-limit-max'], 2000],
   };
   const n: Record<string, number> = {};
   for (const [flag, [text, fallback]] of Object.entries(numbers)) {
@@ -168,6 +188,11 @@ async function demoCommand(argv: string[]): Promise<number> {
     if (!Number.isInteger(v) || v < 0) return fail(`demo: ${flag} "${text}" is not a whole number (see livemig help)`, false, 'LM_ERR_USAGE', 1);
     n[flag] = v;
   }
+  const lastStep = values['convergence-last-step'] ?? 'none';
+  if (!(CONVERGENCE_LAST_STEPS as readonly string[]).includes(lastStep)) {
+    return fail(`demo: --convergence-last-step must be ${CONVERGENCE_LAST_STEPS.join(', ')}, not "${lastStep}" (see livemig help)`, false, 'LM_ERR_USAGE', 1);
+  }
+  if (lastStep === 'postcopy' && n['--multifd']! > 0) return fail('demo: --convergence-last-step postcopy does not combine with --multifd (postcopy-ram and multifd)', false, 'LM_ERR_USAGE', 1);
   try {
     // Loaded here: the demo pulls in both processes' code, which `analyze` has no use for (its memory stays small).
     const { runDemo } = await import('./demo.ts');
@@ -179,6 +204,13 @@ async function demoCommand(argv: string[]): Promise<number> {
       maxBandwidth: n['--max-bandwidth']!,
       downtimeLimitMs: n['--downtime-limit']!,
       multifdChannels: n['--multifd']!,
+      convergence: {
+        noProgressTimeoutMs: n['--no-progress-timeout']!,
+        completionTimeoutMsPerGiB: n['--completion-timeout-per-gib']!,
+        downtimeLimitStepMs: n['--downtime-limit-step']!,
+        downtimeLimitMaxMs: n['--downtime-limit-max']!,
+        lastStep: lastStep as ConvergenceLastStep,
+      },
       out: process.stdout,
     });
   } catch (err) {

@@ -109,6 +109,11 @@ function chart(doc: Timeline, spanMs: number, o: ChartOptions, markers: Marker[]
   return parts.join('\n');
 }
 
+/** A convergence policy decision in a few words. */
+function convergenceLabel(e: { step: string; downtimeLimitMs: number }): string {
+  return e.step === 'downtime-limit' ? `downtime-limit ${e.downtimeLimitMs} ms` : `last step ${e.step}`;
+}
+
 /** The HTML page for a checked timeline. */
 export function renderReport(doc: Timeline): string {
   const r = doc.result;
@@ -131,6 +136,7 @@ export function renderReport(doc: Timeline): string {
     if (e.kind === 'status') markers.push({ t: e.t, label: e.status, className: 'status' });
     else if (e.kind === 'postcopy-start') markers.push({ t: e.t, label: 'postcopy start', className: 'postcopy' });
     else if (e.kind === 'throttle') markers.push({ t: e.t, label: `throttle ${e.percent} %`, className: 'throttle' });
+    else if (e.kind === 'convergence') markers.push({ t: e.t, label: convergenceLabel(e), className: 'convergence' });
   }
   const rates = chart(
     doc,
@@ -180,7 +186,15 @@ export function renderReport(doc: Timeline): string {
   rows.push(['Samples', `${doc.samples.length}, every ${doc.intervalMs} ms`]);
   const eventRows = doc.events.map((e) => {
     const what =
-      e.kind === 'status' ? `status ${e.status}` : e.kind === 'pass' ? `pass ${e.pass}` : e.kind === 'throttle' ? `throttle ${e.percent} %` : e.kind;
+      e.kind === 'status'
+        ? `status ${e.status}`
+        : e.kind === 'pass'
+          ? `pass ${e.pass}`
+          : e.kind === 'throttle'
+            ? `throttle ${e.percent} %`
+            : e.kind === 'convergence'
+              ? `convergence policy (${e.reason}): ${convergenceLabel(e)}`
+              : e.kind;
     return `<tr class="event ${escapeHtml(e.kind)}"><td>${Math.round(e.t)} ms</td><td>${escapeHtml(what)}</td></tr>`;
   });
   const title = `livemig migration to ${doc.uri}`;
@@ -206,6 +220,7 @@ svg .marker.pass { stroke: #999; stroke-dasharray: 2 3; }
 svg .marker.status { stroke: #444; }
 svg .marker.postcopy { stroke: #ff7f0e; stroke-width: 2; }
 svg .marker.throttle { stroke: #8c564b; stroke-dasharray: 6 3; }
+svg .marker.convergence { stroke: #ff7f0e; stroke-dasharray: 2 2; }
 details { margin-top: 8px; }
 </style>
 </head>

@@ -11,6 +11,7 @@ import {
   defaultCapabilities,
   defaultParameters,
   MIG_MODES,
+  CONVERGENCE_LAST_STEPS,
   type MigrationParameters,
 } from '@livemig/protocol';
 import {
@@ -84,6 +85,7 @@ function parameterMembers(): QmpMembers {
     members[`*${name}`] = Array.isArray(value) ? ['str'] : typeof value === 'number' ? 'int' : typeof value === 'boolean' ? 'bool' : 'str';
   }
   members['*mode'] = qmpEnum(MIG_MODES);
+  members['*x-livemig-convergence-last-step'] = qmpEnum(CONVERGENCE_LAST_STEPS);
   return members;
 }
 

@@ -8,7 +8,8 @@
 //                  bytesPerSecond, pass, expectedDowntimeMs, throttlePercent } … ],
 //     events:  [ { t, kind: "status", status } | { t, kind: "pass", pass }
 //              | { t, kind: "switchover-start" } | { t, kind: "downtime-end" }
-//              | { t, kind: "postcopy-start" } | { t, kind: "throttle", percent } … ],
+//              | { t, kind: "postcopy-start" } | { t, kind: "throttle", percent }
+//              | { t, kind: "convergence", step, reason, downtimeLimitMs } … ],
 //     result:  { status, totalTimeMs, setupTimeMs, downtimeMs, downtimeLimitMs,
 //                transferredBytes, passes, errorDesc } | null while it runs }
 //
@@ -40,7 +41,9 @@ export type TimelineEvent =
   | { t: number; kind: 'switchover-start' }
   | { t: number; kind: 'downtime-end' }
   | { t: number; kind: 'postcopy-start' }
-  | { t: number; kind: 'throttle'; percent: number };
+  | { t: number; kind: 'throttle'; percent: number }
+  /** A convergence policy decision: `step` downtime-limit, postcopy, cancel or none; downtimeLimitMs after it. */
+  | { t: number; kind: 'convergence'; step: string; reason: string; downtimeLimitMs: number };
 
 export interface TimelineResult {
   status: string;
@@ -80,7 +83,7 @@ export class TimelineError extends Error {
 }
 
 const SAMPLE_NUMBERS = ['t', 'transferredBytes', 'remainingBytes', 'dirtyBytesPerSecond', 'bytesPerSecond', 'pass', 'expectedDowntimeMs', 'throttlePercent'] as const;
-const EVENT_KINDS = new Set(['status', 'pass', 'switchover-start', 'downtime-end', 'postcopy-start', 'throttle']);
+const EVENT_KINDS = new Set(['status', 'pass', 'switchover-start', 'downtime-end', 'postcopy-start', 'throttle', 'convergence']);
 
 function isObject(v: unknown): v is Record<string, unknown> {
   return typeof v === 'object' && v !== null && !Array.isArray(v);
@@ -122,6 +125,10 @@ export function checkTimeline(doc: unknown): Timeline {
     if (e['kind'] === 'status' && typeof e['status'] !== 'string') bad(`events[${i}].status is not a string`);
     if (e['kind'] === 'pass' && !finite(e['pass'])) bad(`events[${i}].pass is not a number`);
     if (e['kind'] === 'throttle' && !finite(e['percent'])) bad(`events[${i}].percent is not a number`);
+    if (e['kind'] === 'convergence') {
+      for (const k of ['step', 'reason'] as const) if (typeof e[k] !== 'string') bad(`events[${i}].${k} is not a string`);
+      if (!finite(e['downtimeLimitMs'])) bad(`events[${i}].downtimeLimitMs is not a number`);
+    }
     return undefined;
   });
   const r = doc['result'];

@@ -31,6 +31,7 @@ export * from './analysis.ts';
 export * from './ram-digest.ts';
 export * from './device-state.ts';
 export * from './migration-config.ts';
+export * from './convergence-policy.ts';
 export * from './multifd.ts';
 export * from './request-batch.ts';
 export * from './livemig-ext.ts';

@@ -1,6 +1,8 @@
 // Migration capabilities and parameters as QMP speaks them (wire-format.md §11.3, §11.4):
 // QEMU 7.2's names, order and defaults, with QEMU's validation ranges.
 
+import { CONVERGENCE_LAST_STEPS, type ConvergenceLastStep } from './convergence-policy.ts';
+
 /** QAPI MigrationStatus (wire-format.md §8): the strings query-migrate and MIGRATION events use. */
 export type MigrationStatus =
   | 'none'
@@ -122,6 +124,19 @@ export interface MigrationParameters {
    */
   'x-livemig-handshake-timeout': number;
   /**
+   * livemig, source (convergence policy, README "Convergence policy"): milliseconds without a new
+   * minimum of the remaining bytes before the policy takes its next step; 0 = off.
+   */
+  'x-livemig-no-progress-timeout': number;
+  /** livemig, source: milliseconds per GiB of guest RAM the migration may take before the policy's last step; 0 = off. */
+  'x-livemig-completion-timeout-per-gib': number;
+  /** livemig, source: milliseconds the policy adds to downtime-limit at each step; 0 = no stepping. */
+  'x-livemig-downtime-limit-step': number;
+  /** livemig, source: the policy never steps downtime-limit above this (ms). */
+  'x-livemig-downtime-limit-max': number;
+  /** livemig, source: the policy's last step: none, postcopy (needs postcopy-ram) or cancel. */
+  'x-livemig-convergence-last-step': ConvergenceLastStep;
+  /**
    * cpr-exec: `migrate` to a file: saves device state (RAM stays in shared memory, not copied),
    * then this process execs `cpr-exec-command`, whose new image loads it and runs the guest on.
    */
@@ -167,6 +182,12 @@ export function defaultParameters(): MigrationParameters {
     'multifd-zstd-level': 1,
     'x-livemig-stall-timeout': DEFAULT_STALL_TIMEOUT_MS,
     'x-livemig-handshake-timeout': 5_000,
+    // The convergence policy is off unless a timeout is set.
+    'x-livemig-no-progress-timeout': 0,
+    'x-livemig-completion-timeout-per-gib': 0,
+    'x-livemig-downtime-limit-step': 0,
+    'x-livemig-downtime-limit-max': 2_000,
+    'x-livemig-convergence-last-step': 'none',
     mode: 'normal',
     'cpr-exec-command': [],
   };
@@ -201,6 +222,10 @@ const INT_RANGES: Partial<Record<keyof MigrationParameters, Range>> = {
   // Below a few keepalive intervals (500 ms) a busy but healthy link would trip it.
   'x-livemig-stall-timeout': [1000, 3_600_000],
   'x-livemig-handshake-timeout': [100, 3_600_000],
+  'x-livemig-no-progress-timeout': [0, 86_400_000],
+  'x-livemig-completion-timeout-per-gib': [0, 86_400_000],
+  'x-livemig-downtime-limit-step': [0, 2000000],
+  'x-livemig-downtime-limit-max': [0, 2000000],
 };
 
 /**
@@ -216,6 +241,13 @@ export function applyParameters(current: MigrationParameters, args: Record<strin
         throw new ParameterError(`Parameter 'mode' does not accept value '${String(value)}'`);
       }
       if (!SUPPORTED_MIG_MODES.includes(value as MigMode)) throw new ParameterError(`Mode '${value}' is not supported by livemig (${SUPPORTED_MIG_MODES.join(', ')})`);
+      next[name] = value;
+      continue;
+    }
+    if (name === 'x-livemig-convergence-last-step') {
+      if (typeof value !== 'string' || !(CONVERGENCE_LAST_STEPS as readonly string[]).includes(value)) {
+        throw new ParameterError(`Parameter '${name}' does not accept value '${String(value)}' (${CONVERGENCE_LAST_STEPS.join(', ')})`);
+      }
       next[name] = value;
       continue;
     }

@@ -30,7 +30,7 @@ import {
   TtyProgress,
   UsageError,
 } from '@livemig/machine';
-import { DEFAULT_QEMU_VERSION, normalizeUuid, type QemuVersion, type StreamDialect, streamDialect, TARGET_PAGE_SIZE } from '@livemig/protocol';
+import { CONVERGENCE_REASONS, CONVERGENCE_STEPS, DEFAULT_QEMU_VERSION, normalizeUuid, type QemuVersion, type StreamDialect, streamDialect, TARGET_PAGE_SIZE } from '@livemig/protocol';
 import {
   ChannelError,
   connectChannel,
@@ -43,6 +43,7 @@ import {
   migrationUri,
   parseAddress,
   QMP_MIGRATION_CHANNELS,
+  qmpEnum,
   QmpServer,
   RuntimeErrorCode,
 } from '@livemig/runtime';
@@ -66,7 +67,11 @@ migration:
                            stream; exec: and file: migrations leave it out unless it was set
   --parameters LIST        parameters to set first, NAME=VALUE comma-separated
                            (e.g. max-bandwidth=0,downtime-limit=300; max-bandwidth 0 = unlimited;
-                           multifd-channels=2: the destination needs multifd with the same count)
+                           multifd-channels=2: the destination needs multifd with the same count).
+                           The convergence policy (off unless a timeout is set; README):
+                           x-livemig-no-progress-timeout=MS, x-livemig-completion-timeout-per-gib=MS,
+                           x-livemig-downtime-limit-step=MS, x-livemig-downtime-limit-max=MS,
+                           x-livemig-convergence-last-step=none|postcopy|cancel
   --exit-after-migrate     exit when the migration ends: status 0 if completed, 1 otherwise
   -S, --paused             do not start the guest (QEMU's -S); QMP cont starts it
   --uuid UUID              the guest's UUID (QEMU's -uuid): with capability validate-uuid the stream
@@ -98,7 +103,8 @@ query-status, x-query-guest-digest, x-query-migration-timeline (the current or l
 timeline), calc-dirty-rate, query-dirty-rate, object-add, object-del (TLS credentials, authz),
 quit; introspection as QEMU's: query-commands, query-events, query-name, query-version,
 query-qmp-schema. Events: MIGRATION, MIGRATION_PASS (with capability
-"events"), STOP, RESUME, SHUTDOWN (on quit, SIGINT, SIGTERM).
+"events"), STOP, RESUME, SHUTDOWN (on quit, SIGINT, SIGTERM), LIVEMIG_CONVERGENCE (each
+decision of the convergence policy).
 `;
 
 const EXTRA = {
@@ -368,6 +374,20 @@ class SourceProcess {
             stop: () => this.event('STOP'),
             resume: () => this.event('RESUME'),
             throttled: (percent) => this.timeline?.throttled(percent),
+            convergence: (d) => {
+              // query-migrate-parameters shows a stepped limit, as if migrate-set-parameters had set it.
+              if (d.step === 'downtime-limit') settings.parameters = { ...settings.parameters, 'downtime-limit': d.downtimeLimitMs };
+              this.timeline?.convergenceDecided(d);
+              this.event('LIVEMIG_CONVERGENCE', {
+                step: d.step,
+                reason: d.reason,
+                'downtime-limit': d.downtimeLimitMs,
+                remaining: d.remainingBytes,
+                pass: d.pass,
+                'elapsed-ms': d.elapsedMs,
+                ...(d.postcopyUnavailable ? { 'postcopy-unavailable': true } : {}),
+              });
+            },
           },
         });
         this.migration = m;
@@ -480,10 +500,13 @@ class SourceProcess {
     // livemig's field: the one progress model (README "Progress"), a fraction that never goes back.
     const p = this.progressOf(m);
     const progress = { fraction: p.fraction, 'eta-ms': p.etaMs, basis: p.basis };
-    if (m.status === 'setup' || m.status === 'cancelled') return { ...out, 'x-progress': progress };
+    // livemig's too: the convergence policy's state, in every status once it is on (a cancel may be its doing).
+    const convergence = m.convergenceInfo();
+    const withConvergence = (o: Record<string, unknown>): Record<string, unknown> => (convergence === undefined ? o : { ...o, 'x-livemig-convergence': convergence });
+    if (m.status === 'setup' || m.status === 'cancelled') return withConvergence({ ...out, 'x-progress': progress });
     if (m.status === 'failed') {
       out['error-desc'] = m.errorDesc ?? 'unknown error';
-      return out;
+      return withConvergence(out);
     }
     const now = performance.now();
     out['total-time'] = Math.round(m.status === 'completed' ? m.totalTime : now - m.startTime);
@@ -506,6 +529,7 @@ class SourceProcess {
     }
     if (m.throttlePercent > 0) out['cpu-throttle-percentage'] = m.throttlePercent;
     out['x-progress'] = progress;
+    if (convergence !== undefined) out['x-livemig-convergence'] = convergence;
     const vfio = m.guest.vfio;
     if (vfio !== undefined) {
       // QEMU 7.2's VfioStats, and livemig's view of the device's phases.
@@ -526,6 +550,15 @@ class SourceProcess {
     const qmp = await QmpServer.listen(address, { logger: this.log.child({ component: 'qmp' }), ...(name === undefined ? {} : { name }) });
     this.qmp = qmp;
     qmp.declareEvent('MIGRATION_PASS', { pass: 'int' });
+    qmp.declareEvent('LIVEMIG_CONVERGENCE', {
+      step: qmpEnum(CONVERGENCE_STEPS),
+      reason: qmpEnum(CONVERGENCE_REASONS),
+      'downtime-limit': 'int',
+      remaining: 'int',
+      pass: 'int',
+      'elapsed-ms': 'int',
+      '*postcopy-unavailable': 'bool',
+    });
     registerMachineCommands(qmp, this.guest, this.settings, {
       migrationRunning: () => this.running(),
       parametersChanged: (p) => {

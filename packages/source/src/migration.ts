@@ -14,6 +14,10 @@ import {
   BatchWriter,
   type Capabilities,
   coded,
+  type ConvergenceDecision,
+  ConvergencePolicy,
+  convergencePolicyEnabled,
+  convergencePolicySettings,
   isSourceFinal,
   initialSourceState,
   KEEPALIVE_INTERVAL_MS,
@@ -61,6 +65,8 @@ export interface MigrationEvents {
   resume(): void;
   /** auto-converge set the vCPU throttle to `percent` (a convergence decision). */
   throttled?(percent: number): void;
+  /** The convergence policy decided (before it is carried out): QMP event, timeline, settings. */
+  convergence?(decision: ConvergenceDecision): void;
 }
 
 export interface MigrationLog {
@@ -149,6 +155,8 @@ export class OutgoingMigration {
   readonly limiter: RateLimiter;
   readonly meter: BandwidthMeter;
   readonly converge: AutoConverge;
+  /** livemig's convergence policy (x-livemig-no-progress-timeout …), consulted on each precopy turn. */
+  readonly policy: ConvergencePolicy;
   readonly watch = new StateWatch();
   readonly keepalivePings = new KeepalivePings();
   readonly returnPath: ReturnPathReader | undefined;
@@ -192,6 +200,7 @@ export class OutgoingMigration {
     this.limiter = new RateLimiter(p['max-bandwidth'], this.startTime);
     this.meter = new BandwidthMeter(this.startTime);
     this.converge = new AutoConverge(this.startTime);
+    this.policy = new ConvergencePolicy(this.startTime, options.guest.ram.totalBytes);
     const returnPath = options.capabilities['return-path'] || options.capabilities['postcopy-ram'];
     const blocks = options.guest.ram.blocks;
     this.state = initialSourceState({
@@ -447,6 +456,58 @@ export class OutgoingMigration {
     Object.assign(this.o.parameters, p);
     const postcopy = this.state.status === 'postcopy-active' || this.state.status === 'postcopy-recover';
     this.limiter.setRate(postcopy ? p['max-postcopy-bandwidth'] : p['max-bandwidth'], this.now());
+  }
+
+  /**
+   * One turn of the convergence policy (precopy's loop, before its switchover decision): a
+   * decision is reported (log, events) and then carried out.
+   */
+  applyConvergencePolicy(remainingBytes: number): void {
+    const p = this.o.parameters;
+    const d = this.policy.tick(
+      { nowMs: this.now(), remainingBytes, pass: this.ram.stats.dirtySyncCount, downtimeLimitMs: p['downtime-limit'], postcopyPossible: this.o.capabilities['postcopy-ram'] },
+      convergencePolicySettings(p),
+    );
+    if (d === undefined) return;
+    const why =
+      d.reason === 'no-progress'
+        ? `no new minimum of remaining for ${p['x-livemig-no-progress-timeout']} ms`
+        : `completion timeout passed (${p['x-livemig-completion-timeout-per-gib']} ms per GiB of ${(this.guest.ram.totalBytes / 2 ** 30).toFixed(3)} GiB)`;
+    const what =
+      d.step === 'downtime-limit'
+        ? `downtime-limit raised from ${p['downtime-limit']} to ${d.downtimeLimitMs} ms`
+        : d.step === 'postcopy'
+          ? 'last step: switching to postcopy'
+          : d.step === 'cancel'
+            ? 'last step: cancelling the migration (the source guest runs on)'
+            : d.postcopyUnavailable
+              ? 'last step postcopy skipped: capability postcopy-ram is off; the migration goes on'
+              : 'last step none: the migration goes on';
+    const fields = { step: d.step, reason: d.reason, downtimeLimitMs: d.downtimeLimitMs, remaining: d.remainingBytes, pass: d.pass, elapsedMs: d.elapsedMs };
+    if (d.postcopyUnavailable) this.o.log.warn(fields, `convergence policy: ${why}; ${what}`);
+    else this.o.log.info(fields, `convergence policy: ${why}; ${what}`);
+    if (d.step === 'downtime-limit') p['downtime-limit'] = d.downtimeLimitMs;
+    this.o.events.convergence?.(d);
+    if (d.step === 'postcopy') this.requestPostcopy();
+    else if (d.step === 'cancel') this.cancel();
+  }
+
+  /** query-migrate's x-livemig-convergence: the policy's state, when it is on or has decided. */
+  convergenceInfo(): Record<string, unknown> | undefined {
+    const p = this.o.parameters;
+    const settings = convergencePolicySettings(p);
+    const last = this.policy.last;
+    if (!convergencePolicyEnabled(settings) && last === undefined) return undefined;
+    const now = isSourceFinal(this.state) ? this.startTime + this.totalTime : this.now();
+    const deadline = this.policy.completionDeadlineMs(settings);
+    return {
+      step: last?.step ?? 'watching',
+      ...(last === undefined ? {} : { reason: last.reason }),
+      decisions: this.policy.decisions,
+      'downtime-limit': p['downtime-limit'],
+      'no-progress-ms': Math.round(this.policy.sinceProgressMs(now)),
+      ...(deadline === undefined ? {} : { 'completion-deadline-ms': Math.round(deadline - this.startTime) }),
+    };
   }
 
   /** migrate-start-postcopy: switch to postcopy as soon as what must go in precopy is sent. */

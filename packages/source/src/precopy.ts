@@ -207,6 +207,10 @@ export class Precopy {
       // The exact figure costs a dirty sync: ask for it only when the estimate says we may be done.
       if (pending < m.meter.threshold) pending = this.pendingExact();
       m.expectedDowntime = m.meter.expectedDowntime(pending);
+      // May raise downtime-limit, ask for postcopy (decideNext below starts it) or cancel (the
+      // next expect() stops this thread).
+      m.applyConvergencePolicy(pending);
+      m.expect('active');
       // With postcopy-ram, RAM may go after the switch; other iterative devices must go before.
       let mustPrecopy = pending;
       if (m.o.capabilities['postcopy-ram']) {

@@ -2,6 +2,7 @@
 // counters every TIMELINE_INTERVAL_MS, plus events as they happen. Sampling reads a handful of
 // counters the migration keeps anyway (ramInfo()), so it costs nothing per page.
 
+import type { ConvergenceDecision } from '@livemig/protocol';
 import {
   type Timeline,
   TIMELINE_FORMAT,
@@ -88,6 +89,11 @@ export class TimelineRecorder {
   /** auto-converge changed the vCPU throttle (each step is a convergence decision). */
   throttled(percent: number): void {
     this.#event({ t: this.#t(), kind: 'throttle', percent });
+  }
+
+  /** The convergence policy decided (x-livemig-no-progress-timeout …). */
+  convergenceDecided(d: ConvergenceDecision): void {
+    this.#event({ t: this.#t(), kind: 'convergence', step: d.step, reason: d.reason, downtimeLimitMs: d.downtimeLimitMs });
   }
 
   /** Take one sample now (the timer does; the end takes a last one). */

@@ -108,3 +108,28 @@ test('at TIMELINE_MAX_SAMPLES every second sample goes and the interval doubles;
   assert.equal(done.result?.downtimeMs, null);
   assert.equal(done.result?.errorDesc, 'link lost');
 });
+
+test('convergence policy decisions are timeline events checkTimeline accepts (and a malformed one it names)', async () => {
+  const m = fakeMigration();
+  const r = new TimelineRecorder(m as unknown as OutgoingMigration, OPTIONS);
+  const decision = { reason: 'no-progress', elapsedMs: 0, remainingBytes: 4096, pass: 3, postcopyUnavailable: false } as const;
+  m.clock = 1400;
+  r.convergenceDecided({ ...decision, step: 'downtime-limit', downtimeLimitMs: 350 });
+  m.clock = 1600;
+  r.convergenceDecided({ ...decision, step: 'cancel', downtimeLimitMs: 350 });
+  m.status = 'cancelled';
+  r.statusChanged('cancelled');
+  m.end();
+  const doc = checkTimeline(await r.finished);
+  assert.deepEqual(
+    doc.events.filter((e) => e.kind === 'convergence'),
+    [
+      { t: 400, kind: 'convergence', step: 'downtime-limit', reason: 'no-progress', downtimeLimitMs: 350 },
+      { t: 600, kind: 'convergence', step: 'cancel', reason: 'no-progress', downtimeLimitMs: 350 },
+    ],
+  );
+  const bad = JSON.parse(JSON.stringify(doc)) as { events: Record<string, unknown>[] };
+  const i = bad.events.findIndex((e) => e['kind'] === 'convergence');
+  delete bad.events[i]!['downtimeLimitMs'];
+  assert.throws(() => checkTimeline(bad), new RegExp(`events\\[${i}\\]\\.downtimeLimitMs is not a number`));
+});
