@@ -2,8 +2,11 @@
 // qemu-interop.ts), both directions: a postcopy migration whose link breaks (a TcpProxy in the
 // middle is cut, or `migrate-pause`), both sides in postcopy-paused, then `migrate-recover` on
 // the destination and `migrate resume=true` on the source; the migration completes and the
-// destination's RAM equals the source's byte for byte. With and without postcopy-preempt (whose
-// channel is re-opened on recovery: 7.2's destination waits for it before it resumes).
+// destination's RAM equals the source's byte for byte. With and without postcopy-preempt, whose
+// channel is set up as the dialect says (StreamDialect.preemptSetup): QEMU 7.2's setup opens it
+// with the main channel and again right after the recovery's main channel (7.2's destination
+// waits for both before it resumes), the 8.0 setup at the switch to postcopy and, on recovery,
+// after the received bitmaps. Every connection goes through a TcpProxy, which counts them.
 //
 // Run: pnpm build && node --import tsx --test --test-name-pattern recovery e2e/qemu-7.2-interop.test.ts
 
@@ -15,6 +18,7 @@ import { digest, MiB, queryMigrate, queryStatus, setCapabilities, waitForStatus 
 import { TcpProxy, waitForNthMigrationEvent } from './postcopy.ts';
 import { type Child, listeningAddress, unusedPort, withHarness } from './processes.ts';
 import { PAGE, QEMU_LABEL, qemuM0, qemuSkip, ramImage, sha256, startQemu, writeRamImage } from './qemu.ts';
+import { parseQemuVersion, streamDialect } from '@livemig/protocol';
 
 const SIZE = 16 * MiB;
 const M0_GUEST = ['--block', 'm0:16M', '--machine', 'none', '--qemu-devices-only'];
@@ -44,30 +48,57 @@ async function waitPaused(src: Child, dst: Child): Promise<void> {
   await Promise.all([waitForStatus(src, 'postcopy-paused', { timeoutMs: 20_000, intervalMs: 20 }), waitForStatus(dst, 'postcopy-paused', { timeoutMs: 20_000, intervalMs: 20 })]);
 }
 
-/** destination migrate-recover on a fresh port, then source migrate resume=true to it. */
-async function recoverOn(src: Child, dst: Child): Promise<string> {
+/**
+ * destination migrate-recover on a fresh port, then source migrate resume=true to a proxy in
+ * front of it (the caller closes the proxy).
+ */
+async function recoverVia(src: Child, dst: Child): Promise<TcpProxy> {
   const uri = `tcp:127.0.0.1:${await unusedPort()}`;
   assert.deepEqual(await dst.qmp.execute('migrate-recover', { uri }, { oob: true, timeoutMs: 10_000 }), {});
-  assert.deepEqual(await src.execute('migrate', { uri, resume: true }), {});
-  return uri;
+  const proxy = await TcpProxy.start(uri);
+  assert.deepEqual(await src.execute('migrate', { uri: proxy.uri, resume: true }), {});
+  return proxy;
 }
 
-const CASES: { preempt: boolean; how: Break }[] = [
-  { preempt: false, how: 'cut' },
-  { preempt: true, how: 'migrate-pause' },
+/** The preempt setup of `-machine none` (unversioned: the running QEMU's own) for this QEMU. */
+const OWN_SETUP = streamDialect('none', parseQemuVersion(IS_10 ? '10.0' : '7.2')).preemptSetup;
+
+interface RecoveryCase {
+  how: Break;
+  /** postcopy-preempt, and the setup both sides use. */
+  preempt?: { setup: '7.2' | '8.0'; livemig: string[]; qemu: string[]; name: string };
+}
+
+const CASES: RecoveryCase[] = [
+  { how: 'cut' },
+  { how: 'migrate-pause', preempt: { setup: OWN_SETUP, livemig: LIVEMIG_DIALECT, qemu: [], name: `postcopy-preempt (${OWN_SETUP} setup)` } },
+  // QEMU 10.0 keeps 7.2's setup for machine types up to 7.2 (hw_compat_7_2: x-preempt-pre-7-2);
+  // livemig speaking 7.2 uses it too.
+  ...(IS_10 ? [{ how: 'cut' as const, preempt: { setup: '7.2' as const, livemig: [], qemu: ['-global', 'migration.x-preempt-pre-7-2=on'], name: "postcopy-preempt (7.2 setup, QEMU told so)" } }] : []),
 ];
+
+/**
+ * Connections through `proxy` while precopy runs (and the main one was accepted) and once
+ * postcopy runs: the preempt channel comes with the main one in 7.2's setup, at postcopy in 8.0's.
+ */
+function preemptConnectionsAt(c: RecoveryCase, phase: 'precopy' | 'postcopy'): number {
+  if (c.preempt === undefined) return 1;
+  return phase === 'postcopy' || c.preempt.setup === '7.2' ? 2 : 1;
+}
 
 // ─── QEMU source → livemig destination ──────────────────────────────────────────────────────
 
-for (const { preempt, how } of CASES) {
-  test(`${QEMU_LABEL} source → livemig destination, postcopy recovery${preempt ? ' with postcopy-preempt' : ''} after ${how === 'cut' ? 'the link is cut' : "migrate-pause on QEMU"}: both pause, migrate-recover + resume, RAM equals the image`, opts, (t) =>
+for (const c of CASES) {
+  const { how, preempt } = c;
+  test(`${QEMU_LABEL} source → livemig destination, postcopy recovery${preempt ? ` with ${preempt.name}` : ''} after ${how === 'cut' ? 'the link is cut' : 'migrate-pause on QEMU'}: both pause, migrate-recover + resume, RAM equals the image`, opts, (t) =>
     withHarness(async (h) => {
       const img = h.path('m0.img');
       await writeRamImage(img, IMAGE);
-      const qemu = await startQemu(h, 'qemu-src', qemuM0({ file: img }, SIZE));
+      const qemu = await startQemu(h, 'qemu-src', [...qemuM0({ file: img }, SIZE), ...(preempt?.qemu ?? [])]);
       const caps = preempt ? ['events', 'postcopy-ram', 'postcopy-preempt'] : ['events', 'postcopy-ram'];
       const dst = await h.destination({ incoming: 'tcp', guest: [...M0_GUEST, '--workload', 'scan:50'], capabilities: caps });
       const proxy = await TcpProxy.start(dst.incomingUri);
+      let recovery: TcpProxy | undefined;
       try {
         await qemu.execute('cont');
         await setCapabilities(qemu, caps);
@@ -75,29 +106,40 @@ for (const { preempt, how } of CASES) {
         await qemu.execute('migrate', { uri: proxy.uri });
         await sleep(500);
         assert.equal((await queryMigrate(qemu)).status, 'active', 'still in precopy when postcopy is started');
+        assert.equal(proxy.pairs.length, preemptConnectionsAt(c, 'precopy'), 'connections from QEMU in precopy');
         await qemu.execute('migrate-start-postcopy');
         await waitForStatus(dst, 'postcopy-active', { timeoutMs: 15_000, intervalMs: 20 });
         await waitForStatus(qemu, 'postcopy-active', { timeoutMs: 15_000, intervalMs: 20 });
         await sleep(300);
+        assert.equal(proxy.pairs.length, preemptConnectionsAt(c, 'postcopy'), 'connections from QEMU in postcopy');
 
         await breakLink(how, proxy, qemu);
         await waitPaused(qemu, dst);
-        const pausedAt = (await queryMigrate(qemu)).ram?.transferred ?? 0;
-        assert.ok(pausedAt < SIZE, `QEMU had sent ${pausedAt} B of ${SIZE} when the link broke`);
+        const paused = await queryMigrate(dst);
+        const placedBefore = (paused as { 'x-postcopy-preempt-pages'?: number })['x-postcopy-preempt-pages'] ?? 0;
 
-        const uri = await recoverOn(qemu, dst);
+        recovery = await recoverVia(qemu, dst);
         const q = await waitForStatus(qemu, 'completed', { timeoutMs: 60_000 });
         const d = await waitForStatus(dst, 'completed', { timeoutMs: 15_000 });
         await waitForNthMigrationEvent(dst, 'postcopy-recover', 1);
         assert.ok(qemu.migrationEvents().includes('postcopy-recover'), `QEMU MIGRATION events ${qemu.migrationEvents()}`);
+        assert.equal(recovery.pairs.length, preempt ? 2 : 1, 'connections from QEMU on recovery: a new main channel (and a new preempt channel)');
+        assert.ok(recovery.forwarded.up > 0, 'QEMU sent over the recovery connection');
         assert.equal(await queryStatus(dst), 'running', 'destination guest runs after the recovered postcopy');
         await dst.execute('stop');
         const dg = await digest(dst);
         assert.equal(dg.blocks[0]!.sha256, IMAGE_SHA, 'destination m0 = the QEMU RAM image');
-        log(t, `recovered over ${uri}; QEMU events ${qemu.migrationEvents().join(' → ')}; destination events ${dst.migrationEvents().join(' → ')}`);
-        log(t, `QEMU total-time ${q['total-time']} ms, postcopy-requests ${q.ram?.['postcopy-requests']}; destination postcopy-faults ${(d as { 'postcopy-faults'?: number })['postcopy-faults']}`);
+        const placed = (d as { 'x-postcopy-preempt-pages'?: number })['x-postcopy-preempt-pages'] ?? 0;
+        if (preempt) assert.ok(placed > placedBefore, `pages placed from QEMU's new preempt channel after the recovery: ${placed - placedBefore}`);
+        log(t, `QEMU events ${qemu.migrationEvents().join(' → ')}; destination events ${dst.migrationEvents().join(' → ')}`);
+        log(
+          t,
+          `QEMU total-time ${q['total-time']} ms, postcopy-requests ${q.ram?.['postcopy-requests']}; destination postcopy-faults ${(d as { 'postcopy-faults'?: number })['postcopy-faults']}; ` +
+            `pages placed from the preempt channel ${placedBefore} before the break, ${placed} in all; ${recovery.forwarded.up} B from QEMU after the recovery`,
+        );
       } finally {
         await proxy.close();
+        await recovery?.close();
       }
     }),
   );
@@ -105,28 +147,32 @@ for (const { preempt, how } of CASES) {
 
 // ─── livemig source → QEMU destination ──────────────────────────────────────────────────────
 
-for (const { preempt, how } of CASES) {
-  test(`livemig source → ${QEMU_LABEL} destination, postcopy recovery${preempt ? ' with postcopy-preempt' : ''} after ${how === 'cut' ? 'the link is cut' : 'migrate-pause on QEMU'}: both pause, migrate-recover + resume, QEMU's RAM equals the source`, opts, (t) =>
+for (const c of CASES) {
+  const { how, preempt } = c;
+  test(`livemig source → ${QEMU_LABEL} destination, postcopy recovery${preempt ? ` with ${preempt.name}` : ''} after ${how === 'cut' ? 'the link is cut' : 'migrate-pause on QEMU'}: both pause, migrate-recover + resume, QEMU's RAM equals the source`, opts, (t) =>
     withHarness(async (h) => {
       // Postcopy destinations need anonymous/memfd RAM (userfaultfd on a regular file fails in 7.2).
-      const qemu = await startQemu(h, 'qemu-dst', [...qemuM0('memfd', SIZE), '-S', '-incoming', 'defer']);
+      const qemu = await startQemu(h, 'qemu-dst', [...qemuM0('memfd', SIZE), ...(preempt?.qemu ?? []), '-S', '-incoming', 'defer']);
       const caps = preempt ? ['events', 'postcopy-ram', 'postcopy-preempt'] : ['events', 'postcopy-ram'];
       await setCapabilities(qemu, caps);
       await qemu.execute('migrate-incoming', { uri: 'tcp:127.0.0.1:0' });
       const proxy = await TcpProxy.start(await listeningAddress(qemu, 10_000));
+      let recovery: TcpProxy | undefined;
       try {
         const src = await h.source({
-          guest: [...M0_GUEST, ...LIVEMIG_DIALECT, '-S', '--fill', 'mixed'],
+          guest: [...M0_GUEST, ...(preempt?.livemig ?? LIVEMIG_DIALECT), '-S', '--fill', 'mixed'],
           args: ['--capabilities', caps.join(','), '--parameters', `max-bandwidth=2097152,max-postcopy-bandwidth=${POSTCOPY_RATE}`],
         });
         const before = await digest(src);
         await src.execute('migrate', { uri: proxy.uri });
         await sleep(500);
         assert.equal((await queryMigrate(src)).status, 'active', 'still in precopy when postcopy is started');
+        assert.equal(proxy.pairs.length, preemptConnectionsAt(c, 'precopy'), 'connections from livemig in precopy');
         await src.execute('migrate-start-postcopy');
         await waitForStatus(qemu, 'postcopy-active', { timeoutMs: 15_000, intervalMs: 20 });
         await waitForStatus(src, 'postcopy-active', { timeoutMs: 15_000, intervalMs: 20 });
         await sleep(300);
+        assert.equal(proxy.pairs.length, preemptConnectionsAt(c, 'postcopy'), 'connections from livemig in postcopy');
 
         await breakLink(how, proxy, qemu);
         await waitPaused(src, qemu);
@@ -135,21 +181,23 @@ for (const { preempt, how } of CASES) {
 
         // A page far beyond what was sent: QEMU asks for it again once recovered.
         const FAULT_AT = 15 * MiB;
-        const uri = await recoverOn(src, qemu);
+        recovery = await recoverVia(src, qemu);
         await qemu.execute('pmemsave', { val: FAULT_AT, size: PAGE, filename: h.path('page.bin') }, 30_000);
         const s = await waitForStatus(src, 'completed', { timeoutMs: 60_000 });
         await waitForStatus(qemu, 'completed', { timeoutMs: 15_000 });
         await waitForNthMigrationEvent(src, 'postcopy-recover', 1);
         assert.ok(qemu.migrationEvents().includes('postcopy-recover'), `QEMU MIGRATION events ${qemu.migrationEvents()}`);
+        assert.equal(recovery.pairs.length, preempt ? 2 : 1, 'connections from livemig on recovery: a new main channel (and a new preempt channel)');
         const all = h.path('all.bin');
         await qemu.execute('pmemsave', { val: 0, size: SIZE, filename: all }, 20_000);
         const ram = await readFile(all);
         assert.equal(sha256(ram), before.blocks[0]!.sha256, "QEMU's m0 = the livemig source's RAM");
         assert.ok((await readFile(h.path('page.bin'))).equals(ram.subarray(FAULT_AT, FAULT_AT + PAGE)), 'the page faulted on after recovery holds the final bytes');
-        log(t, `recovered over ${uri}; source events ${src.migrationEvents().join(' → ')}; QEMU events ${qemu.migrationEvents().join(' → ')}`);
+        log(t, `source events ${src.migrationEvents().join(' → ')}; QEMU events ${qemu.migrationEvents().join(' → ')}`);
         log(t, `livemig source total-time ${s['total-time']} ms, postcopy-requests ${s.ram?.['postcopy-requests']}`);
       } finally {
         await proxy.close();
+        await recovery?.close();
       }
     }),
   );
