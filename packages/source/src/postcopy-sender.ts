@@ -57,6 +57,9 @@ export class PostcopySender {
     this.m = m;
     this.connectPreempt = connectPreempt;
     if (preempt !== undefined) this.takePreempt(preempt);
+    // The thread boots with the migration either way: booting it at the switch would leave the
+    // first requests of postcopy waiting for it.
+    else if (connectPreempt !== undefined) this.pageServer = this.newPageServer();
   }
 
   /** The switchover to postcopy, then background and requested pages until none is left. */
@@ -287,6 +290,7 @@ export class PostcopySender {
     const m = this.m;
     m.limiter.setRate(m.o.parameters['max-postcopy-bandwidth'], m.now());
     const socket = this.preempt;
+    if (socket !== undefined && (socket as { encrypted?: boolean }).encrypted === true) return; // stays idle: see takePreempt
     this.preempt = undefined;
     if (socket === undefined || this.pageServer === undefined) return;
     if (!(socket instanceof net.Socket) || socket.destroyed) {
