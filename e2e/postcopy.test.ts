@@ -231,11 +231,13 @@ test(`postcopy-preempt recovery (${setup} setup): after migrate-pause and recove
     await src.execute('migrate', { uri: proxy.uri });
     await waitForMigration(src, (i) => i.status === 'active' && (i.ram?.transferred ?? 0) > 0, 'precopy active with bytes sent', { timeoutMs: 15_000 });
     await sleep(300);
+    await proxy.waitForConnections(setup === '7.2' ? 2 : 1);
     assert.equal(proxy.pairs.length, setup === '7.2' ? 2 : 1, 'connections in precopy');
+    assert.equal((await queryMigrate(src)).status, 'active', 'still in precopy');
     assert.deepEqual(await src.execute('migrate-start-postcopy'), {});
     await waitForStatus(src, 'postcopy-active', { timeoutMs: 15_000 });
     await waitForStatus(dst, 'postcopy-active', { timeoutMs: 15_000 });
-    assert.equal(proxy.pairs.length, 2, 'connections in postcopy');
+    await proxy.waitForConnections(2);
     // Pages on the first preempt connection before the pause (bounded, not timed: the source's
     // page server thread may take a second or more to boot on a loaded machine).
     await waitForMigration(dst, (i) => ((i as { 'x-postcopy-preempt-pages'?: number })['x-postcopy-preempt-pages'] ?? 0) > 0, 'a page placed from the first preempt connection', { timeoutMs: 20_000 });
