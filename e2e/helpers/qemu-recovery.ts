@@ -66,16 +66,38 @@ async function waitPaused(src: Child, dst: Child): Promise<void> {
   await Promise.all([waitForStatus(src, 'postcopy-paused', { timeoutMs: 20_000, intervalMs: 20 }), waitForStatus(dst, 'postcopy-paused', { timeoutMs: 20_000, intervalMs: 20 })]);
 }
 
+/** RAM_SAVE_FLAG_EOS as a bare be64 word: how QEMU 7.2's preempt setup ends the preempt channel. */
+const PREEMPT_EOS = Buffer.from([0, 0, 0, 0, 0, 0, 0, 0x10]);
+
 /**
  * destination migrate-recover on a fresh port, then source migrate resume=true to a proxy in
- * front of it (the caller closes the proxy).
+ * front of it (the caller closes the proxy). `tails`: the last 8 bytes the source sent on each
+ * connection, in accept order.
  */
-async function recoverVia(src: Child, dst: Child): Promise<TcpProxy> {
+async function recoverVia(src: Child, dst: Child): Promise<{ proxy: TcpProxy; tails: Buffer[] }> {
   const uri = `tcp:127.0.0.1:${await unusedPort()}`;
   assert.deepEqual(await dst.qmp.execute('migrate-recover', { uri }, { oob: true, timeoutMs: 10_000 }), {});
   const proxy = await TcpProxy.start(uri);
+  const tails: Buffer[] = [];
+  proxy.onAccept(({ client }) => {
+    const i = tails.push(Buffer.alloc(0)) - 1;
+    client.on('data', (chunk: Buffer) => {
+      tails[i] = Buffer.concat([tails[i]!, chunk.subarray(-8)]).subarray(-8);
+    });
+  });
   assert.deepEqual(await src.execute('migrate', { uri: proxy.uri, resume: true }), {});
-  return proxy;
+  return { proxy, tails };
+}
+
+/**
+ * The preempt channel ends in an EOS in QEMU 7.2's setup only: checked on QEMU as the source,
+ * the oracle for dialect.ts's preemptSetup.
+ */
+function assertPreemptEnd(c: RecoveryCase, tails: Buffer[], who: string): void {
+  if (c.preempt === undefined) return;
+  const tail = tails[1]!;
+  if (c.preempt.setup === '7.2') assert.ok(tail.equals(PREEMPT_EOS), `${who} ended its preempt channel with an EOS (7.2 setup): ${tail.toString('hex')}`);
+  else assert.ok(!tail.equals(PREEMPT_EOS), `${who} wrote no EOS at the end of its preempt channel (8.0 setup): ${tail.toString('hex')}`);
 }
 
 /** The preempt setup of `-machine none` (unversioned: the running QEMU's own) for this QEMU. */
@@ -138,7 +160,8 @@ for (const c of CASES) {
         const paused = await queryMigrate(dst);
         const placedBefore = (paused as { 'x-postcopy-preempt-pages'?: number })['x-postcopy-preempt-pages'] ?? 0;
 
-        recovery = await recoverVia(qemu, dst);
+        const resumed = await recoverVia(qemu, dst);
+        recovery = resumed.proxy;
         const q = await waitForStatus(qemu, 'completed', { timeoutMs: 60_000 });
         const d = await waitForStatus(dst, 'completed', { timeoutMs: 15_000 });
         await waitForNthMigrationEvent(dst, 'completed', 1);
@@ -146,6 +169,7 @@ for (const c of CASES) {
         assert.deepEqual(fromPause(qemu), QEMU_SOURCE_RECOVERY, 'QEMU MIGRATION events from the pause on');
         assert.deepEqual(fromPause(dst), LIVEMIG_DESTINATION_RECOVERY, 'destination MIGRATION events from the pause on');
         assert.equal(recovery.pairs.length, preempt ? 2 : 1, 'connections from QEMU on recovery: a new main channel (and a new preempt channel)');
+        assertPreemptEnd(c, resumed.tails, 'QEMU');
         assert.ok(recovery.forwarded.up > 0, 'QEMU sent over the recovery connection');
         assert.equal(await queryStatus(dst), 'running', 'destination guest runs after the recovered postcopy');
         await dst.execute('stop');
@@ -205,7 +229,8 @@ for (const c of CASES) {
 
         // A page far beyond what was sent: QEMU asks for it again once recovered.
         const FAULT_AT = 15 * MiB;
-        recovery = await recoverVia(src, qemu);
+        const resumed = await recoverVia(src, qemu);
+        recovery = resumed.proxy;
         await qemu.execute('pmemsave', { val: FAULT_AT, size: PAGE, filename: h.path('page.bin') }, 30_000);
         const s = await waitForStatus(src, 'completed', { timeoutMs: 60_000 });
         await waitForStatus(qemu, 'completed', { timeoutMs: 15_000 });
