@@ -307,7 +307,9 @@ class SourceProcess {
       const hold = (c: Channel): Channel => c.on('error', () => {});
       hold(main);
       try {
-        const count = preemptAtStart ? 1 : multifd ? settings.parameters['multifd-channels'] : 0;
+        // With postcopy-preempt no multifd channel is opened in either setup (a livemig
+        // destination takes the connection after the main one as the preempt channel).
+        const count = preemptAtStart ? 1 : multifd && !preempt ? settings.parameters['multifd-channels'] : 0;
         for (let i = 0; i < count; i++) {
           extra.push(
             await connectChannel(address, channelOptions).then((c) => {
