@@ -216,24 +216,53 @@ for (const side of ['source', 'destination'] as const) {
     }));
 }
 
-test('postcopy-preempt recovery: after migrate-pause and recovery, requested pages come on a new preempt connection', T, (t) =>
+// The preempt channel's setup follows the dialect: QEMU 7.2's (with the main channel, EOS at the
+// end) by default, 8.0's (at the switch to postcopy, and on recovery after the received bitmaps)
+// when both speak as QEMU 10.0. A proxy in front of the destination counts the connections.
+for (const { setup, args } of [
+  { setup: '7.2', args: [] as string[] },
+  { setup: '8.0', args: ['--qemu-version', '10.0'] },
+] as const) {
+test(`postcopy-preempt recovery (${setup} setup): after migrate-pause and recovery, requested pages come on a new preempt connection`, T, (t) =>
   withHarness(async (h) => {
-    const { src, dst } = await postcopyPair(h, { guest: GUEST, preempt: true });
-    await migrateIntoPostcopy(src, dst, dst.incomingUri);
-    await sleep(500); // faults in flight
+    const { src, dst } = await postcopyPair(h, { guest: GUEST, preempt: true, args });
+    const proxy = await TcpProxy.start(dst.incomingUri);
+    t.after(() => proxy.close());
+    await src.execute('migrate', { uri: proxy.uri });
+    await waitForMigration(src, (i) => i.status === 'active' && (i.ram?.transferred ?? 0) > 0, 'precopy active with bytes sent', { timeoutMs: 15_000 });
+    await sleep(300);
+    await proxy.waitForConnections(setup === '7.2' ? 2 : 1);
+    assert.equal(proxy.pairs.length, setup === '7.2' ? 2 : 1, 'connections in precopy');
+    assert.equal((await queryMigrate(src)).status, 'active', 'still in precopy');
+    assert.deepEqual(await src.execute('migrate-start-postcopy'), {});
+    await waitForStatus(src, 'postcopy-active', { timeoutMs: 15_000 });
+    await waitForStatus(dst, 'postcopy-active', { timeoutMs: 15_000 });
+    await proxy.waitForConnections(2);
+    // Pages on the first preempt connection before the pause (bounded, not timed: the source's
+    // page server thread may take a second or more to boot on a loaded machine).
+    await waitForMigration(dst, (i) => ((i as { 'x-postcopy-preempt-pages'?: number })['x-postcopy-preempt-pages'] ?? 0) > 0, 'a page placed from the first preempt connection', { timeoutMs: 20_000 });
     assert.deepEqual(await dst.qmp.execute('migrate-pause', undefined, { oob: true, timeoutMs: 5_000 }), {});
     await waitBothPaused(src, dst);
     const before = (await queryMigrate(dst))['x-postcopy-preempt-pages'] as number;
     assert.ok(before > 0, `pages on the first preempt connection: ${before}`);
 
-    await recover(src, dst);
+    let recovery: TcpProxy | undefined;
+    t.after(() => recovery?.close());
+    await recover(src, dst, {
+      via: async (uri) => {
+        recovery = await TcpProxy.start(uri);
+        return recovery.uri;
+      },
+    });
     await waitForStatus(dst, 'postcopy-active', { timeoutMs: 10_000 });
     const { dst: d } = await waitBothCompleted(src, dst);
+    assert.equal(recovery!.pairs.length, 2, 'connections on recovery: main and preempt');
     const after = d['x-postcopy-preempt-pages'] ?? 0;
     log(t, `preempt pages: ${before} before the pause, ${after} in all`);
     assert.ok(after > before, `requested pages came on the new preempt connection (${before} → ${after})`);
     await stopAndCheckPattern(dst);
   }));
+}
 
 for (const preempt of [false, true]) {
 test(`postcopy recovery after a silent link break (a proxy stops forwarding, nothing closes)${preempt ? ', with postcopy-preempt (the fault and page server threads let go of their frozen connection)' : ''}: keepalive pauses both sides; direct recovery completes`, T, (t) =>

@@ -12,7 +12,6 @@
 // A machine type without a version (none, pc, q35, isapc, microvm, livemig-pc) speaks the dialect
 // of the QEMU that runs it; for livemig that is the QEMU version it is told to be (default 7.2).
 
-import { MIG_CMD_MAX_7_2, MigCmd } from './constants.ts';
 import { ErrorCode, MigrationError } from './errors.ts';
 
 export interface QemuVersion {
@@ -35,10 +34,13 @@ export interface StreamDialect {
   multifdZeroPages: boolean;
   /** MIG_CMD_SWITCHOVER_START before the final state (send-switchover-start). */
   switchoverStart: boolean;
-  /** The postcopy-preempt channel is set up as QEMU 7.2 did it, or as 8.0 and later do. */
+  /**
+   * The postcopy-preempt channel is set up as QEMU 7.2 did it (opened with the main channel and
+   * right after a recovery's, EOS at the end), or as 8.0 and later do (opened at the switch to
+   * postcopy and, on recovery, after the received bitmaps). A livemig source follows it; a
+   * livemig destination takes either.
+   */
   preemptSetup: '7.2' | '8.0';
-  /** The first MIG_CMD_* number refused (a QEMU 7.2 destination refuses SWITCHOVER_START, 11). */
-  commandLimit: number;
 }
 
 /** The QEMU version livemig speaks as, unless told otherwise. */
@@ -91,6 +93,5 @@ export function streamDialect(machineType: string, qemu: QemuVersion = DEFAULT_Q
     switchoverStart: atLeast(version, 10, 0),
     // A QEMU 7.2 only knows its own setup; newer ones keep it for machine types up to 7.2.
     preemptSetup: atLeast(runner, 8, 0) && atLeast(version, 8, 0) ? '8.0' : '7.2',
-    commandLimit: atLeast(runner, 10, 0) ? MigCmd.SWITCHOVER_START + 1 : MIG_CMD_MAX_7_2,
   };
 }

@@ -279,6 +279,8 @@ class SourceProcess {
     const cprCommand = settings.parameters.mode === 'cpr-exec' ? [...settings.parameters['cpr-exec-command']] : undefined;
     const channelOptions = this.channelOptions();
     const preempt = settings.capabilities['postcopy-preempt'];
+    // QEMU 7.2 opens the preempt channel with the main one; 8.0 and later at the switch to postcopy.
+    const preemptAtStart = preempt && this.dialect.preemptSetup === '7.2';
     const multifd = settings.capabilities.multifd;
     const log = this.log.child({ component: 'migration' });
     const emitStatus = (status: string): void => {
@@ -302,7 +304,7 @@ class SourceProcess {
     type Channel = Awaited<ReturnType<typeof connectChannel>>;
     // Extra connections follow the main one, which must be accepted first (a QEMU 7.2
     // destination takes the first connection as the main channel): the preempt channel
-    // (QEMU 7.2 opens it at start), or the multifd channels in channel-id order.
+    // (in QEMU 7.2's setup), or the multifd channels in channel-id order.
     const connect = async (): Promise<[Channel, Channel | undefined, Channel[]]> => {
       const main = await connectChannel(address, { ...channelOptions, positioned: settings.capabilities['mapped-ram'] });
       const extra: Channel[] = [];
@@ -311,7 +313,9 @@ class SourceProcess {
       const hold = (c: Channel): Channel => c.on('error', () => {});
       hold(main);
       try {
-        const count = preempt ? 1 : multifd ? settings.parameters['multifd-channels'] : 0;
+        // With postcopy-preempt no multifd channel is opened in either setup (a livemig
+        // destination takes the connection after the main one as the preempt channel).
+        const count = preemptAtStart ? 1 : multifd && !preempt ? settings.parameters['multifd-channels'] : 0;
         for (let i = 0; i < count; i++) {
           extra.push(
             await connectChannel(address, channelOptions).then((c) => {
@@ -323,7 +327,7 @@ class SourceProcess {
             }, (err: Error) => {
               throw new ChannelError(
                 RuntimeErrorCode.CHANNEL_OPEN,
-                preempt
+                preemptAtStart
                   ? `postcopy-preempt channel: ${err.message}`
                   : `multifd channel ${i} of ${count}: ${err.message} (is the destination set for multifd with multifd-channels=${count}?)`,
                 { cause: err },
@@ -336,7 +340,7 @@ class SourceProcess {
         for (const c of extra) c.destroy();
         throw err;
       }
-      return preempt ? [main, extra[0], []] : [main, undefined, extra];
+      return preemptAtStart ? [main, extra[0], []] : [main, undefined, extra];
     };
     return connect().then(
       ([channel, preemptChannel, multifdChannels]) => {
@@ -354,6 +358,7 @@ class SourceProcess {
           parameters: { ...settings.parameters },
           channel,
           ...(preemptChannel === undefined ? {} : { preempt: preemptChannel }),
+          ...(preempt && !preemptAtStart ? { connectPreempt: () => connectChannel(address, channelOptions) } : {}),
           ...(multifdChannels.length === 0 ? {} : { multifd: multifdChannels, multifdInitSent: true }),
           machineType: this.machineType,
           dialect: this.dialect,
@@ -589,21 +594,23 @@ class SourceProcess {
         if (m === undefined || !m.paused) throw new QmpCommandError('migrate with resume=true needs a paused postcopy migration, and there is none');
         const uri = migrationUri(args, 'migrate');
         // Connect in the background, as migrate does; a failure leaves the migration paused.
-        // With postcopy-preempt a new preempt channel follows the main one, as at the start.
+        // With postcopy-preempt a new preempt channel follows the main one: at once in QEMU
+        // 7.2's setup, after the received bitmaps in the 8.0 setup (the migration opens it).
         const address = parseAddress(uri);
         const preempt = this.settings.capabilities['postcopy-preempt'] && (address.transport === 'tcp' || address.transport === 'unix');
+        const preemptAtStart = preempt && this.dialect.preemptSetup === '7.2';
         const channelOptions = this.channelOptions();
         void connectChannel(address, channelOptions).then(
           async (channel) => {
             let preemptChannel: Awaited<ReturnType<typeof connectChannel>> | undefined;
-            if (preempt) {
+            if (preemptAtStart) {
               preemptChannel = await connectChannel(address, channelOptions).catch((err: Error) => {
                 this.log.warn({ uri }, `resume: no new preempt channel (${err.message}); requested pages use the main channel`);
                 return undefined;
               });
             }
             try {
-              m.resume(channel, preemptChannel);
+              m.resume(channel, preemptChannel, preempt && !preemptAtStart ? () => connectChannel(address, channelOptions) : undefined);
             } catch (err) {
               this.log.warn({}, (err as Error).message);
             }

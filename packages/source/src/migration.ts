@@ -81,8 +81,13 @@ export interface OutgoingOptions {
   parameters: MigrationParameters;
   /** The connected channel. */
   channel: Duplex;
-  /** With postcopy-preempt: a second connection that carries only requested pages. */
+  /** With postcopy-preempt in QEMU 7.2's setup: a second connection, opened with the main one, that carries only requested pages. */
   preempt?: Duplex;
+  /**
+   * With postcopy-preempt in the 8.0 setup (`dialect.preemptSetup`): how to open that connection,
+   * which happens at the switch to postcopy and on each recovery before POSTCOPY_RESUME.
+   */
+  connectPreempt?: () => Promise<Duplex>;
   /** With multifd: the multifd channels (connected after the main one), in channel-id order. */
   multifd?: readonly Duplex[];
   /** The multifd channels' init packets were written as each was connected. */
@@ -163,7 +168,7 @@ export class OutgoingMigration {
   readonly precopy: Precopy;
   readonly postcopy: PostcopySender;
   /** Channels given by `migrate resume=true`, taken by the recovery's first action. */
-  private resumeChannels: { channel: Duplex; preempt: Duplex | undefined } | undefined;
+  private resumeChannels: { channel: Duplex; preempt: Duplex | undefined; connectPreempt: (() => Promise<Duplex>) | undefined } | undefined;
   private keepaliveTimer: NodeJS.Timeout | undefined;
   /** The stall deadline's baseline: the last return-path byte or bytes the kernel took (ms). */
   private lastProgressAt: number;
@@ -220,7 +225,7 @@ export class OutgoingMigration {
         })
       : undefined;
     this.precopy = new Precopy(this);
-    this.postcopy = new PostcopySender(this, options.preempt);
+    this.postcopy = new PostcopySender(this, options.preempt, options.connectPreempt);
     this.done = this.watch.until(() => isSourceFinal(this.state));
     // Setup and precopy are under the stall deadline from the start (the machine's keepalive).
     this.perform({ type: 'startKeepalive' });
@@ -313,7 +318,7 @@ export class OutgoingMigration {
         const c = this.resumeChannels!;
         this.resumeChannels = undefined;
         this.adoptChannel(c.channel);
-        this.postcopy.recover(a.blocks, c.preempt);
+        this.postcopy.recover(a.blocks, c.preempt, c.connectPreempt);
         return;
       }
       case 'applyReceivedBitmap':
@@ -544,9 +549,13 @@ export class OutgoingMigration {
     this.dispatch({ type: 'pauseRequested' });
   }
 
-  /** migrate resume=true: carry on over new connections; throws StateError unless paused. */
-  resume(channel: Duplex, preempt?: Duplex): void {
-    this.resumeChannels = { channel, preempt };
+  /**
+   * migrate resume=true: carry on over new connections (with postcopy-preempt, the preempt one
+   * connected already in 7.2's setup, or how to connect it in the 8.0 setup); throws StateError
+   * unless paused.
+   */
+  resume(channel: Duplex, preempt?: Duplex, connectPreempt?: () => Promise<Duplex>): void {
+    this.resumeChannels = { channel, preempt, connectPreempt };
     try {
       this.dispatch({ type: 'resumeRequested' });
     } catch (err) {

@@ -40,6 +40,11 @@ export class PostcopySender {
   private postcopyBytes = 0;
   /** The preempt connection until postcopy starts (or a recovery resumes) and the page server takes it. */
   private preempt: Duplex | undefined;
+  /**
+   * The 8.0 preempt setup: the connection is opened here, at the switch to postcopy and on each
+   * recovery before POSTCOPY_RESUME, and ends with the migration (no EOS on it).
+   */
+  private connectPreempt: (() => Promise<Duplex>) | undefined;
   /** Answers requests on the preempt connection in its own thread; it boots with the migration. */
   private pageServer: PageServer | undefined;
   /** The page server letting go of a connection: the next one is attached after it. */
@@ -48,20 +53,28 @@ export class PostcopySender {
   private readonly before = { bytes: 0, requests: 0 };
   private realtimeRefusalTold = false;
 
-  constructor(m: OutgoingMigration, preempt: Duplex | undefined) {
+  constructor(m: OutgoingMigration, preempt: Duplex | undefined, connectPreempt: (() => Promise<Duplex>) | undefined) {
     this.m = m;
-    if (preempt !== undefined) {
-      // The page server thread writes to the connection's descriptor, which TLS rules out: with
-      // TLS, requested pages go first on the main channel and the preempt channel stays idle.
-      if ((preempt as { encrypted?: boolean }).encrypted !== true) this.pageServer = this.newPageServer();
-      this.holdPreempt(preempt);
-    }
+    this.connectPreempt = connectPreempt;
+    if (preempt !== undefined) this.takePreempt(preempt);
+    // The thread boots with the migration either way: booting it at the switch would leave the
+    // first requests of postcopy waiting for it.
+    else if (connectPreempt !== undefined) this.pageServer = this.newPageServer();
   }
 
   /** The switchover to postcopy, then background and requested pages until none is left. */
   async run(): Promise<void> {
     const m = this.m;
     const w = m.w;
+    // The 8.0 setup opens the preempt channel now, while the guest still runs here (as QEMU does,
+    // waiting for it before the switchover): a failure fails the migration, which is still precopy.
+    if (this.connectPreempt !== undefined) {
+      const channel = await this.connectPreempt().catch((err: Error) => {
+        throw TransportError.lost('preempt', `cannot open the postcopy-preempt channel: ${err.message}`, err);
+      });
+      this.takePreempt(channel);
+      m.expect('active');
+    }
     await m.precopy.stopGuest();
     m.expect('active');
     m.dispatch({ type: 'switchoverStarted', postcopy: true });
@@ -163,7 +176,9 @@ export class PostcopySender {
     writeEof(w);
     await m.flush();
     const server = this.pageServer;
-    if (server?.attached === true) await server.end();
+    // QEMU 7.2's setup ends the preempt channel with an EOS; in the 8.0 setup it just stays open
+    // until the migration is over.
+    if (server?.attached === true && this.connectPreempt === undefined) await server.end();
     await m.watch.until(() => m.state.status !== 'postcopy-active' || !m.state.ending);
     return m.state.status !== 'postcopy-paused' && m.state.status !== 'postcopy-recover' && m.state.status !== 'postcopy-active';
   }
@@ -197,10 +212,11 @@ export class PostcopySender {
   // ---- recovery ---------------------------------------------------------------------------------
 
   /** A recovery's first step, on the new main channel: RECV_BITMAP requests for every block. */
-  recover(blocks: readonly string[], preempt: Duplex | undefined): void {
+  recover(blocks: readonly string[], preempt: Duplex | undefined, connectPreempt: (() => Promise<Duplex>) | undefined): void {
     const m = this.m;
     this.requests.length = 0;
-    if (preempt !== undefined) this.holdPreempt(preempt);
+    this.connectPreempt = connectPreempt;
+    if (preempt !== undefined) this.takePreempt(preempt);
     for (const b of blocks) writeRecvBitmapRequest(m.w, b);
     void m.flush().catch(() => {});
   }
@@ -211,8 +227,32 @@ export class PostcopySender {
     this.m.ram.setDirtyFromReceived(i, bitmap);
   }
 
-  /** Every bitmap is in: POSTCOPY_RESUME (the stream carries on from a fresh block context). */
+  /**
+   * Every bitmap is in: POSTCOPY_RESUME (the stream carries on from a fresh block context). In
+   * the 8.0 setup the new preempt channel is opened first (a QEMU 10 destination, once resumed,
+   * waits for it before it reads on); failing to open it pauses again.
+   */
   sendResume(): void {
+    const connect = this.connectPreempt;
+    if (connect === undefined) return this.writeResume();
+    const m = this.m;
+    void connect().then(
+      (channel) => {
+        if (m.state.status !== 'postcopy-recover') {
+          channel.destroy();
+          return;
+        }
+        this.takePreempt(channel);
+        this.writeResume();
+      },
+      (err: Error) => {
+        if (m.state.status !== 'postcopy-recover') return;
+        m.dispatch({ type: 'faulted', error: TransportError.lost('preempt', `cannot open the postcopy-preempt channel: ${err.message}`, err) });
+      },
+    );
+  }
+
+  private writeResume(): void {
     const m = this.m;
     m.ram.forgetBlock();
     writeCommand(m.w, MigCmd.POSTCOPY_RESUME);
@@ -223,6 +263,14 @@ export class PostcopySender {
 
   private newPageServer(): PageServer {
     return new PageServer(this.m.guest, this.m.o.realtimePostcopy === true, (reason) => this.preemptLost(reason));
+  }
+
+  /** A new preempt connection, held until postcopy runs (again). */
+  private takePreempt(channel: Duplex): void {
+    // The page server thread writes to the connection's descriptor, which TLS rules out: with
+    // TLS, requested pages go first on the main channel and the preempt channel stays idle.
+    if (this.pageServer === undefined && (channel as { encrypted?: boolean }).encrypted !== true) this.pageServer = this.newPageServer();
+    this.holdPreempt(channel);
   }
 
   private holdPreempt(channel: Duplex): void {
@@ -242,6 +290,7 @@ export class PostcopySender {
     const m = this.m;
     m.limiter.setRate(m.o.parameters['max-postcopy-bandwidth'], m.now());
     const socket = this.preempt;
+    if (socket !== undefined && (socket as { encrypted?: boolean }).encrypted === true) return; // stays idle: see takePreempt
     this.preempt = undefined;
     if (socket === undefined || this.pageServer === undefined) return;
     if (!(socket instanceof net.Socket) || socket.destroyed) {
