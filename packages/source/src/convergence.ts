@@ -169,6 +169,13 @@ export function downtimeVerdict(downtimeMs: number, limitMs: number): { downtime
 
 export type NextStep = 'complete' | 'postcopy' | 'iterate';
 
+/**
+ * With nothing pending but a plan that does not fit (a slow round trip or stop on a loaded
+ * moment, or a limit below the fixed costs), how long to wait for the costs to come down before
+ * switching over anyway, as QEMU does at once: iterating cannot lower the costs, time may.
+ */
+export const NOTHING_PENDING_GRACE_MS = 1000;
+
 /** One loop turn's decision (QEMU's migration_iteration_run). */
 export function decideNext(input: {
   pendingBytes: number;
@@ -179,10 +186,13 @@ export function decideNext(input: {
   inPostcopy: boolean;
   /** switchover-ack: false until the destination's SWITCHOVER_ACK (source-machine's maySwitchOver). */
   canSwitchover?: boolean;
+  /** How long ago nothing was first found pending (ms); without it, nothing pending completes at once. */
+  nothingPendingForMs?: number;
 }): NextStep {
   const { pendingBytes, thresholdBytes } = input;
   const canSwitchover = input.canSwitchover ?? true;
-  if ((pendingBytes === 0 || pendingBytes < thresholdBytes) && canSwitchover) return 'complete';
+  const waitedEnough = input.nothingPendingForMs === undefined || input.nothingPendingForMs >= NOTHING_PENDING_GRACE_MS;
+  if (((pendingBytes === 0 && waitedEnough) || pendingBytes < thresholdBytes) && canSwitchover) return 'complete';
   if (!input.inPostcopy && input.postcopyRequested && input.mustPrecopyBytes <= thresholdBytes && canSwitchover) return 'postcopy';
   return 'iterate';
 }

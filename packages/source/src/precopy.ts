@@ -31,7 +31,7 @@ import {
   writeStreamHeader,
   writeVmdescription,
 } from '@livemig/protocol';
-import { decideNext } from './convergence.ts';
+import { BUFFER_DELAY_MS, decideNext } from './convergence.ts';
 import { type OutgoingMigration, RAM_SECTION_ID } from './migration.ts';
 
 /** Bytes encoded before each write to the channel (one writev). */
@@ -60,6 +60,10 @@ export class Precopy {
   /** Where the switchover's time went (ms since the guest was stopped, at the end of each step). */
   readonly switchoverPhases = { stopMs: 0, syncedMs: 0, ramSentMs: 0, devicesSavedMs: 0, allSentMs: 0 };
   private lastSyncTime: number;
+  /** When nothing was first found pending (ms), for decideNext's grace. */
+  private nothingPendingSince: number | undefined;
+  /** When the devices' trial save last ran (ms): at most once per bandwidth window. */
+  private deviceSaveMeasuredAt = -Infinity;
   /** Keepalive PINGs asked for by the machine, written before the next PART section. */
 
   constructor(m: OutgoingMigration) {
@@ -217,6 +221,7 @@ export class Precopy {
         pending = this.pendingExact();
         this.measureDeviceSave();
         threshold = m.switchoverThreshold();
+        if (pending === 0) this.nothingPendingSince ??= m.now();
       }
       m.expectedDowntime = m.expectDowntime(pending);
       // With postcopy-ram, RAM may go after the switch; other iterative devices must go before.
@@ -233,6 +238,7 @@ export class Precopy {
         postcopyRequested: m.state.postcopyRequested,
         inPostcopy: false,
         canSwitchover,
+        ...(this.nothingPendingSince === undefined ? {} : { nothingPendingForMs: m.now() - this.nothingPendingSince }),
       });
       if (step !== 'iterate') {
         m.switchoverPlan = { limitMs: m.o.parameters['downtime-limit'], expectedMs: m.expectedDowntime, pendingBytes: pending, cost: m.switchoverCost.cost, bytesPerMs: m.meter.conservative };
@@ -252,6 +258,8 @@ export class Precopy {
   private measureDeviceSave(): void {
     const m = this.m;
     const started = m.now();
+    if (started - this.deviceSaveMeasuredAt < BUFFER_DELAY_MS) return;
+    this.deviceSaveMeasuredAt = started;
     let bytes = 0;
     for (const { dev } of m.others) if (dev.saveState !== undefined) bytes += (dev.stateLength ?? 0) + DEVICE_SECTION_OVERHEAD;
     for (const dev of m.guest.devices) bytes += dev.save().length + DEVICE_SECTION_OVERHEAD;

@@ -13,6 +13,7 @@ import {
   decideNext,
   downtimeVerdict,
   expectedDowntimeMs,
+  NOTHING_PENDING_GRACE_MS,
   SWITCHOVER_MARGIN,
   type SwitchoverCost,
   SwitchoverCostMeter,
@@ -139,6 +140,14 @@ describe('decideNext', () => {
     assert.equal(decideNext({ ...base, pendingBytes: 4_999 }), 'complete');
     assert.equal(decideNext({ ...base, pendingBytes: 5_000 }), 'iterate', 'QEMU: pending < threshold');
     assert.equal(decideNext({ ...base, pendingBytes: 5_001 }), 'iterate');
+  });
+
+  it('with nothing pending but a plan that does not fit, waits up to the grace for the costs to come down, then completes', () => {
+    const nothing = { ...base, pendingBytes: 0, thresholdBytes: 0 };
+    assert.equal(decideNext({ ...nothing, nothingPendingForMs: 0 }), 'iterate');
+    assert.equal(decideNext({ ...nothing, nothingPendingForMs: NOTHING_PENDING_GRACE_MS - 1 }), 'iterate');
+    assert.equal(decideNext({ ...nothing, nothingPendingForMs: NOTHING_PENDING_GRACE_MS }), 'complete');
+    assert.equal(decideNext({ ...nothing, thresholdBytes: 1, nothingPendingForMs: 0 }), 'complete', 'a plan that fits: at once');
   });
 
   it('iterates while the threshold is still 0 (no window measured yet)', () => {
