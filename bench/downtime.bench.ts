@@ -1,5 +1,5 @@
 // Downtime against its limit (README "Downtime"): fresh source and destination processes per run,
-// a 256 MiB guest whose vCPU dirties memory at 100 MB/s (the incrementer, which converges on
+// a 128 MiB guest whose vCPU dirties memory at 100 MB/s (the incrementer, which converges on
 // loopback) and the VFIO device, migrated at downtime-limit 100 ms and 300 ms. Prints the measured
 // downtime's p50 / p95 / max, the share of runs within the limit (goal ≥ 95 %), and where the
 // slowest run's downtime went. Next to it: how often this machine takes a CPU away for over
@@ -14,7 +14,7 @@ import { type Child, connectQmp, DESTINATION_MAIN, incomingAddress, SOURCE_MAIN,
 
 const LIMITS_MS = [100, 300];
 const RUNS = Number(process.env['LIVEMIG_BENCH_DOWNTIME_RUNS'] ?? 20);
-const GUEST = ['-m', '256M', '--workload', 'incrementer'];
+const GUEST = ['-m', '128M', '--workload', 'incrementer'];
 
 interface Switchover {
   'expected-downtime': number;
