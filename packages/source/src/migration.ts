@@ -437,7 +437,8 @@ export class OutgoingMigration {
       const v = downtimeVerdict(this.downtime, this.downtimeLimitMs);
       const seconds = this.totalTime / 1000;
       const within = v.overshootMs > 0 ? `OVER the ${v.limitMs} ms limit by ${v.overshootMs} ms` : `within the ${v.limitMs} ms limit`;
-      this.o.log.info(
+      // One summary line; a broken downtime promise is a warning.
+      this.o.log[v.overshootMs > 0 ? 'warn' : 'info'](
         {
           totalMs: Math.round(this.totalTime),
           downtimeMs: v.downtimeMs,
