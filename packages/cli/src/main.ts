@@ -40,7 +40,8 @@ commands:
       continued the destination guest runs on with a consistent pattern.
       --multifd N moves the pages on N multifd channels instead of the one
       stream (faster: the destination's kernel reads them into guest RAM).
-      exit status 0 when verified, 1 otherwise.
+      exit status 0 when verified with the downtime within its limit, 3 when
+      verified but the downtime exceeded the limit (VERDICT: OVER), 1 otherwise.
 
   info --qmp ADDR [--completed] [--json]
       A migration's job info, as "virsh domjobinfo" shows it: connects to a
