@@ -30,6 +30,25 @@ export class DemoError extends Error {
   }
 }
 
+/** `livemig demo`'s exit status when verified but the downtime exceeded its limit. */
+export const EXIT_DOWNTIME_OVER = 3;
+
+/**
+ * The demo's last line and exit status: FAIL (1) when the destination does not hold the source
+ * guest or does not run on; OVER (3) when it does but the downtime broke its limit, a promise
+ * the migration did not keep; PASS (0) only when both hold.
+ */
+export function demoVerdict(verified: boolean, downtimeMs: number, limitMs: number): { line: string; status: number } {
+  if (!verified) return { line: 'VERDICT: FAIL', status: 1 };
+  if (downtimeMs > limitMs) {
+    return {
+      line: `VERDICT: OVER — downtime ${downtimeMs} ms exceeded the ${limitMs} ms limit by ${downtimeMs - limitMs} ms (the destination holds exactly the source guest and runs on)`,
+      status: EXIT_DOWNTIME_OVER,
+    };
+  }
+  return { line: `VERDICT: PASS — the destination holds exactly the source guest and runs on, downtime ${downtimeMs} ms within the ${limitMs} ms limit`, status: 0 };
+}
+
 export interface DemoOptions {
   memory: string;
   workload: string;
@@ -200,6 +219,7 @@ export async function runDemo(o: DemoOptions): Promise<number> {
       'total-time'?: number;
       'setup-time'?: number;
       downtime?: number;
+      'x-downtime-limit'?: number;
       'error-desc'?: string;
       ram?: { transferred: number; remaining: number; total: number; mbps: number; 'dirty-sync-count': number; duplicate: number; normal: number; 'multifd-bytes': number };
       'x-progress'?: { fraction: number; 'eta-ms': number | null; basis: Progress['basis'] };
@@ -255,7 +275,9 @@ export async function runDemo(o: DemoOptions): Promise<number> {
     say('');
     say('summary');
     say(`  total time        ${info['total-time']} ms (setup ${info['setup-time']} ms)`);
-    say(`  downtime          ${info.downtime} ms (source stopped → destination loaded and confirmed)`);
+    const limitMs = info['x-downtime-limit'] ?? o.downtimeLimitMs;
+    const downtimeMs = info.downtime ?? 0;
+    say(`  downtime          ${downtimeMs} ms of a ${limitMs} ms limit${downtimeMs > limitMs ? `, OVER by ${downtimeMs - limitMs} ms` : ''} (source stopped → destination loaded and confirmed)`);
     say(`  transferred       ${gib(r.transferred)} for ${gib(r.total)} of RAM (${r.normal} pages, ${r.duplicate} zero pages)`);
     if (o.multifdChannels > 0) say(`  multifd           ${gib(r['multifd-bytes'])} of it on ${o.multifdChannels} channel(s), read straight into guest RAM`);
     say(`  throughput        ${seconds > 0 ? formatGiBps(r.transferred / seconds) : '-'} average`);
@@ -301,9 +323,10 @@ export async function runDemo(o: DemoOptions): Promise<number> {
     const consistentAfter = after.pattern.consistent !== false;
     say(`  after cont, 1 s of running on the destination: memory ${o.workload === 'idle' ? 'idle guest' : changed ? 'kept changing' : 'DID NOT CHANGE'}, pattern ${after.pattern.consistent === null ? 'n/a' : consistentAfter ? 'consistent' : 'BROKEN'}`);
     const ok = same && devicesSame && patternBefore.consistent !== false && changed && consistentAfter;
+    const verdict = demoVerdict(ok, downtimeMs, limitMs);
     say('');
-    say(ok ? 'VERDICT: PASS — the destination holds exactly the source guest and runs on' : 'VERDICT: FAIL');
-    return ok ? 0 : 1;
+    say(verdict.line);
+    return verdict.status;
   } finally {
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);

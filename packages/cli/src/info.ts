@@ -25,6 +25,9 @@ export interface QueryMigrate {
   'total-time'?: number;
   'setup-time'?: number;
   downtime?: number;
+  /** livemig: the limit the switchover was planned for, and by how much the downtime exceeded it (ms). */
+  'x-downtime-limit'?: number;
+  'x-downtime-overshoot'?: number;
   'expected-downtime'?: number;
   'cpu-throttle-percentage'?: number;
   ram?: {
@@ -112,6 +115,10 @@ export function infoTable(info: QueryMigrate, completed: boolean): string {
       );
     }
     if (info.downtime !== undefined) rows.push(['Total downtime', ms(info.downtime)]);
+    if (info['x-downtime-limit'] !== undefined) {
+      const over = info['x-downtime-overshoot'];
+      rows.push(['Downtime limit', `${ms(info['x-downtime-limit'])}${over === undefined ? ' (kept)' : ` (OVER by ${ms(over)})`}`]);
+    }
     if (info['expected-downtime'] !== undefined) rows.push(['Expected downtime', ms(info['expected-downtime'])]);
     rows.push(['Setup time', ms(info['setup-time'])]);
     if (info['cpu-throttle-percentage'] !== undefined) rows.push(['Auto converge throttle', `${info['cpu-throttle-percentage']} %`]);

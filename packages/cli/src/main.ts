@@ -50,7 +50,9 @@ commands:
       --downtime-limit-max (default 2000), and at the max, or once
       --completion-timeout-per-gib MS per GiB of guest RAM have passed, the
       last step: postcopy (turned on for it), cancel, or none (default).
-      exit status 0 when verified, 1 otherwise (a cancel included).
+      exit status 0 when verified with the downtime within its limit, 3 when
+      verified but the downtime exceeded the limit (VERDICT: OVER), 1
+      otherwise (a cancel included).
 
   info --qmp ADDR [--completed] [--json]
       A migration's job info, as "virsh domjobinfo" shows it: connects to a

@@ -516,8 +516,32 @@ class SourceProcess {
     const now = performance.now();
     out['total-time'] = Math.round(m.status === 'completed' ? m.totalTime : now - m.startTime);
     out['setup-time'] = Math.round(m.setupTime);
-    if (m.status === 'completed') out['downtime'] = Math.round(m.downtime);
-    else out['expected-downtime'] = Math.round(m.expectedDowntime);
+    if (m.status === 'completed') {
+      out['downtime'] = Math.round(m.downtime);
+      // livemig's: the limit the switchover was planned for, and by how much the downtime exceeded it.
+      out['x-downtime-limit'] = m.downtimeLimitMs;
+      if (m.downtimeOvershootMs > 0) out['x-downtime-overshoot'] = m.downtimeOvershootMs;
+      const plan = m.switchoverPlan;
+      const p = m.precopy.switchoverPhases;
+      if (plan !== undefined && p.allSentMs > 0) {
+        // The plan, and where the downtime went: each step as ms since the guest was stopped (README "Downtime").
+        out['x-switchover'] = {
+          'expected-downtime': Math.round(plan.expectedMs),
+          'pending-bytes': plan.pendingBytes,
+          'bytes-per-second': Math.round(plan.bytesPerMs * 1000),
+          'planned-stop': Math.round(plan.cost.stopMs),
+          'planned-sync': Math.round(plan.cost.syncMs),
+          'planned-device-save': Math.round(plan.cost.deviceSaveMs),
+          'device-state-bytes': plan.cost.deviceStateBytes,
+          'planned-round-trip': Math.round(plan.cost.roundTripMs),
+          stopped: Math.round(p.stopMs),
+          synced: Math.round(p.syncedMs),
+          'ram-sent': Math.round(p.ramSentMs),
+          'devices-saved': Math.round(p.devicesSavedMs),
+          'all-sent': Math.round(p.allSentMs),
+        };
+      }
+    } else out['expected-downtime'] = Math.round(m.expectedDowntime);
     out['ram'] = m.ramInfo();
     if (m.ram.xbzrle !== undefined) {
       const c = m.ram.xbzrle;

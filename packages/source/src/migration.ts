@@ -35,7 +35,8 @@ import {
   TARGET_PAGE_SIZE,
 } from '@livemig/protocol';
 import type { Guest, IterativeDevice } from '@livemig/guest';
-import { AutoConverge, BandwidthMeter } from './convergence.ts';
+import { formatGiB, formatGiBps } from '@livemig/machine';
+import { AutoConverge, BandwidthMeter, downtimeVerdict, expectedDowntimeMs, type SwitchoverCost, SwitchoverCostMeter, switchoverThresholdBytes } from './convergence.ts';
 import { MultifdSender } from './multifd-sender.ts';
 import { PostcopySender } from './postcopy-sender.ts';
 import { Precopy } from './precopy.ts';
@@ -145,6 +146,8 @@ export class OutgoingMigration {
   expectedDowntime = 0;
   /** When the guest was stopped for the switchover (downtime starts). */
   stopTime = 0;
+  /** The switchover as it was decided: the downtime-limit it was planned for and the downtime expected then (ms). */
+  switchoverPlan: { limitMs: number; expectedMs: number; pendingBytes: number; cost: SwitchoverCost; bytesPerMs: number } | undefined;
   readonly o: OutgoingOptions;
   readonly now: () => number;
   readonly guest: Guest;
@@ -159,6 +162,8 @@ export class OutgoingMigration {
   readonly others: { dev: IterativeDevice; sectionId: number }[];
   readonly limiter: RateLimiter;
   readonly meter: BandwidthMeter;
+  /** What the switchover costs besides the pending bytes, measured as the migration goes. */
+  readonly switchoverCost: SwitchoverCostMeter;
   readonly converge: AutoConverge;
   /** livemig's convergence policy (x-livemig-no-progress-timeout …), consulted on each precopy turn. */
   readonly policy: ConvergencePolicy;
@@ -207,6 +212,7 @@ export class OutgoingMigration {
     this.converge = new AutoConverge(this.startTime);
     this.policy = new ConvergencePolicy(this.startTime, options.guest.ram.totalBytes);
     const returnPath = options.capabilities['return-path'] || options.capabilities['postcopy-ram'];
+    this.switchoverCost = new SwitchoverCostMeter(returnPath);
     const blocks = options.guest.ram.blocks;
     this.state = initialSourceState({
       returnPath,
@@ -221,6 +227,10 @@ export class OutgoingMigration {
     this.returnPath = returnPath
       ? new ReturnPathReader(blocks, (e) => {
           if (e.type === 'returnPathHeard') this.lastProgressAt = this.now();
+          if (e.type === 'pongReceived') {
+            const ms = this.keepalivePings.answered(e.value, this.now());
+            if (ms !== undefined) this.switchoverCost.noteRoundTrip(ms);
+          }
           this.dispatch(e);
         })
       : undefined;
@@ -252,6 +262,31 @@ export class OutgoingMigration {
 
   get throttlePercent(): number {
     return this.converge.percent;
+  }
+
+  /** Bytes the guest dirties per millisecond (at the last sync). */
+  private get dirtyBytesPerMs(): number {
+    return (this.precopy.dirtyRate * TARGET_PAGE_SIZE) / 1000;
+  }
+
+  /** The most that may be pending for a switchover now to keep the downtime limit (bytes). */
+  switchoverThreshold(): number {
+    return switchoverThresholdBytes(this.o.parameters['downtime-limit'], this.switchoverCost.cost, this.meter.conservative, this.dirtyBytesPerMs);
+  }
+
+  /** Downtime a switchover now would take with `pendingBytes` left (ms, with the margin). */
+  expectDowntime(pendingBytes: number): number {
+    return expectedDowntimeMs(pendingBytes, this.switchoverCost.cost, this.meter.conservative, this.dirtyBytesPerMs);
+  }
+
+  /** The downtime-limit the switchover was planned for (the parameter as it is, before one). */
+  get downtimeLimitMs(): number {
+    return this.switchoverPlan?.limitMs ?? this.o.parameters['downtime-limit'];
+  }
+
+  /** By how much the downtime exceeded its limit (ms; 0 within it or before the end). */
+  get downtimeOvershootMs(): number {
+    return this.state.status === 'completed' ? downtimeVerdict(this.downtime, this.downtimeLimitMs).overshootMs : 0;
   }
 
   // ---- the machine ------------------------------------------------------------------------------
@@ -413,9 +448,22 @@ export class OutgoingMigration {
       // Downtime ends when the destination runs the guest: SHUT (precopy) or PONG 4 after RUN (postcopy).
       this.downtime = (s.runConfirmedAt ?? this.now()) - this.stopTime;
       this.guest.setRunState('postmigrate');
-      this.o.log.info(
-        { totalMs: Math.round(this.totalTime), downtimeMs: Math.round(this.downtime), bytes: this.transferred, passes: this.ram.stats.dirtySyncCount },
-        'migration completed',
+      const v = downtimeVerdict(this.downtime, this.downtimeLimitMs);
+      const seconds = this.totalTime / 1000;
+      const within = v.overshootMs > 0 ? `OVER the ${v.limitMs} ms limit by ${v.overshootMs} ms` : `within the ${v.limitMs} ms limit`;
+      // One summary line; a broken downtime promise is a warning.
+      this.o.log[v.overshootMs > 0 ? 'warn' : 'info'](
+        {
+          totalMs: Math.round(this.totalTime),
+          downtimeMs: v.downtimeMs,
+          downtimeLimitMs: v.limitMs,
+          ...(v.overshootMs > 0 ? { downtimeOvershootMs: v.overshootMs } : {}),
+          expectedDowntimeMs: Math.round(this.switchoverPlan?.expectedMs ?? 0),
+          bytes: this.transferred,
+          passes: this.ram.stats.dirtySyncCount,
+        },
+        `migration completed in ${Math.round(this.totalTime)} ms: downtime ${v.downtimeMs} ms, ${within}; ` +
+          `${formatGiB(this.transferred)} sent at ${seconds > 0 ? formatGiBps(this.transferred / seconds) : '-'}, ${this.ram.stats.dirtySyncCount} passes`,
       );
     }
   }

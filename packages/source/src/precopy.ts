@@ -31,7 +31,7 @@ import {
   writeStreamHeader,
   writeVmdescription,
 } from '@livemig/protocol';
-import { decideNext } from './convergence.ts';
+import { BUFFER_DELAY_MS, decideNext } from './convergence.ts';
 import { type OutgoingMigration, RAM_SECTION_ID } from './migration.ts';
 
 /** Bytes encoded before each write to the channel (one writev). */
@@ -40,6 +40,8 @@ export const BATCH_BYTES = 1024 * 1024;
 export const MAX_ITERATION_MS = 50;
 /** Bytes one PART section of a non-RAM iterative device may carry. */
 const DEVICE_PART_BYTES = 1024 * 1024;
+/** A FULL section's framing around its data: header with an idstr of up to 255 bytes, and footer. */
+const DEVICE_SECTION_OVERHEAD = 1 + 4 + 1 + 255 + 4 + 4 + 1 + 4;
 /** Section ids of the non-iterative devices' FULL sections. */
 const FIRST_DEVICE_SECTION_ID = 100;
 
@@ -55,7 +57,13 @@ export class Precopy {
   pagesPerSecond = 0;
   precopyBytes = 0;
   downtimeBytes = 0;
+  /** Where the switchover's time went (ms since the guest was stopped, at the end of each step). */
+  readonly switchoverPhases = { stopMs: 0, syncedMs: 0, ramSentMs: 0, devicesSavedMs: 0, allSentMs: 0 };
   private lastSyncTime: number;
+  /** When nothing was first found pending (ms), for decideNext's grace. */
+  private nothingPendingSince: number | undefined;
+  /** When the devices' trial save last ran (ms): at most once per bandwidth window. */
+  private deviceSaveMeasuredAt = -Infinity;
   /** Keepalive PINGs asked for by the machine, written before the next PART section. */
 
   constructor(m: OutgoingMigration) {
@@ -166,6 +174,8 @@ export class Precopy {
     const m = this.m;
     const now = m.now();
     const added = m.ram.sync();
+    // The switchover starts with one of these, with the guest stopped.
+    m.switchoverCost.noteSync(m.now() - now);
     const pending = m.ram.pendingEstimate();
     const elapsed = (now - this.lastSyncTime) / 1000;
     if (elapsed > 0) this.dirtyRate = added / elapsed;
@@ -173,7 +183,7 @@ export class Precopy {
     m.converge.addDirty(added);
     m.o.events.pass(m.ram.stats.dirtySyncCount);
     m.o.log.debug(
-      { pass: m.ram.stats.dirtySyncCount, newlyDirty: added, pending, sent: m.transferred, thresholdBytes: Math.round(m.meter.threshold), ms: Math.round(now - m.startTime) },
+      { pass: m.ram.stats.dirtySyncCount, newlyDirty: added, pending, sent: m.transferred, thresholdBytes: Math.round(m.switchoverThreshold()), ms: Math.round(now - m.startTime) },
       'dirty sync',
     );
     const p = m.o.parameters;
@@ -204,13 +214,21 @@ export class Precopy {
     for (;;) {
       m.expect('active');
       let pending = this.pending();
-      // The exact figure costs a dirty sync: ask for it only when the estimate says we may be done.
-      if (pending < m.meter.threshold) pending = this.pendingExact();
-      m.expectedDowntime = m.meter.expectedDowntime(pending);
+      let threshold = m.switchoverThreshold();
+      // The exact figure costs a dirty sync: ask for it only when the estimate says we may be done
+      // (nothing known to be dirty is such a case: the guest may have dirtied much since the last sync).
+      if (pending === 0 || pending < threshold) {
+        pending = this.pendingExact();
+        this.measureDeviceSave();
+        threshold = m.switchoverThreshold();
+        if (pending === 0) this.nothingPendingSince ??= m.now();
+      }
+      m.expectedDowntime = m.expectDowntime(pending);
       // May raise downtime-limit, ask for postcopy (decideNext below starts it) or cancel (the
       // next expect() stops this thread).
       m.applyConvergencePolicy(pending);
       m.expect('active');
+      threshold = m.switchoverThreshold();
       // With postcopy-ram, RAM may go after the switch; other iterative devices must go before.
       let mustPrecopy = pending;
       if (m.o.capabilities['postcopy-ram']) {
@@ -220,18 +238,37 @@ export class Precopy {
       const canSwitchover = maySwitchOver(m.state, m.guest.running);
       const step = decideNext({
         pendingBytes: pending,
-        thresholdBytes: m.meter.threshold,
+        thresholdBytes: threshold,
         mustPrecopyBytes: mustPrecopy,
         postcopyRequested: m.state.postcopyRequested,
         inPostcopy: false,
         canSwitchover,
+        ...(this.nothingPendingSince === undefined ? {} : { nothingPendingForMs: m.now() - this.nothingPendingSince }),
       });
-      if (step !== 'iterate') return step;
+      if (step !== 'iterate') {
+        m.switchoverPlan = { limitMs: m.o.parameters['downtime-limit'], expectedMs: m.expectedDowntime, pendingBytes: pending, cost: m.switchoverCost.cost, bytesPerMs: m.meter.conservative };
+        return step;
+      }
       await this.partSection();
       await this.devicePartSections();
       // Converged but waiting for the destination's SWITCHOVER_ACK: no busy loop while nothing is dirty.
-      if (!canSwitchover && (pending === 0 || pending < m.meter.threshold)) await m.watch.next(MAX_ITERATION_MS);
+      if (!canSwitchover && (pending === 0 || pending < threshold)) await m.watch.next(MAX_ITERATION_MS);
     }
+  }
+
+  /**
+   * A trial save of the non-iterative devices (they only read their state): how long it takes
+   * and how many bytes it makes, with the iterative devices' FULL sections, for the plan.
+   */
+  private measureDeviceSave(): void {
+    const m = this.m;
+    const started = m.now();
+    if (started - this.deviceSaveMeasuredAt < BUFFER_DELAY_MS) return;
+    this.deviceSaveMeasuredAt = started;
+    let bytes = 0;
+    for (const { dev } of m.others) if (dev.saveState !== undefined) bytes += (dev.stateLength ?? 0) + DEVICE_SECTION_OVERHEAD;
+    for (const dev of m.guest.devices) bytes += dev.save().length + DEVICE_SECTION_OVERHEAD;
+    m.switchoverCost.noteDeviceSave(m.now() - started, bytes);
   }
 
   /** One PART section per other iterative device, under the same rate limit. */
@@ -261,7 +298,7 @@ export class Precopy {
     const w = m.w;
     const started = m.now();
     // Its PONG proves the link end to end (QEMU 7.2 answers PINGs too once the return path is open).
-    m.keepalivePings.writeDue(w);
+    m.keepalivePings.writeDue(w, m.now());
     writeSectionHeader(w, { kind: 'part', sectionId: RAM_SECTION_ID });
     const deadline = (): boolean => m.now() - started >= MAX_ITERATION_MS;
     const pagesBefore = this.pagesSent();
@@ -287,7 +324,7 @@ export class Precopy {
     await m.flush();
     const now = m.now();
     if (now > started) this.pagesPerSecond = ((this.pagesSent() - pagesBefore) * 1000) / (now - started);
-    m.meter.update(now, m.o.parameters['downtime-limit']);
+    m.meter.update(now);
     await this.sleepWhileActive(m.limiter.delayFor(Math.min(BATCH_BYTES, m.limiter.burstBytes), now));
   }
 
@@ -311,6 +348,8 @@ export class Precopy {
     if (m.o.cprExec !== undefined) m.guest.globalState.runstate = m.guest.running ? 'running' : 'paused';
     if (m.guest.running) {
       await m.guest.stop('finish-migrate');
+      this.switchoverPhases.stopMs = m.now() - m.stopTime;
+      m.switchoverCost.noteStop(this.switchoverPhases.stopMs);
       m.o.events.stop();
     } else {
       m.guest.setRunState('finish-migrate');
@@ -367,6 +406,8 @@ export class Precopy {
     // After the hold, as QEMU sends it: the switchover really starts now.
     this.writeSwitchoverStart();
     this.syncDirty();
+    const phases = this.switchoverPhases;
+    phases.syncedMs = m.now() - m.stopTime;
     const startBytes = m.transferred;
     writeSectionHeader(w, { kind: 'end', sectionId: RAM_SECTION_ID });
     for (;;) {
@@ -378,8 +419,10 @@ export class Precopy {
     await this.multifdSync(true);
     writeEos(w);
     writeSectionFooter(w, RAM_SECTION_ID);
+    phases.ramSentMs = m.now() - m.stopTime;
     await this.endOtherDevices();
     const described = this.writeDeviceSections(w);
+    phases.devicesSavedMs = m.now() - m.stopTime;
     writeEof(w);
     const prefixed = [...m.others.map((o) => o.dev), ...m.guest.devices]
       .filter((d) => d.layout === 'be32-prefixed')
@@ -392,6 +435,7 @@ export class Precopy {
     // as these last bytes are out, so the machine waits for it from here on.
     if (m.state.returnPath) m.dispatch({ type: 'finalStateSent' });
     await m.flush();
+    phases.allSentMs = m.now() - m.stopTime;
     this.downtimeBytes = m.transferred - startBytes;
     m.o.log.debug({ ms: Math.round(m.now() - m.startTime), stopMs: Math.round(m.now() - m.stopTime), downtimeBytes: this.downtimeBytes }, 'final state sent');
     if (!m.state.returnPath) {

@@ -147,7 +147,7 @@ export class TimelineRecorder {
       totalTimeMs: Math.round(m.totalTime),
       setupTimeMs: Math.round(m.setupTime),
       downtimeMs: completed ? Math.round(m.downtime) : null,
-      downtimeLimitMs: m.o.parameters['downtime-limit'],
+      downtimeLimitMs: m.downtimeLimitMs,
       transferredBytes: m.ramInfo().transferred,
       passes: m.ram.stats.dirtySyncCount,
       errorDesc: m.errorDesc ?? null,

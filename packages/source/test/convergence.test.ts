@@ -4,51 +4,128 @@
 
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
-import { AutoConverge, BUFFER_DELAY_MS, BandwidthMeter, decideNext, type ThrottleParameters } from '../src/convergence.ts';
+import {
+  AutoConverge,
+  BUFFER_DELAY_MS,
+  BandwidthMeter,
+  DEFAULT_ROUND_TRIP_MS,
+  DEFAULT_STOP_MS,
+  decideNext,
+  downtimeVerdict,
+  expectedDowntimeMs,
+  NOTHING_PENDING_GRACE_MS,
+  SWITCHOVER_MARGIN,
+  type SwitchoverCost,
+  SwitchoverCostMeter,
+  switchoverThresholdBytes,
+  type ThrottleParameters,
+} from '../src/convergence.ts';
 
 describe('BandwidthMeter', () => {
   it('measures nothing until a 100 ms window has passed', () => {
     const m = new BandwidthMeter(1_000);
     m.add(50_000);
-    assert.equal(m.update(1_099, 300), false);
+    assert.equal(m.update(1_099), false);
     assert.equal(m.bandwidth, 0);
-    assert.equal(m.threshold, 0);
-    assert.equal(m.expectedDowntime(1_000_000), 0, 'no estimate before the first window');
+    assert.equal(m.conservative, 0, 'nothing to plan with before the first window');
   });
 
-  it('closes the window at 100 ms: bytes/ms, the downtime threshold in bytes, and Mbit/s', () => {
+  it('closes the window at 100 ms: bytes/ms and Mbit/s', () => {
     const m = new BandwidthMeter(1_000);
     m.add(600_000);
     m.add(400_000);
-    assert.equal(m.update(1_000 + BUFFER_DELAY_MS, 300), true);
+    assert.equal(m.update(1_000 + BUFFER_DELAY_MS), true);
     assert.equal(m.bandwidth, 10_000); // 1,000,000 bytes in 100 ms
-    assert.equal(m.threshold, 3_000_000); // what fits in 300 ms at that rate
     assert.equal(m.mbps, 80); // 10 MB/s = 80 Mbit/s
-    assert.equal(m.expectedDowntime(2_500_000), 250);
+    assert.equal(m.conservative, 10_000, 'one window: it is the estimate');
   });
 
-  it('divides by the time that really passed, and starts the next window from zero', () => {
+  it('divides by the time that really passed; an empty window shows in the last figure, not in the estimate', () => {
     const m = new BandwidthMeter(0);
     m.add(1_000_000);
-    assert.equal(m.update(250, 100), true);
+    assert.equal(m.update(250), true);
     assert.equal(m.bandwidth, 4_000);
-    assert.equal(m.threshold, 400_000);
-    // Nothing sent in the next window: the measurement drops to 0, not kept from before.
-    assert.equal(m.update(300, 100), false);
+    assert.equal(m.update(300), false);
     assert.equal(m.bandwidth, 4_000, 'a window still open changes nothing');
-    assert.equal(m.update(350, 100), true);
+    assert.equal(m.update(350), true);
     assert.equal(m.bandwidth, 0);
-    assert.equal(m.threshold, 0);
+    assert.equal(m.conservative, 4_000, 'nothing to send says nothing about the link');
   });
 
-  it('uses the downtime limit given at each update', () => {
+  it('plans with the 25th percentile of the last 10 windows, not the last (fastest) one', () => {
     const m = new BandwidthMeter(0);
-    m.add(100_000);
-    m.update(100, 500);
-    assert.equal(m.threshold, 500_000);
-    m.add(100_000);
-    m.update(200, 20);
-    assert.equal(m.threshold, 20_000);
+    // Windows at 1, 2, …, 12 × 1000 bytes/ms: the first two fall out of the last 10.
+    for (let i = 1; i <= 12; i++) {
+      m.add(i * 100_000);
+      m.update(i * 100);
+    }
+    assert.equal(m.bandwidth, 12_000);
+    // Windows 3…12 sorted: index floor(9 / 4) = 2 → 5,000.
+    assert.equal(m.conservative, 5_000);
+    // One burst (say into empty socket buffers) does not move it.
+    m.add(100_000_000);
+    m.update(1_300);
+    assert.equal(m.bandwidth, 1_000_000);
+    assert.equal(m.conservative, 6_000);
+  });
+});
+
+describe('the switchover plan', () => {
+  const cost: SwitchoverCost = { stopMs: 10, syncMs: 2, deviceSaveMs: 3, deviceStateBytes: 50_000, roundTripMs: 5 };
+
+  it('expects the fixed costs plus every byte left at the bandwidth, with the margin', () => {
+    // 20 ms fixed; (950,000 + 50,000 + 10 ms × 100 bytes/ms) / 10,000 bytes/ms = 100.1 ms.
+    assert.equal(expectedDowntimeMs(950_000, cost, 10_000, 100), (20 + 100.1) * SWITCHOVER_MARGIN);
+    assert.equal(expectedDowntimeMs(0, cost, 0), 20 * SWITCHOVER_MARGIN, 'no bandwidth yet: only the fixed costs are known');
+  });
+
+  it("the threshold is the pending size at which the expectation meets the limit", () => {
+    const limit = 300;
+    const t = switchoverThresholdBytes(limit, cost, 10_000, 100);
+    // 300 / 1.25 = 240 ms; 220 ms for bytes: 2,200,000 − 50,000 device bytes − 1,000 dirtied while stopping.
+    assert.equal(t, 2_149_000);
+    assert.ok(Math.abs(expectedDowntimeMs(t, cost, 10_000, 100) - limit) < 1e-9);
+    assert.ok(expectedDowntimeMs(t - 1, cost, 10_000, 100) < limit);
+  });
+
+  it('is 0 (iterate) when the fixed costs alone do not fit, or no bandwidth is measured', () => {
+    assert.equal(switchoverThresholdBytes(20, cost, 10_000), 0, '20 ms × 1.25 = 25 ms > 20 ms');
+    assert.equal(switchoverThresholdBytes(300, cost, 0), 0);
+    assert.equal(switchoverThresholdBytes(300, { ...cost, deviceStateBytes: 10_000_000 }, 10_000), 0, 'device state alone too big');
+  });
+
+  it('a bigger device state or a slower round trip lowers the threshold by exactly its cost', () => {
+    const t = switchoverThresholdBytes(300, cost, 10_000);
+    assert.equal(t - switchoverThresholdBytes(300, { ...cost, deviceStateBytes: 150_000 }, 10_000), 100_000);
+    assert.equal(t - switchoverThresholdBytes(300, { ...cost, roundTripMs: 15 }, 10_000), 100_000, '10 ms at 10,000 bytes/ms');
+    assert.equal(t - switchoverThresholdBytes(300, { ...cost, deviceSaveMs: 13 }, 10_000), 100_000);
+  });
+});
+
+describe('SwitchoverCostMeter', () => {
+  it('defaults before anything is measured; no round trip without a return path', () => {
+    assert.deepEqual(new SwitchoverCostMeter(true).cost, { stopMs: DEFAULT_STOP_MS, syncMs: 0, deviceSaveMs: 0, deviceStateBytes: 0, roundTripMs: DEFAULT_ROUND_TRIP_MS });
+    assert.equal(new SwitchoverCostMeter(false).cost.roundTripMs, 0);
+  });
+
+  it('plans with the largest of the last 4 samples of each cost, and the last device save', () => {
+    const c = new SwitchoverCostMeter(true);
+    for (const ms of [40, 3, 5, 4, 6]) c.noteRoundTrip(ms);
+    c.noteSync(2);
+    c.noteSync(1);
+    c.noteStop(1);
+    c.noteDeviceSave(2, 9_000);
+    c.noteDeviceSave(1, 8_000);
+    assert.deepEqual(c.cost, { stopMs: 1, syncMs: 2, deviceSaveMs: 1, deviceStateBytes: 8_000, roundTripMs: 6 }, 'the 40 ms round trip has aged out');
+  });
+});
+
+describe('downtimeVerdict', () => {
+  it('rounds the downtime to whole ms, as query-migrate shows it, and the overshoot is what exceeds the limit', () => {
+    assert.deepEqual(downtimeVerdict(99.6, 100), { downtimeMs: 100, limitMs: 100, overshootMs: 0 });
+    assert.deepEqual(downtimeVerdict(100.5, 100), { downtimeMs: 101, limitMs: 100, overshootMs: 1 });
+    assert.deepEqual(downtimeVerdict(481.2, 300), { downtimeMs: 481, limitMs: 300, overshootMs: 181 });
+    assert.deepEqual(downtimeVerdict(0.2, 0), { downtimeMs: 0, limitMs: 0, overshootMs: 0 });
   });
 });
 
@@ -63,6 +140,14 @@ describe('decideNext', () => {
     assert.equal(decideNext({ ...base, pendingBytes: 4_999 }), 'complete');
     assert.equal(decideNext({ ...base, pendingBytes: 5_000 }), 'iterate', 'QEMU: pending < threshold');
     assert.equal(decideNext({ ...base, pendingBytes: 5_001 }), 'iterate');
+  });
+
+  it('with nothing pending but a plan that does not fit, waits up to the grace for the costs to come down, then completes', () => {
+    const nothing = { ...base, pendingBytes: 0, thresholdBytes: 0 };
+    assert.equal(decideNext({ ...nothing, nothingPendingForMs: 0 }), 'iterate');
+    assert.equal(decideNext({ ...nothing, nothingPendingForMs: NOTHING_PENDING_GRACE_MS - 1 }), 'iterate');
+    assert.equal(decideNext({ ...nothing, nothingPendingForMs: NOTHING_PENDING_GRACE_MS }), 'complete');
+    assert.equal(decideNext({ ...nothing, thresholdBytes: 1, nothingPendingForMs: 0 }), 'complete', 'a plan that fits: at once');
   });
 
   it('iterates while the threshold is still 0 (no window measured yet)', () => {

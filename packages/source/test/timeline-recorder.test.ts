@@ -21,6 +21,7 @@ function fakeMigration() {
     setupTime: 3,
     downtime: 0,
     expectedDowntime: 0,
+    downtimeLimitMs: 300,
     throttlePercent: 0,
     errorDesc: undefined as string | undefined,
     transferred: 0,
