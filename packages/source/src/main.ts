@@ -352,6 +352,9 @@ class SourceProcess {
           return undefined;
         }
         this.connecting = undefined;
+        // A limit the policy stepped up serves this migration only: the operator's comes back at its end.
+        const operatorDowntimeLimit = settings.parameters['downtime-limit'];
+        let steppedDowntimeLimit: number | undefined;
         const m = new OutgoingMigration({
           guest: this.guest,
           capabilities,
@@ -371,6 +374,10 @@ class SourceProcess {
             status: (s) => {
               this.timeline?.statusChanged(s);
               if (s !== 'setup') emitStatus(s);
+              if ((s === 'completed' || s === 'failed' || s === 'cancelled') && steppedDowntimeLimit !== undefined && settings.parameters['downtime-limit'] === steppedDowntimeLimit) {
+                settings.parameters = { ...settings.parameters, 'downtime-limit': operatorDowntimeLimit };
+                log.info({ downtimeLimitMs: operatorDowntimeLimit }, `downtime-limit back to ${operatorDowntimeLimit} ms (the convergence policy's steps applied to that migration only)`);
+              }
             },
             pass: (pass) => {
               this.timeline?.passStarted(pass);
@@ -381,7 +388,10 @@ class SourceProcess {
             throttled: (percent) => this.timeline?.throttled(percent),
             convergence: (d) => {
               // query-migrate-parameters shows a stepped limit, as if migrate-set-parameters had set it.
-              if (d.step === 'downtime-limit') settings.parameters = { ...settings.parameters, 'downtime-limit': d.downtimeLimitMs };
+              if (d.step === 'downtime-limit') {
+                settings.parameters = { ...settings.parameters, 'downtime-limit': d.downtimeLimitMs };
+                steppedDowntimeLimit = d.downtimeLimitMs;
+              }
               this.timeline?.convergenceDecided(d);
               this.event('LIVEMIG_CONVERGENCE', {
                 step: d.step,
