@@ -49,38 +49,46 @@ const MIGRATION_MS = 180_000;
 /**
  * QEMU's guest, a 512-byte boot sector (`-M pc`, SeaBIOS loads it at 0x7c00): enter 32-bit
  * protected mode with flat segments, zero a 32-entry histogram at 0x600, then forever walk RAM
- * from 1 MiB to the top (the dword at 0x7c8e, patched per run), and for each page: rdtsc, store
- * it at 0x508 (the clock the bench reads), increment the page's first byte, rdtsc again, count
- * the elapsed ticks in histogram[floor(log2(ticks))]. 0x504 counts passes. Assembled from:
+ * from 1 MiB to the top (`memtop`, patched per run), and for each page: rdtsc (stored at 0x508:
+ * the clock the bench reads), spin until the deadline, increment the page's first byte, rdtsc
+ * again, set the next deadline `interval` ticks later (a paced guest: time blocked earns no
+ * credit, as livemig's vCPU paces itself) and count the touch's ticks in
+ * histogram[floor(log2(ticks))]. 0x504 counts passes. Assembled (GNU as, --32) from:
  *
  *     cli; xor ax,ax; mov ds,ax; lgdt [gdtdesc]; cr0 |= 1; jmp 08:pm
- *   pm: ds=es=ss=0x10; edi=0x600; ecx=32; eax=0; rep stosd
+ *   pm: ds=es=ss=0x10; edi=0x600; ecx=32; eax=0; rep stosd; ebp=[interval]; rdtsc; edi=eax
  *   outer: esi=0x100000
- *   inner: rdtsc; ecx=eax; [0x508]=eax; [0x50c]=edx; inc byte [esi]; rdtsc; eax-=ecx
+ *   inner: rdtsc; ecx=eax; [0x508]=eax; [0x50c]=edx; ebx=eax; ebx-=edi; js inner
+ *          inc byte [esi]; rdtsc; edi=eax; edi+=ebp; eax-=ecx
  *          bsr eax,eax; jz 1f; inc dword [0x600+eax*4]
  *   1:     esi+=4096; cmp esi,[memtop]; jb inner; inc dword [0x504]; jmp outer
- *   gdt: null, code 0x00cf9a000000ffff, data 0x00cf92000000ffff; gdtdesc: 23, gdt; memtop
+ *   gdt: null, code 0x00cf9a000000ffff, data 0x00cf92000000ffff; gdtdesc: 23, gdt; memtop; interval
  */
 const BOOT_SECTOR_HEX =
-  'fa31c08ed8660f0116887c0f20c00c010f22c066ea1b7c00000800' + // 0x00 real mode → protected mode
+  'fa31c08ed8660f0116a07c0f20c00c010f22c066ea1b7c00000800' + // 0x00 real mode → protected mode
   '66b810008ed88ec08ed0bf00060000b92000000031c0f3ab' + // 0x1b segments; zero the histogram
-  'be00001000' + // 0x33 outer: esi = 1 MiB
-  '0f3189c1a30805000089150c050000' + // 0x38 inner: rdtsc, stored at 0x508
-  'fe060f3129c80fbdc07407ff048500060000' + // 0x47 touch; rdtsc; count log2(ticks)
-  '81c6001000003b358e7c000072d1ff0504050000ebc4' + // 0x59 next page, next pass
-  '90' + // 0x6f pad
-  '0000000000000000ffff0000009acf00ffff00000092cf00' + // 0x70 gdt
-  '1700707c0000' + // 0x88 gdtdesc
-  '00000008'; // 0x8e memtop (little-endian, patched)
-const BOOT_MEMTOP_OFFSET = 0x8e;
+  '8b2daa7c00000f3189c7' + // 0x33 ebp = interval; edi = deadline = now
+  'be00001000' + // 0x3d outer: esi = 1 MiB
+  '0f3189c1a30805000089150c05000089c329fb78eb' + // 0x42 inner: rdtsc, stored at 0x508; spin until the deadline
+  'fe060f3189c701ef29c80fbdc07407ff048500060000' + // 0x57 touch; rdtsc; deadline; count log2(ticks)
+  '81c6001000003b35a67c000072c7ff0504050000ebba' + // 0x6d next page, next pass
+  '8d74260090' + // 0x83 pad
+  '0000000000000000ffff0000009acf00ffff00000092cf00' + // 0x88 gdt
+  '1700887c0000' + // 0xa0 gdtdesc
+  '00000008' + // 0xa6 memtop (little-endian, patched)
+  '00000000'; // 0xaa interval in TSC ticks (patched; 0: no pace)
+const BOOT_MEMTOP_OFFSET = 0xa6;
+const BOOT_INTERVAL_OFFSET = 0xaa;
 const HISTOGRAM_ADDRESS = 0x600;
 const TSC_ADDRESS = 0x508;
 
-function bootSector(memoryBytes: number): Buffer {
+/** The boot sector for a guest of `memoryBytes`, touching a page every `intervalTicks` TSC ticks at most (0: as fast as it can). */
+function bootSector(memoryBytes: number, intervalTicks: number): Buffer {
   const code = Buffer.from(BOOT_SECTOR_HEX, 'hex');
   const sector = Buffer.alloc(512);
   code.copy(sector);
   sector.writeUInt32LE(memoryBytes, BOOT_MEMTOP_OFFSET);
+  sector.writeUInt32LE(Math.round(intervalTicks), BOOT_INTERVAL_OFFSET);
   sector[510] = 0x55;
   sector[511] = 0xaa;
   return sector;
@@ -210,12 +218,33 @@ function slowestQuantileUs(hist: number[], n: number, q: number, ticksPerUs: num
   return NaN;
 }
 
+/** How fast the guests touch pages: `mbPerSecond` (10^6 bytes of pages per second, livemig's unit) or as fast as they can. */
+interface Pace {
+  label: string;
+  livemigWorkload: string;
+  mbPerSecond: number | undefined;
+}
+
+const PACED_MB_PER_SECOND = 200;
+const PACES: Pace[] = [
+  { label: 'as fast as it can', livemigWorkload: 'incrementer:max', mbPerSecond: undefined },
+  { label: `paced at ${PACED_MB_PER_SECOND} MB/s`, livemigWorkload: `incrementer:${PACED_MB_PER_SECOND}`, mbPerSecond: PACED_MB_PER_SECOND },
+];
+
+/** The guest's TSC ticks per µs, from the first run (the host's TSC: the same for every QEMU); a paced guest needs it to boot. */
+let guestTicksPerUs: number | undefined;
+
 /** One QEMU → QEMU postcopy with preempt on loopback, guest touching every page. */
-async function qemuPostcopyOnce(build: QemuBuild, memMiB: number): Promise<PostcopyFigures> {
+async function qemuPostcopyOnce(build: QemuBuild, memMiB: number, pace: Pace): Promise<PostcopyFigures> {
   const dir = await mkdtemp(join('/tmp', 'lm-qpc-'));
   const procs: Proc[] = [];
   try {
-    const sector = bootSector(memMiB * MiB);
+    let intervalTicks = 0;
+    if (pace.mbPerSecond !== undefined) {
+      if (guestTicksPerUs === undefined) throw new Error('the guest\'s TSC rate is measured by an unpaced run first');
+      intervalTicks = (guestTicksPerUs * 1e6 * 4096) / (pace.mbPerSecond * 1e6);
+    }
+    const sector = bootSector(memMiB * MiB, intervalTicks);
     const machine = (disk: string): string[] => ['-M', 'pc', '-nodefaults', '-display', 'none', '-m', `${memMiB}M`, '-smp', '1', '-drive', `file=${disk},format=raw,if=ide`];
     // Each QEMU its own copy of the disk: both open it read-write, and QEMU locks images.
     await writeFile(join(dir, 's.img'), sector);
@@ -237,6 +266,7 @@ async function qemuPostcopyOnce(build: QemuBuild, memMiB: number): Promise<Postc
     await sleep(300);
     const tsc1 = await readTsc(src.qmp);
     const ticksPerUs = (tsc1 - tsc0) / ((performance.now() - t0) * 1000);
+    guestTicksPerUs ??= ticksPerUs;
 
     const caps = ['postcopy-ram', 'postcopy-preempt'];
     await setCaps(src.qmp, caps);
@@ -274,8 +304,8 @@ async function qemuPostcopyOnce(build: QemuBuild, memMiB: number): Promise<Postc
   }
 }
 
-async function livemigPostcopy(memMiB: number): Promise<PostcopyFigures> {
-  const r = await postcopyOnce('incrementer:max', true, `${memMiB}M`);
+async function livemigPostcopy(memMiB: number, pace: Pace): Promise<PostcopyFigures> {
+  const r = await postcopyOnce(pace.livemigWorkload, true, `${memMiB}M`);
   return {
     faults: r.faults,
     p50Us: quantileEstimate(r.dist, 0.5),
@@ -303,24 +333,26 @@ async function postcopyRows(builds: QemuBuild[]): Promise<void> {
   console.log('  QEMU p50/p99: the guest\'s own TSC around each touch (QEMU 7.2 and 10.0 report no per-fault latency); blocked share: postcopy-blocktime over the postcopy phase');
   if (builds.length === 0) console.log('  QEMU is not installed here: livemig\'s figures alone');
   for (let round = 1; round <= POSTCOPY_ROUNDS; round++) {
-    console.log(`  round ${round} (${load()})`);
-    const qemu: { label: string; f: PostcopyFigures }[] = [];
-    for (const b of builds) {
-      try {
-        const f = await qemuPostcopyOnce(b, POSTCOPY_GUEST_MIB);
-        qemu.push({ label: b.label, f });
-        console.log(postcopyLine(b.label, f, `; QEMU's own: blocktime/requests ${us(f.meanUs)}`));
-      } catch (err) {
-        console.log(`    ${b.label}: failed: ${(err as Error).message}`);
+    for (const pace of PACES) {
+      console.log(`  round ${round}, guest ${pace.label} (${load()})`);
+      const qemu: { label: string; f: PostcopyFigures }[] = [];
+      for (const b of builds) {
+        try {
+          const f = await qemuPostcopyOnce(b, POSTCOPY_GUEST_MIB, pace);
+          qemu.push({ label: b.label, f });
+          console.log(postcopyLine(b.label, f, `; QEMU's own: blocktime/requests ${us(f.meanUs)}`));
+        } catch (err) {
+          console.log(`    ${b.label}: failed: ${(err as Error).message}`);
+        }
       }
-    }
-    const l = await livemigPostcopy(POSTCOPY_GUEST_MIB);
-    console.log(postcopyLine('livemig', l, `; mean ${us(l.meanUs)}`));
-    for (const { label, f } of qemu) {
-      console.log(
-        `    livemig / ${label}: p50 ${ratio(l.p50Us, f.p50Us)}, p99 ${ratio(l.p99Us, f.p99Us)}, blocked share ${ratio(share(l), share(f))}` +
-          `   (goal: p99 and blocked share ≤ 1.00×)`,
-      );
+      const l = await livemigPostcopy(POSTCOPY_GUEST_MIB, pace);
+      console.log(postcopyLine('livemig', l, `; mean ${us(l.meanUs)}`));
+      for (const { label, f } of qemu) {
+        console.log(
+          `    livemig / ${label}: p50 ${ratio(l.p50Us, f.p50Us)}, p99 ${ratio(l.p99Us, f.p99Us)}, blocked share ${ratio(share(l), share(f))}` +
+            `   (goal: p99 and blocked share ≤ 1.00×)`,
+        );
+      }
     }
   }
 }
@@ -368,7 +400,8 @@ async function qemuWanOnce(build: QemuBuild, wan: WanLink, image: string, memMiB
 async function livemigWanOnce(wan: WanLink, memMiB: number, dir: string): Promise<WanFigures> {
   const procs: Proc[] = [];
   try {
-    const guest = ['-m', `${memMiB}M`, '--fill', 'random'];
+    // QEMU's layout (`-machine none`, one block m0): the same bytes to move, no livemig devices.
+    const guest = ['--block', `m0:${memMiB}M`, '--machine', 'none', '--qemu-devices-only', '--fill', 'random'];
     const dst = await startWithQmp(
       'livemig destination',
       [process.execPath, DESTINATION_MAIN, '--incoming', `tcp:${wan.addressB}:0`, '--capabilities', 'return-path', ...guest, '--qmp', `unix:${join(dir, 'ld.qmp')}`],
