@@ -192,8 +192,10 @@ export interface PostcopyFigures {
   p99Us: number;
   blockedMs: number;
   phaseMs: number;
-  /** QEMU's own figure: blocktime over page requests (ms). */
+  /** QEMU's own figure: blocktime over page requests (µs); livemig's postcopy-latency. */
   meanUs: number;
+  /** QEMU's guest: pages it touched on the destination in the postcopy phase (its speed there). */
+  touches?: number;
 }
 
 /**
@@ -297,6 +299,7 @@ async function qemuPostcopyOnce(build: QemuBuild, memMiB: number, pace: Pace): P
       blockedMs,
       phaseMs: seen.get('completed')! - start,
       meanUs: requests > 0 ? (blockedMs * 1000) / requests : NaN,
+      touches: hist.reduce((a, b) => a + b, 0),
     };
   } finally {
     await stopAll(procs);
@@ -340,7 +343,10 @@ async function postcopyRows(builds: QemuBuild[]): Promise<void> {
         try {
           const f = await qemuPostcopyOnce(b, POSTCOPY_GUEST_MIB, pace);
           qemu.push({ label: b.label, f });
-          console.log(postcopyLine(b.label, f, `; QEMU's own: blocktime/requests ${us(f.meanUs)}`));
+          const touched = f.touches ?? 0;
+          console.log(
+            postcopyLine(b.label, f, `; QEMU's own: blocktime/requests ${us(f.meanUs)}; its guest touched ${touched} pages there (${((touched * 4096) / 1e3 / f.phaseMs).toFixed(0)} MB/s)`),
+          );
         } catch (err) {
           console.log(`    ${b.label}: failed: ${(err as Error).message}`);
         }
