@@ -28,7 +28,7 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { mkdtemp, open, rm, writeFile } from 'node:fs/promises';
-import { loadavg, tmpdir } from 'node:os';
+import { loadavg } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { QmpClient } from '../packages/runtime/src/index.ts';
@@ -324,9 +324,37 @@ const us = (v: number): string => (Number.isFinite(v) ? `${v.toFixed(0)} µs` : 
 const ratio = (a: number, b: number): string => (Number.isFinite(a) && Number.isFinite(b) && b > 0 ? `${(a / b).toFixed(2)}×` : 'n/a');
 const load = (): string => `load average ${loadavg().map((l) => l.toFixed(2)).join(' ')}`;
 
+/** Below this many faults a p99 is one or two samples: it is not printed, nor compared. */
+const MIN_FAULTS_FOR_QUANTILES = 20;
+const quantiles = (f: PostcopyFigures): { p50Us: number; p99Us: number } =>
+  f.faults >= MIN_FAULTS_FOR_QUANTILES ? f : { p50Us: NaN, p99Us: NaN };
+
+/** Ratios collected per row over the rounds, for the closing summary: row → values. */
+class RatioLog {
+  readonly rows = new Map<string, { values: number[]; goal: string; met: (median: number) => boolean }>();
+
+  add(row: string, value: number, goal: string, met: (median: number) => boolean): void {
+    if (!Number.isFinite(value)) return;
+    const r = this.rows.get(row) ?? { values: [], goal, met };
+    r.values.push(value);
+    this.rows.set(row, r);
+  }
+
+  print(title: string): void {
+    if (this.rows.size === 0) return;
+    console.log(`  ${title}: median of the rounds' ratios [min–max], goal, met?`);
+    for (const [row, r] of this.rows) {
+      const v = [...r.values].sort((a, b) => a - b);
+      const median = v[Math.floor(v.length / 2)]!;
+      console.log(`    ${row.padEnd(52)} ${median.toFixed(2)}× [${v[0]!.toFixed(2)}–${v[v.length - 1]!.toFixed(2)}] over ${v.length}   ${r.goal}: ${r.met(median) ? 'met' : 'not met'}`);
+    }
+  }
+}
+
 function postcopyLine(label: string, f: PostcopyFigures, own: string): string {
   return (
-    `    ${label.padEnd(9)} ${String(f.faults).padStart(5)} faults, p50 ${us(f.p50Us)}, p99 ${us(f.p99Us)}, ` +
+    `    ${label.padEnd(9)} ${String(f.faults).padStart(5)} faults, ` +
+    (f.faults >= MIN_FAULTS_FOR_QUANTILES ? `p50 ${us(f.p50Us)}, p99 ${us(f.p99Us)}, ` : `p50/p99 not given (under ${MIN_FAULTS_FOR_QUANTILES} faults), `) +
     `blocked ${(100 * share(f)).toFixed(1)} % of ${f.phaseMs.toFixed(0)} ms (${f.blockedMs.toFixed(0)} ms)${own}`
   );
 }
@@ -335,6 +363,7 @@ async function postcopyRows(builds: QemuBuild[]): Promise<void> {
   console.log(`\npostcopy with preempt, ${POSTCOPY_GUEST_MIB} MiB guest touching every page in order, loopback (${POSTCOPY_ROUNDS} interleaved rounds)`);
   console.log('  QEMU p50/p99: the guest\'s own TSC around each touch (QEMU 7.2 and 10.0 report no per-fault latency); blocked share: postcopy-blocktime over the postcopy phase');
   if (builds.length === 0) console.log('  QEMU is not installed here: livemig\'s figures alone');
+  const log = new RatioLog();
   for (let round = 1; round <= POSTCOPY_ROUNDS; round++) {
     for (const pace of PACES) {
       console.log(`  round ${round}, guest ${pace.label} (${load()})`);
@@ -354,13 +383,18 @@ async function postcopyRows(builds: QemuBuild[]): Promise<void> {
       const l = await livemigPostcopy(POSTCOPY_GUEST_MIB, pace);
       console.log(postcopyLine('livemig', l, `; mean ${us(l.meanUs)}`));
       for (const { label, f } of qemu) {
+        const [lq, fq] = [quantiles(l), quantiles(f)];
         console.log(
-          `    livemig / ${label}: p50 ${ratio(l.p50Us, f.p50Us)}, p99 ${ratio(l.p99Us, f.p99Us)}, blocked share ${ratio(share(l), share(f))}` +
+          `    livemig / ${label}: p50 ${ratio(lq.p50Us, fq.p50Us)}, p99 ${ratio(lq.p99Us, fq.p99Us)}, blocked share ${ratio(share(l), share(f))}` +
             `   (goal: p99 and blocked share ≤ 1.00×)`,
         );
+        const atMost = (m: number): boolean => m <= 1;
+        log.add(`${label}, ${pace.label}: p99 fault latency`, lq.p99Us / fq.p99Us, '≤ 1.00×', atMost);
+        log.add(`${label}, ${pace.label}: blocked share`, share(l) / share(f), '≤ 1.00×', atMost);
       }
     }
   }
+  log.print('livemig / QEMU');
 }
 
 export interface WanFigures {
@@ -451,6 +485,15 @@ async function wanRows(builds: QemuBuild[]): Promise<void> {
     return;
   }
   if (builds.length === 0) console.log('  QEMU is not installed here: livemig\'s figures alone');
+  const log = new RatioLog();
+  /** Per migrator: runs, and runs whose downtime stayed within the limit. */
+  const downtimes = new Map<string, { runs: number; within: number }>();
+  const countDowntime = (label: string, f: WanFigures): void => {
+    const d = downtimes.get(label) ?? { runs: 0, within: 0 };
+    d.runs++;
+    if (f.downtimeMs <= WAN_DOWNTIME_LIMIT_MS) d.within++;
+    downtimes.set(label, d);
+  };
   const dir = await mkdtemp(join('/tmp', 'lm-qwan-'));
   try {
     const image = join(dir, 'ram.img');
@@ -468,6 +511,7 @@ async function wanRows(builds: QemuBuild[]): Promise<void> {
         try {
           const f = await qemuWanOnce(b, wan, image, WAN_GUEST_MIB, dir);
           qemu.push({ label: b.label, f });
+          countDowntime(b.label, f);
           console.log(wanLine(b.label, f));
         } catch (err) {
           console.log(`    ${b.label}: failed: ${(err as Error).message}`);
@@ -479,7 +523,11 @@ async function wanRows(builds: QemuBuild[]): Promise<void> {
       try {
         const l = await livemigWanOnce(wan, WAN_GUEST_MIB, dir);
         console.log(wanLine('livemig', l));
-        for (const { label, f } of qemu) console.log(`    livemig / ${label}: throughput ${ratio(mibps(l), mibps(f))}   (goal: ≥ 1.00×, downtime ≤ limit)`);
+        countDowntime('livemig', l);
+        for (const { label, f } of qemu) {
+          console.log(`    livemig / ${label}: throughput ${ratio(mibps(l), mibps(f))}   (goal: ≥ 1.00×, downtime ≤ limit)`);
+          log.add(`${label}: throughput`, mibps(l) / mibps(f), '≥ 1.00×', (m) => m >= 1);
+        }
       } finally {
         await wan.close();
       }
@@ -487,6 +535,8 @@ async function wanRows(builds: QemuBuild[]): Promise<void> {
   } finally {
     await rm(dir, { recursive: true, force: true });
   }
+  log.print('livemig / QEMU');
+  for (const [label, d] of downtimes) console.log(`    ${label}: downtime within the ${WAN_DOWNTIME_LIMIT_MS} ms limit in ${d.within} of ${d.runs} runs`);
 }
 
 export async function qemuPostcopyBench(): Promise<void> {
