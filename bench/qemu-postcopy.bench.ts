@@ -345,7 +345,8 @@ class RatioLog {
     console.log(`  ${title}: median of the rounds' ratios [min–max], goal, met?`);
     for (const [row, r] of this.rows) {
       const v = [...r.values].sort((a, b) => a - b);
-      const median = v[Math.floor(v.length / 2)]!;
+      const mid = v.length >> 1;
+      const median = v.length % 2 === 1 ? v[mid]! : (v[mid - 1]! + v[mid]!) / 2;
       console.log(`    ${row.padEnd(52)} ${median.toFixed(2)}× [${v[0]!.toFixed(2)}–${v[v.length - 1]!.toFixed(2)}] over ${v.length}   ${r.goal}: ${r.met(median) ? 'met' : 'not met'}`);
     }
   }

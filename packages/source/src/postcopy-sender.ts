@@ -62,6 +62,10 @@ export class PostcopySender {
   async run(): Promise<void> {
     const m = this.m;
     const w = m.w;
+    // A request that reaches the preempt connection before the thread serving it has booted
+    // waits for the boot (seconds on a loaded machine) or for the background stream: the
+    // guest keeps running here until the thread is up instead.
+    if (this.pageServer !== undefined) await this.pageServer.ready;
     await m.precopy.stopGuest();
     m.expect('active');
     m.dispatch({ type: 'switchoverStarted', postcopy: true });
