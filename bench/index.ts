@@ -1,8 +1,8 @@
 // `pnpm bench`: every benchmark, each printing its figure next to a ceiling measured in the same
-// run. `pnpm bench decode`, `pnpm bench migration`, `pnpm bench cpr-exec` or `pnpm bench postcopy`
-// runs one group; `pnpm bench throughput` runs the first migration figure alone, `pnpm bench
-// tls` the TLS one, `pnpm bench analyze` the stream-analysis figures, `pnpm bench downtime` downtime against
-// downtime-limit.
+// run. `pnpm bench decode`, `pnpm bench migration`, `pnpm bench cpr-exec`, `pnpm bench postcopy`
+// or `pnpm bench qemu-postcopy` (postcopy and WAN rows beside real QEMU) runs one group; `pnpm
+// bench throughput` runs the first migration figure alone, `pnpm bench tls` the TLS one, `pnpm
+// bench analyze` the stream-analysis figures, `pnpm bench downtime` downtime against downtime-limit.
 
 const only = process.argv.slice(2);
 const want = (name: string): boolean => only.length === 0 || only.includes(name);
@@ -31,6 +31,10 @@ if (want('postcopy')) {
 if (want('downtime')) {
   const { downtimeBench } = await import('./downtime.bench.ts');
   await downtimeBench();
+}
+if (want('qemu-postcopy')) {
+  const { qemuPostcopyBench } = await import('./qemu-postcopy.bench.ts');
+  await qemuPostcopyBench();
 }
 if (want('analyze')) {
   const { analyzeBench } = await import('./analyze.bench.ts');

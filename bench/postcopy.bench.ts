@@ -106,7 +106,7 @@ function quantile(dist: number[], q: number): number {
  * An estimate of the p-quantile (µs) inside its bucket, taking the bucket's faults as spread
  * evenly on a log scale between its edges (bucket 0 holds < 1 µs).
  */
-function quantileEstimate(dist: number[], q: number): number {
+export function quantileEstimate(dist: number[], q: number): number {
   const total = dist.reduce((a, b) => a + b, 0);
   let seen = 0;
   for (let i = 0; i < dist.length; i++) {
@@ -117,7 +117,7 @@ function quantileEstimate(dist: number[], q: number): number {
   return 2 ** dist.length;
 }
 
-interface PostcopyRun {
+export interface PostcopyRun {
   dist: number[];
   faults: number;
   blockedMs: number;
@@ -125,7 +125,7 @@ interface PostcopyRun {
   latencyNs: number;
 }
 
-async function postcopyOnce(workload: string, preempt: boolean, memory = '256M', realtime = false): Promise<PostcopyRun> {
+export async function postcopyOnce(workload: string, preempt: boolean, memory = '256M', realtime = false): Promise<PostcopyRun> {
   const dir = await mkdtemp(join(tmpdir(), 'livemig-bench-'));
   const children: Child[] = [];
   const clients: QmpClient[] = [];

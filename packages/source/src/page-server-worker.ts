@@ -120,6 +120,9 @@ port.on('message', (m: PageServerCommand) => {
   setTimeout(() => l.conn.socket.destroy(), 5_000).unref();
 });
 
+// The handlers are in place: the switchover to postcopy may go ahead (postcopy-sender.ts).
+post({ kind: 'ready' });
+
 // Requests from the main thread (the return path), served on the attached connection.
 for (;;) {
   const tail = Atomics.load(forward, Ring.TAIL);

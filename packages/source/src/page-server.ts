@@ -31,7 +31,7 @@ export type PageServerCommand =
   | { kind: 'detach' };
 
 /** Page server → main thread. */
-export type PageServerMessage = { kind: 'ended' } | { kind: 'detached' } | { kind: 'closed'; reason: string };
+export type PageServerMessage = { kind: 'ready' } | { kind: 'ended' } | { kind: 'detached' } | { kind: 'closed'; reason: string };
 
 /** Push a pair; false when the ring is full. */
 export function ringPush(ring: Int32Array, block: number, page: number): boolean {
@@ -58,6 +58,9 @@ export function ringDrain(ring: Int32Array, each: (block: number, page: number) 
 
 const WORKER_URL = new URL('../dist/page-server-worker.js', import.meta.url);
 
+/** How long the switchover to postcopy waits for the page server thread to boot, at most. */
+const BOOT_BOUND_MS = 10_000;
+
 /**
  * The page server thread boots with the migration (so no request waits for it) and takes the
  * preempt connection when postcopy starts: attach(), then end() or detach().
@@ -71,6 +74,11 @@ export class PageServer {
   private readonly overflow: number[] = [];
   /** A connection is attached. */
   attached = false;
+  /**
+   * Settles true once the thread runs its message handler (false if it ended or took over
+   * BOOT_BOUND_MS): booting a worker loads its modules, which took over a second here under load.
+   */
+  readonly ready: Promise<boolean>;
 
   /** `onClosed`: the attached connection broke. */
   constructor(guest: Guest, realtime: boolean, onClosed: (reason: string) => void) {
@@ -94,6 +102,7 @@ export class PageServer {
       },
       (err) => closed(`page server failed: ${err.message}`),
     );
+    this.ready = this.thread.waitFor(['ready'], BOOT_BOUND_MS);
   }
 
   /** It asked for real-time priority and was refused (known once it has booted). */

@@ -75,6 +75,11 @@ export class PostcopySender {
       this.takePreempt(channel);
       m.expect('active');
     }
+    // A request that reaches the preempt connection before the thread serving it has booted
+    // waits for the boot (seconds on a loaded machine) or for the background stream: the
+    // guest keeps running here until the thread is up instead.
+    if (this.pageServer !== undefined) await this.pageServer.ready;
+    m.expect('active');
     await m.precopy.stopGuest();
     m.expect('active');
     m.dispatch({ type: 'switchoverStarted', postcopy: true });
