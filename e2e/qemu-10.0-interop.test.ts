@@ -6,3 +6,4 @@ process.env['LIVEMIG_QEMU'] = process.env['LIVEMIG_QEMU_10'] ?? `${root}/usr/bin
 process.env['LIVEMIG_QEMU_DATA'] = process.env['LIVEMIG_QEMU_10_DATA'] ?? `${root}/usr/share/qemu`;
 process.env['LIVEMIG_QEMU_LABEL'] = 'QEMU 10.0';
 await import('./helpers/qemu-interop.ts');
+await import('./helpers/qemu-machine-types.ts');

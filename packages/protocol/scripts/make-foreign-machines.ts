@@ -16,7 +16,9 @@ import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { type ForeignMachine, mergeVmsd } from '../src/foreign-devices.ts';
-import { findVmdescription, parseVmdescription, type VmdescDevice } from '../src/vmdesc.ts';
+import { findVmdescription, parseVmdescription, type VmdescDevice, VmdescLayouts } from '../src/vmdesc.ts';
+import { MigCmd } from '../src/constants.ts';
+import { NEED_MORE, StreamDecoder } from '../src/stream-decoder.ts';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const root10 = process.argv[2] ?? '/opt/qemu-10.0';
@@ -98,7 +100,24 @@ function ramBlocks(text: string): { idstr: string; length: number }[] {
   return out;
 }
 
-async function record(machineType: string, qemu: QemuName, runSeconds: number, memory: string, work: string): Promise<{ devices: VmdescDevice[]; blocks: { idstr: string; length: number }[] }> {
+/** Each device section's data in hex, by "name#instance", measured by the stream's own VMDESCRIPTION. */
+function sectionData(stream: Buffer, layouts: VmdescLayouts): Map<string, string> {
+  const decoder = new StreamDecoder({
+    ram: { attachBlocks: (blocks) => blocks.map((b) => new Uint8Array(b.length)) },
+    deviceLayout: (s, kind) => layouts.take(s.idstr, s.instanceId, kind),
+    maxCommand: MigCmd.SWITCHOVER_START + 1,
+    expectFooters: 'auto',
+  });
+  const out = new Map<string, string>();
+  decoder.push(stream);
+  for (let ev = decoder.next(); ev !== NEED_MORE; ev = decoder.next()) {
+    if (ev.kind === 'sectionEnd' && ev.data !== undefined) out.set(`${ev.idstr}#${ev.instanceId}`, ev.data.toString('hex'));
+  }
+  decoder.end();
+  return out;
+}
+
+async function record(machineType: string, qemu: QemuName, runSeconds: number, memory: string, work: string): Promise<{ devices: VmdescDevice[]; blocks: { idstr: string; length: number }[]; data: Map<string, string> }> {
   const name = `${machineType}-${runSeconds}-${memory}`;
   const sock = join(work, `${name}.qmp`);
   const mig = join(work, `${name}.mig`);
@@ -125,7 +144,8 @@ async function record(machineType: string, qemu: QemuName, runSeconds: number, m
     const stream = readFileSync(mig);
     const found = findVmdescription(stream.subarray(Math.max(0, stream.length - 1024 * 1024)), 0);
     if (found === undefined) throw new Error(`${name}: no VMDESCRIPTION at the end of the stream`);
-    return { devices: parseVmdescription(found.json, found.offset).devices, blocks };
+    const desc = parseVmdescription(found.json, found.offset);
+    return { devices: desc.devices, blocks, data: sectionData(stream, new VmdescLayouts(desc)) };
   } finally {
     proc.kill('SIGKILL');
   }
@@ -134,12 +154,14 @@ async function record(machineType: string, qemu: QemuName, runSeconds: number, m
 async function machine(m: (typeof MACHINES)[number], work: string): Promise<ForeignMachine> {
   let devices: VmdescDevice[] | undefined;
   let blocks: { idstr: string; length: number }[] | undefined;
+  let initial: Map<string, string> | undefined;
   for (const run of RUNS) {
     const r = await record(m.machineType, m.qemu, run.seconds, run.memory, work);
     // Only the block -m sizes may differ between recordings.
     const fixed = (bs: { idstr: string; length: number }[]): string => bs.filter((b) => b.idstr !== 'pc.ram').map((b) => `${b.idstr}:${b.length}`).join(' ');
     if (blocks !== undefined && fixed(blocks) !== fixed(r.blocks)) throw new Error(`${m.machineType}: RAM blocks differ with -m ${run.memory}: ${fixed(blocks)} vs ${fixed(r.blocks)}`);
     blocks ??= r.blocks;
+    initial ??= r.data;
     if (devices === undefined) {
       devices = r.devices;
       continue;
@@ -163,14 +185,16 @@ async function machine(m: (typeof MACHINES)[number], work: string): Promise<Fore
     // The block sized by -m is pc.ram on every pc machine type.
     ramBlocks: blocks!.map((b) => (b.idstr === 'pc.ram' ? { ...b, main: true as const } : b)),
     devices: devices!,
+    initialData: devices!.map((d) => initial!.get(`${d.name}#${d.instance_id}`) ?? ''),
   };
 }
 
 /** One machine per block, one device per line: a re-recording shows as a readable diff. */
 function machineText(m: ForeignMachine): string {
-  const { devices, ...head } = m;
+  const { devices, initialData, ...head } = m;
   const headText = JSON.stringify(head).slice(0, -1);
-  return `${headText},"devices":[\n${devices.map((d) => `  ${JSON.stringify(d)}`).join(',\n')}\n]}`;
+  const lines = (xs: unknown[]): string => xs.map((x) => `  ${JSON.stringify(x)}`).join(',\n');
+  return `${headText},"devices":[\n${lines(devices)}\n],"initialData":[\n${lines(initialData)}\n]}`;
 }
 
 const work = mkdtempSync(join(tmpdir(), 'foreign-machines-'));

@@ -33,6 +33,12 @@ export interface ForeignMachine {
   ramBlocks: { idstr: string; length: number; main?: true }[];
   /** Device sections in save order, each with the union of the subsections seen. */
   devices: VmdescDevice[];
+  /**
+   * Per device (same order), its section data as a QEMU that never ran saved it, in hex: what a
+   * livemig source sends for a device no migration brought it. '' for a section that recording
+   * lacked (an optional one).
+   */
+  initialData: string[];
 }
 
 export interface SectionPlace {
