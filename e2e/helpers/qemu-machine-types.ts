@@ -131,15 +131,42 @@ for (const machine of MACHINE_TYPES) {
     }),
   );
 
-  test(`${QEMU_LABEL} -machine ${machine} → livemig source (--load-state) → ${QEMU_LABEL}, live: the last QEMU's RAM and vCPU registers equal the first's, and its guest runs on`, opts, (t) =>
+  test(`${QEMU_LABEL} -machine ${machine}, running → livemig destination (--machine ${machine}), postcopy: QEMU's device state arrives in the PACKAGED blob with no VMDESCRIPTION, is walked by the recording, and RAM equals QEMU's`, opts, (t) =>
     withHarness(async (h) => {
+      const ramFile = h.path('qemu-src.ram');
+      await writeRamImage(ramFile, ramImage(SIZE, { stride: 2, dataEnd: 8 * MiB }));
+      // Running: the firmware works on while RAM moves, and postcopy needs a running source.
+      const qemu = await startQemu(h, 'qemu-src', qemuArgs(machine, ramFile));
+      const caps = ['events', 'postcopy-ram'];
+      const dst = await h.destination({ incoming: 'tcp', guest: ['--machine', machine, '-m', `${SIZE / MiB}M`], capabilities: caps });
+      await setCapabilities(qemu, caps);
+      await qemu.execute('migrate-set-parameters', { 'max-bandwidth': 4 * MiB });
+      await qemu.execute('migrate', { uri: dst.incomingUri });
+      await waitForStatus(qemu, 'active', { timeoutMs: 10_000 });
+      await qemu.execute('migrate-start-postcopy');
+      await waitForStatus(qemu, 'completed', { timeoutMs: 60_000 });
+      await waitForStatus(dst, 'completed', { timeoutMs: 30_000 });
+      assert.ok(qemu.migrationEvents().includes('postcopy-active'), `QEMU MIGRATION events ${qemu.migrationEvents()}`);
+      const d = await digest(dst);
+      assert.equal(d.blocks[0]!.sha256, await sha256File(ramFile), "destination pc.ram = QEMU's RAM when it stopped");
+      const carried = d.devices['carried'] as Carried[];
+      assert.ok(carried.length > 0 && carried.every((c) => c.loaded), 'every QEMU device section came in the package');
+      assert.equal(await queryStatus(dst), 'running', 'the destination runs the guest after POSTCOPY_RUN');
+      log(t, `${machine} postcopy: ${carried.length} QEMU device sections carried; QEMU events ${JSON.stringify(qemu.migrationEvents())}`);
+    }),
+  );
+
+  for (const postcopy of [false, true]) {
+  test(`${QEMU_LABEL} -machine ${machine} → livemig source (--load-state) → ${QEMU_LABEL}, live${postcopy ? ', postcopy' : ''}: the last QEMU's RAM and vCPU registers equal the first's, and its guest runs on`, opts, (t) =>
+    withHarness(async (h) => {
+      const caps = postcopy ? ['events', 'return-path', 'postcopy-ram'] : ['events', 'return-path'];
       const { qemu: first, ramFile: firstRam } = await ranQemu(h, machine, 'qemu-first');
       const regs = await registers(first);
       const file = h.path('saved.mig');
       await first.execute('migrate', { uri: `exec:cat > ${file}` });
       await waitForStatus(first, 'completed', { timeoutMs: 60_000 });
 
-      const src = await h.source({ guest: ['--machine', machine, '-m', `${SIZE / MiB}M`], args: ['-S', '--load-state', file, '--capabilities', 'events,return-path'] });
+      const src = await h.source({ guest: ['--machine', machine, '-m', `${SIZE / MiB}M`], args: ['-S', '--load-state', file, '--capabilities', caps.join(',')] });
       const srcDigest = await digest(src);
       assert.equal(srcDigest.blocks[0]!.sha256, await sha256File(firstRam), "the source's pc.ram = the first QEMU's");
       assert.ok((srcDigest.devices['carried'] as Carried[]).every((c) => c.loaded), 'every carried device came from the file');
@@ -147,11 +174,17 @@ for (const machine of MACHINE_TYPES) {
       const lastRam = h.path('qemu-last.ram');
       await writeFile(lastRam, Buffer.alloc(SIZE));
       const last = await startQemu(h, 'qemu-last', [...qemuArgs(machine, lastRam), '-S', '-incoming', 'defer']);
-      await setCapabilities(last, ['events', 'return-path']);
+      await setCapabilities(last, caps);
       await last.execute('migrate-incoming', { uri: 'tcp:127.0.0.1:0' });
       const uri = await listeningAddress(last, 10_000);
+      if (postcopy) await src.execute('migrate-set-parameters', { 'max-bandwidth': 4 * MiB });
       await src.execute('migrate', { uri });
+      if (postcopy) {
+        await waitForStatus(src, 'active', { timeoutMs: 10_000 });
+        await src.execute('migrate-start-postcopy');
+      }
       await waitForStatus(src, 'completed', { timeoutMs: 60_000 });
+      if (postcopy) assert.ok(src.migrationEvents().includes('postcopy-active'), `source MIGRATION events ${src.migrationEvents()}`);
       await waitForStatus(last, 'completed', { timeoutMs: 30_000 });
 
       assert.equal(await sha256File(lastRam), await sha256File(firstRam), "the last QEMU's pc.ram = the first QEMU's");
@@ -159,7 +192,8 @@ for (const machine of MACHINE_TYPES) {
       await last.execute('cont');
       await sleep(500);
       assert.equal(await queryStatus(last), 'running', 'the guest runs on the last QEMU');
-      log(t, `${machine}: ${(srcDigest.devices['carried'] as Carried[]).length} QEMU device sections sent on; the guest runs on ${QEMU_LABEL}`);
+      log(t, `${machine}${postcopy ? ' postcopy' : ''}: ${(srcDigest.devices['carried'] as Carried[]).length} QEMU device sections sent on; the guest runs on ${QEMU_LABEL}`);
     }),
   );
+  }
 }

@@ -58,8 +58,6 @@ export const ErrorCode = {
   DEVICE_STATE_MISMATCH: 'LM_ERR_DEVICE_STATE_MISMATCH',
   /** A QEMU device section that does not fit the layout recorded for its machine type (foreign-devices.ts). */
   FOREIGN_DEVICE_LAYOUT: 'LM_ERR_FOREIGN_DEVICE_LAYOUT',
-  /** `livemig-source --load-state FILE`: the file cannot be read or does not load into this guest. */
-  BAD_STATE_FILE: 'LM_ERR_BAD_STATE_FILE',
   /** Bytes after the end of the stream (after EOF and VMDESCRIPTION). */
   TRAILING_DATA: 'LM_ERR_TRAILING_DATA',
   /** Return-path message type 0 or above the highest known type. */

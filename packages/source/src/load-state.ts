@@ -6,16 +6,17 @@
 
 import { readFile } from 'node:fs/promises';
 import type { Guest } from '@livemig/guest';
-import { ErrorCode, MigCmd, MigrationError, NEED_MORE, type RamBlockInfo, StreamDecoder } from '@livemig/protocol';
+import { MigCmd, NEED_MORE, type RamBlockInfo, StreamDecoder } from '@livemig/protocol';
+import { SourceErrorCode, StateFileError } from './errors.ts';
 
 /**
  * Load the stream file `path` into `guest` (not running). Returns the run state the saving side
- * had (its globalstate), if the file holds one. Throws LM_ERR_BAD_STATE_FILE naming the file and
+ * had (its globalstate), if the file holds one. Throws StateFileError (LM_ERR_BAD_STATE_FILE) naming the file and
  * what did not fit; the decoder's or device's error is its cause.
  */
 export async function loadStateFile(guest: Guest, path: string, machineType: string): Promise<string | undefined> {
   const fail = (message: string, cause?: unknown): never => {
-    throw new MigrationError(ErrorCode.BAD_STATE_FILE, `--load-state ${path}: ${message}`, cause === undefined ? {} : { cause });
+    throw new StateFileError(`--load-state ${path}: ${message}`, cause === undefined ? {} : { cause });
   };
   let bytes: Buffer;
   try {
@@ -55,7 +56,7 @@ export async function loadStateFile(guest: Guest, path: string, machineType: str
     }
     decoder.end();
   } catch (err) {
-    if ((err as { code?: unknown }).code === ErrorCode.BAD_STATE_FILE) throw err;
+    if ((err as { code?: unknown }).code === SourceErrorCode.BAD_STATE_FILE) throw err;
     fail((err as Error).message, err);
   }
   ram.markAllWritten();
