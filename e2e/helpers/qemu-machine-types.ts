@@ -14,7 +14,7 @@
 
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
-import { readFile, writeFile } from 'node:fs/promises';
+import { readFile, rm, writeFile } from 'node:fs/promises';
 import { test, type TestContext } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { findVmdescription, MigCmd, NEED_MORE, parseVmdescription, recordedMachine, StreamDecoder, VmdescLayouts } from '@livemig/protocol';
@@ -157,43 +157,48 @@ for (const machine of MACHINE_TYPES) {
   );
 
   for (const postcopy of [false, true]) {
-  test(`${QEMU_LABEL} -machine ${machine} → livemig source (--load-state) → ${QEMU_LABEL}, live${postcopy ? ', postcopy' : ''}: the last QEMU's RAM and vCPU registers equal the first's, and its guest runs on`, opts, (t) =>
-    withHarness(async (h) => {
-      const caps = postcopy ? ['events', 'return-path', 'postcopy-ram'] : ['events', 'return-path'];
-      const { qemu: first, ramFile: firstRam } = await ranQemu(h, machine, 'qemu-first');
-      const regs = await registers(first);
-      const file = h.path('saved.mig');
-      await first.execute('migrate', { uri: `exec:cat > ${file}` });
-      await waitForStatus(first, 'completed', { timeoutMs: 60_000 });
+    test(`${QEMU_LABEL} -machine ${machine} → livemig source (--load-state) → ${QEMU_LABEL}, live${postcopy ? ', postcopy' : ''}: the last QEMU's RAM and vCPU registers equal the first's, and its guest runs on`, opts, (t) =>
+      withHarness(async (h) => {
+        const caps = postcopy ? ['events', 'return-path', 'postcopy-ram'] : ['events', 'return-path'];
+        const { qemu: first, ramFile: firstRam } = await ranQemu(h, machine, 'qemu-first');
+        const regs = await registers(first);
+        const file = h.path('saved.mig');
+        await first.execute('migrate', { uri: `exec:cat > ${file}` });
+        await waitForStatus(first, 'completed', { timeoutMs: 60_000 });
 
-      const src = await h.source({ guest: ['--machine', machine, '-m', `${SIZE / MiB}M`], args: ['-S', '--load-state', file, '--capabilities', caps.join(',')] });
-      const srcDigest = await digest(src);
-      assert.equal(srcDigest.blocks[0]!.sha256, await sha256File(firstRam), "the source's pc.ram = the first QEMU's");
-      assert.ok((srcDigest.devices['carried'] as Carried[]).every((c) => c.loaded), 'every carried device came from the file');
+        const src = await h.source({ guest: ['--machine', machine, '-m', `${SIZE / MiB}M`], args: ['-S', '--load-state', file, '--capabilities', caps.join(',')] });
+        const srcDigest = await digest(src);
+        assert.equal(srcDigest.blocks[0]!.sha256, await sha256File(firstRam), "the source's pc.ram = the first QEMU's");
+        assert.ok((srcDigest.devices['carried'] as Carried[]).every((c) => c.loaded), 'every carried device came from the file');
 
-      const lastRam = h.path('qemu-last.ram');
-      await writeFile(lastRam, Buffer.alloc(SIZE));
-      const last = await startQemu(h, 'qemu-last', [...qemuArgs(machine, lastRam), '-S', '-incoming', 'defer']);
-      await setCapabilities(last, caps);
-      await last.execute('migrate-incoming', { uri: 'tcp:127.0.0.1:0' });
-      const uri = await listeningAddress(last, 10_000);
-      if (postcopy) await src.execute('migrate-set-parameters', { 'max-bandwidth': 4 * MiB });
-      await src.execute('migrate', { uri });
-      if (postcopy) {
-        await waitForStatus(src, 'active', { timeoutMs: 10_000 });
-        await src.execute('migrate-start-postcopy');
-      }
-      await waitForStatus(src, 'completed', { timeoutMs: 60_000 });
-      if (postcopy) assert.ok(src.migrationEvents().includes('postcopy-active'), `source MIGRATION events ${src.migrationEvents()}`);
-      await waitForStatus(last, 'completed', { timeoutMs: 30_000 });
+        // A postcopy destination's RAM must be on tmpfs or hugetlbfs (QEMU refuses postcopy-ram otherwise).
+        const lastRam = postcopy ? `/dev/shm/livemig-e2e-${process.pid}-${machine}.ram` : h.path('qemu-last.ram');
+        await writeFile(lastRam, Buffer.alloc(SIZE));
+        try {
+          const last = await startQemu(h, 'qemu-last', [...qemuArgs(machine, lastRam), '-S', '-incoming', 'defer']);
+          await setCapabilities(last, caps);
+          await last.execute('migrate-incoming', { uri: 'tcp:127.0.0.1:0' });
+          const uri = await listeningAddress(last, 10_000);
+          if (postcopy) await src.execute('migrate-set-parameters', { 'max-bandwidth': 4 * MiB });
+          await src.execute('migrate', { uri });
+          if (postcopy) {
+            await waitForStatus(src, 'active', { timeoutMs: 10_000 });
+            await src.execute('migrate-start-postcopy');
+          }
+          await waitForStatus(src, 'completed', { timeoutMs: 60_000 });
+          if (postcopy) assert.ok(src.migrationEvents().includes('postcopy-active'), `source MIGRATION events ${src.migrationEvents()}`);
+          await waitForStatus(last, 'completed', { timeoutMs: 30_000 });
 
-      assert.equal(await sha256File(lastRam), await sha256File(firstRam), "the last QEMU's pc.ram = the first QEMU's");
-      assert.equal(await registers(last), regs, "the last QEMU's vCPU registers = the first's (carried CPU state)");
-      await last.execute('cont');
-      await sleep(500);
-      assert.equal(await queryStatus(last), 'running', 'the guest runs on the last QEMU');
-      log(t, `${machine}${postcopy ? ' postcopy' : ''}: ${(srcDigest.devices['carried'] as Carried[]).length} QEMU device sections sent on; the guest runs on ${QEMU_LABEL}`);
-    }),
-  );
+          assert.equal(await sha256File(lastRam), await sha256File(firstRam), "the last QEMU's pc.ram = the first QEMU's");
+          assert.equal(await registers(last), regs, "the last QEMU's vCPU registers = the first's (carried CPU state)");
+          await last.execute('cont');
+          await sleep(500);
+          assert.equal(await queryStatus(last), 'running', 'the guest runs on the last QEMU');
+        } finally {
+          if (postcopy) await rm(lastRam, { force: true });
+        }
+        log(t, `${machine}${postcopy ? ' postcopy' : ''}: ${(srcDigest.devices['carried'] as Carried[]).length} QEMU device sections sent on; the guest runs on ${QEMU_LABEL}`);
+      }),
+    );
   }
 }
