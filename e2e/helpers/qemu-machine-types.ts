@@ -202,3 +202,22 @@ for (const machine of MACHINE_TYPES) {
     );
   }
 }
+
+test(`livemig source (--machine ${MACHINE_TYPES[0]}, fresh: no state loaded) → ${QEMU_LABEL}: QEMU accepts the device state recorded from a QEMU that never ran, RAM equals the source's`, opts, (t) =>
+  withHarness(async (h) => {
+    const machine = MACHINE_TYPES[0]!;
+    const src = await h.source({ guest: ['--machine', machine, '-m', `${SIZE / MiB}M`, '--fill', 'mixed'], args: ['-S', '--capabilities', 'events,return-path'] });
+    const before = await digest(src);
+    assert.ok((before.devices['carried'] as Carried[]).every((c) => !c.loaded), 'nothing loaded: the recorded state goes out');
+    const lastRam = h.path('qemu-last.ram');
+    await writeFile(lastRam, Buffer.alloc(SIZE));
+    const last = await startQemu(h, 'qemu-last', [...qemuArgs(machine, lastRam), '-S', '-incoming', 'defer']);
+    await setCapabilities(last, ['events', 'return-path']);
+    await last.execute('migrate-incoming', { uri: 'tcp:127.0.0.1:0' });
+    await src.execute('migrate', { uri: await listeningAddress(last, 10_000) });
+    await waitForStatus(src, 'completed', { timeoutMs: 60_000 });
+    await waitForStatus(last, 'completed', { timeoutMs: 30_000 });
+    assert.equal(await sha256File(lastRam), before.blocks[0]!.sha256, "QEMU's pc.ram = the source's");
+    log(t, `${machine}: ${(before.devices['carried'] as Carried[]).length} recorded device sections accepted by ${QEMU_LABEL}`);
+  }),
+);
