@@ -56,7 +56,6 @@ export function defaultBlocks(memoryBytes: number): BlockConfig[] {
   return [{ idstr: 'pc.ram', length: memoryBytes }, SECOND_BLOCK];
 }
 
-/** Parse --block NAME:SIZE (repeatable) or derive blocks from --memory. */
 /**
  * A recorded QEMU machine type's RAM blocks as QEMU creates them for `memory` of guest RAM: the
  * main block (pc.ram) first, sized by -m, then the firmware and ROM blocks at their recorded
@@ -71,6 +70,7 @@ export function qemuMachineBlocks(machine: ForeignMachine, memory: string | unde
   ];
 }
 
+/** Parse --block NAME:SIZE (repeatable) or derive blocks from --memory. */
 export function parseBlocks(memory: string | undefined, blocks: readonly string[]): BlockConfig[] {
   if (blocks.length === 0) return defaultBlocks(parseSize(memory ?? '256M'));
   return blocks.map((spec) => {
