@@ -11,8 +11,9 @@
 // Fields are fixed for a machine type; subsections are sent only when the device needs them
 // (a CPU MSR that is non-zero, say), so each device's description is the union of the
 // subsections seen over several recordings, and the walker accepts any of them, in any order,
-// as QEMU's loader does (a nested vmsd's subsections are told from its parent's by name prefix). A subsection outside that union is refused by name: its length is
-// unknown.
+// as QEMU's loader does (a nested vmsd's subsections are told from its parent's by name prefix).
+// A subsection outside that union is refused by name (its length is unknown); the decoder then
+// falls back to finding the section's footer when the stream has footers.
 
 import { ErrorCode, ProtocolError } from './errors.ts';
 import type { VmdescDevice, VmdescField, VmdescVmsd } from './vmdesc.ts';

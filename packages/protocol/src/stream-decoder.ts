@@ -440,9 +440,20 @@ export class StreamDecoder {
     }
     if (c.vmsd !== undefined && c.declaredLength === undefined) {
       const limit = Math.min(this.maxSectionBytes, this.packageEnd - r.streamOffset);
-      const len = measureVmsdSection(r, c.vmsd, c, limit);
-      if (len === undefined) return NEED_MORE;
-      c.declaredLength = len;
+      let len: number | undefined;
+      try {
+        len = measureVmsdSection(r, c.vmsd, c, limit);
+      } catch (err) {
+        // A subsection the recording never saw: with footers the section's end can still be
+        // found as for any undescribed device; without them there is no way past it.
+        if ((err as ProtocolError).code !== ErrorCode.FOREIGN_DEVICE_LAYOUT || !this.expectFooters || this.footersUnknown) throw err;
+        c.vmsd = undefined;
+        c.layout = 'footer-scan';
+      }
+      if (c.vmsd !== undefined) {
+        if (len === undefined) return NEED_MORE;
+        c.declaredLength = len;
+      }
     }
     if (c.vfio === 'yes' && c.declaredLength === undefined) {
       const limit = Math.min(this.maxSectionBytes, this.packageEnd - r.streamOffset);

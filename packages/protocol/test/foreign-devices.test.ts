@@ -12,6 +12,7 @@ import { gunzipSync } from 'node:zlib';
 import {
   bytesSource,
   ErrorCode,
+  type ForeignMachine,
   findVmdescription,
   measureVmsdSection,
   MigCmd,
@@ -33,8 +34,8 @@ const STREAMS = [
   { machine: 'pc-q35-7.2', file: join(fixtureDir, 'pc-q35-7.2-64m.mig'), shared: true },
 ];
 
-function walk(stream: Buffer, machineType: string, chunk: number): { idstr: string; instanceId: number; dataLength: number; layout: string | undefined }[] {
-  const machine = recordedMachine(machineType)!;
+function walk(stream: Buffer, machineType: string, chunk: number, edit: (m: ForeignMachine) => ForeignMachine = (m) => m): { idstr: string; instanceId: number; dataLength: number; layout: string | undefined }[] {
+  const machine = edit(recordedMachine(machineType)!);
   const decoder = new StreamDecoder({
     ram: { attachBlocks: (blocks) => blocks.map((b) => new Uint8Array(b.length)) },
     deviceLayout: (s): SectionLayout | undefined => {
@@ -72,6 +73,23 @@ describe('recorded QEMU machine types walk real QEMU streams', () => {
       }
     });
   }
+});
+
+describe('a subsection the recording lacks, in a stream with footers', () => {
+  it("pc-q35-10.0's fw_cfg without fw_cfg/acpi_mr in its description: that section is measured by its footer instead, at the right length", () => {
+    const stream = gunzipSync(readFileSync(STREAMS[0]!.file));
+    const found = findVmdescription(stream, 0)!;
+    const truth = new VmdescLayouts(parseVmdescription(found.json, found.offset));
+    const withoutAcpiMr = (m: ForeignMachine): ForeignMachine => ({
+      ...m,
+      devices: m.devices.map((d) => (d.name === 'fw_cfg' ? { ...d, subsections: (d.subsections ?? []).filter((s) => s.vmsd_name !== 'fw_cfg/acpi_mr') } : d)),
+    });
+    const sections = walk(stream, 'pc-q35-10.0', 4093, withoutAcpiMr);
+    const fwCfg = sections.find((s) => s.idstr === 'fw_cfg')!;
+    assert.equal(fwCfg.layout, 'footer-scan');
+    assert.equal(fwCfg.dataLength, truth.take('fw_cfg', 0, 'full'));
+    assert.ok(sections.filter((s) => s.idstr !== 'fw_cfg').every((s) => s.layout === 'recorded-vmsd'), 'the others still by the recording');
+  });
 });
 
 describe('measureVmsdSection', () => {
