@@ -69,3 +69,12 @@ test('--load-state that does not fit: one line naming the file and what is wrong
     }
   }),
 );
+
+test('x-livemig-save-state before a completed incoming migration is refused, naming the status', T, () =>
+  withHarness(async (h) => {
+    const dst = await h.destination({ incoming: 'defer', paused: true, guest: ['--machine', 'pc-q35-10.0', '-m', '16M'] });
+    await assert.rejects(dst.execute('x-livemig-save-state', { filename: h.path('held.mig') }), (err: Error & { desc?: string }) =>
+      /needs a completed incoming migration \(status: none\)/.test(err.desc ?? err.message),
+    );
+  }),
+);

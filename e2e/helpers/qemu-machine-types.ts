@@ -156,6 +156,38 @@ for (const machine of MACHINE_TYPES) {
     }),
   );
 
+  test(`${QEMU_LABEL} -machine ${machine} → livemig destination → x-livemig-save-state → livemig source → ${QEMU_LABEL}, both hops live: the last QEMU's RAM and vCPU registers equal the first's, and its guest runs on`, opts, (t) =>
+    withHarness(async (h) => {
+      const { qemu: first, ramFile: firstRam } = await ranQemu(h, machine, 'qemu-first');
+      const regs = await registers(first);
+      const guest = ['--machine', machine, '-m', `${SIZE / MiB}M`];
+      const dst = await h.destination({ incoming: 'tcp', paused: true, guest, capabilities: ['events', 'return-path'] });
+      await setCapabilities(first, ['events', 'return-path']);
+      await first.execute('migrate', { uri: dst.incomingUri });
+      await waitForStatus(first, 'completed', { timeoutMs: 60_000 });
+      await waitForStatus(dst, 'completed', { timeoutMs: 30_000 });
+      const held = h.path('held.mig');
+      const saved = await dst.execute<{ bytes: number }>('x-livemig-save-state', { filename: held }, 30_000);
+
+      const src = await h.source({ guest, args: ['-S', '--load-state', held, '--capabilities', 'events,return-path'] });
+      assert.deepEqual((await digest(src)).devices['carried'], (await digest(dst)).devices['carried'], "the source carries what the destination received");
+      const lastRam = h.path('qemu-last.ram');
+      await writeFile(lastRam, Buffer.alloc(SIZE));
+      const last = await startQemu(h, 'qemu-last', [...qemuArgs(machine, lastRam), '-S', '-incoming', 'defer']);
+      await setCapabilities(last, ['events', 'return-path']);
+      await last.execute('migrate-incoming', { uri: 'tcp:127.0.0.1:0' });
+      await src.execute('migrate', { uri: await listeningAddress(last, 10_000) });
+      await waitForStatus(src, 'completed', { timeoutMs: 60_000 });
+      await waitForStatus(last, 'completed', { timeoutMs: 30_000 });
+      assert.equal(await sha256File(lastRam), await sha256File(firstRam), "the last QEMU's pc.ram = the first QEMU's");
+      assert.equal(await registers(last), regs, "the last QEMU's vCPU registers = the first's");
+      await last.execute('cont');
+      await sleep(500);
+      assert.equal(await queryStatus(last), 'running', 'the guest runs on the last QEMU');
+      log(t, `${machine}: held state file ${saved.bytes} B; QEMU → livemig → QEMU with registers equal`);
+    }),
+  );
+
   for (const postcopy of [false, true]) {
     test(`${QEMU_LABEL} -machine ${machine} → livemig source (--load-state) → ${QEMU_LABEL}, live${postcopy ? ', postcopy' : ''}: the last QEMU's RAM and vCPU registers equal the first's, and its guest runs on`, opts, (t) =>
       withHarness(async (h) => {
