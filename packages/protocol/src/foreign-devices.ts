@@ -181,11 +181,6 @@ export function mergeVmsd<T extends Pick<VmdescVmsd, 'vmsd_name' | 'fields' | 's
   return merged;
 }
 
-/** The device of (idstr, instance) in a recorded machine, or undefined. */
-export function foreignDevice(machine: ForeignMachine, idstr: string, instanceId: number): VmdescDevice | undefined {
-  return machine.devices.find((d) => d.name === idstr && d.instance_id === instanceId);
-}
-
 /** The recorded machine type `machineType`, or undefined when none was recorded. */
 export function recordedMachine(machineType: string): ForeignMachine | undefined {
   return FOREIGN_MACHINES.find((m) => m.machineType === machineType);
