@@ -7,3 +7,4 @@ process.env['LIVEMIG_QEMU_DATA'] = process.env['LIVEMIG_QEMU_10_DATA'] ?? `${roo
 process.env['LIVEMIG_QEMU_LABEL'] = 'QEMU 10.0';
 await import('./helpers/qemu-interop.ts');
 await import('./helpers/qemu-recovery.ts');
+await import('./helpers/qemu-machine-types.ts');

@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 // livemig-destination: wait for a migrating guest and run it.
 
+import { saveStateFile } from './save-state.ts';
 import { parseArgs } from 'node:util';
 import { Guest } from '@livemig/guest';
 import { applyParameters, type Capabilities, normalizeUuid } from '@livemig/protocol';
@@ -65,7 +66,9 @@ QMP commands: migrate-incoming (uri, or QEMU 8.2+'s channels), migrate-recover, 
 query-migrate (status, socket-address, error-desc, postcopy blocktime and fault latency),
 migrate-set-capabilities, query-migrate-capabilities, migrate-set-parameters,
 query-migrate-parameters (settings set while listening count until a connection sends a byte),
-stop, cont, query-status, x-query-guest-digest, calc-dirty-rate, query-dirty-rate, object-add,
+stop, cont, query-status, x-query-guest-digest, x-livemig-save-state (filename: after a completed
+migration, with the guest paused, write RAM and every device to a stream file that
+livemig-source --load-state starts from), calc-dirty-rate, query-dirty-rate, object-add,
 object-del (TLS credentials, authz), quit; introspection as QEMU's: query-commands, query-events,
 query-name, query-version, query-qmp-schema.
 Events: MIGRATION (with capability "events"), RESUME, STOP, SHUTDOWN (on quit, SIGINT, SIGTERM).
@@ -199,6 +202,16 @@ class DestinationProcess {
       quit: () => void this.shutdown(0),
     });
     registerObjectCommands(qmp, this.objects);
+    qmp.register('x-livemig-save-state', async (args) => {
+      const status = (this.queryMigrate() as { status?: string }).status;
+      if (status !== 'completed') throw new QmpCommandError(`x-livemig-save-state needs a completed incoming migration (status: ${status ?? 'none'})`);
+      if (this.guest.running) throw new QmpCommandError('x-livemig-save-state needs the guest paused (start the destination with -S, or stop it)');
+      try {
+        return { bytes: await saveStateFile(this.guest, this.machineType, String(args['filename'])) };
+      } catch (err) {
+        throw new QmpCommandError(`x-livemig-save-state: ${(err as Error).message}`);
+      }
+    }, { args: { filename: 'str' }, returns: 'any' });
     qmp.register('migrate-incoming', async (args) => {
       await this.listen(migrationUri(args, 'migrate-incoming'));
       return {};

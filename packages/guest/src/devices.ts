@@ -7,7 +7,7 @@
 //   livemig/app  (v1)                 uint32 length | msgpack(state)   (arbitrary JS object)
 
 import { Packr } from 'msgpackr';
-import type { VmdescDevice } from '@livemig/protocol';
+import type { VmdescDevice, VmsdLayout } from '@livemig/protocol';
 import type { VcpuSet } from './vcpus.ts';
 import { GuestErrorCode } from './errors.ts';
 
@@ -26,8 +26,8 @@ export interface Device {
   readonly idstr: string;
   readonly instanceId: number;
   readonly versionId: number;
-  /** Data length for the destination decoder: fixed, or a be32 length prefix. */
-  readonly layout: number | 'be32-prefixed';
+  /** Data length for the destination decoder: fixed, a be32 length prefix, or a recorded QEMU description. */
+  readonly layout: number | 'be32-prefixed' | VmsdLayout;
   /** FULL section data (the guest is stopped). */
   save(): Buffer;
   /** Load FULL section data written with stream version `versionId`. */

@@ -3,7 +3,8 @@
 
 import { Worker } from 'node:worker_threads';
 import { createHash } from 'node:crypto';
-import { TARGET_PAGE_SIZE } from '@livemig/protocol';
+import { type ForeignMachine, TARGET_PAGE_SIZE } from '@livemig/protocol';
+import { CarriedDevice } from './carried-device.ts';
 import { formatWorkload, type Workload } from './control.ts';
 import { AppDevice, type Device, GlobalStateDevice, GuestClock, TimerDevice, VcpuDevice } from './devices.ts';
 import { type BlockConfig, GuestRam, parseSize, type RamAllocator } from './ram.ts';
@@ -22,6 +23,11 @@ export interface GuestConfig {
   fill: Fill;
   /** Devices beyond QEMU's timer + globalstate: per-vCPU state and the application device. */
   livemigDevices: boolean;
+  /**
+   * A recorded QEMU machine type (--machine pc-q35-10.0, …): its devices, in QEMU's order, are
+   * carried (CarriedDevice) except the timer and globalstate, which are ours.
+   */
+  qemuMachine?: ForeignMachine;
 }
 
 /** QEMU-style run states reported by query-status. */
@@ -38,6 +44,8 @@ export interface GuestDigest {
     /** The VFIO device's memory and register file apart, and its v1 device_state. */
     vfio: { memorySha256: string; registersSha256: string; deviceState: number } | null;
     vcpus: { position: number; passes: number }[];
+    /** QEMU devices carried for a recorded machine type, in section order (empty otherwise). */
+    carried: { idstr: string; instanceId: number; versionId: number; length: number; sha256: string; loaded: boolean }[];
   };
 }
 
@@ -46,6 +54,20 @@ export const SECOND_BLOCK: BlockConfig = { idstr: 'vga.vram', length: 4 * 2 ** 2
 
 export function defaultBlocks(memoryBytes: number): BlockConfig[] {
   return [{ idstr: 'pc.ram', length: memoryBytes }, SECOND_BLOCK];
+}
+
+/**
+ * A recorded QEMU machine type's RAM blocks as QEMU creates them for `memory` of guest RAM: the
+ * main block (pc.ram) first, sized by -m, then the firmware and ROM blocks at their recorded
+ * lengths.
+ */
+export function qemuMachineBlocks(machine: ForeignMachine, memory: string | undefined): BlockConfig[] {
+  const main = machine.ramBlocks.find((b) => b.main === true);
+  if (main === undefined) throw new GuestConfigError(`machine type ${machine.machineType}: the recording names no main RAM block`);
+  return [
+    { idstr: main.idstr, length: parseSize(memory ?? '256M') },
+    ...machine.ramBlocks.filter((b) => b !== main).map((b) => ({ idstr: b.idstr, length: b.length })),
+  ];
 }
 
 /** Parse --block NAME:SIZE (repeatable) or derive blocks from --memory. */
@@ -110,6 +132,16 @@ export class Guest {
       this.vfio = undefined;
     }
     this.devices.push(this.globalState);
+    if (config.qemuMachine !== undefined) this.devices = this.qemuDevices(config.qemuMachine);
+  }
+
+  /** QEMU's device sections in its order: ours where we emulate the device, carried otherwise. */
+  private qemuDevices(machine: ForeignMachine): Device[] {
+    return machine.devices.map((d, i) => {
+      if (d.name === 'timer' && d.instance_id === 0) return this.devices[0]!;
+      if (d.name === 'globalstate' && d.instance_id === 0) return this.globalState;
+      return new CarriedDevice(d, Buffer.from(machine.initialData[i] ?? '', 'hex'));
+    });
   }
 
   get runState(): GuestRunState {
@@ -257,6 +289,12 @@ export class Guest {
                 deviceState: this.vfio.region.deviceState,
               },
         vcpus,
+        carried: this.devices
+          .filter((d): d is CarriedDevice => d instanceof CarriedDevice)
+          .map((d) => {
+            const data = d.save();
+            return { idstr: d.idstr, instanceId: d.instanceId, versionId: d.versionId, length: data.length, sha256: createHash('sha256').update(data).digest('hex'), loaded: d.loaded };
+          }),
       },
     };
   }

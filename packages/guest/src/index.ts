@@ -13,6 +13,7 @@ export * from './request-line.ts';
 export * from './threads.ts';
 export * from './page-bitmap.ts';
 export * from './devices.ts';
+export * from './carried-device.ts';
 export * from './guest.ts';
 export * from './iterative.ts';
 export * from './vfio-v1-region.ts';

@@ -2,8 +2,8 @@
 // Both sides of a migration must be started with the same guest flags.
 
 import type { ParseArgsConfig } from 'node:util';
-import { type Fill, type GuestConfig, GuestErrorCode, parseBlocks, parseWorkload } from '@livemig/guest';
-import { DEFAULT_QEMU_VERSION, parseQemuVersion, type QemuVersion } from '@livemig/protocol';
+import { type Fill, type GuestConfig, GuestErrorCode, parseBlocks, parseWorkload, qemuMachineBlocks } from '@livemig/guest';
+import { DEFAULT_QEMU_VERSION, parseQemuVersion, type QemuVersion, recordedMachine, recordedMachineTypes } from '@livemig/protocol';
 
 export const DEFAULT_MACHINE = 'livemig-pc';
 
@@ -25,7 +25,10 @@ export const GUEST_OPTIONS = {
 
 export const GUEST_HELP = `guest (the same on both sides of a migration):
   --machine TYPE        machine type sent/expected in the stream (default ${DEFAULT_MACHINE});
-                        a versioned one (pc-q35-10.0, pc-i440fx-7.2) sets the stream's dialect
+                        a versioned one (pc-q35-10.0, pc-i440fx-7.2) sets the stream's dialect;
+                        a recorded QEMU one (${recordedMachineTypes().join(', ')})
+                        has QEMU's RAM blocks (pc.ram sized by -m) and carries QEMU's devices
+                        as QEMU -nodefaults -cpu qemu64 creates them
   --qemu-version V      the QEMU whose stream dialect an unversioned machine type (none,
                         livemig-pc) speaks: 7.2 (default) or 10.0 — e.g. multifd synced once
                         per round and SWITCHOVER_START, as QEMU 10.0's -machine none expects
@@ -87,15 +90,25 @@ export function guestFromFlags(values: Record<string, unknown>): GuestFlags {
     if (!Number.isInteger(vcpus) || vcpus < 1 || vcpus > 64) throw new UsageError(`--vcpus "${String(values['vcpus'])}" is not a whole number from 1 to 64`);
     const fill = (values['fill'] as string | undefined) ?? 'mixed';
     if (!['zero', 'random', 'mixed'].includes(fill)) throw new UsageError(`--fill "${fill}" is not zero, random or mixed`);
+    const machineType = (values['machine'] as string | undefined) ?? DEFAULT_MACHINE;
+    // A recorded QEMU machine type brings QEMU's RAM blocks and devices; ours beyond timer and
+    // globalstate would be sections QEMU refuses.
+    const qemuMachine = recordedMachine(machineType);
+    const blockFlags = (values['block'] as string[] | undefined) ?? [];
+    const blocks =
+      qemuMachine !== undefined && blockFlags.length === 0
+        ? qemuMachineBlocks(qemuMachine, values['memory'] as string | undefined)
+        : parseBlocks(values['memory'] as string | undefined, blockFlags);
     return {
-      machineType: (values['machine'] as string | undefined) ?? DEFAULT_MACHINE,
+      machineType,
       qemuVersion: qemuVersionFlag(values['qemu-version'] as string | undefined),
       guest: {
-        blocks: parseBlocks(values['memory'] as string | undefined, (values['block'] as string[] | undefined) ?? []),
+        blocks,
         vcpus,
         workload: parseWorkload((values['workload'] as string | undefined) ?? 'idle'),
         fill: fill as Fill,
-        livemigDevices: values['qemu-devices-only'] !== true,
+        livemigDevices: values['qemu-devices-only'] !== true && qemuMachine === undefined,
+        ...(qemuMachine === undefined ? {} : { qemuMachine }),
       },
       qmp: values['qmp'] as string | undefined,
       name: values['name'] as string | undefined,

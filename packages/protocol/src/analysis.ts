@@ -31,7 +31,7 @@ export interface SectionReport {
   depth: number;
   ram?: RamSectionStats & { blocks?: RamBlockInfo[]; memSizeOffset?: number };
   dataSha256?: string;
-  layout?: 'declared' | 'footer-scan' | 'vfio-framing';
+  layout?: 'declared' | 'footer-scan' | 'vfio-framing' | 'recorded-vmsd';
   /** A VFIO device's section: its phase and what its DATA / CONFIG frames carried. */
   vfio?: VfioSectionReport;
 }

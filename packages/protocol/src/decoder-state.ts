@@ -4,6 +4,7 @@
 import type { SectionKind } from './constants.ts';
 import type { RamSectionStats } from './ram-record-decoder.ts';
 import type { SectionIdentity } from './stream-events.ts';
+import type { VmdescVmsd } from './vmdesc.ts';
 
 /** Decoder states. */
 export const S = { HEADER: 0, CONFIG: 1, RECORD: 2, RAM: 3, DEVICE: 4, FOOTER: 5, SKIP_PACKAGE: 6, AFTER_EOF: 7, DONE: 8 } as const;
@@ -18,13 +19,15 @@ export interface OpenSection extends SectionIdentity {
   declaredLength: number | undefined;
   /** The data starts with its own be32 length (declaredLength is set once that is read). */
   prefixed: boolean;
-  layout: 'declared' | 'footer-scan' | 'vfio-framing';
+  layout: 'declared' | 'footer-scan' | 'vfio-framing' | 'recorded-vmsd';
   scanFrom: number;
   /** QEMU's VFIO framing: 'yes' (a device of ours), 'detect' (look at the first 8 bytes), 'no'. */
   vfio: 'yes' | 'detect' | 'no';
   configBytes: number | undefined;
   vfioFrom: number;
   vfioCloseNext: boolean;
+  /** A QEMU device walked by its recorded description (foreign-devices.ts). */
+  vmsd: VmdescVmsd | undefined;
 }
 
 /** What a stream that ends now was in the middle of, for LM_ERR_TRUNCATED's message. */

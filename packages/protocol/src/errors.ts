@@ -56,6 +56,8 @@ export const ErrorCode = {
   BAD_VMDESCRIPTION: 'LM_ERR_BAD_VMDESCRIPTION',
   /** A device section's data does not match its VMDESCRIPTION entry field by field. */
   DEVICE_STATE_MISMATCH: 'LM_ERR_DEVICE_STATE_MISMATCH',
+  /** A QEMU device section that does not fit the layout recorded for its machine type (foreign-devices.ts). */
+  FOREIGN_DEVICE_LAYOUT: 'LM_ERR_FOREIGN_DEVICE_LAYOUT',
   /** Bytes after the end of the stream (after EOF and VMDESCRIPTION). */
   TRAILING_DATA: 'LM_ERR_TRAILING_DATA',
   /** Return-path message type 0 or above the highest known type. */

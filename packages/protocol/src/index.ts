@@ -22,6 +22,7 @@ export * from './ram.ts';
 export * from './dialect.ts';
 export * from './stream.ts';
 export * from './vmdesc.ts';
+export * from './foreign-devices.ts';
 export * from './bitmap.ts';
 export * from './return-path.ts';
 export * from './ram-record-decoder.ts';

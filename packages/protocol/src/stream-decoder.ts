@@ -39,6 +39,8 @@ import {
   type BlockStats,
 } from './ram-record-decoder.ts';
 import { ByteReader } from './reader.ts';
+import { measureVmsdSection } from './foreign-devices.ts';
+import type { VmdescVmsd } from './vmdesc.ts';
 import { readConfigurationRecord } from './configuration-record.ts';
 import type { ConfigurationRecord, DecoderEvent, DeviceLayout, SectionIdentity, SectionRecord, StreamDecoderOptions } from './stream-events.ts';
 import { nextPostcopyState, scanForFooter } from './stream-rules.ts';
@@ -337,9 +339,11 @@ export class StreamDecoder {
     let prefixed = false;
     let vfio: OpenSection['vfio'] = 'no';
     let configBytes: number | undefined;
+    let vmsd: VmdescVmsd | undefined;
     if (!isRam) {
       const layout = this.deviceLayout?.(id, kind);
       if (layout === 'be32-prefixed') prefixed = true;
+      else if (typeof layout === 'object' && layout.framing === 'vmsd') vmsd = layout.description;
       else if (typeof layout === 'object') {
         vfio = 'yes';
         configBytes = layout.configBytes;
@@ -363,12 +367,13 @@ export class StreamDecoder {
       stats: isRam ? emptyRamSectionStats() : undefined,
       declaredLength: declared,
       prefixed,
-      layout: vfio === 'yes' ? 'vfio-framing' : declared === undefined && !prefixed ? 'footer-scan' : 'declared',
+      layout: vfio === 'yes' ? 'vfio-framing' : vmsd !== undefined ? 'recorded-vmsd' : declared === undefined && !prefixed ? 'footer-scan' : 'declared',
       scanFrom: 0,
       vfio,
       configBytes,
       vfioFrom: 0,
       vfioCloseNext: false,
+      vmsd,
     };
     this.rram.section = isRam ? this.cur : undefined;
     this.state = isRam ? S.RAM : S.DEVICE;
@@ -432,6 +437,23 @@ export class StreamDecoder {
       else if (r.available < VFIO_MARK_LENGTH) return NEED_MORE;
       else c.vfio = isVfioMark(r.be32(0), r.be32(4)) ? 'yes' : 'no';
       if (c.vfio === 'yes') c.layout = 'vfio-framing';
+    }
+    if (c.vmsd !== undefined && c.declaredLength === undefined) {
+      const limit = Math.min(this.maxSectionBytes, this.packageEnd - r.streamOffset);
+      let len: number | undefined;
+      try {
+        len = measureVmsdSection(r, c.vmsd, c, limit);
+      } catch (err) {
+        // A subsection the recording never saw: with footers the section's end can still be
+        // found as for any undescribed device; without them there is no way past it.
+        if ((err as ProtocolError).code !== ErrorCode.FOREIGN_DEVICE_LAYOUT || !this.expectFooters || this.footersUnknown) throw err;
+        c.vmsd = undefined;
+        c.layout = 'footer-scan';
+      }
+      if (c.vmsd !== undefined) {
+        if (len === undefined) return NEED_MORE;
+        c.declaredLength = len;
+      }
     }
     if (c.vfio === 'yes' && c.declaredLength === undefined) {
       const limit = Math.min(this.maxSectionBytes, this.packageEnd - r.streamOffset);

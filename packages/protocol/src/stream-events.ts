@@ -6,6 +6,7 @@ import type { PostcopyStateValue, SectionKind } from './constants.ts';
 import type { RamBlockInfo } from './ram.ts';
 import type { MultifdFlushEvent, RamBlocksEvent, RamSectionStats, RamTarget } from './ram-record-decoder.ts';
 import type { VfioSectionSummary } from './vfio-framing.ts';
+import type { VmdescVmsd } from './vmdesc.ts';
 
 export interface SectionIdentity {
   sectionId: number;
@@ -30,7 +31,7 @@ export interface SectionRecord extends SectionIdentity {
   /** Device sections: a copy of the data. */
   data?: Buffer;
   /** How a device section's length was found ('vfio-framing': by its VFIO markers). */
-  layout?: 'declared' | 'footer-scan' | 'vfio-framing';
+  layout?: 'declared' | 'footer-scan' | 'vfio-framing' | 'recorded-vmsd';
   /** Device sections in QEMU's VFIO framing: what the markers say. */
   vfio?: VfioSectionSummary;
 }
@@ -63,11 +64,18 @@ export interface VfioLayout {
   configBytes: number;
 }
 
+/** A QEMU device livemig does not emulate: walked by the VMDESCRIPTION recorded for its machine type. */
+export interface VmsdLayout {
+  framing: 'vmsd';
+  description: VmdescVmsd;
+}
+
 /**
  * How long a device section's data is: a length; 'be32-prefixed': a be32 length and that many
- * bytes (livemig's own variable-size devices); a VfioLayout: as its VFIO markers say.
+ * bytes (livemig's own variable-size devices); a VfioLayout: as its VFIO markers say; a
+ * VmsdLayout: as its recorded description and the subsections present say.
  */
-export type SectionLayout = number | 'be32-prefixed' | VfioLayout;
+export type SectionLayout = number | 'be32-prefixed' | VfioLayout | VmsdLayout;
 
 /**
  * The layout of a device section when it is known (a VMDESCRIPTION, or a device of ours);

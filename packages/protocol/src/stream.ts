@@ -121,8 +121,9 @@ export function writeSectionHeader(w: BatchWriter, h: SectionHeader): void {
   }
 }
 
-export function writeSectionFooter(w: BatchWriter, sectionId: number): void {
-  w.u8(RecordType.SECTION_FOOTER).be32(sectionId);
+/** `footers` false: the dialect has none (machine types before 2.4), nothing is written. */
+export function writeSectionFooter(w: BatchWriter, sectionId: number, footers = true): void {
+  if (footers) w.u8(RecordType.SECTION_FOOTER).be32(sectionId);
 }
 
 export function writeEof(w: BatchWriter): void {

@@ -18,6 +18,11 @@ export interface VmdescField {
   array_len?: number;
   index?: number;
   struct?: VmdescVmsd;
+  /** A "tmp" field (QEMU's VMSTATE_WITH_TMP) carries its vmsd inline. */
+  vmsd_name?: string;
+  version?: number;
+  fields?: VmdescField[];
+  subsections?: VmdescVmsd[];
 }
 
 export interface VmdescVmsd {

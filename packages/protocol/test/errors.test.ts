@@ -586,6 +586,32 @@ const CASES: Record<ErrorCodeValue, Case[]> = {
     })(),
     { name: 'parseVmdescription of a subsection without vmsd_name', call: () => parseVmdescription('{"page_size": 4096, "devices": [{"name": "d", "instance_id": 0, "subsections": [{}]}]}', 77), at: 77, message: /subsection lacks "vmsd_name"/ },
   ],
+  LM_ERR_FOREIGN_DEVICE_LAYOUT: [
+    (() => {
+      const description = {
+        vmsd_name: 'dev',
+        version: 1,
+        fields: [{ name: 'a', type: 'uint32', size: 4 }],
+        subsections: [{ vmsd_name: 'dev/x', version: 1, fields: [{ name: 'b', type: 'uint8', size: 1 }] }],
+      };
+      // No footers (machine types before 2.4): nothing else can tell where the section ends.
+      const s = withOffset((w, here) => {
+        writeStreamHeader(w);
+        writeSectionHeader(w, { kind: 'full', sectionId: 3, idstr: 'dev', instanceId: 0, versionId: 1 });
+        w.be32(7);
+        here();
+        w.u8(0x05).u8(5).bytes(Buffer.from('dev/y', 'latin1')).be32(1).u8(0);
+        writeEof(w);
+      });
+      return {
+        name: 'a QEMU device section (no footers) with a subsection its recorded description lacks',
+        ...s,
+        options: { deviceLayout: () => ({ framing: 'vmsd' as const, description }), expectFooters: false },
+        message: /device section "dev" at data offset 4: subsection "dev\/y" is not in the recorded description \(known: dev\/x\)/,
+        fields: { sectionId: 3, idstr: 'dev' },
+      };
+    })(),
+  ],
   LM_ERR_DEVICE_STATE_MISMATCH: [
     {
       name: 'decodeDeviceState of 2 bytes for a 4-byte field',

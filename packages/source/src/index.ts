@@ -5,3 +5,4 @@ export * from './ram-saver.ts';
 export * from './stream-out.ts';
 export * from './migration.ts';
 export * from './timeline-recorder.ts';
+export * from './errors.ts';

@@ -48,6 +48,7 @@ import {
   RuntimeErrorCode,
 } from '@livemig/runtime';
 import { native } from '@livemig/native';
+import { loadStateFile } from './load-state.ts';
 import { loadCprState, SharedRam } from './cpr-exec.ts';
 import { OutgoingMigration } from './migration.ts';
 import { TimelineRecorder } from './timeline-recorder.ts';
@@ -86,6 +87,10 @@ migration:
   --incoming-cpr FILE      be the new image of a cpr-exec (its cpr-exec-command): map the RAM the
                            old image handed over, load the device state from FILE (the migrate
                            file: URI) and run the guest on. Give the same guest flags as before
+  --load-state FILE        start from a saved migration stream instead of a fresh guest: its RAM
+                           and device state (blocks matched by name and size). With a recorded
+                           QEMU machine type FILE may be QEMU's own (migrate "exec:cat > FILE"):
+                           QEMU's devices are carried and sent on to the next QEMU
 
 cpr-exec (live update in place, same PID): migrate-set-parameters mode=cpr-exec and
 cpr-exec-command=[argv of the new image, e.g. node .../main.js --incoming-cpr FILE ...], then
@@ -117,6 +122,7 @@ const EXTRA = {
   uuid: { type: 'string' },
   'shared-ram': { type: 'boolean' },
   'incoming-cpr': { type: 'string' },
+  'load-state': { type: 'string' },
   timeline: { type: 'string' },
 } as const;
 
@@ -789,6 +795,16 @@ async function main(argv: string[]): Promise<void> {
     }
     guest.setRunState('paused');
     log.info({ ms: Math.round(performance.now() - loadingSince), state: incomingCpr, runState: savedRunState }, 'cpr-exec: guest state loaded, RAM kept in place');
+  } else if (values['load-state'] !== undefined) {
+    const loadingSince = performance.now();
+    try {
+      await loadStateFile(guest, values['load-state'], flags.machineType);
+    } catch (err) {
+      process.stderr.write(`${program}: ${(err as Error).message}\n`);
+      process.exit(1);
+    }
+    await guest.prefault('read');
+    log.info({ ms: Math.round(performance.now() - loadingSince), state: values['load-state'] }, 'guest state loaded from a stream file');
   } else {
     // Seconds for a big guest: say what is going on (the demo shows it as its preparation phase).
     const preparingSince = performance.now();

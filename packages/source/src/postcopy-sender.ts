@@ -152,7 +152,7 @@ export class PostcopySender {
     const allowance = m.limiter.allowance(m.now());
     if (m.ram.dirtyPages > 0 && allowance > 0) m.ram.saveIterate(w, Math.min(BACKGROUND_BATCH_BYTES, allowance), deadline);
     writeEos(w);
-    writeSectionFooter(w, RAM_SECTION_ID);
+    writeSectionFooter(w, RAM_SECTION_ID, this.m.dialect.sectionFooters);
     m.limiter.consume(w.totalBytes - background);
     this.postcopyBytes += w.totalBytes - before;
     await m.flush();
@@ -177,7 +177,7 @@ export class PostcopySender {
     m.dispatch({ type: 'postcopyStreamEnded' });
     writeSectionHeader(w, { kind: 'end', sectionId: RAM_SECTION_ID });
     writeEos(w);
-    writeSectionFooter(w, RAM_SECTION_ID);
+    writeSectionFooter(w, RAM_SECTION_ID, this.m.dialect.sectionFooters);
     writeEof(w);
     await m.flush();
     const server = this.pageServer;

@@ -97,11 +97,11 @@ export class Precopy {
     // Either dialect syncs multifd here: the destination must have set up RAM before any page lands.
     await this.multifdSync(true);
     writeEos(w);
-    writeSectionFooter(w, RAM_SECTION_ID);
+    writeSectionFooter(w, RAM_SECTION_ID, this.m.dialect.sectionFooters);
     for (const { dev, sectionId } of m.others) {
       writeSectionHeader(w, { kind: 'start', sectionId, idstr: dev.idstr, instanceId: dev.instanceId, versionId: dev.versionId });
       dev.saveSetup(w);
-      writeSectionFooter(w, sectionId);
+      writeSectionFooter(w, sectionId, this.m.dialect.sectionFooters);
     }
     await m.flush();
     m.o.events.pass(1);
@@ -283,7 +283,7 @@ export class Precopy {
       const before = w.totalBytes;
       writeSectionHeader(w, { kind: 'part', sectionId });
       dev.saveIterate(w, Math.min(DEVICE_PART_BYTES, allowance));
-      writeSectionFooter(w, sectionId);
+      writeSectionFooter(w, sectionId, this.m.dialect.sectionFooters);
       const bytes = w.totalBytes - before;
       m.limiter.consume(bytes);
       m.meter.add(bytes);
@@ -320,7 +320,7 @@ export class Precopy {
     }
     await this.multifdSync();
     writeEos(w);
-    writeSectionFooter(w, RAM_SECTION_ID);
+    writeSectionFooter(w, RAM_SECTION_ID, this.m.dialect.sectionFooters);
     await m.flush();
     const now = m.now();
     if (now > started) this.pagesPerSecond = ((this.pagesSent() - pagesBefore) * 1000) / (now - started);
@@ -362,7 +362,7 @@ export class Precopy {
     for (const { dev, sectionId } of m.others) {
       writeSectionHeader(m.w, { kind: 'end', sectionId });
       while (!dev.saveComplete(m.w, BATCH_BYTES)) await m.flush();
-      writeSectionFooter(m.w, sectionId);
+      writeSectionFooter(m.w, sectionId, this.m.dialect.sectionFooters);
     }
   }
 
@@ -379,7 +379,7 @@ export class Precopy {
       const before = w.totalBytes;
       dev.saveState(w);
       const size = w.totalBytes - before;
-      writeSectionFooter(w, sectionId);
+      writeSectionFooter(w, sectionId, this.m.dialect.sectionFooters);
       // QEMU describes a save_state section as one buffer of its size.
       described.push({ name: dev.idstr, instance_id: dev.instanceId, size, fields: [{ name: 'data', type: 'buffer', size }] });
     }
@@ -388,7 +388,7 @@ export class Precopy {
       const data = dev.save();
       writeSectionHeader(w, { kind: 'full', sectionId, idstr: dev.idstr, instanceId: dev.instanceId, versionId: dev.versionId });
       w.bytes(data);
-      writeSectionFooter(w, sectionId++);
+      writeSectionFooter(w, sectionId++, this.m.dialect.sectionFooters);
       described.push(dev.describe(data.length));
     }
     return described;
@@ -418,7 +418,7 @@ export class Precopy {
     }
     await this.multifdSync(true);
     writeEos(w);
-    writeSectionFooter(w, RAM_SECTION_ID);
+    writeSectionFooter(w, RAM_SECTION_ID, this.m.dialect.sectionFooters);
     phases.ramSentMs = m.now() - m.stopTime;
     await this.endOtherDevices();
     const described = this.writeDeviceSections(w);
