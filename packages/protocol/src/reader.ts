@@ -98,6 +98,11 @@ export class ByteReader {
     }
   }
 
+  /** Unread bytes in the head chunk: peeks below this many read straight out of it. */
+  get headAvailable(): number {
+    return this.headBuf.length - this.headPos;
+  }
+
   /** Peek the byte k positions ahead (caller ensures k < available). */
   u8(k: number): number {
     const i = this.headPos + k;
