@@ -114,6 +114,17 @@ function readFully(fd: number, dst: Uint8Array, dstOffset: number, length: numbe
   }
 }
 
+/** Fill `dst` from the file at `position`; fewer bytes only at the end of the file. */
+function readUpTo(fd: number, dst: Buffer, position: number): number {
+  let got = 0;
+  while (got < dst.length) {
+    const n = readSync(fd, dst, got, dst.length - got, position + got);
+    if (n === 0) break;
+    got += n;
+  }
+  return got;
+}
+
 /** Wrap a byte source so that gzip input is decompressed (detected by its magic). */
 async function* maybeGunzip(source: AsyncIterable<Buffer>, onGzip: () => void): AsyncGenerator<Buffer> {
   const it = source[Symbol.asyncIterator]();
@@ -217,16 +228,22 @@ function analyzeFile(path: string, options: AnalyzeOptions): AnalyzeResult {
         : { keepRam: false, onSection: collector.onSection }),
     } satisfies AnalyzerOptions);
     const progress = progressReporter(options);
-    const buf = Buffer.allocUnsafeSlow(FILE_READ_BYTES);
+    // One buffer for every read. What a read leaves undecoded (a record it cut) is not copied
+    // out: it is dropped and read again at the start of the next read, and a record larger than
+    // half the buffer doubles it (records are bounded by the decoder's limits). Copies of cut
+    // records were most of the garbage, and so of the peak RSS, with MiB-sized device sections.
+    let buf = Buffer.allocUnsafeSlow(FILE_READ_BYTES);
     let position = 0;
     for (;;) {
-      const n = readSync(fd, buf, 0, FILE_READ_BYTES, position);
+      const n = readUpTo(fd, buf, position);
       if (n === 0) break;
-      position += n;
-      analyzer.push(n === FILE_READ_BYTES ? buf : buf.subarray(0, n));
-      // What is left undecoded (a record cut by the read) is copied out: the buffer is read into again.
-      analyzer.retainUnread();
-      progress(position, size);
+      analyzer.push(n === buf.length ? buf : buf.subarray(0, n));
+      progress(position + n, size);
+      if (n < buf.length) break;
+      const next = analyzer.streamOffset;
+      analyzer.dropUnread();
+      if (position + n - next > buf.length / 2) buf = Buffer.allocUnsafeSlow(2 * buf.length);
+      position = next;
     }
     const report = analyzer.end();
     let open = true;

@@ -264,6 +264,19 @@ export class StreamAnalyzer {
     return true;
   }
 
+  /** Stream offset of the first byte not yet decoded. */
+  get streamOffset(): number {
+    return this.decoder.streamOffset;
+  }
+
+  /**
+   * Forget the buffered, undecoded bytes: the caller (a reader of a file) pushes them again from
+   * `streamOffset` on, so it may reuse its read buffer without them being copied out.
+   */
+  dropUnread(): void {
+    this.report.streamSize -= this.decoder.dropUnread();
+  }
+
   /** Copy the buffered, undecoded bytes out of the pushed chunks (so the caller may reuse its read buffer). */
   retainUnread(): void {
     this.decoder.retainUnread();

@@ -103,6 +103,24 @@ export class ByteReader {
     return this.headBuf.length - this.headPos;
   }
 
+  /**
+   * Forget the buffered, unread bytes (nothing is consumed): a reader of a file pushes them
+   * again from `streamOffset`, read into the same buffer, instead of having them copied out.
+   * Decoders peek a record whole before they consume it, so they resume on the same bytes.
+   */
+  dropUnread(): number {
+    const dropped = this.available;
+    this.chunks.length = 0;
+    this.head = 0;
+    this.headBuf = EMPTY;
+    this.headView = new DataView(EMPTY.buffer, 0, 0);
+    this.headPos = 0;
+    this.available = 0;
+    this.memoHeadIndex = -1;
+    this.memoHead = EMPTY;
+    return dropped;
+  }
+
   /** Peek the byte k positions ahead (caller ensures k < available). */
   u8(k: number): number {
     const i = this.headPos + k;

@@ -147,6 +147,14 @@ export class StreamDecoder {
     this.r.retainUnread();
   }
 
+  /**
+   * Forget the buffered, undecoded bytes (after next() gave NEED_MORE); the caller pushes them
+   * again, from `streamOffset` on. Returns how many were dropped.
+   */
+  dropUnread(): number {
+    return this.r.dropUnread();
+  }
+
   /** The next event, or NEED_MORE when the buffered bytes hold no complete record. */
   next(): DecoderEvent | NeedMore {
     if (this.failure !== undefined) throw this.failure;
