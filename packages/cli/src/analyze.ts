@@ -175,7 +175,10 @@ class StateCollector {
   }
 
   readonly onSection = (s: SectionReport, data: Buffer | undefined): void => {
-    const wanted = s.ram !== undefined ? s.ram.blocks !== undefined : data !== undefined && (s.type === 'start' || s.type === 'full');
+    // A VFIO device's setup, pre-copy and stop-copy sections are its own framing, not fields its
+    // description names: only its config (a FULL section) is.
+    const vfioData = s.vfio !== undefined && s.vfio.phase !== 'config';
+    const wanted = s.ram !== undefined ? s.ram.blocks !== undefined : data !== undefined && !vfioData && (s.type === 'start' || s.type === 'full');
     if (!wanted) return;
     if (this.dump === undefined) this.waiting.push({ s, data });
     else this.take(this.dump, s, data);
