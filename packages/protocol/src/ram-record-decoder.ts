@@ -444,36 +444,39 @@ export class RamRecordDecoder {
     const r = this.r;
     const observer = this.observer;
     const end = Math.min(r.headAvailable, this.packageEnd - r.streamOffset);
+    // Values are read straight out of the head chunk: a call per value kept the loop slow until optimized.
+    const chunk = r.headChunk;
+    const view = r.headChunkView;
+    const base = r.headOffset;
+    const streamBase = r.streamOffset - base;
     let pages = 0;
     let zeros = 0;
-    let at = 0;
-    while (at + ZERO_RECORD_BYTES <= end) {
-      const lo = r.be32(at + 4);
+    let at = base;
+    const stop = base + end;
+    while (at + ZERO_RECORD_BYTES <= stop) {
+      const lo = view.getUint32(at + 4);
       const flags = lo & TYPE_MASK;
-      const pageOffset = r.be32(at) * 0x100000000 + (lo - flags);
+      const pageOffset = view.getUint32(at) * 0x100000000 + (lo - flags);
       // Anything else (another record type, a named block, an offset to refuse) is the loop above's.
       if (pageOffset + TARGET_PAGE_SIZE > blockLength) break;
       if (flags === (RamFlag.PAGE | RamFlag.CONTINUE)) {
-        if (at + PAGE_RECORD_BYTES > end) break;
-        if (observer !== undefined) {
-          const src = r.span(at + 8, TARGET_PAGE_SIZE, this.scratchPage);
-          observer.pageData(block, pageOffset, src, r.spanOffset, r.streamOffset + at + 8);
-        }
+        if (at + PAGE_RECORD_BYTES > stop) break;
+        if (observer !== undefined) observer.pageData(block, pageOffset, chunk, at + 8, streamBase + at + 8);
         pages++;
         at += PAGE_RECORD_BYTES;
       } else if (flags === (RamFlag.ZERO | RamFlag.CONTINUE)) {
-        if (observer !== undefined) observer.pageFill(block, pageOffset, r.u8(at + 8));
+        if (observer !== undefined) observer.pageFill(block, pageOffset, chunk[at + 8]!);
         zeros++;
         at += ZERO_RECORD_BYTES;
       } else break;
     }
-    if (at === 0) return;
+    if (at === base) return;
     stats.normal += pages;
     stats.zero += zeros;
     stats.continued += pages + zeros;
     bs.normalPages += pages;
     bs.zeroPages += zeros;
-    r.skip(at);
+    r.skip(at - base);
   }
 
   private badFlag(flags: number, why: string): never {

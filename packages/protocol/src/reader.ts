@@ -104,6 +104,22 @@ export class ByteReader {
   }
 
   /**
+   * The head chunk, a view of it, and where its next unread byte is: for a loop over many small
+   * records in it that would otherwise make a call per value (up to headAvailable bytes on).
+   */
+  get headChunk(): Buffer {
+    return this.headBuf;
+  }
+
+  get headChunkView(): DataView {
+    return this.headView;
+  }
+
+  get headOffset(): number {
+    return this.headPos;
+  }
+
+  /**
    * Forget the buffered, unread bytes (nothing is consumed): a reader of a file pushes them
    * again from `streamOffset`, read into the same buffer, instead of having them copied out.
    * Decoders peek a record whole before they consume it, so they resume on the same bytes.
