@@ -180,7 +180,8 @@ class StateCollector {
     const vfioData = s.vfio !== undefined && s.vfio.phase !== 'config';
     const wanted = s.ram !== undefined ? s.ram.blocks !== undefined : data !== undefined && !vfioData && (s.type === 'start' || s.type === 'full');
     if (!wanted) return;
-    if (this.dump === undefined) this.waiting.push({ s, data });
+    // Data is lent for the call: what waits for the description is copied.
+    if (this.dump === undefined) this.waiting.push({ s, data: data === undefined ? undefined : Buffer.from(data) });
     else this.take(this.dump, s, data);
   };
 
@@ -225,6 +226,8 @@ function analyzeFile(path: string, options: AnalyzeOptions): AnalyzeResult {
     const collector = options.dumpState === true ? new StateCollector(desc) : undefined;
     const analyzer = new StreamAnalyzer({
       ...(layouts === undefined ? {} : { deviceLayout: (s, kind) => layouts.take(s.idstr, s.instanceId, kind) }),
+      // Each section's data is hashed (and dumped) as it ends, before the read buffer is read into again.
+      lendDeviceData: true,
       // The state dump shows no RAM contents: pages are only counted.
       ...(collector === undefined
         ? { readStreamBytes: (streamOffset, dst, dstOffset, length) => readFully(fd, dst, dstOffset, length, streamOffset) }

@@ -144,8 +144,13 @@ export interface AnalyzerOptions {
   readStreamBytes?: ReadStreamBytes;
   /** Largest total RAM to rebuild, bytes (default 64 GiB). */
   maxRamBytes?: number;
-  /** Told of every section as it ends, with a device section's data (a copy, the caller's to keep). */
+  /**
+   * Told of every section as it ends, with a device section's data: a copy, the caller's to keep;
+   * with lendDeviceData, lent for the call only.
+   */
   onSection?: (section: SectionReport, data: Buffer | undefined) => void;
+  /** Device section data is not copied out of the pushed chunks (a reader that reuses no chunk memory during push(), or keeps none of it). */
+  lendDeviceData?: boolean;
   decoder?: Omit<StreamDecoderOptions, 'ram' | 'deviceLayout' | 'maxRamBytes'>;
 }
 
@@ -206,6 +211,7 @@ export class StreamAnalyzer {
       },
     };
     if (options.deviceLayout !== undefined) decoderOptions.deviceLayout = options.deviceLayout;
+    if (options.lendDeviceData === true) decoderOptions.lendDeviceData = true;
     this.decoder = new StreamDecoder(decoderOptions);
   }
 

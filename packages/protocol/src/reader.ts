@@ -226,6 +226,13 @@ export class ByteReader {
     return out;
   }
 
+  /** n bytes at k: a view of the head chunk when they lie in it (lent: valid while its memory is), else a fresh copy. */
+  lend(k: number, n: number): Buffer {
+    const i = this.headPos + k;
+    if (i + n <= this.headBuf.length) return this.headBuf.subarray(i, i + n);
+    return this.copyOut(k, n);
+  }
+
   /**
    * n contiguous bytes at k without a copy when they lie in the head chunk, else copied into
    * `scratch` (length ≥ n). The bytes start at `this.spanOffset` in the returned buffer.
