@@ -1,15 +1,20 @@
 // `livemig analyze` of a 512 MiB stream: throughput and peak RSS, next to
-//   - the ceiling measured in the same run: a Node process reading the file in 1 MiB reads and
-//     hashing all of it with sha256 (what the default analysis must do at least);
-//   - QEMU's scripts/analyze-migration.py on the same file, when it is found
-//     (LIVEMIG_ANALYZE_MIGRATION_PY, or an `apt-get source qemu` tree in the temp directory).
+//   - the ceilings measured in the same run: a Node process reading the file in 1 MiB reads
+//     (what `--dump state`, which hashes nothing, must do at least), and reading and hashing all
+//     of it with sha256 (what the default analysis, which verifies every byte, must do at least);
+//   - QEMU's scripts/analyze-migration.py on the same file doing the same job (its default
+//     `-d state`, which skips page payloads), when it is found (LIVEMIG_ANALYZE_MIGRATION_PY, or an
+//     `apt-get source qemu` tree in the temp directory);
+//   - Node's own start-up (`node -e 0`) and `livemig --help`, which every run pays.
 // The stream is QEMU 7.2's `migrate exec:cat > FILE` of a stopped 512 MiB guest of random bytes
 // (so the script can read it too), or livemig's own `file:` migration when QEMU is missing.
-// LIVEMIG_BENCH_STREAM=FILE analyzes that file instead of making one.
+// LIVEMIG_BENCH_STREAM=FILE analyzes that file instead of making one. A livemig stream of a
+// 512 MiB guest with its VFIO device's data (MiB-sized sections) is analyzed too, for its peak
+// RSS (LIVEMIG_BENCH_VFIO=0 skips it).
 //
 // Each command runs as a child of a small python3 wrapper that reports the wall time, the child's
-// CPU time and its peak RSS (getrusage RUSAGE_CHILDREN: exact, no polling). On a shared, loaded
-// machine the CPU-time ratio is the steadier one: wall time includes waiting for a core.
+// CPU time and its peak RSS (getrusage RUSAGE_CHILDREN: exact, no polling). The commands of a
+// comparison run in turn, rep by rep, so that a change in the machine's load falls on all of them.
 
 import { execFileSync, spawn } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
@@ -30,13 +35,28 @@ const CLI_MAIN = join(repoRoot, 'packages/cli/dist/main.js');
 const QEMU = process.env['LIVEMIG_QEMU'] ?? 'qemu-system-x86_64';
 const RUN_TIMEOUT_MS = 600_000;
 
-/** Runs argv[1:] once, prints "wall_s maxrss_kib status cpu_s" (RUSAGE_CHILDREN: that child alone). */
+/**
+ * Runs argv[1:] once, prints "wall_s maxrss_kib status cpu_s" (RUSAGE_CHILDREN: that child alone;
+ * the CPU time of children python3 itself may have started and reaped before, taken off).
+ */
 const MEASURE_PY = `
 import resource, subprocess, sys, time
+b = resource.getrusage(resource.RUSAGE_CHILDREN)
 t = time.monotonic()
 r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL)
+w = time.monotonic() - t
 u = resource.getrusage(resource.RUSAGE_CHILDREN)
-print(time.monotonic() - t, u.ru_maxrss, r.returncode, u.ru_utime + u.ru_stime)
+print(w, u.ru_maxrss, r.returncode, u.ru_utime + u.ru_stime - b.ru_utime - b.ru_stime)
+`;
+
+/** Read a file in 1 MiB reads into one buffer: the floor of an analysis that hashes nothing. */
+const READ_JS = `
+const { openSync, readSync } = require('node:fs');
+const fd = openSync(process.argv[1], 'r');
+const buf = Buffer.allocUnsafeSlow(1 << 20);
+let total = 0;
+for (let pos = 0, n; (n = readSync(fd, buf, 0, buf.length, pos)) > 0; pos += n) total += n;
+console.log(total);
 `;
 
 /** Read a file in 1 MiB reads into one buffer and sha256 all of it: the default analysis's floor. */
@@ -55,19 +75,36 @@ interface Measured {
   peakRssMiB: Figure;
 }
 
-function measure(label: string, argv: string[]): Measured {
-  const seconds: number[] = [];
-  const cpu: number[] = [];
-  const rss: number[] = [];
+function runOnce(label: string, argv: string[]): [number, number, number] {
+  const out = execFileSync('python3', ['-c', MEASURE_PY, ...argv], { encoding: 'utf8', timeout: RUN_TIMEOUT_MS, stdio: ['ignore', 'pipe', 'inherit'] });
+  const [s, kib, status, cpuS] = out.trim().split(/\s+/).map(Number);
+  if (status !== 0) throw new Error(`${label} exited with status ${status}: ${argv.join(' ')}`);
+  return [s!, cpuS!, kib! / 1024];
+}
+
+/** Each command `reps` times, in turn (one run of each per round). A command that fails is left out of the result. */
+function measureInTurn(commands: Record<string, string[]>): Record<string, Measured | Error> {
+  const samples: Record<string, [number, number, number][] | Error> = {};
+  for (const label of Object.keys(commands)) samples[label] = [];
   for (let i = 0; i < reps; i++) {
-    const out = execFileSync('python3', ['-c', MEASURE_PY, ...argv], { encoding: 'utf8', timeout: RUN_TIMEOUT_MS, stdio: ['ignore', 'pipe', 'inherit'] });
-    const [s, kib, status, cpuS] = out.trim().split(/\s+/).map(Number);
-    if (status !== 0) throw new Error(`${label} exited with status ${status}: ${argv.join(' ')}`);
-    seconds.push(s!);
-    cpu.push(cpuS!);
-    rss.push(kib! / 1024);
+    for (const [label, argv] of Object.entries(commands)) {
+      const got = samples[label]!;
+      if (got instanceof Error) continue;
+      try {
+        got.push(runOnce(label, argv));
+      } catch (err) {
+        samples[label] = err as Error;
+      }
+    }
   }
-  return { seconds: summarize(seconds), cpuSeconds: summarize(cpu), peakRssMiB: summarize(rss) };
+  const out: Record<string, Measured | Error> = {};
+  for (const [label, got] of Object.entries(samples)) {
+    out[label] =
+      got instanceof Error
+        ? got
+        : { seconds: summarize(got.map((x) => x[0])), cpuSeconds: summarize(got.map((x) => x[1])), peakRssMiB: summarize(got.map((x) => x[2])) };
+  }
+  return out;
 }
 
 /** analyze-migration.py: LIVEMIG_ANALYZE_MIGRATION_PY, else an `apt-get source qemu` tree up to two levels down in the temp directory. */
@@ -170,8 +207,15 @@ function livemigStream(file: string): void {
 
 function line(label: string, m: Measured, bytes: number, extra = ''): void {
   const gibps = summarize([bytes / GiB / m.seconds.max, bytes / GiB / m.seconds.median, bytes / GiB / m.seconds.min]);
-  console.log(`  ${label.padEnd(32)} ${fmt(gibps)} GiB/s  ${m.seconds.median.toFixed(2)} s (CPU ${m.cpuSeconds.median.toFixed(2)} s)  peak RSS ${m.peakRssMiB.median.toFixed(0)} MiB${extra}`);
+  console.log(`  ${label.padEnd(34)} ${fmt(gibps)} GiB/s  ${m.seconds.median.toFixed(2)} s (CPU ${m.cpuSeconds.median.toFixed(2)} s)  peak RSS ${m.peakRssMiB.median.toFixed(0)} MiB (max ${m.peakRssMiB.max.toFixed(0)})${extra}`);
 }
+
+function pct(ceiling: Measured, m: Measured): string {
+  return `  = ${((100 * ceiling.seconds.median) / m.seconds.median).toFixed(0)} % of its ceiling`;
+}
+
+/** Peak RSS bound of `livemig analyze` (issue #15): said next to the figure, not asserted. */
+const RSS_BOUND_MIB = 64;
 
 export async function analyzeBench(): Promise<void> {
   const dir = await mkdtemp(join(tmpdir(), 'livemig-bench-analyze-'));
@@ -182,36 +226,62 @@ export async function analyzeBench(): Promise<void> {
       file = join(dir, 'stream.mig');
       if (qemuAvailable()) {
         await qemuStream(dir, file);
-        origin = "QEMU 7.2 migrate exec:cat of a stopped 512 MiB guest";
+        origin = 'QEMU 7.2 migrate exec:cat of a stopped 512 MiB guest';
       } else {
         livemigStream(file);
         origin = 'livemig file: migration of a paused 512 MiB guest (QEMU not found)';
       }
     }
     const bytes = statSync(file).size;
-    console.log(`analyze: ${(bytes / MiB).toFixed(0)} MiB stream (${origin}), median of ${reps} [min-max]`);
-    const ceiling = measure('ceiling', [process.execPath, '-e', CEILING_JS, file]);
-    line('ceiling: read + sha256 in Node', ceiling, bytes);
-    const ours = measure('livemig analyze', [process.execPath, CLI_MAIN, 'analyze', file]);
-    line('livemig analyze (block sha256)', ours, bytes, `  = ${((100 * ceiling.seconds.median) / ours.seconds.median).toFixed(0)} % of the ceiling (CPU ${((100 * ceiling.cpuSeconds.median) / ours.cpuSeconds.median).toFixed(0)} %)`);
-    const state = measure('livemig analyze --dump state', [process.execPath, CLI_MAIN, 'analyze', file, '--dump', 'state']);
-    line('livemig analyze --dump state', state, bytes);
     const py = findAnalyzeMigrationPy();
+    console.log(`analyze: ${(bytes / MiB).toFixed(0)} MiB stream (${origin}), median of ${reps} [min-max], all commands run in turn`);
+    const commands: Record<string, string[]> = {
+      node: [process.execPath, '-e', '0'],
+      python: ['python3', '-c', '0'],
+      help: [process.execPath, CLI_MAIN, '--help'],
+      read: [process.execPath, '-e', READ_JS, file],
+      ceiling: [process.execPath, '-e', CEILING_JS, file],
+      state: [process.execPath, CLI_MAIN, 'analyze', file, '--dump', 'state'],
+      analyze: [process.execPath, CLI_MAIN, 'analyze', file],
+      ...(py === undefined ? {} : { py: ['python3', py, '-f', file] }),
+    };
+    const m = measureInTurn(commands);
+    const got = (label: string): Measured => {
+      const r = m[label]!;
+      if (r instanceof Error) throw r;
+      return r;
+    };
+    const up = (label: string): string => `${got(label).seconds.median.toFixed(3)} s (CPU ${got(label).cpuSeconds.median.toFixed(3)} s)`;
+    console.log(`  start-up: node -e 0 ${up('node')}, livemig --help ${up('help')} (peak RSS ${got('help').peakRssMiB.median.toFixed(0)} MiB), python3 -c 0 ${up('python')}`);
+    line('ceiling: read in Node', got('read'), bytes);
+    line('livemig analyze --dump state', got('state'), bytes, pct(got('read'), got('state')));
+    line('ceiling: read + sha256 in Node', got('ceiling'), bytes);
+    line('livemig analyze (sha256 of all)', got('analyze'), bytes, pct(got('ceiling'), got('analyze')));
+    const worst = Math.max(got('state').peakRssMiB.max, got('analyze').peakRssMiB.max);
+    console.log(`  peak RSS of livemig analyze: at most ${worst.toFixed(0)} MiB (bound ${RSS_BOUND_MIB} MiB: ${worst <= RSS_BOUND_MIB ? 'within' : 'OVER'})`);
     if (py === undefined) {
       console.log('  analyze-migration.py: not found (set LIVEMIG_ANALYZE_MIGRATION_PY, or unpack `apt-get source qemu` in the temp directory)');
-      return;
+    } else if (m['py'] instanceof Error) {
+      console.log(`  analyze-migration.py: cannot read this stream (${m['py'].message.split('\n')[0]})`);
+    } else {
+      const theirs = got('py');
+      line('analyze-migration.py -d state', theirs, bytes);
+      const x = (mm: Measured): string =>
+        `${(theirs.seconds.median / mm.seconds.median).toFixed(1)}× faster [${(theirs.seconds.min / mm.seconds.max).toFixed(1)}-${(theirs.seconds.max / mm.seconds.min).toFixed(1)}] (CPU time ${(theirs.cpuSeconds.median / mm.cpuSeconds.median).toFixed(1)}×), ${(mm.peakRssMiB.median / theirs.peakRssMiB.median).toFixed(1)}× its RSS`;
+      console.log(`  vs analyze-migration.py: --dump state (the same job, the same output) ${x(got('state'))}`);
+      console.log(`                           analyze (also hashes every page) ${x(got('analyze'))}`);
     }
-    let theirs: Measured;
-    try {
-      theirs = measure('analyze-migration.py', ['python3', py, '-f', file]);
-    } catch (err) {
-      console.log(`  analyze-migration.py: cannot read this stream (${(err as Error).message.split('\n')[0]})`);
-      return;
+    if (process.env['LIVEMIG_BENCH_VFIO'] !== '0') {
+      const lm = join(dir, 'livemig-vfio.mig');
+      livemigStream(lm);
+      const lmBytes = statSync(lm).size;
+      const v = measureInTurn({ analyze: [process.execPath, CLI_MAIN, 'analyze', lm], json: [process.execPath, CLI_MAIN, 'analyze', lm, '--json'] });
+      console.log(`analyze: ${(lmBytes / MiB).toFixed(0)} MiB livemig stream of a paused 512 MiB guest with its VFIO device's data`);
+      for (const [label, r] of Object.entries(v)) {
+        if (r instanceof Error) console.log(`  livemig analyze ${label}: ${r.message.split('\n')[0]}`);
+        else line(`livemig analyze${label === 'json' ? ' --json' : ''}`, r, lmBytes);
+      }
     }
-    line('analyze-migration.py -d state', theirs, bytes);
-    const x = (m: Measured): string =>
-      `${(theirs.seconds.median / m.seconds.median).toFixed(1)}× faster (CPU time ${(theirs.cpuSeconds.median / m.cpuSeconds.median).toFixed(1)}×), ${(m.peakRssMiB.median / theirs.peakRssMiB.median).toFixed(1)}× its RSS`;
-    console.log(`  vs analyze-migration.py: analyze ${x(ours)}; --dump state (the same output) ${x(state)}`);
   } finally {
     await rm(dir, { recursive: true, force: true });
   }

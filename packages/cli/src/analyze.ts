@@ -114,6 +114,17 @@ function readFully(fd: number, dst: Uint8Array, dstOffset: number, length: numbe
   }
 }
 
+/** Fill `dst` from the file at `position`; fewer bytes only at the end of the file. */
+function readUpTo(fd: number, dst: Buffer, position: number): number {
+  let got = 0;
+  while (got < dst.length) {
+    const n = readSync(fd, dst, got, dst.length - got, position + got);
+    if (n === 0) break;
+    got += n;
+  }
+  return got;
+}
+
 /** Wrap a byte source so that gzip input is decompressed (detected by its magic). */
 async function* maybeGunzip(source: AsyncIterable<Buffer>, onGzip: () => void): AsyncGenerator<Buffer> {
   const it = source[Symbol.asyncIterator]();
@@ -164,9 +175,13 @@ class StateCollector {
   }
 
   readonly onSection = (s: SectionReport, data: Buffer | undefined): void => {
-    const wanted = s.ram !== undefined ? s.ram.blocks !== undefined : data !== undefined && (s.type === 'start' || s.type === 'full');
+    // A VFIO device's setup, pre-copy and stop-copy sections are its own framing, not fields its
+    // description names: only its config (a FULL section) is.
+    const vfioData = s.vfio !== undefined && s.vfio.phase !== 'config';
+    const wanted = s.ram !== undefined ? s.ram.blocks !== undefined : data !== undefined && !vfioData && (s.type === 'start' || s.type === 'full');
     if (!wanted) return;
-    if (this.dump === undefined) this.waiting.push({ s, data });
+    // Data is lent for the call: what waits for the description is copied.
+    if (this.dump === undefined) this.waiting.push({ s, data: data === undefined ? undefined : Buffer.from(data) });
     else this.take(this.dump, s, data);
   };
 
@@ -211,22 +226,30 @@ function analyzeFile(path: string, options: AnalyzeOptions): AnalyzeResult {
     const collector = options.dumpState === true ? new StateCollector(desc) : undefined;
     const analyzer = new StreamAnalyzer({
       ...(layouts === undefined ? {} : { deviceLayout: (s, kind) => layouts.take(s.idstr, s.instanceId, kind) }),
+      // Each section's data is hashed (and dumped) as it ends, before the read buffer is read into again.
+      lendDeviceData: true,
       // The state dump shows no RAM contents: pages are only counted.
       ...(collector === undefined
         ? { readStreamBytes: (streamOffset, dst, dstOffset, length) => readFully(fd, dst, dstOffset, length, streamOffset) }
         : { keepRam: false, onSection: collector.onSection }),
     } satisfies AnalyzerOptions);
     const progress = progressReporter(options);
-    const buf = Buffer.allocUnsafeSlow(FILE_READ_BYTES);
+    // One buffer for every read. What a read leaves undecoded (a record it cut) is not copied
+    // out: it is dropped and read again at the start of the next read, and a record larger than
+    // half the buffer doubles it (records are bounded by the decoder's limits). Copies of cut
+    // records were most of the garbage, and so of the peak RSS, with MiB-sized device sections.
+    let buf = Buffer.allocUnsafeSlow(FILE_READ_BYTES);
     let position = 0;
     for (;;) {
-      const n = readSync(fd, buf, 0, FILE_READ_BYTES, position);
+      const n = readUpTo(fd, buf, position);
       if (n === 0) break;
-      position += n;
-      analyzer.push(n === FILE_READ_BYTES ? buf : buf.subarray(0, n));
-      // What is left undecoded (a record cut by the read) is copied out: the buffer is read into again.
-      analyzer.retainUnread();
-      progress(position, size);
+      analyzer.push(n === buf.length ? buf : buf.subarray(0, n));
+      progress(position + n, size);
+      if (n < buf.length) break;
+      const next = analyzer.streamOffset;
+      analyzer.dropUnread();
+      if (position + n - next > buf.length / 2) buf = Buffer.allocUnsafeSlow(2 * buf.length);
+      position = next;
     }
     const report = analyzer.end();
     let open = true;

@@ -144,8 +144,13 @@ export interface AnalyzerOptions {
   readStreamBytes?: ReadStreamBytes;
   /** Largest total RAM to rebuild, bytes (default 64 GiB). */
   maxRamBytes?: number;
-  /** Told of every section as it ends, with a device section's data (a copy, the caller's to keep). */
+  /**
+   * Told of every section as it ends, with a device section's data: a copy, the caller's to keep;
+   * with lendDeviceData, lent for the call only.
+   */
   onSection?: (section: SectionReport, data: Buffer | undefined) => void;
+  /** Device section data is not copied out of the pushed chunks (a reader that reuses no chunk memory during push(), or keeps none of it). */
+  lendDeviceData?: boolean;
   decoder?: Omit<StreamDecoderOptions, 'ram' | 'deviceLayout' | 'maxRamBytes'>;
 }
 
@@ -206,6 +211,7 @@ export class StreamAnalyzer {
       },
     };
     if (options.deviceLayout !== undefined) decoderOptions.deviceLayout = options.deviceLayout;
+    if (options.lendDeviceData === true) decoderOptions.lendDeviceData = true;
     this.decoder = new StreamDecoder(decoderOptions);
   }
 
@@ -262,6 +268,19 @@ export class StreamAnalyzer {
     if (mem === undefined) return false;
     emit(mem);
     return true;
+  }
+
+  /** Stream offset of the first byte not yet decoded. */
+  get streamOffset(): number {
+    return this.decoder.streamOffset;
+  }
+
+  /**
+   * Forget the buffered, undecoded bytes: the caller (a reader of a file) pushes them again from
+   * `streamOffset` on, so it may reuse its read buffer without them being copied out.
+   */
+  dropUnread(): void {
+    this.report.streamSize -= this.decoder.dropUnread();
   }
 
   /** Copy the buffered, undecoded bytes out of the pushed chunks (so the caller may reuse its read buffer). */

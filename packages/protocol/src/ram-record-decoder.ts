@@ -108,6 +108,9 @@ export interface RamRecordDecoderOptions {
 export type PreemptEnd = { kind: 'eos'; offset: number };
 
 const TYPE_MASK = TARGET_PAGE_SIZE - 1;
+/** PAGE and ZERO records with CONTINUE: a be64 header, then the page or its fill byte. */
+const PAGE_RECORD_BYTES = 8 + TARGET_PAGE_SIZE;
+const ZERO_RECORD_BYTES = 8 + 1;
 
 export function emptyRamSectionStats(): RamSectionStats {
   return { zero: 0, normal: 0, xbzrle: 0, compressed: 0, named: 0, continued: 0, multifdFlush: 0, eosOffset: -1 };
@@ -425,7 +428,55 @@ export class RamRecordDecoder {
       }
       r.skip(total);
       if (placed !== undefined && accepted) placed.call(this.ram, block, pageOffset);
+      if ((type === RamFlag.PAGE || type === RamFlag.ZERO) && mem === undefined && placed === undefined && accept === undefined && written === undefined) {
+        this.pageRun(block, info.length, stats, bs);
+      }
     }
+  }
+
+  /**
+   * The CONTINUE PAGE and ZERO records of `block` that follow a page this decoder does not store
+   * (a reader that hashes or only counts), while they are buffered in the head chunk: counted,
+   * lent to the observer, skipped. The loop above is large and slow to optimize; on a loaded
+   * machine a 512 MiB file was decoded mostly before its optimized code was ready. This is small.
+   */
+  private pageRun(block: number, blockLength: number, stats: RamSectionStats, bs: BlockStats): void {
+    const r = this.r;
+    const observer = this.observer;
+    const end = Math.min(r.headAvailable, this.packageEnd - r.streamOffset);
+    // Values are read straight out of the head chunk: a call per value kept the loop slow until optimized.
+    const chunk = r.headChunk;
+    const view = r.headChunkView;
+    const base = r.headOffset;
+    const streamBase = r.streamOffset - base;
+    let pages = 0;
+    let zeros = 0;
+    let at = base;
+    const stop = base + end;
+    while (at + ZERO_RECORD_BYTES <= stop) {
+      const lo = view.getUint32(at + 4);
+      const flags = lo & TYPE_MASK;
+      const pageOffset = view.getUint32(at) * 0x100000000 + (lo - flags);
+      // Anything else (another record type, a named block, an offset to refuse) is the loop above's.
+      if (pageOffset + TARGET_PAGE_SIZE > blockLength) break;
+      if (flags === (RamFlag.PAGE | RamFlag.CONTINUE)) {
+        if (at + PAGE_RECORD_BYTES > stop) break;
+        if (observer !== undefined) observer.pageData(block, pageOffset, chunk, at + 8, streamBase + at + 8);
+        pages++;
+        at += PAGE_RECORD_BYTES;
+      } else if (flags === (RamFlag.ZERO | RamFlag.CONTINUE)) {
+        if (observer !== undefined) observer.pageFill(block, pageOffset, chunk[at + 8]!);
+        zeros++;
+        at += ZERO_RECORD_BYTES;
+      } else break;
+    }
+    if (at === base) return;
+    stats.normal += pages;
+    stats.zero += zeros;
+    stats.continued += pages + zeros;
+    bs.normalPages += pages;
+    bs.zeroPages += zeros;
+    r.skip(at - base);
   }
 
   private badFlag(flags: number, why: string): never {

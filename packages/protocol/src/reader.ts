@@ -98,6 +98,45 @@ export class ByteReader {
     }
   }
 
+  /** Unread bytes in the head chunk: peeks below this many read straight out of it. */
+  get headAvailable(): number {
+    return this.headBuf.length - this.headPos;
+  }
+
+  /**
+   * The head chunk, a view of it, and where its next unread byte is: for a loop over many small
+   * records in it that would otherwise make a call per value (up to headAvailable bytes on).
+   */
+  get headChunk(): Buffer {
+    return this.headBuf;
+  }
+
+  get headChunkView(): DataView {
+    return this.headView;
+  }
+
+  get headOffset(): number {
+    return this.headPos;
+  }
+
+  /**
+   * Forget the buffered, unread bytes (nothing is consumed): a reader of a file pushes them
+   * again from `streamOffset`, read into the same buffer, instead of having them copied out.
+   * Decoders peek a record whole before they consume it, so they resume on the same bytes.
+   */
+  dropUnread(): number {
+    const dropped = this.available;
+    this.chunks.length = 0;
+    this.head = 0;
+    this.headBuf = EMPTY;
+    this.headView = new DataView(EMPTY.buffer, 0, 0);
+    this.headPos = 0;
+    this.available = 0;
+    this.memoHeadIndex = -1;
+    this.memoHead = EMPTY;
+    return dropped;
+  }
+
   /** Peek the byte k positions ahead (caller ensures k < available). */
   u8(k: number): number {
     const i = this.headPos + k;
@@ -185,6 +224,13 @@ export class ByteReader {
     const out = Buffer.allocUnsafeSlow(n);
     this.copyTo(k, n, out, 0);
     return out;
+  }
+
+  /** n bytes at k: a view of the head chunk when they lie in it (lent: valid while its memory is), else a fresh copy. */
+  lend(k: number, n: number): Buffer {
+    const i = this.headPos + k;
+    if (i + n <= this.headBuf.length) return this.headBuf.subarray(i, i + n);
+    return this.copyOut(k, n);
   }
 
   /**

@@ -64,6 +64,7 @@ export class StreamDecoder {
    */
   private footersUnknown = false;
   private readonly maxSectionBytes: number;
+  private readonly lendDeviceData: boolean;
   private readonly maxVmdescBytes: number;
   private readonly maxSections: number;
   private readonly maxCommand: number;
@@ -90,6 +91,7 @@ export class StreamDecoder {
     this.expectFooters = options.expectFooters !== false;
     this.footersAuto = options.expectFooters === 'auto';
     this.maxSectionBytes = options.maxSectionBytes ?? 16 * 1024 * 1024;
+    this.lendDeviceData = options.lendDeviceData ?? false;
     this.maxVmdescBytes = options.maxVmdescBytes ?? 16 * 1024 * 1024;
     this.maxSections = options.maxSections ?? 65536;
     this.maxCommand = options.maxCommand ?? MIG_CMD_MAX_7_2;
@@ -147,6 +149,14 @@ export class StreamDecoder {
    */
   retainUnread(): void {
     this.r.retainUnread();
+  }
+
+  /**
+   * Forget the buffered, undecoded bytes (after next() gave NEED_MORE); the caller pushes them
+   * again, from `streamOffset` on. Returns how many were dropped.
+   */
+  dropUnread(): number {
+    return this.r.dropUnread();
   }
 
   /** The next event, or NEED_MORE when the buffered bytes hold no complete record. */
@@ -510,7 +520,7 @@ export class StreamDecoder {
         );
       }
     }
-    if (!c.isRam) data = r.copyOut(0, dataLength);
+    if (!c.isRam) data = this.lendDeviceData ? r.lend(0, dataLength) : r.copyOut(0, dataLength);
     const footerOffset = this.expectFooters ? r.streamOffset + footerRel : -1;
     r.skip(footerRel + footerLen);
     const rec: SectionRecord = {

@@ -28,7 +28,7 @@ export interface SectionRecord extends SectionIdentity {
   depth: number;
   /** RAM sections: record counts. */
   ram?: RamSectionStats;
-  /** Device sections: a copy of the data. */
+  /** Device sections: a copy of the data (lent, with lendDeviceData). */
   data?: Buffer;
   /** How a device section's length was found ('vfio-framing': by its VFIO markers). */
   layout?: 'declared' | 'footer-scan' | 'vfio-framing' | 'recorded-vmsd';
@@ -95,6 +95,11 @@ export interface StreamDecoderOptions {
   expectFooters?: boolean | 'auto';
   /** Largest device section data accepted, bytes. Default 16 MiB. */
   maxSectionBytes?: number;
+  /**
+   * Device section data is lent, not copied: a view of the pushed chunk when it lies in one
+   * (valid until that chunk's memory is reused), else a copy. Default false (a copy).
+   */
+  lendDeviceData?: boolean;
   /** Largest VMDESCRIPTION accepted, bytes. Default 16 MiB. */
   maxVmdescBytes?: number;
   /** Largest total RAM a block list may announce, bytes. Default 1 TiB. */

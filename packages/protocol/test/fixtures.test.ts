@@ -225,6 +225,37 @@ describe('QEMU 7.2 fixtures', { skip: missing }, () => {
         if (/xbzrle|postcopy-requests/.test(name)) assert.ok(readBacks > 0);
       });
 
+      it('gives the same report read as a file is by livemig analyze: undecoded bytes dropped and read again, the buffer doubled for a record longer than half of it, device data lent', () => {
+        const a = new StreamAnalyzer({
+          lendDeviceData: true,
+          readStreamBytes: (at, dst, dstOffset, length) => void dst.set(f.stream.subarray(at, at + length), dstOffset),
+        });
+        let buf = Buffer.alloc(4093);
+        let position = 0;
+        let grown = 0;
+        for (;;) {
+          const n = f.stream.copy(buf, 0, position, position + buf.length);
+          if (n === 0) break;
+          a.push(buf.subarray(0, n));
+          if (n < buf.length) break;
+          const next = a.streamOffset;
+          a.dropUnread();
+          // What was not decoded must be read again: spoil it.
+          buf.fill(0xa5);
+          if (position + n - next > buf.length / 2) {
+            buf = Buffer.alloc(2 * buf.length);
+            grown++;
+          }
+          position = next;
+        }
+        const rep = a.end();
+        checkAgainstManifest(rep, m);
+        assert.deepEqual(rep, analyze(f.stream, 'scan'));
+        // It grows only for records that do not fit: device sections and the VMDESCRIPTION (RAM is read record by record).
+        const largest = Math.max(4093, rep.vmdescription?.length ?? 0, ...rep.sections.filter((s) => s.ram === undefined).map((s) => s.dataLength)) + 512;
+        assert.ok(buf.length <= 2 * largest, `buffer grew to ${buf.length} (${grown} times), largest record about ${largest} bytes`);
+      });
+
       if (f.returnPath !== undefined) {
         it('return-path capture decodes to the manifest', () => {
           const dec = new ReturnPathDecoder();
