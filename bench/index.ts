@@ -1,7 +1,7 @@
 // `pnpm bench`: every benchmark, each printing its figure next to a ceiling measured in the same
-// run. `pnpm bench decode`, `pnpm bench migration`, `pnpm bench cpr-exec` or `pnpm bench postcopy`
-// runs one group; `pnpm bench throughput` runs the first migration figure alone, `pnpm bench
-// tls` the TLS one, `pnpm bench analyze` the stream-analysis figures.
+// run. `pnpm bench decode`, `pnpm bench migration`, `pnpm bench cpr-exec`, `pnpm bench postcopy` or
+// `pnpm bench qemu` (livemig beside real QEMU) runs one group; `pnpm bench throughput` runs the first
+// migration figure alone, `pnpm bench tls` the TLS one, `pnpm bench analyze` the stream-analysis figures.
 
 const only = process.argv.slice(2);
 const want = (name: string): boolean => only.length === 0 || only.includes(name);
@@ -26,6 +26,10 @@ if (want('cpr-exec')) {
 if (want('postcopy')) {
   const { postcopyBench } = await import('./postcopy.bench.ts');
   await postcopyBench();
+}
+if (want('qemu')) {
+  const { qemuCompareBench } = await import('./qemu-compare.bench.ts');
+  await qemuCompareBench();
 }
 if (want('analyze')) {
   const { analyzeBench } = await import('./analyze.bench.ts');
