@@ -43,6 +43,11 @@ const SIZES = (process.env['LIVEMIG_BENCH_SIZES'] ?? '256M,1G,4G').split(',');
 const DOWNTIME_LIMIT_MS = 100;
 /** Bound on one migration (a 4 GiB guest on a loaded machine included). */
 const MIGRATION_MS = 300_000;
+/**
+ * Bound on a process's QMP socket: a livemig source fills and touches its RAM before it listens,
+ * a destination prefaults before it listens for the migration (a minute per GiB on a busy machine).
+ */
+const START_MS = 300_000;
 
 interface Qemu {
   label: string;
@@ -135,18 +140,18 @@ function peakRss(pid: number | undefined): number {
   }
 }
 
-/** Poll the source until a final status; the destination is polled only for failure text. */
+const FINAL = new Set(['completed', 'failed', 'cancelled']);
+
+/**
+ * Wait for the source's MIGRATION event with a final status (capability "events"), then read its
+ * figures once. Not a query-migrate poll: livemig answers QMP on the thread that migrates (QEMU
+ * on another), so polling would tax one engine more than the other.
+ */
 async function untilCompleted(source: QmpClient, children: Child[]): Promise<{ totalMs: number; downtimeMs: number }> {
-  const deadline = Date.now() + MIGRATION_MS;
-  for (;;) {
-    const info = (await source.execute('query-migrate')) as MigrationInfo;
-    if (info.status === 'completed') return { totalMs: info['total-time']!, downtimeMs: info.downtime ?? 0 };
-    if (info.status === 'failed' || info.status === 'cancelled') {
-      throw new Error(`migration ${info.status}: ${info['error-desc'] ?? ''}\n${children.map((c) => `${c.name}: ${c.log.join('').slice(-2000)}`).join('\n')}`);
-    }
-    if (Date.now() > deadline) throw new Error(`migration did not complete within ${MIGRATION_MS / 1000} s`);
-    await sleep(10);
-  }
+  await source.waitForEvent('MIGRATION', (e) => FINAL.has(String(e.data?.['status'])), MIGRATION_MS);
+  const info = (await source.execute('query-migrate')) as MigrationInfo;
+  if (info.status === 'completed') return { totalMs: info['total-time']!, downtimeMs: info.downtime ?? 0 };
+  throw new Error(`migration ${info.status}: ${info['error-desc'] ?? ''}\n${children.map((c) => `${c.name}: ${c.log.join('').slice(-2000)}`).join('\n')}`);
 }
 
 async function stopAll(children: Child[], clients: QmpClient[]): Promise<void> {
@@ -154,8 +159,12 @@ async function stopAll(children: Child[], clients: QmpClient[]): Promise<void> {
   for (const c of children) {
     if (c.proc.exitCode !== null || c.proc.signalCode !== null) continue;
     const exited = new Promise((r) => c.proc.once('exit', r));
-    c.proc.kill('SIGKILL');
-    await Promise.race([exited, sleep(5_000)]);
+    // SIGTERM first: a livemig process then exits on its own (writing a --cpu-prof profile).
+    c.proc.kill('SIGTERM');
+    if ((await Promise.race([exited.then(() => true), sleep(3_000).then(() => false)])) === false) {
+      c.proc.kill('SIGKILL');
+      await Promise.race([exited, sleep(5_000)]);
+    }
   }
 }
 
@@ -173,7 +182,7 @@ function startQemu(q: Qemu, name: string, qmpPath: string, args: string[]): Chil
   return child;
 }
 
-interface Run {
+export interface Run {
   /** QEMU: machine and RAM flags of the source and of the destination (without -incoming). */
   qemuSource: string[];
   qemuDestination: string[];
@@ -192,7 +201,7 @@ async function qemuMigrate(q: Qemu, run: Run): Promise<MigrationFigures> {
     const caps = run.multifdChannels > 0 ? ['multifd'] : [];
     const dst = startQemu(q, 'destination', join(dir, 'd'), [...run.qemuDestination, '-incoming', 'defer']);
     children.push(dst);
-    const dq = await connectQmp(dst, `unix:${join(dir, 'd')}`, 60_000);
+    const dq = await connectQmp(dst, `unix:${join(dir, 'd')}`, START_MS);
     clients.push(dq);
     if (caps.length > 0) await dq.execute('migrate-set-capabilities', { capabilities: caps.map((capability) => ({ capability, state: true })) });
     if (run.multifdChannels > 0) await dq.execute('migrate-set-parameters', { 'multifd-channels': run.multifdChannels });
@@ -201,9 +210,9 @@ async function qemuMigrate(q: Qemu, run: Run): Promise<MigrationFigures> {
 
     const src = startQemu(q, 'source', join(dir, 's'), run.qemuSource);
     children.push(src);
-    const sq = await connectQmp(src, `unix:${join(dir, 's')}`, 60_000);
+    const sq = await connectQmp(src, `unix:${join(dir, 's')}`, START_MS);
     clients.push(sq);
-    await sq.execute('migrate-set-capabilities', { capabilities: ['return-path', ...caps].map((capability) => ({ capability, state: true })) });
+    await sq.execute('migrate-set-capabilities', { capabilities: ['events', 'return-path', ...caps].map((capability) => ({ capability, state: true })) });
     const params: Record<string, unknown> = { 'max-bandwidth': 0 };
     if (run.multifdChannels > 0) params['multifd-channels'] = run.multifdChannels;
     if (run.downtimeLimitMs !== undefined) params['downtime-limit'] = run.downtimeLimitMs;
@@ -219,7 +228,7 @@ async function qemuMigrate(q: Qemu, run: Run): Promise<MigrationFigures> {
   }
 }
 
-async function livemigMigrate(run: Run): Promise<MigrationFigures> {
+export async function livemigMigrate(run: Run): Promise<MigrationFigures> {
   const dir = await mkdtemp(join(tmpdir(), 'livemig-qemu-bench-'));
   const children: Child[] = [];
   const clients: QmpClient[] = [];
@@ -228,11 +237,11 @@ async function livemigMigrate(run: Run): Promise<MigrationFigures> {
     const dst = startProcess('destination', DESTINATION_MAIN, ['--incoming', 'tcp:127.0.0.1:0', '-S', '--qmp', `unix:${join(dir, 'd')}`, ...multifd, ...run.livemigGuest]);
     const src = startProcess('source', SOURCE_MAIN, ['--qmp', `unix:${join(dir, 's')}`, ...run.livemigGuest, '--fill', run.livemigFill]);
     children.push(dst, src);
-    const dq = await connectQmp(dst, `unix:${join(dir, 'd')}`, 60_000);
-    const sq = await connectQmp(src, `unix:${join(dir, 's')}`, 60_000);
+    const dq = await connectQmp(dst, `unix:${join(dir, 'd')}`, START_MS);
+    const sq = await connectQmp(src, `unix:${join(dir, 's')}`, START_MS);
     clients.push(dq, sq);
-    const uri = await incomingAddress(dq, 120_000);
-    const caps = run.multifdChannels > 0 ? ['return-path', 'multifd'] : ['return-path'];
+    const uri = await incomingAddress(dq, START_MS);
+    const caps = ['events', 'return-path', ...(run.multifdChannels > 0 ? ['multifd'] : [])];
     await sq.execute('migrate-set-capabilities', { capabilities: caps.map((capability) => ({ capability, state: true })) });
     const params: Record<string, unknown> = { 'max-bandwidth': 0 };
     if (run.multifdChannels > 0) params['multifd-channels'] = run.multifdChannels;
