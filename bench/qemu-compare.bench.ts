@@ -193,7 +193,7 @@ export interface Run {
   downtimeLimitMs?: number;
 }
 
-async function qemuMigrate(q: Qemu, run: Run): Promise<MigrationFigures> {
+export async function qemuMigrate(q: Qemu, run: Run): Promise<MigrationFigures> {
   const dir = await mkdtemp(join(tmpdir(), 'livemig-qemu-bench-'));
   const children: Child[] = [];
   const clients: QmpClient[] = [];
