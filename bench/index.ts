@@ -1,8 +1,9 @@
 // `pnpm bench`: every benchmark, each printing its figure next to a ceiling measured in the same
-// run. `pnpm bench decode`, `pnpm bench migration`, `pnpm bench cpr-exec`, `pnpm bench postcopy`
-// or `pnpm bench qemu-postcopy` (postcopy and WAN rows beside real QEMU) runs one group; `pnpm
-// bench throughput` runs the first migration figure alone, `pnpm bench tls` the TLS one, `pnpm
-// bench analyze` the stream-analysis figures, `pnpm bench downtime` downtime against downtime-limit.
+// run. `pnpm bench decode`, `pnpm bench migration`, `pnpm bench cpr-exec`, `pnpm bench postcopy`,
+// `pnpm bench downtime` (downtime against downtime-limit) or `pnpm bench qemu` (livemig beside real
+// QEMU: the precopy rows, then the postcopy and WAN rows; `qemu-postcopy` runs the latter alone) runs
+// one group; `pnpm bench throughput` runs the first migration figure alone, `pnpm bench tls` the TLS
+// one, `pnpm bench analyze` the stream-analysis figures.
 
 const only = process.argv.slice(2);
 const want = (name: string): boolean => only.length === 0 || only.includes(name);
@@ -32,7 +33,11 @@ if (want('downtime')) {
   const { downtimeBench } = await import('./downtime.bench.ts');
   await downtimeBench();
 }
-if (want('qemu-postcopy')) {
+if (want('qemu')) {
+  const { qemuCompareBench } = await import('./qemu-compare.bench.ts');
+  await qemuCompareBench();
+}
+if (want('qemu-postcopy') || only.includes('qemu')) {
   const { qemuPostcopyBench } = await import('./qemu-postcopy.bench.ts');
   await qemuPostcopyBench();
 }

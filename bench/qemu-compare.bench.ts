@@ -1,0 +1,427 @@
+// livemig beside real QEMU (7.2, and 10.0 where installed), precopy over tcp loopback, the same
+// guest for each engine, in interleaved rounds: QEMU 7.2, QEMU 10.0, livemig, then the next round.
+// Each figure is a ratio taken within its round (the machine is shared: only same-round ratios
+// mean anything), and the row prints the median of those ratios:
+//   1. one stream, 1 GiB random guest: livemig GiB/s ÷ QEMU's (goal ≥ 1.3) and ÷ the Node loopback
+//      ceiling measured in the same round (goal ≥ 0.95);
+//   2. multifd, 2 and 4 channels, the same guest: livemig ÷ QEMU with the same count (goal ≥ 1.2);
+//   3. 1 GiB all-zero guest: livemig total-time ÷ QEMU's (goal ≤ 1.0);
+//   4. a small dirtying guest: each engine's downtime ÷ downtime-limit (goal ≤ 1.0);
+//   5. livemig alone: ms per GiB at 256 MiB / 1 GiB / 4 GiB (goal: flat within ±15 %) and each
+//      process's peak RSS above a bare Node process (goal ≤ RAM + 64 MiB).
+//
+// The guests. QEMU runs `-machine none` with one RAM block "m0" (no vCPU, nothing but RAM to
+// move), livemig the same layout (`--block m0:1G --machine none --qemu-devices-only`). Random
+// content: QEMU's m0 maps a 1 GiB file of random bytes in /dev/shm, livemig fills m0 with random
+// bytes; both are incompressible and hold no zero page, so each engine moves the same page count.
+// Every destination RAM is touched before the migration (QEMU: prealloc=on; livemig prefaults),
+// and so is the random source's. The dirtying guest is a 256 MiB `-M pc` whose firmware is a
+// 92-byte ROM written below (QEMU), and livemig's incrementer workload at 60 MB/s (about the
+// ROM's nominal rate; livemig's pages are all distinct, the ROM's are 144 pages over and over).
+//
+// Throughput is guest RAM bytes ÷ total-time for every engine (transferred bytes differ by a
+// few headers). Rounds: LIVEMIG_BENCH_ROUNDS (default 3, the least that gives a median); with
+// two QEMUs a round runs 15 migrations of 1 GiB, about a minute here. The 4 GiB size runs
+// once (LIVEMIG_BENCH_SIZES=256M,1G to skip it on a small machine).
+
+import { execFileSync, spawn } from 'node:child_process';
+import { randomFillSync } from 'node:crypto';
+import { existsSync, openSync, closeSync, writeSync, readFileSync } from 'node:fs';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { loadavg, tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import type { QmpClient } from '@livemig/runtime';
+import { type Child, connectQmp, DESTINATION_MAIN, incomingAddress, SOURCE_MAIN, startProcess } from '../packages/cli/src/demo.ts';
+import { loopbackCeiling } from './migration.bench.ts';
+import { summarize } from './ceilings.ts';
+
+const GiB = 2 ** 30;
+const MiB = 2 ** 20;
+const ROUNDS = Number(process.env['LIVEMIG_BENCH_ROUNDS'] ?? 3);
+const SIZES = (process.env['LIVEMIG_BENCH_SIZES'] ?? '256M,1G,4G').split(',');
+const DOWNTIME_LIMIT_MS = 100;
+/** Bound on one migration (a 4 GiB guest on a loaded machine included). */
+const MIGRATION_MS = 300_000;
+/**
+ * Bound on a process's QMP socket: a livemig source fills and touches its RAM before it listens,
+ * a destination prefaults before it listens for the migration (a minute per GiB on a busy machine).
+ */
+const START_MS = 300_000;
+
+interface Qemu {
+  label: string;
+  binary: string;
+  /** Firmware folder flags for a QEMU unpacked beside the system's. */
+  dataDir: string[];
+  version: string;
+}
+
+/** The QEMUs installed here, each with its `--version` line; a missing one is said, not fatal. */
+function findQemus(): { found: Qemu[]; missing: string[] } {
+  const candidates = [
+    { label: 'QEMU 7.2', binary: process.env['LIVEMIG_QEMU_7_2'] ?? 'qemu-system-x86_64', dataDir: [] as string[] },
+    {
+      label: 'QEMU 10.0',
+      binary: process.env['LIVEMIG_QEMU_10_0'] ?? '/opt/qemu-10.0/usr/bin/qemu-system-x86_64',
+      dataDir: ['-L', process.env['LIVEMIG_QEMU_10_0_DATA'] ?? '/opt/qemu-10.0/usr/share/qemu'],
+    },
+  ];
+  const found: Qemu[] = [];
+  const missing: string[] = [];
+  for (const c of candidates) {
+    try {
+      const version = execFileSync(c.binary, ['--version'], { timeout: 10_000, stdio: ['ignore', 'pipe', 'ignore'] }).toString().split('\n')[0]!.trim();
+      found.push({ ...c, version });
+    } catch {
+      missing.push(`${c.label} (${c.binary}) is not installed: its rows print livemig alone`);
+    }
+  }
+  return { found, missing };
+}
+
+// ─── the dirtying guest's firmware ────────────────────────────────────────────────────────────
+//
+// 16-bit real mode, mapped at 0xF0000 (the 64 KiB -bios image's alias below 1 MiB); the reset
+// vector at 0xFFFF0 jumps to its start. It routes the PIC through the local APIC (LINT0 as
+// ExtINT, as SeaBIOS does; real mode reaches 0xFEE00000 with a 32-bit address), sets the PIT to
+// 100 Hz, then forever: increment one byte in each 4 KiB page from 0x10000 to 0x9FFFF, hlt until
+// the next tick. A hlt-paced guest leaves the CPU to the migration (a spinning TCG vCPU would take
+// a whole core of this two-core machine).
+//
+//   cli; xor ax,ax; mov ss,ax; mov sp,0x7c00; mov ds,ax
+//   mov dword [0xfee000f0], 0x1ff      ; APIC software-enabled
+//   mov dword [0xfee00350], 0x700      ; LINT0: ExtINT
+//   mov word [0x20], handler; mov word [0x22], 0xf000   ; IRQ0 → vector 8 → iret
+//   PIC: ICW1 0x11, ICW2 0x08, ICW3 0x04, ICW4 0x01, mask all but IRQ0
+//   PIT: channel 0, mode 2, 11932 (100 Hz)
+// sweep: for ds = 0x1000 … 0x9f00 step 0x100: inc byte [0]
+//   sti; hlt; cli; EOI; jmp sweep
+// handler: iret
+const DIRTYING_ROM_CODE = Buffer.from(
+  'fa31c08ed0bc007c8ed86766c705f000e0feff0100006766c7055003e0fe00070000c70620006800c706220000f0' +
+    'b011e620b008e621b004e621b001e621b0fee621b034e643b09ce640b02ee640b800108ed8fe0600000500013d' +
+    '00a072f2fbf4fab020e620ebe6cf',
+  'hex',
+);
+
+function dirtyingRom(): Buffer {
+  const rom = Buffer.alloc(64 * 1024);
+  DIRTYING_ROM_CODE.copy(rom, 0);
+  // Reset vector (0xFFFFFFF0 = offset 0xFFF0): jmp far 0xF000:0x0000.
+  Buffer.from([0xea, 0x00, 0x00, 0x00, 0xf0]).copy(rom, 0xfff0);
+  return rom;
+}
+
+// ─── one migration each ───────────────────────────────────────────────────────────────────────
+
+interface MigrationFigures {
+  totalMs: number;
+  downtimeMs: number;
+  /** Peak RSS (VmHWM) of the source and the destination, bytes. */
+  sourcePeakRss: number;
+  destinationPeakRss: number;
+}
+
+interface MigrationInfo {
+  status: string;
+  'total-time'?: number;
+  downtime?: number;
+  'error-desc'?: string;
+}
+
+function peakRss(pid: number | undefined): number {
+  if (pid === undefined) return 0;
+  try {
+    const m = /VmHWM:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
+    return m === null ? 0 : Number(m[1]) * 1024;
+  } catch {
+    return 0;
+  }
+}
+
+const FINAL = new Set(['completed', 'failed', 'cancelled']);
+
+/**
+ * Wait for the source's MIGRATION event with a final status (capability "events"), then read its
+ * figures once. Not a query-migrate poll: livemig answers QMP on the thread that migrates (QEMU
+ * on another), so polling would tax one engine more than the other.
+ */
+async function untilCompleted(source: QmpClient, children: Child[]): Promise<{ totalMs: number; downtimeMs: number }> {
+  await source.waitForEvent('MIGRATION', (e) => FINAL.has(String(e.data?.['status'])), MIGRATION_MS);
+  const info = (await source.execute('query-migrate')) as MigrationInfo;
+  if (info.status === 'completed') return { totalMs: info['total-time']!, downtimeMs: info.downtime ?? 0 };
+  throw new Error(`migration ${info.status}: ${info['error-desc'] ?? ''}\n${children.map((c) => `${c.name}: ${c.log.join('').slice(-2000)}`).join('\n')}`);
+}
+
+async function stopAll(children: Child[], clients: QmpClient[]): Promise<void> {
+  for (const c of clients) await c.close().catch(() => {});
+  for (const c of children) {
+    if (c.proc.exitCode !== null || c.proc.signalCode !== null) continue;
+    const exited = new Promise((r) => c.proc.once('exit', r));
+    // SIGTERM first: a livemig process then exits on its own (writing a --cpu-prof profile).
+    c.proc.kill('SIGTERM');
+    if ((await Promise.race([exited.then(() => true), sleep(3_000).then(() => false)])) === false) {
+      c.proc.kill('SIGKILL');
+      await Promise.race([exited, sleep(5_000)]);
+    }
+  }
+}
+
+function startQemu(q: Qemu, name: string, qmpPath: string, args: string[]): Child {
+  const proc = spawn(q.binary, [...q.dataDir, '-nodefaults', '-display', 'none', ...args, '-qmp', `unix:${qmpPath},server=on,wait=off`], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  const child: Child = { name: `${q.label} ${name}`, proc, log: [] };
+  const keep = (b: Buffer): void => {
+    child.log.push(b.toString());
+    if (child.log.length > 200) child.log.shift();
+  };
+  proc.stdout!.on('data', keep);
+  proc.stderr!.on('data', keep);
+  return child;
+}
+
+export interface Run {
+  /** QEMU: machine and RAM flags of the source and of the destination (without -incoming). */
+  qemuSource: string[];
+  qemuDestination: string[];
+  /** livemig: guest flags, the same on both sides except --fill (the source's only). */
+  livemigGuest: string[];
+  livemigFill: string;
+  multifdChannels: number;
+  downtimeLimitMs?: number;
+}
+
+export async function qemuMigrate(q: Qemu, run: Run): Promise<MigrationFigures> {
+  const dir = await mkdtemp(join(tmpdir(), 'livemig-qemu-bench-'));
+  const children: Child[] = [];
+  const clients: QmpClient[] = [];
+  try {
+    const caps = run.multifdChannels > 0 ? ['multifd'] : [];
+    const dst = startQemu(q, 'destination', join(dir, 'd'), [...run.qemuDestination, '-incoming', 'defer']);
+    children.push(dst);
+    const dq = await connectQmp(dst, `unix:${join(dir, 'd')}`, START_MS);
+    clients.push(dq);
+    if (caps.length > 0) await dq.execute('migrate-set-capabilities', { capabilities: caps.map((capability) => ({ capability, state: true })) });
+    if (run.multifdChannels > 0) await dq.execute('migrate-set-parameters', { 'multifd-channels': run.multifdChannels });
+    await dq.execute('migrate-incoming', { uri: 'tcp:127.0.0.1:0' });
+    const uri = await incomingAddress(dq, 30_000);
+
+    const src = startQemu(q, 'source', join(dir, 's'), run.qemuSource);
+    children.push(src);
+    const sq = await connectQmp(src, `unix:${join(dir, 's')}`, START_MS);
+    clients.push(sq);
+    await sq.execute('migrate-set-capabilities', { capabilities: ['events', 'return-path', ...caps].map((capability) => ({ capability, state: true })) });
+    const params: Record<string, unknown> = { 'max-bandwidth': 0 };
+    if (run.multifdChannels > 0) params['multifd-channels'] = run.multifdChannels;
+    if (run.downtimeLimitMs !== undefined) params['downtime-limit'] = run.downtimeLimitMs;
+    await sq.execute('migrate-set-parameters', params);
+    // A running guest dirties from the start: let it run a few ticks first, as livemig's does.
+    if (run.downtimeLimitMs !== undefined) await sleep(300);
+    await sq.execute('migrate', { uri });
+    const t = await untilCompleted(sq, children);
+    return { ...t, sourcePeakRss: peakRss(src.proc.pid), destinationPeakRss: peakRss(dst.proc.pid) };
+  } finally {
+    await stopAll(children, clients);
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+export async function livemigMigrate(run: Run): Promise<MigrationFigures> {
+  const dir = await mkdtemp(join(tmpdir(), 'livemig-qemu-bench-'));
+  const children: Child[] = [];
+  const clients: QmpClient[] = [];
+  try {
+    const multifd = run.multifdChannels > 0 ? ['--capabilities', 'multifd', '--parameters', `multifd-channels=${run.multifdChannels}`] : [];
+    const dst = startProcess('destination', DESTINATION_MAIN, ['--incoming', 'tcp:127.0.0.1:0', '-S', '--qmp', `unix:${join(dir, 'd')}`, ...multifd, ...run.livemigGuest]);
+    const src = startProcess('source', SOURCE_MAIN, ['--qmp', `unix:${join(dir, 's')}`, ...run.livemigGuest, '--fill', run.livemigFill]);
+    children.push(dst, src);
+    const dq = await connectQmp(dst, `unix:${join(dir, 'd')}`, START_MS);
+    const sq = await connectQmp(src, `unix:${join(dir, 's')}`, START_MS);
+    clients.push(dq, sq);
+    const uri = await incomingAddress(dq, START_MS);
+    const caps = ['events', 'return-path', ...(run.multifdChannels > 0 ? ['multifd'] : [])];
+    await sq.execute('migrate-set-capabilities', { capabilities: caps.map((capability) => ({ capability, state: true })) });
+    const params: Record<string, unknown> = { 'max-bandwidth': 0 };
+    if (run.multifdChannels > 0) params['multifd-channels'] = run.multifdChannels;
+    if (run.downtimeLimitMs !== undefined) params['downtime-limit'] = run.downtimeLimitMs;
+    await sq.execute('migrate-set-parameters', params);
+    if (run.downtimeLimitMs !== undefined) await sleep(300);
+    await sq.execute('migrate', { uri });
+    const t = await untilCompleted(sq, children);
+    // The destination's peak comes once it has loaded everything: wait for it to say completed.
+    const until = Date.now() + 30_000;
+    while (((await dq.execute('query-migrate')) as MigrationInfo).status !== 'completed' && Date.now() < until) await sleep(10);
+    return { ...t, sourcePeakRss: peakRss(src.proc.pid), destinationPeakRss: peakRss(dst.proc.pid) };
+  } finally {
+    await stopAll(children, clients);
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+/** Peak RSS of a bare Node process: what every livemig process pays before its guest. */
+function nodeBaseline(): number {
+  const out = execFileSync(process.execPath, ['-e', "process.stdout.write(/VmHWM:\\s+(\\d+)/.exec(require('fs').readFileSync('/proc/self/status','utf8'))[1])"], {
+    encoding: 'utf8',
+  });
+  return Number(out) * 1024;
+}
+
+/** A file of `size` random bytes (QEMU's m0 for the random guest); /dev/shm keeps it in RAM. */
+function randomImage(path: string, size: number): void {
+  const fd = openSync(path, 'w');
+  try {
+    const chunk = Buffer.allocUnsafe(64 * MiB);
+    for (let off = 0; off < size; off += chunk.length) writeSync(fd, randomFillSync(chunk));
+  } finally {
+    closeSync(fd);
+  }
+}
+
+// ─── rows ─────────────────────────────────────────────────────────────────────────────────────
+
+interface Row {
+  title: string;
+  run: Run;
+  /** The figure compared: GiB/s (higher is better) or ms (lower is better). */
+  figure: (f: MigrationFigures) => number;
+  unit: string;
+}
+
+const ratio = (a: number, b: number): number => a / b;
+const f2 = (x: number): string => x.toFixed(2);
+function median(xs: number[]): string {
+  const s = summarize(xs);
+  return `${f2(s.median)} [${f2(s.min)}-${f2(s.max)}]`;
+}
+
+export async function qemuCompareBench(): Promise<void> {
+  const { found: qemus, missing } = findQemus();
+  console.log(`\nlivemig vs QEMU, precopy over tcp loopback, ${ROUNDS} interleaved rounds (load average ${loadavg().map(f2).join(' ')})`);
+  for (const q of qemus) console.log(`  ${q.label}: ${q.version}`);
+  for (const m of missing) console.log(`  ${m}`);
+
+  const shm = existsSync('/dev/shm') ? '/dev/shm' : tmpdir();
+  const work = await mkdtemp(join(shm, 'livemig-qemu-bench-'));
+  try {
+    const image = join(work, 'random-1g.img');
+    if (qemus.length > 0) randomImage(image, GiB);
+    const rom = join(work, 'dirtying.rom');
+    await writeFile(rom, dirtyingRom());
+
+    const m0 = (backend: string): string[] => ['-object', backend, '-machine', 'none,memory-backend=m0', '-S'];
+    const preallocDst = m0('memory-backend-ram,id=m0,size=1024M,prealloc=on');
+    const livemigM0 = ['--block', 'm0:1G', '--machine', 'none', '--qemu-devices-only'];
+    const random = (multifdChannels: number): Run => ({
+      qemuSource: m0(`memory-backend-file,id=m0,size=1024M,mem-path=${image},share=on,prealloc=on`),
+      qemuDestination: preallocDst,
+      livemigGuest: livemigM0,
+      livemigFill: 'random',
+      multifdChannels,
+    });
+    const gibps = (f: MigrationFigures): number => 1 / (f.totalMs / 1000);
+    const rows: Row[] = [
+      { title: 'one stream, 1 GiB random guest: GiB/s', run: random(0), figure: gibps, unit: 'GiB/s' },
+      { title: 'multifd 2 channels, 1 GiB random guest: GiB/s', run: random(2), figure: gibps, unit: 'GiB/s' },
+      { title: 'multifd 4 channels, 1 GiB random guest: GiB/s', run: random(4), figure: gibps, unit: 'GiB/s' },
+      {
+        title: '1 GiB all-zero guest: total-time ms',
+        // Neither source touches a zero guest's RAM (livemig's --fill zero leaves it untouched).
+        run: { qemuSource: m0('memory-backend-ram,id=m0,size=1024M'), qemuDestination: preallocDst, livemigGuest: livemigM0, livemigFill: 'zero', multifdChannels: 0 },
+        figure: (f) => f.totalMs,
+        unit: 'ms',
+      },
+      {
+        title: `dirtying 256 MiB guest, downtime-limit ${DOWNTIME_LIMIT_MS} ms: downtime ms`,
+        run: {
+          qemuSource: ['-M', 'pc', '-m', '256M', '-bios', rom],
+          qemuDestination: ['-M', 'pc', '-m', '256M', '-bios', rom],
+          livemigGuest: ['-m', '256M', '--workload', 'incrementer:60'],
+          livemigFill: 'zero',
+          multifdChannels: 0,
+          downtimeLimitMs: DOWNTIME_LIMIT_MS,
+        },
+        figure: (f) => f.downtimeMs,
+        unit: 'ms',
+      },
+    ];
+
+    // samples[row][engine][round]; engine index: QEMUs in order, then livemig.
+    const samples = rows.map(() => [...qemus, null].map(() => [] as number[]));
+    const ceilings: number[] = [];
+    const t0 = performance.now();
+    for (let round = 0; round < ROUNDS; round++) {
+      ceilings.push(loopbackCeiling(1).median);
+      for (const [r, row] of rows.entries()) {
+        for (const [e, q] of [...qemus, null].entries()) {
+          const f = q === null ? await livemigMigrate(row.run) : await qemuMigrate(q, row.run);
+          samples[r]![e]!.push(row.figure(f));
+        }
+      }
+      console.log(`  round ${round + 1} done (${((performance.now() - t0) / 1000).toFixed(0)} s, load average ${loadavg().map(f2).join(' ')})`);
+    }
+
+    const lm = qemus.length;
+    console.log(`  Node loopback ceiling (loopback-limit.mjs tcp cork:256 → copy-onread-prefault), GiB/s: ${median(ceilings)}`);
+    for (const [r, row] of rows.entries()) {
+      const s = samples[r]!;
+      console.log(`  ${row.title}`);
+      for (const [e, q] of qemus.entries()) console.log(`    ${q.label.padEnd(9)} ${median(s[e]!)} ${row.unit}`);
+      console.log(`    livemig   ${median(s[lm]!)} ${row.unit}`);
+      const perRound = (e: number): number[] => s[lm]!.map((x, i) => ratio(x, s[e]![i]!));
+      if (r === 0) {
+        const vsCeiling = s[lm]!.map((x, i) => ratio(x, ceilings[i]!));
+        console.log(`    livemig ÷ loopback ceiling (same round): ${median(vsCeiling)}  goal ≥ 0.95: ${summarize(vsCeiling).median >= 0.95 ? 'met' : 'NOT met'}`);
+      }
+      if (r <= 2) {
+        const goal = r === 0 ? 1.3 : 1.2;
+        for (const [e, q] of qemus.entries()) {
+          const x = perRound(e);
+          console.log(`    livemig ÷ ${q.label} (same round): ${median(x)}  goal ≥ ${goal}: ${summarize(x).median >= goal ? 'met' : 'NOT met'}`);
+        }
+      } else if (r === 3) {
+        for (const [e, q] of qemus.entries()) {
+          const x = perRound(e);
+          console.log(`    livemig time ÷ ${q.label}'s (same round): ${median(x)}  goal ≤ 1.0: ${summarize(x).median <= 1.0 ? 'met' : 'NOT met'}`);
+        }
+      } else {
+        for (const [e, label] of [...qemus.map((q) => q.label), 'livemig'].entries()) {
+          const x = s[e]!.map((d) => d / DOWNTIME_LIMIT_MS);
+          console.log(`    ${label} downtime ÷ limit: ${median(x)}  goal ≤ 1.0: ${summarize(x).median <= 1.0 ? 'met' : 'NOT met'}`);
+        }
+      }
+    }
+  } finally {
+    await rm(work, { recursive: true, force: true });
+  }
+
+  await sizeSweep();
+}
+
+/** livemig alone: time per GiB and peak RSS at each size (one run each: the 4 GiB one is long). */
+async function sizeSweep(): Promise<void> {
+  const baseline = nodeBaseline();
+  console.log(`  livemig time per GiB and peak RSS above a bare Node process (${(baseline / MiB).toFixed(0)} MiB), one stream, random guest, one run per size:`);
+  const perGiB: number[] = [];
+  for (const size of SIZES) {
+    const bytes = parseSize(size);
+    const f = await livemigMigrate({ qemuSource: [], qemuDestination: [], livemigGuest: ['--block', `m0:${size}`, '--machine', 'none', '--qemu-devices-only'], livemigFill: 'random', multifdChannels: 0 });
+    const msPerGiB = f.totalMs / (bytes / GiB);
+    perGiB.push(msPerGiB);
+    const over = (rss: number): string => {
+      const above = rss - baseline - bytes;
+      return `RAM ${above >= 0 ? '+' : '−'} ${(Math.abs(above) / MiB).toFixed(0)} MiB${above <= 64 * MiB ? '' : ' (over RAM + 64 MiB)'}`;
+    };
+    console.log(`    ${size.padStart(4)}: ${msPerGiB.toFixed(0)} ms/GiB; source ${over(f.sourcePeakRss)}, destination ${over(f.destinationPeakRss)}`);
+  }
+  const mid = summarize(perGiB).median;
+  const spread = Math.max(...perGiB.map((x) => Math.abs(x / mid - 1)));
+  console.log(`    time per GiB within ±${(spread * 100).toFixed(0)} % of the median across sizes (goal ±15 %): ${spread <= 0.15 ? 'met' : 'NOT met'}`);
+}
+
+function parseSize(text: string): number {
+  const m = /^(\d+)([MG])$/.exec(text);
+  if (m === null) throw new Error(`LIVEMIG_BENCH_SIZES: "${text}" is not a size like 256M or 4G`);
+  return Number(m[1]) * (m[2] === 'G' ? GiB : MiB);
+}
