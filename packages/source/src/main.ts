@@ -7,7 +7,6 @@ import { dirname, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { Guest } from '@livemig/guest';
 import {
-  GUEST_HELP,
   guestFromFlags,
   settingsFromFlags,
   migrationEvent,
@@ -39,7 +38,6 @@ import {
   ObjectRegistry,
   setStatusLine,
   type Logger,
-  type MigrationAddress,
   migrationUri,
   parseAddress,
   QMP_MIGRATION_CHANNELS,
@@ -53,64 +51,9 @@ import { loadCprState, SharedRam } from './cpr-exec.ts';
 import { OutgoingMigration } from './migration.ts';
 import { TimelineRecorder } from './timeline-recorder.ts';
 import { multifdInitPacket } from './multifd-sender.ts';
+import { HELP } from './help.ts';
+import { capabilitiesFor, connectFailure, OUTGOING_TRANSPORTS, refuseMigrate, SOURCE_CAPABILITY_DEFAULTS } from './migrate-checks.ts';
 
-const HELP = `usage: livemig-source [guest flags] [--qmp ADDR] [--migrate URI] [options]
-
-Runs a guest (RAM blocks, vCPU threads running a workload, devices) and migrates it to a
-livemig-destination or a QEMU destination in QEMU's migration stream format.
-
-migration:
-  --migrate URI            migrate at start: tcp:HOST:PORT | unix:PATH | fd:N | exec:CMD | file:PATH
-  --capabilities LIST      capabilities to set first, comma-separated: NAME turns it on, NAME=off
-                           off (return-path, events, xbzrle, auto-converge, postcopy-ram,
-                           postcopy-preempt, multifd, ...). return-path is on by default here
-                           (QEMU's is off): completed then means the destination loaded the
-                           stream; exec: and file: migrations leave it out unless it was set
-  --parameters LIST        parameters to set first, NAME=VALUE comma-separated
-                           (e.g. max-bandwidth=0,downtime-limit=300; max-bandwidth 0 = unlimited;
-                           multifd-channels=2: the destination needs multifd with the same count).
-                           The convergence policy (off unless a timeout is set; README):
-                           x-livemig-no-progress-timeout=MS, x-livemig-completion-timeout-per-gib=MS,
-                           x-livemig-downtime-limit-step=MS, x-livemig-downtime-limit-max=MS,
-                           x-livemig-convergence-last-step=none|postcopy|cancel
-  --exit-after-migrate     exit when the migration ends: status 0 if completed, 1 otherwise
-  -S, --paused             do not start the guest (QEMU's -S); QMP cont starts it
-  --uuid UUID              the guest's UUID (QEMU's -uuid): with capability validate-uuid the stream
-                           carries it (configuration/uuid) and a destination with another refuses it
-  --timeline FILE          write each migration's timeline (samples every 100 ms and events, one
-                           JSON document; \`livemig report FILE\` draws it) to FILE when it ends
-  --realtime-postcopy      with postcopy-preempt, run the page server thread (which answers page
-                           requests) under SCHED_FIFO, priority 2. Needs CAP_SYS_NICE (e.g. root);
-                           without it a warning is logged and nothing changes
-  --shared-ram             guest RAM in memfds (shared memory that survives an exec), as cpr-exec
-                           needs; requires the native addon (@livemig/native)
-  --incoming-cpr FILE      be the new image of a cpr-exec (its cpr-exec-command): map the RAM the
-                           old image handed over, load the device state from FILE (the migrate
-                           file: URI) and run the guest on. Give the same guest flags as before
-  --load-state FILE        start from a saved migration stream instead of a fresh guest: its RAM
-                           and device state (blocks matched by name and size). With a recorded
-                           QEMU machine type FILE may be QEMU's own (migrate "exec:cat > FILE"):
-                           QEMU's devices are carried and sent on to the next QEMU
-
-cpr-exec (live update in place, same PID): migrate-set-parameters mode=cpr-exec and
-cpr-exec-command=[argv of the new image, e.g. node .../main.js --incoming-cpr FILE ...], then
-migrate file:FILE. RAM is not copied; on a failed exec the guest runs on here, status failed.
-
-${GUEST_HELP}
-
-exit status: 0 done, 1 the migration failed (--exit-after-migrate), 2 a flag or address that
-cannot be used (checked before the guest is prepared), 70 an internal error, 130/143 a signal.
-
-QMP commands: migrate (resume=true after a postcopy pause), migrate_cancel, migrate-start-postcopy,
-migrate-pause, migrate-continue (after pre-switchover), query-migrate, migrate-set-capabilities,
-query-migrate-capabilities, migrate-set-parameters, query-migrate-parameters, stop, cont,
-query-status, x-query-guest-digest, x-query-migration-timeline (the current or last migration's
-timeline), calc-dirty-rate, query-dirty-rate, object-add, object-del (TLS credentials, authz),
-quit; introspection as QEMU's: query-commands, query-events, query-name, query-version,
-query-qmp-schema. Events: MIGRATION, MIGRATION_PASS (with capability
-"events"), STOP, RESUME, SHUTDOWN (on quit, SIGINT, SIGTERM), LIVEMIG_CONVERGENCE (each
-decision of the convergence policy).
-`;
 
 const EXTRA = {
   migrate: { type: 'string' },
@@ -125,92 +68,6 @@ const EXTRA = {
   'load-state': { type: 'string' },
   timeline: { type: 'string' },
 } as const;
-
-/** Where a migration can go (`defer` is the destination's). */
-const OUTGOING_TRANSPORTS = ['tcp', 'unix', 'fd', 'exec', 'file'] as const;
-
-/**
- * livemig-source's capabilities that QEMU has off by default. return-path: `completed` then means
- * the destination loaded the stream (its SHUT came back), not only that the stream was written.
- * A QEMU destination needs nothing for it (it opens the return path when the stream asks), and
- * `--capabilities return-path=off` or migrate-set-capabilities turns it off.
- */
-const SOURCE_CAPABILITY_DEFAULTS = { 'return-path': true } as const;
-
-/** exec: and file: carry no bytes back: no return path there. */
-function isOneWay(address: MigrationAddress): boolean {
-  return address.transport === 'exec' || address.transport === 'file';
-}
-
-/** The capabilities one migration to `address` runs with: return-path left out of a one-way transport when only the default asked for it. */
-function capabilitiesFor(address: MigrationAddress, settings: MigrationSettings): MigrationSettings['capabilities'] {
-  const capabilities = { ...settings.capabilities };
-  if (isOneWay(address) && settings.byDefault.has('return-path')) capabilities['return-path'] = false;
-  return capabilities;
-}
-
-/**
- * What `migrate` refuses before anything starts, for these settings (QMP migrate and --migrate,
- * which checks it before the guest is prepared).
- */
-function refuseMigrate(address: MigrationAddress, settings: MigrationSettings, ramShared: boolean): void {
-  if (address.transport === 'defer') throw new QmpCommandError("'defer' is only for the destination (migrate-incoming)");
-  if (settings.parameters.mode === 'cpr-exec') {
-    const c = settings.capabilities;
-    if (settings.parameters['cpr-exec-command'].length === 0) {
-      throw new QmpCommandError("mode cpr-exec needs the new image's command: set parameter cpr-exec-command (a list of strings, its argv)");
-    }
-    if (address.transport !== 'file') throw new QmpCommandError(`mode cpr-exec saves the state to a file: use a file: URI, not ${address.transport}:`);
-    // return-path on only by default is dropped for a file: (one-way) address, as for any migrate.
-    if (c['postcopy-ram'] || c.multifd || (c['return-path'] && !settings.byDefault.has('return-path'))) {
-      throw new QmpCommandError('mode cpr-exec cannot be used with capability postcopy-ram, multifd or return-path (nothing runs on the other side)');
-    }
-    if (!ramShared) {
-      throw new QmpCommandError(
-        native.available
-          ? 'mode cpr-exec needs guest RAM in shared memory: start livemig-source with --shared-ram'
-          : `mode cpr-exec needs guest RAM in shared memory, and ${native.unavailableReason === '' ? 'the native addon is missing' : `the native addon (@livemig/native) is not built: ${native.unavailableReason}`}`,
-      );
-    }
-  }
-  if (isOneWay(address) && settings.capabilities['return-path'] && !settings.byDefault.has('return-path')) {
-    throw new QmpCommandError(`return-path needs a connection both ways (tcp:, unix: or fd:): ${address.transport}: carries nothing back (turn return-path off)`);
-  }
-  if (settings.parameters['tls-creds'] !== '' && address.transport !== 'tcp' && address.transport !== 'unix') {
-    throw new QmpCommandError(`TLS (tls-creds) needs a tcp: or unix: migration address, not ${address.transport}:`);
-  }
-  if (settings.capabilities['postcopy-preempt'] && address.transport !== 'tcp' && address.transport !== 'unix') {
-    throw new QmpCommandError('postcopy-preempt needs a tcp: or unix: migration address');
-  }
-  if (settings.capabilities['mapped-ram']) {
-    // QEMU's own refusals, in its words, and livemig's narrower ones.
-    if (address.transport !== 'file') throw new QmpCommandError('Mapped-ram migration requires a file: URI');
-    if (address.offset !== 0) throw new QmpCommandError('livemig writes mapped-ram files from offset 0 only');
-    if (settings.capabilities.xbzrle) throw new QmpCommandError('Mapped-ram migration is incompatible with xbzrle');
-    if (settings.capabilities['postcopy-ram']) throw new QmpCommandError('Mapped-ram migration is incompatible with postcopy');
-    if (settings.capabilities.multifd) throw new QmpCommandError('livemig writes mapped-ram files on one channel: turn multifd off');
-  }
-  if (settings.capabilities.multifd) {
-    if (address.transport !== 'tcp' && address.transport !== 'unix') throw new QmpCommandError('multifd is not supported by current protocol');
-    if (settings.capabilities['postcopy-ram']) throw new QmpCommandError('livemig does not support multifd together with postcopy-ram');
-    if (settings.parameters['multifd-compression'] !== 'none') {
-      throw new QmpCommandError(`multifd-compression '${settings.parameters['multifd-compression']}' is not supported by livemig (use 'none')`);
-    }
-  }
-}
-
-/** Why a connection failed, in a few words and what to check (the errno stays for searching). */
-function connectFailure(err: Error): string {
-  const errno = ((err.cause as NodeJS.ErrnoException | undefined)?.code ?? '') as string;
-  const hints: Record<string, string> = {
-    ECONNREFUSED: 'connection refused (ECONNREFUSED): is a destination listening there?',
-    ENOENT: 'no such socket (ENOENT): is a destination listening there?',
-    EHOSTUNREACH: 'host unreachable (EHOSTUNREACH)',
-    ENOTFOUND: 'the host name does not resolve (ENOTFOUND)',
-    ETIMEDOUT: 'timed out (ETIMEDOUT)',
-  };
-  return hints[errno] ?? err.message;
-}
 
 /** A `migrate` whose channels are still connecting (or failed to, or were cancelled meanwhile). */
 interface ConnectAttempt {
