@@ -16,7 +16,8 @@ import { failAt, haveBytes, recordPlace } from './record-place.ts';
 import { inflateSync } from 'node:zlib';
 import { ENCODING_FLAG_XBZRLE, RamFlag, TARGET_PAGE_SIZE } from './constants.ts';
 import { ErrorCode, type ErrorCodeValue, ProtocolError } from './errors.ts';
-import { COMPRESS_PAGE_MAX, MAPPED_RAM_HEADER_LENGTH, MAPPED_RAM_VERSION, type RamBlockInfo } from './ram.ts';
+import { COMPRESS_PAGE_MAX, type RamBlockInfo } from './ram.ts';
+import { type MappedRamList, MappedRamListReader } from './mapped-ram-list.ts';
 import { ByteReader } from './reader.ts';
 import { xbzrleDecode, xbzrleLastFault } from './xbzrle.ts';
 
@@ -129,7 +130,7 @@ export class RamRecordDecoder {
   /** Learned from the configuration record by a StreamDecoder: the mapped-ram file layout. */
   mappedRam: boolean;
   /** A mapped-ram block list being read (it spans every block's pages, so it is read piecewise). */
-  private mapped: MappedList | undefined;
+  private mapped: MappedRamListReader | undefined;
   /** A StreamDecoder's PACKAGED blob end (stream offset): no record may run past it. */
   packageEnd = Infinity;
   /** The section being read, for error messages. */
@@ -531,128 +532,31 @@ export class RamRecordDecoder {
 
   /** MEM_SIZE with mapped-ram: the list is read entry by entry, each block's region in between. */
   private startMappedList(total: number): RamBlocksEvent | NeedMore {
-    this.mapped = { offset: this.r.streamOffset, total, left: total, blocks: [], memory: [], pagesPresent: [], region: undefined };
-    this.r.skip(8);
+    this.mapped = new MappedRamListReader({
+      reader: this.r,
+      total,
+      ignoreShared: this.ignoreShared,
+      maxRamBlocks: this.maxRamBlocks,
+      ram: this.ram,
+      observer: this.observer,
+      scratchPage: this.scratchPage,
+      need: (n) => this.need(n),
+      fail: (code, message, relOffset, extra) => this.fail(code, message, relOffset, extra),
+    });
     return this.readMappedList();
   }
 
-  /**
-   * The rest of a mapped-ram block list. After each entry (idstr, be64 length[, be64 gpa], then the
-   * 28-byte MappedRamHeader: be32 version, be64 page_size, be64 bitmap_offset, be64 pages_offset)
-   * the stream goes on at pages_offset + length; in between lie the block's bitmap (64-bit
-   * little-endian words, bit p = page p is in the file) and its pages, each at its own offset.
-   * Read in file order, so it streams: the bitmap first, then the pages it marks are copied as
-   * they pass and the rest skipped (zero pages are never in the file).
-   */
   private readMappedList(): RamBlocksEvent | NeedMore {
-    const r = this.r;
     const m = this.mapped!;
-    for (;;) {
-      if (m.region !== undefined) {
-        if (!this.readMappedRegion(m.region)) return NEED_MORE;
-        m.region = undefined;
-        continue;
-      }
-      if (m.left === 0) {
-        this.mapped = undefined;
-        this.adoptBlocks(m);
-        return { kind: 'ramBlocks', offset: m.offset, total: m.total, blocks: m.blocks };
-      }
-      if (m.blocks.length >= this.maxRamBlocks) this.fail(ErrorCode.LIMIT_EXCEEDED, `block list has more than ${this.maxRamBlocks} blocks`);
-      if (!this.need(1)) return NEED_MORE;
-      const n = r.u8(0);
-      if (n === 0) this.fail(ErrorCode.EMPTY_IDSTR, 'block list entry with an empty name');
-      const extra = this.ignoreShared ? 8 : 0;
-      const entry = 1 + n + 8 + extra + MAPPED_RAM_HEADER_LENGTH;
-      if (!this.need(entry)) return NEED_MORE;
-      const idstr = r.latin1(1, n);
-      const length = r.be64(1 + n);
-      if (length < 0 || length > m.left || length % TARGET_PAGE_SIZE !== 0 || m.blocks.some((b) => b.idstr === idstr)) {
-        this.fail(ErrorCode.BAD_MEM_SIZE, m.blocks.some((b) => b.idstr === idstr) ? `block "${idstr}" listed twice` : `block "${idstr}" length ${length} does not fit the ${m.left} bytes the list has left in pages`, 0, { block: idstr });
-      }
-      const info: RamBlockInfo = { idstr, length };
-      if (extra > 0) info.gpa = r.be64(1 + n + 8);
-      const h = 1 + n + 8 + extra;
-      const version = r.be32(h);
-      const pageSize = r.be64(h + 4);
-      const bitmapOffset = r.be64(h + 12);
-      const pagesOffset = r.be64(h + 20);
-      const headerEnd = r.streamOffset + entry;
-      const pages = length / TARGET_PAGE_SIZE;
-      const bitmapBytes = Math.ceil(pages / 64) * 8;
-      const where = { block: idstr };
-      if (version < 1 || version > MAPPED_RAM_VERSION) this.fail(ErrorCode.BAD_MAPPED_RAM, `mapped-ram header version ${version} (livemig reads version ${MAPPED_RAM_VERSION})`, h, where);
-      if (pageSize !== TARGET_PAGE_SIZE) this.fail(ErrorCode.BAD_MAPPED_RAM, `mapped-ram page size ${pageSize} (expected ${TARGET_PAGE_SIZE})`, h + 4, where);
-      if (bitmapOffset < headerEnd || bitmapOffset + bitmapBytes > pagesOffset) {
-        this.fail(ErrorCode.BAD_MAPPED_RAM, `mapped-ram bitmap at file offset ${bitmapOffset} (${bitmapBytes} bytes) does not lie between the header's end (${headerEnd}) and the pages (${pagesOffset})`, h + 12, where);
-      }
-      if (pagesOffset % TARGET_PAGE_SIZE !== 0 || pagesOffset < 0 || pagesOffset + length > MAX_SAFE_OFFSET) {
-        this.fail(ErrorCode.BAD_MAPPED_RAM, `mapped-ram pages of block "${idstr}" at file offset ${pagesOffset}, not page aligned or out of range`, h + 20, where);
-      }
-      m.blocks.push(info);
-      m.left -= length;
-      // The target sees the list grow: earlier blocks are repeated, and keep their memory.
-      const memory = this.ram?.attachBlocks(m.blocks, m.offset) ?? [];
-      m.memory = m.blocks.map((_, i) => memory[i]);
-      m.region = { index: m.blocks.length - 1, bitmapOffset, bitmap: new Uint8Array(bitmapBytes), bitmapRead: 0, pagesOffset, end: pagesOffset + length };
-      r.skip(entry);
-    }
-  }
-
-  /** One block's region: skip to its bitmap, read it, then copy the pages it marks. False: more input needed. */
-  private readMappedRegion(g: MappedRegion): boolean {
-    const r = this.r;
-    const mem = this.mapped!.memory[g.index];
-    for (;;) {
-      const at = r.streamOffset;
-      if (r.available === 0) return at >= g.end && this.finishRegion(g);
-      if (at < g.bitmapOffset) {
-        r.skip(Math.min(r.available, g.bitmapOffset - at));
-      } else if (g.bitmapRead < g.bitmap.length) {
-        const n = Math.min(r.available, g.bitmap.length - g.bitmapRead);
-        r.copyTo(0, n, g.bitmap, g.bitmapRead);
-        r.skip(n);
-        g.bitmapRead += n;
-      } else if (at < g.pagesOffset) {
-        r.skip(Math.min(r.available, g.pagesOffset - at));
-      } else if (at < g.end) {
-        // A run of pages all in the file, or all absent, from here: copied or skipped whole.
-        const rel = at - g.pagesOffset;
-        const page = Math.floor(rel / TARGET_PAGE_SIZE);
-        const present = (g.bitmap[page >>> 3]! & (1 << (page & 7))) !== 0;
-        let runEnd = page + 1;
-        const pages = (g.end - g.pagesOffset) / TARGET_PAGE_SIZE;
-        while (runEnd < pages && ((g.bitmap[runEnd >>> 3]! & (1 << (runEnd & 7))) !== 0) === present) runEnd++;
-        const n = Math.min(r.available, runEnd * TARGET_PAGE_SIZE - rel);
-        if (present && mem !== undefined) r.copyTo(0, n, mem, rel);
-        else if (present && this.observer !== undefined) {
-          // A reader without the memory sees each whole page once, in order, where it lies.
-          const whole = Math.floor(Math.min(n, r.available) / TARGET_PAGE_SIZE) * TARGET_PAGE_SIZE;
-          if (rel % TARGET_PAGE_SIZE === 0 && whole === 0) return false;
-          for (let k = 0; k < whole; k += TARGET_PAGE_SIZE) {
-            const src = r.span(k, TARGET_PAGE_SIZE, this.scratchPage);
-            this.observer.pageData(g.index, rel + k, src, r.spanOffset, r.streamOffset + k);
-          }
-          r.skip(whole);
-          continue;
-        }
-        r.skip(n);
-      } else {
-        return this.finishRegion(g);
-      }
-    }
-  }
-
-  /** The block's pages in the file: its bitmap's set bits. */
-  private finishRegion(g: MappedRegion): true {
-    let present = 0;
-    for (const byte of g.bitmap) present += popcount8(byte);
-    this.mapped!.pagesPresent.push(present);
-    return true;
+    const list = m.read();
+    if (list === NEED_MORE) return NEED_MORE;
+    this.mapped = undefined;
+    this.adoptBlocks(list);
+    return { kind: 'ramBlocks', offset: list.offset, total: list.total, blocks: list.blocks };
   }
 
   /** A block list read piecewise: its memory was attached as it grew; its pages are in place. */
-  private adoptBlocks(m: MappedList): void {
+  private adoptBlocks(m: MappedRamList): void {
     const blocks = m.blocks;
     this.blocks = blocks;
     this.blockIndex = new Map(blocks.map((b, i) => [b.idstr, i]));
@@ -675,33 +579,4 @@ export class RamRecordDecoder {
     this.stats = blocks.map((b) => ({ idstr: b.idstr, length: b.length, zeroPages: 0, normalPages: 0, xbzrlePages: 0, compressedPages: 0 }));
     this.lastBlock = -1;
   }
-}
-
-const MAX_SAFE_OFFSET = 2 ** 53;
-
-interface MappedRegion {
-  index: number;
-  bitmapOffset: number;
-  bitmap: Uint8Array;
-  bitmapRead: number;
-  pagesOffset: number;
-  /** pages_offset + length: where the stream goes on. */
-  end: number;
-}
-
-interface MappedList {
-  offset: number;
-  total: number;
-  left: number;
-  blocks: RamBlockInfo[];
-  memory: (Uint8Array | undefined)[];
-  /** Per block read so far: pages its bitmap marks present. */
-  pagesPresent: number[];
-  region: MappedRegion | undefined;
-}
-
-function popcount8(b: number): number {
-  b = b - ((b >> 1) & 0x55);
-  b = (b & 0x33) + ((b >> 2) & 0x33);
-  return (b + (b >> 4)) & 0x0f;
 }
