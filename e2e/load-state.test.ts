@@ -40,7 +40,7 @@ for (const machine of ['pc-q35-10.0', 'pc-i440fx-10.0']) {
   test(`--machine ${machine} --load-state of QEMU 10.0's ${machine} stream: pc.ram = the fixture's image, every QEMU device carried from the file`, T, () =>
     withHarness(async (h) => {
       const { file, manifest } = fixtureStream(h, `${machine}-16m`);
-      const src = await h.source({ guest: ['--machine', machine, '-m', '16M'], args: ['-S', '--load-state', file] });
+      const src = await h.source({ guest: ['--machine', machine, '-m', '16M', '--qemu-devices-only'], args: ['-S', '--load-state', file] });
       const d = await digest(src);
       assert.equal(d.blocks.find((b) => b.idstr === manifest.pattern_block)?.sha256, manifest.expected_sha256);
       const carried = d.devices['carried'] as { idstr: string; loaded: boolean }[];
@@ -54,9 +54,9 @@ test('--load-state that does not fit: one line naming the file and what is wrong
   withHarness(async (h) => {
     const { file } = fixtureStream(h, 'pc-q35-10.0-16m');
     const cases = [
-      { args: ['--machine', 'pc-q35-10.0', '-m', '32M', '--load-state', file], pattern: /RAM block "pc\.ram" of 16777216 bytes is not in this guest/ },
-      { args: ['--machine', 'pc-i440fx-10.0', '-m', '16M', '--load-state', file], pattern: /machine type 'pc-q35-10\.0' in the file, 'pc-i440fx-10\.0' here/ },
-      { args: ['--machine', 'pc-q35-10.0', '-m', '16M', '--load-state', h.path('missing.mig')], pattern: /ENOENT/ },
+      { args: ['--machine', 'pc-q35-10.0', '-m', '32M', '--qemu-devices-only', '--load-state', file], pattern: /RAM block "pc\.ram" of 16777216 bytes is not in this guest/ },
+      { args: ['--machine', 'pc-i440fx-10.0', '-m', '16M', '--qemu-devices-only', '--load-state', file], pattern: /machine type 'pc-q35-10\.0' in the file, 'pc-i440fx-10\.0' here/ },
+      { args: ['--machine', 'pc-q35-10.0', '-m', '16M', '--qemu-devices-only', '--load-state', h.path('missing.mig')], pattern: /ENOENT/ },
     ];
     for (const c of cases) {
       const r = await runSource(['-S', ...c.args]);
@@ -72,7 +72,7 @@ test('--load-state that does not fit: one line naming the file and what is wrong
 
 test('x-livemig-save-state before a completed incoming migration is refused, naming the status', T, () =>
   withHarness(async (h) => {
-    const dst = await h.destination({ incoming: 'defer', paused: true, guest: ['--machine', 'pc-q35-10.0', '-m', '16M'] });
+    const dst = await h.destination({ incoming: 'defer', paused: true, guest: ['--machine', 'pc-q35-10.0', '-m', '16M', '--qemu-devices-only'] });
     await assert.rejects(dst.execute('x-livemig-save-state', { filename: h.path('held.mig') }), (err: Error & { desc?: string }) =>
       /needs a completed incoming migration \(status: none\)/.test(err.desc ?? err.message),
     );

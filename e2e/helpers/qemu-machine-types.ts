@@ -103,7 +103,7 @@ for (const machine of MACHINE_TYPES) {
     withHarness(async (h) => {
       assert.ok(recorded !== undefined, `${machine} is recorded`);
       const { qemu, ramFile } = await ranQemu(h, machine, 'qemu-src');
-      const dst = await h.destination({ incoming: 'tcp', paused: true, guest: ['--machine', machine, '-m', `${SIZE / MiB}M`], capabilities: ['events'] });
+      const dst = await h.destination({ incoming: 'tcp', paused: true, guest: ['--machine', machine, '-m', `${SIZE / MiB}M`, '--qemu-devices-only'], capabilities: ['events'] });
       const [host, port] = dst.incomingUri.replace(/^tcp:/, '').split(':') as [string, string];
       const tee = h.path('tee.py');
       const copy = h.path('stream.mig');
@@ -138,7 +138,7 @@ for (const machine of MACHINE_TYPES) {
       // Running: the firmware works on while RAM moves, and postcopy needs a running source.
       const qemu = await startQemu(h, 'qemu-src', qemuArgs(machine, ramFile));
       const caps = ['events', 'postcopy-ram'];
-      const dst = await h.destination({ incoming: 'tcp', guest: ['--machine', machine, '-m', `${SIZE / MiB}M`], capabilities: caps });
+      const dst = await h.destination({ incoming: 'tcp', guest: ['--machine', machine, '-m', `${SIZE / MiB}M`, '--qemu-devices-only'], capabilities: caps });
       await setCapabilities(qemu, caps);
       await qemu.execute('migrate-set-parameters', { 'max-bandwidth': 4 * MiB });
       await qemu.execute('migrate', { uri: dst.incomingUri });
@@ -160,7 +160,7 @@ for (const machine of MACHINE_TYPES) {
     withHarness(async (h) => {
       const { qemu: first, ramFile: firstRam } = await ranQemu(h, machine, 'qemu-first');
       const regs = await registers(first);
-      const guest = ['--machine', machine, '-m', `${SIZE / MiB}M`];
+      const guest = ['--machine', machine, '-m', `${SIZE / MiB}M`, '--qemu-devices-only'];
       const dst = await h.destination({ incoming: 'tcp', paused: true, guest, capabilities: ['events', 'return-path'] });
       await setCapabilities(first, ['events', 'return-path']);
       await first.execute('migrate', { uri: dst.incomingUri });
@@ -198,7 +198,7 @@ for (const machine of MACHINE_TYPES) {
         await first.execute('migrate', { uri: `exec:cat > ${file}` });
         await waitForStatus(first, 'completed', { timeoutMs: 60_000 });
 
-        const src = await h.source({ guest: ['--machine', machine, '-m', `${SIZE / MiB}M`], args: ['-S', '--load-state', file, '--capabilities', caps.join(',')] });
+        const src = await h.source({ guest: ['--machine', machine, '-m', `${SIZE / MiB}M`, '--qemu-devices-only'], args: ['-S', '--load-state', file, '--capabilities', caps.join(',')] });
         const srcDigest = await digest(src);
         assert.equal(srcDigest.blocks[0]!.sha256, await sha256File(firstRam), "the source's pc.ram = the first QEMU's");
         assert.ok((srcDigest.devices['carried'] as Carried[]).every((c) => c.loaded), 'every carried device came from the file');
@@ -238,7 +238,7 @@ for (const machine of MACHINE_TYPES) {
 test(`livemig source (--machine ${MACHINE_TYPES[0]}, fresh: no state loaded) → ${QEMU_LABEL}: QEMU accepts the device state recorded from a QEMU that never ran, RAM equals the source's`, opts, (t) =>
   withHarness(async (h) => {
     const machine = MACHINE_TYPES[0]!;
-    const src = await h.source({ guest: ['--machine', machine, '-m', `${SIZE / MiB}M`, '--fill', 'mixed'], args: ['-S', '--capabilities', 'events,return-path'] });
+    const src = await h.source({ guest: ['--machine', machine, '-m', `${SIZE / MiB}M`, '--qemu-devices-only', '--fill', 'mixed'], args: ['-S', '--capabilities', 'events,return-path'] });
     const before = await digest(src);
     assert.ok((before.devices['carried'] as Carried[]).every((c) => !c.loaded), 'nothing loaded: the recorded state goes out');
     const lastRam = h.path('qemu-last.ram');

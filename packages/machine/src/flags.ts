@@ -44,7 +44,9 @@ export const GUEST_HELP = `guest (the same on both sides of a migration):
                         scan[:MB/s] (reads every page in order, writes nothing)
   --fill F              initial RAM contents on the source: mixed (default; half the pages
                         zero, half random) | random | zero
-  --qemu-devices-only   only QEMU's timer and globalstate devices (no per-vCPU or app state)
+  --qemu-devices-only   only QEMU's devices, no per-vCPU or app state: timer and globalstate,
+                        and with a recorded --machine (pc-q35-10.0, pc-i440fx-10.0, pc-q35-7.2,
+                        pc-i440fx-7.2, pc-i440fx-1.4) that machine's devices, carried as is
 control:
   --qmp ADDR            QMP control socket: unix:PATH or tcp:HOST:PORT (port 0: any free port)
   --name NAME           a name for this process, as QEMU's -name (QMP query-name answers it)
@@ -91,8 +93,11 @@ export function guestFromFlags(values: Record<string, unknown>): GuestFlags {
     const fill = (values['fill'] as string | undefined) ?? 'mixed';
     if (!['zero', 'random', 'mixed'].includes(fill)) throw new UsageError(`--fill "${fill}" is not zero, random or mixed`);
     const machineType = (values['machine'] as string | undefined) ?? DEFAULT_MACHINE;
-    // A recorded QEMU machine type brings QEMU's RAM blocks and devices; ours beyond timer and
-    // globalstate would be sections QEMU refuses.
+    // A recorded QEMU machine type brings QEMU's RAM blocks, and with --qemu-devices-only its
+    // devices too (carried; ours beyond timer and globalstate would be sections QEMU refuses).
+    // Without that flag the guest keeps its own vCPU and app state, so livemig ↔ livemig in that
+    // machine type's dialect migrates the workload whole.
+    const qemuDevicesOnly = values['qemu-devices-only'] === true;
     const qemuMachine = recordedMachine(machineType);
     const blockFlags = (values['block'] as string[] | undefined) ?? [];
     const blocks =
@@ -107,8 +112,8 @@ export function guestFromFlags(values: Record<string, unknown>): GuestFlags {
         vcpus,
         workload: parseWorkload((values['workload'] as string | undefined) ?? 'idle'),
         fill: fill as Fill,
-        livemigDevices: values['qemu-devices-only'] !== true && qemuMachine === undefined,
-        ...(qemuMachine === undefined ? {} : { qemuMachine }),
+        livemigDevices: !qemuDevicesOnly,
+        ...(qemuMachine === undefined || !qemuDevicesOnly ? {} : { qemuMachine }),
       },
       qmp: values['qmp'] as string | undefined,
       name: values['name'] as string | undefined,
