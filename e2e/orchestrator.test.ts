@@ -78,7 +78,8 @@ test('a listening destination takes capabilities (postcopy-ram, return-path) set
 
 test('a listening destination takes multifd and multifd-channels set after it started; once a byte has come it refuses with QEMU\'s text', T, () =>
   withHarness(async (h) => {
-    const guest = ['-m', '32M', '--workload', 'incrementer'];
+    // Dirtying at well under max-bandwidth, so it converges under the switchover plan's margin.
+    const guest = ['-m', '32M', '--workload', 'incrementer:20'];
     const dst = await h.destination({ incoming: 'tcp', paused: true, guest, capabilities: ['events'] });
     await setCapabilities(dst, ['multifd']);
     await dst.execute('migrate-set-parameters', { 'multifd-channels': 3 });
