@@ -201,6 +201,7 @@ export class PostcopyFaults implements PageLedger {
 
   /** After each main-channel read in postcopy: wake vCPUs whose pages came, request what they fault on. */
   afterRead(faults: FaultPath): void {
+    this.o.guest.ram.setStreamHead(0, this.mainHead);
     this.o.guest.ram.wakeWaiters(0);
     if (faults === 'main-thread' && this.o.guest.vcpus.faultsPending()) this.requestFaultedPages();
   }
@@ -239,6 +240,8 @@ export class PostcopyFaults implements PageLedger {
 
   /** The link broke (a pause): the preempt connection goes with the main one; the fault thread lets go of its. */
   dropLink(): void {
+    // No stream moves until a recovery: faults ask at once.
+    this.o.guest.ram.setStreamHead(0, -1);
     this.preemptSocket?.destroy();
     this.preemptSocket = undefined;
     this.preemptPagesBefore += this.preemptDecoderPages();

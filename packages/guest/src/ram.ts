@@ -43,6 +43,7 @@ export interface GuestBlock {
   /**
    * Postcopy: per vCPU, the page it waits for plus one (0: not waiting). wakeWaiters wakes a
    * vCPU only for the page it waits for: Atomics.notify costs ~2–3 µs a call, waiter or not.
+   * After the vCPU slots, STREAM_HEAD_SLOT: the page the background stream placed last, plus one.
    */
   waitingMemory: SharedArrayBuffer;
   waiting: Int32Array;
@@ -62,6 +63,8 @@ export type RamAllocator = (idstr: string, length: number) => SharedArrayBuffer;
 
 /** vCPUs a block can have waiting (the --vcpus limit). */
 export const MAX_WAITERS = 64;
+/** The slot of `waiting` after every vCPU's: the background stream's head (see setStreamHead). */
+export const STREAM_HEAD_SLOT = MAX_WAITERS;
 
 /** Words of 32 pages needed for a block. */
 export function bitmapWords(pageCount: number): number {
@@ -94,7 +97,7 @@ export class GuestRam {
         written: new Uint32Array(bitmapWords(pageCount)),
         receivedMemory: new SharedArrayBuffer(bitmapWords(pageCount) * 4),
         received: new Int32Array(0),
-        waitingMemory: new SharedArrayBuffer(MAX_WAITERS * 4),
+        waitingMemory: new SharedArrayBuffer((MAX_WAITERS + 1) * 4),
         waiting: new Int32Array(0),
         claimedMemory: new SharedArrayBuffer(bitmapWords(pageCount) * 4),
         claimed: new Int32Array(0),
@@ -138,6 +141,15 @@ export class GuestRam {
    */
   setReceived(blockIndex: number, page: number): void {
     setPageReceived(this.blocks[blockIndex]!.received, page);
+  }
+
+  /**
+   * Postcopy: the page of the block the background stream placed last (-1: none, or the stream
+   * is not moving). A vCPU faulting just ahead of it waits a moment for the stream instead of
+   * asking (see the vCPU's touch()).
+   */
+  setStreamHead(blockIndex: number, page: number): void {
+    Atomics.store(this.blocks[blockIndex]!.waiting, STREAM_HEAD_SLOT, page + 1);
   }
 
   /** Wake every vCPU whose page has arrived (after setReceived; see wakeArrived). */

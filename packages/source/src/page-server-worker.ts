@@ -35,6 +35,8 @@ interface Link {
   conn: WorkerConnection;
   w: BatchWriter;
   rec: RamRecordWriter;
+  /** The writer's totalBytes (bytes encoded since its creation) at the last flush. */
+  flushedBytes: number;
 }
 let link: Link | undefined;
 
@@ -51,11 +53,13 @@ function serve(l: Link, block: number, page: number): void {
 
 /** Write what was encoded, as one writev; `written` is called once it is handed over (or failed). */
 function flush(l: Link, written?: () => void): void {
-  if (l.w.totalBytes === 0) {
+  if (l.w.totalBytes === l.flushedBytes) {
     written?.();
     return;
   }
-  counters[ServerCounter.BYTES]! += l.w.totalBytes;
+  // totalBytes counts from the writer's creation: only what this batch added is new.
+  counters[ServerCounter.BYTES]! += l.w.totalBytes - l.flushedBytes;
+  l.flushedBytes = l.w.totalBytes;
   const batch = l.w.flush();
   // Once the kernel has the batch (or the connection is gone) its slabs serve the next one.
   l.conn.write(batch, () => {
@@ -91,7 +95,7 @@ function attach(m: Extract<PageServerCommand, { kind: 'attach' }>): void {
     },
     (reason) => post({ kind: 'closed', reason }),
   );
-  const l: Link = { conn, w: new BatchWriter({ slabSize: 64 * 1024 }), rec: new RamRecordWriter() };
+  const l: Link = { conn, w: new BatchWriter({ slabSize: 64 * 1024 }), rec: new RamRecordWriter(), flushedBytes: 0 };
   link = l;
   conn.start();
 }
