@@ -38,6 +38,8 @@ import { type OutgoingMigration, RAM_SECTION_ID } from './migration.ts';
 export const BATCH_BYTES = 1024 * 1024;
 /** QEMU's MAX_WAIT: one PART section spends at most this long sending. */
 export const MAX_ITERATION_MS = 50;
+/** While nothing is pending but the switchover does not fit yet: the pause between turns. */
+const NOTHING_PENDING_POLL_MS = 10;
 /** Bytes one PART section of a non-RAM iterative device may carry. */
 const DEVICE_PART_BYTES = 1024 * 1024;
 /** A FULL section's framing around its data: header with an idstr of up to 255 bytes, and footer. */
@@ -253,6 +255,9 @@ export class Precopy {
       await this.devicePartSections();
       // Converged but waiting for the destination's SWITCHOVER_ACK: no busy loop while nothing is dirty.
       if (!canSwitchover && (pending === 0 || pending < threshold)) await m.watch.next(MAX_ITERATION_MS);
+      // Nothing pending, waiting for the fixed costs to fit: a turn (a dirty sync, an empty
+      // section) every few ms, not thousands a second.
+      else if (pending === 0) await m.watch.next(NOTHING_PENDING_POLL_MS);
     }
   }
 
