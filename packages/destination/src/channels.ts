@@ -1,6 +1,6 @@
 // The incoming migration's connections: the listener(s), the main channel (which carries the
 // return path), the connections that follow it to the same address (a preempt channel, or the
-// multifd channels, which read page data straight into guest RAM), and the multifd SYNC count the
+// multifd channels, whose packets are read into a reused buffer and copied into guest RAM), and the multifd SYNC count the
 // main channel waits on. What the connections mean to the migration is the state machine's
 // business: this file reports what happened and does what it is told.
 

@@ -15,8 +15,8 @@
 // re-sent in a later pass never lands before its older copy.
 //
 // MultifdReceiver is the destination's side without I/O: it names the buffer the next read
-// should fill (its own header scratch, or guest RAM itself for runs of contiguous pages, so the
-// kernel copies page data straight into place) and is told how many bytes arrived.
+// should fill (its own header or page scratch; pages are copied into guest RAM, one copy per run,
+// once their packet is complete) and is told how many bytes arrived.
 
 import { TARGET_PAGE_SIZE } from './constants.ts';
 import { ErrorCode, MigrationError, ProtocolError } from './errors.ts';
@@ -129,16 +129,12 @@ export type MultifdEvent =
   | { kind: 'init'; init: MultifdInit }
   | { kind: 'packet'; block: string; pages: number; sync: boolean; packetNum: number };
 
-/** Runs shorter than this many pages on average are read into scratch and copied instead. */
-const DIRECT_RUN_PAGES = 8;
 
 const Phase = {
   INIT: 0,
   HEADER: 1,
-  /** Reading a run of contiguous pages straight into RAM. */
-  DIRECT: 2,
-  /** Reading scattered pages into scratch, copied out when the packet is complete. */
-  SCATTER: 3,
+  /** Reading the packet's pages into the channel's scratch, copied out when it is complete. */
+  PAGES: 2,
 } as const;
 type PhaseValue = (typeof Phase)[keyof typeof Phase];
 
@@ -159,15 +155,16 @@ export class MultifdReceiver {
   private fill = 0;
   private readonly header = Buffer.alloc(MULTIFD_PACKET_HEADER_LENGTH);
   private readonly headerView = new DataView(this.header.buffer, this.header.byteOffset, this.header.byteLength);
-  /** For packets of scattered pages only (allocated on the first one). */
+  /**
+   * Where every packet's pages are read (allocated on the first one, then reused): the kernel's
+   * copy into one hot 512 KiB buffer plus our copy into RAM measured ~4× faster on loopback than
+   * reads straight into guest RAM spread over gigabytes, as the main channel's reused buffer does.
+   */
   private scratch: Buffer = Buffer.alloc(0);
   private readonly resolve: MultifdBlockResolver;
   private readonly offsets = new Float64Array(MULTIFD_PAGES_PER_PACKET);
   private mem: Uint8Array = new Uint8Array(0);
   private cur: MultifdPacketHeader = { flags: 0, pagesAlloc: 0, normalPages: 0, nextPacketSize: 0, packetNum: 0, block: '' };
-  // DIRECT: the run being read is pages [runStart, runEnd) of the packet.
-  private runStart = 0;
-  private runEnd = 0;
 
   constructor(resolve: MultifdBlockResolver) {
     this.resolve = resolve;
@@ -185,11 +182,7 @@ export class MultifdReceiver {
         return this.header.subarray(this.fill, MULTIFD_INIT_LENGTH);
       case Phase.HEADER:
         return this.header.subarray(this.fill);
-      case Phase.DIRECT: {
-        const start = this.offsets[this.runStart]! + this.fill;
-        return this.mem.subarray(start, this.offsets[this.runStart]! + (this.runEnd - this.runStart) * TARGET_PAGE_SIZE);
-      }
-      case Phase.SCATTER:
+      case Phase.PAGES:
         return this.scratch.subarray(this.fill, this.cur.normalPages * TARGET_PAGE_SIZE);
     }
   }
@@ -211,21 +204,10 @@ export class MultifdReceiver {
         if (this.fill < MULTIFD_PACKET_HEADER_LENGTH) return null;
         this.fill = 0;
         return this.parseHeader();
-      case Phase.DIRECT: {
-        if (this.fill < (this.runEnd - this.runStart) * TARGET_PAGE_SIZE) return null;
-        this.fill = 0;
-        if (this.runEnd < this.cur.normalPages) {
-          this.nextRun(this.runEnd);
-          return null;
-        }
-        return this.packetDone();
-      }
-      case Phase.SCATTER: {
+      case Phase.PAGES: {
         if (this.fill < this.cur.normalPages * TARGET_PAGE_SIZE) return null;
         this.fill = 0;
-        for (let i = 0; i < this.cur.normalPages; i++) {
-          this.scratch.copy(this.mem, this.offsets[i]!, i * TARGET_PAGE_SIZE, (i + 1) * TARGET_PAGE_SIZE);
-        }
+        this.copyOut();
         return this.packetDone();
       }
     }
@@ -263,7 +245,6 @@ export class MultifdReceiver {
     if (mem === undefined) this.fail(`packet for unknown block "${block}"`, RAMBLOCK_AT, block);
     this.mem = mem;
     // Validate every offset before a byte lands in guest RAM.
-    let runs = 1;
     for (let i = 0, at = MULTIFD_PACKET_FIXED_LENGTH; i < normalPages + zeroPages; i++, at += 8) {
       const hi = v.getUint32(at);
       const lo = v.getUint32(at + 4);
@@ -272,7 +253,6 @@ export class MultifdReceiver {
         this.fail(`page offset 0x${offset.toString(16)} is not a page inside the block (${mem.length} bytes)`, at, block);
       }
       this.offsets[i] = offset;
-      if (i > 0 && i < normalPages && offset !== this.offsets[i - 1]! + TARGET_PAGE_SIZE) runs++;
     }
     for (let i = normalPages; i < normalPages + zeroPages; i++) {
       const off = this.offsets[i]!;
@@ -281,20 +261,20 @@ export class MultifdReceiver {
     }
     this.zeroPages += zeroPages;
     if (normalPages === 0) return this.packetDone();
-    if (normalPages / runs >= DIRECT_RUN_PAGES) this.nextRun(0);
-    else {
-      if (this.scratch.length === 0) this.scratch = Buffer.allocUnsafeSlow(MULTIFD_PAGES_PER_PACKET * TARGET_PAGE_SIZE);
-      this.phase = Phase.SCATTER;
-    }
+    if (this.scratch.length === 0) this.scratch = Buffer.allocUnsafeSlow(MULTIFD_PAGES_PER_PACKET * TARGET_PAGE_SIZE);
+    this.phase = Phase.PAGES;
     return null;
   }
 
-  private nextRun(from: number): void {
-    let end = from + 1;
-    while (end < this.cur.normalPages && this.offsets[end] === this.offsets[end - 1]! + TARGET_PAGE_SIZE) end++;
-    this.runStart = from;
-    this.runEnd = end;
-    this.phase = Phase.DIRECT;
+  /** The packet's pages from scratch into RAM: one copy per run of contiguous pages. */
+  private copyOut(): void {
+    const n = this.cur.normalPages;
+    for (let from = 0; from < n; ) {
+      let end = from + 1;
+      while (end < n && this.offsets[end] === this.offsets[end - 1]! + TARGET_PAGE_SIZE) end++;
+      this.scratch.copy(this.mem, this.offsets[from]!, from * TARGET_PAGE_SIZE, end * TARGET_PAGE_SIZE);
+      from = end;
+    }
   }
 
   private packetDone(): MultifdEvent {

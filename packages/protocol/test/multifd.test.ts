@@ -120,14 +120,23 @@ describe('MultifdReceiver', () => {
     for (let k = 0; k < 50; k++) check(() => 1 + (rnd() % 9000));
   });
 
-  it('reads a contiguous run straight into guest RAM (the offered buffer is a view of it)', () => {
+  it('reads every packet into one reused scratch buffer, not guest RAM, and places pages once the packet is complete', () => {
     const ram = Buffer.from(new SharedArrayBuffer(src.length));
     const recv = new MultifdReceiver(() => ram);
-    feed(recv, Buffer.concat([init(0), packet('pc.ram', contiguous, src).subarray(0, MULTIFD_PACKET_HEADER_LENGTH)]), () => Infinity);
-    const next = recv.nextBuffer();
-    assert.equal(next.buffer, ram.buffer);
-    assert.equal(next.byteOffset, 256 * PAGE);
-    assert.equal(next.length, 128 * PAGE);
+    const bytes = Buffer.concat([init(0), packet('pc.ram', contiguous, src), packet('pc.ram', contiguous, src, 0, 2)]);
+    const firstPages = MULTIFD_INIT_LENGTH + MULTIFD_PACKET_HEADER_LENGTH;
+    feed(recv, bytes.subarray(0, firstPages), () => Infinity);
+    const first = recv.nextBuffer();
+    assert.notEqual(first.buffer, ram.buffer);
+    assert.equal(first.length, 128 * PAGE);
+    // All but the last byte of the pages: nothing lands in RAM before the packet is complete.
+    feed(recv, bytes.subarray(firstPages, firstPages + 128 * PAGE - 1), () => Infinity);
+    assert.ok(ram.every((x) => x === 0));
+    feed(recv, bytes.subarray(firstPages + 128 * PAGE - 1, firstPages + 128 * PAGE + MULTIFD_PACKET_HEADER_LENGTH), () => Infinity);
+    assert.ok(ram.subarray(256 * PAGE, 384 * PAGE).equals(src.subarray(256 * PAGE, 384 * PAGE)));
+    const second = recv.nextBuffer();
+    assert.equal(second.buffer, first.buffer);
+    assert.equal(second.byteOffset, first.byteOffset);
   });
 
   it('checks every offset before a byte lands in RAM', () => {
