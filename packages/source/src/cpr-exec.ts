@@ -15,7 +15,8 @@ import { delimiter, join } from 'node:path';
 import { accessSync, constants } from 'node:fs';
 import { type Guest, type RamAllocator } from '@livemig/guest';
 import { native, NativeError, NativeErrorCode } from '@livemig/native';
-import { MigCmd, NEED_MORE, type RamBlockInfo, type SectionLayout, StreamDecoder } from '@livemig/protocol';
+import { MigCmd, type RamBlockInfo, StreamDecoder } from '@livemig/protocol';
+import { deviceKey, type LoadableDevice, loadStateSections } from './state-sections.ts';
 
 /** The environment variable that hands the RAM memfds to the new image. */
 export const CPR_RAM_ENV = 'LIVEMIG_CPR_RAM';
@@ -130,10 +131,10 @@ export async function loadCprState(guest: Guest, path: string, machineType: stri
   } catch (err) {
     throw new NativeError(NativeErrorCode.CPR_INCOMING, `--incoming-cpr ${path}: ${(err as Error).message}`, { cause: err });
   }
-  const devices = new Map<string, { layout: SectionLayout; load(data: Buffer, versionId: number): void }>();
-  for (const d of guest.devices) devices.set(`${d.idstr}\u0000${d.instanceId}`, d);
+  const devices = new Map<string, LoadableDevice>();
+  for (const d of guest.devices) devices.set(deviceKey(d.idstr, d.instanceId), d);
   const vfio = guest.vfio;
-  if (vfio !== undefined) devices.set(`${vfio.idstr}\u0000${vfio.instanceId}`, { layout: vfio.layout, load: (data, v) => vfio.loadState(data, v) });
+  if (vfio !== undefined) devices.set(deviceKey(vfio.idstr, vfio.instanceId), { layout: vfio.layout, load: (data, v) => vfio.loadState(data, v) });
   const fail = (message: string, cause?: unknown): never => {
     throw new NativeError(NativeErrorCode.CPR_INCOMING, `--incoming-cpr ${path}: ${message}`, cause === undefined ? undefined : { cause });
   };
@@ -147,29 +148,20 @@ export async function loadCprState(guest: Guest, path: string, machineType: stri
         return ram.blocks.map((b) => b.bytes);
       },
     },
-    deviceLayout: (s) => devices.get(`${s.idstr}\u0000${s.instanceId}`)?.layout,
+    deviceLayout: (s) => devices.get(deviceKey(s.idstr, s.instanceId))?.layout,
     // A file from a QEMU 10.0-style source may hold SWITCHOVER_START; nothing else is expected.
     maxCommand: MigCmd.SWITCHOVER_START + 1,
   });
-  let sawShared = false;
-  try {
-    decoder.push(bytes);
-    for (let ev = decoder.next(); ev !== NEED_MORE; ev = decoder.next()) {
-      if (ev.kind === 'configuration') {
-        if (!machineType.startsWith(ev.machineType)) fail(`machine type '${ev.machineType}' in the state file, '${machineType}' here`);
-        sawShared = ev.capabilities?.includes('x-ignore-shared') === true;
-      } else if (ev.kind === 'sectionStart') {
-        const s = ev.section;
-        if (!(s.idstr === 'ram' && s.instanceId === 0) && !devices.has(`${s.idstr}\u0000${s.instanceId}`)) fail(`section '${s.idstr}' ${s.instanceId}: this guest has no such device`);
-      } else if (ev.kind === 'sectionEnd' && ev.data !== undefined) {
-        devices.get(`${ev.idstr}\u0000${ev.instanceId}`)!.load(ev.data, ev.versionId);
-      }
-    }
-    decoder.end();
-  } catch (err) {
-    if ((err as { code?: unknown }).code === NativeErrorCode.CPR_INCOMING) throw err;
-    fail((err as Error).message, err);
-  }
+  const { capabilities } = loadStateSections({
+    decoder,
+    bytes,
+    devices,
+    machineType,
+    fileName: 'the state file',
+    fail,
+    isOwn: (err) => (err as { code?: unknown }).code === NativeErrorCode.CPR_INCOMING,
+  });
+  const sawShared = capabilities?.includes('x-ignore-shared') === true;
   if (!sawShared) fail('not a cpr-exec state file (its configuration lacks x-ignore-shared): RAM would be missing');
   ram.markAllWritten();
   return guest.globalState.loaded;

@@ -6,8 +6,9 @@
 
 import { readFile } from 'node:fs/promises';
 import type { Guest } from '@livemig/guest';
-import { MigCmd, NEED_MORE, type RamBlockInfo, StreamDecoder } from '@livemig/protocol';
+import { MigCmd, type RamBlockInfo, StreamDecoder } from '@livemig/protocol';
 import { SourceErrorCode, StateFileError } from './errors.ts';
+import { deviceKey, loadStateSections } from './state-sections.ts';
 
 /**
  * Load the stream file `path` into `guest` (not running). Returns the run state the saving side
@@ -24,7 +25,7 @@ export async function loadStateFile(guest: Guest, path: string, machineType: str
   } catch (err) {
     return fail((err as Error).message, err);
   }
-  const devices = new Map(guest.devices.map((d) => [`${d.idstr}\u0000${d.instanceId}`, d]));
+  const devices = new Map(guest.devices.map((d) => [deviceKey(d.idstr, d.instanceId), d]));
   const ram = guest.ram;
   const decoder = new StreamDecoder({
     ram: {
@@ -37,28 +38,20 @@ export async function loadStateFile(guest: Guest, path: string, machineType: str
           return mine!.bytes;
         }),
     },
-    deviceLayout: (s) => devices.get(`${s.idstr}\u0000${s.instanceId}`)?.layout,
+    deviceLayout: (s) => devices.get(deviceKey(s.idstr, s.instanceId))?.layout,
     // QEMU 10.0's streams hold SWITCHOVER_START; the oldest machine types have no footers.
     maxCommand: MigCmd.SWITCHOVER_START + 1,
     expectFooters: 'auto',
   });
-  try {
-    decoder.push(bytes);
-    for (let ev = decoder.next(); ev !== NEED_MORE; ev = decoder.next()) {
-      if (ev.kind === 'configuration') {
-        if (!machineType.startsWith(ev.machineType)) fail(`machine type '${ev.machineType}' in the file, '${machineType}' here`);
-      } else if (ev.kind === 'sectionStart') {
-        const s = ev.section;
-        if (!(s.idstr === 'ram' && s.instanceId === 0) && !devices.has(`${s.idstr}\u0000${s.instanceId}`)) fail(`section '${s.idstr}' ${s.instanceId}: this guest has no such device`);
-      } else if (ev.kind === 'sectionEnd' && ev.data !== undefined) {
-        devices.get(`${ev.idstr}\u0000${ev.instanceId}`)!.load(ev.data, ev.versionId);
-      }
-    }
-    decoder.end();
-  } catch (err) {
-    if ((err as { code?: unknown }).code === SourceErrorCode.BAD_STATE_FILE) throw err;
-    fail((err as Error).message, err);
-  }
+  loadStateSections({
+    decoder,
+    bytes,
+    devices,
+    machineType,
+    fileName: 'the file',
+    fail,
+    isOwn: (err) => (err as { code?: unknown }).code === SourceErrorCode.BAD_STATE_FILE,
+  });
   ram.markAllWritten();
   return guest.globalState.loaded;
 }
