@@ -3,32 +3,10 @@
 // here (the default 1 GiB belongs to the manual run); one stream over tcp, multifd over unix.
 
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import { readFileSync, rmSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { test } from 'node:test';
-import { CLI_MAIN } from './helpers/processes.ts';
-
-/** Run the demo in its own process group; the whole group is killed if it overstays. */
-function demo(args: string[], timeoutMs = 90_000): Promise<{ code: number | null; out: string }> {
-  const child = spawn(process.execPath, [CLI_MAIN, 'demo', ...args], { stdio: ['ignore', 'pipe', 'pipe'], detached: true });
-  let out = '';
-  child.stdout.on('data', (d: Buffer) => (out += d.toString()));
-  child.stderr.on('data', (d: Buffer) => (out += d.toString()));
-  return new Promise((resolve) => {
-    const timer = setTimeout(() => {
-      try {
-        process.kill(-child.pid!, 'SIGKILL');
-      } catch {
-        // already gone
-      }
-    }, timeoutMs);
-    child.on('exit', (code) => {
-      clearTimeout(timer);
-      resolve({ code, out });
-    });
-  });
-}
+import { runDemo as demo } from './helpers/processes.ts';
 
 for (const { name, args } of [
   { name: 'one stream over tcp', args: ['--memory', '128M'] },

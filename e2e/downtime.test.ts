@@ -5,13 +5,12 @@
 // the downtime is running) for longer than the limit; the demo runs at a 0 ms limit.
 
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import { readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { type MigrationInfo, queryMigrate, waitForStatus } from './helpers/migration.ts';
-import { CLI_MAIN, livemig, withHarness } from './helpers/processes.ts';
+import { livemig, runDemo as demo, withHarness } from './helpers/processes.ts';
 
 const T = { timeout: 180_000 };
 const GUEST = ['-m', '32M', '--workload', 'idle'];
@@ -73,27 +72,6 @@ test('a downtime within its limit: no overshoot field, and the summary line says
     assert.match(src.output(), new RegExp(`migration completed in \\d+ ms: downtime ${info.downtime} ms, within the ${limit} ms limit;`));
   }),
 );
-
-/** Run `livemig demo` in its own process group, killed whole if it overstays. */
-function demo(args: string[], timeoutMs = 120_000): Promise<{ code: number | null; out: string }> {
-  const child = spawn(process.execPath, [CLI_MAIN, 'demo', ...args], { stdio: ['ignore', 'pipe', 'pipe'], detached: true });
-  let out = '';
-  child.stdout.on('data', (d: Buffer) => (out += d.toString()));
-  child.stderr.on('data', (d: Buffer) => (out += d.toString()));
-  return new Promise((resolve) => {
-    const timer = setTimeout(() => {
-      try {
-        process.kill(-child.pid!, 'SIGKILL');
-      } catch {
-        // already gone
-      }
-    }, timeoutMs);
-    child.on('exit', (code) => {
-      clearTimeout(timer);
-      resolve({ code, out });
-    });
-  });
-}
 
 test('livemig demo at a 0 ms limit: verified, but the verdict is OVER with the figures and the exit status 3', T, async () => {
   // An idle guest converges (nothing left to send), and no switchover takes 0 ms.

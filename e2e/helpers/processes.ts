@@ -349,6 +349,27 @@ export interface AnalyzeReport {
   [key: string]: unknown;
 }
 
+/** Run the demo in its own process group; the whole group is killed if it overstays. */
+export function runDemo(args: string[], timeoutMs = 120_000): Promise<{ code: number | null; out: string }> {
+  const child = spawn(process.execPath, [CLI_MAIN, 'demo', ...args], { stdio: ['ignore', 'pipe', 'pipe'], detached: true });
+  let out = '';
+  child.stdout.on('data', (d: Buffer) => (out += d.toString()));
+  child.stderr.on('data', (d: Buffer) => (out += d.toString()));
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => {
+      try {
+        process.kill(-child.pid!, 'SIGKILL');
+      } catch {
+        // already gone
+      }
+    }, timeoutMs);
+    child.on('exit', (code) => {
+      clearTimeout(timer);
+      resolve({ code, out });
+    });
+  });
+}
+
 /** `livemig …` as a process; bounded, killed by pid when it overstays. */
 export function livemig(args: string[], timeoutMs = 60_000): Promise<{ code: number | null; stdout: string; stderr: string }> {
   const child = spawn(process.execPath, [CLI_MAIN, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
