@@ -279,7 +279,7 @@ export async function runDemo(o: DemoOptions): Promise<number> {
     const downtimeMs = info.downtime ?? 0;
     say(`  downtime          ${downtimeMs} ms of a ${limitMs} ms limit${downtimeMs > limitMs ? `, OVER by ${downtimeMs - limitMs} ms` : ''} (source stopped → destination loaded and confirmed)`);
     say(`  transferred       ${gib(r.transferred)} for ${gib(r.total)} of RAM (${r.normal} pages, ${r.duplicate} zero pages)`);
-    if (o.multifdChannels > 0) say(`  multifd           ${gib(r['multifd-bytes'])} of it on ${o.multifdChannels} channel(s), read straight into guest RAM`);
+    if (o.multifdChannels > 0) say(`  multifd           ${gib(r['multifd-bytes'])} of it on ${o.multifdChannels} channel(s)`);
     say(`  throughput        ${seconds > 0 ? formatGiBps(r.transferred / seconds) : '-'} average`);
     say(`  passes            ${r['dirty-sync-count']} dirty-bitmap syncs`);
     const policyEnd = info['x-livemig-convergence'];

@@ -42,7 +42,7 @@ commands:
       memory equals the stopped source's block by block (sha256), and once
       continued the destination guest runs on with a consistent pattern.
       --multifd N moves the pages on N multifd channels instead of the one
-      stream (faster: the destination's kernel reads them into guest RAM).
+      stream (QEMU's multifd packets, on N connections at once).
       The convergence policy (README "Convergence policy"; off unless a
       timeout is set): after --no-progress-timeout MS without progress
       downtime-limit goes up by --downtime-limit-step up to
