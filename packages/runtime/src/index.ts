@@ -31,19 +31,11 @@ export {
   type SocketAddressInfo,
   type Transport,
 } from './address.ts';
-export {
-  acceptWithOnread,
-  adoptWithOnread,
-  PositionedFileChannel,
-  detachFd,
-  connectChannel,
-  openIncomingPipe,
-  listenChannel,
-  type ChannelListener,
-  type ConnectChannelOptions,
-  type ListenChannelOptions,
-  type OnreadOptions,
-} from './channel.ts';
+export { connectChannel, type ConnectChannelOptions } from './channel.ts';
+export { acceptWithOnread, listenChannel, type ChannelListener, type ListenChannelOptions } from './channel-listen.ts';
+export { PositionedFileChannel } from './positioned-file-channel.ts';
+export { openIncomingPipe } from './incoming-pipe.ts';
+export { adoptWithOnread, detachFd, type OnreadOptions } from './socket-handle.ts';
 export {
   looksLikeTlsHello,
   OBJECT_TYPES,

@@ -22,7 +22,7 @@ import type net from 'node:net';
 import tls from 'node:tls';
 import type { Duplex } from 'node:stream';
 import { RuntimeError, RuntimeErrorCode } from './errors.ts';
-import type { OnreadOptions } from './channel.ts';
+import type { OnreadOptions } from './socket-handle.ts';
 
 export type TlsEndpoint = 'server' | 'client';
 
