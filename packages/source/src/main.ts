@@ -23,13 +23,11 @@ import {
   ProgressModel,
   progressLine,
   QmpCommandError,
-  registerMachineCommands,
   objectsFromFlags,
-  registerObjectCommands,
   TtyProgress,
   UsageError,
 } from '@livemig/machine';
-import { CONVERGENCE_REASONS, CONVERGENCE_STEPS, DEFAULT_QEMU_VERSION, normalizeUuid, type QemuVersion, type StreamDialect, streamDialect, TARGET_PAGE_SIZE } from '@livemig/protocol';
+import { DEFAULT_QEMU_VERSION, normalizeUuid, type QemuVersion, type StreamDialect, streamDialect } from '@livemig/protocol';
 import {
   ChannelError,
   connectChannel,
@@ -38,10 +36,7 @@ import {
   ObjectRegistry,
   setStatusLine,
   type Logger,
-  migrationUri,
   parseAddress,
-  QMP_MIGRATION_CHANNELS,
-  qmpEnum,
   QmpServer,
   RuntimeErrorCode,
 } from '@livemig/runtime';
@@ -52,6 +47,7 @@ import { OutgoingMigration } from './migration.ts';
 import { TimelineRecorder } from './timeline-recorder.ts';
 import { multifdInitPacket } from './multifd-sender.ts';
 import { HELP } from './help.ts';
+import { serveSourceQmp } from './qmp-commands.ts';
 import { capabilitiesFor, connectFailure, OUTGOING_TRANSPORTS, refuseMigrate, SOURCE_CAPABILITY_DEFAULTS } from './migrate-checks.ts';
 
 
@@ -76,7 +72,7 @@ interface ConnectAttempt {
   cancel(): void;
 }
 
-class SourceProcess {
+export class SourceProcess {
   readonly guest: Guest;
   readonly settings = new MigrationSettings();
   readonly log: Logger;
@@ -365,206 +361,6 @@ class SourceProcess {
     });
   }
 
-  queryMigrate(): Record<string, unknown> {
-    const c = this.connecting;
-    if (c !== undefined) {
-      if (c.status === 'failed') return { status: 'failed', 'error-desc': c.errorDesc ?? 'unknown error' };
-      // Still connecting: nothing done yet, nothing measured.
-      return c.status === 'setup' ? { status: c.status, 'x-progress': { fraction: 0, 'eta-ms': null, basis: 'measuring' } } : { status: c.status };
-    }
-    const m = this.migration;
-    if (m === undefined) return {};
-    const out: Record<string, unknown> = { status: m.status };
-    // livemig's field: the one progress model (README "Progress"), a fraction that never goes back.
-    const p = this.progressOf(m);
-    const progress = { fraction: p.fraction, 'eta-ms': p.etaMs, basis: p.basis };
-    // livemig's too: the convergence policy's state, in every status once it is on (a cancel may be its doing).
-    const convergence = m.convergenceInfo();
-    const withConvergence = (o: Record<string, unknown>): Record<string, unknown> => (convergence === undefined ? o : { ...o, 'x-livemig-convergence': convergence });
-    if (m.status === 'setup' || m.status === 'cancelled') return withConvergence({ ...out, 'x-progress': progress });
-    if (m.status === 'failed') {
-      out['error-desc'] = m.errorDesc ?? 'unknown error';
-      return withConvergence(out);
-    }
-    const now = performance.now();
-    out['total-time'] = Math.round(m.status === 'completed' ? m.totalTime : now - m.startTime);
-    out['setup-time'] = Math.round(m.setupTime);
-    if (m.status === 'completed') {
-      out['downtime'] = Math.round(m.downtime);
-      // livemig's: the limit the switchover was planned for, and by how much the downtime exceeded it.
-      out['x-downtime-limit'] = m.downtimeLimitMs;
-      if (m.downtimeOvershootMs > 0) out['x-downtime-overshoot'] = m.downtimeOvershootMs;
-      const plan = m.switchoverPlan;
-      const p = m.precopy.switchoverPhases;
-      if (plan !== undefined && p.allSentMs > 0) {
-        // The plan, and where the downtime went: each step as ms since the guest was stopped (README "Downtime").
-        out['x-switchover'] = {
-          'expected-downtime': Math.round(plan.expectedMs),
-          'pending-bytes': plan.pendingBytes,
-          'bytes-per-second': Math.round(plan.bytesPerMs * 1000),
-          'planned-stop': Math.round(plan.cost.stopMs),
-          'planned-sync': Math.round(plan.cost.syncMs),
-          'planned-device-save': Math.round(plan.cost.deviceSaveMs),
-          'device-state-bytes': plan.cost.deviceStateBytes,
-          'planned-round-trip': Math.round(plan.cost.roundTripMs),
-          stopped: Math.round(p.stopMs),
-          synced: Math.round(p.syncedMs),
-          'ram-sent': Math.round(p.ramSentMs),
-          'devices-saved': Math.round(p.devicesSavedMs),
-          'all-sent': Math.round(p.allSentMs),
-        };
-      }
-    } else out['expected-downtime'] = Math.round(m.expectedDowntime);
-    out['ram'] = m.ramInfo();
-    if (m.ram.xbzrle !== undefined) {
-      const c = m.ram.xbzrle;
-      const s = m.ram.stats;
-      out['xbzrle-cache'] = {
-        'cache-size': c.sizeBytes,
-        bytes: s.xbzrleBytes,
-        pages: s.xbzrlePages,
-        'cache-miss': c.cacheMiss,
-        'cache-miss-rate': c.lookups > 0 ? c.cacheMiss / c.lookups : 0,
-        'encoding-rate': s.xbzrleBytes > 0 ? (s.xbzrlePages * TARGET_PAGE_SIZE) / s.xbzrleBytes : 0,
-        overflow: s.xbzrleOverflow,
-      };
-    }
-    if (m.throttlePercent > 0) out['cpu-throttle-percentage'] = m.throttlePercent;
-    out['x-progress'] = progress;
-    if (convergence !== undefined) out['x-livemig-convergence'] = convergence;
-    const vfio = m.guest.vfio;
-    if (vfio !== undefined) {
-      // QEMU 7.2's VfioStats, and livemig's view of the device's phases.
-      out['vfio'] = { transferred: vfio.stats.transferredBytes };
-      out['x-vfio'] = {
-        'precopy-iterations': vfio.stats.precopyIterations,
-        'precopy-bytes': vfio.stats.precopyBytes,
-        'stop-copy-bytes': vfio.stats.stopCopyBytes,
-        'config-bytes': vfio.stats.configBytes,
-        pending: vfio.pendingEstimate(),
-        'device-state': vfio.region.deviceState,
-      };
-    }
-    return out;
-  }
-
-  async serveQmp(address: string, name?: string): Promise<void> {
-    const qmp = await QmpServer.listen(address, { logger: this.log.child({ component: 'qmp' }), ...(name === undefined ? {} : { name }) });
-    this.qmp = qmp;
-    qmp.declareEvent('MIGRATION_PASS', { pass: 'int' });
-    qmp.declareEvent('LIVEMIG_CONVERGENCE', {
-      step: qmpEnum(CONVERGENCE_STEPS),
-      reason: qmpEnum(CONVERGENCE_REASONS),
-      'downtime-limit': 'int',
-      remaining: 'int',
-      pass: 'int',
-      'elapsed-ms': 'int',
-      '*postcopy-unavailable': 'bool',
-    });
-    registerMachineCommands(qmp, this.guest, this.settings, {
-      migrationRunning: () => this.running(),
-      parametersChanged: (p) => {
-        // While still connecting there is no migration yet: it copies the settings when it starts.
-        if (this.connecting === undefined && this.running()) this.migration?.setParameters(p);
-      },
-      quit: () => void this.shutdown(0),
-      continueMigration: (state) => {
-        // QEMU compares with the outgoing status: none before any migrate, setup while connecting.
-        const m = this.migration;
-        const c = this.connecting;
-        const now = c !== undefined ? c.status : (m?.status ?? 'none');
-        if (m === undefined || c !== undefined) {
-          if (state !== now) throw new QmpCommandError(`Migration not in expected state: ${now}`);
-          return;
-        }
-        try {
-          m.continueFrom(state);
-        } catch (err) {
-          throw new QmpCommandError((err as Error).message);
-        }
-      },
-    });
-    registerObjectCommands(qmp, this.objects);
-    qmp.register('migrate', async (args) => {
-      if (args['resume'] === true) {
-        const m = this.migration;
-        if (m === undefined || !m.paused) throw new QmpCommandError('migrate with resume=true needs a paused postcopy migration, and there is none');
-        const uri = migrationUri(args, 'migrate');
-        // Connect in the background, as migrate does; a failure leaves the migration paused.
-        // With postcopy-preempt a new preempt channel follows the main one: at once in QEMU
-        // 7.2's setup, after the received bitmaps in the 8.0 setup (the migration opens it).
-        const address = parseAddress(uri);
-        const preempt = this.settings.capabilities['postcopy-preempt'] && (address.transport === 'tcp' || address.transport === 'unix');
-        const preemptAtStart = preempt && this.dialect.preemptSetup === '7.2';
-        const channelOptions = this.channelOptions();
-        void connectChannel(address, channelOptions).then(
-          async (channel) => {
-            let preemptChannel: Awaited<ReturnType<typeof connectChannel>> | undefined;
-            if (preemptAtStart) {
-              preemptChannel = await connectChannel(address, channelOptions).catch((err: Error) => {
-                this.log.warn({ uri }, `resume: no new preempt channel (${err.message}); requested pages use the main channel`);
-                return undefined;
-              });
-            }
-            try {
-              m.resume(channel, preemptChannel, preempt && !preemptAtStart ? () => connectChannel(address, channelOptions) : undefined);
-            } catch (err) {
-              this.log.warn({}, (err as Error).message);
-            }
-          },
-          (err: Error) => this.log.warn({ uri }, `resume: cannot connect to ${uri}: ${err.message}`),
-        );
-        return {};
-      }
-      if (args['blk'] === true || args['inc'] === true) throw new QmpCommandError('block migration is not supported');
-      // Checked before anything starts: a bad `channels` is the reply, not a failed migration.
-      void this.migrate(migrationUri(args, 'migrate'));
-      return {};
-    }, { args: { '*uri': 'str', '*channels': QMP_MIGRATION_CHANNELS, '*blk': 'bool', '*inc': 'bool', '*detach': 'bool', '*resume': 'bool' }, returns: {} });
-    qmp.register('migrate_cancel', () => {
-      if (this.connecting !== undefined) this.connecting.cancel();
-      else this.migration?.cancel();
-      return {};
-    }, { args: {}, returns: {} });
-    qmp.register('query-migrate', () => this.queryMigrate(), { args: {}, returns: 'any' });
-    // livemig's own, named as QEMU names its unstable queries: the current or last migration's timeline.
-    qmp.register('x-query-migration-timeline', () => {
-      if (this.timeline === undefined) {
-        const c = this.connecting;
-        if (c === undefined) throw new QmpCommandError('No migration has been started: there is no timeline');
-        // Its timeline starts with the migration, once the channels are connected.
-        throw new QmpCommandError(c.status === 'failed' ? 'The migration failed before it was connected: there is no timeline' : 'The migration is still connecting: its timeline starts once it is connected');
-      }
-      return this.timeline.document();
-    }, { args: {}, returns: 'any' });
-    qmp.register(
-      'migrate-pause',
-      () => {
-        const m = this.migration;
-        if (m === undefined) throw new QmpCommandError('migrate-pause needs a postcopy migration, and there is none');
-        try {
-          m.pause();
-        } catch (err) {
-          throw new QmpCommandError((err as Error).message);
-        }
-        return {};
-      },
-      { allowOob: true, args: {}, returns: {} },
-    );
-    qmp.register('migrate-start-postcopy', () => {
-      if (!this.settings.capabilities['postcopy-ram']) {
-        throw new QmpCommandError('Enable postcopy with migrate_set_capability before the start of migration');
-      }
-      if (this.migration === undefined && this.connecting === undefined) {
-        throw new QmpCommandError('Postcopy must be started after migration has been started');
-      }
-      this.postcopyWanted = true;
-      this.migration?.requestPostcopy();
-      return {};
-    }, { args: {}, returns: {} });
-    this.log.info({ qmp: qmp.addressText }, 'QMP listening');
-  }
-
   async shutdown(status: number): Promise<never> {
     this.migration?.cancel();
     await this.qmp?.close().catch(() => {});
@@ -690,7 +486,7 @@ async function main(argv: string[]): Promise<void> {
   // prelaunch to a client of a source started without -S).
   // A cpr-exec's new image runs the guest on when the old one was running it.
   if (values.paused !== true && (incomingCpr === undefined || savedRunState === 'running')) await guest.start();
-  if (flags.qmp !== undefined) await proc.serveQmp(flags.qmp, flags.name);
+  if (flags.qmp !== undefined) await serveSourceQmp(proc, flags.qmp, flags.name);
   log.info(
     { blocks: guest.ram.blocks.map((b) => `${b.idstr}:${b.length}`), vcpus: flags.guest.vcpus, workload: values.workload ?? 'idle', running: guest.running },
     'guest ready',
