@@ -32,7 +32,7 @@ import { loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { QmpClient } from '@livemig/runtime';
-import { type Child, connectQmp, DESTINATION_MAIN, incomingAddress, SOURCE_MAIN, startProcess } from '../packages/cli/src/demo.ts';
+import { type Child, connectQmp, DESTINATION_MAIN, incomingAddress, keepOutput, SOURCE_MAIN, startProcess } from '../packages/cli/src/demo.ts';
 import { loopbackCeiling } from './migration.bench.ts';
 import { summarize } from './ceilings.ts';
 
@@ -172,14 +172,7 @@ function startQemu(q: Qemu, name: string, qmpPath: string, args: string[]): Chil
   const proc = spawn(q.binary, [...q.dataDir, '-nodefaults', '-display', 'none', ...args, '-qmp', `unix:${qmpPath},server=on,wait=off`], {
     stdio: ['ignore', 'pipe', 'pipe'],
   });
-  const child: Child = { name: `${q.label} ${name}`, proc, log: [] };
-  const keep = (b: Buffer): void => {
-    child.log.push(b.toString());
-    if (child.log.length > 200) child.log.shift();
-  };
-  proc.stdout!.on('data', keep);
-  proc.stderr!.on('data', keep);
-  return child;
+  return keepOutput(`${q.label} ${name}`, proc);
 }
 
 export interface Run {

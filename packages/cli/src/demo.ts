@@ -79,11 +79,18 @@ export interface Child {
 
 /** Start a livemig process (SOURCE_MAIN or DESTINATION_MAIN) with its output kept for errors. */
 export function startProcess(name: string, main: string, args: string[]): Child {
-  const proc = spawn(process.execPath, [main, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, LIVEMIG_LOG_LEVEL: 'warn' } });
+  return keepOutput(name, spawn(process.execPath, [main, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, LIVEMIG_LOG_LEVEL: 'warn' } }));
+}
+
+// Enough of a child's output to say why it failed; older output is dropped as it comes.
+const OUTPUT_CHUNKS_KEPT = 200;
+
+/** Keep the last of a child's stdout and stderr (spawned with both piped) for error messages. */
+export function keepOutput(name: string, proc: ChildProcess): Child {
   const child: Child = { name, proc, log: [] };
   const keep = (b: Buffer): void => {
     child.log.push(b.toString());
-    if (child.log.length > 200) child.log.shift();
+    if (child.log.length > OUTPUT_CHUNKS_KEPT) child.log.shift();
   };
   proc.stdout!.on('data', keep);
   proc.stderr!.on('data', keep);
