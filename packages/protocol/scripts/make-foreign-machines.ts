@@ -9,9 +9,7 @@
 // and for 3 s — and the descriptions merged: fields must agree, subsections (sent only when
 // a device needs them) are united, so a destination accepts any of them.
 
-import { spawn } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -19,6 +17,7 @@ import { type ForeignMachine, mergeVmsd } from '../src/foreign-devices.ts';
 import { findVmdescription, parseVmdescription, type VmdescDevice, VmdescLayouts } from '../src/vmdesc.ts';
 import { MigCmd } from '../src/constants.ts';
 import { NEED_MORE, StreamDecoder } from '../src/stream-decoder.ts';
+import { migrationEnded, withQemu } from './qemu-qmp.ts';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const root10 = process.argv[2] ?? '/opt/qemu-10.0';
@@ -51,42 +50,6 @@ const RUNS = [
 /** The command line the descriptions hold for: -nodefaults (no NIC, no VGA), a fixed CPU model, TCG. */
 export function machineArgs(machineType: string, memory = '16M'): string[] {
   return ['-nodefaults', '-display', 'none', '-machine', `${machineType},accel=tcg`, '-cpu', 'qemu64', '-m', memory];
-}
-
-class Qmp {
-  private buf = '';
-  private readonly waiters: ((msg: any) => void)[] = [];
-  constructor(private readonly sock: net.Socket) {
-    sock.setEncoding('utf8');
-    sock.on('data', (d: string) => {
-      this.buf += d;
-      for (let nl = this.buf.indexOf('\n'); nl >= 0; nl = this.buf.indexOf('\n')) {
-        const msg = JSON.parse(this.buf.slice(0, nl));
-        this.buf = this.buf.slice(nl + 1);
-        if ('return' in msg || 'error' in msg) this.waiters.shift()?.(msg);
-      }
-    });
-  }
-  execute(command: string, args?: object): Promise<any> {
-    return new Promise((resolve, reject) => {
-      this.waiters.push((msg) => ('error' in msg ? reject(new Error(`${command}: ${msg.error.desc}`)) : resolve(msg.return)));
-      this.sock.write(JSON.stringify(args === undefined ? { execute: command } : { execute: command, arguments: args }) + '\n');
-    });
-  }
-}
-
-async function connect(path: string): Promise<net.Socket> {
-  for (let i = 0; i < 100; i++) {
-    try {
-      return await new Promise<net.Socket>((resolve, reject) => {
-        const s = net.connect(path, () => resolve(s));
-        s.once('error', reject);
-      });
-    } catch {
-      await new Promise((r) => setTimeout(r, 100));
-    }
-  }
-  throw new Error(`QMP socket ${path} did not accept`);
 }
 
 /** `info ramblock` rows: name and used length. */
@@ -122,10 +85,7 @@ async function record(machineType: string, qemu: QemuName, runSeconds: number, m
   const sock = join(work, `${name}.qmp`);
   const mig = join(work, `${name}.mig`);
   const args = [...QEMUS[qemu].data, ...machineArgs(machineType, memory), '-S', '-qmp', `unix:${sock},server=on,wait=off`];
-  const proc = spawn(QEMUS[qemu].binary, args, { stdio: ['ignore', 'inherit', 'inherit'] });
-  try {
-    const qmp = new Qmp(await connect(sock));
-    await qmp.execute('qmp_capabilities');
+  return withQemu(QEMUS[qemu].binary, args, sock, async (qmp) => {
     if (runSeconds > 0) {
       await qmp.execute('cont');
       await new Promise((r) => setTimeout(r, runSeconds * 1000));
@@ -133,22 +93,14 @@ async function record(machineType: string, qemu: QemuName, runSeconds: number, m
     }
     const blocks = ramBlocks(String(await qmp.execute('human-monitor-command', { 'command-line': 'info ramblock' })));
     await qmp.execute('migrate', { uri: `exec:cat > ${mig}` });
-    let info: any;
-    for (let i = 0; i < 300; i++) {
-      info = await qmp.execute('query-migrate');
-      if (info.status === 'completed' || info.status === 'failed') break;
-      await new Promise((r) => setTimeout(r, 100));
-    }
-    if (info.status !== 'completed') throw new Error(`${name}: migration ${info.status}: ${info['error-desc'] ?? ''}`);
+    await migrationEnded(qmp, name);
     await qmp.execute('quit').catch(() => undefined);
     const stream = readFileSync(mig);
     const found = findVmdescription(stream.subarray(Math.max(0, stream.length - 1024 * 1024)), 0);
     if (found === undefined) throw new Error(`${name}: no VMDESCRIPTION at the end of the stream`);
     const desc = parseVmdescription(found.json, found.offset);
     return { devices: desc.devices, blocks, data: sectionData(stream, new VmdescLayouts(desc)) };
-  } finally {
-    proc.kill('SIGKILL');
-  }
+  });
 }
 
 async function machine(m: (typeof MACHINES)[number], work: string): Promise<ForeignMachine> {
