@@ -55,6 +55,30 @@ async function ranQemu(h: Harness, machine: string, name: string): Promise<{ qem
   return { qemu, ramFile };
 }
 
+type Qemu = Awaited<ReturnType<typeof startQemu>>;
+
+/** A chain's last hop: a QEMU of `machine` held (-S) on a zeroed RAM file, waiting for a migration on tcp with `caps`; its address. */
+async function incomingQemu(h: Harness, machine: string, ramFile: string, caps: string[]): Promise<{ last: Qemu; uri: string }> {
+  await writeFile(ramFile, Buffer.alloc(SIZE));
+  const last = await startQemu(h, 'qemu-last', [...qemuArgs(machine, ramFile), '-S', '-incoming', 'defer']);
+  await setCapabilities(last, caps);
+  await last.execute('migrate-incoming', { uri: 'tcp:127.0.0.1:0' });
+  return { last, uri: await listeningAddress(last, 10_000) };
+}
+
+/** The sending side says completed, then the receiving side. */
+async function bothCompleted(sender: Parameters<typeof waitForStatus>[0], receiver: Parameters<typeof waitForStatus>[0]): Promise<void> {
+  await waitForStatus(sender, 'completed', { timeoutMs: 60_000 });
+  await waitForStatus(receiver, 'completed', { timeoutMs: 30_000 });
+}
+
+/** `cont` on the last QEMU, and its guest runs. */
+async function assertRunsOn(last: Qemu): Promise<void> {
+  await last.execute('cont');
+  await sleep(500);
+  assert.equal(await queryStatus(last), 'running', 'the guest runs on the last QEMU');
+}
+
 /** Copies stdin to a file and to HOST:PORT (QEMU's exec: migration, teed). */
 const TEE_PY = `import socket, sys
 s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
@@ -109,8 +133,7 @@ for (const machine of MACHINE_TYPES) {
       const copy = h.path('stream.mig');
       await writeFile(tee, TEE_PY);
       await qemu.execute('migrate', { uri: `exec:python3 ${tee} ${host} ${port} ${copy}` });
-      await waitForStatus(qemu, 'completed', { timeoutMs: 60_000 });
-      await waitForStatus(dst, 'completed', { timeoutMs: 30_000 });
+      await bothCompleted(qemu, dst);
 
       const d = await digest(dst);
       assert.deepEqual(
@@ -144,8 +167,7 @@ for (const machine of MACHINE_TYPES) {
       await qemu.execute('migrate', { uri: dst.incomingUri });
       await waitForStatus(qemu, 'active', { timeoutMs: 10_000 });
       await qemu.execute('migrate-start-postcopy');
-      await waitForStatus(qemu, 'completed', { timeoutMs: 60_000 });
-      await waitForStatus(dst, 'completed', { timeoutMs: 30_000 });
+      await bothCompleted(qemu, dst);
       assert.ok(qemu.migrationEvents().includes('postcopy-active'), `QEMU MIGRATION events ${qemu.migrationEvents()}`);
       const d = await digest(dst);
       assert.equal(d.blocks[0]!.sha256, await sha256File(ramFile), "destination pc.ram = QEMU's RAM when it stopped");
@@ -164,26 +186,19 @@ for (const machine of MACHINE_TYPES) {
       const dst = await h.destination({ incoming: 'tcp', paused: true, guest, capabilities: ['events', 'return-path'] });
       await setCapabilities(first, ['events', 'return-path']);
       await first.execute('migrate', { uri: dst.incomingUri });
-      await waitForStatus(first, 'completed', { timeoutMs: 60_000 });
-      await waitForStatus(dst, 'completed', { timeoutMs: 30_000 });
+      await bothCompleted(first, dst);
       const held = h.path('held.mig');
       const saved = await dst.execute<{ bytes: number }>('x-livemig-save-state', { filename: held }, 30_000);
 
       const src = await h.source({ guest, args: ['-S', '--load-state', held, '--capabilities', 'events,return-path'] });
       assert.deepEqual((await digest(src)).devices['carried'], (await digest(dst)).devices['carried'], "the source carries what the destination received");
       const lastRam = h.path('qemu-last.ram');
-      await writeFile(lastRam, Buffer.alloc(SIZE));
-      const last = await startQemu(h, 'qemu-last', [...qemuArgs(machine, lastRam), '-S', '-incoming', 'defer']);
-      await setCapabilities(last, ['events', 'return-path']);
-      await last.execute('migrate-incoming', { uri: 'tcp:127.0.0.1:0' });
-      await src.execute('migrate', { uri: await listeningAddress(last, 10_000) });
-      await waitForStatus(src, 'completed', { timeoutMs: 60_000 });
-      await waitForStatus(last, 'completed', { timeoutMs: 30_000 });
+      const { last, uri } = await incomingQemu(h, machine, lastRam, ['events', 'return-path']);
+      await src.execute('migrate', { uri });
+      await bothCompleted(src, last);
       assert.equal(await sha256File(lastRam), await sha256File(firstRam), "the last QEMU's pc.ram = the first QEMU's");
       assert.equal(await registers(last), regs, "the last QEMU's vCPU registers = the first's");
-      await last.execute('cont');
-      await sleep(500);
-      assert.equal(await queryStatus(last), 'running', 'the guest runs on the last QEMU');
+      await assertRunsOn(last);
       log(t, `${machine}: held state file ${saved.bytes} B; QEMU → livemig → QEMU with registers equal`);
     }),
   );
@@ -205,12 +220,8 @@ for (const machine of MACHINE_TYPES) {
 
         // A postcopy destination's RAM must be on tmpfs or hugetlbfs (QEMU refuses postcopy-ram otherwise).
         const lastRam = postcopy ? `/dev/shm/livemig-e2e-${process.pid}-${machine}.ram` : h.path('qemu-last.ram');
-        await writeFile(lastRam, Buffer.alloc(SIZE));
         try {
-          const last = await startQemu(h, 'qemu-last', [...qemuArgs(machine, lastRam), '-S', '-incoming', 'defer']);
-          await setCapabilities(last, caps);
-          await last.execute('migrate-incoming', { uri: 'tcp:127.0.0.1:0' });
-          const uri = await listeningAddress(last, 10_000);
+          const { last, uri } = await incomingQemu(h, machine, lastRam, caps);
           if (postcopy) await src.execute('migrate-set-parameters', { 'max-bandwidth': 4 * MiB });
           await src.execute('migrate', { uri });
           if (postcopy) {
@@ -223,9 +234,7 @@ for (const machine of MACHINE_TYPES) {
 
           assert.equal(await sha256File(lastRam), await sha256File(firstRam), "the last QEMU's pc.ram = the first QEMU's");
           assert.equal(await registers(last), regs, "the last QEMU's vCPU registers = the first's (carried CPU state)");
-          await last.execute('cont');
-          await sleep(500);
-          assert.equal(await queryStatus(last), 'running', 'the guest runs on the last QEMU');
+          await assertRunsOn(last);
         } finally {
           if (postcopy) await rm(lastRam, { force: true });
         }
@@ -242,13 +251,9 @@ test(`livemig source (--machine ${MACHINE_TYPES[0]}, fresh: no state loaded) →
     const before = await digest(src);
     assert.ok((before.devices['carried'] as Carried[]).every((c) => !c.loaded), 'nothing loaded: the recorded state goes out');
     const lastRam = h.path('qemu-last.ram');
-    await writeFile(lastRam, Buffer.alloc(SIZE));
-    const last = await startQemu(h, 'qemu-last', [...qemuArgs(machine, lastRam), '-S', '-incoming', 'defer']);
-    await setCapabilities(last, ['events', 'return-path']);
-    await last.execute('migrate-incoming', { uri: 'tcp:127.0.0.1:0' });
-    await src.execute('migrate', { uri: await listeningAddress(last, 10_000) });
-    await waitForStatus(src, 'completed', { timeoutMs: 60_000 });
-    await waitForStatus(last, 'completed', { timeoutMs: 30_000 });
+    const { last, uri } = await incomingQemu(h, machine, lastRam, ['events', 'return-path']);
+    await src.execute('migrate', { uri });
+    await bothCompleted(src, last);
     assert.equal(await sha256File(lastRam), before.blocks[0]!.sha256, "QEMU's pc.ram = the source's");
     log(t, `${machine}: ${(before.devices['carried'] as Carried[]).length} recorded device sections accepted by ${QEMU_LABEL}`);
   }),
