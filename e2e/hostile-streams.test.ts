@@ -14,6 +14,7 @@ import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import net from 'node:net';
 import { test } from 'node:test';
+import { xorshift32 } from '../packages/protocol/test/prng.ts';
 import { waitForStatus } from './helpers/migration.ts';
 import { type Child, withHarness, within } from './helpers/processes.ts';
 
@@ -27,15 +28,7 @@ const RSS_LIMIT_BYTES = 400 * 2 ** 20;
 
 /** xorshift32 from the seed and the stream index: stream i depends on nothing else. */
 function randomFor(i: number): (n: number) => number {
-  let x = (Math.imul(SEED, 0x9e3779b1) ^ Math.imul(i + 1, 0x85ebca6b)) >>> 0 || 1;
-  return (n) => {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    return x % n;
-  };
+  return xorshift32(Math.imul(SEED, 0x9e3779b1) ^ Math.imul(i + 1, 0x85ebca6b));
 }
 
 const WORDS = [0, 0xff, 0xffff, 0x7fffffff, 0xffffffff, 0x1000, 0x10000];

@@ -6,20 +6,9 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { NEED_MORE, RamFlag, RamRecordDecoder, TARGET_PAGE_SIZE, type PageObserver, type RamBlockInfo } from '../src/index.ts';
+import { xorshift32 } from './prng.ts';
 
 const PAGE = TARGET_PAGE_SIZE;
-
-function prng(seed: number): (n: number) => number {
-  let x = seed >>> 0 || 1;
-  return (n) => {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    return x % n;
-  };
-}
 
 const BLOCKS: RamBlockInfo[] = [
   { idstr: 'pc.ram', length: 64 * PAGE },
@@ -35,7 +24,7 @@ function header(pageOffset: number, flags: number): Buffer {
 
 /** Bare RAM records ended by EOS: runs of CONTINUE records, a named record at each block switch; `bad` puts one offset past the block's end. */
 function records(seed: number, bad: boolean): Buffer {
-  const rnd = prng(seed);
+  const rnd = xorshift32(seed);
   const parts: Buffer[] = [];
   let block = -1;
   const count = 40 + rnd(200);
@@ -104,7 +93,7 @@ function decode(bytes: Buffer, cuts: number[], into: 'memory' | 'observer' | 'co
 }
 
 function cutsFor(seed: number, length: number): number[] {
-  const rnd = prng(seed * 7 + 1);
+  const rnd = xorshift32(seed * 7 + 1);
   const cuts: number[] = [];
   const step = [3, 13, 4093, 4104, 9, 65536][rnd(6)]!;
   for (let at = rnd(step) + 1; at < length; at += 1 + rnd(2 * step)) cuts.push(at);

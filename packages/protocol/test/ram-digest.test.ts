@@ -5,21 +5,9 @@ import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { describe, it } from 'node:test';
 import { RamDigests, TARGET_PAGE_SIZE } from '../src/index.ts';
+import { xorshift32 } from './prng.ts';
 
 const PAGE = TARGET_PAGE_SIZE;
-
-/** A small deterministic PRNG (xorshift32), so a failing sequence can be replayed by its seed. */
-function prng(seed: number): (n: number) => number {
-  let x = seed >>> 0 || 1;
-  return (n) => {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    return x % n;
-  };
-}
 
 interface Run {
   digests: RamDigests;
@@ -33,7 +21,7 @@ interface Run {
  * the page the digests hand over, as the decoder does.
  */
 function run(seed: number, pageCounts: number[], ops: number, kinds: { ordered?: boolean } = {}): Run {
-  const rnd = prng(seed);
+  const rnd = xorshift32(seed);
   const stream = Buffer.alloc((ops + 1) * (PAGE + 8));
   let streamEnd = 8;
   let readBacks = 0;
