@@ -29,7 +29,7 @@ import {
   TtyProgress,
   UsageError,
 } from '@livemig/machine';
-import { CONVERGENCE_REASONS, CONVERGENCE_STEPS, DEFAULT_QEMU_VERSION, normalizeUuid, type QemuVersion, type StreamDialect, streamDialect, TARGET_PAGE_SIZE } from '@livemig/protocol';
+import { CONVERGENCE_PHASES, CONVERGENCE_REASONS, CONVERGENCE_STEPS, DEFAULT_QEMU_VERSION, normalizeUuid, type QemuVersion, type StreamDialect, streamDialect, TARGET_PAGE_SIZE } from '@livemig/protocol';
 import {
   ChannelError,
   connectChannel,
@@ -256,9 +256,12 @@ class SourceProcess {
                 steppedDowntimeLimit = d.downtimeLimitMs;
               }
               this.timeline?.convergenceDecided(d);
+              // As QEMU's MIGRATION and MIGRATION_PASS: an event only with capability events (the log line, timeline and query-migrate have it regardless).
+              if (!settings.capabilities.events) return;
               this.event('LIVEMIG_CONVERGENCE', {
                 step: d.step,
                 reason: d.reason,
+                phase: d.phase,
                 'downtime-limit': d.downtimeLimitMs,
                 remaining: d.remainingBytes,
                 pass: d.pass,
@@ -379,7 +382,7 @@ class SourceProcess {
     const p = this.progressOf(m);
     const progress = { fraction: p.fraction, 'eta-ms': p.etaMs, basis: p.basis };
     // livemig's too: the convergence policy's state, in every status once it is on (a cancel may be its doing).
-    const convergence = m.convergenceInfo();
+    const convergence = m.policy.info();
     const withConvergence = (o: Record<string, unknown>): Record<string, unknown> => (convergence === undefined ? o : { ...o, 'x-livemig-convergence': convergence });
     if (m.status === 'setup' || m.status === 'cancelled') return withConvergence({ ...out, 'x-progress': progress });
     if (m.status === 'failed') {
@@ -455,6 +458,7 @@ class SourceProcess {
     qmp.declareEvent('LIVEMIG_CONVERGENCE', {
       step: qmpEnum(CONVERGENCE_STEPS),
       reason: qmpEnum(CONVERGENCE_REASONS),
+      phase: qmpEnum(CONVERGENCE_PHASES),
       'downtime-limit': 'int',
       remaining: 'int',
       pass: 'int',
