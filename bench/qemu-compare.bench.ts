@@ -35,6 +35,7 @@ import type { QmpClient } from '@livemig/runtime';
 import { type Child, connectQmp, DESTINATION_MAIN, incomingAddress, SOURCE_MAIN, startProcess } from '../packages/cli/src/demo.ts';
 import { loopbackCeiling } from './migration.bench.ts';
 import { summarize } from './ceilings.ts';
+import { type RoundRatio, roundRatio } from './round-ratio.ts';
 
 const GiB = 2 ** 30;
 const MiB = 2 ** 20;
@@ -150,7 +151,8 @@ const FINAL = new Set(['completed', 'failed', 'cancelled']);
 async function untilCompleted(source: QmpClient, children: Child[]): Promise<{ totalMs: number; downtimeMs: number }> {
   await source.waitForEvent('MIGRATION', (e) => FINAL.has(String(e.data?.['status'])), MIGRATION_MS);
   const info = (await source.execute('query-migrate')) as MigrationInfo;
-  if (info.status === 'completed') return { totalMs: info['total-time']!, downtimeMs: info.downtime ?? 0 };
+  // An absent figure stays absent (NaN), never 0: the report leaves that round's ratio out and says why.
+  if (info.status === 'completed') return { totalMs: info['total-time'] ?? NaN, downtimeMs: info.downtime ?? NaN };
   throw new Error(`migration ${info.status}: ${info['error-desc'] ?? ''}\n${children.map((c) => `${c.name}: ${c.log.join('').slice(-2000)}`).join('\n')}`);
 }
 
@@ -289,11 +291,35 @@ interface Row {
   unit: string;
 }
 
-const ratio = (a: number, b: number): number => a / b;
 const f2 = (x: number): string => x.toFixed(2);
 function median(xs: number[]): string {
   const s = summarize(xs);
   return `${f2(s.median)} [${f2(s.min)}-${f2(s.max)}]`;
+}
+
+/** An engine's figures over the rounds: the median of those it has, and how many it lacks. */
+function medianOfFigures(xs: number[]): string {
+  const have = xs.filter((x) => Number.isFinite(x));
+  if (have.length === 0) return 'n/a (no round gave a figure)';
+  return `${median(have)}${have.length < xs.length ? ` (${xs.length - have.length} of ${xs.length} rounds without a figure)` : ''}`;
+}
+
+/**
+ * One ratio line: the median of the rounds' ratios, each round without one (a zero or absent
+ * figure) named with its reason and left out of the median.
+ */
+function ratioLine(label: string, ratios: RoundRatio[], goal: string, met: (median: number) => boolean): void {
+  const values: number[] = [];
+  for (const [i, r] of ratios.entries()) {
+    if ('value' in r) values.push(r.value);
+    else console.log(`    ${label}: round ${i + 1} left out: ${r.skipped}`);
+  }
+  if (values.length === 0) {
+    console.log(`    ${label}: n/a (no round gave a ratio)  ${goal}: not judged`);
+    return;
+  }
+  const over = values.length < ratios.length ? ` over ${values.length} of ${ratios.length} rounds` : '';
+  console.log(`    ${label}: ${median(values)}${over}  ${goal}: ${met(summarize(values).median) ? 'met' : 'NOT met'}`);
 }
 
 export async function qemuCompareBench(): Promise<void> {
@@ -320,7 +346,8 @@ export async function qemuCompareBench(): Promise<void> {
       livemigFill: 'random',
       multifdChannels,
     });
-    const gibps = (f: MigrationFigures): number => 1 / (f.totalMs / 1000);
+    // NaN (no figure) when the total-time is 0 or absent, not Infinity.
+    const gibps = (f: MigrationFigures): number => (f.totalMs > 0 ? 1 / (f.totalMs / 1000) : NaN);
     const rows: Row[] = [
       { title: 'one stream, 1 GiB random guest: GiB/s', run: random(0), figure: gibps, unit: 'GiB/s' },
       { title: 'multifd 2 channels, 1 GiB random guest: GiB/s', run: random(2), figure: gibps, unit: 'GiB/s' },
@@ -367,28 +394,25 @@ export async function qemuCompareBench(): Promise<void> {
     for (const [r, row] of rows.entries()) {
       const s = samples[r]!;
       console.log(`  ${row.title}`);
-      for (const [e, q] of qemus.entries()) console.log(`    ${q.label.padEnd(9)} ${median(s[e]!)} ${row.unit}`);
-      console.log(`    livemig   ${median(s[lm]!)} ${row.unit}`);
-      const perRound = (e: number): number[] => s[lm]!.map((x, i) => ratio(x, s[e]![i]!));
+      for (const [e, q] of qemus.entries()) console.log(`    ${q.label.padEnd(9)} ${medianOfFigures(s[e]!)} ${row.unit}`);
+      console.log(`    livemig   ${medianOfFigures(s[lm]!)} ${row.unit}`);
+      const perRound = (e: number, name: string): RoundRatio[] => s[lm]!.map((x, i) => {
+        const figure = row.unit === 'GiB/s' ? 'GiB/s' : 'total-time';
+        return roundRatio(x, s[e]![i]!, `livemig's ${figure}`, `${name}'s ${figure}`, row.unit);
+      });
       if (r === 0) {
-        const vsCeiling = s[lm]!.map((x, i) => ratio(x, ceilings[i]!));
-        console.log(`    livemig ÷ loopback ceiling (same round): ${median(vsCeiling)}  goal ≥ 0.95: ${summarize(vsCeiling).median >= 0.95 ? 'met' : 'NOT met'}`);
+        const vsCeiling = s[lm]!.map((x, i) => roundRatio(x, ceilings[i]!, "livemig's GiB/s", "the loopback ceiling's GiB/s", 'GiB/s'));
+        ratioLine('livemig ÷ loopback ceiling (same round)', vsCeiling, 'goal ≥ 0.95', (m) => m >= 0.95);
       }
       if (r <= 2) {
         const goal = r === 0 ? 1.3 : 1.2;
-        for (const [e, q] of qemus.entries()) {
-          const x = perRound(e);
-          console.log(`    livemig ÷ ${q.label} (same round): ${median(x)}  goal ≥ ${goal}: ${summarize(x).median >= goal ? 'met' : 'NOT met'}`);
-        }
+        for (const [e, q] of qemus.entries()) ratioLine(`livemig ÷ ${q.label} (same round)`, perRound(e, q.label), `goal ≥ ${goal}`, (m) => m >= goal);
       } else if (r === 3) {
-        for (const [e, q] of qemus.entries()) {
-          const x = perRound(e);
-          console.log(`    livemig time ÷ ${q.label}'s (same round): ${median(x)}  goal ≤ 1.0: ${summarize(x).median <= 1.0 ? 'met' : 'NOT met'}`);
-        }
+        for (const [e, q] of qemus.entries()) ratioLine(`livemig time ÷ ${q.label}'s (same round)`, perRound(e, q.label), 'goal ≤ 1.0', (m) => m <= 1.0);
       } else {
         for (const [e, label] of [...qemus.map((q) => q.label), 'livemig'].entries()) {
-          const x = s[e]!.map((d) => d / DOWNTIME_LIMIT_MS);
-          console.log(`    ${label} downtime ÷ limit: ${median(x)}  goal ≤ 1.0: ${summarize(x).median <= 1.0 ? 'met' : 'NOT met'}`);
+          const x = s[e]!.map((d) => roundRatio(d, DOWNTIME_LIMIT_MS, `${label}'s downtime`, 'downtime-limit', 'ms'));
+          ratioLine(`${label} downtime ÷ limit`, x, 'goal ≤ 1.0', (m) => m <= 1.0);
         }
       }
     }
@@ -407,13 +431,23 @@ async function sizeSweep(): Promise<void> {
   for (const size of SIZES) {
     const bytes = parseSize(size);
     const f = await livemigMigrate({ qemuSource: [], qemuDestination: [], livemigGuest: ['--block', `m0:${size}`, '--machine', 'none', '--qemu-devices-only'], livemigFill: 'random', multifdChannels: 0 });
-    const msPerGiB = f.totalMs / (bytes / GiB);
-    perGiB.push(msPerGiB);
     const over = (rss: number): string => {
       const above = rss - baseline - bytes;
       return `RAM ${above >= 0 ? '+' : '−'} ${(Math.abs(above) / MiB).toFixed(0)} MiB${above <= 64 * MiB ? '' : ' (over RAM + 64 MiB)'}`;
     };
-    console.log(`    ${size.padStart(4)}: ${msPerGiB.toFixed(0)} ms/GiB; source ${over(f.sourcePeakRss)}, destination ${over(f.destinationPeakRss)}`);
+    const rss = `source ${over(f.sourcePeakRss)}, destination ${over(f.destinationPeakRss)}`;
+    const msPerGiB = f.totalMs / (bytes / GiB);
+    // A total-time of 0 or none gives no time per GiB: said, and left out of the spread.
+    if (!(f.totalMs > 0)) {
+      console.log(`    ${size.padStart(4)}: no time per GiB (total-time ${Number.isNaN(f.totalMs) ? 'absent' : `${f.totalMs} ms`}): left out of the spread`);
+      continue;
+    }
+    perGiB.push(msPerGiB);
+    console.log(`    ${size.padStart(4)}: ${msPerGiB.toFixed(0)} ms/GiB; ${rss}`);
+  }
+  if (perGiB.length < 2) {
+    console.log(`    time per GiB across sizes: not judged (${perGiB.length} size(s) with a figure)`);
+    return;
   }
   const mid = summarize(perGiB).median;
   const spread = Math.max(...perGiB.map((x) => Math.abs(x / mid - 1)));
