@@ -33,6 +33,7 @@ if (want('downtime')) {
   const { downtimeBench } = await import('./downtime.bench.ts');
   await downtimeBench();
 }
+const qemuStarted = performance.now();
 if (want('qemu')) {
   const { qemuCompareBench } = await import('./qemu-compare.bench.ts');
   await qemuCompareBench();
@@ -40,6 +41,10 @@ if (want('qemu')) {
 if (want('qemu-postcopy') || only.includes('qemu')) {
   const { qemuPostcopyBench } = await import('./qemu-postcopy.bench.ts');
   await qemuPostcopyBench();
+}
+if (want('qemu') || want('qemu-postcopy')) {
+  const { loadavg } = await import('node:os');
+  console.log(`\nthe QEMU rows took ${((performance.now() - qemuStarted) / 1000).toFixed(0)} s (load average now ${loadavg().map((l) => l.toFixed(2)).join(' ')})`);
 }
 if (want('analyze')) {
   const { analyzeBench } = await import('./analyze.bench.ts');

@@ -76,10 +76,10 @@ async function migrateOnce(
 }
 
 /** loopback-limit.mjs tcp cork:256 → copy-onread-prefault: the Node loopback ceiling, GiB/s. */
-export function loopbackCeiling(runs = reps): Figure {
+export function loopbackCeiling(runs = reps, size = '1G'): Figure {
   const out = execFileSync(
     process.execPath,
-    [join(sharedBench, 'loopback-limit.mjs'), '--transport', 'tcp', '--send', 'cork:256', '--recv', 'copy-onread-prefault', '--reps', String(runs), '--json'],
+    [join(sharedBench, 'loopback-limit.mjs'), '--size', size, '--transport', 'tcp', '--send', 'cork:256', '--recv', 'copy-onread-prefault', '--reps', String(runs), '--json'],
     { encoding: 'utf8', maxBuffer: 16 << 20 },
   );
   const rows = out

@@ -35,12 +35,15 @@ import { QmpClient } from '../packages/runtime/src/index.ts';
 import { DESTINATION_MAIN, SOURCE_MAIN } from '../packages/cli/src/demo.ts';
 import { WanLink, type WanOptions, wanUnavailable } from '../e2e/helpers/wan.ts';
 import { postcopyOnce, quantileEstimate } from './postcopy.bench.ts';
+import { type RoundRatio, roundRatio } from './round-ratio.ts';
 
 const MiB = 2 ** 20;
 const POSTCOPY_GUEST_MIB = 128;
-const POSTCOPY_ROUNDS = 3;
-const WAN_GUEST_MIB = Number(process.env['LIVEMIG_BENCH_WAN_MIB'] ?? 256);
-const WAN_ROUNDS = 2;
+/** 2 by default (3 before): each round runs both paces on every engine, 6 postcopy migrations with two QEMUs. */
+const POSTCOPY_ROUNDS = Number(process.env['LIVEMIG_BENCH_POSTCOPY_ROUNDS'] ?? 2);
+/** 64 MiB by default (256 MiB before): a run's transfer over the forwarder's link takes a quarter of the time. */
+const WAN_GUEST_MIB = Number(process.env['LIVEMIG_BENCH_WAN_MIB'] ?? 64);
+const WAN_ROUNDS = Number(process.env['LIVEMIG_BENCH_WAN_ROUNDS'] ?? 2);
 const WAN_DOWNTIME_LIMIT_MS = 300;
 const WAN: WanOptions = { delayMs: 10, loss: 0.01, rateBps: 1e9, seed: 1705 };
 const QMP_START_MS = 15_000;
@@ -319,9 +322,12 @@ async function livemigPostcopy(memMiB: number, pace: Pace): Promise<PostcopyFigu
   };
 }
 
-const share = (f: PostcopyFigures): number => f.blockedMs / f.phaseMs;
+/** Blocked time over the postcopy phase; NaN (no figure) when either is absent or the phase took 0 ms. */
+const share = (f: PostcopyFigures): number => (f.phaseMs > 0 ? f.blockedMs / f.phaseMs : NaN);
 const us = (v: number): string => (Number.isFinite(v) ? `${v.toFixed(0)} µs` : 'n/a');
-const ratio = (a: number, b: number): string => (Number.isFinite(a) && Number.isFinite(b) && b > 0 ? `${(a / b).toFixed(2)}×` : 'n/a');
+const percent = (x: number): string => (Number.isFinite(x) ? `${(100 * x).toFixed(1)} %` : 'n/a');
+/** A round's ratio as printed on its line: the value, or why there is none. */
+const shown = (r: RoundRatio): string => ('value' in r ? `${r.value.toFixed(2)}×` : `n/a (${r.skipped})`);
 const load = (): string => `load average ${loadavg().map((l) => l.toFixed(2)).join(' ')}`;
 
 /** Below this many faults a p99 is one or two samples: it is not printed, nor compared. */
@@ -331,12 +337,13 @@ const quantiles = (f: PostcopyFigures): { p50Us: number; p99Us: number } =>
 
 /** Ratios collected per row over the rounds, for the closing summary: row → values. */
 class RatioLog {
-  readonly rows = new Map<string, { values: number[]; goal: string; met: (median: number) => boolean }>();
+  readonly rows = new Map<string, { values: number[]; rounds: number; goal: string; met: (median: number) => boolean }>();
 
-  add(row: string, value: number, goal: string, met: (median: number) => boolean): void {
-    if (!Number.isFinite(value)) return;
-    const r = this.rows.get(row) ?? { values: [], goal, met };
-    r.values.push(value);
+  /** A round's ratio; one without a value is left out of the median (its reason is on the round's line) and counted. */
+  add(row: string, ratio: RoundRatio, goal: string, met: (median: number) => boolean): void {
+    const r = this.rows.get(row) ?? { values: [], rounds: 0, goal, met };
+    r.rounds++;
+    if ('value' in ratio) r.values.push(ratio.value);
     this.rows.set(row, r);
   }
 
@@ -344,10 +351,14 @@ class RatioLog {
     if (this.rows.size === 0) return;
     console.log(`  ${title}: median of the rounds' ratios [min–max], goal, met?`);
     for (const [row, r] of this.rows) {
+      if (r.values.length === 0) {
+        console.log(`    ${row.padEnd(52)} n/a: none of ${r.rounds} rounds gave a ratio (reasons on their lines)   ${r.goal}: not judged`);
+        continue;
+      }
       const v = [...r.values].sort((a, b) => a - b);
       const mid = v.length >> 1;
       const median = v.length % 2 === 1 ? v[mid]! : (v[mid - 1]! + v[mid]!) / 2;
-      console.log(`    ${row.padEnd(52)} ${median.toFixed(2)}× [${v[0]!.toFixed(2)}–${v[v.length - 1]!.toFixed(2)}] over ${v.length}   ${r.goal}: ${r.met(median) ? 'met' : 'not met'}`);
+      console.log(`    ${row.padEnd(52)} ${median.toFixed(2)}× [${v[0]!.toFixed(2)}–${v[v.length - 1]!.toFixed(2)}] over ${v.length}${v.length < r.rounds ? ` of ${r.rounds} rounds` : ''}   ${r.goal}: ${r.met(median) ? 'met' : 'not met'}`);
     }
   }
 }
@@ -356,7 +367,7 @@ function postcopyLine(label: string, f: PostcopyFigures, own: string): string {
   return (
     `    ${label.padEnd(9)} ${String(f.faults).padStart(5)} faults, ` +
     (f.faults >= MIN_FAULTS_FOR_QUANTILES ? `p50 ${us(f.p50Us)}, p99 ${us(f.p99Us)}, ` : `p50/p99 not given (under ${MIN_FAULTS_FOR_QUANTILES} faults), `) +
-    `blocked ${(100 * share(f)).toFixed(1)} % of ${f.phaseMs.toFixed(0)} ms (${f.blockedMs.toFixed(0)} ms)${own}`
+    `blocked ${percent(share(f))} of ${f.phaseMs.toFixed(0)} ms (${f.blockedMs.toFixed(0)} ms)${own}`
   );
 }
 
@@ -375,7 +386,7 @@ async function postcopyRows(builds: QemuBuild[]): Promise<void> {
           qemu.push({ label: b.label, f });
           const touched = f.touches ?? 0;
           console.log(
-            postcopyLine(b.label, f, `; QEMU's own: blocktime/requests ${us(f.meanUs)}; its guest touched ${touched} pages there (${((touched * 4096) / 1e3 / f.phaseMs).toFixed(0)} MB/s)`),
+            postcopyLine(b.label, f, `; QEMU's own: blocktime/requests ${us(f.meanUs)}; its guest touched ${touched} pages there${f.phaseMs > 0 ? ` (${((touched * 4096) / 1e3 / f.phaseMs).toFixed(0)} MB/s)` : ''}`),
           );
         } catch (err) {
           console.log(`    ${b.label}: failed: ${(err as Error).message}`);
@@ -384,14 +395,17 @@ async function postcopyRows(builds: QemuBuild[]): Promise<void> {
       const l = await livemigPostcopy(POSTCOPY_GUEST_MIB, pace);
       console.log(postcopyLine('livemig', l, `; mean ${us(l.meanUs)}`));
       for (const { label, f } of qemu) {
-        const [lq, fq] = [quantiles(l), quantiles(f)];
-        console.log(
-          `    livemig / ${label}: p50 ${ratio(lq.p50Us, fq.p50Us)}, p99 ${ratio(lq.p99Us, fq.p99Us)}, blocked share ${ratio(share(l), share(f))}` +
-            `   (goal: p99 and blocked share ≤ 1.00×)`,
-        );
+        const quantile = (q: 'p50Us' | 'p99Us'): RoundRatio => {
+          const few = [['livemig', l] as const, [label, f] as const].filter(([, x]) => x.faults < MIN_FAULTS_FOR_QUANTILES);
+          if (few.length > 0) return { skipped: few.map(([who, x]) => `${who} had ${x.faults} faults (under ${MIN_FAULTS_FOR_QUANTILES}: no quantile)`).join(', ') };
+          return roundRatio(quantiles(l)[q], quantiles(f)[q], `livemig's ${q.slice(0, 3)}`, `${label}'s ${q.slice(0, 3)}`, 'µs');
+        };
+        const [p50, p99] = [quantile('p50Us'), quantile('p99Us')];
+        const blocked = roundRatio(share(l), share(f), "livemig's blocked share", `${label}'s blocked share`);
+        console.log(`    livemig / ${label}: p50 ${shown(p50)}, p99 ${shown(p99)}, blocked share ${shown(blocked)}   (goal: p99 and blocked share ≤ 1.00×)`);
         const atMost = (m: number): boolean => m <= 1;
-        log.add(`${label}, ${pace.label}: p99 fault latency`, lq.p99Us / fq.p99Us, '≤ 1.00×', atMost);
-        log.add(`${label}, ${pace.label}: blocked share`, share(l) / share(f), '≤ 1.00×', atMost);
+        log.add(`${label}, ${pace.label}: p99 fault latency`, p99, '≤ 1.00×', atMost);
+        log.add(`${label}, ${pace.label}: blocked share`, blocked, '≤ 1.00×', atMost);
       }
     }
   }
@@ -404,7 +418,8 @@ export interface WanFigures {
   downtimeMs: number;
 }
 
-const mibps = (f: WanFigures): number => f.bytes / MiB / (f.totalMs / 1000);
+/** NaN (no figure) when the total-time is 0 or absent, not Infinity. */
+const mibps = (f: WanFigures): number => (f.totalMs > 0 ? f.bytes / MiB / (f.totalMs / 1000) : NaN);
 
 /** Precopy of a random `memMiB` guest from namespace A to B, QEMU → QEMU (`-machine none`, RAM from `image`). */
 async function qemuWanOnce(build: QemuBuild, wan: WanLink, image: string, memMiB: number, dir: string): Promise<WanFigures> {
@@ -432,7 +447,7 @@ async function qemuWanOnce(build: QemuBuild, wan: WanLink, image: string, memMiB
     await src.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 0, 'downtime-limit': WAN_DOWNTIME_LIMIT_MS });
     await src.qmp.execute('migrate', { uri });
     const s = (await waitStatus(src.qmp, 'completed', new Map())) as { 'total-time': number; downtime: number; ram: { transferred: number } };
-    return { bytes: s.ram.transferred, totalMs: s['total-time'], downtimeMs: s.downtime };
+    return { bytes: s.ram.transferred, totalMs: s['total-time'] ?? NaN, downtimeMs: s.downtime ?? NaN };
   } finally {
     await stopAll(procs);
   }
@@ -462,7 +477,7 @@ async function livemigWanOnce(wan: WanLink, memMiB: number, dir: string): Promis
     await src.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 0, 'downtime-limit': WAN_DOWNTIME_LIMIT_MS });
     await src.qmp.execute('migrate', { uri });
     const s = (await waitStatus(src.qmp, 'completed', new Map())) as { 'total-time': number; downtime: number; ram: { transferred: number } };
-    return { bytes: s.ram.transferred, totalMs: s['total-time'], downtimeMs: s.downtime };
+    return { bytes: s.ram.transferred, totalMs: s['total-time'] ?? NaN, downtimeMs: s.downtime ?? NaN };
   } finally {
     await stopAll(procs);
   }
@@ -470,8 +485,8 @@ async function livemigWanOnce(wan: WanLink, memMiB: number, dir: string): Promis
 
 function wanLine(label: string, f: WanFigures): string {
   return (
-    `    ${label.padEnd(9)} ${mibps(f).toFixed(1).padStart(6)} MiB/s (${(f.bytes / MiB).toFixed(0)} MiB in ${f.totalMs} ms), ` +
-    `downtime ${f.downtimeMs} ms of a ${WAN_DOWNTIME_LIMIT_MS} ms limit${f.downtimeMs <= WAN_DOWNTIME_LIMIT_MS ? '' : ' (over)'}`
+    `    ${label.padEnd(9)} ${(Number.isFinite(mibps(f)) ? mibps(f).toFixed(1) : 'n/a').padStart(6)} MiB/s (${(f.bytes / MiB).toFixed(0)} MiB in ${f.totalMs} ms), ` +
+    (Number.isFinite(f.downtimeMs) ? `downtime ${f.downtimeMs} ms of a ${WAN_DOWNTIME_LIMIT_MS} ms limit${f.downtimeMs <= WAN_DOWNTIME_LIMIT_MS ? '' : ' (over)'}` : 'no downtime figure')
   );
 }
 
@@ -490,6 +505,8 @@ async function wanRows(builds: QemuBuild[]): Promise<void> {
   /** Per migrator: runs, and runs whose downtime stayed within the limit. */
   const downtimes = new Map<string, { runs: number; within: number }>();
   const countDowntime = (label: string, f: WanFigures): void => {
+    // A run without a downtime figure is no run for this count (its line says so).
+    if (!Number.isFinite(f.downtimeMs)) return;
     const d = downtimes.get(label) ?? { runs: 0, within: 0 };
     d.runs++;
     if (f.downtimeMs <= WAN_DOWNTIME_LIMIT_MS) d.within++;
@@ -526,8 +543,9 @@ async function wanRows(builds: QemuBuild[]): Promise<void> {
         console.log(wanLine('livemig', l));
         countDowntime('livemig', l);
         for (const { label, f } of qemu) {
-          console.log(`    livemig / ${label}: throughput ${ratio(mibps(l), mibps(f))}   (goal: ≥ 1.00×, downtime ≤ limit)`);
-          log.add(`${label}: throughput`, mibps(l) / mibps(f), '≥ 1.00×', (m) => m >= 1);
+          const r = roundRatio(mibps(l), mibps(f), `livemig's MiB/s (total-time ${l.totalMs} ms)`, `${label}'s MiB/s (total-time ${f.totalMs} ms)`);
+          console.log(`    livemig / ${label}: throughput ${shown(r)}   (goal: ≥ 1.00×, downtime ≤ limit)`);
+          log.add(`${label}: throughput`, r, '≥ 1.00×', (m) => m >= 1);
         }
       } finally {
         await wan.close();
@@ -542,6 +560,10 @@ async function wanRows(builds: QemuBuild[]): Promise<void> {
 
 export async function qemuPostcopyBench(): Promise<void> {
   const builds = qemuBuilds();
+  let started = performance.now();
   await postcopyRows(builds);
+  console.log(`  (postcopy rows: ${((performance.now() - started) / 1000).toFixed(0)} s wall)`);
+  started = performance.now();
   await wanRows(builds);
+  console.log(`  (WAN rows: ${((performance.now() - started) / 1000).toFixed(0)} s wall)`);
 }

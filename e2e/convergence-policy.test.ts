@@ -3,7 +3,10 @@
 // its steps fires, in order, seen as LIVEMIG_CONVERGENCE events, in query-migrate's
 // x-livemig-convergence and query-migrate-parameters, the timeline and the log: downtime-limit
 // stepped up to its max, then postcopy (completes, RAM verified) or cancel (the source guest runs
-// on, its memory intact); the completion timeout fires on its own too. Nothing here depends on
+// on, its memory intact); the completion timeout fires on its own too, and goes on counting while
+// the source waits for the destination's switchover ack or is held in pre-switchover (where the
+// no-progress clock stands still). LIVEMIG_CONVERGENCE needs capability events, as MIGRATION does;
+// a destination takes the policy's parameters and says they act on the source. Nothing here depends on
 // how long anything takes: only on order and presence.
 //
 // Run: pnpm build && node --import tsx --test --test-concurrency=1 e2e/convergence-policy.test.ts
@@ -204,4 +207,66 @@ test('completion timeout per GiB: the last step once the budget for the guest RA
     assert.ok(seen[0]!['elapsed-ms'] >= running['completion-deadline-ms']!, `not before the deadline: ${JSON.stringify(seen[0])}`);
     assert.equal(await queryStatus(src), 'running');
     assert.match(src.output(), /convergence policy: completion timeout passed \(150000 ms per GiB of 0\.020 GiB\); last step: cancelling the migration/);
+  }));
+
+/** An idle guest converges at once: what the policy then sees is the wait that follows. */
+const IDLE = ['-m', '16M', '--workload', 'idle'];
+/** 20 MiB of guest RAM at 150 s per GiB: about 2.9 s for the whole migration. */
+const PER_GIB = 150_000;
+/** Steps that would fire many times within that budget if the no-progress clock ran. */
+const WOULD_STEP = { 'x-livemig-no-progress-timeout': 300, 'x-livemig-downtime-limit-step': 10, 'x-livemig-downtime-limit-max': 1000 };
+
+test('waiting for the switchover ack: no downtime-limit steps, the completion timeout cancels; the destination takes the policy parameters and says they act on the source only', T, () =>
+  withHarness(async (h) => {
+    // The destination's VFIO device waits for initial data from a source that has no such device
+    // (--qemu-devices-only): the destination's SWITCHOVER_ACK never comes.
+    const dst = await h.destination({ incoming: 'tcp', guest: IDLE, capabilities: ['return-path', 'switchover-ack'], args: ['--parameters', 'x-livemig-no-progress-timeout=300'] });
+    const policy = { ...WOULD_STEP, 'x-livemig-completion-timeout-per-gib': PER_GIB, 'x-livemig-convergence-last-step': 'cancel' };
+    await dst.execute('migrate-set-parameters', policy);
+    await dst.execute('migrate-set-parameters', policy); // the same again: no second line
+    const shown = await dst.execute<Record<string, unknown>>('query-migrate-parameters');
+    for (const [name, value] of Object.entries(policy)) assert.equal(shown[name], value, `destination query-migrate-parameters ${name}`);
+    const src = await h.source({ guest: [...IDLE, '--qemu-devices-only'], args: ['--capabilities', 'events,return-path,switchover-ack'] });
+    await src.execute('migrate-set-parameters', policy);
+    await src.execute('migrate', { uri: dst.incomingUri });
+    await waitForStatus(src, 'cancelled', { timeoutMs: WAIT_MS });
+    const seen = decisions(src);
+    assert.deepEqual(
+      seen.map((d) => [d.step, d.reason, (d as { phase?: string }).phase, d['downtime-limit']]),
+      [['cancel', 'completion-timeout', 'awaiting-ack', 300]],
+    );
+    assert.equal(await queryStatus(src), 'running');
+    assert.match(src.output(), /completion timeout passed \(150000 ms per GiB of 0\.020 GiB, waiting for the destination's switchover ack\); last step: cancelling/);
+    // Two lines: one for --parameters, one for the change over QMP; none for the repeat.
+    const noted = dst.output().match(/convergence policy parameters \(x-livemig-no-progress-timeout …\) kept: they act on the outgoing side \(livemig-source\) only/g) ?? [];
+    assert.equal(noted.length, 2, dst.output());
+  }));
+
+test('held in pre-switchover, capability events off: nothing stepped, the completion timeout cancels the hold; no LIVEMIG_CONVERGENCE event, the log and query-migrate have the decision', T, () =>
+  withHarness(async (h) => {
+    const dst = await h.destination({ incoming: 'tcp', guest: IDLE });
+    const src = await h.source({ guest: IDLE, args: ['--capabilities', 'return-path,pause-before-switchover'] });
+    await src.execute('migrate-set-parameters', { ...WOULD_STEP, 'x-livemig-completion-timeout-per-gib': PER_GIB, 'x-livemig-convergence-last-step': 'postcopy' });
+    await src.execute('migrate', { uri: dst.incomingUri });
+    await waitForStatus(src, 'pre-switchover', { timeoutMs: WAIT_MS });
+    // Postcopy cannot be had once the switchover has begun: the decision says so, the hold goes on.
+    const none = convergenceIn(await waitForMigration(src, (i) => convergenceIn(i)?.decisions === 1, 'a decision', { timeoutMs: WAIT_MS }))!;
+    assert.deepEqual([none.step, none.reason, none['downtime-limit']], ['none', 'completion-timeout', 300]);
+    assert.equal((await queryMigrate(src)).status, 'pre-switchover');
+    assert.match(src.output(), /last step postcopy skipped: the switchover has begun \(pre-switchover\); the migration waits for migrate-continue/);
+    // migrate-continue still completes it.
+    await src.execute('migrate-continue', { state: 'pre-switchover' });
+    await waitForStatus(src, 'completed', { timeoutMs: WAIT_MS });
+    assert.equal(src.events.filter((e) => e.event === 'LIVEMIG_CONVERGENCE' || e.event === 'MIGRATION' || e.event === 'MIGRATION_PASS').length, 0, 'capability events is off');
+
+    // Again with last step cancel: the hold is cancelled and the source guest runs again.
+    const dst2 = await h.destination({ incoming: 'tcp', guest: IDLE });
+    const src2 = await h.source({ guest: IDLE, args: ['--capabilities', 'return-path,pause-before-switchover'] });
+    await src2.execute('migrate-set-parameters', { ...WOULD_STEP, 'x-livemig-completion-timeout-per-gib': PER_GIB, 'x-livemig-convergence-last-step': 'cancel' });
+    await src2.execute('migrate', { uri: dst2.incomingUri });
+    await waitForStatus(src2, 'cancelled', { timeoutMs: WAIT_MS });
+    assert.deepEqual([(await convergenceOf(src2))?.step, (await convergenceOf(src2))?.decisions], ['cancel', 1]);
+    assert.match(src2.output(), /completion timeout passed \(150000 ms per GiB of 0\.020 GiB, held in pre-switchover\); last step: cancelling the migration/);
+    assert.equal(await queryStatus(src2), 'running');
+    assert.equal(src2.events.filter((e) => e.event === 'LIVEMIG_CONVERGENCE').length, 0);
   }));

@@ -4,7 +4,7 @@
 import { saveStateFile } from './save-state.ts';
 import { parseArgs } from 'node:util';
 import { Guest } from '@livemig/guest';
-import { applyParameters, type Capabilities, normalizeUuid } from '@livemig/protocol';
+import { applyParameters, type Capabilities, convergencePolicySettings, defaultParameters, normalizeUuid } from '@livemig/protocol';
 import {
   GUEST_HELP,
   guestFromFlags,
@@ -40,7 +40,11 @@ first-touch page faults. Exits with status 1 if the incoming migration fails.
   -S, --paused      keep the guest paused after the migration until QMP cont
   --capabilities L  capabilities to turn on first, comma-separated (e.g. events,postcopy-ram,
                     postcopy-preempt, or multifd: pages on extra connections, read into RAM)
-  --parameters L    parameters to set first, NAME=VALUE comma-separated (e.g. multifd-channels=4)
+  --parameters L    parameters to set first, NAME=VALUE comma-separated (e.g. multifd-channels=4);
+                    the convergence policy's (x-livemig-no-progress-timeout,
+                    -completion-timeout-per-gib, -downtime-limit-step, -downtime-limit-max,
+                    -convergence-last-step) are taken and shown, as QEMU takes every parameter
+                    on either side, but act on the outgoing side (livemig-source) only
   --handshake-timeout MS
                     a connection to the incoming port must send the stream header ("QEVM",
                     version 3) within MS ms, or it is dropped and the port stays open for the
@@ -98,6 +102,8 @@ class DestinationProcess {
   uuid: string | undefined;
   /** --object and object-add: TLS credentials and authz objects. */
   objects = new ObjectRegistry();
+  /** The convergence policy's parameters as last logged (one line per change, not per command). */
+  private policyNoted = JSON.stringify(convergencePolicySettings(defaultParameters()));
   private prefaulted: Promise<void>;
 
   constructor(guest: Guest, machineType: string, autostart: boolean, log: Logger) {
@@ -165,6 +171,21 @@ class DestinationProcess {
     }
   }
 
+  /**
+   * The convergence policy's parameters are taken here, as QEMU takes every parameter on either
+   * side (libvirt sets them on both), and shown by query-migrate-parameters; they act on the
+   * outgoing side only. Said once each time they change, so the operator is not misled.
+   */
+  notePolicyParameters(): void {
+    const now = JSON.stringify(convergencePolicySettings(this.settings.parameters));
+    if (now === this.policyNoted) return;
+    this.policyNoted = now;
+    this.log.info(
+      { convergencePolicy: JSON.parse(now) as unknown },
+      'convergence policy parameters (x-livemig-no-progress-timeout …) kept: they act on the outgoing side (livemig-source) only, not on an incoming migration',
+    );
+  }
+
   queryMigrate(): Record<string, unknown> {
     const m = this.incoming;
     if (m === undefined) return {};
@@ -197,6 +218,7 @@ class DestinationProcess {
         if (configurable()) reconfigure(c);
       },
       parametersChanged: () => {
+        this.notePolicyParameters();
         if (configurable()) reconfigure(this.settings.capabilities);
       },
       quit: () => void this.shutdown(0),
@@ -302,6 +324,7 @@ async function main(argv: string[]): Promise<void> {
   proc.objects = objects;
   proc.settings.capabilities = settings.capabilities;
   proc.settings.parameters = settings.parameters;
+  proc.notePolicyParameters();
   if (uuid !== undefined) proc.uuid = uuid;
   // As QEMU: a signal is a SHUTDOWN (reason host-signal) for the QMP clients, then the exit.
   const onSignal = (status: number): void => {

@@ -12,6 +12,12 @@
 // sent, afterwards at each dirty-bitmap sync (what the next pass must send). Within a later pass
 // remaining always falls to about the switchover threshold and rises at the next sync, so that
 // low point says nothing about whether the passes shrink. So the timeout must outlast a pass.
+//
+// Phases (README "Convergence policy"): while precopy iterates both timeouts count. Converged but
+// waiting for the destination's SWITCHOVER_ACK (awaiting-ack), or stopped in pre-switchover until
+// the operator's migrate-continue (held), there is nothing left to converge: the no-progress
+// clock stands still (a higher downtime-limit would not help), the completion timeout counts on.
+// Held, the switchover has begun: postcopy can no longer be the last step, cancel still can.
 
 import type { MigrationParameters } from './migration-config.ts';
 
@@ -38,9 +44,15 @@ export interface ConvergencePolicySettings {
   lastStep: ConvergenceLastStep;
 }
 
+/** Where the source is when it measures (see the module comment). */
+export const CONVERGENCE_PHASES = ['iterating', 'awaiting-ack', 'held'] as const;
+export type ConvergencePhase = (typeof CONVERGENCE_PHASES)[number];
+
 /** One turn's measurements. */
 export interface ConvergenceMeasurement {
   nowMs: number;
+  /** Default iterating. */
+  phase?: ConvergencePhase;
   remainingBytes: number;
   /** Dirty-bitmap syncs so far (dirty-sync-count). */
   pass: number;
@@ -59,7 +71,8 @@ export interface ConvergenceDecision {
   elapsedMs: number;
   remainingBytes: number;
   pass: number;
-  /** The last step asked for postcopy but capability postcopy-ram is off: nothing was done. */
+  phase: ConvergencePhase;
+  /** The last step asked for postcopy but it cannot be had (capability postcopy-ram off, or held in pre-switchover): nothing was done. */
   postcopyUnavailable: boolean;
 }
 
@@ -120,6 +133,8 @@ export class ConvergencePolicy {
   /** Feed one turn's measurements; returns a decision when one is due. */
   tick(m: ConvergenceMeasurement, s: ConvergencePolicySettings): ConvergenceDecision | undefined {
     this.#observe(m);
+    // Nothing left to converge: only the destination's ack or the operator's continue is awaited.
+    if ((m.phase ?? 'iterating') !== 'iterating') this.#progressAtMs = m.nowMs;
     if (this.#finished || !convergencePolicyEnabled(s)) return undefined;
     const deadline = this.completionDeadlineMs(s);
     if (deadline !== undefined && m.nowMs >= deadline) return this.#lastStep(m, s, 'completion-timeout');
@@ -150,7 +165,7 @@ export class ConvergencePolicy {
 
   #lastStep(m: ConvergenceMeasurement, s: ConvergencePolicySettings, reason: ConvergenceReason): ConvergenceDecision {
     this.#finished = true;
-    const unavailable = s.lastStep === 'postcopy' && !m.postcopyPossible;
+    const unavailable = s.lastStep === 'postcopy' && (!m.postcopyPossible || m.phase === 'held');
     return this.#decide(m, unavailable ? 'none' : s.lastStep, reason, m.downtimeLimitMs, unavailable);
   }
 
@@ -162,6 +177,7 @@ export class ConvergencePolicy {
       elapsedMs: Math.round(m.nowMs - this.#startMs),
       remainingBytes: m.remainingBytes,
       pass: m.pass,
+      phase: m.phase ?? 'iterating',
       postcopyUnavailable,
     };
     this.decisions++;

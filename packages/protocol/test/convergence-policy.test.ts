@@ -6,6 +6,7 @@ import { test } from 'node:test';
 import {
   applyParameters,
   type ConvergenceDecision,
+  type ConvergencePhase,
   ConvergencePolicy,
   type ConvergencePolicySettings,
   convergencePolicyEnabled,
@@ -26,9 +27,9 @@ class Driver {
   readonly decisions: ConvergenceDecision[] = [];
   constructor(readonly settings: ConvergencePolicySettings) {}
 
-  turn(remainingBytes: number, pass: number, turnMs = 50): ConvergenceDecision | undefined {
+  turn(remainingBytes: number, pass: number, turnMs = 50, phase: ConvergencePhase = 'iterating'): ConvergenceDecision | undefined {
     this.now += turnMs;
-    const d = this.policy.tick({ nowMs: this.now, remainingBytes, pass, downtimeLimitMs: this.downtimeLimitMs, postcopyPossible: this.postcopyPossible }, this.settings);
+    const d = this.policy.tick({ nowMs: this.now, phase, remainingBytes, pass, downtimeLimitMs: this.downtimeLimitMs, postcopyPossible: this.postcopyPossible }, this.settings);
     if (d !== undefined) {
       this.decisions.push(d);
       if (d.step === 'downtime-limit') this.downtimeLimitMs = d.downtimeLimitMs;
@@ -125,6 +126,30 @@ test('last step postcopy without postcopy-ram: step none, marked as unavailable'
   d.postcopyPossible = false;
   d.run(20_000);
   assert.deepEqual(d.decisions.map((x) => [x.step, x.postcopyUnavailable]), [['none', true]]);
+});
+
+test('awaiting the switchover ack: the no-progress clock stands still, the completion timeout counts on', () => {
+  // 64 MiB = 1/16 GiB: 160 s per GiB gives 10 s.
+  const d = new Driver({ ...OFF, noProgressTimeoutMs: 1000, downtimeLimitStepMs: 10, downtimeLimitMaxMs: 1000, completionTimeoutMsPerGiB: 160_000, lastStep: 'cancel' });
+  for (let r = RAM; r >= 0; r -= 4 * MiB) d.turn(r, 1);
+  // Converged (a pass finds nothing new) but not acknowledged: a pass a turn, no new minimum.
+  let pass = 2;
+  while (!d.policy.finished && d.now < 60_000) d.turn(0, pass++, 50, 'awaiting-ack');
+  assert.deepEqual(d.decisions.map((x) => [x.step, x.reason, x.phase, x.downtimeLimitMs]), [['cancel', 'completion-timeout', 'awaiting-ack', 50]]);
+  assert.equal(d.decisions[0]!.elapsedMs, 10_000);
+});
+
+test('held in pre-switchover: nothing stepped, the completion timeout counts on; postcopy can no longer be the last step', () => {
+  const settings: ConvergencePolicySettings = { ...OFF, noProgressTimeoutMs: 1000, downtimeLimitStepMs: 10, downtimeLimitMaxMs: 1000, completionTimeoutMsPerGiB: 160_000, lastStep: 'postcopy' };
+  const d = new Driver(settings);
+  d.turn(MiB, 5);
+  while (!d.policy.finished && d.now < 60_000) d.turn(MiB, 5, 100, 'held');
+  assert.deepEqual(d.decisions.map((x) => [x.step, x.reason, x.phase, x.postcopyUnavailable]), [['none', 'completion-timeout', 'held', true]]);
+  assert.equal(d.policy.sinceProgressMs(d.now), 0, 'the no-progress clock stood still');
+  // With last step cancel the hold is cancelled.
+  const c = new Driver({ ...settings, lastStep: 'cancel' });
+  while (!c.policy.finished && c.now < 60_000) c.turn(MiB, 5, 100, 'held');
+  assert.deepEqual(c.decisions.map((x) => [x.step, x.phase, x.postcopyUnavailable]), [['cancel', 'held', false]]);
 });
 
 test('settings change between turns apply at the next turn (migrate-set-parameters mid-migration)', () => {

@@ -17,7 +17,8 @@ migration:
   --parameters LIST        parameters to set first, NAME=VALUE comma-separated
                            (e.g. max-bandwidth=0,downtime-limit=300; max-bandwidth 0 = unlimited;
                            multifd-channels=2: the destination needs multifd with the same count).
-                           The convergence policy (off unless a timeout is set; README):
+                           The convergence policy (off unless a timeout is set; README; it acts
+                           on this, the outgoing side, only: a destination takes and ignores it):
                            x-livemig-no-progress-timeout=MS, x-livemig-completion-timeout-per-gib=MS,
                            x-livemig-downtime-limit-step=MS, x-livemig-downtime-limit-max=MS,
                            x-livemig-convergence-last-step=none|postcopy|cancel
@@ -55,7 +56,7 @@ query-migrate-capabilities, migrate-set-parameters, query-migrate-parameters, st
 query-status, x-query-guest-digest, x-query-migration-timeline (the current or last migration's
 timeline), calc-dirty-rate, query-dirty-rate, object-add, object-del (TLS credentials, authz),
 quit; introspection as QEMU's: query-commands, query-events, query-name, query-version,
-query-qmp-schema. Events: MIGRATION, MIGRATION_PASS (with capability
-"events"), STOP, RESUME, SHUTDOWN (on quit, SIGINT, SIGTERM), LIVEMIG_CONVERGENCE (each
-decision of the convergence policy).
+query-qmp-schema. Events: MIGRATION, MIGRATION_PASS, LIVEMIG_CONVERGENCE (each decision of
+the convergence policy; these three with capability "events"), STOP, RESUME, SHUTDOWN (on quit,
+SIGINT, SIGTERM).
 `;

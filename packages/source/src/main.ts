@@ -252,9 +252,12 @@ export class SourceProcess {
                 steppedDowntimeLimit = d.downtimeLimitMs;
               }
               this.timeline?.convergenceDecided(d);
+              // As QEMU's MIGRATION and MIGRATION_PASS: an event only with capability events (the log line, timeline and query-migrate have it regardless).
+              if (!settings.capabilities.events) return;
               this.event('LIVEMIG_CONVERGENCE', {
                 step: d.step,
                 reason: d.reason,
+                phase: d.phase,
                 'downtime-limit': d.downtimeLimitMs,
                 remaining: d.remainingBytes,
                 pass: d.pass,

@@ -15,9 +15,6 @@ import {
   type Capabilities,
   coded,
   type ConvergenceDecision,
-  ConvergencePolicy,
-  convergencePolicyEnabled,
-  convergencePolicySettings,
   isSourceFinal,
   initialSourceState,
   KEEPALIVE_INTERVAL_MS,
@@ -37,6 +34,7 @@ import {
 import type { Guest, IterativeDevice } from '@livemig/guest';
 import { formatGiB, formatGiBps } from '@livemig/machine';
 import { AutoConverge, BandwidthMeter, downtimeVerdict, expectedDowntimeMs, type SwitchoverCost, SwitchoverCostMeter, switchoverThresholdBytes } from './convergence.ts';
+import { ConvergencePolicyRunner } from './convergence-policy-runner.ts';
 import { MultifdSender } from './multifd-sender.ts';
 import { PostcopySender } from './postcopy-sender.ts';
 import { Precopy } from './precopy.ts';
@@ -52,6 +50,9 @@ export type MigrationStatus = Extract<
   QmpMigrationStatus,
   'none' | 'setup' | 'active' | 'pre-switchover' | 'device' | 'postcopy-active' | 'postcopy-paused' | 'postcopy-recover' | 'cancelling' | 'cancelled' | 'completed' | 'failed'
 >;
+
+/** In pre-switchover, how often the convergence policy looks at the clock (ms). */
+const HELD_POLICY_TURN_MS = 100;
 
 /** Bound on waiting for the migration thread to stop before the guest is given back. */
 const THREAD_STOP_WAIT_MS = 5_000;
@@ -165,8 +166,8 @@ export class OutgoingMigration {
   /** What the switchover costs besides the pending bytes, measured as the migration goes. */
   readonly switchoverCost: SwitchoverCostMeter;
   readonly converge: AutoConverge;
-  /** livemig's convergence policy (x-livemig-no-progress-timeout …), consulted on each precopy turn. */
-  readonly policy: ConvergencePolicy;
+  /** livemig's convergence policy (x-livemig-no-progress-timeout …), consulted on each precopy turn and in pre-switchover. */
+  readonly policy: ConvergencePolicyRunner;
   readonly watch = new StateWatch();
   readonly keepalivePings = new KeepalivePings();
   readonly returnPath: ReturnPathReader | undefined;
@@ -210,7 +211,6 @@ export class OutgoingMigration {
     this.limiter = new RateLimiter(p['max-bandwidth'], this.startTime);
     this.meter = new BandwidthMeter(this.startTime);
     this.converge = new AutoConverge(this.startTime);
-    this.policy = new ConvergencePolicy(this.startTime, options.guest.ram.totalBytes);
     const returnPath = options.capabilities['return-path'] || options.capabilities['postcopy-ram'];
     this.switchoverCost = new SwitchoverCostMeter(returnPath);
     const blocks = options.guest.ram.blocks;
@@ -234,6 +234,7 @@ export class OutgoingMigration {
           this.dispatch(e);
         })
       : undefined;
+    this.policy = new ConvergencePolicyRunner(this);
     this.precopy = new Precopy(this);
     this.postcopy = new PostcopySender(this, options.preempt, options.connectPreempt);
     this.done = this.watch.until(() => isSourceFinal(this.state));
@@ -511,58 +512,6 @@ export class OutgoingMigration {
     this.limiter.setRate(postcopy ? p['max-postcopy-bandwidth'] : p['max-bandwidth'], this.now());
   }
 
-  /**
-   * One turn of the convergence policy (precopy's loop, before its switchover decision): a
-   * decision is reported (log, events) and then carried out.
-   */
-  applyConvergencePolicy(remainingBytes: number): void {
-    const p = this.o.parameters;
-    const d = this.policy.tick(
-      { nowMs: this.now(), remainingBytes, pass: this.ram.stats.dirtySyncCount, downtimeLimitMs: p['downtime-limit'], postcopyPossible: this.o.capabilities['postcopy-ram'] },
-      convergencePolicySettings(p),
-    );
-    if (d === undefined) return;
-    const why =
-      d.reason === 'no-progress'
-        ? `no new minimum of remaining for ${p['x-livemig-no-progress-timeout']} ms`
-        : `completion timeout passed (${p['x-livemig-completion-timeout-per-gib']} ms per GiB of ${(this.guest.ram.totalBytes / 2 ** 30).toFixed(3)} GiB)`;
-    const what =
-      d.step === 'downtime-limit'
-        ? `downtime-limit raised from ${p['downtime-limit']} to ${d.downtimeLimitMs} ms`
-        : d.step === 'postcopy'
-          ? 'last step: switching to postcopy'
-          : d.step === 'cancel'
-            ? 'last step: cancelling the migration (the source guest runs on)'
-            : d.postcopyUnavailable
-              ? 'last step postcopy skipped: capability postcopy-ram is off; the migration goes on'
-              : 'last step none: the migration goes on';
-    const fields = { step: d.step, reason: d.reason, downtimeLimitMs: d.downtimeLimitMs, remaining: d.remainingBytes, pass: d.pass, elapsedMs: d.elapsedMs };
-    if (d.postcopyUnavailable) this.o.log.warn(fields, `convergence policy: ${why}; ${what}`);
-    else this.o.log.info(fields, `convergence policy: ${why}; ${what}`);
-    if (d.step === 'downtime-limit') p['downtime-limit'] = d.downtimeLimitMs;
-    this.o.events.convergence?.(d);
-    if (d.step === 'postcopy') this.requestPostcopy();
-    else if (d.step === 'cancel') this.cancel();
-  }
-
-  /** query-migrate's x-livemig-convergence: the policy's state, when it is on or has decided. */
-  convergenceInfo(): Record<string, unknown> | undefined {
-    const p = this.o.parameters;
-    const settings = convergencePolicySettings(p);
-    const last = this.policy.last;
-    if (!convergencePolicyEnabled(settings) && last === undefined) return undefined;
-    const now = isSourceFinal(this.state) ? this.startTime + this.totalTime : this.now();
-    const deadline = this.policy.completionDeadlineMs(settings);
-    return {
-      step: last?.step ?? 'watching',
-      ...(last === undefined ? {} : { reason: last.reason }),
-      decisions: this.policy.decisions,
-      'downtime-limit': p['downtime-limit'],
-      'no-progress-ms': Math.round(this.policy.sinceProgressMs(now)),
-      ...(deadline === undefined ? {} : { 'completion-deadline-ms': Math.round(deadline - this.startTime) }),
-    };
-  }
-
   /** migrate-start-postcopy: switch to postcopy as soon as what must go in precopy is sent. */
   requestPostcopy(): void {
     this.dispatch({ type: 'postcopyRequested' });
@@ -583,7 +532,10 @@ export class OutgoingMigration {
         this.keepalivePings.writeDue(this.w);
         await this.flush();
       }
-      await this.watch.next();
+      // The completion timeout counts on while the operator holds the switchover (and may cancel it).
+      this.policy.turn(this.ram.pendingEstimate(), 'held');
+      if (this.state.status !== 'pre-switchover') break;
+      await this.watch.next(HELD_POLICY_TURN_MS);
     }
   }
 

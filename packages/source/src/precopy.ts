@@ -226,9 +226,10 @@ export class Precopy {
         if (pending === 0) this.nothingPendingSince ??= m.now();
       }
       m.expectedDowntime = m.expectDowntime(pending);
+      const converged = pending === 0 || pending < threshold;
       // May raise downtime-limit, ask for postcopy (decideNext below starts it) or cancel (the
-      // next expect() stops this thread).
-      m.applyConvergencePolicy(pending);
+      // next expect() stops this thread). Converged but not acknowledged: only the ack is awaited.
+      m.policy.turn(pending, converged && !maySwitchOver(m.state, m.guest.running) ? 'awaiting-ack' : 'iterating');
       m.expect('active');
       threshold = m.switchoverThreshold();
       // With postcopy-ram, RAM may go after the switch; other iterative devices must go before.

@@ -3,7 +3,7 @@
 // migrate-start-postcopy, x-query-migration-timeline), each acting on the SourceProcess.
 
 import { QmpCommandError, registerMachineCommands, registerObjectCommands } from '@livemig/machine';
-import { CONVERGENCE_REASONS, CONVERGENCE_STEPS, TARGET_PAGE_SIZE } from '@livemig/protocol';
+import { CONVERGENCE_PHASES, CONVERGENCE_REASONS, CONVERGENCE_STEPS, TARGET_PAGE_SIZE } from '@livemig/protocol';
 import { connectChannel, migrationUri, parseAddress, QMP_MIGRATION_CHANNELS, qmpEnum, QmpServer } from '@livemig/runtime';
 import type { SourceProcess } from './main.ts';
 
@@ -15,6 +15,7 @@ export async function serveSourceQmp(proc: SourceProcess, address: string, name?
   qmp.declareEvent('LIVEMIG_CONVERGENCE', {
     step: qmpEnum(CONVERGENCE_STEPS),
     reason: qmpEnum(CONVERGENCE_REASONS),
+    phase: qmpEnum(CONVERGENCE_PHASES),
     'downtime-limit': 'int',
     remaining: 'int',
     pass: 'int',
@@ -140,7 +141,7 @@ export function queryMigrate(proc: SourceProcess): Record<string, unknown> {
   const p = proc.progressOf(m);
   const progress = { fraction: p.fraction, 'eta-ms': p.etaMs, basis: p.basis };
   // livemig's too: the convergence policy's state, in every status once it is on (a cancel may be its doing).
-  const convergence = m.convergenceInfo();
+  const convergence = m.policy.info();
   const withConvergence = (o: Record<string, unknown>): Record<string, unknown> => (convergence === undefined ? o : { ...o, 'x-livemig-convergence': convergence });
   if (m.status === 'setup' || m.status === 'cancelled') return withConvergence({ ...out, 'x-progress': progress });
   if (m.status === 'failed') {
