@@ -9,11 +9,9 @@
 // in memory, and device sections are found by their footers (cross-checked against the
 // VMDESCRIPTION when it arrives at the end).
 
-import { closeSync, createReadStream, fstatSync, openSync, readSync, writeSync } from 'node:fs';
-import { mkdir, open, stat } from 'node:fs/promises';
+import { closeSync, createReadStream, fstatSync, mkdirSync, openSync, readSync, statSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Readable } from 'node:stream';
-import { createGunzip } from 'node:zlib';
 import {
   type AnalysisReport,
   type AnalyzerOptions,
@@ -60,15 +58,19 @@ export interface AnalyzeResult {
   close(): void;
 }
 
-async function isGzipFile(path: string): Promise<boolean> {
-  const fh = await open(path, 'r');
+function isGzipFile(path: string): boolean {
+  const fd = openSync(path, 'r');
   try {
     const b = Buffer.alloc(2);
-    const { bytesRead } = await fh.read(b, 0, 2, 0);
-    return bytesRead === 2 && b[0] === GZIP_MAGIC[0] && b[1] === GZIP_MAGIC[1];
+    return readUpTo(fd, b, 0) === 2 && b[0] === GZIP_MAGIC[0] && b[1] === GZIP_MAGIC[1];
   } finally {
-    await fh.close();
+    closeSync(fd);
   }
+}
+
+/** zlib is loaded for gzip input only (its loading costs as much as decoding a large plain file). */
+async function createGunzip(): Promise<import('node:zlib').Gunzip> {
+  return (await import('node:zlib')).createGunzip();
 }
 
 /** The VMDESCRIPTION at the end of a plain file: the last 256 KiB looked at first, then up to 16 MiB. */
@@ -89,7 +91,7 @@ async function readGzipTail(path: string): Promise<{ tail: Buffer; tailOffset: n
   const parts: Buffer[] = [];
   let kept = 0;
   let total = 0;
-  for await (const chunk of createReadStream(path, { highWaterMark: READ_CHUNK }).pipe(createGunzip()) as AsyncIterable<Buffer>) {
+  for await (const chunk of createReadStream(path, { highWaterMark: READ_CHUNK }).pipe(await createGunzip()) as AsyncIterable<Buffer>) {
     parts.push(chunk);
     kept += chunk.length;
     total += chunk.length;
@@ -134,7 +136,7 @@ async function* maybeGunzip(source: AsyncIterable<Buffer>, onGzip: () => void): 
   const rest = { [Symbol.asyncIterator]: () => it };
   if (head.length >= 2 && head[0] === GZIP_MAGIC[0] && head[1] === GZIP_MAGIC[1]) {
     onGzip();
-    const gunzip = createGunzip();
+    const gunzip = await createGunzip();
     const feed = (async () => {
       try {
         gunzip.write(head);
@@ -228,6 +230,7 @@ function analyzeFile(path: string, options: AnalyzeOptions): AnalyzeResult {
       ...(layouts === undefined ? {} : { deviceLayout: (s, kind) => layouts.take(s.idstr, s.instanceId, kind) }),
       // Each section's data is hashed (and dumped) as it ends, before the read buffer is read into again.
       lendDeviceData: true,
+      hashDeviceData: collector === undefined,
       // The state dump shows no RAM contents: pages are only counted.
       ...(collector === undefined
         ? { readStreamBytes: (streamOffset, dst, dstOffset, length) => readFully(fd, dst, dstOffset, length, streamOffset) }
@@ -271,9 +274,8 @@ function analyzeFile(path: string, options: AnalyzeOptions): AnalyzeResult {
 
 export async function analyzeInput(options: AnalyzeOptions): Promise<AnalyzeResult> {
   const fromStdin = options.input === '-';
-  if (!fromStdin && !(await isGzipFile(options.input))) {
-    const st = await stat(options.input);
-    if (st.isFile()) return analyzeFile(options.input, options);
+  if (!fromStdin && !isGzipFile(options.input)) {
+    if (statSync(options.input).isFile()) return analyzeFile(options.input, options);
   }
   let desc: Vmdescription | undefined;
   if (!fromStdin) {
@@ -284,7 +286,7 @@ export async function analyzeInput(options: AnalyzeOptions): Promise<AnalyzeResu
   const collector = options.dumpState === true ? new StateCollector(desc) : undefined;
   const analyzer = new StreamAnalyzer({
     ...(layouts === undefined ? {} : { deviceLayout: (s, kind) => layouts.take(s.idstr, s.instanceId, kind) }),
-    ...(collector === undefined ? {} : { keepRam: false, onSection: collector.onSection }),
+    ...(collector === undefined ? {} : { keepRam: false, hashDeviceData: false, onSection: collector.onSection }),
   } satisfies AnalyzerOptions);
   const source: AsyncIterable<Buffer> = fromStdin
     ? ((options.stdin ?? process.stdin) as AsyncIterable<Buffer>)
@@ -307,7 +309,7 @@ export function blockFileName(idstr: string): string {
 }
 
 export async function extractBlocks(result: AnalyzeResult, dir: string): Promise<string[]> {
-  await mkdir(dir, { recursive: true });
+  mkdirSync(dir, { recursive: true });
   const written: string[] = [];
   for (const [i, b] of result.report.ramBlocks.entries()) {
     const path = join(dir, blockFileName(b.idstr));
