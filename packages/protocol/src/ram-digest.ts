@@ -28,7 +28,7 @@ const HELD = -1000;
 /** Zeros fed to a hash for never-written and zero-filled runs, this many bytes at a time. */
 const ZEROS = new Uint8Array(256 * 1024);
 /** Largest read-back of stream bytes while walking a block: this many bytes per read. */
-const WALK_WINDOW = 4 * 1024 * 1024;
+const WALK_WINDOW = 1024 * 1024;
 const STAGE_BYTES = 64 * 1024;
 
 interface BlockState {
