@@ -1,6 +1,7 @@
-// node:crypto and node:zlib, loaded on first use. Loading them costs ~20–30 ms and ~5–15 ms here,
-// as much as `livemig analyze --dump state` spends decoding a 512 MiB stream, which needs neither
-// (it hashes nothing, and only compressed pages need zlib).
+// node:crypto and node:zlib, loaded on first use. Loading them (and making the first sha256) cost
+// 6–30 ms and 2–15 ms here, the more the busier the machine: about what `livemig analyze --dump
+// state` spends decoding a 512 MiB stream, which needs neither (it hashes nothing, and only
+// compressed pages need zlib).
 
 import { createRequire } from 'node:module';
 import type { Hash } from 'node:crypto';
