@@ -5,7 +5,11 @@
 //   - QEMU's scripts/analyze-migration.py on the same file doing the same job (its default
 //     `-d state`, which skips page payloads), when it is found (LIVEMIG_ANALYZE_MIGRATION_PY, or an
 //     `apt-get source qemu` tree in the temp directory);
-//   - Node's own start-up (`node -e 0`) and `livemig --help`, which every run pays.
+//   - Node's own start-up (`node -e 0`) and `livemig --help`, which every run pays;
+//   - reading only the record headers: one 16-byte pread per 4,104-byte page record (what seeking
+//     past page payloads, as the script does, costs in Node), against reading every byte.
+// NODE_EXTRA_CA_CERTS, when set, makes every Node process parse that certificate file before it runs
+// any JavaScript: Node's start-up and `--dump state` are measured without it too, and said so.
 // The stream is QEMU 7.2's `migrate exec:cat > FILE` of a stopped 512 MiB guest of random bytes
 // (so the script can read it too), or livemig's own `file:` migration when QEMU is missing.
 // LIVEMIG_BENCH_STREAM=FILE analyzes that file instead of making one. A livemig stream of a
@@ -69,11 +73,25 @@ for (let pos = 0, n; (n = readSync(fd, buf, 0, buf.length, pos)) > 0; pos += n) 
 console.log(hash.digest('hex'));
 `;
 
+/** One 16-byte pread per 4,104-byte record (a page record's size), as a header-only reader would make. */
+const PREAD_HEADERS_JS = `
+const { openSync, readSync, fstatSync } = require('node:fs');
+const fd = openSync(process.argv[1], 'r');
+const size = fstatSync(fd).size;
+const buf = Buffer.allocUnsafeSlow(16);
+let calls = 0;
+for (let pos = 0; pos + 16 <= size; pos += 4104) calls += readSync(fd, buf, 0, 16, pos) > 0 ? 1 : 0;
+console.log(calls);
+`;
+
 interface Measured {
   seconds: Figure;
   cpuSeconds: Figure;
   peakRssMiB: Figure;
 }
+
+/** A command line, run with NODE_EXTRA_CA_CERTS removed from its environment. */
+const WITHOUT_EXTRA_CA = ['env', '-u', 'NODE_EXTRA_CA_CERTS'];
 
 function runOnce(label: string, argv: string[]): [number, number, number] {
   const out = execFileSync('python3', ['-c', MEASURE_PY, ...argv], { encoding: 'utf8', timeout: RUN_TIMEOUT_MS, stdio: ['ignore', 'pipe', 'inherit'] });
@@ -234,16 +252,19 @@ export async function analyzeBench(): Promise<void> {
     }
     const bytes = statSync(file).size;
     const py = findAnalyzeMigrationPy();
+    const extraCa = process.env['NODE_EXTRA_CA_CERTS'] !== undefined;
     console.log(`analyze: ${(bytes / MiB).toFixed(0)} MiB stream (${origin}), median of ${reps} [min-max], all commands run in turn`);
     const commands: Record<string, string[]> = {
       node: [process.execPath, '-e', '0'],
       python: ['python3', '-c', '0'],
       help: [process.execPath, CLI_MAIN, '--help'],
       read: [process.execPath, '-e', READ_JS, file],
+      preads: [process.execPath, '-e', PREAD_HEADERS_JS, file],
       ceiling: [process.execPath, '-e', CEILING_JS, file],
       state: [process.execPath, CLI_MAIN, 'analyze', file, '--dump', 'state'],
       analyze: [process.execPath, CLI_MAIN, 'analyze', file],
       ...(py === undefined ? {} : { py: ['python3', py, '-f', file] }),
+      ...(extraCa ? { nodeNoCa: [...WITHOUT_EXTRA_CA, process.execPath, '-e', '0'], stateNoCa: [...WITHOUT_EXTRA_CA, process.execPath, CLI_MAIN, 'analyze', file, '--dump', 'state'] } : {}),
     };
     const m = measureInTurn(commands);
     const got = (label: string): Measured => {
@@ -254,6 +275,7 @@ export async function analyzeBench(): Promise<void> {
     const up = (label: string): string => `${got(label).seconds.median.toFixed(3)} s (CPU ${got(label).cpuSeconds.median.toFixed(3)} s)`;
     console.log(`  start-up: node -e 0 ${up('node')}, livemig --help ${up('help')} (peak RSS ${got('help').peakRssMiB.median.toFixed(0)} MiB), python3 -c 0 ${up('python')}`);
     line('ceiling: read in Node', got('read'), bytes);
+    line('header preads (16 B per record)', got('preads'), bytes, '  (why a file is read whole)');
     line('livemig analyze --dump state', got('state'), bytes, pct(got('read'), got('state')));
     line('ceiling: read + sha256 in Node', got('ceiling'), bytes);
     line('livemig analyze (sha256 of all)', got('analyze'), bytes, pct(got('ceiling'), got('analyze')));
@@ -270,6 +292,10 @@ export async function analyzeBench(): Promise<void> {
         `${(theirs.seconds.median / mm.seconds.median).toFixed(1)}× faster [${(theirs.seconds.min / mm.seconds.max).toFixed(1)}-${(theirs.seconds.max / mm.seconds.min).toFixed(1)}] (CPU time ${(theirs.cpuSeconds.median / mm.cpuSeconds.median).toFixed(1)}×), ${(mm.peakRssMiB.median / theirs.peakRssMiB.median).toFixed(1)}× its RSS`;
       console.log(`  vs analyze-migration.py: --dump state (the same job, the same output) ${x(got('state'))}`);
       console.log(`                           analyze (also hashes every page) ${x(got('analyze'))}`);
+    }
+    if (extraCa) {
+      console.log(`  NODE_EXTRA_CA_CERTS is set: every Node process parses it at start-up. Without it: node -e 0 ${up('nodeNoCa')}`);
+      line('--dump state, no NODE_EXTRA_CA', got('stateNoCa'), bytes, py === undefined || m['py'] instanceof Error ? '' : `  = ${(got('py').seconds.median / got('stateNoCa').seconds.median).toFixed(1)}× faster than analyze-migration.py (CPU ${(got('py').cpuSeconds.median / got('stateNoCa').cpuSeconds.median).toFixed(1)}×)`);
     }
     if (process.env['LIVEMIG_BENCH_VFIO'] !== '0') {
       const lm = join(dir, 'livemig-vfio.mig');

@@ -9,11 +9,9 @@
 // in memory, and device sections are found by their footers (cross-checked against the
 // VMDESCRIPTION when it arrives at the end).
 
-import { closeSync, createReadStream, fstatSync, openSync, readSync, writeSync } from 'node:fs';
-import { mkdir, open, stat } from 'node:fs/promises';
+import { createRequire } from 'node:module';
 import { join } from 'node:path';
 import type { Readable } from 'node:stream';
-import { createGunzip } from 'node:zlib';
 import {
   type AnalysisReport,
   type AnalyzerOptions,
@@ -34,11 +32,20 @@ import {
 const TAIL_BYTES = 16 * 1024 * 1024 + 16;
 /** First look at this much of the end: QEMU's descriptions are tens of KiB. */
 const SHORT_TAIL_BYTES = 256 * 1024;
-/** One read of a stream file, into the same buffer every time (4 MiB reads were no faster, and larger). */
+/**
+ * One read of a stream file, into the same buffer every time (4 MiB reads were no faster, and
+ * larger). `--dump state` reads page payloads too, though it only needs the record headers between
+ * them: a 16-byte pread per 4 KiB page record costs ~3 µs in Node here (0.4–0.5 s for 512 MiB),
+ * and reading every byte ~0.04 s; scattering payloads into one scratch buffer with readv, 0.08 s.
+ */
 const FILE_READ_BYTES = 1024 * 1024;
 /** Read size for gzip files and standard input. */
 const READ_CHUNK = 1024 * 1024;
 const GZIP_MAGIC = [0x1f, 0x8b] as const;
+
+// node:fs through require: an ESM import of it reads all its exports, which loads the whole
+// stream stack for fs.ReadStream (~0.8 MiB of RSS and a few ms), and a file is read without streams.
+const { closeSync, createReadStream, fstatSync, mkdirSync, openSync, readSync, statSync, writeSync } = createRequire(import.meta.url)('node:fs') as typeof import('node:fs');
 
 export interface AnalyzeOptions {
   /** File path, or '-' for standard input. */
@@ -60,15 +67,19 @@ export interface AnalyzeResult {
   close(): void;
 }
 
-async function isGzipFile(path: string): Promise<boolean> {
-  const fh = await open(path, 'r');
+function isGzipFile(path: string): boolean {
+  const fd = openSync(path, 'r');
   try {
     const b = Buffer.alloc(2);
-    const { bytesRead } = await fh.read(b, 0, 2, 0);
-    return bytesRead === 2 && b[0] === GZIP_MAGIC[0] && b[1] === GZIP_MAGIC[1];
+    return readUpTo(fd, b, 0) === 2 && b[0] === GZIP_MAGIC[0] && b[1] === GZIP_MAGIC[1];
   } finally {
-    await fh.close();
+    closeSync(fd);
   }
+}
+
+/** zlib is loaded for gzip input only (its loading costs as much as decoding a large plain file). */
+async function createGunzip(): Promise<import('node:zlib').Gunzip> {
+  return (await import('node:zlib')).createGunzip();
 }
 
 /** The VMDESCRIPTION at the end of a plain file: the last 256 KiB looked at first, then up to 16 MiB. */
@@ -89,7 +100,7 @@ async function readGzipTail(path: string): Promise<{ tail: Buffer; tailOffset: n
   const parts: Buffer[] = [];
   let kept = 0;
   let total = 0;
-  for await (const chunk of createReadStream(path, { highWaterMark: READ_CHUNK }).pipe(createGunzip()) as AsyncIterable<Buffer>) {
+  for await (const chunk of createReadStream(path, { highWaterMark: READ_CHUNK }).pipe(await createGunzip()) as AsyncIterable<Buffer>) {
     parts.push(chunk);
     kept += chunk.length;
     total += chunk.length;
@@ -134,7 +145,7 @@ async function* maybeGunzip(source: AsyncIterable<Buffer>, onGzip: () => void): 
   const rest = { [Symbol.asyncIterator]: () => it };
   if (head.length >= 2 && head[0] === GZIP_MAGIC[0] && head[1] === GZIP_MAGIC[1]) {
     onGzip();
-    const gunzip = createGunzip();
+    const gunzip = await createGunzip();
     const feed = (async () => {
       try {
         gunzip.write(head);
@@ -228,6 +239,7 @@ function analyzeFile(path: string, options: AnalyzeOptions): AnalyzeResult {
       ...(layouts === undefined ? {} : { deviceLayout: (s, kind) => layouts.take(s.idstr, s.instanceId, kind) }),
       // Each section's data is hashed (and dumped) as it ends, before the read buffer is read into again.
       lendDeviceData: true,
+      hashDeviceData: collector === undefined,
       // The state dump shows no RAM contents: pages are only counted.
       ...(collector === undefined
         ? { readStreamBytes: (streamOffset, dst, dstOffset, length) => readFully(fd, dst, dstOffset, length, streamOffset) }
@@ -271,9 +283,8 @@ function analyzeFile(path: string, options: AnalyzeOptions): AnalyzeResult {
 
 export async function analyzeInput(options: AnalyzeOptions): Promise<AnalyzeResult> {
   const fromStdin = options.input === '-';
-  if (!fromStdin && !(await isGzipFile(options.input))) {
-    const st = await stat(options.input);
-    if (st.isFile()) return analyzeFile(options.input, options);
+  if (!fromStdin && !isGzipFile(options.input)) {
+    if (statSync(options.input).isFile()) return analyzeFile(options.input, options);
   }
   let desc: Vmdescription | undefined;
   if (!fromStdin) {
@@ -284,7 +295,7 @@ export async function analyzeInput(options: AnalyzeOptions): Promise<AnalyzeResu
   const collector = options.dumpState === true ? new StateCollector(desc) : undefined;
   const analyzer = new StreamAnalyzer({
     ...(layouts === undefined ? {} : { deviceLayout: (s, kind) => layouts.take(s.idstr, s.instanceId, kind) }),
-    ...(collector === undefined ? {} : { keepRam: false, onSection: collector.onSection }),
+    ...(collector === undefined ? {} : { keepRam: false, hashDeviceData: false, onSection: collector.onSection }),
   } satisfies AnalyzerOptions);
   const source: AsyncIterable<Buffer> = fromStdin
     ? ((options.stdin ?? process.stdin) as AsyncIterable<Buffer>)
@@ -307,7 +318,7 @@ export function blockFileName(idstr: string): string {
 }
 
 export async function extractBlocks(result: AnalyzeResult, dir: string): Promise<string[]> {
-  await mkdir(dir, { recursive: true });
+  mkdirSync(dir, { recursive: true });
   const written: string[] = [];
   for (const [i, b] of result.report.ramBlocks.entries()) {
     const path = join(dir, blockFileName(b.idstr));

@@ -3,10 +3,10 @@
 // with their sha256 and page-record counts, and the VMDESCRIPTION. RAM is rebuilt in memory, or,
 // given a way to read the stream back (a file), only its digests are kept (ram-digest.ts).
 
-import { createHash } from 'node:crypto';
 import { constants as bufferConstants } from 'node:buffer';
 import type { CommandInfo } from './command.ts';
 import { ErrorCode, ProtocolError } from './errors.ts';
+import { createSha256 } from './lazy-builtins.ts';
 import type { RamBlockInfo } from './ram.ts';
 import { NEED_MORE, type RamSectionStats } from './ram-record-decoder.ts';
 import { RamDigests, type ReadStreamBytes } from './ram-digest.ts';
@@ -151,6 +151,8 @@ export interface AnalyzerOptions {
   onSection?: (section: SectionReport, data: Buffer | undefined) => void;
   /** Device section data is not copied out of the pushed chunks (a reader that reuses no chunk memory during push(), or keeps none of it). */
   lendDeviceData?: boolean;
+  /** Each device section's sha256 in its report (default true); a reader that shows no report skips it. */
+  hashDeviceData?: boolean;
   decoder?: Omit<StreamDecoderOptions, 'ram' | 'deviceLayout' | 'maxRamBytes'>;
 }
 
@@ -159,6 +161,7 @@ export class StreamAnalyzer {
   private memory: (Buffer | undefined)[] = [];
   private readonly digests: RamDigests | undefined;
   private readonly onSection: AnalyzerOptions['onSection'];
+  private readonly hashDeviceData: boolean;
   private readonly report: AnalysisReport = {
     magic: 'QEVM',
     version: 0,
@@ -181,6 +184,7 @@ export class StreamAnalyzer {
     const digests = options.readStreamBytes === undefined ? undefined : new RamDigests(options.readStreamBytes);
     this.digests = digests;
     this.onSection = options.onSection;
+    this.hashDeviceData = options.hashDeviceData ?? true;
     const keep = digests === undefined && (options.keepRam ?? true);
     const decoderOptions: StreamDecoderOptions = {
       // Any command a QEMU this knows may write (10.0's SWITCHOVER_START included): an analyzer is
@@ -238,7 +242,7 @@ export class StreamAnalyzer {
             ? this.digests.sha256(i)
             : this.memory[i] === undefined
               ? ''
-              : createHash('sha256').update(this.memory[i]!).digest('hex'),
+              : createSha256().update(this.memory[i]!).digest('hex'),
         zeroPages: s.zeroPages,
         normalPages: s.normalPages,
         xbzrlePages: s.xbzrlePages,
@@ -335,7 +339,7 @@ export class StreamAnalyzer {
               this.pendingBlocks = undefined;
             }
           }
-          if (ev.data !== undefined) s.dataSha256 = createHash('sha256').update(ev.data).digest('hex');
+          if (ev.data !== undefined && this.hashDeviceData) s.dataSha256 = createSha256().update(ev.data).digest('hex');
           if (ev.layout !== undefined) s.layout = ev.layout;
           if (ev.vfio !== undefined) {
             const v = ev.vfio;

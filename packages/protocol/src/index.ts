@@ -23,6 +23,7 @@ export * from './dialect.ts';
 export * from './stream.ts';
 export * from './vmdesc.ts';
 export * from './foreign-devices.ts';
+export * from './recorded-machines.ts';
 export * from './bitmap.ts';
 export * from './return-path.ts';
 export * from './ram-record-decoder.ts';

@@ -16,7 +16,7 @@
 // In-order pages are staged into one 64 KiB buffer and hashed 16 at a time: no object and no
 // hash call per page (a view per page was most of the young-generation garbage).
 
-import { createHash, type Hash } from 'node:crypto';
+import { createSha256, type Hash } from './lazy-builtins.ts';
 import { TARGET_PAGE_SIZE } from './constants.ts';
 import type { RamBlockInfo } from './ram.ts';
 import type { PageObserver } from './ram-record-decoder.ts';
@@ -28,7 +28,7 @@ const HELD = -1000;
 /** Zeros fed to a hash for never-written and zero-filled runs, this many bytes at a time. */
 const ZEROS = new Uint8Array(256 * 1024);
 /** Largest read-back of stream bytes while walking a block: this many bytes per read. */
-const WALK_WINDOW = 4 * 1024 * 1024;
+const WALK_WINDOW = 1024 * 1024;
 const STAGE_BYTES = 64 * 1024;
 
 interface BlockState {
@@ -66,7 +66,7 @@ export class RamDigests implements PageObserver {
       const pageCount = Math.ceil(b.length / TARGET_PAGE_SIZE);
       const kept = before[i];
       if (kept !== undefined && kept.pageCount === pageCount && blocks.length > before.length) return kept;
-      return { pageCount, where: new Float64Array(pageCount), held: new Map(), hash: createHash('sha256'), cursor: 0, rewalk: false };
+      return { pageCount, where: new Float64Array(pageCount), held: new Map(), hash: createSha256(), cursor: 0, rewalk: false };
     });
   }
 
@@ -170,10 +170,10 @@ export class RamDigests implements PageObserver {
       b.cursor = b.pageCount;
       b.rewalk = true; // the hash is spent: a second call walks
       const hex = b.hash.digest('hex');
-      b.hash = createHash('sha256');
+      b.hash = createSha256();
       return hex;
     }
-    const hash = createHash('sha256');
+    const hash = createSha256();
     this.walk(blockIndex, (bytes) => hash.update(bytes));
     return hash.digest('hex');
   }

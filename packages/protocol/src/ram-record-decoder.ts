@@ -13,11 +13,11 @@
 // RAM sections through one of these (sharing its ByteReader); a preempt channel uses one alone.
 
 import { failAt, haveBytes, recordPlace } from './record-place.ts';
-import { inflateSync } from 'node:zlib';
 import { ENCODING_FLAG_XBZRLE, RamFlag, TARGET_PAGE_SIZE } from './constants.ts';
 import { ErrorCode, type ErrorCodeValue, ProtocolError } from './errors.ts';
 import { COMPRESS_PAGE_MAX, type RamBlockInfo } from './ram.ts';
 import { type MappedRamList, MappedRamListReader } from './mapped-ram-list.ts';
+import { inflateSync } from './lazy-builtins.ts';
 import { ByteReader } from './reader.ts';
 import { xbzrleDecode, xbzrleLastFault } from './xbzrle.ts';
 
@@ -399,7 +399,7 @@ export class RamRecordDecoder {
           const src = r.span(k + 4, clen, this.scratch);
           let page: Buffer;
           try {
-            page = inflateSync(src.subarray(r.spanOffset, r.spanOffset + clen), { maxOutputLength: TARGET_PAGE_SIZE });
+            page = inflateSync(src.subarray(r.spanOffset, r.spanOffset + clen), TARGET_PAGE_SIZE);
           } catch (cause) {
             throw new ProtocolError(ErrorCode.BAD_COMPRESSED_PAGE, `compressed page does not inflate: ${(cause as Error).message}`, {
               ...recordPlace(r.streamOffset + k + 4, this.section),
