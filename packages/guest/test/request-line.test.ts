@@ -244,3 +244,44 @@ test('a connection the peer has reset: the request fails with a write error and 
     pair.close();
   }
 });
+
+test('a run: with a length in the template, one request asks for the page and those after it that are neither here nor asked for', async () => {
+  const pair = await tcpPair();
+  try {
+    // Templates with a be32 byte length after the address (as QEMU's REQ_PAGES carries).
+    const naming = Uint8Array.from([0x4e, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10, 0, 0x6e, 0x61]);
+    const plain = Uint8Array.from([0x50, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10, 0]);
+    const LENGTH_AT = 12;
+    const l = newLine();
+    const owner = new RequestLine(l.line, l.requested, l.received.buffer as SharedArrayBuffer, LINE_OWNER);
+    const vcpu = new RequestLine(l.line, l.requested, l.received.buffer as SharedArrayBuffer, 0);
+    owner.publish(pair.fd, naming, plain, ADDRESS_AT, LENGTH_AT);
+    // Page 104 is here and 110 asked for: runs stop short of them.
+    Atomics.or(l.received, 104 >> 5, 1 << (104 & 31));
+    assert.equal(vcpu.requestPage(108, 1, PAGES), LineResult.SENT);
+    assert.equal(vcpu.requestPage(100, 8, PAGES), LineResult.SENT); // 100–103
+    assert.equal(vcpu.requestPage(105, 8, PAGES), LineResult.SENT); // 105–107
+    assert.equal(vcpu.requestPage(101, 8, PAGES), LineResult.DUPLICATE, 'asked for in the first run');
+    assert.equal(vcpu.requestPage(PAGES - 2, 8, PAGES), LineResult.SENT); // the last two pages: not past the limit
+    assert.equal(vcpu.requestPage(200, 1, PAGES), LineResult.SENT);
+    await settle(pair, naming.length + 4 * plain.length);
+    const bytes = pair.received();
+    const runs: [number, number][] = [];
+    for (let off = 0; off < bytes.length; off += bytes[off] === 0x4e ? naming.length : plain.length) {
+      runs.push([bytes.readUInt32BE(off + ADDRESS_AT + 4) / 4096, bytes.readUInt32BE(off + LENGTH_AT) / 4096]);
+    }
+    assert.deepEqual(runs, [
+      [108, 1],
+      [100, 4],
+      [105, 3],
+      [PAGES - 2, 2],
+      [200, 1],
+    ]);
+    // Templates without a length: one page per request, whatever the vCPU asks.
+    owner.publish(pair.fd, NAMING, PLAIN, ADDRESS_AT);
+    assert.equal(vcpu.requestPage(300, 8, PAGES), LineResult.SENT);
+    assert.equal(vcpu.requestPage(301, 1, PAGES), LineResult.SENT, 'not part of a run');
+  } finally {
+    pair.close();
+  }
+});
