@@ -61,8 +61,6 @@ const NAMING_TEMPLATE = requestTemplate(true);
 const PLAIN_TEMPLATE = requestTemplate(false);
 /** Where a request's big-endian 64-bit start address is (after the 2-byte type and 2-byte length). */
 const REQUEST_ADDRESS_OFFSET = 4;
-/** Its big-endian 32-bit byte length, right after the address: a vCPU may ask for a run of pages. */
-const REQUEST_LENGTH_OFFSET = 12;
 
 function post(m: FaultWorkerMessage): void {
   port.postMessage(m);
@@ -86,7 +84,7 @@ function attach(m: Extract<FaultThreadCommand, { kind: 'attach' }>): void {
     (reason) => post({ kind: 'closed', reason }),
   );
   link = conn;
-  line.publish(m.fd, NAMING_TEMPLATE, PLAIN_TEMPLATE, REQUEST_ADDRESS_OFFSET, REQUEST_LENGTH_OFFSET);
+  line.publish(m.fd, NAMING_TEMPLATE, PLAIN_TEMPLATE, REQUEST_ADDRESS_OFFSET);
   // No request reaches the descriptor once it is closed, whoever closes it.
   conn.onClosing = () => line.retract();
   conn.start();

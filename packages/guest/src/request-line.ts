@@ -10,9 +10,8 @@
 // format: a template is bytes with a big-endian 64-bit address at a given offset.
 //
 //   Int32Array on SAB: [LOCK holder+1 or 0][FD or -1][NAMED][FAILED][ADDR_OFFSET][NAMING_LEN][PLAIN_LEN]
-//                      [REQUESTS][BYTES][SHUT][LENGTH_OFFSET] · · ·  then the naming template, then the plain one.
+//                      [REQUESTS][BYTES][SHUT] · · ·  then the naming template, then the plain one.
 //   requested (Int32Array on SAB): one bit per page of the main block, cleared on each publish.
-// A template may also carry a big-endian 32-bit byte length: then a request may ask for a run of pages.
 
 import { writeSync } from 'node:fs';
 import { isPageReceived } from './page-bitmap.ts';
@@ -27,8 +26,6 @@ const PLAIN_LEN = 6;
 const REQUESTS = 7;
 const BYTES = 8;
 const SHUT = 9;
-/** Where a template's big-endian 32-bit byte length is, or -1: it has none (one page per request). */
-const LENGTH_OFFSET = 10;
 const HEADER_WORDS = 16;
 /** The guest page size (protocol's TARGET_PAGE_SIZE; vCPU threads load this module without protocol). */
 const PAGE_BYTES = 4096;
@@ -60,9 +57,7 @@ export const LineResult = {
 /** A new line, closed (no descriptor is published). */
 export function createRequestLine(): SharedArrayBuffer {
   const line = new SharedArrayBuffer(HEADER_WORDS * 4 + 2 * TEMPLATE_MAX);
-  const words = new Int32Array(line, 0, HEADER_WORDS);
-  words[FD] = -1;
-  words[LENGTH_OFFSET] = -1;
+  new Int32Array(line, 0, HEADER_WORDS)[FD] = -1;
   return line;
 }
 
@@ -102,10 +97,9 @@ export class RequestLine {
   /**
    * Ask for a page on the published connection, unless it was asked for there already. Called by
    * a vCPU after it has said which page it waits for, so an owner that publishes a new connection
-   * meanwhile asks for it itself. With `readahead` > 1 the one request also asks for the pages
-   * after it (up to `readahead` in all, below `pageLimit`) that are neither here nor asked for.
+   * meanwhile asks for it itself.
    */
-  requestPage(page: number, readahead = 1, pageLimit = page + 1): number {
+  requestPage(page: number): number {
     if (Atomics.load(this.words, FD) < 0 || Atomics.load(this.words, SHUT) === 1) return LineResult.UNAVAILABLE;
     // A vCPU that finds the line busy for long hands its fault to the owner, which waits its turn.
     if (!this.lock(this.holder === LINE_OWNER + 1 ? OWNER_LOCK_MS : 5)) return LineResult.UNAVAILABLE;
@@ -115,15 +109,6 @@ export class RequestLine {
       if (isPageReceived(this.received, page)) return LineResult.DUPLICATE;
       const bit = 1 << (page & 31);
       if ((Atomics.or(this.requested, page >> 5, bit) & bit) !== 0) return LineResult.DUPLICATE;
-      // The run goes on while its pages are neither here nor asked for (a bit set before us is
-      // someone else's request: the run stops short of it).
-      const lengthAt = Atomics.load(this.words, LENGTH_OFFSET);
-      const end = lengthAt < 0 ? page + 1 : Math.min(page + readahead, pageLimit);
-      let count = 1;
-      for (let p = page + 1; p < end && !isPageReceived(this.received, p); p++, count++) {
-        const b = 1 << (p & 31);
-        if ((Atomics.or(this.requested, p >> 5, b) & b) !== 0) break;
-      }
       const named = Atomics.load(this.words, NAMED) === 1;
       const len = Atomics.load(this.words, named ? PLAIN_LEN : NAMING_LEN);
       this.scratch.set((named ? this.plain : this.naming).subarray(0, len));
@@ -131,7 +116,6 @@ export class RequestLine {
       const address = page * PAGE_BYTES;
       this.scratchView.setUint32(at, Math.floor(address / 2 ** 32));
       this.scratchView.setUint32(at + 4, address >>> 0);
-      if (lengthAt >= 0) this.scratchView.setUint32(lengthAt, count * PAGE_BYTES);
       const failure = this.write(fd, len);
       if (failure !== LineFailure.NONE) {
         // Part of a request may be on the wire: the connection is unusable from here on.
@@ -150,10 +134,9 @@ export class RequestLine {
 
   /**
    * Owner: requests go to this connection from now on (`naming` names the block; `plain` is sent
-   * once it has been named), their address at `addressOffset` and, if they have one, their byte
-   * length at `lengthOffset` (the same in both). Nothing is asked for on it yet.
+   * once it has been named). Nothing is asked for on it yet.
    */
-  publish(fd: number, naming: Uint8Array, plain: Uint8Array, addressOffset: number, lengthOffset = -1): void {
+  publish(fd: number, naming: Uint8Array, plain: Uint8Array, addressOffset: number): void {
     if (naming.length > TEMPLATE_MAX || plain.length > TEMPLATE_MAX) throw new RangeError('page request template too long');
     this.ownerLock();
     try {
@@ -164,7 +147,6 @@ export class RequestLine {
       Atomics.store(this.words, NAMING_LEN, naming.length);
       Atomics.store(this.words, PLAIN_LEN, plain.length);
       Atomics.store(this.words, ADDR_OFFSET, addressOffset);
-      Atomics.store(this.words, LENGTH_OFFSET, lengthOffset);
       Atomics.store(this.words, NAMED, 0);
       Atomics.store(this.words, FAILED, LineFailure.NONE);
       Atomics.store(this.words, FD, fd);

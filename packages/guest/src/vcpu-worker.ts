@@ -72,20 +72,10 @@ const rate = w.kind === 'idle' ? 0 : w.pagesPerSecond;
  */
 const NEAR_STREAM_PAGES = 64;
 const NEAR_STREAM_WAIT_MS = 1;
-/**
- * Postcopy readahead: a fault on the page right after the one this vCPU touched last (an in-order
- * walk) asks for up to this many pages from there in one request (those neither here nor asked
- * for). The walk then runs on through pages that came with its fault instead of faulting on
- * each, and the source's background scan, which moves to requested pages, carries on past them.
- * A fault elsewhere (random access) asks for its page alone.
- */
-const READAHEAD_PAGES = 32;
 /** Largest batch between control checks; also the burst after a pause. */
 const MAX_BATCH = 4096;
 
 let position = 0;
-/** Postcopy: the page this vCPU touched last (see READAHEAD_PAGES). */
-let lastTouched = -2;
 /** Milliseconds blocked on postcopy faults since the pace credit was last computed. */
 let blockedSinceCredit = 0;
 let passes = 0;
@@ -121,8 +111,6 @@ function touch(page: number): boolean {
   const w = page >> 5;
   const bit = 1 << (page & 31);
   let v = Atomics.load(received, w);
-  const sequential = page === lastTouched + 1;
-  lastTouched = page;
   if ((v & bit) !== 0) return true;
   const t0 = performance.now();
   // Say which page we wait for (whoever places it wakes us only for that page, and a new
@@ -136,7 +124,7 @@ function touch(page: number): boolean {
   }
   if ((Atomics.load(received, w) & bit) !== 0) {
     // The stream brought it: nothing to ask.
-  } else if (line.requestPage(page, sequential ? READAHEAD_PAGES : 1, d.pageCount) === LineResult.UNAVAILABLE) {
+  } else if (line.requestPage(page) === LineResult.UNAVAILABLE) {
     const slot = Atomics.add(ring, RING_TAIL, 1) & (FAULT_RING_SLOTS - 1);
     Atomics.store(ring, RING_BASE + slot, page);
     Atomics.notify(ring, RING_TAIL);

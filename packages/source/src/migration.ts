@@ -127,8 +127,6 @@ export interface MigrationInfoRam {
   'postcopy-requests': number;
   /** livemig: page requests a livemig destination made on the preempt channel (part of postcopy-requests). */
   'x-postcopy-preempt-requests': number;
-  /** livemig: pages the page server sent on the preempt channel (requested ones, and a livemig destination's readahead). */
-  'x-postcopy-preempt-pages': number;
   'page-size': number;
   'multifd-bytes': number;
   'pages-per-second': number;
@@ -634,7 +632,6 @@ export class OutgoingMigration {
       'dirty-sync-count': s.dirtySyncCount,
       'postcopy-requests': served.requests,
       'x-postcopy-preempt-requests': served.preemptRequests,
-      'x-postcopy-preempt-pages': served.preemptPages,
       'page-size': TARGET_PAGE_SIZE,
       'multifd-bytes': this.multifd?.written ?? 0,
       'pages-per-second': Math.round(this.precopy.pagesPerSecond),

@@ -25,7 +25,7 @@ const d = workerData as PageServerData;
 // Latency first: run ahead of the busy main thread when the process may (see raiseThreadPriority).
 if (!raiseThreadPriority(d.realtime) && d.realtime) new Float64Array(d.counters)[ServerCounter.REALTIME_REFUSED] = 1;
 const port = parentPort!;
-const blocks = d.blocks.map((b) => ({ idstr: b.idstr, length: b.length, bytes: Buffer.from(b.memory, 0, b.length), bitmap: new Uint32Array(b.bitmap) }));
+const blocks = d.blocks.map((b) => ({ idstr: b.idstr, length: b.length, bytes: Buffer.from(b.memory, 0, b.length) }));
 const byName = new Map(blocks.map((b, i) => [b.idstr, i]));
 const forward = new Int32Array(d.forward);
 const served = new Int32Array(d.served);
@@ -49,28 +49,6 @@ function serve(l: Link, block: number, page: number): void {
   if (b === undefined || (page + 1) * TARGET_PAGE_SIZE > b.length) throw new ProtocolError(ErrorCode.ILLEGAL_RAM_OFFSET, `page request for page ${page} outside block ${block}`, { pageOffset: page * TARGET_PAGE_SIZE });
   // The guest is stopped: what RAM holds now is what goes (a view, no copy).
   l.rec.page(l.w, b.idstr, page * TARGET_PAGE_SIZE, b.bytes, page * TARGET_PAGE_SIZE, true);
-  counters[ServerCounter.PAGES]!++;
-}
-
-/**
- * A livemig destination's request for a run of pages (its readahead, request-line.ts): the first
- * page is served as any request; each of the others only if it is still to be sent, taken from
- * the migration bitmap here (the main thread's background stream clears bits atomically too, so
- * a page goes once). The main thread hears of the run's last page, to move its scan past it.
- */
-function serveRun(l: Link, block: number, first: number, count: number): void {
-  serve(l, block, first);
-  let last = first;
-  const bitmap = blocks[block]!.bitmap;
-  for (let p = first + 1; p < first + count; p++) {
-    const bit = 1 << (p & 31);
-    if ((Atomics.and(bitmap, p >>> 5, ~bit) & bit) === 0) continue;
-    serve(l, block, p);
-    counters[ServerCounter.TAKEN]!++;
-    last = p;
-  }
-  ringPush(served, block, first);
-  if (last !== first) ringPush(served, block, last);
 }
 
 /** Write what was encoded, as one writev; `written` is called once it is handed over (or failed). */
@@ -106,12 +84,7 @@ function attach(m: Extract<PageServerCommand, { kind: 'attach' }>): void {
       for (let r = rp.next(); r !== NEED_MORE_RP; r = rp.next()) {
         if (r.type === RpMsg.REQ_PAGES || r.type === RpMsg.REQ_PAGES_ID) {
           counters[ServerCounter.REQUESTS]!++;
-          const block = byName.get(r.block!);
-          if (block === undefined) throw new ProtocolError(ErrorCode.UNKNOWN_BLOCK, `page request for unknown block "${r.block}"`, { block: r.block! });
-          const first = r.start! / TARGET_PAGE_SIZE;
-          const count = r.pageLength! / TARGET_PAGE_SIZE;
-          if ((first + count) * TARGET_PAGE_SIZE > blocks[block]!.length) throw new ProtocolError(ErrorCode.ILLEGAL_RAM_OFFSET, `page request for pages ${first}–${first + count - 1} outside block "${r.block}"`, { pageOffset: r.start! });
-          serveRun(l, block, first, count);
+          for (let p = r.start! / TARGET_PAGE_SIZE; p < (r.start! + r.pageLength!) / TARGET_PAGE_SIZE; p++) requestedHere(r.block!, p);
         } else if (r.type === RP_LIVEMIG_EXT && r.payload![0] === REQUEST_BATCH_KIND) {
           counters[ServerCounter.REQUESTS]!++;
           decodeRequestBatch(r.payload!, requestedHere);

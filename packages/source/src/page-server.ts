@@ -6,8 +6,7 @@ import type { Guest } from '@livemig/guest';
 import { CommandThread } from '@livemig/runtime';
 
 export interface PageServerData {
-  /** Each RAM block, with the migration bitmap (RamSaver's) its readahead takes pages from. */
-  blocks: { idstr: string; memory: SharedArrayBuffer; length: number; bitmap: SharedArrayBuffer }[];
+  blocks: { idstr: string; memory: SharedArrayBuffer; length: number }[];
   /** Requests from the main thread (the return path): RingSlot layout, [block, page] pairs. */
   forward: SharedArrayBuffer;
   /** Pages the thread served on its own, for the main thread (it skips them in the background). */
@@ -20,8 +19,7 @@ export interface PageServerData {
 
 /** A single-producer single-consumer ring of [block, page] pairs in an Int32Array. */
 export const Ring = { HEAD: 0, TAIL: 1, BASE: 2, PAIRS: 1024 } as const;
-/** TAKEN: readahead pages the thread cleared from the migration bitmaps (the main thread counts them off). */
-export const ServerCounter = { PAGES: 0, BYTES: 1, REQUESTS: 2, REALTIME_REFUSED: 3, TAKEN: 4, SLOTS: 5 } as const;
+export const ServerCounter = { PAGES: 0, BYTES: 1, REQUESTS: 2, REALTIME_REFUSED: 3, SLOTS: 4 } as const;
 
 /** Main thread → page server. */
 export type PageServerCommand =
@@ -82,13 +80,10 @@ export class PageServer {
    */
   readonly ready: Promise<boolean>;
 
-  /** TAKEN as last counted off (takenSince). */
-  private takenCounted = 0;
-
-  /** `bitmaps`: the migration bitmaps, per block (shared); `onClosed`: the attached connection broke. */
-  constructor(guest: Guest, bitmaps: readonly Uint32Array[], realtime: boolean, onClosed: (reason: string) => void) {
+  /** `onClosed`: the attached connection broke. */
+  constructor(guest: Guest, realtime: boolean, onClosed: (reason: string) => void) {
     const data: PageServerData = {
-      blocks: guest.ram.blocks.map((b, i) => ({ idstr: b.idstr, memory: b.memory, length: b.length, bitmap: bitmaps[i]!.buffer as SharedArrayBuffer })),
+      blocks: guest.ram.blocks.map((b) => ({ idstr: b.idstr, memory: b.memory, length: b.length })),
       forward: this.forward.buffer as SharedArrayBuffer,
       served: this.served.buffer as SharedArrayBuffer,
       counters: this.counters.buffer as SharedArrayBuffer,
@@ -143,21 +138,8 @@ export class PageServer {
     ringDrain(this.served, each);
   }
 
-  /** Readahead pages the thread took from the migration bitmaps since the last call. */
-  takenSince(): number {
-    const taken = this.counters[ServerCounter.TAKEN]!;
-    const n = taken - this.takenCounted;
-    this.takenCounted = taken;
-    return n;
-  }
-
   get bytes(): number {
     return this.counters[ServerCounter.BYTES]!;
-  }
-
-  /** Pages sent: requested ones and readahead. */
-  get pages(): number {
-    return this.counters[ServerCounter.PAGES]!;
   }
 
   get requests(): number {

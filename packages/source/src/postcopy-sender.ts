@@ -50,7 +50,7 @@ export class PostcopySender {
   /** The page server letting go of a connection: the next one is attached after it. */
   private pageServerIdle: Promise<void> = Promise.resolve();
   /** Figures of page server threads that failed and were replaced. */
-  private readonly before = { bytes: 0, requests: 0, pages: 0 };
+  private readonly before = { bytes: 0, requests: 0 };
   private realtimeRefusalTold = false;
 
   constructor(m: OutgoingMigration, preempt: Duplex | undefined, connectPreempt: (() => Promise<Duplex>) | undefined) {
@@ -143,7 +143,7 @@ export class PostcopySender {
     const started = m.now();
     const deadline = (): boolean => m.now() - started >= MAX_ITERATION_MS;
     m.keepalivePings.writeDue(w);
-    this.absorbServed();
+    this.pageServer?.drainServed((block, page) => m.ram.takeRequested(block, page));
     writeSectionHeader(w, { kind: 'part', sectionId: RAM_SECTION_ID });
     const before = w.totalBytes;
     this.serveRequests(w);
@@ -164,14 +164,6 @@ export class PostcopySender {
     // Any step of the machine (a request, a keepalive, a pause) ends the wait.
     if (wait > 0) await m.watch.next(wait);
     return false;
-  }
-
-  /** What the page server sent on its own: the scan moves past it, its readahead pages are counted off. */
-  private absorbServed(): void {
-    const server = this.pageServer;
-    if (server === undefined) return;
-    server.drainServed((block, page) => this.m.ram.takeRequested(block, page));
-    this.m.ram.takenElsewhere(server.takenSince());
   }
 
   /**
@@ -237,10 +229,6 @@ export class PostcopySender {
   /** A block's received bitmap: dirty := not received. */
   applyReceivedBitmap(block: string, bitmap: Uint8Array): void {
     const i = this.m.guest.ram.blocks.findIndex((b) => b.idstr === block);
-    // What the page server sent before the link broke is told by this bitmap now: its notes of
-    // it go (pages lost in flight must not be counted as sent).
-    this.pageServer?.drainServed(() => {});
-    this.pageServer?.takenSince();
     this.m.ram.setDirtyFromReceived(i, bitmap);
   }
 
@@ -279,7 +267,7 @@ export class PostcopySender {
   // ---- the page server --------------------------------------------------------------------------
 
   private newPageServer(): PageServer {
-    return new PageServer(this.m.guest, this.m.ram.bitmaps, this.m.o.realtimePostcopy === true, (reason) => this.preemptLost(reason));
+    return new PageServer(this.m.guest, this.m.o.realtimePostcopy === true, (reason) => this.preemptLost(reason));
   }
 
   /** A new preempt connection, held until postcopy runs (again). */
@@ -320,7 +308,6 @@ export class PostcopySender {
       if (this.pageServer.exited) {
         this.before.bytes += this.pageServer.bytes;
         this.before.requests += this.pageServer.requests;
-        this.before.pages += this.pageServer.pages;
         this.pageServer = this.newPageServer();
       }
       const { fd, pending } = detachFd(socket);
@@ -352,12 +339,11 @@ export class PostcopySender {
     void this.pageServer?.stop();
   }
 
-  figures(): { requests: number; preemptRequests: number; preemptPages: number; preemptBytes: number; postcopyBytes: number } {
+  figures(): { requests: number; preemptRequests: number; preemptBytes: number; postcopyBytes: number } {
     const preemptRequests = this.before.requests + (this.pageServer?.requests ?? 0);
     return {
       requests: this.requestCount + preemptRequests,
       preemptRequests,
-      preemptPages: this.before.pages + (this.pageServer?.pages ?? 0),
       preemptBytes: this.before.bytes + (this.pageServer?.bytes ?? 0),
       postcopyBytes: this.postcopyBytes,
     };

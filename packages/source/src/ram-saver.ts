@@ -115,8 +115,7 @@ export class RamSaver implements IterativeDevice {
     this.zeroPagesInMultifd = this.multifd !== undefined && options.multifdZeroPages === true;
     this.shared = options.shared === true;
     this.views = guest.ram.blocks.map((_, i) => guest.ram.view(i));
-    // Shared: in postcopy the page server thread takes pages from them too (page-server.ts).
-    this.bitmaps = guest.ram.blocks.map((b) => new Uint32Array(new SharedArrayBuffer(Math.ceil(b.pageCount / 32) * 4)));
+    this.bitmaps = guest.ram.blocks.map((b) => new Uint32Array(Math.ceil(b.pageCount / 32)));
     this.totalPages = guest.ram.blocks.reduce((a, b) => a + b.pageCount, 0);
     this.xbzrle = options.xbzrleCacheBytes > 0 ? new XbzrleCache(options.xbzrleCacheBytes) : undefined;
   }
@@ -273,14 +272,9 @@ export class RamSaver implements IterativeDevice {
       let word = bm[w]! & (~0 << (this.cursorPage & 31));
       while (word === 0 && ++w < bm.length) word = bm[w]!;
       if (word !== 0) {
-        const index = 31 - Math.clz32(word & -word);
-        const bit = 1 << index;
-        this.cursorPage = (w << 5) + index;
-        // Cleared atomically: in postcopy the page server may have taken it meanwhile (then look on).
-        if ((Atomics.and(bm, w, ~bit) & bit) === 0) {
-          visited--;
-          continue;
-        }
+        const bit = 31 - Math.clz32(word & -word);
+        bm[w] = (bm[w]! & ~(1 << bit)) >>> 0;
+        this.cursorPage = (w << 5) + bit;
         this.dirtyPages--;
         return true;
       }
@@ -323,8 +317,11 @@ export class RamSaver implements IterativeDevice {
 
   /** Clear a page's bit in the migration bitmap; false if it was clear (the page went already). */
   private takeDirty(blockIndex: number, page: number): boolean {
+    const bm = this.bitmaps[blockIndex]!;
+    const wi = page >>> 5;
     const bit = 1 << (page & 31);
-    if ((Atomics.and(this.bitmaps[blockIndex]!, page >>> 5, ~bit) & bit) === 0) return false;
+    if ((bm[wi]! & bit) === 0) return false;
+    bm[wi] = (bm[wi]! & ~bit) >>> 0;
     this.dirtyPages--;
     return true;
   }
@@ -353,21 +350,17 @@ export class RamSaver implements IterativeDevice {
   setDirtyFromReceived(blockIndex: number, received: Uint8Array): void {
     const bm = this.bitmaps[blockIndex]!;
     const pages = this.guest.ram.blocks[blockIndex]!.pageCount;
+    let before = 0;
+    for (let w = 0; w < bm.length; w++) before += popcount32(bm[w]!);
     for (let p = 0; p < pages; p++) {
       const has = (received[p >> 3]! & (1 << (p & 7))) !== 0;
       const w = p >>> 5;
       const bit = 1 << (p & 31);
       bm[w] = has ? (bm[w]! & ~bit) >>> 0 : (bm[w]! | bit) >>> 0;
     }
-    // Counted afresh: pages a page server took and had not told of yet are in no count.
-    let dirty = 0;
-    for (const b of this.bitmaps) for (let w = 0; w < b.length; w++) dirty += popcount32(b[w]!);
-    this.dirtyPages = dirty;
-  }
-
-  /** Postcopy: pages the page server took from the bitmaps itself (its readahead) are no longer to send. */
-  takenElsewhere(pages: number): void {
-    this.dirtyPages -= pages;
+    let after = 0;
+    for (let w = 0; w < bm.length; w++) after += popcount32(bm[w]!);
+    this.dirtyPages += after - before;
   }
 
   /** Postcopy start and recovery: the next record names its block. */
@@ -397,7 +390,8 @@ export class RamSaver implements IterativeDevice {
     while ((page & 31) + n < 32 && ((candidates >>> n) & 1) === 1) n++;
     if (n > 1) {
       const mask = (2 ** (n - 1) - 1) * 2 ** ((page & 31) + 1);
-      this.dirtyPages -= popcount32((Atomics.and(bm, w, ~mask) & mask) >>> 0);
+      bm[w] = (bm[w]! & ~mask) >>> 0;
+      this.dirtyPages -= n - 1;
     }
     // The run reached the end of its word: whole words after it that are all dirty and all
     // never-written join it (a fresh guest is mostly that), up to 1 MiB of records at a time.
@@ -406,7 +400,8 @@ export class RamSaver implements IterativeDevice {
       let next = w + 1;
       const lastWord = Math.floor(block.pageCount / 32);
       while (next < lastWord && bm[next] === 0xffffffff && written[next] === 0 && n < 110_000) {
-        this.dirtyPages -= popcount32(Atomics.exchange(bm, next, 0));
+        bm[next] = 0;
+        this.dirtyPages -= 32;
         n += 32;
         next++;
       }
