@@ -123,6 +123,8 @@ export interface PostcopyRun {
   blockedMs: number;
   postcopyMs: number;
   latencyNs: number;
+  /** Pages the destination's vCPUs accessed in the postcopy phase. */
+  accesses: number;
 }
 
 export async function postcopyOnce(workload: string, preempt: boolean, memory = '256M', realtime = false): Promise<PostcopyRun> {
@@ -166,6 +168,7 @@ export async function postcopyOnce(workload: string, preempt: boolean, memory = 
       'postcopy-blocktime': number;
       'postcopy-latency': number;
       'x-postcopy-run-time': number;
+      'x-postcopy-guest-accesses': number;
     };
     return {
       dist: d['postcopy-latency-dist'],
@@ -173,6 +176,7 @@ export async function postcopyOnce(workload: string, preempt: boolean, memory = 
       blockedMs: d['postcopy-blocktime'],
       postcopyMs: d['x-postcopy-run-time'] > 0 ? d['x-postcopy-run-time'] : doneAt - postcopyAt,
       latencyNs: d['postcopy-latency'],
+      accesses: d['x-postcopy-guest-accesses'],
     };
   } finally {
     for (const c of clients) await c.close().catch(() => {});

@@ -197,8 +197,8 @@ export interface PostcopyFigures {
   phaseMs: number;
   /** QEMU's own figure: blocktime over page requests (µs); livemig's postcopy-latency. */
   meanUs: number;
-  /** QEMU's guest: pages it touched on the destination in the postcopy phase (its speed there). */
-  touches?: number;
+  /** Pages the guest touched on the destination in the postcopy phase (its speed there). */
+  touches: number;
 }
 
 /**
@@ -319,6 +319,7 @@ async function livemigPostcopy(memMiB: number, pace: Pace): Promise<PostcopyFigu
     blockedMs: r.blockedMs,
     phaseMs: r.postcopyMs,
     meanUs: r.latencyNs / 1000,
+    touches: r.accesses,
   };
 }
 
@@ -363,6 +364,10 @@ class RatioLog {
   }
 }
 
+/** How fast the guest ran in the postcopy phase: the work each side did, beside its blocked share. */
+const touchedThere = (f: PostcopyFigures): string =>
+  `its guest touched ${f.touches} pages there${f.phaseMs > 0 ? ` (${((f.touches * 4096) / 1e3 / f.phaseMs).toFixed(0)} MB/s)` : ''}`;
+
 function postcopyLine(label: string, f: PostcopyFigures, own: string): string {
   return (
     `    ${label.padEnd(9)} ${String(f.faults).padStart(5)} faults, ` +
@@ -384,16 +389,13 @@ async function postcopyRows(builds: QemuBuild[]): Promise<void> {
         try {
           const f = await qemuPostcopyOnce(b, POSTCOPY_GUEST_MIB, pace);
           qemu.push({ label: b.label, f });
-          const touched = f.touches ?? 0;
-          console.log(
-            postcopyLine(b.label, f, `; QEMU's own: blocktime/requests ${us(f.meanUs)}; its guest touched ${touched} pages there${f.phaseMs > 0 ? ` (${((touched * 4096) / 1e3 / f.phaseMs).toFixed(0)} MB/s)` : ''}`),
-          );
+          console.log(postcopyLine(b.label, f, `; QEMU's own: blocktime/requests ${us(f.meanUs)}; ${touchedThere(f)}`));
         } catch (err) {
           console.log(`    ${b.label}: failed: ${(err as Error).message}`);
         }
       }
       const l = await livemigPostcopy(POSTCOPY_GUEST_MIB, pace);
-      console.log(postcopyLine('livemig', l, `; mean ${us(l.meanUs)}`));
+      console.log(postcopyLine('livemig', l, `; mean ${us(l.meanUs)}; ${touchedThere(l)}`));
       for (const { label, f } of qemu) {
         const quantile = (q: 'p50Us' | 'p99Us'): RoundRatio => {
           const few = [['livemig', l] as const, [label, f] as const].filter(([, x]) => x.faults < MIN_FAULTS_FOR_QUANTILES);

@@ -68,6 +68,9 @@ test('postcopy with the destination guest running: its vCPU faults pull pages on
     assert.ok((d['postcopy-latency'] ?? 0) > 0, `postcopy-latency ${d['postcopy-latency']} ns`);
     const dist = d['postcopy-latency-dist'] ?? [];
     assert.equal(dist.reduce((a, b) => a + b, 0), faults, `latency histogram ${JSON.stringify(dist)} counts every fault`);
+    // Every fault was an access; the guest ran on between them.
+    const accesses = d['x-postcopy-guest-accesses'] ?? 0;
+    assert.ok(accesses >= faults, `x-postcopy-guest-accesses ${accesses} ≥ faults ${faults}`);
     log(t, `postcopy-requests ${ram['postcopy-requests']}, faults ${faults}, blocktime ${d['postcopy-blocktime']} ms, mean latency ${((d['postcopy-latency'] ?? 0) / 1000).toFixed(0)} µs, total ${s['total-time']} ms, downtime ${s.downtime} ms`);
 
     assert.equal(await queryStatus(src), 'postmigrate');

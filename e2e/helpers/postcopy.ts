@@ -22,6 +22,8 @@ export interface DestinationPostcopyInfo extends MigrationInfo {
   'x-postcopy-preempt-pages'?: number;
   /** livemig: pages this side asked for. */
   'x-postcopy-request-pages'?: number;
+  /** livemig: pages the vCPUs accessed from RUN to the end of postcopy. */
+  'x-postcopy-guest-accesses'?: number;
 }
 
 /**

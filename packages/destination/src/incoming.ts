@@ -329,6 +329,7 @@ export class IncomingMigration {
         return this.faults.start(a.faults, a.markPrecopyReceived);
       case 'startGuestInPostcopy': {
         this.runAt = performance.now();
+        this.faults.noteRun();
         const sourceWasRunning = guest.globalState.loaded === undefined || guest.globalState.loaded === 'running';
         guest.setRunState('paused');
         if (this.o.autostart && sourceWasRunning) void guest.start().then(() => this.o.events.resume());

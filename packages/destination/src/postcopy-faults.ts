@@ -73,6 +73,9 @@ export class PostcopyFaults implements PageLedger {
   private readonly preemptTarget: GuestRamTarget;
   /** Pages that came on preempt channels before the current one. */
   private preemptPagesBefore = 0;
+  /** The vCPUs' page accesses when the guest started here (RUN), and when postcopy ended. */
+  private accessesAtRun = 0;
+  private accessesAtEnd: number | undefined;
 
   constructor(options: PostcopyFaultsOptions) {
     this.o = options;
@@ -103,6 +106,20 @@ export class PostcopyFaults implements PageLedger {
       this.retireThread();
       void this.serveFaults();
     }
+  }
+
+  /** POSTCOPY_RUN: the guest runs here from now on (its vCPU state is loaded). */
+  noteRun(): void {
+    this.accessesAtRun = this.guestAccesses();
+    this.accessesAtEnd = undefined;
+  }
+
+  /** Page accesses of every vCPU since the guest was created (or its state loaded). */
+  private guestAccesses(): number {
+    const v = this.o.guest.vcpus;
+    let n = 0;
+    for (let i = 0; i < v.count; i++) n += v.readState(i).writes;
+    return n;
   }
 
   /** Keep an accepted preempt connection for takePreempt. */
@@ -265,6 +282,7 @@ export class PostcopyFaults implements PageLedger {
       await t.detach();
       this.o.guest.ram.releaseClaims();
     }
+    this.accessesAtEnd = this.guestAccesses();
     this.o.guest.ram.markAllReceived();
     this.o.guest.vcpus.setPostcopy(false);
     this.endRealtime();
@@ -315,6 +333,8 @@ export class PostcopyFaults implements PageLedger {
       'x-postcopy-request-bytes': this.requestBytes + lineRequests.bytes,
       // livemig: how long the guest has run in postcopy, for blocktime shares.
       'x-postcopy-run-time': Math.round(runTimeMs),
+      // livemig: pages the vCPUs accessed meanwhile (the guest's own speed, beside its blocktime).
+      'x-postcopy-guest-accesses': (this.accessesAtEnd ?? this.guestAccesses()) - this.accessesAtRun,
     };
   }
 
