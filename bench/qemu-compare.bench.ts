@@ -22,7 +22,10 @@
 // Throughput is guest RAM bytes ÷ total-time for every engine (transferred bytes differ by a
 // few headers). Rounds: LIVEMIG_BENCH_ROUNDS (default 3, the least that gives a median); with
 // two QEMUs a round runs 15 migrations of 1 GiB, about a minute here. The 4 GiB size runs
-// once (LIVEMIG_BENCH_SIZES=256M,1G to skip it on a small machine).
+// once (LIVEMIG_BENCH_SIZES=256M,1G to skip it on a small machine; empty skips the sweep).
+// LIVEMIG_BENCH_ROWS=stream,multifd2,multifd4 runs only those rows (keys: stream, multifd2,
+// multifd4, zero, downtime). LIVEMIG_BENCH_CPU_PROF=DIR writes a --cpu-prof profile of every
+// livemig process into DIR.
 
 import { execFileSync, spawn } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
@@ -39,7 +42,13 @@ import { summarize } from './ceilings.ts';
 const GiB = 2 ** 30;
 const MiB = 2 ** 20;
 const ROUNDS = Number(process.env['LIVEMIG_BENCH_ROUNDS'] ?? 3);
-const SIZES = (process.env['LIVEMIG_BENCH_SIZES'] ?? '256M,1G,4G').split(',');
+// An empty list skips the size sweep.
+const SIZES = (process.env['LIVEMIG_BENCH_SIZES'] ?? '256M,1G,4G').split(',').filter((s) => s !== '');
+/** A folder for --cpu-prof profiles of every livemig process the bench starts (off when unset). */
+const CPU_PROF_DIR = process.env['LIVEMIG_BENCH_CPU_PROF'];
+const NODE_ARGS = CPU_PROF_DIR === undefined ? [] : ['--cpu-prof', `--cpu-prof-dir=${CPU_PROF_DIR}`];
+/** Rows to run, by key (stream, multifd2, multifd4, zero, downtime); all when unset. */
+const ROW_KEYS = process.env['LIVEMIG_BENCH_ROWS']?.split(',').filter((s) => s !== '');
 const DOWNTIME_LIMIT_MS = 100;
 /** Bound on one migration (a 4 GiB guest on a loaded machine included). */
 const MIGRATION_MS = 300_000;
@@ -234,8 +243,8 @@ export async function livemigMigrate(run: Run): Promise<MigrationFigures> {
   const clients: QmpClient[] = [];
   try {
     const multifd = run.multifdChannels > 0 ? ['--capabilities', 'multifd', '--parameters', `multifd-channels=${run.multifdChannels}`] : [];
-    const dst = startProcess('destination', DESTINATION_MAIN, ['--incoming', 'tcp:127.0.0.1:0', '-S', '--qmp', `unix:${join(dir, 'd')}`, ...multifd, ...run.livemigGuest]);
-    const src = startProcess('source', SOURCE_MAIN, ['--qmp', `unix:${join(dir, 's')}`, ...run.livemigGuest, '--fill', run.livemigFill]);
+    const dst = startProcess('destination', DESTINATION_MAIN, ['--incoming', 'tcp:127.0.0.1:0', '-S', '--qmp', `unix:${join(dir, 'd')}`, ...multifd, ...run.livemigGuest], NODE_ARGS);
+    const src = startProcess('source', SOURCE_MAIN, ['--qmp', `unix:${join(dir, 's')}`, ...run.livemigGuest, '--fill', run.livemigFill], NODE_ARGS);
     children.push(dst, src);
     const dq = await connectQmp(dst, `unix:${join(dir, 'd')}`, START_MS);
     const sq = await connectQmp(src, `unix:${join(dir, 's')}`, START_MS);
@@ -282,6 +291,8 @@ function randomImage(path: string, size: number): void {
 // ─── rows ─────────────────────────────────────────────────────────────────────────────────────
 
 interface Row {
+  /** What LIVEMIG_BENCH_ROWS calls it. */
+  key: string;
   title: string;
   run: Run;
   /** The figure compared: GiB/s (higher is better) or ms (lower is better). */
@@ -321,11 +332,12 @@ export async function qemuCompareBench(): Promise<void> {
       multifdChannels,
     });
     const gibps = (f: MigrationFigures): number => 1 / (f.totalMs / 1000);
-    const rows: Row[] = [
-      { title: 'one stream, 1 GiB random guest: GiB/s', run: random(0), figure: gibps, unit: 'GiB/s' },
-      { title: 'multifd 2 channels, 1 GiB random guest: GiB/s', run: random(2), figure: gibps, unit: 'GiB/s' },
-      { title: 'multifd 4 channels, 1 GiB random guest: GiB/s', run: random(4), figure: gibps, unit: 'GiB/s' },
+    const allRows: Row[] = [
+      { key: 'stream', title: 'one stream, 1 GiB random guest: GiB/s', run: random(0), figure: gibps, unit: 'GiB/s' },
+      { key: 'multifd2', title: 'multifd 2 channels, 1 GiB random guest: GiB/s', run: random(2), figure: gibps, unit: 'GiB/s' },
+      { key: 'multifd4', title: 'multifd 4 channels, 1 GiB random guest: GiB/s', run: random(4), figure: gibps, unit: 'GiB/s' },
       {
+        key: 'zero',
         title: '1 GiB all-zero guest: total-time ms',
         // Neither source touches a zero guest's RAM (livemig's --fill zero leaves it untouched).
         run: { qemuSource: m0('memory-backend-ram,id=m0,size=1024M'), qemuDestination: preallocDst, livemigGuest: livemigM0, livemigFill: 'zero', multifdChannels: 0 },
@@ -333,6 +345,7 @@ export async function qemuCompareBench(): Promise<void> {
         unit: 'ms',
       },
       {
+        key: 'downtime',
         title: `dirtying 256 MiB guest, downtime-limit ${DOWNTIME_LIMIT_MS} ms: downtime ms`,
         run: {
           qemuSource: ['-M', 'pc', '-m', '256M', '-bios', rom],
@@ -346,6 +359,7 @@ export async function qemuCompareBench(): Promise<void> {
         unit: 'ms',
       },
     ];
+    const rows = allRows.filter((row) => ROW_KEYS === undefined || ROW_KEYS.includes(row.key));
 
     // samples[row][engine][round]; engine index: QEMUs in order, then livemig.
     const samples = rows.map(() => [...qemus, null].map(() => [] as number[]));
@@ -370,17 +384,17 @@ export async function qemuCompareBench(): Promise<void> {
       for (const [e, q] of qemus.entries()) console.log(`    ${q.label.padEnd(9)} ${median(s[e]!)} ${row.unit}`);
       console.log(`    livemig   ${median(s[lm]!)} ${row.unit}`);
       const perRound = (e: number): number[] => s[lm]!.map((x, i) => ratio(x, s[e]![i]!));
-      if (r === 0) {
+      if (row.key === 'stream') {
         const vsCeiling = s[lm]!.map((x, i) => ratio(x, ceilings[i]!));
         console.log(`    livemig ÷ loopback ceiling (same round): ${median(vsCeiling)}  goal ≥ 0.95: ${summarize(vsCeiling).median >= 0.95 ? 'met' : 'NOT met'}`);
       }
-      if (r <= 2) {
-        const goal = r === 0 ? 1.3 : 1.2;
+      if (row.key === 'stream' || row.key.startsWith('multifd')) {
+        const goal = row.key === 'stream' ? 1.3 : 1.2;
         for (const [e, q] of qemus.entries()) {
           const x = perRound(e);
           console.log(`    livemig ÷ ${q.label} (same round): ${median(x)}  goal ≥ ${goal}: ${summarize(x).median >= goal ? 'met' : 'NOT met'}`);
         }
-      } else if (r === 3) {
+      } else if (row.key === 'zero') {
         for (const [e, q] of qemus.entries()) {
           const x = perRound(e);
           console.log(`    livemig time ÷ ${q.label}'s (same round): ${median(x)}  goal ≤ 1.0: ${summarize(x).median <= 1.0 ? 'met' : 'NOT met'}`);
@@ -396,7 +410,7 @@ export async function qemuCompareBench(): Promise<void> {
     await rm(work, { recursive: true, force: true });
   }
 
-  await sizeSweep();
+  if (SIZES.length > 0) await sizeSweep();
 }
 
 /** livemig alone: time per GiB and peak RSS at each size (one run each: the 4 GiB one is long). */
