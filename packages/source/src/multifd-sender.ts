@@ -27,8 +27,11 @@ interface Channel {
   w: BatchWriter;
 }
 
-/** A channel's slabs: four full packets each, so a batch is one buffer and rarely two. */
-const CHANNEL_SLAB_BYTES = 4 * (MULTIFD_PACKET_HEADER_LENGTH + MULTIFD_PAGES_PER_PACKET * TARGET_PAGE_SIZE);
+/**
+ * A channel's slabs: two full packets each (~1 MiB), the most precopy encodes for one channel
+ * between writes. With one batch in flight and one waiting, a channel holds a few of them.
+ */
+const CHANNEL_SLAB_BYTES = 2 * (MULTIFD_PACKET_HEADER_LENGTH + MULTIFD_PAGES_PER_PACKET * TARGET_PAGE_SIZE);
 
 /** A multifd channel's first bytes: its init packet naming the channel. */
 export function multifdInitPacket(channelId: number): Buffer {
@@ -71,6 +74,13 @@ export class MultifdSender {
 
   get channelCount(): number {
     return this.channels.length;
+  }
+
+  /** Slabs the channels have allocated so far: flat in the steady state (written slabs are reused). */
+  get slabsAllocated(): number {
+    let n = 0;
+    for (const c of this.channels) n += c.w.slabsAllocated;
+    return n;
   }
 
   /** Queue one normal page (copied from guest RAM when its packet is sealed). */
