@@ -26,7 +26,10 @@
 // and livemig's random and zero sources are started once
 // and kept (KeptSource): what makes the default run a few minutes. The sizes are 256 MiB (the
 // one-stream row's runs) and 4 GiB, one run (LIVEMIG_BENCH_SIZES=256M,1G,4G adds 1 GiB,
-// LIVEMIG_BENCH_SIZES=256M,1G skips 4 GiB on a small machine).
+// LIVEMIG_BENCH_SIZES=256M,1G skips 4 GiB on a small machine; empty skips the sweep).
+// LIVEMIG_BENCH_ROWS=stream,multifd2,multifd4 runs only those rows (keys: stream, multifd2,
+// multifd4, zero, downtime). LIVEMIG_BENCH_CPU_PROF=DIR writes a --cpu-prof profile of every
+// livemig process into DIR.
 
 import { execFileSync, spawn } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
@@ -45,7 +48,12 @@ const GiB = 2 ** 30;
 const MiB = 2 ** 20;
 const ROUNDS = Number(process.env['LIVEMIG_BENCH_ROUNDS'] ?? 3);
 /** The ends of the range by default (256 MiB from the rows, 4 GiB one run); LIVEMIG_BENCH_SIZES=256M,1G,4G adds the middle. */
-const SIZES = (process.env['LIVEMIG_BENCH_SIZES'] ?? '256M,4G').split(',');
+const SIZES = (process.env['LIVEMIG_BENCH_SIZES'] ?? '256M,4G').split(',').filter((s) => s !== '');
+/** A folder for --cpu-prof profiles of every livemig process the bench starts (off when unset). */
+const CPU_PROF_DIR = process.env['LIVEMIG_BENCH_CPU_PROF'];
+const NODE_ARGS = CPU_PROF_DIR === undefined ? [] : ['--cpu-prof', `--cpu-prof-dir=${CPU_PROF_DIR}`];
+/** Rows to run, by key (stream, multifd2, multifd4, zero, downtime); all when unset. */
+const ROW_KEYS = process.env['LIVEMIG_BENCH_ROWS']?.split(',').filter((s) => s !== '');
 /**
  * The random and all-zero guests' size: 256 MiB by default, so that three rounds of every row fit
  * in a few minutes on a loaded two-core machine (one 1 GiB livemig run took 40 s there, most of it
@@ -253,7 +261,7 @@ export class KeptSource {
   /** Started at the first migration, then the same process. */
   start(): Promise<{ child: Child; sq: QmpClient }> {
     this.#started ??= this.dir.then(async (dir) => {
-      const child = startProcess('source', SOURCE_MAIN, ['--qmp', `unix:${join(dir, 's')}`, ...this.run.livemigGuest, '--fill', this.run.livemigFill]);
+      const child = startProcess('source', SOURCE_MAIN, ['--qmp', `unix:${join(dir, 's')}`, ...this.run.livemigGuest, '--fill', this.run.livemigFill], NODE_ARGS);
       try {
         return { child, sq: await connectQmp(child, `unix:${join(dir, 's')}`, START_MS) };
       } catch (err) {
@@ -277,10 +285,10 @@ export async function livemigMigrate(run: Run, kept?: KeptSource): Promise<Migra
   const clients: QmpClient[] = [];
   try {
     const multifd = run.multifdChannels > 0 ? ['--capabilities', 'multifd', '--parameters', `multifd-channels=${run.multifdChannels}`] : [];
-    const dst = startProcess('destination', DESTINATION_MAIN, ['--incoming', 'tcp:127.0.0.1:0', '-S', '--qmp', `unix:${join(dir, 'd')}`, ...multifd, ...run.livemigGuest]);
+    const dst = startProcess('destination', DESTINATION_MAIN, ['--incoming', 'tcp:127.0.0.1:0', '-S', '--qmp', `unix:${join(dir, 'd')}`, ...multifd, ...run.livemigGuest], NODE_ARGS);
     children.push(dst);
     // Both prepare their RAM at once (a kept source only the first time).
-    const fresh = kept === undefined ? startProcess('source', SOURCE_MAIN, ['--qmp', `unix:${join(dir, 's')}`, ...run.livemigGuest, '--fill', run.livemigFill]) : undefined;
+    const fresh = kept === undefined ? startProcess('source', SOURCE_MAIN, ['--qmp', `unix:${join(dir, 's')}`, ...run.livemigGuest, '--fill', run.livemigFill], NODE_ARGS) : undefined;
     const keptStarted = kept?.start();
     if (fresh !== undefined) children.push(fresh);
     const dq = await connectQmp(dst, `unix:${join(dir, 'd')}`, START_MS);
@@ -335,6 +343,8 @@ function randomImage(path: string, size: number): void {
 // ─── rows ─────────────────────────────────────────────────────────────────────────────────────
 
 interface Row {
+  /** For LIVEMIG_BENCH_ROWS. */
+  key: 'stream' | 'multifd2' | 'multifd4' | 'zero' | 'downtime';
   title: string;
   run: Run;
   /** The figure compared: GiB/s (higher is better) or ms (lower is better). */
@@ -413,11 +423,12 @@ export async function qemuCompareBench(): Promise<void> {
     const keptRandom = new KeptSource(random(0));
     const keptZero = new KeptSource(zero);
     kept.push(keptRandom, keptZero);
-    const rows: Row[] = [
-      { title: `one stream, ${guestLabel} random guest: GiB/s`, run: random(0), figure: gibps, unit: 'GiB/s', keep: keptRandom },
-      { title: `multifd 2 channels, ${guestLabel} random guest: GiB/s`, run: random(2), figure: gibps, unit: 'GiB/s', keep: keptRandom },
-      { title: `multifd 4 channels, ${guestLabel} random guest: GiB/s`, run: random(4), figure: gibps, unit: 'GiB/s', keep: keptRandom },
+    const allRows: Row[] = [
+      { key: 'stream', title: `one stream, ${guestLabel} random guest: GiB/s`, run: random(0), figure: gibps, unit: 'GiB/s', keep: keptRandom },
+      { key: 'multifd2', title: `multifd 2 channels, ${guestLabel} random guest: GiB/s`, run: random(2), figure: gibps, unit: 'GiB/s', keep: keptRandom },
+      { key: 'multifd4', title: `multifd 4 channels, ${guestLabel} random guest: GiB/s`, run: random(4), figure: gibps, unit: 'GiB/s', keep: keptRandom },
       {
+        key: 'zero',
         title: `${guestLabel} all-zero guest: total-time ms`,
         // Neither source touches a zero guest's RAM (livemig's --fill zero leaves it untouched).
         run: zero,
@@ -428,6 +439,7 @@ export async function qemuCompareBench(): Promise<void> {
       {
         // 128 MiB (256 MiB before the run was cut to a few minutes): the size changes the first
         // pass, not what the switchover has left to send (what the firmware and workload dirty).
+        key: 'downtime',
         title: `dirtying 128 MiB guest, downtime-limit ${DOWNTIME_LIMIT_MS} ms: downtime ms`,
         run: {
           qemuSource: ['-M', 'pc', '-m', '128M', '-bios', rom],
@@ -441,6 +453,7 @@ export async function qemuCompareBench(): Promise<void> {
         unit: 'ms',
       },
     ];
+    const rows = allRows.filter((row) => ROW_KEYS === undefined || ROW_KEYS.includes(row.key));
 
     // samples[row][engine][round]; engine index: QEMUs in order, then livemig.
     const samples = rows.map(() => [...qemus, null].map(() => [] as number[]));
@@ -455,7 +468,7 @@ export async function qemuCompareBench(): Promise<void> {
         for (const [e, q] of [...qemus, null].entries()) {
           const f = q === null ? await livemigMigrate(row.run, row.keep) : await qemuMigrate(q, row.run);
           samples[r]![e]!.push(row.figure(f));
-          if (q === null && r === 0) oneStream.push(f);
+          if (q === null && row.key === 'stream') oneStream.push(f);
         }
         rowSeconds[r]! += (performance.now() - started) / 1000;
       }
@@ -474,14 +487,14 @@ export async function qemuCompareBench(): Promise<void> {
         const figure = row.unit === 'GiB/s' ? 'GiB/s' : 'total-time';
         return roundRatio(x, s[e]![i]!, `livemig's ${figure}`, `${name}'s ${figure}`, row.unit);
       });
-      if (r === 0) {
+      if (row.key === 'stream') {
         const vsCeiling = s[lm]!.map((x, i) => roundRatio(x, ceilings[i]!, "livemig's GiB/s", "the loopback ceiling's GiB/s", 'GiB/s'));
         ratioLine('livemig ÷ loopback ceiling (same round)', vsCeiling, 'goal ≥ 0.95', (m) => m >= 0.95);
       }
-      if (r <= 2) {
-        const goal = r === 0 ? 1.3 : 1.2;
+      if (row.key === 'stream' || row.key === 'multifd2' || row.key === 'multifd4') {
+        const goal = row.key === 'stream' ? 1.3 : 1.2;
         for (const [e, q] of qemus.entries()) ratioLine(`livemig ÷ ${q.label} (same round)`, perRound(e, q.label), `goal ≥ ${goal}`, (m) => m >= goal);
-      } else if (r === 3) {
+      } else if (row.key === 'zero') {
         for (const [e, q] of qemus.entries()) ratioLine(`livemig time ÷ ${q.label}'s (same round)`, perRound(e, q.label), 'goal ≤ 1.0', (m) => m <= 1.0);
       } else {
         for (const [e, label] of [...qemus.map((q) => q.label), 'livemig'].entries()) {
@@ -495,9 +508,11 @@ export async function qemuCompareBench(): Promise<void> {
     await rm(work, { recursive: true, force: true });
   }
 
-  const sweepStarted = performance.now();
-  await sizeSweep({ size: GUEST, figures: oneStream });
-  console.log(`  (size sweep: ${((performance.now() - sweepStarted) / 1000).toFixed(0)} s wall)`);
+  if (SIZES.length > 0) {
+    const sweepStarted = performance.now();
+    await sizeSweep({ size: GUEST, figures: oneStream });
+    console.log(`  (size sweep: ${((performance.now() - sweepStarted) / 1000).toFixed(0)} s wall)`);
+  }
 }
 
 /**

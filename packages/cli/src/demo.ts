@@ -78,8 +78,9 @@ export interface Child {
 }
 
 /** Start a livemig process (SOURCE_MAIN or DESTINATION_MAIN) with its output kept for errors. */
-export function startProcess(name: string, main: string, args: string[]): Child {
-  return keepOutput(name, spawn(process.execPath, [main, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, LIVEMIG_LOG_LEVEL: 'warn' } }));
+/** `nodeArgs`: flags for node itself, before the script (--cpu-prof in benchmarks). */
+export function startProcess(name: string, main: string, args: string[], nodeArgs: readonly string[] = []): Child {
+  return keepOutput(name, spawn(process.execPath, [...nodeArgs, main, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, LIVEMIG_LOG_LEVEL: 'warn' } }));
 }
 
 // Enough of a child's output to say why it failed; older output is dropped as it comes.

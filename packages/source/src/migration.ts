@@ -5,8 +5,8 @@
 // messages into the machine's events.
 //
 // A RAM page's way out: precopy.ts asks RamSaver (ram-saver.ts) for a batch → RamSaver finds a
-// dirty bit, clears it and writes a page record (header into the BatchWriter's slab, the page as
-// a view of guest RAM) → flush() hands the batch to StreamOut as one writev.
+// dirty bit, clears it and writes a page record (header and page copied into the BatchWriter's
+// slab) → flush() hands the batch to StreamOut as one writev of a few slabs.
 
 import type { Duplex } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';

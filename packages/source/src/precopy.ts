@@ -14,6 +14,8 @@ import {
   LIVEMIG_HELLO_PING,
   maySwitchOver,
   MigCmd,
+  MULTIFD_PACKET_HEADER_LENGTH,
+  MULTIFD_PAGES_PER_PACKET,
   mappedRamPlace,
   RamFlag,
   TARGET_PAGE_SIZE,
@@ -36,6 +38,8 @@ import { type OutgoingMigration, RAM_SECTION_ID } from './migration.ts';
 
 /** Bytes encoded before each write to the channel (one writev). */
 export const BATCH_BYTES = 1024 * 1024;
+/** A full multifd packet: its header and 128 pages. */
+const MULTIFD_PACKET_BYTES = MULTIFD_PACKET_HEADER_LENGTH + MULTIFD_PAGES_PER_PACKET * TARGET_PAGE_SIZE;
 /** QEMU's MAX_WAIT: one PART section spends at most this long sending. */
 export const MAX_ITERATION_MS = 50;
 /** While nothing is pending but the switchover does not fit yet: the pause between turns. */
@@ -155,6 +159,15 @@ export class Precopy {
     }
     m.ram.startDirtyLogging();
     m.ram.useMappedRam(file, placed);
+  }
+
+  /**
+   * Bytes of RAM encoded between two writes: with multifd at least two packets per channel, so
+   * that each write gives every channel work (one MiB would feed two of four channels a packet).
+   */
+  private get ramBatchBytes(): number {
+    const channels = this.m.multifd?.channelCount ?? 0;
+    return Math.max(BATCH_BYTES, 2 * channels * MULTIFD_PACKET_BYTES);
   }
 
   /** What every iterative device still has to send, cheaply estimated. */
@@ -314,7 +327,7 @@ export class Precopy {
       // Over the line: end this section here and sleep until a batch fits.
       if (allowance < Math.min(BATCH_BYTES, m.limiter.burstBytes) && !m.limiter.unlimited) break;
       const before = m.ram.encodedBytes(w);
-      const empty = m.ram.saveIterate(w, Math.min(BATCH_BYTES, allowance), deadline);
+      const empty = m.ram.saveIterate(w, Math.min(this.ramBatchBytes, allowance), deadline);
       const bytes = m.ram.encodedBytes(w) - before;
       m.limiter.consume(bytes);
       m.meter.add(bytes);
@@ -418,7 +431,7 @@ export class Precopy {
     writeSectionHeader(w, { kind: 'end', sectionId: RAM_SECTION_ID });
     for (;;) {
       m.expect('active', 'device');
-      const empty = m.ram.saveComplete(w, BATCH_BYTES);
+      const empty = m.ram.saveComplete(w, this.ramBatchBytes);
       await m.flush();
       if (empty) break;
     }

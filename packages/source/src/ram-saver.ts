@@ -466,8 +466,9 @@ export class RamSaver implements IterativeDevice {
       return;
     }
     if (!this.xbzrleActive) {
-      // Zero copy: the batch references guest RAM (what goes out is what RAM holds at write time).
-      rec.page(w, idstr, off, mem, off, true);
+      // Copied into the batch's slab: in the source process a writev of one view per page of
+      // SharedArrayBuffer-backed RAM cost ~4× the copy plus a writev of a few contiguous slabs.
+      rec.page(w, idstr, off, mem, off);
       this.stats.normal++;
       return;
     }
