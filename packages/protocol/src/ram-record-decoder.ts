@@ -355,6 +355,7 @@ export class RamRecordDecoder {
           } else stats.continued++;
           r.skip(total);
           if (placed !== undefined && accepted) placed.call(this.ram, block, pageOffset);
+          else if (placed === undefined && accept === undefined) this.stillZeroRun(written, info.length, stats, bs);
           continue;
         }
         written[page >>> 5] = written[page >>> 5]! | bit;
@@ -476,6 +477,39 @@ export class RamRecordDecoder {
     stats.zero += zeros;
     stats.continued += pages + zeros;
     bs.normalPages += pages;
+    bs.zeroPages += zeros;
+    r.skip(at - base);
+  }
+
+  /**
+   * The CONTINUE ZERO records (fill 0) that follow one for a page still zero since the start, as
+   * long as their pages are too and they are buffered in the head chunk: counted and skipped, as
+   * the loop above would, without its per-record work. A fresh guest's first pass is mostly these
+   * (65 536 records for 256 MiB), and the loop above took ~0.8 µs each before it was optimized.
+   */
+  private stillZeroRun(written: Uint32Array, blockLength: number, stats: RamSectionStats, bs: BlockStats): void {
+    const r = this.r;
+    const end = Math.min(r.headAvailable, this.packageEnd - r.streamOffset);
+    const chunk = r.headChunk;
+    const view = r.headChunkView;
+    const base = r.headOffset;
+    let at = base;
+    const stop = base + end;
+    while (at + ZERO_RECORD_BYTES <= stop) {
+      const lo = view.getUint32(at + 4);
+      const flags = lo & TYPE_MASK;
+      if (flags !== (RamFlag.ZERO | RamFlag.CONTINUE) || chunk[at + 8] !== 0) break;
+      const pageOffset = view.getUint32(at) * 0x100000000 + (lo - flags);
+      // An offset to refuse is the loop above's to report.
+      if (pageOffset + TARGET_PAGE_SIZE > blockLength) break;
+      const page = pageOffset / TARGET_PAGE_SIZE;
+      if ((written[page >>> 5]! & (1 << (page & 31))) !== 0) break;
+      at += ZERO_RECORD_BYTES;
+    }
+    if (at === base) return;
+    const zeros = (at - base) / ZERO_RECORD_BYTES;
+    stats.zero += zeros;
+    stats.continued += zeros;
     bs.zeroPages += zeros;
     r.skip(at - base);
   }

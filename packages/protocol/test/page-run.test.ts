@@ -23,22 +23,23 @@ function header(pageOffset: number, flags: number): Buffer {
 }
 
 /** Bare RAM records ended by EOS: runs of CONTINUE records, a named record at each block switch; `bad` puts one offset past the block's end. */
-function records(seed: number, bad: boolean): Buffer {
+function records(seed: number, bad: boolean, zeroHeavy = false): Buffer {
   const rnd = xorshift32(seed);
   const parts: Buffer[] = [];
   let block = -1;
-  const count = 40 + rnd(200);
+  const count = zeroHeavy ? 200 + rnd(400) : 40 + rnd(200);
   const badAt = bad ? rnd(count) : -1;
   for (let i = 0; i < count; i++) {
     const switchTo = block < 0 || rnd(16) === 0 ? rnd(BLOCKS.length) : block;
     const b = BLOCKS[switchTo]!;
     const pages = b.length / PAGE;
-    const offset = i === badAt ? b.length + PAGE * rnd(3) : rnd(pages) * PAGE;
-    const zero = rnd(3) === 0;
+    // Zero-heavy: mostly runs of ascending pages, as a fresh guest's first pass sends them.
+    const offset = i === badAt ? b.length + PAGE * rnd(3) : zeroHeavy && rnd(8) !== 0 ? (i * PAGE) % b.length : rnd(pages) * PAGE;
+    const zero = zeroHeavy ? rnd(10) !== 0 : rnd(3) === 0;
     const named = switchTo !== block;
     parts.push(header(offset, (zero ? RamFlag.ZERO : RamFlag.PAGE) | (named ? 0 : RamFlag.CONTINUE)));
     if (named) parts.push(Buffer.from([b.idstr.length]), Buffer.from(b.idstr, 'latin1'));
-    if (zero) parts.push(Buffer.from([rnd(2) === 0 ? 0 : 1 + rnd(255)]));
+    if (zero) parts.push(Buffer.from([rnd(zeroHeavy ? 12 : 2) !== 0 ? 0 : 1 + rnd(255)]));
     else {
       const page = Buffer.alloc(PAGE);
       for (let j = 0; j < PAGE; j += 512) page[j] = 1 + rnd(255);
@@ -116,6 +117,49 @@ describe('RamRecordDecoder page runs', () => {
           const counted = decode(bytes, cuts, 'count');
           assert.deepEqual(counted.stats, whole.stats, `seed ${seed}: counts only`);
           assert.deepEqual(counted.error, whole.error, `seed ${seed}: counts only, error`);
+        }
+      }
+    });
+  }
+});
+
+/** Decoded into zeroed memory, with or without the decoder knowing it is zeroed. */
+function decodeIntoZeroed(bytes: Buffer, cuts: number[], zeroedMemory: boolean): Outcome {
+  const images = BLOCKS.map((b) => Buffer.alloc(b.length));
+  const dec = new RamRecordDecoder({ ram: { attachBlocks: () => images }, zeroedMemory });
+  dec.installBlocks(BLOCKS.map((b) => ({ ...b })), 0);
+  const out: Outcome = { images, stats: undefined, ended: false };
+  try {
+    let at = 0;
+    for (const cut of [...cuts, bytes.length]) {
+      const chunk = Buffer.from(bytes.subarray(at, cut));
+      dec.push(chunk);
+      out.ended = dec.next() !== NEED_MORE;
+      dec.retainUnread();
+      chunk.fill(0xa5);
+      at = cut;
+    }
+  } catch (err) {
+    const e = err as { code: string; streamOffset?: number };
+    out.error = { code: e.code, streamOffset: e.streamOffset };
+  }
+  out.stats = dec.blockStats().map((s) => ({ ...s }));
+  return out;
+}
+
+describe('RamRecordDecoder runs of still-zero pages (zeroedMemory)', () => {
+  for (const bad of [false, true]) {
+    it(`skipping them leaves what writing them leaves, in any chunking${bad ? ', up to the same bad offset' : ''}`, () => {
+      for (let seed = 1; seed <= 24; seed++) {
+        const bytes = records(seed, bad, true);
+        const written = decodeIntoZeroed(bytes, [], false);
+        assert.equal(written.error?.code, bad ? 'LM_ERR_ILLEGAL_RAM_OFFSET' : undefined, `seed ${seed}`);
+        for (const cuts of [[], cutsFor(seed, bytes.length)]) {
+          const skipped = decodeIntoZeroed(bytes, cuts, true);
+          assert.equal(skipped.ended, !bad, `seed ${seed}: EOS`);
+          assert.deepEqual(skipped.images, written.images, `seed ${seed}: pages`);
+          assert.deepEqual(skipped.stats, written.stats, `seed ${seed}: counts`);
+          assert.deepEqual(skipped.error, written.error, `seed ${seed}: error`);
         }
       }
     });

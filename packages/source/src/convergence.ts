@@ -50,6 +50,18 @@ export class BandwidthMeter {
     return true;
   }
 
+  /**
+   * Before the first window closes, the open window's rate so far (bytes per ms; 0 with nothing
+   * sent yet); after, the conservative figure. Only planned with when nothing is pending: then
+   * the device state is all it carries, and waiting the window out would add 100 ms to a
+   * migration that has nothing left to send (an all-zero guest's, whose first pass takes a few ms).
+   */
+  provisional(nowMs: number): number {
+    if (this.recent.length > 0) return this.conservative;
+    const elapsed = nowMs - this.windowStart;
+    return elapsed > 0 ? this.windowBytes / elapsed : 0;
+  }
+
   /** Bytes per millisecond the switchover may count on: the recent windows' 25th percentile (0 before the first). */
   get conservative(): number {
     if (this.recent.length === 0) return 0;

@@ -271,13 +271,18 @@ export class OutgoingMigration {
   }
 
   /** The most that may be pending for a switchover now to keep the downtime limit (bytes). */
-  switchoverThreshold(): number {
-    return switchoverThresholdBytes(this.o.parameters['downtime-limit'], this.switchoverCost.cost, this.meter.conservative, this.dirtyBytesPerMs);
+  switchoverThreshold(nothingPending = false): number {
+    return switchoverThresholdBytes(this.o.parameters['downtime-limit'], this.switchoverCost.cost, this.planBytesPerMs(nothingPending), this.dirtyBytesPerMs);
   }
 
   /** Downtime a switchover now would take with `pendingBytes` left (ms, with the margin). */
   expectDowntime(pendingBytes: number): number {
-    return expectedDowntimeMs(pendingBytes, this.switchoverCost.cost, this.meter.conservative, this.dirtyBytesPerMs);
+    return expectedDowntimeMs(pendingBytes, this.switchoverCost.cost, this.planBytesPerMs(pendingBytes === 0), this.dirtyBytesPerMs);
+  }
+
+  /** The bandwidth the switchover is planned on; with nothing pending, measured so far if no window has closed yet. */
+  planBytesPerMs(nothingPending: boolean): number {
+    return nothingPending ? this.meter.provisional(this.now()) : this.meter.conservative;
   }
 
   /** The downtime-limit the switchover was planned for (the parameter as it is, before one). */

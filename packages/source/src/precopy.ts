@@ -235,7 +235,7 @@ export class Precopy {
       if (pending === 0 || pending < threshold) {
         pending = this.pendingExact();
         this.measureDeviceSave();
-        threshold = m.switchoverThreshold();
+        threshold = m.switchoverThreshold(pending === 0);
         if (pending === 0) this.nothingPendingSince ??= m.now();
       }
       m.expectedDowntime = m.expectDowntime(pending);
@@ -244,7 +244,7 @@ export class Precopy {
       // next expect() stops this thread). Converged but not acknowledged: only the ack is awaited.
       m.policy.turn(pending, converged && !maySwitchOver(m.state, m.guest.running) ? 'awaiting-ack' : 'iterating');
       m.expect('active');
-      threshold = m.switchoverThreshold();
+      threshold = m.switchoverThreshold(pending === 0);
       // With postcopy-ram, RAM may go after the switch; other iterative devices must go before.
       let mustPrecopy = pending;
       if (m.o.capabilities['postcopy-ram']) {
@@ -262,7 +262,7 @@ export class Precopy {
         ...(this.nothingPendingSince === undefined ? {} : { nothingPendingForMs: m.now() - this.nothingPendingSince }),
       });
       if (step !== 'iterate') {
-        m.switchoverPlan = { limitMs: m.o.parameters['downtime-limit'], expectedMs: m.expectedDowntime, pendingBytes: pending, cost: m.switchoverCost.cost, bytesPerMs: m.meter.conservative };
+        m.switchoverPlan = { limitMs: m.o.parameters['downtime-limit'], expectedMs: m.expectedDowntime, pendingBytes: pending, cost: m.switchoverCost.cost, bytesPerMs: m.planBytesPerMs(pending === 0) };
         return step;
       }
       await this.partSection();

@@ -30,6 +30,19 @@ describe('BandwidthMeter', () => {
     assert.equal(m.conservative, 0, 'nothing to plan with before the first window');
   });
 
+  it('provisionally, before the first window closes, the rate so far; after, the conservative figure', () => {
+    const m = new BandwidthMeter(1_000);
+    assert.equal(m.provisional(1_000), 0, 'no time passed');
+    assert.equal(m.provisional(1_005), 0, 'nothing sent yet');
+    m.add(50_000);
+    assert.equal(m.provisional(1_010), 5_000, '50 kB in the 10 ms so far');
+    assert.equal(m.conservative, 0, 'the plan for pending bytes still waits for a window');
+    m.add(950_000);
+    m.update(1_000 + BUFFER_DELAY_MS);
+    m.add(1);
+    assert.equal(m.provisional(1_150), 10_000, 'a window closed: its figure, not the open one');
+  });
+
   it('closes the window at 100 ms: bytes/ms and Mbit/s', () => {
     const m = new BandwidthMeter(1_000);
     m.add(600_000);
