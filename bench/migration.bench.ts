@@ -11,6 +11,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { QmpClient } from '@livemig/runtime';
 import { type Child, connectQmp, DESTINATION_MAIN, incomingAddress, SOURCE_MAIN, startProcess } from '../packages/cli/src/demo.ts';
@@ -89,6 +90,18 @@ export function loopbackCeiling(runs = reps, size = '1G'): Figure {
   const row = rows.find((r) => r.gibps !== undefined);
   if (row?.gibps === undefined) throw new Error(`loopback-limit.mjs printed no figure:\n${out}`);
   return row.gibps;
+}
+
+/**
+ * bench/loopback-contiguous.mjs: Node over loopback writing 1 MiB contiguous buffers into a
+ * reader that copies into prefaulted RAM, the ceiling for a sender that writes slabs.
+ */
+export function contiguousCeiling(runs = reps, size = '1G'): Figure {
+  const script = fileURLToPath(new URL('./loopback-contiguous.mjs', import.meta.url));
+  const out = execFileSync(process.execPath, [script, '--size', size, '--reps', String(runs), '--json'], { encoding: 'utf8', maxBuffer: 1 << 20 });
+  const line = out.split('\n').find((l) => l.startsWith('{'));
+  if (line === undefined) throw new Error(`loopback-contiguous.mjs printed no figure:\n${out}`);
+  return (JSON.parse(line) as { gibps: Figure }).gibps;
 }
 
 /** A receiver of our own: counts the bytes of each 1 s window from the first byte. */
