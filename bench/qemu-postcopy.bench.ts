@@ -366,7 +366,7 @@ class RatioLog {
 
 /** How fast the guest ran in the postcopy phase: the work each side did, beside its blocked share. */
 const touchedThere = (f: PostcopyFigures): string =>
-  `its guest touched ${f.touches} pages there${f.phaseMs > 0 ? ` (${((f.touches * 4096) / 1e3 / f.phaseMs).toFixed(0)} MB/s)` : ''}`;
+  `its guest touched ${f.touches} pages there${f.phaseMs > 0 ? ` (${reachedMbPerSecond(f).toFixed(0)} MB/s)` : ''}`;
 
 function postcopyLine(label: string, f: PostcopyFigures, own: string): string {
   return (
@@ -382,6 +382,8 @@ async function postcopyRows(builds: QemuBuild[]): Promise<void> {
   if (builds.length === 0) console.log('  QEMU is not installed here: livemig\'s figures alone');
   const log = new RatioLog();
   for (let round = 1; round <= POSTCOPY_ROUNDS; round++) {
+    /** Each QEMU's unpaced run of this round: the speed its guest reached, for the matched-pace row. */
+    const unpaced: { label: string; f: PostcopyFigures }[] = [];
     for (const pace of PACES) {
       console.log(`  round ${round}, guest ${pace.label} (${load()})`);
       const qemu: { label: string; f: PostcopyFigures }[] = [];
@@ -389,6 +391,7 @@ async function postcopyRows(builds: QemuBuild[]): Promise<void> {
         try {
           const f = await qemuPostcopyOnce(b, POSTCOPY_GUEST_MIB, pace);
           qemu.push({ label: b.label, f });
+          if (pace.mbPerSecond === undefined) unpaced.push({ label: b.label, f });
           console.log(postcopyLine(b.label, f, `; QEMU's own: blocktime/requests ${us(f.meanUs)}; ${touchedThere(f)}`));
         } catch (err) {
           console.log(`    ${b.label}: failed: ${(err as Error).message}`);
@@ -410,9 +413,34 @@ async function postcopyRows(builds: QemuBuild[]): Promise<void> {
         log.add(`${label}, ${pace.label}: blocked share`, blocked, '≤ 1.00×', atMost);
       }
     }
+    // The same work: livemig's guest paced to the speed QEMU's unpaced guest reached in its
+    // postcopy phase this round, so both walk RAM equally fast while pages arrive.
+    for (const { label, f } of unpaced) {
+      const mbPerSecond = reachedMbPerSecond(f);
+      if (!(mbPerSecond > 0)) {
+        console.log(`  round ${round}, livemig paced to ${label}'s guest: n/a (${label}'s guest touched ${f.touches} pages in ${f.phaseMs.toFixed(0)} ms)`);
+        continue;
+      }
+      console.log(`  round ${round}, livemig paced to ${label}'s unpaced guest, ${mbPerSecond.toFixed(1)} MB/s (${load()})`);
+      const l = await livemigPostcopy(POSTCOPY_GUEST_MIB, { label: `paced to ${label}`, livemigWorkload: `incrementer:${mbPerSecond.toFixed(3)}`, mbPerSecond });
+      console.log(postcopyLine('livemig', l, `; mean ${us(l.meanUs)}; ${touchedThere(l)}`));
+      const few = [['livemig', l] as const, [label, f] as const].filter(([, x]) => x.faults < MIN_FAULTS_FOR_QUANTILES);
+      const p99: RoundRatio =
+        few.length > 0
+          ? { skipped: few.map(([who, x]) => `${who} had ${x.faults} faults (under ${MIN_FAULTS_FOR_QUANTILES}: no quantile)`).join(', ') }
+          : roundRatio(l.p99Us, f.p99Us, "livemig's p99", `${label}'s p99`, 'µs');
+      const blocked = roundRatio(share(l), share(f), "livemig's blocked share", `${label}'s blocked share`);
+      console.log(`    livemig / ${label} (as fast as it can, above): p99 ${shown(p99)}, blocked share ${shown(blocked)}   (goal: p99 and blocked share ≤ 1.00×)`);
+      const atMost = (m: number): boolean => m <= 1;
+      log.add(`${label}, livemig paced to its speed: p99 fault latency`, p99, '≤ 1.00×', atMost);
+      log.add(`${label}, livemig paced to its speed: blocked share`, blocked, '≤ 1.00×', atMost);
+    }
   }
   log.print('livemig / QEMU');
 }
+
+/** The speed a guest reached in the postcopy phase, in MB/s (10^6 bytes of pages per second); NaN without a phase. */
+const reachedMbPerSecond = (f: PostcopyFigures): number => (f.phaseMs > 0 ? (f.touches * 4096) / 1e3 / f.phaseMs : NaN);
 
 export interface WanFigures {
   bytes: number;
