@@ -127,6 +127,10 @@ export interface PostcopyRun {
   accesses: number;
 }
 
+/** LIVEMIG_BENCH_CPU_PROF=DIR: a --cpu-prof profile of each livemig process into DIR, as in the qemu rows. */
+const PROFILE_DIR = process.env['LIVEMIG_BENCH_CPU_PROF'];
+const PROFILE_ARGS = PROFILE_DIR === undefined ? [] : ['--cpu-prof', `--cpu-prof-dir=${PROFILE_DIR}`];
+
 export async function postcopyOnce(workload: string, preempt: boolean, memory = '256M', realtime = false): Promise<PostcopyRun> {
   const dir = await mkdtemp(join(tmpdir(), 'livemig-bench-'));
   const children: Child[] = [];
@@ -134,8 +138,8 @@ export async function postcopyOnce(workload: string, preempt: boolean, memory = 
   const caps = preempt ? 'postcopy-ram,postcopy-preempt' : 'postcopy-ram';
   try {
     const rt = realtime ? ['--realtime-postcopy'] : [];
-    const dst = startProcess('destination', DESTINATION_MAIN, ['--incoming', 'tcp:127.0.0.1:0', '--capabilities', caps, '--qmp', `unix:${join(dir, 'd')}`, '-m', memory, '--fill', 'random', '--workload', workload, ...rt]);
-    const src = startProcess('source', SOURCE_MAIN, ['--qmp', `unix:${join(dir, 's')}`, '-m', memory, '--fill', 'random', '--workload', workload, ...rt]);
+    const dst = startProcess('destination', DESTINATION_MAIN, ['--incoming', 'tcp:127.0.0.1:0', '--capabilities', caps, '--qmp', `unix:${join(dir, 'd')}`, '-m', memory, '--fill', 'random', '--workload', workload, ...rt], PROFILE_ARGS);
+    const src = startProcess('source', SOURCE_MAIN, ['--qmp', `unix:${join(dir, 's')}`, '-m', memory, '--fill', 'random', '--workload', workload, ...rt], PROFILE_ARGS);
     children.push(dst, src);
     const dq = await connectQmp(dst, `unix:${join(dir, 'd')}`, 60_000);
     const sq = await connectQmp(src, `unix:${join(dir, 's')}`, 60_000);
@@ -179,6 +183,12 @@ export async function postcopyOnce(workload: string, preempt: boolean, memory = 
       accesses: d['x-postcopy-guest-accesses'],
     };
   } finally {
+    // A profile is written at a clean exit only: ask each process to quit, then wait a bounded time.
+    if (PROFILE_DIR !== undefined) {
+      for (const c of clients) void c.execute('quit').catch(() => {});
+      const until = Date.now() + 10_000;
+      while (children.some((c) => c.proc.exitCode === null && c.proc.signalCode === null) && Date.now() < until) await sleep(50);
+    }
     for (const c of clients) await c.close().catch(() => {});
     for (const c of children) if (c.proc.exitCode === null) c.proc.kill('SIGKILL');
     await rm(dir, { recursive: true, force: true });
