@@ -93,6 +93,11 @@ function mayHaveReasonComing(s: SourceState, error: MigrationError): boolean {
   return e.errno === 'ECONNRESET' || e.errno === 'EPIPE' || e.errno === undefined;
 }
 
+/** The return path's own loss (matched by code and channel, as in mayHaveReasonComing). */
+function returnPathLost(error: MigrationError): boolean {
+  return error.code === ErrorCode.CHANNEL_LOST && (error as TransportError).channel === 'return-path';
+}
+
 export function faulted(s: SourceState, error: MigrationError, now: number): SourceTransition {
   switch (s.status) {
     case 'postcopy-active':
@@ -110,8 +115,9 @@ export function faulted(s: SourceState, error: MigrationError, now: number): Sou
       return restore(failing);
     }
     case 'failing':
-      // The reason can no longer come (the return path broke too).
-      if (s.reasonUntil !== undefined && (error.code === ErrorCode.CHANNEL_LOST || error.code === ErrorCode.PEER_SILENT)) return restore(s);
+      // The reason can no longer come: the return path broke too. Other connections breaking
+      // (every multifd channel gets its EPIPE as the destination goes) say nothing of it.
+      if (s.reasonUntil !== undefined && (returnPathLost(error) || error.code === ErrorCode.PEER_SILENT)) return restore(s);
       return same(s);
     default:
       // Paused already, or ending: a late failure of a connection we closed.

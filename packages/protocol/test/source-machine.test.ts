@@ -145,6 +145,18 @@ test('the return path ending cuts the wait short; a failure that is not a reset 
   assert.equal(noWait.actions.some((a) => a.type === 'startReasonTimer'), false);
 });
 
+test('while waiting for the reason, other connections breaking (every multifd channel gets its EPIPE) do not end the wait', () => {
+  const epipe = (channel: 'multifd' | 'main'): TransportError => TransportError.lost(channel, `the ${channel} channel failed: write EPIPE`, Object.assign(new Error('x'), { code: 'EPIPE' }));
+  const r = run(STATES['active']!, [
+    [{ type: 'faulted', error: epipe('multifd') }, 0],
+    [{ type: 'faulted', error: epipe('multifd') }, 1],
+    [{ type: 'faulted', error: epipe('main') }, 2],
+  ]);
+  assert.equal(r.state.status, 'failing');
+  assert.equal(r.state.status === 'failing' && r.state.reasonUntil, DESTINATION_REASON_WAIT_MS);
+  assert.equal(r.actions.some((a) => a.type === 'restoreGuest'), false, 'still waiting for the reason');
+});
+
 test('cancel before postcopy runs the source guest again; after postcopy started it never does', () => {
   for (const [name, run] of [
     ['setup', true],
