@@ -12,6 +12,8 @@ import type { Duplex } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import {
   BatchWriter,
+  SlabPool,
+  DEFAULT_SLAB_BYTES,
   type Capabilities,
   coded,
   type ConvergenceDecision,
@@ -137,6 +139,12 @@ export interface MigrationInfoRam {
   'dirty-sync-missed-zero-copy': number;
 }
 
+/**
+ * The main channel's free slabs, shared by one migration after another: a source that migrates
+ * again (or resumes) reuses them instead of leaving each migration's slabs to a full GC.
+ */
+const MAIN_CHANNEL_SLABS = new SlabPool(DEFAULT_SLAB_BYTES, 4 * 1024 * 1024);
+
 export class OutgoingMigration {
   /** The machine's state: every decision about the migration's course is made from it. */
   state: SourceState;
@@ -155,7 +163,7 @@ export class OutgoingMigration {
   /** The channel in use (a new one after a postcopy recovery), and its writer. */
   channel: Duplex;
   out: StreamOut;
-  readonly w = new BatchWriter();
+  readonly w = new BatchWriter({ pool: MAIN_CHANNEL_SLABS });
   readonly ram: RamSaver;
   readonly dialect: StreamDialect;
   readonly multifd: MultifdSender | undefined;

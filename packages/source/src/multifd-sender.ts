@@ -11,6 +11,7 @@
 import type { Duplex } from 'node:stream';
 import {
   BatchWriter,
+  SlabPool,
   MULTIFD_FLAG_SYNC,
   MULTIFD_INIT_LENGTH,
   MULTIFD_PACKET_HEADER_LENGTH,
@@ -32,6 +33,8 @@ interface Channel {
  * between writes. With one batch in flight and one waiting, a channel holds a few of them.
  */
 const CHANNEL_SLAB_BYTES = 2 * (MULTIFD_PACKET_HEADER_LENGTH + MULTIFD_PAGES_PER_PACKET * TARGET_PAGE_SIZE);
+/** Free channel slabs, shared by every channel of one migration after another (at most ~8 MiB idle). */
+const CHANNEL_SLABS = new SlabPool(CHANNEL_SLAB_BYTES, 8 * 1024 * 1024);
 
 /** A multifd channel's first bytes: its init packet naming the channel. */
 export function multifdInitPacket(channelId: number): Buffer {
@@ -62,7 +65,7 @@ export class MultifdSender {
   /** `initSent`: each channel's init packet went out when it was connected (multifdInitPacket). */
   constructor(streams: readonly Duplex[], { initSent = false }: { initSent?: boolean } = {}) {
     this.channels = streams.map((s, channelId) => {
-      const ch: Channel = { out: new StreamOut(s, 'multifd'), w: new BatchWriter({ slabSize: CHANNEL_SLAB_BYTES }) };
+      const ch: Channel = { out: new StreamOut(s, 'multifd'), w: new BatchWriter({ slabSize: CHANNEL_SLAB_BYTES, pool: CHANNEL_SLABS }) };
       if (!initSent) {
         const init = multifdInitPacket(channelId);
         ch.w.bytes(init);
