@@ -58,25 +58,12 @@ interface Outcome {
   error?: { code: string; streamOffset: number | undefined };
 }
 
-function decode(bytes: Buffer, cuts: number[], into: 'memory' | 'observer' | 'count'): Outcome {
-  const images = BLOCKS.map((b) => Buffer.alloc(b.length));
-  const observer: PageObserver = {
-    pageData: (block, pageOffset, src, srcOffset) => void images[block]!.set(src.subarray(srcOffset, srcOffset + PAGE), pageOffset),
-    pageFill: (block, pageOffset, fill) => void images[block]!.fill(fill, pageOffset, pageOffset + PAGE),
-    pageForDelta: () => assert.fail('no XBZRLE here'),
-  };
-  const dec = RamRecordDecoder.forPreemptChannel(
-    {
-      attachBlocks: () => (into === 'memory' ? images : BLOCKS.map(() => undefined)),
-      ...(into === 'observer' ? { pages: observer } : {}),
-    },
-    BLOCKS,
-  );
+/** Feed `bytes` cut at `cuts`, each chunk in a buffer of its own overwritten after the call (only retained bytes may be read later). */
+function feedInChunks(dec: RamRecordDecoder, bytes: Buffer, cuts: number[], images: Buffer[]): Outcome {
   const out: Outcome = { images, stats: undefined, ended: false };
   try {
     let at = 0;
     for (const cut of [...cuts, bytes.length]) {
-      // Each chunk in a buffer of its own that is overwritten after the call: only retained bytes may be read later.
       const chunk = Buffer.from(bytes.subarray(at, cut));
       dec.push(chunk);
       out.ended = dec.next() !== NEED_MORE;
@@ -91,6 +78,23 @@ function decode(bytes: Buffer, cuts: number[], into: 'memory' | 'observer' | 'co
   }
   out.stats = dec.blockStats().map((s) => ({ ...s }));
   return out;
+}
+
+function decode(bytes: Buffer, cuts: number[], into: 'memory' | 'observer' | 'count'): Outcome {
+  const images = BLOCKS.map((b) => Buffer.alloc(b.length));
+  const observer: PageObserver = {
+    pageData: (block, pageOffset, src, srcOffset) => void images[block]!.set(src.subarray(srcOffset, srcOffset + PAGE), pageOffset),
+    pageFill: (block, pageOffset, fill) => void images[block]!.fill(fill, pageOffset, pageOffset + PAGE),
+    pageForDelta: () => assert.fail('no XBZRLE here'),
+  };
+  const dec = RamRecordDecoder.forPreemptChannel(
+    {
+      attachBlocks: () => (into === 'memory' ? images : BLOCKS.map(() => undefined)),
+      ...(into === 'observer' ? { pages: observer } : {}),
+    },
+    BLOCKS,
+  );
+  return feedInChunks(dec, bytes, cuts, images);
 }
 
 function cutsFor(seed: number, length: number): number[] {
@@ -128,23 +132,7 @@ function decodeIntoZeroed(bytes: Buffer, cuts: number[], zeroedMemory: boolean):
   const images = BLOCKS.map((b) => Buffer.alloc(b.length));
   const dec = new RamRecordDecoder({ ram: { attachBlocks: () => images }, zeroedMemory });
   dec.installBlocks(BLOCKS.map((b) => ({ ...b })), 0);
-  const out: Outcome = { images, stats: undefined, ended: false };
-  try {
-    let at = 0;
-    for (const cut of [...cuts, bytes.length]) {
-      const chunk = Buffer.from(bytes.subarray(at, cut));
-      dec.push(chunk);
-      out.ended = dec.next() !== NEED_MORE;
-      dec.retainUnread();
-      chunk.fill(0xa5);
-      at = cut;
-    }
-  } catch (err) {
-    const e = err as { code: string; streamOffset?: number };
-    out.error = { code: e.code, streamOffset: e.streamOffset };
-  }
-  out.stats = dec.blockStats().map((s) => ({ ...s }));
-  return out;
+  return feedInChunks(dec, bytes, cuts, images);
 }
 
 describe('RamRecordDecoder runs of still-zero pages (zeroedMemory)', () => {
