@@ -32,15 +32,14 @@ export function skipPageRun(
   stats: RamSectionStats,
   bs: BlockStats,
 ): void {
-  const end = Math.min(r.headAvailable, packageEnd - r.streamOffset);
   const chunk = r.headChunk;
   const view = r.headChunkView;
   const base = r.headOffset;
+  const stop = headRunStop(r, packageEnd);
   const streamBase = r.streamOffset - base;
   let pages = 0;
   let zeros = 0;
   let at = base;
-  const stop = base + end;
   while (at + ZERO_RECORD_BYTES <= stop) {
     const lo = view.getUint32(at + 4);
     const flags = lo & RAM_RECORD_FLAGS_MASK;
@@ -81,12 +80,11 @@ export function skipStillZeroRun(
   stats: RamSectionStats,
   bs: BlockStats,
 ): void {
-  const end = Math.min(r.headAvailable, packageEnd - r.streamOffset);
   const chunk = r.headChunk;
   const view = r.headChunkView;
   const base = r.headOffset;
+  const stop = headRunStop(r, packageEnd);
   let at = base;
-  const stop = base + end;
   while (at + ZERO_RECORD_BYTES <= stop) {
     const lo = view.getUint32(at + 4);
     const flags = lo & RAM_RECORD_FLAGS_MASK;
@@ -103,4 +101,9 @@ export function skipStillZeroRun(
   stats.continued += zeros;
   bs.zeroPages += zeros;
   r.skip(at - base);
+}
+
+/** Where a run in the head chunk must stop (an index into it): its end, or the package's. */
+function headRunStop(r: ByteReader, packageEnd: number): number {
+  return r.headOffset + Math.min(r.headAvailable, packageEnd - r.streamOffset);
 }
