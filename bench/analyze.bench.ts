@@ -27,7 +27,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import type { QmpClient } from '@livemig/runtime';
+import type { QmpClient } from '../packages/runtime/src/index.ts';
 import { type Child, connectQmp, SOURCE_MAIN } from '../packages/cli/src/demo.ts';
 import { fmt, type Figure, repoRoot, summarize } from './ceilings.ts';
 

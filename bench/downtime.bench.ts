@@ -9,7 +9,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import type { QmpClient } from '@livemig/runtime';
+import type { QmpClient } from '../packages/runtime/src/index.ts';
 import { type Child, connectQmp, DESTINATION_MAIN, incomingAddress, SOURCE_MAIN, startProcess } from '../packages/cli/src/demo.ts';
 
 const LIMITS_MS = [100, 300];

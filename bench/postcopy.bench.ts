@@ -14,7 +14,7 @@ import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { Worker } from 'node:worker_threads';
-import type { QmpClient } from '@livemig/runtime';
+import type { QmpClient } from '../packages/runtime/src/index.ts';
 import { type Child, connectQmp, DESTINATION_MAIN, incomingAddress, SOURCE_MAIN, startProcess } from '../packages/cli/src/demo.ts';
 
 /** Median and p99 of a loopback TCP round trip between two processes (64-byte ping-pong). */

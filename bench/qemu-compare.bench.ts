@@ -38,7 +38,7 @@ import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import type { QmpClient } from '@livemig/runtime';
+import type { QmpClient } from '../packages/runtime/src/index.ts';
 import { type Child, connectQmp, DESTINATION_MAIN, incomingAddress, keepOutput, SOURCE_MAIN, startProcess } from '../packages/cli/src/demo.ts';
 import { contiguousCeiling, loopbackCeiling } from './migration.bench.ts';
 import { summarize } from './ceilings.ts';

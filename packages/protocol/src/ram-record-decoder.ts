@@ -11,6 +11,8 @@
 // into the block memory the RamTarget handed over, and counted per block. A block given no
 // memory has its pages lent to the target's PageObserver instead (a reader that only hashes them). A StreamDecoder reads
 // RAM sections through one of these (sharing its ByteReader); a preempt channel uses one alone.
+// The CONTINUE records that follow a page nobody stores, or a page still zero, are mostly taken by
+// the small loops of page-runs.ts.
 
 import { failAt, haveBytes, recordPlace } from './record-place.ts';
 import { ENCODING_FLAG_XBZRLE, RamFlag, TARGET_PAGE_SIZE } from './constants.ts';
@@ -18,6 +20,7 @@ import { ErrorCode, type ErrorCodeValue, ProtocolError } from './errors.ts';
 import { COMPRESS_PAGE_MAX, type RamBlockInfo } from './ram.ts';
 import { type MappedRamList, MappedRamListReader } from './mapped-ram-list.ts';
 import { inflateSync } from './lazy-builtins.ts';
+import { RAM_RECORD_FLAGS_MASK, skipPageRun, skipStillZeroRun } from './page-runs.ts';
 import { ByteReader } from './reader.ts';
 import { xbzrleDecode, xbzrleLastFault } from './xbzrle.ts';
 
@@ -107,11 +110,6 @@ export interface RamRecordDecoderOptions {
 
 /** A preempt channel's end: its EOS, at this stream offset. */
 export type PreemptEnd = { kind: 'eos'; offset: number };
-
-const TYPE_MASK = TARGET_PAGE_SIZE - 1;
-/** PAGE and ZERO records with CONTINUE: a be64 header, then the page or its fill byte. */
-const PAGE_RECORD_BYTES = 8 + TARGET_PAGE_SIZE;
-const ZERO_RECORD_BYTES = 8 + 1;
 
 export function emptyRamSectionStats(): RamSectionStats {
   return { zero: 0, normal: 0, xbzrle: 0, compressed: 0, named: 0, continued: 0, multifdFlush: 0, eosOffset: -1 };
@@ -247,7 +245,7 @@ export class RamRecordDecoder {
       if (!this.need(8)) return NEED_MORE;
       const hi = r.be32(0);
       const lo = r.be32(4);
-      const flags = lo & TYPE_MASK;
+      const flags = lo & RAM_RECORD_FLAGS_MASK;
       const type = flags & ~RamFlag.CONTINUE;
       const pageOffset = hi * 0x100000000 + (lo - flags);
       if (type === RamFlag.EOS) {
@@ -355,7 +353,7 @@ export class RamRecordDecoder {
           } else stats.continued++;
           r.skip(total);
           if (placed !== undefined && accepted) placed.call(this.ram, block, pageOffset);
-          else if (placed === undefined && accept === undefined) this.stillZeroRun(written, info.length, stats, bs);
+          else if (placed === undefined && accept === undefined) skipStillZeroRun(r, this.packageEnd, written, info.length, stats, bs);
           continue;
         }
         written[page >>> 5] = written[page >>> 5]! | bit;
@@ -431,87 +429,9 @@ export class RamRecordDecoder {
       r.skip(total);
       if (placed !== undefined && accepted) placed.call(this.ram, block, pageOffset);
       if ((type === RamFlag.PAGE || type === RamFlag.ZERO) && mem === undefined && placed === undefined && accept === undefined && written === undefined) {
-        this.pageRun(block, info.length, stats, bs);
+        skipPageRun(r, this.packageEnd, this.observer, block, info.length, stats, bs);
       }
     }
-  }
-
-  /**
-   * The CONTINUE PAGE and ZERO records of `block` that follow a page this decoder does not store
-   * (a reader that hashes or only counts), while they are buffered in the head chunk: counted,
-   * lent to the observer, skipped. The loop above is large and slow to optimize; on a loaded
-   * machine a 512 MiB file was decoded mostly before its optimized code was ready. This is small.
-   */
-  private pageRun(block: number, blockLength: number, stats: RamSectionStats, bs: BlockStats): void {
-    const r = this.r;
-    const observer = this.observer;
-    const end = Math.min(r.headAvailable, this.packageEnd - r.streamOffset);
-    // Values are read straight out of the head chunk: a call per value kept the loop slow until optimized.
-    const chunk = r.headChunk;
-    const view = r.headChunkView;
-    const base = r.headOffset;
-    const streamBase = r.streamOffset - base;
-    let pages = 0;
-    let zeros = 0;
-    let at = base;
-    const stop = base + end;
-    while (at + ZERO_RECORD_BYTES <= stop) {
-      const lo = view.getUint32(at + 4);
-      const flags = lo & TYPE_MASK;
-      const pageOffset = view.getUint32(at) * 0x100000000 + (lo - flags);
-      // Anything else (another record type, a named block, an offset to refuse) is the loop above's.
-      if (pageOffset + TARGET_PAGE_SIZE > blockLength) break;
-      if (flags === (RamFlag.PAGE | RamFlag.CONTINUE)) {
-        if (at + PAGE_RECORD_BYTES > stop) break;
-        if (observer !== undefined) observer.pageData(block, pageOffset, chunk, at + 8, streamBase + at + 8);
-        pages++;
-        at += PAGE_RECORD_BYTES;
-      } else if (flags === (RamFlag.ZERO | RamFlag.CONTINUE)) {
-        if (observer !== undefined) observer.pageFill(block, pageOffset, chunk[at + 8]!);
-        zeros++;
-        at += ZERO_RECORD_BYTES;
-      } else break;
-    }
-    if (at === base) return;
-    stats.normal += pages;
-    stats.zero += zeros;
-    stats.continued += pages + zeros;
-    bs.normalPages += pages;
-    bs.zeroPages += zeros;
-    r.skip(at - base);
-  }
-
-  /**
-   * The CONTINUE ZERO records (fill 0) that follow one for a page still zero since the start, as
-   * long as their pages are too and they are buffered in the head chunk: counted and skipped, as
-   * the loop above would, without its per-record work. A fresh guest's first pass is mostly these
-   * (65 536 records for 256 MiB), and the loop above took ~0.8 µs each before it was optimized.
-   */
-  private stillZeroRun(written: Uint32Array, blockLength: number, stats: RamSectionStats, bs: BlockStats): void {
-    const r = this.r;
-    const end = Math.min(r.headAvailable, this.packageEnd - r.streamOffset);
-    const chunk = r.headChunk;
-    const view = r.headChunkView;
-    const base = r.headOffset;
-    let at = base;
-    const stop = base + end;
-    while (at + ZERO_RECORD_BYTES <= stop) {
-      const lo = view.getUint32(at + 4);
-      const flags = lo & TYPE_MASK;
-      if (flags !== (RamFlag.ZERO | RamFlag.CONTINUE) || chunk[at + 8] !== 0) break;
-      const pageOffset = view.getUint32(at) * 0x100000000 + (lo - flags);
-      // An offset to refuse is the loop above's to report.
-      if (pageOffset + TARGET_PAGE_SIZE > blockLength) break;
-      const page = pageOffset / TARGET_PAGE_SIZE;
-      if ((written[page >>> 5]! & (1 << (page & 31))) !== 0) break;
-      at += ZERO_RECORD_BYTES;
-    }
-    if (at === base) return;
-    const zeros = (at - base) / ZERO_RECORD_BYTES;
-    stats.zero += zeros;
-    stats.continued += zeros;
-    bs.zeroPages += zeros;
-    r.skip(at - base);
   }
 
   private badFlag(flags: number, why: string): never {

@@ -85,15 +85,16 @@ export function pause(s: SourceState & { status: 'postcopy-active' | 'postcopy-r
 /** A destination's reset often outruns its reason, which it wrote on the return path first. */
 function mayHaveReasonComing(s: SourceState, error: MigrationError): boolean {
   if (!s.returnPath || s.destinationReport !== undefined) return false;
-  if (error.code !== ErrorCode.CHANNEL_LOST) return false;
-  // Matched by code, not instanceof (a class may be loaded twice): the fields are TransportError's.
-  const e = error as TransportError;
-  // The return path itself has ended: nothing more can come on it.
-  if (e.channel === 'return-path') return false;
-  return e.errno === 'ECONNRESET' || e.errno === 'EPIPE' || e.errno === undefined;
+  // Only another channel's loss: once the return path itself has ended, nothing more can come on it.
+  if (error.code !== ErrorCode.CHANNEL_LOST || returnPathLost(error)) return false;
+  const errno = (error as TransportError).errno;
+  return errno === 'ECONNRESET' || errno === 'EPIPE' || errno === undefined;
 }
 
-/** The return path's own loss (matched by code and channel, as in mayHaveReasonComing). */
+/**
+ * The return path's own loss. Matched by code, not instanceof (a class may be loaded twice): the
+ * fields are TransportError's.
+ */
 function returnPathLost(error: MigrationError): boolean {
   return error.code === ErrorCode.CHANNEL_LOST && (error as TransportError).channel === 'return-path';
 }

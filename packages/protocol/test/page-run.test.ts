@@ -1,4 +1,4 @@
-// RamRecordDecoder's page run (pageRun): runs of CONTINUE PAGE and ZERO records for a block it
+// RamRecordDecoder's page runs (page-runs.ts): runs of CONTINUE PAGE and ZERO records for a block it
 // does not store are taken in a small loop of their own. Whatever the chunking, a memoryless
 // decode (observer or counting only) must see the pages, counts and errors of a decode into memory,
 // which never takes that loop.
