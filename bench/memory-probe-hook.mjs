@@ -8,6 +8,15 @@ import { writeHeapSnapshot } from 'node:v8';
 const out = process.env['LIVEMIG_MEMORY_PROBE_OUT'];
 const snapshots = new Set((process.env['LIVEMIG_MEMORY_PROBE_SNAPSHOTS'] ?? '').split(',').filter((s) => s !== '').map(Number));
 let requests = 0;
+/**
+ * The highest RSS seen since the last sample (memoryUsage every 10 ms), with what made it up then:
+ * what sets a migration's VmHWM, which a sample after the migration no longer shows.
+ */
+let top;
+setInterval(() => {
+  const m = process.memoryUsage();
+  if (top === undefined || m.rss > top.rss) top = m;
+}, 10).unref();
 
 if (out !== undefined && typeof globalThis.gc === 'function') {
   process.on('SIGUSR2', () => {
@@ -28,10 +37,12 @@ if (out !== undefined && typeof globalThis.gc === 'function') {
       heapUsed: m.heapUsed,
       external: m.external,
       arrayBuffers: m.arrayBuffers,
+      peak: top === undefined ? undefined : { rss: top.rss, heapTotal: top.heapTotal, heapUsed: top.heapUsed, external: top.external, arrayBuffers: top.arrayBuffers },
       handles: handles.length,
       handleKinds: Object.fromEntries([...new Set(handles)].map((k) => [k, handles.filter((x) => x === k).length])),
       snapshot: snapshots.has(requests) ? writeHeapSnapshot(`${out}.${requests}.heapsnapshot`) : undefined,
     };
+    top = undefined;
     appendFileSync(out, `${JSON.stringify(line)}\n`);
   });
 }

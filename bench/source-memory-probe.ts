@@ -32,6 +32,8 @@ interface Sample {
   heapUsed: number;
   external: number;
   arrayBuffers: number;
+  /** The highest RSS sampled since the last sample (every 10 ms) and what made it up then. */
+  peak?: { rss: number; heapTotal: number; heapUsed: number; external: number; arrayBuffers: number };
   handles: number;
   handleKinds: Record<string, number>;
   snapshot?: string;
@@ -105,7 +107,9 @@ async function main(): Promise<void> {
     const f = (b: number): string => (b / MiB).toFixed(1).padStart(7);
     const print = (label: string, s: Sample, m?: { ms: number; slabs: string }): void => {
       const kinds = Object.entries(s.handleKinds).map(([k, v]) => `${k}:${v}`).join(' ');
-      console.log(`${label.padEnd(14)} rss ${f(s.rssBeforeGcKiB * 1024)} →gc ${f(s.vmRssKiB * 1024)} hwm ${f(s.vmHwmKiB * 1024)} heap ${f(s.heapUsed)} ext ${f(s.external)} ab ${f(s.arrayBuffers)} MiB  handles ${s.handles} (${kinds})${m === undefined ? '' : `  ${m.ms} ms; slabs: ${m.slabs}`}${s.snapshot === undefined ? '' : `  snapshot ${s.snapshot}`}`);
+      const p = s.peak;
+      const peak = p === undefined ? '' : `\n${''.padEnd(14)} peak rss ${f(p.rss)}: heap total ${f(p.heapTotal)} used ${f(p.heapUsed)}, ext ${f(p.external)} ab ${f(p.arrayBuffers)} MiB`;
+      console.log(`${label.padEnd(14)} rss ${f(s.rssBeforeGcKiB * 1024)} →gc ${f(s.vmRssKiB * 1024)} hwm ${f(s.vmHwmKiB * 1024)} heap ${f(s.heapUsed)} ext ${f(s.external)} ab ${f(s.arrayBuffers)} MiB  handles ${s.handles} (${kinds})${m === undefined ? '' : `  ${m.ms} ms; slabs: ${m.slabs}`}${s.snapshot === undefined ? '' : `  snapshot ${s.snapshot}`}${peak}`);
     };
     print('before', await sample(src, out, 1));
     for (let i = 1; i <= MIGRATIONS; i++) {
