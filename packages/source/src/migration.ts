@@ -440,7 +440,8 @@ export class OutgoingMigration {
   private adoptChannel(channel: Duplex): void {
     this.channel = channel;
     this.out = this.streamOut(channel);
-    this.w.flush();
+    // What was encoded for the old channel is dropped; never written, its slabs are free again.
+    this.w.recycle(this.w.flush());
     this.returnPath?.attach(channel);
   }
 
