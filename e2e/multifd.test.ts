@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { assertSameRam, digest, MiB, queryMigrate, queryStatus, waitForStatus } from './helpers/migration.ts';
+import { assertSameRam, digest, MiB, type MigrationInfo, queryMigrate, queryStatus, waitForStatus } from './helpers/migration.ts';
 import { withHarness } from './helpers/processes.ts';
 
 const T = { timeout: 120_000 };
@@ -129,4 +129,39 @@ test('multifd: max-bandwidth holds for the channels too; a cancel leaves the sou
     await waitForStatus(second, 'completed', { timeoutMs: 10_000 });
     const { destination } = await assertSameRam(src, second);
     assert.equal(destination.pattern.consistent, true, `pattern ${JSON.stringify(destination.pattern)}`);
+  }));
+
+test('a source migrated again and again (one stream, multifd 2, multifd 4, three times over) reuses its send slabs: it allocates none after the first round', { timeout: 300_000 }, () =>
+  withHarness(async (h) => {
+    const guest = ['--block', 'm0:32M', '--machine', 'none', '--qemu-devices-only'];
+    const src = await h.source({ guest: [...guest, '--fill', 'random'], args: ['--capabilities', 'return-path'] });
+    const allocatedAfterRound: { main: number; multifd: number }[] = [];
+    for (let round = 0; round < 3; round++) {
+      for (const channels of [0, 2, 4]) {
+        const dst = await h.destination({
+          incoming: 'tcp',
+          guest,
+          ...(channels > 0 ? { capabilities: ['multifd'], args: ['--parameters', `multifd-channels=${channels}`] } : {}),
+        });
+        await src.execute('migrate-set-capabilities', { capabilities: [{ capability: 'multifd', state: channels > 0 }] });
+        if (channels > 0) await src.execute('migrate-set-parameters', { 'multifd-channels': channels });
+        const before = (await src.execute<{ 'x-slabs'?: Record<string, number> }>('query-migrate'))['x-slabs'];
+        await src.execute('migrate', { uri: dst.incomingUri });
+        const info = (await waitForStatus(src, ['completed', 'failed'])) as MigrationInfo & { 'x-slabs'?: Record<string, number> };
+        assert.equal(info.status, 'completed', `round ${round + 1}, ${channels} channels: ${info['error-desc']}`);
+        if (channels > 0) assert.ok(info.ram!['multifd-bytes'] > 0, 'the pages went on the multifd channels');
+        const slabs = info['x-slabs'];
+        assert.ok(slabs !== undefined, `query-migrate has x-slabs: ${JSON.stringify(info)}`);
+        // Slabs of the other kind were all back in their pool before this migration began.
+        if (before !== undefined && channels === 0) assert.equal(before['multifd-free'], before['multifd-allocated'], 'every multifd slab was free between migrations');
+        if (channels > 0) assert.equal(slabs['main-free'], slabs['main-allocated'], 'every main-channel slab is free once the migration is over');
+        await waitForStatus(dst, 'completed', { timeoutMs: 30_000 });
+        await dst.execute('quit').catch(() => {});
+        await dst.waitForExit(15_000);
+        if (channels === 4) allocatedAfterRound.push({ main: slabs['main-allocated']!, multifd: slabs['multifd-allocated']! });
+      }
+    }
+    const [first, ...later] = allocatedAfterRound;
+    assert.ok(first!.main > 0 && first!.multifd > 0, `slabs were used: ${JSON.stringify(first)}`);
+    for (const [i, a] of later.entries()) assert.deepEqual(a, first, `slabs allocated after round ${i + 2} (${JSON.stringify(a)}) as after round 1 (${JSON.stringify(first)})`);
   }));

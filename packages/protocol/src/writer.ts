@@ -39,6 +39,8 @@ export class SlabPool {
   readonly slabSize: number;
   private readonly maxFree: number;
   readonly free: Buffer[] = [];
+  /** Slabs allocated for the writers of this pool so far (reused ones not counted). */
+  allocated = 0;
 
   /** `maxBytes`: free slabs kept, in bytes (at least two slabs). */
   constructor(slabSize: number, maxBytes: number) {
@@ -61,6 +63,8 @@ export class SlabPool {
 export const DEFAULT_SLAB_BYTES = 256 * 1024;
 /** Payloads at least this long are queued by reference instead of copied. */
 const INLINE_MAX = 16 * 1024;
+/** The released writer's slab: no room, so its next record takes a real one. */
+const NO_SLAB = Buffer.alloc(0);
 /** Free slabs kept for reuse: a 1 MiB batch in flight plus one being encoded, in 256 KiB slabs. */
 const POOL_MAX = 16;
 
@@ -117,6 +121,7 @@ export class BatchWriter {
     if (buf === undefined) {
       buf = Buffer.allocUnsafeSlow(size);
       this.allocated++;
+      if (size === this.slabSize) this.pool.allocated++;
     }
     if (size === this.slabSize) {
       const slab: Slab = { buf, pieces: 0, sealed: false };
@@ -131,6 +136,26 @@ export class BatchWriter {
   private toPool(slab: Slab): void {
     this.slabs.delete(slab.buf.buffer);
     this.pool.give(slab.buf);
+  }
+
+  /**
+   * The writer is done (its migration ended): its current slab goes back to the pool now, and
+   * each slab still out in a batch when that batch is recycled, instead of all of them waiting
+   * for a full GC. Anything encoded and not flushed is dropped. The writer stays usable: it
+   * takes a slab again at its next record.
+   */
+  release(): void {
+    this.recycle(this.flush());
+    const current = this.current;
+    if (current !== undefined) {
+      current.sealed = true;
+      if (current.pieces === 0) this.toPool(current);
+    }
+    this.current = undefined;
+    this.slab = NO_SLAB;
+    this.dataView = new DataView(NO_SLAB.buffer, NO_SLAB.byteOffset, 0);
+    this.start = 0;
+    this.pos = 0;
   }
 
   /** Bytes encoded but not yet flushed. */

@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
-import { BatchWriter, ByteReader } from '../src/index.ts';
+import { BatchWriter, ByteReader, SlabPool } from '../src/index.ts';
 
 /** A full GC without --expose-gc on the command line (the flag takes effect for new contexts). */
 function collectGarbage(): void {
@@ -402,6 +402,41 @@ describe('BatchWriter', () => {
     collectGarbage();
     const alive = new Set(refs.map((r) => r.deref()).filter((b) => b !== undefined));
     assert.ok(alive.size <= 1, `${alive.size} flushed slabs still reachable`);
+  });
+
+  it('release() gives the current slab back to a shared pool at once, and slabs still out once their batch is recycled', () => {
+    const pool = new SlabPool(16, 16 * 16);
+    const w = new BatchWriter({ slabSize: 16, pool });
+    for (let i = 0; i < 20; i++) w.u8(i); // slab A full, slab B current
+    const inFlight = w.flush();
+    const inFlightCopy = Buffer.concat(inFlight);
+    w.u8(0x77); // encoded, never flushed: dropped by release()
+    w.release();
+    assert.equal(pool.free.length, 0, 'A and B are both still out in a batch');
+    assert.deepEqual(Buffer.concat(inFlight), inFlightCopy, 'release() does not touch what is in flight');
+    w.recycle(inFlight);
+    assert.equal(pool.free.length, 2, 'both came back once their batch was written');
+    assert.equal(pool.allocated, 2);
+
+    // The next writer on the pool (the next migration) allocates nothing.
+    const next = new BatchWriter({ slabSize: 16, pool });
+    for (let i = 0; i < 20; i++) next.u8(0x40 + i);
+    const batch = next.flush();
+    assert.deepEqual(Buffer.concat(batch), Buffer.from(Array.from({ length: 20 }, (_, i) => 0x40 + i)));
+    next.recycle(batch);
+    next.release();
+    assert.equal(pool.allocated, 2, 'no slab allocated by the second writer');
+    assert.equal(pool.free.length, 2);
+
+    // A released writer that is written to again takes a slab, and what it encodes is intact.
+    next.u8(0xaa).be32(0x01020304);
+    assert.deepEqual(next.flushConcat(), Buffer.from([0xaa, 1, 2, 3, 4]));
+  });
+
+  it('a slab pool keeps at most its byte budget of free slabs', () => {
+    const pool = new SlabPool(16, 3 * 16);
+    for (let i = 0; i < 5; i++) pool.give(Buffer.alloc(16));
+    assert.equal(pool.free.length, 3);
   });
 
   it('flushConcat joins everything into one Buffer that owns its bytes', () => {

@@ -37,7 +37,7 @@ import type { Guest, IterativeDevice } from '@livemig/guest';
 import { formatGiB, formatGiBps } from '@livemig/machine';
 import { AutoConverge, BandwidthMeter, downtimeVerdict, expectedDowntimeMs, type SwitchoverCost, SwitchoverCostMeter, switchoverThresholdBytes } from './convergence.ts';
 import { ConvergencePolicyRunner } from './convergence-policy-runner.ts';
-import { MultifdSender } from './multifd-sender.ts';
+import { MultifdSender, multifdSlabFigures } from './multifd-sender.ts';
 import { PostcopySender } from './postcopy-sender.ts';
 import { Precopy } from './precopy.ts';
 import { RamSaver } from './ram-saver.ts';
@@ -144,6 +144,20 @@ export interface MigrationInfoRam {
  * again (or resumes) reuses them instead of leaving each migration's slabs to a full GC.
  */
 const MAIN_CHANNEL_SLABS = new SlabPool(DEFAULT_SLAB_BYTES, 4 * 1024 * 1024);
+
+/**
+ * The source's slab pools (process-wide, over every migration so far): slabs allocated and free
+ * now. A source that migrates again allocates none once the pools hold what a migration uses.
+ */
+export function slabFigures(): Record<string, number> {
+  const multifd = multifdSlabFigures();
+  return {
+    'main-allocated': MAIN_CHANNEL_SLABS.allocated,
+    'main-free': MAIN_CHANNEL_SLABS.free.length,
+    'multifd-allocated': multifd.allocated,
+    'multifd-free': multifd.free,
+  };
+}
 
 export class OutgoingMigration {
   /** The machine's state: every decision about the migration's course is made from it. */
@@ -426,7 +440,8 @@ export class OutgoingMigration {
   private adoptChannel(channel: Duplex): void {
     this.channel = channel;
     this.out = this.streamOut(channel);
-    this.w.flush();
+    // What was encoded for the old channel is dropped; never written, its slabs are free again.
+    this.w.recycle(this.w.flush());
     this.returnPath?.attach(channel);
   }
 
@@ -457,6 +472,9 @@ export class OutgoingMigration {
     this.postcopy.dispose();
     this.ram.cleanup();
     for (const { dev } of this.others) dev.cleanup();
+    // The slabs go back to the pools for the next migration now, not at some later full GC.
+    this.w.release();
+    this.multifd?.release();
     const s = this.state;
     if (s.status === 'completed') {
       // Downtime ends when the destination runs the guest: SHUT (precopy) or PONG 4 after RUN (postcopy).

@@ -33,8 +33,19 @@ interface Channel {
  * between writes. With one batch in flight and one waiting, a channel holds a few of them.
  */
 const CHANNEL_SLAB_BYTES = 2 * (MULTIFD_PACKET_HEADER_LENGTH + MULTIFD_PAGES_PER_PACKET * TARGET_PAGE_SIZE);
-/** Free channel slabs, shared by every channel of one migration after another (at most ~8 MiB idle). */
-const CHANNEL_SLABS = new SlabPool(CHANNEL_SLAB_BYTES, 8 * 1024 * 1024);
+/**
+ * Free channel slabs, shared by every channel of one migration after another. A channel uses two
+ * (one batch in flight, one being encoded): room for 15 holds what 4 channels (8) and up to 7 use,
+ * so a source that migrates again with them allocates none; with 8 MiB, 4 channels left one
+ * slab per migration to the GC. The pool holds only slabs a migration used, so the idle memory
+ * is what a migration already had at its peak.
+ */
+const CHANNEL_SLABS = new SlabPool(CHANNEL_SLAB_BYTES, 16 * 1024 * 1024);
+
+/** The multifd channels' slabs in this process: allocated so far, and free in the pool now. */
+export function multifdSlabFigures(): { allocated: number; free: number } {
+  return { allocated: CHANNEL_SLABS.allocated, free: CHANNEL_SLABS.free.length };
+}
 
 /** A multifd channel's first bytes: its init packet naming the channel. */
 export function multifdInitPacket(channelId: number): Buffer {
@@ -190,6 +201,11 @@ export class MultifdSender {
 
   failed(): Promise<Error> {
     return Promise.race(this.channels.map((c) => c.out.failed()));
+  }
+
+  /** The migration is over: each channel's slabs go back to the shared pool (writer.ts release()). */
+  release(): void {
+    for (const c of this.channels) c.w.release();
   }
 
   destroy(): void {

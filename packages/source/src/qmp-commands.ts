@@ -6,6 +6,7 @@ import { QmpCommandError, registerMachineCommands, registerObjectCommands } from
 import { CONVERGENCE_PHASES, CONVERGENCE_REASONS, CONVERGENCE_STEPS, TARGET_PAGE_SIZE } from '@livemig/protocol';
 import { connectChannel, migrationUri, parseAddress, QMP_MIGRATION_CHANNELS, qmpEnum, QmpServer } from '@livemig/runtime';
 import type { SourceProcess } from './main.ts';
+import { slabFigures } from './migration.ts';
 
 /** Serve QMP on `address` for this process (sets proc.qmp). */
 export async function serveSourceQmp(proc: SourceProcess, address: string, name?: string): Promise<void> {
@@ -193,6 +194,8 @@ export function queryMigrate(proc: SourceProcess): Record<string, unknown> {
   }
   if (m.throttlePercent > 0) out['cpu-throttle-percentage'] = m.throttlePercent;
   out['x-progress'] = progress;
+  // livemig's: the send slabs this process has allocated and holds free (README "One RAM page").
+  out['x-slabs'] = slabFigures();
   if (convergence !== undefined) out['x-livemig-convergence'] = convergence;
   const vfio = m.guest.vfio;
   if (vfio !== undefined) {
