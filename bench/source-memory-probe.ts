@@ -13,7 +13,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { setTimeout as sleep } from 'node:timers/promises';
-import type { QmpClient } from '@livemig/runtime';
+import type { QmpClient } from '../packages/runtime/src/index.ts';
 import { type Child, connectQmp, DESTINATION_MAIN, incomingAddress, SOURCE_MAIN, startProcess } from '../packages/cli/src/demo.ts';
 
 const MIGRATIONS = Number(process.argv[2] ?? 12);

@@ -131,7 +131,7 @@ test('multifd: max-bandwidth holds for the channels too; a cancel leaves the sou
     assert.equal(destination.pattern.consistent, true, `pattern ${JSON.stringify(destination.pattern)}`);
   }));
 
-test('a source migrated again and again (one stream, multifd 2, multifd 4, three times over) reuses its send slabs: it allocates none after the first round', { timeout: 300_000 }, () =>
+test('a source migrated again and again (one stream, multifd 2, multifd 4, three times over) reuses its send slabs: what it allocates stops growing after the first round', { timeout: 300_000 }, () =>
   withHarness(async (h) => {
     const guest = ['--block', 'm0:32M', '--machine', 'none', '--qemu-devices-only'];
     const src = await h.source({ guest: [...guest, '--fill', 'random'], args: ['--capabilities', 'return-path'] });
@@ -163,5 +163,11 @@ test('a source migrated again and again (one stream, multifd 2, multifd 4, three
     }
     const [first, ...later] = allocatedAfterRound;
     assert.ok(first!.main > 0 && first!.multifd > 0, `slabs were used: ${JSON.stringify(first)}`);
-    for (const [i, a] of later.entries()) assert.deepEqual(a, first, `slabs allocated after round ${i + 2} (${JSON.stringify(a)}) as after round 1 (${JSON.stringify(first)})`);
+    // A later round that backs up further than the first may take a slab or two more; a slab lost per
+    // migration would take 6 more main slabs and 12 more multifd ones over the next two rounds.
+    for (const [i, a] of later.entries()) {
+      const seen = `after round ${i + 2}: ${JSON.stringify(a)}, after round 1: ${JSON.stringify(first)}`;
+      assert.ok(a.main <= first!.main + 2, `main-channel slabs allocated stop growing (${seen})`);
+      assert.ok(a.multifd <= first!.multifd + 4, `multifd slabs allocated stop growing (${seen})`);
+    }
   }));
