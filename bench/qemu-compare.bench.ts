@@ -141,6 +141,12 @@ interface MigrationFigures {
   /** Peak RSS (VmHWM) of the source and the destination, bytes. */
   sourcePeakRss: number;
   destinationPeakRss: number;
+  /**
+   * livemig: CPU time of each process's main thread from the migrate command to completion (ms),
+   * a figure that other processes' load on a shared machine moves far less than total-time.
+   */
+  sourceCpuMs?: number;
+  destinationCpuMs?: number;
 }
 
 interface MigrationInfo {
@@ -148,6 +154,17 @@ interface MigrationInfo {
   'total-time'?: number;
   downtime?: number;
   'error-desc'?: string;
+}
+
+/** CPU time a process's main thread has run so far (ms; NaN when it is gone). */
+function mainThreadCpuMs(pid: number | undefined): number {
+  if (pid === undefined) return NaN;
+  try {
+    // The first field is nanoseconds on a CPU.
+    return Number(readFileSync(`/proc/${pid}/task/${pid}/schedstat`, 'utf8').split(' ')[0]) / 1e6;
+  } catch {
+    return NaN;
+  }
 }
 
 function peakRss(pid: number | undefined): number {
@@ -309,12 +326,15 @@ export async function livemigMigrate(run: Run, kept?: KeptSource): Promise<Migra
     if (run.downtimeLimitMs !== undefined) params['downtime-limit'] = run.downtimeLimitMs;
     await sq.execute('migrate-set-parameters', params);
     if (run.downtimeLimitMs !== undefined) await sleep(300);
+    const cpuBefore = [mainThreadCpuMs(src.proc.pid), mainThreadCpuMs(dst.proc.pid)];
     await sq.execute('migrate', { uri });
     const t = await untilCompleted(sq, [...children, src]);
+    const sourceCpuMs = mainThreadCpuMs(src.proc.pid) - cpuBefore[0]!;
     // The destination's peak comes once it has loaded everything: wait for it to say completed.
     const until = Date.now() + 30_000;
     while (((await dq.execute('query-migrate')) as MigrationInfo).status !== 'completed' && Date.now() < until) await sleep(10);
-    return { ...t, sourcePeakRss: peakRss(src.proc.pid), destinationPeakRss: peakRss(dst.proc.pid) };
+    const destinationCpuMs = mainThreadCpuMs(dst.proc.pid) - cpuBefore[1]!;
+    return { ...t, sourcePeakRss: peakRss(src.proc.pid), destinationPeakRss: peakRss(dst.proc.pid), sourceCpuMs, destinationCpuMs };
   } finally {
     await stopAll(children, clients);
     await rm(dir, { recursive: true, force: true });
@@ -533,15 +553,24 @@ async function sizeSweep(fromRows: { size: string; figures: MigrationFigures[] }
     const bytes = parseSize(size);
     const reuse = parseSize(fromRows.size) === bytes && fromRows.figures.length > 0;
     const times = fromRows.figures.map((x) => x.totalMs).filter((x) => x > 0);
+    const medianOf = (xs: (number | undefined)[]): number => {
+      const have = xs.filter((x): x is number => x !== undefined && Number.isFinite(x));
+      return have.length > 0 ? summarize(have).median : NaN;
+    };
     const f: MigrationFigures = reuse
       ? {
           totalMs: times.length > 0 ? summarize(times).median : NaN,
           downtimeMs: NaN,
           sourcePeakRss: Math.max(...fromRows.figures.map((x) => x.sourcePeakRss)),
           destinationPeakRss: Math.max(...fromRows.figures.map((x) => x.destinationPeakRss)),
+          sourceCpuMs: medianOf(fromRows.figures.map((x) => x.sourceCpuMs)),
+          destinationCpuMs: medianOf(fromRows.figures.map((x) => x.destinationCpuMs)),
         }
       : await livemigMigrate({ qemuSource: [], qemuDestination: [], livemigGuest: ['--block', `m0:${size}`, '--machine', 'none', '--qemu-devices-only'], livemigFill: 'random', multifdChannels: 0 });
-    const from = reuse ? ` (from the one-stream row's ${fromRows.figures.length} runs: median time; the kept source's peak covers its multifd runs too)` : '';
+    const from = reuse ? ` (from the one-stream row's ${fromRows.figures.length} runs: median time and CPU; the kept source's peak covers its multifd runs too)` : '';
+    const gib = bytes / GiB;
+    const cpuPerGiB = (ms: number | undefined): string => (ms !== undefined && Number.isFinite(ms) ? (ms / gib).toFixed(0) : 'n/a');
+    const cpu = `main-thread CPU per GiB: source ${cpuPerGiB(f.sourceCpuMs)} ms, destination ${cpuPerGiB(f.destinationCpuMs)} ms`;
     const over = (rss: number): string => {
       const above = rss - baseline - bytes;
       return `RAM ${above >= 0 ? '+' : '−'} ${(Math.abs(above) / MiB).toFixed(0)} MiB${above <= 64 * MiB ? '' : ' (over RAM + 64 MiB)'}`;
@@ -554,7 +583,7 @@ async function sizeSweep(fromRows: { size: string; figures: MigrationFigures[] }
       continue;
     }
     perGiB.push(msPerGiB);
-    console.log(`    ${size.padStart(4)}: ${msPerGiB.toFixed(0)} ms/GiB; ${rss}${from}`);
+    console.log(`    ${size.padStart(4)}: ${msPerGiB.toFixed(0)} ms/GiB; ${cpu}; ${rss}${from}`);
   }
   if (perGiB.length < 2) {
     console.log(`    time per GiB across sizes: not judged (${perGiB.length} size(s) with a figure)`);

@@ -239,3 +239,59 @@ test('x509 over unix: without tls-hostname the source has no name to check and f
     await src.execute('migrate-set-parameters', { 'tls-hostname': 'localhost' });
     await assertMigrates({ src, dst });
   }));
+
+/**
+ * A TCP relay to `port` that holds the destination's first bytes (its side of the TLS handshake)
+ * until `holdMs` after the connection: connecting the source's channel takes at least that long.
+ */
+async function slowHandshakeRelay(port: number, holdMs: number): Promise<net.Server> {
+  const relay = net.createServer((client) => {
+    const opened = performance.now();
+    const server = net.connect(port, '127.0.0.1');
+    let hold: NodeJS.Timeout | undefined;
+    client.pipe(server);
+    server.once('data', (first) => {
+      server.pause();
+      hold = setTimeout(() => {
+        client.write(first);
+        server.pipe(client);
+        server.resume();
+      }, Math.max(0, holdMs - (performance.now() - opened)));
+    });
+    const close = (): void => {
+      clearTimeout(hold);
+      client.destroy();
+      server.destroy();
+    };
+    client.on('error', close).on('close', close);
+    server.on('error', close).on('close', close);
+  });
+  relay.listen(0, '127.0.0.1');
+  await new Promise((resolve) => relay.once('listening', resolve));
+  return relay;
+}
+
+test("total-time counts from the migrate command, the channel's TLS handshake included (QEMU's definition)", T, () =>
+  withHarness(async (h) => {
+    const HOLD_MS = 1500;
+    const p = await pair(h, psk(pskDir, 'server'), psk(pskDir, 'client'));
+    const relay = await slowHandshakeRelay(Number(/:(\d+)$/.exec(p.dst.incomingUri)![1]), HOLD_MS);
+    try {
+      const asked = performance.now();
+      await assertMigrates(p, `tcp:127.0.0.1:${(relay.address() as net.AddressInfo).port}`);
+      const seen = performance.now() - asked;
+      const info = await queryMigrate(p.src);
+      const total = info['total-time'] ?? NaN;
+      // The handshake alone took HOLD_MS, and total-time cannot exceed what this test saw.
+      assert.ok(total >= HOLD_MS, `total-time ${total} ms is shorter than the ${HOLD_MS} ms the channel took to connect`);
+      assert.ok(total <= seen + 1, `total-time ${total} ms is longer than the ${Math.round(seen)} ms from migrate to completed`);
+      // The timeline's clock is the same: the migration went active only once connected.
+      const timeline = (await p.src.execute('x-query-migration-timeline')) as { events: { t: number; kind: string; status?: string }[] };
+      const active = timeline.events.find((e) => e.kind === 'status' && e.status === 'active');
+      assert.ok(active !== undefined && active.t >= HOLD_MS, `the timeline shows status active at ${active?.t} ms, before the channel was connected (${HOLD_MS} ms)`);
+      // setup-time is QEMU's: from the migration thread's start, once connected.
+      assert.ok((info['setup-time'] ?? NaN) <= total - HOLD_MS + 1, `setup-time ${info['setup-time']} ms counts the connect`);
+    } finally {
+      relay.close();
+    }
+  }));

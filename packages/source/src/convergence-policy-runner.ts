@@ -47,7 +47,8 @@ export class ConvergencePolicyRunner {
 
   constructor(m: OutgoingMigration) {
     this.#m = m;
-    this.#policy = new ConvergencePolicy(m.startTime, m.guest.ram.totalBytes);
+    // Its timeouts count from the connection, as before total-time took in the connect.
+    this.#policy = new ConvergencePolicy(m.connectedAt, m.guest.ram.totalBytes);
   }
 
   /** One turn: a decision, if one is due, is reported and then carried out. */
@@ -83,7 +84,7 @@ export class ConvergencePolicyRunner {
       decisions: policy.decisions,
       'downtime-limit': p['downtime-limit'],
       'no-progress-ms': Math.round(policy.sinceProgressMs(now)),
-      ...(deadline === undefined ? {} : { 'completion-deadline-ms': Math.round(deadline - m.startTime) }),
+      ...(deadline === undefined ? {} : { 'completion-deadline-ms': Math.round(deadline - m.connectedAt) }),
     };
   }
 }

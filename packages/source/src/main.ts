@@ -129,6 +129,8 @@ export class SourceProcess {
   migrate(uri: string, failureLevel: 'info' | 'error' = 'info'): Promise<OutgoingMigration | undefined> {
     if (typeof uri !== 'string') throw new QmpCommandError("Parameter 'uri' is missing");
     if (this.running()) throw new QmpCommandError('There is a migration process in progress');
+    // total-time counts from the command, connecting included, as QEMU's does.
+    const requestedAt = performance.now();
     const address = parseAddress(uri);
     const settings = this.settings;
     // Refusals come before anything starts: the next migrate or set-capabilities must not be blocked.
@@ -229,6 +231,7 @@ export class SourceProcess {
           postcopyRequested: this.postcopyWanted,
           ...(cprCommand === undefined || sharedRam === undefined ? {} : { cprExec: { exec: () => sharedRam.exec(cprCommand) } }),
           log,
+          requestedAt,
           events: {
             status: (s) => {
               this.timeline?.statusChanged(s);

@@ -114,6 +114,11 @@ export interface OutgoingOptions {
   events: MigrationEvents;
   log: MigrationLog;
   now?: () => number;
+  /**
+   * When `migrate` was issued (on `now`'s clock), before the channels were connected: total-time
+   * counts from here, as QEMU's does (migrate_init). Default: when this object is made.
+   */
+  requestedAt?: number;
 }
 
 export interface MigrationInfoRam {
@@ -162,7 +167,10 @@ export function slabFigures(): Record<string, number> {
 export class OutgoingMigration {
   /** The machine's state: every decision about the migration's course is made from it. */
   state: SourceState;
+  /** When `migrate` was issued: total-time runs from here to the final state, as QEMU's does. */
   readonly startTime: number;
+  /** When the channels were connected and this migration began sending (setup-time, the meters). */
+  readonly connectedAt: number;
   setupTime = 0;
   totalTime = 0;
   downtime = 0;
@@ -212,8 +220,9 @@ export class OutgoingMigration {
     this.o = options;
     this.guest = options.guest;
     this.now = options.now ?? (() => performance.now());
-    this.startTime = this.now();
-    this.lastProgressAt = this.startTime;
+    this.connectedAt = this.now();
+    this.startTime = Math.min(options.requestedAt ?? this.connectedAt, this.connectedAt);
+    this.lastProgressAt = this.connectedAt;
     this.channel = options.channel;
     this.out = this.streamOut(options.channel);
     const p = options.parameters;
@@ -230,9 +239,9 @@ export class OutgoingMigration {
     this.others = (options.guest.vfio === undefined ? [] : [options.guest.vfio]).map((dev, i) => ({ dev, sectionId: RAM_SECTION_ID + 1 + i }));
     // switchover-ack: the VFIO device marks the end of its initial data for the destination's ack.
     if (options.guest.vfio !== undefined) options.guest.vfio.initDataMarker = options.capabilities['switchover-ack'];
-    this.limiter = new RateLimiter(p['max-bandwidth'], this.startTime);
-    this.meter = new BandwidthMeter(this.startTime);
-    this.converge = new AutoConverge(this.startTime);
+    this.limiter = new RateLimiter(p['max-bandwidth'], this.connectedAt);
+    this.meter = new BandwidthMeter(this.connectedAt);
+    this.converge = new AutoConverge(this.connectedAt);
     const returnPath = options.capabilities['return-path'] || options.capabilities['postcopy-ram'];
     this.switchoverCost = new SwitchoverCostMeter(returnPath);
     const blocks = options.guest.ram.blocks;
@@ -507,7 +516,8 @@ export class OutgoingMigration {
     try {
       if (this.returnPath !== undefined) this.returnPath.attach(this.channel);
       await this.precopy.setup();
-      this.setupTime = this.now() - this.startTime;
+      // As QEMU's setup-time: from the migration thread's start (connected), not from the command.
+      this.setupTime = this.now() - this.connectedAt;
       this.dispatch({ type: 'setupSent' });
       if ((await this.precopy.iterate()) === 'postcopy') await this.postcopy.run();
       else await this.precopy.complete();

@@ -74,7 +74,7 @@ export class Precopy {
 
   constructor(m: OutgoingMigration) {
     this.m = m;
-    this.lastSyncTime = m.startTime;
+    this.lastSyncTime = m.connectedAt;
   }
 
   async setup(): Promise<void> {
