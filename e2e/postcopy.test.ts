@@ -54,6 +54,8 @@ test('postcopy with the destination guest running: its vCPU faults pull pages on
     const { src, dst } = await postcopyPair(h, { guest: GUEST });
     await sleep(300); // let the workload dirty memory first
     await migrateIntoPostcopy(src, dst, dst.incomingUri);
+    // The guest starts at POSTCOPY_RUN, a moment after postcopy-active (LISTEN): its RESUME says so.
+    await dst.waitForEvent('RESUME', undefined, 10_000);
     assert.equal(await queryStatus(dst), 'running', 'the destination guest runs during postcopy (no -S)');
     const { src: s, dst: d } = await waitBothCompleted(src, dst);
 

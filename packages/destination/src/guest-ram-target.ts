@@ -58,8 +58,10 @@ export class GuestRamTarget implements RamTarget {
   pagePlaced(streamBlock: number, pageOffset: number): void {
     const block = this.blockMap[streamBlock]!;
     const page = pageOffset / TARGET_PAGE_SIZE;
-    // vCPUs are woken once per read (wakeWaiters), not per page.
+    // A futex wake per page would cost more than the copy: a vCPU is woken for the one page it
+    // waits for (a load per vCPU here), the rest once per read (wakeWaiters).
     this.guest.ram.setReceived(block, page);
+    this.guest.ram.wakeWaiterOf(block, page);
     if (block === 0) {
       this.ledger.requested.delete(page);
       if (this.tracksHead) this.ledger.mainHead = page;

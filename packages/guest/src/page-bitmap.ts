@@ -33,3 +33,13 @@ export function wakeArrived(received: Int32Array, waiting: Int32Array, slots: nu
     if (p >= 0 && isPageReceived(received, p)) Atomics.notify(received, p >> 5);
   }
 }
+
+/**
+ * Wake the vCPU that waits for this very page, if one does (after its received bit was set): a
+ * page placed early in a long run of them need not wait for the run's end and its wakeArrived.
+ * Returns how many threads the wake reached (0 when no vCPU waits for the page).
+ */
+export function wakeWaiterOf(received: Int32Array, waiting: Int32Array, slots: number, page: number): number {
+  for (let i = 0; i < slots; i++) if (Atomics.load(waiting, i) === page + 1) return Atomics.notify(received, page >> 5);
+  return 0;
+}

@@ -10,7 +10,7 @@
 
 import { TARGET_PAGE_SIZE } from '@livemig/protocol';
 import { GuestConfigError } from './errors.ts';
-import { claimPage, isPageReceived, setPageReceived, wakeArrived } from './page-bitmap.ts';
+import { claimPage, isPageReceived, setPageReceived, wakeArrived, wakeWaiterOf } from './page-bitmap.ts';
 
 export interface BlockConfig {
   idstr: string;
@@ -150,6 +150,12 @@ export class GuestRam {
    */
   setStreamHead(blockIndex: number, page: number): void {
     Atomics.store(this.blocks[blockIndex]!.waiting, STREAM_HEAD_SLOT, page + 1);
+  }
+
+  /** Wake the vCPU waiting for this page, if any (after setReceived; see wakeWaiterOf). */
+  wakeWaiterOf(blockIndex: number, page: number): number {
+    const b = this.blocks[blockIndex]!;
+    return wakeWaiterOf(b.received, b.waiting, this.waiterSlots, page);
   }
 
   /** Wake every vCPU whose page has arrived (after setReceived; see wakeArrived). */

@@ -1,10 +1,11 @@
 // Postcopy wake-ups: pages are placed with setReceived (no wake per page) and vCPUs are woken by
-// wakeWaiters once per read. A vCPU must wake as soon as its own page is there (well before its
+// wakeWaiters once per read, or by wakeWaiterOf as the very page one waits for is placed. A vCPU must wake as soon as its own page is there (well before its
 // 100 ms wait timeout) and must not run on while it is missing. Real vCPU worker threads.
 
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { Worker } from 'node:worker_threads';
 import { GuestRam, parseWorkload, VcpuSet } from '../src/index.ts';
 
 const PAGES = 256;
@@ -124,4 +125,33 @@ test('claimPage: two threads placing the same pages each win a page at most once
   }
   assert.equal(both, 0, 'no page claimed twice');
   assert.equal(none, 0, 'every missing page claimed exactly once, no received one');
+});
+
+test('wakeWaiterOf wakes the thread waiting for that very page, and no one for another page of its word', { timeout: 30_000 }, async () => {
+  const ram = new GuestRam([{ idstr: 'm', length: 64 * 4096 }]);
+  ram.waiterSlots = 1;
+  const b = ram.blocks[0]!;
+  const page = 37;
+  Atomics.store(b.waiting, 0, page + 1);
+  // Both pages are placed first: the thread then sleeps on the word as it is, with no timeout,
+  // and only a notify wakes it.
+  ram.setReceived(0, page + 1);
+  ram.setReceived(0, page);
+  const sleeper = new Worker(
+    `const { workerData: r, parentPort } = require('node:worker_threads'); parentPort.postMessage(Atomics.wait(r, ${page >> 5}, Atomics.load(r, ${page >> 5})));`,
+    { eval: true, workerData: b.received },
+  );
+  try {
+    const woke = new Promise((resolve) => sleeper.once('message', resolve));
+    assert.equal(ram.wakeWaiterOf(0, page + 1), 0, 'nobody waits for the neighbour');
+    // Until the thread is asleep there is nobody to wake: ask again until the wake reaches it.
+    const until = Date.now() + 10_000;
+    while (ram.wakeWaiterOf(0, page) === 0) {
+      assert.ok(Date.now() < until, 'the wake never reached the sleeping thread');
+      await sleep(5);
+    }
+    assert.equal(await woke, 'ok', 'woken by the notify');
+  } finally {
+    await sleeper.terminate();
+  }
 });

@@ -31,6 +31,14 @@ import { BATCH_BYTES, MAX_ITERATION_MS, yieldToIo } from './precopy.ts';
 const PACKAGE_SLAB_BYTES = 64 * 1024;
 /** Background batches are small: a request arriving meanwhile waits at most one batch. */
 const BACKGROUND_BATCH_BYTES = BATCH_BYTES / 4;
+/**
+ * After the switch, background pages wait this long at most for the destination's first page
+ * request. Sent before it, they would come from wherever precopy's scan had got to, and fill the
+ * connection's buffers (megabytes on loopback) ahead of the pages around the guest's first
+ * fault, where the scan jumps: the guest would fault page after page, each a round trip, until
+ * that backlog drained. A guest that does not fault meanwhile loses this much of the link.
+ */
+const FIRST_REQUEST_WAIT_MS = 100;
 
 export class PostcopySender {
   private readonly m: OutgoingMigration;
@@ -109,6 +117,7 @@ export class PostcopySender {
     writePing(w, 4);
     await m.flush();
     m.o.log.info({ ms: Math.round(m.now() - m.startTime), dirtyPages: m.ram.dirtyPages }, 'postcopy started');
+    await this.firstRequest();
     await this.loop();
   }
 
@@ -134,6 +143,20 @@ export class PostcopySender {
         m.w.recycle(m.w.flush());
         if (m.state.status === 'postcopy-active') throw err;
       }
+    }
+  }
+
+  /** Wait (FIRST_REQUEST_WAIT_MS at most) until a page request came, on the return path or to the page server. */
+  private async firstRequest(): Promise<void> {
+    const m = this.m;
+    const until = m.now() + FIRST_REQUEST_WAIT_MS;
+    // The page server counts the requests it took on its own connection; the main thread is not
+    // told of them one by one, so it looks every millisecond. A keepalive PING due meanwhile goes
+    // with the first batch: this wait is far shorter than the destination's keepalive timeout.
+    while (this.requestCount === 0 && (this.pageServer?.requests ?? 0) === 0 && m.state.status === 'postcopy-active') {
+      const left = until - m.now();
+      if (left <= 0) return;
+      await m.watch.next(Math.min(1, left));
     }
   }
 
