@@ -9,9 +9,9 @@
 //   - reading only the record headers: one 16-byte pread per 4,104-byte page record (what seeking
 //     past page payloads, as the script does, costs in Node), against reading every byte.
 // NODE_EXTRA_CA_CERTS, when set, makes every Node process parse that certificate file before it runs
-// any JavaScript. `livemig analyze` is run as users run it, through the bin, which drops that
-// variable for `analyze`; Node's start-up and `node dist/main.js analyze --dump state` (which
-// parses the file) are measured with it too, and said so.
+// any JavaScript. `livemig` is run as users run it, through the bin, which drops that variable for
+// `analyze`; Node's start-up and `node dist/main.cjs analyze --dump state` (the same but for
+// parsing that file) are measured with it too, and said so.
 // The stream is QEMU 7.2's `migrate exec:cat > FILE` of a stopped 512 MiB guest of random bytes
 // (so the script can read it too), or livemig's own `file:` migration when QEMU is missing.
 // LIVEMIG_BENCH_STREAM=FILE analyzes that file instead of making one. A livemig stream of a
@@ -37,7 +37,7 @@ const MiB = 2 ** 20;
 const GiB = 2 ** 30;
 const GUEST_BYTES = 512 * MiB;
 const reps = Number(process.env['LIVEMIG_BENCH_REPS'] ?? 3);
-const CLI_MAIN = join(repoRoot, 'packages/cli/dist/main.js');
+const CLI_MAIN = join(repoRoot, 'packages/cli/dist/main.cjs');
 /** The `livemig` command as pnpm links it (sh, then Node: see the file). */
 const CLI_BIN = join(repoRoot, 'packages/cli/bin/livemig.js');
 const QEMU = process.env['LIVEMIG_QEMU'] ?? 'qemu-system-x86_64';
@@ -261,7 +261,7 @@ export async function analyzeBench(): Promise<void> {
     const commands: Record<string, string[]> = {
       node: [process.execPath, '-e', '0'],
       python: ['python3', '-c', '0'],
-      help: [process.execPath, CLI_MAIN, '--help'],
+      help: [CLI_BIN, '--help'],
       read: [process.execPath, '-e', READ_JS, file],
       preads: [process.execPath, '-e', PREAD_HEADERS_JS, file],
       ceiling: [process.execPath, '-e', CEILING_JS, file],
@@ -299,7 +299,7 @@ export async function analyzeBench(): Promise<void> {
     }
     if (extraCa) {
       console.log(`  NODE_EXTRA_CA_CERTS is set: every Node process parses it at start-up (the bin drops it for analyze). Without it: node -e 0 ${up('nodeNoCa')}`);
-      line('node main.js --dump state, CA parsed', got('stateCa'), bytes, py === undefined || m['py'] instanceof Error ? '' : `  = ${(got('py').seconds.median / got('stateCa').seconds.median).toFixed(1)}× faster than analyze-migration.py (CPU ${(got('py').cpuSeconds.median / got('stateCa').cpuSeconds.median).toFixed(1)}×)`);
+      line('node main.cjs --dump state, CA parsed', got('stateCa'), bytes, py === undefined || m['py'] instanceof Error ? '' : `  = ${(got('py').seconds.median / got('stateCa').seconds.median).toFixed(1)}× faster than analyze-migration.py (CPU ${(got('py').cpuSeconds.median / got('stateCa').cpuSeconds.median).toFixed(1)}×)`);
     }
     if (process.env['LIVEMIG_BENCH_VFIO'] !== '0') {
       const lm = join(dir, 'livemig-vfio.mig');

@@ -105,7 +105,7 @@ describe('livemig analyze on the QEMU 7.2 streams', { skip: fixturesMissing() },
     });
   }
 
-  it('the one-file build of analyze (dist/analyze-bundle.js, what main.js loads) prints what its ES modules print', async () => {
+  it('the one-file build of analyze (dist/analyze-bundle.js, what the command loads) prints what its ES modules print', async () => {
     assert.ok(existsSync(resolve(here, '../dist/analyze-bundle.js')), 'tsc -b writes dist/analyze-bundle.js');
     const file = join(fixtureDir, 'pc-q35-7.2-64m.mig');
     // The ES modules, imported in a child of their own.
