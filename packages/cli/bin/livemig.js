@@ -1,5 +1,5 @@
 #!/bin/sh
-':' //; [ "$1" = analyze ] && unset NODE_EXTRA_CA_CERTS; exec node "$(dirname "$(readlink -f "$0")")/../dist/main.cjs" "$@"
+':' //; [ "$1" = analyze ] && unset NODE_EXTRA_CA_CERTS; f=$0; [ -L "$f" ] && f=$(readlink -f "$f"); case $f in */*) ;; *) f=./$f;; esac; exec node "${f%/*}/../dist/main.cjs" "$@"
 // The `livemig` command, read by sh, which runs the line above (to Node a string and a comment):
 // `analyze` opens no connection, so Node need not parse a NODE_EXTRA_CA_CERTS file at start
 // (~35 ms here); every other command keeps it. Node then runs dist/main.cjs, CommonJS, without
