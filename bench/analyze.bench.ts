@@ -10,8 +10,8 @@
 //     past page payloads, as the script does, costs in Node), against reading every byte.
 // NODE_EXTRA_CA_CERTS, when set, makes every Node process parse that certificate file before it runs
 // any JavaScript. `livemig` is run as users run it, through the bin, which drops that variable for
-// `analyze`; Node's start-up and `node dist/main.cjs analyze --dump state` (the same but for
-// parsing that file) are measured with it too, and said so.
+// `analyze`, and so are the ceilings it is set against; Node's start-up and `node dist/main.cjs
+// analyze --dump state` (the same but for parsing that file) are measured with it too, and said so.
 // The stream is QEMU 7.2's `migrate exec:cat > FILE` of a stopped 512 MiB guest of random bytes
 // (so the script can read it too), or livemig's own `file:` migration when QEMU is missing.
 // LIVEMIG_BENCH_STREAM=FILE analyzes that file instead of making one. A livemig stream of a
@@ -258,13 +258,14 @@ export async function analyzeBench(): Promise<void> {
     const py = findAnalyzeMigrationPy();
     const extraCa = process.env['NODE_EXTRA_CA_CERTS'] !== undefined;
     console.log(`analyze: ${(bytes / MiB).toFixed(0)} MiB stream (${origin}), median of ${reps} [min-max], all commands run in turn`);
+    const noCa = extraCa ? WITHOUT_EXTRA_CA : [];
     const commands: Record<string, string[]> = {
       node: [process.execPath, '-e', '0'],
       python: ['python3', '-c', '0'],
       help: [CLI_BIN, '--help'],
-      read: [process.execPath, '-e', READ_JS, file],
-      preads: [process.execPath, '-e', PREAD_HEADERS_JS, file],
-      ceiling: [process.execPath, '-e', CEILING_JS, file],
+      read: [...noCa, process.execPath, '-e', READ_JS, file],
+      preads: [...noCa, process.execPath, '-e', PREAD_HEADERS_JS, file],
+      ceiling: [...noCa, process.execPath, '-e', CEILING_JS, file],
       state: [CLI_BIN, 'analyze', file, '--dump', 'state'],
       analyze: [CLI_BIN, 'analyze', file],
       ...(py === undefined ? {} : { py: ['python3', py, '-f', file] }),
