@@ -9,7 +9,6 @@
 // in memory, and device sections are found by their footers (cross-checked against the
 // VMDESCRIPTION when it arrives at the end).
 
-import { createRequire } from 'node:module';
 import { join } from 'node:path';
 import type { Readable } from 'node:stream';
 import {
@@ -43,9 +42,9 @@ const FILE_READ_BYTES = 1024 * 1024;
 const READ_CHUNK = 1024 * 1024;
 const GZIP_MAGIC = [0x1f, 0x8b] as const;
 
-// node:fs through require: an ESM import of it reads all its exports, which loads the whole
+// node:fs as a builtin, not an ESM import: that reads all its exports, which loads the whole
 // stream stack for fs.ReadStream (~0.8 MiB of RSS and a few ms), and a file is read without streams.
-const { closeSync, createReadStream, fstatSync, mkdirSync, openSync, readSync, statSync, writeSync } = createRequire(import.meta.url)('node:fs') as typeof import('node:fs');
+const { closeSync, createReadStream, fstatSync, mkdirSync, openSync, readSync, statSync, writeSync } = process.getBuiltinModule('node:fs');
 
 export interface AnalyzeOptions {
   /** File path, or '-' for standard input. */
@@ -78,8 +77,8 @@ function isGzipFile(path: string): boolean {
 }
 
 /** zlib is loaded for gzip input only (its loading costs as much as decoding a large plain file). */
-async function createGunzip(): Promise<import('node:zlib').Gunzip> {
-  return (await import('node:zlib')).createGunzip();
+function createGunzip(): import('node:zlib').Gunzip {
+  return process.getBuiltinModule('node:zlib').createGunzip();
 }
 
 /** The VMDESCRIPTION at the end of a plain file: the last 256 KiB looked at first, then up to 16 MiB. */
@@ -100,7 +99,7 @@ async function readGzipTail(path: string): Promise<{ tail: Buffer; tailOffset: n
   const parts: Buffer[] = [];
   let kept = 0;
   let total = 0;
-  for await (const chunk of createReadStream(path, { highWaterMark: READ_CHUNK }).pipe(await createGunzip()) as AsyncIterable<Buffer>) {
+  for await (const chunk of createReadStream(path, { highWaterMark: READ_CHUNK }).pipe(createGunzip()) as AsyncIterable<Buffer>) {
     parts.push(chunk);
     kept += chunk.length;
     total += chunk.length;
@@ -145,7 +144,7 @@ async function* maybeGunzip(source: AsyncIterable<Buffer>, onGzip: () => void): 
   const rest = { [Symbol.asyncIterator]: () => it };
   if (head.length >= 2 && head[0] === GZIP_MAGIC[0] && head[1] === GZIP_MAGIC[1]) {
     onGzip();
-    const gunzip = await createGunzip();
+    const gunzip = createGunzip();
     const feed = (async () => {
       try {
         gunzip.write(head);

@@ -105,6 +105,48 @@ describe('livemig analyze on the QEMU 7.2 streams', { skip: fixturesMissing() },
     });
   }
 
+  it('the one-file build of analyze (dist/analyze-bundle.js, what the command loads) prints what its ES modules print', async () => {
+    assert.ok(existsSync(resolve(here, '../dist/analyze-bundle.js')), 'tsc -b writes dist/analyze-bundle.js');
+    const file = join(fixtureDir, 'pc-q35-7.2-64m.mig');
+    // The ES modules, imported in a child of their own.
+    const viaModules = (dumpState: boolean): Promise<string> => {
+      const script = `import { analyzeInput, humanReport, jsonReport, stateDumpText } from ${JSON.stringify(resolve(here, '../dist/analyze.js'))};
+        const r = await analyzeInput({ input: process.argv[1], dumpState: ${dumpState} });
+        process.stdout.write(${dumpState} ? stateDumpText(r.state) : humanReport(r.report, process.argv[1]) + JSON.stringify(jsonReport(r.report)) + '\\n');
+        r.close();`;
+      return new Promise((res, rej) =>
+        execFile(process.execPath, ['--input-type=module', '-e', script, file], { timeout: CHILD_TIMEOUT_MS, maxBuffer: 64 << 20 }, (e, out) => (e === null ? res(out) : rej(e))),
+      );
+    };
+    const state = await livemig(['analyze', file, '--dump', 'state']);
+    assert.equal(state.status, 0, state.stderr);
+    assert.equal(state.stdout, await viaModules(true));
+    const human = await livemig(['analyze', file]);
+    const json = await livemig(['analyze', file, '--json']);
+    assert.equal(human.status, 0, human.stderr);
+    assert.equal(human.stdout + json.stdout, await viaModules(false));
+  });
+
+  it('the livemig bin runs analyze without NODE_EXTRA_CA_CERTS and every other command with it, --help unchanged', async () => {
+    const bin = resolve(here, '../bin/livemig.js');
+    const preload = join(tmp, 'show-extra-ca.cjs');
+    writeFileSync(preload, "process.stderr.write('NODE_EXTRA_CA_CERTS=' + (process.env.NODE_EXTRA_CA_CERTS ?? '(unset)') + '\\n');\n");
+    const run = (args: string[]): Promise<Ran> =>
+      new Promise((res, rej) =>
+        execFile(bin, args, { timeout: CHILD_TIMEOUT_MS, env: { ...process.env, NODE_EXTRA_CA_CERTS: join(tmp, 'no-such-ca.pem'), NODE_OPTIONS: `--require ${preload}` } }, (e, stdout, stderr) =>
+          e !== null && typeof e.code !== 'number' ? rej(e) : res({ status: e === null ? 0 : (e.code as number), stdout, stderr }),
+        ),
+      );
+    const analyze = await run(['analyze', join(fixtureDir, 'none-m0-64m.mig'), '--dump', 'state']);
+    assert.equal(analyze.status, 0, analyze.stderr);
+    assert.match(analyze.stderr, /^NODE_EXTRA_CA_CERTS=\(unset\)$/m);
+    assert.equal(analyze.stdout, (await livemig(['analyze', join(fixtureDir, 'none-m0-64m.mig'), '--dump', 'state'])).stdout);
+    const help = await run(['--help']);
+    assert.equal(help.status, 0, help.stderr);
+    assert.match(help.stderr, new RegExp(`^NODE_EXTRA_CA_CERTS=${join(tmp, 'no-such-ca.pem').replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}$`, 'm'));
+    assert.equal(help.stdout, (await livemig(['--help'])).stdout);
+  });
+
   it('--dump state of a stream without VMDESCRIPTION: one line naming the problem, exit 2', async () => {
     const r = await livemig(['analyze', join(fixtureDir, 'live-tcp-postcopy-requests-32m.mig'), '--dump', 'state']);
     assert.equal(r.status, 2);

@@ -3,22 +3,20 @@
 // state` spends decoding a 512 MiB stream, which needs neither (it hashes nothing, and only
 // compressed pages need zlib).
 
-import { createRequire } from 'node:module';
 import type { Hash } from 'node:crypto';
 
-const require = createRequire(import.meta.url);
 let crypto: typeof import('node:crypto') | undefined;
 let zlib: typeof import('node:zlib') | undefined;
 
 export type { Hash };
 
 export function createSha256(): Hash {
-  crypto ??= require('node:crypto') as typeof import('node:crypto');
+  crypto ??= process.getBuiltinModule('node:crypto');
   return crypto.createHash('sha256');
 }
 
 /** zlib's inflateSync, refusing output past `maxOutputLength` bytes. */
 export function inflateSync(data: Uint8Array, maxOutputLength: number): Buffer {
-  zlib ??= require('node:zlib') as typeof import('node:zlib');
+  zlib ??= process.getBuiltinModule('node:zlib');
   return zlib.inflateSync(data, { maxOutputLength });
 }
