@@ -192,7 +192,8 @@ async function untilCompleted(source: QmpClient, children: Child[]): Promise<{ t
   throw new Error(`migration ${info.status}: ${info['error-desc'] ?? ''}\n${children.map((c) => `${c.name}: ${c.log.join('').slice(-2000)}`).join('\n')}`);
 }
 
-async function stopAll(children: Child[], clients: QmpClient[]): Promise<void> {
+/** Close the QMP clients, then stop each child: SIGTERM, SIGKILL after 3 s, each wait bounded. */
+export async function stopAll(children: Child[], clients: QmpClient[]): Promise<void> {
   for (const c of clients) await c.close().catch(() => {});
   for (const c of children) {
     if (c.proc.exitCode !== null || c.proc.signalCode !== null) continue;

@@ -14,6 +14,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { QmpClient } from '../packages/runtime/src/index.ts';
+import { stopAll } from './qemu-compare.bench.ts';
 import { type Child, connectQmp, DESTINATION_MAIN, incomingAddress, SOURCE_MAIN, startProcess } from '../packages/cli/src/demo.ts';
 
 const MIGRATIONS = Number(process.argv[2] ?? 12);
@@ -37,19 +38,6 @@ interface Sample {
   handles: number;
   handleKinds: Record<string, number>;
   snapshot?: string;
-}
-
-async function stop(children: Child[], clients: QmpClient[]): Promise<void> {
-  for (const c of clients) await c.close().catch(() => {});
-  for (const c of children) {
-    if (c.proc.exitCode !== null || c.proc.signalCode !== null) continue;
-    const exited = new Promise((r) => c.proc.once('exit', r));
-    c.proc.kill('SIGTERM');
-    if ((await Promise.race([exited.then(() => true), sleep(3_000).then(() => false)])) === false) {
-      c.proc.kill('SIGKILL');
-      await Promise.race([exited, sleep(5_000)]);
-    }
-  }
 }
 
 /** Ask the source for one sample (SIGUSR2 → the hook appends a line) and wait for it (bounded). */
@@ -90,7 +78,7 @@ async function migrateOnce(sq: QmpClient, channels: number, guestArgs: string[])
     const slabs = Object.entries((info['x-slabs'] ?? {}) as Record<string, number>).map(([k, v]) => `${k} ${v}`).join(', ');
     return { ms: Number(info['total-time']), slabs };
   } finally {
-    await stop(children, clients);
+    await stopAll(children, clients);
     await rm(dir, { recursive: true, force: true });
   }
 }
@@ -118,7 +106,7 @@ async function main(): Promise<void> {
       print(`${i} ${channels === 0 ? 'stream' : `multifd ${channels}`}`, await sample(src, out, i + 1), m);
     }
   } finally {
-    await stop([src], sq === undefined ? [] : [sq]);
+    await stopAll([src], sq === undefined ? [] : [sq]);
     if (process.env['LIVEMIG_MEMORY_PROBE_SNAPSHOTS'] === undefined) await rm(dir, { recursive: true, force: true });
     else console.log(`samples and snapshots kept in ${dir}`);
   }
