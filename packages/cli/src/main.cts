@@ -147,6 +147,19 @@ function loadAnalyzeBundle(): typeof import('./analyze.ts') | undefined {
     if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
     throw err;
   }
+  // Only the root tsc -b rewrites this file: after `tsc -b packages/cli` (or protocol) alone it
+  // would run older code than the ES modules beside it. Its module ids (its define calls, read
+  // before it runs) are the sources' paths under packages/; one of them newer than its last
+  // build means it is stale (~30 stats, ~0.1 ms). Its build info says when tsc last built it:
+  // the file itself keeps its old time when its text came out the same.
+  const fs = process.getBuiltinModule('node:fs');
+  const path = process.getBuiltinModule('node:path');
+  const builtAt = (fs.statSync(file.replace(/\.js$/, '.tsbuildinfo'), { throwIfNoEntry: false }) ?? fs.statSync(file)).mtimeMs;
+  const packages = path.join(__dirname, '..', '..');
+  for (const [, id] of source.matchAll(/\bdefine\("([^"]+)"/g)) {
+    const changedAt = fs.statSync(path.join(packages, `${id}.ts`), { throwIfNoEntry: false })?.mtimeMs;
+    if (changedAt !== undefined && changedAt > builtAt) return undefined;
+  }
   const defined = new Map<string, { deps: string[]; factory: AmdFactory }>();
   const loaded = new Map<string, object>();
   const requireModule = (id: string): object => {
@@ -164,19 +177,6 @@ function loadAnalyzeBundle(): typeof import('./analyze.ts') | undefined {
   // Wrapped on its first line, so that its line numbers in stack traces stay the file's own.
   const run = process.getBuiltinModule('node:vm').runInThisContext(`(function (define) {${source}\n})`, { filename: file }) as (d: typeof define) => void;
   run(define);
-  // Only the root tsc -b rewrites this file: after `tsc -b packages/cli` (or protocol) alone it
-  // would run older code than the ES modules beside it. Its module ids are the sources' paths
-  // under packages/; one of them newer than its last build means it is stale (~30 stats, ~0.1
-  // ms). Its build info says when tsc last built it: the file itself keeps its old time when
-  // its text came out the same.
-  const fs = process.getBuiltinModule('node:fs');
-  const path = process.getBuiltinModule('node:path');
-  const builtAt = (fs.statSync(file.replace(/\.js$/, '.tsbuildinfo'), { throwIfNoEntry: false }) ?? fs.statSync(file)).mtimeMs;
-  const packages = path.join(__dirname, '..', '..');
-  for (const id of defined.keys()) {
-    const changedAt = fs.statSync(path.join(packages, `${id}.ts`), { throwIfNoEntry: false })?.mtimeMs;
-    if (changedAt !== undefined && changedAt > builtAt) return undefined;
-  }
   return requireModule('cli/src/analyze') as typeof import('./analyze.ts');
 }
 

@@ -9,7 +9,7 @@
 import assert from 'node:assert/strict';
 import { execFile, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { createReadStream, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { createReadStream, existsSync, mkdtempSync, readFileSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { after, describe, it } from 'node:test';
@@ -125,6 +125,39 @@ describe('livemig analyze on the QEMU 7.2 streams', { skip: fixturesMissing() },
     const json = await livemig(['analyze', file, '--json']);
     assert.equal(human.status, 0, human.stderr);
     assert.equal(human.stdout + json.stdout, await viaModules(false));
+  });
+
+  it('the one-file build is left for the ES modules when a source it holds is newer than its last build', async () => {
+    const buildInfo = resolve(here, '../dist/analyze-bundle.tsbuildinfo');
+    assert.ok(existsSync(buildInfo), 'tsc -b writes the one-file build and its build info');
+    // A preload that says when the command runs the one-file build (main.cts hands it to vm).
+    const preload = join(tmp, 'show-bundle.cjs');
+    writeFileSync(
+      preload,
+      "const vm = require('node:vm'); const run = vm.runInThisContext;\n" +
+        "vm.runInThisContext = function (code, options) { if (String(options && options.filename).endsWith('analyze-bundle.js')) process.stderr.write('one-file build loaded\\n'); return run.apply(this, arguments); };\n",
+    );
+    const file = join(fixtureDir, 'none-m0-64m.mig');
+    const run = (): Promise<Ran> =>
+      new Promise((res, rej) =>
+        execFile(process.execPath, ['--require', preload, MAIN, 'analyze', file, '--dump', 'state'], { timeout: CHILD_TIMEOUT_MS, maxBuffer: 64 << 20 }, (e, stdout, stderr) =>
+          e !== null && typeof e.code !== 'number' ? rej(e) : res({ status: e === null ? 0 : (e.code as number), stdout, stderr }),
+        ),
+      );
+    const fresh = await run();
+    assert.equal(fresh.status, 0, fresh.stderr);
+    assert.match(fresh.stderr, /^one-file build loaded$/m, 'a fresh build is used');
+    const { atime, mtime } = statSync(buildInfo);
+    try {
+      // As if the sources had changed since its last build (tsc -b of one package alone).
+      utimesSync(buildInfo, atime, new Date(0));
+      const stale = await run();
+      assert.equal(stale.status, 0, stale.stderr);
+      assert.doesNotMatch(stale.stderr, /one-file build loaded/, 'a stale build is not used');
+      assert.equal(stale.stdout, fresh.stdout);
+    } finally {
+      utimesSync(buildInfo, atime, mtime);
+    }
   });
 
   it('the livemig bin runs analyze without NODE_EXTRA_CA_CERTS and every other command with it, --help unchanged', async () => {
