@@ -145,7 +145,7 @@ export class BatchWriter {
    * takes a slab again at its next record.
    */
   release(): void {
-    this.recycle(this.flush());
+    this.discard();
     const current = this.current;
     if (current !== undefined) {
       current.sealed = true;
@@ -309,6 +309,11 @@ export class BatchWriter {
     const out = this.out;
     this.out = [];
     return out;
+  }
+
+  /** Drop everything encoded and not yet flushed: never written, its slabs are free again. */
+  discard(): void {
+    this.recycle(this.flush());
   }
 
   /** Everything encoded so far as one Buffer (tests and small messages). */

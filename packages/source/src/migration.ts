@@ -361,8 +361,8 @@ export class OutgoingMigration {
   private adoptChannel(channel: Duplex): void {
     this.channel = channel;
     this.out = this.streamOut(channel);
-    // What was encoded for the old channel is dropped; never written, its slabs are free again.
-    this.w.recycle(this.w.flush());
+    // What was encoded for the old channel is dropped.
+    this.w.discard();
     this.returnPath?.attach(channel);
   }
 

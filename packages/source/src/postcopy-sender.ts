@@ -139,8 +139,8 @@ export class PostcopySender {
       } catch (err) {
         // A write that failed with the link: the machine pauses (the fault came from the
         // channel); the recovery's received bitmaps say what to send again.
-        // What was encoded and not written is dropped; never written, its slabs are free again.
-        m.w.recycle(m.w.flush());
+        // What was encoded and not written is dropped.
+        m.w.discard();
         if (m.state.status === 'postcopy-active') throw err;
       }
     }
