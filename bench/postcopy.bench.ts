@@ -14,7 +14,7 @@ import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { Worker } from 'node:worker_threads';
-import type { QmpClient } from '../packages/runtime/src/index.ts';
+import type { QmpClient, QmpEvent } from '../packages/runtime/src/index.ts';
 import { type Child, connectQmp, DESTINATION_MAIN, incomingAddress, SOURCE_MAIN, startProcess } from '../packages/cli/src/demo.ts';
 
 /** Median and p99 of a loopback TCP round trip between two processes (64-byte ping-pong). */
@@ -131,41 +131,38 @@ export interface PostcopyRun {
 const PROFILE_DIR = process.env['LIVEMIG_BENCH_CPU_PROF'];
 const PROFILE_ARGS = PROFILE_DIR === undefined ? [] : ['--cpu-prof', `--cpu-prof-dir=${PROFILE_DIR}`];
 
-export async function postcopyOnce(workload: string, preempt: boolean, memory = '256M', realtime = false): Promise<PostcopyRun> {
+/** `guestArgs`: more guest flags for both processes (e.g. `--qemu-devices-only` beside a QEMU guest). */
+export async function postcopyOnce(workload: string, preempt: boolean, memory = '256M', realtime = false, guestArgs: readonly string[] = []): Promise<PostcopyRun> {
   const dir = await mkdtemp(join(tmpdir(), 'livemig-bench-'));
   const children: Child[] = [];
   const clients: QmpClient[] = [];
   const caps = preempt ? 'postcopy-ram,postcopy-preempt' : 'postcopy-ram';
   try {
     const rt = realtime ? ['--realtime-postcopy'] : [];
-    const dst = startProcess('destination', DESTINATION_MAIN, ['--incoming', 'tcp:127.0.0.1:0', '--capabilities', caps, '--qmp', `unix:${join(dir, 'd')}`, '-m', memory, '--fill', 'random', '--workload', workload, ...rt], PROFILE_ARGS);
-    const src = startProcess('source', SOURCE_MAIN, ['--qmp', `unix:${join(dir, 's')}`, '-m', memory, '--fill', 'random', '--workload', workload, ...rt], PROFILE_ARGS);
+    const dst = startProcess('destination', DESTINATION_MAIN, ['--incoming', 'tcp:127.0.0.1:0', '--capabilities', caps, '--qmp', `unix:${join(dir, 'd')}`, '-m', memory, '--fill', 'random', '--workload', workload, ...rt, ...guestArgs], PROFILE_ARGS);
+    const src = startProcess('source', SOURCE_MAIN, ['--qmp', `unix:${join(dir, 's')}`, '-m', memory, '--fill', 'random', '--workload', workload, ...rt, ...guestArgs], PROFILE_ARGS);
     children.push(dst, src);
     const dq = await connectQmp(dst, `unix:${join(dir, 'd')}`, 60_000);
     const sq = await connectQmp(src, `unix:${join(dir, 's')}`, 60_000);
     clients.push(dq, sq);
     const uri = await incomingAddress(dq, 120_000);
-    await sq.execute('migrate-set-capabilities', { capabilities: caps.split(',').map((capability) => ({ capability, state: true })) });
+    // Events, not a query-migrate poll: livemig answers QMP on the thread that migrates (QEMU on
+    // another), so polling every few ms would tax livemig's postcopy stream and not QEMU's.
+    await sq.execute('migrate-set-capabilities', { capabilities: ['events', ...caps.split(',')].map((capability) => ({ capability, state: true })) });
     // Precopy barely starts; postcopy background pages are unlimited, so they saturate the link.
     await sq.execute('migrate-set-parameters', { 'max-bandwidth': 8 * 2 ** 20, 'downtime-limit': 1, 'max-postcopy-bandwidth': 0 });
     await sq.execute('migrate', { uri });
     await sleep(200);
     await sq.execute('migrate-start-postcopy');
-    let postcopyAt = 0;
-    let doneAt = 0;
-    const deadline = Date.now() + 120_000;
-    for (;;) {
-      const info = (await sq.execute('query-migrate')) as { status: string; 'error-desc'?: string };
-      const now = performance.now();
-      if (info.status === 'postcopy-active' && postcopyAt === 0) postcopyAt = now;
-      if (info.status === 'completed') {
-        doneAt = now;
-        break;
-      }
-      if (info.status === 'failed') throw new Error(`migration failed: ${info['error-desc']}`);
-      if (Date.now() > deadline) throw new Error('postcopy did not complete within 120 s');
-      await sleep(5);
+    const at = (e: QmpEvent): number => e.timestamp.seconds * 1000 + e.timestamp.microseconds / 1000;
+    const final = await sq.waitForEvent('MIGRATION', (e) => e.data?.['status'] === 'completed' || e.data?.['status'] === 'failed', 120_000);
+    if (final.data?.['status'] === 'failed') {
+      const info = (await sq.execute('query-migrate')) as { 'error-desc'?: string };
+      throw new Error(`migration failed: ${info['error-desc']}`);
     }
+    const started = await sq.waitForEvent('MIGRATION', (e) => e.data?.['status'] === 'postcopy-active', 1_000).catch(() => undefined);
+    const doneAt = at(final);
+    const postcopyAt = started === undefined ? doneAt : at(started);
     const d = (await dq.execute('query-migrate')) as {
       'postcopy-latency-dist': number[];
       'postcopy-faults': number;
