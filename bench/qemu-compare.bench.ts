@@ -43,6 +43,7 @@ import { type Child, connectQmp, DESTINATION_MAIN, incomingAddress, keepOutput, 
 import { contiguousCeiling, loopbackCeiling } from './migration.bench.ts';
 import { summarize } from './ceilings.ts';
 import { type RoundRatio, roundRatio } from './round-ratio.ts';
+import { wantRow } from './rows.ts';
 
 const GiB = 2 ** 30;
 const MiB = 2 ** 20;
@@ -53,7 +54,6 @@ const SIZES = (process.env['LIVEMIG_BENCH_SIZES'] ?? '256M,4G').split(',').filte
 const CPU_PROF_DIR = process.env['LIVEMIG_BENCH_CPU_PROF'];
 const NODE_ARGS = CPU_PROF_DIR === undefined ? [] : ['--cpu-prof', `--cpu-prof-dir=${CPU_PROF_DIR}`];
 /** Rows to run, by key (stream, multifd2, multifd4, zero, downtime); all when unset. */
-const ROW_KEYS = process.env['LIVEMIG_BENCH_ROWS']?.split(',').filter((s) => s !== '');
 /**
  * The random and all-zero guests' size: 256 MiB by default, so that three rounds of every row fit
  * in a few minutes on a loaded two-core machine (one 1 GiB livemig run took 40 s there, most of it
@@ -474,7 +474,7 @@ export async function qemuCompareBench(): Promise<void> {
         unit: 'ms',
       },
     ];
-    const rows = allRows.filter((row) => ROW_KEYS === undefined || ROW_KEYS.includes(row.key));
+    const rows = allRows.filter((row) => wantRow(row.key));
 
     // samples[row][engine][round]; engine index: QEMUs in order, then livemig.
     const samples = rows.map(() => [...qemus, null].map(() => [] as number[]));

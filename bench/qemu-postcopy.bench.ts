@@ -47,6 +47,7 @@ import { DESTINATION_MAIN, SOURCE_MAIN } from '../packages/cli/src/demo.ts';
 import { WanLink, type WanOptions, wanUnavailable } from '../e2e/helpers/wan.ts';
 import { postcopyOnce, quantileEstimate } from './postcopy.bench.ts';
 import { type RoundRatio, roundRatio } from './round-ratio.ts';
+import { wantRow } from './rows.ts';
 
 const MiB = 2 ** 20;
 const POSTCOPY_GUEST_MIB = 128;
@@ -627,18 +628,15 @@ async function wanRows(builds: QemuBuild[]): Promise<void> {
   for (const [label, d] of downtimes) console.log(`    ${label}: downtime within the ${WAN_DOWNTIME_LIMIT_MS} ms limit in ${d.within} of ${d.runs} runs`);
 }
 
-/** LIVEMIG_BENCH_ROWS=postcopy (or wan) runs only those rows here, as the keys of the precopy rows do there. */
-const ROW_KEYS = process.env['LIVEMIG_BENCH_ROWS']?.split(',').filter((s) => s !== '');
-const wantRows = (key: string): boolean => ROW_KEYS === undefined || ROW_KEYS.includes(key);
 
 export async function qemuPostcopyBench(): Promise<void> {
   const builds = qemuBuilds();
-  if (wantRows('postcopy')) {
+  if (wantRow('postcopy')) {
     const started = performance.now();
     await postcopyRows(builds);
     console.log(`  (postcopy rows: ${((performance.now() - started) / 1000).toFixed(0)} s wall)`);
   }
-  if (wantRows('wan')) {
+  if (wantRow('wan')) {
     const started = performance.now();
     await wanRows(builds);
     console.log(`  (WAN rows: ${((performance.now() - started) / 1000).toFixed(0)} s wall)`);
