@@ -74,6 +74,8 @@ export class RamSaver implements IterativeDevice {
   readonly layout = 0;
   private readonly guest: Guest;
   private readonly views: Buffer[];
+  /** The same memory as 32-bit words: the zero-page test looks at a word before it calls memcmp. */
+  private readonly words: Int32Array[];
   readonly bitmaps: Uint32Array[];
   /** Pages set in the migration bitmaps. */
   dirtyPages = 0;
@@ -115,6 +117,7 @@ export class RamSaver implements IterativeDevice {
     this.zeroPagesInMultifd = this.multifd !== undefined && options.multifdZeroPages === true;
     this.shared = options.shared === true;
     this.views = guest.ram.blocks.map((_, i) => guest.ram.view(i));
+    this.words = this.views.map((v) => new Int32Array(v.buffer, v.byteOffset, Math.floor(v.byteLength / 4)));
     this.bitmaps = guest.ram.blocks.map((b) => new Uint32Array(Math.ceil(b.pageCount / 32)));
     this.totalPages = guest.ram.blocks.reduce((a, b) => a + b.pageCount, 0);
     this.xbzrle = options.xbzrleCacheBytes > 0 ? new XbzrleCache(options.xbzrleCacheBytes) : undefined;
@@ -441,6 +444,17 @@ export class RamSaver implements IterativeDevice {
     this.runBlock = -1;
   }
 
+  /**
+   * Whether the page at `off` holds only zero bytes. A used page mostly has a nonzero first or
+   * last word, found in a few ns; only the others pay for the native compare (~150 ns a call).
+   */
+  private isZeroPage(blockIndex: number, off: number): boolean {
+    const words = this.words[blockIndex]!;
+    const first = off / 4;
+    if (words[first] !== 0 || words[first + TARGET_PAGE_SIZE / 4 - 1] !== 0) return false;
+    return ZERO_PAGE.compare(this.views[blockIndex]!, off, off + TARGET_PAGE_SIZE) === 0;
+  }
+
   private sendPage(w: BatchWriter, blockIndex: number, page: number, final: boolean): void {
     const rec = this.rec;
     const block = this.guest.ram.blocks[blockIndex]!;
@@ -449,11 +463,12 @@ export class RamSaver implements IterativeDevice {
     const idstr = block.idstr;
     // A page never written since allocation is zero without reading it (no fault, no memcmp).
     const knownZero = (block.written[page >>> 5]! & (1 << (page & 31))) === 0;
+    const zero = knownZero || this.isZeroPage(blockIndex, off);
     if (this.mapped !== undefined) {
-      this.savePageInFile(blockIndex, page, knownZero || ZERO_PAGE.compare(mem, off, off + TARGET_PAGE_SIZE) === 0);
+      this.savePageInFile(blockIndex, page, zero);
       return;
     }
-    if (knownZero || ZERO_PAGE.compare(mem, off, off + TARGET_PAGE_SIZE) === 0) {
+    if (zero) {
       if (this.zeroPagesInMultifd) this.multifd!.queueZeroPage(idstr, mem, off);
       else rec.zeroPage(w, idstr, off);
       this.stats.duplicate++;
