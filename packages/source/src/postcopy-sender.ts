@@ -29,8 +29,14 @@ import { BATCH_BYTES, MAX_ITERATION_MS, yieldToIo } from './precopy.ts';
 
 /** The package's writer: device state of a small guest fits one slab. */
 const PACKAGE_SLAB_BYTES = 64 * 1024;
-/** Background batches are small: a request arriving meanwhile waits at most one batch. */
+/** Background batches without a page server are small: a request queued meanwhile waits at most one batch. */
 const BACKGROUND_BATCH_BYTES = BATCH_BYTES / 4;
+/**
+ * With the page server answering requests on the preempt channel, no request waits behind a
+ * batch: background pages go in precopy's batches. Against 256 KiB (4 + 4 interleaved runs, 128
+ * MiB guest paced at 1000 MB/s): postcopy phase median 183 against 243 ms, blocked share 36 against 43 %.
+ */
+const PREEMPT_BACKGROUND_BATCH_BYTES = BATCH_BYTES;
 /**
  * After the switch, background pages wait this long at most for the destination's first page
  * request. Sent before it, they would come from wherever precopy's scan had got to, and fill the
@@ -174,7 +180,8 @@ export class PostcopySender {
     // Requested pages bypass the limit; only background pages count against it.
     const background = w.totalBytes;
     const allowance = m.limiter.allowance(m.now());
-    if (m.ram.dirtyPages > 0 && allowance > 0) m.ram.saveIterate(w, Math.min(BACKGROUND_BATCH_BYTES, allowance), deadline);
+    const batchBytes = this.pageServer?.attached === true ? PREEMPT_BACKGROUND_BATCH_BYTES : BACKGROUND_BATCH_BYTES;
+    if (m.ram.dirtyPages > 0 && allowance > 0) m.ram.saveIterate(w, Math.min(batchBytes, allowance), deadline);
     writeEos(w);
     writeSectionFooter(w, RAM_SECTION_ID, this.m.dialect.sectionFooters);
     m.limiter.consume(w.totalBytes - background);
@@ -184,7 +191,7 @@ export class PostcopySender {
     // return path (page requests) and QMP their turn at each batch.
     await yieldToIo();
     if (m.ram.dirtyPages === 0 && this.requests.length === 0 && m.state.status === 'postcopy-active') return this.endStream();
-    const wait = this.requests.length > 0 || m.keepalivePings.pending ? 0 : m.limiter.delayFor(BACKGROUND_BATCH_BYTES, m.now());
+    const wait = this.requests.length > 0 || m.keepalivePings.pending ? 0 : m.limiter.delayFor(batchBytes, m.now());
     // Any step of the machine (a request, a keepalive, a pause) ends the wait.
     if (wait > 0) await m.watch.next(wait);
     return false;
