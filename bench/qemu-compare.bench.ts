@@ -53,7 +53,6 @@ const SIZES = (process.env['LIVEMIG_BENCH_SIZES'] ?? '256M,4G').split(',').filte
 /** A folder for --cpu-prof profiles of every livemig process the bench starts (off when unset). */
 const CPU_PROF_DIR = process.env['LIVEMIG_BENCH_CPU_PROF'];
 const NODE_ARGS = CPU_PROF_DIR === undefined ? [] : ['--cpu-prof', `--cpu-prof-dir=${CPU_PROF_DIR}`];
-/** Rows to run, by key (stream, multifd2, multifd4, zero, downtime); all when unset. */
 /**
  * The random and all-zero guests' size: 256 MiB by default, so that three rounds of every row fit
  * in a few minutes on a loaded two-core machine (one 1 GiB livemig run took 40 s there, most of it

@@ -628,7 +628,6 @@ async function wanRows(builds: QemuBuild[]): Promise<void> {
   for (const [label, d] of downtimes) console.log(`    ${label}: downtime within the ${WAN_DOWNTIME_LIMIT_MS} ms limit in ${d.within} of ${d.runs} runs`);
 }
 
-
 export async function qemuPostcopyBench(): Promise<void> {
   const builds = qemuBuilds();
   if (wantRow('postcopy')) {
