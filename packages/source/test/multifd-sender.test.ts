@@ -68,8 +68,7 @@ test('pages queued on a multifd channel arrive intact, with SYNCs, and its slabs
     assert.ok(target.equals(source), 'the receiver placed exactly the queued pages');
     assert.equal(recv.pages, (passes * RAM_BYTES) / TARGET_PAGE_SIZE);
     assert.equal(received, sender.written);
-    // 64 packets of 512 KiB went through a few ~1 MiB slabs: written ones are reused. (At most
-    // two batches of a packet each are out at a time, however the writes are timed.)
+    // 64 packets' headers went through a few 64 KiB slabs: written ones are reused.
     assert.ok(sender.slabsAllocated <= 4, `${sender.slabsAllocated} slabs allocated for 64 packets`);
   } finally {
     client.destroy();
