@@ -1,7 +1,8 @@
 // Builds the addon (build/Release/livemig_native.node) with node-gyp, as `pnpm install` runs it.
 // Node's headers come from this Node's own install (include/node beside bin/node) when they are
 // there, so no download is needed. A failed build is reported but does not fail the install:
-// livemig then runs without it (plain SharedArrayBuffer RAM; mode cpr-exec is refused).
+// livemig then runs without it (plain SharedArrayBuffer RAM, pages copied into slabs before they
+// are sent; mode cpr-exec is refused).
 
 import { spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
@@ -32,7 +33,7 @@ const run = spawnSync(command, [...first, ...args], { cwd: here, stdio: 'inherit
 if (run.status !== 0) {
   const why = run.error !== undefined ? run.error.message : `node-gyp exited with status ${run.status}`;
   process.stderr.write(
-    `@livemig/native: the addon did not build (${why}). livemig runs without it, but mode cpr-exec needs it: install g++, make and python3, then run \`node packages/native/scripts/build.mjs\`.\n`,
+    `@livemig/native: the addon did not build (${why}). livemig runs without it (the source then copies each page it sends into a slab), but mode cpr-exec needs it: install g++, make and python3, then run \`node packages/native/scripts/build.mjs\`.\n`,
   );
   process.exit(strict ? 1 : 0);
 }

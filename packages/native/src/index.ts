@@ -2,7 +2,8 @@
  * @packageDocumentation
  * Guest RAM that survives an exec (cpr-exec live update), from a small node-gyp addon: a memfd
  * mapped MAP_SHARED and handed to JS as a real SharedArrayBuffer (vCPU workers share it as any
- * other), and execve keeping chosen descriptors open. When the addon is not built, `available`
+ * other), and execve keeping chosen descriptors open; and writeRefs, a writev of guest pages in
+ * place between encoded headers (the source's main channel). When the addon is not built, `available`
  * is false and every call throws LM_ERR_NATIVE_UNAVAILABLE: callers fall back to plain
  * SharedArrayBuffer RAM.
  *
@@ -25,6 +26,7 @@ interface Addon {
   closeFd(fd: number): void;
   keepPrivate(fd: number): void;
   execve(path: string, argv: readonly string[], env: readonly string[], keepFds: readonly number[]): never;
+  writeRefs(fd: number, pieces: readonly ArrayBufferView[], refs: Float64Array, refCount: number, sources: readonly ArrayBufferView[]): number;
 }
 
 function load(): { addon: Addon | undefined; reason: string } {
@@ -100,6 +102,19 @@ export const native = {
 
   closeFd(fd: number): void {
     addon().closeFd(fd);
+  },
+
+  /**
+   * Write a batch to a non-blocking socket `fd` with writev, as much as the kernel takes now:
+   * each of `pieces` in turn, with each ref's bytes inserted into it. Ref k is the five numbers
+   * `refs[5k .. 5k+4]` = piece, at, source, offset, length: after byte `at` of `pieces[piece]`,
+   * bytes `[offset, offset + length)` of `sources[source]` (refs in stream order). Returns the
+   * bytes written (fewer than the batch when the socket's buffer is full); a ref outside its
+   * piece or source throws RangeError before anything is written; a socket error throws with
+   * its errno name in `errno`.
+   */
+  writeRefs(fd: number, pieces: readonly ArrayBufferView[], refs: Float64Array, refCount: number, sources: readonly ArrayBufferView[]): number {
+    return addon().writeRefs(fd, pieces, refs, refCount, sources);
   },
 
   /**

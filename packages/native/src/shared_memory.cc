@@ -16,6 +16,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+namespace livemig {
+void InitSocketWrite(v8::Local<v8::Object> exports);
+}
+
 namespace {
 
 using v8::Array;
@@ -203,5 +207,6 @@ NODE_MODULE_INIT(/* exports, module, context */) {
   NODE_SET_METHOD(exports, "closeFd", CloseFd);
   NODE_SET_METHOD(exports, "keepPrivate", KeepPrivate);
   NODE_SET_METHOD(exports, "execve", Execve);
+  livemig::InitSocketWrite(exports);
   (void)module;
 }

@@ -1,14 +1,17 @@
 // The addon on its own: memfd RAM as a SharedArrayBuffer that worker threads share and a second
 // mapping sees; execve that keeps a memfd open across the exec (same PID, same bytes), and a
-// failed execve that throws with its errno and leaves the process as it was; and the fallback
-// when the addon is not built.
+// failed execve that throws with its errno and leaves the process as it was; writeRefs (pieces
+// with refs inserted, onto a real socket, as much as it takes); and the fallback when the addon
+// is not built.
 //
 // Run: node --import tsx --test packages/native/test/native.test.ts (after the install built it)
 
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
-import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { closeSync, copyFileSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
+import { once } from 'node:events';
+import net from 'node:net';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { fileURLToPath, pathToFileURL } from 'node:url';
@@ -77,6 +80,111 @@ test('execImage: the process becomes the program, same PID, with the memfd open 
   assert.match(before!, /^pid \d+$/);
   assert.equal(after, before, 'the same PID before and after the exec');
   assert.equal(bytes, 'kept across exec');
+});
+
+/** A connected TCP loopback pair: the writer's descriptor, and the reader. */
+async function socketPair(): Promise<{ writer: net.Socket; reader: net.Socket; fd: number; close: () => void }> {
+  const server = net.createServer();
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const writer = net.connect((server.address() as net.AddressInfo).port, '127.0.0.1');
+  const [reader] = (await once(server, 'connection')) as [net.Socket];
+  await once(writer, 'connect');
+  server.close();
+  const fd = (writer as unknown as { _handle: { fd: number } })._handle.fd;
+  return { writer, reader, fd, close: () => (writer.destroy(), reader.destroy()) };
+}
+
+async function readExactly(reader: net.Socket, n: number): Promise<Buffer> {
+  const parts: Buffer[] = [];
+  let got = 0;
+  for await (const chunk of reader) {
+    parts.push(chunk as Buffer);
+    got += (chunk as Buffer).length;
+    if (got >= n) break;
+  }
+  return Buffer.concat(parts);
+}
+
+test('writeRefs: the pieces with each ref inserted where it says, in one writev, onto a socket', { skip }, async () => {
+  const { reader, fd, close } = await socketPair();
+  try {
+    const ram = Buffer.from(new SharedArrayBuffer(3 * 4096));
+    for (let i = 0; i < ram.length; i++) ram[i] = (i * 31) & 0xff;
+    const other = Buffer.from('other source');
+    const headers = Buffer.from('h0h1h2|tail');
+    const second = Buffer.from('second piece');
+    // After h0: page 2; after h1: page 0; after h2: 5 bytes of `other`; before `second`'s byte 0: page 1.
+    const refs = new Float64Array([0, 2, 0, 8192, 4096, 0, 4, 0, 0, 4096, 0, 6, 1, 6, 5, 1, 0, 0, 4096, 4096]);
+    const expected = Buffer.concat([
+      headers.subarray(0, 2), ram.subarray(8192), headers.subarray(2, 4), ram.subarray(0, 4096), headers.subarray(4, 6),
+      other.subarray(6, 11), headers.subarray(6), ram.subarray(4096, 8192), second,
+    ]);
+    const written = native.writeRefs(fd, [headers, second], refs, 4, [ram, other]);
+    assert.equal(written, expected.length);
+    assert.deepEqual(await readExactly(reader, expected.length), expected);
+  } finally {
+    close();
+  }
+});
+
+test('writeRefs: stops where a full socket would block and says how much it took; the rest follows in order', { skip, timeout: 30_000 }, async () => {
+  const { writer, reader, fd, close } = await socketPair();
+  try {
+    reader.pause();
+    const pages = 4096; // 16 MiB: more than loopback buffers hold unread
+    const ram = Buffer.from(new SharedArrayBuffer(pages * 4096));
+    for (let p = 0; p < pages; p++) ram.fill(p & 0xff, p * 4096, (p + 1) * 4096);
+    const headers = Buffer.alloc(pages * 8);
+    const refs = new Float64Array(pages * 5);
+    for (let p = 0; p < pages; p++) {
+      headers.writeUInt32BE(p, p * 8 + 4);
+      refs.set([0, (p + 1) * 8, 0, p * 4096, 4096], p * 5);
+    }
+    const total = headers.length + ram.length;
+    const written = native.writeRefs(fd, [headers], refs, pages, [ram]);
+    assert.ok(written > 0 && written < total, `took ${written} of ${total} bytes`);
+    const expected = Buffer.alloc(total);
+    for (let p = 0; p < pages; p++) {
+      headers.copy(expected, p * 4104, p * 8, p * 8 + 8);
+      ram.copy(expected, p * 4104 + 8, p * 4096, (p + 1) * 4096);
+    }
+    // The rest through Node, as StreamOut does.
+    writer.write(expected.subarray(written));
+    reader.resume();
+    assert.deepEqual(await readExactly(reader, total), expected);
+  } finally {
+    close();
+  }
+});
+
+test('writeRefs: a ref outside its source or piece, or out of order, is refused before anything is written', { skip }, async () => {
+  const { reader, fd, close } = await socketPair();
+  try {
+    const src = Buffer.alloc(100);
+    const piece = Buffer.alloc(10);
+    const refused = (refs: number[], count: number): void =>
+      assert.throws(() => native.writeRefs(fd, [piece], new Float64Array(refs), count, [src]), RangeError, JSON.stringify(refs));
+    refused([0, 0, 0, 90, 20], 1); // past the source's end
+    refused([0, 11, 0, 0, 10], 1); // past the piece's end
+    refused([0, 5, 0, 0, 10, 0, 4, 0, 0, 10], 2); // out of order
+    refused([0, 0, 1, 0, 10], 1); // no such source
+    refused([1, 0, 0, 0, 10], 1); // no such piece
+    refused([0, 0, 0, 0, 10], 2); // more refs than given
+    assert.throws(() => native.writeRefs(fd, [piece], [0, 0, 0, 0, 1] as unknown as Float64Array, 1, [src]), TypeError);
+    // Nothing went out: the next bytes the reader sees are these.
+    assert.equal(native.writeRefs(fd, [Buffer.from('ok')], new Float64Array(0), 0, []), 2);
+    assert.equal((await readExactly(reader, 2)).toString(), 'ok');
+  } finally {
+    close();
+  }
+});
+
+test('writeRefs: a write error throws with its errno name', { skip }, () => {
+  // A descriptor just closed: EBADF.
+  const fd = openSync('/dev/null', 'w');
+  closeSync(fd);
+  assert.throws(() => native.writeRefs(fd, [Buffer.from('x')], new Float64Array(0), 0, []), (e: { errno?: string; message: string }) => e.errno === 'EBADF' && /writev/.test(e.message));
 });
 
 test('without the addon: available is false with the reason, and each call throws LM_ERR_NATIVE_UNAVAILABLE saying how to build it', async () => {

@@ -1,0 +1,147 @@
+// writeRefs: hand a batch to a non-blocking socket with writev, guest pages referenced in place
+// between the header bytes encoded in slabs, as much as the kernel takes now, without Node's
+// per-chunk write machinery (a Writable entry and a view object per chunk) or a copy of each
+// page into a slab. The caller keeps everything else in Node (ordering, backpressure, errors): it
+// calls this only when Node has nothing queued on the socket, and hands whatever is left to the
+// socket's own write.
+
+#include <node.h>
+#include <v8.h>
+
+#include <cerrno>
+#include <climits>
+#include <algorithm>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include <sys/uio.h>
+#include <unistd.h>
+
+namespace livemig {
+
+using v8::Array;
+using v8::ArrayBufferView;
+using v8::Context;
+using v8::Exception;
+using v8::FunctionCallbackInfo;
+using v8::Isolate;
+using v8::Local;
+using v8::Number;
+using v8::Object;
+using v8::String;
+using v8::Value;
+
+namespace {
+
+void Throw(Isolate* isolate, Local<Value> (*make)(Local<String>), const std::string& message) {
+  isolate->ThrowException(make(String::NewFromUtf8(isolate, message.c_str()).ToLocalChecked()));
+}
+
+bool IndexArg(const FunctionCallbackInfo<Value>& args, int i, double* out) {
+  if (!args[i]->IsNumber()) return false;
+  double d = args[i].As<Number>()->Value();
+  if (!(d >= 0) || d > 9007199254740991.0 || d != static_cast<double>(static_cast<int64_t>(d))) return false;
+  *out = d;
+  return true;
+}
+
+// Chunks per writev: Linux's IOV_MAX.
+constexpr int kIovMax = 1024;
+
+// Where a ref's bytes go and come from: 5 doubles each (see WriteRefs).
+constexpr int kRefFields = 5;
+
+// writeRefs(fd, pieces: ArrayBufferView[], refs: Float64Array, refCount, sources: ArrayBufferView[])
+// → bytes written. The stream written is each piece in turn, with each ref's bytes inserted into
+// it: ref k is [piece, at, source, offset, length] = after byte `at` of pieces[piece], bytes
+// [offset, offset + length) of sources[source] (refs in stream order). Writes until everything is
+// written or the socket would block; other errors throw, with errno's name in `errno`.
+void WriteRefs(const FunctionCallbackInfo<Value>& args) {
+  Isolate* isolate = args.GetIsolate();
+  Local<Context> context = isolate->GetCurrentContext();
+  double fdArg, refCountArg;
+  if (!IndexArg(args, 0, &fdArg) || fdArg > INT_MAX || !args[1]->IsArray() || !args[2]->IsFloat64Array() || !IndexArg(args, 3, &refCountArg) || !args[4]->IsArray()) {
+    return Throw(isolate, Exception::TypeError, "writeRefs(fd: number, pieces: ArrayBufferView[], refs: Float64Array, refCount: number, sources: ArrayBufferView[])");
+  }
+  const int fd = static_cast<int>(fdArg);
+  struct Span {
+    char* data;
+    size_t length;
+  };
+  auto spans = [&](Local<Array> list, std::vector<Span>* out) -> bool {
+    out->reserve(list->Length());
+    for (uint32_t i = 0; i < list->Length(); i++) {
+      Local<Value> item;
+      if (!list->Get(context, i).ToLocal(&item)) return false;
+      if (!item->IsArrayBufferView()) {
+        Throw(isolate, Exception::TypeError, "writeRefs: item " + std::to_string(i) + " of a list is not an ArrayBufferView");
+        return false;
+      }
+      Local<ArrayBufferView> view = item.As<ArrayBufferView>();
+      out->push_back({static_cast<char*>(view->Buffer()->Data()) + view->ByteOffset(), view->ByteLength()});
+    }
+    return true;
+  };
+  std::vector<Span> pieces, sources;
+  if (!spans(args[1].As<Array>(), &pieces) || !spans(args[4].As<Array>(), &sources)) return;
+  Local<v8::Float64Array> refArray = args[2].As<v8::Float64Array>();
+  const size_t refCount = static_cast<size_t>(refCountArg);
+  if (refCount * kRefFields > refArray->Length()) return Throw(isolate, Exception::RangeError, "writeRefs: refCount is more than refs holds");
+  const double* refs = reinterpret_cast<const double*>(static_cast<char*>(refArray->Buffer()->Data()) + refArray->ByteOffset());
+
+  // The whole stream as iovecs, checked before anything is written.
+  std::vector<struct iovec> iov;
+  iov.reserve(pieces.size() + 2 * refCount);
+  size_t ref = 0;
+  for (size_t p = 0; p < pieces.size(); p++) {
+    size_t from = 0;
+    for (; ref < refCount && refs[ref * kRefFields] == static_cast<double>(p); ref++) {
+      const double* r = refs + ref * kRefFields;
+      const double at = r[1], source = r[2], offset = r[3], length = r[4];
+      if (!(at >= static_cast<double>(from)) || at > static_cast<double>(pieces[p].length) || !(source >= 0) || source >= static_cast<double>(sources.size()) || !(offset >= 0) ||
+          !(length >= 0) || offset + length > static_cast<double>(sources[static_cast<size_t>(source)].length)) {
+        return Throw(isolate, Exception::RangeError, "writeRefs: ref " + std::to_string(ref) + " lies outside its piece or source, or out of order");
+      }
+      const size_t atBytes = static_cast<size_t>(at);
+      if (atBytes > from) iov.push_back({pieces[p].data + from, atBytes - from});
+      if (length > 0) iov.push_back({sources[static_cast<size_t>(source)].data + static_cast<size_t>(offset), static_cast<size_t>(length)});
+      from = atBytes;
+    }
+    if (pieces[p].length > from) iov.push_back({pieces[p].data + from, pieces[p].length - from});
+  }
+  if (ref != refCount) return Throw(isolate, Exception::RangeError, "writeRefs: ref " + std::to_string(ref) + " names a piece out of order or past the last");
+
+  double written = 0;
+  size_t next = 0;
+  while (next < iov.size()) {
+    const int n = static_cast<int>(std::min<size_t>(kIovMax, iov.size() - next));
+    size_t batch = 0;
+    for (int k = 0; k < n; k++) batch += iov[next + k].iov_len;
+    ssize_t done;
+    do {
+      done = writev(fd, iov.data() + next, n);
+    } while (done < 0 && errno == EINTR);
+    if (done < 0) {
+      if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+      int err = errno;
+      Local<Value> error = Exception::Error(String::NewFromUtf8(isolate, (std::string("writev: ") + strerror(err)).c_str()).ToLocalChecked());
+      const char* name = strerrorname_np(err);
+      if (name != nullptr) error.As<Object>()->Set(context, String::NewFromUtf8Literal(isolate, "errno"), String::NewFromUtf8(isolate, name).ToLocalChecked()).Check();
+      isolate->ThrowException(error);
+      return;
+    }
+    written += static_cast<double>(done);
+    if (static_cast<size_t>(done) < batch) break;  // the socket's buffer is full
+    next += static_cast<size_t>(n);
+  }
+  args.GetReturnValue().Set(Number::New(isolate, written));
+}
+
+}  // namespace
+
+void InitSocketWrite(Local<Object> exports) {
+  NODE_SET_METHOD(exports, "writeRefs", WriteRefs);
+}
+
+}  // namespace livemig
