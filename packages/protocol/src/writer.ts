@@ -7,7 +7,10 @@
 //
 // Page bytes are copied into the slab (one memcpy, ~370 ns/page here) so the batch holds what
 // RAM held *now*: a later guest write cannot tear what was already encoded, and nothing is
-// allocated per page. Payloads larger than INLINE_MAX are referenced, not copied.
+// allocated per page. Payloads larger than INLINE_MAX are referenced, not copied. view() queues
+// bytes by reference instead, as a ref (five numbers, no object per page): flushRefs() hands the
+// batch out as pieces plus refs for a writer that gathers them itself (the source's writev of
+// guest pages in place), flush() as Buffers with a view per ref.
 //
 // Slab reuse: the writer keeps no flushed slab alive by itself (only the current slab and a small
 // pool), so a caller that never says anything just lets the garbage collector take the slabs
@@ -65,8 +68,61 @@ export const DEFAULT_SLAB_BYTES = 256 * 1024;
 const INLINE_MAX = 16 * 1024;
 /** The released writer's slab: no room, so its next record takes a real one. */
 const NO_SLAB = Buffer.alloc(0);
+/** A batch without refs. */
+const NO_REFS = new Float64Array(0);
 /** Free slabs kept for reuse: a 1 MiB batch in flight plus one being encoded, in 256 KiB slabs. */
 const POOL_MAX = 16;
+
+/** Numbers per ref in RefBatch.refs: piece, at, source, offset, length. */
+export const REF_FIELDS = 5;
+/** Refs a writer's first ref array holds (grown by doubling): 1 MiB of pages. */
+const FIRST_REF_CAPACITY = 256;
+
+/**
+ * A flushed batch with its by-reference bytes apart (flushRefs()). The bytes it stands for are
+ * each of `pieces` in turn with each ref's bytes inserted: ref k is `refs[5k .. 5k+4]` = piece,
+ * at, source, offset, length, i.e. after byte `at` of `pieces[piece]`, bytes
+ * `[offset, offset + length)` of `sources[source]`; refs are in stream order. A ref's piece may be
+ * `pieces.length - 1`'s successor only when `pieces` ends with an empty piece for it.
+ */
+export interface RefBatch {
+  pieces: Buffer[];
+  refs: Float64Array;
+  refCount: number;
+  sources: Buffer[];
+  /** Bytes the batch stands for: pieces and refs. */
+  bytes: number;
+}
+
+/** A RefBatch's bytes as Buffers, a view per ref, from byte `skip` on (nothing copied). */
+export function refBatchBuffers(batch: RefBatch, skip = 0): Buffer[] {
+  const out: Buffer[] = [];
+  let left = skip;
+  const push = (b: Buffer): void => {
+    if (left >= b.length) {
+      left -= b.length;
+      return;
+    }
+    out.push(left > 0 ? b.subarray(left) : b);
+    left = 0;
+  };
+  let ref = 0;
+  const { refs } = batch;
+  for (let p = 0; p < batch.pieces.length; p++) {
+    const piece = batch.pieces[p]!;
+    let from = 0;
+    for (; ref < batch.refCount && refs[ref * REF_FIELDS] === p; ref++) {
+      const r = ref * REF_FIELDS;
+      const at = refs[r + 1]!;
+      if (at > from) push(piece.subarray(from, at));
+      const offset = refs[r + 3]!;
+      push(batch.sources[refs[r + 2]!]!.subarray(offset, offset + refs[r + 4]!));
+      from = at;
+    }
+    if (piece.length > from) push(from === 0 ? piece : piece.subarray(from));
+  }
+  return out;
+}
 
 /** What the writer knows of one of its standard-size slabs. */
 interface Slab {
@@ -94,6 +150,11 @@ export class BatchWriter {
   private allocated = 0;
   /** Bytes encoded since creation (flushed or not). */
   totalBytes = 0;
+  /** view()'s refs since the last flush (see RefBatch), their sources, and their bytes. */
+  private refs: Float64Array | undefined;
+  private refCount = 0;
+  private refSources: Buffer[] = [];
+  private refBytes = 0;
 
   constructor(options: BatchWriterOptions = {}) {
     this.slabSize = options.slabSize ?? DEFAULT_SLAB_BYTES;
@@ -160,7 +221,7 @@ export class BatchWriter {
 
   /** Bytes encoded but not yet flushed. */
   get pendingBytes(): number {
-    let n = this.pos - this.start;
+    let n = this.pos - this.start + this.refBytes;
     for (const b of this.out) n += b.length;
     return n;
   }
@@ -281,11 +342,30 @@ export class BatchWriter {
   /**
    * Queue `length` bytes of `src` by reference (zero copy): what goes out is what src holds when
    * the batch is written, not now. Use it for guest pages when nothing depends on the exact
-   * bytes sent (a later guest write re-dirties the page anyway).
+   * bytes sent (a later guest write re-dirties the page anyway). Recorded as a ref: nothing is
+   * allocated per call.
    */
   view(src: Buffer, offset: number, length: number): this {
-    this.seal();
-    this.out.push(src.subarray(offset, offset + length));
+    let source = this.refSources.length - 1;
+    // A batch's refs come from a block or two: the last source is almost always the one.
+    if (source < 0 || this.refSources[source] !== src) {
+      source = this.refSources.indexOf(src);
+      if (source < 0) source = this.refSources.push(src) - 1;
+    }
+    let refs = this.refs;
+    if (refs === undefined || (this.refCount + 1) * REF_FIELDS > refs.length) {
+      const grown = new Float64Array(Math.max(FIRST_REF_CAPACITY, 2 * this.refCount) * REF_FIELDS);
+      if (refs !== undefined) grown.set(refs.subarray(0, this.refCount * REF_FIELDS));
+      refs = this.refs = grown;
+    }
+    // Inserted at the current end of the pending piece: the next piece out.push() takes.
+    const r = this.refCount++ * REF_FIELDS;
+    refs[r] = this.out.length;
+    refs[r + 1] = this.pos - this.start;
+    refs[r + 2] = source;
+    refs[r + 3] = offset;
+    refs[r + 4] = length;
+    this.refBytes += length;
     this.totalBytes += length;
     return this;
   }
@@ -302,13 +382,47 @@ export class BatchWriter {
 
   /**
    * Take everything encoded so far. The returned Buffers stay valid (their slabs are not reused)
-   * until they are given back with recycle(); a batch never recycled is left to the GC.
+   * until they are given back with recycle(); a batch never recycled is left to the GC. Refs
+   * (view()) come as views of their sources, between the pieces.
    */
   flush(): Buffer[] {
-    this.seal();
-    const out = this.out;
-    this.out = [];
+    const batch = this.flushRefs();
+    if (batch.refCount === 0) return batch.pieces;
+    // Refs split pieces in two: each Buffer handed out counts as a piece of its slab (recycle()).
+    const out = refBatchBuffers(batch);
+    for (const b of batch.pieces) this.countPiece(b, -1);
+    for (const b of out) this.countPiece(b, 1);
     return out;
+  }
+
+  private countPiece(b: Uint8Array, delta: number): void {
+    const slab = this.slabs.get(b.buffer);
+    if (slab !== undefined) slab.pieces += delta;
+  }
+
+  /**
+   * Take everything encoded so far with view()'s refs apart (RefBatch): recycle(batch.pieces)
+   * once it is written, as for flush().
+   */
+  flushRefs(): RefBatch {
+    this.seal();
+    const pieces = this.out;
+    this.out = [];
+    let bytes = this.refBytes;
+    for (const b of pieces) bytes += b.length;
+    const refCount = this.refCount;
+    const batch: RefBatch = { pieces, refs: NO_REFS, refCount, sources: refCount > 0 ? this.refSources : [], bytes };
+    if (refCount > 0) {
+      batch.refs = this.refs!;
+      // A ref after the last piece: an empty piece to insert it into.
+      if (this.refs![(refCount - 1) * REF_FIELDS] === pieces.length) pieces.push(NO_SLAB);
+      // The batch keeps these until it is written: the next batch's refs start afresh.
+      this.refs = undefined;
+      this.refCount = 0;
+      this.refSources = [];
+      this.refBytes = 0;
+    }
+    return batch;
   }
 
   /** Drop everything encoded and not yet flushed: never written, its slabs are free again. */

@@ -6,7 +6,8 @@ import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
-import { BatchWriter, ByteReader, SlabPool } from '../src/index.ts';
+import { BatchWriter, ByteReader, REF_FIELDS, refBatchBuffers, SlabPool } from '../src/index.ts';
+import { xorshift32 } from './prng.ts';
 
 /** A full GC without --expose-gc on the command line (the flag takes effect for new contexts). */
 function collectGarbage(): void {
@@ -345,6 +346,91 @@ describe('BatchWriter', () => {
     w.recycle(batch);
     assert.equal(w.slabsPooled, 1, 'the full first slab came back; the page view was ignored');
     assert.ok(page.every((x) => x === 9));
+  });
+
+  it('flushRefs: pieces and refs stand for exactly the bytes encoded, in order, whatever the slab spills', () => {
+    const rng = { int: xorshift32(0x5eed) };
+    const ramA = Buffer.from(new SharedArrayBuffer(64 * 1024));
+    const ramB = Buffer.alloc(16 * 1024);
+    for (let i = 0; i < ramA.length; i++) ramA[i] = (i * 7 + 3) & 0xff;
+    for (let i = 0; i < ramB.length; i++) ramB[i] = (i * 13 + 1) & 0xff;
+    for (let round = 0; round < 300; round++) {
+      // Small slabs, so refs land at piece ends, at piece starts and after spills.
+      const w = new BatchWriter({ slabSize: 32 + rng.int(64) });
+      const expected: Buffer[] = [];
+      let refs = 0;
+      const ops = 1 + rng.int(40);
+      for (let k = 0; k < ops; k++) {
+        const op = rng.int(5);
+        if (op === 0) {
+          const v = rng.int(256);
+          w.u8(v);
+          expected.push(Buffer.from([v]));
+        } else if (op === 1) {
+          const len = rng.int(100);
+          const src = Buffer.from(Array.from({ length: len }, () => rng.int(256)));
+          w.bytes(src);
+          expected.push(src);
+        } else if (op === 2) {
+          // Above INLINE_MAX: queued as its own piece.
+          const src = Buffer.alloc(16 * 1024 + rng.int(100), rng.int(256));
+          w.bytes(src);
+          expected.push(src);
+        } else {
+          const ram = op === 3 ? ramA : ramB;
+          const offset = rng.int(ram.length - 4096);
+          const len = rng.int(4097);
+          w.view(ram, offset, len);
+          expected.push(ram.subarray(offset, offset + len));
+          refs++;
+        }
+      }
+      const want = Buffer.concat(expected);
+      assert.equal(w.pendingBytes, want.length);
+      if (round % 2 === 1) {
+        // flush(): the same bytes as Buffers, each of a slab counted as one of its pieces.
+        const bufs = w.flush();
+        assert.deepEqual(Buffer.concat(bufs), want, `round ${round}`);
+        w.recycle(bufs);
+        assert.equal(w.pendingBytes, 0);
+        continue;
+      }
+      const batch = w.flushRefs();
+      assert.equal(batch.refCount, refs);
+      assert.equal(batch.bytes, want.length);
+      for (let r = 1; r < batch.refCount; r++) {
+        const [p0, a0] = [batch.refs[(r - 1) * REF_FIELDS]!, batch.refs[(r - 1) * REF_FIELDS + 1]!];
+        const [p1, a1] = [batch.refs[r * REF_FIELDS]!, batch.refs[r * REF_FIELDS + 1]!];
+        assert.ok(p1 > p0 || (p1 === p0 && a1 >= a0), 'refs in stream order');
+      }
+      assert.deepEqual(Buffer.concat(refBatchBuffers(batch)), want, `round ${round}`);
+      const skip = rng.int(want.length + 1);
+      assert.deepEqual(Buffer.concat(refBatchBuffers(batch, skip)), want.subarray(skip), `round ${round}, from byte ${skip}`);
+      w.recycle(batch.pieces);
+      assert.equal(w.pendingBytes, 0);
+      assert.equal(w.flushRefs().refCount, 0, 'the next batch starts without refs');
+    }
+  });
+
+  it('view() right after a flush, as the last thing: the batch ends with an empty piece to hold it', () => {
+    const w = new BatchWriter({ slabSize: 64 });
+    const ram = Buffer.alloc(4096, 0x42);
+    w.u8(1);
+    w.recycle(w.flush());
+    w.view(ram, 0, 4096);
+    const batch = w.flushRefs();
+    assert.equal(batch.refCount, 1);
+    assert.equal(batch.refs[0], batch.pieces.length - 1);
+    assert.equal(batch.pieces.at(-1)!.length, 0);
+    assert.deepEqual(Buffer.concat(refBatchBuffers(batch)), ram);
+  });
+
+  it('flush() gives refs as views between the pieces: what RAM holds when written, not when encoded', () => {
+    const w = new BatchWriter({ slabSize: 64 });
+    const ram = Buffer.alloc(8, 1);
+    w.u8(0xaa).view(ram, 2, 4).u8(0xbb);
+    ram.fill(9);
+    assert.deepEqual(Buffer.concat(w.flush()), Buffer.from([0xaa, 9, 9, 9, 9, 0xbb]));
   });
 
   it('recycle() of the same batch twice is refused (it would free slabs still in flight)', () => {
