@@ -148,6 +148,7 @@ export class OutgoingMigration {
       multifdZeroPages: this.dialect.multifdZeroPages,
       shared: options.cprExec !== undefined,
     });
+    this.ram.pagesByReference = this.out.takesRefs;
     this.others = (options.guest.vfio === undefined ? [] : [options.guest.vfio]).map((dev, i) => ({ dev, sectionId: RAM_SECTION_ID + 1 + i }));
     // switchover-ack: the VFIO device marks the end of its initial data for the destination's ack.
     if (options.guest.vfio !== undefined) options.guest.vfio.initDataMarker = options.capabilities['switchover-ack'];
@@ -361,6 +362,7 @@ export class OutgoingMigration {
   private adoptChannel(channel: Duplex): void {
     this.channel = channel;
     this.out = this.streamOut(channel);
+    this.ram.pagesByReference = this.out.takesRefs;
     // What was encoded for the old channel is dropped.
     this.w.discard();
     this.returnPath?.attach(channel);
@@ -449,10 +451,10 @@ export class OutgoingMigration {
 
   /** Write the batch to the main channel (and the multifd channels' queued packets). */
   async flush(): Promise<void> {
-    const bufs = this.w.flush();
+    const batch = this.w.flushRefs();
     const w = this.w;
     // Once written, the batch's slabs go back to the writer's pool (its memory stays flat).
-    const written = this.out.write(bufs, 1, () => w.recycle(bufs));
+    const written = this.out.writeBatch(batch, 1, () => w.recycle(batch.pieces));
     await (this.multifd === undefined ? written : Promise.all([written, this.multifd.flush()]));
   }
 

@@ -171,11 +171,11 @@ export class MultifdSender {
   async flush(): Promise<void> {
     const writes: Promise<void>[] = [];
     for (const ch of this.channels) {
-      const bufs = ch.w.flush();
-      if (bufs.length === 0) continue;
-      for (const b of bufs) this.written += b.length;
+      const batch = ch.w.flushRefs();
+      if (batch.bytes === 0) continue;
+      this.written += batch.bytes;
       const w = ch.w;
-      writes.push(ch.out.write(bufs, 1, () => w.recycle(bufs)));
+      writes.push(ch.out.writeBatch(batch, 1, () => w.recycle(batch.pieces)));
     }
     if (writes.length > 0) await Promise.all(writes);
   }

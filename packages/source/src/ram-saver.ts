@@ -109,6 +109,12 @@ export class RamSaver implements IterativeDevice {
   /** Bytes written into the mapped-ram file's page regions and bitmaps. */
   mappedBytes = 0;
   private readonly shared: boolean;
+  /**
+   * Normal pages on the main channel go by reference (BatchWriter.view) instead of copied: set
+   * while the channel's writer gathers refs itself (StreamOut.takesRefs, the native writev).
+   * Through Node's own writes a view per page costs about what the copy does.
+   */
+  pagesByReference = false;
 
   constructor(guest: Guest, options: RamSaverOptions) {
     this.guest = guest;
@@ -481,9 +487,7 @@ export class RamSaver implements IterativeDevice {
       return;
     }
     if (!this.xbzrleActive) {
-      // Copied into the batch's slab: in the source process a writev of one view per page of
-      // SharedArrayBuffer-backed RAM cost ~4× the copy plus a writev of a few contiguous slabs.
-      rec.page(w, idstr, off, mem, off);
+      rec.page(w, idstr, off, mem, off, this.pagesByReference);
       this.stats.normal++;
       return;
     }

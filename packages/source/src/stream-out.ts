@@ -1,9 +1,18 @@
 // Socket glue for the outgoing stream: one cork/writev per batch, backpressure honoured by
 // waiting for an earlier batch's write to complete (one batch in flight while the next is
 // encoded), and the stream's failure surfaced as one error.
+//
+// A batch with guest pages by reference (RefBatch) goes to a plain TCP or unix socket through the
+// native addon's writev while Node has nothing queued on it: the kernel copies each page from
+// guest RAM, with no copy into a slab and no Node write entry per page. What the socket does not
+// take at once is copied into one Buffer and written by Node as any other batch, so ordering,
+// backpressure and errors stay Node's. Elsewhere (TLS, files, no addon) the refs go as views.
 
+import { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
-import { type ChannelRole, TransportError } from '@livemig/protocol';
+import { TLSSocket } from 'node:tls';
+import { native } from '@livemig/native';
+import { type ChannelRole, type RefBatch, refBatchBuffers, TransportError } from '@livemig/protocol';
 
 export class StreamOut {
   readonly stream: Duplex;
@@ -34,7 +43,17 @@ export class StreamOut {
     });
     this.role = role;
     if (stream.destroyed) this.fail(TransportError.lost(role, `the ${role} channel was closed`));
+    this.takesRefs = native.available && stream instanceof Socket && !(stream instanceof TLSSocket);
   }
+
+  /**
+   * Whether batches with refs go out through the native writev (a plain socket and the addon
+   * built): pages are then best queued by reference (BatchWriter.view) rather than copied.
+   */
+  readonly takesRefs: boolean;
+  /** Bytes the native writev handed to the kernel, and the batches it could not finish. */
+  nativeBytes = 0;
+  nativePartial = 0;
 
   private readonly role: ChannelRole;
   /** end() was called: a close after everything was written is the end we asked for. */
@@ -98,6 +117,47 @@ export class StreamOut {
       if (this.failure !== undefined) throw this.failure;
     }
     if (this.failure !== undefined) throw this.failure;
+  }
+
+  /**
+   * Write a flushed batch (BatchWriter.flushRefs) as write() does; `written` runs once all of it
+   * has been taken, as there.
+   */
+  async writeBatch(batch: RefBatch, maxInFlight = 1, written?: () => void): Promise<void> {
+    if (batch.refCount === 0) return this.write(batch.pieces, maxInFlight, written);
+    if (this.failure !== undefined) throw this.failure;
+    const fd = this.idleFd();
+    if (fd === undefined) return this.write(refBatchBuffers(batch), maxInFlight, written);
+    let taken = 0;
+    try {
+      taken = native.writeRefs(fd, batch.pieces, batch.refs, batch.refCount, batch.sources);
+    } catch {
+      // A socket error: Node's own write of the batch meets it too and reports it as usual.
+    }
+    this.written += taken;
+    this.accepted += taken;
+    this.nativeBytes += taken;
+    if (taken === batch.bytes) {
+      written?.();
+      return;
+    }
+    this.nativePartial++;
+    // The rest, copied now (RAM may change once we return): one Buffer for Node to write.
+    const rest = refBatchBuffers(batch, taken);
+    return this.write([rest.length === 1 ? Buffer.from(rest[0]!) : Buffer.concat(rest)], maxInFlight, written);
+  }
+
+  /**
+   * The socket's descriptor when the native writev may write to it now: nothing of ours queued
+   * in Node (so the bytes keep their order), not corked, open. Node exposes no descriptor of a
+   * connected socket but its handle's `fd` (Linux TCP and pipe handles).
+   */
+  private idleFd(): number | undefined {
+    if (!this.takesRefs) return undefined;
+    const s = this.stream as Socket;
+    if (s.writableLength !== 0 || s.writableCorked !== 0 || s.destroyed || s.writableEnded || s.connecting) return undefined;
+    const fd = (s as unknown as { _handle?: { fd?: unknown } })._handle?.fd;
+    return typeof fd === 'number' && fd >= 0 ? fd : undefined;
   }
 
   /** Wait until everything handed over has been written (or the stream failed). */

@@ -1,0 +1,152 @@
+// StreamOut.writeBatch over real sockets: batches with guest pages by reference arrive byte for
+// byte in order, through the native writev while Node has nothing queued, through Node's own
+// write when it has (or when the stream is not a plain socket), and with what a full socket left
+// over copied at once, so a guest write after the call does not change what is sent.
+
+import assert from 'node:assert/strict';
+import { randomFillSync } from 'node:crypto';
+import { once } from 'node:events';
+import net from 'node:net';
+import { PassThrough } from 'node:stream';
+import { test } from 'node:test';
+import { native } from '@livemig/native';
+import { BatchWriter } from '@livemig/protocol';
+import { StreamOut } from '../src/stream-out.ts';
+
+const TIMEOUT_MS = 60_000;
+const PAGE = 4096;
+const nativeSkip = native.available || process.env['CI'] === 'true' ? false : `the native addon is not built (${native.unavailableReason})`;
+
+async function socketPair(): Promise<[net.Socket, net.Socket]> {
+  const server = net.createServer();
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const accepted = once(server, 'connection') as Promise<[net.Socket]>;
+  const client = net.connect((server.address() as net.AddressInfo).port, '127.0.0.1');
+  await once(client, 'connect');
+  const [peer] = await accepted;
+  server.close();
+  return [client, peer];
+}
+
+/** Everything the peer reads until `n` bytes have come. */
+function collect(peer: net.Socket, n: number): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    const parts: Buffer[] = [];
+    let got = 0;
+    peer.on('data', (chunk: Buffer) => {
+      parts.push(chunk);
+      got += chunk.length;
+      if (got >= n) resolve(Buffer.concat(parts));
+    });
+    peer.on('error', reject);
+  });
+}
+
+/** Equal bytes, or the first offset where they differ (deepEqual's diff of MiBs takes minutes). */
+function assertSameBytes(actual: Buffer, expected: Buffer): void {
+  if (actual.equals(expected)) return;
+  let at = 0;
+  while (at < actual.length && at < expected.length && actual[at] === expected[at]) at++;
+  assert.fail(`${actual.length} bytes received, ${expected.length} expected; they first differ at byte ${at}`);
+}
+
+/** Page records as the main channel encodes them: a header word, then the page by reference. */
+function encodePages(w: BatchWriter, ram: Buffer, first: number, count: number, expected: Buffer[]): void {
+  for (let p = first; p < first + count; p++) {
+    w.be64(p * PAGE + 0x08);
+    w.view(ram, p * PAGE, PAGE);
+    const header = Buffer.alloc(8);
+    header.writeBigUInt64BE(BigInt(p * PAGE + 0x08));
+    expected.push(header, Buffer.from(ram.subarray(p * PAGE, (p + 1) * PAGE)));
+  }
+}
+
+test('writeBatch: pages by reference arrive in order through the native writev; a full socket leaves the rest to Node, copied at once', { skip: nativeSkip, timeout: TIMEOUT_MS }, async () => {
+  const [client, peer] = await socketPair();
+  try {
+    const pages = 8192; // 32 MiB: the first batch overfills loopback's buffers while the peer does not read
+    const ram = Buffer.from(new SharedArrayBuffer(pages * PAGE));
+    randomFillSync(ram);
+    const out = new StreamOut(client, 'main');
+    assert.equal(out.takesRefs, true);
+    const w = new BatchWriter();
+    const expected: Buffer[] = [];
+    peer.pause();
+    encodePages(w, ram, 0, pages / 2, expected);
+    let writtenCalls = 0;
+    const first = w.flushRefs();
+    await out.writeBatch(first, 4, () => {
+      writtenCalls++;
+      w.recycle(first.pieces);
+    });
+    assert.ok(out.nativeBytes > 0, 'the native writev took the start of the batch');
+    assert.equal(out.nativePartial, 1, 'the paused peer left the rest to Node');
+    // What had not gone out was copied when writeBatch returned: this guest write is not sent.
+    ram.fill(0xee, 0, (pages / 2) * PAGE);
+    const total = Buffer.concat(expected).length + (pages / 2) * (PAGE + 8);
+    const received = collect(peer, total);
+    peer.resume();
+    await out.settle();
+    // Later batches, one at a time, as precopy writes them.
+    for (let p = pages / 2; p < pages; p += 256) {
+      encodePages(w, ram, p, 256, expected);
+      const batch = w.flushRefs();
+      await out.writeBatch(batch, 1, () => {
+        writtenCalls++;
+        w.recycle(batch.pieces);
+      });
+    }
+    await out.settle();
+    const want = Buffer.concat(expected);
+    assert.equal(want.length, total);
+    assertSameBytes(await received, want);
+    assert.equal(writtenCalls, 1 + pages / 2 / 256, 'every batch said it was written');
+    assert.equal(out.written, total);
+  } finally {
+    client.destroy();
+    peer.destroy();
+  }
+});
+
+test('writeBatch: while Node still holds earlier bytes, a batch goes through Node after them', { skip: nativeSkip, timeout: TIMEOUT_MS }, async () => {
+  const [client, peer] = await socketPair();
+  try {
+    const ram = Buffer.from(new SharedArrayBuffer(64 * PAGE));
+    randomFillSync(ram);
+    const out = new StreamOut(client, 'main');
+    peer.pause();
+    // 16 MiB through Node first: loopback's buffers fill and Node queues the rest.
+    const plain = randomFillSync(Buffer.alloc(16 * 1024 * 1024));
+    void out.write([plain], 2);
+    assert.ok(client.writableLength > 0, 'Node holds bytes it could not write yet');
+    const w = new BatchWriter();
+    const expected: Buffer[] = [plain];
+    encodePages(w, ram, 0, 64, expected);
+    const received = collect(peer, Buffer.concat(expected).length);
+    peer.resume();
+    await out.writeBatch(w.flushRefs(), 2);
+    await out.settle();
+    assert.equal(out.nativeBytes, 0, 'the native writev kept out while Node had bytes queued');
+    assertSameBytes(await received, Buffer.concat(expected));
+  } finally {
+    client.destroy();
+    peer.destroy();
+  }
+});
+
+test('writeBatch on a stream that is not a plain socket: refs go out as views, the same bytes', { timeout: TIMEOUT_MS }, async () => {
+  const stream = new PassThrough();
+  const out = new StreamOut(stream, 'main');
+  assert.equal(out.takesRefs, false);
+  const ram = Buffer.from(new SharedArrayBuffer(16 * PAGE));
+  randomFillSync(ram);
+  const w = new BatchWriter();
+  const expected: Buffer[] = [];
+  encodePages(w, ram, 0, 16, expected);
+  const chunks: Buffer[] = [];
+  stream.on('data', (c: Buffer) => chunks.push(c));
+  await out.writeBatch(w.flushRefs());
+  await out.settle();
+  assertSameBytes(Buffer.concat(chunks), Buffer.concat(expected));
+  assert.equal(out.nativeBytes, 0);
+});
