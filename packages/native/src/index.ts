@@ -26,7 +26,7 @@ interface Addon {
   closeFd(fd: number): void;
   keepPrivate(fd: number): void;
   execve(path: string, argv: readonly string[], env: readonly string[], keepFds: readonly number[]): never;
-  writeRefs(fd: number, pieces: readonly ArrayBufferView[], refs: Float64Array, refCount: number, sources: readonly ArrayBufferView[]): number;
+  writeRefs(fd: number, pieces: readonly ArrayBufferView[], refs: Float64Array, refCount: number, sources: readonly ArrayBufferView[], skip: number): number;
 }
 
 function load(): { addon: Addon | undefined; reason: string } {
@@ -108,13 +108,13 @@ export const native = {
    * Write a batch to a non-blocking socket `fd` with writev, as much as the kernel takes now:
    * each of `pieces` in turn, with each ref's bytes inserted into it. Ref k is the five numbers
    * `refs[5k .. 5k+4]` = piece, at, source, offset, length: after byte `at` of `pieces[piece]`,
-   * bytes `[offset, offset + length)` of `sources[source]` (refs in stream order). Returns the
-   * bytes written (fewer than the batch when the socket's buffer is full); a ref outside its
-   * piece or source throws RangeError before anything is written; a socket error throws with
-   * its errno name in `errno`.
+   * bytes `[offset, offset + length)` of `sources[source]` (refs in stream order); from the
+   * batch's byte `skip` on (what an earlier call left). Returns the bytes written (fewer than
+   * asked when the socket's buffer is full); a ref outside its piece or source throws RangeError
+   * before anything is written; a socket error throws with its errno name in `errno`.
    */
-  writeRefs(fd: number, pieces: readonly ArrayBufferView[], refs: Float64Array, refCount: number, sources: readonly ArrayBufferView[]): number {
-    return addon().writeRefs(fd, pieces, refs, refCount, sources);
+  writeRefs(fd: number, pieces: readonly ArrayBufferView[], refs: Float64Array, refCount: number, sources: readonly ArrayBufferView[], skip = 0): number {
+    return addon().writeRefs(fd, pieces, refs, refCount, sources, skip);
   },
 
   /**

@@ -52,17 +52,19 @@ constexpr int kIovMax = 1024;
 // Where a ref's bytes go and come from: 5 doubles each (see WriteRefs).
 constexpr int kRefFields = 5;
 
-// writeRefs(fd, pieces: ArrayBufferView[], refs: Float64Array, refCount, sources: ArrayBufferView[])
-// → bytes written. The stream written is each piece in turn, with each ref's bytes inserted into
-// it: ref k is [piece, at, source, offset, length] = after byte `at` of pieces[piece], bytes
-// [offset, offset + length) of sources[source] (refs in stream order). Writes until everything is
-// written or the socket would block; other errors throw, with errno's name in `errno`.
+// writeRefs(fd, pieces: ArrayBufferView[], refs: Float64Array, refCount, sources: ArrayBufferView[],
+// skip) → bytes written. The stream written is each piece in turn, with each ref's bytes inserted
+// into it: ref k is [piece, at, source, offset, length] = after byte `at` of pieces[piece], bytes
+// [offset, offset + length) of sources[source] (refs in stream order), from its byte `skip` on
+// (what an earlier call left). Writes until everything is written or the socket would block;
+// other errors throw, with errno's name in `errno`.
 void WriteRefs(const FunctionCallbackInfo<Value>& args) {
   Isolate* isolate = args.GetIsolate();
   Local<Context> context = isolate->GetCurrentContext();
-  double fdArg, refCountArg;
-  if (!IndexArg(args, 0, &fdArg) || fdArg > INT_MAX || !args[1]->IsArray() || !args[2]->IsFloat64Array() || !IndexArg(args, 3, &refCountArg) || !args[4]->IsArray()) {
-    return Throw(isolate, Exception::TypeError, "writeRefs(fd: number, pieces: ArrayBufferView[], refs: Float64Array, refCount: number, sources: ArrayBufferView[])");
+  double fdArg, refCountArg, skipArg = 0;
+  if (!IndexArg(args, 0, &fdArg) || fdArg > INT_MAX || !args[1]->IsArray() || !args[2]->IsFloat64Array() || !IndexArg(args, 3, &refCountArg) || !args[4]->IsArray() ||
+      (args.Length() > 5 && !args[5]->IsUndefined() && !IndexArg(args, 5, &skipArg))) {
+    return Throw(isolate, Exception::TypeError, "writeRefs(fd: number, pieces: ArrayBufferView[], refs: Float64Array, refCount: number, sources: ArrayBufferView[], skip?: number)");
   }
   const int fd = static_cast<int>(fdArg);
   struct Span {
@@ -112,8 +114,17 @@ void WriteRefs(const FunctionCallbackInfo<Value>& args) {
   }
   if (ref != refCount) return Throw(isolate, Exception::RangeError, "writeRefs: ref " + std::to_string(ref) + " names a piece out of order or past the last");
 
-  double written = 0;
+  // Past what earlier calls wrote.
   size_t next = 0;
+  size_t skip = static_cast<size_t>(skipArg);
+  while (next < iov.size() && skip >= iov[next].iov_len) skip -= iov[next++].iov_len;
+  if (next == iov.size() && skip > 0) return Throw(isolate, Exception::RangeError, "writeRefs: skip is past the batch's end");
+  if (next < iov.size()) {
+    iov[next].iov_base = static_cast<char*>(iov[next].iov_base) + skip;
+    iov[next].iov_len -= skip;
+  }
+
+  double written = 0;
   while (next < iov.size()) {
     const int n = static_cast<int>(std::min<size_t>(kIovMax, iov.size() - next));
     size_t batch = 0;

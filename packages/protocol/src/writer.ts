@@ -94,8 +94,11 @@ export interface RefBatch {
   bytes: number;
 }
 
-/** A RefBatch's bytes as Buffers, a view per ref, from byte `skip` on (nothing copied). */
-export function refBatchBuffers(batch: RefBatch, skip = 0): Buffer[] {
+/**
+ * A RefBatch's bytes as Buffers, a view per ref, from byte `skip` on (nothing copied); at most
+ * `maxChunks` of them (the first chunk alone: where a writer goes on after a partial write).
+ */
+export function refBatchBuffers(batch: RefBatch, skip = 0, maxChunks = Infinity): Buffer[] {
   const out: Buffer[] = [];
   let left = skip;
   const push = (b: Buffer): void => {
@@ -108,17 +111,19 @@ export function refBatchBuffers(batch: RefBatch, skip = 0): Buffer[] {
   };
   let ref = 0;
   const { refs } = batch;
-  for (let p = 0; p < batch.pieces.length; p++) {
+  for (let p = 0; p < batch.pieces.length && out.length < maxChunks; p++) {
     const piece = batch.pieces[p]!;
     let from = 0;
-    for (; ref < batch.refCount && refs[ref * REF_FIELDS] === p; ref++) {
+    for (; ref < batch.refCount && refs[ref * REF_FIELDS] === p && out.length < maxChunks; ref++) {
       const r = ref * REF_FIELDS;
       const at = refs[r + 1]!;
       if (at > from) push(piece.subarray(from, at));
+      if (out.length >= maxChunks) return out;
       const offset = refs[r + 3]!;
       push(batch.sources[refs[r + 2]!]!.subarray(offset, offset + refs[r + 4]!));
       from = at;
     }
+    if (out.length >= maxChunks) break;
     if (piece.length > from) push(from === 0 ? piece : piece.subarray(from));
   }
   return out;

@@ -406,6 +406,9 @@ describe('BatchWriter', () => {
       assert.deepEqual(Buffer.concat(refBatchBuffers(batch)), want, `round ${round}`);
       const skip = rng.int(want.length + 1);
       assert.deepEqual(Buffer.concat(refBatchBuffers(batch, skip)), want.subarray(skip), `round ${round}, from byte ${skip}`);
+      const [chunk] = refBatchBuffers(batch, skip, 1);
+      if (skip === want.length) assert.equal(chunk, undefined);
+      else assert.deepEqual(chunk, want.subarray(skip, skip + chunk!.length), `round ${round}, the chunk at byte ${skip}`);
       w.recycle(batch.pieces);
       assert.equal(w.pendingBytes, 0);
       assert.equal(w.flushRefs().refCount, 0, 'the next batch starts without refs');

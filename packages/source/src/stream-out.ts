@@ -4,9 +4,10 @@
 //
 // A batch with guest pages by reference (RefBatch) goes to a plain TCP or unix socket through the
 // native addon's writev while Node has nothing queued on it: the kernel copies each page from
-// guest RAM, with no copy into a slab and no Node write entry per page. What the socket does not
-// take at once is copied into one Buffer and written by Node as any other batch, so ordering,
-// backpressure and errors stay Node's. Elsewhere (TLS, files, no addon) the refs go as views.
+// guest RAM, with no copy into a slab and no Node write entry per page. When the socket is full,
+// Node writes the next chunk (it waits for room as for any write) and the native writev goes on
+// after it, so ordering, backpressure and errors stay Node's. Elsewhere (TLS, files, no addon)
+// the refs go to Node as views.
 
 import { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
@@ -121,30 +122,46 @@ export class StreamOut {
 
   /**
    * Write a flushed batch (BatchWriter.flushRefs) as write() does; `written` runs once all of it
-   * has been taken, as there.
+   * has been taken, as there. Through the native writev, a full socket is waited for by Node: it
+   * writes the next chunk once the kernel has room, and the native writev goes on after it, so
+   * nothing is copied; such a batch resolves once it is all written.
    */
   async writeBatch(batch: RefBatch, maxInFlight = 1, written?: () => void): Promise<void> {
     if (batch.refCount === 0) return this.write(batch.pieces, maxInFlight, written);
     if (this.failure !== undefined) throw this.failure;
-    const fd = this.idleFd();
+    let fd = this.idleFd();
     if (fd === undefined) return this.write(refBatchBuffers(batch), maxInFlight, written);
+    let done = 0;
+    for (;;) {
+      done += this.writeNative(fd, batch, done);
+      if (done === batch.bytes) break;
+      // The socket is full (or failed: Node's write meets that too and reports it as usual).
+      this.nativePartial++;
+      const chunk = refBatchBuffers(batch, done, 1);
+      await this.write(chunk, 0);
+      done += chunk[0]!.length;
+      if (done === batch.bytes) break;
+      fd = this.idleFd();
+      if (fd === undefined) {
+        await this.write(refBatchBuffers(batch, done), 0);
+        break;
+      }
+    }
+    written?.();
+  }
+
+  /** The native writev of `batch` from byte `skip`: the bytes the kernel took (0 on an error). */
+  private writeNative(fd: number, batch: RefBatch, skip: number): number {
     let taken = 0;
     try {
-      taken = native.writeRefs(fd, batch.pieces, batch.refs, batch.refCount, batch.sources);
+      taken = native.writeRefs(fd, batch.pieces, batch.refs, batch.refCount, batch.sources, skip);
     } catch {
-      // A socket error: Node's own write of the batch meets it too and reports it as usual.
+      // A socket error: Node's own write of what is left meets it too and reports it.
     }
     this.written += taken;
     this.accepted += taken;
     this.nativeBytes += taken;
-    if (taken === batch.bytes) {
-      written?.();
-      return;
-    }
-    this.nativePartial++;
-    // The rest, copied now (RAM may change once we return): one Buffer for Node to write.
-    const rest = refBatchBuffers(batch, taken);
-    return this.write([rest.length === 1 ? Buffer.from(rest[0]!) : Buffer.concat(rest)], maxInFlight, written);
+    return taken;
   }
 
   /**
