@@ -1,6 +1,8 @@
 // How the source should hand guest pages to a socket: as one view per page (cork + writev of
-// page-sized iovecs) or copied into reused contiguous buffers (one write per MiB). Guest RAM is a
-// SharedArrayBuffer, so the views are measured on SharedArrayBuffer and on a plain ArrayBuffer.
+// page-sized iovecs), copied into reused contiguous buffers (one write per MiB), or as refs
+// through the native addon's writeRefs (headers in a buffer, pages in place; what the source
+// does). Guest RAM is a SharedArrayBuffer, so the views are measured on SharedArrayBuffer and on a
+// plain ArrayBuffer.
 //
 //   node --import tsx bench/writev-pages.bench.ts [MiB=256] [reps=3]
 //
@@ -13,6 +15,7 @@ import { fork } from 'node:child_process';
 import { once } from 'node:events';
 import net from 'node:net';
 import { fileURLToPath } from 'node:url';
+import { native } from '../packages/native/src/index.ts';
 
 const PAGE = 4096;
 const HEADER = 8;
@@ -22,8 +25,9 @@ const PAGES_PER_BATCH = 256;
 /** Contiguous buffers in the copy ring: a few MiB in flight at most. */
 const RING = 4;
 
-type Mode = 'views-shared' | 'views-plain' | 'copy-ring-shared';
-const MODES: Mode[] = ['views-shared', 'views-plain', 'copy-ring-shared'];
+type Mode = 'views-shared' | 'views-plain' | 'copy-ring-shared' | 'native-refs-shared';
+/** native-refs-shared only where the addon is built. */
+const MODES: Mode[] = ['views-shared', 'views-plain', 'copy-ring-shared', ...(native.available ? (['native-refs-shared'] as const) : [])];
 
 if (process.argv[2] === '--sink') {
   const port = Number(process.argv[3]);
@@ -64,7 +68,7 @@ if (process.argv[2] === '--sink') {
   const base = results.get('views-shared')!;
   for (const [mode, r] of results) {
     console.log(
-      `  ${mode.padEnd(17)} ${range(r.gibps)} GiB/s (÷ views-shared ${(median(r.gibps) / median(base.gibps)).toFixed(2)}), ` +
+      `  ${mode.padEnd(18)} ${range(r.gibps)} GiB/s (÷ views-shared ${(median(r.gibps) / median(base.gibps)).toFixed(2)}), ` +
         `sender CPU ${range(r.cpuMsPerGiB, 0)} ms/GiB (÷ views-shared ${(median(r.cpuMsPerGiB) / median(base.cpuMsPerGiB)).toFixed(2)})`,
     );
   }
@@ -94,6 +98,7 @@ async function once1(mode: Mode, ram: Buffer, pages: number): Promise<{ gibps: n
     const cpu0 = process.cpuUsage();
     const t0 = performance.now();
     if (mode === 'copy-ring-shared') await sendCopies(sock, ram, pages);
+    else if (mode === 'native-refs-shared') await sendRefs(sock, ram, pages);
     else await sendViews(sock, ram, pages);
     await answered;
     const secs = (performance.now() - t0) / 1000;
@@ -149,5 +154,41 @@ async function sendCopies(sock: net.Socket, ram: Buffer, pages: number): Promise
       wake?.();
       wake = undefined;
     });
+  }
+}
+
+/**
+ * Headers in a ring of buffers, each page a ref into RAM (five numbers), one writeRefs per
+ * batch; a full socket is waited for by Node's write of the next chunk, as StreamOut does.
+ */
+async function sendRefs(sock: net.Socket, ram: Buffer, pages: number): Promise<void> {
+  const fd = (sock as unknown as { _handle: { fd: number } })._handle.fd;
+  const headers = Buffer.allocUnsafeSlow(PAGES_PER_BATCH * HEADER);
+  const refs = new Float64Array(PAGES_PER_BATCH * 5);
+  const sources = [ram];
+  for (let p = 0; p < pages; p += PAGES_PER_BATCH) {
+    const n = Math.min(PAGES_PER_BATCH, pages - p);
+    for (let k = 0; k < n; k++) {
+      const off = (p + k) * PAGE;
+      header(headers, k * HEADER, off);
+      const r = k * 5;
+      refs[r] = 0;
+      refs[r + 1] = (k + 1) * HEADER;
+      refs[r + 2] = 0;
+      refs[r + 3] = off;
+      refs[r + 4] = PAGE;
+    }
+    const piece = headers.subarray(0, n * HEADER);
+    const total = n * RECORD;
+    let done = native.writeRefs(fd, [piece], refs, n, sources);
+    while (done < total) {
+      // The socket is full: the next header or page through Node, which waits for room.
+      const at = done % RECORD;
+      const k = Math.floor(done / RECORD);
+      const chunk = at < HEADER ? piece.subarray(k * HEADER + at, (k + 1) * HEADER) : ram.subarray((p + k) * PAGE + at - HEADER, (p + k + 1) * PAGE);
+      await new Promise<void>((resolve) => sock.write(chunk, () => resolve()));
+      done += chunk.length;
+      if (done < total) done += native.writeRefs(fd, [piece], refs, n, sources, done);
+    }
   }
 }
