@@ -82,8 +82,9 @@ const FIRST_REF_CAPACITY = 256;
  * A flushed batch with its by-reference bytes apart (flushRefs()). The bytes it stands for are
  * each of `pieces` in turn with each ref's bytes inserted: ref k is `refs[5k .. 5k+4]` = piece,
  * at, source, offset, length, i.e. after byte `at` of `pieces[piece]`, bytes
- * `[offset, offset + length)` of `sources[source]`; refs are in stream order. A ref's piece may be
- * `pieces.length - 1`'s successor only when `pieces` ends with an empty piece for it.
+ * `[offset, offset + length)` of `sources[source]`; refs are in stream order. Every ref's piece is
+ * one of `pieces` (a batch whose last ref comes after its last encoded byte ends with an empty
+ * piece to hold it).
  */
 export interface RefBatch {
   pieces: Buffer[];
