@@ -16,6 +16,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "js_args.h"
+
 namespace livemig {
 void InitSocketWrite(v8::Local<v8::Object> exports);
 }
@@ -25,40 +27,19 @@ namespace {
 using v8::Array;
 using v8::BackingStore;
 using v8::Context;
-using v8::Exception;
 using v8::FunctionCallbackInfo;
 using v8::Integer;
 using v8::Isolate;
 using v8::Local;
-using v8::Number;
 using v8::Object;
 using v8::SharedArrayBuffer;
 using v8::String;
 using v8::Value;
 
-void ThrowErrno(Isolate* isolate, const char* what, int err) {
-  std::string message = std::string(what) + ": " + strerror(err);
-  Local<Value> error = Exception::Error(String::NewFromUtf8(isolate, message.c_str()).ToLocalChecked());
-  Local<Context> context = isolate->GetCurrentContext();
-  // The errno name, as Node's own errors carry it (ENOENT, EACCES …).
-  const char* name = strerrorname_np(err);
-  if (name != nullptr) {
-    error.As<Object>()->Set(context, String::NewFromUtf8Literal(isolate, "errno"), String::NewFromUtf8(isolate, name).ToLocalChecked()).Check();
-  }
-  isolate->ThrowException(error);
-}
-
-void ThrowType(Isolate* isolate, const char* message) {
-  isolate->ThrowException(Exception::TypeError(String::NewFromUtf8(isolate, message).ToLocalChecked()));
-}
-
-bool IntArg(const FunctionCallbackInfo<Value>& args, int i, int64_t* out) {
-  if (!args[i]->IsNumber()) return false;
-  double d = args[i].As<Number>()->Value();
-  if (d < 0 || d != static_cast<double>(static_cast<int64_t>(d))) return false;
-  *out = static_cast<int64_t>(d);
-  return true;
-}
+using livemig::IntArg;
+using livemig::ThrowErrno;
+using livemig::ThrowRange;
+using livemig::ThrowType;
 
 // The mapping lives as long as the last SharedArrayBuffer on it (in any thread).
 void Unmap(void* data, size_t length, void*) {
@@ -90,9 +71,7 @@ void MapShared(const FunctionCallbackInfo<Value>& args) {
   struct stat st;
   if (fstat(static_cast<int>(fd), &st) != 0) return ThrowErrno(isolate, "fstat", errno);
   if (st.st_size < length) {
-    std::string message = "fd " + std::to_string(fd) + " holds " + std::to_string(st.st_size) + " bytes, fewer than the " + std::to_string(length) + " to map";
-    isolate->ThrowException(Exception::RangeError(String::NewFromUtf8(isolate, message.c_str()).ToLocalChecked()));
-    return;
+    return ThrowRange(isolate, "fd " + std::to_string(fd) + " holds " + std::to_string(st.st_size) + " bytes, fewer than the " + std::to_string(length) + " to map");
   }
   void* data = mmap(nullptr, static_cast<size_t>(length), PROT_READ | PROT_WRITE, MAP_SHARED, static_cast<int>(fd), 0);
   if (data == MAP_FAILED) return ThrowErrno(isolate, "mmap", errno);

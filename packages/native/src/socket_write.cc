@@ -2,49 +2,37 @@
 // between the header bytes encoded in slabs, as much as the kernel takes now, without Node's
 // per-chunk write machinery (a Writable entry and a view object per chunk) or a copy of each
 // page into a slab. The caller keeps everything else in Node (ordering, backpressure, errors): it
-// calls this only when Node has nothing queued on the socket, and hands whatever is left to the
-// socket's own write.
+// calls this only when Node has nothing queued on the socket, and when the socket is full lets
+// Node write the next chunk (waiting for room), then calls again from there (`skip`).
 
 #include <node.h>
 #include <v8.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <climits>
-#include <algorithm>
-#include <cstring>
+#include <cstdint>
 #include <string>
 #include <vector>
 
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include "js_args.h"
+
 namespace livemig {
 
 using v8::Array;
 using v8::ArrayBufferView;
 using v8::Context;
-using v8::Exception;
 using v8::FunctionCallbackInfo;
 using v8::Isolate;
 using v8::Local;
 using v8::Number;
 using v8::Object;
-using v8::String;
 using v8::Value;
 
 namespace {
-
-void Throw(Isolate* isolate, Local<Value> (*make)(Local<String>), const std::string& message) {
-  isolate->ThrowException(make(String::NewFromUtf8(isolate, message.c_str()).ToLocalChecked()));
-}
-
-bool IndexArg(const FunctionCallbackInfo<Value>& args, int i, double* out) {
-  if (!args[i]->IsNumber()) return false;
-  double d = args[i].As<Number>()->Value();
-  if (!(d >= 0) || d > 9007199254740991.0 || d != static_cast<double>(static_cast<int64_t>(d))) return false;
-  *out = d;
-  return true;
-}
 
 // Chunks per writev: Linux's IOV_MAX.
 constexpr int kIovMax = 1024;
@@ -61,10 +49,10 @@ constexpr int kRefFields = 5;
 void WriteRefs(const FunctionCallbackInfo<Value>& args) {
   Isolate* isolate = args.GetIsolate();
   Local<Context> context = isolate->GetCurrentContext();
-  double fdArg, refCountArg, skipArg = 0;
-  if (!IndexArg(args, 0, &fdArg) || fdArg > INT_MAX || !args[1]->IsArray() || !args[2]->IsFloat64Array() || !IndexArg(args, 3, &refCountArg) || !args[4]->IsArray() ||
-      (args.Length() > 5 && !args[5]->IsUndefined() && !IndexArg(args, 5, &skipArg))) {
-    return Throw(isolate, Exception::TypeError, "writeRefs(fd: number, pieces: ArrayBufferView[], refs: Float64Array, refCount: number, sources: ArrayBufferView[], skip?: number)");
+  int64_t fdArg, refCountArg, skipArg = 0;
+  if (!IntArg(args, 0, &fdArg) || fdArg > INT_MAX || !args[1]->IsArray() || !args[2]->IsFloat64Array() || !IntArg(args, 3, &refCountArg) || !args[4]->IsArray() ||
+      (args.Length() > 5 && !args[5]->IsUndefined() && !IntArg(args, 5, &skipArg))) {
+    return ThrowType(isolate, "writeRefs(fd: number, pieces: ArrayBufferView[], refs: Float64Array, refCount: number, sources: ArrayBufferView[], skip?: number)");
   }
   const int fd = static_cast<int>(fdArg);
   struct Span {
@@ -77,7 +65,7 @@ void WriteRefs(const FunctionCallbackInfo<Value>& args) {
       Local<Value> item;
       if (!list->Get(context, i).ToLocal(&item)) return false;
       if (!item->IsArrayBufferView()) {
-        Throw(isolate, Exception::TypeError, "writeRefs: item " + std::to_string(i) + " of a list is not an ArrayBufferView");
+        ThrowType(isolate, "writeRefs: item " + std::to_string(i) + " of a list is not an ArrayBufferView");
         return false;
       }
       Local<ArrayBufferView> view = item.As<ArrayBufferView>();
@@ -89,7 +77,7 @@ void WriteRefs(const FunctionCallbackInfo<Value>& args) {
   if (!spans(args[1].As<Array>(), &pieces) || !spans(args[4].As<Array>(), &sources)) return;
   Local<v8::Float64Array> refArray = args[2].As<v8::Float64Array>();
   const size_t refCount = static_cast<size_t>(refCountArg);
-  if (refCount * kRefFields > refArray->Length()) return Throw(isolate, Exception::RangeError, "writeRefs: refCount is more than refs holds");
+  if (refCount * kRefFields > refArray->Length()) return ThrowRange(isolate, "writeRefs: refCount is more than refs holds");
   const double* refs = reinterpret_cast<const double*>(static_cast<char*>(refArray->Buffer()->Data()) + refArray->ByteOffset());
 
   // The whole stream as iovecs, checked before anything is written.
@@ -103,7 +91,7 @@ void WriteRefs(const FunctionCallbackInfo<Value>& args) {
       const double at = r[1], source = r[2], offset = r[3], length = r[4];
       if (!(at >= static_cast<double>(from)) || at > static_cast<double>(pieces[p].length) || !(source >= 0) || source >= static_cast<double>(sources.size()) || !(offset >= 0) ||
           !(length >= 0) || offset + length > static_cast<double>(sources[static_cast<size_t>(source)].length)) {
-        return Throw(isolate, Exception::RangeError, "writeRefs: ref " + std::to_string(ref) + " lies outside its piece or source, or out of order");
+        return ThrowRange(isolate, "writeRefs: ref " + std::to_string(ref) + " lies outside its piece or source, or out of order");
       }
       const size_t atBytes = static_cast<size_t>(at);
       if (atBytes > from) iov.push_back({pieces[p].data + from, atBytes - from});
@@ -112,13 +100,13 @@ void WriteRefs(const FunctionCallbackInfo<Value>& args) {
     }
     if (pieces[p].length > from) iov.push_back({pieces[p].data + from, pieces[p].length - from});
   }
-  if (ref != refCount) return Throw(isolate, Exception::RangeError, "writeRefs: ref " + std::to_string(ref) + " names a piece out of order or past the last");
+  if (ref != refCount) return ThrowRange(isolate, "writeRefs: ref " + std::to_string(ref) + " names a piece out of order or past the last");
 
   // Past what earlier calls wrote.
   size_t next = 0;
   size_t skip = static_cast<size_t>(skipArg);
   while (next < iov.size() && skip >= iov[next].iov_len) skip -= iov[next++].iov_len;
-  if (next == iov.size() && skip > 0) return Throw(isolate, Exception::RangeError, "writeRefs: skip is past the batch's end");
+  if (next == iov.size() && skip > 0) return ThrowRange(isolate, "writeRefs: skip is past the batch's end");
   if (next < iov.size()) {
     iov[next].iov_base = static_cast<char*>(iov[next].iov_base) + skip;
     iov[next].iov_len -= skip;
@@ -135,12 +123,7 @@ void WriteRefs(const FunctionCallbackInfo<Value>& args) {
     } while (done < 0 && errno == EINTR);
     if (done < 0) {
       if (errno == EAGAIN || errno == EWOULDBLOCK) break;
-      int err = errno;
-      Local<Value> error = Exception::Error(String::NewFromUtf8(isolate, (std::string("writev: ") + strerror(err)).c_str()).ToLocalChecked());
-      const char* name = strerrorname_np(err);
-      if (name != nullptr) error.As<Object>()->Set(context, String::NewFromUtf8Literal(isolate, "errno"), String::NewFromUtf8(isolate, name).ToLocalChecked()).Check();
-      isolate->ThrowException(error);
-      return;
+      return ThrowErrno(isolate, "writev", errno);
     }
     written += static_cast<double>(done);
     if (static_cast<size_t>(done) < batch) break;  // the socket's buffer is full
