@@ -150,13 +150,15 @@ export class StreamOut {
     written?.();
   }
 
-  /** The native writev of `batch` from byte `skip`: the bytes the kernel took (0 on an error). */
+  /** The native writev of `batch` from byte `skip`: the bytes the kernel took (0 on a socket error). */
   private writeNative(fd: number, batch: RefBatch, skip: number): number {
     let taken = 0;
     try {
       taken = native.writeRefs(fd, batch.pieces, batch.refs, batch.refCount, batch.sources, skip);
-    } catch {
-      // A socket error: Node's own write of what is left meets it too and reports it.
+    } catch (err) {
+      // A socket error: Node's own write of what is left meets it too and reports it. Anything
+      // else (a batch writeRefs refuses) is a bug, not the link's failure.
+      if (typeof (err as { errno?: unknown }).errno !== 'string') throw err;
     }
     this.written += taken;
     this.accepted += taken;
