@@ -3,25 +3,13 @@
 
 import assert from 'node:assert/strict';
 import { randomFillSync } from 'node:crypto';
-import net from 'node:net';
 import { test } from 'node:test';
 import { MultifdReceiver, TARGET_PAGE_SIZE } from '@livemig/protocol';
 import { MultifdSender } from '../src/multifd-sender.ts';
+import { socketPair } from './socket-pair.ts';
 
 const RAM_BYTES = 16 * 1024 * 1024;
 const TIMEOUT_MS = 60_000;
-
-/** A connected loopback socket pair. */
-async function socketPair(): Promise<[net.Socket, net.Socket]> {
-  const server = net.createServer();
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const port = (server.address() as net.AddressInfo).port;
-  const accepted = new Promise<net.Socket>((resolve) => server.once('connection', resolve));
-  const client = net.connect(port, '127.0.0.1');
-  const peer = await accepted;
-  server.close();
-  return [client, peer];
-}
 
 test('pages queued on a multifd channel arrive intact, with SYNCs, and its slabs are reused', { timeout: TIMEOUT_MS }, async () => {
   const [client, peer] = await socketPair();

@@ -5,28 +5,17 @@
 
 import assert from 'node:assert/strict';
 import { randomFillSync } from 'node:crypto';
-import { once } from 'node:events';
-import net from 'node:net';
+import type net from 'node:net';
 import { PassThrough } from 'node:stream';
 import { test } from 'node:test';
 import { native } from '@livemig/native';
 import { BatchWriter } from '@livemig/protocol';
 import { StreamOut } from '../src/stream-out.ts';
+import { socketPair } from './socket-pair.ts';
 
 const TIMEOUT_MS = 60_000;
 const PAGE = 4096;
 const nativeSkip = native.available || process.env['CI'] === 'true' ? false : `the native addon is not built (${native.unavailableReason})`;
-
-async function socketPair(): Promise<[net.Socket, net.Socket]> {
-  const server = net.createServer();
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const accepted = once(server, 'connection') as Promise<[net.Socket]>;
-  const client = net.connect((server.address() as net.AddressInfo).port, '127.0.0.1');
-  await once(client, 'connect');
-  const [peer] = await accepted;
-  server.close();
-  return [client, peer];
-}
 
 /** Everything the peer reads until `n` bytes have come. */
 function collect(peer: net.Socket, n: number): Promise<Buffer> {
