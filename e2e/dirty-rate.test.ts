@@ -21,10 +21,10 @@ interface DirtyRateInfo {
   'calc-time': number;
 }
 
-/** calc-dirty-rate, then query-dirty-rate until measured (bounded). */
 /**
- * `qemu`: QEMU's calc-dirty-rate returns before the thread it starts has set "measuring", so right
- * after it QEMU may still say "unstarted"; livemig says "measuring" from the command's answer on.
+ * calc-dirty-rate, then query-dirty-rate until measured (bounded). `qemu`: QEMU's calc-dirty-rate
+ * returns before the thread it starts has set "measuring", so right after it QEMU may still say
+ * "unstarted"; livemig says "measuring" from the command's answer on.
  */
 async function measure(c: Child, args: Record<string, unknown>, { qemu = false } = {}): Promise<DirtyRateInfo> {
   assert.deepEqual(await c.execute('calc-dirty-rate', args), {});
