@@ -164,6 +164,8 @@ export interface DestinationOptions {
   name?: string;
   /** Run inside this network namespace (as SourceOptions.netns). */
   netns?: string;
+  /** Flags for node itself, before the script (V8's --trace-deopt …). */
+  nodeArgs?: string[];
 }
 
 export class Harness {
@@ -194,10 +196,10 @@ export class Harness {
     return this.children.some((c) => c.name === name) ? `${name}${this.#count}` : name;
   }
 
-  async #start(name: string, main: string, args: string[], extraStdio: NonNullable<SourceOptions['extraStdio']> = [], netns?: string): Promise<Child> {
+  async #start(name: string, main: string, args: string[], extraStdio: NonNullable<SourceOptions['extraStdio']> = [], netns?: string, nodeArgs: string[] = []): Promise<Child> {
     // A unix QMP socket is a path: reachable from any network namespace.
     const qmpAddress = `unix:${this.path(`${name}.qmp`)}`;
-    const argv = [main, ...args, '--qmp', qmpAddress];
+    const argv = [...nodeArgs, main, ...args, '--qmp', qmpAddress];
     const [file, fileArgs] = netns === undefined ? [process.execPath, argv] : ['ip', ['netns', 'exec', netns, process.execPath, ...argv]];
     const proc = spawn(file, fileArgs, {
       stdio: ['ignore', 'pipe', 'pipe', ...extraStdio],
@@ -229,7 +231,7 @@ export class Harness {
     if (o.paused === true) args.push('-S');
     if (o.capabilities !== undefined && o.capabilities.length > 0) args.push('--capabilities', o.capabilities.join(','));
     args.push(...(o.args ?? []));
-    const child = (await this.#start(name, DESTINATION_MAIN, args, [], o.netns)) as Child & { incomingUri: string };
+    const child = (await this.#start(name, DESTINATION_MAIN, args, [], o.netns, o.nodeArgs)) as Child & { incomingUri: string };
     // A stream file or command is read at once: there is no socket to report.
     child.incomingUri = incoming === 'defer' || /^(file|exec):/.test(incoming) ? incoming : await listeningAddress(child, 60_000);
     return child;

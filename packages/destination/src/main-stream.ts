@@ -34,10 +34,18 @@ const READ_BUFFER_BYTES = 1024 * 1024;
  * a migration's first 32 MiB took ~45 ms in the read callback (~7 ms once warm); warmed, ~19.
  */
 const WARM_UP_PAGES = 4096;
-/** Pages of the warm-up's block, sent again and again (its records are built once). */
+/** Pages of each of the warm-up's two blocks (its sections are built once, then sent again and again). */
 const WARM_UP_BLOCK_PAGES = 64;
-/** Read sizes of the warm-up: a few, so that records straddle reads as they do on a socket. */
-const WARM_UP_READS = [262_144, 131_072 + 4_000, 65_536 + 100];
+/** Page records per warm-up section: a part section ends with EOS and a footer, as a source's do. */
+const WARM_UP_SECTION_PAGES = 48;
+/**
+ * Read sizes of the warm-up: large ones as a busy socket gives, and small ones, so that records
+ * straddle reads and the reader holds several chunks at once (its slower paths), as on a socket.
+ * A path first taken during the migration costs a deoptimisation and a new compile there.
+ */
+const WARM_UP_READS = [262_144, 131_072 + 4_000, 1_500, 65_536 + 100, 8, 9_000, 700, 4_100, 37, 30_011];
+/** Streams the warm-up decodes, each from its header: the records a stream starts with are decoded a few times too. */
+const WARM_UP_STREAMS = 4;
 /** Main-channel reads while a vCPU waits for a page far from the background stream (postcopy). */
 const FAULT_READ_BYTES = 64 * 1024;
 
@@ -80,49 +88,87 @@ export class MainStream implements MainReader {
   }
 
   /**
-   * Decode a made-up stream of page records into a block of shared memory of its own, through the
-   * reads and the decoder the migration uses, so that its first megabytes find that code optimised.
-   * Costs ~20-30 ms once, when the process starts, before a source can connect.
+   * Decode a made-up stream into blocks of shared memory of its own, through the reads and the
+   * decoder the migration uses, so that its first megabytes find that code optimised: part
+   * sections of page records over two blocks (named and CONTINUE records), ZERO records for pages
+   * never written and for pages written, EOS and footers, read in pieces that split records
+   * wherever a socket may. Costs ~25-45 ms once, when the process starts, before a source can
+   * connect. With only page records in large reads, each migration deoptimised readRecords,
+   * copyTo and be32 and compiled them again: 256 MiB, 8 runs each interleaved, medians: CPU (all
+   * destination threads) 135 → 88 ms, total-time 151 → 130 ms (e2e/warm-up.test.ts keeps it so).
    */
   private warmUp(): void {
     const w = new BatchWriter();
     const rec = new RamRecordWriter();
     const page = Buffer.alloc(TARGET_PAGE_SIZE, 0xa5);
+    const blockBytes = WARM_UP_BLOCK_PAGES * TARGET_PAGE_SIZE;
     writeStreamHeader(w);
     writeConfiguration(w, { machineType: 'none' });
     writeSectionHeader(w, { kind: 'start', sectionId: 2, idstr: 'ram', instanceId: 0, versionId: 4 });
-    writeMemSize(w, [{ idstr: 'warm-up', length: WARM_UP_BLOCK_PAGES * TARGET_PAGE_SIZE }]);
+    writeMemSize(w, [
+      { idstr: 'warm-up-a', length: blockBytes },
+      { idstr: 'warm-up-b', length: blockBytes },
+    ]);
     writeEos(w);
     writeSectionFooter(w, 2);
-    writeSectionHeader(w, { kind: 'part', sectionId: 2 });
-    rec.page(w, 'warm-up', 0, page, 0);
     const head = w.flushConcat();
-    for (let p = 0; p < WARM_UP_BLOCK_PAGES; p++) rec.page(w, 'warm-up', p * TARGET_PAGE_SIZE, page, 0);
-    const records = w.flushConcat();
-    w.release();
-    const memory = Buffer.from(new SharedArrayBuffer(WARM_UP_BLOCK_PAGES * TARGET_PAGE_SIZE));
-    const decoder = new StreamDecoder({ ram: { attachBlocks: () => [memory] }, postcopyPageHooks: true, zeroedMemory: true });
-    let source = head;
-    let at = 0;
-    let sent = 0;
-    for (let read = 0; sent < WARM_UP_PAGES * records.length / WARM_UP_BLOCK_PAGES; read++) {
-      const into = this.alignedReads[decoder.bufferedBytes & 7]!;
-      let n = 0;
-      const want = WARM_UP_READS[read % WARM_UP_READS.length]!;
-      while (n < want) {
-        if (at === source.length) {
-          source = records;
-          at = 0;
-        }
-        const take = Math.min(want - n, source.length - at);
-        source.copy(into, n, at, at + take);
-        n += take;
-        at += take;
+    // One round of sections: mostly consecutive pages of block a; now and then a page of block b
+    // (each switch names its block), a ZERO record for a page of b never written (skipped) and
+    // one for a page of a that was (cleared).
+    let pagesInRound = 0;
+    for (let p = 0, inSection = 0; p < WARM_UP_BLOCK_PAGES; p++, inSection++) {
+      if (inSection === 0) writeSectionHeader(w, { kind: 'part', sectionId: 2 });
+      const at = p * TARGET_PAGE_SIZE;
+      rec.page(w, 'warm-up-a', at, page, 0);
+      pagesInRound++;
+      if (p % 16 === 15) {
+        rec.page(w, 'warm-up-b', at, page, 0);
+        rec.zeroPage(w, 'warm-up-b', ((p + 1) % WARM_UP_BLOCK_PAGES) * TARGET_PAGE_SIZE);
+        rec.zeroPage(w, 'warm-up-a', at);
+        pagesInRound++;
       }
-      sent += n;
-      decoder.push(into.subarray(0, n));
-      while (decoder.next() !== NEED_MORE);
-      decoder.retainUnread();
+      if (inSection === WARM_UP_SECTION_PAGES - 1 || p === WARM_UP_BLOCK_PAGES - 1) {
+        writeEos(w);
+        writeSectionFooter(w, 2);
+        rec.forgetBlock();
+        inSection = -1;
+      }
+    }
+    const round = w.flushConcat();
+    w.release();
+    const memory = [0, 1].map(() => Buffer.from(new SharedArrayBuffer(blockBytes)));
+    const rounds = Math.ceil(WARM_UP_PAGES / WARM_UP_STREAMS / pagesInRound);
+    // Each stream's first reads end where a page's data starts (after the part section's header
+    // and a named record's), then where the next one's does (a page wholly in the next chunk),
+    // then 4 and 2 bytes into a record's header (a header across chunks).
+    const firstData = head.length + 5 + 8 + 1 + 'warm-up-a'.length;
+    const firstReads = [firstData, 8 + TARGET_PAGE_SIZE, TARGET_PAGE_SIZE + 4, TARGET_PAGE_SIZE + 6];
+    let read = 0;
+    for (let stream = 0; stream < WARM_UP_STREAMS; stream++) {
+      for (const m of memory) m.fill(0);
+      const decoder = new StreamDecoder({ ram: { attachBlocks: () => memory }, postcopyPageHooks: true, zeroedMemory: true });
+      const total = head.length + rounds * round.length;
+      let source = head;
+      let at = 0;
+      for (let sent = 0, inStream = 0; sent < total; read++, inStream++) {
+        const into = this.alignedReads[decoder.bufferedBytes & 7]!;
+        let n = 0;
+        const want = Math.min(firstReads[inStream] ?? WARM_UP_READS[read % WARM_UP_READS.length]!, total - sent);
+        while (n < want) {
+          if (at === source.length) {
+            source = round;
+            at = 0;
+          }
+          const take = Math.min(want - n, source.length - at);
+          source.copy(into, n, at, at + take);
+          n += take;
+          at += take;
+        }
+        sent += n;
+        decoder.push(into.subarray(0, n));
+        while (decoder.next() !== NEED_MORE);
+        decoder.retainUnread();
+      }
     }
   }
 
