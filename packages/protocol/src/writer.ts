@@ -70,6 +70,18 @@ const INLINE_MAX = 16 * 1024;
 const NO_SLAB = Buffer.alloc(0);
 /** A batch without refs. */
 const NO_REFS = new Float64Array(0);
+
+/**
+ * An empty list for Buffers that V8 already holds as a list of objects. A `[]` starts as a list
+ * of small integers and changes its map at its first push: optimised code that saw only lists
+ * past that point (a writer's later batches, a start-up warm-up) is thrown away the first time
+ * it meets a fresh one, as every migration's new writer brought.
+ */
+function bufferList(): Buffer[] {
+  const list = [NO_SLAB];
+  list.pop();
+  return list;
+}
 /** Free slabs kept for reuse: a 1 MiB batch in flight plus one being encoded, in 256 KiB slabs. */
 const POOL_MAX = 16;
 
@@ -145,7 +157,7 @@ export class BatchWriter {
   private dataView: DataView;
   private start = 0;
   private pos = 0;
-  private out: Buffer[] = [];
+  private out: Buffer[] = bufferList();
   private current: Slab | undefined;
   private readonly pool: SlabPool;
   /**
@@ -159,7 +171,7 @@ export class BatchWriter {
   /** view()'s refs since the last flush (see RefBatch), their sources, and their bytes. */
   private refs: Float64Array | undefined;
   private refCount = 0;
-  private refSources: Buffer[] = [];
+  private refSources: Buffer[] = bufferList();
   private refBytes = 0;
 
   constructor(options: BatchWriterOptions = {}) {
@@ -413,7 +425,7 @@ export class BatchWriter {
   flushRefs(): RefBatch {
     this.seal();
     const pieces = this.out;
-    this.out = [];
+    this.out = bufferList();
     let bytes = this.refBytes;
     for (const b of pieces) bytes += b.length;
     const refCount = this.refCount;
@@ -425,7 +437,7 @@ export class BatchWriter {
       // The batch keeps these until it is written: the next batch's refs start afresh.
       this.refs = undefined;
       this.refCount = 0;
-      this.refSources = [];
+      this.refSources = bufferList();
       this.refBytes = 0;
     }
     return batch;
