@@ -1,34 +1,64 @@
-// End-to-end: a destination decodes a migration with the code its start-up warm-up optimised,
-// without throwing that code away. A path of the decoder that the warm-up never took (a record
-// kind, a record split across reads) makes V8 deoptimise the function it is in the first time
-// the migration takes it, then run it unoptimised and compile it again (readRecords: ~20 ms of
-// compiling) while the pages stream in. The destination runs with V8's --trace-deopt-verbose;
-// no deoptimisation may name the decoder's or the destination's code once the migration started.
+// End-to-end: both processes run a migration with the code their start-up warm-ups optimised,
+// without throwing that code away. A path the warm-up never took (a record kind, a record split
+// across reads, a new writer's first batch, a new deadline closure) makes V8 deoptimise the
+// function it is in the first time the migration takes it, then run it unoptimised and compile
+// it again (the decoder's readRecords: ~20 ms of compiling) while the pages stream. Source and
+// destination run with V8's --trace-opt and --trace-deopt-verbose: before the migration the
+// per-page functions of both are optimised already (the warm-ups did it), and no deoptimisation
+// may name livemig's code (protocol, source, destination) once the migration started, on the
+// source's first migration.
 //
 // Run: pnpm build && node --import tsx --test --test-concurrency=1 e2e/warm-up.test.ts
 
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { assertSameRam, waitForStatus } from './helpers/migration.ts';
-import { withHarness } from './helpers/processes.ts';
+import { type Child, withHarness } from './helpers/processes.ts';
 
 const GUEST = ['--block', 'm0:64M', '--machine', 'none', '--qemu-devices-only'];
+const TRACE = ['--trace-opt', '--trace-deopt-verbose'];
+/** Functions each side's warm-up must have had V8 optimise before any migration. */
+const WARMED = {
+  source: ['iterate', 'sendPage', 'findDirty', 'page', 'view'],
+  destination: ['readRecords', 'copyTo', 'skip'],
+};
+/** What the harness keeps of a process's output: the window below must stay inside it. */
+const KEPT_BYTES = 60 * 1024;
+
+/** The deoptimisations of livemig's code in what `child` printed from byte `from` on. */
+function ourDeopts(child: Child, from: number): string[] {
+  const out = child.output();
+  assert.ok(out.length < KEPT_BYTES, `${child.name} printed too much to be sure of the window`);
+  return out
+    .slice(from)
+    .split('\n')
+    .filter((line) => /deoptimize at <file:[^>]*packages\/(protocol|source|destination)\/dist\//.test(line));
+}
+
+/** Wait (bounded) until V8 says it optimised each of `names` in `child` (compiles run on a background thread). */
+async function untilOptimised(child: Child, names: string[]): Promise<void> {
+  const deadline = Date.now() + 30_000;
+  const missing = (): string[] => names.filter((n) => !new RegExp(`completed optimizing [^\\n]*<JSFunction ${n} `).test(child.output()));
+  while (missing().length > 0) {
+    if (Date.now() > deadline) assert.fail(`${child.name}: not optimised before the migration: ${missing().join(', ')}`);
+    await sleep(50);
+  }
+}
 
 for (const fill of ['random', 'mixed']) {
-  test(`a 64 MiB ${fill} guest migrates into a destination without deoptimising its warmed-up decoder`, { timeout: 180_000 }, () =>
+  test(`a 64 MiB ${fill} guest's first migration deoptimises none of the code both warm-ups optimised`, { timeout: 180_000 }, () =>
     withHarness(async (h) => {
-      const src = await h.source({ guest: [...GUEST, '--fill', fill], args: ['-S'] });
-      const dst = await h.destination({ incoming: 'tcp', paused: true, guest: GUEST, nodeArgs: ['--trace-deopt-verbose'] });
-      const before = dst.output().length;
+      const src = await h.source({ guest: [...GUEST, '--fill', fill], args: ['-S'], nodeArgs: TRACE });
+      const dst = await h.destination({ incoming: 'tcp', paused: true, guest: GUEST, nodeArgs: TRACE });
+      await untilOptimised(src, WARMED.source);
+      await untilOptimised(dst, WARMED.destination);
+      const [srcBefore, dstBefore] = [src.output().length, dst.output().length];
       await src.execute('migrate', { uri: dst.incomingUri });
       await waitForStatus(src, 'completed', { timeoutMs: 120_000 });
       await waitForStatus(dst, 'completed', { timeoutMs: 60_000 });
       await assertSameRam(src, dst);
-      // Everything the destination printed since the migration began (its output stays far
-      // below the 64 KiB the harness keeps: a few trace lines at start-up, a few log lines).
-      const during = dst.output().slice(before);
-      assert.ok(dst.output().length < 60 * 1024, 'the destination printed too much to be sure of the window');
-      const ours = during.split('\n').filter((line) => /deoptimize at <file:[^>]*packages\/(protocol|destination)\/dist\//.test(line));
-      assert.deepEqual(ours, [], `deoptimised during the migration:\n${during.slice(0, 4000)}`);
+      assert.deepEqual(ourDeopts(src, srcBefore), [], `the source deoptimised during the migration:\n${src.output().slice(srcBefore, srcBefore + 4000)}`);
+      assert.deepEqual(ourDeopts(dst, dstBefore), [], `the destination deoptimised during the migration:\n${dst.output().slice(dstBefore, dstBefore + 4000)}`);
     }));
 }

@@ -151,6 +151,8 @@ export interface SourceOptions {
   extraStdio?: Array<'pipe' | 'ignore' | 'inherit' | net.Socket | number | null>;
   /** Run inside this network namespace (`ip netns exec NS node …`, which execs: the pid stays node's). */
   netns?: string;
+  /** Flags for node itself, before the script (V8's --trace-deopt …). */
+  nodeArgs?: string[];
 }
 
 export interface DestinationOptions {
@@ -217,7 +219,7 @@ export class Harness {
 
   /** Start a livemig-source; resolves once its QMP accepts. */
   async source(o: SourceOptions): Promise<Child> {
-    return this.#start(this.#unique(o.name ?? 'src'), SOURCE_MAIN, [...o.guest, ...(o.args ?? [])], o.extraStdio, o.netns);
+    return this.#start(this.#unique(o.name ?? 'src'), SOURCE_MAIN, [...o.guest, ...(o.args ?? [])], o.extraStdio, o.netns, o.nodeArgs);
   }
 
   /**

@@ -60,7 +60,10 @@ export const RAM_SECTION_ID = 2;
  * The main channel's free slabs, shared by one migration after another: a source that migrates
  * again (or resumes) reuses them instead of leaving each migration's slabs to a full GC.
  */
-const MAIN_CHANNEL_SLABS = new SlabPool(DEFAULT_SLAB_BYTES, 4 * 1024 * 1024);
+export const MAIN_CHANNEL_SLABS = new SlabPool(DEFAULT_SLAB_BYTES, 4 * 1024 * 1024);
+
+/** A migration's clock unless its options give one: one function, shared with warm-up.ts. */
+export const monotonicNow = (): number => performance.now();
 
 /**
  * The source's slab pools (process-wide, over every migration so far): slabs allocated and free
@@ -131,7 +134,7 @@ export class OutgoingMigration {
   constructor(options: OutgoingOptions) {
     this.o = options;
     this.guest = options.guest;
-    this.now = options.now ?? (() => performance.now());
+    this.now = options.now ?? monotonicNow;
     this.connectedAt = this.now();
     this.startTime = Math.min(options.requestedAt ?? this.connectedAt, this.connectedAt);
     this.lastProgressAt = this.connectedAt;

@@ -26,6 +26,7 @@ import type { OutgoingMigration } from './migration.ts';
 import { RAM_SECTION_ID } from './migration.ts';
 import { PageServer } from './page-server.ts';
 import { BATCH_BYTES, MAX_ITERATION_MS, yieldToIo } from './precopy.ts';
+import { iterationDeadline } from './ram-saver.ts';
 
 /** The package's writer: device state of a small guest fits one slab. */
 const PACKAGE_SLAB_BYTES = 64 * 1024;
@@ -171,7 +172,7 @@ export class PostcopySender {
     const m = this.m;
     const w = m.w;
     const started = m.now();
-    const deadline = (): boolean => m.now() - started >= MAX_ITERATION_MS;
+    const deadline = iterationDeadline(m.now, started, MAX_ITERATION_MS);
     m.keepalivePings.writeDue(w);
     this.pageServer?.drainServed((block, page) => m.ram.takeRequested(block, page));
     writeSectionHeader(w, { kind: 'part', sectionId: RAM_SECTION_ID });

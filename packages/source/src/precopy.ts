@@ -8,7 +8,7 @@
 //   stop:   guest stopped, END sections, FULL device sections, EOF, VMDESCRIPTION
 
 import type { PositionedFileChannel } from '@livemig/runtime';
-import type { MappedRamBlock } from './ram-saver.ts';
+import { iterationDeadline, type MappedRamBlock } from './ram-saver.ts';
 import {
   BatchWriter,
   LIVEMIG_HELLO_PING,
@@ -319,7 +319,7 @@ export class Precopy {
     // Its PONG proves the link end to end (QEMU 7.2 answers PINGs too once the return path is open).
     m.keepalivePings.writeDue(w, m.now());
     writeSectionHeader(w, { kind: 'part', sectionId: RAM_SECTION_ID });
-    const deadline = (): boolean => m.now() - started >= MAX_ITERATION_MS;
+    const deadline = iterationDeadline(m.now, started, MAX_ITERATION_MS);
     const pagesBefore = this.pagesSent();
     for (;;) {
       m.expect('active');

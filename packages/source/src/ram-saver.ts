@@ -15,6 +15,16 @@ import { XbzrleCache } from './xbzrle-cache.ts';
 import { popcount as popcount32 } from '@livemig/guest';
 
 const ZERO_PAGE = Buffer.alloc(TARGET_PAGE_SIZE);
+
+/**
+ * saveIterate's deadline: true once `ms` have passed on `now` since `started`. Every caller makes
+ * it here (with the same `now`, see migration.ts' monotonicNow), so the one call to it in the
+ * scan stays a call V8 has seen before, not a new target that throws the scan's optimised code
+ * away (warm-up.ts runs the scan before any migration does).
+ */
+export function iterationDeadline(now: () => number, started: number, ms: number): () => boolean {
+  return () => now() - started >= ms;
+}
 /** mapped-ram: contiguous pages are written in one pwrite, up to this many bytes. */
 const MAPPED_RUN_BYTES = 1024 * 1024;
 /** Check the clock every this many pages (QEMU: 64) for the 50 ms iteration cap. */

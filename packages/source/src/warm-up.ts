@@ -1,0 +1,77 @@
+// The sending path warmed up when the process starts: a source process usually migrates once, so
+// every real migration would otherwise run its first megabytes in V8's interpreter and pay for
+// compiling the per-page code (RamSaver's scan, the zero test, the record writer, the batch's
+// refs) while it sends. Measured on a two-core AMD EPYC machine, 256 MiB random guest, six fresh
+// sources of each kind alternating, medians of their first migration: source CPU over all its
+// threads 178 -> 131 ms, total-time 187 -> 157 ms. Costs ~12 ms at start-up.
+// e2e/warm-up.test.ts checks that the per-page functions are optimised before a migration and
+// that the migration throws none of that code away.
+
+import { closeSync, openSync } from 'node:fs';
+import type { Guest } from '@livemig/guest';
+import { native } from '@livemig/native';
+import { BatchWriter } from '@livemig/protocol';
+import { MAIN_CHANNEL_SLABS, monotonicNow } from './migration.ts';
+import { BATCH_BYTES, MAX_ITERATION_MS } from './precopy.ts';
+import { iterationDeadline, RamSaver } from './ram-saver.ts';
+
+/** Pages the warm-up sends (16 MiB): enough for V8 to optimise the per-page path. */
+export const WARM_UP_PAGES = 4096;
+/** Its batches: a quarter of a migration's (64 of them over the warm-up's pages). */
+const WARM_UP_BATCH_BYTES = BATCH_BYTES / 4;
+/** Batches of one writer before the warm-up takes a new one. */
+const WRITER_BATCHES = 4;
+/** A bound on the batches, whatever the guest's pages are. */
+const WARM_UP_MAX_BATCHES = 256;
+
+/**
+ * Encode the guest's first pages as a migration does, into batches written to /dev/null with the
+ * native writev (the kernel discards them), or flushed as Buffers without the addon. Only reads
+ * guest RAM: the RamSaver is its own (its bitmaps, not the guest's dirty log). Returns the pages
+ * encoded.
+ */
+export function warmUpSender(guest: Guest): number {
+  const ram = new RamSaver(guest, { xbzrleCacheBytes: 0 });
+  ram.pagesByReference = native.available;
+  // The first WARM_UP_PAGES pages of RAM, over as many blocks as that takes.
+  let left = WARM_UP_PAGES;
+  for (const [i, block] of guest.ram.blocks.entries()) {
+    const pages = Math.min(left, block.pageCount);
+    const bm = ram.bitmaps[i]!;
+    for (let p = 0; p < pages; p++) bm[p >>> 5] = (bm[p >>> 5]! | (1 << (p & 31))) >>> 0;
+    ram.dirtyPages += pages;
+    left -= pages;
+    if (left === 0) break;
+  }
+  const encoded = ram.dirtyPages;
+  const fd = native.available ? openSync('/dev/null', 'w') : -1;
+  let w: BatchWriter | undefined;
+  try {
+    // As precopy's batches, with differences that let V8 see what migrations show it: each batch
+    // starts with no block named (a migration's first record compares against none), has a
+    // deadline of its own (a section's is a new closure each time), every other one a size that
+    // is not a whole number (a bandwidth limit's allowance), and every WRITER_BATCHES batches a
+    // new writer comes (a writer's first batch and its later ones hold their lists in arrays of
+    // other maps in V8's eyes).
+    for (let empty = false, batches = 0; !empty && batches < WARM_UP_MAX_BATCHES; batches++) {
+      if (batches % WRITER_BATCHES === 0) {
+        w?.release();
+        w = new BatchWriter({ pool: MAIN_CHANNEL_SLABS });
+      }
+      ram.forgetBlock();
+      const deadline = iterationDeadline(monotonicNow, monotonicNow(), MAX_ITERATION_MS);
+      empty = ram.saveIterate(w!, WARM_UP_BATCH_BYTES + (batches & 1) / 2, deadline);
+      if (fd >= 0) {
+        const batch = w!.flushRefs();
+        native.writeRefs(fd, batch.pieces, batch.refs, batch.refCount, batch.sources, 0);
+        w!.recycle(batch.pieces);
+      } else {
+        w!.recycle(w!.flush());
+      }
+    }
+  } finally {
+    w?.release();
+    if (fd >= 0) closeSync(fd);
+  }
+  return encoded - ram.dirtyPages;
+}
