@@ -3,7 +3,7 @@
 // adapter one by one; it says after each whether to decode on (the machine's readsStream).
 
 import type net from 'node:net';
-import type { MainReader } from './channels.ts';
+import { type MainReader, warmUpMultifd } from './channels.ts';
 import type { PostcopyFaults } from './postcopy-faults.ts';
 import type { StreamLoader } from './stream-loader.ts';
 import {
@@ -85,6 +85,7 @@ export class MainStream implements MainReader {
     this.hooks = hooks;
     this.decoder = this.makeDecoder();
     this.warmUp();
+    warmUpMultifd();
   }
 
   /**
