@@ -85,25 +85,32 @@ export function writeMultifdFlush(w: BatchWriter): void {
  * (setup, discard, channel switch, recovery).
  */
 export class RamRecordWriter {
-  private lastBlock: string | undefined;
+  /**
+   * The block the last record named, while `named`. Always a string (and the flag apart): a field
+   * that is undefined in some writers and a string in others changes the writers' map in V8's
+   * eyes, and optimised code that met one kind is thrown away when it meets the other.
+   */
+  private lastBlock = '';
+  private named = false;
   /** Scratch for one XBZRLE encoding. */
   private readonly encoded = Buffer.allocUnsafeSlow(TARGET_PAGE_SIZE);
   /** Always name the block (a safe sender; receivers must accept both). */
   alwaysName = false;
 
   forgetBlock(): void {
-    this.lastBlock = undefined;
+    this.named = false;
   }
 
   private word(w: BatchWriter, block: string, pageOffset: number, flag: number): void {
     if (pageOffset % TARGET_PAGE_SIZE !== 0 || pageOffset < 0) {
       throw new MigrationError(ErrorCode.INVALID_ARGUMENT, `page offset ${pageOffset} is not page aligned`);
     }
-    if (!this.alwaysName && block === this.lastBlock) {
+    if (!this.alwaysName && this.named && block === this.lastBlock) {
       w.be64(pageOffset + flag + RamFlag.CONTINUE);
     } else {
       w.be64(pageOffset + flag).cstr(block);
       this.lastBlock = block;
+      this.named = true;
     }
   }
 
