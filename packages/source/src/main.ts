@@ -474,9 +474,14 @@ async function main(argv: string[]): Promise<void> {
     log.info({ ms: Math.round(performance.now() - preparingSince) }, 'guest RAM prepared');
   }
   // Before the guest runs and QMP is served: a migration's first megabytes find optimised code.
+  // Only a speed-up: a failure (no /dev/null in a bare container) is said and the source goes on.
   const warmingSince = performance.now();
-  const warmedPages = warmUpSender(guest);
-  log.debug({ ms: Math.round(performance.now() - warmingSince), pages: warmedPages }, 'sending path warmed up');
+  try {
+    const warmedPages = warmUpSender(guest);
+    log.debug({ ms: Math.round(performance.now() - warmingSince), pages: warmedPages }, 'sending path warmed up');
+  } catch (err) {
+    log.warn({ err: (err as Error).message }, 'sending path not warmed up (the first migration compiles it as it goes)');
+  }
   const proc = new SourceProcess(guest, flags.machineType, log, flags.qemuVersion);
   proc.sharedRam = sharedRam;
   proc.realtimePostcopy = values['realtime-postcopy'] === true;

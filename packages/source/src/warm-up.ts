@@ -16,7 +16,7 @@ import { BATCH_BYTES, MAX_ITERATION_MS } from './precopy.ts';
 import { iterationDeadline, RamSaver } from './ram-saver.ts';
 
 /** Pages the warm-up sends (16 MiB): enough for V8 to optimise the per-page path. */
-export const WARM_UP_PAGES = 4096;
+const WARM_UP_PAGES = 4096;
 /** Its batches: a quarter of a migration's (64 of them over the warm-up's pages). */
 const WARM_UP_BATCH_BYTES = BATCH_BYTES / 4;
 /** Batches of one writer before the warm-up takes a new one. */
@@ -51,8 +51,7 @@ export function warmUpSender(guest: Guest): number {
     // starts with no block named (a migration's first record compares against none), has a
     // deadline of its own (a section's is a new closure each time), every other one a size that
     // is not a whole number (a bandwidth limit's allowance), and every WRITER_BATCHES batches a
-    // new writer comes (a writer's first batch and its later ones hold their lists in arrays of
-    // other maps in V8's eyes).
+    // new writer comes (each migration brings its own).
     for (let empty = false, batches = 0; !empty && batches < WARM_UP_MAX_BATCHES; batches++) {
       if (batches % WRITER_BATCHES === 0) {
         w?.release();
