@@ -12,17 +12,11 @@ import {
   ConfigError,
   ErrorCode,
   type MigrationError,
-  MULTIFD_FLAG_SYNC,
-  MULTIFD_INIT_LENGTH,
-  MULTIFD_PACKET_HEADER_LENGTH,
   MultifdReceiver,
   ProtocolError,
   RECOVERY_START_LENGTH,
   STREAM_HEADER_LENGTH,
-  TARGET_PAGE_SIZE,
   TransportError,
-  writeMultifdInit,
-  writeMultifdPacketHeader,
 } from '@livemig/protocol';
 import type { Guest } from '@livemig/guest';
 import {
@@ -545,64 +539,6 @@ export class Channels {
 }
 
 /** Where a channel's packets find their block's memory; one function for every channel (and the warm-up), one call target for V8. */
-function blockResolver(blocks: Map<string, Buffer>): (name: string) => Buffer | undefined {
+export function blockResolver(blocks: Map<string, Buffer>): (name: string) => Buffer | undefined {
   return (name) => blocks.get(name);
-}
-
-/** Channels the multifd warm-up decodes (each starts with its init packet), packets on each, normal pages in a packet. */
-const MULTIFD_WARM_UP_CHANNELS = 4;
-const MULTIFD_WARM_UP_PACKETS = 256;
-const MULTIFD_WARM_UP_PAGES = 4;
-/** Read sizes of the multifd warm-up: what a socket gives a channel, whole and in pieces. */
-const MULTIFD_WARM_UP_READS = [65_536, 1_000, 262_144, 7, 20_000];
-
-/**
- * Decode made-up multifd channel bytes through MultifdReceivers into a block of their own, as a
- * channel's reads would, so that a migration's first packets find the per-packet code (header
- * check, page copies, Buffer.copy beneath) optimised instead of compiling it while they arrive:
- * packets of contiguous pages, of scattered pages, with zero pages (QEMU 9.0+), and SYNCs, on a
- * few channels from their init packet. ~12 MiB of pages; a few ms, once, at start-up.
- */
-export function warmUpMultifd(): void {
-  const pageCount = 4 * MULTIFD_WARM_UP_PAGES;
-  const memory = Buffer.from(new SharedArrayBuffer(pageCount * TARGET_PAGE_SIZE));
-  const header = Buffer.alloc(MULTIFD_PACKET_HEADER_LENGTH);
-  const init = Buffer.alloc(MULTIFD_INIT_LENGTH);
-  const page = Buffer.alloc(TARGET_PAGE_SIZE, 0x5a);
-  const offsets = new Float64Array(MULTIFD_WARM_UP_PAGES);
-  const zeros = new Float64Array(MULTIFD_WARM_UP_PAGES);
-  const blocks = new Map([['warm-up', memory]]);
-  let read = 0;
-  for (let channel = 0; channel < MULTIFD_WARM_UP_CHANNELS; channel++) {
-    const recv = new MultifdReceiver(blockResolver(blocks));
-    /** Hand `bytes` to the receiver as reads would: each into where it asks, at most a read's size. */
-    const feed = (bytes: Buffer): void => {
-      for (let at = 0; at < bytes.length; read++) {
-        const into = recv.nextBuffer();
-        const size = MULTIFD_WARM_UP_READS[read % MULTIFD_WARM_UP_READS.length]!;
-        // As much as fits: the form the bytes read before a channel is adopted are copied in.
-        const n = size >= into.length ? bytes.copy(into, 0, at) : bytes.copy(into, 0, at, Math.min(at + size, bytes.length));
-        at += n;
-        recv.advance(n);
-      }
-    };
-    writeMultifdInit(init, { uuid: new Uint8Array(16), channelId: channel });
-    feed(init);
-    for (let p = 0; p < MULTIFD_WARM_UP_PACKETS; p++) {
-      const kind = p % 4;
-      if (kind === 3) {
-        writeMultifdPacketHeader(header, { flags: MULTIFD_FLAG_SYNC, packetNum: p, block: '' }, offsets, 0);
-        feed(header);
-        continue;
-      }
-      // 0: contiguous pages; 1: every other page (a run per page); 2: half normal, half zero.
-      const normal = kind === 2 ? MULTIFD_WARM_UP_PAGES / 2 : MULTIFD_WARM_UP_PAGES;
-      for (let i = 0; i < normal; i++) offsets[i] = (kind === 1 ? 2 * i : i) * TARGET_PAGE_SIZE;
-      const zeroCount = kind === 2 ? MULTIFD_WARM_UP_PAGES / 2 : 0;
-      for (let i = 0; i < zeroCount; i++) zeros[i] = (pageCount - 1 - i) * TARGET_PAGE_SIZE;
-      writeMultifdPacketHeader(header, { flags: 0, packetNum: p, block: 'warm-up' }, offsets, normal, zeros, zeroCount);
-      // The whole packet at once: its header's reads stop short of the bytes there are.
-      feed(Buffer.concat([header, ...Array.from({ length: normal }, () => page)]));
-    }
-  }
 }

@@ -3,7 +3,8 @@
 // adapter one by one; it says after each whether to decode on (the machine's readsStream).
 
 import type net from 'node:net';
-import { type MainReader, warmUpMultifd } from './channels.ts';
+import type { MainReader } from './channels.ts';
+import { warmUpMultifd } from './warm-up.ts';
 import type { PostcopyFaults } from './postcopy-faults.ts';
 import type { StreamLoader } from './stream-loader.ts';
 import {
