@@ -67,14 +67,18 @@ export class Child {
   readonly events: QmpEvent[] = [];
   readonly exited: Promise<ExitStatus>;
   #output = '';
+  /** Characters printed since the start, kept or not (what outputMark and outputSince count in). */
+  #printed = 0;
 
-  constructor(name: string, proc: ChildProcess, qmpAddress: string) {
+  constructor(name: string, proc: ChildProcess, qmpAddress: string, keepBytes = OUTPUT_KEEP_BYTES) {
     this.name = name;
     this.proc = proc;
     this.qmpAddress = qmpAddress;
     const keep = (chunk: Buffer): void => {
-      this.#output += chunk.toString('utf8');
-      if (this.#output.length > OUTPUT_KEEP_BYTES) this.#output = this.#output.slice(-OUTPUT_KEEP_BYTES);
+      const text = chunk.toString('utf8');
+      this.#printed += text.length;
+      this.#output += text;
+      if (this.#output.length > keepBytes) this.#output = this.#output.slice(-keepBytes);
     };
     proc.stdout?.on('data', keep);
     proc.stderr?.on('data', keep);
@@ -104,9 +108,21 @@ export class Child {
     return this.proc.exitCode === null && this.proc.signalCode === null;
   }
 
-  /** What the process printed (stdout and stderr interleaved; the last 64 KiB). */
+  /** What the process printed (stdout and stderr interleaved; the last 64 KiB unless told to keep more). */
   output(): string {
     return this.#output;
+  }
+
+  /** A mark in the process's output: outputSince(mark) is what it printed after this call. */
+  outputMark(): number {
+    return this.#printed;
+  }
+
+  /** What the process printed since `mark`; throws if part of it is no longer kept. */
+  outputSince(mark: number): string {
+    const dropped = this.#printed - this.#output.length;
+    if (mark < dropped) throw new Error(`${this.name}: ${dropped - mark} characters printed after the mark are no longer kept (start it with a larger keepOutput)`);
+    return this.#output.slice(mark - dropped);
   }
 
   /** Wait for the process to exit, at most `timeoutMs`. */
@@ -153,6 +169,8 @@ export interface SourceOptions {
   netns?: string;
   /** Flags for node itself, before the script (V8's --trace-deopt …). */
   nodeArgs?: string[];
+  /** How much of its output to keep (default 64 KiB): V8's traces print far more. */
+  keepOutput?: number;
 }
 
 export interface DestinationOptions {
@@ -168,6 +186,8 @@ export interface DestinationOptions {
   netns?: string;
   /** Flags for node itself, before the script (V8's --trace-deopt …). */
   nodeArgs?: string[];
+  /** How much of its output to keep (default 64 KiB): V8's traces print far more. */
+  keepOutput?: number;
 }
 
 export class Harness {
@@ -198,7 +218,8 @@ export class Harness {
     return this.children.some((c) => c.name === name) ? `${name}${this.#count}` : name;
   }
 
-  async #start(name: string, main: string, args: string[], extraStdio: NonNullable<SourceOptions['extraStdio']> = [], netns?: string, nodeArgs: string[] = []): Promise<Child> {
+  async #start(name: string, main: string, args: string[], o: Pick<SourceOptions, 'extraStdio' | 'netns' | 'nodeArgs' | 'keepOutput'>): Promise<Child> {
+    const { extraStdio = [], netns, nodeArgs = [] } = o;
     // A unix QMP socket is a path: reachable from any network namespace.
     const qmpAddress = `unix:${this.path(`${name}.qmp`)}`;
     const argv = [...nodeArgs, main, ...args, '--qmp', qmpAddress];
@@ -207,7 +228,7 @@ export class Harness {
       stdio: ['ignore', 'pipe', 'pipe', ...extraStdio],
       env: { ...process.env, LIVEMIG_LOG_LEVEL: process.env['LIVEMIG_LOG_LEVEL'] ?? 'info' },
     });
-    const child = new Child(name, proc, qmpAddress);
+    const child = new Child(name, proc, qmpAddress, o.keepOutput);
     this.children.push(child);
     child.qmp = await connectQmp(child, QMP_START_MS);
     // Record every event; waits poll child.events (so no event is consumed by another wait).
@@ -219,7 +240,7 @@ export class Harness {
 
   /** Start a livemig-source; resolves once its QMP accepts. */
   async source(o: SourceOptions): Promise<Child> {
-    return this.#start(this.#unique(o.name ?? 'src'), SOURCE_MAIN, [...o.guest, ...(o.args ?? [])], o.extraStdio, o.netns, o.nodeArgs);
+    return this.#start(this.#unique(o.name ?? 'src'), SOURCE_MAIN, [...o.guest, ...(o.args ?? [])], o);
   }
 
   /**
@@ -233,7 +254,7 @@ export class Harness {
     if (o.paused === true) args.push('-S');
     if (o.capabilities !== undefined && o.capabilities.length > 0) args.push('--capabilities', o.capabilities.join(','));
     args.push(...(o.args ?? []));
-    const child = (await this.#start(name, DESTINATION_MAIN, args, [], o.netns, o.nodeArgs)) as Child & { incomingUri: string };
+    const child = (await this.#start(name, DESTINATION_MAIN, args, o)) as Child & { incomingUri: string };
     // A stream file or command is read at once: there is no socket to report.
     child.incomingUri = incoming === 'defer' || /^(file|exec):/.test(incoming) ? incoming : await listeningAddress(child, 60_000);
     return child;
