@@ -9,6 +9,7 @@
 // as offsets the destination zeroes (no data).
 
 import type { Duplex } from 'node:stream';
+import { native } from '@livemig/native';
 import {
   BatchWriter,
   SlabPool,
@@ -178,6 +179,20 @@ export class MultifdSender {
       writes.push(ch.out.writeBatch(batch, 1, () => w.recycle(batch.pieces)));
     }
     if (writes.length > 0) await Promise.all(writes);
+  }
+
+  /**
+   * Every sealed packet written at once to `fd` with the native writev, past the channels'
+   * streams: the start-up warm-up's packets go to /dev/null this way (warm-up.ts).
+   */
+  writeSealedTo(fd: number): void {
+    for (const ch of this.channels) {
+      const batch = ch.w.flushRefs();
+      // Counted as flush() counts (a field only flush() wrote would change this object's map).
+      this.written += batch.bytes;
+      if (batch.bytes > 0) native.writeRefs(fd, batch.pieces, batch.refs, batch.refCount, batch.sources, 0);
+      ch.w.recycle(batch.pieces);
+    }
   }
 
   /** End of a RAM section: the open packet goes out, then a SYNC packet on every channel. */
