@@ -10,7 +10,7 @@
 
 import { parentPort, workerData } from 'node:worker_threads';
 import { claimPage, drainFaultRing, LINE_OWNER, LINE_WRITE_TIMEOUT_MS, LineFailure, raiseThreadPriority, RequestLine, setPageReceived, waitForFaultRing, wakeArrived } from '@livemig/guest';
-import { BatchWriter, NEED_MORE, RamRecordDecoder, type RamTarget, TARGET_PAGE_SIZE, writeRpReqPages } from '@livemig/protocol';
+import { BatchWriter, NEED_MORE, RamRecordDecoder, RamRecordWriter, type RamTarget, TARGET_PAGE_SIZE, writeRpReqPages } from '@livemig/protocol';
 import { WorkerConnection } from '@livemig/runtime';
 import { FaultCounter, type FaultThreadCommand, type FaultWorkerData, type FaultWorkerMessage } from './fault-thread.ts';
 
@@ -18,7 +18,17 @@ const d = workerData as FaultWorkerData;
 // Latency first: run ahead of the busy main thread when the process may (see raiseThreadPriority).
 if (!raiseThreadPriority(d.realtime) && d.realtime) new Float64Array(d.counters)[FaultCounter.REALTIME_REFUSED] = 1;
 const port = parentPort!;
-const local = d.blocks.map((b) => ({
+interface LocalBlock {
+  idstr: string;
+  bytes: Uint8Array;
+  received: Int32Array;
+  claimed: Int32Array;
+  waiting: Int32Array;
+}
+/** The warm-up's made-up pages and rounds (see warmUp). */
+const WARM_UP_PAGES = 4;
+const WARM_UP_ROUNDS = 64;
+const local: LocalBlock[] = d.blocks.map((b) => ({
   idstr: b.idstr,
   bytes: new Uint8Array(b.memory),
   received: new Int32Array(b.received),
@@ -66,20 +76,58 @@ function post(m: FaultWorkerMessage): void {
   port.postMessage(m);
 }
 
+/**
+ * Place the pages in `chunk` (after what `decoder` kept of earlier chunks) and wake the vCPUs
+ * waiting for them; true once the channel's EOS came.
+ */
+function placeRecords(decoder: RamRecordDecoder, chunk: Buffer, blocks: readonly LocalBlock[]): boolean {
+  decoder.push(chunk);
+  const ended = decoder.next() !== NEED_MORE;
+  decoder.retainUnread();
+  for (const b of blocks) wakeArrived(b.received, b.waiting, d.waiterSlots);
+  return ended;
+}
+
+/**
+ * The placing path run over a made-up preempt stream before the first real page: a fresh thread
+ * would compile the record decoder while the guest waits for its first fault. Its pages land in
+ * a scratch block of its own, with its own bitmaps; nothing is counted or woken.
+ */
+function warmUp(): void {
+  const bytes = new Uint8Array(new SharedArrayBuffer(WARM_UP_PAGES * TARGET_PAGE_SIZE));
+  const scratch: LocalBlock = { idstr: 'warm-up', bytes, received: new Int32Array(new SharedArrayBuffer(4)), claimed: new Int32Array(new SharedArrayBuffer(4)), waiting: new Int32Array(new SharedArrayBuffer(d.waiterSlots * 4)) };
+  const scratchTarget: RamTarget = {
+    attachBlocks: () => [bytes],
+    acceptPage: (_block, pageOffset) => claimPage(scratch.claimed, scratch.received, pageOffset / TARGET_PAGE_SIZE),
+    pagePlaced: (_block, pageOffset) => setPageReceived(scratch.received, pageOffset / TARGET_PAGE_SIZE),
+  };
+  const w = new BatchWriter({ slabSize: 64 * 1024 });
+  const rec = new RamRecordWriter();
+  for (let p = 0; p < WARM_UP_PAGES; p++) rec.page(w, scratch.idstr, p * TARGET_PAGE_SIZE, bytes, p * TARGET_PAGE_SIZE);
+  const stream = w.flushConcat();
+  const streamBlocks = [{ idstr: scratch.idstr, length: bytes.length }];
+  for (let round = 0; round < WARM_UP_ROUNDS; round++) {
+    scratch.received[0] = 0;
+    scratch.claimed[0] = 0;
+    const decoder = RamRecordDecoder.forPreemptChannel(scratchTarget, streamBlocks);
+    // Split inside a record, as reads may.
+    const cut = 1 + (round % (stream.length - 1));
+    placeRecords(decoder, stream.subarray(0, cut), [scratch]);
+    placeRecords(decoder, stream.subarray(cut), [scratch]);
+  }
+}
+
 function attach(m: Extract<FaultThreadCommand, { kind: 'attach' }>): void {
   const decoder = RamRecordDecoder.forPreemptChannel(target, m.streamBlocks);
   const conn: WorkerConnection = new WorkerConnection(
     m,
     'preempt channel',
     (chunk) => {
-      decoder.push(chunk);
-      if (decoder.next() !== NEED_MORE) {
+      if (placeRecords(decoder, chunk, local)) {
         // Its EOS: every page of this channel is placed; the source closes it.
         conn.done = true;
         post({ kind: 'eof' });
       }
-      decoder.retainUnread();
-      for (const b of local) wakeArrived(b.received, b.waiting, d.waiterSlots);
     },
     (reason) => post({ kind: 'closed', reason }),
   );
@@ -97,6 +145,7 @@ function attach(m: Extract<FaultThreadCommand, { kind: 'attach' }>): void {
   request(waitingNow);
 }
 
+warmUp();
 port.on('message', (m: FaultThreadCommand) => {
   if (m.kind === 'attach') attach(m);
   else if (m.kind === 'detach') {
