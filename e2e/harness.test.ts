@@ -1,9 +1,11 @@
 // The e2e harness itself: whatever a test body does, its processes do not outlive it.
 
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { test } from 'node:test';
-import { type Child, withHarness } from './helpers/processes.ts';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { Child, withHarness } from './helpers/processes.ts';
 
 const T = { timeout: 60_000 };
 
@@ -48,4 +50,28 @@ test('a child that ignores SIGTERM (stopped) is SIGKILLed after the bounded grac
   );
   assert.ok(stopped !== undefined);
   assert.deepEqual(await stopped.exited, { code: null, signal: 'SIGKILL' });
+});
+
+test('outputSince gives what a child printed after a mark, and refuses once part of it is no longer kept', T, async () => {
+  // Two bursts, the second once told on stdin: the mark goes between them.
+  const script = "process.stdout.write('a'.repeat(3000)); process.stdin.once('data', () => { process.stdout.write('b'.repeat(3000)); process.exit(0); });";
+  for (const keep of [4096, 2048]) {
+    const proc = spawn(process.execPath, ['-e', script], { stdio: ['pipe', 'pipe', 'pipe'] });
+    try {
+      const child = new Child('printer', proc, 'unix:/nonexistent', keep);
+      const deadline = Date.now() + 10_000;
+      while (child.outputMark() < 3000) {
+        assert.ok(Date.now() < deadline, 'the first burst came');
+        await sleep(10);
+      }
+      const mark = child.outputMark();
+      proc.stdin!.write('go\n');
+      await child.waitForExit();
+      assert.equal(child.outputMark(), 6000);
+      if (keep >= 3000) assert.equal(child.outputSince(mark), 'b'.repeat(3000));
+      else assert.throws(() => child.outputSince(mark), /952 characters printed after the mark are no longer kept/);
+    } finally {
+      proc.kill('SIGKILL');
+    }
+  }
 });
