@@ -53,8 +53,7 @@ export function warmUpSender(guest: Guest): number {
     // is not a whole number (a bandwidth limit's allowance), and every WRITER_BATCHES batches a
     // new writer comes (each migration brings its own). The multifd scan's every fourth batch
     // ends with a sync point (a RAM section's end, or a scan's).
-    let done = 0;
-    for (let batches = 0; done < scans.length && batches < WARM_UP_MAX_BATCHES; batches++) {
+    for (let batches = 0; batches < WARM_UP_MAX_BATCHES && scans.some((ram) => ram.dirtyPages > 0); batches++) {
       if (batches % WRITER_BATCHES === 0) {
         w?.release();
         w = new BatchWriter({ pool: MAIN_CHANNEL_SLABS });
@@ -64,7 +63,7 @@ export function warmUpSender(guest: Guest): number {
       if (ram.dirtyPages === 0) continue;
       ram.forgetBlock();
       const deadline = iterationDeadline(monotonicNow, monotonicNow(), MAX_ITERATION_MS);
-      if (ram.saveIterate(w!, WARM_UP_BATCH_BYTES + (batches & 1) / 2, deadline)) done++;
+      ram.saveIterate(w!, WARM_UP_BATCH_BYTES + (batches & 1) / 2, deadline);
       if (turn === 1 && batches % 8 === 7) ram.syncMultifd(w!);
       if (fd >= 0) {
         const batch = w!.flushRefs();
