@@ -46,7 +46,15 @@ async function untilOptimised(child: Child, names: string[]): Promise<void> {
   const deadline = Date.now() + 30_000;
   const missing = (): string[] => names.filter((n) => !new RegExp(`completed optimizing [^\\n]*<JSFunction ${n} `).test(child.output()));
   while (missing().length > 0) {
-    if (Date.now() > deadline) assert.fail(`${child.name}: not optimised before the migration: ${missing().join(', ')}`);
+    if (Date.now() > deadline) {
+      // What V8 said about them (marked, compiled, aborted, deoptimised), so a failure tells why.
+      const said = child
+        .output()
+        .split('\n')
+        .filter((line) => missing().some((n) => line.includes(`<JSFunction ${n} `)))
+        .slice(-20);
+      assert.fail(`${child.name}: not optimised before the migration: ${missing().join(', ')}; V8 said of them:\n${said.join('\n')}`);
+    }
     await sleep(50);
   }
 }

@@ -5,6 +5,7 @@
 // interleaved, medians: destination CPU (all threads) 74 -> 69 ms, total-time 102 -> 96 ms.
 
 import {
+  MULTIFD_DIRECT_RUN_PAGES,
   MULTIFD_FLAG_SYNC,
   MULTIFD_INIT_LENGTH,
   MULTIFD_PACKET_HEADER_LENGTH,
@@ -15,10 +16,13 @@ import {
 } from '@livemig/protocol';
 import { blockResolver } from './channels.ts';
 
-/** Channels the multifd warm-up decodes (each starts with its init packet), packets on each, normal pages in a packet. */
+/**
+ * Channels the multifd warm-up decodes (each starts with its init packet), packets on each, pages
+ * in a packet: a run of them as long as a packet read straight into RAM needs.
+ */
 const MULTIFD_WARM_UP_CHANNELS = 4;
 const MULTIFD_WARM_UP_PACKETS = 256;
-const MULTIFD_WARM_UP_PAGES = 4;
+const MULTIFD_WARM_UP_PAGES = MULTIFD_DIRECT_RUN_PAGES;
 /** Read sizes of the multifd warm-up: what a socket gives a channel, whole and in pieces. */
 const MULTIFD_WARM_UP_READS = [65_536, 1_000, 262_144, 7, 20_000];
 
@@ -62,7 +66,8 @@ export function warmUpMultifd(): void {
         feed(header);
         continue;
       }
-      // 0: contiguous pages; 1: every other page (a run per page); 2: half normal, half zero.
+      // 0: contiguous pages (read straight into RAM); 1: every other page (a run per page, read
+      // into scratch); 2: half normal, half zero (runs too short: scratch).
       const normal = kind === 2 ? MULTIFD_WARM_UP_PAGES / 2 : MULTIFD_WARM_UP_PAGES;
       for (let i = 0; i < normal; i++) offsets[i] = (kind === 1 ? 2 * i : i) * TARGET_PAGE_SIZE;
       const zeroCount = kind === 2 ? MULTIFD_WARM_UP_PAGES / 2 : 0;

@@ -15,7 +15,8 @@
 // re-sent in a later pass never lands before its older copy.
 //
 // MultifdReceiver is the destination's side without I/O: it names the buffer the next read
-// should fill (its own header or page scratch; pages are copied into guest RAM, one copy per run,
+// should fill (its own header; guest RAM itself for a packet of long runs of contiguous pages, so
+// the kernel copies them straight into place; a page scratch for scattered pages, copied into RAM
 // once their packet is complete) and is told how many bytes arrived.
 
 import { TARGET_PAGE_SIZE } from './constants.ts';
@@ -130,11 +131,19 @@ export type MultifdEvent =
   | { kind: 'packet'; block: string; pages: number; sync: boolean; packetNum: number };
 
 
+/**
+ * A packet whose runs of contiguous pages average at least this many pages is read straight into
+ * RAM, one read per run at least; one of shorter runs into scratch, one read for all its pages.
+ */
+export const MULTIFD_DIRECT_RUN_PAGES = 8;
+
 const Phase = {
   INIT: 0,
   HEADER: 1,
   /** Reading the packet's pages into the channel's scratch, copied out when it is complete. */
   PAGES: 2,
+  /** Reading a run of contiguous pages straight into guest RAM. */
+  RUN: 3,
 } as const;
 type PhaseValue = (typeof Phase)[keyof typeof Phase];
 
@@ -156,11 +165,16 @@ export class MultifdReceiver {
   private readonly header = Buffer.alloc(MULTIFD_PACKET_HEADER_LENGTH);
   private readonly headerView = new DataView(this.header.buffer, this.header.byteOffset, this.header.byteLength);
   /**
-   * Where every packet's pages are read (allocated on the first one, then reused): the kernel's
-   * copy into one hot 512 KiB buffer plus our copy into RAM measured ~4× faster on loopback than
-   * reads straight into guest RAM spread over gigabytes, as the main channel's reused buffer does.
+   * Where a packet of scattered pages is read (allocated on the first one, then reused), so that
+   * its pages cost one read, not one each. Packets of long runs skip it: their pages are read into
+   * RAM where they belong, which saves our copy (measured on loopback, two cores, 2 channels,
+   * interleaved, medians: destination main thread 71 -> 65 ms per 256 MiB over 8 migrations each,
+   * 222 -> 204 ms per GiB over 4 each).
    */
   private scratch: Buffer = Buffer.alloc(0);
+  /** Phase RUN: the run being read is pages [runStart, runEnd) of the packet. */
+  private runStart = 0;
+  private runEnd = 0;
   private readonly resolve: MultifdBlockResolver;
   private readonly offsets = new Float64Array(MULTIFD_PAGES_PER_PACKET);
   private mem: Uint8Array = new Uint8Array(0);
@@ -184,6 +198,10 @@ export class MultifdReceiver {
         return this.header.subarray(this.fill);
       case Phase.PAGES:
         return this.scratch.subarray(this.fill, this.cur.normalPages * TARGET_PAGE_SIZE);
+      case Phase.RUN: {
+        const at = this.offsets[this.runStart]!;
+        return this.mem.subarray(at + this.fill, at + (this.runEnd - this.runStart) * TARGET_PAGE_SIZE);
+      }
     }
   }
 
@@ -208,6 +226,15 @@ export class MultifdReceiver {
         if (this.fill < this.cur.normalPages * TARGET_PAGE_SIZE) return null;
         this.fill = 0;
         this.copyOut();
+        return this.packetDone();
+      }
+      case Phase.RUN: {
+        if (this.fill < (this.runEnd - this.runStart) * TARGET_PAGE_SIZE) return null;
+        this.fill = 0;
+        if (this.runEnd < this.cur.normalPages) {
+          this.nextRun(this.runEnd);
+          return null;
+        }
         return this.packetDone();
       }
     }
@@ -244,7 +271,8 @@ export class MultifdReceiver {
     const mem = this.resolve(block);
     if (mem === undefined) this.fail(`packet for unknown block "${block}"`, RAMBLOCK_AT, block);
     this.mem = mem;
-    // Validate every offset before a byte lands in guest RAM.
+    // Validate every offset before a byte lands in guest RAM; count the normal pages' runs.
+    let runs = normalPages > 0 ? 1 : 0;
     for (let i = 0, at = MULTIFD_PACKET_FIXED_LENGTH; i < normalPages + zeroPages; i++, at += 8) {
       const hi = v.getUint32(at);
       const lo = v.getUint32(at + 4);
@@ -253,6 +281,7 @@ export class MultifdReceiver {
         this.fail(`page offset 0x${offset.toString(16)} is not a page inside the block (${mem.length} bytes)`, at, block);
       }
       this.offsets[i] = offset;
+      if (i > 0 && i < normalPages && offset !== this.offsets[i - 1]! + TARGET_PAGE_SIZE) runs++;
     }
     for (let i = normalPages; i < normalPages + zeroPages; i++) {
       const off = this.offsets[i]!;
@@ -261,9 +290,22 @@ export class MultifdReceiver {
     }
     this.zeroPages += zeroPages;
     if (normalPages === 0) return this.packetDone();
+    if (normalPages >= runs * MULTIFD_DIRECT_RUN_PAGES) {
+      this.nextRun(0);
+      return null;
+    }
     if (this.scratch.length === 0) this.scratch = Buffer.allocUnsafeSlow(MULTIFD_PAGES_PER_PACKET * TARGET_PAGE_SIZE);
     this.phase = Phase.PAGES;
     return null;
+  }
+
+  /** Phase RUN: read the run of contiguous pages that starts at the packet's page `from`. */
+  private nextRun(from: number): void {
+    let end = from + 1;
+    while (end < this.cur.normalPages && this.offsets[end] === this.offsets[end - 1]! + TARGET_PAGE_SIZE) end++;
+    this.runStart = from;
+    this.runEnd = end;
+    this.phase = Phase.RUN;
   }
 
   /** The packet's pages from scratch into RAM: one copy per run of contiguous pages. */

@@ -80,13 +80,20 @@ describe('MultifdReceiver', () => {
 
   const contiguous = Array.from({ length: 128 }, (_, i) => (256 + i) * PAGE);
   const scattered = [7, 100, 3, 900, 512].map((p) => p * PAGE);
+  /** Three runs of 10, 8 and 12 pages: long enough to be read straight into RAM, run by run. */
+  const runs = [
+    ...Array.from({ length: 10 }, (_, i) => (600 + i) * PAGE),
+    ...Array.from({ length: 8 }, (_, i) => (620 + i) * PAGE),
+    ...Array.from({ length: 12 }, (_, i) => (700 + i) * PAGE),
+  ];
   const stream = Buffer.concat([
     init(1),
     packet('', [], src, MULTIFD_FLAG_SYNC, 0),
     packet('pc.ram', contiguous, src, 0, 1),
     packet('pc.ram', scattered, src, 0, 2),
     packet('vga', [0, PAGE * 15], small, 0, 3),
-    packet('pc.ram', [PAGE * 1000, PAGE * 1001], src, MULTIFD_FLAG_SYNC, 4),
+    packet('pc.ram', runs, src, 0, 4),
+    packet('pc.ram', [PAGE * 1000, PAGE * 1001], src, MULTIFD_FLAG_SYNC, 5),
   ]);
 
   function check(chunk: (i: number) => number): void {
@@ -100,13 +107,16 @@ describe('MultifdReceiver', () => {
       { kind: 'packet', block: 'pc.ram', pages: 128, sync: false, packetNum: 1 },
       { kind: 'packet', block: 'pc.ram', pages: 5, sync: false, packetNum: 2 },
       { kind: 'packet', block: 'vga', pages: 2, sync: false, packetNum: 3 },
-      { kind: 'packet', block: 'pc.ram', pages: 2, sync: true, packetNum: 4 },
+      { kind: 'packet', block: 'pc.ram', pages: 30, sync: false, packetNum: 4 },
+      { kind: 'packet', block: 'pc.ram', pages: 2, sync: true, packetNum: 5 },
     ]);
-    assert.deepEqual([recv.pages, recv.syncs, recv.channelId, recv.streamOffset, recv.atPacketBoundary], [137, 2, 1, stream.length, true]);
-    for (const o of [...contiguous, ...scattered, 1000 * PAGE, 1001 * PAGE]) {
+    assert.deepEqual([recv.pages, recv.syncs, recv.channelId, recv.streamOffset, recv.atPacketBoundary], [167, 2, 1, stream.length, true]);
+    for (const o of [...contiguous, ...scattered, ...runs, 1000 * PAGE, 1001 * PAGE]) {
       assert.ok(ram.subarray(o, o + PAGE).equals(src.subarray(o, o + PAGE)), `page 0x${o.toString(16)}`);
     }
-    assert.ok(ram.subarray(0, PAGE).every((x) => x === 0), 'a page not sent stays untouched');
+    for (const o of [0, 610 * PAGE, 619 * PAGE, 628 * PAGE, 699 * PAGE, 712 * PAGE]) {
+      assert.ok(ram.subarray(o, o + PAGE).every((x) => x === 0), `page 0x${o.toString(16)}, not sent, stays untouched`);
+    }
     assert.ok(vga.subarray(0, PAGE).equals(small.subarray(0, PAGE)) && vga.subarray(15 * PAGE).equals(small.subarray(15 * PAGE)));
   }
 
@@ -120,20 +130,39 @@ describe('MultifdReceiver', () => {
     for (let k = 0; k < 50; k++) check(() => 1 + (rnd() % 9000));
   });
 
-  it('reads every packet into one reused scratch buffer, not guest RAM, and places pages once the packet is complete', () => {
+  it('reads a packet of long runs straight into guest RAM, run by run (each offered buffer is a view of it)', () => {
     const ram = Buffer.from(new SharedArrayBuffer(src.length));
     const recv = new MultifdReceiver(() => ram);
-    const bytes = Buffer.concat([init(0), packet('pc.ram', contiguous, src), packet('pc.ram', contiguous, src, 0, 2)]);
+    const bytes = Buffer.concat([init(0), packet('pc.ram', runs, src)]);
+    let at = MULTIFD_INIT_LENGTH + MULTIFD_PACKET_HEADER_LENGTH;
+    feed(recv, bytes.subarray(0, at), () => Infinity);
+    for (const [firstPage, pages] of [[600, 10], [620, 8], [700, 12]] as const) {
+      const into = recv.nextBuffer();
+      assert.equal(into.buffer, ram.buffer);
+      assert.deepEqual([into.byteOffset, into.length], [firstPage * PAGE, pages * PAGE]);
+      feed(recv, bytes.subarray(at, at + pages * PAGE), () => Infinity);
+      at += pages * PAGE;
+      assert.ok(ram.subarray(firstPage * PAGE, (firstPage + pages) * PAGE).equals(src.subarray(firstPage * PAGE, (firstPage + pages) * PAGE)));
+    }
+    assert.ok(recv.atPacketBoundary);
+  });
+
+  it('reads a packet of short runs into one reused scratch buffer, not guest RAM, and places its pages once it is complete', () => {
+    const ram = Buffer.from(new SharedArrayBuffer(src.length));
+    const recv = new MultifdReceiver(() => ram);
+    // Runs of 5 and 2 pages: under MULTIFD_DIRECT_RUN_PAGES on average.
+    const short = [...[10, 11, 12, 13, 14], ...[40, 41]].map((p) => p * PAGE);
+    const bytes = Buffer.concat([init(0), packet('pc.ram', short, src), packet('pc.ram', short, src, 0, 2)]);
     const firstPages = MULTIFD_INIT_LENGTH + MULTIFD_PACKET_HEADER_LENGTH;
     feed(recv, bytes.subarray(0, firstPages), () => Infinity);
     const first = recv.nextBuffer();
     assert.notEqual(first.buffer, ram.buffer);
-    assert.equal(first.length, 128 * PAGE);
+    assert.equal(first.length, short.length * PAGE);
     // All but the last byte of the pages: nothing lands in RAM before the packet is complete.
-    feed(recv, bytes.subarray(firstPages, firstPages + 128 * PAGE - 1), () => Infinity);
+    feed(recv, bytes.subarray(firstPages, firstPages + short.length * PAGE - 1), () => Infinity);
     assert.ok(ram.every((x) => x === 0));
-    feed(recv, bytes.subarray(firstPages + 128 * PAGE - 1, firstPages + 128 * PAGE + MULTIFD_PACKET_HEADER_LENGTH), () => Infinity);
-    assert.ok(ram.subarray(256 * PAGE, 384 * PAGE).equals(src.subarray(256 * PAGE, 384 * PAGE)));
+    feed(recv, bytes.subarray(firstPages + short.length * PAGE - 1, firstPages + short.length * PAGE + MULTIFD_PACKET_HEADER_LENGTH), () => Infinity);
+    for (const o of short) assert.ok(ram.subarray(o, o + PAGE).equals(src.subarray(o, o + PAGE)));
     const second = recv.nextBuffer();
     assert.equal(second.buffer, first.buffer);
     assert.equal(second.byteOffset, first.byteOffset);
