@@ -3,6 +3,7 @@
 // re-sent in a later pass from being overtaken by its older copy.
 
 import assert from 'node:assert/strict';
+import { readdirSync } from 'node:fs';
 import { test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { assertSameRam, digest, MiB, type MigrationInfo, queryMigrate, queryStatus, waitForStatus } from './helpers/migration.ts';
@@ -128,6 +129,67 @@ test('multifd: max-bandwidth holds for the channels too; a cancel leaves the sou
     await waitForStatus(src, 'completed');
     await waitForStatus(second, 'completed', { timeoutMs: 10_000 });
     const { destination } = await assertSameRam(src, second);
+    assert.equal(destination.pattern.consistent, true, `pattern ${JSON.stringify(destination.pattern)}`);
+  }));
+
+/** Open descriptors and threads of a process, from /proc. */
+function fdsAndThreads(pid: number): { fds: number; threads: number } {
+  return { fds: readdirSync(`/proc/${pid}/fd`).length, threads: readdirSync(`/proc/${pid}/task`).length };
+}
+
+/** Wait (bounded) until `check` holds. */
+async function until(check: () => boolean | Promise<boolean>, what: string, timeoutMs = 15_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await check())) {
+    if (Date.now() > deadline) assert.fail(`timed out waiting for ${what}`);
+    await sleep(50);
+  }
+}
+
+// The source writes each multifd channel from a thread of its own (StreamOut's writer thread): a
+// destination that stops reading leaves those threads waiting for room. A cancel then, or the
+// destination's death, must still end the migration at once, leave the guest running, and close
+// every channel and thread the migration opened.
+test('multifd: with the destination frozen (every channel full, its writer thread waiting for room), a cancel, and then a destination killed, each end the migration with the source running and its channels and threads closed; then a migration completes', T, () =>
+  withHarness(async (h) => {
+    const guest = ['-m', '256M', '--workload', 'incrementer:20'];
+    const multifd = ['--parameters', 'multifd-channels=2'];
+    const src = await h.source({ guest, args: ['--capabilities', 'return-path,multifd', ...multifd] });
+    const before = fdsAndThreads(src.pid);
+    for (const how of ['cancel', 'kill'] as const) {
+      const dst = await h.destination({ incoming: 'tcp', guest, capabilities: ['multifd'], args: multifd, name: `dst-${how}` });
+      await src.execute('migrate', { uri: dst.incomingUri });
+      await waitForStatus(src, 'active', { timeoutMs: 10_000 });
+      process.kill(dst.pid, 'SIGSTOP');
+      // Every socket full: what the source has handed out stops growing.
+      let last = -1;
+      await until(async () => {
+        const sent = (await queryMigrate(src)).ram?.transferred ?? 0;
+        const stalled = sent === last;
+        last = sent;
+        return stalled;
+      }, 'the channels to fill');
+      assert.ok(last < 256 * MiB, `the frozen destination stopped the migration part-way (${last} bytes handed out)`);
+      if (how === 'cancel') {
+        await src.execute('migrate_cancel');
+        await waitForStatus(src, 'cancelled', { timeoutMs: 10_000 });
+        process.kill(dst.pid, 'SIGKILL');
+      } else {
+        process.kill(dst.pid, 'SIGKILL');
+        const info = await waitForStatus(src, 'failed', { timeoutMs: 30_000 });
+        assert.match(info['error-desc'] ?? '', /channel/, `the failure names a channel: ${info['error-desc']}`);
+      }
+      assert.equal(await queryStatus(src), 'running', `after the ${how}, the guest runs`);
+      await until(() => {
+        const now = fdsAndThreads(src.pid);
+        return now.fds <= before.fds && now.threads <= before.threads;
+      }, `the source's descriptors and threads back to ${JSON.stringify(before)} after the ${how} (now ${JSON.stringify(fdsAndThreads(src.pid))})`);
+    }
+    const dst = await h.destination({ incoming: 'tcp', paused: true, guest, capabilities: ['multifd'], args: multifd, name: 'dst-last' });
+    await src.execute('migrate', { uri: dst.incomingUri });
+    await waitForStatus(src, 'completed', { timeoutMs: 60_000 });
+    await waitForStatus(dst, 'completed', { timeoutMs: 10_000 });
+    const { destination } = await assertSameRam(src, dst);
     assert.equal(destination.pattern.consistent, true, `pattern ${JSON.stringify(destination.pattern)}`);
   }));
 

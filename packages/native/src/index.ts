@@ -27,6 +27,9 @@ interface Addon {
   keepPrivate(fd: number): void;
   execve(path: string, argv: readonly string[], env: readonly string[], keepFds: readonly number[]): never;
   writeRefs(fd: number, pieces: readonly ArrayBufferView[], refs: Float64Array, refCount: number, sources: readonly ArrayBufferView[], skip: number): number;
+  openChannelWriter(fd: number, onDone: (written: number, errno?: string) => void): number;
+  channelWriterPush(id: number, pieces: readonly ArrayBufferView[], refs: Float64Array, refCount: number, sources: readonly ArrayBufferView[]): number;
+  closeChannelWriter(id: number): void;
 }
 
 function load(): { addon: Addon | undefined; reason: string } {
@@ -55,6 +58,14 @@ function addon(): Addon {
 function errnoOf(err: unknown): string | undefined {
   const e = (err as { errno?: unknown }).errno;
   return typeof e === 'string' ? e : undefined;
+}
+
+/** A channel writer thread (native.openChannelWriter). */
+export interface ChannelWriter {
+  /** Queue a batch (pieces with refs into sources, as writeRefs); returns its bytes. */
+  push(pieces: readonly ArrayBufferView[], refs: Float64Array, refCount: number, sources: readonly ArrayBufferView[]): number;
+  /** Stop the thread (what it has not written is dropped) and close its descriptor; idempotent. */
+  close(): void;
 }
 
 export const native = {
@@ -115,6 +126,24 @@ export const native = {
    */
   writeRefs(fd: number, pieces: readonly ArrayBufferView[], refs: Float64Array, refCount: number, sources: readonly ArrayBufferView[], skip = 0): number {
     return addon().writeRefs(fd, pieces, refs, refCount, sources, skip);
+  },
+
+  /**
+   * A thread that writes batches (as writeRefs takes them) to the socket `fd`, in order, waiting
+   * for room itself, so the kernel's copy of the pages runs beside this thread. It writes on its
+   * own duplicate of `fd`: close the writer when the socket is done with (or destroyed), which
+   * stops the thread at once and closes the duplicate. `onDone(written, errno)` runs on this
+   * thread's event loop with the count of batches written since the writer opened, and with an
+   * errno name once writing failed (nothing is written after that). A batch's memory must stay
+   * as it is until it is reported written.
+   */
+  openChannelWriter(fd: number, onDone: (written: number, errno?: string) => void): ChannelWriter {
+    const a = addon();
+    const id = a.openChannelWriter(fd, onDone);
+    return {
+      push: (pieces, refs, refCount, sources) => a.channelWriterPush(id, pieces, refs, refCount, sources),
+      close: () => a.closeChannelWriter(id),
+    };
   },
 
   /**

@@ -20,6 +20,7 @@
 
 namespace livemig {
 void InitSocketWrite(v8::Local<v8::Object> exports);
+void InitChannelWriter(v8::Local<v8::Object> exports);
 }
 
 namespace {
@@ -187,5 +188,6 @@ NODE_MODULE_INIT(/* exports, module, context */) {
   NODE_SET_METHOD(exports, "keepPrivate", KeepPrivate);
   NODE_SET_METHOD(exports, "execve", Execve);
   livemig::InitSocketWrite(exports);
+  livemig::InitChannelWriter(exports);
   (void)module;
 }

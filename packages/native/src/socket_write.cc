@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "js_args.h"
+#include "ref_iovecs.h"
 
 namespace livemig {
 
@@ -32,29 +33,14 @@ using v8::Number;
 using v8::Object;
 using v8::Value;
 
-namespace {
-
-// Chunks per writev: Linux's IOV_MAX.
-constexpr int kIovMax = 1024;
-
-// Where a ref's bytes go and come from: 5 doubles each (see WriteRefs).
-constexpr int kRefFields = 5;
-
-// writeRefs(fd, pieces: ArrayBufferView[], refs: Float64Array, refCount, sources: ArrayBufferView[],
-// skip) → bytes written. The stream written is each piece in turn, with each ref's bytes inserted
-// into it: ref k is [piece, at, source, offset, length] = after byte `at` of pieces[piece], bytes
-// [offset, offset + length) of sources[source] (refs in stream order), from its byte `skip` on
-// (what an earlier call left). Writes until everything is written or the socket would block;
-// other errors throw, with errno's name in `errno`.
-void WriteRefs(const FunctionCallbackInfo<Value>& args) {
+bool RefIovecs(const FunctionCallbackInfo<Value>& args, int first, const char* what, std::vector<struct iovec>* iov) {
   Isolate* isolate = args.GetIsolate();
   Local<Context> context = isolate->GetCurrentContext();
-  int64_t fdArg, refCountArg, skipArg = 0;
-  if (!IntArg(args, 0, &fdArg) || fdArg > INT_MAX || !args[1]->IsArray() || !args[2]->IsFloat64Array() || !IntArg(args, 3, &refCountArg) || !args[4]->IsArray() ||
-      (args.Length() > 5 && !args[5]->IsUndefined() && !IntArg(args, 5, &skipArg))) {
-    return ThrowType(isolate, "writeRefs(fd: number, pieces: ArrayBufferView[], refs: Float64Array, refCount: number, sources: ArrayBufferView[], skip?: number)");
+  int64_t refCountArg;
+  if (!args[first]->IsArray() || !args[first + 1]->IsFloat64Array() || !IntArg(args, first + 2, &refCountArg) || !args[first + 3]->IsArray()) {
+    ThrowType(isolate, std::string(what) + ": pieces must be ArrayBufferView[], refs a Float64Array, refCount a count, sources ArrayBufferView[]");
+    return false;
   }
-  const int fd = static_cast<int>(fdArg);
   struct Span {
     char* data;
     size_t length;
@@ -65,7 +51,7 @@ void WriteRefs(const FunctionCallbackInfo<Value>& args) {
       Local<Value> item;
       if (!list->Get(context, i).ToLocal(&item)) return false;
       if (!item->IsArrayBufferView()) {
-        ThrowType(isolate, "writeRefs: item " + std::to_string(i) + " of a list is not an ArrayBufferView");
+        ThrowType(isolate, std::string(what) + ": item " + std::to_string(i) + " of a list is not an ArrayBufferView");
         return false;
       }
       Local<ArrayBufferView> view = item.As<ArrayBufferView>();
@@ -74,15 +60,15 @@ void WriteRefs(const FunctionCallbackInfo<Value>& args) {
     return true;
   };
   std::vector<Span> pieces, sources;
-  if (!spans(args[1].As<Array>(), &pieces) || !spans(args[4].As<Array>(), &sources)) return;
-  Local<v8::Float64Array> refArray = args[2].As<v8::Float64Array>();
+  if (!spans(args[first].As<Array>(), &pieces) || !spans(args[first + 3].As<Array>(), &sources)) return false;
+  Local<v8::Float64Array> refArray = args[first + 1].As<v8::Float64Array>();
   const size_t refCount = static_cast<size_t>(refCountArg);
-  if (refCount * kRefFields > refArray->Length()) return ThrowRange(isolate, "writeRefs: refCount is more than refs holds");
+  if (refCount * kRefFields > refArray->Length()) {
+    ThrowRange(isolate, std::string(what) + ": refCount is more than refs holds");
+    return false;
+  }
   const double* refs = reinterpret_cast<const double*>(static_cast<char*>(refArray->Buffer()->Data()) + refArray->ByteOffset());
-
-  // The whole stream as iovecs, checked before anything is written.
-  std::vector<struct iovec> iov;
-  iov.reserve(pieces.size() + 2 * refCount);
+  iov->reserve(pieces.size() + 2 * refCount);
   size_t ref = 0;
   for (size_t p = 0; p < pieces.size(); p++) {
     size_t from = 0;
@@ -91,16 +77,40 @@ void WriteRefs(const FunctionCallbackInfo<Value>& args) {
       const double at = r[1], source = r[2], offset = r[3], length = r[4];
       if (!(at >= static_cast<double>(from)) || at > static_cast<double>(pieces[p].length) || !(source >= 0) || source >= static_cast<double>(sources.size()) || !(offset >= 0) ||
           !(length >= 0) || offset + length > static_cast<double>(sources[static_cast<size_t>(source)].length)) {
-        return ThrowRange(isolate, "writeRefs: ref " + std::to_string(ref) + " lies outside its piece or source, or out of order");
+        ThrowRange(isolate, std::string(what) + ": ref " + std::to_string(ref) + " lies outside its piece or source, or out of order");
+        return false;
       }
       const size_t atBytes = static_cast<size_t>(at);
-      if (atBytes > from) iov.push_back({pieces[p].data + from, atBytes - from});
-      if (length > 0) iov.push_back({sources[static_cast<size_t>(source)].data + static_cast<size_t>(offset), static_cast<size_t>(length)});
+      if (atBytes > from) iov->push_back({pieces[p].data + from, atBytes - from});
+      if (length > 0) iov->push_back({sources[static_cast<size_t>(source)].data + static_cast<size_t>(offset), static_cast<size_t>(length)});
       from = atBytes;
     }
-    if (pieces[p].length > from) iov.push_back({pieces[p].data + from, pieces[p].length - from});
+    if (pieces[p].length > from) iov->push_back({pieces[p].data + from, pieces[p].length - from});
   }
-  if (ref != refCount) return ThrowRange(isolate, "writeRefs: ref " + std::to_string(ref) + " names a piece out of order or past the last");
+  if (ref != refCount) {
+    ThrowRange(isolate, std::string(what) + ": ref " + std::to_string(ref) + " names a piece out of order or past the last");
+    return false;
+  }
+  return true;
+}
+
+namespace {
+
+// writeRefs(fd, pieces: ArrayBufferView[], refs: Float64Array, refCount, sources: ArrayBufferView[],
+// skip) → bytes written. The stream written is each piece in turn, with each ref's bytes inserted
+// into it: ref k is [piece, at, source, offset, length] = after byte `at` of pieces[piece], bytes
+// [offset, offset + length) of sources[source] (refs in stream order), from its byte `skip` on
+// (what an earlier call left). Writes until everything is written or the socket would block;
+// other errors throw, with errno's name in `errno`.
+void WriteRefs(const FunctionCallbackInfo<Value>& args) {
+  Isolate* isolate = args.GetIsolate();
+  int64_t fdArg, skipArg = 0;
+  if (!IntArg(args, 0, &fdArg) || fdArg > INT_MAX || (args.Length() > 5 && !args[5]->IsUndefined() && !IntArg(args, 5, &skipArg))) {
+    return ThrowType(isolate, "writeRefs(fd: number, pieces: ArrayBufferView[], refs: Float64Array, refCount: number, sources: ArrayBufferView[], skip?: number)");
+  }
+  const int fd = static_cast<int>(fdArg);
+  std::vector<struct iovec> iov;
+  if (!RefIovecs(args, 1, "writeRefs", &iov)) return;
 
   // Past what earlier calls wrote.
   size_t next = 0;

@@ -8,7 +8,7 @@
 
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
-import { closeSync, copyFileSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { closeSync, copyFileSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readlinkSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { once } from 'node:events';
 import net from 'node:net';
@@ -191,6 +191,126 @@ test('writeRefs: a write error throws with its errno name', { skip }, () => {
   const fd = openSync('/dev/null', 'w');
   closeSync(fd);
   assert.throws(() => native.writeRefs(fd, [Buffer.from('x')], new Float64Array(0), 0, []), (e: { errno?: string; message: string }) => e.errno === 'EBADF' && /writev/.test(e.message));
+});
+
+function isOpen(fd: number): boolean {
+  try {
+    readlinkSync(`/proc/self/fd/${fd}`);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Wait (bounded) until `check` holds, on the event loop. */
+async function until(check: () => boolean, what: string, timeoutMs = 10_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!check()) {
+    if (Date.now() > deadline) assert.fail(`timed out waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 1));
+  }
+}
+
+test('openChannelWriter: batches written in order by its own thread, a full socket waited for, each reported once written', { skip, timeout: 30_000 }, async () => {
+  const { reader, fd, close } = await socketPair();
+  const reports: number[] = [];
+  const writer = native.openChannelWriter(fd, (written, errno) => {
+    assert.equal(errno, undefined);
+    reports.push(written);
+  });
+  try {
+    reader.pause();
+    const pages = 2048;
+    const ram = Buffer.from(new SharedArrayBuffer(pages * 4096));
+    for (let p = 0; p < pages; p++) ram.fill(p & 0xff, p * 4096, (p + 1) * 4096);
+    // Four batches of 512 pages (8 MiB in all: more than the loopback buffers hold unread), each
+    // page after an 8-byte header of its own; then a batch of plain bytes.
+    const expected: Buffer[] = [];
+    let bytes = 0;
+    for (let b = 0; b < 4; b++) {
+      const headers = Buffer.alloc(512 * 8);
+      const refs = new Float64Array(512 * 5);
+      for (let i = 0; i < 512; i++) {
+        const p = b * 512 + i;
+        headers.writeUInt32BE(p, i * 8 + 4);
+        refs.set([0, (i + 1) * 8, 0, p * 4096, 4096], i * 5);
+        expected.push(headers.subarray(i * 8, i * 8 + 8), ram.subarray(p * 4096, (p + 1) * 4096));
+      }
+      bytes += writer.push([headers], refs, 512, [ram]);
+    }
+    const tail = Buffer.from('the end');
+    bytes += writer.push([tail], new Float64Array(0), 0, []);
+    expected.push(tail);
+    const all = Buffer.concat(expected);
+    assert.equal(bytes, all.length);
+    // The reader has not read yet: the thread waits for room, nothing is lost or reordered.
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    assert.ok(reports.length === 0 || reports.at(-1)! < 5, `not all written before the reader read (${reports.join(',')})`);
+    reader.resume();
+    const received = await readExactly(reader, all.length);
+    assert.ok(received.equals(all), 'every byte once, in order');
+    await until(() => reports.at(-1) === 5, 'the fifth batch reported');
+    assert.deepEqual(reports, [...reports].sort((a, b) => a - b), 'counts only grow');
+  } finally {
+    writer.close();
+    close();
+  }
+});
+
+test('openChannelWriter: a peer that goes away is reported once with its errno; close stops a thread waiting for room at once', { skip, timeout: 30_000 }, async () => {
+  const first = await socketPair();
+  let failure: string | undefined;
+  let reports = 0;
+  const writer = native.openChannelWriter(first.fd, (_written, errno) => {
+    reports++;
+    failure = errno;
+  });
+  const big = Buffer.alloc(8 * 1024 * 1024, 7);
+  try {
+    writer.push([big], new Float64Array(0), 0, []);
+    first.reader.destroy();
+    await until(() => failure !== undefined, 'the write error');
+    assert.match(failure!, /^(EPIPE|ECONNRESET)$/);
+    await new Promise((resolve) => setTimeout(resolve, 20));
+    assert.equal(reports, 1, 'reported once');
+  } finally {
+    writer.close();
+    writer.close(); // twice: nothing
+    first.close();
+  }
+  // A reader that never reads: the thread waits in poll() until close, which returns at once.
+  const second = await socketPair();
+  try {
+    second.reader.pause();
+    const stuck = native.openChannelWriter(second.fd, () => assert.fail('nothing is reported after close'));
+    stuck.push([big], new Float64Array(0), 0, []);
+    await new Promise((resolve) => setTimeout(resolve, 20));
+    const t0 = performance.now();
+    stuck.close();
+    assert.ok(performance.now() - t0 < 1000, 'close does not wait for the socket');
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  } finally {
+    second.close();
+  }
+});
+
+test('openChannelWriter: its descriptor is a close-on-exec duplicate, closed with it; a bad batch is refused before it is queued', { skip }, async () => {
+  const { reader, fd, close } = await socketPair();
+  const before = new Set(readdirSync('/proc/self/fd'));
+  const writer = native.openChannelWriter(fd, () => {});
+  // (Each listing has an fd of its own, closed by the time it returns: only those still open count.)
+  const added = readdirSync('/proc/self/fd').filter((f) => !before.has(f) && isOpen(Number(f))).map(Number);
+  try {
+    assert.ok(added.length >= 1, 'a descriptor of its own');
+    for (const f of added) assert.ok(cloexec(f), `fd ${f} is close-on-exec`);
+    assert.throws(() => writer.push([Buffer.alloc(4)], new Float64Array([0, 9, 0, 0, 1]), 1, [Buffer.alloc(1)]), RangeError);
+    writer.push([Buffer.from('ok')], new Float64Array(0), 0, []);
+    assert.equal((await readExactly(reader, 2)).toString(), 'ok');
+  } finally {
+    writer.close();
+    close();
+  }
+  assert.deepEqual(added.filter(isOpen), [], 'its descriptors are closed with it');
 });
 
 test('without the addon: available is false with the reason, and each call throws LM_ERR_NATIVE_UNAVAILABLE saying how to build it', async () => {

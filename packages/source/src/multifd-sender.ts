@@ -74,7 +74,7 @@ export class MultifdSender {
   /** `initSent`: each channel's init packet went out when it was connected (multifdInitPacket). */
   constructor(streams: readonly Duplex[], { initSent = false }: { initSent?: boolean } = {}) {
     this.channels = streams.map((s, channelId) => {
-      const ch: Channel = { out: new StreamOut(s, 'multifd'), w: new BatchWriter({ slabSize: CHANNEL_SLAB_BYTES, pool: CHANNEL_SLABS }) };
+      const ch: Channel = { out: new StreamOut(s, 'multifd', { writerThread: true }), w: new BatchWriter({ slabSize: CHANNEL_SLAB_BYTES, pool: CHANNEL_SLABS }) };
       if (!initSent) {
         const init = multifdInitPacket(channelId);
         ch.w.bytes(init);

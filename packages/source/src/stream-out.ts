@@ -8,12 +8,21 @@
 // Node writes the next chunk (it waits for room as for any write) and the native writev goes on
 // after it, so ordering, backpressure and errors stay Node's. Elsewhere (TLS, files, no addon)
 // the refs go to Node as views.
+//
+// With `writerThread` (multifd channels) the batches go to a native writer thread of the
+// channel's own instead, from the first batch that finds Node's queue empty: it writes them in
+// order, waits for room itself and reports each batch once written, so the kernel's copy of the
+// pages runs beside the main thread and every channel on a core of its own. From then on every
+// write of the stream goes through that thread (Node writes nothing more on it until end()).
 
 import { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 import { TLSSocket } from 'node:tls';
-import { native } from '@livemig/native';
+import { type ChannelWriter, native } from '@livemig/native';
 import { type ChannelRole, type RefBatch, refBatchBuffers, TransportError } from '@livemig/protocol';
+
+const NO_REFS = new Float64Array(0);
+const NO_SOURCES: readonly ArrayBufferView[] = [];
 
 export class StreamOut {
   readonly stream: Duplex;
@@ -30,7 +39,7 @@ export class StreamOut {
    * `role` names the connection in the errors it reports. `peerEndIsLoss`: the peer never ends
    * the connection before we do (its end is a failure even when every byte was written).
    */
-  constructor(stream: Duplex, role: ChannelRole, options: { peerEndIsLoss?: boolean } = {}) {
+  constructor(stream: Duplex, role: ChannelRole, options: { peerEndIsLoss?: boolean; writerThread?: boolean } = {}) {
     this.stream = stream;
     this.failure$ = new Promise((resolve) => this.waiters.add((e) => resolve(e!)));
     stream.on('error', (err: Error) => this.fail(TransportError.lost(role, `the ${role} channel failed: ${err.message}${tlsHint(stream, err)}`, err)));
@@ -45,6 +54,9 @@ export class StreamOut {
     this.role = role;
     if (stream.destroyed) this.fail(TransportError.lost(role, `the ${role} channel was closed`));
     this.takesRefs = native.available && stream instanceof Socket && !(stream instanceof TLSSocket);
+    this.wantsWriterThread = this.takesRefs && options.writerThread === true;
+    // The thread writes on a duplicate of the descriptor: the socket is closed only once it stops.
+    stream.once('close', () => this.closeWriter());
   }
 
   /**
@@ -57,6 +69,13 @@ export class StreamOut {
   nativePartial = 0;
 
   private readonly role: ChannelRole;
+  private readonly wantsWriterThread: boolean;
+  /** The channel's writer thread, once a batch opened it (closed with the stream, or at end()). */
+  private writer: ChannelWriter | undefined;
+  /** Batches handed to the writer thread and not yet reported written, oldest first. */
+  private readonly threadBatches: { bytes: number; taken: () => void; written: (() => void) | undefined }[] = [];
+  /** Batches the writer thread has reported written. */
+  private threadWritten = 0;
   /** end() was called: a close after everything was written is the end we asked for. */
   private endedHere = false;
 
@@ -89,6 +108,7 @@ export class StreamOut {
   async write(buffers: readonly Buffer[], maxInFlight = 1, written?: () => void): Promise<void> {
     if (this.failure !== undefined) throw this.failure;
     if (buffers.length === 0) return;
+    if (this.writer !== undefined) return this.writeOnThread(this.writer, buffers, NO_REFS, 0, NO_SOURCES, maxInFlight, written);
     const s = this.stream;
     let done!: () => void;
     const taken = new Promise<void>((resolve) => (done = resolve));
@@ -129,6 +149,8 @@ export class StreamOut {
   async writeBatch(batch: RefBatch, maxInFlight = 1, written?: () => void): Promise<void> {
     if (batch.refCount === 0) return this.write(batch.pieces, maxInFlight, written);
     if (this.failure !== undefined) throw this.failure;
+    const thread = this.writer ?? (this.wantsWriterThread ? this.openWriter() : undefined);
+    if (thread !== undefined) return this.writeOnThread(thread, batch.pieces, batch.refs, batch.refCount, batch.sources, maxInFlight, written);
     let fd = this.idleFd();
     if (fd === undefined) return this.write(refBatchBuffers(batch), maxInFlight, written);
     let done = 0;
@@ -148,6 +170,56 @@ export class StreamOut {
       }
     }
     written?.();
+  }
+
+  /** The writer thread, when Node has nothing queued on the socket (undefined otherwise: this batch goes through Node). */
+  private openWriter(): ChannelWriter | undefined {
+    const fd = this.idleFd();
+    if (fd === undefined) return undefined;
+    this.writer = native.openChannelWriter(fd, (n, errno) => this.threadReported(n, errno));
+    return this.writer;
+  }
+
+  /** Hand a batch to the writer thread; resolves as write() does (at most `maxInFlight` batches still queued). */
+  private async writeOnThread(
+    thread: ChannelWriter,
+    pieces: readonly ArrayBufferView[],
+    refs: Float64Array,
+    refCount: number,
+    sources: readonly ArrayBufferView[],
+    maxInFlight: number,
+    written: (() => void) | undefined,
+  ): Promise<void> {
+    const bytes = thread.push(pieces, refs, refCount, sources);
+    this.written += bytes;
+    this.inFlight.push(new Promise<void>((taken) => this.threadBatches.push({ bytes, taken, written })));
+    while (this.inFlight.length > maxInFlight) {
+      const oldest = this.inFlight.shift()!;
+      await Promise.race([oldest, this.failed()]);
+      if (this.failure !== undefined) throw this.failure;
+    }
+    if (this.failure !== undefined) throw this.failure;
+  }
+
+  /** The writer thread's report: `count` batches written since it opened; `errno` once it failed. */
+  private threadReported(count: number, errno: string | undefined): void {
+    while (this.threadWritten < count) {
+      const b = this.threadBatches.shift()!;
+      this.threadWritten++;
+      this.accepted += b.bytes;
+      this.nativeBytes += b.bytes;
+      b.written?.();
+      b.taken();
+    }
+    if (errno !== undefined) {
+      this.fail(TransportError.lost(this.role, `the ${this.role} channel failed: write ${errno}`));
+      this.stream.destroy();
+    }
+  }
+
+  private closeWriter(): void {
+    this.writer?.close();
+    this.writer = undefined;
   }
 
   /** The native writev of `batch` from byte `skip`: the bytes the kernel took (0 on a socket error). */
@@ -188,6 +260,11 @@ export class StreamOut {
   /** Finish our side and wait until everything was flushed (file: and exec: channels). */
   async end(): Promise<void> {
     if (this.failure !== undefined) throw this.failure;
+    if (this.writer !== undefined) {
+      // Node writes (its FIN) only after the thread has written everything and stopped.
+      await this.settle();
+      this.closeWriter();
+    }
     this.endedHere = true;
     await new Promise<void>((resolve, reject) => {
       this.stream.end(() => resolve());
