@@ -352,9 +352,11 @@ export class OutgoingMigration {
   }
 
   private streamOut(channel: Duplex): StreamOut {
-    // With a return path the destination ends the connection only after its SHUT.
+    // With a return path the destination ends the connection only after its SHUT. A writer
+    // thread sends the pages beside this thread, except where postcopy may come: a requested
+    // page must not wait for that thread to be scheduled.
     const c = this.o.capabilities;
-    const out = new StreamOut(channel, 'main', { peerEndIsLoss: c['return-path'] || c['postcopy-ram'] });
+    const out = new StreamOut(channel, 'main', { peerEndIsLoss: c['return-path'] || c['postcopy-ram'], writerThread: !c['postcopy-ram'] });
     void out.failed().then((error) => {
       if (this.out === out) this.report({ type: 'faulted', error: coded(error) as MigrationError });
     });
