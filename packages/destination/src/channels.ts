@@ -1,7 +1,7 @@
 // The incoming migration's connections: the listener(s), the main channel (which carries the
 // return path), the connections that follow it to the same address (a preempt channel, or the
-// multifd channels, whose packets are read into a reused buffer and copied into guest RAM), and the multifd SYNC count the
-// main channel waits on. What the connections mean to the migration is the state machine's
+// multifd channels, each read by a thread of its own once its init packet is judged, see
+// multifd-thread.ts), and the multifd SYNC count the main channel waits on. What the connections mean to the migration is the state machine's
 // business: this file reports what happened and does what it is told.
 
 import net from 'node:net';
@@ -19,6 +19,7 @@ import {
   TransportError,
 } from '@livemig/protocol';
 import type { Guest } from '@livemig/guest';
+import { channelSyncs, handOverToThread, type MultifdChannel, type MultifdThreadEvents } from './multifd-thread.ts';
 import {
   adoptWithOnread,
   type ChannelListener,
@@ -68,12 +69,6 @@ export interface ChannelEvents {
   listenerFailed(err: MigrationError): void;
   /** A TLS connection passed the handshake and tls-authz (what was negotiated, who the client is). */
   tlsAccepted?(peer: string, session: { protocol: string | null; cipher: string; client: string | undefined }): void;
-}
-
-interface MultifdChannel {
-  recv: MultifdReceiver;
-  socket: net.Socket;
-  ended: boolean;
 }
 
 export interface ChannelsOptions {
@@ -444,7 +439,7 @@ export class Channels {
     }
     const ram = this.o.guest.ram;
     const recv = new MultifdReceiver(blockResolver(new Map(ram.blocks.map((b, i) => [b.idstr, ram.view(i)]))));
-    const channel: MultifdChannel = { recv, socket: raw, ended: false };
+    const channel: MultifdChannel = { recv, socket: raw, ended: false, threadSyncs: 0 };
     this.multifd.push(channel);
     // Bytes read off it while the main channel's header was checked come first, and before the
     // socket is adopted: adopting asks the receiver at once where the next read lands.
@@ -458,7 +453,12 @@ export class Channels {
         break;
       }
     }
-    const onread = { buffer: () => recv.nextBuffer(), callback: (n: number) => this.onMultifdBytes(channel, n) };
+    // Once its init packet is judged, a plain socket is read by a thread of its own from the
+    // next packet boundary on (Node's reads stop: the callback returns false).
+    const onread = {
+      buffer: () => recv.nextBuffer(),
+      callback: (n: number) => this.onMultifdBytes(channel, n) && (this.o.tls !== undefined || !handOverToThread(channel, this.o.guest, this.threadEvents)),
+    };
     if (this.o.tls !== undefined) {
       // A TLS channel's bytes are decrypted in this thread: copied from each chunk into RAM.
       pumpOnread(raw, onread);
@@ -475,6 +475,13 @@ export class Channels {
     });
     channel.socket.on('error', (err) => this.o.events.multifdFailed(TransportError.lost('multifd', `multifd channel ${recv.channelId}: ${err.message}`, err)));
   }
+
+  /** What the multifd reader threads report. */
+  private readonly threadEvents: MultifdThreadEvents = {
+    progressed: () => this.o.events.multifdProgressed(),
+    bytes: () => (this.lastMultifdByteAtMs = performance.now()),
+    failed: (err) => this.o.events.multifdFailed(err),
+  };
 
   private onMultifdBytes(channel: MultifdChannel, n: number): boolean {
     this.lastMultifdByteAtMs = performance.now();
@@ -499,12 +506,12 @@ export class Channels {
   /** Whether every channel has delivered the SYNC of each of the first `ramSectionsEnded` RAM sections. */
   syncsComplete(ramSectionsEnded: number): boolean {
     if (this.multifd.length < this.o.multifdChannels) return ramSectionsEnded === 0;
-    return this.multifd.every((c) => c.recv.syncs >= ramSectionsEnded);
+    return this.multifd.every((c) => channelSyncs(c) >= ramSectionsEnded);
   }
 
   /** A channel that ended before delivering the SYNC of RAM section `ramSectionsEnded` (it never will). */
   stuckChannel(ramSectionsEnded: number): number | undefined {
-    return this.multifd.find((c) => c.ended && c.recv.syncs < ramSectionsEnded)?.recv.channelId;
+    return this.multifd.find((c) => c.ended && channelSyncs(c) < ramSectionsEnded)?.recv.channelId;
   }
 
   /** Write on the return path (the main connection). */
@@ -524,7 +531,12 @@ export class Channels {
     this.server?.close();
     void this.listener?.close();
     const extra = [...this.multifd.map((c) => c.socket), ...this.held];
+    // A reader thread holds its own descriptor: the socket closes once it stops too.
+    const stopThreads = (): void => {
+      for (const c of this.multifd) c.thread?.close();
+    };
     if (!failed) {
+      stopThreads();
       for (const c of extra) c.destroy();
       return;
     }
@@ -533,6 +545,7 @@ export class Channels {
     // End them (FIN) and close them a moment later.
     for (const c of extra) c.end();
     setTimeout(() => {
+      stopThreads();
       for (const c of extra) c.destroy();
     }, FAILED_CHANNEL_LINGER_MS).unref();
   }

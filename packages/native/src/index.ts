@@ -30,6 +30,8 @@ interface Addon {
   openChannelWriter(fd: number, onDone: (written: number, errno?: string) => void): number;
   channelWriterPush(id: number, pieces: readonly ArrayBufferView[], refs: Float64Array, refCount: number, sources: readonly ArrayBufferView[]): number;
   closeChannelWriter(id: number): void;
+  openMultifdReader(fd: number, streamOffset: number, names: readonly string[], memories: readonly ArrayBufferView[], onReport: (report: MultifdReaderReport) => void): number;
+  closeMultifdReader(id: number): void;
 }
 
 function load(): { addon: Addon | undefined; reason: string } {
@@ -58,6 +60,25 @@ function addon(): Addon {
 function errnoOf(err: unknown): string | undefined {
   const e = (err as { errno?: unknown }).errno;
   return typeof e === 'string' ? e : undefined;
+}
+
+/** What a multifd reader thread has done so far (native.openMultifdReader). */
+export interface MultifdReaderReport {
+  /** Normal pages placed, zero pages placed, SYNC packets: since the reader opened. */
+  pages: number;
+  zeroPages: number;
+  syncs: number;
+  /** The channel's stream offset after the last whole packet (after the last byte once ended). */
+  bytes: number;
+  /** 0 reading, 1 the peer ended the channel at a packet boundary, 2 failed (see message). */
+  end: 0 | 1 | 2;
+  /** When the last byte arrived, on libuv's clock (uv_hrtime, ns); 0 before any. */
+  lastByteNs: number;
+  /** A failure: what was wrong, its stream offset, whether the link (not the bytes) failed, the block named. */
+  message?: string;
+  offset?: number;
+  lost?: boolean;
+  block?: string;
 }
 
 /** A channel writer thread (native.openChannelWriter). */
@@ -144,6 +165,20 @@ export const native = {
       push: (pieces, refs, refCount, sources) => a.channelWriterPush(id, pieces, refs, refCount, sources),
       close: () => a.closeChannelWriter(id),
     };
+  },
+
+  /**
+   * A thread that reads multifd packets (QEMU's layout) from the socket `fd`, from stream offset
+   * `streamOffset` (a packet boundary, after the init packet), and puts their pages straight
+   * into the named blocks' memory, checking each header as @livemig/protocol's MultifdReceiver
+   * does (same messages). It reads on its own duplicate of `fd`: stop reading the socket in Node
+   * first, and close the reader when the channel is done with. `onReport` runs on this thread's
+   * event loop with the counts so far (at once after each SYNC packet) and, once, how it ended.
+   */
+  openMultifdReader(fd: number, streamOffset: number, blocks: readonly { name: string; memory: ArrayBufferView }[], onReport: (report: MultifdReaderReport) => void): { close(): void } {
+    const a = addon();
+    const id = a.openMultifdReader(fd, streamOffset, blocks.map((b) => b.name), blocks.map((b) => b.memory), onReport);
+    return { close: () => a.closeMultifdReader(id) };
   },
 
   /**

@@ -21,6 +21,7 @@
 namespace livemig {
 void InitSocketWrite(v8::Local<v8::Object> exports);
 void InitChannelWriter(v8::Local<v8::Object> exports);
+void InitMultifdReader(v8::Local<v8::Object> exports);
 }
 
 namespace {
@@ -189,5 +190,6 @@ NODE_MODULE_INIT(/* exports, module, context */) {
   NODE_SET_METHOD(exports, "execve", Execve);
   livemig::InitSocketWrite(exports);
   livemig::InitChannelWriter(exports);
+  livemig::InitMultifdReader(exports);
   (void)module;
 }
