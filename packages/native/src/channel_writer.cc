@@ -170,7 +170,10 @@ class ChannelWriter {
       done = done_;
       error = error_;
     }
+    // The error goes to JS once (a report may come before the thread's last wake-up).
+    if (errorReported_) return;
     if (done == reported_ && error == 0) return;
+    errorReported_ = error != 0;
     reported_ = done;
     if (queued_ == reported_ || error != 0) uv_unref(reinterpret_cast<uv_handle_t*>(&async_));
     HandleScope scope(isolate_);
@@ -195,11 +198,13 @@ class ChannelWriter {
   std::condition_variable cv_;
   std::deque<Job> jobs_;
   bool stop_ = false;
-  // Batches written (thread, under mu_) and the first error; queued and reported: loop thread only.
+  // Batches written (thread, under mu_) and the first error; queued, reported and errorReported:
+  // the loop's thread only.
   uint64_t done_ = 0;
   int error_ = 0;
   uint64_t queued_ = 0;
   uint64_t reported_ = 0;
+  bool errorReported_ = false;
 };
 
 // Open writers by id (ids are never reused); each is used from the thread that opened it.
