@@ -146,6 +146,9 @@ interface MigrationFigures {
    */
   sourceCpuMs?: number;
   destinationCpuMs?: number;
+  /** The same for all of each process's threads (the channels' writer and reader threads too; 10 ms ticks). */
+  sourceAllCpuMs?: number;
+  destinationAllCpuMs?: number;
 }
 
 interface MigrationInfo {
@@ -161,6 +164,18 @@ function mainThreadCpuMs(pid: number | undefined): number {
   try {
     // The first field is nanoseconds on a CPU.
     return Number(readFileSync(`/proc/${pid}/task/${pid}/schedstat`, 'utf8').split(' ')[0]) / 1e6;
+  } catch {
+    return NaN;
+  }
+}
+
+/** CPU time all of a process's threads have run so far, those gone included (ms, in 10 ms ticks; NaN when it is gone). */
+function processCpuMs(pid: number | undefined): number {
+  if (pid === undefined) return NaN;
+  try {
+    // After the command's closing parenthesis: utime and stime are the 12th and 13th fields, in ticks of 10 ms.
+    const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
+    return (Number(fields[11]) + Number(fields[12])) * 10;
   } catch {
     return NaN;
   }
@@ -326,15 +341,17 @@ export async function livemigMigrate(run: Run, kept?: KeptSource): Promise<Migra
     if (run.downtimeLimitMs !== undefined) params['downtime-limit'] = run.downtimeLimitMs;
     await sq.execute('migrate-set-parameters', params);
     if (run.downtimeLimitMs !== undefined) await sleep(300);
-    const cpuBefore = [mainThreadCpuMs(src.proc.pid), mainThreadCpuMs(dst.proc.pid)];
+    const cpuBefore = [mainThreadCpuMs(src.proc.pid), mainThreadCpuMs(dst.proc.pid), processCpuMs(src.proc.pid), processCpuMs(dst.proc.pid)];
     await sq.execute('migrate', { uri });
     const t = await untilCompleted(sq, [...children, src]);
     const sourceCpuMs = mainThreadCpuMs(src.proc.pid) - cpuBefore[0]!;
+    const sourceAllCpuMs = processCpuMs(src.proc.pid) - cpuBefore[2]!;
     // The destination's peak comes once it has loaded everything: wait for it to say completed.
     const until = Date.now() + 30_000;
     while (((await dq.execute('query-migrate')) as MigrationInfo).status !== 'completed' && Date.now() < until) await sleep(10);
     const destinationCpuMs = mainThreadCpuMs(dst.proc.pid) - cpuBefore[1]!;
-    return { ...t, sourcePeakRss: peakRss(src.proc.pid), destinationPeakRss: peakRss(dst.proc.pid), sourceCpuMs, destinationCpuMs };
+    const destinationAllCpuMs = processCpuMs(dst.proc.pid) - cpuBefore[3]!;
+    return { ...t, sourcePeakRss: peakRss(src.proc.pid), destinationPeakRss: peakRss(dst.proc.pid), sourceCpuMs, destinationCpuMs, sourceAllCpuMs, destinationAllCpuMs };
   } finally {
     await stopAll(children, clients);
     await rm(dir, { recursive: true, force: true });
@@ -565,12 +582,16 @@ async function sizeSweep(fromRows: { size: string; figures: MigrationFigures[] }
           destinationPeakRss: Math.max(...fromRows.figures.map((x) => x.destinationPeakRss)),
           sourceCpuMs: medianOf(fromRows.figures.map((x) => x.sourceCpuMs)),
           destinationCpuMs: medianOf(fromRows.figures.map((x) => x.destinationCpuMs)),
+          sourceAllCpuMs: medianOf(fromRows.figures.map((x) => x.sourceAllCpuMs)),
+          destinationAllCpuMs: medianOf(fromRows.figures.map((x) => x.destinationAllCpuMs)),
         }
       : await livemigMigrate({ qemuSource: [], qemuDestination: [], livemigGuest: ['--block', `m0:${size}`, '--machine', 'none', '--qemu-devices-only'], livemigFill: 'random', multifdChannels: 0 });
     const from = reuse ? ` (from the one-stream row's ${fromRows.figures.length} runs: median time and CPU; the kept source's peak covers its multifd runs too)` : '';
     const gib = bytes / GiB;
     const cpuPerGiB = (ms: number | undefined): string => (ms !== undefined && Number.isFinite(ms) ? (ms / gib).toFixed(0) : 'n/a');
-    const cpu = `main-thread CPU per GiB: source ${cpuPerGiB(f.sourceCpuMs)} ms, destination ${cpuPerGiB(f.destinationCpuMs)} ms`;
+    const cpu =
+      `CPU per GiB, main thread / all threads: source ${cpuPerGiB(f.sourceCpuMs)} / ${cpuPerGiB(f.sourceAllCpuMs)} ms, ` +
+      `destination ${cpuPerGiB(f.destinationCpuMs)} / ${cpuPerGiB(f.destinationAllCpuMs)} ms`;
     const over = (rss: number): string => {
       const above = rss - baseline - bytes;
       return `RAM ${above >= 0 ? '+' : '−'} ${(Math.abs(above) / MiB).toFixed(0)} MiB${above <= 64 * MiB ? '' : ' (over RAM + 64 MiB)'}`;
