@@ -3,6 +3,7 @@
 // adapter one by one; it says after each whether to decode on (the machine's readsStream).
 
 import type net from 'node:net';
+import { native } from '@livemig/native';
 import type { MainReader } from './channels.ts';
 import { warmUpMultifd } from './warm-up.ts';
 import type { PostcopyFaults } from './postcopy-faults.ts';
@@ -28,6 +29,12 @@ import {
   writeSectionHeader,
   writeStreamHeader,
 } from '@livemig/protocol';
+
+/**
+ * Runs of page records copied into guest RAM by the native addon, one call per run, where it is
+ * built (RamRecordDecoderOptions.placePages); else the record loop copies each page.
+ */
+const PLACE_PAGES = native.available ? native.placePages : undefined;
 
 const READ_BUFFER_BYTES = 1024 * 1024;
 /**
@@ -114,16 +121,18 @@ export class MainStream implements MainReader {
     writeEos(w);
     writeSectionFooter(w, 2);
     const head = w.flushConcat();
-    // One round of sections: mostly consecutive pages of block a; now and then a page of block b
-    // (each switch names its block), a ZERO record for a page of b never written (skipped) and
-    // one for a page of a that was (cleared).
+    // One round of sections: consecutive pages of block a and, after every fourth, a page of
+    // block b (each switch names its block), a ZERO record for a page of b never written
+    // (skipped) and one for a page of a that was (cleared). The runs of a's pages between go to
+    // the native placer where it is built: the switches keep the record loop hot enough to be
+    // optimised too.
     let pagesInRound = 0;
     for (let p = 0, inSection = 0; p < WARM_UP_BLOCK_PAGES; p++, inSection++) {
       if (inSection === 0) writeSectionHeader(w, { kind: 'part', sectionId: 2 });
       const at = p * TARGET_PAGE_SIZE;
       rec.page(w, 'warm-up-a', at, page, 0);
       pagesInRound++;
-      if (p % 16 === 15) {
+      if (p % 4 === 3) {
         rec.page(w, 'warm-up-b', at, page, 0);
         rec.zeroPage(w, 'warm-up-b', ((p + 1) % WARM_UP_BLOCK_PAGES) * TARGET_PAGE_SIZE);
         rec.zeroPage(w, 'warm-up-a', at);
@@ -148,7 +157,7 @@ export class MainStream implements MainReader {
     let read = 0;
     for (let stream = 0; stream < WARM_UP_STREAMS; stream++) {
       for (const m of memory) m.fill(0);
-      const decoder = new StreamDecoder({ ram: { attachBlocks: () => memory }, postcopyPageHooks: true, zeroedMemory: true });
+      const decoder = new StreamDecoder({ ram: { attachBlocks: () => memory }, postcopyPageHooks: true, zeroedMemory: true, placePages: PLACE_PAGES });
       const total = head.length + rounds * round.length;
       let source = head;
       let at = 0;
@@ -200,6 +209,7 @@ export class MainStream implements MainReader {
       expectFooters: streamDialect(this.loader.machineType).sectionFooters,
       // Guest RAM is fresh (never run) until the stream has been loaded.
       zeroedMemory: resume === undefined,
+      placePages: PLACE_PAGES,
     };
     if (resume !== undefined) {
       options.resume = { postcopyState: PostcopyState.RUNNING, sections: resume.knownSections(), blocks: resume.ramBlocks };

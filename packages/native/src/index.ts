@@ -32,6 +32,7 @@ interface Addon {
   closeChannelWriter(id: number): void;
   openMultifdReader(fd: number, streamOffset: number, names: readonly string[], memories: readonly ArrayBufferView[], onReport: (report: MultifdReaderReport) => void): number;
   closeMultifdReader(id: number): void;
+  placePages(chunk: Uint8Array, from: number, to: number, mem: Uint8Array, written: Uint32Array | undefined): number;
 }
 
 function load(): { addon: Addon | undefined; reason: string } {
@@ -179,6 +180,16 @@ export const native = {
     const a = addon();
     const id = a.openMultifdReader(fd, streamOffset, blocks.map((b) => b.name), blocks.map((b) => b.memory), onReport);
     return { close: () => a.closeMultifdReader(id) };
+  },
+
+  /**
+   * The destination's run of CONTINUE PAGE records in `chunk` from byte `from`, while each is
+   * whole before `to` and names a page inside `mem` (the block's memory): each page copied into
+   * place, its bit set in `written` (one bit per page) when given. Returns the records placed
+   * (4104 bytes each); it stops at the first record it does not take.
+   */
+  placePages(chunk: Uint8Array, from: number, to: number, mem: Uint8Array, written?: Uint32Array): number {
+    return addon().placePages(chunk, from, to, mem, written);
   },
 
   /**

@@ -22,6 +22,7 @@ namespace livemig {
 void InitSocketWrite(v8::Local<v8::Object> exports);
 void InitChannelWriter(v8::Local<v8::Object> exports);
 void InitMultifdReader(v8::Local<v8::Object> exports);
+void InitPlacePages(v8::Local<v8::Object> exports);
 }
 
 namespace {
@@ -191,5 +192,6 @@ NODE_MODULE_INIT(/* exports, module, context */) {
   livemig::InitSocketWrite(exports);
   livemig::InitChannelWriter(exports);
   livemig::InitMultifdReader(exports);
+  livemig::InitPlacePages(exports);
   (void)module;
 }

@@ -66,6 +66,39 @@ export function skipPageRun(
 }
 
 /**
+ * Copies the pages of CONTINUE PAGE records from byte `from` of `chunk`, while each record is whole
+ * before `to` and names a page inside `mem` (its block's memory), setting each page's bit in
+ * `written` (one bit per page) when given; returns the records placed (each 8 + 4096 bytes). It
+ * stops at the first record it does not take.
+ */
+export type PagePlacer = (chunk: Uint8Array, from: number, to: number, mem: Uint8Array, written: Uint32Array | undefined) => number;
+
+/**
+ * The CONTINUE PAGE records that follow a page the decoder stored in `mem` with no page hook, while
+ * they are buffered in the head chunk and before `packageEnd` (stream offset): placed by `placer`
+ * in one call, counted, skipped. What it does not take, the record loop reads.
+ */
+export function placePageRun(
+  r: ByteReader,
+  packageEnd: number,
+  placer: PagePlacer,
+  mem: Uint8Array,
+  written: Uint32Array | undefined,
+  stats: RamSectionStats,
+  bs: BlockStats,
+): void {
+  const base = r.headOffset;
+  const stop = headRunStop(r, packageEnd);
+  if (stop - base < PAGE_RECORD_BYTES) return;
+  const pages = placer(r.headChunk, base, stop, mem, written);
+  if (pages === 0) return;
+  stats.normal += pages;
+  stats.continued += pages;
+  bs.normalPages += pages;
+  r.skip(pages * PAGE_RECORD_BYTES);
+}
+
+/**
  * The CONTINUE ZERO records (fill 0) that follow one for a page still zero since the start, as
  * long as their pages are too (`written`: one bit per page written non-zero) and they are buffered
  * in the head chunk before `packageEnd`: counted and skipped, as the record loop would, without

@@ -95,8 +95,8 @@ export class StreamDecoder {
     this.maxVmdescBytes = options.maxVmdescBytes ?? 16 * 1024 * 1024;
     this.maxSections = options.maxSections ?? 65536;
     this.maxCommand = options.maxCommand ?? MIG_CMD_MAX_7_2;
-    const { ram, maxRamBytes, maxRamBlocks, ignoreShared, zeroedMemory, postcopyPageHooks } = options;
-    this.rram = new RamRecordDecoder({ ram, maxRamBytes, maxRamBlocks, ignoreShared, zeroedMemory, postcopyPageHooks }, this.r);
+    const { ram, maxRamBytes, maxRamBlocks, ignoreShared, zeroedMemory, postcopyPageHooks, placePages } = options;
+    this.rram = new RamRecordDecoder({ ram, maxRamBytes, maxRamBlocks, ignoreShared, zeroedMemory, postcopyPageHooks, placePages }, this.r);
     if (options.resume !== undefined) {
       this.state = S.RECORD;
       this.postcopyState = options.resume.postcopyState;

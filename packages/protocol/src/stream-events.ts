@@ -3,6 +3,7 @@
 
 import type { CommandInfo } from './command.ts';
 import type { PostcopyStateValue, SectionKind } from './constants.ts';
+import type { PagePlacer } from './page-runs.ts';
 import type { RamBlockInfo } from './ram.ts';
 import type { MultifdFlushEvent, RamBlocksEvent, RamSectionStats, RamTarget } from './ram-record-decoder.ts';
 import type { VfioSectionSummary } from './vfio-framing.ts';
@@ -129,4 +130,6 @@ export interface StreamDecoderOptions {
    * (a destination: precopy pays nothing per page for them). Default false: for every page.
    */
   postcopyPageHooks?: boolean;
+  /** Copies runs of CONTINUE PAGE records at once where no page hook runs (RamRecordDecoderOptions.placePages). */
+  placePages?: PagePlacer | undefined;
 }

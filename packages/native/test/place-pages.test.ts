@@ -1,0 +1,132 @@
+// placePages, the destination's native copy of a run of CONTINUE PAGE records: on its own (what it
+// takes, where it stops, the written bits), and inside StreamDecoder, where a stream decoded with
+// it must leave the same RAM, written bits and counts as one decoded without it, for any split
+// of the reads.
+//
+// Run: node --import tsx --test packages/native/test/place-pages.test.ts (after the install built it)
+
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import {
+  BatchWriter,
+  NEED_MORE,
+  RamRecordWriter,
+  StreamDecoder,
+  TARGET_PAGE_SIZE,
+  writeConfiguration,
+  writeEos,
+  writeMemSize,
+  writeSectionFooter,
+  writeSectionHeader,
+  writeStreamHeader,
+} from '../../protocol/src/index.ts';
+import { native } from '../src/index.ts';
+
+const skip = native.available || process.env['CI'] === 'true' ? false : `the native addon is not built (${native.unavailableReason})`;
+const PAGE = TARGET_PAGE_SIZE;
+const RECORD = 8 + PAGE;
+
+function pageOf(seed: number): Buffer {
+  const b = Buffer.alloc(PAGE);
+  for (let i = 0; i < PAGE; i += 4) b.writeUInt32LE((seed * 2654435761 + i * 40503) >>> 0, i);
+  return b;
+}
+
+test('placePages: copies CONTINUE PAGE records into place and sets their written bits; stops at the first it does not take', { skip }, () => {
+  const w = new BatchWriter();
+  const rec = new RamRecordWriter();
+  rec.page(w, 'a', 0, pageOf(0), 0); // named: the caller's record loop reads this one
+  const first = w.totalBytes;
+  for (const p of [5, 6, 7]) rec.page(w, 'a', p * PAGE, pageOf(p), 0);
+  rec.zeroPage(w, 'a', 9 * PAGE);
+  const stream = w.flushConcat();
+  const mem = Buffer.from(new SharedArrayBuffer(16 * PAGE));
+  const written = new Uint32Array(1);
+  assert.equal(native.placePages(stream, first, stream.length, mem, written), 3);
+  for (const p of [5, 6, 7]) assert.ok(mem.subarray(p * PAGE, (p + 1) * PAGE).equals(pageOf(p)), `page ${p}`);
+  assert.equal(written[0], (1 << 5) | (1 << 6) | (1 << 7));
+  assert.ok(mem.subarray(0, 5 * PAGE).every((x) => x === 0) && mem.subarray(8 * PAGE).every((x) => x === 0), 'nothing else written');
+
+  // A record cut short by `to`, a page past the block's end, a named record: not taken.
+  assert.equal(native.placePages(stream, first, first + 2 * RECORD + 100, mem, undefined), 2);
+  assert.equal(native.placePages(stream, first, stream.length, mem.subarray(0, 6 * PAGE), undefined), 1);
+  assert.equal(native.placePages(stream, 0, stream.length, mem, undefined), 0);
+  assert.equal(native.placePages(stream, first, stream.length, mem, new Uint32Array(0)), 0, 'a written bitmap too short for the page');
+  assert.throws(() => native.placePages(stream, 10, 5, mem, undefined), RangeError);
+  assert.throws(() => native.placePages(stream, 0, stream.length + 1, mem, undefined), RangeError);
+});
+
+/** A stream of RAM sections for blocks a and b: runs of consecutive pages, block switches, ZERO records, pages sent twice. */
+function ramStream(): Buffer {
+  const w = new BatchWriter();
+  const rec = new RamRecordWriter();
+  writeStreamHeader(w);
+  writeConfiguration(w, { machineType: 'none' });
+  writeSectionHeader(w, { kind: 'start', sectionId: 2, idstr: 'ram', instanceId: 0, versionId: 4 });
+  writeMemSize(w, [
+    { idstr: 'a', length: 256 * PAGE },
+    { idstr: 'b', length: 64 * PAGE },
+  ]);
+  writeEos(w);
+  writeSectionFooter(w, 2);
+  let seed = 1;
+  for (let section = 0; section < 6; section++) {
+    writeSectionHeader(w, { kind: 'part', sectionId: 2 });
+    for (let p = 0; p < 256; p++) {
+      const page = (p * (section + 1)) % 256;
+      rec.page(w, 'a', page * PAGE, pageOf(seed++), 0);
+      if (p % 37 === 36) rec.page(w, 'b', (p % 64) * PAGE, pageOf(seed++), 0);
+      if (p % 53 === 52) rec.zeroPage(w, 'a', ((p + 7) % 256) * PAGE);
+    }
+    writeEos(w);
+    writeSectionFooter(w, 2);
+    rec.forgetBlock();
+  }
+  return w.flushConcat();
+}
+
+/** Pages the native placer took in the last decode. */
+let placedByNative = 0;
+const countingPlacer = (chunk: Uint8Array, from: number, to: number, mem: Uint8Array, written: Uint32Array | undefined): number => {
+  const n = native.placePages(chunk, from, to, mem, written);
+  placedByNative += n;
+  return n;
+};
+
+function decode(stream: Buffer, withPlacer: boolean, readSize: (i: number) => number): { memory: Buffer[]; normal: number; zero: number } {
+  const memory = [Buffer.from(new SharedArrayBuffer(256 * PAGE)), Buffer.from(new SharedArrayBuffer(64 * PAGE))];
+  placedByNative = 0;
+  const decoder = new StreamDecoder({ ram: { attachBlocks: () => memory }, zeroedMemory: true, postcopyPageHooks: true, placePages: withPlacer ? countingPlacer : undefined });
+  let normal = 0;
+  let zero = 0;
+  for (let at = 0, i = 0; at < stream.length; i++) {
+    const n = Math.min(readSize(i), stream.length - at);
+    // A fresh copy per read, as a socket's reads land in a reused buffer.
+    decoder.push(Buffer.from(stream.subarray(at, at + n)));
+    at += n;
+    for (let ev = decoder.next(); ev !== NEED_MORE; ev = decoder.next()) {
+      if (ev.kind === 'sectionEnd' && ev.ram !== undefined) {
+        normal += ev.ram.normal;
+        zero += ev.ram.zero;
+      }
+    }
+    decoder.retainUnread();
+  }
+  return { memory, normal, zero };
+}
+
+test('StreamDecoder with placePages leaves the same RAM and counts as without it, for any split of the reads', { skip, timeout: 60_000 }, () => {
+  const stream = ramStream();
+  const expected = decode(stream, false, () => 1 << 20);
+  assert.ok(expected.normal > 1500, `the stream has pages (${expected.normal})`);
+  let seed = 99;
+  const rnd = (): number => (seed = (seed * 1103515245 + 12345) >>> 0);
+  const splits: ((i: number) => number)[] = [() => 1 << 20, () => RECORD, () => RECORD + 3, () => 4099, () => 65_536 + 7, () => 1 + (rnd() % 20_000)];
+  for (const [k, split] of splits.entries()) {
+    const got = decode(stream, true, split);
+    assert.deepEqual([got.normal, got.zero], [expected.normal, expected.zero], `split ${k}: counts`);
+    // Reads of one record or so leave no run in a chunk; larger ones leave most pages to it.
+    if (k === 0) assert.ok(placedByNative > expected.normal / 2, `split ${k}: the native placer took most pages (${placedByNative} of ${expected.normal})`);
+    for (const b of [0, 1]) assert.ok(got.memory[b]!.equals(expected.memory[b]!), `split ${k}: block ${b}`);
+  }
+});
