@@ -1,8 +1,9 @@
 // The incoming migration's connections: the listener(s), the main channel (which carries the
 // return path), the connections that follow it to the same address (a preempt channel, or the
 // multifd channels, each read by a thread of its own once its init packet is judged, see
-// multifd-thread.ts), and the multifd SYNC count the main channel waits on. What the connections mean to the migration is the state machine's
-// business: this file reports what happened and does what it is told.
+// multifd-thread.ts), and the multifd SYNC count the main channel waits on. What the
+// connections mean to the migration is the state machine's business: this file reports what
+// happened and does what it is told.
 
 import net from 'node:net';
 import type tls from 'node:tls';
