@@ -47,9 +47,12 @@ export class StreamOut {
       // A stream we ended and that wrote everything (file:, exec:) closes as it should. A peer's
       // FIN ends our side too (Node's allowHalfOpen: false) and finishes it: where the peer
       // never closes first (a main channel with a return path: SHUT comes before its FIN), that
-      // is a lost link, not an end.
+      // is a lost link, not an end. Node finishes a stream whose bytes all went through the
+      // writer thread: batches that thread had not written yet are lost too.
       const peerEnded = !this.endedHere && options.peerEndIsLoss === true;
-      if (peerEnded || !stream.writableFinished) this.fail(TransportError.lost(role, peerEnded ? `the ${role} channel was closed by the peer` : `the ${role} channel was closed`));
+      if (peerEnded || !stream.writableFinished || this.threadBatches.length > 0) {
+        this.fail(TransportError.lost(role, peerEnded ? `the ${role} channel was closed by the peer` : `the ${role} channel was closed`));
+      }
     });
     this.role = role;
     if (stream.destroyed) this.fail(TransportError.lost(role, `the ${role} channel was closed`));
@@ -106,6 +109,7 @@ export class StreamOut {
    * failure): then its memory may be reused (BatchWriter.recycle).
    */
   async write(buffers: readonly Buffer[], maxInFlight = 1, written?: () => void): Promise<void> {
+    this.refuseClosed();
     if (this.failure !== undefined) throw this.failure;
     if (buffers.length === 0) return;
     if (this.writer !== undefined) return this.writeOnThread(this.writer, buffers, NO_REFS, 0, NO_SOURCES, maxInFlight, written);
@@ -148,6 +152,7 @@ export class StreamOut {
    */
   async writeBatch(batch: RefBatch, maxInFlight = 1, written?: () => void): Promise<void> {
     if (batch.refCount === 0) return this.write(batch.pieces, maxInFlight, written);
+    this.refuseClosed();
     if (this.failure !== undefined) throw this.failure;
     const thread = this.writer ?? (this.wantsWriterThread ? this.openWriter() : undefined);
     if (thread !== undefined) return this.writeOnThread(thread, batch.pieces, batch.refs, batch.refCount, batch.sources, maxInFlight, written);
@@ -170,6 +175,14 @@ export class StreamOut {
       }
     }
     written?.();
+  }
+
+  /**
+   * A write to a stream already closed (its 'close' event may be still to come) is a lost link:
+   * Node would drop it with no error event, and a migration would send on into nothing.
+   */
+  private refuseClosed(): void {
+    if (this.stream.destroyed && this.failure === undefined) this.fail(TransportError.lost(this.role, `the ${this.role} channel was closed`));
   }
 
   /** The writer thread, when Node has nothing queued on the socket (undefined otherwise: this batch goes through Node). */

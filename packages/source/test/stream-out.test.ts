@@ -142,3 +142,63 @@ test('writeBatch on a stream that is not a plain socket: refs go out as views, t
   assertSameBytes(Buffer.concat(chunks), Buffer.concat(expected));
   assert.equal(out.nativeBytes, 0);
 });
+
+test('writerThread: batches go out in order through the channel\'s own thread, each said written once the thread wrote it; end() waits for it', { skip: nativeSkip, timeout: TIMEOUT_MS }, async () => {
+  const [client, peer] = await socketPair();
+  try {
+    const pages = 4096;
+    const ram = Buffer.from(new SharedArrayBuffer(pages * PAGE));
+    randomFillSync(ram);
+    const out = new StreamOut(client, 'multifd', { writerThread: true });
+    const w = new BatchWriter();
+    const expected: Buffer[] = [];
+    const total = pages * (PAGE + 8);
+    const received = collect(peer, total);
+    let writtenCalls = 0;
+    for (let p = 0; p < pages; p += 512) {
+      encodePages(w, ram, p, 512, expected);
+      const batch = w.flushRefs();
+      await out.writeBatch(batch, 1, () => {
+        writtenCalls++;
+        w.recycle(batch.pieces);
+      });
+    }
+    await out.end();
+    assertSameBytes(await received, Buffer.concat(expected));
+    assert.equal(writtenCalls, pages / 512, 'every batch said it was written');
+    assert.deepEqual([out.written, out.accepted, out.nativeBytes], [total, total, total], 'all of it by the thread');
+  } finally {
+    client.destroy();
+    peer.destroy();
+  }
+});
+
+test('writerThread: a peer that ends the connection while the thread still holds batches fails the stream (Node, with nothing of its own left to write, takes it for a clean end)', { skip: nativeSkip, timeout: TIMEOUT_MS }, async () => {
+  const [client, peer] = await socketPair();
+  try {
+    const pages = 8192; // 32 MiB: more than loopback's buffers hold while the peer does not read
+    const ram = Buffer.from(new SharedArrayBuffer(pages * PAGE));
+    const out = new StreamOut(client, 'multifd', { writerThread: true });
+    const w = new BatchWriter();
+    peer.pause();
+    encodePages(w, ram, 0, pages / 2, []);
+    const first = w.flushRefs();
+    const firstWritten = out.writeBatch(first, 1);
+    encodePages(w, ram, pages / 2, pages / 2, []);
+    const second = out.writeBatch(w.flushRefs(), 1);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    // A FIN while it reads nothing: the source's Node socket ends and closes cleanly.
+    peer.end();
+    await assert.rejects(Promise.all([firstWritten, second]), (err: { code?: string; message: string }) => {
+      assert.equal(err.code, 'LM_ERR_CHANNEL_LOST');
+      assert.match(err.message, /multifd channel/);
+      return true;
+    });
+    assert.ok(out.error !== undefined);
+    // A later write is refused at once, not sent into nothing.
+    await assert.rejects(out.write([Buffer.from('late')]), (err: { code?: string }) => err.code === 'LM_ERR_CHANNEL_LOST');
+  } finally {
+    client.destroy();
+    peer.destroy();
+  }
+});
