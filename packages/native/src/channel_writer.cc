@@ -23,18 +23,16 @@
 #include <deque>
 #include <mutex>
 #include <thread>
-#include <unordered_map>
 #include <utility>
 #include <vector>
 
-#include <fcntl.h>
 #include <poll.h>
-#include <sys/eventfd.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
 #include "js_args.h"
 #include "ref_iovecs.h"
+#include "socket_thread.h"
 
 namespace livemig {
 
@@ -65,11 +63,11 @@ class ChannelWriter {
     async_.data = this;
     // The loop is held open only while batches are queued (Push refs it, Report unrefs it).
     uv_unref(reinterpret_cast<uv_handle_t*>(&async_));
-    node::AddEnvironmentCleanupHook(isolate, CleanupHook, this);
     thread_ = std::thread([this] { Run(); });
   }
 
   int id = 0;
+  uv_async_t async_;
 
   // Queue a batch; returns its bytes.
   double Push(std::vector<struct iovec>&& iov) {
@@ -85,30 +83,20 @@ class ChannelWriter {
     return bytes;
   }
 
-  // Stop the thread and free everything (the handle once libuv is done with it).
-  void Close() {
-    node::RemoveEnvironmentCleanupHook(isolate_, CleanupHook, this);
-    Stop();
-    uv_close(reinterpret_cast<uv_handle_t*>(&async_), [](uv_handle_t* h) { delete static_cast<ChannelWriter*>(h->data); });
-  }
-
- private:
-  static void CleanupHook(void* arg);
-
+  // The thread stopped (at once, even while it waits for room) and joined; its descriptors closed.
   void Stop() {
     {
       std::lock_guard<std::mutex> lock(mu_);
       stop_ = true;
     }
     cv_.notify_one();
-    const uint64_t one = 1;
-    // Wakes a poll() waiting for room; the counter cannot overflow from one write.
-    ssize_t ignored = write(wake_, &one, sizeof one);
-    (void)ignored;
+    WakeThread(wake_);
     if (thread_.joinable()) thread_.join();
     close(fd_);
     close(wake_);
   }
+
+ private:
 
   void Run() {
     for (;;) {
@@ -192,7 +180,6 @@ class ChannelWriter {
   const int wake_;
   Global<Context> context_;
   Global<Function> onDone_;
-  uv_async_t async_;
   std::thread thread_;
   std::mutex mu_;
   std::condition_variable cv_;
@@ -207,33 +194,7 @@ class ChannelWriter {
   bool errorReported_ = false;
 };
 
-// Open writers by id (ids are never reused); each is used from the thread that opened it.
-std::mutex registryMu;
-std::unordered_map<int, ChannelWriter*> registry;
-int nextId = 1;
-
-ChannelWriter* Take(int id) {
-  std::lock_guard<std::mutex> lock(registryMu);
-  auto it = registry.find(id);
-  if (it == registry.end()) return nullptr;
-  ChannelWriter* w = it->second;
-  registry.erase(it);
-  return w;
-}
-
-ChannelWriter* Find(int id) {
-  std::lock_guard<std::mutex> lock(registryMu);
-  auto it = registry.find(id);
-  return it == registry.end() ? nullptr : it->second;
-}
-
-void ChannelWriter::CleanupHook(void* arg) {
-  ChannelWriter* w = static_cast<ChannelWriter*>(arg);
-  if (Take(w->id) == w) {
-    w->Stop();
-    uv_close(reinterpret_cast<uv_handle_t*>(&w->async_), [](uv_handle_t* h) { delete static_cast<ChannelWriter*>(h->data); });
-  }
-}
+ThreadRegistry<ChannelWriter>& writers = ThreadRegistry<ChannelWriter>::Of();
 
 // openChannelWriter(fd, onDone(written: number, errno?: string)) → id. The writer writes on a
 // duplicate of `fd` (close-on-exec); `onDone` gets the count of batches written since the
@@ -242,21 +203,10 @@ void OpenChannelWriter(const FunctionCallbackInfo<Value>& args) {
   Isolate* isolate = args.GetIsolate();
   int64_t fdArg;
   if (!IntArg(args, 0, &fdArg) || fdArg > INT_MAX || !args[1]->IsFunction()) return ThrowType(isolate, "openChannelWriter(fd: number, onDone: (written: number, errno?: string) => void)");
-  const int fd = fcntl(static_cast<int>(fdArg), F_DUPFD_CLOEXEC, 0);
-  if (fd < 0) return ThrowErrno(isolate, "fcntl(F_DUPFD_CLOEXEC)", errno);
-  const int wake = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-  if (wake < 0) {
-    const int err = errno;
-    close(fd);
-    return ThrowErrno(isolate, "eventfd", err);
-  }
+  int fd, wake;
+  if (!OpenThreadDescriptors(isolate, static_cast<int>(fdArg), &fd, &wake)) return;
   ChannelWriter* w = new ChannelWriter(isolate, fd, wake, args[1].As<Function>());
-  {
-    std::lock_guard<std::mutex> lock(registryMu);
-    w->id = nextId++;
-    registry[w->id] = w;
-  }
-  args.GetReturnValue().Set(Integer::New(isolate, w->id));
+  args.GetReturnValue().Set(Integer::New(isolate, writers.Open(isolate, w)));
 }
 
 // channelWriterPush(id, pieces, refs, refCount, sources) → the batch's bytes.
@@ -264,7 +214,7 @@ void ChannelWriterPush(const FunctionCallbackInfo<Value>& args) {
   Isolate* isolate = args.GetIsolate();
   int64_t id;
   if (!IntArg(args, 0, &id) || id > INT_MAX) return ThrowType(isolate, "channelWriterPush(id: number, pieces, refs, refCount, sources)");
-  ChannelWriter* w = Find(static_cast<int>(id));
+  ChannelWriter* w = writers.Find(static_cast<int>(id));
   if (w == nullptr) return ThrowRange(isolate, "channelWriterPush: no open channel writer " + std::to_string(id));
   std::vector<struct iovec> iov;
   if (!RefIovecs(args, 1, "channelWriterPush", &iov)) return;
@@ -277,8 +227,7 @@ void CloseChannelWriter(const FunctionCallbackInfo<Value>& args) {
   Isolate* isolate = args.GetIsolate();
   int64_t id;
   if (!IntArg(args, 0, &id) || id > INT_MAX) return ThrowType(isolate, "closeChannelWriter(id: number)");
-  ChannelWriter* w = Take(static_cast<int>(id));
-  if (w != nullptr) w->Close();
+  writers.Close(isolate, static_cast<int>(id));
 }
 
 }  // namespace

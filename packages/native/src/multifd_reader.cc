@@ -27,16 +27,14 @@
 #include <mutex>
 #include <string>
 #include <thread>
-#include <unordered_map>
 #include <vector>
 
-#include <fcntl.h>
 #include <poll.h>
-#include <sys/eventfd.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
 #include "js_args.h"
+#include "socket_thread.h"
 
 namespace livemig {
 
@@ -103,30 +101,22 @@ class MultifdReader {
     async_.data = this;
     // The socket keeps the loop alive while it matters; this handle never does on its own.
     uv_unref(reinterpret_cast<uv_handle_t*>(&async_));
-    node::AddEnvironmentCleanupHook(isolate, CleanupHook, this);
     thread_ = std::thread([this] { Run(); });
   }
 
   int id = 0;
+  uv_async_t async_;
 
-  void Close() {
-    node::RemoveEnvironmentCleanupHook(isolate_, CleanupHook, this);
-    Stop();
-    uv_close(reinterpret_cast<uv_handle_t*>(&async_), [](uv_handle_t* h) { delete static_cast<MultifdReader*>(h->data); });
-  }
-
-  static void CleanupHook(void* arg);
-
- private:
+  // The thread stopped (at once, even while it waits for bytes) and joined; its descriptors closed.
   void Stop() {
     stop_.store(true);
-    const uint64_t one = 1;
-    ssize_t ignored = write(wake_, &one, sizeof one);
-    (void)ignored;
+    WakeThread(wake_);
     if (thread_.joinable()) thread_.join();
     close(fd_);
     close(wake_);
   }
+
+ private:
 
   // Fill [iov, iov + count) from the socket, waiting for bytes: 0 when full, 1 at EOF before
   // any byte when `eofOk`, -1 stopped, -2 failed (failure_ set).
@@ -323,7 +313,6 @@ class MultifdReader {
   const std::vector<Block> blocks_;
   Global<Context> context_;
   Global<Function> onReport_;
-  uv_async_t async_;
   std::thread thread_;
   std::atomic<bool> stop_{false};
   std::atomic<uint64_t> lastByte_{0};
@@ -341,26 +330,7 @@ class MultifdReader {
   bool reportedEnd_ = false;
 };
 
-std::mutex registryMu;
-std::unordered_map<int, MultifdReader*> registry;
-int nextId = 1;
-
-MultifdReader* Take(int id) {
-  std::lock_guard<std::mutex> lock(registryMu);
-  auto it = registry.find(id);
-  if (it == registry.end()) return nullptr;
-  MultifdReader* r = it->second;
-  registry.erase(it);
-  return r;
-}
-
-void MultifdReader::CleanupHook(void* arg) {
-  MultifdReader* r = static_cast<MultifdReader*>(arg);
-  if (Take(r->id) == r) {
-    r->Stop();
-    uv_close(reinterpret_cast<uv_handle_t*>(&r->async_), [](uv_handle_t* h) { delete static_cast<MultifdReader*>(h->data); });
-  }
-}
+ThreadRegistry<MultifdReader>& readers = ThreadRegistry<MultifdReader>::Of();
 
 // openMultifdReader(fd, streamOffset, names: string[], memories: ArrayBufferView[],
 // onReport(report)) → id. Reads packets from a duplicate of `fd` (close-on-exec) into the named
@@ -385,21 +355,10 @@ void OpenMultifdReader(const FunctionCallbackInfo<Value>& args) {
     Local<ArrayBufferView> view = memory.As<ArrayBufferView>();
     blocks.push_back({bytes, static_cast<uint8_t*>(view->Buffer()->Data()) + view->ByteOffset(), view->ByteLength()});
   }
-  const int fd = fcntl(static_cast<int>(fdArg), F_DUPFD_CLOEXEC, 0);
-  if (fd < 0) return ThrowErrno(isolate, "fcntl(F_DUPFD_CLOEXEC)", errno);
-  const int wake = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-  if (wake < 0) {
-    const int err = errno;
-    close(fd);
-    return ThrowErrno(isolate, "eventfd", err);
-  }
+  int fd, wake;
+  if (!OpenThreadDescriptors(isolate, static_cast<int>(fdArg), &fd, &wake)) return;
   MultifdReader* r = new MultifdReader(isolate, fd, wake, static_cast<double>(streamOffset), std::move(blocks), args[4].As<Function>());
-  {
-    std::lock_guard<std::mutex> lock(registryMu);
-    r->id = nextId++;
-    registry[r->id] = r;
-  }
-  args.GetReturnValue().Set(Integer::New(isolate, r->id));
+  args.GetReturnValue().Set(Integer::New(isolate, readers.Open(isolate, r)));
 }
 
 // closeMultifdReader(id): stop its thread and close its descriptor; nothing is reported after.
@@ -407,8 +366,7 @@ void CloseMultifdReader(const FunctionCallbackInfo<Value>& args) {
   Isolate* isolate = args.GetIsolate();
   int64_t id;
   if (!IntArg(args, 0, &id) || id > INT_MAX) return ThrowType(isolate, "closeMultifdReader(id: number)");
-  MultifdReader* r = Take(static_cast<int>(id));
-  if (r != nullptr) r->Close();
+  readers.Close(isolate, static_cast<int>(id));
 }
 
 }  // namespace
