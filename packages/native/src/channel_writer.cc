@@ -83,6 +83,12 @@ class ChannelWriter {
     return bytes;
   }
 
+  // Batches written so far (final once stopped).
+  double Written() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return static_cast<double>(done_);
+  }
+
   // The thread stopped (at once, even while it waits for room) and joined; its descriptors closed.
   void Stop() {
     {
@@ -221,13 +227,18 @@ void ChannelWriterPush(const FunctionCallbackInfo<Value>& args) {
   args.GetReturnValue().Set(Number::New(isolate, w->Push(std::move(iov))));
 }
 
-// closeChannelWriter(id): stop its thread (batches not yet written are dropped) and close its
-// descriptor. Nothing is reported after it returns. Closing an id twice does nothing.
+// closeChannelWriter(id) → the batches it wrote in all: stop its thread (batches not yet written
+// are dropped) and close its descriptor. Nothing is reported after it returns. Closing an id
+// twice does nothing (and returns undefined).
 void CloseChannelWriter(const FunctionCallbackInfo<Value>& args) {
   Isolate* isolate = args.GetIsolate();
   int64_t id;
   if (!IntArg(args, 0, &id) || id > INT_MAX) return ThrowType(isolate, "closeChannelWriter(id: number)");
-  writers.Close(isolate, static_cast<int>(id));
+  ChannelWriter* w = writers.Stop(isolate, static_cast<int>(id));
+  if (w == nullptr) return;
+  // Written before it stopped: batches whose report may not have come yet.
+  args.GetReturnValue().Set(Number::New(isolate, w->Written()));
+  ThreadRegistry<ChannelWriter>::Free(w);
 }
 
 }  // namespace

@@ -29,7 +29,7 @@ interface Addon {
   writeRefs(fd: number, pieces: readonly ArrayBufferView[], refs: Float64Array, refCount: number, sources: readonly ArrayBufferView[], skip: number): number;
   openChannelWriter(fd: number, onDone: (written: number, errno?: string) => void): number;
   channelWriterPush(id: number, pieces: readonly ArrayBufferView[], refs: Float64Array, refCount: number, sources: readonly ArrayBufferView[]): number;
-  closeChannelWriter(id: number): void;
+  closeChannelWriter(id: number): number | undefined;
   openMultifdReader(fd: number, streamOffset: number, names: readonly string[], memories: readonly ArrayBufferView[], onReport: (report: MultifdReaderReport) => void): number;
   closeMultifdReader(id: number): void;
   placePages(chunk: Uint8Array, from: number, to: number, mem: Uint8Array, written: Uint32Array | undefined): number;
@@ -86,8 +86,12 @@ export interface MultifdReaderReport {
 export interface ChannelWriter {
   /** Queue a batch (pieces with refs into sources, as writeRefs); returns its bytes. */
   push(pieces: readonly ArrayBufferView[], refs: Float64Array, refCount: number, sources: readonly ArrayBufferView[]): number;
-  /** Stop the thread (what it has not written is dropped) and close its descriptor; idempotent. */
-  close(): void;
+  /**
+   * Stop the thread (what it has not written is dropped) and close its descriptor. Returns the
+   * batches it wrote in all (its last reports may not have come: they never will), undefined
+   * when it was closed already.
+   */
+  close(): number | undefined;
 }
 
 export const native = {

@@ -366,7 +366,8 @@ void CloseMultifdReader(const FunctionCallbackInfo<Value>& args) {
   Isolate* isolate = args.GetIsolate();
   int64_t id;
   if (!IntArg(args, 0, &id) || id > INT_MAX) return ThrowType(isolate, "closeMultifdReader(id: number)");
-  readers.Close(isolate, static_cast<int>(id));
+  MultifdReader* r = readers.Stop(isolate, static_cast<int>(id));
+  if (r != nullptr) ThreadRegistry<MultifdReader>::Free(r);
 }
 
 }  // namespace

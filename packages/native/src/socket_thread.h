@@ -76,13 +76,19 @@ class ThreadRegistry {
     return it == open_.end() ? nullptr : it->second;
   }
 
-  // Stop it and free it once libuv has closed its handle; nothing is reported after. Closing an
-  // id twice does nothing.
-  void Close(v8::Isolate* isolate, int id) {
+  // Out of the registry and stopped (its thread joined): what it did is final, and may be read
+  // until Free. nullptr when no such id is open (closing twice does nothing).
+  T* Stop(v8::Isolate* isolate, int id) {
     T* t = Take(id);
-    if (t == nullptr) return;
+    if (t == nullptr) return nullptr;
     node::RemoveEnvironmentCleanupHook(isolate, CleanupHook, t);
-    Release(t);
+    t->Stop();
+    return t;
+  }
+
+  // Freed once libuv has closed its handle; nothing is reported after.
+  static void Free(T* t) {
+    uv_close(reinterpret_cast<uv_handle_t*>(&t->async_), [](uv_handle_t* h) { delete static_cast<T*>(h->data); });
   }
 
  private:
@@ -95,14 +101,11 @@ class ThreadRegistry {
     return t;
   }
 
-  static void Release(T* t) {
-    t->Stop();
-    uv_close(reinterpret_cast<uv_handle_t*>(&t->async_), [](uv_handle_t* h) { delete static_cast<T*>(h->data); });
-  }
-
   static void CleanupHook(void* arg) {
     T* t = static_cast<T*>(arg);
-    if (Of().Take(t->id) == t) Release(t);
+    if (Of().Take(t->id) != t) return;
+    t->Stop();
+    Free(t);
   }
 
   std::mutex mu_;

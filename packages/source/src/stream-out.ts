@@ -50,6 +50,8 @@ export class StreamOut {
       // is a lost link, not an end. Node finishes a stream whose bytes all went through the
       // writer thread: batches that thread had not written yet are lost too.
       const peerEnded = !this.endedHere && options.peerEndIsLoss === true;
+      // The thread writes on a duplicate of the descriptor: the socket is closed once it stops.
+      this.closeWriter();
       if (peerEnded || !stream.writableFinished || this.threadBatches.length > 0) {
         this.fail(TransportError.lost(role, peerEnded ? `the ${role} channel was closed by the peer` : `the ${role} channel was closed`));
       }
@@ -58,8 +60,6 @@ export class StreamOut {
     if (stream.destroyed) this.fail(TransportError.lost(role, `the ${role} channel was closed`));
     this.takesRefs = native.available && stream instanceof Socket && !(stream instanceof TLSSocket);
     this.wantsWriterThread = this.takesRefs && options.writerThread === true;
-    // The thread writes on a duplicate of the descriptor: the socket is closed only once it stops.
-    stream.once('close', () => this.closeWriter());
   }
 
   /**
@@ -230,9 +230,13 @@ export class StreamOut {
     }
   }
 
+  /** Stop the writer thread; what it wrote before it stopped counts as written, even if its report had not come. */
   private closeWriter(): void {
-    this.writer?.close();
+    const w = this.writer;
+    if (w === undefined) return;
     this.writer = undefined;
+    const written = w.close();
+    if (written !== undefined) this.threadReported(written, undefined);
   }
 
   /** The native writev of `batch` from byte `skip`: the bytes the kernel took (0 on a socket error). */
