@@ -9,6 +9,7 @@ import type net from 'node:net';
 import type { Guest } from '@livemig/guest';
 import { native, type MultifdReaderReport } from '@livemig/native';
 import { ErrorCode, type MigrationError, type MultifdReceiver, ProtocolError, TransportError } from '@livemig/protocol';
+import { socketFd } from '@livemig/runtime';
 
 export interface MultifdChannel {
   recv: MultifdReceiver;
@@ -33,12 +34,6 @@ export interface MultifdThreadEvents {
   failed(err: MigrationError): void;
 }
 
-/** The socket's descriptor, where Node has one (a TCP or unix socket's handle). */
-function descriptor(socket: net.Socket): number | undefined {
-  const fd = (socket as unknown as { _handle?: { fd?: unknown } })._handle?.fd;
-  return typeof fd === 'number' && fd >= 0 ? fd : undefined;
-}
-
 /**
  * Hand the channel's reading to a thread when it may be: the addon built, the channel's init
  * judged, at a packet boundary, a socket with a descriptor. True when it was: the caller stops
@@ -47,7 +42,7 @@ function descriptor(socket: net.Socket): number | undefined {
 export function handOverToThread(channel: MultifdChannel, guest: Guest, events: MultifdThreadEvents): boolean {
   const recv = channel.recv;
   if (!native.available || channel.thread !== undefined || recv.channelId < 0 || !recv.atPacketBoundary) return false;
-  const fd = descriptor(channel.socket);
+  const fd = socketFd(channel.socket);
   if (fd === undefined) return false;
   const ram = guest.ram;
   const blocks = ram.blocks.map((b, i) => ({ name: b.idstr, memory: ram.view(i) }));

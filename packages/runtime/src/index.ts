@@ -35,7 +35,7 @@ export { connectChannel, type ConnectChannelOptions } from './channel.ts';
 export { acceptWithOnread, listenChannel, type ChannelListener, type ListenChannelOptions } from './channel-listen.ts';
 export { PositionedFileChannel } from './positioned-file-channel.ts';
 export { openIncomingPipe } from './incoming-pipe.ts';
-export { adoptWithOnread, detachFd, type OnreadOptions } from './socket-handle.ts';
+export { adoptWithOnread, detachFd, type OnreadOptions, socketFd } from './socket-handle.ts';
 export {
   looksLikeTlsHello,
   OBJECT_TYPES,

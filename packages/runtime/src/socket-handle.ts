@@ -12,6 +12,15 @@ export interface OnreadOptions {
 }
 
 /**
+ * A connected socket's file descriptor, where Node has one (a TCP or pipe handle on Linux):
+ * Node exposes none but its private handle's `fd`. Undefined once closed or handed over.
+ */
+export function socketFd(socket: net.Socket): number | undefined {
+  const fd = (socket as unknown as { _handle?: { fd?: unknown } | null })._handle?.fd;
+  return typeof fd === 'number' && fd >= 0 ? fd : undefined;
+}
+
+/**
  * Take a connected socket's file descriptor away from this thread, for a worker thread to own
  * (`new net.Socket({ fd })` there). Reading stops; bytes already read but not consumed (a socket
  * without a 'data' listener keeps them) are returned, to be handled before what the fd brings.
@@ -21,8 +30,8 @@ export interface OnreadOptions {
 export function detachFd(socket: net.Socket): { fd: number; pending: Buffer } {
   const s = socket as net.Socket & { _handle: { fd?: number; readStop?(): number } | null };
   const handle = s._handle;
-  const fd = handle?.fd;
-  if (handle === null || typeof fd !== 'number' || fd < 0) {
+  const fd = socketFd(socket);
+  if (handle === null || fd === undefined) {
     throw new ChannelError(RuntimeErrorCode.INVALID_ARGUMENT, 'socket has no file descriptor to hand over (closed, or not a Unix socket or TCP connection)');
   }
   handle.readStop?.();

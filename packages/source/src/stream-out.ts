@@ -20,6 +20,7 @@ import type { Duplex } from 'node:stream';
 import { TLSSocket } from 'node:tls';
 import { type ChannelWriter, native } from '@livemig/native';
 import { type ChannelRole, type RefBatch, refBatchBuffers, TransportError } from '@livemig/protocol';
+import { socketFd } from '@livemig/runtime';
 
 const NO_REFS = new Float64Array(0);
 const NO_SOURCES: readonly ArrayBufferView[] = [];
@@ -257,15 +258,13 @@ export class StreamOut {
 
   /**
    * The socket's descriptor when the native writev may write to it now: nothing of ours queued
-   * in Node (so the bytes keep their order), not corked, open. Node exposes no descriptor of a
-   * connected socket but its handle's `fd` (Linux TCP and pipe handles).
+   * in Node (so the bytes keep their order), not corked, open.
    */
   private idleFd(): number | undefined {
     if (!this.takesRefs) return undefined;
     const s = this.stream as Socket;
     if (s.writableLength !== 0 || s.writableCorked !== 0 || s.destroyed || s.writableEnded || s.connecting) return undefined;
-    const fd = (s as unknown as { _handle?: { fd?: unknown } })._handle?.fd;
-    return typeof fd === 'number' && fd >= 0 ? fd : undefined;
+    return socketFd(s);
   }
 
   /** Wait until everything handed over has been written (or the stream failed). */
