@@ -41,7 +41,13 @@ function ourDeopts(child: Child, mark: number): string[] {
     .filter((line) => /deoptimize at <file:[^>]*packages\/(protocol|source|destination)\/dist\//.test(line));
 }
 
-/** Wait (bounded) until V8 says it optimised each of `names` in `child` (compiles run on a background thread). */
+/**
+ * Wait (bounded) until V8 says it optimised each of `names` in `child`. Compiles run on a
+ * background thread, but V8 installs the finished code (and prints "completed optimizing") only
+ * when the main thread next runs JS: on a loaded machine the compile can end after the warm-up
+ * did, and an idle process would then never say so. A QMP query each round runs JS there, as
+ * any operator's query or the migration itself would.
+ */
 async function untilOptimised(child: Child, names: string[]): Promise<void> {
   const deadline = Date.now() + 30_000;
   const missing = (): string[] => names.filter((n) => !new RegExp(`completed optimizing [^\\n]*<JSFunction ${n} `).test(child.output()));
@@ -55,6 +61,7 @@ async function untilOptimised(child: Child, names: string[]): Promise<void> {
         .slice(-20);
       assert.fail(`${child.name}: not optimised before the migration: ${missing().join(', ')}; V8 said of them:\n${said.join('\n')}`);
     }
+    await child.execute('query-status');
     await sleep(50);
   }
 }
