@@ -24,7 +24,7 @@ const TRACE = ['--trace-opt', '--trace-deopt-verbose'];
  */
 const WARMED = {
   source: ['iterate'],
-  destination: ['readRecords', 'parseHeader'],
+  destination: ['readRecords', 'parseHeader', 'skipStillZeroRun'],
 };
 /**
  * How much of each process's output to keep: V8's traces print ~50 KiB before the migration on

@@ -47,6 +47,11 @@ const WARM_UP_BLOCK_PAGES = 64;
 /** Page records per warm-up section: a part section ends with EOS and a footer, as a source's do. */
 const WARM_UP_SECTION_PAGES = 48;
 /**
+ * ZERO records per round for pages of a third block never written: the run a fresh or sparse
+ * guest sends most (RamSaver's known-zero runs), which the decoder skips in skipStillZeroRun.
+ */
+const WARM_UP_ZERO_RUN = 256;
+/**
  * Read sizes of the warm-up: large ones as a busy socket gives, and small ones, so that records
  * straddle reads and the reader holds several chunks at once (its slower paths), as on a socket.
  * A path first taken during the migration costs a deoptimisation and a new compile there.
@@ -100,11 +105,14 @@ export class MainStream implements MainReader {
    * Decode a made-up stream into blocks of shared memory of its own, through the reads and the
    * decoder the migration uses, so that its first megabytes find that code optimised: part
    * sections of page records over two blocks (named and CONTINUE records), ZERO records for pages
-   * never written and for pages written, EOS and footers, read in pieces that split records
-   * wherever a socket may. Costs ~25-45 ms once, when the process starts, before a source can
-   * connect. With only page records in large reads, each migration deoptimised readRecords,
-   * copyTo and be32 and compiled them again: 256 MiB, 8 runs each interleaved, medians: CPU (all
-   * destination threads) 135 → 88 ms, total-time 151 → 130 ms (e2e/warm-up.test.ts keeps it so).
+   * never written and for pages written, a run of ZERO records over a third block never written,
+   * EOS and footers, read in pieces that split records wherever a socket may. Costs ~25-45 ms
+   * once, when the process starts, before a source can connect. With only page records in large
+   * reads, each migration deoptimised readRecords, copyTo and be32 and compiled them again: 256
+   * MiB, 8 runs each interleaved, medians: CPU (all destination threads) 135 → 88 ms, total-time
+   * 151 → 130 ms. Without the zero runs, an all-zero guest's 65 536 ZERO records were skipped by
+   * unoptimised code, then two compiler threads took both cores from the main thread while they
+   * optimised it (e2e/warm-up.test.ts keeps all of it so).
    */
   private warmUp(): void {
     const w = new BatchWriter();
@@ -114,9 +122,11 @@ export class MainStream implements MainReader {
     writeStreamHeader(w);
     writeConfiguration(w, { machineType: 'none' });
     writeSectionHeader(w, { kind: 'start', sectionId: 2, idstr: 'ram', instanceId: 0, versionId: 4 });
+    const zeroBlockBytes = WARM_UP_ZERO_RUN * TARGET_PAGE_SIZE;
     writeMemSize(w, [
       { idstr: 'warm-up-a', length: blockBytes },
       { idstr: 'warm-up-b', length: blockBytes },
+      { idstr: 'warm-up-z', length: zeroBlockBytes },
     ]);
     writeEos(w);
     writeSectionFooter(w, 2);
@@ -145,9 +155,15 @@ export class MainStream implements MainReader {
         inSection = -1;
       }
     }
+    // Then a section of one run of ZERO records over block z, whose pages are never written.
+    writeSectionHeader(w, { kind: 'part', sectionId: 2 });
+    rec.zeroPages(w, 'warm-up-z', 0, WARM_UP_ZERO_RUN);
+    writeEos(w);
+    writeSectionFooter(w, 2);
+    rec.forgetBlock();
     const round = w.flushConcat();
     w.release();
-    const memory = [0, 1].map(() => Buffer.from(new SharedArrayBuffer(blockBytes)));
+    const memory = [blockBytes, blockBytes, zeroBlockBytes].map((bytes) => Buffer.from(new SharedArrayBuffer(bytes)));
     const rounds = Math.ceil(WARM_UP_PAGES / WARM_UP_STREAMS / pagesInRound);
     // Each stream's first reads end where a page's data starts (after the part section's header
     // and a named record's), then where the next one's does (a page wholly in the next chunk),
