@@ -131,6 +131,7 @@ export class MainStream implements MainReader {
     writeEos(w);
     writeSectionFooter(w, 2);
     const head = w.flushConcat();
+    const roundStart = w.totalBytes;
     // One round of sections: consecutive pages of block a and, after every fourth, a page of
     // block b (each switch names its block), a ZERO record for a page of b never written
     // (skipped) and one for a page of a that was (cleared). The runs of a's pages between go to
@@ -157,6 +158,7 @@ export class MainStream implements MainReader {
     }
     // Then a section of one run of ZERO records over block z, whose pages are never written.
     writeSectionHeader(w, { kind: 'part', sectionId: 2 });
+    const zeroRunAt = w.totalBytes - roundStart;
     rec.zeroPages(w, 'warm-up-z', 0, WARM_UP_ZERO_RUN);
     writeEos(w);
     writeSectionFooter(w, 2);
@@ -170,6 +172,10 @@ export class MainStream implements MainReader {
     // then 4 and 2 bytes into a record's header (a header across chunks).
     const firstData = head.length + 5 + 8 + 1 + 'warm-up-a'.length;
     const firstReads = [firstData, 8 + TARGET_PAGE_SIZE, TARGET_PAGE_SIZE + 4, TARGET_PAGE_SIZE + 6];
+    // And in the first round, a read ends between a CONTINUE ZERO record's word and its fill byte
+    // (the fifth after the run's named record: word, name length, name, fill; then 9 bytes
+    // each), which the record loop then reads from the next chunk.
+    const zeroFillCut = head.length + zeroRunAt + (8 + 1 + 'warm-up-z'.length + 1) + 4 * 9 + 8;
     let read = 0;
     for (let stream = 0; stream < WARM_UP_STREAMS; stream++) {
       for (const m of memory) m.fill(0);
@@ -180,7 +186,8 @@ export class MainStream implements MainReader {
       for (let sent = 0, inStream = 0; sent < total; read++, inStream++) {
         const into = this.alignedReads[decoder.bufferedBytes & 7]!;
         let n = 0;
-        const want = Math.min(firstReads[inStream] ?? WARM_UP_READS[read % WARM_UP_READS.length]!, total - sent);
+        let want = Math.min(firstReads[inStream] ?? WARM_UP_READS[read % WARM_UP_READS.length]!, total - sent);
+        if (sent < zeroFillCut && sent + want > zeroFillCut) want = zeroFillCut - sent;
         while (n < want) {
           if (at === source.length) {
             source = round;
