@@ -158,8 +158,10 @@ export class MainStream implements MainReader {
     }
     // Then a section of one run of ZERO records over block z, whose pages are never written.
     writeSectionHeader(w, { kind: 'part', sectionId: 2 });
-    const zeroRunAt = w.totalBytes - roundStart;
-    rec.zeroPages(w, 'warm-up-z', 0, WARM_UP_ZERO_RUN);
+    rec.zeroPage(w, 'warm-up-z', 0);
+    // Where its CONTINUE records start (9 bytes each: a word and the fill byte).
+    const continuedZerosAt = w.totalBytes - roundStart;
+    rec.zeroPages(w, 'warm-up-z', TARGET_PAGE_SIZE, WARM_UP_ZERO_RUN - 1);
     writeEos(w);
     writeSectionFooter(w, 2);
     rec.forgetBlock();
@@ -173,9 +175,8 @@ export class MainStream implements MainReader {
     const firstData = head.length + 5 + 8 + 1 + 'warm-up-a'.length;
     const firstReads = [firstData, 8 + TARGET_PAGE_SIZE, TARGET_PAGE_SIZE + 4, TARGET_PAGE_SIZE + 6];
     // And in the first round, a read ends between a CONTINUE ZERO record's word and its fill byte
-    // (the fifth after the run's named record: word, name length, name, fill; then 9 bytes
-    // each), which the record loop then reads from the next chunk.
-    const zeroFillCut = head.length + zeroRunAt + (8 + 1 + 'warm-up-z'.length + 1) + 4 * 9 + 8;
+    // (the run's fifth), which the record loop then reads from the next chunk.
+    const zeroFillCut = head.length + continuedZerosAt + 4 * 9 + 8;
     let read = 0;
     for (let stream = 0; stream < WARM_UP_STREAMS; stream++) {
       for (const m of memory) m.fill(0);
