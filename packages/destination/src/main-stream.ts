@@ -56,7 +56,19 @@ const WARM_UP_ZERO_RUN = 256;
  * straddle reads and the reader holds several chunks at once (its slower paths), as on a socket.
  * A path first taken during the migration costs a deoptimisation and a new compile there.
  */
-const WARM_UP_READS = [262_144, 131_072 + 4_000, 1_500, 65_536 + 100, 8, 9_000, 700, 4_100, 37, 30_011];
+const WARM_UP_VARIED_READS = [262_144, 131_072 + 4_000, 1_500, 65_536 + 100, 8, 9_000, 700, 4_100, 37, 30_011];
+/**
+ * Between two of those, twenty reads of 12,000 bytes (about three page records, cut at a
+ * different place in a record each time): 1,261 reads over the warm-up instead of 362. A 256
+ * MiB migration reads ~900 times here, and the code run once per read (StreamDecoder.retainUnread,
+ * ByteReader.copyTo) became hot only there, so V8 compiled it during the migration. perf, 256 MiB
+ * one-stream migrations into fresh destinations, 8 each way alternating: a compiler thread's CPU
+ * inside the migration 17-34 ms (mean 22) before, 2-15 ms (mean 9) with these reads; the warm-up
+ * took 60-73 ms against 31-52 (5 starts each).
+ */
+const WARM_UP_SMALL_READ = 12_000;
+const WARM_UP_SMALL_READS_BETWEEN = 20;
+const WARM_UP_READS = WARM_UP_VARIED_READS.flatMap((bytes) => [bytes, ...Array<number>(WARM_UP_SMALL_READS_BETWEEN).fill(WARM_UP_SMALL_READ)]);
 /** Streams the warm-up decodes, each from its header: the records a stream starts with are decoded a few times too. */
 const WARM_UP_STREAMS = 4;
 /** Main-channel reads while a vCPU waits for a page far from the background stream (postcopy). */
@@ -106,7 +118,7 @@ export class MainStream implements MainReader {
    * decoder the migration uses, so that its first megabytes find that code optimised: part
    * sections of page records over two blocks (named and CONTINUE records), ZERO records for pages
    * never written and for pages written, a run of ZERO records over a third block never written,
-   * EOS and footers, read in pieces that split records wherever a socket may. Costs ~25-45 ms
+   * EOS and footers, read in pieces that split records wherever a socket may. Costs ~60-75 ms
    * once, when the process starts, before a source can connect. With only page records in large
    * reads, each migration deoptimised readRecords, copyTo and be32 and compiled them again: 256
    * MiB, 8 runs each interleaved, medians: CPU (all destination threads) 135 → 88 ms, total-time
