@@ -33,6 +33,7 @@ interface Addon {
   openMultifdReader(fd: number, streamOffset: number, names: readonly string[], memories: readonly ArrayBufferView[], onReport: (report: MultifdReaderReport) => void): number;
   closeMultifdReader(id: number): void;
   placePages(chunk: Uint8Array, from: number, to: number, mem: Uint8Array, written: Uint32Array | undefined): number;
+  placeClaimedPages(chunk: Uint8Array, from: number, to: number, mem: Uint8Array, written: Uint32Array | undefined, claimed: Int32Array, received: Int32Array): number;
 }
 
 function load(): { addon: Addon | undefined; reason: string } {
@@ -194,6 +195,16 @@ export const native = {
    */
   placePages(chunk: Uint8Array, from: number, to: number, mem: Uint8Array, written?: Uint32Array): number {
     return addon().placePages(chunk, from, to, mem, written);
+  },
+
+  /**
+   * placePages for postcopy, while the guest runs: each page of the run is claimed first (its bit
+   * set in `claimed` with an atomic or) and copied only when this call claimed it and it is not
+   * in `received`; then its `received` bit is set (atomic or, after the copy). A page another
+   * thread claimed is left to it. Returns the records taken (placed or left), 4104 bytes each.
+   */
+  placeClaimedPages(chunk: Uint8Array, from: number, to: number, mem: Uint8Array, written: Uint32Array | undefined, claimed: Int32Array, received: Int32Array): number {
+    return addon().placeClaimedPages(chunk, from, to, mem, written, claimed, received);
   },
 
   /**

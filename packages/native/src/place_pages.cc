@@ -3,6 +3,8 @@
 // a JS call (and V8's word-by-word copy into shared memory) per page. It takes records while each
 // is whole before `to`, has exactly those flags, and names a page inside the block; it stops at
 // the first that is not (the JS record loop reads that one, and refuses it if it must).
+// placeClaimedPages does the same for postcopy, where each page is claimed first and marked
+// received after (the guest runs meanwhile).
 
 #include <node.h>
 #include <v8.h>
@@ -115,10 +117,74 @@ void PlacePages(const FunctionCallbackInfo<Value>& args) {
   args.GetReturnValue().Set(Integer::New(isolate, static_cast<int32_t>(placed)));
 }
 
+// The Int32Array argument i (a postcopy bitmap in shared memory, one bit per page), or null.
+int32_t* BitmapArg(const FunctionCallbackInfo<Value>& args, int i, size_t* words) {
+  if (!args[i]->IsInt32Array()) return nullptr;
+  Local<v8::Int32Array> a = args[i].As<v8::Int32Array>();
+  *words = a->Length();
+  return reinterpret_cast<int32_t*>(ViewData(a));
+}
+
+// placeClaimedPages(chunk, from, to, mem, written, claimed, received) → records taken.
+// Postcopy's run of CONTINUE PAGE records: each page is claimed (its bit set in `claimed` with an
+// atomic or) and copied only if this call claimed it and it has not been received, then its
+// `received` bit is set (atomic or, after the copy: a vCPU that sees the bit sees the page), as
+// the JS record loop's acceptPage and pagePlaced do with Atomics. A page another thread claimed is
+// skipped (that thread places it). Plain stores, not streamed: a vCPU in postcopy touches pages
+// right after they arrive. `written` as in placePages, for every record taken.
+void PlaceClaimedPages(const FunctionCallbackInfo<Value>& args) {
+  Isolate* isolate = args.GetIsolate();
+  int64_t from, to;
+  if (!args[0]->IsArrayBufferView() || !IntArg(args, 1, &from) || !IntArg(args, 2, &to) || !args[3]->IsArrayBufferView() ||
+      !(args[4]->IsUndefined() || args[4]->IsUint32Array()) || !args[5]->IsInt32Array() || !args[6]->IsInt32Array()) {
+    return ThrowType(isolate,
+                     "placeClaimedPages(chunk: Uint8Array, from: number, to: number, mem: Uint8Array, written: Uint32Array | undefined, claimed: Int32Array, received: Int32Array)");
+  }
+  Local<ArrayBufferView> chunkView = args[0].As<ArrayBufferView>();
+  Local<ArrayBufferView> memView = args[3].As<ArrayBufferView>();
+  if (from > to || static_cast<size_t>(to) > chunkView->ByteLength()) return ThrowRange(isolate, "placeClaimedPages: from and to must lie within the chunk, in order");
+  const uint8_t* chunk = ViewData(chunkView);
+  uint8_t* mem = ViewData(memView);
+  const size_t memLength = memView->ByteLength();
+  uint32_t* written = nullptr;
+  size_t writtenWords = 0;
+  if (args[4]->IsUint32Array()) {
+    Local<v8::Uint32Array> w = args[4].As<v8::Uint32Array>();
+    written = reinterpret_cast<uint32_t*>(ViewData(w));
+    writtenWords = w->Length();
+  }
+  size_t claimedWords = 0, receivedWords = 0;
+  int32_t* claimed = BitmapArg(args, 5, &claimedWords);
+  int32_t* received = BitmapArg(args, 6, &receivedWords);
+  size_t at = static_cast<size_t>(from);
+  const size_t stop = static_cast<size_t>(to);
+  int64_t taken = 0;
+  while (at + kRecord <= stop) {
+    const uint32_t hi = Be32(chunk + at);
+    const uint32_t lo = Be32(chunk + at + 4);
+    if ((lo & kFlagsMask) != kContinuePage) break;
+    const uint64_t offset = (static_cast<uint64_t>(hi) << 32) | (lo & ~kFlagsMask);
+    if (offset > memLength || memLength - offset < kPage) break;
+    const size_t page = static_cast<size_t>(offset / kPage);
+    const size_t word = page / 32;
+    if (word >= claimedWords || word >= receivedWords || (written != nullptr && word >= writtenWords)) break;
+    const int32_t bit = static_cast<int32_t>(1u << (page % 32));
+    if ((__atomic_fetch_or(claimed + word, bit, __ATOMIC_SEQ_CST) & bit) == 0 && (__atomic_load_n(received + word, __ATOMIC_SEQ_CST) & bit) == 0) {
+      std::memcpy(mem + offset, chunk + at + 8, kPage);
+      __atomic_fetch_or(received + word, bit, __ATOMIC_SEQ_CST);
+    }
+    if (written != nullptr) written[word] |= static_cast<uint32_t>(bit);
+    at += kRecord;
+    taken++;
+  }
+  args.GetReturnValue().Set(Integer::New(isolate, static_cast<int32_t>(taken)));
+}
+
 }  // namespace
 
 void InitPlacePages(Local<Object> exports) {
   NODE_SET_METHOD(exports, "placePages", PlacePages);
+  NODE_SET_METHOD(exports, "placeClaimedPages", PlaceClaimedPages);
 }
 
 }  // namespace livemig

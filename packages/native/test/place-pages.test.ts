@@ -19,6 +19,9 @@ import {
   writeSectionFooter,
   writeSectionHeader,
   writeStreamHeader,
+  MigCmd,
+  writeCommand,
+  writePostcopyAdvise,
 } from '../../protocol/src/index.ts';
 import { native } from '../src/index.ts';
 
@@ -128,5 +131,130 @@ test('StreamDecoder with placePages leaves the same RAM and counts as without it
     // Reads of one record or so leave no run in a chunk; larger ones leave most pages to it.
     if (k === 0) assert.ok(placedByNative > expected.normal / 2, `split ${k}: the native placer took most pages (${placedByNative} of ${expected.normal})`);
     for (const b of [0, 1]) assert.ok(got.memory[b]!.equals(expected.memory[b]!), `split ${k}: block ${b}`);
+  }
+});
+
+test('placeClaimedPages: claims each page, copies only those it won and not received, marks them received; takes every record', { skip }, () => {
+  const w = new BatchWriter();
+  const rec = new RamRecordWriter();
+  rec.page(w, 'a', 0, pageOf(0), 0);
+  const first = w.totalBytes;
+  for (const p of [3, 4, 5, 6]) rec.page(w, 'a', p * PAGE, pageOf(p), 0);
+  rec.zeroPage(w, 'a', 9 * PAGE);
+  const stream = w.flushConcat();
+  const mem = Buffer.from(new SharedArrayBuffer(40 * PAGE));
+  mem.fill(0xee, 4 * PAGE, 6 * PAGE); // pages 4 and 5 as another thread left them
+  const claimed = new Int32Array(new SharedArrayBuffer(8));
+  const received = new Int32Array(new SharedArrayBuffer(8));
+  claimed[0] = 1 << 4; // page 4: another thread is placing it
+  claimed[0] |= 1 << 5;
+  received[0] = 1 << 5; // page 5: already here
+  const written = new Uint32Array(2);
+  assert.equal(native.placeClaimedPages(stream, first, stream.length, mem, written, claimed, received), 4);
+  for (const p of [3, 6]) assert.ok(mem.subarray(p * PAGE, (p + 1) * PAGE).equals(pageOf(p)), `page ${p} placed`);
+  for (const p of [4, 5]) assert.ok(mem.subarray(p * PAGE, (p + 1) * PAGE).every((x) => x === 0xee), `page ${p} left alone`);
+  assert.equal(claimed[0], (1 << 3) | (1 << 4) | (1 << 5) | (1 << 6));
+  assert.equal(received[0], (1 << 3) | (1 << 5) | (1 << 6), 'page 4 is the other thread\'s to mark');
+  assert.equal(written[0], (1 << 3) | (1 << 4) | (1 << 5) | (1 << 6));
+
+  // Where it stops: a record cut short, a page past the block, bitmaps too short for the page.
+  const none = (): Int32Array => new Int32Array(new SharedArrayBuffer(8));
+  assert.equal(native.placeClaimedPages(stream, first, first + 2 * RECORD + 9, mem, undefined, none(), none()), 2);
+  assert.equal(native.placeClaimedPages(stream, first, stream.length, mem.subarray(0, 5 * PAGE), undefined, none(), none()), 2);
+  assert.equal(native.placeClaimedPages(stream, 0, stream.length, mem, undefined, none(), none()), 0, 'a named record');
+  assert.equal(native.placeClaimedPages(stream, first, stream.length, mem, undefined, new Int32Array(0), none()), 0);
+  assert.equal(native.placeClaimedPages(stream, first, stream.length, mem, undefined, none(), new Int32Array(0)), 0);
+  assert.throws(() => native.placeClaimedPages(stream, 10, 5, mem, undefined, none(), none()), RangeError);
+  assert.throws(() => native.placeClaimedPages(stream, first, stream.length, mem, undefined, new Uint32Array(2) as unknown as Int32Array, none()), TypeError);
+});
+
+/** ramStream() with postcopy listening from the start: the page hooks run for every page. */
+function listeningStream(): Buffer {
+  const w = new BatchWriter();
+  const ram = ramStream();
+  // ramStream's header and block list (everything before its first part section), then ADVISE and LISTEN.
+  const firstPart = ram.indexOf(Buffer.from([0x02, 0x00, 0x00, 0x00, 0x02]), 13 + 8);
+  w.bytes(ram.subarray(0, firstPart));
+  writePostcopyAdvise(w, { hostPageSizeSummary: PAGE, targetPageSize: PAGE });
+  writeCommand(w, MigCmd.POSTCOPY_LISTEN);
+  w.bytes(ram.subarray(firstPart));
+  return w.flushConcat();
+}
+
+/**
+ * Decode in postcopy (listening) with page hooks that claim and mark pages as the destination's
+ * do (Atomics on shared bitmaps), and with or without the native run placer. Pages 10-19 of block a
+ * are claimed by "another thread" beforehand and pages 20-29 received, with their own bytes.
+ */
+function decodeListening(stream: Buffer, withRuns: boolean, readSize: (i: number) => number) {
+  const sizes = [256, 64];
+  const memory = sizes.map((pages) => Buffer.from(new SharedArrayBuffer(pages * PAGE)));
+  const claimed = sizes.map((pages) => new Int32Array(new SharedArrayBuffer(pages / 8)));
+  const received = sizes.map((pages) => new Int32Array(new SharedArrayBuffer(pages / 8)));
+  for (let p = 10; p < 30; p++) Atomics.or(claimed[0]!, p >> 5, 1 << (p & 31));
+  for (let p = 20; p < 30; p++) Atomics.or(received[0]!, p >> 5, 1 << (p & 31));
+  memory[0]!.fill(0xee, 10 * PAGE, 30 * PAGE);
+  let hookCalls = 0;
+  let runPages = 0;
+  const target = {
+    attachBlocks: () => memory,
+    acceptPage(block: number, offset: number): boolean {
+      const p = offset / PAGE;
+      const bit = 1 << (p & 31);
+      return (Atomics.or(claimed[block]!, p >> 5, bit) & bit) === 0 && (Atomics.load(received[block]!, p >> 5) & bit) === 0;
+    },
+    pagePlaced(block: number, offset: number): void {
+      const p = offset / PAGE;
+      Atomics.or(received[block]!, p >> 5, 1 << (p & 31));
+      hookCalls++;
+    },
+    ...(withRuns
+      ? {
+          placePageRun(block: number, chunk: Uint8Array, from: number, to: number, mem: Uint8Array, written: Uint32Array | undefined): number {
+            const n = native.placeClaimedPages(chunk, from, to, mem, written, claimed[block]!, received[block]!);
+            runPages += n;
+            return n;
+          },
+        }
+      : {}),
+  };
+  const decoder = new StreamDecoder({ ram: target, zeroedMemory: true, postcopyPageHooks: true, placePages: native.placePages });
+  let normal = 0;
+  let zero = 0;
+  let listening = false;
+  for (let at = 0, i = 0; at < stream.length; i++) {
+    const n = Math.min(readSize(i), stream.length - at);
+    decoder.push(Buffer.from(stream.subarray(at, at + n)));
+    at += n;
+    for (let ev = decoder.next(); ev !== NEED_MORE; ev = decoder.next()) {
+      if (ev.kind === 'command' && ev.command.cmd === MigCmd.POSTCOPY_LISTEN) listening = true;
+      if (ev.kind === 'sectionEnd' && ev.ram !== undefined) {
+        normal += ev.ram.normal;
+        zero += ev.ram.zero;
+      }
+    }
+    decoder.retainUnread();
+  }
+  return { memory, received: received.map((r) => Array.from(r)), normal, zero, hookCalls, runPages, listening };
+}
+
+test('StreamDecoder in postcopy with a target\'s run placer (placeClaimedPages) leaves the same RAM, received bits and counts as page by page', { skip, timeout: 60_000 }, () => {
+  const stream = listeningStream();
+  const expected = decodeListening(stream, false, () => 1 << 20);
+  assert.ok(expected.listening, 'the stream put the decoder in postcopy');
+  // Each page is placed once: the stream's later copies of it are refused (the guest has it).
+  assert.ok(expected.hookCalls > 200, `the page hooks ran for the pages (${expected.hookCalls})`);
+  assert.ok(expected.memory[0]!.subarray(20 * PAGE, 30 * PAGE).every((x) => x === 0xee), 'received pages are never overwritten');
+  let seed = 7;
+  const rnd = (): number => (seed = (seed * 1103515245 + 12345) >>> 0);
+  const splits: ((i: number) => number)[] = [() => 1 << 20, () => RECORD, () => RECORD + 3, () => 4099, () => 65_536 + 7, () => 1 + (rnd() % 20_000)];
+  for (const [k, split] of splits.entries()) {
+    const got = decodeListening(stream, true, split);
+    assert.deepEqual([got.normal, got.zero], [expected.normal, expected.zero], `split ${k}: counts`);
+    if (k === 0) assert.ok(got.runPages > expected.normal / 2, `split ${k}: the run placer took most pages (${got.runPages} of ${expected.normal})`);
+    for (const b of [0, 1]) {
+      assert.ok(got.memory[b]!.equals(expected.memory[b]!), `split ${k}: block ${b} RAM`);
+      assert.deepEqual(got.received[b], expected.received[b], `split ${k}: block ${b} received bits`);
+    }
   }
 });

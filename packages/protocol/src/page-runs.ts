@@ -11,7 +11,7 @@
 
 import { RamFlag, TARGET_PAGE_SIZE } from './constants.ts';
 import type { ByteReader } from './reader.ts';
-import type { BlockStats, PageObserver, RamSectionStats } from './ram-record-decoder.ts';
+import type { BlockStats, PageObserver, RamSectionStats, RamTarget } from './ram-record-decoder.ts';
 
 /** The flags in a RAM record's be64 word: the bits below the page size. */
 export const RAM_RECORD_FLAGS_MASK = TARGET_PAGE_SIZE - 1;
@@ -90,7 +90,31 @@ export function placePageRun(
   const base = r.headOffset;
   const stop = headRunStop(r, packageEnd);
   if (stop - base < PAGE_RECORD_BYTES) return;
-  const pages = placer(r.headChunk, base, stop, mem, written);
+  takePageRun(r, placer(r.headChunk, base, stop, mem, written), stats, bs);
+}
+
+/**
+ * placePageRun where the page hooks run (postcopy): the target's own run placer
+ * (RamTarget.placePageRun) takes the records, accepting and placing each as its hooks would.
+ */
+export function placeHookedPageRun(
+  r: ByteReader,
+  packageEnd: number,
+  target: RamTarget,
+  blockIndex: number,
+  mem: Uint8Array,
+  written: Uint32Array | undefined,
+  stats: RamSectionStats,
+  bs: BlockStats,
+): void {
+  const base = r.headOffset;
+  const stop = headRunStop(r, packageEnd);
+  if (stop - base < PAGE_RECORD_BYTES) return;
+  takePageRun(r, target.placePageRun!(blockIndex, r.headChunk, base, stop, mem, written), stats, bs);
+}
+
+/** Count and skip the `pages` page records a run placer took. */
+function takePageRun(r: ByteReader, pages: number, stats: RamSectionStats, bs: BlockStats): void {
   if (pages === 0) return;
   stats.normal += pages;
   stats.continued += pages;
