@@ -353,10 +353,12 @@ export class OutgoingMigration {
 
   private streamOut(channel: Duplex): StreamOut {
     // With a return path the destination ends the connection only after its SHUT. A writer
-    // thread sends the pages beside this thread, except where postcopy may come: a requested
-    // page must not wait for that thread to be scheduled.
+    // thread sends the pages beside this thread, except where postcopy may come without preempt:
+    // a requested page then goes on this channel, and must not wait for that thread to be
+    // scheduled. With preempt the page server answers requests on its own channel.
     const c = this.o.capabilities;
-    const out = new StreamOut(channel, 'main', { peerEndIsLoss: c['return-path'] || c['postcopy-ram'], writerThread: !c['postcopy-ram'] });
+    const writerThread = !c['postcopy-ram'] || c['postcopy-preempt'];
+    const out = new StreamOut(channel, 'main', { peerEndIsLoss: c['return-path'] || c['postcopy-ram'], writerThread });
     void out.failed().then((error) => {
       if (this.out === out) this.report({ type: 'faulted', error: coded(error) as MigrationError });
     });
