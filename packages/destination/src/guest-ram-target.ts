@@ -20,6 +20,8 @@ export class GuestRamTarget implements RamTarget {
   private readonly tracksHead: boolean;
   /** Stream block index → guest block index. */
   private blockMap: number[] = [];
+  /** Stream block index → the memory attachBlocks gave it (placePageRun finds its block by it). */
+  private views: readonly Uint8Array[] = [];
 
   constructor(guest: Guest, ledger: PageLedger, tracksHead: boolean) {
     this.guest = guest;
@@ -30,7 +32,7 @@ export class GuestRamTarget implements RamTarget {
   attachBlocks(blocks: readonly RamBlockInfo[], streamOffset: number): Buffer[] {
     const ram = this.guest.ram;
     this.blockMap = [];
-    return blocks.map((b) => {
+    const views = blocks.map((b) => {
       const index = ram.blocks.findIndex((x) => x.idstr === b.idstr);
       if (index < 0) {
         throw new ConfigError(
@@ -49,6 +51,8 @@ export class GuestRamTarget implements RamTarget {
       this.blockMap.push(index);
       return ram.view(index);
     });
+    this.views = views;
+    return views;
   }
 
   /** Postcopy: never overwrite a page the guest already has (and may have changed since), nor one the fault thread is placing. */
@@ -57,15 +61,16 @@ export class GuestRamTarget implements RamTarget {
   }
 
   /**
-   * Postcopy's runs of page records at once (the native claimed placer): each page claimed,
-   * copied if this thread won it, marked received, as acceptPage and pagePlaced do one by one,
-   * then the vCPUs whose pages came woken (wakeWaiters: a run takes a few µs here, so a vCPU
-   * waiting on its first page waits no longer than for one page through the record loop). While
-   * pages are requested from this thread (no fault thread) the record loop keeps the ledger
-   * page by page.
+   * Postcopy's runs of page records at once (RamTarget.placePageRun; `mem` names the block): each
+   * page claimed, copied if this thread won it, marked received, as acceptPage and pagePlaced do
+   * one by one, then the vCPUs whose pages came woken at the run's end (wakeWaiters; at most one
+   * read's pages later, see the README's data path). While pages are requested from this thread
+   * (no fault thread) the record loop keeps the ledger page by page.
    */
-  placePageRun(streamBlock: number, chunk: Uint8Array, from: number, to: number, mem: Uint8Array, written: Uint32Array | undefined): number {
+  readonly placePageRun = (chunk: Uint8Array, from: number, to: number, mem: Uint8Array, written: Uint32Array | undefined): number => {
     if (!native.available || this.ledger.requested.size > 0) return 0;
+    const streamBlock = this.views.indexOf(mem);
+    if (streamBlock < 0) return 0;
     const block = this.blockMap[streamBlock]!;
     const b = this.guest.ram.blocks[block]!;
     const taken = native.placeClaimedPages(chunk, from, to, mem, written, b.claimed, b.received);
@@ -79,7 +84,7 @@ export class GuestRamTarget implements RamTarget {
       this.ledger.mainHead = (hi * 0x100000000 + lo - (lo % TARGET_PAGE_SIZE)) / TARGET_PAGE_SIZE;
     }
     return taken;
-  }
+  };
 
   pagePlaced(streamBlock: number, pageOffset: number): void {
     const block = this.blockMap[streamBlock]!;

@@ -9,8 +9,10 @@
 #include <node.h>
 #include <v8.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <string>
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -73,48 +75,74 @@ uint8_t* ViewData(Local<ArrayBufferView> v) {
   return static_cast<uint8_t*>(v->Buffer()->Data()) + v->ByteOffset();
 }
 
-// placePages(chunk, from, to, mem, written?) → records placed (each 4104 bytes from `from`).
-// `written` (a Uint32Array, one bit per page of the block) gets each placed page's bit.
-void PlacePages(const FunctionCallbackInfo<Value>& args) {
+// A run's arguments, shared by both placers: chunk, from, to, mem, written (args 0-4).
+struct RunArgs {
+  const uint8_t* chunk;
+  size_t from;
+  size_t to;
+  uint8_t* mem;
+  size_t memLength;
+  bool hasWritten;
+  uint32_t* written;  // may be null when given empty
+  size_t writtenWords;
+};
+
+// Checks args 0-4 (the usage text is thrown as a TypeError, a bad range as a RangeError).
+bool ReadRunArgs(const FunctionCallbackInfo<Value>& args, const char* usage, const char* name, RunArgs* out) {
   Isolate* isolate = args.GetIsolate();
   int64_t from, to;
   if (!args[0]->IsArrayBufferView() || !IntArg(args, 1, &from) || !IntArg(args, 2, &to) || !args[3]->IsArrayBufferView() ||
       !(args[4]->IsUndefined() || args[4]->IsUint32Array())) {
-    return ThrowType(isolate, "placePages(chunk: Uint8Array, from: number, to: number, mem: Uint8Array, written?: Uint32Array)");
+    ThrowType(isolate, usage);
+    return false;
   }
   Local<ArrayBufferView> chunkView = args[0].As<ArrayBufferView>();
   Local<ArrayBufferView> memView = args[3].As<ArrayBufferView>();
-  const size_t chunkLength = chunkView->ByteLength();
-  if (from > to || static_cast<size_t>(to) > chunkLength) return ThrowRange(isolate, "placePages: from and to must lie within the chunk, in order");
-  const uint8_t* chunk = ViewData(chunkView);
-  uint8_t* mem = ViewData(memView);
-  const size_t memLength = memView->ByteLength();
-  uint32_t* written = nullptr;
-  size_t writtenWords = 0;
-  const bool hasWritten = args[4]->IsUint32Array();
-  if (hasWritten) {
-    Local<v8::Uint32Array> w = args[4].As<v8::Uint32Array>();
-    written = reinterpret_cast<uint32_t*>(ViewData(w));
-    writtenWords = w->Length();
+  if (from > to || static_cast<size_t>(to) > chunkView->ByteLength()) {
+    ThrowRange(isolate, std::string(name) + ": from and to must lie within the chunk, in order");
+    return false;
   }
-  size_t at = static_cast<size_t>(from);
-  const size_t stop = static_cast<size_t>(to);
-  int64_t placed = 0;
-  while (at + kRecord <= stop) {
-    const uint32_t hi = Be32(chunk + at);
-    const uint32_t lo = Be32(chunk + at + 4);
+  *out = {ViewData(chunkView), static_cast<size_t>(from), static_cast<size_t>(to), ViewData(memView), memView->ByteLength(), false, nullptr, 0};
+  if (args[4]->IsUint32Array()) {
+    out->hasWritten = true;
+    Local<v8::Uint32Array> w = args[4].As<v8::Uint32Array>();
+    out->written = reinterpret_cast<uint32_t*>(ViewData(w));
+    out->writtenWords = w->Length();
+  }
+  return true;
+}
+
+// Walks the run: each record whole before `to`, with exactly PAGE|CONTINUE, naming a page inside
+// `mem` whose bitmap word is below `words` (and inside `written` when given), goes to
+// place(offset, page, data), then gets its written bit. Returns the records taken.
+template <typename Place>
+int64_t WalkRun(const RunArgs& r, size_t words, Place place) {
+  size_t at = r.from;
+  int64_t taken = 0;
+  while (at + kRecord <= r.to) {
+    const uint32_t hi = Be32(r.chunk + at);
+    const uint32_t lo = Be32(r.chunk + at + 4);
     if ((lo & kFlagsMask) != kContinuePage) break;
     const uint64_t offset = (static_cast<uint64_t>(hi) << 32) | (lo & ~kFlagsMask);
-    if (offset > memLength || memLength - offset < kPage) break;
+    if (offset > r.memLength || r.memLength - offset < kPage) break;
     const size_t page = static_cast<size_t>(offset / kPage);
-    if (hasWritten && page / 32 >= writtenWords) break;
-    CopyPage(mem + offset, chunk + at + 8);
-    if (hasWritten) written[page / 32] |= 1u << (page % 32);
+    if (page / 32 >= words || (r.hasWritten && page / 32 >= r.writtenWords)) break;
+    place(offset, page, r.chunk + at + 8);
+    if (r.hasWritten) r.written[page / 32] |= 1u << (page % 32);
     at += kRecord;
-    placed++;
+    taken++;
   }
+  return taken;
+}
+
+// placePages(chunk, from, to, mem, written?) → records placed (each 4104 bytes from `from`).
+// `written` (a Uint32Array, one bit per page of the block) gets each placed page's bit.
+void PlacePages(const FunctionCallbackInfo<Value>& args) {
+  RunArgs r;
+  if (!ReadRunArgs(args, "placePages(chunk: Uint8Array, from: number, to: number, mem: Uint8Array, written?: Uint32Array)", "placePages", &r)) return;
+  const int64_t placed = WalkRun(r, SIZE_MAX, [&r](uint64_t offset, size_t, const uint8_t* data) { CopyPage(r.mem + offset, data); });
   StoresDone();
-  args.GetReturnValue().Set(Integer::New(isolate, static_cast<int32_t>(placed)));
+  args.GetReturnValue().Set(Integer::New(args.GetIsolate(), static_cast<int32_t>(placed)));
 }
 
 // The Int32Array argument i (a postcopy bitmap in shared memory, one bit per page), or null.
@@ -133,51 +161,22 @@ int32_t* BitmapArg(const FunctionCallbackInfo<Value>& args, int i, size_t* words
 // skipped (that thread places it). Plain stores, not streamed: a vCPU in postcopy touches pages
 // right after they arrive. `written` as in placePages, for every record taken.
 void PlaceClaimedPages(const FunctionCallbackInfo<Value>& args) {
-  Isolate* isolate = args.GetIsolate();
-  int64_t from, to;
-  if (!args[0]->IsArrayBufferView() || !IntArg(args, 1, &from) || !IntArg(args, 2, &to) || !args[3]->IsArrayBufferView() ||
-      !(args[4]->IsUndefined() || args[4]->IsUint32Array()) || !args[5]->IsInt32Array() || !args[6]->IsInt32Array()) {
-    return ThrowType(isolate,
-                     "placeClaimedPages(chunk: Uint8Array, from: number, to: number, mem: Uint8Array, written: Uint32Array | undefined, claimed: Int32Array, received: Int32Array)");
-  }
-  Local<ArrayBufferView> chunkView = args[0].As<ArrayBufferView>();
-  Local<ArrayBufferView> memView = args[3].As<ArrayBufferView>();
-  if (from > to || static_cast<size_t>(to) > chunkView->ByteLength()) return ThrowRange(isolate, "placeClaimedPages: from and to must lie within the chunk, in order");
-  const uint8_t* chunk = ViewData(chunkView);
-  uint8_t* mem = ViewData(memView);
-  const size_t memLength = memView->ByteLength();
-  uint32_t* written = nullptr;
-  size_t writtenWords = 0;
-  if (args[4]->IsUint32Array()) {
-    Local<v8::Uint32Array> w = args[4].As<v8::Uint32Array>();
-    written = reinterpret_cast<uint32_t*>(ViewData(w));
-    writtenWords = w->Length();
-  }
+  const char* usage =
+      "placeClaimedPages(chunk: Uint8Array, from: number, to: number, mem: Uint8Array, written: Uint32Array | undefined, claimed: Int32Array, received: Int32Array)";
+  if (!args[5]->IsInt32Array() || !args[6]->IsInt32Array()) return ThrowType(args.GetIsolate(), usage);
+  RunArgs r;
+  if (!ReadRunArgs(args, usage, "placeClaimedPages", &r)) return;
   size_t claimedWords = 0, receivedWords = 0;
   int32_t* claimed = BitmapArg(args, 5, &claimedWords);
   int32_t* received = BitmapArg(args, 6, &receivedWords);
-  size_t at = static_cast<size_t>(from);
-  const size_t stop = static_cast<size_t>(to);
-  int64_t taken = 0;
-  while (at + kRecord <= stop) {
-    const uint32_t hi = Be32(chunk + at);
-    const uint32_t lo = Be32(chunk + at + 4);
-    if ((lo & kFlagsMask) != kContinuePage) break;
-    const uint64_t offset = (static_cast<uint64_t>(hi) << 32) | (lo & ~kFlagsMask);
-    if (offset > memLength || memLength - offset < kPage) break;
-    const size_t page = static_cast<size_t>(offset / kPage);
+  const int64_t taken = WalkRun(r, std::min(claimedWords, receivedWords), [&](uint64_t offset, size_t page, const uint8_t* data) {
     const size_t word = page / 32;
-    if (word >= claimedWords || word >= receivedWords || (written != nullptr && word >= writtenWords)) break;
     const int32_t bit = static_cast<int32_t>(1u << (page % 32));
-    if ((__atomic_fetch_or(claimed + word, bit, __ATOMIC_SEQ_CST) & bit) == 0 && (__atomic_load_n(received + word, __ATOMIC_SEQ_CST) & bit) == 0) {
-      std::memcpy(mem + offset, chunk + at + 8, kPage);
-      __atomic_fetch_or(received + word, bit, __ATOMIC_SEQ_CST);
-    }
-    if (written != nullptr) written[word] |= static_cast<uint32_t>(bit);
-    at += kRecord;
-    taken++;
-  }
-  args.GetReturnValue().Set(Integer::New(isolate, static_cast<int32_t>(taken)));
+    if ((__atomic_fetch_or(claimed + word, bit, __ATOMIC_SEQ_CST) & bit) != 0 || (__atomic_load_n(received + word, __ATOMIC_SEQ_CST) & bit) != 0) return;
+    std::memcpy(r.mem + offset, data, kPage);
+    __atomic_fetch_or(received + word, bit, __ATOMIC_SEQ_CST);
+  });
+  args.GetReturnValue().Set(Integer::New(args.GetIsolate(), static_cast<int32_t>(taken)));
 }
 
 }  // namespace

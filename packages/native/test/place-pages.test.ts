@@ -210,7 +210,8 @@ function decodeListening(stream: Buffer, withRuns: boolean, readSize: (i: number
     },
     ...(withRuns
       ? {
-          placePageRun(block: number, chunk: Uint8Array, from: number, to: number, mem: Uint8Array, written: Uint32Array | undefined): number {
+          placePageRun(chunk: Uint8Array, from: number, to: number, mem: Uint8Array, written: Uint32Array | undefined): number {
+            const block = memory.indexOf(mem as Buffer);
             const n = native.placeClaimedPages(chunk, from, to, mem, written, claimed[block]!, received[block]!);
             runPages += n;
             return n;

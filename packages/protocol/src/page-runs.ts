@@ -11,7 +11,7 @@
 
 import { RamFlag, TARGET_PAGE_SIZE } from './constants.ts';
 import type { ByteReader } from './reader.ts';
-import type { BlockStats, PageObserver, RamSectionStats, RamTarget } from './ram-record-decoder.ts';
+import type { BlockStats, PageObserver, RamSectionStats } from './ram-record-decoder.ts';
 
 /** The flags in a RAM record's be64 word: the bits below the page size. */
 export const RAM_RECORD_FLAGS_MASK = TARGET_PAGE_SIZE - 1;
@@ -74,9 +74,10 @@ export function skipPageRun(
 export type PagePlacer = (chunk: Uint8Array, from: number, to: number, mem: Uint8Array, written: Uint32Array | undefined) => number;
 
 /**
- * The CONTINUE PAGE records that follow a page the decoder stored in `mem` with no page hook, while
- * they are buffered in the head chunk and before `packageEnd` (stream offset): placed by `placer`
- * in one call, counted, skipped. What it does not take, the record loop reads.
+ * The CONTINUE PAGE records that follow a page the decoder stored in `mem`, while they are buffered
+ * in the head chunk and before `packageEnd` (stream offset): placed by `placer` in one call
+ * (the decoder's placePages, or where the page hooks run its target's placePageRun), counted,
+ * skipped. What it does not take, the record loop reads.
  */
 export function placePageRun(
   r: ByteReader,
@@ -90,37 +91,14 @@ export function placePageRun(
   const base = r.headOffset;
   const stop = headRunStop(r, packageEnd);
   if (stop - base < PAGE_RECORD_BYTES) return;
-  takePageRun(r, placer(r.headChunk, base, stop, mem, written), stats, bs);
-}
-
-/**
- * placePageRun where the page hooks run (postcopy): the target's own run placer
- * (RamTarget.placePageRun) takes the records, accepting and placing each as its hooks would.
- */
-export function placeHookedPageRun(
-  r: ByteReader,
-  packageEnd: number,
-  target: RamTarget,
-  blockIndex: number,
-  mem: Uint8Array,
-  written: Uint32Array | undefined,
-  stats: RamSectionStats,
-  bs: BlockStats,
-): void {
-  const base = r.headOffset;
-  const stop = headRunStop(r, packageEnd);
-  if (stop - base < PAGE_RECORD_BYTES) return;
-  takePageRun(r, target.placePageRun!(blockIndex, r.headChunk, base, stop, mem, written), stats, bs);
-}
-
-/** Count and skip the `pages` page records a run placer took. */
-function takePageRun(r: ByteReader, pages: number, stats: RamSectionStats, bs: BlockStats): void {
+  const pages = placer(r.headChunk, base, stop, mem, written);
   if (pages === 0) return;
   stats.normal += pages;
   stats.continued += pages;
   bs.normalPages += pages;
   r.skip(pages * PAGE_RECORD_BYTES);
 }
+
 
 /**
  * The CONTINUE ZERO records (fill 0) that follow one for a page still zero since the start, as

@@ -20,7 +20,7 @@ import { ErrorCode, type ErrorCodeValue, ProtocolError } from './errors.ts';
 import { COMPRESS_PAGE_MAX, type RamBlockInfo } from './ram.ts';
 import { type MappedRamList, MappedRamListReader } from './mapped-ram-list.ts';
 import { inflateSync } from './lazy-builtins.ts';
-import { type PagePlacer, placeHookedPageRun, placePageRun, RAM_RECORD_FLAGS_MASK, skipPageRun, skipStillZeroRun } from './page-runs.ts';
+import { type PagePlacer, placePageRun, RAM_RECORD_FLAGS_MASK, skipPageRun, skipStillZeroRun } from './page-runs.ts';
 import { ByteReader } from './reader.ts';
 import { xbzrleDecode, xbzrleLastFault } from './xbzrle.ts';
 
@@ -43,12 +43,12 @@ export interface RamTarget {
    */
   acceptPage?(blockIndex: number, pageOffset: number): boolean;
   /**
-   * Where the page hooks run: the CONTINUE PAGE records of this block that follow a page record,
-   * taken at once, each accepted and placed as acceptPage and pagePlaced would have it (a run
-   * placer's arguments: PagePlacer). Returns the records taken (8 + 4096 bytes each); 0 leaves
-   * them to the record loop.
+   * Where the page hooks run: the CONTINUE PAGE records that follow a page record, taken at once,
+   * each accepted and placed as acceptPage and pagePlaced would have it; `mem` is the memory
+   * attachBlocks gave their block. Returns the records taken (8 + 4096 bytes each); 0 leaves them
+   * to the record loop. Called as a function (bind it).
    */
-  placePageRun?(blockIndex: number, chunk: Uint8Array, from: number, to: number, mem: Uint8Array, written: Uint32Array | undefined): number;
+  placePageRun?: PagePlacer;
   /**
    * Told each page of a block that attachBlocks gave no memory (a reader that hashes pages as
    * they pass instead of rebuilding RAM). Page data is lent for the call only.
@@ -255,7 +255,7 @@ export class RamRecordDecoder {
     const hooks = listening || !this.postcopyPageHooks;
     const placed = hooks ? this.ram?.pagePlaced : undefined;
     const accept = hooks ? this.ram?.acceptPage : undefined;
-    const hookedRuns = placed !== undefined && this.ram?.placePageRun !== undefined;
+    const hookedPlacer = placed !== undefined ? this.ram?.placePageRun : undefined;
     if (this.mapped !== undefined) return this.readMappedList();
     for (;;) {
       if (!this.need(8)) return NEED_MORE;
@@ -448,8 +448,8 @@ export class RamRecordDecoder {
         skipPageRun(r, this.packageEnd, this.observer, block, info.length, stats, bs);
       } else if (type === RamFlag.PAGE && mem !== undefined && placed === undefined && accept === undefined && this.placePages !== undefined) {
         placePageRun(r, this.packageEnd, this.placePages, mem, written, stats, bs);
-      } else if (type === RamFlag.PAGE && hookedRuns && this.memory[block] !== undefined) {
-        placeHookedPageRun(r, this.packageEnd, this.ram!, block, this.memory[block]!, written, stats, bs);
+      } else if (type === RamFlag.PAGE && hookedPlacer !== undefined && this.memory[block] !== undefined) {
+        placePageRun(r, this.packageEnd, hookedPlacer, this.memory[block]!, written, stats, bs);
       }
     }
   }
