@@ -9,6 +9,7 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import {
   BatchWriter,
+  type DecoderEvent,
   NEED_MORE,
   RamRecordWriter,
   StreamDecoder,
@@ -100,6 +101,14 @@ function decode(stream: Buffer, withPlacer: boolean, readSize: (i: number) => nu
   const memory = [Buffer.from(new SharedArrayBuffer(256 * PAGE)), Buffer.from(new SharedArrayBuffer(64 * PAGE))];
   placedByNative = 0;
   const decoder = new StreamDecoder({ ram: { attachBlocks: () => memory }, zeroedMemory: true, postcopyPageHooks: true, placePages: withPlacer ? countingPlacer : undefined });
+  return { memory, ...feed(decoder, stream, readSize) };
+}
+
+/**
+ * Push `stream` to `decoder` in reads of `readSize(i)` bytes and decode each; returns the RAM
+ * sections' page counts. `onEvent` sees every event.
+ */
+function feed(decoder: StreamDecoder, stream: Buffer, readSize: (i: number) => number, onEvent?: (ev: DecoderEvent) => void): { normal: number; zero: number } {
   let normal = 0;
   let zero = 0;
   for (let at = 0, i = 0; at < stream.length; i++) {
@@ -108,6 +117,7 @@ function decode(stream: Buffer, withPlacer: boolean, readSize: (i: number) => nu
     decoder.push(Buffer.from(stream.subarray(at, at + n)));
     at += n;
     for (let ev = decoder.next(); ev !== NEED_MORE; ev = decoder.next()) {
+      onEvent?.(ev);
       if (ev.kind === 'sectionEnd' && ev.ram !== undefined) {
         normal += ev.ram.normal;
         zero += ev.ram.zero;
@@ -115,17 +125,20 @@ function decode(stream: Buffer, withPlacer: boolean, readSize: (i: number) => nu
     }
     decoder.retainUnread();
   }
-  return { memory, normal, zero };
+  return { normal, zero };
+}
+
+/** Read sizes to split a stream by: whole, a record, across records and headers, random (seeded). */
+function readSplits(seed: number): ((i: number) => number)[] {
+  const rnd = (): number => (seed = (seed * 1103515245 + 12345) >>> 0);
+  return [() => 1 << 20, () => RECORD, () => RECORD + 3, () => 4099, () => 65_536 + 7, () => 1 + (rnd() % 20_000)];
 }
 
 test('StreamDecoder with placePages leaves the same RAM and counts as without it, for any split of the reads', { skip, timeout: 60_000 }, () => {
   const stream = ramStream();
   const expected = decode(stream, false, () => 1 << 20);
   assert.ok(expected.normal > 1500, `the stream has pages (${expected.normal})`);
-  let seed = 99;
-  const rnd = (): number => (seed = (seed * 1103515245 + 12345) >>> 0);
-  const splits: ((i: number) => number)[] = [() => 1 << 20, () => RECORD, () => RECORD + 3, () => 4099, () => 65_536 + 7, () => 1 + (rnd() % 20_000)];
-  for (const [k, split] of splits.entries()) {
+  for (const [k, split] of readSplits(99).entries()) {
     const got = decode(stream, true, split);
     assert.deepEqual([got.normal, got.zero], [expected.normal, expected.zero], `split ${k}: counts`);
     // Reads of one record or so leave no run in a chunk; larger ones leave most pages to it.
@@ -211,7 +224,7 @@ function decodeListening(stream: Buffer, withRuns: boolean, readSize: (i: number
     ...(withRuns
       ? {
           placePageRun(chunk: Uint8Array, from: number, to: number, mem: Uint8Array, written: Uint32Array | undefined): number {
-            const block = memory.indexOf(mem as Buffer);
+            const block = memory.findIndex((m) => m === mem);
             const n = native.placeClaimedPages(chunk, from, to, mem, written, claimed[block]!, received[block]!);
             runPages += n;
             return n;
@@ -220,23 +233,11 @@ function decodeListening(stream: Buffer, withRuns: boolean, readSize: (i: number
       : {}),
   };
   const decoder = new StreamDecoder({ ram: target, zeroedMemory: true, postcopyPageHooks: true, placePages: native.placePages });
-  let normal = 0;
-  let zero = 0;
   let listening = false;
-  for (let at = 0, i = 0; at < stream.length; i++) {
-    const n = Math.min(readSize(i), stream.length - at);
-    decoder.push(Buffer.from(stream.subarray(at, at + n)));
-    at += n;
-    for (let ev = decoder.next(); ev !== NEED_MORE; ev = decoder.next()) {
-      if (ev.kind === 'command' && ev.command.cmd === MigCmd.POSTCOPY_LISTEN) listening = true;
-      if (ev.kind === 'sectionEnd' && ev.ram !== undefined) {
-        normal += ev.ram.normal;
-        zero += ev.ram.zero;
-      }
-    }
-    decoder.retainUnread();
-  }
-  return { memory, received: received.map((r) => Array.from(r)), normal, zero, hookCalls, runPages, listening };
+  const counts = feed(decoder, stream, readSize, (ev) => {
+    if (ev.kind === 'command' && ev.command.cmd === MigCmd.POSTCOPY_LISTEN) listening = true;
+  });
+  return { memory, received: received.map((r) => Array.from(r)), ...counts, hookCalls, runPages, listening };
 }
 
 test('StreamDecoder in postcopy with a target\'s run placer (placeClaimedPages) leaves the same RAM, received bits and counts as page by page', { skip, timeout: 60_000 }, () => {
@@ -246,10 +247,7 @@ test('StreamDecoder in postcopy with a target\'s run placer (placeClaimedPages) 
   // Each page is placed once: the stream's later copies of it are refused (the guest has it).
   assert.ok(expected.hookCalls > 200, `the page hooks ran for the pages (${expected.hookCalls})`);
   assert.ok(expected.memory[0]!.subarray(20 * PAGE, 30 * PAGE).every((x) => x === 0xee), 'received pages are never overwritten');
-  let seed = 7;
-  const rnd = (): number => (seed = (seed * 1103515245 + 12345) >>> 0);
-  const splits: ((i: number) => number)[] = [() => 1 << 20, () => RECORD, () => RECORD + 3, () => 4099, () => 65_536 + 7, () => 1 + (rnd() % 20_000)];
-  for (const [k, split] of splits.entries()) {
+  for (const [k, split] of readSplits(7).entries()) {
     const got = decodeListening(stream, true, split);
     assert.deepEqual([got.normal, got.zero], [expected.normal, expected.zero], `split ${k}: counts`);
     if (k === 0) assert.ok(got.runPages > expected.normal / 2, `split ${k}: the run placer took most pages (${got.runPages} of ${expected.normal})`);

@@ -99,7 +99,6 @@ export function placePageRun(
   r.skip(pages * PAGE_RECORD_BYTES);
 }
 
-
 /**
  * The CONTINUE ZERO records (fill 0) that follow one for a page still zero since the start, as
  * long as their pages are too (`written`: one bit per page written non-zero) and they are buffered
