@@ -16,6 +16,7 @@ import {
   type MigrationError,
   MigCmd,
   NEED_MORE,
+  PAGE_RECORD_HEADER,
   PostcopyState,
   RamRecordWriter,
   StreamDecoder,
@@ -171,7 +172,7 @@ export class MainStream implements MainReader {
     // Then a section of one run of ZERO records over block z, whose pages are never written.
     writeSectionHeader(w, { kind: 'part', sectionId: 2 });
     rec.zeroPage(w, 'warm-up-z', 0);
-    // Where its CONTINUE records start (9 bytes each: a word and the fill byte).
+    // Where its CONTINUE records start (each a header word and the fill byte).
     const continuedZerosAt = w.totalBytes - roundStart;
     rec.zeroPages(w, 'warm-up-z', TARGET_PAGE_SIZE, WARM_UP_ZERO_RUN - 1);
     writeEos(w);
@@ -188,7 +189,7 @@ export class MainStream implements MainReader {
     const firstReads = [firstData, 8 + TARGET_PAGE_SIZE, TARGET_PAGE_SIZE + 4, TARGET_PAGE_SIZE + 6];
     // And in the first round, a read ends between a CONTINUE ZERO record's word and its fill byte
     // (the run's fifth), which the record loop then reads from the next chunk.
-    const zeroFillCut = head.length + continuedZerosAt + 4 * 9 + 8;
+    const zeroFillCut = head.length + continuedZerosAt + 4 * (PAGE_RECORD_HEADER + 1) + PAGE_RECORD_HEADER;
     let read = 0;
     for (let stream = 0; stream < WARM_UP_STREAMS; stream++) {
       for (const m of memory) m.fill(0);
