@@ -2,7 +2,10 @@
 
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { closeSync, existsSync, openSync } from 'node:fs';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { Child, withHarness } from './helpers/processes.ts';
@@ -58,7 +61,7 @@ test('outputSince gives what a child printed after a mark, and refuses once part
   for (const keep of [4096, 2048]) {
     const proc = spawn(process.execPath, ['-e', script], { stdio: ['pipe', 'pipe', 'pipe'] });
     try {
-      const child = new Child('printer', proc, 'unix:/nonexistent', keep);
+      const child = new Child('printer', proc, 'unix:/nonexistent', { keepBytes: keep });
       const deadline = Date.now() + 10_000;
       while (child.outputMark() < 3000) {
         assert.ok(Date.now() < deadline, 'the first burst came');
@@ -73,5 +76,31 @@ test('outputSince gives what a child printed after a mark, and refuses once part
     } finally {
       proc.kill('SIGKILL');
     }
+  }
+});
+
+test('a child printing into a file (outputToFile): output, marks and outputSince read the file, all of it kept', T, async () => {
+  const dir = await mkdtemp(join(tmpdir(), 'lm-harness-'));
+  const file = join(dir, 'printer.out');
+  const fd = openSync(file, 'a');
+  // Past the 64 KiB a pipe's reader keeps, on stdout and stderr both.
+  const script = "process.stdout.write('a'.repeat(70000)); process.stdin.once('data', () => { process.stderr.write('b'.repeat(3000)); process.exit(0); });";
+  const proc = spawn(process.execPath, ['-e', script], { stdio: ['pipe', fd, fd] });
+  closeSync(fd);
+  try {
+    const child = new Child('printer', proc, 'unix:/nonexistent', { file });
+    const deadline = Date.now() + 10_000;
+    while (child.outputMark() < 70000) {
+      assert.ok(Date.now() < deadline, 'the first burst came');
+      await sleep(10);
+    }
+    const mark = child.outputMark();
+    proc.stdin!.write('go\n');
+    await child.waitForExit();
+    assert.equal(child.output(), 'a'.repeat(70000) + 'b'.repeat(3000));
+    assert.equal(child.outputSince(mark), 'b'.repeat(3000));
+  } finally {
+    proc.kill('SIGKILL');
+    await rm(dir, { recursive: true, force: true });
   }
 });

@@ -27,11 +27,11 @@ const WARMED = {
   destination: ['readRecords', 'parseHeader', 'skipStillZeroRun'],
 };
 /**
- * How much of each process's output to keep: V8's traces print ~50 KiB before the migration on
- * this machine (more where more gets compiled), and all of it since the start must be kept for
- * untilOptimised.
+ * Each process prints into a file: V8's traces are ~50 KiB before the migration, all of it is read
+ * (untilOptimised), and through a pipe the test reads late (a loaded machine) V8 loses lines,
+ * among them a "completed optimizing" or a deoptimisation (see Harness outputToFile).
  */
-const KEEP_OUTPUT = 8 * 1024 * 1024;
+const TRACED = { nodeArgs: TRACE, outputToFile: true };
 
 /** The deoptimisations of livemig's code in what `child` printed since `mark`. */
 function ourDeopts(child: Child, mark: number): string[] {
@@ -50,16 +50,17 @@ function ourDeopts(child: Child, mark: number): string[] {
  */
 async function untilOptimised(child: Child, names: string[]): Promise<void> {
   const deadline = Date.now() + 30_000;
-  const missing = (): string[] => names.filter((n) => !new RegExp(`completed optimizing [^\\n]*<JSFunction ${n} `).test(child.output()));
-  while (missing().length > 0) {
+  for (;;) {
+    const output = child.output();
+    const missing = names.filter((n) => !new RegExp(`completed optimizing [^\\n]*<JSFunction ${n} `).test(output));
+    if (missing.length === 0) return;
     if (Date.now() > deadline) {
       // What V8 said about them (marked, compiled, aborted, deoptimised), so a failure tells why.
-      const said = child
-        .output()
+      const said = output
         .split('\n')
-        .filter((line) => missing().some((n) => line.includes(`<JSFunction ${n} `)))
+        .filter((line) => missing.some((n) => line.includes(`<JSFunction ${n} `)))
         .slice(-20);
-      assert.fail(`${child.name}: not optimised before the migration: ${missing().join(', ')}; V8 said of them:\n${said.join('\n')}`);
+      assert.fail(`${child.name}: not optimised before the migration: ${missing.join(', ')}; V8 said of them:\n${said.join('\n')}`);
     }
     await child.execute('query-status');
     await sleep(50);
@@ -78,8 +79,8 @@ for (const { fill, channels } of CASES) {
   test(`a 64 MiB ${fill} guest's first migration (${how}) deoptimises none of the code both warm-ups optimised`, { timeout: 180_000 }, () =>
     withHarness(async (h) => {
       const multifd = channels === 0 ? [] : ['--capabilities', 'multifd', '--parameters', `multifd-channels=${channels}`];
-      const src = await h.source({ guest: [...GUEST, '--fill', fill], args: ['-S', ...multifd], nodeArgs: TRACE, keepOutput: KEEP_OUTPUT });
-      const dst = await h.destination({ incoming: 'tcp', paused: true, guest: GUEST, args: multifd, nodeArgs: TRACE, keepOutput: KEEP_OUTPUT });
+      const src = await h.source({ guest: [...GUEST, '--fill', fill], args: ['-S', ...multifd], ...TRACED });
+      const dst = await h.destination({ incoming: 'tcp', paused: true, guest: GUEST, args: multifd, ...TRACED });
       // A source whose RAM was never written warms its scan on known-zero runs only (its
       // per-page path is not what such a migration uses); the destination's are checked alike.
       if (fill !== 'zero') await untilOptimised(src, WARMED.source);
@@ -99,7 +100,7 @@ for (const { fill, channels } of CASES) {
 test('a kept source migrates by multifd, then in one stream, and the second migration deoptimises none of its code', { timeout: 180_000 }, () =>
   withHarness(async (h) => {
     const multifd = ['--capabilities', 'multifd', '--parameters', 'multifd-channels=2'];
-    const src = await h.source({ guest: [...GUEST, '--fill', 'random'], args: ['-S', ...multifd], nodeArgs: TRACE, keepOutput: KEEP_OUTPUT });
+    const src = await h.source({ guest: [...GUEST, '--fill', 'random'], args: ['-S', ...multifd], ...TRACED });
     const first = await h.destination({ incoming: 'tcp', paused: true, guest: GUEST, args: multifd });
     await src.execute('migrate', { uri: first.incomingUri });
     await waitForStatus(first, 'completed', { timeoutMs: 120_000 });

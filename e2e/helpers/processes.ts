@@ -12,6 +12,7 @@
 // tail of each child's output.
 
 import { type ChildProcess, execFile, spawn } from 'node:child_process';
+import { closeSync, openSync, readFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
@@ -32,9 +33,9 @@ const QMP_REPLY_MS = 30_000;
 /** SIGTERM grace before SIGKILL at cleanup, and the bound on exit after SIGKILL. */
 const TERM_GRACE_MS = 3_000;
 const KILL_WAIT_MS = 3_000;
-/** Output kept per child for failure messages. */
 /** How long a process that exited may take to close its output pipes. */
 const OUTPUT_DRAIN_MS = 1_000;
+/** Output kept per child printing through pipes, for failure messages. */
 const OUTPUT_KEEP_BYTES = 64 * 1024;
 /** Output shown per child in a failure message. */
 const OUTPUT_SHOW_BYTES = 6 * 1024;
@@ -69,11 +70,19 @@ export class Child {
   #output = '';
   /** Characters printed since the start, kept or not (what outputMark and outputSince count in). */
   #printed = 0;
+  /** The file the process prints into instead of pipes (SourceOptions.outputToFile). */
+  readonly #outputFile: string | undefined;
 
-  constructor(name: string, proc: ChildProcess, qmpAddress: string, keepBytes = OUTPUT_KEEP_BYTES) {
+  /**
+   * `output.file`: the process prints into this file (all of it kept), not through pipes;
+   * `output.keepBytes`: how much of what comes through pipes is kept (default 64 KiB).
+   */
+  constructor(name: string, proc: ChildProcess, qmpAddress: string, output: { file?: string | undefined; keepBytes?: number | undefined } = {}) {
     this.name = name;
     this.proc = proc;
     this.qmpAddress = qmpAddress;
+    this.#outputFile = output.file;
+    const keepBytes = output.keepBytes ?? OUTPUT_KEEP_BYTES;
     const keep = (chunk: Buffer): void => {
       const text = chunk.toString('utf8');
       this.#printed += text.length;
@@ -108,20 +117,26 @@ export class Child {
     return this.proc.exitCode === null && this.proc.signalCode === null;
   }
 
-  /** What the process printed (stdout and stderr interleaved; the last 64 KiB unless told to keep more). */
+  /** What the process printed (stdout and stderr interleaved; through pipes, the last 64 KiB). */
   output(): string {
-    return this.#output;
+    if (this.#outputFile === undefined) return this.#output;
+    try {
+      return readFileSync(this.#outputFile, 'utf8');
+    } catch {
+      return ''; // the harness's dir is gone
+    }
   }
 
   /** A mark in the process's output: outputSince(mark) is what it printed after this call. */
   outputMark(): number {
-    return this.#printed;
+    return this.#outputFile === undefined ? this.#printed : this.output().length;
   }
 
   /** What the process printed since `mark`; throws if part of it is no longer kept. */
   outputSince(mark: number): string {
+    if (this.#outputFile !== undefined) return this.output().slice(mark);
     const dropped = this.#printed - this.#output.length;
-    if (mark < dropped) throw new Error(`${this.name}: ${dropped - mark} characters printed after the mark are no longer kept (start it with a larger keepOutput)`);
+    if (mark < dropped) throw new Error(`${this.name}: ${dropped - mark} characters printed after the mark are no longer kept (start it with outputToFile)`);
     return this.#output.slice(mark - dropped);
   }
 
@@ -169,8 +184,12 @@ export interface SourceOptions {
   netns?: string;
   /** Flags for node itself, before the script (V8's --trace-deopt …). */
   nodeArgs?: string[];
-  /** How much of its output to keep (default 64 KiB): V8's traces print far more. */
-  keepOutput?: number;
+  /**
+   * Print into a file in the test's dir, all of it kept, instead of pipes (whose last 64 KiB are
+   * kept). Needed for V8's traces: V8 prints them with C stdio on the descriptor Node made
+   * non-blocking, so what a pipe the test reads late cannot take is lost, not delayed.
+   */
+  outputToFile?: boolean;
 }
 
 export interface DestinationOptions {
@@ -186,8 +205,8 @@ export interface DestinationOptions {
   netns?: string;
   /** Flags for node itself, before the script (V8's --trace-deopt …). */
   nodeArgs?: string[];
-  /** How much of its output to keep (default 64 KiB): V8's traces print far more. */
-  keepOutput?: number;
+  /** Print into a file, all of it kept (as SourceOptions.outputToFile). */
+  outputToFile?: boolean;
 }
 
 export class Harness {
@@ -218,17 +237,25 @@ export class Harness {
     return this.children.some((c) => c.name === name) ? `${name}${this.#count}` : name;
   }
 
-  async #start(name: string, main: string, args: string[], o: Pick<SourceOptions, 'extraStdio' | 'netns' | 'nodeArgs' | 'keepOutput'>): Promise<Child> {
+  async #start(name: string, main: string, args: string[], o: Pick<SourceOptions, 'extraStdio' | 'netns' | 'nodeArgs' | 'outputToFile'>): Promise<Child> {
     const { extraStdio = [], netns, nodeArgs = [] } = o;
+    const outputFile = o.outputToFile === true ? join(this.dir, `${name}.out`) : undefined;
+    // Both stdout and stderr append to the file (one open description: nothing overwritten).
+    const outputFd = outputFile === undefined ? undefined : openSync(outputFile, 'a');
     // A unix QMP socket is a path: reachable from any network namespace.
     const qmpAddress = `unix:${this.path(`${name}.qmp`)}`;
     const argv = [...nodeArgs, main, ...args, '--qmp', qmpAddress];
     const [file, fileArgs] = netns === undefined ? [process.execPath, argv] : ['ip', ['netns', 'exec', netns, process.execPath, ...argv]];
-    const proc = spawn(file, fileArgs, {
-      stdio: ['ignore', 'pipe', 'pipe', ...extraStdio],
-      env: { ...process.env, LIVEMIG_LOG_LEVEL: process.env['LIVEMIG_LOG_LEVEL'] ?? 'info' },
-    });
-    const child = new Child(name, proc, qmpAddress, o.keepOutput);
+    let proc: ChildProcess;
+    try {
+      proc = spawn(file, fileArgs, {
+        stdio: ['ignore', outputFd ?? 'pipe', outputFd ?? 'pipe', ...extraStdio],
+        env: { ...process.env, LIVEMIG_LOG_LEVEL: process.env['LIVEMIG_LOG_LEVEL'] ?? 'info' },
+      });
+    } finally {
+      if (outputFd !== undefined) closeSync(outputFd); // the child has its own copy
+    }
+    const child = new Child(name, proc, qmpAddress, { file: outputFile });
     this.children.push(child);
     child.qmp = await connectQmp(child, QMP_START_MS);
     // Record every event; waits poll child.events (so no event is consumed by another wait).
