@@ -6,7 +6,7 @@
 // destination run with V8's --trace-opt and --trace-deopt-verbose: before the migration the
 // per-page loops of both are optimised already (the warm-ups did it), and no deoptimisation may
 // name livemig's code (protocol, source, destination) once the source's first migration started,
-// one stream or multifd.
+// one stream or multifd. And processes that wait keep that code through V8's full GCs.
 //
 // Run: pnpm build && node --import tsx --test --test-concurrency=1 e2e/warm-up.test.ts
 
@@ -67,6 +67,14 @@ async function untilOptimised(child: Child, names: string[]): Promise<void> {
   }
 }
 
+/** What `child` printed into its file: every line of V8's GC trace from its main thread's isolate. */
+function mainIsolateGcLines(child: Child): string[] {
+  const gcLines = child.output().split('\n').filter((line) => /^\[\d+:0x[0-9a-f]+\] +\d+ ms: /.test(line));
+  // The main thread allocates (and collects) before any worker thread exists: the first GC is its.
+  const isolate = gcLines[0]?.slice(0, gcLines[0].indexOf(']') + 1);
+  return isolate === undefined ? [] : gcLines.filter((line) => line.startsWith(isolate));
+}
+
 const CASES = [
   { fill: 'random', channels: 0 },
   { fill: 'mixed', channels: 0 },
@@ -113,4 +121,43 @@ test('a kept source migrates by multifd, then in one stream, and the second migr
     await waitForStatus(src, 'completed', { timeoutMs: 60_000 });
     await assertSameRam(src, second);
     assert.deepEqual(ourDeopts(src, mark), [], `the source deoptimised during its second migration:\n${src.outputSince(mark).slice(0, 4000)}`);
+  }));
+
+// A process waits for its migration (seconds to hours): once a full GC collects what a warm-up
+// made, V8 throws away the code optimised on it ("marking dependent code … reason: weak
+// objects") and the migration compiles it again. Polled over QMP as an operator's tools poll, an
+// idle process here runs its memory reducer's full GCs ~8 s after start.
+test('a source and a destination that wait through memory-reducing GCs keep the code their warm-ups optimised', { timeout: 180_000 }, () =>
+  withHarness(async (h) => {
+    const gcTraced = { nodeArgs: [...TRACE, '--trace-gc'], outputToFile: true };
+    const src = await h.source({ guest: [...GUEST, '--fill', 'random'], args: ['-S'], ...gcTraced });
+    const dst = await h.destination({ incoming: 'tcp', paused: true, guest: GUEST, ...gcTraced });
+    await untilOptimised(src, WARMED.source);
+    await untilOptimised(dst, WARMED.destination);
+    const deadline = Date.now() + 60_000;
+    for (const child of [src, dst]) {
+      while (!mainIsolateGcLines(child).some((line) => line.includes('Mark-Compact (reduce)'))) {
+        assert.ok(Date.now() < deadline, `${child.name}: no memory-reducing GC within 60 s; its main thread's GCs:\n${mainIsolateGcLines(child).join('\n')}`);
+        await src.execute('query-status');
+        await dst.execute('query-status');
+        await sleep(50);
+      }
+    }
+    for (const [child, names] of [
+      [src, WARMED.source],
+      [dst, WARMED.destination],
+    ] as const) {
+      const thrownAway = child
+        .output()
+        .split('\n')
+        .filter((line) => line.includes('marking dependent code') && names.some((n) => line.includes(`<SharedFunctionInfo ${n}>`)));
+      assert.deepEqual(thrownAway, [], `${child.name} threw away code its warm-up optimised while it waited`);
+    }
+    const [srcBefore, dstBefore] = [src.outputMark(), dst.outputMark()];
+    await src.execute('migrate', { uri: dst.incomingUri });
+    await waitForStatus(src, 'completed', { timeoutMs: 120_000 });
+    await waitForStatus(dst, 'completed', { timeoutMs: 60_000 });
+    await assertSameRam(src, dst);
+    assert.deepEqual(ourDeopts(src, srcBefore), [], `the source deoptimised during the migration:\n${src.outputSince(srcBefore).slice(0, 4000)}`);
+    assert.deepEqual(ourDeopts(dst, dstBefore), [], `the destination deoptimised during the migration:\n${dst.outputSince(dstBefore).slice(0, 4000)}`);
   }));

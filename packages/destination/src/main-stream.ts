@@ -4,6 +4,7 @@
 
 import type net from 'node:net';
 import { native } from '@livemig/native';
+import { keepForProcessLife } from '@livemig/runtime';
 import type { MainReader } from './channels.ts';
 import { warmUpMultifd } from './warm-up.ts';
 import type { PostcopyFaults } from './postcopy-faults.ts';
@@ -194,6 +195,9 @@ export class MainStream implements MainReader {
     for (let stream = 0; stream < WARM_UP_STREAMS; stream++) {
       for (const m of memory) m.fill(0);
       const decoder = new StreamDecoder({ ram: { attachBlocks: () => memory }, postcopyPageHooks: true, zeroedMemory: true, placePages: PLACE_PAGES });
+      // It stays reachable (with its options, target and memory): the code it optimises would
+      // be thrown away with it.
+      keepForProcessLife(decoder);
       const total = head.length + rounds * round.length;
       let source = head;
       let at = 0;

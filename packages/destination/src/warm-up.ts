@@ -14,6 +14,7 @@ import {
   writeMultifdInit,
   writeMultifdPacketHeader,
 } from '@livemig/protocol';
+import { keepForProcessLife } from '@livemig/runtime';
 import { blockResolver } from './channels.ts';
 
 /**
@@ -46,6 +47,8 @@ export function warmUpMultifd(): void {
   let read = 0;
   for (let channel = 0; channel < MULTIFD_WARM_UP_CHANNELS; channel++) {
     const recv = new MultifdReceiver(blockResolver(blocks));
+    // It stays reachable (with its block): the code it optimises would be thrown away with it.
+    keepForProcessLife(recv);
     /** Hand `bytes` to the receiver as reads would: each into where it asks, at most a read's size. */
     const feed = (bytes: Buffer): void => {
       for (let at = 0; at < bytes.length; read++) {

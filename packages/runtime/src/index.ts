@@ -36,6 +36,7 @@ export { acceptWithOnread, listenChannel, type ChannelListener, type ListenChann
 export { PositionedFileChannel } from './positioned-file-channel.ts';
 export { openIncomingPipe } from './incoming-pipe.ts';
 export { adoptWithOnread, detachFd, type OnreadOptions, socketFd } from './socket-handle.ts';
+export { keepForProcessLife } from './keep-alive.ts';
 export {
   looksLikeTlsHello,
   OBJECT_TYPES,

@@ -6,14 +6,16 @@
 // threads 178 -> 131 ms, total-time 187 -> 157 ms. The multifd scan beside it (same machine and
 // guest, 2 channels, six of each alternating): source CPU 128 -> 112 ms, total-time 136 -> 130 ms,
 // where V8 had recompiled the scan at its multifd branch. Costs 10-22 ms at start-up (6-13 before
-// the multifd scan). e2e/warm-up.test.ts checks that the per-page functions are optimised before a migration and
-// that the migration throws none of that code away.
+// the multifd scan). e2e/warm-up.test.ts checks that the per-page functions are optimised before
+// a migration, stay so while the process waits (what the warm-up made is kept: keepForProcessLife),
+// and that the migration throws none of that code away.
 
 import { closeSync, openSync } from 'node:fs';
 import { PassThrough } from 'node:stream';
 import type { Guest } from '@livemig/guest';
 import { native } from '@livemig/native';
 import { BatchWriter } from '@livemig/protocol';
+import { keepForProcessLife } from '@livemig/runtime';
 import { MAIN_CHANNEL_SLABS, monotonicNow } from './migration.ts';
 import { MultifdSender } from './multifd-sender.ts';
 import { BATCH_BYTES, MAX_ITERATION_MS } from './precopy.ts';
@@ -45,6 +47,8 @@ export function warmUpSender(guest: Guest): number {
   const scans = [scanOfFirstPages(guest, undefined)];
   if (multifd !== undefined) scans.push(scanOfFirstPages(guest, multifd));
   const encoded = scans.reduce((n, ram) => n + ram.dirtyPages, 0);
+  // All of it stays reachable: the code it optimises would be thrown away with it.
+  keepForProcessLife(scans, streams, ...(multifd === undefined ? [] : [multifd]));
   let w: BatchWriter | undefined;
   try {
     // As precopy's batches, with differences that let V8 see what migrations show it: each batch
@@ -57,6 +61,7 @@ export function warmUpSender(guest: Guest): number {
       if (batches % WRITER_BATCHES === 0) {
         w?.release();
         w = new BatchWriter({ pool: MAIN_CHANNEL_SLABS });
+        keepForProcessLife(w);
       }
       const turn = batches % scans.length;
       const ram = scans[turn]!;
