@@ -79,15 +79,19 @@ test('outputSince gives what a child printed after a mark, and refuses once part
   }
 });
 
-test('a child printing into a file (outputToFile): output, marks and outputSince read the file, all of it kept', T, async () => {
+test('a child printing into a file (as outputToFile has it): output, marks and outputSince read the file, all of it kept', T, async () => {
   const dir = await mkdtemp(join(tmpdir(), 'lm-harness-'));
-  const file = join(dir, 'printer.out');
-  const fd = openSync(file, 'a');
-  // Past the 64 KiB a pipe's reader keeps, on stdout and stderr both.
-  const script = "process.stdout.write('a'.repeat(70000)); process.stdin.once('data', () => { process.stderr.write('b'.repeat(3000)); process.exit(0); });";
-  const proc = spawn(process.execPath, ['-e', script], { stdio: ['pipe', fd, fd] });
-  closeSync(fd);
+  let proc: ReturnType<typeof spawn> | undefined;
   try {
+    const file = join(dir, 'printer.out');
+    // More than the 64 KiB kept from pipes, on stdout, then more on stderr.
+    const script = "process.stdout.write('a'.repeat(70000)); process.stdin.once('data', () => { process.stderr.write('b'.repeat(3000)); process.exit(0); });";
+    const fd = openSync(file, 'a');
+    try {
+      proc = spawn(process.execPath, ['-e', script], { stdio: ['pipe', fd, fd] });
+    } finally {
+      closeSync(fd);
+    }
     const child = new Child('printer', proc, 'unix:/nonexistent', { file });
     const deadline = Date.now() + 10_000;
     while (child.outputMark() < 70000) {
@@ -99,8 +103,9 @@ test('a child printing into a file (outputToFile): output, marks and outputSince
     await child.waitForExit();
     assert.equal(child.output(), 'a'.repeat(70000) + 'b'.repeat(3000));
     assert.equal(child.outputSince(mark), 'b'.repeat(3000));
+    assert.throws(() => child.outputSince(80_000), /fewer than the mark/);
   } finally {
-    proc.kill('SIGKILL');
+    proc?.kill('SIGKILL');
     await rm(dir, { recursive: true, force: true });
   }
 });

@@ -122,8 +122,9 @@ export class Child {
     if (this.#outputFile === undefined) return this.#output;
     try {
       return readFileSync(this.#outputFile, 'utf8');
-    } catch {
-      return ''; // the harness's dir is gone
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return ''; // the harness's dir is gone
+      throw err;
     }
   }
 
@@ -134,7 +135,11 @@ export class Child {
 
   /** What the process printed since `mark`; throws if part of it is no longer kept. */
   outputSince(mark: number): string {
-    if (this.#outputFile !== undefined) return this.output().slice(mark);
+    if (this.#outputFile !== undefined) {
+      const output = this.output();
+      if (mark > output.length) throw new Error(`${this.name}: its output file has ${output.length} characters, fewer than the mark (${mark})`);
+      return output.slice(mark);
+    }
     const dropped = this.#printed - this.#output.length;
     if (mark < dropped) throw new Error(`${this.name}: ${dropped - mark} characters printed after the mark are no longer kept (start it with outputToFile)`);
     return this.#output.slice(mark - dropped);
@@ -239,13 +244,13 @@ export class Harness {
 
   async #start(name: string, main: string, args: string[], o: Pick<SourceOptions, 'extraStdio' | 'netns' | 'nodeArgs' | 'outputToFile'>): Promise<Child> {
     const { extraStdio = [], netns, nodeArgs = [] } = o;
-    const outputFile = o.outputToFile === true ? join(this.dir, `${name}.out`) : undefined;
-    // Both stdout and stderr append to the file (one open description: nothing overwritten).
-    const outputFd = outputFile === undefined ? undefined : openSync(outputFile, 'a');
     // A unix QMP socket is a path: reachable from any network namespace.
     const qmpAddress = `unix:${this.path(`${name}.qmp`)}`;
     const argv = [...nodeArgs, main, ...args, '--qmp', qmpAddress];
     const [file, fileArgs] = netns === undefined ? [process.execPath, argv] : ['ip', ['netns', 'exec', netns, process.execPath, ...argv]];
+    const outputFile = o.outputToFile === true ? join(this.dir, `${name}.out`) : undefined;
+    // Both stdout and stderr append to the file (one open description: nothing overwritten).
+    const outputFd = outputFile === undefined ? undefined : openSync(outputFile, 'a');
     let proc: ChildProcess;
     try {
       proc = spawn(file, fileArgs, {
