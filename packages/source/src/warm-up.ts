@@ -31,6 +31,8 @@ const WRITER_BATCHES = 4;
 const WARM_UP_MAX_BATCHES = 256;
 /** The multifd scan's channels (its packets rotate over them as a migration's do). */
 const WARM_UP_MULTIFD_CHANNELS = 2;
+/** What a kept warm-up scan's bitmaps become. */
+const NO_PAGES = new Uint32Array(0);
 
 /**
  * Encode the guest's first pages as a migration does, into batches written to /dev/null with the
@@ -80,6 +82,9 @@ export function warmUpSender(guest: Guest): number {
       }
     }
   } finally {
+    // The scans stay (kept above) but not their bitmaps, sized to the whole guest (RAM / 16384
+    // each): arrays of the same kind in their place leave the optimised code as it is.
+    for (const ram of scans) ram.bitmaps.fill(NO_PAGES);
     w?.release();
     multifd?.release();
     for (const s of streams) s.destroy();
