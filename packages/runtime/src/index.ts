@@ -36,7 +36,7 @@ export { acceptWithOnread, listenChannel, type ChannelListener, type ListenChann
 export { PositionedFileChannel } from './positioned-file-channel.ts';
 export { openIncomingPipe } from './incoming-pipe.ts';
 export { adoptWithOnread, detachFd, type OnreadOptions, socketFd } from './socket-handle.ts';
-export { keepForProcessLife } from './keep-alive.ts';
+export { keepForProcessLife } from './keep-for-process-life.ts';
 export {
   looksLikeTlsHello,
   OBJECT_TYPES,
