@@ -175,6 +175,7 @@ export class MainStream implements MainReader {
     rec.zeroPage(w, 'warm-up-z', 0);
     // Where its CONTINUE records start (each a header word and the fill byte).
     const continuedZerosAt = w.totalBytes - roundStart;
+    const continuedZeroBytes = PAGE_RECORD_HEADER + 1;
     rec.zeroPages(w, 'warm-up-z', TARGET_PAGE_SIZE, WARM_UP_ZERO_RUN - 1);
     writeEos(w);
     writeSectionFooter(w, 2);
@@ -189,8 +190,8 @@ export class MainStream implements MainReader {
     const firstData = head.length + 5 + 8 + 1 + 'warm-up-a'.length;
     const firstReads = [firstData, 8 + TARGET_PAGE_SIZE, TARGET_PAGE_SIZE + 4, TARGET_PAGE_SIZE + 6];
     // And in the first round, a read ends between a CONTINUE ZERO record's word and its fill byte
-    // (the run's fifth), which the record loop then reads from the next chunk.
-    const zeroFillCut = head.length + continuedZerosAt + 4 * (PAGE_RECORD_HEADER + 1) + PAGE_RECORD_HEADER;
+    // (the fifth CONTINUE record's), which the record loop then reads from the next chunk.
+    const zeroFillCut = head.length + continuedZerosAt + 4 * continuedZeroBytes + PAGE_RECORD_HEADER;
     let read = 0;
     for (let stream = 0; stream < WARM_UP_STREAMS; stream++) {
       for (const m of memory) m.fill(0);
