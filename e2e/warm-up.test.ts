@@ -49,6 +49,17 @@ function ourDeopts(child: Child, mark: number): string[] {
     .filter((line) => /deoptimize at <file:[^>]*packages\/(protocol|source|destination)\/dist\//.test(line));
 }
 
+/** Migrate `src` into `dst`: the RAM must arrive whole, and neither may deoptimise livemig's code meanwhile. */
+async function migrateWithoutDeopts(src: Child, dst: Child & { incomingUri: string }): Promise<void> {
+  const [srcBefore, dstBefore] = [src.outputMark(), dst.outputMark()];
+  await src.execute('migrate', { uri: dst.incomingUri });
+  await waitForStatus(src, 'completed', { timeoutMs: 120_000 });
+  await waitForStatus(dst, 'completed', { timeoutMs: 60_000 });
+  await assertSameRam(src, dst);
+  assert.deepEqual(ourDeopts(src, srcBefore), [], `the source deoptimised during the migration:\n${src.outputSince(srcBefore).slice(0, 4000)}`);
+  assert.deepEqual(ourDeopts(dst, dstBefore), [], `the destination deoptimised during the migration:\n${dst.outputSince(dstBefore).slice(0, 4000)}`);
+}
+
 /**
  * Wait (bounded) until V8 says it optimised each of `names` in `child`. Compiles run on a
  * background thread, but V8 installs the finished code (and prints "completed optimizing") only
@@ -106,13 +117,7 @@ for (const { fill, channels } of CASES) {
       // per-page path is not what such a migration uses); the destination's are checked alike.
       if (fill !== 'zero') await untilOptimised(src, WARMED.source);
       await untilOptimised(dst, WARMED.destination);
-      const [srcBefore, dstBefore] = [src.outputMark(), dst.outputMark()];
-      await src.execute('migrate', { uri: dst.incomingUri });
-      await waitForStatus(src, 'completed', { timeoutMs: 120_000 });
-      await waitForStatus(dst, 'completed', { timeoutMs: 60_000 });
-      await assertSameRam(src, dst);
-      assert.deepEqual(ourDeopts(src, srcBefore), [], `the source deoptimised during the migration:\n${src.outputSince(srcBefore).slice(0, 4000)}`);
-      assert.deepEqual(ourDeopts(dst, dstBefore), [], `the destination deoptimised during the migration:\n${dst.outputSince(dstBefore).slice(0, 4000)}`);
+      await migrateWithoutDeopts(src, dst);
     }));
 }
 
@@ -175,11 +180,5 @@ test('a source and a destination that wait through memory-reducing GCs keep the 
         .filter((line) => line.includes('marking dependent code') && names.some((n) => line.includes(`<SharedFunctionInfo ${n}>`)));
       assert.deepEqual(thrownAway, [], `${child.name} threw away code its warm-up optimised while it waited`);
     }
-    const [srcBefore, dstBefore] = [src.outputMark(), dst.outputMark()];
-    await src.execute('migrate', { uri: dst.incomingUri });
-    await waitForStatus(src, 'completed', { timeoutMs: 120_000 });
-    await waitForStatus(dst, 'completed', { timeoutMs: 60_000 });
-    await assertSameRam(src, dst);
-    assert.deepEqual(ourDeopts(src, srcBefore), [], `the source deoptimised during the migration:\n${src.outputSince(srcBefore).slice(0, 4000)}`);
-    assert.deepEqual(ourDeopts(dst, dstBefore), [], `the destination deoptimised during the migration:\n${dst.outputSince(dstBefore).slice(0, 4000)}`);
+    await migrateWithoutDeopts(src, dst);
   }));
