@@ -22,7 +22,7 @@ import { blockResolver } from './channels.ts';
  * in a packet: a run of them as long as a packet read straight into RAM needs.
  */
 const MULTIFD_WARM_UP_CHANNELS = 4;
-const MULTIFD_WARM_UP_PACKETS = 256;
+const MULTIFD_WARM_UP_PACKETS = 512;
 const MULTIFD_WARM_UP_PAGES = MULTIFD_DIRECT_RUN_PAGES;
 /** Read sizes of the multifd warm-up: what a socket gives a channel, whole and in pieces. */
 const MULTIFD_WARM_UP_READS = [65_536, 1_000, 262_144, 7, 20_000];
@@ -32,7 +32,10 @@ const MULTIFD_WARM_UP_READS = [65_536, 1_000, 262_144, 7, 20_000];
  * channel's reads would, so that a migration's first packets find the per-packet code (header
  * check, page copies, Buffer.copy beneath) optimised instead of compiling it while they arrive:
  * packets of contiguous pages, of scattered pages, with zero pages (QEMU 9.0+), and SYNCs, on a
- * few channels from their init packet. ~10 MiB of pages; ~15 ms once, at start-up (two cores).
+ * few channels from their init packet. ~21 ms once, at start-up (two cores). With half as many
+ * packets (~12.5 ms) V8 marked the per-packet parseHeader for optimisation only near the warm-up's
+ * end (--trace-opt: 4-14 trace lines before it, against 26-28 now), and once in CI on a packet
+ * after which none came: a function is compiled at its next call, so it never was.
  */
 export function warmUpMultifd(): void {
   const pageCount = 4 * MULTIFD_WARM_UP_PAGES;
