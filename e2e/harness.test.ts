@@ -55,6 +55,15 @@ test('a child that ignores SIGTERM (stopped) is SIGKILLed after the bounded grac
   assert.deepEqual(await stopped.exited, { code: null, signal: 'SIGKILL' });
 });
 
+/** Wait (at most 10 s) until `child` printed `chars` characters: its first burst. */
+async function untilPrinted(child: Child, chars: number): Promise<void> {
+  const deadline = Date.now() + 10_000;
+  while (child.outputMark() < chars) {
+    assert.ok(Date.now() < deadline, 'the first burst came');
+    await sleep(10);
+  }
+}
+
 test('outputSince gives what a child printed after a mark, and refuses once part of it is no longer kept', T, async () => {
   // Two bursts, the second once told on stdin: the mark goes between them.
   const script = "process.stdout.write('a'.repeat(3000)); process.stdin.once('data', () => { process.stdout.write('b'.repeat(3000)); process.exit(0); });";
@@ -62,11 +71,7 @@ test('outputSince gives what a child printed after a mark, and refuses once part
     const proc = spawn(process.execPath, ['-e', script], { stdio: ['pipe', 'pipe', 'pipe'] });
     try {
       const child = new Child('printer', proc, 'unix:/nonexistent', { keepBytes: keep });
-      const deadline = Date.now() + 10_000;
-      while (child.outputMark() < 3000) {
-        assert.ok(Date.now() < deadline, 'the first burst came');
-        await sleep(10);
-      }
+      await untilPrinted(child, 3000);
       const mark = child.outputMark();
       proc.stdin!.write('go\n');
       await child.waitForExit();
@@ -93,11 +98,7 @@ test('a child printing into a file (as outputToFile has it): output, marks and o
       closeSync(fd);
     }
     const child = new Child('printer', proc, 'unix:/nonexistent', { file });
-    const deadline = Date.now() + 10_000;
-    while (child.outputMark() < 70000) {
-      assert.ok(Date.now() < deadline, 'the first burst came');
-      await sleep(10);
-    }
+    await untilPrinted(child, 70000);
     const mark = child.outputMark();
     proc.stdin!.write('go\n');
     await child.waitForExit();
