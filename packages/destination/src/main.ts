@@ -4,6 +4,7 @@
 import { saveStateFile } from './save-state.ts';
 import { parseArgs } from 'node:util';
 import { Guest } from '@livemig/guest';
+import { guestRamAllocator } from '@livemig/native';
 import { applyParameters, type Capabilities, convergencePolicySettings, defaultParameters, normalizeUuid } from '@livemig/protocol';
 import {
   GUEST_HELP,
@@ -318,7 +319,7 @@ async function main(argv: string[]): Promise<void> {
     await orExitWithUsageAsync(program, () => checkListenable('--qmp', qmpAddress));
   }
   const log = createLogger(program, flags.logLevel === undefined ? {} : { level: flags.logLevel as 'info' });
-  const guest = new Guest(flags.guest);
+  const guest = new Guest(flags.guest, guestRamAllocator());
   const proc = new DestinationProcess(guest, flags.machineType, values.paused !== true, log);
   proc.realtimePostcopy = values['realtime-postcopy'] === true;
   proc.objects = objects;

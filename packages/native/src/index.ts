@@ -23,6 +23,7 @@ export * from './errors.ts';
 interface Addon {
   createMemfd(name: string, length: number): number;
   mapShared(fd: number, length: number): SharedArrayBuffer;
+  mapPrivateRam(length: number, hugePages: boolean): SharedArrayBuffer;
   closeFd(fd: number): void;
   keepPrivate(fd: number): void;
   execve(path: string, argv: readonly string[], env: readonly string[], keepFds: readonly number[]): never;
@@ -115,6 +116,21 @@ export const native = {
     } catch (err) {
       a.closeFd(fd);
       throw new NativeError(NativeErrorCode.SHARED_MEMORY, `shared RAM "${name}" (${length} bytes): ${(err as Error).message}`, { cause: err, errno: errnoOf(err) });
+    }
+  },
+
+  /**
+   * `length` bytes of fresh zeroed RAM private to this process (its threads share it as any
+   * SharedArrayBuffer), aligned to 2 MiB and, with `hugePages`, advised to the kernel as
+   * transparent huge pages (THP set to "always" or "madvise"; plain pages otherwise). Guest RAM
+   * that need not outlive an exec: the kernel copies a page into or out of huge-page RAM faster.
+   */
+  createPrivateRam(length: number, hugePages: boolean): SharedArrayBuffer {
+    try {
+      return addon().mapPrivateRam(length, hugePages);
+    } catch (err) {
+      if ((err as { code?: unknown }).code === NativeErrorCode.NATIVE_UNAVAILABLE) throw err;
+      throw new NativeError(NativeErrorCode.SHARED_MEMORY, `private RAM (${length} bytes): ${(err as Error).message}`, { cause: err, errno: errnoOf(err) });
     }
   },
 
@@ -221,3 +237,13 @@ export const native = {
     }
   },
 };
+
+/**
+ * Where a guest's RAM blocks live when they need not outlive an exec: private huge-page RAM
+ * (native.createPrivateRam) where the addon is built, else plain SharedArrayBuffers.
+ */
+export function guestRamAllocator(): ((idstr: string, length: number) => SharedArrayBuffer) | undefined {
+  if (!native.available) return undefined;
+  return (_idstr, length) => native.createPrivateRam(length, true);
+}
+

@@ -1,5 +1,5 @@
 // The addon on its own: memfd RAM as a SharedArrayBuffer that worker threads share and a second
-// mapping sees; execve that keeps a memfd open across the exec (same PID, same bytes), and a
+// mapping sees; private RAM that huge pages back when asked; execve that keeps a memfd open across the exec (same PID, same bytes), and a
 // failed execve that throws with its errno and leaves the process as it was; writeRefs (pieces
 // with refs inserted, onto a real socket, as much as it takes); and the fallback when the addon
 // is not built.
@@ -51,6 +51,62 @@ test('createSharedRam: a SharedArrayBuffer over a memfd, shared with a worker an
   assert.equal(again[1], 42, 'a second mapping of the memfd sees it');
   assert.throws(() => native.mapSharedRam(fd, 2 * length), (e: { code?: string }) => e.code === 'LM_ERR_SHARED_MEMORY');
   native.closeFd(fd);
+});
+
+/** AnonHugePages of this process (bytes), from /proc/self/smaps_rollup. */
+function anonHugeBytes(): number {
+  return Number(/AnonHugePages:\s+(\d+) kB/.exec(readFileSync('/proc/self/smaps_rollup', 'utf8'))![1]) * 1024;
+}
+
+/** Whether this kernel gives transparent huge pages to memory that asks for them ("always" or "madvise"). */
+function hugePagesOnRequest(): boolean {
+  try {
+    return !/\[never\]/.test(readFileSync('/sys/kernel/mm/transparent_hugepage/enabled', 'utf8'));
+  } catch {
+    return false;
+  }
+}
+
+test('createPrivateRam: zeroed RAM a worker shares; with hugePages the kernel backs it with 2 MiB pages, without it not', { skip }, async () => {
+  const length = 16 << 20;
+  const plain = native.createPrivateRam(length, false);
+  const huge = native.createPrivateRam(length, true);
+  for (const memory of [plain, huge]) {
+    assert.ok(memory instanceof SharedArrayBuffer);
+    assert.equal(memory.byteLength, length);
+  }
+  const bytes = new Uint8Array(huge);
+  assert.ok(bytes.every((b) => b === 0), 'fresh RAM reads as zeros');
+  // Touch one byte a page (as a destination's prefault does), then see what the kernel mapped.
+  const touch = (memory: SharedArrayBuffer): number => {
+    const before = anonHugeBytes();
+    const b = new Uint8Array(memory);
+    for (let i = 0; i < length; i += 4096) b[i] = 1;
+    return anonHugeBytes() - before;
+  };
+  const plainHuge = touch(plain);
+  const hugeHuge = touch(huge);
+  if (hugePagesOnRequest()) {
+    // Aligned to 2 MiB, every 2 MiB of it can be a huge page (allowing for two the kernel could not find).
+    assert.ok(hugeHuge >= length - (4 << 20), `hugePages: ${hugeHuge} bytes of ${length} in huge pages`);
+    assert.ok(plainHuge < 2 << 20, `without hugePages: ${plainHuge} bytes in huge pages`);
+  }
+  const words = new Int32Array(huge);
+  words[3] = 1;
+  const worker = new Worker('const { parentPort } = require("node:worker_threads"); parentPort.once("message", (m) => { Atomics.add(new Int32Array(m), 3, 41); parentPort.postMessage("done"); });', { eval: true });
+  try {
+    const done = new Promise((resolve, reject) => {
+      worker.once('message', resolve);
+      worker.once('error', reject);
+    });
+    worker.postMessage(huge);
+    await done;
+  } finally {
+    await worker.terminate();
+  }
+  assert.equal(Atomics.load(words, 3), 42, 'the worker wrote the same memory');
+  assert.throws(() => native.createPrivateRam(0, true), (e: { code?: string }) => e.code === 'LM_ERR_SHARED_MEMORY');
+  assert.throws(() => native.createPrivateRam(2 ** 50, true), (e: { code?: string; errno?: string }) => e.code === 'LM_ERR_SHARED_MEMORY' && e.errno === 'ENOMEM');
 });
 
 test('execImage: a missing program throws LM_ERR_CPR_EXEC_FAILED (ENOENT) and the kept fd is close-on-exec again', { skip }, () => {
@@ -326,7 +382,9 @@ test('without the addon: available is false with the reason, and each call throw
     const { native: missing } = (await import(pathToFileURL(join(dir, 'dist', 'index.js')).href)) as typeof import('../src/index.ts');
     assert.equal(missing.available, false);
     assert.match(missing.unavailableReason, /Cannot find module/);
-    for (const call of [() => missing.createSharedRam('x', 4096), () => missing.mapSharedRam(3, 4096), () => missing.execImage('/bin/true', ['true'], [], [])]) {
+    const { guestRamAllocator } = (await import(pathToFileURL(join(dir, 'dist', 'index.js')).href)) as typeof import('../src/index.ts');
+    assert.equal(guestRamAllocator(), undefined, 'guests fall back to plain SharedArrayBuffers');
+    for (const call of [() => missing.createSharedRam('x', 4096), () => missing.mapSharedRam(3, 4096), () => missing.createPrivateRam(4096, true), () => missing.execImage('/bin/true', ['true'], [], [])]) {
       assert.throws(call, (e: { code?: string; message: string }) => e.code === 'LM_ERR_NATIVE_UNAVAILABLE' && /node packages\/native\/scripts\/build\.mjs/.test(e.message));
     }
   } finally {

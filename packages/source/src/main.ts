@@ -40,7 +40,7 @@ import {
   QmpServer,
   RuntimeErrorCode,
 } from '@livemig/runtime';
-import { native } from '@livemig/native';
+import { guestRamAllocator, native } from '@livemig/native';
 import { loadStateFile } from './load-state.ts';
 import { loadCprState, SharedRam } from './cpr-exec.ts';
 import { OutgoingMigration } from './migration.ts';
@@ -441,7 +441,7 @@ async function main(argv: string[]): Promise<void> {
     process.stderr.write(`${program}: ${(err as Error).message}\n`);
     process.exit(1);
   }
-  const guest = new Guest(flags.guest, sharedRam?.allocate);
+  const guest = new Guest(flags.guest, sharedRam?.allocate ?? guestRamAllocator());
   let savedRunState: string | undefined;
   if (incomingCpr !== undefined) {
     // RAM is the old image's, untouched: only devices and vCPUs come from the state file.
