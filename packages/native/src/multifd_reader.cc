@@ -9,8 +9,8 @@
 // offset and nothing of its packet lands in RAM), zeroes the zero pages (QEMU 9.0+) that are not
 // zero already, and reads the normal pages with readv into their places. It reports what it did
 // (pages, SYNCs, bytes) through a uv_async handle on the opening thread's loop, at once after a
-// SYNC packet, and how it ended: the peer's end at a packet boundary, or a failure with its
-// message. Closing stops it at once (an eventfd wakes its poll) and closes its duplicate of the
+// SYNC packet (else at most every 10 ms), and how it ended: the peer's end at a packet boundary,
+// or a failure with its message. Closing stops it at once (an eventfd wakes its poll) and closes its duplicate of the
 // descriptor; nothing is reported after close returns.
 
 #include <node.h>
@@ -62,6 +62,8 @@ constexpr uint32_t kFlagSync = 0x1;
 constexpr uint32_t kCompressionMask = 0xe;
 constexpr size_t kPageSize = 4096;
 constexpr uint32_t kPagesPerPacket = 128;
+// Reports between SYNCs: at most one per 10 ms (a packet a ~100 µs on loopback otherwise).
+constexpr uint64_t kReportIntervalNs = 10'000'000;
 constexpr size_t kFixedLength = 320;
 constexpr size_t kHeaderLength = kFixedLength + 8 * kPagesPerPacket;
 constexpr size_t kBlockAt = 64;
@@ -221,6 +223,7 @@ class MultifdReader {
     std::vector<struct iovec> iov;
     iov.reserve(kPagesPerPacket);
     static const uint8_t zeroPage[kPageSize] = {};
+    uint64_t lastReport = 0;
     for (;;) {
       headerAt_ = offset_;
       struct iovec h = {header_, kHeaderLength};
@@ -261,7 +264,13 @@ class MultifdReader {
         if (sync) syncs_++;
         bytes_ = offset_;
       }
-      uv_async_send(&async_);
+      // Each report wakes the main thread: at once for a SYNC (the loader waits on it), else at
+      // most one a kReportIntervalNs (the stall check's clock needs no finer).
+      const uint64_t now = uv_hrtime();
+      if (sync || now - lastReport >= kReportIntervalNs) {
+        lastReport = now;
+        uv_async_send(&async_);
+      }
     }
     uv_async_send(&async_);
   }

@@ -116,6 +116,23 @@ test('multifd reader: packets of runs, scattered pages, zero pages, two blocks a
   assert.ok(native_.reports.every((r, i) => i === 0 || r.syncs >= native_.reports[i - 1]!.syncs), 'counts only grow');
 });
 
+test('multifd reader: reports wake the main thread at most every 10 ms between SYNCs, each SYNC at once, the last with every count', { skip, timeout: 60_000 }, async () => {
+  // 3,000 one-page packets (tens of thousands a second on loopback): a report each would be thousands.
+  const packets = 3000;
+  const stream = Buffer.concat([
+    ...Array.from({ length: packets }, (_, k) => packet('pc.ram', [(k % 512) * PAGE], src, { packetNum: k })),
+    packet('', [], src, { flags: MULTIFD_FLAG_SYNC, packetNum: packets }),
+  ]);
+  const started = performance.now();
+  const { report, reports } = await readNative(stream, SIZES);
+  const elapsedMs = performance.now() - started;
+  assert.equal(report.end, 1, JSON.stringify(report));
+  assert.deepEqual({ pages: report.pages, syncs: report.syncs, bytes: report.bytes }, { pages: packets, syncs: 1, bytes: MULTIFD_INIT_LENGTH + stream.length });
+  // One for the SYNC, one for the end, and at most one a 10 ms between (the first packet's included).
+  const bound = 3 + Math.ceil(elapsedMs / 10);
+  assert.ok(reports.length <= bound, `${reports.length} reports in ${elapsedMs.toFixed(0)} ms for ${packets} packets (at most ${bound})`);
+});
+
 test('multifd reader: each malformed header is refused with MultifdReceiver\'s message and offset, before any of its packet lands in RAM', { skip, timeout: 60_000 }, async () => {
   const good = packet('pc.ram', [PAGE, 2 * PAGE], src);
   const field = (at: number, value: number, base = packet('pc.ram', [4 * PAGE, 5 * PAGE], src)): Buffer => {
