@@ -10,8 +10,8 @@
 // zero already, and reads the normal pages with readv into their places. It reports what it did
 // (pages, SYNCs, bytes) through a uv_async handle on the opening thread's loop, at once after a
 // SYNC packet (else at most every 10 ms), and how it ended: the peer's end at a packet boundary,
-// or a failure with its message. Closing stops it at once (an eventfd wakes its poll) and closes its duplicate of the
-// descriptor; nothing is reported after close returns.
+// or a failure with its message. Closing stops it at once (an eventfd wakes its poll) and closes
+// its duplicate of the descriptor; nothing is reported after close returns.
 
 #include <node.h>
 #include <uv.h>
@@ -30,6 +30,7 @@
 #include <vector>
 
 #include <poll.h>
+#include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -64,6 +65,7 @@ constexpr size_t kPageSize = 4096;
 constexpr uint32_t kPagesPerPacket = 128;
 // Reports between SYNCs: at most one per 10 ms (a packet a ~100 µs on loopback otherwise).
 constexpr uint64_t kReportIntervalNs = 10'000'000;
+constexpr size_t kLowWaterCap = 256 * 1024;
 constexpr size_t kFixedLength = 320;
 constexpr size_t kHeaderLength = kFixedLength + 8 * kPagesPerPacket;
 constexpr size_t kBlockAt = 64;
@@ -133,6 +135,7 @@ class MultifdReader {
           Fail(std::string("read ") + (strerrorname_np(errno) != nullptr ? strerrorname_np(errno) : "EIO"), true);
           return -2;
         }
+        SetLowWater(iov + next, count - next);
         struct pollfd waits[2] = {{fd_, POLLIN, 0}, {wake_, POLLIN, 0}};
         if (poll(waits, 2, -1) < 0 && errno != EINTR) {
           Fail("poll failed", true);
@@ -157,6 +160,17 @@ class MultifdReader {
       }
     }
     return 0;
+  }
+
+  // Wake this thread only once the socket holds what the read still needs (up to kLowWaterCap),
+  // not at every segment: fewer wakeups and larger reads. The peer's end or an error wakes it
+  // whatever is queued.
+  void SetLowWater(const struct iovec* iov, int count) {
+    size_t want = 0;
+    for (int i = 0; i < count && want < kLowWaterCap; i++) want += iov[i].iov_len;
+    const int lowat = static_cast<int>(std::min(want, kLowWaterCap));
+    if (lowat == lowat_) return;
+    if (setsockopt(fd_, SOL_SOCKET, SO_RCVLOWAT, &lowat, sizeof lowat) == 0) lowat_ = lowat;
   }
 
   void Fail(std::string message, bool lost, size_t at = 0, std::string block = std::string()) {
@@ -324,6 +338,7 @@ class MultifdReader {
   Global<Function> onReport_;
   std::thread thread_;
   std::atomic<bool> stop_{false};
+  int lowat_ = 1;
   std::atomic<uint64_t> lastByte_{0};
   // The reading thread's own state.
   uint8_t header_[kHeaderLength];
