@@ -2,7 +2,7 @@
 // checked against the guest's and mapped once, when it arrives (attachBlocks); the per-page hooks
 // only run once postcopy listens (the decoder's postcopyPageHooks), so precopy pays nothing for them.
 
-import { ConfigError, ErrorCode, type RamBlockInfo, type RamTarget, TARGET_PAGE_SIZE } from '@livemig/protocol';
+import { ConfigError, ErrorCode, PAGE_RECORD_HEADER, type RamBlockInfo, type RamTarget, TARGET_PAGE_SIZE } from '@livemig/protocol';
 import type { Guest } from '@livemig/guest';
 import { native } from '@livemig/native';
 
@@ -78,7 +78,7 @@ export class GuestRamTarget implements RamTarget {
     this.guest.ram.wakeWaiters(block);
     if (block === 0 && this.tracksHead) {
       // The run's last record: its page is where the stream is now.
-      const at = from + (taken - 1) * (8 + TARGET_PAGE_SIZE);
+      const at = from + (taken - 1) * (PAGE_RECORD_HEADER + TARGET_PAGE_SIZE);
       const hi = ((chunk[at]! << 24) | (chunk[at + 1]! << 16) | (chunk[at + 2]! << 8) | chunk[at + 3]!) >>> 0;
       const lo = ((chunk[at + 4]! << 24) | (chunk[at + 5]! << 16) | (chunk[at + 6]! << 8) | chunk[at + 7]!) >>> 0;
       this.ledger.mainHead = (hi * 0x100000000 + lo - (lo % TARGET_PAGE_SIZE)) / TARGET_PAGE_SIZE;

@@ -188,7 +188,7 @@ export class MainStream implements MainReader {
     // and a named record's), then where the next one's does (a page wholly in the next chunk),
     // then 4 and 2 bytes into a record's header (a header across chunks).
     const firstData = head.length + 5 + 8 + 1 + 'warm-up-a'.length;
-    const firstReads = [firstData, 8 + TARGET_PAGE_SIZE, TARGET_PAGE_SIZE + 4, TARGET_PAGE_SIZE + 6];
+    const firstReads = [firstData, PAGE_RECORD_HEADER + TARGET_PAGE_SIZE, TARGET_PAGE_SIZE + 4, TARGET_PAGE_SIZE + 6];
     // And in the first round, a read ends between a CONTINUE ZERO record's word and its fill byte
     // (the fifth CONTINUE record's), which the record loop then reads from the next chunk.
     const zeroFillCut = head.length + continuedZerosAt + 4 * continuedZeroBytes + PAGE_RECORD_HEADER;
