@@ -2,7 +2,8 @@
  * @packageDocumentation
  * Guest RAM that survives an exec (cpr-exec live update), from a small node-gyp addon: a memfd
  * mapped MAP_SHARED and handed to JS as a real SharedArrayBuffer (vCPU workers share it as any
- * other), and execve keeping chosen descriptors open; and writeRefs, a writev of guest pages in
+ * other), and execve keeping chosen descriptors open; guest RAM that need not survive one, in
+ * transparent huge pages (createPrivateRam); and writeRefs, a writev of guest pages in
  * place between encoded headers (the source's channels). When the addon is not built, `available`
  * is false and every call throws LM_ERR_NATIVE_UNAVAILABLE: callers fall back to plain
  * SharedArrayBuffer RAM, and the source to copying pages before Node writes them.
