@@ -23,8 +23,13 @@ import { iterationDeadline, RamSaver } from './ram-saver.ts';
 
 /** Pages the warm-up sends (16 MiB): enough for V8 to optimise the per-page path. */
 const WARM_UP_PAGES = 4096;
-/** Its batches: a quarter of a migration's (64 of them over the warm-up's pages). */
+/** Its batches: 256 KiB (64 of them over the warm-up's pages). */
 const WARM_UP_BATCH_BYTES = BATCH_BYTES / 4;
+/**
+ * The one-stream scan's first batch: more pages than a writer's first ref array holds, so that
+ * V8 sees the array grow (a migration's 8 MiB batches grow it three times) before it optimises.
+ */
+const WARM_UP_FIRST_BATCH_BYTES = 2 * BATCH_BYTES;
 /** Batches of one writer before the warm-up takes a new one. */
 const WRITER_BATCHES = 4;
 /** A bound on the batches, whatever the guest's pages are. */
@@ -70,7 +75,7 @@ export function warmUpSender(guest: Guest): number {
       if (ram.dirtyPages === 0) continue;
       ram.forgetBlock();
       const deadline = iterationDeadline(monotonicNow, monotonicNow(), MAX_ITERATION_MS);
-      ram.saveIterate(w!, WARM_UP_BATCH_BYTES + (batches & 1) / 2, deadline);
+      ram.saveIterate(w!, batches === 0 ? WARM_UP_FIRST_BATCH_BYTES : WARM_UP_BATCH_BYTES + (batches & 1) / 2, deadline);
       if (turn === 1 && batches % 8 === 7) ram.syncMultifd(w!);
       if (fd >= 0) {
         const batch = w!.flushRefs();
