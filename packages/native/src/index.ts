@@ -121,17 +121,17 @@ export const native = {
   },
 
   /**
-   * `length` bytes of fresh zeroed RAM private to this process (its threads share it as any
+   * `length` bytes (block `name`, for messages) of fresh zeroed RAM private to this process (its threads share it as any
    * SharedArrayBuffer), aligned to 2 MiB and, with `hugePages`, advised to the kernel as
    * transparent huge pages (THP set to "always" or "madvise"; plain pages otherwise). Guest RAM
    * that need not outlive an exec: the kernel copies a page into or out of huge-page RAM faster.
    */
-  createPrivateRam(length: number, hugePages: boolean): SharedArrayBuffer {
+  createPrivateRam(name: string, length: number, hugePages: boolean): SharedArrayBuffer {
     try {
       return addon().mapPrivateRam(length, hugePages);
     } catch (err) {
       if ((err as { code?: unknown }).code === NativeErrorCode.NATIVE_UNAVAILABLE) throw err;
-      throw new NativeError(NativeErrorCode.SHARED_MEMORY, `private RAM (${length} bytes): ${(err as Error).message}`, { cause: err, errno: errnoOf(err) });
+      throw new NativeError(NativeErrorCode.SHARED_MEMORY, `RAM block "${name}" (${length} bytes): ${(err as Error).message}`, { cause: err, errno: errnoOf(err) });
     }
   },
 
@@ -245,6 +245,6 @@ export const native = {
  */
 export function guestRamAllocator(): ((idstr: string, length: number) => SharedArrayBuffer) | undefined {
   if (!native.available) return undefined;
-  return (_idstr, length) => native.createPrivateRam(length, true);
+  return (idstr, length) => native.createPrivateRam(idstr, length, true);
 }
 

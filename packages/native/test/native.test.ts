@@ -69,8 +69,8 @@ function hugePagesOnRequest(): boolean {
 
 test('createPrivateRam: zeroed RAM a worker shares; with hugePages the kernel backs it with 2 MiB pages, without it not', { skip }, async () => {
   const length = 16 << 20;
-  const plain = native.createPrivateRam(length, false);
-  const huge = native.createPrivateRam(length, true);
+  const plain = native.createPrivateRam('plain', length, false);
+  const huge = native.createPrivateRam('huge', length, true);
   for (const memory of [plain, huge]) {
     assert.ok(memory instanceof SharedArrayBuffer);
     assert.equal(memory.byteLength, length);
@@ -105,8 +105,8 @@ test('createPrivateRam: zeroed RAM a worker shares; with hugePages the kernel ba
     await worker.terminate();
   }
   assert.equal(Atomics.load(words, 3), 42, 'the worker wrote the same memory');
-  assert.throws(() => native.createPrivateRam(0, true), (e: { code?: string }) => e.code === 'LM_ERR_SHARED_MEMORY');
-  assert.throws(() => native.createPrivateRam(2 ** 50, true), (e: { code?: string; errno?: string }) => e.code === 'LM_ERR_SHARED_MEMORY' && e.errno === 'ENOMEM');
+  assert.throws(() => native.createPrivateRam('empty', 0, true), (e: { code?: string }) => e.code === 'LM_ERR_SHARED_MEMORY');
+  assert.throws(() => native.createPrivateRam('pc.ram', 2 ** 50, true), (e: { code?: string; errno?: string; message: string }) => e.code === 'LM_ERR_SHARED_MEMORY' && e.errno === 'ENOMEM' && e.message.startsWith('RAM block "pc.ram" (1125899906842624 bytes): mmap'));
 });
 
 test('execImage: a missing program throws LM_ERR_CPR_EXEC_FAILED (ENOENT) and the kept fd is close-on-exec again', { skip }, () => {
@@ -384,7 +384,7 @@ test('without the addon: available is false with the reason, and each call throw
     assert.match(missing.unavailableReason, /Cannot find module/);
     const { guestRamAllocator } = (await import(pathToFileURL(join(dir, 'dist', 'index.js')).href)) as typeof import('../src/index.ts');
     assert.equal(guestRamAllocator(), undefined, 'guests fall back to plain SharedArrayBuffers');
-    for (const call of [() => missing.createSharedRam('x', 4096), () => missing.mapSharedRam(3, 4096), () => missing.createPrivateRam(4096, true), () => missing.execImage('/bin/true', ['true'], [], [])]) {
+    for (const call of [() => missing.createSharedRam('x', 4096), () => missing.mapSharedRam(3, 4096), () => missing.createPrivateRam('x', 4096, true), () => missing.execImage('/bin/true', ['true'], [], [])]) {
       assert.throws(call, (e: { code?: string; message: string }) => e.code === 'LM_ERR_NATIVE_UNAVAILABLE' && /node packages\/native\/scripts\/build\.mjs/.test(e.message));
     }
   } finally {
