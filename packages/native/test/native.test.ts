@@ -27,15 +27,12 @@ function cloexec(fd: number): boolean {
   return (parseInt(flags, 8) & 0o2000000) !== 0;
 }
 
-test('createSharedRam: a SharedArrayBuffer over a memfd, shared with a worker and seen by a second mapping', { skip }, async () => {
-  const length = 1 << 20;
-  const { fd, memory } = native.createSharedRam('test.ram', length);
-  assert.ok(memory instanceof SharedArrayBuffer);
-  assert.equal(memory.byteLength, length);
-  assert.ok(cloexec(fd), 'close-on-exec until an exec asks otherwise');
-  const words = new Int32Array(memory);
-  words[1] = 7;
-  const worker = new Worker('const { parentPort } = require("node:worker_threads"); parentPort.once("message", (m) => { Atomics.add(new Int32Array(m), 1, 35); parentPort.postMessage("done"); });', { eval: true });
+/** A worker thread adds `delta` to word `index` of `memory` (posted to it), then ends. */
+async function addInWorker(memory: SharedArrayBuffer, index: number, delta: number): Promise<void> {
+  const worker = new Worker('const { parentPort, workerData } = require("node:worker_threads"); parentPort.once("message", (m) => { Atomics.add(new Int32Array(m), workerData.index, workerData.delta); parentPort.postMessage("done"); });', {
+    eval: true,
+    workerData: { index, delta },
+  });
   try {
     const done = new Promise((resolve, reject) => {
       worker.once('message', resolve);
@@ -46,6 +43,17 @@ test('createSharedRam: a SharedArrayBuffer over a memfd, shared with a worker an
   } finally {
     await worker.terminate();
   }
+}
+
+test('createSharedRam: a SharedArrayBuffer over a memfd, shared with a worker and seen by a second mapping', { skip }, async () => {
+  const length = 1 << 20;
+  const { fd, memory } = native.createSharedRam('test.ram', length);
+  assert.ok(memory instanceof SharedArrayBuffer);
+  assert.equal(memory.byteLength, length);
+  assert.ok(cloexec(fd), 'close-on-exec until an exec asks otherwise');
+  const words = new Int32Array(memory);
+  words[1] = 7;
+  await addInWorker(memory, 1, 35);
   assert.equal(Atomics.load(words, 1), 42, 'the worker wrote the same memory');
   const again = new Int32Array(native.mapSharedRam(fd, length));
   assert.equal(again[1], 42, 'a second mapping of the memfd sees it');
@@ -93,17 +101,7 @@ test('createPrivateRam: zeroed RAM a worker shares; with hugePages the kernel ba
   }
   const words = new Int32Array(huge);
   words[3] = 1;
-  const worker = new Worker('const { parentPort } = require("node:worker_threads"); parentPort.once("message", (m) => { Atomics.add(new Int32Array(m), 3, 41); parentPort.postMessage("done"); });', { eval: true });
-  try {
-    const done = new Promise((resolve, reject) => {
-      worker.once('message', resolve);
-      worker.once('error', reject);
-    });
-    worker.postMessage(huge);
-    await done;
-  } finally {
-    await worker.terminate();
-  }
+  await addInWorker(huge, 3, 41);
   assert.equal(Atomics.load(words, 3), 42, 'the worker wrote the same memory');
   assert.throws(() => native.createPrivateRam('empty', 0, true), (e: { code?: string }) => e.code === 'LM_ERR_SHARED_MEMORY');
   assert.throws(() => native.createPrivateRam('pc.ram', 2 ** 50, true), (e: { code?: string; errno?: string; message: string }) => e.code === 'LM_ERR_SHARED_MEMORY' && e.errno === 'ENOMEM' && e.message.startsWith('RAM block "pc.ram" (1125899906842624 bytes): mmap'));
