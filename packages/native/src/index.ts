@@ -121,10 +121,11 @@ export const native = {
   },
 
   /**
-   * `length` bytes (block `name`, for messages) of fresh zeroed RAM private to this process (its threads share it as any
-   * SharedArrayBuffer), aligned to 2 MiB and, with `hugePages`, advised to the kernel as
-   * transparent huge pages (THP set to "always" or "madvise"; plain pages otherwise). Guest RAM
-   * that need not outlive an exec: the kernel copies a page into or out of huge-page RAM faster.
+   * `length` bytes (block `name`, for messages) of fresh zeroed RAM private to this process (its
+   * threads share it as any SharedArrayBuffer), aligned to 2 MiB and advised to the kernel as
+   * transparent huge pages with `hugePages` (where THP is "always" or "madvise"), as plain pages
+   * without. Guest RAM that need not outlive an exec: the kernel copies a page into huge-page RAM
+   * faster.
    */
   createPrivateRam(name: string, length: number, hugePages: boolean): SharedArrayBuffer {
     try {
