@@ -66,6 +66,7 @@ constexpr uint32_t kPagesPerPacket = 128;
 // Reports between SYNCs: at most one per 10 ms (a packet a ~100 µs on loopback otherwise).
 constexpr uint64_t kReportIntervalNs = 10'000'000;
 constexpr size_t kLowWaterCap = 256 * 1024;
+constexpr int kPollBoundMs = 100;
 constexpr size_t kFixedLength = 320;
 constexpr size_t kHeaderLength = kFixedLength + 8 * kPagesPerPacket;
 constexpr size_t kBlockAt = 64;
@@ -137,7 +138,10 @@ class MultifdReader {
         }
         SetLowWater(iov + next, count - next);
         struct pollfd waits[2] = {{fd_, POLLIN, 0}, {wake_, POLLIN, 0}};
-        if (poll(waits, 2, -1) < 0 && errno != EINTR) {
+        // Bounded: a read does not wait for the low-water mark, so should the kernel never wake
+        // the poll for it (an old kernel's receive buffer full of small segments), the next
+        // readv still takes what is there.
+        if (poll(waits, 2, kPollBoundMs) < 0 && errno != EINTR) {
           Fail("poll failed", true);
           return -2;
         }

@@ -167,6 +167,36 @@ test('multifd reader: each malformed header is refused with MultifdReceiver\'s m
   }
 });
 
+test('multifd reader: a packet that comes in pieces, with pauses, lands whole; its SYNC is reported while the channel stays open', { skip, timeout: 30_000 }, async () => {
+  // The thread sleeps until its read's bytes (up to 256 KiB) have come: pieces far smaller than
+  // that, each after a pause, must still end in a whole packet, and a SYNC be reported at once.
+  const stream = Buffer.concat([packet('pc.ram', Array.from({ length: 128 }, (_, i) => i * PAGE), src), packet('', [], src, { flags: MULTIFD_FLAG_SYNC, packetNum: 1 })]);
+  const { sender, fd, close } = await pair();
+  const ram = Buffer.from(new SharedArrayBuffer(src.length));
+  let synced!: (r: MultifdReaderReport) => void;
+  const sync = new Promise<MultifdReaderReport>((resolve) => (synced = resolve));
+  const reader = native.openMultifdReader(fd, MULTIFD_INIT_LENGTH, [{ name: 'pc.ram', memory: ram }, { name: 'vga', memory: Buffer.from(new SharedArrayBuffer(small.length)) }], (r) => {
+    if (r.syncs > 0 || r.end !== 0) synced(r);
+  });
+  try {
+    const cuts = [700, 5000, 100_000, 300_000, stream.length - 10, stream.length];
+    let at = 0;
+    for (const cut of cuts) {
+      sender.write(stream.subarray(at, cut));
+      at = cut;
+      await new Promise((resolve) => setTimeout(resolve, 150));
+    }
+    const timer = setTimeout(() => synced({ end: 2, message: 'no report of the SYNC within 10 s' } as MultifdReaderReport), 10_000);
+    const report = await sync;
+    clearTimeout(timer);
+    assert.deepEqual({ end: report.end, syncs: report.syncs, pages: report.pages, bytes: report.bytes }, { end: 0, syncs: 1, pages: 128, bytes: MULTIFD_INIT_LENGTH + stream.length }, JSON.stringify(report));
+    assert.ok(ram.subarray(0, 128 * PAGE).equals(src.subarray(0, 128 * PAGE)), 'the pieces put together in RAM');
+  } finally {
+    reader.close();
+    close();
+  }
+});
+
 test('multifd reader: a peer gone in the middle of a packet is a lost link; close returns at once while the thread waits for bytes', { skip, timeout: 30_000 }, async () => {
   const whole = packet('pc.ram', [PAGE, 2 * PAGE], src);
   const cut = await readNative(whole.subarray(0, whole.length - 100), SIZES);
