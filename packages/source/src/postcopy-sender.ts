@@ -25,7 +25,8 @@ import { detachFd } from '@livemig/runtime';
 import type { OutgoingMigration } from './migration.ts';
 import { RAM_SECTION_ID } from './migration.ts';
 import { PageServer } from './page-server.ts';
-import { BATCH_BYTES, MAX_ITERATION_MS, yieldToIo } from './precopy.ts';
+import { BATCH_BYTES } from './batch-size.ts';
+import { MAX_ITERATION_MS, yieldToIo } from './precopy.ts';
 import { iterationDeadline } from './ram-saver.ts';
 
 /** The package's writer: device state of a small guest fits one slab. */

@@ -14,8 +14,6 @@ import {
   LIVEMIG_HELLO_PING,
   maySwitchOver,
   MigCmd,
-  MULTIFD_PACKET_HEADER_LENGTH,
-  MULTIFD_PAGES_PER_PACKET,
   mappedRamPlace,
   RamFlag,
   TARGET_PAGE_SIZE,
@@ -33,23 +31,10 @@ import {
   writeStreamHeader,
   writeVmdescription,
 } from '@livemig/protocol';
+import { BATCH_BYTES, ramBatchBytes } from './batch-size.ts';
 import { BUFFER_DELAY_MS, decideNext } from './convergence.ts';
 import { type OutgoingMigration, RAM_SECTION_ID } from './migration.ts';
 
-/** Bytes encoded before each write to the channel (one writev). */
-export const BATCH_BYTES = 1024 * 1024;
-/**
- * RAM bytes encoded between two writes while pages stream unthrottled (a rate limit or the
- * iteration's deadline cuts a batch shorter). Each batch costs the main thread a wake-up by the
- * writer thread, a promise and an event-loop turn, and a channel can sit idle while the next is
- * encoded. 256 MiB random guest, 10 migrations each way alternating, against 1 MiB (one stream)
- * and 2 MiB (multifd 2): one stream total-time median 84.5 against 99 ms, then 97 against 99,
- * the source's main thread 15.8 against 24.6 ms, then 16.4 against 26.1; multifd 2 78 against
- * 84.5 ms, its main thread 17.2 against 24.5 ms.
- */
-const RAM_BATCH_BYTES = 8 * 1024 * 1024;
-/** A full multifd packet: its header and 128 pages. */
-const MULTIFD_PACKET_BYTES = MULTIFD_PACKET_HEADER_LENGTH + MULTIFD_PAGES_PER_PACKET * TARGET_PAGE_SIZE;
 /** QEMU's MAX_WAIT: one PART section spends at most this long sending. */
 export const MAX_ITERATION_MS = 50;
 /** While nothing is pending but the switchover does not fit yet: the pause between turns. */
@@ -171,13 +156,11 @@ export class Precopy {
     m.ram.useMappedRam(file, placed);
   }
 
-  /**
-   * Bytes of RAM encoded between two writes (RAM_BATCH_BYTES): with many multifd channels at
-   * least two packets per channel, so that each write gives every channel work.
-   */
+  /** Bytes of RAM encoded between two writes (ramBatchBytes), at the rate of the last 100 ms window or, before one, of the migration so far. */
   private get ramBatchBytes(): number {
-    const channels = this.m.multifd?.channelCount ?? 0;
-    return Math.max(RAM_BATCH_BYTES, 2 * channels * MULTIFD_PACKET_BYTES);
+    const m = this.m;
+    const bytesPerMs = m.meter.bandwidth > 0 ? m.meter.bandwidth : m.meter.provisional(m.now());
+    return ramBatchBytes(bytesPerMs, m.multifd?.channelCount ?? 0);
   }
 
   /** What every iterative device still has to send, cheaply estimated. */

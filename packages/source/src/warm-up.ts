@@ -18,7 +18,8 @@ import { BatchWriter } from '@livemig/protocol';
 import { keepForProcessLife } from '@livemig/runtime';
 import { MAIN_CHANNEL_SLABS, monotonicNow } from './migration.ts';
 import { MultifdSender } from './multifd-sender.ts';
-import { BATCH_BYTES, MAX_ITERATION_MS } from './precopy.ts';
+import { BATCH_BYTES } from './batch-size.ts';
+import { MAX_ITERATION_MS } from './precopy.ts';
 import { iterationDeadline, RamSaver } from './ram-saver.ts';
 
 /** Pages the warm-up sends (16 MiB): enough for V8 to optimise the per-page path. */
