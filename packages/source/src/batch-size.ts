@@ -11,15 +11,17 @@ const MULTIFD_PACKET_BYTES = MULTIFD_PACKET_HEADER_LENGTH + MULTIFD_PAGES_PER_PA
 /**
  * The most RAM bytes encoded between two writes. Each batch costs the main thread a wake-up by
  * the writer thread, a promise and an event-loop turn, and a channel can sit idle while the next
- * is encoded. 256 MiB random guest, 10 migrations each way alternating, against 1 MiB (one
- * stream) and 2 MiB (multifd 2): one stream total-time median 84.5 against 99 ms, then 97 against
- * 99, the source's main thread 15.8 against 24.6 ms, then 16.4 against 26.1; multifd 2 78 against
- * 84.5 ms, its main thread 17.2 against 24.5 ms.
+ * is encoded. 256 MiB random guest, 10 migrations each way alternating, one stream: total-time
+ * median 89 ms with 4 MiB batches against 103 with 1 MiB (source main thread 18.9 against 23.2
+ * ms); multifd 2, 4 MiB against 2 MiB: 68 against 76 ms. 8 MiB did a little better at 256 MiB
+ * (one stream 92 against 94 ms with 4 MiB, multifd 2 67 against 72.5) but worse at 4 GiB (slower
+ * than 1 MiB in 6 of 7 pairs, 4 of 5 leaving out each source's first migration), where 4 MiB was
+ * not (median 1240 against 1289.5 ms, 4 pairs).
  */
-const MAX_RAM_BATCH_BYTES = 8 * 1024 * 1024;
+const MAX_RAM_BATCH_BYTES = 4 * 1024 * 1024;
 /**
  * A batch is what the link moves in about this long at its measured rate, between BATCH_BYTES
- * and MAX_RAM_BATCH_BYTES: on a slow link a batch of 8 MiB would take most of a second to drain,
+ * and MAX_RAM_BATCH_BYTES: on a slow link a batch of 4 MiB would take a third of a second to drain,
  * and the main thread (commands, the iteration's end, the dirty sync) waits on it.
  */
 const RAM_BATCH_MS = 5;

@@ -28,7 +28,7 @@ const WARM_UP_PAGES = 4096;
 const WARM_UP_BATCH_BYTES = BATCH_BYTES / 4;
 /**
  * The one-stream scan's first batch: more pages than a writer's first ref array holds, so that
- * V8 sees the array grow (a migration's 8 MiB batches grow it three times) before it optimises.
+ * V8 sees the array grow (a migration's 4 MiB batches grow it twice) before it optimises.
  */
 const WARM_UP_FIRST_BATCH_BYTES = 2 * BATCH_BYTES;
 /** Batches of one writer before the warm-up takes a new one. */

@@ -1,5 +1,5 @@
 // Precopy's RAM batch size (ramBatchBytes): what the link moves in a few ms at its measured rate,
-// between 1 MiB and 8 MiB, and never less than two multifd packets per channel.
+// between 1 MiB and 4 MiB, and never less than two multifd packets per channel.
 //
 // Run: node --import tsx --test packages/source/test/precopy-batch.test.ts
 
@@ -11,22 +11,22 @@ import { BATCH_BYTES, ramBatchBytes } from '../src/batch-size.ts';
 const MiB = 2 ** 20;
 const PACKET = MULTIFD_PACKET_HEADER_LENGTH + MULTIFD_PAGES_PER_PACKET * TARGET_PAGE_SIZE;
 
-test('ramBatchBytes: 1 MiB before the link is measured and on a slow link; 8 MiB on loopback; in between, 5 ms of the link', () => {
+test('ramBatchBytes: 1 MiB before the link is measured and on a slow link; 4 MiB on loopback; in between, 5 ms of the link', () => {
   assert.equal(BATCH_BYTES, MiB);
   assert.equal(ramBatchBytes(0, 0), MiB, 'nothing measured yet');
-  // 100 Mbit/s: 12.5 kB a ms; an 8 MiB batch would take 0.67 s to drain.
+  // 100 Mbit/s: 12.5 kB a ms; a 4 MiB batch would take a third of a second to drain.
   assert.equal(ramBatchBytes(12_500, 0), MiB);
-  // 10 Gbit/s: 1.25 MB a ms, 6.25 MB in 5 ms.
-  assert.equal(ramBatchBytes(1_250_000, 0), 6_250_000);
+  // 5 Gbit/s: 625 kB a ms, 3.125 MB in 5 ms.
+  assert.equal(ramBatchBytes(625_000, 0), 3_125_000);
   // Loopback here: 2-4 GiB/s.
-  assert.equal(ramBatchBytes(3 * 2 ** 30 / 1000, 0), 8 * MiB);
-  assert.equal(ramBatchBytes(Number.MAX_VALUE, 0), 8 * MiB);
+  assert.equal(ramBatchBytes(3 * 2 ** 30 / 1000, 0), 4 * MiB);
+  assert.equal(ramBatchBytes(Number.MAX_VALUE, 0), 4 * MiB);
   assert.ok(Number.isInteger(ramBatchBytes(1_234_567.891, 0)));
 });
 
 test('ramBatchBytes: with multifd at least two packets per channel, whatever the rate', () => {
   assert.equal(ramBatchBytes(0, 2), Math.max(MiB, 4 * PACKET));
   assert.equal(ramBatchBytes(0, 8), 16 * PACKET);
-  assert.equal(ramBatchBytes(3 * 2 ** 30 / 1000, 16), 32 * PACKET, '16 channels need more than 8 MiB for two packets each');
-  assert.equal(ramBatchBytes(3 * 2 ** 30 / 1000, 2), 8 * MiB);
+  assert.equal(ramBatchBytes(3 * 2 ** 30 / 1000, 8), 16 * PACKET, '8 channels need more than 4 MiB for two packets each');
+  assert.equal(ramBatchBytes(3 * 2 ** 30 / 1000, 2), 4 * MiB);
 });
