@@ -1,5 +1,5 @@
 // Precopy's RAM batch size (ramBatchBytes): what the link moves in a few ms at its measured rate,
-// between 1 MiB and 4 MiB, and never less than two multifd packets per channel.
+// between 1 MiB and 4 MiB (8 MiB with multifd), and never less than two multifd packets per channel.
 //
 // Run: node --import tsx --test packages/source/test/precopy-batch.test.ts
 
@@ -24,9 +24,10 @@ test('ramBatchBytes: 1 MiB before the link is measured and on a slow link; 4 MiB
   assert.ok(Number.isInteger(ramBatchBytes(1_234_567.891, 0)));
 });
 
-test('ramBatchBytes: with multifd at least two packets per channel, whatever the rate', () => {
+test('ramBatchBytes: with multifd up to 8 MiB, and at least two packets per channel whatever the rate', () => {
   assert.equal(ramBatchBytes(0, 2), Math.max(MiB, 4 * PACKET));
-  assert.equal(ramBatchBytes(0, 8), 16 * PACKET);
-  assert.equal(ramBatchBytes(3 * 2 ** 30 / 1000, 8), 16 * PACKET, '8 channels need more than 4 MiB for two packets each');
-  assert.equal(ramBatchBytes(3 * 2 ** 30 / 1000, 2), 4 * MiB);
+  assert.equal(ramBatchBytes(12_500, 4), 8 * PACKET, 'a slow link: two packets a channel');
+  assert.equal(ramBatchBytes(3 * 2 ** 30 / 1000, 2), 8 * MiB);
+  assert.equal(ramBatchBytes(3 * 2 ** 30 / 1000, 4), 8 * MiB);
+  assert.equal(ramBatchBytes(3 * 2 ** 30 / 1000, 16), 32 * PACKET, '16 channels need more than 8 MiB for two packets each');
 });
