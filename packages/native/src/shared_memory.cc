@@ -7,10 +7,10 @@
 #include <v8.h>
 
 #include <cerrno>
-#include <cstdint>
-#include <memory>
 #include <csignal>
+#include <cstdint>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 

@@ -4,7 +4,7 @@
 
 import { MULTIFD_PACKET_HEADER_LENGTH, MULTIFD_PAGES_PER_PACKET, TARGET_PAGE_SIZE } from '@livemig/protocol';
 
-/** Bytes encoded before each write to the channel (one writev). */
+/** The smallest precopy RAM batch (a slow or rate-limited link's); devices' and postcopy's batches are sized on it. */
 export const BATCH_BYTES = 1024 * 1024;
 /** A full multifd packet: its header and 128 pages. */
 const MULTIFD_PACKET_BYTES = MULTIFD_PACKET_HEADER_LENGTH + MULTIFD_PAGES_PER_PACKET * TARGET_PAGE_SIZE;
